@@ -1,0 +1,75 @@
+# Outrider — every target installs what it needs by itself (virtualenv, Debian packages, cached Go builds).
+SHELL := bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
+        bench bench-webhook bench-proxy bench-egress kind-e2e clean
+
+help:
+	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
+	@echo "make demo        the end-to-end Outrider story on this machine"
+	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { echo "[make] creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "[make] installing outrider and its dev dependencies into $(VENV)"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+venv: $(STAMP)
+
+sysdeps:
+	@scripts/ensure-sysdeps.sh
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: venv
+	$(BIN)/mypy
+
+controlplane:
+	@scripts/build-upstream.sh controlplane
+
+spire:
+	@scripts/build-upstream.sh spire
+
+test: venv sysdeps lint typecheck
+	@scripts/build-upstream.sh all >/dev/null
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root" $(PYTEST_ARGS)
+
+certs: venv
+	$(BIN)/outrider certs --out certs
+
+demo: venv sysdeps
+	$(BIN)/outrider demo $(if $(SPIRE),--spire,)
+
+bench: venv sysdeps
+	$(BIN)/python bench/run_all.py
+
+bench-webhook: venv
+	$(BIN)/python bench/bench_webhook.py
+
+bench-proxy: venv
+	$(BIN)/python bench/bench_proxy.py
+
+bench-egress: venv sysdeps
+	$(BIN)/python bench/bench_egress.py
+
+kind-e2e:
+	@scripts/kind-e2e.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

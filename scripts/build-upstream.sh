@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Builds the real upstream components Outrider's tests run against (kube-apiserver, etcd,
+# SPIRE server/agent) from the Go module proxy into a version-keyed cache outside the repo.
+#
+#   scripts/build-upstream.sh controlplane   # kube-apiserver + etcd
+#   scripts/build-upstream.sh spire          # spire-server + spire-agent
+#   scripts/build-upstream.sh all
+#
+# Prints the bin directory on its last line. A second run with the cache present costs ~0 s.
+set -euo pipefail
+
+K8S_VERSION="${OUTRIDER_K8S_VERSION:-v1.34.4}"
+ETCD_VERSION="${OUTRIDER_ETCD_VERSION:-v3.6.16}"
+SPIRE_VERSION="${OUTRIDER_SPIRE_VERSION:-v1.13.3}"
+CACHE="${OUTRIDER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outrider}"
+export GOFLAGS="-mod=mod"
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+
+log() { printf '[build-upstream] %s\n' "$*" >&2; }
+
+need_go() {
+  command -v go >/dev/null || { log "Go is required (https://go.dev/dl) and was not found on PATH"; exit 2; }
+}
+
+# build_tool NAME VERSION_DIR MODULE_SETUP_FN PACKAGE...
+build_kube_apiserver() {
+  local out="$CACHE/kubernetes-$K8S_VERSION"
+  if [[ -x "$out/bin/kube-apiserver" ]]; then log "kube-apiserver $K8S_VERSION cached in $out/bin"; return; fi
+  need_go
+  local work="$out/src"; mkdir -p "$work" "$out/bin"
+  local staging="v0.${K8S_VERSION#v1.}"
+  log "kube-apiserver $K8S_VERSION: fetching k8s.io/kubernetes module (large, first time only)"
+  local gomod
+  gomod="$(cd "$work" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  {
+    echo "module outrider.local/controlplane"
+    echo
+    echo "go 1.24"
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo
+    # every k8s.io/<staging> module that k8s.io/kubernetes replaces with ./staging/... gets the matching v0.N.M
+    grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
+  } > "$work/go.mod"
+  log "kube-apiserver: $(grep -c '^replace' "$work/go.mod") staging modules pinned to $staging; resolving dependencies"
+  (cd "$work" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" >&2)
+  log "kube-apiserver: compiling (several minutes on 2 cores, first time only)"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${staging#v0.}" -o "$out/bin/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver)
+  log "kube-apiserver: built $out/bin/kube-apiserver"
+}
+
+build_etcd() {
+  local out="$CACHE/etcd-$ETCD_VERSION"
+  if [[ -x "$out/bin/etcd" ]]; then log "etcd $ETCD_VERSION cached in $out/bin"; return; fi
+  need_go
+  local work="$out/src"; mkdir -p "$work" "$out/bin"
+  printf 'module outrider.local/etcd\n\ngo 1.24\n' > "$work/go.mod"
+  log "etcd $ETCD_VERSION: resolving go.etcd.io/etcd/server/v3"
+  (cd "$work" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2)
+  log "etcd: compiling"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/bin/etcd" go.etcd.io/etcd/server/v3)
+  log "etcd: built $out/bin/etcd"
+}
+
+build_spire() {
+  local out="$CACHE/spire-$SPIRE_VERSION"
+  if [[ -x "$out/bin/spire-server" && -x "$out/bin/spire-agent" ]]; then log "SPIRE $SPIRE_VERSION cached in $out/bin"; return; fi
+  need_go
+  command -v gcc >/dev/null || { log "SPIRE needs cgo (sqlite): install gcc (apt-get install -y gcc)"; exit 2; }
+  local work="$out/src"; mkdir -p "$work" "$out/bin"
+  printf 'module outrider.local/spire\n\ngo 1.24\n' > "$work/go.mod"
+  log "SPIRE $SPIRE_VERSION: resolving modules"
+  (cd "$work" && go get -tool "github.com/spiffe/spire/cmd/spire-server@$SPIRE_VERSION" "github.com/spiffe/spire/cmd/spire-agent@$SPIRE_VERSION" >&2)
+  for c in spire-server spire-agent; do
+    log "SPIRE: compiling $c (cgo, a few minutes first time only)"
+    (cd "$work" && CGO_ENABLED=1 go build -trimpath -ldflags "-s -w" -o "$out/bin/$c" "github.com/spiffe/spire/cmd/$c")
+  done
+  log "SPIRE: built $out/bin"
+}
+
+case "${1:-all}" in
+  controlplane) build_etcd; build_kube_apiserver; echo "$CACHE/kubernetes-$K8S_VERSION/bin:$CACHE/etcd-$ETCD_VERSION/bin" ;;
+  spire) build_spire; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
+  all) build_etcd; build_kube_apiserver; build_spire ;;
+  *) log "usage: $0 controlplane|spire|all"; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""`outrider demo`: the whole Outrider story on one machine."""

@@ -1,0 +1,13 @@
+"""Starts and stops the egress part of the sidecar process (placeholder until its owner fills it in)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sidecar.runtime import Runtime
+
+
+@asynccontextmanager
+async def component(runtime: Runtime) -> AsyncIterator[None]:
+    yield

@@ -1,0 +1,14 @@
+"""The `exchange` section of the sidecar configuration (placeholder until its owner fills it in)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ExchangeConfig:
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ExchangeConfig:
+        return cls()

@@ -1,0 +1,14 @@
+"""The `inbound` section of the sidecar configuration (placeholder until its owner fills it in)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> InboundConfig:
+        return cls()

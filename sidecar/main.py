@@ -1,0 +1,72 @@
+"""`outrider sidecar`: one asyncio process that runs every component of `outrider-proxy`.
+
+Order matters: telemetry first (others report to it), identity next (others use the SVID), then
+the admin server, the inbound MCP proxy and the egress enforcer. Exit is the reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from contextlib import AsyncExitStack
+
+from sidecar import admin
+from sidecar.config import ConfigError, SidecarConfig, load
+from sidecar.egress import component as egress
+from sidecar.identity import component as identity
+from sidecar.inbound import component as inbound
+from sidecar.runtime import Component, Runtime
+from sidecar.telemetry import component as telemetry
+
+log = logging.getLogger("outrider.sidecar")
+
+COMPONENTS: tuple[Component, ...] = (
+    telemetry.component,
+    identity.component,
+    admin.component,
+    inbound.component,
+    egress.component,
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML/JSON config file (also OUTRIDER_SIDECAR_CONFIG)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+
+async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> None:
+    """Run every component until `stop` is set (or SIGTERM/SIGINT when `stop` is None)."""
+    runtime = Runtime(config=config)
+    stop = stop or _signal_event()
+    async with AsyncExitStack() as stack:
+        for component in COMPONENTS:
+            await stack.enter_async_context(component(runtime))
+        log.info("outrider-proxy running (pod %s/%s)", config.pod.namespace, config.pod.name)
+        await stop.wait()
+        log.info("outrider-proxy shutting down")
+
+
+def _signal_event() -> asyncio.Event:
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"outrider sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0
