@@ -1,1 +1,37 @@
-"""OAuth 2.0 Token Exchange (RFC 8693) on behalf of the caller, authenticated with the SVID."""
+"""OAuth 2.0 Token Exchange (RFC 8693) on behalf of the caller, authenticated with the SVID.
+
+`TokenExchanger` is the contract the inbound proxy calls; `sidecar.exchange.client` implements it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ExchangeError(Exception):
+    """The exchange failed. `message` is token-free and safe to show the caller."""
+
+    def __init__(self, message: str, *, outcome: str, http_status: int, idp_status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.outcome = outcome  # "idp_unavailable" | "idp_error" | "invalid_request" | "identity_unavailable"
+        self.http_status = http_status  # what the MCP caller should get: 502, 503, 504, 403, ...
+        self.idp_status = idp_status
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    access_token: str
+    token_type: str
+    issued_token_type: str
+    expires_at: float  # unix seconds
+    audience: str
+    cache_hit: bool = False
+
+
+class TokenExchanger(Protocol):
+    async def exchange(
+        self, subject_token: str, *, audience: str | None = None, scope: str | None = None
+    ) -> IssuedToken:
+        """Exchange the caller's token for one meant for `audience` (config default when None)."""
