@@ -12,12 +12,24 @@ from typing import Protocol
 class ExchangeError(Exception):
     """The exchange failed. `message` is token-free and safe to show the caller."""
 
-    def __init__(self, message: str, *, outcome: str, http_status: int, idp_status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        outcome: str,
+        http_status: int,
+        idp_status: int | None = None,
+        oauth_error: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
-        self.outcome = outcome  # "idp_unavailable" | "idp_error" | "invalid_request" | "identity_unavailable"
+        # "idp_unavailable" (down/slow: 503/504) | "idp_error" (IdP or sidecar misconfigured,
+        # malformed answer: 502) | "denied" (IdP refuses this user's token for the target: 403)
+        # | "invalid_request" (nothing to exchange: 401) | "identity_unavailable" (no SVID: 503)
+        self.outcome = outcome
         self.http_status = http_status  # what the MCP caller should get: 502, 503, 504, 403, ...
         self.idp_status = idp_status
+        self.oauth_error = oauth_error  # the IdP's OAuth `error` code, when it sent one
 
 
 @dataclass(frozen=True)
