@@ -1,0 +1,204 @@
+"""The webhook's configuration: what the operator sets, parsed once into a frozen `WebhookConfig`.
+
+`parse_config` validates a plain mapping (YAML file or ConfigMap), `ConfigHolder` lets the
+in-cluster code swap it at run time, `WebhookConfig.hash` goes into every pod's status annotation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from webhook import __version__
+
+
+class ConfigError(ValueError):
+    """A webhook config value is wrong; the message names the key, the value and what is allowed."""
+
+
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): _frozen(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """A plain, JSON-ready copy of a frozen mapping (for the pod spec and OUTRIDER_CONFIG)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [thaw(v) for v in value]
+    return value
+
+
+DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = _frozen(
+    {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}}
+)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    # The outrider image; it holds both `outrider sidecar` and `outrider iptables`.
+    sidecar_image: str = f"ghcr.io/outrider-dev/outrider:{__version__}"
+    image_pull_policy: str = "IfNotPresent"
+    # requests/limits of outrider-proxy (outrider-init gets the same: it runs before the app).
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: DEFAULT_RESOURCES)
+    # True: outrider-proxy is an initContainer with restartPolicy Always (Kubernetes >= 1.29), so
+    # Jobs complete and the proxy is ready before the app starts. False: the classic layout.
+    native_sidecar: bool = True
+    # SPIFFE trust domain; the pod's expected SPIFFE ID is recorded in the status annotation.
+    trust_domain: str = "cluster.local"
+    # CSI driver that exposes the SPIFFE Workload API socket (spiffe-csi-driver).
+    spiffe_csi_driver: str = "csi.spiffe.io"
+    # Audiences an app team may pick with outrider.dev/token-audience; default when none is given.
+    token_audiences: tuple[str, ...] = ()
+    default_audience: str | None = None
+    # The cluster's default egress policy; opaque here, interpreted by webhook.egress.plan_egress.
+    egress_default_policy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Opaque sidecar config, deep-merged under the per-pod values into OUTRIDER_CONFIG.
+    sidecar: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def hash(self) -> str:
+        """A short, stable digest of everything that shapes an injected pod."""
+        return config_hash(self)
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {f.name: thaw(getattr(self, f.name)) for f in fields(self)}
+
+
+def config_hash(config: WebhookConfig) -> str:
+    canonical = json.dumps(config.to_mapping(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+KEYS = tuple(f.name for f in fields(WebhookConfig))
+
+
+def _str(data: Mapping[str, Any], key: str, default: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: {value!r} must be a non-empty string")
+    return value.strip()
+
+
+def _resources(value: Any) -> Mapping[str, Mapping[str, str]]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"resources: {value!r} must be a mapping with 'requests' and/or 'limits'")
+    unknown = sorted(set(value) - {"requests", "limits"})
+    if unknown:
+        raise ConfigError(f"resources: unknown key(s) {unknown}; allowed: ['requests', 'limits']")
+    out: dict[str, dict[str, str]] = {}
+    for part in ("requests", "limits"):
+        section = value.get(part) or {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"resources.{part}: must be a mapping of cpu/memory quantities")
+        for name, qty in section.items():
+            if name not in _RESOURCE_NAMES:
+                raise ConfigError(
+                    f"resources.{part}.{name}: unknown resource; allowed: {list(_RESOURCE_NAMES)}"
+                )
+            if not _QUANTITY.match(str(qty)):
+                raise ConfigError(
+                    f"resources.{part}.{name}: {qty!r} is not a Kubernetes quantity (e.g. 100m, 128Mi)"
+                )
+            out.setdefault(part, {})[str(name)] = str(qty)
+    return _frozen(out)  # type: ignore[no-any-return]
+
+
+def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
+    """Validate a plain mapping into a `WebhookConfig`; unknown keys are errors (typos bite late)."""
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"webhook config must be a mapping of {list(KEYS)}")
+    unknown = sorted(str(k) for k in set(data) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"unknown webhook config key(s) {unknown}; allowed: {list(KEYS)}")
+    defaults = WebhookConfig()
+    pull = data.get("image_pull_policy", defaults.image_pull_policy)
+    if pull not in PULL_POLICIES:
+        raise ConfigError(f"image_pull_policy: {pull!r} is not valid; allowed: {list(PULL_POLICIES)}")
+    native = data.get("native_sidecar", defaults.native_sidecar)
+    if not isinstance(native, bool):
+        raise ConfigError(f"native_sidecar: {native!r} must be true or false")
+    audiences_raw = data.get("token_audiences", [])
+    if not isinstance(audiences_raw, list | tuple) or not all(
+        isinstance(a, str) and a.strip() for a in audiences_raw
+    ):
+        raise ConfigError(f"token_audiences: {audiences_raw!r} must be a list of non-empty strings")
+    audiences = tuple(a.strip() for a in audiences_raw)
+    default_audience = data.get("default_audience")
+    if default_audience is not None:
+        if not isinstance(default_audience, str) or not default_audience.strip():
+            raise ConfigError(f"default_audience: {default_audience!r} must be a non-empty string")
+        default_audience = default_audience.strip()
+        if audiences and default_audience not in audiences:
+            raise ConfigError(
+                f"default_audience: {default_audience!r} is not in token_audiences {list(audiences)}"
+            )
+        if not audiences:
+            audiences = (default_audience,)
+    for key in ("egress_default_policy", "sidecar"):
+        if not isinstance(data.get(key, {}), Mapping):
+            raise ConfigError(f"{key}: must be a mapping")
+    trust_domain = _str(data, "trust_domain", defaults.trust_domain)
+    if not re.fullmatch(r"[a-z0-9._-]+", trust_domain):
+        raise ConfigError(
+            f"trust_domain: {trust_domain!r} is not a SPIFFE trust domain (lowercase letters, digits, . _ -)"
+        )
+    return WebhookConfig(
+        sidecar_image=_str(data, "sidecar_image", defaults.sidecar_image),
+        image_pull_policy=str(pull),
+        resources=_resources(data["resources"]) if "resources" in data else DEFAULT_RESOURCES,
+        native_sidecar=native,
+        trust_domain=trust_domain,
+        spiffe_csi_driver=_str(data, "spiffe_csi_driver", defaults.spiffe_csi_driver),
+        token_audiences=audiences,
+        default_audience=default_audience,
+        egress_default_policy=_frozen(data.get("egress_default_policy", {})),
+        sidecar=_frozen(data.get("sidecar", {})),
+    )
+
+
+def load_config_file(path: str | Path) -> WebhookConfig:
+    """Read a YAML/JSON file into a `WebhookConfig`; every failure is a one-line `ConfigError`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read webhook config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"webhook config {path} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(f"webhook config {path} must hold a mapping of {list(KEYS)}")
+    return parse_config(data)
+
+
+class ConfigHolder:
+    """The current config, swapped whole by the in-cluster ConfigMap watch (readers never lock)."""
+
+    def __init__(self, config: WebhookConfig | None = None) -> None:
+        self._config = config or WebhookConfig()
+
+    @property
+    def current(self) -> WebhookConfig:
+        return self._config
+
+    def replace(self, config: WebhookConfig) -> None:
+        self._config = config

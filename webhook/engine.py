@@ -1,0 +1,513 @@
+"""The injection engine: a pure function from a pod, its namespace and the config to the injected pod.
+
+No I/O. The result carries the patched pod, the RFC 6902 patch against the original, warnings, and
+whether the pod is admitted; the webhook server, offline inject and the golden tests all call it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook import __version__
+from webhook import annotations as ann
+from webhook.config import WebhookConfig, thaw
+from webhook.egress import EgressPlan, plan_egress
+from webhook.patch import JsonPatch, diff
+
+INIT_NAME = "outrider-init"
+PROXY_NAME = "outrider-proxy"
+SPIFFE_VOLUME_NAME = "outrider-spiffe"
+SPIFFE_MOUNT_PATH = "/spiffe-workload-api"
+SPIFFE_SOCKET = f"unix://{SPIFFE_MOUNT_PATH}/spire-agent.sock"
+ADMIN_PORT_NAME = "outrider-admin"
+INBOUND_PORT_NAME = "outrider-mcp"
+PROBE_KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
+# Capabilities that let an app container rewrite or bypass the pod's iptables capture.
+ESCAPE_CAPS = {"NET_ADMIN", "NET_RAW", "CAP_NET_ADMIN", "CAP_NET_RAW", "ALL"}
+
+Pod = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InjectionResult:
+    allowed: bool
+    pod: Pod  # the injected pod (or an unchanged copy when skipped or refused)
+    patch: JsonPatch = field(default_factory=list)
+    warnings: tuple[str, ...] = ()
+    message: str | None = None  # why the pod was refused (allowed is False)
+    injected: bool = False
+    skipped: str | None = None  # why the pod was left alone (allowed, no patch)
+
+
+class _Refused(Exception):
+    pass
+
+
+def _map(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def inject(
+    pod: Mapping[str, Any],
+    namespace_labels: Mapping[str, str],
+    config: WebhookConfig,
+    namespace_policy: Mapping[str, Any] | None = None,
+    namespace: str | None = None,
+) -> InjectionResult:
+    """Inject Outrider into `pod` (a Pod or a pod template: `metadata` + `spec`)."""
+    original: Pod = copy.deepcopy(dict(pod))
+    warnings: list[str] = []
+    mode = ann.namespace_mode(namespace_labels)
+
+    def skip(reason: str, warn: bool = True) -> InjectionResult:
+        if warn:
+            warnings.append(reason)
+        return InjectionResult(True, copy.deepcopy(original), [], tuple(warnings), skipped=reason)
+
+    def refuse(message: str) -> InjectionResult:
+        return InjectionResult(False, copy.deepcopy(original), [], tuple(warnings), message=message)
+
+    if mode is None:
+        return skip(f"namespace is not labelled {ann.NAMESPACE_INJECT}=enabled|strict", warn=False)
+    strict = mode == ann.NAMESPACE_STRICT
+    metadata = _map(original.get("metadata"))
+    spec = original.get("spec")
+    if not isinstance(spec, dict) or not _list(spec.get("containers")):
+        return refuse("spec.containers: the pod has no containers; nothing to inject into")
+    containers = spec["containers"]
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in containers):
+        return refuse("spec.containers: every container must be an object with a name")
+    try:
+        settings = ann.parse_pod(metadata, config.token_audiences)
+    except ann.AnnotationError as exc:
+        return refuse(str(exc))
+    for key in ann.unknown_keys(metadata):
+        warnings.append(f"annotation {key} is not an Outrider annotation this version knows; ignored")
+
+    if settings.already_injected:
+        problem = _status_mismatch(metadata, spec)
+        if problem and strict:
+            return refuse(
+                f"metadata.annotations[{ann.STATUS}] says the pod is injected but {problem}; "
+                f"remove the annotation so Outrider can inject the pod"
+            )
+        return skip(f"pod already injected ({ann.STATUS} is set); left unchanged")
+    if settings.opt_out:
+        where = f"metadata.{settings.opt_out_source}s[{ann.POD_INJECT}]"
+        if strict:
+            return refuse(
+                f'{where}="false": opting out is not allowed in namespaces labelled '
+                f"{ann.NAMESPACE_INJECT}=strict; remove the {settings.opt_out_source}"
+            )
+        return skip(f'pod opted out with {where}="false"; not injected')
+    if spec.get("hostNetwork") is True:
+        if strict:
+            return refuse(
+                "spec.hostNetwork: true shares the node's network, which the sidecar cannot capture; "
+                f"set hostNetwork: false (namespace is {ann.NAMESPACE_INJECT}=strict)"
+            )
+        return skip("spec.hostNetwork is true: the sidecar cannot capture the node's network; not injected")
+    if _has_istio(metadata, spec):
+        if strict:
+            return refuse(
+                "the pod already has an Istio sidecar (istio-proxy); two traffic-capturing sidecars "
+                "break each other; disable Istio injection for this pod (sidecar.istio.io/inject: "
+                f'"false") in this {ann.NAMESPACE_INJECT}=strict namespace'
+            )
+        return skip(
+            "the pod already has an Istio sidecar (istio-proxy); Outrider does not stack a second "
+            'capturing sidecar; set sidecar.istio.io/inject: "false" to use Outrider'
+        )
+
+    try:
+        escapes = list(_escape_problems(spec))
+        if escapes and strict:
+            raise _Refused(escapes[0] + f"; not allowed in namespaces labelled {ann.NAMESPACE_INJECT}=strict")
+        warnings.extend(e + "; it can bypass the sidecar's egress capture" for e in escapes)
+        _check_port_clash(spec)
+        mcp_port, app_index = _find_mcp_port(spec, settings.mcp_port, warnings)
+        plan = plan_egress(original, namespace_labels, namespace_policy, thaw(config.egress_default_policy))
+        warnings.extend(plan.warnings)
+        if plan.errors:
+            raise _Refused("; ".join(plan.errors))
+        if plan.mode not in ("capture", "explicit"):
+            raise _Refused(f"egress plan mode {plan.mode!r} is not 'capture' or 'explicit'")
+    except _Refused as exc:
+        return refuse(str(exc))
+
+    pod_ns = metadata.get("namespace") or namespace or "default"
+    patched = _apply(original, config, settings, plan, mcp_port, app_index, str(pod_ns), warnings)
+    return InjectionResult(True, patched, diff(original, patched), tuple(warnings), injected=True)
+
+
+def _status_mismatch(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> str | None:
+    try:
+        status = json.loads(_map(metadata.get("annotations"))[ann.STATUS])
+    except (ValueError, TypeError):
+        return "its value is not the JSON Outrider writes"
+    if not isinstance(status, dict):
+        return "its value is not the JSON Outrider writes"
+    present = {c.get("name") for c in _all_containers(spec)}
+    expected = [n for n in (*_list(status.get("initContainers")), *_list(status.get("containers")))]
+    missing = [n for n in expected if n not in present]
+    if not expected or missing:
+        return f"the containers it names are missing ({', '.join(map(str, missing)) or 'none named'})"
+    return None
+
+
+def _all_containers(spec: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
+    for key in ("initContainers", "containers"):
+        yield from (c for c in _list(spec.get(key)) if isinstance(c, dict))
+
+
+def _has_istio(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    if ann.ISTIO_STATUS in _map(metadata.get("annotations")):
+        return True
+    return any(c.get("name") == ann.ISTIO_PROXY_CONTAINER for c in _all_containers(spec))
+
+
+def _escape_problems(spec: Mapping[str, Any]) -> Iterable[str]:
+    pod_sc = _map(spec.get("securityContext"))
+    for key in ("initContainers", "containers"):
+        for i, c in enumerate(_list(spec.get(key))):
+            if not isinstance(c, dict):
+                continue
+            where = f"spec.{key}[{i}] ({c.get('name')})"
+            sc = _map(c.get("securityContext"))
+            if sc.get("privileged") is True:
+                yield f"{where}.securityContext.privileged is true"
+            added = {str(x).upper() for x in _list(_map(sc.get("capabilities")).get("add"))}
+            bad = sorted(added & ESCAPE_CAPS)
+            if bad:
+                yield f"{where}.securityContext.capabilities.add has {', '.join(bad)}"
+            for field_name in ("runAsUser", "runAsGroup"):
+                value = sc.get(field_name, pod_sc.get(field_name))
+                if value == ann.SIDECAR_UID:
+                    yield (
+                        f"{where} runs with {field_name} {ann.SIDECAR_UID}, the sidecar's ID whose "
+                        "traffic is never captured; pick another ID"
+                    )
+
+
+def _check_port_clash(spec: Mapping[str, Any]) -> None:
+    for c in _all_containers(spec):
+        for p in _list(c.get("ports")):
+            if isinstance(p, dict) and p.get("containerPort") in ann.SIDECAR_PORTS:
+                raise _Refused(
+                    f"container {c.get('name')} declares containerPort {p.get('containerPort')}, which "
+                    f"the outrider-proxy sidecar uses ({', '.join(map(str, ann.SIDECAR_PORTS))}); "
+                    "move it to another port"
+                )
+
+
+def _tcp_ports(container: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in _list(container.get("ports"))
+        if isinstance(p, dict)
+        and isinstance(p.get("containerPort"), int)
+        and p.get("protocol", "TCP") == "TCP"
+    ]
+
+
+def _find_mcp_port(
+    spec: Mapping[str, Any], wanted: int | str | None, warnings: list[str]
+) -> tuple[int | None, int]:
+    """The MCP port number and the index of the app container that serves it."""
+    containers = spec["containers"]
+    if isinstance(wanted, str):
+        for i, c in enumerate(containers):
+            for p in _tcp_ports(c):
+                if p.get("name") == wanted:
+                    return int(p["containerPort"]), i
+        names = sorted({str(p["name"]) for c in containers for p in _tcp_ports(c) if p.get("name")})
+        raise _Refused(
+            f"annotation {ann.MCP_PORT}={wanted!r} names no TCP containerPort of an app container; "
+            f"allowed: a port number or one of {names or 'the containers declare no named ports'}"
+        )
+    if isinstance(wanted, int):
+        for i, c in enumerate(containers):
+            if any(p["containerPort"] == wanted for p in _tcp_ports(c)):
+                return wanted, i
+        return wanted, 0
+    for i, c in enumerate(containers):
+        ports = _tcp_ports(c)
+        if ports:
+            if ports[0]["containerPort"] in ann.SIDECAR_PORTS:
+                break
+            return int(ports[0]["containerPort"]), i
+    warnings.append(
+        f"no MCP port found (no {ann.MCP_PORT} annotation and no TCP containerPort); inbound MCP "
+        f"traffic is not proxied; set {ann.MCP_PORT}"
+    )
+    return None, 0
+
+
+def _free_name(wanted: str, taken: set[str]) -> str:
+    if wanted not in taken:
+        taken.add(wanted)
+        return wanted
+    n = 1
+    while f"{wanted}-{n}" in taken:
+        n += 1
+    taken.add(f"{wanted}-{n}")
+    return f"{wanted}-{n}"
+
+
+def _free_port_name(wanted: str, taken: set[str]) -> str:
+    # IANA_SVC_NAME is at most 15 characters, so suffixes replace the tail rather than extend it.
+    if wanted not in taken:
+        taken.add(wanted)
+        return wanted
+    n = 1
+    while True:
+        candidate = f"{wanted[: 15 - len(str(n)) - 1]}-{n}"
+        if candidate not in taken:
+            taken.add(candidate)
+            return candidate
+        n += 1
+
+
+def _port_number(container: Mapping[str, Any], port: Any) -> int | None:
+    if isinstance(port, int):
+        return port
+    if isinstance(port, str):
+        if port.isdigit():
+            return int(port)
+        for p in _tcp_ports(container):
+            if p.get("name") == port:
+                return int(p["containerPort"])
+    return None
+
+
+def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str, Any]:
+    """Point kubelet probes on the MCP port at the admin port; return the originals by path."""
+    originals: dict[str, Any] = {}
+    for c in containers:
+        for kind, suffix in PROBE_KINDS.items():
+            probe = c.get(kind)
+            if not isinstance(probe, dict):
+                continue
+            handler_key = "httpGet" if isinstance(probe.get("httpGet"), dict) else None
+            if handler_key is None and isinstance(probe.get("tcpSocket"), dict):
+                handler_key = "tcpSocket"
+            if handler_key is None:
+                continue  # exec and grpc probes do not pass through the capture
+            handler = probe[handler_key]
+            port = _port_number(c, handler.get("port"))
+            if port != mcp_port:
+                continue
+            path = f"/app-health/{c['name']}/{suffix}"
+            record: dict[str, Any]
+            if handler_key == "httpGet":
+                original: dict[str, Any] = {
+                    "path": handler.get("path") or "/",
+                    "port": port,
+                    "scheme": handler.get("scheme") or "HTTP",
+                }
+                if handler.get("httpHeaders"):
+                    original["httpHeaders"] = handler["httpHeaders"]
+                record = {"httpGet": original}
+            else:
+                record = {"tcpSocket": {"port": port}}
+            if "timeoutSeconds" in probe:
+                record["timeoutSeconds"] = probe["timeoutSeconds"]
+            originals[path] = record
+            new_probe = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket")}
+            new_probe["httpGet"] = {"path": path, "port": ann.ADMIN_PORT, "scheme": "HTTP"}
+            c[kind] = new_probe
+    return originals
+
+
+def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def sidecar_config(
+    config: WebhookConfig, mcp_port: int | None, audience: str | None, plan: EgressPlan
+) -> dict[str, Any]:
+    """The per-pod OUTRIDER_CONFIG: the operator's `sidecar:` block under the per-pod values."""
+    per_pod: dict[str, Any] = {"egress": {"mode": plan.mode, "policy": thaw(plan.policy)}}
+    if mcp_port is not None:
+        per_pod["inbound"] = {"mcp_port": mcp_port}
+    if audience:
+        per_pod["exchange"] = {"audience": audience}
+    return _deep_merge(thaw(config.sidecar), per_pod)
+
+
+def _restricted(uid: int) -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsGroup": uid,
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _apply(
+    pod: Pod,
+    config: WebhookConfig,
+    settings: ann.PodSettings,
+    plan: EgressPlan,
+    mcp_port: int | None,
+    app_index: int,
+    namespace: str,
+    warnings: list[str],
+) -> Pod:
+    pod = copy.deepcopy(pod)
+    if not isinstance(pod.get("metadata"), dict):
+        pod["metadata"] = {}
+    metadata = pod["metadata"]
+    spec = pod["spec"]
+    containers: list[dict[str, Any]] = spec["containers"]
+    user_inits = [c for c in _list(spec.get("initContainers")) if isinstance(c, dict)]
+    taken = {str(c.get("name")) for c in _all_containers(spec)}
+    volumes = _list(spec.get("volumes"))
+    taken_volumes = {str(v.get("name")) for v in volumes if isinstance(v, dict)}
+    taken_ports = {
+        str(p.get("name"))
+        for c in _all_containers(spec)
+        for p in _list(c.get("ports"))
+        if isinstance(p, dict) and p.get("name")
+    }
+
+    capture = plan.mode == "capture"
+    init_name = _free_name(INIT_NAME, taken) if capture else None
+    proxy_name = _free_name(PROXY_NAME, taken)
+    volume_name = _free_name(SPIFFE_VOLUME_NAME, taken_volumes)
+    resources = thaw(config.resources)
+
+    app_probes = _rewrite_probes(containers, mcp_port) if capture and mcp_port is not None else {}
+    audience = settings.token_audience or config.default_audience
+    env: list[dict[str, Any]] = [
+        {"name": "OUTRIDER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "OUTRIDER_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_SOCKET},
+        {
+            "name": "OUTRIDER_CONFIG",
+            "value": json.dumps(
+                sidecar_config(config, mcp_port, audience, plan), sort_keys=True, separators=(",", ":")
+            ),
+        },
+    ]
+    if app_probes:
+        env.append(
+            {
+                "name": "OUTRIDER_APP_PROBES",
+                "value": json.dumps(app_probes, sort_keys=True, separators=(",", ":")),
+            }
+        )
+
+    def admin_probe(path: str, **extra: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": ann.ADMIN_PORT, "scheme": "HTTP"}, **extra}
+
+    proxy: dict[str, Any] = {
+        "name": proxy_name,
+        "image": config.sidecar_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": ["sidecar"],
+        "command": ["outrider"],
+        "env": env,
+        "ports": [
+            {
+                "name": _free_port_name(ADMIN_PORT_NAME, taken_ports),
+                "containerPort": ann.ADMIN_PORT,
+                "protocol": "TCP",
+            },
+            {
+                "name": _free_port_name(INBOUND_PORT_NAME, taken_ports),
+                "containerPort": ann.INBOUND_PORT,
+                "protocol": "TCP",
+            },
+        ],
+        "readinessProbe": admin_probe("/readyz", periodSeconds=2, failureThreshold=30),
+        "livenessProbe": admin_probe("/healthz", periodSeconds=10, failureThreshold=3),
+        "resources": resources,
+        "securityContext": _restricted(ann.SIDECAR_UID),
+        "volumeMounts": [{"name": volume_name, "mountPath": SPIFFE_MOUNT_PATH, "readOnly": True}],
+    }
+    if config.native_sidecar:
+        proxy["restartPolicy"] = "Always"
+        # The kubelet starts the app only after a native sidecar's startupProbe passes.
+        proxy["startupProbe"] = admin_probe("/healthz", periodSeconds=1, failureThreshold=120)
+
+    new_inits: list[dict[str, Any]] = []
+    if capture and init_name is not None:
+        init_args = ["iptables", *plan.init_args]
+        if mcp_port is not None:
+            init_args += ["--inbound-ports", str(mcp_port)]
+        new_inits.append(
+            {
+                "name": init_name,
+                "image": config.sidecar_image,
+                "imagePullPolicy": config.image_pull_policy,
+                "args": init_args,
+                "command": ["outrider"],
+                "resources": resources,
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                    "privileged": False,
+                    "readOnlyRootFilesystem": True,
+                    "runAsGroup": 0,
+                    "runAsNonRoot": False,
+                    "runAsUser": 0,
+                },
+            }
+        )
+    for name, value in plan.app_env:
+        for c in containers:
+            existing = _list(c.get("env"))
+            if any(isinstance(e, dict) and e.get("name") == name for e in existing):
+                warnings.append(f"container {c['name']} sets {name} itself; Outrider's value is not applied")
+                continue
+            c["env"] = [*existing, {"name": name, "value": value}]
+
+    if config.native_sidecar:
+        # Capture and proxy come first, so user init containers already run behind the proxy.
+        spec["initContainers"] = [*new_inits, proxy, *user_inits]
+    else:
+        # Classic layout: user init containers keep their network, so outrider-init goes last.
+        if new_inits:
+            spec["initContainers"] = [*user_inits, *new_inits]
+        containers.append(proxy)
+    spec["volumes"] = [
+        *volumes,
+        {"name": volume_name, "csi": {"driver": config.spiffe_csi_driver, "readOnly": True}},
+    ]
+
+    annotations = _map(metadata.get("annotations"))
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    status = {
+        "version": __version__,
+        "initContainers": [n for n in (init_name, proxy_name if config.native_sidecar else None) if n],
+        "containers": [] if config.native_sidecar else [proxy_name],
+        "volumes": [volume_name],
+        "configHash": config.hash,
+        "egressMode": plan.mode,
+        "mcpPort": mcp_port,
+        "spiffeId": f"spiffe://{config.trust_domain}/ns/{namespace}/sa/{sa}",
+    }
+    annotations = {**annotations, ann.STATUS: json.dumps(status, sort_keys=True, separators=(",", ":"))}
+    if ann.DEFAULT_CONTAINER not in annotations:
+        annotations[ann.DEFAULT_CONTAINER] = containers[app_index]["name"]
+    metadata["annotations"] = annotations
+    return pod

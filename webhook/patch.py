@@ -1,0 +1,95 @@
+"""RFC 6902 JSON Patch construction: explicit operations from an original object to its mutation.
+
+Lists are created once with `add` and extended with `/-` or index inserts (never two adds on one
+missing list path), `null` fields are replaced, and keys are escaped per RFC 6901.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+JsonPatch = list[dict[str, Any]]
+
+
+def escape(key: str) -> str:
+    """RFC 6901: '~' becomes '~0' and '/' becomes '~1' (order matters)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def pointer(*parts: str | int) -> str:
+    return "".join("/" + escape(str(p)) for p in parts)
+
+
+def diff(original: Any, modified: Any) -> JsonPatch:
+    """Operations that turn `original` into `modified` when applied in order."""
+    ops: JsonPatch = []
+    _diff(original, modified, "", ops)
+    return ops
+
+
+def _diff(old: Any, new: Any, path: str, ops: JsonPatch) -> None:
+    if old == new and type(old) is type(new):
+        return
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        _diff_map(old, new, path, ops)
+    elif _is_list(old) and _is_list(new):
+        _diff_list(old, new, path, ops)
+    else:
+        ops.append({"op": "replace", "path": path, "value": new})
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _diff_map(old: Mapping[str, Any], new: Mapping[str, Any], path: str, ops: JsonPatch) -> None:
+    for key in old:
+        if key not in new:
+            ops.append({"op": "remove", "path": f"{path}/{escape(key)}"})
+    for key, value in new.items():
+        child = f"{path}/{escape(key)}"
+        if key not in old:
+            ops.append({"op": "add", "path": child, "value": value})
+        else:
+            _diff(old[key], value, child, ops)
+
+
+def _name(item: Any) -> Any:
+    return item.get("name") if isinstance(item, Mapping) else None
+
+
+def _diff_list(old: Sequence[Any], new: Sequence[Any], path: str, ops: JsonPatch) -> None:
+    plan = _insertions(old, new)
+    if plan is None:
+        ops.append({"op": "replace", "path": path, "value": list(new)})
+        return
+    # Walk the new list left to right: each old element is matched in order, everything between is
+    # an insertion at its final index (appends use '/-'), so indexes stay valid as we go.
+    old_index = 0
+    for new_index, item in enumerate(new):
+        if old_index < len(old) and plan[new_index]:
+            _diff(old[old_index], item, f"{path}/{new_index}", ops)
+            old_index += 1
+        elif old_index >= len(old):
+            ops.append({"op": "add", "path": f"{path}/-", "value": item})
+        else:
+            ops.append({"op": "add", "path": f"{path}/{new_index}", "value": item})
+
+
+def _insertions(old: Sequence[Any], new: Sequence[Any]) -> list[bool] | None:
+    """For each element of `new`, True when it is the next element of `old` (matched), False when
+    inserted; None when `new` is not `old` plus insertions (then the list is replaced whole)."""
+    if len(new) < len(old):
+        return None
+    named = all(_name(x) is not None for x in (*old, *new))
+    matched: list[bool] = []
+    i = 0
+    extra = len(new) - len(old)
+    for item in new:
+        if i < len(old) and ((_name(old[i]) == _name(item)) if named else (old[i] == item or extra == 0)):
+            matched.append(True)
+            i += 1
+        else:
+            matched.append(False)
+    return matched if i == len(old) else None
