@@ -1,13 +1,59 @@
-"""Starts and stops the telemetry part of the sidecar process (placeholder until its owner fills it in)."""
+"""Starts and stops the telemetry part of the sidecar process: SDK providers, audit log, observer.
+
+Entered first so that every other component reports to it; on exit it flushes spans and metrics.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from sidecar.runtime import Runtime
+from sidecar.telemetry.audit import AuditLog, Workload
+from sidecar.telemetry.observer_otel import OtelObserver
+from sidecar.telemetry.setup import build_providers
+
+log = logging.getLogger("outrider.telemetry")
+
+
+def _workload(runtime: Runtime) -> Workload:
+    identity = runtime.identity
+    return Workload(
+        spiffe_id=identity.spiffe_id if identity is not None else None,
+        pod=runtime.config.pod.name,
+        namespace=runtime.config.pod.namespace,
+    )
 
 
 @asynccontextmanager
 async def component(runtime: Runtime) -> AsyncIterator[None]:
-    yield
+    config = runtime.config.telemetry
+    providers = build_providers(
+        config.service_name,
+        resource_attributes={
+            "k8s.pod.name": runtime.config.pod.name,
+            "k8s.namespace.name": runtime.config.pod.namespace,
+        },
+    )
+    audit = AuditLog.open(config.audit)
+    previous = runtime.observer
+    runtime.observer = OtelObserver(
+        config,
+        tracer_provider=providers.tracer_provider,
+        meter_provider=providers.meter_provider,
+        audit=audit,
+        workload=lambda: _workload(runtime),
+    )
+    runtime.metrics.append(providers.prometheus)
+    try:
+        yield
+    finally:
+        runtime.observer = previous
+        if providers.prometheus in runtime.metrics:
+            runtime.metrics.remove(providers.prometheus)
+        # Flushing blocks on the collector for up to its timeout: keep the event loop free meanwhile.
+        await asyncio.to_thread(providers.shutdown)
+        audit.close()
+        log.info("telemetry stopped: spans and metrics flushed")

@@ -1,4 +1,7 @@
-"""The `telemetry` section of the sidecar configuration (placeholder until its owner fills it in)."""
+"""The `telemetry` section of the sidecar configuration: audit destination, privacy switches, naming.
+
+Where spans and metrics go is not configured here: the standard `OTEL_*` environment variables decide.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,109 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+_KEYS = frozenset(
+    {
+        "service_name",
+        "audit",
+        "hash_user",
+        "hash_salt",
+        "record_arguments",
+        "redact_keys",
+        "record_resource_uri",
+    }
+)
+
+# Argument keys whose values are replaced by "[REDACTED]" when arguments are recorded at all.
+# Matching is case-insensitive and ignores "-" vs "_", at any depth of the arguments object.
+DEFAULT_REDACT_KEYS: tuple[str, ...] = (
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "client_secret",
+    "api_key",
+    "apikey",
+    "authorization",
+    "cookie",
+    "private_key",
+    "credentials",
+)
+
+
+def _error(message: str) -> Exception:
+    # Imported lazily: sidecar.config imports this module.
+    from sidecar.config import ConfigError
+
+    return ConfigError(message)
+
+
+def _bool(data: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _error(f"telemetry.{key}: {value!r} is not a boolean (true or false)")
+
+
+def _str(data: Mapping[str, Any], key: str, default: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise _error(f"telemetry.{key}: {value!r} is not a string")
+    return value
+
 
 @dataclass(frozen=True)
 class TelemetryConfig:
+    """What telemetry records and where the audit log goes.
+
+    `audit` is "stdout" (default), "off", or a file path (JSON lines, appended).
+    `hash_user` replaces `enduser.id` on spans by a keyed SHA-256 of the subject (salt `hash_salt`);
+    the audit log always names the user, it is the record security teams read.
+    `record_arguments` adds tool arguments to audit events, with `redact_keys` masked.
+    `record_resource_uri` adds `mcp.resource.uri` to spans (opt-in: URIs may be sensitive).
+    """
+
+    service_name: str = "outrider-proxy"
+    audit: str = "stdout"
+    hash_user: bool = False
+    hash_salt: str = ""
+    record_arguments: bool = False
+    redact_keys: tuple[str, ...] = DEFAULT_REDACT_KEYS
+    record_resource_uri: bool = False
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> TelemetryConfig:
-        return cls()
+        unknown = sorted(set(data) - _KEYS)
+        if unknown:
+            raise _error(f"telemetry: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+        audit = _str(data, "audit", cls.audit).strip()
+        if not audit:
+            raise _error("telemetry.audit: empty; use 'stdout', 'off' or a file path")
+        service_name = _str(data, "service_name", cls.service_name).strip()
+        if not service_name:
+            raise _error("telemetry.service_name: empty; give the service name spans are reported under")
+        raw_keys = data.get("redact_keys", list(cls.redact_keys))
+        if not isinstance(raw_keys, list | tuple) or not all(isinstance(k, str) and k for k in raw_keys):
+            raise _error(f"telemetry.redact_keys: {raw_keys!r} is not a list of non-empty strings")
+        return cls(
+            service_name=service_name,
+            audit=audit,
+            hash_user=_bool(data, "hash_user", cls.hash_user),
+            hash_salt=_str(data, "hash_salt", cls.hash_salt),
+            record_arguments=_bool(data, "record_arguments", cls.record_arguments),
+            redact_keys=tuple(raw_keys),
+            record_resource_uri=_bool(data, "record_resource_uri", cls.record_resource_uri),
+        )
+
+    def __repr__(self) -> str:
+        # The salt keys the user hash; keep it out of logs and reprs.
+        return (
+            f"TelemetryConfig(service_name={self.service_name!r}, audit={self.audit!r}, "
+            f"hash_user={self.hash_user}, hash_salt={'<set>' if self.hash_salt else '<unset>'}, "
+            f"record_arguments={self.record_arguments}, redact_keys={self.redact_keys!r}, "
+            f"record_resource_uri={self.record_resource_uri})"
+        )

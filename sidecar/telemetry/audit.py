@@ -1,0 +1,278 @@
+"""The JSON audit log: one line per MCP call, token exchange and egress decision.
+
+Event builders are pure (schema `audit-event.schema.json` beside this module); `AuditLog` writes lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any
+
+from sidecar.inbound.jsonrpc import McpMessage
+from sidecar.telemetry.config import TelemetryConfig
+from sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
+from sidecar.telemetry.semconv import method_label, scrub
+
+SCHEMA_ID = "https://outrider.dev/schemas/audit-event/v1.json"
+SCHEMA_VERSION = "outrider.audit/v1"
+REDACTED = "[REDACTED]"
+
+Event = dict[str, Any]
+
+
+def load_schema() -> dict[str, Any]:
+    """The audit event JSON Schema shipped with the package."""
+    text = resources.files("sidecar.telemetry").joinpath("audit-event.schema.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Where the sidecar runs: its SPIFFE ID (once known), pod and namespace."""
+
+    spiffe_id: str | None = None
+    pod: str | None = None
+    namespace: str | None = None
+
+    def as_json(self) -> dict[str, str | None]:
+        return {"spiffe_id": self.spiffe_id, "pod": self.pod, "namespace": self.namespace}
+
+
+@dataclass(frozen=True)
+class EventStamp:
+    """The per-event facts a pure builder cannot make up: id, time and trace linkage."""
+
+    event_id: str
+    time: datetime
+    trace_id: str | None = None
+    span_id: str | None = None
+
+    @classmethod
+    def now(cls, trace_id: str | None = None, span_id: str | None = None) -> EventStamp:
+        return cls(event_id=str(uuid.uuid4()), time=datetime.now(UTC), trace_id=trace_id, span_id=span_id)
+
+
+def _time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _normalise_key(key: str) -> str:
+    return key.lower().replace("-", "_")
+
+
+def redact_arguments(arguments: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of tool arguments with the values of `keys` (at any depth, case-insensitive) masked."""
+    wanted = {_normalise_key(k) for k in keys}
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {
+                str(k): (REDACTED if _normalise_key(str(k)) in wanted else walk(v)) for k, v in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [walk(v) for v in value]
+        if isinstance(value, str):
+            # A free-text argument may still hold a pasted bearer token or JWT.
+            return scrub(value, limit=2000)
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        return str(value)
+
+    result: dict[str, Any] = walk(arguments)
+    return result
+
+
+def _user(principal: Principal | None) -> dict[str, Any] | None:
+    if principal is None:
+        return None
+    return {"kind": principal.kind, "sub": principal.subject, "iss": principal.issuer}
+
+
+def _base(
+    event_type: str,
+    stamp: EventStamp,
+    *,
+    outcome: str,
+    reason: str | None,
+    workload: Workload,
+    principal: Principal | None,
+    duration_s: float | None,
+) -> Event:
+    return {
+        "schema": SCHEMA_VERSION,
+        "event_id": stamp.event_id,
+        "time": _time(stamp.time),
+        "type": event_type,
+        "outcome": outcome,
+        "reason": scrub(reason),
+        "user": _user(principal),
+        "client_id": principal.client_id if principal else None,
+        "act": list(principal.delegation) if principal else [],
+        "workload": workload.as_json(),
+        "duration_ms": None if duration_s is None else round(duration_s * 1000.0, 3),
+        "trace_id": stamp.trace_id,
+        "span_id": stamp.span_id,
+    }
+
+
+def _mcp(message: McpMessage, request: RequestInfo | None) -> dict[str, Any]:
+    return {
+        "method": method_label(message),
+        "kind": message.kind,
+        "tool": message.tool_name,
+        "prompt": message.prompt_name,
+        "resource": message.resource_uri,
+        "jsonrpc_id": message.id,
+        "protocol_version": request.protocol_version if request else None,
+        "session_id": request.session_id if request else None,
+        "transport": request.transport if request else None,
+        "client_address": request.client_address if request else None,
+    }
+
+
+def mcp_call_event(
+    stamp: EventStamp,
+    *,
+    message: McpMessage,
+    request: RequestInfo,
+    principal: Principal | None,
+    workload: Workload,
+    outcome: str,
+    reason: str | None,
+    http_status: int,
+    error_type: str | None,
+    duration_s: float,
+    config: TelemetryConfig,
+) -> Event:
+    event = _base(
+        "mcp.call",
+        stamp,
+        outcome=outcome,
+        reason=reason,
+        workload=workload,
+        principal=principal,
+        duration_s=duration_s,
+    )
+    mcp = _mcp(message, request)
+    mcp["http_status"] = http_status
+    mcp["error_type"] = error_type
+    if config.record_arguments and message.arguments is not None:
+        mcp["arguments"] = redact_arguments(message.arguments, config.redact_keys)
+    event["mcp"] = mcp
+    return event
+
+
+def exchange_event(
+    stamp: EventStamp,
+    *,
+    outcome: ExchangeOutcome,
+    principal: Principal | None,
+    message: McpMessage | None,
+    request: RequestInfo | None,
+    workload: Workload,
+) -> Event:
+    ok = outcome.outcome in ("issued", "cache_hit")
+    event = _base(
+        "token.exchange",
+        stamp,
+        outcome="ok" if ok else "error",
+        reason=outcome.reason,
+        workload=workload,
+        principal=principal,
+        duration_s=outcome.duration_s,
+    )
+    event["exchange"] = {
+        "outcome": outcome.outcome,
+        "audience": outcome.audience,
+        "cache_hit": outcome.outcome == "cache_hit",
+        "idp_status": outcome.idp_status,
+    }
+    if message is not None:
+        event["mcp"] = _mcp(message, request)
+    return event
+
+
+def egress_event(stamp: EventStamp, *, decision: EgressDecision, workload: Workload) -> Event:
+    event = _base(
+        "egress.decision",
+        stamp,
+        outcome="allowed" if decision.allowed else "denied",
+        reason=decision.reason,
+        workload=workload,
+        principal=None,
+        duration_s=None,
+    )
+    event["egress"] = {
+        "allowed": decision.allowed,
+        "mode": decision.mode,
+        "protocol": decision.protocol,
+        "destination_ip": decision.destination_ip,
+        "destination_port": decision.destination_port,
+        "name": decision.name,
+        "rule": decision.rule,
+        "rule_source": decision.source,
+    }
+    return event
+
+
+def encode(event: Event) -> str:
+    """One compact JSON line (no trailing newline); non-JSON values become strings."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class AuditLog:
+    """Writes audit events as JSON lines to a stream (stdout by default) or an appended file.
+
+    Writes are small and synchronous: a line must not be lost to a crash after the call returns,
+    and a lock keeps lines whole when identity callbacks arrive on py-spiffe's threads.
+    """
+
+    def __init__(self, stream: IO[str] | None, *, owns_stream: bool = False) -> None:
+        self._stream = stream
+        self._owns = owns_stream
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, destination: str) -> AuditLog:
+        if destination == "off":
+            return cls(None)
+        if destination == "stdout":
+            return cls(sys.stdout)
+        path = Path(destination)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stream = path.open("a", encoding="utf-8", buffering=1)
+        except OSError as exc:
+            from sidecar.config import ConfigError
+
+            raise ConfigError(
+                f"telemetry.audit: cannot open {destination} for appending: {exc.strerror}"
+            ) from None
+        return cls(stream, owns_stream=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self._stream is not None
+
+    def write(self, event: Event) -> None:
+        if self._stream is None:
+            return
+        line = encode(event) + "\n"
+        with self._lock:
+            self._stream.write(line)
+            self._stream.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owns and self._stream is not None:
+                self._stream.close()
+            self._stream = None

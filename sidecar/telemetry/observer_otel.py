@@ -1,0 +1,316 @@
+"""The real `Observer`: OpenTelemetry spans and metrics plus the JSON audit log for every MCP call.
+
+Uses `opentelemetry-api` only; the process hands in the providers (see `sidecar.telemetry.setup`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from sidecar.inbound.jsonrpc import McpMessage
+from sidecar.telemetry import semconv
+from sidecar.telemetry.audit import (
+    AuditLog,
+    EventStamp,
+    Workload,
+    egress_event,
+    exchange_event,
+    mcp_call_event,
+)
+from sidecar.telemetry.config import TelemetryConfig
+from sidecar.telemetry.observer import CallScope, EgressDecision, ExchangeOutcome, Principal, RequestInfo
+
+log = logging.getLogger("outrider.telemetry")
+
+INSTRUMENTATION = "outrider.sidecar"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_OK_OUTCOMES = frozenset({"ok"})
+
+
+class _HeaderGetter(Getter[Mapping[str, str]]):
+    """Reads trace headers case-insensitively from any mapping (plain dicts keep the wire's case)."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        if value is None:
+            for name, candidate in carrier.items():
+                if name.lower() == key:
+                    value = candidate
+                    break
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier.keys())
+
+
+_GETTER = _HeaderGetter()
+
+
+def _ids(span: Span) -> tuple[str | None, str | None]:
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None, None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+class OtelObserver:
+    """Spans, metrics and audit events for the data paths; satisfies `sidecar.telemetry.observer.Observer`."""
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        *,
+        tracer_provider: trace.TracerProvider,
+        meter_provider: metrics.MeterProvider,
+        audit: AuditLog,
+        workload: Callable[[], Workload] = Workload,
+    ) -> None:
+        self.config = config
+        self.audit = audit
+        self._workload = workload
+        self.tracer = tracer_provider.get_tracer(INSTRUMENTATION)
+        meter = meter_provider.get_meter(INSTRUMENTATION)
+        self.operation_duration = meter.create_histogram(
+            "mcp.server.operation.duration",
+            unit="s",
+            description="MCP request or notification duration as observed by the sidecar, "
+            "from receipt until the result or ack is sent.",
+            explicit_bucket_boundaries_advisory=list(semconv.MCP_DURATION_BUCKETS),
+        )
+        self.requests = meter.create_counter(
+            "outrider.mcp.requests", unit="{request}", description="MCP messages by method, tool and outcome."
+        )
+        self.exchanges = meter.create_counter(
+            "outrider.token_exchanges",
+            unit="{exchange}",
+            description="Token exchanges by outcome (cache_hit counts cache hits).",
+        )
+        self.exchange_duration = meter.create_histogram(
+            "outrider.token_exchange.duration",
+            unit="s",
+            description="Token exchange latency including the IdP round trip (cache misses).",
+            explicit_bucket_boundaries_advisory=list(semconv.MCP_DURATION_BUCKETS),
+        )
+        self.egress_decisions = meter.create_counter(
+            "outrider.egress.decisions",
+            unit="{decision}",
+            description="Egress allowlist decisions by outcome, mode and protocol.",
+        )
+        self.identity_events = meter.create_counter(
+            "outrider.identity.events",
+            unit="{event}",
+            description="Workload identity events: SVID rotations and health changes.",
+        )
+        self._identity_lock = threading.Lock()
+        self._identity_healthy: int | None = None
+        meter.create_observable_gauge(
+            "outrider.identity.healthy",
+            callbacks=[self._observe_identity],
+            unit="1",
+            description="1 while the sidecar holds a valid SVID and the Workload API stream is healthy.",
+        )
+
+    def workload(self) -> Workload:
+        try:
+            return self._workload()
+        except Exception:  # the identity component may not be up yet; never fail a call over telemetry
+            return Workload()
+
+    @contextmanager
+    def mcp_call(self, message: McpMessage, request: RequestInfo) -> Iterator[CallScope]:
+        parent = _PROPAGATOR.extract(request.headers, getter=_GETTER)
+        workload = self.workload()
+        attributes = semconv.mcp_request_attributes(
+            message, request, self.config, workload_id=workload.spiffe_id
+        )
+        span = self.tracer.start_span(
+            semconv.mcp_span_name(message, self.config),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        )
+        scope = _OtelScope(self, message, request, span, attributes, workload)
+        try:
+            yield scope
+        except BaseException as exc:
+            if not scope.finished:
+                cancelled = not isinstance(exc, Exception)
+                scope.finish(
+                    http_status=499 if cancelled else 500,
+                    outcome="error",
+                    error_type="cancelled" if cancelled else type(exc).__qualname__,
+                    reason="the caller went away" if cancelled else "internal error in the sidecar",
+                )
+            raise
+        finally:
+            if not scope.finished:
+                scope.finish(
+                    http_status=0, outcome="error", error_type="unfinished", reason="no answer recorded"
+                )
+
+    def egress(self, decision: EgressDecision) -> None:
+        attributes = semconv.egress_attributes(decision)
+        # Parent is whatever span is current (an egress engineer may wrap a connection in one).
+        span = self.tracer.start_span(
+            semconv.egress_span_name(decision), kind=SpanKind.INTERNAL, attributes=attributes
+        )
+        if not decision.allowed:
+            span.set_status(Status(StatusCode.ERROR, "egress denied"))
+        span.end()
+        self.egress_decisions.add(
+            1,
+            {
+                "outcome": "allowed" if decision.allowed else "denied",
+                "mode": decision.mode,
+                "protocol": decision.protocol,
+            },
+        )
+        trace_id, span_id = _ids(span)
+        self.audit.write(
+            egress_event(EventStamp.now(trace_id, span_id), decision=decision, workload=self.workload())
+        )
+
+    def identity_event(self, event: str, spiffe_id: str | None, detail: str) -> None:
+        self.identity_events.add(1, {"event": event})
+        with self._identity_lock:
+            if event in ("healthy", "rotated"):
+                self._identity_healthy = 1
+            elif event == "unhealthy":
+                self._identity_healthy = 0
+        log.info("identity %s: %s (%s)", event, spiffe_id or "no SPIFFE ID yet", semconv.scrub(detail))
+
+    def _observe_identity(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._identity_lock:
+            value = self._identity_healthy
+        return [] if value is None else [Observation(value)]
+
+
+class _OtelScope:
+    """One MCP message: its SERVER span, then metrics and the audit line when finished."""
+
+    def __init__(
+        self,
+        observer: OtelObserver,
+        message: McpMessage,
+        request: RequestInfo,
+        span: Span,
+        attributes: dict[str, semconv.AttributeValue],
+        workload: Workload,
+    ) -> None:
+        self._observer = observer
+        self._message = message
+        self._request = request
+        self._span = span
+        self._attributes = attributes
+        self._workload = workload
+        self._started = time.perf_counter()
+        self.principal: Principal | None = None
+        self.finished = False
+
+    def set_principal(self, principal: Principal) -> None:
+        self.principal = principal
+        self._span.set_attributes(semconv.principal_attributes(principal, self._observer.config))
+
+    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
+        ctx = trace.set_span_in_context(self._span, otel_context.Context())
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=ctx)
+        headers.update(carrier)
+        # MCP conventions: requests and notifications also carry the context in params._meta.
+        if message is not None and isinstance(message.get("method"), str) and carrier:
+            params = message.get("params")
+            if params is None:
+                params = message["params"] = {}
+            if isinstance(params, dict):
+                meta = params.get("_meta")
+                if meta is None:
+                    meta = params["_meta"] = {}
+                if isinstance(meta, dict):
+                    meta.update(carrier)
+
+    def token_exchange(self, outcome: ExchangeOutcome) -> None:
+        end = time.time_ns()
+        start = end - int(max(outcome.duration_s, 0.0) * 1e9)
+        cache_hit = outcome.outcome == "cache_hit"
+        tracer = self._observer.tracer
+        span = tracer.start_span(
+            "outrider.token_exchange",
+            context=trace.set_span_in_context(self._span, otel_context.Context()),
+            kind=SpanKind.INTERNAL if cache_hit else SpanKind.CLIENT,
+            attributes=semconv.exchange_span_attributes(outcome),
+            start_time=start,
+        )
+        if outcome.outcome not in semconv.EXCHANGE_OK:
+            span.set_status(Status(StatusCode.ERROR, outcome.outcome))
+        span.end(end_time=end)
+        self._observer.exchanges.add(1, {"outcome": outcome.outcome, "cache_hit": cache_hit})
+        if not cache_hit:
+            self._observer.exchange_duration.record(outcome.duration_s, {"outcome": outcome.outcome})
+        trace_id, span_id = _ids(span)
+        self._observer.audit.write(
+            exchange_event(
+                EventStamp.now(trace_id, span_id),
+                outcome=outcome,
+                principal=self.principal,
+                message=self._message,
+                request=self._request,
+                workload=self._workload,
+            )
+        )
+
+    def finish(
+        self,
+        *,
+        http_status: int,
+        outcome: str,
+        error_type: str | None = None,
+        reason: str | None = None,
+        response: McpMessage | None = None,
+    ) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        duration = time.perf_counter() - self._started
+        observer = self._observer
+        error = semconv.error_type(outcome, error_type, response, http_status)
+        final = semconv.mcp_response_attributes(
+            http_status=http_status, outcome=outcome, error_type_value=error, response=response
+        )
+        safe_reason = semconv.scrub(reason)
+        if safe_reason:
+            final["outrider.reason"] = safe_reason
+        self._span.set_attributes(final)
+        if outcome not in _OK_OUTCOMES:
+            self._span.set_status(Status(StatusCode.ERROR, error or outcome))
+        self._span.end()
+        all_attrs = {**self._attributes, **final}
+        observer.operation_duration.record(duration, semconv.duration_metric_attributes(all_attrs))
+        observer.requests.add(1, semconv.request_counter_attributes(all_attrs, outcome))
+        trace_id, span_id = _ids(self._span)
+        observer.audit.write(
+            mcp_call_event(
+                EventStamp.now(trace_id, span_id),
+                message=self._message,
+                request=self._request,
+                principal=self.principal,
+                workload=self._workload,
+                outcome=outcome,
+                reason=reason,
+                http_status=http_status,
+                error_type=error,
+                duration_s=duration,
+                config=observer.config,
+            )
+        )
