@@ -1,0 +1,130 @@
+"""Golden injection fixtures: input manifests beside their injected output, checked five ways.
+
+Regenerate with `pytest tests/webhook --update-golden` (or UPDATE_GOLDEN=1) and review the YAML diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import kubernetes_validate
+import pytest
+import yaml
+from webhook_support import GOLDEN_DIR, fixture_names, load_fixture, pod_template, semantic_problems
+
+from webhook.engine import inject
+from webhook.offline import inject_document
+
+K8S_VERSION = "1.34"
+NAMES = fixture_names()
+
+
+def _dump(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    doc, labels, config = load_fixture(name)
+    result = inject_document(copy.deepcopy(doc), labels, config)
+    record: dict[str, Any] = {
+        "allowed": result.error is None,
+        "injected": result.injected,
+        "message": result.error,
+        "warnings": list(result.warnings),
+    }
+    if doc["kind"] == "Pod":
+        engine = inject(doc, labels, config)
+        record["patch"] = engine.patch
+    return result.document, record
+
+
+def test_there_are_enough_fixtures() -> None:
+    assert len(NAMES) >= 20, NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden(name: str, update_golden: bool) -> None:
+    document, record = _run(name)
+    injected_path = GOLDEN_DIR / f"{name}.injected.yaml"
+    result_path = GOLDEN_DIR / f"{name}.result.yaml"
+    if update_golden:
+        injected_path.write_text(_dump(document))
+        result_path.write_text(_dump(record))
+    assert injected_path.exists(), f"no golden output for {name}; run pytest --update-golden"
+    assert yaml.safe_load(injected_path.read_text()) == document, f"{name}: injected output changed"
+    assert yaml.safe_load(result_path.read_text()) == record, f"{name}: result (warnings/patch) changed"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_is_valid_kubernetes(name: str) -> None:
+    document, _ = _run(name)
+    kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    assert semantic_problems(document) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patch_applies_to_the_original(name: str) -> None:
+    doc, labels, config = load_fixture(name)
+    pod = {"metadata": pod_template(doc).get("metadata"), "spec": pod_template(doc).get("spec")}
+    if doc["kind"] == "Pod":
+        pod = doc
+    result = inject(pod, labels, config)
+    assert jsonpatch.apply_patch(pod, result.patch) == result.pod
+    # Never two adds on the same missing list path (kube-apiserver would reject the second).
+    add_paths = [op["path"] for op in result.patch if op["op"] == "add" and not op["path"].endswith("/-")]
+    assert len(add_paths) == len(set(add_paths))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_injection_is_idempotent(name: str) -> None:
+    doc, labels, config = load_fixture(name)
+    once = inject_document(copy.deepcopy(doc), labels, config)
+    twice = inject_document(copy.deepcopy(once.document), labels, config)
+    assert twice.document == once.document
+    if doc["kind"] == "Pod" and once.injected:
+        again = inject(once.document, labels, config)
+        assert again.patch == []
+        assert again.allowed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_injected_sidecar_invariants(name: str) -> None:
+    doc, labels, config = load_fixture(name)
+    result = inject_document(copy.deepcopy(doc), labels, config)
+    if not result.injected:
+        return
+    spec = pod_template(result.document)["spec"]
+    status = json.loads(pod_template(result.document)["metadata"]["annotations"]["outrider.dev/status"])
+    everything = {c["name"]: c for c in [*spec.get("initContainers", []), *spec["containers"]]}
+    proxy = everything[(status["initContainers"] + status["containers"])[-1]]
+    assert proxy["securityContext"]["runAsUser"] == 15337
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
+    assert proxy["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    assert env["SPIFFE_ENDPOINT_SOCKET"] == "unix:///spiffe-workload-api/spire-agent.sock"
+    sidecar_config = json.loads(env["OUTRIDER_CONFIG"])
+    assert sidecar_config["egress"]["mode"] == status["egressMode"]
+    if status["mcpPort"] is not None:
+        assert sidecar_config["inbound"]["mcp_port"] == status["mcpPort"]
+    [spiffe_volume] = [v for v in spec["volumes"] if v["name"] == status["volumes"][0]]
+    assert spiffe_volume["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
+    mounted_by = [
+        n
+        for n, c in everything.items()
+        if any(m["name"] == spiffe_volume["name"] for m in c.get("volumeMounts") or [])
+    ]
+    assert mounted_by == [proxy["name"]]
+    assert all(m["readOnly"] for m in proxy["volumeMounts"])
+    if config.native_sidecar:
+        assert proxy["restartPolicy"] == "Always"
+        assert spec["initContainers"].index(proxy) < len(spec["initContainers"])
+    if status["egressMode"] == "capture":
+        init = everything[status["initContainers"][0]]
+        assert init["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+    default = pod_template(result.document)["metadata"]["annotations"][
+        "kubectl.kubernetes.io/default-container"
+    ]
+    assert default in {c["name"] for c in spec["containers"]} and default != proxy["name"]

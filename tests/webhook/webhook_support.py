@@ -1,0 +1,78 @@
+"""Shared helpers for the webhook tests: golden fixture loading and the semantic pod checks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from webhook.config import WebhookConfig, parse_config
+from webhook.offline import TEMPLATE_PATHS
+
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "testdata" / "inject"
+DEFAULT_LABELS = {"outrider.dev/inject": "enabled"}
+
+
+def fixture_names() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in GOLDEN_DIR.glob("*.yaml")
+        if not p.name.endswith((".injected.yaml", ".result.yaml"))
+    )
+
+
+def load_fixture(name: str) -> tuple[dict[str, Any], dict[str, str], WebhookConfig]:
+    """The input object plus the namespace labels and config from its `# key: value` header."""
+    text = (GOLDEN_DIR / f"{name}.yaml").read_text()
+    labels = dict(DEFAULT_LABELS)
+    config: dict[str, Any] = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        key, _, value = line[1:].strip().partition(": ")
+        if key == "namespace-labels":
+            labels = dict(part.split("=", 1) for part in value.split(","))
+        elif key == "config":
+            config = yaml.safe_load(value)
+    return yaml.safe_load(text), labels, parse_config(config)
+
+
+def pod_template(doc: dict[str, Any]) -> dict[str, Any]:
+    holder: Any = doc
+    for key in TEMPLATE_PATHS[doc["kind"]]:
+        holder = holder[key]
+    return holder  # type: ignore[no-any-return]
+
+
+def semantic_problems(doc: dict[str, Any]) -> list[str]:
+    """What the OpenAPI schema cannot see: duplicate names and mounts of volumes that do not exist."""
+    problems: list[str] = []
+    pod = pod_template(doc)
+    spec = pod.get("spec") or {}
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    names = Counter(c["name"] for c in containers)
+    problems += [f"container name {n} used {k} times" for n, k in names.items() if k > 1]
+    volumes = Counter(v["name"] for v in spec.get("volumes") or [])
+    problems += [f"volume name {n} used {k} times" for n, k in volumes.items() if k > 1]
+    claim_names = {t["metadata"]["name"] for t in (doc.get("spec") or {}).get("volumeClaimTemplates") or []}
+    port_names = Counter(p["name"] for c in containers for p in c.get("ports") or [] if p.get("name"))
+    problems += [f"port name {n} used {k} times in the pod" for n, k in port_names.items() if k > 1]
+    port_numbers = Counter(
+        (p["containerPort"], p.get("protocol", "TCP")) for c in containers for p in c.get("ports") or []
+    )
+    problems += [f"containerPort {n} declared {k} times" for n, k in port_numbers.items() if k > 1]
+    for c in containers:
+        envs = Counter(e["name"] for e in c.get("env") or [])
+        problems += [f"{c['name']}: env {n} set {k} times" for n, k in envs.items() if k > 1]
+        mounts = Counter(m["mountPath"] for m in c.get("volumeMounts") or [])
+        problems += [f"{c['name']}: mountPath {n} used {k} times" for n, k in mounts.items() if k > 1]
+        for m in c.get("volumeMounts") or []:
+            if m["name"] not in volumes and m["name"] not in claim_names:
+                problems.append(f"{c['name']}: volumeMount {m['name']} names no volume")
+        for env in c.get("env") or []:
+            if env["name"] in ("OUTRIDER_CONFIG", "OUTRIDER_APP_PROBES"):
+                json.loads(env["value"])
+    return problems
