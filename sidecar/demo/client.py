@@ -1,0 +1,144 @@
+"""Step 3 of the demo: an `mcp` SDK client acting as alice, through the sidecar, and what each call shows.
+
+The token checks compare fingerprints (hashes) only: the demo never prints a token.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+if TYPE_CHECKING:
+    from sidecar.demo.run import Demo
+
+
+def tool_text(result: Any) -> str:
+    """The concatenated text content of a CallToolResult."""
+    parts = [getattr(block, "text", "") for block in getattr(result, "content", None) or []]
+    return "\n".join(p for p in parts if p)
+
+
+def tool_json(result: Any) -> dict[str, Any]:
+    structured = getattr(result, "structured_content", None) or getattr(result, "structuredContent", None)
+    if isinstance(structured, dict):
+        inner = structured.get("result", structured)
+        if isinstance(inner, dict):
+            return inner
+    text = tool_text(result)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def find_claims(report: dict[str, Any]) -> dict[str, Any]:
+    """The decoded JWT claims inside a whoami report, wherever the tool put them."""
+    for key in ("claims", "token_claims", "decoded", "jwt"):
+        value = report.get(key)
+        if isinstance(value, dict):
+            return value
+    auth = report.get("authorization")
+    if isinstance(auth, dict):
+        return find_claims(auth)
+    return report if "sub" in report else {}
+
+
+def received_token(report: dict[str, Any]) -> str | None:
+    for key in ("authorization", "Authorization", "token", "bearer"):
+        value = report.get(key)
+        if isinstance(value, str) and value:
+            return value.removeprefix("Bearer ").strip()
+        if isinstance(value, dict):
+            inner = received_token(value)
+            if inner:
+                return inner
+    return None
+
+
+async def run_calls(demo: Demo, token: str) -> None:
+    from sidecar.demo.run import (
+        ALLOWED_HOST,
+        DENIED_HOST,
+        DOWNSTREAM_AUDIENCE,
+        claims,
+        fingerprint,
+        get_user_token,
+    )
+
+    c = demo.console
+    url = demo.resource
+    c.say(
+        f"connecting with the mcp SDK client to {url} (the pod's MCP port; iptables hands it to the sidecar)"
+    )
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
+        Client(streamable_http_client(url, http_client=http)) as client,
+    ):
+        tools = await client.list_tools()
+        names = sorted(t.name for t in tools.tools)
+        c.show("tools/list -> " + ", ".join(names))
+        c.check({"whoami", "fetch", "echo"} <= set(names), "tools listed through the sidecar")
+
+        result = await client.call_tool("whoami", {})
+        report = tool_json(result)
+        got = find_claims(report)
+        raw = received_token(report)
+        act_claim = got.get("act")
+        act: dict[str, Any] = act_claim if isinstance(act_claim, dict) else {}
+        c.say("tools/call whoami -> what the MCP server received in Authorization:")
+        c.show(
+            f"token {fingerprint(raw) if raw else '?'}  aud={got.get('aud')}  sub={got.get('sub')}  "
+            f"act.sub={act.get('sub') if act else None}  iss={got.get('iss')}"
+        )
+        c.show(f"alice's own token was {fingerprint(token)}  aud={claims(token).get('aud')}")
+        aud = got.get("aud")
+        aud_ok = aud == DOWNSTREAM_AUDIENCE or (isinstance(aud, list) and DOWNSTREAM_AUDIENCE in aud)
+        c.check(aud_ok, "the server got a token for the downstream audience", str(aud))
+        c.check(got.get("sub") == "alice", "its subject is alice", f"sub={got.get('sub')}")
+        c.check(
+            bool(act) and act.get("sub") == demo.spiffe_id,
+            "its act claim names the sidecar's SPIFFE ID",
+            f"act.sub={act.get('sub') if act else None}",
+        )
+        c.check(raw is not None and raw != token, "the server never saw alice's own token (different token)")
+
+        allowed = await client.call_tool("fetch", {"url": f"http://{ALLOWED_HOST}/"})
+        text = tool_text(allowed)
+        c.say(f"tools/call fetch http://{ALLOWED_HOST}/ -> {_first_line(text)}")
+        c.check(
+            f"hello from {ALLOWED_HOST}" in text and not getattr(allowed, "is_error", False),
+            "an allowed host is reachable",
+        )
+
+        denied = await client.call_tool("fetch", {"url": f"http://{DENIED_HOST}/"})
+        text = tool_text(denied)
+        c.say(f"tools/call fetch http://{DENIED_HOST}/ -> {_first_line(text)}")
+        c.check(f"hello from {DENIED_HOST}" not in text, "a host outside the allowlist is blocked")
+
+    expired = await get_user_token(demo, "alice", expires_in=-120)
+    c.say("a client with an EXPIRED token calls tools/list")
+    assert demo.session is not None
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    headers = {"Authorization": f"Bearer {expired}", "Accept": "application/json, text/event-stream"}
+    async with demo.session.post(
+        url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+    ) as r:
+        status = r.status
+        challenge = r.headers.get("WWW-Authenticate", "")
+    c.show(f"HTTP {status}  WWW-Authenticate: {challenge}")
+    c.check(status == 401, "an expired token is refused with 401")
+    c.check(
+        "resource_metadata=" in challenge,
+        "the challenge points to the protected resource metadata (RFC 9728)",
+    )
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "(empty)"
+    return line if len(line) <= 100 else line[:97] + "..."

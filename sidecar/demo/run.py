@@ -1,0 +1,753 @@
+"""`outrider demo`: the whole Outrider story on this machine, step by step, with real parts only.
+
+Injection through the real webhook over TLS, a pod's data plane (netns + iptables when root), an MCP
+client acting as alice, then what an operator sees. Cleans up everything it starts, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import jwt
+import yaml
+
+from sidecar.demo import audit, netns, podiff, procs, traces
+from sidecar.demo.console import Console
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "demo" / "mcp-server-deployment.yaml"
+APP_UID = 1000  # the MCP server runs as an ordinary user, like the example's pod securityContext
+PROXY_UID = 15337
+MCP_PORT = 8080
+ALLOWED_HOST = "allowed.demo.test"
+DENIED_HOST = "denied.demo.test"
+DOWNSTREAM_AUDIENCE = "https://notes-api.demo.test"
+TRUST_DOMAIN = "demo.outrider.test"
+NAMESPACE = "team-notes"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--spire",
+        action="store_true",
+        help="use the real SPIRE server and agent (built into the cache if absent)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "capture", "explicit"),
+        default="auto",
+        help="egress mode: capture (network namespace + iptables, needs root), explicit (HTTP proxy); "
+        "auto picks capture when root is available",
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="keep the demo's temp dir with every log")
+    parser.add_argument("--no-colour", action="store_true", help="plain output")
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(colour=False if args.no_colour else None)
+    try:
+        return asyncio.run(_main(args, console))
+    except KeyboardInterrupt:
+        console.say("interrupted: everything the demo started has been stopped and removed")
+        return 130
+
+
+# --------------------------------------------------------------------------------------------------
+# What the demo knows before it starts anything
+
+
+def piece_missing(modules: list[str]) -> str | None:
+    """The first module that is absent or still the skeleton's placeholder, else None."""
+    for name in modules:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is None or spec.origin is None:
+            return name
+        head = Path(spec.origin).read_text(errors="replace")[:400]
+        if "placeholder until its owner" in head:
+            return name
+    return None
+
+
+PIECES: dict[str, list[str]] = {
+    "webhook": ["webhook.engine", "webhook.server_cli", "webhook.certs"],
+    "identity (dev Workload API)": ["sidecar.dev.workload_api", "sidecar.identity.component"],
+    "identity (SPIRE)": ["sidecar.dev.spire", "sidecar.identity.component"],
+    "inbound proxy": ["sidecar.inbound.component", "sidecar.dev.mcp_server", "sidecar.admin"],
+    "token exchange": ["sidecar.exchange.client", "sidecar.dev.idp"],
+    "egress": ["sidecar.egress.component", "sidecar.egress.iptables_cli"],
+    "telemetry": ["sidecar.telemetry.component"],
+}
+
+
+@dataclass
+class Demo:
+    args: argparse.Namespace
+    console: Console
+    workdir: Path
+    sup: procs.Supervisor
+    stack: AsyncExitStack
+    mode: str
+    topo: netns.Topology | None
+    idp_url: str
+    otlp_port: int
+    client_host: str  # where the MCP client reaches the pod's MCP port
+    missing: dict[str, str] = field(default_factory=dict)
+    injected: dict[str, Any] | None = None
+    dataplane_up: bool = False
+    sidecar: procs.Child | None = None
+    receiver: traces.OtlpReceiver | None = None
+    spiffe_id: str | None = None
+    alice_token: str | None = None
+    session: aiohttp.ClientSession | None = None
+
+    @property
+    def resource(self) -> str:
+        return f"http://{self.client_host}:{MCP_PORT}/mcp"
+
+    @property
+    def identity_piece(self) -> str:
+        return "identity (SPIRE)" if self.args.spire else "identity (dev Workload API)"
+
+    def available(self, piece: str) -> bool:
+        return piece not in self.missing
+
+    def skip(self, piece: str) -> None:
+        self.console.skip(piece, f"{self.missing.get(piece, '?')} is missing")
+
+
+def _make_workdir() -> Path:
+    workdir = Path(tempfile.mkdtemp(prefix="outrider-demo-"))
+    workdir.chmod(0o755)  # the app (uid 1000) and the sidecar (uid 15337) read their files here
+    return workdir
+
+
+async def _main(args: argparse.Namespace, console: Console) -> int:
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    # SIGTERM behaves like Ctrl-C: cancel, then every `finally` below cleans up.
+    loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
+    started = time.monotonic()
+    mode = args.mode
+    if mode == "auto":
+        mode = "capture" if netns.root_available() else "explicit"
+    if mode == "capture" and not netns.root_available():
+        print("outrider demo: --mode capture needs root, `ip` and `iptables`", file=sys.stderr)
+        return 2
+    workdir = _make_workdir()
+    async with AsyncExitStack() as stack:
+        if args.keep_logs:
+            console.say(f"logs are kept in {workdir}")
+        else:
+            stack.callback(shutil.rmtree, workdir, True)
+        sup = procs.Supervisor(workdir)
+        stack.push_async_callback(sup.stop_all)
+        topo = None
+        if mode == "capture":
+            octet = 200 + os.getpid() % 50
+            topo = netns.plan(f"{os.getpid() % 100000}", [ALLOWED_HOST, DENIED_HOST], octet)
+        idp_host = topo.host_ip if topo else "127.0.0.1"
+        demo = Demo(
+            args=args,
+            console=console,
+            workdir=workdir,
+            sup=sup,
+            stack=stack,
+            mode=mode,
+            topo=topo,
+            idp_url=f"http://{idp_host}:{procs.free_port('127.0.0.1')}",
+            otlp_port=procs.free_port("127.0.0.1"),
+            client_host=topo.pod_ip if topo else "127.0.0.1",
+        )
+        for piece, modules in PIECES.items():
+            missing = piece_missing(modules)
+            if missing:
+                demo.missing[piece] = missing
+        demo.session = await stack.enter_async_context(aiohttp.ClientSession())
+        console.say(f"Outrider demo; working directory {workdir}")
+        await _guarded(
+            demo, 1, "Injection: the webhook adds the sidecar to an unchanged MCP server", step_injection
+        )
+        await _guarded(demo, 2, "A pod's data plane on this machine", step_dataplane)
+        await _guarded(demo, 3, "An MCP client acting as user alice", step_client)
+        await _guarded(demo, 4, "What an operator sees: audit events and a trace", step_operator)
+        console.step(5, "Clean-up")
+        console.say("stopping every process, removing network namespaces and the temp dir")
+    console.check(_nothing_left(demo), "nothing left behind (processes, namespaces, temp dir)")
+    console.say(f"demo took {time.monotonic() - started:.1f}s")
+    console.summary()
+    return 0 if console.passed else 1
+
+
+def _nothing_left(demo: Demo) -> bool:
+    if demo.topo is not None:
+        existing = Path("/run/netns")
+        for ns in (demo.topo.pod_ns, demo.topo.inet_ns):
+            if (existing / ns).exists():
+                return False
+    if not demo.args.keep_logs and demo.workdir.exists():
+        return False
+    return all(c.proc.returncode is not None for c in demo.sup.children)
+
+
+async def _guarded(demo: Demo, number: int, title: str, step: Any) -> None:
+    demo.console.step(number, title)
+    try:
+        await step(demo)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # one broken step must not hide the others, nor skip clean-up
+        demo.console.check(False, f"step {number} stopped: {type(exc).__name__}: {exc}")
+        for child in demo.sup.children:
+            if not child.running or isinstance(exc, RuntimeError):
+                tail = child.tail(12)
+                if tail:
+                    demo.console.dim(f"--- last lines of {child.name} ({child.log.name}) ---")
+                    for line in tail.splitlines():
+                        demo.console.dim(line)
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 1: injection through the real webhook
+
+
+def pod_from_deployment(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The Pod the ReplicaSet controller would create from a Deployment's template."""
+    template = doc["spec"]["template"]
+    name = doc["metadata"]["name"]
+    metadata = dict(template.get("metadata") or {})
+    metadata.update(
+        {"generateName": f"{name}-7d9f8c6b5-", "namespace": doc["metadata"].get("namespace", "default")}
+    )
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": dict(template["spec"])}
+
+
+def admission_review(pod: Mapping[str, Any], uid: str) -> dict[str, Any]:
+    namespace = pod["metadata"]["namespace"]
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+def webhook_config(demo: Demo) -> dict[str, Any]:
+    """The operator's webhook config for this demo: the sidecar block the webhook writes into each pod."""
+    return {
+        "trust_domain": TRUST_DOMAIN,
+        "token_audiences": [DOWNSTREAM_AUDIENCE],
+        "default_audience": DOWNSTREAM_AUDIENCE,
+        "egress_default_policy": {"allow": [f"{ALLOWED_HOST}:80"]},
+        "sidecar": {
+            "inbound": {"issuer": demo.idp_url, "resource": demo.resource},
+            "exchange": {
+                "token_endpoint": f"{demo.idp_url}/token",
+                "issuer": demo.idp_url,
+                "actor_token": True,
+            },
+            "telemetry": {"service_name": "outrider-proxy"},
+        },
+    }
+
+
+async def step_injection(demo: Demo) -> None:
+    c = demo.console
+    if not demo.available("webhook"):
+        demo.skip("webhook")
+        return
+    certs = demo.workdir / "certs"
+    c.say("writing a dev CA and the webhook's serving certificate (outrider certs)")
+    result = await asyncio.create_subprocess_exec(
+        *procs.outrider_cmd(),
+        "certs",
+        "--out",
+        str(certs),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await result.communicate()
+    if result.returncode != 0:
+        raise RuntimeError(f"outrider certs failed: {out.decode(errors='replace').strip()[-400:]}")
+    config_file = demo.workdir / "webhook-config.yaml"
+    config_file.write_text(yaml.safe_dump(webhook_config(demo), sort_keys=False))
+    port = procs.free_port()
+    c.say(
+        f"starting the real webhook: outrider webhook --port {port} --tls-cert tls.crt --tls-key tls.key "
+        "--config webhook-config.yaml"
+    )
+    child = await demo.sup.start(
+        "webhook",
+        [
+            *procs.outrider_cmd(),
+            "webhook",
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(certs / "tls.crt"),
+            "--tls-key",
+            str(certs / "tls.key"),
+            "--config",
+            str(config_file),
+        ],
+    )
+    tls = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    base = f"https://localhost:{port}"
+    assert demo.session is not None
+    session = demo.session
+    await procs.wait_until(
+        "the webhook's /healthz over TLS",
+        lambda: procs.http_ok(session, f"{base}/healthz", ssl=tls),
+        child=child,
+    )
+    c.check(True, "webhook is serving HTTPS; the client verifies it against the generated CA")
+
+    deployment = yaml.safe_load(EXAMPLE.read_text())
+    pod = pod_from_deployment(deployment)
+    c.say(
+        f"POST /mutate: an AdmissionReview for a Pod of Deployment {deployment['metadata']['name']} "
+        f"({EXAMPLE.relative_to(REPO)}) in namespace {NAMESPACE} (opted in)"
+    )
+    review = admission_review(pod, uid="demo-0001")
+    async with session.post(f"{base}/mutate", json=review, ssl=tls) as r:
+        status = r.status
+        answer = await r.json(content_type=None)
+    response = answer.get("response") or {}
+    c.check(
+        status == 200 and response.get("uid") == "demo-0001",
+        "the webhook answered the AdmissionReview",
+        f"HTTP {status}",
+    )
+    c.check(response.get("allowed") is True, "the pod is allowed")
+    patch_b64 = response.get("patch")
+    if not c.check(
+        response.get("patchType") == "JSONPatch" and bool(patch_b64), "the answer carries a JSONPatch"
+    ):
+        return
+    import base64
+
+    ops = json.loads(base64.b64decode(str(patch_b64)))
+    injected = jsonpatch.JsonPatch(ops).apply(pod)
+    c.check(True, f"the {len(ops)} JSON Patch operations apply cleanly to the original pod (jsonpatch)")
+    for warning in response.get("warnings") or []:
+        c.show(f"warning from the webhook: {warning}")
+    c.say("what the webhook changed (before -> after):")
+    for line in podiff.summarize(pod, injected):
+        c.show(line)
+    proxy = podiff.find_container(injected, "outrider-proxy")
+    c.check(proxy is not None, "outrider-proxy was added")
+    if demo.mode == "capture":
+        c.check(
+            podiff.find_container(injected, "outrider-init") is not None, "outrider-init (iptables) was added"
+        )
+    raw = podiff.container_env(injected, "outrider-proxy", "OUTRIDER_CONFIG")
+    if c.check(raw is not None, "the per-pod sidecar config is in env OUTRIDER_CONFIG"):
+        cfg = json.loads(raw or "{}")
+        c.show("OUTRIDER_CONFIG sections: " + ", ".join(sorted(cfg)), indent=4)
+        audience = (cfg.get("exchange") or {}).get("audience")
+        c.check(
+            audience == DOWNSTREAM_AUDIENCE,
+            "exchange.audience comes from outrider.dev/token-audience",
+            str(audience),
+        )
+    demo.injected = injected
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 2: the data plane
+
+
+def _env_of(pod: Mapping[str, Any], container: str) -> dict[str, str]:
+    c = podiff.find_container(pod, container) or {}
+    return {str(e["name"]): str(e["value"]) for e in c.get("env") or [] if "value" in e}
+
+
+def _init_argv(pod: Mapping[str, Any]) -> list[str]:
+    """outrider-init's command line, run with this interpreter instead of the image's `outrider`."""
+    init = podiff.find_container(pod, "outrider-init") or {}
+    argv = [str(a) for a in [*(init.get("command") or []), *(init.get("args") or [])]]
+    if argv and Path(argv[0]).name == "outrider":
+        argv = argv[1:]
+    return [*procs.outrider_cmd(), *argv]
+
+
+async def step_dataplane(demo: Demo) -> None:
+    c = demo.console
+    needed = ["inbound proxy", "token exchange", demo.identity_piece]
+    missing = [p for p in needed if not demo.available(p)]
+    for piece in missing:
+        demo.skip(piece)
+    if demo.topo is not None and not demo.available("egress"):
+        demo.skip("egress")
+    if missing:
+        return
+    if demo.injected is None:
+        c.check(False, "the data plane needs the injected pod from step 1")
+        return
+    if demo.topo is not None:
+        t = demo.topo
+        c.say(
+            f"mode: CAPTURE (root available): pod network namespace {t.pod_ns}, "
+            "real `outrider iptables` rules,"
+        )
+        c.say(
+            f"      app as uid {APP_UID}, sidecar as uid {PROXY_UID}, "
+            f"'internet' namespace {t.inet_ns} at {t.inet_ip}"
+        )
+        demo.stack.enter_context(netns.topology(t))
+        c.check(
+            True, f"network namespaces up: client -> {t.pod_ip}:{MCP_PORT} (pod) -> {t.inet_ip} (internet)"
+        )
+        web = await demo.sup.start(
+            "internet", [procs.python(), "-m", "sidecar.demo.internet", "--port", "80"], netns=t.inet_ns
+        )
+        await procs.wait_until(
+            "the internet namespace's HTTP server", lambda: _ns_tcp(t.inet_ns, t.inet_ip, 80), child=web
+        )
+        c.say(f"'internet' serves http://{ALLOWED_HOST}/ and http://{DENIED_HOST}/ from {t.inet_ip}")
+    else:
+        c.say(
+            "mode: EXPLICIT PROXY (no root): the app gets HTTP_PROXY/HTTPS_PROXY; an app that ignores them "
+            "is not stopped in this mode"
+        )
+
+    # Telemetry: a local OTLP/HTTP receiver the sidecar exports to.
+    demo.receiver = traces.OtlpReceiver()
+    otlp_host = demo.topo.host_ip if demo.topo else "127.0.0.1"
+    otlp_url = await demo.stack.enter_async_context(demo.receiver.serve(otlp_host, demo.otlp_port))
+    c.say(f"local OTLP/HTTP receiver for traces at {otlp_url}")
+
+    socket_path = await start_identity(demo)
+    await start_idp(demo, socket_path)
+    if demo.topo is not None:
+        await apply_iptables(demo)
+    await start_mcp_server(demo)
+    await start_sidecar(demo, socket_path, otlp_url)
+    demo.dataplane_up = True
+
+
+async def _ns_tcp(ns: str, host: str, port: int) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        "-c",
+        f"import socket; socket.create_connection(({host!r}, {port}), 2).close()",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await proc.wait() == 0
+
+
+async def start_identity(demo: Demo) -> str:
+    """Start a SPIFFE Workload API (dev issuer, or real SPIRE); return its unix socket path."""
+    c = demo.console
+    sock_dir = demo.workdir / "spiffe-workload-api"
+    sock_dir.mkdir(mode=0o755)
+    socket_path = str(sock_dir / "agent.sock")
+    if demo.args.spire:
+        from sidecar.demo import spire_glue
+
+        demo.spiffe_id = await spire_glue.start(demo, socket_path)
+    else:
+        c.say(
+            "SPIFFE Workload API: the DEV STAND-IN issuer (sidecar/dev/workload_api.py, in-memory CA) - "
+            "not SPIRE; `make demo SPIRE=1` uses the real SPIRE server and agent"
+        )
+        demo.spiffe_id = f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/default"
+        child = await demo.sup.start(
+            "workload-api",
+            [
+                procs.python(),
+                "-m",
+                "sidecar.dev.workload_api",
+                "--socket",
+                socket_path,
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--spiffe-id",
+                demo.spiffe_id,
+            ],
+        )
+        await procs.wait_until("the Workload API socket", lambda: _exists(socket_path), child=child)
+        # The sidecar (uid 15337) must connect; in a cluster the CSI driver's mount takes care of it.
+        _open_socket(socket_path)
+    c.check(
+        True,
+        f"Workload API listening on unix://{socket_path}; the sidecar's SPIFFE ID will be {demo.spiffe_id}",
+    )
+    return socket_path
+
+
+def _open_socket(path: str) -> None:
+    Path(path).chmod(0o777)
+
+
+def _path_exists(path: str) -> bool:
+    return Path(path).exists()
+
+
+async def _exists(path: str) -> bool:
+    return _path_exists(path)
+
+
+async def start_idp(demo: Demo, socket_path: str) -> None:
+    c = demo.console
+    host_port = demo.idp_url.removeprefix("http://")
+    host, port = host_port.rsplit(":", 1)
+    c.say(
+        f"starting the dev IdP (sidecar/dev/idp.py) at {demo.idp_url}: users alice and bob, "
+        "an RFC 8693 endpoint "
+        "that verifies the sidecar's JWT-SVID against the SPIFFE bundle"
+    )
+    child = await demo.sup.start(
+        "idp",
+        [
+            procs.python(),
+            "-m",
+            "sidecar.dev.idp",
+            "--host",
+            host,
+            "--port",
+            port,
+            "--issuer",
+            demo.idp_url,
+            "--spiffe-socket",
+            f"unix://{socket_path}",
+        ],
+    )
+    assert demo.session is not None
+    session = demo.session
+    await procs.wait_until(
+        "the IdP's OIDC discovery",
+        lambda: procs.http_ok(session, f"{demo.idp_url}/.well-known/openid-configuration"),
+        child=child,
+    )
+    c.check(True, "IdP serves OIDC discovery and JWKS")
+
+
+async def apply_iptables(demo: Demo) -> None:
+    c = demo.console
+    assert demo.topo is not None and demo.injected is not None
+    if not demo.available("egress"):
+        c.say("no capture rules: the egress piece is not available yet")
+        return
+    argv = _init_argv(demo.injected)
+    c.say("running outrider-init's exact command in the pod namespace: outrider " + " ".join(argv[3:]))
+    child = await demo.sup.start("outrider-init", argv, netns=demo.topo.pod_ns)
+    code = await child.proc.wait()
+    if not c.check(code == 0, "outrider iptables applied the capture rules", f"exit {code}"):
+        c.show(child.tail(20))
+        return
+    save = await asyncio.create_subprocess_exec(
+        "ip",
+        "netns",
+        "exec",
+        demo.topo.pod_ns,
+        "iptables-save",
+        "-t",
+        "nat",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await save.communicate()
+    rules = [line for line in out.decode().splitlines() if line.startswith("-A")]
+    c.say(f"{len(rules)} nat rules in the pod namespace, for example:")
+    for line in [r for r in rules if "REDIRECT" in r or "owner" in r][:4]:
+        c.show(line if len(line) < 110 else line[:107] + "...")
+
+
+async def start_mcp_server(demo: Demo) -> None:
+    c = demo.console
+    assert demo.injected is not None
+    env = _env_of(demo.injected, "mcp")  # explicit mode: the webhook's HTTP(S)_PROXY variables
+    ns = demo.topo.pod_ns if demo.topo else None
+    c.say(
+        f"starting the unchanged MCP server (mcp SDK, sidecar/dev/mcp_server.py) on 127.0.0.1:{MCP_PORT}"
+        + (f" as uid {APP_UID}" if ns else "")
+    )
+    child = await demo.sup.start(
+        "mcp-server",
+        [procs.python(), "-m", "sidecar.dev.mcp_server", "--host", "127.0.0.1", "--port", str(MCP_PORT)],
+        env=env,
+        netns=ns,
+        uid=APP_UID if ns else None,
+        cwd="/",
+    )
+    if ns:
+        await procs.wait_until(
+            "the MCP server's port", lambda: _ns_tcp(ns, "127.0.0.1", MCP_PORT), child=child
+        )
+    else:
+        await procs.wait_until(
+            "the MCP server's port", lambda: procs.tcp_open("127.0.0.1", MCP_PORT), child=child
+        )
+    c.check(True, "MCP server is listening (it knows nothing about Outrider)")
+
+
+async def start_sidecar(demo: Demo, socket_path: str, otlp_url: str) -> None:
+    c = demo.console
+    assert demo.injected is not None
+    env = _env_of(demo.injected, "outrider-proxy")
+    env.update(
+        {
+            "SPIFFE_ENDPOINT_SOCKET": f"unix://{socket_path}",  # in a cluster: the CSI driver's mount
+            "OUTRIDER_POD_NAME": "notes-mcp-7d9f8c6b5-demo1",
+            "OUTRIDER_POD_NAMESPACE": NAMESPACE,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_url,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_LOGS_EXPORTER": "none",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_SERVICE_NAME": "outrider-proxy",
+        }
+    )
+    ns = demo.topo.pod_ns if demo.topo else None
+    c.say(
+        "starting `outrider sidecar` with the env the webhook wrote "
+        "(OUTRIDER_CONFIG, OUTRIDER_APP_PROBES, ...)" + (f" as uid {PROXY_UID}" if ns else "")
+    )
+    demo.sidecar = await demo.sup.start(
+        "outrider-proxy",
+        [*procs.outrider_cmd(), "sidecar"],
+        env=env,
+        netns=ns,
+        uid=PROXY_UID if ns else None,
+        cwd="/",
+    )
+    admin = f"http://{demo.client_host}:15020"
+    assert demo.session is not None
+    session = demo.session
+
+    async def ready() -> bool:
+        async with session.get(f"{admin}/readyz", timeout=aiohttp.ClientTimeout(total=3)) as r:
+            return r.status == 200
+
+    await procs.wait_until("the sidecar's /readyz", ready, child=demo.sidecar, limit=60)
+    c.check(True, f"outrider-proxy is ready ({admin}/readyz: SVID held, all components up)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 3: the MCP client as alice
+
+
+async def get_user_token(demo: Demo, user: str, *, expires_in: int | None = None) -> str:
+    """A token for `user` from the dev IdP with this MCP server's resource URI as its audience."""
+    assert demo.session is not None
+    form = {
+        "grant_type": "password",
+        "username": user,
+        "password": user,
+        "client_id": "demo-cli",
+        "resource": demo.resource,
+        "audience": demo.resource,
+    }
+    if expires_in is not None:
+        form["expires_in"] = str(expires_in)
+    async with demo.session.post(f"{demo.idp_url}/token", data=form) as r:
+        body = await r.json(content_type=None)
+        if r.status != 200:
+            raise RuntimeError(f"the IdP refused a token for {user}: HTTP {r.status} {body.get('error')}")
+        return str(body["access_token"])
+
+
+def fingerprint(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def claims(token: str) -> dict[str, Any]:
+    return dict(jwt.decode(token, options={"verify_signature": False}))
+
+
+async def step_client(demo: Demo) -> None:
+    from sidecar.demo import client as mcp_client
+
+    c = demo.console
+    if not demo.dataplane_up:
+        c.check(False, "the client needs the data plane from step 2")
+        return
+    token = await get_user_token(demo, "alice")
+    demo.alice_token = token
+    alice = claims(token)
+    c.say(
+        f"alice signed in at the dev IdP: token {fingerprint(token)} "
+        f"sub={alice.get('sub')} aud={alice.get('aud')}"
+    )
+    await mcp_client.run_calls(demo, token)
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 4: the operator's view
+
+
+async def step_operator(demo: Demo) -> None:
+    c = demo.console
+    if not demo.available("telemetry"):
+        demo.skip("telemetry")
+        return
+    if not demo.dataplane_up or demo.sidecar is None:
+        c.check(False, "the operator view needs the data plane from step 2")
+        return
+    c.say("audit events (the sidecar writes one JSON line per MCP call, token exchange and egress decision):")
+    await asyncio.sleep(0.5)
+    events = audit.parse_lines(demo.sidecar.log.read_text(errors="replace").splitlines())
+    for event in events[-20:]:
+        c.show(audit.format_event(event))
+    c.check(len(events) > 0, "the calls left audit events", f"{len(events)} events")
+    text = json.dumps(events)
+    if demo.alice_token:
+        c.check(demo.alice_token not in text, "no token appears in any audit event")
+    c.check(any("alice" in json.dumps(e) for e in events), "audit events name alice")
+    assert demo.receiver is not None
+    receiver = demo.receiver
+    c.say("waiting for the whoami call's trace at the OTLP receiver")
+    ok = await receiver.wait_for(lambda spans: traces.find_trace(spans, tool="whoami") is not None, 10)
+    trace_id = traces.find_trace(receiver.spans, tool="whoami")
+    if not c.check(
+        ok and trace_id is not None,
+        "the whoami call's trace arrived over OTLP/HTTP",
+        f"{len(receiver.spans)} spans in {receiver.requests} exports",
+    ):
+        return
+    assert trace_id is not None
+    c.say(f"trace {trace_id}:")
+    tree = traces.span_tree(receiver.spans, trace_id)
+    for line in tree:
+        c.show(line)
+    c.check(len(tree) >= 2, "the trace has the MCP call and its token exchange as spans")
