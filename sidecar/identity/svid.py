@@ -151,8 +151,9 @@ def classify(code_name: str, details: str, *, socket_path: str, socket_exists: b
     """Turn a failed Workload API call into (state, one line saying what to check)."""
     if not socket_exists:
         return SOCKET_MISSING, (
-            f"Workload API socket {socket_path} does not exist: check the SPIFFE CSI driver volume "
-            "(csi.spiffe.io) is mounted and the SPIRE agent runs on this node"
+            f"Workload API socket {socket_path} does not exist: if this persists, check the SPIFFE CSI "
+            "driver volume (csi.spiffe.io) is mounted and the SPIRE agent runs on this node (it removes "
+            "the socket while restarting)"
         )
     if code_name == "PERMISSION_DENIED":
         return NO_ENTRY, (
