@@ -1,4 +1,7 @@
-"""The `egress` section of the sidecar configuration (placeholder until its owner fills it in)."""
+"""The `egress` section of the sidecar configuration: mode, the pod-spec policy, the reloaded file, limits.
+
+Parsed once from a plain mapping; every error names the key, the value and what is allowed.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,98 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+MODES = ("capture", "explicit")
+DEFAULT_POLICY_FILE = "/etc/outrider/egress/policy.yaml"
+
+_KEYS = frozenset(
+    {
+        "mode",
+        "policy",
+        "policy_file",
+        "reload_interval_s",
+        "listen",
+        "port",
+        "max_tunnels",
+        "peek_bytes",
+        "hello_timeout_s",
+        "connect_timeout_s",
+        "buffer_bytes",
+    }
+)
+
+
+def _error(message: str) -> Exception:
+    from sidecar.config import ConfigError  # lazy: sidecar.config imports this module
+
+    return ConfigError(message)
+
+
+def _number(data: Mapping[str, Any], key: str, default: float, lo: float, hi: float, *, integer: bool) -> Any:
+    value = data.get(key, default)
+    kind = "an integer" if integer else "a number"
+    try:
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise _error(f"egress.{key}: {value!r} is not {kind} ({lo}-{hi})") from None
+    if isinstance(value, bool) or not lo <= number <= hi:
+        raise _error(f"egress.{key}: {value!r} is out of range ({lo}-{hi})")
+    return number
+
 
 @dataclass(frozen=True)
 class EgressConfig:
+    # "capture": iptables sends every outbound TCP connection to `port`; "explicit": the apps use
+    # HTTP(S)_PROXY. The listener serves both (a connection without an original destination is a
+    # proxy client), so the mode only labels audit events and decides nothing about reachability.
+    mode: str = "capture"
+    # The resolved policy from the pod spec (written by the webhook; immutable for the pod's life).
+    policy: Mapping[str, Any] | None = None
+    # A mounted policy (ConfigMap volume) reloaded on change; it can only narrow `policy`.
+    policy_file: str | None = DEFAULT_POLICY_FILE
+    reload_interval_s: float = 2.0
+    listen: tuple[str, ...] = ("127.0.0.1", "::1")
+    port: int = 15001
+    max_tunnels: int = 1024
+    peek_bytes: int = 16384
+    hello_timeout_s: float = 5.0
+    connect_timeout_s: float = 10.0
+    buffer_bytes: int = 262144
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EgressConfig:
-        return cls()
+        unknown = sorted(set(data) - _KEYS)
+        if unknown:
+            raise _error(f"egress: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+        mode = str(data.get("mode", cls.mode))
+        if mode not in MODES:
+            raise _error(f"egress.mode: {mode!r} is not one of {list(MODES)}")
+        policy = data.get("policy")
+        if policy is not None and not isinstance(policy, Mapping):
+            raise _error(
+                f"egress.policy: must be a mapping (the resolved policy), not {type(policy).__name__}"
+            )
+        policy_file = data.get("policy_file", cls.policy_file)
+        if policy_file is not None and not isinstance(policy_file, str):
+            raise _error(f"egress.policy_file: {policy_file!r} must be a path or null")
+        listen = data.get("listen", cls.listen)
+        if isinstance(listen, str):
+            listen = [listen]
+        if not isinstance(listen, list | tuple) or not listen or not all(isinstance(x, str) for x in listen):
+            raise _error(f"egress.listen: {listen!r} must be a list of addresses (like 127.0.0.1, ::1)")
+        return cls(
+            mode=mode,
+            policy=policy,
+            policy_file=policy_file or None,
+            reload_interval_s=_number(
+                data, "reload_interval_s", cls.reload_interval_s, 0.1, 3600, integer=False
+            ),
+            listen=tuple(listen),
+            port=_number(data, "port", cls.port, 1, 65535, integer=True),
+            max_tunnels=_number(data, "max_tunnels", cls.max_tunnels, 1, 1_000_000, integer=True),
+            peek_bytes=_number(data, "peek_bytes", cls.peek_bytes, 512, 1 << 20, integer=True),
+            hello_timeout_s=_number(data, "hello_timeout_s", cls.hello_timeout_s, 0.05, 600, integer=False),
+            connect_timeout_s=_number(
+                data, "connect_timeout_s", cls.connect_timeout_s, 0.05, 600, integer=False
+            ),
+            buffer_bytes=_number(data, "buffer_bytes", cls.buffer_bytes, 4096, 16 << 20, integer=True),
+        )

@@ -1,0 +1,492 @@
+"""The 15001 listener: judges every outbound connection against the allowlist and relays the allowed ones.
+
+Captured connections (iptables REDIRECT) carry their original destination (`SO_ORIGINAL_DST`); a
+connection without one is an explicit-proxy client (CONNECT or absolute-URI HTTP). Both paths use
+the same policy and the same rule: an allowed *name* is reached at its own DNS resolution, never at
+whatever IP the client chose, so a forged SNI or Host cannot carry traffic to another address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from sidecar.egress import sniff
+from sidecar.egress.config import EgressConfig
+from sidecar.egress.policy import Destination, IPAddress, Verdict, decide, destination_for
+from sidecar.egress.reload import PolicyHolder
+from sidecar.telemetry.observer import EgressDecision, Observer
+
+log = logging.getLogger("outrider.egress")
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+
+
+def original_destination(sock: socket.socket) -> tuple[IPAddress, int] | None:
+    """Where a REDIRECTed connection was going, or None when it was not redirected (a proxy client)."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            port = struct.unpack_from("!H", raw, 2)[0]
+            v6 = ipaddress.IPv6Address(raw[8:24])
+            address: IPAddress = v6.ipv4_mapped or v6
+        else:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port = struct.unpack_from("!H", raw, 2)[0]
+            address = ipaddress.IPv4Address(raw[4:8])
+    except OSError:
+        return None
+    local = sock.getsockname()
+    if str(address) == local[0].split("%")[0] and port == local[1]:
+        return None
+    return address, port
+
+
+async def system_resolver(name: str, port: int) -> list[IPAddress]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    seen: list[IPAddress] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if address not in seen:
+            seen.append(address)
+    return seen
+
+
+@dataclass
+class Stats:
+    decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (allow|deny, protocol) -> count
+    active: int = 0
+    refused_over_limit: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def prometheus(self) -> bytes:
+        lines = [
+            "# HELP outrider_egress_decisions_total Outbound connections judged by the egress allowlist.",
+            "# TYPE outrider_egress_decisions_total counter",
+        ]
+        for (decision, protocol), count in sorted(self.decisions.items()):
+            lines.append(
+                f'outrider_egress_decisions_total{{decision="{decision}",protocol="{protocol}"}} {count}'
+            )
+        lines += [
+            "# HELP outrider_egress_active_tunnels Relayed outbound connections open now.",
+            "# TYPE outrider_egress_active_tunnels gauge",
+            f"outrider_egress_active_tunnels {self.active}",
+            "# HELP outrider_egress_bytes_total Bytes relayed for allowed outbound connections.",
+            "# TYPE outrider_egress_bytes_total counter",
+            f'outrider_egress_bytes_total{{direction="up"}} {self.bytes_up}',
+            f'outrider_egress_bytes_total{{direction="down"}} {self.bytes_down}',
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+
+class _Denied(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Enforcer:
+    def __init__(
+        self,
+        config: EgressConfig,
+        holder: PolicyHolder,
+        observer: Observer,
+        resolver: Resolver = system_resolver,
+    ) -> None:
+        self.config = config
+        self.holder = holder
+        self.observer = observer
+        self.resolver = resolver
+        self.stats = Stats()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- listening ----------------------------------------------------------------------------------
+
+    async def serve(self, listeners: Sequence[socket.socket]) -> None:
+        """Accept on every listener until cancelled; then close every open connection."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for listener in listeners:
+                    group.create_task(self._accept_loop(listener))
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            client, _ = await loop.sock_accept(listener)
+            client.setblocking(False)
+            if self.stats.active >= self.config.max_tunnels:
+                # Refuse at once rather than queue: a flood must not pin memory or file descriptors.
+                self.stats.refused_over_limit += 1
+                self._emit_limit(client)
+                client.close()
+                continue
+            task = asyncio.create_task(self._handle(client))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _emit_limit(self, client: socket.socket) -> None:
+        original = original_destination(client)
+        self._emit(
+            Verdict(False, None, None, f"tunnel limit reached ({self.config.max_tunnels})"),
+            mode=self.config.mode if original else "explicit",
+            protocol="tcp",
+            dest=Destination(port=original[1] if original else 0, ip=original[0] if original else None),
+        )
+
+    # --- one connection -----------------------------------------------------------------------------
+
+    async def _handle(self, client: socket.socket) -> None:
+        self.stats.active += 1
+        try:
+            original = original_destination(client)
+            if original is None:
+                await self._explicit(client)
+            else:
+                await self._transparent(client, *original)
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            log.debug("egress connection ended: %s", exc)
+        finally:
+            self.stats.active -= 1
+            client.close()
+
+    async def _read_until(self, client: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+        """Read (not consume: the bytes are replayed upstream) until `done`, the byte cap, EOF or timeout."""
+        loop = asyncio.get_running_loop()
+        buffer = bytearray()
+        deadline = loop.time() + self.config.hello_timeout_s
+        while not done(bytes(buffer)) and len(buffer) < self.config.peek_bytes:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                chunk = await asyncio.wait_for(
+                    loop.sock_recv(client, self.config.peek_bytes - len(buffer)), remaining
+                )
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            buffer += chunk
+        return bytes(buffer)
+
+    async def _transparent(self, client: socket.socket, ip: IPAddress, port: int) -> None:
+        mode = self.config.mode
+        by_address = decide(self.holder.current, Destination(port=port, ip=ip))
+        if by_address.allowed:
+            # A CIDR rule allows the address itself: no need to wait for the client (server-first
+            # protocols such as SSH or SMTP would otherwise stall on the peek).
+            upstream = await self._connect_or_report(
+                [ip], port, by_address, mode, "tcp", Destination(port, ip=ip)
+            )
+            if upstream is not None:
+                await self._relay(client, upstream, b"")
+            return
+        head = await self._read_until(client, lambda data: sniff.sniff(data).kind != sniff.NEED_MORE)
+        found = sniff.sniff(head)
+        protocol = found.kind if found.kind in (sniff.TLS, sniff.HTTP) else "tcp"
+        if found.name is None:
+            why = found.detail or (
+                "no bytes before the timeout" if not head else "no name in the first bytes"
+            )
+            self._emit(
+                Verdict(False, None, by_address.source, f"{by_address.reason} ({why})"),
+                mode=mode,
+                protocol=protocol,
+                dest=Destination(port=port, ip=ip),
+            )
+            await self._refuse(client, protocol, f"{ip}:{port}", by_address.reason)
+            return
+        dest = destination_for(found.name, port, ip)
+        if dest.name is None and dest.ip != ip:
+            # The client named an IP literal (Host: 1.2.3.4) other than where it connected: judge both.
+            dest = Destination(port=port, ip=dest.ip)
+        verdict = decide(self.holder.current, dest)
+        if not verdict.allowed:
+            self._emit(verdict, mode=mode, protocol=protocol, dest=dest)
+            await self._refuse(client, protocol, f"{dest.name or dest.ip}:{port}", verdict.reason)
+            return
+        targets = await self._targets(dest, verdict, mode, protocol, prefer=ip)
+        if targets is None:
+            await self._refuse(client, protocol, f"{dest.name}:{port}", "cannot resolve the name")
+            return
+        upstream = await self._connect_or_report(targets, port, verdict, mode, protocol, dest)
+        if upstream is None:
+            await self._refuse(client, protocol, f"{dest.name}:{port}", "upstream unreachable", status=502)
+            return
+        await self._relay(client, upstream, head)
+
+    async def _explicit(self, client: socket.socket) -> None:
+        head_bytes = await self._read_until(client, lambda data: b"\r\n\r\n" in data)
+        try:
+            head = sniff.parse_request_head(head_bytes)
+        except ValueError:
+            head = None
+        if head is None:
+            await self._send(
+                client, _http_response(400, "outrider egress proxy: expected an HTTP/1.x request")
+            )
+            return
+        rest = head_bytes[head.size :]
+        if head.method == "CONNECT":
+            protocol, default_port = "connect", None
+            authority = head.target
+        elif head.target.lower().startswith("http://"):
+            protocol, default_port = "http", 80
+            authority = head.target.split("/", 3)[2].rpartition("@")[2]
+        else:
+            await self._send(
+                client,
+                _http_response(400, "outrider egress proxy: expected CONNECT or an absolute http:// URI"),
+            )
+            return
+        try:
+            host, port = sniff.split_host_port(authority, default_port)
+        except ValueError as exc:
+            await self._send(client, _http_response(400, f"outrider egress proxy: bad authority ({exc})"))
+            return
+        if port is None:
+            await self._send(client, _http_response(400, "outrider egress proxy: CONNECT needs host:port"))
+            return
+        dest = destination_for(host, port)
+        verdict = decide(self.holder.current, dest) if (dest.name or dest.ip) else _bad_name(host)
+        if not verdict.allowed:
+            self._emit(verdict, mode="explicit", protocol=protocol, dest=dest)
+            await self._send(
+                client, _http_response(403, f"outrider egress: denied {host}:{port}: {verdict.reason}")
+            )
+            return
+        targets = await self._targets(dest, verdict, "explicit", protocol, prefer=None)
+        if targets is None:
+            await self._send(client, _http_response(502, f"outrider egress: cannot resolve {host}"))
+            return
+        upstream = await self._connect_or_report(targets, port, verdict, "explicit", protocol, dest)
+        if upstream is None:
+            await self._send(client, _http_response(502, f"outrider egress: {host}:{port} unreachable"))
+            return
+        if protocol == "connect":
+            await self._send(client, b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            first = rest
+        else:
+            first = _origin_form(head) + rest
+        await self._relay(client, upstream, first)
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    async def _targets(
+        self, dest: Destination, verdict: Verdict, mode: str, protocol: str, prefer: IPAddress | None
+    ) -> list[IPAddress] | None:
+        """Where to connect: the name's own addresses (the original IP first when it is one of them)."""
+        if dest.name is None or (verdict.rule is not None and _is_cidr_rule(verdict.rule) and dest.ip):
+            assert dest.ip is not None
+            return [dest.ip]
+        try:
+            addresses = await asyncio.wait_for(
+                self.resolver(dest.name, dest.port), self.config.connect_timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            self._emit(
+                Verdict(False, verdict.rule, verdict.source, f"allowed name does not resolve ({exc})"),
+                mode=mode,
+                protocol=protocol,
+                dest=dest,
+            )
+            return None
+        if prefer is not None and prefer in addresses:
+            return [prefer]
+        if prefer is not None:
+            same = [a for a in addresses if a.version == prefer.version]
+            return same + [a for a in addresses if a.version != prefer.version]
+        return addresses
+
+    async def _connect_or_report(
+        self,
+        targets: Sequence[IPAddress],
+        port: int,
+        verdict: Verdict,
+        mode: str,
+        protocol: str,
+        dest: Destination,
+    ) -> socket.socket | None:
+        loop = asyncio.get_running_loop()
+        last: Exception | None = None
+        for address in targets:
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            upstream = socket.socket(family, socket.SOCK_STREAM)
+            upstream.setblocking(False)
+            try:
+                await asyncio.wait_for(
+                    loop.sock_connect(upstream, (str(address), port)), self.config.connect_timeout_s
+                )
+            except (OSError, TimeoutError) as exc:
+                upstream.close()
+                last = exc
+                continue
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reason = verdict.reason
+            if dest.ip is not None and dest.name is not None and dest.ip != address:
+                reason += f"; {dest.ip} is not an address of {dest.name}, connected to {address} instead"
+            self._emit(
+                Verdict(True, verdict.rule, verdict.source, reason),
+                mode=mode,
+                protocol=protocol,
+                dest=Destination(port=port, name=dest.name, ip=address),
+            )
+            return upstream
+        self._emit(
+            Verdict(False, verdict.rule, verdict.source, f"allowed but unreachable: {last}"),
+            mode=mode,
+            protocol=protocol,
+            dest=dest,
+        )
+        return None
+
+    async def _refuse(
+        self, client: socket.socket, protocol: str, target: str, reason: str, status: int = 403
+    ) -> None:
+        if protocol == sniff.HTTP:
+            await self._send(client, _http_response(status, f"outrider egress: denied {target}: {reason}"))
+        # TLS and raw TCP: close. A forged TLS alert would only confuse clients into retrying.
+
+    async def _send(self, sock: socket.socket, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(loop.sock_sendall(sock, data), self.config.hello_timeout_s)
+
+    async def _relay(self, client: socket.socket, upstream: socket.socket, first: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if first:
+                await loop.sock_sendall(upstream, first)
+                self.stats.bytes_up += len(first)
+            up = asyncio.create_task(self._pump(client, upstream, "up"))
+            down = asyncio.create_task(self._pump(upstream, client, "down"))
+            try:
+                done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
+                if any(t.exception() for t in done if not t.cancelled()):
+                    return
+                await asyncio.gather(up, down)
+            finally:
+                for task in (up, down):
+                    task.cancel()
+                await asyncio.gather(up, down, return_exceptions=True)
+        finally:
+            upstream.close()
+
+    async def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
+        """Copy until EOF, then half-close the sink; sock_sendall waits for the peer (back-pressure)."""
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(self.config.buffer_bytes)
+        view = memoryview(buffer)
+        total = 0
+        try:
+            while True:
+                n = await loop.sock_recv_into(source, buffer)
+                if n == 0:
+                    break
+                await loop.sock_sendall(sink, view[:n])
+                total += n
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+        finally:
+            if direction == "up":
+                self.stats.bytes_up += total
+            else:
+                self.stats.bytes_down += total
+
+    def _emit(self, verdict: Verdict, *, mode: str, protocol: str, dest: Destination) -> None:
+        key = ("allow" if verdict.allowed else "deny", protocol)
+        self.stats.decisions[key] = self.stats.decisions.get(key, 0) + 1
+        decision = EgressDecision(
+            allowed=verdict.allowed,
+            mode=mode,
+            protocol=protocol,
+            destination_ip=str(dest.ip) if dest.ip is not None else None,
+            destination_port=dest.port,
+            name=dest.name,
+            rule=verdict.rule,
+            reason=verdict.reason,
+            source=verdict.source,
+        )
+        log.debug("egress decision %s", decision)
+        try:
+            self.observer.egress(decision)
+        except Exception:  # an observer bug must not take the data path down
+            log.exception("egress observer failed")
+
+
+def _is_cidr_rule(rule: str) -> bool:
+    return "/" in rule
+
+
+def _bad_name(host: str) -> Verdict:
+    return Verdict(False, None, None, f"default deny: {host!r} is not a valid host name")
+
+
+def _origin_form(head: sniff.RequestHead) -> bytes:
+    """Rewrite an absolute-URI proxy request for the origin server and drop hop-by-hop proxy headers."""
+    after_scheme = head.target.split("/", 3)
+    path = "/" + after_scheme[3] if len(after_scheme) > 3 else "/"
+    lines = [f"{head.method} {path} {head.version}"]
+    has_host = False
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname in ("proxy-connection", "proxy-authorization", "connection", "keep-alive"):
+            continue
+        has_host = has_host or lname == "host"
+        lines.append(f"{name}: {value}")
+    if not has_host:
+        lines.append(f"Host: {after_scheme[2].rpartition('@')[2]}")
+    # One request per proxied connection: the next absolute URI may name another host.
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _http_response(status: int, reason_line: str) -> bytes:
+    phrase = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}.get(status, "Error")
+    body = (reason_line.replace("\r", " ").replace("\n", " ") + "\n").encode("utf-8", errors="replace")
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def listen_sockets(addresses: Sequence[str], port: int) -> list[socket.socket]:
+    """Bind the loopback listeners; an address family the pod lacks (no ::1) is skipped."""
+    sockets: list[socket.socket] = []
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address, port))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            log.warning("egress: cannot listen on [%s]:%d (%s); skipping", address, port, exc.strerror)
+            continue
+        sock.setblocking(False)
+        sockets.append(sock)
+    if not sockets:
+        raise OSError(f"egress: could not listen on any of {list(addresses)} port {port}")
+    return sockets
