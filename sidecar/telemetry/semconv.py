@@ -42,7 +42,7 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)\b(bearer|basic|dpop)\s+[A-Za-z0-9._~+/=-]+")
 _SECRET_KV = re.compile(
     r"(?i)\b(access_token|refresh_token|id_token|subject_token|actor_token|client_secret|"
-    r"client_assertion|password|authorization)\b(\s*[=:]\s*\"?)[^\s\"&,;]+"
+    r"client_assertion|password|authorization)\b(\"?\s*[=:]\s*\"?)[^\s\"&,;]+"
 )
 _PEM = re.compile(r"-----BEGIN [A-Z ]+-----.*?(-----END [A-Z ]+-----|$)", re.DOTALL)
 

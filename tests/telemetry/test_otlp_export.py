@@ -1,0 +1,225 @@
+"""Spans and metrics over real OTLP (HTTP/protobuf and gRPC) to local receivers that decode the payload."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from sidecar.inbound.jsonrpc import McpMessage
+from sidecar.telemetry.audit import AuditLog
+from sidecar.telemetry.config import TelemetryConfig
+from sidecar.telemetry.observer import ExchangeOutcome, Principal, RequestInfo
+from sidecar.telemetry.observer_otel import OtelObserver
+from sidecar.telemetry.setup import build_providers
+
+from .harness import WORKLOAD
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@dataclass
+class Received:
+    traces: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
+    metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
+    content_types: list[str] = field(default_factory=list)
+
+    def spans(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for request in self.traces:
+            for rs in request.resource_spans:
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        out[span.name] = span
+        return out
+
+    def resource(self) -> dict[str, Any]:
+        rs = self.traces[0].resource_spans[0]
+        return {kv.key: _value(kv.value) for kv in rs.resource.attributes}
+
+    def metric_names(self) -> set[str]:
+        return {
+            m.name
+            for request in self.metrics
+            for rm in request.resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+        }
+
+
+def _value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return tuple(_value(v) for v in value.array_value.values)
+    return getattr(value, kind) if kind else None
+
+
+def _attrs(span: Any) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in span.attributes}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def http_receiver() -> AsyncIterator[tuple[str, Received]]:
+    received = Received()
+
+    async def traces(request: web.Request) -> web.Response:
+        received.content_types.append(request.content_type)
+        message = trace_service_pb2.ExportTraceServiceRequest()
+        message.ParseFromString(await request.read())
+        received.traces.append(message)
+        body = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=body, content_type="application/x-protobuf")
+
+    async def metrics(request: web.Request) -> web.Response:
+        message = metrics_service_pb2.ExportMetricsServiceRequest()
+        message.ParseFromString(await request.read())
+        received.metrics.append(message)
+        body = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+        return web.Response(body=body, content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    app.router.add_post("/v1/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}", received
+    finally:
+        await runner.cleanup()
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, received: Received) -> None:
+        self.received = received
+
+    async def Export(self, request: Any, context: Any) -> Any:
+        self.received.traces.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, received: Received) -> None:
+        self.received = received
+
+    async def Export(self, request: Any, context: Any) -> Any:
+        self.received.metrics.append(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+@pytest.fixture
+async def grpc_receiver() -> AsyncIterator[tuple[str, Received]]:
+    received = Received()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(received), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(received), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", received
+    finally:
+        await server.stop(None)
+
+
+def _drive(observer: OtelObserver) -> None:
+    request = RequestInfo(
+        http_method="POST",
+        transport="streamable-http",
+        protocol_version="2025-11-25",
+        session_id="s-1",
+        client_address="127.0.0.1:40000",
+        headers={"traceparent": TRACEPARENT},
+    )
+    alice = Principal(kind="oidc", subject="alice", issuer="https://idp.test", client_id="cli")
+    with observer.mcp_call(
+        McpMessage(kind="request", method="tools/call", id=1, tool_name="echo"), request
+    ) as s:
+        s.set_principal(alice)
+        s.token_exchange(ExchangeOutcome(outcome="issued", audience="api", idp_status=200, duration_s=0.02))
+        s.finish(http_status=200, outcome="ok")
+    with observer.mcp_call(
+        McpMessage(kind="request", method="tools/call", id=2, tool_name="fetch"), request
+    ) as s:
+        s.set_principal(alice)
+        s.finish(
+            http_status=200, outcome="tool_error", response=McpMessage(kind="response", id=2, is_error=True)
+        )
+
+
+async def _export_and_check(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, received: Received, protocol: str
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    providers = build_providers(
+        "outrider-proxy", resource_attributes={"k8s.pod.name": "weather-0", "k8s.namespace.name": "tools"}
+    )
+    assert providers.plan.traces == protocol
+    observer = OtelObserver(
+        TelemetryConfig(),
+        tracer_provider=providers.tracer_provider,
+        meter_provider=providers.meter_provider,
+        audit=AuditLog(io.StringIO()),
+        workload=lambda: WORKLOAD,
+    )
+    _drive(observer)
+    # The exporters are blocking: flush from a thread while this loop serves the receiver.
+    await asyncio.wait_for(asyncio.to_thread(providers.shutdown), timeout=30)
+
+    spans = received.spans()
+    assert set(spans) == {"tools/call echo", "tools/call fetch", "outrider.token_exchange"}
+    echo = spans["tools/call echo"]
+    assert echo.kind == echo.SPAN_KIND_SERVER
+    assert echo.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert echo.parent_span_id.hex() == "00f067aa0ba902b7"
+    attrs = _attrs(echo)
+    assert attrs["mcp.method.name"] == "tools/call"
+    assert attrs["gen_ai.tool.name"] == "echo"
+    assert attrs["gen_ai.operation.name"] == "execute_tool"
+    assert attrs["jsonrpc.request.id"] == "1"
+    assert attrs["mcp.session.id"] == "s-1"
+    assert attrs["mcp.protocol.version"] == "2025-11-25"
+    assert attrs["enduser.id"] == "alice"
+    assert attrs["outrider.workload.spiffe_id"] == WORKLOAD.spiffe_id
+    assert _attrs(spans["tools/call fetch"])["error.type"] == "tool_error"
+    assert spans["outrider.token_exchange"].parent_span_id == echo.span_id
+    resource = received.resource()
+    assert resource["service.name"] == "outrider-proxy"
+    assert resource["k8s.pod.name"] == "weather-0"
+    assert {"mcp.server.operation.duration", "outrider.mcp.requests", "outrider.token_exchanges"} <= (
+        received.metric_names()
+    )
+
+
+async def test_otlp_http_protobuf_to_local_receiver(
+    monkeypatch: pytest.MonkeyPatch, http_receiver: tuple[str, Received]
+) -> None:
+    endpoint, received = http_receiver
+    await _export_and_check(monkeypatch, endpoint, received, "http/protobuf")
+    assert set(received.content_types) == {"application/x-protobuf"}
+
+
+async def test_otlp_grpc_to_local_receiver(
+    monkeypatch: pytest.MonkeyPatch, grpc_receiver: tuple[str, Received]
+) -> None:
+    endpoint, received = grpc_receiver
+    await _export_and_check(monkeypatch, endpoint, received, "grpc")
