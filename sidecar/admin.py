@@ -1,16 +1,209 @@
-"""The admin server on 15020: /healthz, /readyz, /metrics and kubelet probe forwarding.
+"""The admin server on 15020: /healthz, /readyz, /metrics and kubelet probe forwarding to the app.
 
-(Placeholder until its owner fills it in.)
+Probe forwarding follows the webhook's contract: `OUTRIDER_APP_PROBES` maps each rewritten path to
+the original httpGet/tcpSocket probe, which is replayed against 127.0.0.1.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import json
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
 
 from sidecar.runtime import Runtime
+
+log = logging.getLogger("outrider.admin")
+
+PROBES_ENV = "OUTRIDER_APP_PROBES"
+DEFAULT_PROBE_TIMEOUT_S = 1.0  # the kubelet's default timeoutSeconds
+
+
+@dataclass(frozen=True)
+class AppProbe:
+    """One original kubelet probe of an app container, replayed against loopback."""
+
+    kind: str  # "http" | "tcp"
+    port: int
+    path: str = "/"
+    scheme: str = "HTTP"
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+
+
+def parse_app_probes(raw: str | None) -> dict[str, AppProbe]:
+    """Parse `OUTRIDER_APP_PROBES`; a malformed entry is skipped with a warning, never fatal."""
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        log.warning("%s is not valid JSON: probe forwarding disabled", PROBES_ENV)
+        return {}
+    if not isinstance(data, dict):
+        log.warning("%s must be a JSON object: probe forwarding disabled", PROBES_ENV)
+        return {}
+    probes: dict[str, AppProbe] = {}
+    for path, spec in data.items():
+        probe = _probe(spec)
+        if probe is None or not isinstance(path, str) or not path.startswith("/app-health/"):
+            log.warning("%s: entry %r is not a usable httpGet/tcpSocket probe; skipped", PROBES_ENV, path)
+            continue
+        probes[path] = probe
+    return probes
+
+
+def _probe(spec: Any) -> AppProbe | None:
+    if not isinstance(spec, Mapping):
+        return None
+    timeout = spec.get("timeoutSeconds", DEFAULT_PROBE_TIMEOUT_S)
+    timeout_s = (
+        float(timeout) if isinstance(timeout, int | float) and timeout > 0 else DEFAULT_PROBE_TIMEOUT_S
+    )
+    http = spec.get("httpGet")
+    tcp = spec.get("tcpSocket")
+    if isinstance(http, Mapping):
+        port = http.get("port")
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            return None
+        headers = tuple(
+            (str(h["name"]), str(h.get("value", "")))
+            for h in http.get("httpHeaders") or ()
+            if isinstance(h, Mapping) and isinstance(h.get("name"), str)
+        )
+        path = http.get("path") or "/"
+        scheme = str(http.get("scheme") or "HTTP").upper()
+        if not isinstance(path, str) or scheme not in ("HTTP", "HTTPS"):
+            return None
+        return AppProbe(
+            "http", port, path if path.startswith("/") else "/" + path, scheme, headers, timeout_s
+        )
+    if isinstance(tcp, Mapping):
+        port = tcp.get("port")
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            return None
+        return AppProbe("tcp", port, timeout_s=timeout_s)
+    return None
+
+
+def readiness_report(checks: Mapping[str, tuple[bool, str]]) -> tuple[bool, str]:
+    """All checks must pass; the body lists each with its detail so `kubectl describe` says why."""
+    ok = all(passed for passed, _ in checks.values())
+    lines = [
+        f"{name}: {'ok' if passed else 'NOT READY'} ({detail})"
+        for name, (passed, detail) in sorted(checks.items())
+    ]
+    return ok, "\n".join(lines) + "\n" if lines else "no readiness checks\n"
+
+
+# The kubelet does not verify the app's certificate for HTTPS probes; neither do we.
+_INSECURE = ssl.create_default_context()
+_INSECURE.check_hostname = False
+_INSECURE.verify_mode = ssl.CERT_NONE
+
+
+async def run_probe(probe: AppProbe, session: aiohttp.ClientSession) -> tuple[bool, str]:
+    try:
+        async with asyncio.timeout(probe.timeout_s):
+            if probe.kind == "tcp":
+                _, writer = await asyncio.open_connection("127.0.0.1", probe.port)
+                writer.close()
+                return True, f"tcp 127.0.0.1:{probe.port} open"
+            url = f"{probe.scheme.lower()}://127.0.0.1:{probe.port}{probe.path}"
+            headers = {"User-Agent": "kube-probe/outrider"}
+            headers.update(dict(probe.headers))
+            async with session.get(
+                url,
+                headers=headers,
+                ssl=_INSECURE if probe.scheme == "HTTPS" else True,
+                allow_redirects=False,
+            ) as response:
+                # The kubelet counts 200-399 as success.
+                return 200 <= response.status < 400, f"HTTP {response.status} from {probe.path}"
+    except TimeoutError:
+        return False, f"no answer from 127.0.0.1:{probe.port} within {probe.timeout_s:g}s"
+    except (OSError, aiohttp.ClientError) as exc:
+        return False, f"127.0.0.1:{probe.port}: {type(exc).__name__}"
+
+
+SESSION_KEY = web.AppKey("probe_session", aiohttp.ClientSession)
+
+
+def build_app(runtime: Runtime, probes: Mapping[str, AppProbe]) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        results = {}
+        for name, check in list(runtime.readiness.items()):
+            try:
+                results[name] = check()
+            except Exception as exc:  # a broken check must read as not ready, not crash the probe
+                results[name] = (False, f"check failed: {type(exc).__name__}")
+        ok, text = readiness_report(results)
+        return web.Response(text=text, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        parts = []
+        for producer in list(runtime.metrics):
+            try:
+                parts.append(producer())
+            except Exception:
+                log.exception("a metrics producer failed")
+        return web.Response(
+            body=b"".join(parts),
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
+
+    async def app_health(request: web.Request) -> web.Response:
+        probe = probes.get(request.path)
+        if probe is None:
+            return web.Response(text=f"no app probe registered for {request.path}\n", status=404)
+        ok, detail = await run_probe(probe, request.app[SESSION_KEY])
+        return web.Response(text=detail + "\n", status=200 if ok else 503)
+
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            app[SESSION_KEY] = session
+            yield
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
+            web.get("/app-health/{container}/{kind}", app_health),
+        ]
+    )
+    return app
 
 
 @asynccontextmanager
 async def component(runtime: Runtime) -> AsyncIterator[None]:
-    yield
+    probes = parse_app_probes(os.environ.get(PROBES_ENV))
+    runner = web.AppRunner(build_app(runtime, probes), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, runtime.config.admin.host, runtime.config.admin.port, reuse_address=True)
+        await site.start()
+        log.info(
+            "admin server on %s:%d (%d app probes)",
+            runtime.config.admin.host,
+            runtime.config.admin.port,
+            len(probes),
+        )
+        yield
+    finally:
+        await runner.cleanup()

@@ -1,13 +1,133 @@
-"""Starts and stops the inbound part of the sidecar process (placeholder until its owner fills it in)."""
+"""Starts and stops the inbound part of the sidecar: the 15006 listener, JWKS refresh, mTLS rotation.
+
+`serve` takes an optional exchanger so tests can run the real listener with a stand-in exchanger.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import replace
 
+import aiohttp
+from aiohttp import web
+
+from sidecar.exchange import TokenExchanger
+from sidecar.identity import IdentityUnavailable
+from sidecar.identity.tls import RotatingServerContext
+from sidecar.inbound.auth import JwksCache, TokenVerifier
+from sidecar.inbound.proxy import InboundProxy
 from sidecar.runtime import Runtime
+
+log = logging.getLogger("outrider.inbound")
+
+
+class _Build:
+    """Marker: build the exchanger from `runtime.config.exchange` and the identity."""
+
+
+BUILD = _Build()
+PROXY_KEY = web.AppKey("inbound_proxy", InboundProxy)
+
+
+def _build_exchanger(runtime: Runtime, session: aiohttp.ClientSession) -> TokenExchanger | None:
+    if runtime.identity is None:
+        log.warning("no workload identity: forwarding calls without a downstream token")
+        return None
+    try:
+        from sidecar.exchange.client import build_exchanger
+    except ImportError:
+        log.warning(
+            "token exchange is not available in this build: forwarding calls without a downstream token"
+        )
+        return None
+    exchanger: TokenExchanger = build_exchanger(runtime.config.exchange, runtime.identity, session)
+    return exchanger
+
+
+async def _refresh_jwks(jwks: JwksCache, interval_s: float) -> None:
+    delay = 1.0
+    while True:
+        await jwks.refresh(force=True)
+        # Retry quickly (with backoff) until the first keys arrive, then on the regular interval.
+        delay = interval_s if jwks.loaded else min(delay * 2, 30.0)
+        await asyncio.sleep(delay)
+
+
+@asynccontextmanager
+async def serve(
+    runtime: Runtime, *, exchanger: TokenExchanger | _Build | None = BUILD
+) -> AsyncIterator[InboundProxy]:
+    config = runtime.config.inbound
+    async with AsyncExitStack() as stack:
+        idp_session = await stack.enter_async_context(aiohttp.ClientSession())
+        upstream = await stack.enter_async_context(
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=30),
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None),
+                skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
+            )
+        )
+        verifier: TokenVerifier | None = None
+        jwks: JwksCache | None = None
+        if config.issuer:
+            jwks = JwksCache(config, idp_session)
+            verifier = TokenVerifier(config, jwks)
+            task = asyncio.create_task(_refresh_jwks(jwks, config.jwks_refresh_interval_s))
+            stack.callback(task.cancel)
+        elif not config.mtls.enabled and not config.allow_unauthenticated:
+            log.warning(
+                "inbound: neither inbound.issuer nor inbound.mtls is configured: every call is refused"
+            )
+        chosen = _build_exchanger(runtime, idp_session) if isinstance(exchanger, _Build) else exchanger
+        if config.token_header is None:
+            # The exchange section also names the header; the inbound setting wins when given.
+            config = replace(config, token_header=getattr(runtime.config.exchange, "header", "Authorization"))
+        proxy = InboundProxy(
+            config, observer=runtime.observer, verifier=verifier, exchanger=chosen, upstream=upstream
+        )
+        app = web.Application()
+        app[PROXY_KEY] = proxy
+        app.add_routes(proxy.routes())
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        svid: RotatingServerContext | None = None
+        if config.mtls.enabled:
+            if runtime.identity is None:
+                raise RuntimeError("inbound.mtls.enabled needs the identity component (no workload identity)")
+            # Client certificates are optional: bearer-token callers connect over the same TLS port.
+            svid = RotatingServerContext(runtime.identity, require_client_cert=False)
+        site = web.TCPSite(
+            runner, config.host, config.port, ssl_context=svid.context if svid else None, reuse_address=True
+        )
+        await site.start()
+        log.info("inbound MCP proxy on %s:%d -> 127.0.0.1:%d", config.host, config.port, config.mcp_port)
+
+        def ready() -> tuple[bool, str]:
+            if jwks is not None and not jwks.loaded:
+                return False, f"issuer signing keys not loaded: {jwks.last_error or 'fetching'}"
+            if svid is not None:
+                try:
+                    svid.current()
+                except IdentityUnavailable:
+                    return False, "waiting for the X.509-SVID for inbound mTLS"
+            return True, "ok"
+
+        runtime.readiness["inbound"] = ready
+        runtime.metrics.append(proxy.metrics_text)
+        try:
+            yield proxy
+        finally:
+            runtime.readiness.pop("inbound", None)
+            with suppress(ValueError):
+                runtime.metrics.remove(proxy.metrics_text)
 
 
 @asynccontextmanager
 async def component(runtime: Runtime) -> AsyncIterator[None]:
-    yield
+    async with serve(runtime):
+        yield

@@ -1,14 +1,201 @@
-"""The `inbound` section of the sidecar configuration (placeholder until its owner fills it in)."""
+"""The `inbound` section of the sidecar configuration: the MCP proxy on 15006 and caller authentication.
+
+Parsed once from a plain mapping; every error names the key, the value and what is allowed.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_ALGORITHMS = ("RS256", "ES256", "PS256", "EdDSA")
+# Asymmetric algorithms only: HS* with a public JWKS would let anyone forge tokens with the public key.
+SUPPORTED_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+def _error(message: str) -> Exception:
+    from sidecar.config import ConfigError  # lazy: sidecar.config imports this module
+
+    return ConfigError(message)
+
+
+def _int(data: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = data.get(key, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise _error(f"inbound.{key}: {value!r} is not an integer ({lo}-{hi})") from None
+    if isinstance(value, bool) or not lo <= number <= hi:
+        raise _error(f"inbound.{key}: {value!r} is out of range ({lo}-{hi})")
+    return number
+
+
+def _float(data: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = data.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _error(f"inbound.{key}: {value!r} is not a number of seconds ({lo}-{hi})") from None
+    if isinstance(value, bool) or not lo <= number <= hi:
+        raise _error(f"inbound.{key}: {value!r} is out of range ({lo}-{hi})")
+    return number
+
+
+def _str_list(
+    data: Mapping[str, Any], key: str, default: tuple[str, ...], prefix: str = "inbound"
+) -> tuple[str, ...]:
+    value = data.get(key, default)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise _error(f"{prefix}.{key}: {value!r} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _url(value: Any, key: str, *, required: bool) -> str | None:
+    if value in (None, ""):
+        if required:
+            raise _error(f"inbound.{key} is required (an https:// or http:// URL)")
+        return None
+    if not isinstance(value, str):
+        raise _error(f"inbound.{key}: {value!r} must be a URL string")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _error(f"inbound.{key}: {value!r} must be an absolute http(s) URL")
+    return value
+
+
+@dataclass(frozen=True)
+class MtlsConfig:
+    """Agent-to-server callers presenting a SPIFFE X.509-SVID on 15006."""
+
+    enabled: bool = False
+    # Exact SPIFFE IDs allowed; empty with empty trust_domains means any peer of a trusted bundle.
+    allowed_spiffe_ids: tuple[str, ...] = ()
+    allowed_trust_domains: tuple[str, ...] = ()
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> MtlsConfig:
+        if not isinstance(data, Mapping):
+            raise _error("inbound.mtls must be a mapping")
+        enabled = data.get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise _error(f"inbound.mtls.enabled: {enabled!r} must be true or false")
+        ids = _str_list(data, "allowed_spiffe_ids", (), "inbound.mtls")
+        for spiffe_id in ids:
+            if not spiffe_id.startswith("spiffe://"):
+                raise _error(f"inbound.mtls.allowed_spiffe_ids: {spiffe_id!r} is not a spiffe:// ID")
+        domains = _str_list(data, "allowed_trust_domains", (), "inbound.mtls")
+        return cls(
+            enabled=enabled,
+            allowed_spiffe_ids=ids,
+            allowed_trust_domains=tuple(d.removeprefix("spiffe://").rstrip("/") for d in domains),
+        )
+
+    def allows(self, spiffe_id: str) -> bool:
+        if not self.allowed_spiffe_ids and not self.allowed_trust_domains:
+            return True
+        if spiffe_id in self.allowed_spiffe_ids:
+            return True
+        domain = urlsplit(spiffe_id).netloc
+        return domain in self.allowed_trust_domains
 
 
 @dataclass(frozen=True)
 class InboundConfig:
+    host: str = "0.0.0.0"
+    port: int = 15006
+    mcp_port: int = 8080  # the app's port on 127.0.0.1 (per pod: `outrider.dev/mcp-port`)
+    # This MCP server's resource URI: the audience callers' tokens must carry (RFC 8707 / RFC 9728).
+    resource: str | None = None
+    issuer: str | None = None
+    jwks_uri: str | None = None  # skips OIDC discovery when set
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    leeway_s: float = 30.0
+    required_scopes: tuple[str, ...] = ()
+    # For RFC 9728 metadata; defaults to [issuer].
+    authorization_servers: tuple[str, ...] = ()
+    jwks_refresh_interval_s: float = 600.0
+    jwks_min_refresh_interval_s: float = 30.0  # rate limit for unknown-`kid` refreshes
+    mtls: MtlsConfig = field(default_factory=MtlsConfig)
+    max_body_bytes: int = 4 * 1024 * 1024
+    upstream_timeout_s: float = 30.0  # connect + response headers (+ body for JSON answers)
+    sse_idle_timeout_s: float = 300.0  # longest silence on a streamed SSE answer
+    # Where the exchanged token goes on the way to the app (`Bearer` in Authorization, else raw);
+    # None: `exchange.header`.
+    token_header: str | None = None
+    legacy_sse_path: str = "/sse"  # 2024-11-05 HTTP+SSE stream path (its POSTs use the `endpoint` URL)
+    # Verified-token cache: a token seen again skips the signature check until it expires.
+    token_cache_size: int = 4096
+    # With no issuer and no mTLS every call is refused unless this is set (dev only).
+    allow_unauthenticated: bool = False
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.issuer is not None
+
+    @property
+    def metadata_servers(self) -> tuple[str, ...]:
+        if self.authorization_servers:
+            return self.authorization_servers
+        return (self.issuer,) if self.issuer else ()
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> InboundConfig:
-        return cls()
+        host = data.get("host", cls.host)
+        if not isinstance(host, str) or not host:
+            raise _error(f"inbound.host: {host!r} must be an address to listen on")
+        algorithms = _str_list(data, "algorithms", DEFAULT_ALGORITHMS)
+        for alg in algorithms:
+            if alg not in SUPPORTED_ALGORITHMS:
+                raise _error(
+                    f"inbound.algorithms: {alg!r} is not allowed; use asymmetric ones: "
+                    f"{sorted(SUPPORTED_ALGORITHMS)}"
+                )
+        issuer = _url(data.get("issuer"), "issuer", required=False)
+        resource = _url(data.get("resource"), "resource", required=issuer is not None)
+        servers = _str_list(data, "authorization_servers", ())
+        for server in servers:
+            _url(server, "authorization_servers", required=True)
+        mtls = MtlsConfig.from_mapping(data.get("mtls") or {})
+        token_header = data.get("token_header")
+        if token_header is not None and (
+            not isinstance(token_header, str) or not token_header.strip() or ":" in token_header
+        ):
+            raise _error(f"inbound.token_header: {token_header!r} must be an HTTP header name")
+        legacy = data.get("legacy_sse_path", cls.legacy_sse_path)
+        if not isinstance(legacy, str) or not legacy.startswith("/"):
+            raise _error(f"inbound.legacy_sse_path: {legacy!r} must be a path starting with /")
+        anonymous = data.get("allow_unauthenticated", False)
+        if not isinstance(anonymous, bool):
+            raise _error(f"inbound.allow_unauthenticated: {anonymous!r} must be true or false")
+        return cls(
+            allow_unauthenticated=anonymous,
+            host=host,
+            port=_int(data, "port", cls.port, 1, 65535),
+            mcp_port=_int(data, "mcp_port", cls.mcp_port, 1, 65535),
+            resource=resource,
+            issuer=issuer,
+            jwks_uri=_url(data.get("jwks_uri"), "jwks_uri", required=False),
+            algorithms=algorithms,
+            leeway_s=_float(data, "leeway_s", cls.leeway_s, 0, 300),
+            required_scopes=_str_list(data, "required_scopes", ()),
+            authorization_servers=servers,
+            jwks_refresh_interval_s=_float(
+                data, "jwks_refresh_interval_s", cls.jwks_refresh_interval_s, 10, 86400
+            ),
+            jwks_min_refresh_interval_s=_float(
+                data, "jwks_min_refresh_interval_s", cls.jwks_min_refresh_interval_s, 0, 3600
+            ),
+            mtls=mtls,
+            max_body_bytes=_int(data, "max_body_bytes", cls.max_body_bytes, 1024, 1 << 30),
+            upstream_timeout_s=_float(data, "upstream_timeout_s", cls.upstream_timeout_s, 0.01, 3600),
+            sse_idle_timeout_s=_float(data, "sse_idle_timeout_s", cls.sse_idle_timeout_s, 0.01, 86400),
+            token_header=token_header.strip() if token_header else None,
+            legacy_sse_path=legacy,
+            token_cache_size=_int(data, "token_cache_size", cls.token_cache_size, 0, 1 << 20),
+        )

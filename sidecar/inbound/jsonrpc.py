@@ -5,9 +5,29 @@ The inbound proxy owns the parsing; telemetry and audit only read `McpMessage`.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 JsonRpcId = str | int | None
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+INTERNAL_ERROR = -32603
+HEADER_MISMATCH = -32020  # the stateless revision's code for Mcp-Method/Mcp-Name disagreeing with the body
+UNAUTHORIZED = -32001
+UPSTREAM_ERROR = -32002
+
+# Method -> params key mirrored by the stateless revision's `Mcp-Name` header.
+NAME_BEARING_METHODS: Mapping[str, str] = {
+    "tools/call": "name",
+    "prompts/get": "name",
+    "resources/read": "uri",
+}
+_RESOURCE_METHODS = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 
 
 @dataclass(frozen=True)
@@ -28,3 +48,197 @@ class McpMessage:
     def target(self) -> str | None:
         """The semantic-convention `{target}` of the span name: the tool, prompt or resource."""
         return self.tool_name or self.prompt_name or self.resource_uri
+
+
+@dataclass(frozen=True)
+class ParsedBody:
+    """A POST body: each message's facts beside the decoded object (so it is parsed only once)."""
+
+    messages: tuple[McpMessage, ...]
+    objects: tuple[Any, ...]  # the decoded JSON values, same order as `messages`
+    batch: bool
+
+
+class BodyError(ValueError):
+    """The body is not JSON-RPC; `code` is the JSON-RPC error code to answer with."""
+
+    def __init__(self, message: str, code: int = PARSE_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def parse_message(obj: Any) -> McpMessage:
+    """The facts of one decoded JSON-RPC value; anything malformed is `kind="invalid"`, never an error."""
+    if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
+        return McpMessage(kind="invalid")
+    raw_id = obj.get("id")
+    msg_id: JsonRpcId = raw_id if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else None
+    method = obj.get("method")
+    if isinstance(method, str):
+        params = obj.get("params")
+        params = params if isinstance(params, dict) else {}
+        name = _str(params.get("name"))
+        arguments = params.get("arguments")
+        return McpMessage(
+            kind="request" if "id" in obj else "notification",
+            method=method,
+            id=msg_id,
+            tool_name=name if method == "tools/call" else None,
+            prompt_name=name if method == "prompts/get" else None,
+            resource_uri=_str(params.get("uri")) if method in _RESOURCE_METHODS else None,
+            arguments=arguments if isinstance(arguments, dict) else None,
+        )
+    if "result" in obj:
+        result = obj["result"]
+        is_error = isinstance(result, dict) and result.get("isError") is True
+        return McpMessage(kind="response", id=msg_id, is_error=is_error)
+    if "error" in obj:
+        error = obj["error"]
+        code = error.get("code") if isinstance(error, dict) else None
+        return McpMessage(
+            kind="response",
+            id=msg_id,
+            is_error=True,
+            error_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
+        )
+    return McpMessage(kind="invalid", id=msg_id)
+
+
+def parse_body(body: bytes) -> ParsedBody:
+    """Decode a POST body once: a single message or a batch. Raises `BodyError` for non-JSON."""
+    try:
+        decoded = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BodyError("request body is not valid JSON") from None
+    if isinstance(decoded, list):
+        if not decoded:
+            raise BodyError("empty JSON-RPC batch", INVALID_REQUEST)
+        return ParsedBody(tuple(parse_message(o) for o in decoded), tuple(decoded), batch=True)
+    return ParsedBody((parse_message(decoded),), (decoded,), batch=False)
+
+
+def parse_response_body(body: bytes) -> tuple[McpMessage, ...]:
+    """Facts of an upstream JSON answer (single or batch); unparseable answers give no messages."""
+    try:
+        decoded = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return ()
+    items = decoded if isinstance(decoded, list) else [decoded]
+    return tuple(parse_message(o) for o in items)
+
+
+def error_object(msg_id: JsonRpcId, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}}
+
+
+def error_body(ids: tuple[JsonRpcId, ...] | None, code: int, message: str, *, batch: bool = False) -> bytes:
+    """A JSON-RPC error answer for every request id of the body (one `null`-id error when unknown)."""
+    if batch and ids:
+        return json.dumps([error_object(i, code, message) for i in ids]).encode()
+    msg_id = ids[0] if ids else None
+    return json.dumps(error_object(msg_id, code, message)).encode()
+
+
+def decode_header_value(value: str | None) -> str | None:
+    """The stateless revision's header encoding: verbatim, or `=?base64?<b64>?=` for non-ASCII values."""
+    if value is None or not (value.startswith("=?base64?") and value.endswith("?=")):
+        return value
+    payload = value[len("=?base64?") : -2]
+    try:
+        return base64.b64decode(payload, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def routing_header_mismatch(headers: Mapping[str, str], parsed: ParsedBody) -> str | None:
+    """Why `Mcp-Method` / `Mcp-Name` disagree with the body (stateless revision), or None when they agree.
+
+    Headers are only checked when present: older revisions do not send them, and the app re-checks
+    presence itself. A proxy that routed on a lying header would police the wrong call.
+    """
+    method_header = headers.get("Mcp-Method")
+    name_header = headers.get("Mcp-Name")
+    if method_header is None and name_header is None:
+        return None
+    if parsed.batch:
+        return "Mcp-Method/Mcp-Name headers cannot describe a JSON-RPC batch"
+    message, obj = parsed.messages[0], parsed.objects[0]
+    if method_header is not None and method_header != message.method:
+        return "Mcp-Method header does not match the request body's method"
+    key = NAME_BEARING_METHODS.get(message.method or "")
+    if key is not None and name_header is not None:
+        params = obj.get("params") if isinstance(obj, dict) else None
+        body_value = params.get(key) if isinstance(params, dict) else None
+        if decode_header_value(name_header) != body_value:
+            return f"Mcp-Name header does not match the request body's {key!r} parameter"
+    return None
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    event: str | None
+    data: str
+    id: str | None
+
+
+class SseParser:
+    """Incremental text/event-stream parser: fed raw chunks, returns whole events (for facts, not relaying).
+
+    The proxy relays the original bytes untouched; this only watches them, with a cap so a huge
+    event cannot grow memory without bound (its data is dropped, the stream still flows).
+    """
+
+    def __init__(self, max_event_bytes: int = 1 << 20) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._size = 0
+        self._event: str | None = None
+        self._id: str | None = None
+        self._max = max_event_bytes
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        events: list[SseEvent] = []
+        self._buffer += chunk
+        while True:
+            cut = _line_end(self._buffer)
+            if cut is None:
+                if len(self._buffer) > self._max:
+                    self._buffer, self._data, self._size = b"", [], self._max + 1
+                return events
+            line_end, next_start = cut
+            line = self._buffer[:line_end].decode("utf-8", "replace")
+            self._buffer = self._buffer[next_start:]
+            if not line:
+                if (self._data or self._event) and self._size <= self._max:
+                    events.append(SseEvent(self._event, "\n".join(self._data), self._id))
+                self._data, self._size, self._event = [], 0, None
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                self._size += len(value)
+                if self._size <= self._max:
+                    self._data.append(value)
+            elif name == "event":
+                self._event = value
+            elif name == "id":
+                self._id = value
+
+
+def _line_end(buffer: bytes) -> tuple[int, int] | None:
+    """(end of the first line, start of the next) for \\n, \\r\\n or \\r line ends."""
+    lf = buffer.find(b"\n")
+    cr = buffer.find(b"\r")
+    if cr == -1 and lf == -1:
+        return None
+    if cr != -1 and (lf == -1 or cr < lf):
+        if cr + 1 == len(buffer):
+            return None  # might be the first half of \r\n
+        return (cr, cr + 2) if buffer[cr + 1 : cr + 2] == b"\n" else (cr, cr + 1)
+    return lf, lf + 1

@@ -1,0 +1,584 @@
+"""The authenticated MCP reverse proxy on 15006: authenticate, exchange the token, forward, stream back.
+
+Speaks every MCP HTTP transport by forwarding bytes faithfully; it only reads the JSON-RPC facts
+(once per message) for telemetry and audit, and rewrites what must change (Host, credentials).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.exchange import ExchangeError, TokenExchanger
+from sidecar.inbound import jsonrpc
+from sidecar.inbound.auth import (
+    WELL_KNOWN,
+    AuthFailure,
+    TokenVerifier,
+    bearer_token,
+    peer_spiffe_id,
+    protected_resource_metadata,
+    www_authenticate,
+)
+from sidecar.inbound.config import InboundConfig
+from sidecar.inbound.jsonrpc import McpMessage, ParsedBody
+from sidecar.telemetry.observer import CallScope, ExchangeOutcome, Observer, Principal, RequestInfo
+
+log = logging.getLogger("outrider.inbound.proxy")
+
+# RFC 9110 §7.6.1 plus the de-facto ones; never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+STATELESS_VERSION = "2026-07-28"
+JSON_CT = "application/json"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A response the proxy makes itself (errors); the body is a JSON-RPC error."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+
+def upstream_request_headers(
+    incoming: Mapping[str, str], config: InboundConfig, connection_tokens: Iterable[str] = ()
+) -> CIMultiDict[str]:
+    """What the app sees: no hop-by-hop headers, no caller credentials, Host of the app itself."""
+    drop = HOP_BY_HOP | {
+        "host",
+        "authorization",
+        "content-length",
+        (config.token_header or "authorization").lower(),
+    }
+    drop |= {t.strip().lower() for t in connection_tokens}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            headers.add(name, value)
+    # The SDK answers 421 to any Host but its own loopback one (DNS-rebinding protection).
+    headers["Host"] = f"127.0.0.1:{config.mcp_port}"
+    return headers
+
+
+def downstream_response_headers(upstream: Mapping[str, str], *, streaming: bool) -> CIMultiDict[str]:
+    connection = upstream.get("Connection", "")
+    drop = HOP_BY_HOP | {t.strip().lower() for t in connection.split(",") if t.strip()}
+    drop |= {"content-length", "date", "server"} if streaming else {"date", "server", "content-length"}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in drop:
+            headers.add(name, value)
+    return headers
+
+
+def classify_transport(
+    method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str], config: InboundConfig
+) -> str:
+    if method == "GET" and path == config.legacy_sse_path:
+        return "sse-legacy"
+    if method == "POST" and "session_id" in query and "Mcp-Session-Id" not in headers:
+        return "sse-legacy"
+    version = headers.get("MCP-Protocol-Version")
+    if "Mcp-Method" in headers or (version is not None and version >= STATELESS_VERSION):
+        return "stateless"
+    return "streamable-http"
+
+
+def rewrite_endpoint_data(data: str) -> str:
+    """A legacy `endpoint` event must point back through the proxy: keep it relative (path + query)."""
+    parts = urlsplit(data.strip())
+    if not parts.scheme and not parts.netloc:
+        return data
+    return urlunsplit(("", "", parts.path or "/", parts.query, ""))
+
+
+def rewrite_first_event(raw: bytes) -> bytes:
+    """Rewrite the `data:` of an `endpoint` event in one complete raw SSE event."""
+    text = raw.decode("utf-8", "replace")
+    lines = text.splitlines(keepends=True)
+    if not any(
+        line.rstrip("\r\n") == "event: endpoint" or line.rstrip("\r\n") == "event:endpoint" for line in lines
+    ):
+        return raw
+    out = []
+    for line in lines:
+        if line.startswith("data:"):
+            body = line[5:].rstrip("\r\n")
+            ending = line[len(line.rstrip("\r\n")) :]
+            out.append("data: " + rewrite_endpoint_data(body.removeprefix(" ")) + ending)
+        else:
+            out.append(line)
+    return "".join(out).encode()
+
+
+def _event_end(buffer: bytes) -> int | None:
+    for sep in (b"\r\n\r\n", b"\n\n", b"\r\r"):
+        at = buffer.find(sep)
+        if at != -1:
+            return at + len(sep)
+    return None
+
+
+class Calls:
+    """The observer scopes of one HTTP request: one per JSON-RPC message, each finished exactly once."""
+
+    def __init__(
+        self, observer: Observer, parsed: ParsedBody | None, info: RequestInfo, stack: ExitStack
+    ) -> None:
+        self.parsed = parsed
+        self.scopes: list[CallScope] = []
+        self._open: dict[int, tuple[CallScope, McpMessage]] = {}
+        self._by_id: dict[Any, int] = {}
+        if parsed is None:
+            return
+        for index, message in enumerate(parsed.messages):
+            scope = stack.enter_context(observer.mcp_call(message, info))
+            self.scopes.append(scope)
+            self._open[index] = (scope, message)
+            if message.kind == "request" and message.id is not None:
+                self._by_id[message.id] = index
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._by_id)
+
+    def ids(self) -> tuple[jsonrpc.JsonRpcId, ...]:
+        if self.parsed is None:
+            return ()
+        return tuple(m.id for m in self.parsed.messages if m.kind == "request")
+
+    def each(self) -> Iterable[CallScope]:
+        return self.scopes
+
+    def answered(self, response: McpMessage, http_status: int) -> None:
+        index = self._by_id.pop(response.id, None)
+        if index is None:
+            return
+        scope, _ = self._open.pop(index)
+        if not response.is_error:
+            scope.finish(http_status=http_status, outcome="ok", response=response)
+        elif response.error_code is None:
+            scope.finish(
+                http_status=http_status, outcome="tool_error", error_type="tool_error", response=response
+            )
+        else:
+            scope.finish(
+                http_status=http_status,
+                outcome="error",
+                error_type=str(response.error_code),
+                response=response,
+            )
+
+    def finish_all(
+        self, *, http_status: int, outcome: str, error_type: str | None = None, reason: str | None = None
+    ) -> None:
+        for scope, _ in self._open.values():
+            scope.finish(http_status=http_status, outcome=outcome, error_type=error_type, reason=reason)
+        self._open.clear()
+        self._by_id.clear()
+
+
+class InboundProxy:
+    """The request handler; state is per instance (config, verifier, exchanger, upstream session)."""
+
+    def __init__(
+        self,
+        config: InboundConfig,
+        *,
+        observer: Observer,
+        verifier: TokenVerifier | None,
+        exchanger: TokenExchanger | None,
+        upstream: aiohttp.ClientSession,
+    ) -> None:
+        self.config = config
+        self.observer = observer
+        self.verifier = verifier
+        self.exchanger = exchanger
+        self.upstream = upstream
+        self.base = f"http://127.0.0.1:{config.mcp_port}"
+        self.requests_total = 0
+        self.denied_total = 0
+        self.upstream_errors_total = 0
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get(WELL_KNOWN, self.metadata),
+            web.get(WELL_KNOWN + "/{tail:.*}", self.metadata),
+            web.route("*", "/{tail:.*}", self.handle),
+        ]
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        if not self.config.resource:
+            return web.json_response(
+                {"error": "this MCP server has no OAuth resource configured"}, status=404
+            )
+        return web.json_response(
+            protected_resource_metadata(self.config), headers={"Cache-Control": "max-age=300"}
+        )
+
+    # -- the pipeline ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests_total += 1
+        headers = request.headers
+        body = b""
+        if request.method in ("POST", "PUT", "PATCH") or request.can_read_body:
+            read = await self._read_body(request)
+            if isinstance(read, Answer):
+                return self._answer(read)
+            body = read
+        transport = classify_transport(request.method, request.path, headers, request.query, self.config)
+        info = RequestInfo(
+            http_method=request.method,
+            transport=transport,
+            protocol_version=headers.get("MCP-Protocol-Version"),
+            session_id=headers.get("Mcp-Session-Id"),
+            client_address=request.remote,
+            headers={
+                k: v for k, v in headers.items() if k.lower() in ("traceparent", "tracestate", "baggage")
+            },
+        )
+        parsed: ParsedBody | None = None
+        parse_error: jsonrpc.BodyError | None = None
+        if body:
+            try:
+                parsed = jsonrpc.parse_body(body)
+            except jsonrpc.BodyError as exc:
+                parse_error = exc
+        with ExitStack() as stack:
+            if parse_error is not None:
+                calls = Calls(
+                    self.observer, ParsedBody((McpMessage(kind="invalid"),), (None,), False), info, stack
+                )
+                return self._fail(
+                    calls,
+                    Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {}),
+                    "error",
+                    "parse_error",
+                )
+            calls = Calls(self.observer, parsed, info, stack)
+            return await self._handle_calls(request, body, parsed, calls)
+        raise AssertionError("unreachable")  # pragma: no cover - ExitStack never swallows
+
+    async def _handle_calls(
+        self, request: web.Request, body: bytes, parsed: ParsedBody | None, calls: Calls
+    ) -> web.StreamResponse:
+        if parsed is not None and (why := jsonrpc.routing_header_mismatch(request.headers, parsed)):
+            answer = Answer(400, jsonrpc.error_body(calls.ids(), jsonrpc.HEADER_MISMATCH, why), {})
+            return self._fail(calls, answer, "error", "header_mismatch", why)
+        token = bearer_token(request.headers.get("Authorization"))
+        principal = await self._authenticate(request, token)
+        if isinstance(principal, AuthFailure):
+            self.denied_total += 1
+            answer = Answer(
+                principal.status,
+                jsonrpc.error_body(
+                    calls.ids(),
+                    jsonrpc.UNAUTHORIZED,
+                    principal.description,
+                    batch=bool(parsed and parsed.batch),
+                ),
+                {"WWW-Authenticate": www_authenticate(principal, self.config)},
+            )
+            return self._fail(
+                calls, answer, "denied", principal.error or "unauthenticated", principal.description
+            )
+        for scope in calls.each():
+            scope.set_principal(principal)
+        out_headers = upstream_request_headers(
+            request.headers, self.config, request.headers.get("Connection", "").split(",")
+        )
+        if token is not None and principal.kind == "oidc" and self.exchanger is not None:
+            failure = await self._exchange(token, calls, out_headers)
+            if failure is not None:
+                return failure
+        body = self._inject_context(calls, out_headers, parsed, body)
+        return await self._forward(request, body, out_headers, calls)
+
+    async def _read_body(self, request: web.Request) -> bytes | Answer:
+        limit = self.config.max_body_bytes
+        too_big = Answer(
+            413,
+            jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, f"request body exceeds the {limit}-byte limit"),
+            {"Connection": "close"},
+        )
+        if request.content_length is not None and request.content_length > limit:
+            return too_big
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                return too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _authenticate(self, request: web.Request, token: str | None) -> Principal | AuthFailure:
+        if token is not None:
+            if self.verifier is None:
+                return AuthFailure(401, "invalid_token", "bearer tokens are not accepted by this server")
+            return await self.verifier.verify(token)
+        if request.headers.get("Authorization"):
+            return AuthFailure(401, "invalid_request", "the Authorization header is not a Bearer token")
+        if self.config.mtls.enabled and request.transport is not None:
+            peer = peer_spiffe_id(request.transport.get_extra_info("peercert"))
+            if peer is not None:
+                if self.config.mtls.allows(peer):
+                    return Principal(kind="spiffe", subject=peer)
+                return AuthFailure(
+                    403, "insufficient_scope", "this SPIFFE ID is not allowed to call this server"
+                )
+        if self.config.allow_unauthenticated:
+            return Principal(kind="anonymous", subject="anonymous")
+        return AuthFailure(401, None, "authentication required")
+
+    async def _exchange(
+        self, token: str, calls: Calls, headers: CIMultiDict[str]
+    ) -> web.StreamResponse | None:
+        assert self.exchanger is not None
+        started = time.perf_counter()
+        try:
+            issued = await self.exchanger.exchange(token)
+        except ExchangeError as exc:
+            outcome = ExchangeOutcome(
+                outcome=exc.outcome,
+                reason=exc.message,
+                idp_status=exc.idp_status,
+                duration_s=time.perf_counter() - started,
+            )
+            for scope in calls.each():
+                scope.token_exchange(outcome)
+            message = f"token exchange failed: {exc.message}"
+            answer = Answer(
+                exc.http_status, jsonrpc.error_body(calls.ids(), jsonrpc.UPSTREAM_ERROR, message), {}
+            )
+            return self._fail(calls, answer, "error", f"exchange_{exc.outcome}", exc.message)
+        outcome = ExchangeOutcome(
+            outcome="cache_hit" if issued.cache_hit else "issued",
+            audience=issued.audience,
+            duration_s=time.perf_counter() - started,
+        )
+        for scope in calls.each():
+            scope.token_exchange(outcome)
+        header = self.config.token_header or "Authorization"
+        if header.lower() == "authorization":
+            headers["Authorization"] = f"Bearer {issued.access_token}"
+        else:
+            headers[header] = issued.access_token
+        return None
+
+    def _inject_context(
+        self, calls: Calls, headers: CIMultiDict[str], parsed: ParsedBody | None, body: bytes
+    ) -> bytes:
+        if parsed is None:
+            return body
+        changed = False
+        plain: dict[str, str] = {}
+        for scope, obj in zip(calls.scopes, parsed.objects, strict=True):
+            params = obj.get("params") if isinstance(obj, dict) else None
+            before = (
+                dict(params["_meta"])
+                if isinstance(params, dict) and isinstance(params.get("_meta"), dict)
+                else None
+            )
+            scope.inject_context(plain, obj if isinstance(obj, dict) else None)
+            params = obj.get("params") if isinstance(obj, dict) else None
+            after = params.get("_meta") if isinstance(params, dict) else None
+            changed = changed or after != before
+        for name, value in plain.items():
+            headers[name] = value
+        if not changed:
+            return body
+        document = list(parsed.objects) if parsed.batch else parsed.objects[0]
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    async def _forward(
+        self, request: web.Request, body: bytes, headers: CIMultiDict[str], calls: Calls
+    ) -> web.StreamResponse:
+        url = URL(self.base + request.raw_path, encoded=True)
+        try:
+            async with asyncio.timeout(self.config.upstream_timeout_s):
+                upstream = await self.upstream.request(
+                    request.method, url, headers=headers, data=body if body else None, allow_redirects=False
+                )
+        except TimeoutError:
+            self.upstream_errors_total += 1
+            return self._fail(
+                calls,
+                self._upstream_answer(calls, 504, "the MCP server did not answer in time"),
+                "error",
+                "timeout",
+            )
+        except aiohttp.ClientError as exc:
+            self.upstream_errors_total += 1
+            log.warning(
+                "MCP server on 127.0.0.1:%d unreachable: %s", self.config.mcp_port, type(exc).__name__
+            )
+            return self._fail(
+                calls,
+                self._upstream_answer(calls, 502, "the MCP server is not reachable"),
+                "error",
+                "upstream_unreachable",
+            )
+        try:
+            content_type = upstream.headers.get("Content-Type", "")
+            if content_type.startswith("text/event-stream"):
+                return await self._stream(request, upstream, calls)
+            return await self._buffered(upstream, calls)
+        finally:
+            upstream.close()
+
+    async def _buffered(self, upstream: aiohttp.ClientResponse, calls: Calls) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(self.config.upstream_timeout_s):
+                payload = await upstream.read()
+        except TimeoutError:
+            self.upstream_errors_total += 1
+            return self._fail(
+                calls,
+                self._upstream_answer(calls, 504, "the MCP server did not finish its answer in time"),
+                "error",
+                "timeout",
+            )
+        except aiohttp.ClientError:
+            self.upstream_errors_total += 1
+            return self._fail(
+                calls,
+                self._upstream_answer(calls, 502, "the MCP server broke off its answer"),
+                "error",
+                "upstream_reset",
+            )
+        status = upstream.status
+        if calls.pending and upstream.headers.get("Content-Type", "").startswith(JSON_CT):
+            for message in jsonrpc.parse_response_body(payload):
+                calls.answered(message, status)
+        outcome = "ok" if status < 400 else "error"
+        calls.finish_all(
+            http_status=status, outcome=outcome, error_type=None if status < 400 else str(status)
+        )
+        return web.Response(
+            status=status,
+            body=payload,
+            headers=downstream_response_headers(upstream.headers, streaming=False),
+        )
+
+    async def _stream(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, calls: Calls
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status, headers=downstream_response_headers(upstream.headers, streaming=True)
+        )
+        # Flush each event as it comes: no compression, no buffering in front of the client.
+        response.headers["Cache-Control"] = upstream.headers.get("Cache-Control", "no-cache")
+        response.headers["X-Accel-Buffering"] = "no"
+        watcher = jsonrpc.SseParser() if calls.pending else None
+        legacy = request.method == "GET" and request.path == self.config.legacy_sse_path
+        head: bytes | None = b""
+        try:
+            await response.prepare(request)
+            while True:
+                try:
+                    async with asyncio.timeout(self.config.sse_idle_timeout_s):
+                        chunk = await upstream.content.readany()
+                except TimeoutError:
+                    calls.finish_all(
+                        http_status=upstream.status,
+                        outcome="error",
+                        error_type="timeout",
+                        reason="SSE stream idle",
+                    )
+                    break
+                if not chunk:
+                    break
+                if legacy and head is not None:
+                    head += chunk
+                    end = _event_end(head)
+                    if end is None and len(head) < 65536:
+                        continue
+                    chunk = (rewrite_first_event(head[:end]) + head[end:]) if end else head
+                    head = None
+                if watcher is not None:
+                    for event in watcher.feed(chunk):
+                        self._watch_event(event, calls, upstream.status)
+                await response.write(chunk)
+            if calls.pending:
+                calls.finish_all(
+                    http_status=upstream.status,
+                    outcome="error",
+                    error_type="stream_closed",
+                    reason="the SSE stream ended before the answer",
+                )
+            else:
+                calls.finish_all(http_status=upstream.status, outcome="ok")
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client went away: stop reading the app's stream (closed in _forward's finally).
+            calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
+            raise
+        except aiohttp.ClientError:
+            calls.finish_all(http_status=upstream.status, outcome="error", error_type="upstream_reset")
+        return response
+
+    def _watch_event(self, event: jsonrpc.SseEvent, calls: Calls, status: int) -> None:
+        if not event.data or (event.event not in (None, "message")):
+            return
+        for message in jsonrpc.parse_response_body(event.data.encode()):
+            if message.kind == "response":
+                calls.answered(message, status)
+
+    # -- answers the proxy makes itself -----------------------------------------------------------
+
+    def _upstream_answer(self, calls: Calls, status: int, message: str) -> Answer:
+        return Answer(status, jsonrpc.error_body(calls.ids(), jsonrpc.INTERNAL_ERROR, message), {})
+
+    def _fail(
+        self, calls: Calls, answer: Answer, outcome: str, error_type: str, reason: str | None = None
+    ) -> web.Response:
+        calls.finish_all(http_status=answer.status, outcome=outcome, error_type=error_type, reason=reason)
+        return self._answer(answer)
+
+    def _answer(self, answer: Answer) -> web.Response:
+        return web.Response(
+            status=answer.status, body=answer.body, content_type=JSON_CT, headers=dict(answer.headers)
+        )
+
+    def metrics_text(self) -> bytes:
+        return (
+            "# HELP outrider_inbound_requests_total HTTP requests received on the inbound MCP port.\n"
+            "# TYPE outrider_inbound_requests_total counter\n"
+            f"outrider_inbound_requests_total {self.requests_total}\n"
+            "# HELP outrider_inbound_denied_total Requests refused by caller authentication.\n"
+            "# TYPE outrider_inbound_denied_total counter\n"
+            f"outrider_inbound_denied_total {self.denied_total}\n"
+            "# HELP outrider_inbound_upstream_errors_total Requests the MCP server did not answer.\n"
+            "# TYPE outrider_inbound_upstream_errors_total counter\n"
+            f"outrider_inbound_upstream_errors_total {self.upstream_errors_total}\n"
+        ).encode()

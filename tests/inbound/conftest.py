@@ -1,0 +1,159 @@
+"""Fixtures for the inbound proxy tests: the dev Workload API + real identity client, the dev IdP, the
+real `mcp` SDK server (uvicorn on loopback), and the inbound proxy between them.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from sidecar.config import parse
+from sidecar.dev import mcp_server
+from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
+from sidecar.dev.workload_api import DevWorkloadApi
+from sidecar.exchange import TokenExchanger
+from sidecar.identity import component as identity_component
+from sidecar.inbound import component as inbound_component
+from sidecar.inbound.proxy import InboundProxy
+from sidecar.runtime import Runtime
+from sidecar.telemetry.observer import NullObserver, Observer
+
+TRUST_DOMAIN = "example.org"
+SIDECAR_ID = "spiffe://example.org/ns/mcp/sa/weather"
+AGENT_ID = "spiffe://example.org/ns/agents/sa/planner"
+RESOURCE = "https://mcp.example.com/mcp"
+DOWNSTREAM = "https://api.example.com"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def workload_api(tmp_path: Path) -> AsyncIterator[DevWorkloadApi]:
+    async with DevWorkloadApi(
+        tmp_path / "agent.sock", trust_domain=TRUST_DOMAIN, spiffe_id=SIDECAR_ID
+    ) as api:
+        yield api
+
+
+@pytest.fixture
+async def idp(workload_api: DevWorkloadApi) -> AsyncIterator[DevIdP]:
+    clients = [ClientRegistration("weather-mcp", spiffe_ids=(SIDECAR_ID,), audiences=(DOWNSTREAM,))]
+    async with DevIdP(
+        clients=clients,
+        spiffe_bundles=StaticJwtBundles({TRUST_DOMAIN: workload_api.jwks()}),
+        default_audience=RESOURCE,
+    ) as server:
+        yield server
+
+
+@dataclass
+class Sidecar:
+    url: str  # http(s)://127.0.0.1:<port>
+    proxy: InboundProxy
+    runtime: Runtime
+
+    def mcp_url(self, path: str = "/mcp") -> str:
+        return self.url + path
+
+
+def sidecar_config(
+    idp: DevIdP, workload_api: DevWorkloadApi, mcp_port: int, **inbound: Any
+) -> dict[str, Any]:
+    return {
+        "identity": {"socket": workload_api.target},
+        "inbound": {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "mcp_port": mcp_port,
+            "resource": RESOURCE,
+            "issuer": idp.issuer,
+            **inbound,
+        },
+        "exchange": {
+            "enabled": True,
+            "token_endpoint": idp.token_endpoint,
+            "issuer": idp.issuer,
+            "audience": DOWNSTREAM,
+            "auth": "jwt-svid",
+            "actor_token": True,
+        },
+    }
+
+
+@asynccontextmanager
+async def run_sidecar(
+    raw: dict[str, Any],
+    *,
+    observer: Observer | None = None,
+    exchanger: TokenExchanger | inbound_component._Build | None = inbound_component.BUILD,
+    wait_ready: bool = True,
+) -> AsyncIterator[Sidecar]:
+    """The identity component (real Workload API client) and the inbound proxy, as in `outrider sidecar`."""
+    import asyncio
+
+    runtime = Runtime(config=parse(raw), observer=observer or NullObserver())
+    async with (
+        identity_component.component(runtime),
+        inbound_component.serve(runtime, exchanger=exchanger) as proxy,
+    ):
+        if wait_ready:
+            for _ in range(500):
+                checks = [check() for check in runtime.readiness.values()]
+                if all(ok for ok, _ in checks):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError(f"sidecar never became ready: {checks}")
+        scheme = "https" if runtime.config.inbound.mtls.enabled else "http"
+        yield Sidecar(f"{scheme}://127.0.0.1:{runtime.config.inbound.port}", proxy, runtime)
+
+
+SidecarFactory = Callable[..., AbstractAsyncContextManager[Sidecar]]
+
+
+@pytest.fixture
+def make_sidecar(idp: DevIdP, workload_api: DevWorkloadApi) -> SidecarFactory:
+    def factory(
+        mcp_port: int, *, observer: Observer | None = None, **inbound: Any
+    ) -> AbstractAsyncContextManager[Sidecar]:
+        return run_sidecar(sidecar_config(idp, workload_api, mcp_port, **inbound), observer=observer)
+
+    return factory
+
+
+def http_client(token: str | None, **kwargs: Any) -> httpx2.AsyncClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return create_mcp_http_client(headers=headers, **kwargs)
+
+
+def streamable_client(url: str, token: str | None, *, mode: str = "legacy") -> Client:
+    transport = streamable_http_client(url, http_client=http_client(token))
+    return Client(transport, mode=mode)
+
+
+def legacy_sse_client(url: str, token: str | None) -> Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return Client(sse_client(url, headers=headers), mode="legacy")
+
+
+@pytest.fixture
+async def mcp_app(request: pytest.FixtureRequest) -> AsyncIterator[mcp_server.RunningServer]:
+    mode = getattr(request, "param", "streamable")
+    async with mcp_server.running(0, mode) as server:
+        yield server

@@ -1,0 +1,63 @@
+"""End to end: the real `mcp` SDK client -> the inbound proxy -> the real `mcp` SDK server.
+
+Identity comes from the dev Workload API through the real identity client; tokens from the dev IdP,
+exchanged with RFC 8693 by the real exchange client.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from mcp_types import CallToolResult, TextContent
+
+from sidecar.dev import mcp_server
+from sidecar.dev.idp import DevIdP
+
+from .conftest import (
+    DOWNSTREAM,
+    RESOURCE,
+    SIDECAR_ID,
+    SidecarFactory,
+    streamable_client,
+)
+
+
+def tool_json(result: CallToolResult) -> dict[str, Any]:
+    assert not result.is_error, result
+    if result.structured_content is not None:
+        content = result.structured_content
+        return dict(content.get("result", content))
+    block = result.content[0]
+    assert isinstance(block, TextContent)
+    data: dict[str, Any] = json.loads(block.text)
+    return data
+
+
+def assert_exchanged(who: dict[str, Any], caller_token: str, idp: DevIdP) -> None:
+    authorization = who["authorization"]
+    assert authorization is not None and authorization.startswith("Bearer ")
+    received = authorization.removeprefix("Bearer ")
+    assert received != caller_token, "the caller's own token reached the MCP server"
+    claims = idp.verify(received, audience=DOWNSTREAM)  # signed by the IdP, for the downstream API
+    assert claims["sub"] == "alice"
+    assert claims["aud"] == DOWNSTREAM
+    assert claims["act"]["sub"] == SIDECAR_ID
+    assert who["claims"]["aud"] == DOWNSTREAM
+
+
+@pytest.mark.parametrize("mcp_app", ["streamable", "json"], indirect=True)
+async def test_streamable_http_lists_and_calls_tools_with_exchanged_token(
+    mcp_app: mcp_server.RunningServer, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    token = idp.mint("alice", audience=RESOURCE)
+    async with make_sidecar(mcp_app.port) as sidecar, streamable_client(sidecar.mcp_url(), token) as client:
+        tools = await client.list_tools()
+        assert {t.name for t in tools.tools} >= {"whoami", "fetch", "echo"}
+        echoed = await client.call_tool("echo", {"text": "héllo"})
+        assert isinstance(echoed.content[0], TextContent) and echoed.content[0].text == "héllo"
+        who = tool_json(await client.call_tool("whoami", {}))
+        assert_exchanged(who, token, idp)
+        assert who["host"] == f"127.0.0.1:{mcp_app.port}"
+    assert sidecar.proxy.requests_total >= 3
