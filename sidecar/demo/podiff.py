@@ -111,9 +111,25 @@ def _describe_volume(v: Mapping[str, Any]) -> str:
     return f"{v.get('name')}{detail}"
 
 
-def _short(value: Any, limit: int = 90) -> str:
+def _short(value: Any, limit: int = 110) -> str:
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            decoded = None
+        if isinstance(decoded, dict):
+            # A JSON annotation (outrider.dev/status) reads better as key=value than as escaped JSON.
+            value = " ".join(f"{k}={_flat(v)}" for k, v in decoded.items())
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _flat(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(_flat(v) for v in value) or "[]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_flat(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def summarize(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,161 @@
+"""The demo's pure parts: pod diff summary, span tree, OTLP decoding, audit lines, netns plan."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import yaml
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from sidecar.demo import audit, netns, podiff, run, traces
+
+
+def _pod() -> dict:
+    return {
+        "metadata": {"name": "p", "annotations": {"a": "1"}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "mcp",
+                    "image": "img",
+                    "ports": [{"name": "mcp", "containerPort": 8080}],
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": "mcp"}},
+                }
+            ]
+        },
+    }
+
+
+def test_summary_names_added_containers_volumes_annotations_and_probe_rewrites() -> None:
+    before = _pod()
+    after = json.loads(json.dumps(before))
+    after["metadata"]["annotations"]["outrider.dev/status"] = json.dumps(
+        {"version": "0.1.0", "x": ["a", "b"]}
+    )
+    after["spec"]["initContainers"] = [
+        {
+            "name": "outrider-proxy",
+            "image": "outrider:1",
+            "restartPolicy": "Always",
+            "securityContext": {"runAsUser": 15337},
+            "env": [{"name": "OUTRIDER_CONFIG", "value": "{}"}],
+        }
+    ]
+    after["spec"]["volumes"] = [{"name": "spiffe", "csi": {"driver": "csi.spiffe.io", "readOnly": True}}]
+    after["spec"]["containers"][0]["readinessProbe"] = {
+        "httpGet": {"path": "/app-health/mcp/readyz", "port": 15020}
+    }
+    lines = podiff.summarize(before, after)
+    text = "\n".join(lines)
+    assert "+ annotation outrider.dev/status = version=0.1.0 x=a,b" in lines
+    assert "+ initContainer outrider-proxy" in lines
+    assert "native sidecar" in text and "uid 15337" in text and "env: OUTRIDER_CONFIG" in text
+    assert "+ volume spiffe (csi driver csi.spiffe.io, readOnly=True)" in lines
+    assert "~ container mcp" in lines
+    assert (
+        "readinessProbe: httpGet http://:mcp/healthz  ->  httpGet http://:15020/app-health/mcp/readyz" in text
+    )
+    assert not any(line.startswith("-") for line in lines)
+    assert podiff.summarize(before, before) == []
+
+
+def test_example_deployment_becomes_an_opted_in_pod(repo) -> None:
+    doc = yaml.safe_load((repo / "examples/demo/mcp-server-deployment.yaml").read_text())
+    pod = run.pod_from_deployment(doc)
+    assert pod["kind"] == "Pod" and pod["metadata"]["namespace"] == "team-notes"
+    assert pod["metadata"]["annotations"]["outrider.dev/mcp-port"] == "mcp"
+    review = run.admission_review(pod, "u1")
+    assert review["request"]["operation"] == "CREATE" and review["request"]["object"] is pod
+
+
+def _otlp_body() -> bytes:
+    def kv(key: str, value: str) -> common_pb2.KeyValue:
+        return common_pb2.KeyValue(key=key, value=common_pb2.AnyValue(string_value=value))
+
+    trace_id = bytes(range(16))
+    root = trace_pb2.Span(
+        trace_id=trace_id,
+        span_id=b"\x01" * 8,
+        name="tools/call whoami",
+        start_time_unix_nano=1_000_000_000,
+        end_time_unix_nano=1_012_500_000,
+        attributes=[kv("mcp.method.name", "tools/call"), kv("gen_ai.tool.name", "whoami")],
+    )
+    child = trace_pb2.Span(
+        trace_id=trace_id,
+        span_id=b"\x02" * 8,
+        parent_span_id=b"\x01" * 8,
+        name="token exchange",
+        start_time_unix_nano=1_001_000_000,
+        end_time_unix_nano=1_004_000_000,
+    )
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.append(kv("service.name", "outrider-proxy"))
+    rs.scope_spans.add().spans.extend([child, root])
+    return request.SerializeToString()
+
+
+def test_otlp_payload_decodes_into_an_indented_tree_with_durations() -> None:
+    spans = traces.decode_export(_otlp_body())
+    assert len(spans) == 2
+    trace_id = traces.find_trace(spans, tool="whoami")
+    assert trace_id == bytes(range(16)).hex()
+    tree = traces.span_tree(spans, trace_id)
+    assert tree[0].startswith("[outrider-proxy] tools/call whoami")
+    assert "12.50 ms" in tree[0] and "gen_ai.tool.name=whoami" in tree[0]
+    assert tree[1].startswith("  └─ token exchange") and "3.00 ms" in tree[1]
+
+
+async def test_receiver_accepts_real_otlp_http_posts() -> None:
+    receiver = traces.OtlpReceiver()
+    async with receiver.serve("127.0.0.1") as url, aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{url}/v1/traces", data=_otlp_body(), headers={"Content-Type": "application/x-protobuf"}
+        ) as r:
+            assert r.status == 200
+        async with session.post(f"{url}/v1/traces", data=b"\xff\xff not protobuf") as r:
+            assert r.status == 400
+        assert await receiver.wait_for(lambda spans: len(spans) == 2, 5)
+    assert receiver.errors and receiver.requests == 2
+
+
+def test_audit_lines_are_compact_and_pick_the_key_fields() -> None:
+    lines = [
+        "2026-11-25 15:00:00 INFO outrider.sidecar: running",
+        json.dumps(
+            {
+                "event": "mcp.call",
+                "time": "2026-11-25T15:00:01.123456Z",
+                "outcome": "ok",
+                "user": {"sub": "alice", "iss": "http://idp"},
+                "workload": {"spiffe_id": "spiffe://demo/ns/x/sa/y"},
+                "mcp": {"method": "tools/call", "tool": "whoami"},
+                "trace_id": "0123456789abcdef0123456789abcdef",
+            }
+        ),
+        "{not json",
+    ]
+    events = audit.parse_lines(lines)
+    assert len(events) == 1
+    line = audit.format_event(events[0])
+    assert line.startswith("15:00:01.123 mcp.call")
+    assert "user=alice" in line and "tool=whoami" in line and "method=tools/call" in line
+    assert "workload=spiffe://demo/ns/x/sa/y" in line and "trace=01234567…" in line
+
+
+def test_netns_plan_is_deterministic_and_short_enough_for_interface_names() -> None:
+    t = netns.plan("12345", ["allowed.demo.test"], 210)
+    cmds = netns.setup_commands(t)
+    assert cmds[0] == ["ip", "netns", "add", t.pod_ns]
+    names = {arg for cmd in cmds for arg in cmd if arg.startswith(("orh", "orp", "ori", "ore"))}
+    assert names and all(len(n) <= 15 for n in names)
+    assert "10.210.2.1 allowed.demo.test" in netns.hosts_file(t)
+
+
+def test_missing_pieces_are_detected_not_faked() -> None:
+    assert run.piece_missing(["sidecar.demo.no_such_module"]) == "sidecar.demo.no_such_module"
+    assert run.piece_missing(["sidecar.demo.console"]) is None
