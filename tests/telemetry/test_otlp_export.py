@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import pytest
-from aiohttp import web
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from sidecar.inbound.jsonrpc import McpMessage
 from sidecar.telemetry.audit import AuditLog
@@ -24,88 +20,15 @@ from sidecar.telemetry.observer_otel import OtelObserver
 from sidecar.telemetry.setup import build_providers
 
 from .harness import WORKLOAD
+from .otlp_receiver import Received, attributes_of, otlp_http_receiver
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-@dataclass
-class Received:
-    traces: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
-    metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
-    content_types: list[str] = field(default_factory=list)
-
-    def spans(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for request in self.traces:
-            for rs in request.resource_spans:
-                for ss in rs.scope_spans:
-                    for span in ss.spans:
-                        out[span.name] = span
-        return out
-
-    def resource(self) -> dict[str, Any]:
-        rs = self.traces[0].resource_spans[0]
-        return {kv.key: _value(kv.value) for kv in rs.resource.attributes}
-
-    def metric_names(self) -> set[str]:
-        return {
-            m.name
-            for request in self.metrics
-            for rm in request.resource_metrics
-            for sm in rm.scope_metrics
-            for m in sm.metrics
-        }
-
-
-def _value(value: AnyValue) -> Any:
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return tuple(_value(v) for v in value.array_value.values)
-    return getattr(value, kind) if kind else None
-
-
-def _attrs(span: Any) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in span.attributes}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 async def http_receiver() -> AsyncIterator[tuple[str, Received]]:
-    received = Received()
-
-    async def traces(request: web.Request) -> web.Response:
-        received.content_types.append(request.content_type)
-        message = trace_service_pb2.ExportTraceServiceRequest()
-        message.ParseFromString(await request.read())
-        received.traces.append(message)
-        body = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-        return web.Response(body=body, content_type="application/x-protobuf")
-
-    async def metrics(request: web.Request) -> web.Response:
-        message = metrics_service_pb2.ExportMetricsServiceRequest()
-        message.ParseFromString(await request.read())
-        received.metrics.append(message)
-        body = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
-        return web.Response(body=body, content_type="application/x-protobuf")
-
-    app = web.Application()
-    app.router.add_post("/v1/traces", traces)
-    app.router.add_post("/v1/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = _free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{port}", received
-    finally:
-        await runner.cleanup()
+    async with otlp_http_receiver() as receiver:
+        yield receiver
 
 
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
@@ -191,7 +114,7 @@ async def _export_and_check(
     assert echo.kind == echo.SPAN_KIND_SERVER
     assert echo.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert echo.parent_span_id.hex() == "00f067aa0ba902b7"
-    attrs = _attrs(echo)
+    attrs = attributes_of(echo)
     assert attrs["mcp.method.name"] == "tools/call"
     assert attrs["gen_ai.tool.name"] == "echo"
     assert attrs["gen_ai.operation.name"] == "execute_tool"
@@ -200,7 +123,7 @@ async def _export_and_check(
     assert attrs["mcp.protocol.version"] == "2025-11-25"
     assert attrs["enduser.id"] == "alice"
     assert attrs["outrider.workload.spiffe_id"] == WORKLOAD.spiffe_id
-    assert _attrs(spans["tools/call fetch"])["error.type"] == "tool_error"
+    assert attributes_of(spans["tools/call fetch"])["error.type"] == "tool_error"
     assert spans["outrider.token_exchange"].parent_span_id == echo.span_id
     resource = received.resource()
     assert resource["service.name"] == "outrider-proxy"
