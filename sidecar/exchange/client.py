@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -284,6 +284,10 @@ class _SecretFile:
         return self._value
 
 
+class _ContextSource(Protocol):
+    def current(self) -> ssl.SSLContext: ...
+
+
 class _MtlsContexts:
     """An SSLContext presenting the current X.509-SVID, rebuilt when the SVID rotates."""
 
@@ -301,6 +305,15 @@ class _MtlsContexts:
             )
             self._for = material.cert_chain_pem
         return self._context
+
+
+def _mtls_contexts(identity: WorkloadIdentity, ca_file: str | None) -> _ContextSource:
+    # Prefer the identity package's rotating client context (keys stay off the filesystem).
+    try:
+        from sidecar.identity.tls import RotatingClientContext
+    except ImportError:  # pragma: no cover (older tree)
+        return _MtlsContexts(identity, ca_file)
+    return RotatingClientContext(identity, cafile=ca_file)
 
 
 def client_ssl_context(cert_chain_pem: bytes, key_pem: bytes, ca_file: str | None) -> ssl.SSLContext:
@@ -337,7 +350,7 @@ class OAuthTokenExchanger:
         self.stats = ExchangeStats()
         self._inflight: dict[CacheKey, asyncio.Task[IssuedToken]] = {}
         self._secret = _SecretFile(config.client_secret_file) if config.client_secret_file else None
-        self._mtls = _MtlsContexts(identity, config.ca_file) if config.auth == "x509-svid" else None
+        self._mtls = _mtls_contexts(identity, config.ca_file) if config.auth == "x509-svid" else None
         self._server_ssl = (
             ssl.create_default_context(cafile=config.ca_file) if config.ca_file and not self._mtls else None
         )
