@@ -5,9 +5,9 @@ real `mcp` SDK server (uvicorn on loopback), and the inbound proxy between them.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +157,61 @@ async def mcp_app(request: pytest.FixtureRequest) -> AsyncIterator[mcp_server.Ru
     mode = getattr(request, "param", "streamable")
     async with mcp_server.running(0, mode) as server:
         yield server
+
+
+@dataclass
+class Recorded:
+    message: Any
+    request: Any
+    principal: Any = None
+    exchanges: list[Any] = field(default_factory=list)
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    injected: bool = False
+    closed: bool = False
+
+    @property
+    def outcome(self) -> dict[str, Any]:
+        assert self.closed and len(self.finished) == 1, f"{self.message} finished {self.finished}"
+        return self.finished[0]
+
+
+class RecordingObserver:
+    """An `Observer` that keeps every call scope's record for assertions."""
+
+    def __init__(self) -> None:
+        self.calls: list[Recorded] = []
+
+    @contextmanager
+    def mcp_call(self, message: Any, request: Any) -> Iterator[Any]:
+        record = Recorded(message, request)
+        self.calls.append(record)
+        observer = self
+
+        class Scope:
+            def set_principal(self, principal: Any) -> None:
+                record.principal = principal
+
+            def inject_context(
+                self, headers: MutableMapping[str, str], message: dict[str, Any] | None
+            ) -> None:
+                record.injected = True
+                headers["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+            def token_exchange(self, outcome: Any) -> None:
+                record.exchanges.append(outcome)
+
+            def finish(self, **kwargs: Any) -> None:
+                record.finished.append(kwargs)
+
+        del observer
+        yield Scope()
+        record.closed = True
+
+    def egress(self, decision: Any) -> None:
+        return None
+
+    def identity_event(self, event: str, spiffe_id: str | None, detail: str) -> None:
+        return None
+
+    def by_method(self, method: str) -> list[Recorded]:
+        return [c for c in self.calls if c.message.method == method]

@@ -20,6 +20,7 @@ from .conftest import (
     RESOURCE,
     SIDECAR_ID,
     SidecarFactory,
+    legacy_sse_client,
     streamable_client,
 )
 
@@ -61,3 +62,34 @@ async def test_streamable_http_lists_and_calls_tools_with_exchanged_token(
         assert_exchanged(who, token, idp)
         assert who["host"] == f"127.0.0.1:{mcp_app.port}"
     assert sidecar.proxy.requests_total >= 3
+
+
+@pytest.mark.parametrize("mcp_app", ["stateless"], indirect=True)
+async def test_stateless_revision_through_the_proxy(
+    mcp_app: mcp_server.RunningServer, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    token = idp.mint("alice", audience=RESOURCE)
+    async with (
+        make_sidecar(mcp_app.port) as sidecar,
+        streamable_client(sidecar.mcp_url(), token, mode="2026-07-28") as client,
+    ):
+        assert client.protocol_version == "2026-07-28"
+        who = tool_json(await client.call_tool("whoami", {}))
+        assert_exchanged(who, token, idp)
+        echoed = await client.call_tool("echo", {"text": "stateless"})
+        assert isinstance(echoed.content[0], TextContent) and echoed.content[0].text == "stateless"
+
+
+@pytest.mark.parametrize("mcp_app", ["sse"], indirect=True)
+async def test_legacy_http_sse_transport_through_the_proxy(
+    mcp_app: mcp_server.RunningServer, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    token = idp.mint("alice", audience=RESOURCE)
+    async with (
+        make_sidecar(mcp_app.port) as sidecar,
+        legacy_sse_client(sidecar.mcp_url("/sse"), token) as client,
+    ):
+        tools = await client.list_tools()
+        assert "whoami" in {t.name for t in tools.tools}
+        who = tool_json(await client.call_tool("whoami", {}))
+        assert_exchanged(who, token, idp)
