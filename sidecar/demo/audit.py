@@ -39,6 +39,14 @@ def _get(event: Mapping[str, Any], *paths: str) -> Any:
     return None
 
 
+def workload_of(event: Mapping[str, Any]) -> str | None:
+    value = _get(event, "workload.spiffe_id", "spiffe_id")
+    pod = _get(event, "workload.pod")
+    if value is None:
+        return None
+    return f"{value} (pod {_get(event, 'workload.namespace')}/{pod})" if pod else str(value)
+
+
 def _kind(event: Mapping[str, Any]) -> str | None:
     kind = _get(event, "event", "kind", "type", "event_type", "category")
     return str(kind) if kind is not None else None
@@ -53,7 +61,48 @@ def _time(event: Mapping[str, Any]) -> str:
 
 
 def format_event(event: Mapping[str, Any]) -> str:
-    """`15:01:02.123 mcp.call ok  user=alice tool=whoami ...` with whatever key fields the event has."""
+    """`15:01:02.123 mcp.call ok  user=alice tool=whoami ...` with the key fields of the event."""
+    if event.get("schema") == "outrider.audit/v1":
+        return _format_v1(event)
+    return _format_generic(event)
+
+
+def _format_v1(event: Mapping[str, Any]) -> str:
+    """The sidecar's own schema (sidecar/telemetry/audit-event.schema.json)."""
+    kind = str(event.get("type"))
+    parts: list[str] = []
+    user = _get(event, "user.sub")
+    if user:
+        parts.append(f"user={user}")
+    act = event.get("act") or []
+    if act:
+        parts.append(f"act={_compact(act)}")
+    mcp = event.get("mcp") or {}
+    target = " ".join(str(x) for x in (mcp.get("method"), mcp.get("tool") or mcp.get("prompt")) if x)
+    if kind == "token.exchange":
+        exchange = event.get("exchange") or {}
+        parts.append(f"for={target}")
+        parts.append(f"exchange={exchange.get('outcome')} aud={exchange.get('audience')}")
+    elif kind == "egress.decision":
+        egress = event.get("egress") or {}
+        parts.append(
+            f"dest={egress.get('name') or egress.get('destination_ip')}:{egress.get('destination_port')}"
+        )
+        parts.append(f"rule={egress.get('rule') or 'default deny'}")
+    elif target:
+        parts.append(target)
+        if mcp.get("http_status") is not None:
+            parts.append(f"http={mcp.get('http_status')}")
+    if event.get("reason") and kind != "egress.decision":
+        parts.append(f"reason={_compact(event.get('reason'))}")
+    if event.get("duration_ms") is not None:
+        parts.append(f"{float(event['duration_ms']):.1f}ms")
+    if event.get("trace_id"):
+        parts.append(f"trace={_compact(event['trace_id'])}")
+    return f"{_time(event):12} {kind:15} {event.get('outcome')!s:8} " + " ".join(parts)
+
+
+def _format_generic(event: Mapping[str, Any]) -> str:
     fields: list[tuple[str, Any]] = [
         ("user", _get(event, "user.sub", "user.subject", "principal.subject", "user", "sub", "subject")),
         ("act", _get(event, "delegation", "act", "user.act", "principal.delegation")),

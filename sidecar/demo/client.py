@@ -67,8 +67,8 @@ async def run_calls(demo: Demo, token: str) -> None:
         DENIED_HOST,
         DOWNSTREAM_AUDIENCE,
         claims,
+        expired_token,
         fingerprint,
-        get_user_token,
     )
 
     c = demo.console
@@ -110,7 +110,7 @@ async def run_calls(demo: Demo, token: str) -> None:
 
         allowed = await client.call_tool("fetch", {"url": f"http://{ALLOWED_HOST}/"})
         text = tool_text(allowed)
-        c.say(f"tools/call fetch http://{ALLOWED_HOST}/ -> {_first_line(text)}")
+        c.say(f"tools/call fetch http://{ALLOWED_HOST}/ -> {fetch_summary(allowed)}")
         c.check(
             f"hello from {ALLOWED_HOST}" in text and not getattr(allowed, "is_error", False),
             "an allowed host is reachable",
@@ -118,10 +118,10 @@ async def run_calls(demo: Demo, token: str) -> None:
 
         denied = await client.call_tool("fetch", {"url": f"http://{DENIED_HOST}/"})
         text = tool_text(denied)
-        c.say(f"tools/call fetch http://{DENIED_HOST}/ -> {_first_line(text)}")
+        c.say(f"tools/call fetch http://{DENIED_HOST}/ -> {fetch_summary(denied)}")
         c.check(f"hello from {DENIED_HOST}" not in text, "a host outside the allowlist is blocked")
 
-    expired = await get_user_token(demo, "alice", expires_in=-120)
+    expired = await expired_token(demo, "alice")
     c.say("a client with an EXPIRED token calls tools/list")
     assert demo.session is not None
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
@@ -137,6 +137,16 @@ async def run_calls(demo: Demo, token: str) -> None:
         "resource_metadata=" in challenge,
         "the challenge points to the protected resource metadata (RFC 9728)",
     )
+
+
+def fetch_summary(result: Any) -> str:
+    """`HTTP 200: hello from ...` from the fetch tool's JSON report (or its raw text)."""
+    report = tool_json(result)
+    if report:
+        if report.get("error"):
+            return f"error: {report['error']}"
+        return f"HTTP {report.get('status')}: {_first_line(str(report.get('body', '')))}"
+    return _first_line(tool_text(result))
 
 
 def _first_line(text: str) -> str:

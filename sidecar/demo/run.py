@@ -41,6 +41,8 @@ ALLOWED_HOST = "allowed.demo.test"
 DENIED_HOST = "denied.demo.test"
 DOWNSTREAM_AUDIENCE = "https://notes-api.demo.test"
 TRUST_DOMAIN = "demo.outrider.test"
+IDP_SPIFFE_ID = f"spiffe://{TRUST_DOMAIN}/dev-idp"
+DEMO_CLI = "outrider-demo-cli"
 NAMESPACE = "team-notes"
 
 
@@ -480,30 +482,35 @@ async def start_identity(demo: Demo) -> str:
     sock_dir = demo.workdir / "spiffe-workload-api"
     sock_dir.mkdir(mode=0o755)
     socket_path = str(sock_dir / "agent.sock")
+    assert demo.injected is not None
+    status = json.loads(demo.injected["metadata"]["annotations"].get("outrider.dev/status", "{}"))
+    demo.spiffe_id = str(status.get("spiffeId") or f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/default")
+    c.say(f"the webhook recorded the pod's expected SPIFFE ID: {demo.spiffe_id}")
     if demo.args.spire:
         from sidecar.demo import spire_glue
 
-        demo.spiffe_id = await spire_glue.start(demo, socket_path)
+        await spire_glue.start(demo, socket_path)
     else:
         c.say(
             "SPIFFE Workload API: the DEV STAND-IN issuer (sidecar/dev/workload_api.py, in-memory CA) - "
             "not SPIRE; `make demo SPIRE=1` uses the real SPIRE server and agent"
         )
-        demo.spiffe_id = f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/default"
-        child = await demo.sup.start(
-            "workload-api",
-            [
-                procs.python(),
-                "-m",
-                "sidecar.dev.workload_api",
-                "--socket",
-                socket_path,
-                "--trust-domain",
-                TRUST_DOMAIN,
-                "--spiffe-id",
-                demo.spiffe_id,
-            ],
-        )
+        uid = PROXY_UID if demo.topo is not None else os.getuid()
+        # Like SPIRE's unix attestor: the identity follows the caller's uid (the sidecar's, the IdP's).
+        argv = [
+            procs.python(),
+            "-m",
+            "sidecar.dev.workload_api",
+            "--socket",
+            socket_path,
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--uid-map",
+            f"{uid}={demo.spiffe_id}",
+        ]
+        if uid != os.getuid():
+            argv += ["--uid-map", f"{os.getuid()}={IDP_SPIFFE_ID}"]
+        child = await demo.sup.start("workload-api", argv)
         await procs.wait_until("the Workload API socket", lambda: _exists(socket_path), child=child)
         # The sidecar (uid 15337) must connect; in a cluster the CSI driver's mount takes care of it.
         _open_socket(socket_path)
@@ -535,22 +542,27 @@ async def start_idp(demo: Demo, socket_path: str) -> None:
         "an RFC 8693 endpoint "
         "that verifies the sidecar's JWT-SVID against the SPIFFE bundle"
     )
-    child = await demo.sup.start(
-        "idp",
-        [
-            procs.python(),
-            "-m",
-            "sidecar.dev.idp",
-            "--host",
-            host,
-            "--port",
-            port,
-            "--issuer",
-            demo.idp_url,
-            "--spiffe-socket",
-            f"unix://{socket_path}",
-        ],
-    )
+    clients = [
+        # The sidecar is a confidential client that authenticates with its JWT-SVID (jwt-spiffe).
+        f"outrider-proxy={demo.spiffe_id};audiences={DOWNSTREAM_AUDIENCE}",
+        f"{DEMO_CLI}=;public=yes",  # the MCP client alice signs in with (password grant)
+    ]
+    argv = [
+        procs.python(),
+        "-m",
+        "sidecar.dev.idp",
+        "--host",
+        host,
+        "--port",
+        port,
+        "--issuer",
+        demo.idp_url,
+        "--workload-api",
+        f"unix://{socket_path}",
+    ]
+    for client in clients:
+        argv += ["--client", client]
+    child = await demo.sup.start("idp", argv)
     assert demo.session is not None
     session = demo.session
     await procs.wait_until(
@@ -603,7 +615,7 @@ async def start_mcp_server(demo: Demo) -> None:
     )
     child = await demo.sup.start(
         "mcp-server",
-        [procs.python(), "-m", "sidecar.dev.mcp_server", "--host", "127.0.0.1", "--port", str(MCP_PORT)],
+        [procs.python(), "-m", "sidecar.dev.mcp_server", "--port", str(MCP_PORT)],
         env=env,
         netns=ns,
         uid=APP_UID if ns else None,
@@ -667,24 +679,31 @@ async def start_sidecar(demo: Demo, socket_path: str, otlp_url: str) -> None:
 # Step 3: the MCP client as alice
 
 
-async def get_user_token(demo: Demo, user: str, *, expires_in: int | None = None) -> str:
-    """A token for `user` from the dev IdP with this MCP server's resource URI as its audience."""
+async def get_user_token(demo: Demo, user: str) -> str:
+    """alice signs in at the dev IdP (password grant) for this MCP server's resource URI."""
     assert demo.session is not None
     form = {
         "grant_type": "password",
         "username": user,
-        "password": user,
-        "client_id": "demo-cli",
+        "password": f"{user}-password",
+        "client_id": DEMO_CLI,
         "resource": demo.resource,
-        "audience": demo.resource,
     }
-    if expires_in is not None:
-        form["expires_in"] = str(expires_in)
     async with demo.session.post(f"{demo.idp_url}/token", data=form) as r:
         body = await r.json(content_type=None)
         if r.status != 200:
             raise RuntimeError(f"the IdP refused a token for {user}: HTTP {r.status} {body.get('error')}")
         return str(body["access_token"])
+
+
+async def expired_token(demo: Demo, user: str) -> str:
+    """A correctly signed token for `user` that expired two minutes ago (the dev IdP's /dev/mint)."""
+    assert demo.session is not None
+    body = {"sub": user, "aud": demo.resource, "expires_in": -120, "client_id": DEMO_CLI}
+    async with demo.session.post(f"{demo.idp_url}/dev/mint", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"the IdP could not mint an expired token: HTTP {r.status}")
+        return str((await r.json(content_type=None))["access_token"])
 
 
 def fingerprint(token: str) -> str:
@@ -724,9 +743,13 @@ async def step_operator(demo: Demo) -> None:
     if not demo.dataplane_up or demo.sidecar is None:
         c.check(False, "the operator view needs the data plane from step 2")
         return
-    c.say("audit events (the sidecar writes one JSON line per MCP call, token exchange and egress decision):")
+    c.say("audit events (the sidecar writes one JSON line per MCP call, token exchange and egress decision;")
+    c.say("schema sidecar/telemetry/audit-event.schema.json), compacted to one line each:")
     await asyncio.sleep(0.5)
     events = audit.parse_lines(demo.sidecar.log.read_text(errors="replace").splitlines())
+    workloads = sorted({str(audit.workload_of(e)) for e in events if audit.workload_of(e)})
+    if workloads:
+        c.show("every event names the workload: " + ", ".join(workloads))
     for event in events[-20:]:
         c.show(audit.format_event(event))
     c.check(len(events) > 0, "the calls left audit events", f"{len(events)} events")
