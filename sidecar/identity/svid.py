@@ -157,7 +157,7 @@ def classify(code_name: str, details: str, *, socket_path: str, socket_exists: b
         )
     if code_name == "PERMISSION_DENIED":
         return NO_ENTRY, (
-            f"the SPIRE agent issued no identity to this workload ({details or 'PermissionDenied'}): "
+            f"the SPIRE agent issued no identity to this workload (PermissionDenied: {details}): "
             "create a registration entry whose selectors match this pod (e.g. k8s:ns/k8s:sa or unix:uid)"
         )
     if code_name in {"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "STREAM_ENDED"}:

@@ -1,0 +1,211 @@
+"""The sidecar identity against the dev Workload API (real gRPC on a real unix socket, real TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+from sidecar.config import parse
+from sidecar.dev.workload_api import DevWorkloadApi
+from sidecar.identity import IdentityUnavailable
+from sidecar.identity import component as identity_component
+from sidecar.identity.config import IdentityConfig
+from sidecar.identity.workload import WorkloadApiIdentity
+from sidecar.runtime import Runtime
+
+from .support import CallStats, RecordingObserver, RotatingClientContext, call_once, keep_calling, mtls_echo
+
+APP_ID = "spiffe://example.org/ns/mcp/sa/server"
+
+
+def _config(sock: Path, **kw: float) -> IdentityConfig:
+    return IdentityConfig(socket=f"unix://{sock}", backoff_min_s=0.05, backoff_max_s=0.3, **kw)  # type: ignore[arg-type]
+
+
+async def test_missing_socket_is_not_ready_then_recovers(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    observer = RecordingObserver()
+    async with WorkloadApiIdentity(_config(sock), observer=observer) as identity:
+        await asyncio.sleep(0.3)
+        assert not identity.ready
+        assert identity.status.startswith("socket_missing") and str(sock) in identity.status
+        with pytest.raises(IdentityUnavailable, match="socket_missing"):
+            identity.x509()
+        async with DevWorkloadApi(sock, spiffe_id=APP_ID):
+            assert await identity.wait_ready(10)
+            assert identity.status == "ok"
+            assert identity.spiffe_id == APP_ID
+    kinds = [event for event, _, _ in observer.events]
+    assert kinds[0] == "unhealthy"
+    assert kinds.index("rotated") < kinds.index("healthy")
+    # reported once per state change (socket missing, maybe agent unavailable, agent gone at the
+    # end), not once per retry: there were several retries while the socket was missing
+    assert kinds.count("unhealthy") <= 3
+
+
+async def test_no_registration_entry_stays_not_ready_until_one_exists(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    async with (
+        DevWorkloadApi(sock, uid_map={os.getuid() + 1: APP_ID}) as api,
+        WorkloadApiIdentity(_config(sock)) as identity,
+    ):
+        await asyncio.sleep(0.5)
+        assert not identity.ready
+        assert "PermissionDenied" in identity.status and "registration entry" in identity.status
+        with pytest.raises(IdentityUnavailable, match="PermissionDenied"):
+            await identity.jwt_svid("https://idp.example")
+        api.set_identity(os.getuid(), APP_ID)  # "create the entry"
+        assert await identity.wait_ready(10)
+        assert identity.x509().spiffe_id == APP_ID
+
+
+async def test_security_header_is_required(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    async with DevWorkloadApi(sock, spiffe_id=APP_ID), grpc.aio.insecure_channel(f"unix://{sock}") as channel:
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["a"]))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_rotations_are_followed_while_mtls_calls_keep_succeeding(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    observer = RecordingObserver()
+    async with DevWorkloadApi(sock, spiffe_id=APP_ID, svid_ttl_s=3) as api:
+        async with WorkloadApiIdentity(_config(sock, expiry_margin_s=0.5), observer=observer) as identity:
+            assert await identity.wait_ready(10)
+            rebuilt: list[float] = []
+            identity.add_listener(lambda m: rebuilt.append(m.not_after))
+            async with mtls_echo(identity) as port:
+                stats, stop = CallStats(), asyncio.Event()
+                caller = asyncio.create_task(keep_calling(identity, port, stats, stop))
+                first = identity.x509()
+                current = first
+                for _ in range(3):
+                    current = await asyncio.wait_for(identity.next_update(current), 10)
+                stop.set()
+                await caller
+            api.rotate_ca()  # new root: the server context must now trust the new issuer too
+            current = await asyncio.wait_for(identity.next_update(current), 10)
+            async with mtls_echo(identity) as port:
+                after = CallStats()
+                stop = asyncio.Event()
+                stop.set()
+                await call_once(identity, port, after, RotatingClientContext(identity, trust="spiffe"))
+        assert after.failures == [] and after.ok == 1
+    assert stats.failures == []
+    assert stats.ok > 10
+    assert len(stats.server_serials) >= 3  # the server presented rotated SVIDs without a restart
+    assert stats.peer_ids == {APP_ID}
+    assert len(rebuilt) >= 3
+    assert sum(1 for e, _, _ in observer.events if e == "rotated") >= 4
+    assert current.bundles_pem["example.org"].count(b"BEGIN CERTIFICATE") == 2
+
+
+async def test_jwt_svid_cached_until_half_life_and_single_flight(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    skew = 0.0
+
+    def clock() -> float:
+        return time.time() + skew
+
+    async with (
+        DevWorkloadApi(sock, spiffe_id=APP_ID, jwt_ttl_s=100) as api,
+        WorkloadApiIdentity(_config(sock), clock=clock) as identity,
+    ):
+        tokens = await asyncio.gather(*(identity.jwt_svid("https://idp.example") for _ in range(20)))
+        assert len(set(tokens)) == 1 and api.issued_jwt == 1
+        claims = api.ca.validate_jwt(tokens[0], "https://idp.example")
+        assert claims["sub"] == APP_ID
+        assert await identity.jwt_svid("https://idp.example") == tokens[0]
+        assert api.issued_jwt == 1
+        await identity.jwt_svid("https://other.example")
+        assert api.issued_jwt == 2
+        skew = 55  # past half of the 100 s lifetime: fetch a fresh one
+        fresh = await identity.jwt_svid("https://idp.example")
+        assert fresh != tokens[0] and api.issued_jwt == 3
+        stats = identity.stats()
+        assert stats.jwt_fetches["fetched"] == 3 and stats.jwt_fetches["cache_hit"] >= 1
+
+
+async def test_jwt_bundle_and_validation_agree_with_the_dev_ca(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    async with DevWorkloadApi(sock, spiffe_id=APP_ID, jwt_alg="RS256") as api:
+        async with WorkloadApiIdentity(_config(sock)) as identity:
+            token = await identity.jwt_svid("aud-1")
+            bundles = await identity.jwt_bundles()
+            jwks = json.loads(bundles["example.org"])
+            assert jwks == api.jwks()
+            key = jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(token)["kid"]]
+            claims = jwt.decode(token, key.key, algorithms=["RS256"], audience="aud-1")
+            assert claims["sub"] == APP_ID
+        async with grpc.aio.insecure_channel(api.target) as channel:
+            stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+            meta = (("workload.spiffe.io", "true"),)
+            ok = await stub.ValidateJWTSVID(
+                workload_pb2.ValidateJWTSVIDRequest(audience="aud-1", svid=token), metadata=meta
+            )
+            assert ok.spiffe_id == APP_ID
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ValidateJWTSVID(
+                    workload_pb2.ValidateJWTSVIDRequest(audience="aud-2", svid=token), metadata=meta
+                )
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_agent_restart_is_survived_without_failed_calls(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    api = DevWorkloadApi(sock, spiffe_id=APP_ID, svid_ttl_s=60)
+    await api.start()
+    try:
+        async with WorkloadApiIdentity(_config(sock)) as identity:
+            assert await identity.wait_ready(10)
+            before = identity.x509()
+            async with mtls_echo(identity) as port:
+                stats, stop = CallStats(), asyncio.Event()
+                caller = asyncio.create_task(keep_calling(identity, port, stats, stop))
+                await api.stop()
+                await asyncio.sleep(1.0)
+                # the agent is away: the held SVID keeps serving, within the grace period still ready
+                assert identity.ready and identity.status.startswith("degraded")
+                assert identity.x509() is before
+                api = DevWorkloadApi(sock, spiffe_id=APP_ID, svid_ttl_s=60, ca=api.ca)
+                await api.start()
+                after = await asyncio.wait_for(identity.next_update(before), 10)
+                assert identity.status == "ok" and after is not before
+                await asyncio.sleep(0.3)
+                stop.set()
+                await caller
+            assert stats.failures == [] and stats.ok > 5
+    finally:
+        await api.stop()
+
+
+async def test_component_publishes_identity_readiness_and_metrics(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    runtime = Runtime(
+        config=parse({"identity": {"socket": f"unix://{sock}", "backoff_min_s": 0.05, "backoff_max_s": 0.2}})
+    )
+    async with DevWorkloadApi(sock, spiffe_id=APP_ID), identity_component.component(runtime):
+        assert runtime.identity is not None
+        identity = runtime.identity
+        assert isinstance(identity, WorkloadApiIdentity)
+        assert await identity.wait_ready(10)
+        assert runtime.readiness["identity"]() == (True, "ok")
+        text = b"".join(produce() for produce in runtime.metrics).decode()
+        assert "outrider_identity_ready 1.0" in text
+        assert 'outrider_identity_state{state="ok"} 1.0' in text
+        assert "outrider_identity_svid_rotations_total 1.0" in text
+        expiry = next(
+            line for line in text.splitlines() if line.startswith("outrider_identity_svid_expiry_seconds ")
+        )
+        assert 3000 < float(expiry.split()[1]) <= 3600
+    assert "identity" not in runtime.readiness and runtime.identity is None
