@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from webhook.patch import JsonPatch, diff
 INIT_NAME = "outrider-init"
 PROXY_NAME = "outrider-proxy"
 SPIFFE_VOLUME_NAME = "outrider-spiffe"
+POLICY_VOLUME_NAME = "outrider-egress-policy"
 SPIFFE_MOUNT_PATH = "/spiffe-workload-api"
 SPIFFE_SOCKET = f"unix://{SPIFFE_MOUNT_PATH}/spire-agent.sock"
 ADMIN_PORT_NAME = "outrider-admin"
@@ -134,7 +136,14 @@ def inject(
         warnings.extend(e + "; it can bypass the sidecar's egress capture" for e in escapes)
         _check_port_clash(spec)
         mcp_port, app_index = _find_mcp_port(spec, settings.mcp_port, warnings)
-        plan = plan_egress(original, namespace_labels, namespace_policy, thaw(config.egress_default_policy))
+        try:
+            plan = plan_egress(
+                original, namespace_labels, namespace_policy, thaw(config.egress_default_policy)
+            )
+        except Exception as exc:  # the planner is another team's code; a crash must not be ours
+            raise _Refused(
+                f"cannot plan egress for this pod ({type(exc).__name__}); check its annotations"
+            ) from None
         warnings.extend(plan.warnings)
         if plan.errors:
             raise _Refused("; ".join(plan.errors))
@@ -489,10 +498,19 @@ def _apply(
         if new_inits:
             spec["initContainers"] = [*user_inits, *new_inits]
         containers.append(proxy)
-    spec["volumes"] = [
-        *volumes,
-        {"name": volume_name, "csi": {"driver": config.spiffe_csi_driver, "readOnly": True}},
+    new_volumes: list[dict[str, Any]] = [
+        {"name": volume_name, "csi": {"driver": config.spiffe_csi_driver, "readOnly": True}}
     ]
+    policy_map = getattr(plan, "policy_config_map", None)
+    policy_file = getattr(plan, "policy_file", None)
+    if policy_map and policy_file:
+        # The namespace may narrow the egress policy at run time with this (optional) ConfigMap.
+        policy_volume = _free_name(POLICY_VOLUME_NAME, taken_volumes)
+        new_volumes.append({"name": policy_volume, "configMap": {"name": policy_map, "optional": True}})
+        proxy["volumeMounts"].append(
+            {"name": policy_volume, "mountPath": posixpath.dirname(policy_file), "readOnly": True}
+        )
+    spec["volumes"] = [*volumes, *new_volumes]
 
     annotations = _map(metadata.get("annotations"))
     sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
@@ -500,7 +518,7 @@ def _apply(
         "version": __version__,
         "initContainers": [n for n in (init_name, proxy_name if config.native_sidecar else None) if n],
         "containers": [] if config.native_sidecar else [proxy_name],
-        "volumes": [volume_name],
+        "volumes": [v["name"] for v in new_volumes],
         "configHash": config.hash,
         "egressMode": plan.mode,
         "mcpPort": mcp_port,

@@ -14,6 +14,10 @@ from webhook.offline import TEMPLATE_PATHS
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "testdata" / "inject"
 DEFAULT_LABELS = {"outrider.dev/inject": "enabled"}
+# Every fixture runs under a realistic operator policy unless its header says otherwise.
+BASE_CONFIG: dict[str, Any] = {
+    "egress_default_policy": {"allow": ["api.github.com:443", "*.example.com:443"]}
+}
 
 
 def fixture_names() -> list[str]:
@@ -28,7 +32,7 @@ def load_fixture(name: str) -> tuple[dict[str, Any], dict[str, str], WebhookConf
     """The input object plus the namespace labels and config from its `# key: value` header."""
     text = (GOLDEN_DIR / f"{name}.yaml").read_text()
     labels = dict(DEFAULT_LABELS)
-    config: dict[str, Any] = {}
+    config: dict[str, Any] = dict(BASE_CONFIG)
     for line in text.splitlines():
         if not line.startswith("#"):
             break
@@ -36,7 +40,7 @@ def load_fixture(name: str) -> tuple[dict[str, Any], dict[str, str], WebhookConf
         if key == "namespace-labels":
             labels = dict(part.split("=", 1) for part in value.split(","))
         elif key == "config":
-            config = yaml.safe_load(value)
+            config = {**BASE_CONFIG, **yaml.safe_load(value)}
     return yaml.safe_load(text), labels, parse_config(config)
 
 

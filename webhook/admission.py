@@ -1,0 +1,132 @@
+"""The AdmissionReview `admission.k8s.io/v1` protocol as pure functions: decode, decide, answer.
+
+`decode` turns a request body into a `Review` or raises `BadReview` (with the uid when one was
+readable, so the server can still answer in-protocol); `answer` builds the response document.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook.engine import InjectionResult
+
+API_VERSION = "admission.k8s.io/v1"
+KIND = "AdmissionReview"
+
+
+class BadReview(ValueError):
+    """The body is not a usable AdmissionReview; `uid` is set when the request's uid was readable."""
+
+    def __init__(self, message: str, uid: str | None = None) -> None:
+        super().__init__(message)
+        self.uid = uid
+
+
+@dataclass(frozen=True)
+class Review:
+    uid: str
+    kind: Mapping[str, Any]  # group/version/kind of the object
+    operation: str
+    namespace: str | None
+    sub_resource: str | None
+    dry_run: bool
+    object: Any = field(default=None)
+
+    @property
+    def is_pod_create(self) -> bool:
+        return (
+            self.operation == "CREATE"
+            and self.kind.get("group", "") == ""
+            and self.kind.get("kind") == "Pod"
+            and not self.sub_resource
+        )
+
+
+def decode(body: bytes) -> Review:
+    if not body.strip():
+        raise BadReview("empty body; expected an AdmissionReview (admission.k8s.io/v1) as JSON")
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise BadReview("JSON nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadReview(f"body is not JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise BadReview("body is not a JSON object; expected an AdmissionReview")
+    if data.get("apiVersion") != API_VERSION or data.get("kind") != KIND:
+        raise BadReview(f"expected apiVersion {API_VERSION} and kind {KIND}")
+    request = data.get("request")
+    if not isinstance(request, dict):
+        raise BadReview("AdmissionReview.request is missing or not an object")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise BadReview("AdmissionReview.request.uid is missing or not a string")
+    kind = request.get("kind")
+    if not isinstance(kind, dict) or not isinstance(kind.get("kind"), str):
+        raise BadReview("request.kind must be an object with a string 'kind'", uid)
+    if not isinstance(kind.get("group", ""), str):
+        raise BadReview("request.kind.group must be a string", uid)
+    operation = request.get("operation")
+    if not isinstance(operation, str):
+        raise BadReview("request.operation must be a string", uid)
+    namespace = request.get("namespace")
+    if namespace is not None and not isinstance(namespace, str):
+        raise BadReview("request.namespace must be a string", uid)
+    sub_resource = request.get("subResource")
+    if sub_resource is not None and not isinstance(sub_resource, str):
+        raise BadReview("request.subResource must be a string", uid)
+    dry_run = request.get("dryRun", False)
+    if not isinstance(dry_run, bool):
+        raise BadReview("request.dryRun must be a boolean", uid)
+    review = Review(
+        uid, kind, operation, namespace or None, sub_resource or None, dry_run, request.get("object")
+    )
+    if review.is_pod_create and not isinstance(review.object, dict):
+        raise BadReview("request.object must be the Pod being created (an object)", uid)
+    return review
+
+
+def _envelope(response: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "response": response}
+
+
+def allow(uid: str, warnings: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+    response: dict[str, Any] = {"uid": uid, "allowed": True}
+    if warnings:
+        response["warnings"] = list(warnings)
+    return _envelope(response)
+
+
+def deny(
+    uid: str, message: str, code: int = 403, warnings: tuple[str, ...] | list[str] = ()
+) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "uid": uid,
+        "allowed": False,
+        "status": {"code": code, "message": message, "reason": "Forbidden" if code == 403 else "BadRequest"},
+    }
+    if warnings:
+        response["warnings"] = list(warnings)
+    return _envelope(response)
+
+
+def answer(uid: str, result: InjectionResult) -> dict[str, Any]:
+    """The AdmissionReview response for an engine result (a JSONPatch only when something changed)."""
+    if not result.allowed:
+        return deny(uid, result.message or "refused by Outrider", warnings=result.warnings)
+    document = allow(uid, result.warnings)
+    if result.patch:
+        patch = json.dumps(result.patch, separators=(",", ":")).encode()
+        document["response"]["patchType"] = "JSONPatch"
+        document["response"]["patch"] = base64.b64encode(patch).decode()
+    return document
+
+
+def outcome(result: InjectionResult) -> str:
+    if not result.allowed:
+        return "denied"
+    return "injected" if result.injected else "skipped"

@@ -1,0 +1,156 @@
+"""The webhook's HTTPS server: `POST /mutate` (AdmissionReview v1), `/healthz`, `/readyz`, `/metrics`.
+
+A thin aiohttp shell around `webhook.admission` and `webhook.engine`; bad input gets a 4xx with a
+one-line reason (or an in-protocol denial once the uid is known), never a 5xx or a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from webhook import admission
+from webhook import annotations as ann
+from webhook.config import ConfigHolder
+from webhook.engine import inject
+from webhook.namespaces import NamespaceFacts
+from webhook.tls import CertStore
+
+log = logging.getLogger("outrider.webhook")
+
+DEFAULT_MAX_BODY = 2 * 1024 * 1024  # a big pod is ~100 KiB; etcd's own object limit is 1.5 MiB
+OUTCOMES = ("injected", "skipped", "denied", "ignored", "invalid", "error")
+ENABLED_LABELS = {ann.NAMESPACE_INJECT: ann.NAMESPACE_ENABLED}
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    admissions: Counter
+    latency: Histogram
+
+    @classmethod
+    def create(cls) -> Metrics:
+        # One registry per app: several servers in one process (tests, bench) must not share counters.
+        registry = CollectorRegistry()
+        admissions = Counter(
+            "outrider_webhook_admissions",
+            "AdmissionReview requests by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        for name in OUTCOMES:
+            admissions.labels(name)
+        latency = Histogram(
+            "outrider_webhook_admission_duration_seconds",
+            "Time to answer one AdmissionReview",
+            registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        return cls(registry, admissions, latency)
+
+
+CONFIG = web.AppKey("config", ConfigHolder)
+CERTS = web.AppKey("certs", CertStore)
+NAMESPACES = web.AppKey("namespaces", object)  # NamespaceFacts | None (Protocols are not AppKey types)
+METRICS = web.AppKey("metrics", Metrics)
+READY_CHECKS = web.AppKey("ready_checks", list[Callable[[], bool]])
+
+
+def _json(document: object) -> web.Response:
+    return web.Response(
+        body=json.dumps(document, separators=(",", ":")).encode(), content_type="application/json"
+    )
+
+
+async def mutate(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        body = await request.read()
+        try:
+            review = admission.decode(body)
+        except admission.BadReview as exc:
+            outcome = "invalid"
+            if exc.uid is None:
+                raise web.HTTPBadRequest(text=f"bad AdmissionReview: {exc}\n") from None
+            return _json(admission.deny(exc.uid, f"bad AdmissionReview: {exc}", code=400))
+        if not review.is_pod_create:
+            outcome = "ignored"
+            return _json(admission.allow(review.uid))
+        try:
+            namespace = review.namespace or ""
+            facts: NamespaceFacts | None = request.app[NAMESPACES]  # type: ignore[assignment]
+            labels = await facts.labels(namespace) if facts else ENABLED_LABELS
+            policy = await facts.egress_policy(namespace) if facts else None
+            result = inject(review.object, labels, request.app[CONFIG].current, policy, namespace or None)
+        except Exception:
+            # A bug must not leak a stack trace to the API server; answer in-protocol and log it here.
+            log.exception("injection failed for request %s", review.uid)
+            return _json(
+                admission.deny(review.uid, "internal error in the Outrider webhook; see its log", 500)
+            )
+        outcome = admission.outcome(result)
+        if not result.allowed:
+            log.info("refused pod in namespace %s: %s", review.namespace, result.message)
+        return _json(admission.answer(review.uid, result))
+    finally:
+        metrics.admissions.labels(outcome).inc()
+        metrics.latency.observe(time.perf_counter() - started)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if not request.app[CERTS].loaded:
+        return web.Response(status=503, text="no serving certificate loaded\n")
+    if not all(check() for check in request.app[READY_CHECKS]):
+        return web.Response(status=503, text="not ready\n")
+    return web.Response(text="ready\n")
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(request.app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+@web.middleware
+async def errors_are_one_line(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        raise web.HTTPBadRequest(text=f"bad request ({type(exc).__name__})\n") from None
+
+
+def build_app(
+    config: ConfigHolder,
+    certs: CertStore,
+    namespaces: NamespaceFacts | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+) -> web.Application:
+    app = web.Application(client_max_size=max_body, middlewares=[errors_are_one_line])
+    app[CONFIG] = config
+    app[CERTS] = certs
+    app[NAMESPACES] = namespaces
+    app[METRICS] = Metrics.create()
+    app[READY_CHECKS] = []
+    app.router.add_post("/mutate", mutate)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app

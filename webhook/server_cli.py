@@ -1,0 +1,126 @@
+"""`outrider webhook`: flags, start-up order and shutdown of the admission webhook process.
+
+Without cluster flags it serves from files and treats every namespace as opted in; with
+`--kubeconfig`/`--in-cluster` it enters `webhook.cluster.services.cluster_services` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from webhook.config import ConfigError, ConfigHolder, WebhookConfig, load_config_file
+from webhook.namespaces import NamespaceFacts
+from webhook.server import DEFAULT_MAX_BODY, build_app
+from webhook.tls import CertError, CertStore
+
+log = logging.getLogger("outrider.webhook")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", help="serving certificate (PEM); reloaded when the file changes")
+    parser.add_argument("--tls-key", help="serving key (PEM); reloaded when the file changes")
+    parser.add_argument("--port", type=int, default=8443, help="HTTPS port (default: %(default)s)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--config", help="webhook config file (YAML); default: built-in defaults")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="request body limit")
+    parser.add_argument("--reload-interval", type=float, default=2.0, help="seconds between cert file checks")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    cluster = parser.add_argument_group("cluster (optional)")
+    cluster.add_argument("--kubeconfig", help="talk to the cluster with this kubeconfig")
+    cluster.add_argument(
+        "--in-cluster", action="store_true", help="talk to the cluster as the pod's service account"
+    )
+    cluster.add_argument(
+        "--namespace", default="outrider-system", help="the webhook's namespace (default: %(default)s)"
+    )
+    cluster.add_argument(
+        "--webhook-config-name", default="outrider", help="MutatingWebhookConfiguration name"
+    )
+    cluster.add_argument(
+        "--cert-mode",
+        choices=["files", "self-managed"],
+        default=None,
+        help="files: --tls-cert/--tls-key (e.g. cert-manager); self-managed: the webhook issues and "
+        "rotates its own (default in a cluster without --tls-cert)",
+    )
+    cluster.add_argument("--config-map", help="ConfigMap (in --namespace) holding the webhook config")
+
+
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) -> int:
+    try:
+        config = load_config_file(args.config) if args.config else WebhookConfig()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    holder = ConfigHolder(config)
+    store = CertStore()
+    in_cluster = bool(args.kubeconfig or args.in_cluster)
+    have_files = bool(args.tls_cert and args.tls_key)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: give both --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    if args.cert_mode is None:
+        args.cert_mode = "files" if have_files or not in_cluster else "self-managed"
+    if args.cert_mode == "files" and not have_files:
+        print(
+            "error: --tls-cert and --tls-key are required (or use --cert-mode self-managed in a cluster)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.config_map and not in_cluster:
+        print("error: --config-map needs a cluster: add --kubeconfig FILE or --in-cluster", file=sys.stderr)
+        return 2
+    if args.cert_mode == "files":
+        try:
+            store.load_files(args.tls_cert, args.tls_key)
+        except CertError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    async with contextlib.AsyncExitStack() as stack:
+        namespaces: NamespaceFacts | None = None
+        if in_cluster:
+            try:
+                from webhook.cluster.services import cluster_services
+            except ImportError as exc:
+                print(f"error: the in-cluster services are not available ({exc})", file=sys.stderr)
+                return 2
+            namespaces = await stack.enter_async_context(cluster_services(args, holder, store))
+        app = build_app(holder, store, namespaces, args.max_body_bytes)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, args.host, args.port, ssl_context=store.context, shutdown_timeout=10)
+        await site.start()
+        log.info("outrider webhook listening on https://%s:%s", args.host, args.port)
+        tasks: list[asyncio.Task[Any]] = []
+        if args.cert_mode == "files":
+            tasks.append(asyncio.create_task(store.watch(args.reload_interval), name="outrider-cert-watch"))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            log.info("outrider webhook shutting down")
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(args))
