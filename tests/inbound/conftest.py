@@ -204,8 +204,10 @@ class RecordingObserver:
                 record.finished.append(kwargs)
 
         del observer
-        yield Scope()
-        record.closed = True
+        try:
+            yield Scope()
+        finally:
+            record.closed = True
 
     def egress(self, decision: Any) -> None:
         return None
