@@ -104,12 +104,15 @@ async def test_headers_are_rewritten_and_credentials_never_forwarded(
 ) -> None:
     caller = bearer(idp)
     headers = {**ACCEPT, **caller, "Connection": "keep-alive, X-Hop", "X-Hop": "drop me", "X-Keep": "keep me"}
-    async with make_sidecar(upstream.port) as sidecar, aiohttp.ClientSession() as session:
-        async with session.post(sidecar.mcp_url(), json=CALL, headers=headers) as response:
-            assert response.status == 200
-            assert response.headers["Mcp-Session-Id"] == "s-1"
-            assert "X-Upstream-Secret" not in response.headers  # named by the app's Connection header
-            assert (await response.json())["id"] == 3
+    async with (
+        make_sidecar(upstream.port) as sidecar,
+        aiohttp.ClientSession() as session,
+        session.post(sidecar.mcp_url(), json=CALL, headers=headers) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Mcp-Session-Id"] == "s-1"
+        assert "X-Upstream-Secret" not in response.headers  # named by the app's Connection header
+        assert (await response.json())["id"] == 3
     (seen,) = upstream.seen_headers
     assert seen["Host"] == f"127.0.0.1:{upstream.port}"
     assert seen["X-Keep"] == "keep me"
@@ -164,11 +167,14 @@ async def test_upstream_down_is_502_and_stuck_upstream_is_504(
     upstream: Upstream, make_sidecar: SidecarFactory, idp: DevIdP
 ) -> None:
     observer = RecordingObserver()
-    async with make_sidecar(free_port(), observer=observer) as sidecar, aiohttp.ClientSession() as session:
-        async with session.post(sidecar.mcp_url(), json=CALL, headers={**ACCEPT, **bearer(idp)}) as response:
-            assert response.status == 502
-            body = await response.json()
-            assert body["id"] == 3 and body["error"]["code"] == -32603
+    async with (
+        make_sidecar(free_port(), observer=observer) as sidecar,
+        aiohttp.ClientSession() as session,
+        session.post(sidecar.mcp_url(), json=CALL, headers={**ACCEPT, **bearer(idp)}) as response,
+    ):
+        assert response.status == 502
+        body = await response.json()
+        assert body["id"] == 3 and body["error"]["code"] == -32603
     assert observer.calls[-1].outcome["error_type"] == "upstream_unreachable"
     async with (
         make_sidecar(upstream.port, observer=observer, upstream_timeout_s=0.3) as sidecar,
