@@ -45,6 +45,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         meter_provider=providers.meter_provider,
         audit=audit,
         workload=lambda: _workload(runtime),
+        flush=providers.force_flush,
     )
     runtime.metrics.append(providers.prometheus)
     try:

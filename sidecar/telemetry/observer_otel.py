@@ -76,8 +76,10 @@ class OtelObserver:
         meter_provider: metrics.MeterProvider,
         audit: AuditLog,
         workload: Callable[[], Workload] = Workload,
+        flush: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
+        self._flush = flush
         self.audit = audit
         self._workload = workload
         self.tracer = tracer_provider.get_tracer(INSTRUMENTATION)
@@ -121,6 +123,11 @@ class OtelObserver:
             unit="1",
             description="1 while the sidecar holds a valid SVID and the Workload API stream is healthy.",
         )
+
+    def force_flush(self) -> None:
+        """Export pending spans and metrics now (blocking: call it from a thread in async code)."""
+        if self._flush is not None:
+            self._flush()
 
     def workload(self) -> Workload:
         try:

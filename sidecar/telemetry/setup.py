@@ -96,6 +96,10 @@ class TelemetryProviders:
     prometheus: PrometheusText
     plan: ExportPlan
 
+    def force_flush(self) -> None:
+        self.tracer_provider.force_flush(timeout_millis=5000)
+        self.meter_provider.force_flush(timeout_millis=5000)
+
     def shutdown(self) -> None:
         # Flush before shutting down: the batch processor drops queued spans otherwise.
         try:
