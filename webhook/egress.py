@@ -1,4 +1,4 @@
-"""How the egress policy and capture mode reach an injected pod (placeholder; the egress work owns it).
+"""How the egress policy and capture mode reach an injected pod.
 
 A pure function: pod + namespace facts + operator policy -> what the injection engine must write.
 """
@@ -9,6 +9,33 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.egress.policy import (
+    Policy,
+    PolicyError,
+    RuleSet,
+    parse_ip,
+    parse_policy,
+    parse_rules,
+    split_annotation,
+    union,
+)
+
+# Pod annotation (app team): narrows the operator policy; rules separated by commas or spaces.
+EGRESS_ALLOW = "outrider.dev/egress-allow"
+# Namespace label (operator): force `capture` or `explicit`; without it Pod Security decides.
+EGRESS_MODE_LABEL = "outrider.dev/egress-mode"
+POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
+# Pod Security levels that refuse NET_ADMIN/NET_RAW, so `outrider-init` could never start there.
+NO_NET_ADMIN_LEVELS = ("baseline", "restricted")
+
+PROXY_URL = "http://127.0.0.1:15001"
+# Loopback stays direct: the MCP server talks to its own sidecar and itself there.
+NO_PROXY = "localhost,127.0.0.1,::1"
+
+# Where the reloadable policy file is mounted in `outrider-proxy` (ConfigMap volume, optional).
+POLICY_FILE = "/etc/outrider/egress/policy.yaml"
+POLICY_CONFIG_MAP = "outrider-egress"
+
 
 @dataclass(frozen=True)
 class EgressPlan:
@@ -18,6 +45,53 @@ class EgressPlan:
     init_args: tuple[str, ...] = ()  # extra `outrider iptables` arguments for outrider-init
     warnings: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()  # non-empty: refuse the pod with these messages
+    # Optional narrowing file: a ConfigMap of this name in the pod's namespace, key `policy.yaml`,
+    # mounted (optional: true) at `policy_file`. Anyone who can edit it can only narrow the policy.
+    policy_config_map: str = POLICY_CONFIG_MAP
+    policy_file: str = POLICY_FILE
+
+
+def choose_mode(namespace_labels: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
+    forced = namespace_labels.get(EGRESS_MODE_LABEL)
+    level = namespace_labels.get(POD_SECURITY_ENFORCE, "privileged")
+    if forced in ("capture", "explicit"):
+        if forced == "capture" and level in NO_NET_ADMIN_LEVELS:
+            return "capture", (
+                f"namespace label {EGRESS_MODE_LABEL}=capture but {POD_SECURITY_ENFORCE}={level} forbids the "
+                "NET_ADMIN init container; the pod will be rejected by Pod Security",
+            )
+        return forced, ()
+    warnings: tuple[str, ...] = ()
+    if forced is not None:
+        warnings = (
+            f"namespace label {EGRESS_MODE_LABEL}={forced!r} is not 'capture' or 'explicit'; ignored",
+        )
+    mode = "explicit" if level in NO_NET_ADMIN_LEVELS else "capture"
+    return mode, warnings
+
+
+def _operator_layer(
+    namespace_policy: Mapping[str, Any] | None, cluster_policy: Mapping[str, Any] | None, namespace: str
+) -> tuple[RuleSet | None, list[str]]:
+    warnings: list[str] = []
+
+    def layer(doc: Mapping[str, Any], origin: str) -> RuleSet:
+        try:
+            policy, errors = parse_policy(doc, origin)
+        except PolicyError as exc:
+            warnings.append(f"{exc}; that policy is ignored (deny by default)")
+            return RuleSet(source=origin, rules=())
+        # A bad rule is left out: with deny by default that can only narrow, never widen.
+        warnings.extend(f"{e}; rule left out" for e in errors)
+        return policy.layers[0] if policy.layers else RuleSet(source=origin, rules=())
+
+    cluster = layer(cluster_policy, "cluster default policy") if cluster_policy else None
+    if namespace_policy is None:
+        return cluster, warnings
+    own = layer({"allow": namespace_policy.get("allow", [])}, f"namespace {namespace} policy")
+    if namespace_policy.get("includeClusterDefault") and cluster is not None:
+        own = union(cluster, own, f"namespace {namespace} policy + cluster default")
+    return own, warnings
 
 
 def plan_egress(
@@ -26,4 +100,55 @@ def plan_egress(
     namespace_policy: Mapping[str, Any] | None,
     cluster_policy: Mapping[str, Any] | None,
 ) -> EgressPlan:
-    return EgressPlan(mode="capture", policy=dict(namespace_policy or cluster_policy or {}))
+    """Operator layer (namespace policy, else the cluster default) ∩ the pod's own narrowing annotation."""
+    metadata = pod.get("metadata") or {}
+    namespace = str(metadata.get("namespace") or "default")
+    mode, mode_warnings = choose_mode(namespace_labels)
+    warnings = list(mode_warnings)
+    errors: list[str] = []
+    base, base_warnings = _operator_layer(namespace_policy, cluster_policy, namespace)
+    warnings.extend(base_warnings)
+    layers: list[RuleSet] = []
+    if base is None or not base.rules:
+        warnings.append("no egress policy allows anything for this namespace: all outbound traffic is denied")
+    # Always a first layer: without one, an annotation alone would become the whole policy (a widening).
+    layers.append(base if base is not None else RuleSet(source="no operator egress policy", rules=()))
+    annotation = (metadata.get("annotations") or {}).get(EGRESS_ALLOW)
+    if annotation is not None:
+        rules, rule_errors = parse_rules(split_annotation(str(annotation)), f"annotation {EGRESS_ALLOW}")
+        errors.extend(
+            f"{e}; allowed forms: host, host:443, *.example.com, 10.0.0.0/8:5432, [fd00::/8]:443, host:*"
+            for e in rule_errors
+        )
+        layers.append(RuleSet(source=f"annotation {EGRESS_ALLOW}", rules=rules))
+    policy = Policy(layers=tuple(layers))
+    app_env: tuple[tuple[str, str], ...] = ()
+    if mode == "explicit":
+        app_env = tuple(
+            (name, value)
+            for upper, value in (
+                ("HTTP_PROXY", PROXY_URL),
+                ("HTTPS_PROXY", PROXY_URL),
+                ("NO_PROXY", NO_PROXY),
+            )
+            for name in (upper, upper.lower())
+        )
+    return EgressPlan(
+        mode=mode,
+        policy=policy.to_mapping(),
+        app_env=app_env,
+        init_args=_init_args(pod) if mode == "capture" else (),
+        warnings=tuple(warnings),
+        errors=tuple(errors),
+    )
+
+
+def _init_args(pod: Mapping[str, Any]) -> tuple[str, ...]:
+    """Custom `dnsConfig` nameservers join the resolvers from /etc/resolv.conf that UDP may reach."""
+    spec = pod.get("spec") or {}
+    servers = ((spec.get("dnsConfig") or {}).get("nameservers")) or []
+    args: list[str] = []
+    for server in servers:
+        if parse_ip(str(server)) is not None:  # the API server validates these; be safe offline too
+            args += ["--dns-server", str(server)]
+    return tuple(args)
