@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+
+# This folder is a package (`controlplane`) so its helpers import relatively; pytest then puts
+# tests/ on sys.path, where tests/webhook/ would shadow the real `webhook` package as a namespace
+# package. The repository root first keeps `import webhook` pointing at the code under test.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pytest
 from kubernetes_asyncio import client, config
