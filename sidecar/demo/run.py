@@ -67,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console(colour=False if args.no_colour else None)
     try:
         return asyncio.run(_main(args, console))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
+        # Ctrl-C (KeyboardInterrupt) or SIGTERM (the main task cancelled): clean-up already ran.
         console.say("interrupted: everything the demo started has been stopped and removed")
-        return 130
+        return 130 if isinstance(exc, KeyboardInterrupt) else 143
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,16 +487,16 @@ async def start_identity(demo: Demo) -> str:
     status = json.loads(demo.injected["metadata"]["annotations"].get("outrider.dev/status", "{}"))
     demo.spiffe_id = str(status.get("spiffeId") or f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/default")
     c.say(f"the webhook recorded the pod's expected SPIFFE ID: {demo.spiffe_id}")
+    uid = PROXY_UID if demo.topo is not None else os.getuid()
     if demo.args.spire:
         from sidecar.demo import spire_glue
 
-        await spire_glue.start(demo, socket_path)
+        socket_path = await spire_glue.start(demo, uid, os.getuid())
     else:
         c.say(
             "SPIFFE Workload API: the DEV STAND-IN issuer (sidecar/dev/workload_api.py, in-memory CA) - "
             "not SPIRE; `make demo SPIRE=1` uses the real SPIRE server and agent"
         )
-        uid = PROXY_UID if demo.topo is not None else os.getuid()
         # Like SPIRE's unix attestor: the identity follows the caller's uid (the sidecar's, the IdP's).
         argv = [
             procs.python(),
@@ -512,7 +513,6 @@ async def start_identity(demo: Demo) -> str:
             argv += ["--uid-map", f"{os.getuid()}={IDP_SPIFFE_ID}"]
         child = await demo.sup.start("workload-api", argv)
         await procs.wait_until("the Workload API socket", lambda: _exists(socket_path), child=child)
-        # The sidecar (uid 15337) must connect; in a cluster the CSI driver's mount takes care of it.
         _open_socket(socket_path)
     c.check(
         True,

@@ -40,18 +40,22 @@ def _netns_names() -> set[str]:
     return {p.name for p in run_netns.iterdir()} if run_netns.exists() else set()
 
 
-def test_demo_runs_every_step_and_cleans_up(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        print("not root: the demo runs in explicit-proxy mode (CI runs as root and covers capture mode)")
-    before = _netns_names()
-    result = subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "demo", "--no-colour"],
+def _run_demo(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "webhook.cli", "demo", "--no-colour", *extra],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
         cwd=tmp_path,  # the demo must not depend on the working directory
     )
+
+
+def test_demo_runs_every_step_and_cleans_up(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        print("not root: the demo runs in explicit-proxy mode (CI runs as root and covers capture mode)")
+    before = _netns_names()
+    result = _run_demo(tmp_path)
     out = result.stdout
     print(out)
     print(result.stderr[-3000:], file=sys.stderr)
@@ -80,3 +84,17 @@ def test_demo_fails_when_a_step_cannot_behave_as_described() -> None:
     assert "Outrider demo: some steps did NOT behave as described" in result.stdout
     assert "[ok] nothing left behind" in result.stdout
     assert result.returncode == 1
+
+
+@pytest.mark.spire
+def test_demo_with_real_spire(tmp_path: Path) -> None:
+    """`make demo SPIRE=1`: the same story with the real SPIRE server and agent as the Workload API."""
+    result = _run_demo(tmp_path, "--spire")
+    print(result.stdout)
+    print(result.stderr[-3000:], file=sys.stderr)
+    assert "the REAL SPIRE server and agent" in result.stdout
+    assert "DEV STAND-IN" not in result.stdout
+    for line in KEY_LINES:
+        if line != "DEV STAND-IN":
+            assert line in result.stdout
+    assert result.returncode == 0
