@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -24,3 +25,21 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
     except ValueError:
         flag = False
     return flag or os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from webhook.certs import DEFAULT_DNS_NAMES, write_certs
+
+    out = tmp_path_factory.mktemp("certs")
+    write_certs(out, DEFAULT_DNS_NAMES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def webhook_server(cert_dir: Any) -> Any:
+    from webhook_support import ThreadedWebhook
+
+    server = ThreadedWebhook(cert_dir, max_body=256 * 1024)
+    yield server
+    server.close()

@@ -80,3 +80,105 @@ def semantic_problems(doc: dict[str, Any]) -> list[str]:
             if env["name"] in ("OUTRIDER_CONFIG", "OUTRIDER_APP_PROBES"):
                 json.loads(env["value"])
     return problems
+
+
+class ThreadedWebhook:
+    """The real webhook app over real TLS on 127.0.0.1, served from a background thread's loop.
+
+    Sync tests (and hypothesis) talk to it with `http.client`, exactly like an API server would.
+    """
+
+    def __init__(self, cert_dir: Path, namespaces: Any = None, max_body: int | None = None) -> None:
+        import asyncio
+        import threading
+
+        from webhook.config import ConfigHolder
+        from webhook.server import DEFAULT_MAX_BODY, build_app
+        from webhook.tls import CertStore
+
+        self.cert_dir = cert_dir
+        self.store = CertStore()
+        self.store.load_files(cert_dir / "tls.crt", cert_dir / "tls.key")
+        self.holder = ConfigHolder(parse_config(BASE_CONFIG))
+        self.app = build_app(self.holder, self.store, namespaces, max_body or DEFAULT_MAX_BODY)
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        started = threading.Event()
+
+        async def start() -> None:
+            from aiohttp import web
+
+            self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=self.store.context)
+            await site.start()
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert started.wait(30), "webhook did not start"
+
+    def client_context(self, ca: Path | None = None) -> Any:
+        import ssl
+
+        return ssl.create_default_context(cafile=str(ca or self.cert_dir / "ca.crt"))
+
+    def connection(self, host: str = "localhost") -> Any:
+        import http.client
+
+        return http.client.HTTPSConnection(host, self.port, context=self.client_context(), timeout=30)
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, conn: Any = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        own = conn is None
+        conn = conn or self.connection()
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, data, dict(response.getheaders())
+        finally:
+            if own:
+                conn.close()
+
+    def close(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def review(
+    obj: Any,
+    *,
+    uid: str = "uid-1",
+    namespace: str = "tools",
+    operation: str = "CREATE",
+    kind: str = "Pod",
+    group: str = "",
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": group, "version": "v1", "kind": kind},
+            "resource": {"group": group, "version": "v1", "resource": kind.lower() + "s"},
+            "namespace": namespace,
+            "operation": operation,
+            "dryRun": dry_run,
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": obj,
+        },
+    }
