@@ -240,7 +240,7 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         otlp_port, otlp_counts = await otlp_receiver(stack)
         mcp_port, port, admin = free_port(), free_port(), free_port()
         python = sys.executable
-        app = subprocess.Popen(
+        app = subprocess.Popen(  # noqa: ASYNC220 - start-up, once
             [python, "-m", "sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -259,7 +259,7 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         )
         outrider = str(Path(python).with_name("outrider"))
         log = (tmp / "sidecar.log").open("wb")
-        sidecar = subprocess.Popen(
+        sidecar = subprocess.Popen(  # noqa: ASYNC220 - start-up, once
             [outrider, "sidecar", "--log-level", "WARNING"], env=env, stdout=log, stderr=log
         )
         stack.callback(_stop, sidecar)
@@ -356,7 +356,8 @@ def render(result: dict[str, Any]) -> str:
             f"added  : p50 {result['p50_added_ms']:+.3f} ms (target <= 1, {mark('p50_added_ms')})  "
             f"p99 {result['p99_added_ms']:+.3f} ms (target <= 3, {mark('p99_added_ms')})  "
             f"p50 ratio x{result['p50_ratio']}",
-            f"max    : direct {result['max_rps_direct']:.0f} req/s, sidecar {result['max_rps_sidecar']:.0f} req/s",
+            f"max    : direct {result['max_rps_direct']:.0f} req/s, "
+            f"sidecar {result['max_rps_sidecar']:.0f} req/s",
             f"RSS    : idle {result['rss_idle_mb']:.1f} MB (target <= 60, {mark('rss_idle_mb')}), "
             f"peak under load {result['rss_load_peak_mb']:.1f} MB, after {result['rss_after_mb']:.1f} MB",
             f"IdP    : {result['idp_exchange_requests']} token-exchange request(s) for the whole run (cache)",
