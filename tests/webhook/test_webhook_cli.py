@@ -1,0 +1,158 @@
+"""The `outrider certs`, `outrider inject` and `outrider webhook` commands as a user runs them."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from webhook_support import GOLDEN_DIR
+
+OUTRIDER = [sys.executable, "-m", "webhook.cli"]
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*OUTRIDER, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_certs_writes_ca_and_serving_cert_with_private_keys(tmp_path: Path) -> None:
+    result = _run("certs", "--out", str(tmp_path), "--dns-name", "webhook.example.test")
+    assert result.returncode == 0, result.stderr
+    for name in ("ca.crt", "tls.crt", "tls.key", "ca.key"):
+        assert (tmp_path / name).exists()
+    for key in ("tls.key", "ca.key"):
+        assert stat.S_IMODE((tmp_path / key).stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "outrider-webhook.outrider-system.svc" in sans.get_values_for_type(x509.DNSName)
+    assert "webhook.example.test" in sans.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    # A second run reuses the CA, so clients that trust it keep working.
+    ca_before = (tmp_path / "ca.crt").read_bytes()
+    assert _run("certs", "--out", str(tmp_path)).returncode == 0
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before
+
+
+def test_inject_multi_document_stdin() -> None:
+    docs = "\n---\n".join(
+        (GOLDEN_DIR / f"{n}.yaml").read_text() for n in ("deployment", "cronjob", "host-network")
+    )
+    docs += "\n---\napiVersion: v1\nkind: Service\nmetadata: {name: svc}\nspec: {ports: [{port: 80}]}\n---\n"
+    result = _run("inject", "-f", "-", stdin=docs)
+    assert result.returncode == 0, result.stderr
+    out = list(yaml.safe_load_all(result.stdout))
+    assert [d["kind"] for d in out] == ["Deployment", "CronJob", "Pod", "Service"]
+    assert out[0]["spec"]["template"]["spec"]["initContainers"][1]["name"] == "outrider-proxy"
+    cron_pod = out[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert cron_pod["initContainers"][0]["name"] == "outrider-init"
+    assert "initContainers" not in out[2]["spec"]  # hostNetwork: skipped
+    assert out[3] == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "svc"},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    assert "warning: Pod/hostnet-mcp: spec.hostNetwork is true" in result.stderr
+
+
+def test_inject_refusal_and_bad_yaml_are_clear(tmp_path: Path) -> None:
+    strict = _run(
+        "inject",
+        "-f",
+        str(GOLDEN_DIR / "opted-out-strict.yaml"),
+        "--namespace-labels",
+        "outrider.dev/inject=strict",
+    )
+    assert strict.returncode == 1
+    assert "error: Pod/legacy-mcp: metadata.annotations[outrider.dev/inject]" in strict.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: Pod\n  spec: [\n")
+    result = _run("inject", "-f", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {bad} is not valid YAML") and result.stderr.count("\n") == 1
+    missing = _run("inject", "-f", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_inject_with_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("native_sidecar: false\nsidecar_image: registry.example/outrider:dev\n")
+    result = _run("inject", "-f", str(GOLDEN_DIR / "simple-pod.yaml"), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    pod = yaml.safe_load(result.stdout)
+    assert pod["spec"]["containers"][-1]["name"] == "outrider-proxy"
+    assert pod["spec"]["containers"][-1]["image"] == "registry.example/outrider:dev"
+    config.write_text("native_sidecar: maybe\n")
+    bad = _run("inject", "-f", str(GOLDEN_DIR / "simple-pod.yaml"), "--config", str(config))
+    assert bad.returncode == 2 and "native_sidecar" in bad.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_webhook_command_serves_tls_and_stops_on_sigterm(tmp_path: Path) -> None:
+    assert _run("certs", "--out", str(tmp_path)).returncode == 0
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            *OUTRIDER,
+            "webhook",
+            "--tls-cert",
+            str(tmp_path / "tls.crt"),
+            "--tls-key",
+            str(tmp_path / "tls.key"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=5)
+                conn.request("GET", "/readyz")
+                response = conn.getresponse()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, "webhook did not come up"
+                time.sleep(0.2)
+        assert response.status == 200 and response.read() == b"ready\n"
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "listening on https://127.0.0.1" in output and "shutting down" in output
+
+
+def test_webhook_command_rejects_bad_flags(tmp_path: Path) -> None:
+    missing = _run("webhook", "--port", "0")
+    assert missing.returncode == 2 and "--tls-cert and --tls-key are required" in missing.stderr
+    half = _run("webhook", "--tls-cert", "x")
+    assert half.returncode == 2 and "both --tls-cert and --tls-key" in half.stderr
+    cm = _run("webhook", "--tls-cert", "x", "--tls-key", "y", "--config-map", "c")
+    assert cm.returncode == 2 and "--config-map needs a cluster" in cm.stderr
+    unreadable = _run("webhook", "--tls-cert", str(tmp_path / "a"), "--tls-key", str(tmp_path / "b"))
+    assert unreadable.returncode == 2 and "cannot read" in unreadable.stderr

@@ -1,0 +1,346 @@
+"""Unit tests for the pure parts: annotations, config, JSON Patch building and engine edge cases."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from webhook import annotations as ann
+from webhook import engine
+from webhook.config import ConfigError, ConfigHolder, WebhookConfig, parse_config
+from webhook.egress import EgressPlan
+from webhook.patch import diff, escape, pointer
+
+ENABLED = {"outrider.dev/inject": "enabled"}
+
+
+def _pod(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 8080}]}]}
+    base.update(spec)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ns"}, "spec": base}
+
+
+# --- annotations -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "70000", "http_port", "-1", "UPPER", "a" * 16, "15006"])
+def test_bad_mcp_port_names_the_annotation_and_allowed_values(value: str) -> None:
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_mcp_port(value)
+    assert "outrider.dev/mcp-port" in str(err.value)
+    assert value in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("8080", 8080), (" 3000 ", 3000), ("mcp", "mcp"), ("mcp-http", "mcp-http")]
+)
+def test_good_mcp_port(value: str, expected: int | str) -> None:
+    assert ann.parse_mcp_port(value) == expected
+
+
+def test_inject_flag_values() -> None:
+    assert ann.parse_inject_flag("false", "label") is False
+    assert ann.parse_inject_flag("True", "label") is True
+    with pytest.raises(ann.AnnotationError, match='allowed values: "true", "false"'):
+        ann.parse_inject_flag("no", "annotation")
+
+
+def test_token_audience_only_narrows() -> None:
+    assert ann.parse_token_audience("https://a", ("https://a", "https://b")) == "https://a"
+    with pytest.raises(ann.AnnotationError, match="allowed values: https://a"):
+        ann.parse_token_audience("https://evil", ("https://a",))
+    with pytest.raises(ann.AnnotationError, match="token_audiences is empty"):
+        ann.parse_token_audience("https://a", ())
+
+
+def test_unknown_outrider_annotation_is_a_warning() -> None:
+    pod = _pod()
+    pod["metadata"]["annotations"] = {"outrider.dev/mcp-prot": "8080"}
+    result = engine.inject(pod, ENABLED, WebhookConfig())
+    assert result.injected
+    assert any("outrider.dev/mcp-prot" in w for w in result.warnings)
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_hash_are_stable() -> None:
+    assert parse_config({}) == WebhookConfig()
+    assert parse_config(None).hash == WebhookConfig().hash
+    assert parse_config({"native_sidecar": False}).hash != WebhookConfig().hash
+    assert WebhookConfig().native_sidecar is True
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"imagePullPolicy": "Always"}, "unknown webhook config key(s) ['imagePullPolicy']"),
+        ({"image_pull_policy": "Sometimes"}, "allowed: ['Always', 'IfNotPresent', 'Never']"),
+        ({"native_sidecar": "yes"}, "native_sidecar"),
+        ({"resources": {"requests": {"cpu": "lots"}}}, "resources.requests.cpu"),
+        ({"resources": {"requests": {"gpu": "1"}}}, "resources.requests.gpu"),
+        ({"token_audiences": "https://a"}, "token_audiences"),
+        ({"token_audiences": ["a"], "default_audience": "b"}, "default_audience"),
+        ({"trust_domain": "Example.COM"}, "trust_domain"),
+        ({"sidecar": ["x"]}, "sidecar"),
+        ({"sidecar_image": ""}, "sidecar_image"),
+    ],
+)
+def test_config_errors_name_the_key(data: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert fragment in str(err.value)
+
+
+def test_config_is_frozen_and_holder_swaps() -> None:
+    config = parse_config({"sidecar": {"telemetry": {"audit": {"path": "-"}}}})
+    with pytest.raises(TypeError):
+        config.sidecar["telemetry"] = {}  # type: ignore[index]
+    holder = ConfigHolder()
+    holder.replace(config)
+    assert holder.current is config
+
+
+def test_sidecar_block_is_merged_under_per_pod_values() -> None:
+    config = parse_config(
+        {
+            "sidecar": {"inbound": {"mcp_port": 1, "issuer": "https://idp"}, "exchange": {"audience": "x"}},
+            "token_audiences": ["https://api"],
+            "default_audience": "https://api",
+        }
+    )
+    pod = engine.inject(_pod(), ENABLED, config).pod
+    proxy = pod["spec"]["initContainers"][1]
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    merged = json.loads(env["OUTRIDER_CONFIG"])
+    assert merged["inbound"] == {"mcp_port": 8080, "issuer": "https://idp"}
+    assert merged["exchange"] == {"audience": "https://api"}
+    assert merged["egress"]["mode"] == "capture"
+
+
+# --- JSON Patch --------------------------------------------------------------------------------
+
+
+def test_pointer_escapes_rfc6901() -> None:
+    assert escape("a/b~c") == "a~1b~0c"
+    assert (
+        pointer("metadata", "annotations", "outrider.dev/status")
+        == "/metadata/annotations/outrider.dev~1status"
+    )
+
+
+def test_patch_with_awkward_keys_applies() -> None:
+    original = {"metadata": {"annotations": {"a~/b": "1", "x/y": "2"}}, "spec": {"l": None}}
+    modified = copy.deepcopy(original)
+    modified["metadata"]["annotations"]["outrider.dev/status"] = "{}"
+    modified["metadata"]["annotations"]["~weird/"] = "3"
+    modified["spec"]["l"] = [1, 2]
+    ops = diff(original, modified)
+    assert jsonpatch.apply_patch(original, ops) == modified
+    assert {"op": "add", "path": "/metadata/annotations/outrider.dev~1status", "value": "{}"} in ops
+
+
+def test_missing_list_is_created_once_then_appended() -> None:
+    original = _pod()
+    result = engine.inject(original, ENABLED, WebhookConfig())
+    paths = [op["path"] for op in result.patch]
+    assert paths.count("/spec/initContainers") == 1
+    assert paths.count("/spec/volumes") == 1
+    assert jsonpatch.apply_patch(original, result.patch) == result.pod
+
+
+def test_existing_lists_are_extended_not_replaced() -> None:
+    original = _pod(
+        initContainers=[{"name": "setup", "image": "busybox"}],
+        volumes=[{"name": "data", "emptyDir": {}}],
+    )
+    result = engine.inject(original, ENABLED, WebhookConfig())
+    ops = {op["path"]: op["op"] for op in result.patch}
+    assert ops["/spec/initContainers/0"] == "add" and ops["/spec/initContainers/1"] == "add"
+    assert ops["/spec/volumes/-"] == "add"
+    assert "/spec/volumes" not in ops and "/spec/initContainers" not in ops
+    assert jsonpatch.apply_patch(original, result.patch) == result.pod
+
+
+# --- engine edge cases ---------------------------------------------------------------------------
+
+
+def test_explicit_mode_has_no_init_container_and_sets_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = EgressPlan(
+        mode="explicit", policy={"allow": []}, app_env=(("HTTPS_PROXY", "http://127.0.0.1:15001"),)
+    )
+    monkeypatch.setattr(engine, "plan_egress", lambda *args: plan)
+    pod = _pod()
+    pod["spec"]["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/r", "port": 8080}}
+    result = engine.inject(pod, ENABLED, WebhookConfig())
+    names = [c["name"] for c in result.pod["spec"]["initContainers"]]
+    assert names == ["outrider-proxy"]
+    app = result.pod["spec"]["containers"][0]
+    assert {"name": "HTTPS_PROXY", "value": "http://127.0.0.1:15001"} in app["env"]
+    # Without capture, the kubelet still reaches the app directly: probes are left alone.
+    assert app["readinessProbe"] == {"httpGet": {"path": "/r", "port": 8080}}
+
+
+def test_egress_errors_refuse_the_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = EgressPlan(mode="capture", policy={}, errors=("annotation outrider.dev/egress-allow: bad rule",))
+    monkeypatch.setattr(engine, "plan_egress", lambda *args: plan)
+    result = engine.inject(_pod(), ENABLED, WebhookConfig())
+    assert not result.allowed and "egress-allow" in (result.message or "")
+
+
+def test_egress_planner_crash_is_a_refusal_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: Any) -> EgressPlan:
+        raise KeyError("x")
+
+    monkeypatch.setattr(engine, "plan_egress", boom)
+    result = engine.inject(_pod(), ENABLED, WebhookConfig())
+    assert not result.allowed and "KeyError" in (result.message or "")
+
+
+def test_proxy_uid_survives_pod_level_run_as_user() -> None:
+    pod = _pod(securityContext={"runAsUser": 1000, "runAsGroup": 1000})
+    proxy = engine.inject(pod, ENABLED, WebhookConfig()).pod["spec"]["initContainers"][1]
+    assert proxy["securityContext"]["runAsUser"] == 15337 and proxy["securityContext"]["runAsGroup"] == 15337
+
+
+def test_strict_forged_status_is_refused() -> None:
+    pod = _pod()
+    pod["metadata"]["annotations"] = {ann.STATUS: '{"initContainers":["outrider-proxy"],"containers":[]}'}
+    strict = engine.inject(pod, {"outrider.dev/inject": "strict"}, WebhookConfig())
+    assert not strict.allowed and "outrider-proxy" in (strict.message or "")
+    enabled = engine.inject(pod, ENABLED, WebhookConfig())
+    assert enabled.allowed and enabled.patch == []
+
+
+def test_user_default_container_annotation_is_kept() -> None:
+    pod = _pod()
+    pod["metadata"]["annotations"] = {ann.DEFAULT_CONTAINER: "app"}
+    pod["spec"]["containers"].insert(0, {"name": "helper", "image": "y", "ports": [{"containerPort": 9}]})
+    result = engine.inject(pod, ENABLED, WebhookConfig())
+    assert result.pod["metadata"]["annotations"][ann.DEFAULT_CONTAINER] == "app"
+
+
+pod_like = st.fixed_dictionaries(
+    {
+        "metadata": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "annotations": st.one_of(
+                        st.none(),
+                        st.dictionaries(
+                            st.sampled_from(
+                                [ann.MCP_PORT, ann.POD_INJECT, ann.TOKEN_AUDIENCE, ann.STATUS, "x/y"]
+                            ),
+                            st.text(max_size=8),
+                        ),
+                    ),
+                    "labels": st.one_of(
+                        st.none(),
+                        st.dictionaries(
+                            st.sampled_from([ann.POD_INJECT, "app"]), st.sampled_from(["true", "false", "x"])
+                        ),
+                    ),
+                },
+            ),
+        ),
+        "spec": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {
+                    "containers": st.lists(
+                        st.fixed_dictionaries(
+                            {
+                                "name": st.sampled_from(["app", "outrider-proxy", "b", "istio-proxy"]),
+                                "image": st.just("i"),
+                            },
+                            optional={
+                                "ports": st.one_of(
+                                    st.none(),
+                                    st.lists(
+                                        st.fixed_dictionaries(
+                                            {"containerPort": st.integers(1, 65535)},
+                                            optional={
+                                                "name": st.sampled_from(["mcp", "http"]),
+                                                "protocol": st.sampled_from(["TCP", "UDP"]),
+                                            },
+                                        ),
+                                        max_size=3,
+                                    ),
+                                ),
+                                "readinessProbe": st.one_of(
+                                    st.none(),
+                                    st.fixed_dictionaries(
+                                        {
+                                            "httpGet": st.fixed_dictionaries(
+                                                {
+                                                    "port": st.one_of(
+                                                        st.integers(1, 65535),
+                                                        st.sampled_from(["mcp", "http"]),
+                                                    )
+                                                }
+                                            )
+                                        }
+                                    ),
+                                ),
+                                "env": st.one_of(
+                                    st.none(),
+                                    st.lists(
+                                        st.fixed_dictionaries(
+                                            {
+                                                "name": st.sampled_from(["A", "HTTP_PROXY"]),
+                                                "value": st.just("v"),
+                                            }
+                                        ),
+                                        max_size=2,
+                                        unique_by=lambda e: e["name"],
+                                    ),
+                                ),
+                                "securityContext": st.one_of(
+                                    st.none(),
+                                    st.fixed_dictionaries(
+                                        {},
+                                        optional={
+                                            "runAsUser": st.sampled_from([0, 15337]),
+                                            "privileged": st.booleans(),
+                                        },
+                                    ),
+                                ),
+                            },
+                        ),
+                        max_size=3,
+                        unique_by=lambda c: c["name"],
+                    ),
+                },
+                optional={
+                    "hostNetwork": st.booleans(),
+                    "initContainers": st.one_of(
+                        st.none(), st.just([]), st.just([{"name": "init", "image": "i"}])
+                    ),
+                    "volumes": st.one_of(st.none(), st.just([{"name": "outrider-spiffe", "emptyDir": {}}])),
+                },
+            ),
+        ),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pod=pod_like, strict=st.booleans(), native=st.booleans())
+def test_fuzz_engine_never_crashes_and_patches_apply(pod: dict[str, Any], strict: bool, native: bool) -> None:
+    labels = {"outrider.dev/inject": "strict" if strict else "enabled"}
+    config = WebhookConfig(native_sidecar=native, token_audiences=("a",))
+    result = engine.inject(pod, labels, config)
+    if not result.allowed:
+        assert result.message and result.patch == []
+        return
+    assert jsonpatch.apply_patch(copy.deepcopy(pod), result.patch) == result.pod
+    again = engine.inject(result.pod, labels, config)
+    assert again.allowed and again.patch == [] and again.pod == result.pod
