@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -92,3 +93,11 @@ async def keep_calling(
     while not stop.is_set():
         await call_once(identity, port, stats, client)
         await asyncio.sleep(0.05)
+
+
+async def poll_until(predicate: Callable[[], bool], within_s: float) -> bool:
+    """Poll a plain state predicate (no event exists for "the status string changed")."""
+    deadline = time.monotonic() + within_s
+    while not predicate() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    return predicate()
