@@ -21,7 +21,7 @@ from typing import Any
 
 class Log:
     def __init__(self, path: str) -> None:
-        self.file = Path(path).open("a", buffering=1)
+        self.file = Path(path).open("a", buffering=1)  # noqa: SIM115 - open for the process lifetime
 
     def hit(self, **fields: Any) -> None:
         self.file.write(json.dumps({"t": time.time(), **fields}) + "\n")

@@ -1,0 +1,47 @@
+"""Fixtures for the egress tests: the network-namespace labs (capture and explicit) and golden updates."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from .netlab import POLICY, Lab, have_netns, lab
+
+
+def _require_netns() -> None:
+    reason = have_netns()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"egress netns tests must run in CI: {reason}")
+        pytest.skip(f"egress netns tests cannot run here: {reason}")
+
+
+@pytest.fixture(scope="module")
+def capture_lab() -> Iterator[Lab]:
+    _require_netns()
+    config = {"egress": {"mode": "capture", "policy": POLICY, "policy_file": None}}
+    with lab(capture=True, sidecar_config=config) as current:
+        yield current
+
+
+@pytest.fixture(scope="module")
+def explicit_lab() -> Iterator[Lab]:
+    _require_netns()
+    config = {"egress": {"mode": "explicit", "policy": POLICY, "policy_file": None}}
+    with lab(capture=False, sidecar_config=config) as current:
+        yield current
+
+
+@pytest.fixture
+def bare_lab() -> Iterator[Lab]:
+    """Namespaces and internet only: no rules, no sidecar (for the iptables CLI tests)."""
+    _require_netns()
+    with lab(capture=False, sidecar_config=None) as current:
+        yield current
+
+
+@pytest.fixture
+def update_golden() -> bool:
+    return os.environ.get("UPDATE_GOLDEN") == "1"

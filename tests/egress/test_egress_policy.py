@@ -1,0 +1,211 @@
+"""The allowlist model: rule parsing, name normalisation, decisions and intersection (pure, no sockets)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.egress.policy import (
+    Destination,
+    Policy,
+    PolicyError,
+    RuleSet,
+    decide,
+    destination_for,
+    normalize_name,
+    parse_policy,
+    parse_rule,
+    parse_rules,
+)
+
+
+def policy(*rules: object, source: str = "test") -> Policy:
+    parsed, errors = parse_rules(rules, source)
+    assert not errors, errors
+    return Policy(layers=(RuleSet(source, parsed),))
+
+
+def allowed(p: Policy, name_or_ip: str, port: int, original: str | None = None) -> bool:
+    ip = ipaddress.ip_address(original) if original else None
+    return decide(p, destination_for(name_or_ip, port, ip)).allowed
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Example.COM", "example.com"),
+        ("example.com.", "example.com"),
+        ("  API.example.com.  ", "api.example.com"),
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("BÜCHER.example", "xn--bcher-kva.example"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("my_service.internal", "my_service.internal"),
+    ],
+)
+def test_normalize_name(raw: str, expected: str) -> None:
+    assert normalize_name(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw", ["", ".", "10.0.0.1", "::1", "[::1]", "a..b", "-a.com", "a b.com", "xn--zz.com"]
+)
+def test_normalize_name_refuses(raw: str) -> None:
+    with pytest.raises(ValueError):
+        normalize_name(raw)
+
+
+def test_exact_name_default_ports() -> None:
+    p = policy("api.example.com")
+    assert allowed(p, "api.example.com", 443)
+    assert allowed(p, "API.Example.com.", 80)
+    assert not allowed(p, "api.example.com", 8443)
+    assert not allowed(p, "other.example.com", 443)
+    assert not allowed(p, "x.api.example.com", 443)
+
+
+def test_wildcard_matches_subdomains_only() -> None:
+    p = policy("*.example.com:443")
+    assert allowed(p, "a.example.com", 443)
+    assert allowed(p, "a.b.example.com", 443)
+    assert not allowed(p, "example.com", 443)
+    assert not allowed(p, "badexample.com", 443)
+    assert not allowed(p, "a.example.com", 80)
+
+
+def test_idna_rule_matches_both_forms() -> None:
+    p = policy("bücher.example:443")
+    assert allowed(p, "xn--bcher-kva.example", 443)
+    assert allowed(p, "BÜCHER.example.", 443)
+
+
+def test_ip_literal_only_matches_cidr() -> None:
+    p = policy("example.com", "10.0.0.0/8:5432", "[fd00::/8]:443")
+    assert not allowed(p, "93.184.216.34", 443)
+    assert allowed(p, "10.1.2.3", 5432)
+    assert not allowed(p, "10.1.2.3", 443)
+    assert allowed(p, "[fd00::1]", 443)
+    assert not allowed(p, "fe80::1", 443)
+
+
+def test_cidr_rule_never_matches_other_family() -> None:
+    p = policy("0.0.0.0/0:*")
+    assert allowed(p, "1.2.3.4", 22)
+    assert not allowed(p, "::ffff:1.2.3.4", 22)  # a mapped address is IPv6: no IPv4 rule matches it
+    assert not decide(p, Destination(port=22, ip=ipaddress.ip_address("2001:db8::1"))).allowed
+
+
+def test_ports_ranges_and_any() -> None:
+    p = policy("a.test:8000-8100", "b.test:*", {"host": "c.test", "ports": [22, "30-31"]})
+    assert allowed(p, "a.test", 8050) and not allowed(p, "a.test", 8101)
+    assert allowed(p, "b.test", 1) and allowed(p, "b.test", 65535)
+    assert allowed(p, "c.test", 22) and allowed(p, "c.test", 31) and not allowed(p, "c.test", 443)
+
+
+def test_default_deny_and_empty_policy() -> None:
+    assert decide(Policy(), Destination(port=443, name="a.test")).reason.startswith("default deny")
+    empty = policy()
+    verdict = decide(empty, Destination(port=443, name="a.test"))
+    assert not verdict.allowed and verdict.rule is None
+
+
+def test_intersection_only_narrows() -> None:
+    operator = RuleSet("operator", parse_rules(["*.example.com", "10.0.0.0/8:*"], "operator")[0])
+    team = RuleSet("annotation", parse_rules(["api.example.com:443", "evil.test", "10.0.0.0/8:5432"], "a")[0])
+    p = Policy((operator, team))
+    assert allowed(p, "api.example.com", 443)
+    assert not allowed(p, "api.example.com", 80)  # the team narrowed the ports
+    assert not allowed(p, "evil.test", 443)  # the team cannot add a name
+    assert allowed(p, "10.1.1.1", 5432) and not allowed(p, "10.1.1.1", 22)
+    verdict = decide(p, Destination(port=443, name="api.example.com"))
+    assert verdict.rule == "api.example.com:443" and verdict.source == "annotation"
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("*", "bare"),
+        ("*.com", "two labels"),
+        ("a.*.com", "first label"),
+        ("a.test:0", "outside"),
+        ("a.test:99999", "outside"),
+        ("a.test:http", "not a number"),
+        ("10.0.0.0/33", "CIDR"),
+        ("[fd00::/8", "]"),
+        ({"host": "10.0.0.1"}, "IP address"),
+        ({"host": "a.test", "cidr": "10.0.0.0/8"}, "exactly one"),
+        ({"host": "a.test", "prt": 1}, "unknown"),
+        ({"host": "a.test", "ports": []}, "empty"),
+        (42, "string or a mapping"),
+    ],
+)
+def test_bad_rules_name_the_problem(rule: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_rule(rule)
+
+
+def test_bad_rule_reported_with_text_and_origin_and_left_out() -> None:
+    p, errors = parse_policy({"allow": ["good.test", "bad..test", "*"]}, "namespace shop policy")
+    assert [str(r) for r in p.layers[0].rules] == ["good.test"]
+    assert [e.text for e in errors] == ["bad..test", "*"]
+    assert errors[0].origin == "namespace shop policy [1]"
+    assert "namespace shop policy [1]: egress rule 'bad..test'" in str(errors[0])
+
+
+def test_policy_document_shapes() -> None:
+    with pytest.raises(PolicyError):
+        parse_policy({"allow": "a.test"}, "x")  # type: ignore[arg-type]
+    with pytest.raises(PolicyError):
+        parse_policy({"layers": {"source": "x"}}, "x")
+    assert parse_policy(None, "x") == (Policy(), ())
+
+
+def test_resolved_mapping_round_trips() -> None:
+    p = Policy(
+        (
+            RuleSet("cluster default", parse_rules(["a.test", "*.b.test:443", "10.0.0.0/8:1-1024"], "c")[0]),
+            RuleSet("annotation", parse_rules(["a.test:80", "[fd00::/8]:443"], "a")[0]),
+        )
+    )
+    again, errors = parse_policy(p.to_mapping(), "pod spec")
+    assert not errors
+    assert again == p
+
+
+_label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_names = st.lists(_label, min_size=2, max_size=4).map(".".join)
+_ports = st.integers(min_value=1, max_value=65535)
+
+
+@given(name=_names, port=_ports, upper=st.booleans(), dot=st.booleans())
+def test_name_forms_agree(name: str, port: int, upper: bool, dot: bool) -> None:
+    p = policy(f"{name}:{port}")
+    spelled = (name.upper() if upper else name) + ("." if dot else "")
+    assert allowed(p, spelled, port)
+    assert not allowed(p, name, port % 65535 + 1)
+
+
+@given(
+    operator=st.lists(_names, max_size=4),
+    team=st.lists(_names, max_size=4),
+    probe=_names,
+    port=st.sampled_from([80, 443, 8080]),
+)
+def test_annotation_never_widens(operator: list[str], team: list[str], probe: str, port: int) -> None:
+    base = policy(*operator, source="operator")
+    narrowed = base.narrowed(RuleSet("annotation", parse_rules(team, "annotation")[0]))
+    if allowed(narrowed, probe, port):
+        assert allowed(base, probe, port)
+
+
+@given(a=st.ip_addresses(v=4), prefix=st.integers(min_value=0, max_value=32), port=_ports)
+def test_cidr_membership_matches_ipaddress(a: ipaddress.IPv4Address, prefix: int, port: int) -> None:
+    network = ipaddress.ip_network(f"{a}/{prefix}", strict=False)
+    p = policy(f"{network}:*")
+    inside = network.network_address + (network.num_addresses - 1)
+    assert allowed(p, str(inside), port)
+    if prefix > 0:
+        outside = ipaddress.ip_address((int(network.network_address) + network.num_addresses) % 2**32)
+        assert allowed(p, str(outside), port) == (outside in network)
