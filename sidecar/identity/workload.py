@@ -318,6 +318,10 @@ class WorkloadApiIdentity:
         serial = core.leaf_serial(material)
         previous = self._material
         self._material = material  # the atomic swap every reader relies on
+        if previous is not None and previous.spiffe_id != material.spiffe_id:
+            # the registration changed: cached JWT-SVIDs name the old identity
+            self._jwt_cache.clear()
+            log.warning("SPIFFE ID changed from %s to %s", previous.spiffe_id, material.spiffe_id)
         if previous is None or serial != self._serial:
             self._rotations += 1
             remaining = material.not_after - self._clock()

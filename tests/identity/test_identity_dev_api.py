@@ -209,3 +209,60 @@ async def test_component_publishes_identity_readiness_and_metrics(sock_dir: Path
         )
         assert 3000 < float(expiry.split()[1]) <= 3600
     assert "identity" not in runtime.readiness and runtime.identity is None
+
+
+async def test_cached_jwt_svid_is_served_while_the_agent_is_away(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    skew = 0.0
+
+    def clock() -> float:
+        return time.time() + skew
+
+    api = DevWorkloadApi(sock, spiffe_id=APP_ID, jwt_ttl_s=100)
+    await api.start()
+    async with WorkloadApiIdentity(_config(sock), clock=clock) as identity:
+        token = await identity.jwt_svid("aud")
+        await api.stop()
+        skew = 60  # due for a refresh, but still valid: keep serving it
+        assert await identity.jwt_svid("aud") == token
+        skew = 99  # within the expiry margin: no longer usable
+        with pytest.raises(IdentityUnavailable, match="no JWT-SVID for audience 'aud'"):
+            await identity.jwt_svid("aud")
+
+
+async def test_a_changed_registration_drops_cached_jwt_svids(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    async with (
+        DevWorkloadApi(sock, spiffe_id=APP_ID) as api,
+        WorkloadApiIdentity(_config(sock)) as identity,
+    ):
+        assert await identity.wait_ready(10)
+        old = await identity.jwt_svid("aud")
+        before = identity.x509()
+        api.set_identity(None, "spiffe://example.org/ns/mcp/sa/renamed")
+        await asyncio.wait_for(identity.next_update(before), 10)
+        assert identity.spiffe_id == "spiffe://example.org/ns/mcp/sa/renamed"
+        new = await identity.jwt_svid("aud")
+        assert new != old and api.ca.validate_jwt(new, "aud")["sub"] == identity.spiffe_id
+
+
+def _py_spiffe_roundtrip(target: str) -> tuple[str, str, str]:
+    from spiffe import WorkloadApiClient
+
+    client = WorkloadApiClient(target)
+    try:
+        svid = client.fetch_x509_svid()
+        jwt_svid = client.fetch_jwt_svid(audience={"aud-x"})
+        validated = client.validate_jwt_svid(jwt_svid.token, "aud-x")
+        bundles = client.fetch_jwt_bundles()
+        assert len(bundles.bundles) == 1
+        return str(svid.spiffe_id), str(jwt_svid.spiffe_id), str(validated.spiffe_id)
+    finally:
+        client.close()
+
+
+async def test_dev_workload_api_speaks_the_protocol_py_spiffe_expects(sock_dir: Path) -> None:
+    """The dev stand-in must satisfy the reference Python client too, not only ours."""
+    async with DevWorkloadApi(sock_dir / "agent.sock", spiffe_id=APP_ID) as api:
+        ids = await asyncio.to_thread(_py_spiffe_roundtrip, api.target)
+    assert ids == (APP_ID, APP_ID, APP_ID)
