@@ -753,7 +753,7 @@ def _parse_client(spec: str) -> ClientRegistration:
     """CLIENT_ID=spiffe://td/a,spiffe://td/b[;secret=S][;audiences=a,b]"""
     head, *options = spec.split(";")
     client_id, _, ids = head.partition("=")
-    opts = dict(o.split("=", 1) for o in options if "=" in o)
+    opts = {key: value for key, _, value in (o.partition("=") for o in options if o)}
     audiences = tuple(a for a in opts.get("audiences", "*").split(",") if a)
     return ClientRegistration(
         client_id=client_id,
