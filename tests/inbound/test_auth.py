@@ -1,0 +1,267 @@
+"""Caller-token decisions with real keys (RSA, PSS, EC, Ed25519) and a JWKS on a real aiohttp socket."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import get_default_algorithms
+
+from sidecar.inbound.auth import (
+    AuthFailure,
+    JwksCache,
+    TokenVerifier,
+    bearer_token,
+    metadata_url,
+    protected_resource_metadata,
+    www_authenticate,
+)
+from sidecar.inbound.config import InboundConfig
+from sidecar.telemetry.observer import Principal
+
+from .conftest import free_port
+
+RESOURCE = "https://mcp.example.com/mcp"
+
+
+@dataclass
+class Key:
+    alg: str
+    private: Any
+    kid: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    @property
+    def jwk(self) -> dict[str, Any]:
+        algorithm = get_default_algorithms()[self.alg]
+        data: dict[str, Any] = json.loads(algorithm.to_jwk(self.private.public_key()))
+        return {**data, "kid": self.kid, "use": "sig"}
+
+
+def make_key(alg: str) -> Key:
+    if alg in ("RS256", "PS256"):
+        return Key(alg, rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    if alg == "ES256":
+        return Key(alg, ec.generate_private_key(ec.SECP256R1()))
+    return Key(alg, ed25519.Ed25519PrivateKey.generate())
+
+
+class Issuer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.keys: list[Key] = []
+        self.jwks_fetches = 0
+        self.discovery_fetches = 0
+
+    def token(self, key: Key, **claims: Any) -> str:
+        now = int(time.time())
+        body = {"iss": self.url, "sub": "alice", "aud": RESOURCE, "iat": now, "exp": now + 300, **claims}
+        return jwt.encode(body, key.private, algorithm=key.alg, headers={"kid": key.kid})
+
+    async def discovery(self, _: web.Request) -> web.Response:
+        self.discovery_fetches += 1
+        return web.json_response({"issuer": self.url, "jwks_uri": self.url + "/keys"})
+
+    async def jwks(self, _: web.Request) -> web.Response:
+        self.jwks_fetches += 1
+        return web.json_response({"keys": [k.jwk for k in self.keys]})
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[Issuer]:
+    server = Issuer()
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", server.discovery)
+    app.router.add_get("/keys", server.jwks)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", server.port).start()
+    yield server
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hs256(claims: dict[str, Any], secret: bytes, kid: str) -> str:
+    """Built by hand: PyJWT itself refuses to HMAC with a PEM public key."""
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    body = b64(json.dumps(claims).encode())
+    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(mac)}"
+
+
+def config_for(issuer: Issuer, **overrides: Any) -> InboundConfig:
+    return InboundConfig.from_mapping({"issuer": issuer.url, "resource": RESOURCE, **overrides})
+
+
+async def verifier_for(issuer: Issuer, session: aiohttp.ClientSession, **overrides: Any) -> TokenVerifier:
+    jwks = JwksCache(config_for(issuer, **overrides), session)
+    await jwks.refresh(force=True)
+    return TokenVerifier(config_for(issuer, **overrides), jwks)
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256", "EdDSA"])
+async def test_valid_tokens_of_every_allowed_algorithm(
+    alg: str, issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key(alg)
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    token = issuer.token(
+        key,
+        azp="agent-cli",
+        scope="mcp:tools openid",
+        act={"sub": "spiffe://a/agent", "act": {"sub": "svc-b"}},
+    )
+    principal = await verifier.verify(token)
+    assert principal == Principal(
+        kind="oidc",
+        subject="alice",
+        issuer=issuer.url,
+        client_id="agent-cli",
+        delegation=("spiffe://a/agent", "svc-b"),
+        scopes=("mcp:tools", "openid"),
+    )
+    assert issuer.discovery_fetches == 1  # the JWKS URI came from OIDC discovery
+
+
+async def test_claim_checks(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, leeway_s=5)
+    now = int(time.time())
+    cases = {
+        "expired": issuer.token(key, exp=now - 60),
+        "not valid yet": issuer.token(key, nbf=now + 600),
+        "not meant for this resource": issuer.token(key, aud="https://elsewhere/mcp"),
+        "untrusted issuer": issuer.token(key, iss="https://evil.example"),
+    }
+    for expected, token in cases.items():
+        result = await verifier.verify(token)
+        assert isinstance(result, AuthFailure) and result.status == 401, expected
+        assert expected in result.description
+    # Within the leeway is still fine.
+    assert isinstance(await verifier.verify(issuer.token(key, exp=now - 2)), Principal)
+    no_exp = jwt.encode(
+        {"iss": issuer.url, "sub": "a", "aud": RESOURCE}, key.private, "ES256", {"kid": key.kid}
+    )
+    failure = await verifier.verify(no_exp)
+    assert isinstance(failure, AuthFailure) and "'exp'" in failure.description
+
+
+async def test_algorithm_confusion_is_refused(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    rsa_key = make_key("RS256")
+    issuer.keys.append(rsa_key)
+    verifier = await verifier_for(issuer, session)
+    public_pem = rsa_key.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = {"iss": issuer.url, "sub": "mallory", "aud": RESOURCE, "exp": int(time.time()) + 60}
+    # HS256 "signed" with the public key: the classic confusion attack.
+    forged = hs256(claims, public_pem, rsa_key.kid)
+    result = await verifier.verify(forged)
+    assert isinstance(result, AuthFailure) and "algorithm is not allowed" in result.description
+    none = jwt.encode(claims, None, algorithm="none", headers={"kid": rsa_key.kid})
+    assert isinstance(await verifier.verify(none), AuthFailure)
+    # An EC-signed token naming the RSA key's kid finds no key of its family.
+    ec_key = make_key("ES256")
+    cross = jwt.encode(claims, ec_key.private, algorithm="ES256", headers={"kid": rsa_key.kid})
+    result = await verifier.verify(cross)
+    assert isinstance(result, AuthFailure) and result.status == 401
+    # An algorithm outside the configured allowlist is refused even with a good signature.
+    strict = await verifier_for(issuer, session, algorithms=["ES256"])
+    result = await strict.verify(issuer.token(rsa_key))
+    assert isinstance(result, AuthFailure) and "algorithm is not allowed" in result.description
+
+
+async def test_unknown_kid_refreshes_once_and_is_rate_limited(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    old = make_key("ES256")
+    issuer.keys.append(old)
+    verifier = await verifier_for(issuer, session, jwks_min_refresh_interval_s=3600)
+    assert issuer.jwks_fetches == 1
+    # The IdP rotates in a new key after we cached the set: first sight of its kid refreshes.
+    new = make_key("ES256")
+    issuer.keys.append(new)
+    jwks_first = JwksCache(config_for(issuer, jwks_min_refresh_interval_s=3600), session)
+    rotated = TokenVerifier(config_for(issuer), jwks_first)
+    assert isinstance(await rotated.verify(issuer.token(new)), Principal)
+    fetches = issuer.jwks_fetches
+    # A flood of random kids makes no further IdP calls inside the rate-limit window.
+    stranger = make_key("ES256")
+    for _ in range(20):
+        stranger.kid = uuid.uuid4().hex
+        result = await rotated.verify(issuer.token(stranger))
+        assert isinstance(result, AuthFailure)
+    assert issuer.jwks_fetches == fetches
+    # The first verifier (refreshed at start, before rotation) is rate-limited too: it refuses the new
+    # key until its window passes, rather than hammering the IdP.
+    assert isinstance(await verifier.verify(issuer.token(new)), AuthFailure)
+
+
+async def test_unreachable_issuer_is_not_ready_and_refuses(session: aiohttp.ClientSession) -> None:
+    config = InboundConfig.from_mapping({"issuer": f"http://127.0.0.1:{free_port()}", "resource": RESOURCE})
+    jwks = JwksCache(config, session)
+    await jwks.refresh(force=True)
+    assert not jwks.loaded and jwks.last_error
+    key = make_key("ES256")
+    token = jwt.encode({"sub": "a"}, key.private, algorithm="ES256", headers={"kid": key.kid})
+    result = await TokenVerifier(config, jwks).verify(token)
+    assert isinstance(result, AuthFailure) and "not available" in result.description
+
+
+def test_metadata_and_challenge() -> None:
+    config = InboundConfig.from_mapping(
+        {"issuer": "https://idp.example", "resource": RESOURCE, "required_scopes": ["mcp:tools"]}
+    )
+    assert metadata_url(RESOURCE) == "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"
+    assert (
+        metadata_url("https://mcp.example.com")
+        == "https://mcp.example.com/.well-known/oauth-protected-resource"
+    )
+    doc = protected_resource_metadata(config)
+    assert doc["resource"] == RESOURCE and doc["authorization_servers"] == ["https://idp.example"]
+    assert doc["scopes_supported"] == ["mcp:tools"]
+    missing = www_authenticate(AuthFailure(401, None, "authentication required"), config)
+    assert missing == f'Bearer resource_metadata="{metadata_url(RESOURCE)}"'
+    bad = www_authenticate(AuthFailure(401, "invalid_token", 'bad "quoted"\n'), config)
+    assert 'error="invalid_token"' in bad and 'error_description="bad quoted"' in bad
+    scope = www_authenticate(AuthFailure(403, "insufficient_scope", "lacks"), config)
+    assert 'scope="mcp:tools"' in scope
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("Basic abc", None),
+        ("Bearer", None),
+        ("Bearer a b", None),
+        (None, None),
+    ],
+)
+def test_bearer_token_parsing(header: str | None, token: str | None) -> None:
+    assert bearer_token(header) == token

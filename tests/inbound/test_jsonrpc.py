@@ -1,0 +1,155 @@
+"""JSON-RPC facts, the stateless routing-header check and the SSE watcher: pure functions, no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sidecar.inbound import jsonrpc
+from sidecar.inbound.config import InboundConfig
+from sidecar.inbound.jsonrpc import McpMessage, SseEvent, SseParser
+from sidecar.inbound.proxy import classify_transport, rewrite_endpoint_data, rewrite_first_event
+
+
+def test_request_facts() -> None:
+    m = jsonrpc.parse_message(
+        {
+            "jsonrpc": "2.0",
+            "id": 5,
+            "method": "tools/call",
+            "params": {"name": "fetch", "arguments": {"url": "u"}},
+        }
+    )
+    assert m == McpMessage(
+        kind="request", method="tools/call", id=5, tool_name="fetch", arguments={"url": "u"}
+    )
+    assert m.target == "fetch"
+    p = jsonrpc.parse_message({"jsonrpc": "2.0", "id": "a", "method": "prompts/get", "params": {"name": "p"}})
+    assert (p.prompt_name, p.tool_name, p.target) == ("p", None, "p")
+    r = jsonrpc.parse_message(
+        {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///x"}}
+    )
+    assert r.resource_uri == "file:///x"
+    n = jsonrpc.parse_message({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert n.kind == "notification" and n.id is None
+
+
+def test_response_facts() -> None:
+    ok = jsonrpc.parse_message({"jsonrpc": "2.0", "id": 1, "result": {"content": []}})
+    assert ok == McpMessage(kind="response", id=1)
+    tool_error = jsonrpc.parse_message({"jsonrpc": "2.0", "id": 1, "result": {"isError": True}})
+    assert tool_error.is_error and tool_error.error_code is None
+    err = jsonrpc.parse_message({"jsonrpc": "2.0", "id": 1, "error": {"code": -32601, "message": "nope"}})
+    assert err.is_error and err.error_code == -32601
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        1,
+        "x",
+        [],
+        {"id": 1, "method": "m"},
+        {"jsonrpc": "1.0", "method": "m"},
+        {"jsonrpc": "2.0", "id": 1},
+    ],
+)
+def test_malformed_messages_are_invalid_not_errors(value: object) -> None:
+    assert jsonrpc.parse_message(value).kind == "invalid"
+
+
+def test_bool_ids_and_odd_params_are_not_trusted() -> None:
+    m = jsonrpc.parse_message({"jsonrpc": "2.0", "id": True, "method": "tools/call", "params": ["x"]})
+    assert m.id is None and m.tool_name is None and m.arguments is None
+
+
+def test_parse_body_single_batch_and_errors() -> None:
+    single = jsonrpc.parse_body(b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
+    assert not single.batch and single.messages[0].method == "ping"
+    batch = jsonrpc.parse_body(
+        json.dumps(
+            [{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "method": "n"}]
+        ).encode()
+    )
+    assert batch.batch and [m.kind for m in batch.messages] == ["request", "notification"]
+    with pytest.raises(jsonrpc.BodyError) as parse_error:
+        jsonrpc.parse_body(b"{not json")
+    assert parse_error.value.code == jsonrpc.PARSE_ERROR
+    with pytest.raises(jsonrpc.BodyError) as empty:
+        jsonrpc.parse_body(b"[]")
+    assert empty.value.code == jsonrpc.INVALID_REQUEST
+
+
+def test_error_body_answers_every_request_id() -> None:
+    assert json.loads(jsonrpc.error_body((1,), -32603, "m")) == {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "error": {"code": -32603, "message": "m"},
+    }
+    assert [e["id"] for e in json.loads(jsonrpc.error_body((1, 2), -1, "m", batch=True))] == [1, 2]
+    assert json.loads(jsonrpc.error_body(None, -1, "m"))["id"] is None
+
+
+CALL = jsonrpc.parse_body(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"caf\xc3\xa9"}}')
+
+
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        ({}, None),
+        ({"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?Y2Fmw6k=?="}, None),
+        ({"Mcp-Method": "tools/call"}, None),
+        ({"Mcp-Method": "tools/list"}, "Mcp-Method"),
+        ({"Mcp-Method": "tools/call", "Mcp-Name": "other"}, "Mcp-Name"),
+        ({"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?!!?="}, "Mcp-Name"),
+    ],
+)
+def test_routing_headers_must_agree_with_the_body(headers: dict[str, str], problem: str | None) -> None:
+    why = jsonrpc.routing_header_mismatch(headers, CALL)
+    assert (why is None) if problem is None else (why is not None and problem in why)
+
+
+def test_sse_parser_handles_any_chunking_and_line_endings() -> None:
+    stream = (
+        b'event: message\r\nid: 7\r\ndata: {"a":\r\ndata: 1}\r\n\r\n: comment\n\ndata: two\r\rdata: x\n\n'
+    )
+    for size in (1, 2, 3, 7, len(stream)):
+        parser = SseParser()
+        events: list[SseEvent] = []
+        for i in range(0, len(stream), size):
+            events += parser.feed(stream[i : i + size])
+        assert events == [
+            SseEvent("message", '{"a":\n1}', "7"),
+            SseEvent(None, "two", "7"),
+            SseEvent(None, "x", "7"),
+        ]
+
+
+def test_sse_parser_drops_oversized_events_but_keeps_going() -> None:
+    parser = SseParser(max_event_bytes=10)
+    assert parser.feed(b"data: " + b"x" * 50 + b"\n\n") == []
+    assert parser.feed(b"data: ok\n\n") == [SseEvent(None, "ok", None)]
+
+
+def test_legacy_endpoint_event_is_made_relative() -> None:
+    assert rewrite_endpoint_data("http://127.0.0.1:8080/messages/?session_id=1") == "/messages/?session_id=1"
+    assert rewrite_endpoint_data("/messages/?session_id=1") == "/messages/?session_id=1"
+    raw = b"event: endpoint\ndata: http://127.0.0.1:1/m?s=1\n\n"
+    assert rewrite_first_event(raw) == b"event: endpoint\ndata: /m?s=1\n\n"
+    other = b"event: message\ndata: http://x/y\n\n"
+    assert rewrite_first_event(other) == other
+
+
+def test_transport_classification() -> None:
+    config = InboundConfig()
+    assert classify_transport("GET", "/sse", {}, {}, config) == "sse-legacy"
+    assert classify_transport("POST", "/messages/", {}, {"session_id": "1"}, config) == "sse-legacy"
+    assert (
+        classify_transport("POST", "/mcp", {"MCP-Protocol-Version": "2026-07-28"}, {}, config) == "stateless"
+    )
+    assert (
+        classify_transport("POST", "/mcp", {"MCP-Protocol-Version": "2025-06-18"}, {}, config)
+        == "streamable-http"
+    )
