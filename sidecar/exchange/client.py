@@ -44,6 +44,9 @@ _SAFE_CODE = re.compile(r"^[\x20-\x21\x23-\x5b\x5d-\x7e]{1,64}$")  # RFC 6749 er
 
 Clock = Callable[[], float]
 
+# A token answer is a few KiB; anything far larger is a misbehaving endpoint, not a token.
+MAX_ANSWER_BYTES = 256 * 1024
+
 
 # ---------------------------------------------------------------------------------------------
 # Functional core: cache keys, request form, answer validation, error classification.
@@ -451,7 +454,7 @@ class OAuthTokenExchanger:
                 ssl=ssl_arg,
                 allow_redirects=False,
             ) as response:
-                body = await response.read()
+                body = await response.content.read(MAX_ANSWER_BYTES + 1)
                 status = response.status
         except TimeoutError:
             raise ExchangeError(
@@ -473,6 +476,13 @@ class OAuthTokenExchanger:
                 http_status=503,
             ) from None
         log.debug("token exchange answered HTTP %s in %.3fs", status, self._clock() - started)
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ExchangeError(
+                f"the identity provider's token endpoint answered more than {MAX_ANSWER_BYTES} bytes",
+                outcome="idp_error",
+                http_status=502,
+                idp_status=status,
+            )
         if status != 200:
             raise classify_error(status, body, tuple(secrets))
         return parse_success(
