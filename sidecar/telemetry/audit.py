@@ -152,6 +152,7 @@ def mcp_call_event(
     error_type: str | None,
     duration_s: float,
     config: TelemetryConfig,
+    token_exchange: str | None = None,
 ) -> Event:
     event = _base(
         "mcp.call",
@@ -165,6 +166,7 @@ def mcp_call_event(
     mcp = _mcp(message, request)
     mcp["http_status"] = http_status
     mcp["error_type"] = error_type
+    mcp["token_exchange"] = token_exchange
     if config.record_arguments and message.arguments is not None:
         mcp["arguments"] = redact_arguments(message.arguments, config.redact_keys)
     event["mcp"] = mcp

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+
+from opentelemetry import metrics, trace
 
 from sidecar.runtime import Runtime
 from sidecar.telemetry.audit import AuditLog, Workload
@@ -16,6 +19,28 @@ from sidecar.telemetry.observer_otel import OtelObserver
 from sidecar.telemetry.setup import build_providers
 
 log = logging.getLogger("outrider.telemetry")
+
+
+@asynccontextmanager
+async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
+    """No SDK: the audit log alone (no-op tracer and meter), or nothing at all when it is off too."""
+    config = runtime.config.telemetry
+    audit = AuditLog.open(config.audit)
+    previous = runtime.observer
+    if audit.enabled:
+        runtime.observer = OtelObserver(
+            config,
+            tracer_provider=trace.NoOpTracerProvider(),
+            meter_provider=metrics.NoOpMeterProvider(),
+            audit=audit,
+            workload=lambda: _workload(runtime),
+        )
+    log.info("telemetry: OTEL_SDK_DISABLED=true: no spans or metrics; audit log %s", config.audit)
+    try:
+        yield
+    finally:
+        runtime.observer = previous
+        audit.close()
 
 
 def _workload(runtime: Runtime) -> Workload:
@@ -27,9 +52,18 @@ def _workload(runtime: Runtime) -> Workload:
     )
 
 
+def sdk_disabled(env: Mapping[str, str]) -> bool:
+    """`OTEL_SDK_DISABLED=true` (the standard switch) turns spans and metrics off entirely."""
+    return env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
 @asynccontextmanager
 async def component(runtime: Runtime) -> AsyncIterator[None]:
     config = runtime.config.telemetry
+    if sdk_disabled(os.environ):
+        async with _audit_only(runtime):
+            yield
+        return
     providers = build_providers(
         config.service_name,
         resource_attributes={

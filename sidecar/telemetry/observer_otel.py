@@ -224,6 +224,7 @@ class _OtelScope:
         self._workload = workload
         self._started = time.perf_counter()
         self.principal: Principal | None = None
+        self.exchange_outcome: str | None = None
         self.finished = False
 
     def set_principal(self, principal: Principal) -> None:
@@ -248,25 +249,30 @@ class _OtelScope:
                     meta.update(carrier)
 
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
+        observer = self._observer
+        cache_hit = outcome.outcome == "cache_hit"
+        self.exchange_outcome = outcome.outcome
+        observer.exchanges.add(1, {"outcome": outcome.outcome, "cache_hit": cache_hit})
+        if cache_hit:
+            # No IdP round trip happened: a child span and a separate audit line would only cost
+            # time on the hot path. The call span and the mcp.call audit line record the hit.
+            self._span.set_attributes(semconv.exchange_span_attributes(outcome))
+            return
         end = time.time_ns()
         start = end - int(max(outcome.duration_s, 0.0) * 1e9)
-        cache_hit = outcome.outcome == "cache_hit"
-        tracer = self._observer.tracer
-        span = tracer.start_span(
+        span = observer.tracer.start_span(
             "outrider.token_exchange",
             context=trace.set_span_in_context(self._span, otel_context.Context()),
-            kind=SpanKind.INTERNAL if cache_hit else SpanKind.CLIENT,
+            kind=SpanKind.CLIENT,
             attributes=semconv.exchange_span_attributes(outcome),
             start_time=start,
         )
         if outcome.outcome not in semconv.EXCHANGE_OK:
             span.set_status(Status(StatusCode.ERROR, outcome.outcome))
         span.end(end_time=end)
-        self._observer.exchanges.add(1, {"outcome": outcome.outcome, "cache_hit": cache_hit})
-        if not cache_hit:
-            self._observer.exchange_duration.record(outcome.duration_s, {"outcome": outcome.outcome})
+        observer.exchange_duration.record(outcome.duration_s, {"outcome": outcome.outcome})
         trace_id, span_id = _ids(span)
-        self._observer.audit.write(
+        observer.audit.write(
             exchange_event(
                 EventStamp.now(trace_id, span_id),
                 outcome=outcome,
@@ -319,5 +325,6 @@ class _OtelScope:
                 error_type=error,
                 duration_s=duration,
                 config=observer.config,
+                token_exchange=self.exchange_outcome,
             )
         )

@@ -123,3 +123,29 @@ async def test_component_wires_observer_metrics_and_audit(
 )
 def test_metric_names(name: str, unit: str, expected: str) -> None:
     assert metric_name(name, unit) == expected
+
+
+async def test_sdk_disabled_keeps_only_the_audit_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    runtime = _runtime(tmp_path)
+    async with telemetry.component(runtime):
+        observer = runtime.observer
+        assert isinstance(observer, OtelObserver)
+        assert runtime.metrics == []
+        body: dict[str, object] = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        headers: dict[str, str] = {}
+        with observer.mcp_call(McpMessage(kind="request", method="ping", id=1), REQUEST) as scope:
+            scope.inject_context(headers, body)
+            scope.finish(http_status=200, outcome="ok")
+        assert headers == {}  # no spans, so no trace context to pass on
+    (line,) = (tmp_path / "audit.jsonl").read_text().splitlines()
+    event = json.loads(line)
+    validate_event(event)
+    assert event["trace_id"] is None
+
+
+async def test_sdk_disabled_and_audit_off_is_the_null_observer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    runtime = Runtime(config=parse({"telemetry": {"audit": "off"}}))
+    async with telemetry.component(runtime):
+        assert isinstance(runtime.observer, NullObserver)

@@ -231,7 +231,8 @@ async def test_every_path_is_observed_and_no_secret_leaks(
     assert ("initialize", None, "ok") in outcomes
     assert sum(1 for e in calls if e["outcome"] == "denied") == 6
     assert {e["exchange"]["outcome"] for e in exchanges if e["outcome"] == "error"} >= {"idp_unavailable"}
-    assert any(e["exchange"]["cache_hit"] for e in exchanges)
+    assert any(e["mcp"]["token_exchange"] == "cache_hit" for e in calls)
+    assert any(e["mcp"]["token_exchange"] == "issued" for e in calls)
     ok_call = next(e for e in calls if e["mcp"]["tool"] == "echo" and e["outcome"] == "ok")
     assert ok_call["user"]["sub"] == "alice"
     assert ok_call["client_id"] == "claude-desktop"

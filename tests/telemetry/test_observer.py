@@ -313,18 +313,24 @@ def test_exchange_issued_and_cache_hit(harness: Harness) -> None:
     message = McpMessage(kind="request", method="tools/call", id=3, tool_name="fetch")
     call(harness, message, exchange=ExchangeOutcome(outcome="issued", audience="api", duration_s=0.01))
     call(harness, message, exchange=ExchangeOutcome(outcome="cache_hit", audience="api", duration_s=0.0001))
-    children = [s for s in harness.spans() if s.name == "outrider.token_exchange"]
-    assert [c.attributes["outrider.token_exchange.cache_hit"] for c in children] == [False, True]
-    assert [c.kind for c in children] == [SpanKind.CLIENT, SpanKind.INTERNAL]
-    assert all(c.status.status_code is StatusCode.UNSET for c in children)
+    # Only the real IdP round trip gets a child span; the cache hit is recorded on the call span.
+    (child,) = [s for s in harness.spans() if s.name == "outrider.token_exchange"]
+    assert child.kind is SpanKind.CLIENT
+    assert child.attributes["outrider.token_exchange.cache_hit"] is False
+    assert child.status.status_code is StatusCode.UNSET
+    first, second = [s for s in harness.spans() if s.name == "tools/call fetch"]
+    assert "outrider.token_exchange.outcome" not in first.attributes
+    assert second.attributes["outrider.token_exchange.outcome"] == "cache_hit"
+    assert second.attributes["outrider.token_exchange.cache_hit"] is True
     assert harness.counter("outrider.token_exchanges", cache_hit=True) == 1
     assert harness.counter("outrider.token_exchanges", outcome="issued") == 1
     # IdP latency is recorded for real round trips only.
     (latency,) = harness.points("outrider.token_exchange.duration")
     assert latency.count == 1
     events = harness.audit()
-    assert [e["type"] for e in events] == ["token.exchange", "mcp.call", "token.exchange", "mcp.call"]
-    assert events[2]["exchange"]["cache_hit"] is True
+    assert [e["type"] for e in events] == ["token.exchange", "mcp.call", "mcp.call"]
+    assert events[0]["exchange"]["outcome"] == "issued"
+    assert [events[1]["mcp"]["token_exchange"], events[2]["mcp"]["token_exchange"]] == ["issued", "cache_hit"]
 
 
 def test_upstream_error_502(harness: Harness) -> None:

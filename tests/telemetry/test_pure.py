@@ -256,6 +256,7 @@ def test_mcp_call_event_golden() -> None:
             "client_address": None,
             "http_status": 200,
             "error_type": None,
+            "token_exchange": None,
         },
     }
 
