@@ -186,6 +186,37 @@ def egress_rows(data: Any) -> list[Row]:
     return rows
 
 
+def telemetry_rows(data: Any) -> list[Row]:
+    """The Observer's own per-call cost (span, metrics, audit line, OTLP export) against the NullObserver;
+    `share_of_proxy` below sets it against the proxy's measured overhead (target <= 20 %)."""
+    on, off = _num(data, "otel_p50_us"), _num(data, "null_p50_us")
+    on99, off99 = _num(data, "otel_p99_us"), _num(data, "null_p99_us")
+    return [
+        Row("telemetry", "observer per call p50", on, "us", off),
+        Row("telemetry", "observer per call p99", on99, "us", off99),
+    ]
+
+
+def share_of_proxy(rows: list[Row]) -> list[Row]:
+    """The telemetry cost as a share of the proxy's own added p50 (telemetry off), when both ran."""
+    proxy = next((r for r in rows if r.figure == "tools/call p50 via sidecar (telemetry off)"), None)
+    observer = next((r for r in rows if r.figure == "observer per call p50"), None)
+    if (
+        proxy is None
+        or observer is None
+        or None in (proxy.value, proxy.baseline, observer.value, observer.baseline)
+    ):
+        return []
+    assert proxy.value is not None and proxy.baseline is not None
+    assert observer.value is not None and observer.baseline is not None
+    overhead_ms = proxy.value - proxy.baseline
+    added_ms = (observer.value - observer.baseline) / 1000
+    share = added_ms / overhead_ms if overhead_ms > 0 else None
+    return [
+        Row("telemetry", "observer added p50 / proxy added p50", share, "", None, "<= 0.20", _le(share, 0.2))
+    ]
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -195,9 +226,10 @@ class Bench:
 
 
 BENCHES = (
-    Bench("webhook", "bench_webhook.py", ("--seconds", "5"), webhook_rows),
+    Bench("webhook", "bench_webhook.py", ("--requests", "500"), webhook_rows),
     Bench("proxy", "bench_proxy.py", ("--seconds", "8", "--rounds", "4", "--telemetry", "both"), proxy_rows),
     Bench("egress", "bench_egress.py", (), egress_rows),
+    Bench("telemetry", "bench_telemetry.py", ("--calls", "5000"), telemetry_rows),
 )
 
 
@@ -312,6 +344,9 @@ Benchmarks:
   steady 300 req/s. Targets: p50 added <= 1 ms, p99 added <= 3 ms, RSS <= 60 MB idle; with
   telemetry and audit on (exporting to a local OTLP receiver) the added latency stays within 20 %
   of the proxy's own overhead.
+- **telemetry** (`bench/bench_telemetry.py`): the Observer's per-call cost (server span, child
+  span, metric points, audit lines, OTLP/HTTP export to a local receiver) against the
+  NullObserver, same process; set against the proxy's own added p50 (target <= 20 %).
 - **egress** (`bench/bench_egress.py`): one large transfer and connection set-up through the
   iptables capture path and the 15001 enforcer versus direct, in the same network namespaces.
   Targets: >= 50 % of direct throughput, <= 1 ms added connect time at p50.
@@ -336,6 +371,7 @@ def main() -> int:
         bench_rows, note, took = run_bench(bench, args.quick)
         rows += bench_rows
         notes[bench.name] = note + (f" ({took:.0f} s)" if took else "")
+    rows += share_of_proxy(rows)
     cells = table(rows)
     print(f"\nOutrider benchmarks on {info['cores']} cores ({info['cpu']}), Python {info['python']}")
     print(render_text(cells))
