@@ -148,6 +148,7 @@ class ControlPlane:
     ca_pem: bytes = b""
     etcd_log: Path = field(default_factory=Path)
     apiserver_log: Path = field(default_factory=Path)
+    audit_log: Path = field(default_factory=Path)
     startup_seconds: float = 0.0
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -156,7 +157,10 @@ class ControlPlane:
         return f"https://127.0.0.1:{self.apiserver_port}"
 
     def logs_hint(self) -> str:
-        return f"control plane logs: etcd {self.etcd_log}, kube-apiserver {self.apiserver_log}"
+        return (
+            f"control plane logs: etcd {self.etcd_log}, kube-apiserver {self.apiserver_log}, "
+            f"audit {self.audit_log}"
+        )
 
     @classmethod
     def start(cls, workdir: Path, *, timeout: float = 120.0) -> ControlPlane:
@@ -233,6 +237,23 @@ class ControlPlane:
         pki = self.workdir / "pki"
         self.apiserver_port = free_port()
         self.apiserver_log = self.workdir / "kube-apiserver.log"
+        # Metadata-level audit of service-account callers only: the RBAC test reads which calls the
+        # webhook's own identity made and what the apiserver answered
+        self.audit_log = self.workdir / "audit.jsonl"
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived", "ResponseStarted"],
+                    "rules": [
+                        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                        {"level": "None"},
+                    ],
+                }
+            )
+        )
         self._spawn(
             [
                 str(apiserver_bin),
@@ -253,6 +274,9 @@ class ControlPlane:
                 "--api-audiences=https://kubernetes.default.svc.cluster.local",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-mode=blocking",
                 "--v=1",
             ],
             self.apiserver_log,

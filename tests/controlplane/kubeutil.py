@@ -234,7 +234,7 @@ async def server_side_apply(
         "PATCH",
         query_params=query,
         header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
-        body=json.dumps(obj),
+        body=dict(obj),
         auth_settings=["BearerToken"],
         _preload_content=False,
     )
