@@ -377,14 +377,15 @@ def cleanup(options: CaptureOptions, runner: Runner = run_command) -> list[str]:
         while runner(jump.argv("-C")).returncode == 0:
             _must(runner, jump.argv("-D"))
             removed.append(jump.render().replace(" -A ", " -D ", 1))
-    for chain in chains:
+    present = [c for c in chains if _chain_exists(runner, c.family, c.table, c.name)]
+    # Flush every chain before deleting any: our chains jump to each other.
+    for chain in present:
         tool = "iptables" if chain.family == 4 else "ip6tables"
-        if runner([tool, "-w", "-t", chain.table, "-S"]).returncode != 0:
-            continue  # no such table/tool (e.g. no IPv6): nothing of ours there
-        if _chain_exists(runner, chain.family, chain.table, chain.name):
-            _must(runner, [tool, "-w", "-t", chain.table, "-F", chain.name])
-            _must(runner, [tool, "-w", "-t", chain.table, "-X", chain.name])
-            removed.append(f"{tool} -t {chain.table} -X {chain.name}")
+        _must(runner, [tool, "-w", "-t", chain.table, "-F", chain.name])
+    for chain in present:
+        tool = "iptables" if chain.family == 4 else "ip6tables"
+        _must(runner, [tool, "-w", "-t", chain.table, "-X", chain.name])
+        removed.append(f"{tool} -t {chain.table} -X {chain.name}")
     return removed
 
 

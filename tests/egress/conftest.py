@@ -26,14 +26,6 @@ def capture_lab() -> Iterator[Lab]:
         yield current
 
 
-@pytest.fixture(scope="module")
-def explicit_lab() -> Iterator[Lab]:
-    _require_netns()
-    config = {"egress": {"mode": "explicit", "policy": POLICY, "policy_file": None}}
-    with lab(capture=False, sidecar_config=config) as current:
-        yield current
-
-
 @pytest.fixture
 def bare_lab() -> Iterator[Lab]:
     """Namespaces and internet only: no rules, no sidecar (for the iptables CLI tests)."""

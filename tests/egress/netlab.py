@@ -41,6 +41,7 @@ ALLOWED_V4, DENIED_V4 = "10.200.1.10", "10.200.1.20"
 ALLOWED_V6, DENIED_V6 = "fd00:201::10", "fd00:201::20"
 CIDR_HOST_V4, CIDR_HOST_V6 = "10.200.2.5", "fd00:202::5"
 SINK_V4 = "10.200.3.1"
+MCP_PORT = 18080
 
 ZONE = {
     "allowed.test": {"A": [ALLOWED_V4], "AAAA": [ALLOWED_V6]},
@@ -133,6 +134,8 @@ class Lab:
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     decision_lines: list[dict[str, Any]] = field(default_factory=list)
     sidecar: subprocess.Popen[str] | None = None
+    mcp_server: subprocess.Popen[str] | None = None
+    app_env: dict[str, str] = field(default_factory=dict)  # proxy variables in explicit mode
 
     @property
     def pod(self) -> str:
@@ -188,7 +191,8 @@ class Lab:
     def iptables_save(self) -> str:
         v4 = _run(*self.in_pod("iptables-save")).stdout
         v6 = _run(*self.in_pod("ip6tables-save")).stdout
-        return "\n".join(line for line in (v4 + v6).splitlines() if not line.startswith(("#", ":")))
+        # Rules and non-built-in chains only: table headers and counters are not ours to compare.
+        return "\n".join(line for line in (v4 + v6).splitlines() if line.startswith(("-A", ":OUTRIDER")))
 
     def start_sidecar(self, config: Mapping[str, Any]) -> None:
         env = {"OUTRIDER_CONFIG": json.dumps(config), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -211,12 +215,31 @@ class Lab:
 
         threading.Thread(target=pump, daemon=True).start()
 
+    def mcp_fetch(self, url: str) -> dict[str, Any]:
+        """Have the dev MCP server (an unchanged `mcp` SDK server, UID 1000) fetch `url` via its tool."""
+        if self.mcp_server is None:
+            env = {"PYTHONDONTWRITEBYTECODE": "1", **self.app_env}
+            self.mcp_server = self.popen_in_pod(
+                PYTHON, "-m", "sidecar.dev.mcp_server", "--port", str(MCP_PORT), env=env
+            )
+            assert self.mcp_server.stdout is not None
+            if "dev MCP server" not in self.mcp_server.stdout.readline():
+                raise RuntimeError(f"dev MCP server did not start (exit {self.mcp_server.poll()})")
+        argv = [PYTHON, str(HERE / "mcp_call.py"), f"http://127.0.0.1:{MCP_PORT}/mcp", "fetch"]
+        result = _run(*self.in_pod(*argv, json.dumps({"url": url})), timeout=60)
+        called = json.loads(result.stdout.strip().splitlines()[-1])
+        structured: dict[str, Any] = called.get("structuredContent") or json.loads(
+            called["content"][0]["text"]
+        )
+        return structured
+
     def popen_in_pod(
         self, *argv: str, uid: int = APP_UID, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            self.in_pod(*argv, uid=uid, env=env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        with (self.workdir / f"process-{len(self.processes)}.err").open("w") as errors:
+            process = subprocess.Popen(
+                self.in_pod(*argv, uid=uid, env=env), stdout=subprocess.PIPE, stderr=errors, text=True
+            )
         self.processes.append(process)
         return process
 
@@ -243,7 +266,9 @@ def _internet_config(lab_dir: Path, cert: Path, key: Path, log: Path) -> dict[st
 
 
 @contextmanager
-def lab(*, capture: bool = True, sidecar_config: Mapping[str, Any] | None = None) -> Iterator[Lab]:
+def lab(
+    *, capture: bool = True, sidecar_config: Mapping[str, Any] | None = None, app_env: Mapping[str, str] = {}
+) -> Iterator[Lab]:
     """Build the namespaces, start the internet and (unless None) the sidecar; tear all down after."""
     tag = f"eg{os.getpid() % 100000}{next(_counter)}"
     workdir = Path(tempfile.mkdtemp(prefix="outrider-egress-"))
@@ -254,7 +279,7 @@ def lab(*, capture: bool = True, sidecar_config: Mapping[str, Any] | None = None
     log = workdir / "hits.jsonl"
     log.touch()
     log.chmod(0o644)
-    current = Lab(tag=tag, workdir=workdir, ca=ca, log=log)
+    current = Lab(tag=tag, workdir=workdir, ca=ca, log=log, app_env=dict(app_env))
     pod, net = current.pod, current.net
     etc = Path("/etc/netns") / pod
     try:

@@ -1,4 +1,4 @@
-"""The effective policy = pod spec ∩ mounted file; reloads narrow live and never widen; bad files are kept out."""
+"""Effective policy = pod spec ∩ mounted file: reloads narrow live, never widen; bad files stay out."""
 
 from __future__ import annotations
 
