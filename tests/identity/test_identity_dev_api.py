@@ -21,7 +21,15 @@ from sidecar.identity.config import IdentityConfig
 from sidecar.identity.workload import WorkloadApiIdentity
 from sidecar.runtime import Runtime
 
-from .support import CallStats, RecordingObserver, RotatingClientContext, call_once, keep_calling, mtls_echo
+from .support import (
+    CallStats,
+    RecordingObserver,
+    RotatingClientContext,
+    call_once,
+    keep_calling,
+    mtls_echo,
+    poll_until,
+)
 
 APP_ID = "spiffe://example.org/ns/mcp/sa/server"
 
@@ -173,7 +181,9 @@ async def test_agent_restart_is_survived_without_failed_calls(sock_dir: Path) ->
                 stats, stop = CallStats(), asyncio.Event()
                 caller = asyncio.create_task(keep_calling(identity, port, stats, stop))
                 await api.stop()
-                await asyncio.sleep(1.0)
+                assert await poll_until(lambda: identity.status != "ok", 10)
+                calls_at_stop = stats.ok
+                assert await poll_until(lambda: stats.ok >= calls_at_stop + 3, 30)
                 # the agent is away: the held SVID keeps serving, within the grace period still ready
                 assert identity.ready and identity.status.startswith("degraded")
                 assert identity.x509() is before
@@ -181,7 +191,8 @@ async def test_agent_restart_is_survived_without_failed_calls(sock_dir: Path) ->
                 await api.start()
                 after = await asyncio.wait_for(identity.next_update(before), 10)
                 assert identity.status == "ok" and after is not before
-                await asyncio.sleep(0.3)
+                calls_at_recovery = stats.ok
+                assert await poll_until(lambda: stats.ok >= calls_at_recovery + 3, 30)
                 stop.set()
                 await caller
             assert stats.failures == [] and stats.ok > 5

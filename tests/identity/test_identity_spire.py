@@ -189,11 +189,14 @@ async def test_agent_restart_is_survived(spire: SpireDev) -> None:
             await poll_until(lambda: identity.status != "ok", 10)
             assert identity.status.startswith("degraded")  # noticed, still serving the valid SVID
             assert identity.ready
+            calls_at_stop = stats.ok
+            assert await poll_until(lambda: stats.ok >= calls_at_stop + 3, 30)  # calls go on, agent down
             await spire.start_agent()
             after = await asyncio.wait_for(identity.next_update(before), 30)
             assert identity.status == "ok"
             assert after.spiffe_id == APP_ID
-            await asyncio.sleep(0.5)
+            calls_at_recovery = stats.ok
+            assert await poll_until(lambda: stats.ok >= calls_at_recovery + 3, 30)
             stop.set()
             await caller
     assert stats.failures == []
