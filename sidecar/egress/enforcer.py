@@ -240,7 +240,7 @@ class Enforcer:
         except ValueError:
             head = None
         if head is None:
-            await self._send(
+            await self._answer(
                 client, _http_response(400, "outrider egress proxy: expected an HTTP/1.x request")
             )
             return
@@ -252,7 +252,7 @@ class Enforcer:
             protocol, default_port = "http", 80
             authority = head.target.split("/", 3)[2].rpartition("@")[2]
         else:
-            await self._send(
+            await self._answer(
                 client,
                 _http_response(400, "outrider egress proxy: expected CONNECT or an absolute http:// URI"),
             )
@@ -260,26 +260,26 @@ class Enforcer:
         try:
             host, port = sniff.split_host_port(authority, default_port)
         except ValueError as exc:
-            await self._send(client, _http_response(400, f"outrider egress proxy: bad authority ({exc})"))
+            await self._answer(client, _http_response(400, f"outrider egress proxy: bad authority ({exc})"))
             return
         if port is None:
-            await self._send(client, _http_response(400, "outrider egress proxy: CONNECT needs host:port"))
+            await self._answer(client, _http_response(400, "outrider egress proxy: CONNECT needs host:port"))
             return
         dest = destination_for(host, port)
         verdict = decide(self.holder.current, dest) if (dest.name or dest.ip) else _bad_name(host)
         if not verdict.allowed:
             self._emit(verdict, mode="explicit", protocol=protocol, dest=dest)
-            await self._send(
+            await self._answer(
                 client, _http_response(403, f"outrider egress: denied {host}:{port}: {verdict.reason}")
             )
             return
         targets = await self._targets(dest, verdict, "explicit", protocol, prefer=None)
         if targets is None:
-            await self._send(client, _http_response(502, f"outrider egress: cannot resolve {host}"))
+            await self._answer(client, _http_response(502, f"outrider egress: cannot resolve {host}"))
             return
         upstream = await self._connect_or_report(targets, port, verdict, "explicit", protocol, dest)
         if upstream is None:
-            await self._send(client, _http_response(502, f"outrider egress: {host}:{port} unreachable"))
+            await self._answer(client, _http_response(502, f"outrider egress: {host}:{port} unreachable"))
             return
         if protocol == "connect":
             await self._send(client, b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -362,13 +362,27 @@ class Enforcer:
         self, client: socket.socket, protocol: str, target: str, reason: str, status: int = 403
     ) -> None:
         if protocol == sniff.HTTP:
-            await self._send(client, _http_response(status, f"outrider egress: denied {target}: {reason}"))
+            await self._answer(client, _http_response(status, f"outrider egress: denied {target}: {reason}"))
         # TLS and raw TCP: close. A forged TLS alert would only confuse clients into retrying.
 
     async def _send(self, sock: socket.socket, data: bytes) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError):
             await asyncio.wait_for(loop.sock_sendall(sock, data), self.config.hello_timeout_s)
+
+    async def _answer(self, sock: socket.socket, data: bytes) -> None:
+        """Send a final answer, then drain a little unread input: closing with unread bytes sends a
+        RST, and a RST can destroy the answer before the client has read it."""
+        loop = asyncio.get_running_loop()
+        await self._send(sock, data)
+        with contextlib.suppress(OSError, TimeoutError):
+            sock.shutdown(socket.SHUT_WR)
+            drained = 0
+            while drained < self.config.peek_bytes * 4:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 0.25)
+                if not chunk:
+                    break
+                drained += len(chunk)
 
     async def _relay(self, client: socket.socket, upstream: socket.socket, first: bytes) -> None:
         loop = asyncio.get_running_loop()
