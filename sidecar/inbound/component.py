@@ -92,7 +92,8 @@ async def serve(
         app = web.Application()
         app[PROXY_KEY] = proxy
         app.add_routes(proxy.routes())
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # Open SSE streams must not hold shutdown past the pod's grace period.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         svid: RotatingServerContext | None = None
