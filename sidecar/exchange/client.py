@@ -352,6 +352,7 @@ class OAuthTokenExchanger:
         self.cache = TokenCache(config.cache_size, config.cache_skew_seconds, clock)
         self.stats = ExchangeStats()
         self._inflight: dict[CacheKey, asyncio.Task[IssuedToken]] = {}
+        self._last_failure: str | None = None
         self._secret = _SecretFile(config.client_secret_file) if config.client_secret_file else None
         self._mtls = _mtls_contexts(identity, config.ca_file) if config.auth == "x509-svid" else None
         self._server_ssl = (
@@ -389,9 +390,20 @@ class OAuthTokenExchanger:
         try:
             token = await self._call_idp(subject_token, audience, scope)
         except ExchangeError as exc:
+            self._note_failure(exc)
             raise self._count(exc) from None
+        if self._last_failure is not None:
+            log.info("token exchange recovered: the IdP issues tokens again")
+            self._last_failure = None
         self.cache.put(key, token)
         return token
+
+    def _note_failure(self, exc: ExchangeError) -> None:
+        # Logged once per kind of failure, not per call: an IdP outage under load is one line.
+        kind = f"{exc.outcome}/{exc.oauth_error or exc.idp_status}"
+        if kind != self._last_failure:
+            self._last_failure = kind
+            log.warning("token exchange failing (HTTP %s to callers): %s", exc.http_status, exc.message)
 
     def _forget(self, key: CacheKey, task: asyncio.Task[IssuedToken]) -> None:
         if self._inflight.get(key) is task:

@@ -465,3 +465,23 @@ async def test_metrics_text(idp, identity, session):
     assert "outrider_token_exchange_cache_hits_total 1" in text
     assert "outrider_token_exchange_idp_calls_total 2" in text
     assert 'outrider_token_exchange_errors_total{outcome="idp_error"} 1' in text
+
+
+async def test_failures_are_logged_once_per_kind_without_tokens(idp, identity, session, caplog):
+    caplog.set_level("DEBUG", logger="outrider")
+    ex = exchanger(idp, identity, session)
+    user_token = await password_token(session, idp)
+    idp.faults.oauth_error = "invalid_grant"
+    idp.faults.oauth_error_description = f"token {user_token} is revoked"
+    for scope in ("a", "b", "c"):
+        with pytest.raises(ExchangeError):
+            await ex.exchange(user_token, scope=scope)
+    idp.faults.clear()
+    await ex.exchange(user_token)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "invalid_grant" in warnings[0].getMessage()
+    assert any("recovered" in r.getMessage() for r in caplog.records)
+    for record in caplog.records:
+        text = record.getMessage()
+        assert user_token not in text and "eyJ" not in text
+        assert not any(svid in text for svid in identity.authority.signed)
