@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
+import aiohttp
 import grpc
 import jwt
 import pytest
@@ -19,6 +21,7 @@ from sidecar.identity import IdentityUnavailable
 from sidecar.identity import component as identity_component
 from sidecar.identity.config import IdentityConfig
 from sidecar.identity.workload import WorkloadApiIdentity
+from sidecar.main import serve
 from sidecar.runtime import Runtime
 
 from .support import (
@@ -277,3 +280,71 @@ async def test_dev_workload_api_speaks_the_protocol_py_spiffe_expects(sock_dir: 
     async with DevWorkloadApi(sock_dir / "agent.sock", spiffe_id=APP_ID) as api:
         ids = await asyncio.to_thread(_py_spiffe_roundtrip, api.target)
     assert ids == (APP_ID, APP_ID, APP_ID)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_sidecar_readyz_follows_the_identity(sock_dir: Path) -> None:
+    """The whole `outrider sidecar` process: /readyz on the admin port is 503 until the first SVID."""
+    sock = sock_dir / "agent.sock"
+    admin = _free_port()
+    config = parse(
+        {
+            "identity": {"socket": f"unix://{sock}", "backoff_min_s": 0.05, "backoff_max_s": 0.3},
+            "admin": {"host": "127.0.0.1", "port": admin},
+            "inbound": {"port": _free_port(), "mcp_port": _free_port()},
+        }
+    )
+    stop = asyncio.Event()
+    sidecar = asyncio.create_task(serve(config, stop))
+    url = f"http://127.0.0.1:{admin}"
+
+    async def readyz(session: aiohttp.ClientSession) -> tuple[int, str]:
+        try:
+            async with session.get(f"{url}/readyz") as response:
+                return response.status, await response.text()
+        except aiohttp.ClientConnectionError:
+            return 0, ""
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                status, text = await readyz(session)
+                if status:
+                    break
+                await asyncio.sleep(0.05)
+            assert status == 503
+            assert "identity" in text and "socket_missing" in text
+            async with DevWorkloadApi(sock, spiffe_id=APP_ID):
+                for _ in range(200):
+                    status, text = await readyz(session)
+                    if "identity: ok" in text:
+                        break
+                    await asyncio.sleep(0.05)
+                assert "identity: ok" in text
+                async with session.get(f"{url}/metrics") as response:
+                    assert "outrider_identity_ready 1.0" in await response.text()
+    finally:
+        stop.set()
+        await asyncio.wait_for(sidecar, 30)
+
+
+async def test_an_unusable_svid_is_reported_and_retried_never_fatal(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    async with DevWorkloadApi(sock, spiffe_id=APP_ID) as api:
+        genuine = api.ca.issue_x509
+
+        def wrong_leaf(spiffe_id: str, ttl_s: float) -> tuple[bytes, bytes, object]:
+            return genuine("spiffe://example.org/someone-else", ttl_s)
+
+        api.ca.issue_x509 = wrong_leaf  # type: ignore[assignment,method-assign]
+        async with WorkloadApiIdentity(_config(sock)) as identity:
+            assert await poll_until(lambda: identity.status.startswith("bad_response"), 10)
+            assert not identity.ready and "does not carry the SPIFFE ID" in identity.status
+            api.ca.issue_x509 = genuine  # type: ignore[method-assign]
+            assert await identity.wait_ready(10)
+            assert identity.spiffe_id == APP_ID
