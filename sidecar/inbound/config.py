@@ -69,6 +69,32 @@ def _url(value: Any, key: str, *, required: bool) -> str | None:
     return value
 
 
+_KEYS = frozenset(
+    {
+        "host",
+        "port",
+        "mcp_port",
+        "resource",
+        "issuer",
+        "jwks_uri",
+        "algorithms",
+        "leeway_s",
+        "required_scopes",
+        "authorization_servers",
+        "jwks_refresh_interval_s",
+        "jwks_min_refresh_interval_s",
+        "mtls",
+        "max_body_bytes",
+        "upstream_timeout_s",
+        "sse_idle_timeout_s",
+        "token_header",
+        "legacy_sse_path",
+        "token_cache_size",
+        "allow_unauthenticated",
+    }
+)
+
+
 @dataclass(frozen=True)
 class MtlsConfig:
     """Agent-to-server callers presenting a SPIFFE X.509-SVID on 15006."""
@@ -146,6 +172,9 @@ class InboundConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> InboundConfig:
+        unknown = sorted(set(data) - _KEYS)
+        if unknown:
+            raise _error(f"inbound: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
         host = data.get("host", cls.host)
         if not isinstance(host, str) or not host:
             raise _error(f"inbound.host: {host!r} must be an address to listen on")
