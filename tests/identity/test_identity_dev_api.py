@@ -348,3 +348,20 @@ async def test_an_unusable_svid_is_reported_and_retried_never_fatal(sock_dir: Pa
             api.ca.issue_x509 = genuine  # type: ignore[method-assign]
             assert await identity.wait_ready(10)
             assert identity.spiffe_id == APP_ID
+
+
+async def test_an_expired_svid_is_never_served(sock_dir: Path) -> None:
+    sock = sock_dir / "agent.sock"
+    api = DevWorkloadApi(sock, spiffe_id=APP_ID, svid_ttl_s=3)
+    await api.start()
+    async with WorkloadApiIdentity(_config(sock, expiry_margin_s=0.5)) as identity:
+        assert await identity.wait_ready(10)
+        async with mtls_echo(identity) as port:
+            await api.stop()  # the agent is gone for longer than the SVID lives
+            assert await poll_until(lambda: not identity.ready, 10)
+            assert "expired" in identity.status
+            with pytest.raises(IdentityUnavailable):
+                identity.x509()
+            stats = CallStats()
+            await call_once(identity, port, stats, RotatingClientContext(identity, trust="spiffe"))
+            assert stats.ok == 0 and stats.failures
