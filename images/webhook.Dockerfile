@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1.7
+# The admission webhook image: `outrider webhook` as UID 65532, no shell tools beyond the base.
+# Build from the repository root:  docker build -f images/webhook.Dockerfile -t outrider-webhook:dev .
+# Pin the base by digest in release builds: --build-arg PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:...
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY webhook ./webhook
+COPY sidecar ./sidecar
+RUN python -m venv /opt/outrider && /opt/outrider/bin/pip install --no-compile . \
+ && find /opt/outrider -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="outrider-webhook" \
+      org.opencontainers.image.source="https://github.com/outrider-dev/outrider" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /opt/outrider /opt/outrider
+ENV PATH=/opt/outrider/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# distroless-style nonroot UID; the Deployment also sets runAsNonRoot and a read-only root FS
+USER 65532:65532
+EXPOSE 9443
+ENTRYPOINT ["outrider"]
+CMD ["webhook", "--in-cluster"]
