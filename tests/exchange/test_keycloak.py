@@ -133,6 +133,13 @@ async def test_keycloak_exchange_with_client_secret(keycloak, tmp_path):
         assert info.value.http_status in (403, 502) and info.value.oauth_error
         assert user not in str(info.value)
 
+        # An audience that exists in the realm but that this client may not get: the user's exchange
+        # is refused by policy, which must not look like a gateway fault to the operator's IdP.
+        with pytest.raises(ExchangeError) as info:
+            await exchanger.exchange(user, audience=realm.cli_client)
+        print(f"keycloak audience refused -> {info.value.oauth_error} {info.value.http_status}: {info.value}")
+        assert info.value.oauth_error and user not in str(info.value)
+
         secret_file.write_text("wrong-secret")
         with pytest.raises(ExchangeError) as info:
             await exchanger.exchange(user, audience=realm.downstream, scope="openid")
@@ -162,3 +169,28 @@ async def test_keycloak_exchange_with_jwt_svid(keycloak):
     assert claims["azp"] == realm.spiffe_client
     # The client assertion was a JWT-SVID whose only audience is the realm's issuer.
     assert identity.jwt_audiences == [realm.issuer]
+
+
+async def test_keycloak_actor_token(keycloak):
+    """Keycloak's standard token exchange has no delegation (`act`): record what it says to actor_token."""
+    realm = keycloak.realm
+    config = ExchangeConfig.from_mapping(
+        {
+            "token_endpoint": realm.token_endpoint,
+            "issuer": realm.issuer,
+            "audience": realm.downstream,
+            "actor_token": True,
+            "timeout_seconds": 30,
+        }
+    )
+    async with aiohttp.ClientSession() as session:
+        user = await alice_token(session, realm)
+        try:
+            issued = await build_exchanger(config, FakeIdentity(keycloak.authority), session).exchange(user)
+        except ExchangeError as exc:
+            print(f"keycloak actor_token -> {exc.oauth_error} {exc.http_status}: {exc}")
+            assert exc.http_status == 502 and user not in str(exc)
+        else:
+            claims = await verified_claims(session, realm, issued.access_token)
+            print(f"keycloak actor_token accepted; act={claims.get('act')}")
+            assert claims["sub"] == keycloak.alice_id
