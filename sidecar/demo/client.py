@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
@@ -63,8 +64,6 @@ def received_token(report: dict[str, Any]) -> str | None:
 
 async def run_calls(demo: Demo, token: str) -> None:
     from sidecar.demo.run import (
-        ALLOWED_HOST,
-        DENIED_HOST,
         DOWNSTREAM_AUDIENCE,
         claims,
         expired_token,
@@ -73,9 +72,12 @@ async def run_calls(demo: Demo, token: str) -> None:
 
     c = demo.console
     url = demo.resource
-    c.say(
-        f"connecting with the mcp SDK client to {url} (the pod's MCP port; iptables hands it to the sidecar)"
+    how = (
+        "the pod's MCP port; iptables hands the connection to the sidecar on 15006"
+        if demo.topo is not None
+        else "the sidecar's inbound port"
     )
+    c.say(f"connecting with the mcp SDK client to {url} ({how})")
     async with (
         httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http,
         Client(streamable_http_client(url, http_client=http)) as client,
@@ -108,18 +110,23 @@ async def run_calls(demo: Demo, token: str) -> None:
         )
         c.check(raw is not None and raw != token, "the server never saw alice's own token (different token)")
 
-        allowed = await client.call_tool("fetch", {"url": f"http://{ALLOWED_HOST}/"})
+        allowed = await client.call_tool("fetch", {"url": demo.allowed_url})
         text = tool_text(allowed)
-        c.say(f"tools/call fetch http://{ALLOWED_HOST}/ -> {fetch_summary(allowed)}")
+        c.say(f"tools/call fetch {demo.allowed_url} -> {fetch_summary(allowed)}")
         c.check(
-            f"hello from {ALLOWED_HOST}" in text and not getattr(allowed, "is_error", False),
+            f"hello from {urlsplit(demo.allowed_url).netloc}" in text
+            and not getattr(allowed, "is_error", False),
             "an allowed host is reachable",
         )
 
-        denied = await client.call_tool("fetch", {"url": f"http://{DENIED_HOST}/"})
+        denied = await client.call_tool("fetch", {"url": demo.denied_url})
         text = tool_text(denied)
-        c.say(f"tools/call fetch http://{DENIED_HOST}/ -> {fetch_summary(denied)}")
-        c.check(f"hello from {DENIED_HOST}" not in text, "a host outside the allowlist is blocked")
+        c.say(f"tools/call fetch {demo.denied_url} -> {fetch_summary(denied)}")
+        c.check(
+            f"hello from {urlsplit(demo.denied_url).netloc}" not in text
+            and (tool_json(denied).get("status") == 403 or bool(tool_json(denied).get("error"))),
+            "a host outside the allowlist is blocked",
+        )
 
     expired = await expired_token(demo, "alice")
     c.say("a client with an EXPIRED token calls tools/list")

@@ -6,23 +6,35 @@ Run inside the demo's "internet" network namespace: `python -m sidecar.demo.inte
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 from aiohttp import web
 
 
 async def _hello(request: web.Request) -> web.Response:
-    host = request.host.split(":")[0]
-    return web.Response(text=f"hello from {host} (the demo's internet namespace)\n")
+    # The Host header names what the client asked for (with the port when it is not 80).
+    return web.Response(text=f"hello from {request.host} (the demo's stand-in internet)\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=80)
+    parser.add_argument("--port", type=int, action="append", help="port to serve on (repeatable; default 80)")
     args = parser.parse_args()
+    asyncio.run(_serve(args.host, args.port or [80]))
+
+
+async def _serve(host: str, ports: list[int]) -> None:
     app = web.Application()
     app.router.add_get("/{tail:.*}", _hello)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    for port in ports:
+        await web.TCPSite(runner, host, port).start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import jsonpatch
@@ -115,6 +117,12 @@ class Demo:
     idp_url: str
     otlp_port: int
     client_host: str  # where the MCP client reaches the pod's MCP port
+    client_port: int  # capture: the app's port (iptables hands it to 15006); explicit: the sidecar's
+    app_port: int  # where the MCP server listens on 127.0.0.1
+    admin_port: int
+    allowed_url: str
+    denied_url: str
+    allowed_rule: str  # the operator's egress rule in the webhook config
     missing: dict[str, str] = field(default_factory=dict)
     injected: dict[str, Any] | None = None
     dataplane_up: bool = False
@@ -126,7 +134,7 @@ class Demo:
 
     @property
     def resource(self) -> str:
-        return f"http://{self.client_host}:{MCP_PORT}/mcp"
+        return f"http://{self.client_host}:{self.client_port}/mcp"
 
     @property
     def identity_piece(self) -> str:
@@ -171,6 +179,20 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
             octet = 200 + os.getpid() % 50
             topo = netns.plan(f"{os.getpid() % 100000}", [ALLOWED_HOST, DENIED_HOST], octet)
         idp_host = topo.host_ip if topo else "127.0.0.1"
+        if topo is not None:
+            ports = {"client": MCP_PORT, "app": MCP_PORT, "admin": 15020}
+            allowed_url, denied_url = f"http://{ALLOWED_HOST}/", f"http://{DENIED_HOST}/"
+            allowed_rule = f"{ALLOWED_HOST}:80"
+        else:
+            # No namespace of its own: every port is a free one on this host's loopback.
+            ports = {"client": procs.free_port(), "app": procs.free_port(), "admin": procs.free_port()}
+            internet = socket.gethostname()
+            allowed_port, denied_port = procs.free_port(), procs.free_port()
+            allowed_url, denied_url = (
+                f"http://{internet}:{allowed_port}/",
+                f"http://{internet}:{denied_port}/",
+            )
+            allowed_rule = f"{internet}:{allowed_port}"
         demo = Demo(
             args=args,
             console=console,
@@ -182,6 +204,12 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
             idp_url=f"http://{idp_host}:{procs.free_port('127.0.0.1')}",
             otlp_port=procs.free_port("127.0.0.1"),
             client_host=topo.pod_ip if topo else "127.0.0.1",
+            client_port=ports["client"],
+            app_port=ports["app"],
+            admin_port=ports["admin"],
+            allowed_url=allowed_url,
+            denied_url=denied_url,
+            allowed_rule=allowed_rule,
         )
         for piece, modules in PIECES.items():
             missing = piece_missing(modules)
@@ -274,7 +302,7 @@ def webhook_config(demo: Demo) -> dict[str, Any]:
         "trust_domain": TRUST_DOMAIN,
         "token_audiences": [DOWNSTREAM_AUDIENCE],
         "default_audience": DOWNSTREAM_AUDIENCE,
-        "egress_default_policy": {"allow": [f"{ALLOWED_HOST}:80"]},
+        "egress_default_policy": {"allow": [demo.allowed_rule]},
         "sidecar": {
             "inbound": {"issuer": demo.idp_url, "resource": demo.resource},
             "exchange": {
@@ -432,7 +460,8 @@ async def step_dataplane(demo: Demo) -> None:
         )
         demo.stack.enter_context(netns.topology(t))
         c.check(
-            True, f"network namespaces up: client -> {t.pod_ip}:{MCP_PORT} (pod) -> {t.inet_ip} (internet)"
+            True,
+            f"network namespaces up: client -> {t.pod_ip}:{demo.client_port} (pod) -> {t.inet_ip} (internet)",
         )
         web = await demo.sup.start(
             "internet", [procs.python(), "-m", "sidecar.demo.internet", "--port", "80"], netns=t.inet_ns
@@ -443,9 +472,33 @@ async def step_dataplane(demo: Demo) -> None:
         c.say(f"'internet' serves http://{ALLOWED_HOST}/ and http://{DENIED_HOST}/ from {t.inet_ip}")
     else:
         c.say(
-            "mode: EXPLICIT PROXY (no root): the app gets HTTP_PROXY/HTTPS_PROXY; an app that ignores them "
-            "is not stopped in this mode"
+            "mode: EXPLICIT PROXY (no root, so no network namespace and no iptables): the app gets "
+            "HTTP_PROXY/HTTPS_PROXY"
         )
+        c.say(
+            "      as in namespaces whose Pod Security forbids NET_ADMIN; an app that ignores those "
+            "variables is NOT stopped in this mode"
+        )
+        allowed, denied = urlsplit(demo.allowed_url), urlsplit(demo.denied_url)
+        host = socket.gethostbyname(allowed.hostname or "localhost")
+        web = await demo.sup.start(
+            "internet",
+            [
+                procs.python(),
+                "-m",
+                "sidecar.demo.internet",
+                "--host",
+                host,
+                "--port",
+                str(allowed.port),
+                "--port",
+                str(denied.port),
+            ],
+        )
+        await procs.wait_until(
+            "the stand-in internet's HTTP server", lambda: procs.tcp_open(host, denied.port or 80), child=web
+        )
+        c.say(f"stand-in 'internet' serves {demo.allowed_url} and {demo.denied_url} ({host})")
 
     # Telemetry: a local OTLP/HTTP receiver the sidecar exports to.
     demo.receiver = traces.OtlpReceiver()
@@ -607,15 +660,21 @@ async def apply_iptables(demo: Demo) -> None:
 async def start_mcp_server(demo: Demo) -> None:
     c = demo.console
     assert demo.injected is not None
-    env = _env_of(demo.injected, "mcp")  # explicit mode: the webhook's HTTP(S)_PROXY variables
+    env = _env_of(demo.injected, "mcp")
+    if demo.topo is None:
+        env.update(explicit_app_env(demo))
+        c.say(
+            "app env (what the webhook writes in explicit mode): "
+            + " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.endswith("_PROXY"))
+        )
     ns = demo.topo.pod_ns if demo.topo else None
     c.say(
-        f"starting the unchanged MCP server (mcp SDK, sidecar/dev/mcp_server.py) on 127.0.0.1:{MCP_PORT}"
+        f"starting the unchanged MCP server (mcp SDK, sidecar/dev/mcp_server.py) on 127.0.0.1:{demo.app_port}"
         + (f" as uid {APP_UID}" if ns else "")
     )
     child = await demo.sup.start(
         "mcp-server",
-        [procs.python(), "-m", "sidecar.dev.mcp_server", "--port", str(MCP_PORT)],
+        [procs.python(), "-m", "sidecar.dev.mcp_server", "--port", str(demo.app_port)],
         env=env,
         netns=ns,
         uid=APP_UID if ns else None,
@@ -623,11 +682,11 @@ async def start_mcp_server(demo: Demo) -> None:
     )
     if ns:
         await procs.wait_until(
-            "the MCP server's port", lambda: _ns_tcp(ns, "127.0.0.1", MCP_PORT), child=child
+            "the MCP server's port", lambda: _ns_tcp(ns, "127.0.0.1", demo.app_port), child=child
         )
     else:
         await procs.wait_until(
-            "the MCP server's port", lambda: procs.tcp_open("127.0.0.1", MCP_PORT), child=child
+            "the MCP server's port", lambda: procs.tcp_open("127.0.0.1", demo.app_port), child=child
         )
     c.check(True, "MCP server is listening (it knows nothing about Outrider)")
 
@@ -650,6 +709,14 @@ async def start_sidecar(demo: Demo, socket_path: str, otlp_url: str) -> None:
             "OTEL_SERVICE_NAME": "outrider-proxy",
         }
     )
+    if demo.topo is None:
+        overrides = explicit_sidecar_overrides(demo)
+        merged = _deep_merge(json.loads(env.get("OUTRIDER_CONFIG", "{}")), overrides)
+        env["OUTRIDER_CONFIG"] = json.dumps(merged)
+        c.say(
+            "no pod network namespace, so the demo moves the sidecar's ports to free ones: "
+            + json.dumps(overrides, sort_keys=True)
+        )
     ns = demo.topo.pod_ns if demo.topo else None
     c.say(
         "starting `outrider sidecar` with the env the webhook wrote "
@@ -663,7 +730,7 @@ async def start_sidecar(demo: Demo, socket_path: str, otlp_url: str) -> None:
         uid=PROXY_UID if ns else None,
         cwd="/",
     )
-    admin = f"http://{demo.client_host}:15020"
+    admin = f"http://{demo.client_host}:{demo.admin_port}"
     assert demo.session is not None
     session = demo.session
 
@@ -673,6 +740,42 @@ async def start_sidecar(demo: Demo, socket_path: str, otlp_url: str) -> None:
 
     await procs.wait_until("the sidecar's /readyz", ready, child=demo.sidecar, limit=60)
     c.check(True, f"outrider-proxy is ready ({admin}/readyz: SVID held, all components up)")
+
+
+EGRESS_PORT_EXPLICIT: dict[int, int] = {}
+
+
+def _egress_port(demo: Demo) -> int:
+    # One free port per demo run for the explicit proxy (15001 may be taken on a shared host).
+    return EGRESS_PORT_EXPLICIT.setdefault(id(demo), procs.free_port())
+
+
+def explicit_app_env(demo: Demo) -> dict[str, str]:
+    """The HTTP(S)_PROXY/NO_PROXY env the webhook gives app containers in explicit mode, on our port."""
+    from webhook.egress import EGRESS_MODE_LABEL, plan_egress
+
+    assert demo.injected is not None
+    plan = plan_egress(demo.injected, {EGRESS_MODE_LABEL: "explicit"}, None, {"allow": [demo.allowed_rule]})
+    port = _egress_port(demo)
+    return {k: v.replace(":15001", f":{port}") for k, v in plan.app_env}
+
+
+def explicit_sidecar_overrides(demo: Demo) -> dict[str, Any]:
+    return {
+        "admin": {"host": "127.0.0.1", "port": demo.admin_port},
+        "inbound": {"host": "127.0.0.1", "port": demo.client_port, "mcp_port": demo.app_port},
+        "egress": {"mode": "explicit", "port": _egress_port(demo), "listen": ["127.0.0.1"]},
+    }
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -769,8 +872,19 @@ async def step_operator(demo: Demo) -> None:
     ):
         return
     assert trace_id is not None
-    c.say(f"trace {trace_id}:")
+    c.say(f"trace {trace_id} (tools/call whoami; its token exchange was served from the cache):")
     tree = traces.span_tree(receiver.spans, trace_id)
     for line in tree:
         c.show(line)
-    c.check(len(tree) >= 2, "the trace has the MCP call and its token exchange as spans")
+    root = traces.root_span(receiver.spans, trace_id)
+    attrs = root.attributes if root else {}
+    c.check(
+        attrs.get("enduser.id") == "alice" and attrs.get("mcp.method.name") == "tools/call",
+        "the server span names the MCP method, the tool and the user",
+    )
+    first = traces.first_exchange_trace(receiver.spans)
+    if first is not None and first != trace_id:
+        c.say(f"trace {first} (the session's first call: the sidecar went to the IdP for the exchange):")
+        for line in traces.span_tree(receiver.spans, first):
+            c.show(line)
+    c.check(first is not None, "a token exchange with the IdP shows as a child span with its duration")

@@ -127,6 +127,19 @@ def find_trace(spans: Iterable[Span], *, tool: str | None = None, method: str | 
     return best.trace_id if best else None
 
 
+def root_span(spans: Iterable[Span], trace_id: str) -> Span | None:
+    mine = [s for s in spans if s.trace_id == trace_id]
+    ids = {s.span_id for s in mine}
+    roots = [s for s in mine if not s.parent_span_id or s.parent_span_id not in ids]
+    return min(roots, key=lambda s: s.start_ns) if roots else None
+
+
+def first_exchange_trace(spans: Iterable[Span]) -> str | None:
+    """The trace of the earliest token-exchange child span (a cache miss that went to the IdP)."""
+    exchanges = [s for s in spans if s.parent_span_id and "token_exchange" in s.name]
+    return min(exchanges, key=lambda s: s.start_ns).trace_id if exchanges else None
+
+
 @dataclass
 class OtlpReceiver:
     """Collects every span POSTed to /v1/traces; /v1/metrics and /v1/logs are accepted and dropped."""

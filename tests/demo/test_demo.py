@@ -30,6 +30,8 @@ KEY_LINES = (
     "[ok] an expired token is refused with 401",
     "Step 4: What an operator sees",
     "[ok] the whoami call's trace arrived over OTLP/HTTP",
+    "[ok] the server span names the MCP method, the tool and the user",
+    "[ok] a token exchange with the IdP shows as a child span with its duration",
     "[ok] nothing left behind",
     "Outrider demo: every step behaved as described",
 )
@@ -97,4 +99,17 @@ def test_demo_with_real_spire(tmp_path: Path) -> None:
     for line in KEY_LINES:
         if line != "DEV STAND-IN":
             assert line in result.stdout
+    assert result.returncode == 0
+
+
+def test_demo_in_explicit_proxy_mode(tmp_path: Path) -> None:
+    """What a user without root gets: no namespaces or iptables, HTTP(S)_PROXY on the same allowlist."""
+    result = _run_demo(tmp_path, "--mode", "explicit")
+    print(result.stdout)
+    print(result.stderr[-3000:], file=sys.stderr)
+    out = result.stdout
+    assert "mode: EXPLICIT PROXY" in out
+    assert "an app that ignores those variables is NOT stopped in this mode" in out
+    for line in KEY_LINES:
+        assert line in out
     assert result.returncode == 0
