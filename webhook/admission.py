@@ -130,3 +130,17 @@ def outcome(result: InjectionResult) -> str:
     if not result.allowed:
         return "denied"
     return "injected" if result.injected else "skipped"
+
+
+_PREFIX = b'{"apiVersion":"' + API_VERSION.encode() + b'","kind":"' + KIND.encode() + b'","response":{"uid":'
+
+
+def encode_response(response: dict[str, Any]) -> bytes:
+    """`response` minus its uid, encoded once; `with_uid` splices the uid in per request."""
+    body = {k: v for k, v in response.items() if k != "uid"}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def with_uid(uid: str, encoded_response: bytes) -> bytes:
+    # encoded_response is a JSON object with at least "allowed", so it starts with '{"'.
+    return _PREFIX + json.dumps(uid).encode() + b"," + encoded_response[1:] + b"}"

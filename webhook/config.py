@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -73,10 +74,23 @@ class WebhookConfig:
     # Opaque sidecar config, deep-merged under the per-pod values into OUTRIDER_CONFIG.
     sidecar: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
-    @property
+    # Derived values are computed once per config (the engine reads them on every admission).
+    @cached_property
     def hash(self) -> str:
         """A short, stable digest of everything that shapes an injected pod."""
         return config_hash(self)
+
+    @cached_property
+    def plain_sidecar(self) -> dict[str, Any]:
+        return thaw(self.sidecar)  # type: ignore[no-any-return]
+
+    @cached_property
+    def plain_egress_default_policy(self) -> dict[str, Any]:
+        return thaw(self.egress_default_policy)  # type: ignore[no-any-return]
+
+    @cached_property
+    def plain_resources(self) -> dict[str, Any]:
+        return thaw(self.resources)  # type: ignore[no-any-return]
 
     def to_mapping(self) -> dict[str, Any]:
         return {f.name: thaw(getattr(self, f.name)) for f in fields(self)}

@@ -6,7 +6,6 @@ whether the pod is admitted; the webhook server, offline inject and the golden t
 
 from __future__ import annotations
 
-import copy
 import json
 import posixpath
 from collections.abc import Iterable, Mapping
@@ -65,17 +64,18 @@ def inject(
     namespace: str | None = None,
 ) -> InjectionResult:
     """Inject Outrider into `pod` (a Pod or a pod template: `metadata` + `spec`)."""
-    original: Pod = copy.deepcopy(dict(pod))
+    # Read-only from here on: the injected pod is built copy-on-write and shares untouched subtrees.
+    original: Pod = pod if isinstance(pod, dict) else dict(pod)
     warnings: list[str] = []
     mode = ann.namespace_mode(namespace_labels)
 
     def skip(reason: str, warn: bool = True) -> InjectionResult:
         if warn:
             warnings.append(reason)
-        return InjectionResult(True, copy.deepcopy(original), [], tuple(warnings), skipped=reason)
+        return InjectionResult(True, original, [], tuple(warnings), skipped=reason)
 
     def refuse(message: str) -> InjectionResult:
-        return InjectionResult(False, copy.deepcopy(original), [], tuple(warnings), message=message)
+        return InjectionResult(False, original, [], tuple(warnings), message=message)
 
     if mode is None:
         return skip(f"namespace is not labelled {ann.NAMESPACE_INJECT}=enabled|strict", warn=False)
@@ -138,7 +138,7 @@ def inject(
         mcp_port, app_index = _find_mcp_port(spec, settings.mcp_port, warnings)
         try:
             plan = plan_egress(
-                original, namespace_labels, namespace_policy, thaw(config.egress_default_policy)
+                original, namespace_labels, namespace_policy, config.plain_egress_default_policy
             )
         except Exception as exc:  # the planner is another team's code; a crash must not be ours
             raise _Refused(
@@ -355,7 +355,7 @@ def sidecar_config(
         per_pod["inbound"] = {"mcp_port": mcp_port}
     if audience:
         per_pod["exchange"] = {"audience": audience}
-    return _deep_merge(thaw(config.sidecar), per_pod)
+    return _deep_merge(config.plain_sidecar, per_pod)
 
 
 def _restricted(uid: int) -> dict[str, Any]:
@@ -381,12 +381,14 @@ def _apply(
     namespace: str,
     warnings: list[str],
 ) -> Pod:
-    pod = copy.deepcopy(pod)
-    if not isinstance(pod.get("metadata"), dict):
-        pod["metadata"] = {}
-    metadata = pod["metadata"]
-    spec = pod["spec"]
-    containers: list[dict[str, Any]] = spec["containers"]
+    # Copy only what changes (pod, metadata, spec, app containers); everything else is shared.
+    pod = dict(pod)
+    metadata = dict(pod["metadata"]) if isinstance(pod.get("metadata"), dict) else {}
+    pod["metadata"] = metadata
+    spec = dict(pod["spec"])
+    pod["spec"] = spec
+    containers: list[dict[str, Any]] = [dict(c) for c in spec["containers"]]
+    spec["containers"] = containers
     user_inits = [c for c in _list(spec.get("initContainers")) if isinstance(c, dict)]
     taken = {str(c.get("name")) for c in _all_containers(spec)}
     volumes = _list(spec.get("volumes"))
@@ -402,7 +404,9 @@ def _apply(
     init_name = _free_name(INIT_NAME, taken) if capture else None
     proxy_name = _free_name(PROXY_NAME, taken)
     volume_name = _free_name(SPIFFE_VOLUME_NAME, taken_volumes)
-    resources = thaw(config.resources)
+
+    def resources() -> dict[str, Any]:
+        return {k: dict(v) for k, v in config.plain_resources.items()}
 
     app_probes = _rewrite_probes(containers, mcp_port) if capture and mcp_port is not None else {}
     audience = settings.token_audience or config.default_audience
@@ -449,7 +453,7 @@ def _apply(
         ],
         "readinessProbe": admin_probe("/readyz", periodSeconds=2, failureThreshold=30),
         "livenessProbe": admin_probe("/healthz", periodSeconds=10, failureThreshold=3),
-        "resources": resources,
+        "resources": resources(),
         "securityContext": _restricted(ann.SIDECAR_UID),
         "volumeMounts": [{"name": volume_name, "mountPath": SPIFFE_MOUNT_PATH, "readOnly": True}],
     }
@@ -470,7 +474,7 @@ def _apply(
                 "imagePullPolicy": config.image_pull_policy,
                 "args": init_args,
                 "command": ["outrider"],
-                "resources": resources,
+                "resources": resources(),
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
                     "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},

@@ -32,6 +32,16 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    # The engine shares objects (e.g. resources); YAML anchors and aliases would only confuse readers.
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_all(documents: list[Any]) -> str:
+    return yaml.dump_all(documents, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False, width=100)
+
+
 @dataclass(frozen=True)
 class DocumentResult:
     document: Any
@@ -151,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {describe(doc)}: {result.error}", file=sys.stderr)
             failed = True
         out.append(result.document)
-    rendered = yaml.safe_dump_all(out, sort_keys=False, default_flow_style=False)
+    rendered = dump_all(out)
     if args.output == "-":
         sys.stdout.write(rendered)
     else:

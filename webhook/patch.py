@@ -29,7 +29,19 @@ def diff(original: Any, modified: Any) -> JsonPatch:
 
 
 def _diff(old: Any, new: Any, path: str, ops: JsonPatch) -> None:
-    if old == new and type(old) is type(new):
+    if old is new:  # the engine shares untouched subtrees: skip them without walking
+        return
+    old_type, new_type = type(old), type(new)
+    # Plain dict/list first: ABC isinstance checks dominate the cost on big pods.
+    if old_type is dict and new_type is dict:
+        if old != new:
+            _diff_map(old, new, path, ops)
+        return
+    if old_type is list and new_type is list:
+        if old != new:
+            _diff_list(old, new, path, ops)
+        return
+    if old == new and old_type is new_type:
         return
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         _diff_map(old, new, path, ops)

@@ -6,11 +6,14 @@ one-line reason (or an in-protocol denial once the uid is known), never a 5xx or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -56,7 +59,42 @@ class Metrics:
         return cls(registry, admissions, latency)
 
 
+class AnswerCache:
+    """Answers by (config, namespace facts, pod object): the engine is pure, so reuse is exact.
+
+    A ReplicaSet, Job or StatefulSet scale-up sends the same pod object many times in a row.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._answers: OrderedDict[bytes, tuple[str, bytes]] = OrderedDict()
+
+    @staticmethod
+    def key(config_hash: str, namespace: str, labels: Mapping[str, str], policy: Any, obj: Any) -> bytes:
+        digest = hashlib.blake2b(digest_size=20)
+        for part in (config_hash, namespace, sorted(labels.items()), policy, obj):
+            digest.update(
+                json.dumps(part, sort_keys=part is policy, separators=(",", ":"), default=str).encode()
+            )
+            digest.update(b"\0")
+        return digest.digest()
+
+    def get(self, key: bytes) -> tuple[str, bytes] | None:
+        found = self._answers.get(key)
+        if found is not None:
+            self._answers.move_to_end(key)
+        return found
+
+    def put(self, key: bytes, answer: tuple[str, bytes]) -> None:
+        if self.size <= 0:
+            return
+        self._answers[key] = answer
+        if len(self._answers) > self.size:
+            self._answers.popitem(last=False)
+
+
 CONFIG = web.AppKey("config", ConfigHolder)
+ANSWERS = web.AppKey("answers", AnswerCache)
 CERTS = web.AppKey("certs", CertStore)
 NAMESPACES = web.AppKey("namespaces", object)  # NamespaceFacts | None (Protocols are not AppKey types)
 METRICS = web.AppKey("metrics", Metrics)
@@ -90,17 +128,25 @@ async def mutate(request: web.Request) -> web.Response:
             facts: NamespaceFacts | None = request.app[NAMESPACES]  # type: ignore[assignment]
             labels = await facts.labels(namespace) if facts else ENABLED_LABELS
             policy = await facts.egress_policy(namespace) if facts else None
-            result = inject(review.object, labels, request.app[CONFIG].current, policy, namespace or None)
+            config = request.app[CONFIG].current
+            cache = request.app[ANSWERS]
+            key = cache.key(config.hash, namespace, labels, policy, review.object)
+            cached = cache.get(key)
+            if cached is None:
+                result = inject(review.object, labels, config, policy, namespace or None)
+                if not result.allowed:
+                    log.info("refused pod in namespace %s: %s", review.namespace, result.message)
+                answer = admission.answer(review.uid, result)["response"]
+                cached = (admission.outcome(result), admission.encode_response(answer))
+                cache.put(key, cached)
         except Exception:
             # A bug must not leak a stack trace to the API server; answer in-protocol and log it here.
             log.exception("injection failed for request %s", review.uid)
             return _json(
                 admission.deny(review.uid, "internal error in the Outrider webhook; see its log", 500)
             )
-        outcome = admission.outcome(result)
-        if not result.allowed:
-            log.info("refused pod in namespace %s: %s", review.namespace, result.message)
-        return _json(admission.answer(review.uid, result))
+        outcome = cached[0]
+        return web.Response(body=admission.with_uid(review.uid, cached[1]), content_type="application/json")
     finally:
         metrics.admissions.labels(outcome).inc()
         metrics.latency.observe(time.perf_counter() - started)
@@ -142,12 +188,14 @@ def build_app(
     certs: CertStore,
     namespaces: NamespaceFacts | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    cache_size: int = 256,
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[errors_are_one_line])
     app[CONFIG] = config
     app[CERTS] = certs
     app[NAMESPACES] = namespaces
     app[METRICS] = Metrics.create()
+    app[ANSWERS] = AnswerCache(cache_size)
     app[READY_CHECKS] = []
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)

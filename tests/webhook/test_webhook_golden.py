@@ -16,14 +16,14 @@ import yaml
 from webhook_support import GOLDEN_DIR, fixture_names, load_fixture, pod_template, semantic_problems
 
 from webhook.engine import inject
-from webhook.offline import inject_document
+from webhook.offline import dump_all, inject_document
 
 K8S_VERSION = "1.34"
 NAMES = fixture_names()
 
 
 def _dump(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+    return dump_all([data])
 
 
 def _run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -307,3 +307,24 @@ def test_fuzz_mutated_reviews_never_5xx(
                 document["request"]["object"], json.loads(base64.b64decode(response["patch"]))
             )
     assert webhook_server.request("GET", "/healthz")[0] == 200
+
+
+def test_cached_answers_follow_uid_and_config(cert_dir: Path) -> None:
+    server = ThreadedWebhook(cert_dir)
+    try:
+        _, first = _post(server, review(POD, uid="a"))
+        _, second = _post(server, review(POD, uid="b"))
+        assert first["response"]["uid"] == "a" and second["response"]["uid"] == "b"
+        assert {**first["response"], "uid": "b"} == second["response"]
+        # A new config (ConfigMap update) must not be answered from the old config's cache entries.
+        from webhook.config import parse_config
+
+        server.holder.replace(parse_config({"sidecar_image": "registry.example/outrider:new"}))
+        _, third = _post(server, review(POD, uid="c"))
+        patch = json.loads(base64.b64decode(third["response"]["patch"]))
+        assert "registry.example/outrider:new" in json.dumps(patch)
+        assert "registry.example/outrider:new" not in json.dumps(
+            json.loads(base64.b64decode(first["response"]["patch"]))
+        )
+    finally:
+        server.close()

@@ -1,0 +1,249 @@
+"""Benchmark `POST /mutate` over TLS keep-alive against a no-op aiohttp TLS handler, same run.
+
+Each server runs in its own process on 127.0.0.1 with certs from `webhook.certs`; the client sends
+the same realistic AdmissionReview to both (interleaved rounds) and prints p50/p99, req/s and ratios.
+Usage: python bench/bench_webhook.py [--requests N] [--concurrency C] [--rounds R] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+POD_FILE = ROOT / "examples" / "mcp-server-pod.yaml"
+TARGETS = ("noop", "mutate")
+FIXED_ANSWER = (
+    b'{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"x","allowed":true}}'
+)
+
+
+def review_body(seq: int | None = None) -> bytes:
+    pod = yaml.safe_load(POD_FILE.read_text())
+    if seq is not None:  # a distinct pod per request, so the webhook's answer cache never hits
+        pod["metadata"]["labels"]["bench-seq"] = str(seq)
+    document = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": pod["metadata"].get("namespace", "tools"),
+            "operation": "CREATE",
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "groups": [
+                    "system:serviceaccounts",
+                    "system:serviceaccounts:kube-system",
+                    "system:authenticated",
+                ],
+            },
+            "object": pod,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+    return json.dumps(document).encode()
+
+
+# --- server side (a child process per target) ----------------------------------------------------
+
+
+def serve(target: str, port: int, cert_dir: Path) -> None:
+    from aiohttp import web
+
+    from webhook.config import ConfigHolder, parse_config
+    from webhook.server import build_app
+    from webhook.tls import CertStore
+
+    store = CertStore()
+    store.load_files(cert_dir / "tls.crt", cert_dir / "tls.key")
+    if target == "mutate":
+        policy = {"egress_default_policy": {"allow": ["api.github.com:443", "*.example.com:443"]}}
+        app = build_app(ConfigHolder(parse_config(policy)), store)
+    else:
+
+        async def noop(request: web.Request) -> web.Response:
+            json.loads(await request.read())  # parse the same body, answer a fixed document
+            return web.Response(body=FIXED_ANSWER, content_type="application/json")
+
+        app = web.Application(client_max_size=2 * 1024 * 1024)
+        app.router.add_post("/mutate", noop)
+    web.run_app(app, host="127.0.0.1", port=port, ssl_context=store.context, access_log=None, print=None)
+
+
+# --- client side ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_up(port: int, context: ssl.SSLContext) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, server_hostname="localhost"
+            )
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def load(
+    port: int, context: ssl.SSLContext, bodies: list[bytes], requests: int, concurrency: int
+) -> tuple[list[float], float]:
+    import aiohttp
+
+    latencies: list[float] = []
+    url = f"https://localhost:{port}/mutate"
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=context)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        # Warm up: open every keep-alive connection and let the server's code paths settle.
+        for i in range(max(50, concurrency * 5)):
+            async with session.post(
+                url, data=bodies[-1 - i % len(bodies)], headers={"Content-Type": "application/json"}
+            ) as r:
+                await r.read()
+        remaining = requests
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                body = bodies[remaining % len(bodies)]
+                started = time.perf_counter()
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    payload = await r.read()
+                    if r.status != 200 or b'"allowed":true' not in payload:
+                        raise RuntimeError(f"unexpected answer {r.status}: {payload[:200]!r}")
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return latencies, elapsed
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from webhook.certs import DEFAULT_DNS_NAMES, write_certs
+
+    bodies = [review_body(i) for i in range(args.requests + 100)] if args.unique else [review_body()]
+    results: dict[str, dict[str, list[float]]] = {t: {"lat": [], "elapsed": [], "count": []} for t in TARGETS}
+    with tempfile.TemporaryDirectory(prefix="outrider-bench-") as tmp:
+        cert_dir = Path(tmp)
+        write_certs(cert_dir, DEFAULT_DNS_NAMES)
+        context = ssl.create_default_context(cafile=str(cert_dir / "ca.crt"))
+        for _ in range(args.rounds):
+            for target in TARGETS:  # interleaved, so drift on a shared machine hits both alike
+                port = _free_port()
+                env = {**os.environ, "PYTHONPATH": str(ROOT)}
+                proc = subprocess.Popen(  # noqa: ASYNC220 - started before any load, not on a hot path
+                    [sys.executable, __file__, "--serve", target, "--port", str(port), "--cert-dir", tmp],
+                    env=env,
+                )
+                try:
+                    await _wait_up(port, context)
+                    lat, elapsed = await load(port, context, bodies, args.requests, args.concurrency)
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+                results[target]["lat"] += lat
+                results[target]["elapsed"].append(elapsed)
+                results[target]["count"].append(len(lat))
+    summary: dict[str, Any] = {
+        "body_bytes": len(bodies[0]),
+        "pods": "distinct per request (answer cache never hits)"
+        if args.unique
+        else "identical (ReplicaSet-like)",
+        "requests_per_round": args.requests,
+        "rounds": args.rounds,
+        "concurrency": args.concurrency,
+    }
+    for target in TARGETS:
+        lat = results[target]["lat"]
+        summary[target] = {
+            "p50_ms": _percentile(lat, 0.50) * 1000,
+            "p99_ms": _percentile(lat, 0.99) * 1000,
+            "mean_ms": statistics.fmean(lat) * 1000,
+            "rps": sum(results[target]["count"]) / sum(results[target]["elapsed"]),
+        }
+    summary["ratio"] = {
+        "p50": summary["mutate"]["p50_ms"] / summary["noop"]["p50_ms"],
+        "p99": summary["mutate"]["p99_ms"] / summary["noop"]["p99_ms"],
+        "rps": summary["mutate"]["rps"] / summary["noop"]["rps"],
+    }
+    summary["target"] = {"p50": 1.5, "p99": 2.0}
+    summary["met"] = summary["ratio"]["p50"] <= 1.5 and summary["ratio"]["p99"] <= 2.0
+    return summary
+
+
+def print_table(s: dict[str, Any]) -> None:
+    print(
+        f"webhook /mutate over TLS keep-alive: {s['rounds']} rounds x {s['requests_per_round']} requests, "
+        f"concurrency {s['concurrency']}, AdmissionReview body {s['body_bytes']} bytes, pods {s['pods']}"
+    )
+    print(f"{'server':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'req/s':>10}")
+    names = {"noop": "no-op aiohttp TLS handler", "mutate": "outrider /mutate"}
+    for target in TARGETS:
+        r = s[target]
+        print(
+            f"{names[target]:<28}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['rps']:>10.0f}"
+        )
+    ratio = s["ratio"]
+    label = "ratio (mutate / no-op)"
+    print(f"{label:<28}{ratio['p50']:>9.2f}x{ratio['p99']:>9.2f}x{'':>10}{ratio['rps']:>9.2f}x")
+    print(f"target: p50 <= 1.5x, p99 <= 2.0x -> {'met' if s['met'] else 'NOT met'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests per round and server")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--unique", action="store_true", help="a distinct pod per request (no cache hits)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--serve", choices=TARGETS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cert-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.port, Path(args.cert_dir))
+        return 0
+    summary = asyncio.run(bench(args))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_table(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
