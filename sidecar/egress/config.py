@@ -25,6 +25,7 @@ _KEYS = frozenset(
         "hello_timeout_s",
         "connect_timeout_s",
         "buffer_bytes",
+        "dns_cache_s",
     }
 )
 
@@ -64,7 +65,10 @@ class EgressConfig:
     peek_bytes: int = 16384
     hello_timeout_s: float = 5.0
     connect_timeout_s: float = 10.0
-    buffer_bytes: int = 262144
+    buffer_bytes: int = 262144  # relay pipe (splice) size per direction
+    # How long the enforcer reuses a name's resolution. Short: the resolver's own TTLs are not visible
+    # through getaddrinfo, and a stale answer only ever sends traffic to an address the name had.
+    dns_cache_s: float = 5.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EgressConfig:
@@ -103,4 +107,5 @@ class EgressConfig:
                 data, "connect_timeout_s", cls.connect_timeout_s, 0.05, 600, integer=False
             ),
             buffer_bytes=_number(data, "buffer_bytes", cls.buffer_bytes, 4096, 16 << 20, integer=True),
+            dns_cache_s=_number(data, "dns_cache_s", cls.dns_cache_s, 0, 300, integer=False),
         )

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import logging
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -112,6 +114,7 @@ class Enforcer:
         self.resolver = resolver
         self.stats = Stats()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._dns_cache: dict[str, tuple[float, list[IPAddress]]] = {}
 
     # --- listening ----------------------------------------------------------------------------------
 
@@ -298,9 +301,10 @@ class Enforcer:
             assert dest.ip is not None
             return [dest.ip]
         try:
-            addresses = await asyncio.wait_for(
-                self.resolver(dest.name, dest.port), self.config.connect_timeout_s
-            )
+            addresses, cached = await self._resolve(dest.name, dest.port, fresh=False)
+            if cached and prefer is not None and prefer not in addresses:
+                # The app may hold a newer answer than our cache: ask again before overriding its IP.
+                addresses, _ = await self._resolve(dest.name, dest.port, fresh=True)
         except (OSError, TimeoutError) as exc:
             self._emit(
                 Verdict(False, verdict.rule, verdict.source, f"allowed name does not resolve ({exc})"),
@@ -315,6 +319,20 @@ class Enforcer:
             same = [a for a in addresses if a.version == prefer.version]
             return same + [a for a in addresses if a.version != prefer.version]
         return addresses
+
+    async def _resolve(self, name: str, port: int, *, fresh: bool) -> tuple[list[IPAddress], bool]:
+        """The name's addresses, from a short cache (answers do not carry their TTL through getaddrinfo)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        hit = self._dns_cache.get(name)
+        if hit is not None and hit[0] > now and not fresh:
+            return hit[1], True
+        addresses = await asyncio.wait_for(self.resolver(name, port), self.config.connect_timeout_s)
+        if self.config.dns_cache_s > 0 and addresses:
+            if len(self._dns_cache) >= 4096:
+                self._dns_cache.clear()
+            self._dns_cache[name] = (now + self.config.dns_cache_s, addresses)
+        return addresses, False
 
     async def _connect_or_report(
         self,
@@ -406,18 +424,14 @@ class Enforcer:
             upstream.close()
 
     async def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
-        """Copy until EOF, then half-close the sink; sock_sendall waits for the peer (back-pressure)."""
-        loop = asyncio.get_running_loop()
-        buffer = bytearray(self.config.buffer_bytes)
-        view = memoryview(buffer)
+        """Copy until EOF, then half-close the sink. Never reads more than one pipe (or buffer) ahead of
+        what the sink accepted, so a slow peer slows the other side down (back-pressure)."""
         total = 0
         try:
-            while True:
-                n = await loop.sock_recv_into(source, buffer)
-                if n == 0:
-                    break
-                await loop.sock_sendall(sink, view[:n])
-                total += n
+            if _HAVE_SPLICE:
+                total = await self._splice(source, sink)
+            else:  # pragma: no cover - Linux always has splice
+                total = await self._copy(source, sink)
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
         finally:
@@ -425,6 +439,48 @@ class Enforcer:
                 self.stats.bytes_up += total
             else:
                 self.stats.bytes_down += total
+
+    async def _splice(self, source: socket.socket, sink: socket.socket) -> int:
+        # Zero-copy: socket -> pipe -> socket inside the kernel; Python only waits for readiness.
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        total = 0
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(write_end, _F_SETPIPE_SZ, self.config.buffer_bytes)
+            chunk = self.config.buffer_bytes
+            src, dst = source.fileno(), sink.fileno()
+            while True:
+                try:
+                    n = os.splice(src, write_end, chunk, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    await _ready(loop, source, write=False)
+                    continue
+                if n == 0:
+                    return total
+                while n:
+                    try:
+                        moved = os.splice(read_end, dst, n, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        await _ready(loop, sink, write=True)
+                        continue
+                    n -= moved
+                    total += moved
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+    async def _copy(self, source: socket.socket, sink: socket.socket) -> int:
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(self.config.buffer_bytes)
+        view = memoryview(buffer)
+        total = 0
+        while True:
+            n = await loop.sock_recv_into(source, buffer)
+            if n == 0:
+                return total
+            await loop.sock_sendall(sink, view[:n])
+            total += n
 
     def _emit(self, verdict: Verdict, *, mode: str, protocol: str, dest: Destination) -> None:
         key = ("allow" if verdict.allowed else "deny", protocol)
@@ -445,6 +501,33 @@ class Enforcer:
             self.observer.egress(decision)
         except Exception:  # an observer bug must not take the data path down
             log.exception("egress observer failed")
+
+
+_HAVE_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
+    """Wait until `sock` is readable (or writable)."""
+    future: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    fd = sock.fileno()
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await future
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
 def _is_cidr_rule(rule: str) -> bool:
