@@ -172,8 +172,8 @@ async def test_absolute_uri_is_rewritten_for_the_origin(running: Running) -> Non
     reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
     port = running.upstreams["echo"]
     writer.write(
-        f"GET http://svc.test:{port}/x?y=1 HTTP/1.1\r\nHost: svc.test:{port}\r\nProxy-Authorization: Basic Zm9v\r\n"
-        "Proxy-Connection: keep-alive\r\n\r\n".encode()
+        f"GET http://svc.test:{port}/x?y=1 HTTP/1.1\r\nHost: svc.test:{port}\r\n".encode()
+        + b"Proxy-Authorization: Basic Zm9v\r\nProxy-Connection: keep-alive\r\n\r\n"
     )
     writer.write_eof()
     echoed = await asyncio.wait_for(reader.read(), 5)  # the echo server returns what the origin got
