@@ -111,7 +111,12 @@ def redact(text: str, secrets: tuple[str, ...]) -> str:
 
 
 def parse_success(
-    body: bytes, *, requested_token_type: str | None, audience: str | None, now: float
+    body: bytes,
+    *,
+    requested_token_type: str | None,
+    audience: str | None,
+    now: float,
+    secrets: tuple[str, ...] = (),
 ) -> IssuedToken:
     """Validate a 200 answer of the token endpoint (RFC 8693 §2.2.1); raises ExchangeError(502)."""
     try:
@@ -126,11 +131,13 @@ def parse_success(
     issued_type = data.get("issued_token_type")
     if not isinstance(issued_type, str) or not issued_type:
         raise _malformed("issued_token_type is missing (RFC 8693 requires it)")
+    secrets = (*secrets, access_token)
     if requested_token_type and issued_type != requested_token_type:
-        raise _malformed(f"issued_token_type {issued_type!r} is not the requested {requested_token_type!r}")
+        shown_type = _shown(issued_type, secrets)
+        raise _malformed(f"issued_token_type {shown_type!r} is not the requested {requested_token_type!r}")
     token_type = data.get("token_type")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        shown = token_type if isinstance(token_type, str) and _SAFE_CODE.match(token_type) else "?"
+        shown = _shown(token_type, secrets)
         raise _malformed(f"token_type {shown!r} is not Bearer (the only type the proxy can forward)")
     expires_in = data.get("expires_in")
     if expires_in is None:
@@ -157,8 +164,12 @@ def classify_error(status: int, body: bytes, secrets: tuple[str, ...]) -> Exchan
         data = json.loads(body)
         if isinstance(data, dict):
             raw_code = data.get("error")
-            if isinstance(raw_code, str) and _SAFE_CODE.match(raw_code):
-                code = raw_code
+            if (
+                isinstance(raw_code, str)
+                and _SAFE_CODE.match(raw_code)
+                and redact(raw_code, secrets) == raw_code
+            ):
+                code = raw_code  # an IdP that echoes a credential as the code gets no code shown
             raw_desc = data.get("error_description")
             if isinstance(raw_desc, str):
                 description = redact(raw_desc, secrets)
@@ -195,6 +206,13 @@ def classify_error(status: int, body: bytes, secrets: tuple[str, ...]) -> Exchan
         idp_status=status,
         oauth_error=code,
     )
+
+
+def _shown(value: object, secrets: tuple[str, ...]) -> str:
+    """An IdP-supplied short value, or "?" when it is odd or could carry a credential."""
+    if isinstance(value, str) and _SAFE_CODE.match(value) and redact(value, secrets) == value:
+        return value
+    return "?"
 
 
 def _malformed(why: str) -> ExchangeError:
@@ -498,7 +516,11 @@ class OAuthTokenExchanger:
         if status != 200:
             raise classify_error(status, body, tuple(secrets))
         return parse_success(
-            body, requested_token_type=config.requested_token_type, audience=audience, now=self._clock()
+            body,
+            requested_token_type=config.requested_token_type,
+            audience=audience,
+            now=self._clock(),
+            secrets=tuple(secrets),
         )
 
     async def _jwt_svid(self) -> str:

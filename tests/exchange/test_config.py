@@ -8,6 +8,7 @@ import json
 import pytest
 
 from sidecar.config import ConfigError, parse
+from sidecar.exchange import ExchangeError
 from sidecar.exchange.client import (
     GRANT_TYPE,
     TokenCache,
@@ -110,3 +111,50 @@ def test_redact_removes_secrets_and_jwts():
 def test_classify_error_ignores_hostile_error_codes():
     err = classify_error(400, b'{"error": "eyJ\\u0000bad\\"code"}', ())
     assert err.http_status == 502 and err.oauth_error is None and "HTTP 400" in err.message
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_token = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=16, max_size=60
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    token=_token,
+    secret=_token,
+    code=st.one_of(st.sampled_from(["invalid_grant", "invalid_client", "x"]), st.text(max_size=20)),
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+    status=st.sampled_from([400, 401, 403, 500, 503]),
+)
+def test_error_messages_never_carry_the_secrets(token, secret, code, before, after, status):
+    body = json.dumps(
+        {"error": code, "error_description": f"{before}{token}{after}{secret}", "echo": token}
+    ).encode()
+    err = classify_error(status, body, (token, secret))
+    for text in (err.message, str(err)):
+        assert token not in text and secret not in text
+    assert err.http_status in (403, 502, 503)
+
+
+@settings(max_examples=100, deadline=None)
+@given(token=_token, field=st.sampled_from(["token_type", "issued_token_type"]))
+def test_malformed_answer_messages_never_carry_tokens(token, field):
+    answer = {
+        "access_token": token,
+        "token_type": "Bearer",
+        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "expires_in": 60,
+    }
+    answer[field] = token  # an IdP that puts the token where a type name belongs
+    with pytest.raises(ExchangeError) as info:
+        parse_success(
+            json.dumps(answer).encode(),
+            requested_token_type="urn:ietf:params:oauth:token-type:access_token",
+            audience="a",
+            now=0.0,
+        )
+    assert token not in info.value.message
