@@ -74,15 +74,12 @@ class Stats:
     bytes_down: int = 0
 
     def prometheus(self) -> bytes:
+        # Decision counts are telemetry's `outrider_egress_decisions_total` (from observer.egress);
+        # repeating that family here would make /metrics invalid.
         lines = [
-            "# HELP outrider_egress_decisions_total Outbound connections judged by the egress allowlist.",
-            "# TYPE outrider_egress_decisions_total counter",
-        ]
-        for (decision, protocol), count in sorted(self.decisions.items()):
-            lines.append(
-                f'outrider_egress_decisions_total{{decision="{decision}",protocol="{protocol}"}} {count}'
-            )
-        lines += [
+            "# HELP outrider_egress_tunnel_limit_refusals_total Connections closed because max_tunnels were open.",
+            "# TYPE outrider_egress_tunnel_limit_refusals_total counter",
+            f"outrider_egress_tunnel_limit_refusals_total {self.refused_over_limit}",
             "# HELP outrider_egress_active_tunnels Relayed outbound connections open now.",
             "# TYPE outrider_egress_active_tunnels gauge",
             f"outrider_egress_active_tunnels {self.active}",

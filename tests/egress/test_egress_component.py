@@ -69,7 +69,9 @@ async def test_component_serves_reloads_and_reports(tmp_path: Path) -> None:
         ok, detail = runtime.readiness["egress"]()
         assert ok and "bad..name" in detail  # reported, last good kept
         metrics = b"".join(producer() for producer in runtime.metrics).decode()
-        assert 'outrider_egress_decisions_total{decision="allow",protocol="connect"} 1' in metrics
+        assert (
+            "outrider_egress_active_tunnels 0" in metrics and "outrider_egress_decisions_total" not in metrics
+        )
         assert "outrider_egress_policy_reload_errors_total 1" in metrics
     assert [d.allowed for d in recorder.decisions][:1] == [True]
     upstream.close()
