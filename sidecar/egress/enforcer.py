@@ -77,7 +77,7 @@ class Stats:
         # Decision counts are telemetry's `outrider_egress_decisions_total` (from observer.egress);
         # repeating that family here would make /metrics invalid.
         lines = [
-            "# HELP outrider_egress_tunnel_limit_refusals_total Connections closed because max_tunnels were open.",
+            "# HELP outrider_egress_tunnel_limit_refusals_total Connections refused at max_tunnels.",
             "# TYPE outrider_egress_tunnel_limit_refusals_total counter",
             f"outrider_egress_tunnel_limit_refusals_total {self.refused_over_limit}",
             "# HELP outrider_egress_active_tunnels Relayed outbound connections open now.",
