@@ -1,8 +1,11 @@
-"""Per-call cost of the telemetry Observer (span, metrics, audit line, OTLP export) vs the NullObserver.
+"""What telemetry costs: per Observer call (default) and through the real sidecar (`--proxy`).
 
-Same run, same process: blocks of calls alternate between the two observers to cancel drift. The real
-observer exports over OTLP/HTTP to a local receiver (its own process) and appends audit lines to a file.
-Prints p50/p99 per call for each, the added cost, and, with --proxy-overhead-ms, the ratio to it.
+Default: blocks of calls alternate between the NullObserver and the real observer (exporting over
+OTLP/HTTP to a local receiver in its own process, audit lines to a file) in one process; prints p50/p99.
+`--proxy`: two `outrider sidecar` processes side by side, telemetry off (OTEL_SDK_DISABLED, audit off)
+and on (OTLP/HTTP to a local receiver, audit file), in front of one MCP server; paced `tools/call`
+phases alternate direct / off / on. Prints added latency and the sidecars' CPU time per request, which
+stays meaningful on a machine shared with other work (latency does not), and the ratios.
 """
 
 from __future__ import annotations
@@ -122,6 +125,149 @@ async def _wait_port(port: int) -> None:
     raise RuntimeError("the OTLP receiver did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
+    import subprocess
+    from contextlib import AsyncExitStack
+
+    import bench_proxy as bp  # the proxy benchmark's harness: dev IdP, Workload API, paced load
+
+    from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
+    from sidecar.dev.workload_api import DevWorkloadApi
+
+    tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-telemetry-"))
+    async with AsyncExitStack() as stack:
+        api = await stack.enter_async_context(DevWorkloadApi(tmp / "agent.sock", spiffe_id=bp.SIDECAR_ID))
+        idp = await stack.enter_async_context(
+            DevIdP(
+                clients=[
+                    ClientRegistration("bench-mcp", spiffe_ids=(bp.SIDECAR_ID,), audiences=(bp.DOWNSTREAM,))
+                ],
+                spiffe_bundles=StaticJwtBundles({api.trust_domain: api.jwks()}),
+                token_ttl=3600,
+            )
+        )
+        otlp_port, otlp_counts = await bp.otlp_receiver(stack)
+        mcp_port = free_port()
+        python = sys.executable
+        app = subprocess.Popen(  # noqa: ASYNC220 - start-up only, not on the measured path
+            [python, "-m", "sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        stack.callback(bp._stop, app)
+        outrider = str(Path(python).with_name("outrider"))
+        sidecars: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        for mode in ("off", "on"):
+            port, admin = free_port(), free_port()
+            (tmp / mode).mkdir()
+            env = bp.sidecar_env(
+                api=api,
+                idp=idp,
+                mcp_port=mcp_port,
+                port=port,
+                admin=admin,
+                telemetry=mode,
+                tmp=tmp / mode,
+                otlp=otlp_port,
+            )
+            log = (tmp / mode / "sidecar.log").open("wb")
+            process = subprocess.Popen(  # noqa: ASYNC220 - start-up only
+                [outrider, "sidecar", "--log-level", "WARNING"], env=env, stdout=log, stderr=log
+            )
+            stack.callback(bp._stop, process)
+            await bp.wait_http(f"http://127.0.0.1:{admin}/readyz", expect=200)
+            sidecars[mode] = (process, f"http://127.0.0.1:{port}/mcp")
+        direct_url = f"http://127.0.0.1:{mcp_port}/mcp"
+        await bp.wait_http(direct_url)
+        token = idp.mint("alice", audience=bp.RESOURCE, expires_in=3600)
+        proxy_headers = {**bp.HEADERS, "Authorization": f"Bearer {token}"}
+        await bp.paced(direct_url, bp.HEADERS, 50, 1, bp.Phase())
+        for _, url in sidecars.values():
+            await bp.paced(url, proxy_headers, 50, 1, bp.Phase())
+        await asyncio.sleep(1)
+
+        phases = {"direct": bp.Phase(), "off": bp.Phase(), "on": bp.Phase()}
+        cpu0 = {mode: cpu_seconds(p.pid) for mode, (p, _) in sidecars.items()}
+        slice_s = args.seconds / args.rounds
+        for _ in range(args.rounds):
+            await bp.paced(direct_url, bp.HEADERS, args.rate, slice_s, phases["direct"])
+            for mode, (_, url) in sidecars.items():
+                await bp.paced(url, proxy_headers, args.rate, slice_s, phases[mode])
+        await asyncio.sleep(6)  # let the "on" sidecar export its last batches (counted in its CPU)
+        cpu = {mode: cpu_seconds(p.pid) - cpu0[mode] for mode, (p, _) in sidecars.items()}
+        for mode, (process, _) in sidecars.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"the {mode} sidecar exited: see {tmp / mode / 'sidecar.log'}")
+        audit_lines = sum(1 for _ in (tmp / "on" / "audit.jsonl").open())
+
+    def stats(phase: Any) -> dict[str, float]:
+        v = phase.latencies_ms
+        return {"n": len(v), "errors": phase.errors, "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)}
+
+    d, off, on = (stats(phases[k]) for k in ("direct", "off", "on"))
+    cpu_off_us = cpu["off"] / max(1, off["n"]) * 1e6
+    cpu_on_us = cpu["on"] / max(1, on["n"]) * 1e6
+    proxy_p50 = off["p50_ms"] - d["p50_ms"]
+    proxy_p99 = off["p99_ms"] - d["p99_ms"]
+    return {
+        "rate": args.rate,
+        "direct": d,
+        "telemetry_off": off,
+        "telemetry_on": on,
+        "proxy_added_p50_ms": round(proxy_p50, 3),
+        "proxy_added_p99_ms": round(proxy_p99, 3),
+        "telemetry_added_p50_ms": round(on["p50_ms"] - off["p50_ms"], 3),
+        "telemetry_added_p99_ms": round(on["p99_ms"] - off["p99_ms"], 3),
+        "telemetry_p50_share": round((on["p50_ms"] - off["p50_ms"]) / proxy_p50, 3)
+        if proxy_p50 > 0
+        else None,
+        "telemetry_p99_share": round((on["p99_ms"] - off["p99_ms"]) / proxy_p99, 3)
+        if proxy_p99 > 0
+        else None,
+        "sidecar_cpu_us_per_request_off": round(cpu_off_us, 1),
+        "sidecar_cpu_us_per_request_on": round(cpu_on_us, 1),
+        "telemetry_cpu_share": round((cpu_on_us - cpu_off_us) / cpu_off_us, 3),
+        "otlp_requests": sum(otlp_counts.values()),
+        "audit_lines": audit_lines,
+    }
+
+
+def render_proxy(r: dict[str, Any]) -> str:
+    def row(name: str, s: dict[str, float]) -> str:
+        return (
+            f"{name:<14}: p50 {s['p50_ms']:7.3f} ms  p99 {s['p99_ms']:8.3f} ms  "
+            f"n={s['n']} errors={s['errors']}"
+        )
+
+    def share(value: float | None) -> str:
+        return (
+            "n/a" if value is None else f"{value:.0%} ({'ok' if value <= 0.2 else 'MISSED'}, target <= 20%)"
+        )
+
+    return "\n".join(
+        [
+            f"== tools/call at {r['rate']:g} req/s through `outrider sidecar`, telemetry off vs on ==",
+            row("direct", r["direct"]),
+            row("telemetry off", r["telemetry_off"]),
+            row("telemetry on", r["telemetry_on"]),
+            f"proxy's own    : p50 {r['proxy_added_p50_ms']:+.3f} ms  p99 {r['proxy_added_p99_ms']:+.3f} ms",
+            f"telemetry adds : p50 {r['telemetry_added_p50_ms']:+.3f} ms = "
+            f"{share(r['telemetry_p50_share'])}; p99 {r['telemetry_added_p99_ms']:+.3f} ms = "
+            f"{share(r['telemetry_p99_share'])}",
+            f"sidecar CPU    : {r['sidecar_cpu_us_per_request_off']:.0f} us/request off, "
+            f"{r['sidecar_cpu_us_per_request_on']:.0f} us/request on: telemetry "
+            f"{share(r['telemetry_cpu_share'])}",
+            f"exported       : {r['otlp_requests']} OTLP/HTTP requests, {r['audit_lines']} audit lines",
+        ]
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,8 +280,17 @@ def main() -> int:
         default=None,
         help="the proxy's own added p50 (from `make bench-proxy`) to express the cost as a share of it",
     )
+    parser.add_argument("--proxy", action="store_true", help="measure through two real sidecars instead")
+    parser.add_argument("--rate", type=float, default=200.0, help="--proxy: paced req/s (default 200)")
+    parser.add_argument("--seconds", type=float, default=12.0, help="--proxy: paced seconds per path")
+    parser.add_argument("--rounds", type=int, default=4, help="--proxy: alternating slices (default 4)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.proxy:
+        sys.path.insert(0, str(ROOT / "bench"))
+        result = asyncio.run(proxy_run(args))
+        print(json.dumps(result, indent=2) if args.json else render_proxy(result))
+        return 0
 
     port = free_port()
     receiver = multiprocessing.get_context("spawn").Process(target=_receiver, args=(port,), daemon=True)

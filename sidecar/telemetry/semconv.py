@@ -131,8 +131,6 @@ def mcp_request_attributes(
     if sid:
         attrs["mcp.session.id"] = sid
     attrs["network.transport"] = network_transport(request)
-    attrs["network.protocol.name"] = "http"
-    attrs["http.request.method"] = request.http_method
     attrs["outrider.mcp.transport"] = request.transport
     if request.client_address:
         host, port = split_address(request.client_address)
@@ -158,8 +156,6 @@ def split_address(address: str) -> tuple[str, int | None]:
 
 def principal_attributes(principal: Principal, config: TelemetryConfig) -> Attributes:
     attrs: Attributes = {"enduser.id": user_id(principal, config), "outrider.principal.kind": principal.kind}
-    if principal.issuer:
-        attrs["outrider.principal.issuer"] = principal.issuer
     if principal.client_id:
         attrs["outrider.client.id"] = principal.client_id
     if principal.delegation:
@@ -187,7 +183,7 @@ def error_type(
 def mcp_response_attributes(
     *, http_status: int, outcome: str, error_type_value: str | None, response: McpMessage | None
 ) -> Attributes:
-    attrs: Attributes = {"http.response.status_code": http_status, "outrider.outcome": outcome}
+    attrs: Attributes = {"http.response.status_code": http_status}
     if response is not None and response.error_code is not None:
         attrs["rpc.response.status_code"] = str(response.error_code)
     if error_type_value:
@@ -205,7 +201,6 @@ def duration_metric_attributes(span_attrs: Mapping[str, AttributeValue]) -> Attr
         "error.type",
         "rpc.response.status_code",
         "network.transport",
-        "network.protocol.name",
         "mcp.protocol.version",
     )
     return {k: span_attrs[k] for k in keys if k in span_attrs}
