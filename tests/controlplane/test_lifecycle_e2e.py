@@ -390,9 +390,9 @@ async def test_configmap_hot_reload_through_the_running_webhook(
         log_text = proc.log.read_text()
         assert "rejected" in log_text and "image_pull_policy" in log_text
         metrics = await _metrics(proc.port)
-        if "outrider_webhook_config_valid" in metrics:
-            assert "outrider_webhook_config_valid 0.0" in metrics
-            assert 'outrider_webhook_config_reloads_total{result="rejected"} 1.0' in metrics
+        assert "outrider_webhook_config_valid 0.0" in metrics
+        assert 'outrider_webhook_config_reloads_total{result="rejected"} 1.0' in metrics
+        assert 'outrider_webhook_config_reloads_total{result="applied"} 2.0' in metrics
         assert proc.proc is not None and proc.proc.poll() is None  # no restart happened
     finally:
         await unregister_webhook(api, mwc)
