@@ -350,7 +350,8 @@ def sidecar_config(
     config: WebhookConfig, mcp_port: int | None, audience: str | None, plan: EgressPlan
 ) -> dict[str, Any]:
     """The per-pod OUTRIDER_CONFIG: the operator's `sidecar:` block under the per-pod values."""
-    per_pod: dict[str, Any] = {"egress": {"mode": plan.mode, "policy": thaw(plan.policy)}}
+    policy = plan.policy if type(plan.policy) is dict else thaw(plan.policy)
+    per_pod: dict[str, Any] = {"egress": {"mode": plan.mode, "policy": policy}}
     if mcp_port is not None:
         per_pod["inbound"] = {"mcp_port": mcp_port}
     if audience:

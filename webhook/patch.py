@@ -14,6 +14,8 @@ JsonPatch = list[dict[str, Any]]
 
 def escape(key: str) -> str:
     """RFC 6901: '~' becomes '~0' and '/' becomes '~1' (order matters)."""
+    if "~" not in key and "/" not in key:
+        return key
     return key.replace("~", "~0").replace("/", "~1")
 
 
@@ -60,11 +62,10 @@ def _diff_map(old: Mapping[str, Any], new: Mapping[str, Any], path: str, ops: Js
         if key not in new:
             ops.append({"op": "remove", "path": f"{path}/{escape(key)}"})
     for key, value in new.items():
-        child = f"{path}/{escape(key)}"
         if key not in old:
-            ops.append({"op": "add", "path": child, "value": value})
-        else:
-            _diff(old[key], value, child, ops)
+            ops.append({"op": "add", "path": f"{path}/{escape(key)}", "value": value})
+        elif old[key] is not value:
+            _diff(old[key], value, f"{path}/{escape(key)}", ops)
 
 
 def _name(item: Any) -> Any:
