@@ -53,6 +53,12 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (clock ticks -> s): CPU per call is robust to a busy machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -288,9 +294,14 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
 
         sampler = asyncio.create_task(sample())
         slice_s = args.seconds / args.rounds
+        load_before = os.getloadavg()[0]
+        sidecar_cpu = 0.0
         for _ in range(args.rounds):
             await paced(direct_url, HEADERS, args.rate, slice_s, direct)
+            cpu0 = cpu_seconds(sidecar.pid)
             await paced(proxy_url, proxy_headers, args.rate, slice_s, proxied)
+            sidecar_cpu += cpu_seconds(sidecar.pid) - cpu0
+        load_after = os.getloadavg()[0]
         sampling = False
         await sampler
         max_direct = await closed_loop(direct_url, HEADERS, args.concurrency, args.max_seconds)
@@ -327,6 +338,9 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         "rss_load_peak_mb": round(peak, 1),
         "rss_after_mb": round(rss_after, 1),
         "idp_exchange_requests": exchanges,
+        "sidecar_cpu_ms_per_call": round(1000 * sidecar_cpu / max(1, p["n"] + p["errors"]), 3),
+        "loadavg_1m": [round(load_before, 2), round(load_after, 2)],
+        "cpus": os.cpu_count(),
         "otlp_requests": sum(otlp_counts.values()),
     }
 
@@ -360,7 +374,15 @@ def render(result: dict[str, Any]) -> str:
             f"sidecar {result['max_rps_sidecar']:.0f} req/s",
             f"RSS    : idle {result['rss_idle_mb']:.1f} MB (target <= 60, {mark('rss_idle_mb')}), "
             f"peak under load {result['rss_load_peak_mb']:.1f} MB, after {result['rss_after_mb']:.1f} MB",
+            f"CPU    : sidecar {result['sidecar_cpu_ms_per_call']:.3f} ms CPU per proxied call",
             f"IdP    : {result['idp_exchange_requests']} token-exchange request(s) for the whole run (cache)",
+            f"machine: {result['cpus']} CPUs, "
+            f"1-min load {result['loadavg_1m'][0]} -> {result['loadavg_1m'][1]}"
+            + (
+                "  (WARNING: the direct path did not sustain the target rate; latencies are queueing)"
+                if d["rate"] < 0.95 * result["rate_target"]
+                else ""
+            ),
         ]
     )
 
