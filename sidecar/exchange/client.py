@@ -17,10 +17,10 @@ import ssl
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -586,14 +586,3 @@ def build_exchanger(
         return DisabledExchanger()
     config.check()
     return OAuthTokenExchanger(config, identity, session)
-
-
-def describe(config: ExchangeConfig) -> Mapping[str, Any]:
-    """A secret-free summary for start-up logs."""
-    return {
-        "enabled": config.enabled,
-        "token_endpoint": config.token_endpoint,
-        "auth": config.auth,
-        "audience": config.audience,
-        "actor_token": config.actor_token,
-    }
