@@ -265,9 +265,11 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         )
         outrider = str(Path(python).with_name("outrider"))
         log = (tmp / "sidecar.log").open("wb")
-        sidecar = subprocess.Popen(  # noqa: ASYNC220 - start-up, once
-            [outrider, "sidecar", "--log-level", "WARNING"], env=env, stdout=log, stderr=log
-        )
+        command = [outrider, "sidecar", "--log-level", "WARNING"]
+        if args.profile:
+            # cProfile writes its file when the sidecar exits cleanly on SIGTERM.
+            command = [python, "-m", "cProfile", "-o", args.profile, "-m", "webhook.cli", *command[1:]]
+        sidecar = subprocess.Popen(command, env=env, stdout=log, stderr=log)  # noqa: ASYNC220 - start-up, once
         stack.callback(_stop, sidecar)
         await wait_http(f"http://127.0.0.1:{admin}/readyz", expect=200)
         await wait_http(f"http://127.0.0.1:{mcp_port}/mcp")
@@ -400,6 +402,7 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=3.0, help="seconds of the max-throughput phase")
     parser.add_argument("--telemetry", choices=("on", "off", "both"), default="off")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--profile", metavar="FILE", help="run the sidecar under cProfile, stats to FILE")
     args = parser.parse_args()
     modes = ("off", "on") if args.telemetry == "both" else (args.telemetry,)
     results = [asyncio.run(run_one(args, mode)) for mode in modes]
