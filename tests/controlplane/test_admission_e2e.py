@@ -23,6 +23,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from .harness import ControlPlane, free_port, issue, make_ca
 from .kubeutil import (
+    MANIFESTS,
     ServingCerts,
     WebhookProcess,
     container_names,
@@ -35,6 +36,7 @@ from .kubeutil import (
     unique,
     unregister_webhook,
 )
+from .kustomize import render
 
 pytestmark = pytest.mark.controlplane
 
@@ -48,6 +50,10 @@ class Webhook:
         self.cp = cp
         self.certs: ServingCerts = serving_certs(workdir / "tls")
         self.name = unique("outrider-e2e")
+        # the kind overlay's webhook config: what `make kind-e2e` runs the example with
+        (kind_cm,) = [o for o in render(MANIFESTS / "overlays" / "kind") if o["kind"] == "ConfigMap"]
+        config_file = workdir / "webhook-config.yaml"
+        config_file.write_text(kind_cm["data"]["config.yaml"])
         self.proc = WebhookProcess(
             args=[
                 "--kubeconfig",
@@ -62,6 +68,8 @@ class Webhook:
                 "127.0.0.1",
                 "--webhook-config-name",
                 self.name,
+                "--config",
+                str(config_file),
             ],
             port=free_port(),
             log=workdir / "webhook.log",
@@ -311,3 +319,32 @@ async def test_system_namespaces_never_touched(api: client.ApiClient, webhook: W
     # Outrider's own pods are excluded by the objectSelector wherever they run
     own = pod_body("outrider-thing", labels={"app.kubernetes.io/part-of": "outrider"}, annotations=MCP)
     assert container_names(await create_pod(api, enabled, own, dry_run="All")) == ["mcp"]
+
+
+# the shipped example ------------------------------------------------------------------------------
+
+
+async def test_example_mcp_server_template_is_injected(api: client.ApiClient, webhook: Webhook) -> None:
+    from .kubeutil import load_yaml
+
+    (deploy,) = [
+        d for d in load_yaml(MANIFESTS / "examples" / "mcp-server.yaml") if d["kind"] == "Deployment"
+    ]
+    enabled = await make_namespace(api, unique("e2e-example"), {"outrider.dev/inject": "enabled"})
+    await client.CoreV1Api(api).create_namespaced_service_account(
+        enabled, {"metadata": {"name": deploy["spec"]["template"]["spec"]["serviceAccountName"]}}
+    )
+    await _ready(api, webhook, enabled)
+    template = deploy["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template["metadata"], "name": "example"},
+        "spec": template["spec"],
+    }
+    stored = await create_pod(api, enabled, pod)
+    names = container_names(stored)
+    assert names.count("outrider-proxy") == 1 and "outrider-init" in names, names
+    (app,) = [c for c in stored["spec"]["containers"] if c["name"] == "mcp"]
+    # the kubelet's probe of the MCP port now goes through the sidecar's admin port
+    assert app["readinessProbe"]["httpGet"]["port"] == 15020

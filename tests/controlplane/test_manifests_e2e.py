@@ -312,3 +312,12 @@ async def test_manifests_apply_and_rbac_is_exactly_enough(
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("the webhook's start-up still succeeded without its RBAC bindings")
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/kind", "overlays/cert-manager"])
+def test_shipped_configmaps_are_valid_webhook_config(target: str) -> None:
+    from webhook.cluster.configmap import parse_configmap
+
+    (cm,) = [o for o in render(MANIFESTS / target) if o["kind"] == "ConfigMap"]
+    parsed = parse_configmap(cm["data"])
+    assert parsed.webhook.sidecar_image
