@@ -5,9 +5,11 @@ process and a `WorkloadIdentity` over it (the dev Workload API replaces them whe
 from __future__ import annotations
 
 import datetime
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -160,3 +162,20 @@ def material_for(leaf: Pki, ca: Pki, spiffe_id: str) -> X509Material:
         bundles_pem={TRUST_DOMAIN: ca.pem},
         not_after=leaf.cert.not_valid_after_utc.timestamp(),
     )
+
+
+def idp_tls(directory: Path, client_bundle_pem: bytes) -> tuple[ssl.SSLContext, str]:
+    """A TLS server context for the dev IdP (web CA server cert, optional SVID client certs verified
+    against `client_bundle_pem`) and the path of the web CA file the exchanger should trust."""
+    web_ca = make_ca("web-ca")
+    server = issue_leaf(web_ca, ip="127.0.0.1")
+    (directory / "server.pem").write_bytes(server.pem)
+    (directory / "server.key").write_bytes(
+        server.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
+    (directory / "web-ca.pem").write_bytes(web_ca.pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "server.pem", directory / "server.key")
+    context.load_verify_locations(cadata=client_bundle_pem.decode())
+    context.verify_mode = ssl.CERT_OPTIONAL  # other clients authenticate with secrets or assertions
+    return context, str(directory / "web-ca.pem")

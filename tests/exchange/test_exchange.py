@@ -5,8 +5,6 @@ single-flight and every failure path (with no token text in any error).
 from __future__ import annotations
 
 import asyncio
-import ssl
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +23,7 @@ from .spiffe_fakes import (
     TRUST_DOMAIN,
     FakeIdentity,
     SpiffeAuthority,
+    idp_tls,
     issue_leaf,
     make_ca,
     material_for,
@@ -153,23 +152,10 @@ async def test_client_secret_file_is_reread_after_rotation(idp, identity, sessio
     assert_token_free(info.value, user_token, "rotated-but-wrong")
 
 
-async def test_mtls_client_auth_rfc8705(authority, session):
+async def test_mtls_client_auth_rfc8705(authority, session, tmp_path):
     spiffe_ca = make_ca("spiffe-ca", spiffe_td=TRUST_DOMAIN)
-    web_ca = make_ca("web-ca")
-    server = issue_leaf(web_ca, ip="127.0.0.1")
     svid = issue_leaf(spiffe_ca, uri=SIDECAR_ID)
-    tmp = Path(__import__("tempfile").mkdtemp())
-    (tmp / "server.pem").write_bytes(server.pem)
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-
-    (tmp / "server.key").write_bytes(
-        server.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    )
-    (tmp / "web-ca.pem").write_bytes(web_ca.pem)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(tmp / "server.pem", tmp / "server.key")
-    server_ctx.load_verify_locations(cadata=spiffe_ca.pem.decode())
-    server_ctx.verify_mode = ssl.CERT_OPTIONAL  # other clients use secrets or assertions
+    server_ctx, ca_file = idp_tls(tmp_path, spiffe_ca.pem)
 
     identity = FakeIdentity(authority)
     identity.material = material_for(svid, spiffe_ca, SIDECAR_ID)
@@ -179,9 +165,7 @@ async def test_mtls_client_auth_rfc8705(authority, session):
         ssl_context=server_ctx,
     ) as idp:
         user_token = idp.mint("alice", audience="https://mcp.example.com/mcp")
-        ex = exchanger(
-            idp, identity, session, auth="x509-svid", client_id="weather-mcp", ca_file=str(tmp / "web-ca.pem")
-        )
+        ex = exchanger(idp, identity, session, auth="x509-svid", client_id="weather-mcp", ca_file=ca_file)
         claims = idp.verify((await ex.exchange(user_token)).access_token, audience=DOWNSTREAM)
         assert claims["act"] == {"sub": SIDECAR_ID} and claims["sub"] == "alice"
         assert identity.jwt_audiences == []  # authenticated by the X.509-SVID alone

@@ -4,7 +4,6 @@ X.509-SVID from the dev Workload API over gRPC, and the dev IdP reads the JWT bu
 
 from __future__ import annotations
 
-import ssl
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from sidecar.exchange.config import ExchangeConfig
 from sidecar.identity.config import IdentityConfig
 from sidecar.identity.workload import WorkloadApiIdentity
 
-from .spiffe_fakes import issue_leaf, make_ca
+from .spiffe_fakes import idp_tls
 
 SIDECAR = "spiffe://example.org/ns/mcp/sa/weather"
 DOWNSTREAM = "https://api.example.com"
@@ -82,19 +81,7 @@ async def test_exchange_with_dev_workload_api(socket_dir, bundle_source):
 
 async def test_mtls_with_x509_svid_from_workload_api(socket_dir):
     async with DevWorkloadApi(socket_dir / "agent.sock", spiffe_id=SIDECAR) as api:
-        web_ca = make_ca("web-ca")
-        server = issue_leaf(web_ca, ip="127.0.0.1")
-        from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-
-        (socket_dir / "server.pem").write_bytes(server.pem)
-        (socket_dir / "server.key").write_bytes(
-            server.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        )
-        (socket_dir / "web-ca.pem").write_bytes(web_ca.pem)
-        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_ctx.load_cert_chain(socket_dir / "server.pem", socket_dir / "server.key")
-        server_ctx.load_verify_locations(cadata=api.bundle_pem.decode())
-        server_ctx.verify_mode = ssl.CERT_OPTIONAL
+        server_ctx, ca_file = idp_tls(socket_dir, api.bundle_pem)
 
         identity = WorkloadApiIdentity(IdentityConfig.from_mapping({"socket": api.target}))
         clients = [ClientRegistration("weather-mcp", spiffe_ids=(SIDECAR,), audiences=(DOWNSTREAM,))]
@@ -110,7 +97,7 @@ async def test_mtls_with_x509_svid_from_workload_api(socket_dir):
                     "auth": "x509-svid",
                     "client_id": "weather-mcp",
                     "audience": DOWNSTREAM,
-                    "ca_file": str(socket_dir / "web-ca.pem"),
+                    "ca_file": ca_file,
                 }
             )
             exchanger = build_exchanger(config, identity, session)
