@@ -91,6 +91,8 @@ async def run_calls(demo: Demo, token: str) -> None:
         report = tool_json(result)
         got = find_claims(report)
         raw = received_token(report)
+        if raw:
+            demo.tokens.append(raw)
         act_claim = got.get("act")
         act: dict[str, Any] = act_claim if isinstance(act_claim, dict) else {}
         c.say("tools/call whoami -> what the MCP server received in Authorization:")
@@ -129,6 +131,7 @@ async def run_calls(demo: Demo, token: str) -> None:
         )
 
     expired = await expired_token(demo, "alice")
+    demo.tokens.append(expired)
     c.say("a client with an EXPIRED token calls tools/list")
     assert demo.session is not None
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}

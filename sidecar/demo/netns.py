@@ -45,6 +45,21 @@ def plan(tag: str, names: Sequence[str], octet: int) -> Topology:
     )
 
 
+def used_addresses() -> set[str]:
+    """IPv4 addresses on this host's interfaces (so two demos never pick the same link)."""
+    result = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=False)
+    return {part.split("/")[0] for line in result.stdout.splitlines() for part in line.split() if "/" in part}
+
+
+def free_octet(used: set[str], preferred: int) -> int:
+    """Pure: the first octet from `preferred` on (200-249, wrapping) whose 10.<octet>.1.1 is unused."""
+    for i in range(50):
+        octet = 200 + (preferred - 200 + i) % 50
+        if f"10.{octet}.1.1" not in used:
+            return octet
+    raise RuntimeError("no free 10.2xx.1.0/30 link for the demo (50 demos running?)")
+
+
 def setup_commands(t: Topology) -> list[list[str]]:
     """Pure: the `ip` commands that build the topology, in order."""
     h, hp, pi, ie = f"orh{t.tag}", f"orp{t.tag}", f"ori{t.tag}", f"ore{t.tag}"

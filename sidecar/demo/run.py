@@ -130,6 +130,7 @@ class Demo:
     receiver: traces.OtlpReceiver | None = None
     spiffe_id: str | None = None
     alice_token: str | None = None
+    tokens: list[str] = field(default_factory=list)  # every token the demo saw, to prove none leaked
     session: aiohttp.ClientSession | None = None
 
     @property
@@ -176,7 +177,7 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
         stack.push_async_callback(sup.stop_all)
         topo = None
         if mode == "capture":
-            octet = 200 + os.getpid() % 50
+            octet = netns.free_octet(netns.used_addresses(), preferred=200 + os.getpid() % 50)
             topo = netns.plan(f"{os.getpid() % 100000}", [ALLOWED_HOST, DENIED_HOST], octet)
         idp_host = topo.host_ip if topo else "127.0.0.1"
         if topo is not None:
@@ -574,6 +575,14 @@ async def start_identity(demo: Demo) -> str:
     return socket_path
 
 
+def _log_has_any(path: Path, needles: list[str]) -> bool:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(n in text for n in needles)
+
+
 def _open_socket(path: str) -> None:
     Path(path).chmod(0o777)
 
@@ -826,6 +835,7 @@ async def step_client(demo: Demo) -> None:
         return
     token = await get_user_token(demo, "alice")
     demo.alice_token = token
+    demo.tokens.append(token)
     alice = claims(token)
     c.say(
         f"alice signed in at the dev IdP: token {fingerprint(token)} "
@@ -857,8 +867,14 @@ async def step_operator(demo: Demo) -> None:
         c.show(audit.format_event(event))
     c.check(len(events) > 0, "the calls left audit events", f"{len(events)} events")
     text = json.dumps(events)
-    if demo.alice_token:
-        c.check(demo.alice_token not in text, "no token appears in any audit event")
+    if demo.tokens:
+        c.check(not any(t in text for t in demo.tokens), "no token appears in any audit event")
+        leaked = [ch.name for ch in demo.sup.children if _log_has_any(ch.log, demo.tokens)]
+        c.check(
+            not leaked,
+            "no token appears in any process's log (sidecar, IdP, MCP server, webhook)",
+            f"found in {leaked}" if leaked else f"{len(demo.tokens)} tokens checked",
+        )
     c.check(any("alice" in json.dumps(e) for e in events), "audit events name alice")
     assert demo.receiver is not None
     receiver = demo.receiver

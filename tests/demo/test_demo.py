@@ -29,6 +29,7 @@ KEY_LINES = (
     "[ok] a host outside the allowlist is blocked",
     "[ok] an expired token is refused with 401",
     "Step 4: What an operator sees",
+    "[ok] no token appears in any process's log",
     "[ok] the whoami call's trace arrived over OTLP/HTTP",
     "[ok] the server span names the MCP method, the tool and the user",
     "[ok] a token exchange with the IdP shows as a child span with its duration",

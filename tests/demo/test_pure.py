@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import aiohttp
 import yaml
@@ -11,6 +13,8 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from sidecar.demo import audit, netns, podiff, run, traces
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _pod() -> dict:
@@ -156,6 +160,46 @@ def test_netns_plan_is_deterministic_and_short_enough_for_interface_names() -> N
     assert "10.210.2.1 allowed.demo.test" in netns.hosts_file(t)
 
 
+def test_two_demos_never_share_a_link() -> None:
+    assert netns.free_octet(set(), 210) == 210
+    assert netns.free_octet({"10.210.1.1", "10.211.1.1"}, 210) == 212
+    assert netns.free_octet({"10.249.1.1"}, 249) == 200
+
+
 def test_missing_pieces_are_detected_not_faked() -> None:
     assert run.piece_missing(["sidecar.demo.no_such_module"]) == "sidecar.demo.no_such_module"
     assert run.piece_missing(["sidecar.demo.console"]) is None
+
+
+def test_bench_table_rows_targets_and_ratios() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", REPO / "bench" / "run_all.py")
+    assert spec and spec.loader
+    run_all = importlib.util.module_from_spec(spec)
+    sys.modules["run_all"] = run_all  # dataclasses look their module up there
+    spec.loader.exec_module(run_all)
+    proxy = [
+        {
+            "telemetry": "off",
+            "direct": {"p50_ms": 1.0, "p99_ms": 2.0},
+            "sidecar": {"p50_ms": 1.5, "p99_ms": 6.0},
+            "p50_added_ms": 0.5,
+            "p99_added_ms": 4.0,
+            "max_rps_direct": 1000,
+            "max_rps_sidecar": 800,
+            "rss_idle_mb": 40.0,
+        }
+    ]
+    rows = {r.figure: r for r in run_all.proxy_rows(proxy)}
+    p50 = rows["tools/call p50 via sidecar (telemetry off)"]
+    assert (p50.value, p50.baseline, p50.ratio, p50.met) == (1.5, 1.0, 1.5, True)
+    assert rows["tools/call p99 via sidecar (telemetry off)"].met is False
+    assert rows["sidecar RSS idle (telemetry off)"].met is True
+    webhook = {"noop": {"p50_ms": 2.0, "p99_ms": 4.0, "rps": 100}, "mutate": {"p50_ms": 2.5, "p99_ms": 9.0}}
+    wrows = run_all.webhook_rows(webhook)
+    assert [r.met for r in wrows[:2]] == [True, False]
+    cells = run_all.table(wrows)
+    assert cells[0][:5] == ["bench", "figure", "value", "baseline (same run)", "ratio"]
+    assert cells[1][4] == "1.25x" and cells[2][6] == "NO"
+    assert run_all.parse_json_output('progress line\n{"a": 1}\n') == {"a": 1}
