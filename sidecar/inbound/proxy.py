@@ -270,27 +270,22 @@ class InboundProxy:
                 parsed = jsonrpc.parse_body(body)
             except jsonrpc.BodyError as exc:
                 parse_error = exc
+        if parse_error is not None:
+            # Recorded as one invalid message, so unparseable traffic shows up in audit too.
+            parsed = ParsedBody((McpMessage(kind="invalid"),), (None,), False)
         with ExitStack() as stack:
-            if parse_error is not None:
-                calls = Calls(
-                    self.observer, ParsedBody((McpMessage(kind="invalid"),), (None,), False), info, stack
-                )
-                return self._fail(
-                    calls,
-                    Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {}),
-                    "error",
-                    "parse_error",
-                )
             calls = Calls(self.observer, parsed, info, stack)
-            return await self._handle_calls(request, body, parsed, calls)
-        raise AssertionError("unreachable")  # pragma: no cover - ExitStack never swallows
+            return await self._handle_calls(request, body, parsed, calls, parse_error)
 
     async def _handle_calls(
-        self, request: web.Request, body: bytes, parsed: ParsedBody | None, calls: Calls
+        self,
+        request: web.Request,
+        body: bytes,
+        parsed: ParsedBody | None,
+        calls: Calls,
+        parse_error: jsonrpc.BodyError | None,
     ) -> web.StreamResponse:
-        if parsed is not None and (why := jsonrpc.routing_header_mismatch(request.headers, parsed)):
-            answer = Answer(400, jsonrpc.error_body(calls.ids(), jsonrpc.HEADER_MISMATCH, why), {})
-            return self._fail(calls, answer, "error", "header_mismatch", why)
+        # Authenticate first: an unauthenticated caller learns nothing about body handling.
         token = bearer_token(request.headers.get("Authorization"))
         principal = await self._authenticate(request, token)
         if isinstance(principal, AuthFailure):
@@ -310,6 +305,12 @@ class InboundProxy:
             )
         for scope in calls.each():
             scope.set_principal(principal)
+        if parse_error is not None:
+            answer = Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {})
+            return self._fail(calls, answer, "error", "parse_error")
+        if parsed is not None and (why := jsonrpc.routing_header_mismatch(request.headers, parsed)):
+            answer = Answer(400, jsonrpc.error_body(calls.ids(), jsonrpc.HEADER_MISMATCH, why), {})
+            return self._fail(calls, answer, "error", "header_mismatch", why)
         out_headers = upstream_request_headers(
             request.headers, self.config, request.headers.get("Connection", "").split(",")
         )

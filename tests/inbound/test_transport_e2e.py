@@ -45,6 +45,15 @@ class Upstream:
             headers={"Mcp-Session-Id": "s-1", "Connection": "X-Upstream-Secret", "X-Upstream-Secret": "no"},
         )
 
+    async def batch(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        answers = [
+            {"jsonrpc": "2.0", "id": m["id"], "result": {"content": [], "isError": m["id"] == 2}}
+            for m in body
+            if "id" in m
+        ]
+        return web.json_response(answers)
+
     async def stuck(self, request: web.Request) -> web.Response:
         self.stuck_requests += 1
         await asyncio.sleep(3600)
@@ -85,6 +94,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app = web.Application()
     app.router.add_post("/mcp", fake.echo)
     app.router.add_post("/stuck", fake.stuck)
+    app.router.add_post("/batch", fake.batch)
     app.router.add_post("/stream", fake.stream)
     app.router.add_get("/sse", fake.legacy_sse)
     runner = web.AppRunner(app, handler_cancellation=True)
@@ -243,3 +253,57 @@ async def test_exchange_failure_is_a_token_free_json_rpc_error(
     assert call.exchanges and call.exchanges[0].outcome == "idp_unavailable"
     assert call.outcome["outcome"] == "error"
     assert upstream.seen_headers == []
+
+
+async def test_unparseable_body_is_400_after_authentication(
+    upstream: Upstream, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    async with make_sidecar(upstream.port) as sidecar, aiohttp.ClientSession() as session:
+        async with session.post(
+            sidecar.mcp_url(), data=b"{nope", headers={**ACCEPT, **bearer(idp)}
+        ) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == -32700
+        async with session.post(sidecar.mcp_url(), data=b"{nope", headers=ACCEPT) as response:
+            assert response.status == 401
+    assert upstream.seen_headers == []
+
+
+async def test_batches_get_one_record_per_message(
+    upstream: Upstream, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    observer = RecordingObserver()
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "fetch"}},
+        {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 0}},
+    ]
+    async with (
+        make_sidecar(upstream.port, observer=observer) as sidecar,
+        aiohttp.ClientSession() as session,
+        session.post(sidecar.url + "/batch", json=batch, headers={**ACCEPT, **bearer(idp)}) as response,
+    ):
+        assert response.status == 200
+        assert [a["id"] for a in await response.json()] == [1, 2]
+    echo, fetch, note = observer.calls
+    assert (echo.message.tool_name, echo.outcome["outcome"]) == ("echo", "ok")
+    assert (fetch.message.tool_name, fetch.outcome["outcome"]) == ("fetch", "tool_error")
+    assert note.message.kind == "notification" and note.outcome["outcome"] == "ok"
+    assert all(c.principal.subject == "alice" and c.injected for c in observer.calls)
+
+
+async def test_silent_sse_stream_is_closed_after_the_idle_timeout(
+    upstream: Upstream, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    observer = RecordingObserver()
+    async with (
+        make_sidecar(upstream.port, observer=observer, sse_idle_timeout_s=0.3) as sidecar,
+        aiohttp.ClientSession() as session,
+        session.post(sidecar.url + "/stream", json=CALL, headers={**ACCEPT, **bearer(idp)}) as response,
+    ):
+        # The app sends one event and then nothing: the proxy ends the stream instead of hanging.
+        data = await asyncio.wait_for(response.content.read(), 10)
+        assert b"notifications/progress" in data and b'"id":3' not in data
+        await asyncio.wait_for(upstream.disconnected.wait(), 10)
+    (call,) = observer.calls
+    assert call.outcome["outcome"] == "error" and call.outcome["error_type"] == "timeout"
