@@ -11,16 +11,13 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import re
 import ssl
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -28,6 +25,7 @@ import aiohttp
 from sidecar.exchange import ExchangeError, IssuedToken, TokenExchanger
 from sidecar.exchange.config import TOKEN_TYPE_JWT, ExchangeConfig
 from sidecar.identity import IdentityUnavailable, WorkloadIdentity
+from sidecar.identity.tls import RotatingClientContext
 
 log = logging.getLogger("outrider.exchange")
 
@@ -305,53 +303,6 @@ class _SecretFile:
         return self._value
 
 
-class _ContextSource(Protocol):
-    def current(self) -> ssl.SSLContext: ...
-
-
-class _MtlsContexts:
-    """An SSLContext presenting the current X.509-SVID, rebuilt when the SVID rotates."""
-
-    def __init__(self, identity: WorkloadIdentity, ca_file: str | None) -> None:
-        self._identity = identity
-        self._ca_file = ca_file
-        self._for: bytes | None = None
-        self._context: ssl.SSLContext | None = None
-
-    def current(self) -> ssl.SSLContext:
-        material = self._identity.x509()
-        if self._context is None or material.cert_chain_pem != self._for:
-            self._context = client_ssl_context(
-                material.cert_chain_pem, material.private_key_pem, self._ca_file
-            )
-            self._for = material.cert_chain_pem
-        return self._context
-
-
-def _mtls_contexts(identity: WorkloadIdentity, ca_file: str | None) -> _ContextSource:
-    # Prefer the identity package's rotating client context (keys stay off the filesystem).
-    try:
-        from sidecar.identity.tls import RotatingClientContext
-    except ImportError:  # pragma: no cover (older tree)
-        return _MtlsContexts(identity, ca_file)
-    return RotatingClientContext(identity, cafile=ca_file)
-
-
-def client_ssl_context(cert_chain_pem: bytes, key_pem: bytes, ca_file: str | None) -> ssl.SSLContext:
-    """A TLS client context that verifies the IdP like any HTTPS client and presents the SVID."""
-    context = ssl.create_default_context(cafile=ca_file)
-    # The stdlib loads a key pair only from files: write them to a private temp dir, load, delete.
-    with tempfile.TemporaryDirectory(prefix="outrider-svid-") as tmp:
-        cert_path = Path(tmp) / "svid.pem"
-        key_path = Path(tmp) / "svid.key"
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key_pem)
-        cert_path.write_bytes(cert_chain_pem)
-        context.load_cert_chain(cert_path, key_path)
-    return context
-
-
 class OAuthTokenExchanger:
     """`TokenExchanger` over HTTP. One per sidecar process; safe for concurrent use on one loop."""
 
@@ -372,7 +323,10 @@ class OAuthTokenExchanger:
         self._inflight: dict[CacheKey, asyncio.Task[IssuedToken]] = {}
         self._last_failure: str | None = None
         self._secret = _SecretFile(config.client_secret_file) if config.client_secret_file else None
-        self._mtls = _mtls_contexts(identity, config.ca_file) if config.auth == "x509-svid" else None
+        # RFC 8705: a client context presenting the current X.509-SVID, rebuilt once per rotation.
+        self._mtls = (
+            RotatingClientContext(identity, cafile=config.ca_file) if config.auth == "x509-svid" else None
+        )
         self._server_ssl = (
             ssl.create_default_context(cafile=config.ca_file) if config.ca_file and not self._mtls else None
         )
