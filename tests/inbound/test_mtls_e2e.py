@@ -94,22 +94,38 @@ async def test_spiffe_callers_over_mtls(
         assert observer.calls[-1].principal.subject == "alice"
 
 
-async def test_server_certificate_is_the_sidecar_svid(
+async def presented_certificate(port: int, context: ssl.SSLContext) -> x509.Certificate:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    await writer.wait_closed()
+    return x509.load_der_x509_certificate(der)
+
+
+async def test_server_presents_the_current_svid_across_rotations(
     mcp_app: mcp_server.RunningServer,
     make_sidecar: SidecarFactory,
     workload_api: DevWorkloadApi,
     tmp_path: Path,
 ) -> None:
     async with make_sidecar(mcp_app.port, mtls={"enabled": True}) as sidecar:
+        port = int(sidecar.url.rsplit(":", 1)[1])
         with client_context(workload_api, tmp_path, None) as context:
-            port = int(sidecar.url.rsplit(":", 1)[1])
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
-            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            writer.close()
-            await writer.wait_closed()
-    cert = x509.load_der_x509_certificate(der)
-    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.UniformResourceIdentifier
-    )
-    assert uris == [SIDECAR_ID]
-    del reader
+            first = await presented_certificate(port, context)
+        uris = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert uris.get_values_for_type(x509.UniformResourceIdentifier) == [SIDECAR_ID]
+        # A new root signs a new SVID; new handshakes get it without restarting the listener.
+        workload_api.rotate_ca()
+        for _ in range(500):
+            with client_context(workload_api, tmp_path, None) as context:
+                current = await presented_certificate(port, context)
+            if current.serial_number != first.serial_number:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the listener kept presenting the old SVID")
+
+        def signer(cert: x509.Certificate) -> bytes | None:
+            return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+
+        assert signer(current) != signer(first)  # signed by the new root
