@@ -114,6 +114,7 @@ async def test_headers_are_rewritten_and_credentials_never_forwarded(
 ) -> None:
     caller = bearer(idp)
     headers = {**ACCEPT, **caller, "Connection": "keep-alive, X-Hop", "X-Hop": "drop me", "X-Keep": "keep me"}
+    headers |= {"Mcp-Session-Id": "s-0", "Last-Event-ID": "ev-7", "MCP-Protocol-Version": "2025-11-25"}
     async with (
         make_sidecar(upstream.port) as sidecar,
         aiohttp.ClientSession() as session,
@@ -126,6 +127,8 @@ async def test_headers_are_rewritten_and_credentials_never_forwarded(
     (seen,) = upstream.seen_headers
     assert seen["Host"] == f"127.0.0.1:{upstream.port}"
     assert seen["X-Keep"] == "keep me"
+    assert (seen["Mcp-Session-Id"], seen["Last-Event-ID"]) == ("s-0", "ev-7")
+    assert seen["MCP-Protocol-Version"] == "2025-11-25"
     assert "X-Hop" not in seen
     assert seen["Authorization"].startswith("Bearer ")
     assert seen["Authorization"] != caller["Authorization"]
