@@ -282,7 +282,11 @@ async def test_rotation_while_requests_flow_fails_none(
 
             await _until(rotated, f"rotation to finish\n{group.logs()}", within=120)
             ok_at_rotation = traffic.ok
-            await asyncio.sleep(1.5)  # and admissions keep working under the new CA alone
+
+            async def more_admissions() -> bool:  # and admissions keep working under the new CA alone
+                return traffic.ok >= ok_at_rotation + 20 or bool(traffic.failures)
+
+            await _until(more_admissions, "admissions after the rotation")
         finally:
             stop.set()
             await asyncio.gather(*workers, return_exceptions=True)
