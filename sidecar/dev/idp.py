@@ -281,7 +281,6 @@ class DevIdP:
         self._jwk = {**public_jwk, "kid": self.kid, "use": "sig", "alg": "ES256"}
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self._seen_assertions: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -328,9 +327,7 @@ class DevIdP:
         self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await self._site.start()
         if self.port == 0:
-            server = self._site._server
-            assert isinstance(server, asyncio.base_events.Server)
-            self.port = server.sockets[0].getsockname()[1]
+            self.port = int(self._runner.addresses[0][1])
 
     async def go_down(self) -> None:
         """Stop listening (connections are refused) until `come_back`; same port afterwards."""
