@@ -61,6 +61,8 @@ async def test_streamable_http_lists_and_calls_tools_with_exchanged_token(
         who = tool_json(await client.call_tool("whoami", {}))
         assert_exchanged(who, token, idp)
         assert who["host"] == f"127.0.0.1:{mcp_app.port}"
+        fetched = tool_json(await client.call_tool("fetch", {"url": idp.url + "/jwks"}))
+        assert fetched["status"] == 200 and idp.kid in fetched["body"]
     assert sidecar.proxy.requests_total >= 3
 
 
