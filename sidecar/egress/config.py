@@ -65,7 +65,7 @@ class EgressConfig:
     peek_bytes: int = 16384
     hello_timeout_s: float = 5.0
     connect_timeout_s: float = 10.0
-    buffer_bytes: int = 262144  # relay pipe (splice) size per direction
+    buffer_bytes: int = 1048576  # relay pipe (splice) size per direction (the unprivileged maximum)
     # How long the enforcer reuses a name's resolution. Short: the resolver's own TTLs are not visible
     # through getaddrinfo, and a stale answer only ever sends traffic to an address the name had.
     dns_cache_s: float = 5.0
