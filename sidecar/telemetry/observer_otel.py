@@ -58,6 +58,17 @@ class _HeaderGetter(Getter[Mapping[str, str]]):
 _GETTER = _HeaderGetter()
 
 
+def trace_headers(span: Span) -> dict[str, str]:
+    """W3C `traceparent` (and `tracestate`) for a span; formatted directly, the propagator is slower."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return {}
+    carrier = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
+    if ctx.trace_state:
+        carrier["tracestate"] = ctx.trace_state.to_header()
+    return carrier
+
+
 def _ids(span: Span) -> tuple[str | None, str | None]:
     ctx = span.get_span_context()
     if not ctx.is_valid:
@@ -175,7 +186,8 @@ class OtelObserver:
 
     @contextmanager
     def mcp_call(self, message: McpMessage, request: RequestInfo) -> Iterator[CallScope]:
-        parent = _PROPAGATOR.extract(request.headers, getter=_GETTER)
+        # Most callers send no trace context: skip the propagator's parsing then (hot path).
+        parent = _PROPAGATOR.extract(request.headers, getter=_GETTER) if request.headers else None
         workload = self.workload()
         attributes = semconv.mcp_request_attributes(
             message, request, self.config, workload_id=workload.spiffe_id
@@ -269,9 +281,7 @@ class _OtelScope:
         self._span.set_attributes(semconv.principal_attributes(principal, self._observer.config))
 
     def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
-        ctx = trace.set_span_in_context(self._span, otel_context.Context())
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, context=ctx)
+        carrier = trace_headers(self._span)
         headers.update(carrier)
         # MCP conventions: requests and notifications also carry the context in params._meta.
         if message is not None and isinstance(message.get("method"), str) and carrier:

@@ -131,12 +131,8 @@ def mcp_request_attributes(
     if sid:
         attrs["mcp.session.id"] = sid
     attrs["network.transport"] = network_transport(request)
-    attrs["outrider.mcp.transport"] = request.transport
     if request.client_address:
-        host, port = split_address(request.client_address)
-        attrs["client.address"] = host
-        if port is not None:
-            attrs["client.port"] = port
+        attrs["client.address"] = split_address(request.client_address)[0]
     if workload_id:
         attrs["outrider.workload.spiffe_id"] = workload_id
     return attrs
@@ -155,7 +151,9 @@ def split_address(address: str) -> tuple[str, int | None]:
 
 
 def principal_attributes(principal: Principal, config: TelemetryConfig) -> Attributes:
-    attrs: Attributes = {"enduser.id": user_id(principal, config), "outrider.principal.kind": principal.kind}
+    attrs: Attributes = {"enduser.id": user_id(principal, config)}
+    if principal.kind != "oidc":
+        attrs["outrider.principal.kind"] = principal.kind
     if principal.client_id:
         attrs["outrider.client.id"] = principal.client_id
     if principal.delegation:

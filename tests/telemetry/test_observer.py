@@ -106,7 +106,6 @@ def test_every_method_kind_gets_a_server_span_metric_and_audit_line(
     assert attrs["mcp.session.id"] == "sess-123"
     assert attrs["network.transport"] == "tcp"
     assert attrs["client.address"] == "10.1.2.3"
-    assert attrs["client.port"] == 51234
     assert attrs["enduser.id"] == "alice"
     assert attrs["outrider.client.id"] == "claude-desktop"
     assert attrs["outrider.delegation.chain"] == ("spiffe://cluster.local/ns/agents/sa/planner",)
