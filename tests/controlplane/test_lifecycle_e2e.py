@@ -91,9 +91,7 @@ async def round_robin(backends: list[int]) -> AsyncIterator[int]:
         server.close()
 
 
-def _replica(
-    cp: ControlPlane, workdir: Path, ns: str, mwc: str, name: str, extra: list[str] | None = None
-) -> WebhookProcess:
+def _replica(cp: ControlPlane, workdir: Path, ns: str, mwc: str, name: str, sync: float) -> WebhookProcess:
     return WebhookProcess(
         args=[
             "--kubeconfig",
@@ -106,14 +104,13 @@ def _replica(
             mwc,
             "--cert-mode",
             "self-managed",
-            *(extra or []),
         ],
         port=free_port(),
         log=workdir / f"{name}.log",
         env={
             "POD_NAME": name,
             "OUTRIDER_CERT_EXTRA_SANS": "127.0.0.1",
-            "OUTRIDER_CLUSTER_SYNC_SECONDS": "0.3",
+            "OUTRIDER_CLUSTER_SYNC_SECONDS": str(sync),
             "OUTRIDER_CA_SETTLE_SECONDS": "2",
         },
     )
@@ -153,11 +150,11 @@ class Replicas:
 
 @contextlib.asynccontextmanager
 async def replicas(
-    api: client.ApiClient, cp: ControlPlane, workdir: Path, count: int = 2
+    api: client.ApiClient, cp: ControlPlane, workdir: Path, syncs: tuple[float, ...] = (0.3, 0.3)
 ) -> AsyncIterator[Replicas]:
     ns = await make_namespace(api, unique("outrider-sys"))
     mwc = unique("outrider-lifecycle")
-    procs = [_replica(cp, workdir, ns, mwc, f"replica-{i}") for i in range(count)]
+    procs = [_replica(cp, workdir, ns, mwc, f"replica-{i}", sync) for i, sync in enumerate(syncs)]
     async with round_robin([p.port for p in procs]) as lb_port:
         # registered without a caBundle: the replicas patch it in
         await register_webhook(api, mwc, f"https://127.0.0.1:{lb_port}/mutate", None)
@@ -217,7 +214,9 @@ class Traffic:
 async def test_rotation_while_requests_flow_fails_none(
     api: client.ApiClient, control_plane: ControlPlane, tmp_path: Path
 ) -> None:
-    async with replicas(api, control_plane, tmp_path) as group:
+    # replica-1 follows the Secret only every 4 s: the old CA must stay trusted until it has caught up
+    # (the settle time alone, 2 s, would not cover it)
+    async with replicas(api, control_plane, tmp_path, syncs=(0.3, 4.0)) as group:
         enabled = await make_namespace(api, unique("lc-rotate"), {"outrider.dev/inject": "enabled"})
 
         async def admitted() -> bool:
