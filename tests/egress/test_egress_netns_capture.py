@@ -148,3 +148,17 @@ def test_iptables_apply_is_idempotent_and_cleanup_removes_everything(bare_lab: L
     bare_lab.iptables("--cleanup")
     assert bare_lab.iptables_save() == empty
     assert bare_lab.iptables("--cleanup").stdout.strip() == "outrider iptables: removed 0 change(s)"
+
+
+def test_ipv6_drop_mode_drops_all_ipv6_egress(bare_lab: Lab) -> None:
+    assert bare_lab.app("http", host="allowed.test", ip=ALLOWED_V6, uid=SIDECAR_UID)["ok"]  # before: open
+    bare_lab.iptables("--ipv6", "drop")
+    assert "OUTRIDER_V6_DROP" in bare_lab.iptables_save()
+    for uid in (1000, SIDECAR_UID):  # nobody, not even the sidecar, gets IPv6 out
+        assert not bare_lab.app("http", host="allowed.test", ip=ALLOWED_V6, uid=uid)["ok"]
+    assert not bare_lab.app("udp", ip=ALLOWED_V6, port=9999)["ok"]
+    # IPv4 is still captured (nothing listens on 15001 in this lab: refused, not passed through).
+    assert "Refused" in bare_lab.app("http", host="allowed.test", ip=ALLOWED_V4)["error"]
+    assert bare_lab.app("http", host="allowed.test", ip=ALLOWED_V4, uid=SIDECAR_UID)["ok"]
+    bare_lab.iptables("--cleanup")
+    assert "OUTRIDER" not in bare_lab.iptables_save()
