@@ -156,3 +156,65 @@ def test_webhook_command_rejects_bad_flags(tmp_path: Path) -> None:
     assert cm.returncode == 2 and "--config-map needs a cluster" in cm.stderr
     unreadable = _run("webhook", "--tls-cert", str(tmp_path / "a"), "--tls-key", str(tmp_path / "b"))
     assert unreadable.returncode == 2 and "cannot read" in unreadable.stderr
+
+
+def test_webhook_command_picks_up_rotated_cert_files(tmp_path: Path) -> None:
+    live, rotated = tmp_path / "live", tmp_path / "rotated"
+    assert _run("certs", "--out", str(live)).returncode == 0
+    assert _run("certs", "--out", str(rotated)).returncode == 0  # another CA
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            *OUTRIDER,
+            "webhook",
+            "--tls-cert",
+            str(live / "tls.crt"),
+            "--tls-key",
+            str(live / "tls.key"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload-interval",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def healthz(ca: Path) -> int:
+        conn = http.client.HTTPSConnection(
+            "localhost", port, context=ssl.create_default_context(cafile=str(ca)), timeout=5
+        )
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert healthz(live / "ca.crt") == 200
+                break
+            except (OSError, ssl.SSLError):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        # Rotate like cert-manager does (the two files land one after the other).
+        (live / "tls.key").write_bytes((rotated / "tls.key").read_bytes())
+        (live / "tls.crt").write_bytes((rotated / "tls.crt").read_bytes())
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert healthz(rotated / "ca.crt") == 200
+                break
+            except ssl.SSLCertVerificationError:
+                assert proc.poll() is None and time.monotonic() < deadline, "new certificate never served"
+                time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert output.count("serving certificate loaded") == 2
