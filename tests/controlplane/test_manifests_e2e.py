@@ -266,6 +266,23 @@ async def test_manifests_apply_and_rbac_is_exactly_enough(
         applied = await server_side_apply(api, obj)
         assert applied.get("kind") == obj["kind"], ("examples", applied)
 
+    # --- the webhook's pod template passes Pod Security `restricted`, enforced on its namespace ---------
+    (deploy,) = [o for o in base if o["kind"] == "Deployment"]
+    template = deploy["spec"]["template"]
+    webhook_pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template["metadata"], "name": "psa-check", "namespace": "outrider-system"},
+        "spec": template["spec"],
+    }
+    v1 = client.CoreV1Api(api)
+    await v1.create_namespaced_pod("outrider-system", webhook_pod, dry_run="All")
+    loose = json.loads(json.dumps(webhook_pod))
+    del loose["spec"]["containers"][0]["securityContext"]
+    with pytest.raises(ApiException) as refused:  # and the label really is enforced
+        await v1.create_namespaced_pod("outrider-system", loose, dry_run="All")
+    assert refused.value.status == 403 and "restricted" in str(refused.value.body)
+
     # --- sufficient: every call the webhook makes as its ServiceAccount is allowed -------------------
     kubeconfig = await _sa_kubeconfig(api, control_plane, tmp_path / "sa.kubeconfig")
     offset = control_plane.audit_log.stat().st_size if control_plane.audit_log.exists() else 0
