@@ -265,6 +265,9 @@ async def test_every_path_is_observed_and_no_secret_leaks(
     )
     assert 'outcome="denied"' in metrics_text
     assert "mcp_server_operation_duration_seconds_bucket" in metrics_text
+    # The identity component reported its first SVID through the observer.
+    assert "outrider_identity_healthy 1.0" in metrics_text
+    assert 'outrider_identity_events_total{event="healthy"}' in metrics_text
 
     # --- and no secret anywhere ----------------------------------------------------------------
     out, err = capfd.readouterr()
