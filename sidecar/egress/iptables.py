@@ -305,7 +305,10 @@ Runner = Callable[[Sequence[str]], subprocess.CompletedProcess[str]]
 
 
 def run_command(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    except FileNotFoundError:  # e.g. no ip6tables in the image: report like a failed command
+        return subprocess.CompletedProcess(list(argv), 127, "", f"{argv[0]}: command not found")
 
 
 class IptablesError(RuntimeError):

@@ -67,3 +67,28 @@ def test_cli_dry_run_reads_resolv_conf_and_flags(tmp_path: Path) -> None:
 def test_cli_rejects_bad_input(tmp_path: Path) -> None:
     result = _cli("--dry-run", "--resolv-conf", str(tmp_path / "none"), "--exclude-cidr", "10.0.0.0/99")
     assert result.returncode == 2 and "outrider iptables" in result.stderr
+
+
+def test_missing_tool_is_a_failed_command_not_a_crash() -> None:
+    from sidecar.egress.iptables import run_command
+
+    result = run_command(["outrider-no-such-iptables", "-S"])
+    assert result.returncode == 127 and "not found" in result.stderr
+
+
+def test_apply_and_cleanup_with_a_recording_runner() -> None:
+    from subprocess import CompletedProcess
+
+    from sidecar.egress.iptables import apply, cleanup
+
+    calls: list[list[str]] = []
+
+    def runner(argv: object) -> CompletedProcess[str]:
+        args = list(argv)  # type: ignore[call-overload]
+        calls.append(args)
+        # Nothing exists yet: every -S/-C fails, every change succeeds.
+        return CompletedProcess(args, 1 if ("-S" in args or "-C" in args) else 0, "", "")
+
+    changes = apply(CASES["default"], runner)
+    assert sorted(changes) == sorted(plan_rules(CASES["default"]))  # the same rules, jumps last
+    assert cleanup(CASES["default"], runner) == []  # nothing there: nothing removed
