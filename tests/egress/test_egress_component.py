@@ -75,3 +75,35 @@ async def test_component_serves_reloads_and_reports(tmp_path: Path) -> None:
         assert "outrider_egress_policy_reload_errors_total 1" in metrics
     assert [d.allowed for d in recorder.decisions][:1] == [True]
     upstream.close()
+
+
+async def test_decisions_become_audit_events_through_the_real_telemetry(tmp_path: Path) -> None:
+    import json
+
+    from sidecar.telemetry import component as telemetry
+
+    audit = tmp_path / "audit.jsonl"
+    port = free_port()
+    config = parse(
+        {
+            "pod": {"name": "mcp-0", "namespace": "shop"},
+            "telemetry": {"audit": str(audit)},
+            "egress": {
+                "mode": "explicit",
+                "policy": {"allow": ["api.example.com:443"]},
+                "policy_file": None,
+                "listen": ["127.0.0.1"],
+                "port": port,
+            },
+        }
+    )
+    runtime = Runtime(config=config)
+    async with telemetry.component(runtime), component(runtime):
+        assert (await status_of(port, "evil.example.com:443")).startswith(b"HTTP/1.1 403")
+        await asyncio.sleep(0.1)
+    events = [json.loads(line) for line in audit.read_text().splitlines() if "egress.decision" in line]
+    assert len(events) == 1
+    event = events[0]
+    assert event["egress"]["name"] == "evil.example.com" and event["egress"]["allowed"] is False
+    assert event["egress"]["rule"] is None and event["reason"].startswith("default deny")
+    assert "shop" in json.dumps(event)  # the pod's namespace is part of the record
