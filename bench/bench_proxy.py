@@ -72,6 +72,7 @@ class Phase:
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
     elapsed_s: float = 0.0
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -104,12 +105,14 @@ async def one_call(
         async with session.post(url, data=call_body(i), headers=headers) as response:
             payload = await response.read()
             ok = response.status == 200 and b'"result"' in payload
-    except aiohttp.ClientError:
-        ok = False
+            kind = f"HTTP {response.status}"
+    except aiohttp.ClientError as exc:
+        ok, kind = False, type(exc).__name__
     if ok:
         phase.latencies_ms.append((time.perf_counter() - started) * 1000)
     else:
         phase.errors += 1
+        phase.error_kinds[kind] = phase.error_kinds.get(kind, 0) + 1
 
 
 async def paced(url: str, headers: dict[str, str], rate: float, seconds: float, phase: Phase) -> None:
@@ -313,11 +316,12 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         if sidecar.poll() is not None:
             raise RuntimeError(f"the sidecar exited: see {tmp / 'sidecar.log'}")
 
-    def summary(phase: Phase) -> dict[str, float]:
+    def summary(phase: Phase) -> dict[str, Any]:
         values = phase.latencies_ms
         return {
             "n": len(values),
             "errors": phase.errors,
+            "error_kinds": phase.error_kinds,
             "rate": round(phase.rate, 1),
             "p50_ms": round(percentile(values, 50), 3),
             "p90_ms": round(percentile(values, 90), 3),
