@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -104,6 +105,9 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
         tasks: list[asyncio.Task[Any]] = []
         if args.cert_mode == "files":
             tasks.append(asyncio.create_task(store.watch(args.reload_interval), name="outrider-cert-watch"))
+        if args.config and not args.config_map:
+            watch = watch_config_file(args.config, holder, args.reload_interval)
+            tasks.append(asyncio.create_task(watch, name="outrider-config-watch"))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,6 +123,32 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
     return 0
+
+
+async def watch_config_file(path: str, holder: ConfigHolder, interval: float) -> None:
+    """Apply edits of `--config` while serving; a bad edit is logged and the last good config kept."""
+    last = _read_bytes(path)
+    while True:
+        await asyncio.sleep(interval)
+        current = _read_bytes(path)
+        if current is None or current == last:
+            continue
+        last = current
+        try:
+            config = load_config_file(path)
+        except ConfigError as exc:
+            log.warning("webhook config %s not applied (keeping the previous one): %s", path, exc)
+            continue
+        if config != holder.current:
+            holder.replace(config)
+            log.info("webhook config %s applied (hash %s)", path, config.hash)
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -218,3 +218,87 @@ def test_webhook_command_picks_up_rotated_cert_files(tmp_path: Path) -> None:
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
     assert output.count("serving certificate loaded") == 2
+
+
+def test_webhook_command_applies_config_file_edits(tmp_path: Path) -> None:
+    import base64
+    import json
+
+    from webhook_support import load_fixture, review
+
+    assert _run("certs", "--out", str(tmp_path)).returncode == 0
+    config = tmp_path / "config.yaml"
+    config.write_text("sidecar_image: registry.example/outrider:one\n")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            *OUTRIDER,
+            "webhook",
+            "--tls-cert",
+            str(tmp_path / "tls.crt"),
+            "--tls-key",
+            str(tmp_path / "tls.key"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--config",
+            str(config),
+            "--reload-interval",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pod, _, _ = load_fixture("simple-pod")
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    lines: list[str] = []
+    import threading
+
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+
+    def image() -> str:
+        conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=5)
+        try:
+            conn.request(
+                "POST", "/mutate", body=json.dumps(review(pod)), headers={"Content-Type": "application/json"}
+            )
+            answer = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        patch = json.loads(base64.b64decode(answer["response"]["patch"]))
+        return (
+            str(patch[-1]["value"][0]["image"])
+            if patch[-1]["path"] == "/spec/initContainers"
+            else json.dumps(patch)
+        )
+
+    def wait_for(expected: str) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if expected in image():
+                    return
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, f"never saw {expected}"
+            time.sleep(0.2)
+
+    try:
+        wait_for("registry.example/outrider:one")
+        config.write_text("sidecar_image: registry.example/outrider:two\n")
+        wait_for("registry.example/outrider:two")
+        config.write_text("sidecar_image: [not, a, string]\n")
+        deadline = time.monotonic() + 30
+        while not any("not applied (keeping the previous one): sidecar_image" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "bad config edit never reported"
+            time.sleep(0.2)
+        assert "registry.example/outrider:two" in image()  # the last good config still serves
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        reader.join(30)
+    assert proc.returncode == 0, "".join(lines)
