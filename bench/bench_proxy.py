@@ -370,9 +370,9 @@ def render(result: dict[str, Any]) -> str:
         [
             f"== tools/call at {result['rate_target']:g} req/s, telemetry {result['telemetry']} ==",
             f"direct : p50 {d['p50_ms']:.3f} ms  p90 {d['p90_ms']:.3f}  p99 {d['p99_ms']:.3f}  "
-            f"{d['rate']:.0f} req/s  n={d['n']} errors={d['errors']}",
+            f"{d['rate']:.0f} req/s  n={d['n']} errors={d['errors']} {d['error_kinds'] or ''}",
             f"sidecar: p50 {p['p50_ms']:.3f} ms  p90 {p['p90_ms']:.3f}  p99 {p['p99_ms']:.3f}  "
-            f"{p['rate']:.0f} req/s  n={p['n']} errors={p['errors']}",
+            f"{p['rate']:.0f} req/s  n={p['n']} errors={p['errors']} {p['error_kinds'] or ''}",
             f"added  : p50 {result['p50_added_ms']:+.3f} ms (target <= 1, {mark('p50_added_ms')})  "
             f"p99 {result['p99_added_ms']:+.3f} ms (target <= 3, {mark('p99_added_ms')})  "
             f"p50 ratio x{result['p50_ratio']}",
