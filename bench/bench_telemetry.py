@@ -38,7 +38,11 @@ from sidecar.telemetry.observer import (  # noqa: E402
     RequestInfo,
 )
 from sidecar.telemetry.observer_otel import OtelObserver  # noqa: E402
-from sidecar.telemetry.setup import TelemetryProviders, build_providers  # noqa: E402
+from sidecar.telemetry.setup import (  # noqa: E402
+    TelemetryProviders,
+    build_providers,
+    tune_switch_interval,
+)
 
 MESSAGE = McpMessage(kind="request", method="tools/call", id=7, tool_name="echo", arguments={"text": "hi"})
 REQUEST = RequestInfo(
@@ -84,10 +88,22 @@ def one_call(observer: Observer) -> None:
         scope.finish(http_status=200, outcome="ok", response=McpMessage(kind="response", id=7))
 
 
-def measure(call: Callable[[], None], n: int) -> list[float]:
+def measure(call: Callable[[], None], n: int, rate: float) -> list[float]:
+    """Time `n` calls, paced at `rate` per second (0: back to back).
+
+    Pacing matters: a proxy waits in epoll between requests (the GIL released), which is when the
+    exporter thread encodes and sends; back-to-back calls make that thread steal the GIL mid-call.
+    """
     out: list[float] = []
     clock = time.perf_counter_ns
+    interval = 1e9 / rate if rate > 0 else 0.0
+    next_slot = float(clock())
     for _ in range(n):
+        if interval:
+            next_slot += interval
+            delay = (next_slot - clock()) / 1e9
+            if delay > 0:
+                time.sleep(delay)
         started = clock()
         call()
         out.append((clock() - started) / 1000.0)
@@ -103,6 +119,7 @@ def real_observer(endpoint: str, audit_path: Path) -> tuple[OtelObserver, Teleme
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     os.environ.update(env)  # the exporters read their endpoint from the environment
     providers = build_providers("outrider-proxy", env=env)
+    tune_switch_interval(providers.plan)  # as the telemetry component does in `outrider sidecar`
     observer = OtelObserver(
         TelemetryConfig(audit=str(audit_path)),
         tracer_provider=providers.tracer_provider,
@@ -272,8 +289,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--calls", type=int, default=20000, help="calls per observer (default 20000)")
+    parser.add_argument("--calls", type=int, default=10000, help="calls per observer (default 10000)")
     parser.add_argument("--blocks", type=int, default=10, help="alternating blocks (default 10)")
+    parser.add_argument(
+        "--call-rate", type=float, default=1000.0, help="calls per second, 0 for back to back (default 1000)"
+    )
     parser.add_argument(
         "--proxy-overhead-ms",
         type=float,
@@ -309,8 +329,8 @@ def main() -> int:
         gc.collect()
         started = time.perf_counter()
         for _ in range(args.blocks):
-            off.extend(measure(lambda: one_call(null), block))
-            on.extend(measure(lambda: one_call(observer), block))
+            off.extend(measure(lambda: one_call(null), block, args.call_rate))
+            on.extend(measure(lambda: one_call(observer), block, args.call_rate))
         wall = time.perf_counter() - started
         providers.force_flush()
         providers.shutdown()
@@ -327,6 +347,7 @@ def main() -> int:
         "otel_p99_us": round(percentile(on, 99), 2),
         "audit_lines": audit_lines,
         "wall_s": round(wall, 2),
+        "call_rate": args.call_rate,
     }
     result["added_p50_us"] = round(result["otel_p50_us"] - result["null_p50_us"], 2)
     result["added_p99_us"] = round(result["otel_p99_us"] - result["null_p99_us"], 2)
@@ -337,12 +358,13 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"== Observer per tools/call, {len(on)} calls each, same run ==")
+    pace = f"{args.call_rate:g} calls/s" if args.call_rate else "back to back"
+    print(f"== Observer per tools/call, {len(on)} calls each, {pace}, same run ==")
     print(f"NullObserver : p50 {result['null_p50_us']:8.2f} us   p99 {result['null_p99_us']:8.2f} us")
     print(f"OtelObserver : p50 {result['otel_p50_us']:8.2f} us   p99 {result['otel_p99_us']:8.2f} us")
     print(
         f"added        : p50 {result['added_p50_us']:+8.2f} us   p99 {result['added_p99_us']:+8.2f} us "
-        f"(span + child span + 4 metric points + 2 audit lines + OTLP/HTTP export)"
+        f"(span, histogram, 2 counters, audit line, OTLP/HTTP)"
     )
     if "added_p50_share_of_proxy_overhead" in result:
         share = result["added_p50_share_of_proxy_overhead"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -16,7 +17,7 @@ from opentelemetry import metrics, trace
 from sidecar.runtime import Runtime
 from sidecar.telemetry.audit import AuditLog, Workload
 from sidecar.telemetry.observer_otel import OtelObserver
-from sidecar.telemetry.setup import build_providers
+from sidecar.telemetry.setup import build_providers, tune_switch_interval
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -72,6 +73,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         },
     )
     audit = AuditLog.open(config.audit)
+    switch_interval = tune_switch_interval(providers.plan)
     previous = runtime.observer
     runtime.observer = OtelObserver(
         config,
@@ -91,4 +93,6 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         # Flushing blocks on the collector for up to its timeout: keep the event loop free meanwhile.
         await asyncio.to_thread(providers.shutdown)
         audit.close()
+        if switch_interval is not None:
+            sys.setswitchinterval(switch_interval)
         log.info("telemetry stopped: spans and metrics flushed")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -85,6 +86,22 @@ def _metric_exporter(protocol: Protocol) -> MetricExporter:
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetrics
 
     return HttpMetrics()
+
+
+# While an exporter thread encodes a batch in Python, the event loop waits for the GIL up to the
+# interpreter's switch interval (5 ms by default) each time it wakes: a p99 spike on every request
+# that lands during an export. 0.5 ms bounds that wait at a small cost in throughput.
+EXPORT_SWITCH_INTERVAL_S = 0.0005
+
+
+def tune_switch_interval(plan: ExportPlan) -> float | None:
+    """Shorten the GIL switch interval when something is exported; returns the old value to restore."""
+    if plan.traces is None and plan.metrics is None:
+        return None
+    previous = sys.getswitchinterval()
+    if previous > EXPORT_SWITCH_INTERVAL_S:
+        sys.setswitchinterval(EXPORT_SWITCH_INTERVAL_S)
+    return previous
 
 
 @dataclass

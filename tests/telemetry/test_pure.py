@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from sidecar.telemetry.audit import (
 )
 from sidecar.telemetry.config import TelemetryConfig
 from sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
-from sidecar.telemetry.setup import ExportPlan, plan_export
+from sidecar.telemetry.setup import EXPORT_SWITCH_INTERVAL_S, ExportPlan, plan_export, tune_switch_interval
 
 from .harness import validate_event
 
@@ -190,6 +191,17 @@ def test_user_hash_is_keyed_and_stable() -> None:
 )
 def test_plan_export(env: dict[str, str], plan: ExportPlan) -> None:
     assert plan_export(env) == plan
+
+
+def test_switch_interval_shortened_only_when_exporting() -> None:
+    original = sys.getswitchinterval()
+    try:
+        assert tune_switch_interval(ExportPlan()) is None
+        assert sys.getswitchinterval() == original
+        assert tune_switch_interval(ExportPlan(traces="grpc")) == original
+        assert sys.getswitchinterval() == pytest.approx(min(original, EXPORT_SWITCH_INTERVAL_S))
+    finally:
+        sys.setswitchinterval(original)
 
 
 def test_plan_export_notes_unsupported_protocol() -> None:
