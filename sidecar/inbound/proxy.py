@@ -53,6 +53,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 STATELESS_VERSION = "2026-07-28"
+TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 JSON_CT = "application/json"
 
 
@@ -259,9 +260,7 @@ class InboundProxy:
             protocol_version=headers.get("MCP-Protocol-Version"),
             session_id=headers.get("Mcp-Session-Id"),
             client_address=request.remote,
-            headers={
-                k: v for k, v in headers.items() if k.lower() in ("traceparent", "tracestate", "baggage")
-            },
+            headers={k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None},
         )
         parsed: ParsedBody | None = None
         parse_error: jsonrpc.BodyError | None = None
