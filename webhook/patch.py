@@ -69,6 +69,8 @@ def _diff_map(old: Mapping[str, Any], new: Mapping[str, Any], path: str, ops: Js
 
 
 def _name(item: Any) -> Any:
+    if type(item) is dict:
+        return item.get("name")
     return item.get("name") if isinstance(item, Mapping) else None
 
 
@@ -95,12 +97,14 @@ def _insertions(old: Sequence[Any], new: Sequence[Any]) -> list[bool] | None:
     inserted; None when `new` is not `old` plus insertions (then the list is replaced whole)."""
     if len(new) < len(old):
         return None
-    named = all(_name(x) is not None for x in (*old, *new))
+    old_names = [_name(x) for x in old]
+    new_names = [_name(x) for x in new]
+    named = None not in old_names and None not in new_names
     matched: list[bool] = []
     i = 0
     extra = len(new) - len(old)
-    for item in new:
-        if i < len(old) and ((_name(old[i]) == _name(item)) if named else (old[i] == item or extra == 0)):
+    for j, item in enumerate(new):
+        if i < len(old) and ((old_names[i] == new_names[j]) if named else (old[i] == item or extra == 0)):
             matched.append(True)
             i += 1
         else:
