@@ -20,6 +20,7 @@ REDIRECT_CHAIN = "OUTRIDER_REDIRECT"
 INBOUND_CHAIN = "OUTRIDER_INBOUND"
 IN_REDIRECT_CHAIN = "OUTRIDER_IN_REDIRECT"
 UDP_CHAIN = "OUTRIDER_UDP"
+OTHER_CHAIN = "OUTRIDER_OTHER"
 V6_DROP_CHAIN = "OUTRIDER_V6_DROP"
 
 IPV6_MODES = ("auto", "capture", "drop", "off")
@@ -264,6 +265,43 @@ def plan_chains(options: CaptureOptions) -> list[Chain]:
         ]
         udp.append(_rule(family, "filter", UDP_CHAIN, "drop other outbound UDP", "-j", "DROP"))
         chains.append(Chain(family, "filter", UDP_CHAIN, "OUTPUT", ("-p", "udp"), tuple(udp)))
+        # Everything that is neither TCP (captured) nor UDP (above): ICMP echo can carry data out
+        # (unprivileged ping sockets need no NET_RAW), so only replies/errors of known flows and,
+        # for IPv6, the neighbour discovery the link needs, may leave.
+        other = [
+            _rule(family, "filter", OTHER_CHAIN, "loopback", "-o", "lo", "-j", "RETURN"),
+            _rule(family, "filter", OTHER_CHAIN, "UDP judged in OUTRIDER_UDP", "-p", "udp", "-j", "RETURN"),
+            _rule(
+                family,
+                "filter",
+                OTHER_CHAIN,
+                "replies and errors of known flows",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "RETURN",
+            ),
+        ]
+        if family == 6:
+            other += [
+                _rule(
+                    6,
+                    "filter",
+                    OTHER_CHAIN,
+                    "IPv6 neighbour discovery",
+                    "-p",
+                    "ipv6-icmp",
+                    "--icmpv6-type",
+                    str(icmp_type),
+                    "-j",
+                    "RETURN",
+                )
+                for icmp_type in (133, 135, 136)
+            ]
+        other.append(_rule(family, "filter", OTHER_CHAIN, "drop other outbound protocols", "-j", "DROP"))
+        chains.append(Chain(family, "filter", OTHER_CHAIN, "OUTPUT", ("!", "-p", "tcp"), tuple(other)))
     if options.ipv6 == "drop":
         chains.append(
             Chain(

@@ -107,6 +107,19 @@ def udp(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": data.decode()}
 
 
+def icmp(args: argparse.Namespace) -> dict[str, Any]:
+    """An echo request through an unprivileged ping socket (no NET_RAW needed): a possible tunnel."""
+    v6 = ":" in args.ip
+    family, proto, kind = (
+        (socket.AF_INET6, socket.IPPROTO_ICMPV6, 128) if v6 else (socket.AF_INET, socket.IPPROTO_ICMP, 8)
+    )
+    with socket.socket(family, socket.SOCK_DGRAM, proto) as sock:
+        sock.settimeout(1.5)
+        sock.sendto(bytes([kind, 0, 0, 0, 0, 0, 0, 1]) + b"exfiltrated", (args.ip, 0))
+        data, _ = sock.recvfrom(2048)
+    return {"reply_bytes": len(data)}
+
+
 def dns(args: argparse.Namespace) -> dict[str, Any]:
     query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
     for label in args.host.split("."):
@@ -123,7 +136,7 @@ def dns(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["https", "http", "tcp", "udp", "dns"])
+    parser.add_argument("action", choices=["https", "http", "tcp", "udp", "dns", "icmp"])
     parser.add_argument("--host", default="")
     parser.add_argument("--ip", default="")
     parser.add_argument("--port", type=int, default=0)

@@ -293,6 +293,8 @@ def lab(
             _run("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
             _run("ip", "-n", ns, "link", "set", dev, "up")
             _run("ip", "-n", ns, "link", "set", "lo", "up")
+        # Let every group open unprivileged ping sockets, as many clusters do: ICMP must be contained too.
+        _run("ip", "netns", "exec", pod, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647")
         _run("ip", "-n", pod, "route", "add", "default", "via", GW_V4)
         _run("ip", "-n", pod, "-6", "route", "add", "default", "via", GW_V6)
         for address in (DNS_LISTED, DNS_UNLISTED, ALLOWED_V4, DENIED_V4, CIDR_HOST_V4, SINK_V4):

@@ -7,6 +7,7 @@ the client saw, what the internet servers saw (the hit log) and the sidecar's de
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -162,3 +163,16 @@ def test_ipv6_drop_mode_drops_all_ipv6_egress(bare_lab: Lab) -> None:
     assert bare_lab.app("http", host="allowed.test", ip=ALLOWED_V4, uid=SIDECAR_UID)["ok"]
     bare_lab.iptables("--cleanup")
     assert "OUTRIDER" not in bare_lab.iptables_save()
+
+
+def test_icmp_and_other_protocols_are_dropped_but_ipv6_still_works(bare_lab: Lab) -> None:
+    assert bare_lab.app("icmp", ip=ALLOWED_V4)["ok"]  # before: a ping socket reaches the internet
+    assert bare_lab.app("icmp", ip=ALLOWED_V6)["ok"]
+    bare_lab.iptables("--ipv6", "capture")
+    assert not bare_lab.app("icmp", ip=ALLOWED_V4)["ok"]
+    assert not bare_lab.app("icmp", ip=ALLOWED_V6)["ok"]
+    assert not bare_lab.app("icmp", ip=ALLOWED_V4, uid=SIDECAR_UID)["ok"]
+    # Neighbour discovery still passes: forget the neighbours, then the sidecar's IPv6 TCP still works.
+    subprocess.run(["ip", "-n", bare_lab.pod, "-6", "neigh", "flush", "all"], check=True)
+    assert bare_lab.app("http", host="allowed.test", ip=ALLOWED_V6, uid=SIDECAR_UID)["ok"]
+    bare_lab.iptables("--cleanup")
