@@ -16,6 +16,7 @@ from sidecar.egress.policy import (
     decide,
     destination_for,
     normalize_name,
+    parse_ip,
     parse_policy,
     parse_rule,
     parse_rules,
@@ -175,7 +176,8 @@ def test_resolved_mapping_round_trips() -> None:
 
 
 _label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
-_names = st.lists(_label, min_size=2, max_size=4).map(".".join)
+# Dotted all-digit names such as 0.0.0.0 are IP literals, judged by CIDR rules: not names.
+_names = st.lists(_label, min_size=2, max_size=4).map(".".join).filter(lambda n: parse_ip(n) is None)
 _ports = st.integers(min_value=1, max_value=65535)
 
 
