@@ -65,7 +65,9 @@ async def serve(
         idp_session = await stack.enter_async_context(aiohttp.ClientSession())
         upstream = await stack.enter_async_context(
             aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=30),
+                # Idle upstream connections are dropped before common app servers close them
+                # (uvicorn: 5 s), so a request is never written into a connection being closed.
+                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=2.0),
                 auto_decompress=False,
                 timeout=aiohttp.ClientTimeout(total=None),
                 skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
