@@ -216,7 +216,8 @@ class Enforcer:
             return
         dest = destination_for(found.name, port, ip)
         if dest.name is None and dest.ip != ip:
-            # The client named an IP literal (Host: 1.2.3.4) other than where it connected: judge both.
+            # The client named an IP literal (Host: 1.2.3.4) other than where it connected: judge the
+            # literal, and if it is allowed connect to it, never to the original address.
             dest = Destination(port=port, ip=dest.ip)
         verdict = decide(self.holder.current, dest)
         if not verdict.allowed:
@@ -225,7 +226,7 @@ class Enforcer:
             return
         targets = await self._targets(dest, verdict, mode, protocol, prefer=ip)
         if targets is None:
-            await self._refuse(client, protocol, f"{dest.name}:{port}", "cannot resolve the name")
+            await self._refuse(client, protocol, f"{dest.name}:{port}", "cannot resolve the name", status=502)
             return
         upstream = await self._connect_or_report(targets, port, verdict, mode, protocol, dest)
         if upstream is None:
