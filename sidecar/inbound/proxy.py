@@ -274,7 +274,12 @@ class InboundProxy:
             parsed = ParsedBody((McpMessage(kind="invalid"),), (None,), False)
         with ExitStack() as stack:
             calls = Calls(self.observer, parsed, info, stack)
-            return await self._handle_calls(request, body, parsed, calls, parse_error)
+            try:
+                return await self._handle_calls(request, body, parsed, calls, parse_error)
+            except asyncio.CancelledError:
+                # The client went away (aiohttp cancels the handler): every open call still ends.
+                calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
+                raise
 
     async def _handle_calls(
         self,

@@ -310,3 +310,24 @@ async def test_silent_sse_stream_is_closed_after_the_idle_timeout(
         await asyncio.wait_for(upstream.disconnected.wait(), 10)
     (call,) = observer.calls
     assert call.outcome["outcome"] == "error" and call.outcome["error_type"] == "timeout"
+
+
+async def test_client_leaving_during_a_json_call_ends_the_record(
+    upstream: Upstream, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    observer = RecordingObserver()
+    async with make_sidecar(upstream.port, observer=observer) as sidecar, aiohttp.ClientSession() as session:
+        request = asyncio.ensure_future(
+            session.post(sidecar.url + "/stuck", json=CALL, headers={**ACCEPT, **bearer(idp)})
+        )
+        for _ in range(500):
+            if upstream.stuck_requests:
+                break
+            await asyncio.sleep(0.02)
+        request.cancel()  # the client gives up while the app is still working
+        for _ in range(500):
+            if observer.calls and observer.calls[-1].closed:
+                break
+            await asyncio.sleep(0.02)
+    (call,) = observer.calls
+    assert call.outcome["error_type"] == "client_disconnected" and call.outcome["http_status"] == 499
