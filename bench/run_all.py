@@ -212,7 +212,15 @@ def share_of_proxy(rows: list[Row]) -> list[Row]:
     added_ms = (observer.value - observer.baseline) / 1000
     share = added_ms / overhead_ms if overhead_ms > 0 else None
     return [
-        Row("telemetry", "observer added p50 / proxy added p50", share, "", None, "<= 0.20", _le(share, 0.2))
+        Row(
+            "telemetry",
+            "observer added p50 / proxy added p50",
+            None if share is None else share * 100,
+            "%",
+            None,
+            "<= 20 %",
+            _le(share, 0.2),
+        )
     ]
 
 
@@ -283,7 +291,17 @@ def machine() -> dict[str, str]:
         "cpu": cpu,
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
+        "load": _load(),
     }
+
+
+def _load() -> str:
+    # Other processes on the machine skew every figure (the baselines too); say how busy it was.
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.1f} (1 min) / {five:.1f} (5 min)"
 
 
 def _fmt(value: float | None) -> str:
@@ -328,7 +346,8 @@ number). Run a single one with `make bench-webhook`, `make bench-proxy` or `make
 
 ## Last run: {when}{" (quick mode)" if quick else ""}
 
-Machine: {info["cores"]} cores ({info["cpu"]}), Python {info["python"]}, {info["os"]}.
+Machine: {info["cores"]} cores ({info["cpu"]}), Python {info["python"]}, {info["os"]};
+load average when the run started {info["load"]}, at the end {_load()}.
 
 {render_markdown(cells)}
 
@@ -374,16 +393,20 @@ def main() -> int:
         notes[bench.name] = note + (f" ({took:.0f} s)" if took else "")
     rows += share_of_proxy(rows)
     cells = table(rows)
-    print(f"\nOutrider benchmarks on {info['cores']} cores ({info['cpu']}), Python {info['python']}")
+    print(
+        f"\nOutrider benchmarks on {info['cores']} cores ({info['cpu']}), Python {info['python']}, "
+        f"load {info['load']} at the start, {_load()} at the end"
+    )
     print(render_text(cells))
     for name, note in notes.items():
         print(f"  {name}: {note}")
     if not args.no_write:
         write_doc(cells, notes, info, args.quick)
         print(f"results written to {DOC.relative_to(ROOT)}")
-    missed = [r for r in rows if r.met is False]
-    failed = [n for n, note in notes.items() if not note.startswith("ok")]
-    return 1 if missed or failed else 0
+    # A missed target is a finding to read in the table, not a failure of the script; a benchmark
+    # that could not run is.
+    failed = [n for n, note in notes.items() if not note.startswith(("ok", "not available"))]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
