@@ -46,9 +46,10 @@ def free_port() -> int:
         return port
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """VmRSS, or RssAnon: the private heap part (file-backed library pages are shared and reclaimable)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -286,6 +287,7 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         await paced(proxy_url, proxy_headers, 50, 1, Phase())
         await asyncio.sleep(1)
         rss_idle = rss_mb(sidecar.pid)
+        anon_idle = rss_mb(sidecar.pid, "RssAnon")
 
         direct, proxied = Phase(), Phase()
         peak = rss_idle
@@ -341,6 +343,7 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         "max_rps_direct": round(max_direct, 1),
         "max_rps_sidecar": round(max_proxy, 1),
         "rss_idle_mb": round(rss_idle, 1),
+        "rss_anon_idle_mb": round(anon_idle, 1),
         "rss_load_peak_mb": round(peak, 1),
         "rss_after_mb": round(rss_after, 1),
         "idp_exchange_requests": exchanges,
@@ -379,6 +382,7 @@ def render(result: dict[str, Any]) -> str:
             f"max    : direct {result['max_rps_direct']:.0f} req/s, "
             f"sidecar {result['max_rps_sidecar']:.0f} req/s",
             f"RSS    : idle {result['rss_idle_mb']:.1f} MB (target <= 60, {mark('rss_idle_mb')}), "
+            f"of which anon {result['rss_anon_idle_mb']:.1f} MB; "
             f"peak under load {result['rss_load_peak_mb']:.1f} MB, after {result['rss_after_mb']:.1f} MB",
             f"CPU    : sidecar {result['sidecar_cpu_ms_per_call']:.3f} ms CPU per proxied call",
             f"IdP    : {result['idp_exchange_requests']} token-exchange request(s) for the whole run (cache)",
