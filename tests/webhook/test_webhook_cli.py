@@ -12,8 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from cryptography import x509
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from webhook_support import GOLDEN_DIR
 
 OUTRIDER = [sys.executable, "-m", "webhook.cli"]
@@ -302,3 +305,34 @@ def test_webhook_command_applies_config_file_edits(tmp_path: Path) -> None:
         proc.wait(timeout=30)
         reader.join(30)
     assert proc.returncode == 0, "".join(lines)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(max_size=200)
+    | st.sampled_from(
+        [
+            "kind: Pod\nspec: 1",
+            "kind: Deployment\nspec: {template: 3}",
+            "- a\n- b",
+            "kind: CronJob\nspec: {jobTemplate: null}",
+            "kind: Pod\nspec: {containers: [1]}",
+            "kind: List\nitems: [1, {kind: Pod}]",
+        ]
+    )
+)
+def test_fuzz_offline_inject_never_crashes(
+    text: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+    import io
+
+    from webhook import offline
+
+    parser = argparse.ArgumentParser()
+    offline.configure(parser)
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    code = offline.run(parser.parse_args(["-f", "-"]))
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2)
+    assert "Traceback" not in err
