@@ -34,7 +34,7 @@ async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
             tracer_provider=trace.NoOpTracerProvider(),
             meter_provider=metrics.NoOpMeterProvider(),
             audit=audit,
-            workload=lambda: _workload(runtime),
+            workload=_WorkloadFacts(runtime),
         )
     log.info("telemetry: OTEL_SDK_DISABLED=true: no spans or metrics; audit log %s", config.audit)
     try:
@@ -44,13 +44,19 @@ async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
         audit.close()
 
 
-def _workload(runtime: Runtime) -> Workload:
-    identity = runtime.identity
-    return Workload(
-        spiffe_id=identity.spiffe_id if identity is not None else None,
-        pod=runtime.config.pod.name,
-        namespace=runtime.config.pod.namespace,
-    )
+class _WorkloadFacts:
+    """The pod's facts for every span and audit line; rebuilt only when the SPIFFE ID changes."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._current = Workload(pod=runtime.config.pod.name, namespace=runtime.config.pod.namespace)
+
+    def __call__(self) -> Workload:
+        identity = self._runtime.identity
+        spiffe_id = identity.spiffe_id if identity is not None else None
+        if spiffe_id != self._current.spiffe_id:
+            self._current = Workload(spiffe_id, self._current.pod, self._current.namespace)
+        return self._current
 
 
 def sdk_disabled(env: Mapping[str, str]) -> bool:
@@ -80,7 +86,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         tracer_provider=providers.tracer_provider,
         meter_provider=providers.meter_provider,
         audit=audit,
-        workload=lambda: _workload(runtime),
+        workload=_WorkloadFacts(runtime),
         flush=providers.force_flush,
     )
     runtime.metrics.append(providers.prometheus)
