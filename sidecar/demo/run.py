@@ -335,7 +335,13 @@ async def step_injection(demo: Demo) -> None:
     if result.returncode != 0:
         raise RuntimeError(f"outrider certs failed: {out.decode(errors='replace').strip()[-400:]}")
     config_file = demo.workdir / "webhook-config.yaml"
-    config_file.write_text(yaml.safe_dump(webhook_config(demo), sort_keys=False))
+    config = webhook_config(demo)
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    c.say(
+        f"the operators' webhook config: trust domain {config['trust_domain']}, token audiences "
+        f"{config['token_audiences']}, egress allow {config['egress_default_policy']['allow']}, "
+        f"IdP {demo.idp_url}"
+    )
     port = procs.free_port()
     c.say(
         f"starting the real webhook: outrider webhook --port {port} --tls-cert tls.crt --tls-key tls.key "

@@ -203,3 +203,26 @@ def test_bench_table_rows_targets_and_ratios() -> None:
     assert cells[0][:5] == ["bench", "figure", "value", "baseline (same run)", "ratio"]
     assert cells[1][4] == "1.25x" and cells[2][6] == "NO"
     assert run_all.parse_json_output('progress line\n{"a": 1}\n') == {"a": 1}
+
+
+def test_client_reads_the_whoami_and_fetch_reports() -> None:
+    from types import SimpleNamespace
+
+    from sidecar.demo import client
+
+    report = {
+        "authorization": "Bearer abc.def.ghi",
+        "claims": {"sub": "alice", "act": {"sub": "spiffe://x/y"}},
+    }
+    result = SimpleNamespace(content=[SimpleNamespace(text=json.dumps(report))], structured_content=None)
+    parsed = client.tool_json(result)
+    assert client.find_claims(parsed)["act"] == {"sub": "spiffe://x/y"}
+    assert client.received_token(parsed) == "abc.def.ghi"
+    wrapped = SimpleNamespace(content=[], structured_content={"result": report})
+    assert client.tool_json(wrapped) == report
+    fetched = SimpleNamespace(
+        content=[SimpleNamespace(text=json.dumps({"status": 403, "body": "outrider egress: denied x:80\n"}))]
+    )
+    assert client.fetch_summary(fetched) == "HTTP 403: outrider egress: denied x:80"
+    failed = SimpleNamespace(content=[SimpleNamespace(text=json.dumps({"status": None, "error": "boom"}))])
+    assert client.fetch_summary(failed) == "error: boom"
