@@ -67,6 +67,11 @@ def sdk_disabled(env: Mapping[str, str]) -> bool:
 @asynccontextmanager
 async def component(runtime: Runtime) -> AsyncIterator[None]:
     config = runtime.config.telemetry
+    if config.hash_user and not config.hash_salt:
+        log.warning(
+            "telemetry.hash_user is on without telemetry.hash_salt: user pseudonyms can be reversed "
+            "by hashing candidate user names; set a secret salt"
+        )
     if sdk_disabled(os.environ):
         async with _audit_only(runtime):
             yield
