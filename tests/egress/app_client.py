@@ -98,6 +98,14 @@ def tcp(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": data.decode("utf-8", "replace")}
 
 
+def silent(args: argparse.Namespace) -> dict[str, Any]:
+    """Connect and send nothing (a client that never sends its ClientHello); report when it closes."""
+    with socket.create_connection((args.ip, args.port), timeout=TIMEOUT) as sock:
+        started = time.monotonic()
+        data = sock.recv(1024)
+        return {"closed_after_s": round(time.monotonic() - started, 3), "data": data.decode("latin-1")}
+
+
 def udp(args: argparse.Namespace) -> dict[str, Any]:
     family = socket.AF_INET6 if ":" in args.ip else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
@@ -136,7 +144,7 @@ def dns(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["https", "http", "tcp", "udp", "dns", "icmp"])
+    parser.add_argument("action", choices=["https", "http", "tcp", "udp", "dns", "icmp", "silent"])
     parser.add_argument("--host", default="")
     parser.add_argument("--ip", default="")
     parser.add_argument("--port", type=int, default=0)

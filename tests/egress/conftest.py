@@ -21,7 +21,7 @@ def _require_netns() -> None:
 @pytest.fixture(scope="module")
 def capture_lab() -> Iterator[Lab]:
     _require_netns()
-    config = {"egress": {"mode": "capture", "policy": POLICY, "policy_file": None}}
+    config = {"egress": {"mode": "capture", "policy": POLICY, "policy_file": None, "hello_timeout_s": 1.0}}
     with lab(capture=True, sidecar_config=config) as current:
         yield current
 

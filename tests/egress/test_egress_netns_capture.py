@@ -176,3 +176,10 @@ def test_icmp_and_other_protocols_are_dropped_but_ipv6_still_works(bare_lab: Lab
     subprocess.run(["ip", "-n", bare_lab.pod, "-6", "neigh", "flush", "all"], check=True)
     assert bare_lab.app("http", host="allowed.test", ip=ALLOWED_V6, uid=SIDECAR_UID)["ok"]
     bare_lab.iptables("--cleanup")
+
+
+def test_a_client_that_never_sends_a_client_hello_is_cut_off(capture_lab: Lab) -> None:
+    result = capture_lab.app("silent", ip=ALLOWED_V4, port=443)  # hello_timeout_s is 1 s in this lab
+    assert result["ok"] and result["data"] == ""  # closed by the sidecar, nothing forwarded
+    decision = capture_lab.wait_decision(destination_ip=ALLOWED_V4, destination_port=443, allowed=False)
+    assert "no bytes before the timeout" in decision["reason"]
