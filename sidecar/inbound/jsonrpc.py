@@ -9,7 +9,7 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 JsonRpcId = str | int | None
@@ -43,6 +43,9 @@ class McpMessage:
     arguments: dict[str, object] | None = None  # params.arguments (never logged unless configured)
     is_error: bool = False  # response: JSON-RPC error, or result.isError for tool results
     error_code: int | None = None
+    # W3C trace context the caller put in params._meta (traceparent/tracestate), per the MCP
+    # semantic conventions; telemetry prefers it to the HTTP headers. Added by the telemetry owner.
+    trace_context: Mapping[str, str] | None = field(default=None, compare=False)
 
     @property
     def target(self) -> str | None:
@@ -71,6 +74,12 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _trace_context(meta: Any) -> Mapping[str, str] | None:
+    if not isinstance(meta, dict) or not isinstance(meta.get("traceparent"), str):
+        return None
+    return {k: meta[k] for k in ("traceparent", "tracestate") if isinstance(meta.get(k), str)}
+
+
 def parse_message(obj: Any) -> McpMessage:
     """The facts of one decoded JSON-RPC value; anything malformed is `kind="invalid"`, never an error."""
     if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
@@ -91,6 +100,7 @@ def parse_message(obj: Any) -> McpMessage:
             prompt_name=name if method == "prompts/get" else None,
             resource_uri=_str(params.get("uri")) if method in _RESOURCE_METHODS else None,
             arguments=arguments if isinstance(arguments, dict) else None,
+            trace_context=_trace_context(params.get("_meta")),
         )
     if "result" in obj:
         result = obj["result"]
