@@ -344,3 +344,25 @@ def test_fuzz_engine_never_crashes_and_patches_apply(pod: dict[str, Any], strict
     assert jsonpatch.apply_patch(copy.deepcopy(pod), result.patch) == result.pod
     again = engine.inject(result.pod, labels, config)
     assert again.allowed and again.patch == [] and again.pod == result.pod
+
+
+def test_answer_cache_key_is_exact() -> None:
+    from webhook.server import AnswerCache
+
+    def key(obj: Any, uid: str, labels: dict[str, str] = ENABLED) -> bytes:
+        body = json.dumps({"request": {"uid": uid, "object": obj}}, separators=(",", ":")).encode()
+        return AnswerCache.key("h", "ns", labels, None, obj, body, uid)
+
+    pod = _pod()
+    assert key(pod, "u1") == key(copy.deepcopy(pod), "u2")  # same pod, another request
+    other = _pod()
+    other["spec"]["containers"][0]["image"] = "y"
+    assert key(pod, "u1") != key(other, "u2")
+    assert key(pod, "u1") != key(pod, "u2", {"outrider.dev/inject": "strict"})
+    # The uid text also inside the object: the body shortcut is not used, objects still differ.
+    a, b = _pod(), _pod()
+    a["metadata"]["labels"] = {"x": "u1"}
+    b["metadata"]["labels"] = {"x": "u2"}
+    a["metadata"]["annotations"] = {"uid": "u1"}
+    b["metadata"]["annotations"] = {"uid": "u2"}
+    assert key(a, "u1") != key(b, "u2")
