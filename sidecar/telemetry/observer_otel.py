@@ -186,8 +186,10 @@ class OtelObserver:
 
     @contextmanager
     def mcp_call(self, message: McpMessage, request: RequestInfo) -> Iterator[CallScope]:
-        # Most callers send no trace context: skip the propagator's parsing then (hot path).
-        parent = _PROPAGATOR.extract(request.headers, getter=_GETTER) if request.headers else None
+        # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
+        # HTTP headers. Most callers send neither: skip the propagator's parsing then (hot path).
+        carrier = message.trace_context or request.headers
+        parent = _PROPAGATOR.extract(carrier, getter=_GETTER) if carrier else None
         workload = self.workload()
         attributes = semconv.mcp_request_attributes(
             message, request, self.config, workload_id=workload.spiffe_id

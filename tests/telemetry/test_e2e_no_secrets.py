@@ -173,6 +173,16 @@ async def test_every_path_is_observed_and_no_secret_leaks(
     upstream_traceparent = whoami["traceparent"]
 
     async with aiohttp.ClientSession() as session:
+        # 1b. A caller that started a trace in params._meta (MCP conventions): the call continues it.
+        traced = {
+            "jsonrpc": "2.0",
+            "id": 77,
+            "method": "tools/list",
+            "params": {"_meta": {"traceparent": "00-1234567890abcdef1234567890abcdef-1234567890abcdef-01"}},
+        }
+        # (The stateful dev server answers 400 without a session id; the call is still observed.)
+        await _post(session, stack.url, f"Bearer {good}", traced)
+
         # 2. Authentication failures: none, not Bearer, garbage, expired, wrong audience, foreign signer.
         expired = idp.mint("alice", audience=RESOURCE, expires_in=-600)
         wrong_aud = idp.mint("alice", audience="https://other.example.com")
@@ -255,6 +265,9 @@ async def test_every_path_is_observed_and_no_secret_leaks(
         "tools/call whoami",
         "outrider.token_exchange",
     } <= names
+    continued = [s for s in spans if s.trace_id.hex() == "1234567890abcdef1234567890abcdef"]
+    assert [s.name for s in continued] == ["tools/list"]
+    assert continued[0].parent_span_id.hex() == "1234567890abcdef"
     whoami_span = next(s for s in spans if s.name == "tools/call whoami")
     # The MCP server got the SERVER span's context (flags may also carry the random-trace-id bit).
     assert upstream_traceparent.startswith(f"00-{whoami_span.trace_id.hex()}-{whoami_span.span_id.hex()}-")

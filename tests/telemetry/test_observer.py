@@ -218,6 +218,36 @@ def test_continues_incoming_trace_and_injects_into_headers_and_meta(harness: Har
     assert span.attributes["mcp.protocol.version"] == "2026-07-28"
 
 
+def test_trace_context_in_params_meta_wins_over_headers(harness: Harness) -> None:
+    meta_parent = "00-11111111111111111111111111111111-2222222222222222-01"
+    message = McpMessage(
+        kind="request",
+        method="tools/call",
+        id=1,
+        tool_name="echo",
+        trace_context={"traceparent": meta_parent},
+    )
+    request = RequestInfo(
+        http_method="POST", transport="streamable-http", headers={"traceparent": TRACEPARENT}
+    )
+    call(harness, message, request=request)
+    span = harness.span("tools/call echo")
+    assert span.context.trace_id == 0x11111111111111111111111111111111
+    assert span.parent is not None and span.parent.span_id == 0x2222222222222222
+
+
+def test_trace_context_parsed_from_the_wire_body() -> None:
+    from sidecar.inbound.jsonrpc import parse_message
+
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "x", "_meta": {"traceparent": TRACEPARENT, "progressToken": 3}},
+    }
+    assert parse_message(body).trace_context == {"traceparent": TRACEPARENT}
+
+
 def test_inject_context_adds_params_to_notifications_but_not_responses(harness: Harness) -> None:
     message = McpMessage(kind="notification", method="notifications/initialized")
     note: dict[str, Any] = {"jsonrpc": "2.0", "method": "notifications/initialized"}
