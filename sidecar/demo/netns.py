@@ -16,7 +16,14 @@ from pathlib import Path
 
 
 def root_available() -> bool:
-    return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("iptables") is not None
+    """Root with `ip` and `iptables`, and allowed to create a network namespace (not so in every
+    container that runs as root)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
+        return False
+    if shutil.which("unshare") is None:
+        return True  # cannot probe; `ip netns add` will say what is wrong
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
 
 
 @dataclass(frozen=True)

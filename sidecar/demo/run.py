@@ -165,7 +165,11 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
     if mode == "auto":
         mode = "capture" if netns.root_available() else "explicit"
     if mode == "capture" and not netns.root_available():
-        print("outrider demo: --mode capture needs root, `ip` and `iptables`", file=sys.stderr)
+        print(
+            "outrider demo: --mode capture needs root, `ip`, `iptables` and permission to create network "
+            "namespaces (`make sysdeps` installs the tools); run without --mode for explicit-proxy mode",
+            file=sys.stderr,
+        )
         return 2
     workdir = _make_workdir()
     async with AsyncExitStack() as stack:
@@ -479,8 +483,13 @@ async def step_dataplane(demo: Demo) -> None:
         c.say(f"'internet' serves http://{ALLOWED_HOST}/ and http://{DENIED_HOST}/ from {t.inet_ip}")
     else:
         c.say(
-            "mode: EXPLICIT PROXY (no root, so no network namespace and no iptables): the app gets "
-            "HTTP_PROXY/HTTPS_PROXY"
+            "mode: EXPLICIT PROXY ("
+            + (
+                "--mode explicit"
+                if demo.args.mode == "explicit"
+                else "not root, or no permission for network namespaces"
+            )
+            + "; no iptables): the app gets HTTP_PROXY/HTTPS_PROXY"
         )
         c.say(
             "      as in namespaces whose Pod Security forbids NET_ADMIN; an app that ignores those "
