@@ -87,9 +87,10 @@ class AnswerCache:
         uid: str,
     ) -> bytes:
         digest = hashlib.blake2b(digest_size=20)
-        for part in (config_hash, namespace, sorted(labels.items()), policy):
-            digest.update(json.dumps(part, sort_keys=True, separators=(",", ":"), default=str).encode())
-            digest.update(b"\0")
+        digest.update(repr((config_hash, namespace, sorted(labels.items()))).encode())
+        if policy is not None:
+            digest.update(json.dumps(policy, sort_keys=True, separators=(",", ":"), default=str).encode())
+        digest.update(b"\0")
         # Cheap path: the body minus its per-request uid stands for the object (and more, which only
         # makes the key stricter). Sound only when that uid text occurs exactly once, i.e. nowhere
         # inside the object; otherwise hash the decoded object itself.
