@@ -32,7 +32,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     parser.add_argument("--config", help="webhook config file (YAML); default: built-in defaults")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="request body limit")
-    parser.add_argument("--reload-interval", type=float, default=2.0, help="seconds between cert file checks")
+    parser.add_argument(
+        "--reload-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checks of the cert and --config files",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     cluster = parser.add_argument_group("cluster (optional)")
     cluster.add_argument("--kubeconfig", help="talk to the cluster with this kubeconfig")
