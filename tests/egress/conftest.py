@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .netlab import POLICY, Lab, have_netns, lab
+from .netlab import POLICY, Lab, ensure_mcp_server_fetch, have_netns, lab
 
 
 def _require_netns() -> None:
@@ -37,3 +37,16 @@ def bare_lab() -> Iterator[Lab]:
 @pytest.fixture
 def update_golden() -> bool:
     return os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+@pytest.fixture(scope="session")
+def mcp_server_fetch() -> str:
+    """The python of a venv holding PyPI `mcp-server-fetch` (installed once into a cache)."""
+    _require_netns()
+    python = ensure_mcp_server_fetch()
+    if python is None:
+        message = "could not install mcp-server-fetch from PyPI into its cache venv"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python

@@ -64,6 +64,33 @@ POLICY = {
 
 _counter = itertools.count()
 
+# The third-party MCP server of the tests (PyPI `mcp-server-fetch`), in its own venv so its pins never
+# meet the project's, outside /root so the app UID can run it.
+MCP_SERVER_FETCH = "mcp-server-fetch==2026.10.24"
+FETCH_VENV = Path(os.environ.get("OUTRIDER_MCP_FETCH_VENV", "/var/cache/outrider/mcp-server-fetch-venv"))
+
+
+def ensure_mcp_server_fetch() -> str | None:
+    """The venv's python once `mcp-server-fetch` is installed there (installs once), else None."""
+    python = FETCH_VENV / "bin" / "python"
+    stamp = FETCH_VENV / ".installed"
+    if stamp.exists() and stamp.read_text() == MCP_SERVER_FETCH:
+        return str(python)
+    base = shutil.which("python3.11") or shutil.which("python3")
+    if base is None:
+        return None
+    FETCH_VENV.parent.mkdir(parents=True, exist_ok=True)
+    FETCH_VENV.parent.chmod(0o755)
+    steps = (
+        [base, "-m", "venv", str(FETCH_VENV)],
+        [str(python), "-m", "pip", "install", "-q", MCP_SERVER_FETCH],
+    )
+    for argv in steps:
+        if subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False).returncode != 0:
+            return None
+    stamp.write_text(MCP_SERVER_FETCH)
+    return str(python)
+
 
 def have_netns() -> str | None:
     """None when network-namespace tests can run here, else the reason they cannot."""
@@ -232,6 +259,15 @@ class Lab:
             called["content"][0]["text"]
         )
         return structured
+
+    def mcp_server_fetch(self, server_python: str, url: str) -> dict[str, Any]:
+        """PyPI `mcp-server-fetch` (stdio, UID 1000, this lab's proxy variables) fetches `url`."""
+        env = {"HOME": str(self.workdir), "SSL_CERT_FILE": str(self.ca), **self.app_env}
+        argv = [PYTHON, str(HERE / "mcp_stdio_fetch.py"), server_python, url]
+        result = _run(*self.in_pod(*argv, env=env, uid=APP_UID), timeout=120)
+        called: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+        text = "".join(part.get("text", "") for part in called.get("content", []))
+        return {"is_error": bool(called.get("isError")), "text": text}
 
     def popen_in_pod(
         self, *argv: str, uid: int = APP_UID, env: Mapping[str, str] | None = None

@@ -183,3 +183,15 @@ def test_a_client_that_never_sends_a_client_hello_is_cut_off(capture_lab: Lab) -
     assert result["ok"] and result["data"] == ""  # closed by the sidecar, nothing forwarded
     decision = capture_lab.wait_decision(destination_ip=ALLOWED_V4, destination_port=443, allowed=False)
     assert "no bytes before the timeout" in decision["reason"]
+
+
+def test_pypi_mcp_server_fetch_is_held_to_the_allowlist(capture_lab: Lab, mcp_server_fetch: str) -> None:
+    allowed = capture_lab.mcp_server_fetch(mcp_server_fetch, "http://allowed.test/")
+    assert not allowed["is_error"] and '"host": "allowed.test"' in allowed["text"]
+    secure = capture_lab.mcp_server_fetch(mcp_server_fetch, "https://allowed.test/")
+    assert not secure["is_error"] and '"sni": "allowed.test"' in secure["text"]
+    denied = capture_lab.mcp_server_fetch(mcp_server_fetch, "http://denied.test/")
+    assert denied["is_error"] and "403" in denied["text"]
+    assert not capture_lab.mcp_server_fetch(mcp_server_fetch, "https://denied.test/")["text"].count(
+        "served_by"
+    )

@@ -91,3 +91,12 @@ def test_the_documented_gap_an_app_ignoring_the_proxy_goes_direct(explicit_lab: 
     # Explicit mode has no capture rules: this is why capture is the default wherever NET_ADMIN is allowed.
     direct = explicit_lab.app("http", host="denied.test")
     assert direct["status"] == 200
+
+
+def test_pypi_mcp_server_fetch_through_the_proxy(explicit_lab: Lab, mcp_server_fetch: str) -> None:
+    allowed = explicit_lab.mcp_server_fetch(mcp_server_fetch, "https://allowed.test/")
+    assert not allowed["is_error"] and '"sni": "allowed.test"' in allowed["text"]
+    explicit_lab.wait_decision(name="allowed.test", protocol="connect", allowed=True)
+    denied = explicit_lab.mcp_server_fetch(mcp_server_fetch, "https://denied.test/")
+    assert denied["is_error"] and "served_by" not in denied["text"]
+    explicit_lab.wait_decision(name="denied.test", protocol="connect", allowed=False)
