@@ -6,16 +6,41 @@ The token checks compare fingerprints (hashes) only: the demo never prints a tok
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
     from sidecar.demo.run import Demo
+
+
+@contextmanager
+def client_tracer(demo: Demo) -> Iterator[trace.Tracer]:
+    """A tracer for the demo client's own spans, exported over OTLP/HTTP to the demo's receiver."""
+    from sidecar.demo.traces import DEMO_CLIENT_SERVICE
+
+    provider = TracerProvider(resource=Resource.create({"service.name": DEMO_CLIENT_SERVICE}))
+    if demo.otlp_url:
+        provider.add_span_processor(
+            SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{demo.otlp_url}/v1/traces"))
+        )
+    try:
+        yield provider.get_tracer("outrider.demo")
+    finally:
+        provider.shutdown()
 
 
 def tool_text(result: Any) -> str:
@@ -87,7 +112,18 @@ async def run_calls(demo: Demo, token: str) -> None:
         c.show("tools/list -> " + ", ".join(names))
         c.check({"whoami", "fetch", "echo"} <= set(names), "tools listed through the sidecar")
 
-        result = await client.call_tool("whoami", {})
+        with (
+            client_tracer(demo) as tracer,
+            tracer.start_as_current_span(
+                "tools/call whoami",
+                kind=SpanKind.CLIENT,
+                attributes={"mcp.method.name": "tools/call", "gen_ai.tool.name": "whoami"},
+            ),
+        ):
+            # The MCP conventions carry the caller's trace context in params._meta.
+            carrier: dict[str, str] = {}
+            TraceContextTextMapPropagator().inject(carrier)
+            result = await client.call_tool("whoami", {}, meta=cast(Any, carrier))
         report = tool_json(result)
         got = find_claims(report)
         raw = received_token(report)

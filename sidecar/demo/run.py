@@ -128,6 +128,7 @@ class Demo:
     dataplane_up: bool = False
     sidecar: procs.Child | None = None
     receiver: traces.OtlpReceiver | None = None
+    otlp_url: str | None = None
     spiffe_id: str | None = None
     alice_token: str | None = None
     tokens: list[str] = field(default_factory=list)  # every token the demo saw, to prove none leaked
@@ -520,6 +521,7 @@ async def step_dataplane(demo: Demo) -> None:
     demo.receiver = traces.OtlpReceiver()
     otlp_host = demo.topo.host_ip if demo.topo else "127.0.0.1"
     otlp_url = await demo.stack.enter_async_context(demo.receiver.serve(otlp_host, demo.otlp_port))
+    demo.otlp_url = otlp_url
     c.say(f"local OTLP/HTTP receiver for traces at {otlp_url}")
 
     socket_path = await start_identity(demo)
@@ -903,15 +905,24 @@ async def step_operator(demo: Demo) -> None:
     ):
         return
     assert trace_id is not None
-    c.say(f"trace {trace_id} (tools/call whoami; its token exchange was served from the cache):")
+    c.say(f"trace {trace_id}: the client's tools/call whoami, continued by the sidecar (its token exchange")
+    c.say("was served from the cache, so it shows as attributes, not as a child span):")
     tree = traces.span_tree(receiver.spans, trace_id)
     for line in tree:
         c.show(line)
-    root = traces.root_span(receiver.spans, trace_id)
-    attrs = root.attributes if root else {}
+    server = traces.server_span(receiver.spans, trace_id, "outrider-proxy")
+    attrs = server.attributes if server else {}
     c.check(
         attrs.get("enduser.id") == "alice" and attrs.get("mcp.method.name") == "tools/call",
         "the server span names the MCP method, the tool and the user",
+    )
+    client_root = traces.root_span(receiver.spans, trace_id)
+    c.check(
+        server is not None
+        and client_root is not None
+        and client_root.service == traces.DEMO_CLIENT_SERVICE
+        and server.parent_span_id == client_root.span_id,
+        "the sidecar continued the trace the client started (traceparent in params._meta)",
     )
     first = traces.first_exchange_trace(receiver.spans)
     if first is not None and first != trace_id:

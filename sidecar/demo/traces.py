@@ -100,14 +100,15 @@ def span_tree(spans: Sequence[Span], trace_id: str) -> list[str]:
             roots.append(s)
     lines: list[str] = []
 
-    def walk(span: Span, depth: int) -> None:
+    def walk(span: Span, depth: int, parent_service: str = "") -> None:
         attrs = " ".join(f"{k}={span.attributes[k]}" for k in _SHOWN if k in span.attributes)
-        svc = f"[{span.service}] " if span.service and depth == 0 else ""
+        # Name the process where it changes: the client's span, then the sidecar's.
+        svc = f"[{span.service}] " if span.service and span.service != parent_service else ""
         err = " ERROR" if span.status_code == 2 else ""
         label = f"{'  ' * depth}{'└─ ' if depth else ''}{svc}{span.name}"
         lines.append(f"{label:<58} {span.duration_ms:8.2f} ms{err}  {attrs}".rstrip())
         for child in sorted(children.get(span.span_id, []), key=lambda c: c.start_ns):
-            walk(child, depth + 1)
+            walk(child, depth + 1, span.service)
 
     for root in sorted(roots, key=lambda r: r.start_ns):
         walk(root, 0)
@@ -125,6 +126,17 @@ def find_trace(spans: Iterable[Span], *, tool: str | None = None, method: str | 
         if best is None or s.start_ns > best.start_ns:
             best = s
     return best.trace_id if best else None
+
+
+DEMO_CLIENT_SERVICE = "outrider-demo-client"
+
+
+def server_span(spans: Iterable[Span], trace_id: str, service: str) -> Span | None:
+    """The first span of `service` in the trace (the sidecar's server span)."""
+    mine = sorted(
+        (s for s in spans if s.trace_id == trace_id and s.service == service), key=lambda s: s.start_ns
+    )
+    return mine[0] if mine else None
 
 
 def root_span(spans: Iterable[Span], trace_id: str) -> Span | None:

@@ -32,6 +32,7 @@ KEY_LINES = (
     "[ok] no token appears in any process's log",
     "[ok] the whoami call's trace arrived over OTLP/HTTP",
     "[ok] the server span names the MCP method, the tool and the user",
+    "[ok] the sidecar continued the trace the client started",
     "[ok] a token exchange with the IdP shows as a child span with its duration",
     "[ok] nothing left behind",
     "Outrider demo: every step behaved as described",
