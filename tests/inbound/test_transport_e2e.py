@@ -36,9 +36,12 @@ class Upstream:
         self.release = asyncio.Event()
         self.disconnected = asyncio.Event()
         self.stuck_requests = 0
+        self.peers: set[Any] = set()
 
     async def echo(self, request: web.Request) -> web.Response:
         self.seen_headers.append(dict(request.headers))
+        assert request.transport is not None
+        self.peers.add(request.transport.get_extra_info("peername"))
         body = await request.json()
         return web.json_response(
             {"jsonrpc": "2.0", "id": body.get("id"), "result": {"content": [], "isError": False}},
@@ -331,3 +334,16 @@ async def test_client_leaving_during_a_json_call_ends_the_record(
             await asyncio.sleep(0.02)
     (call,) = observer.calls
     assert call.outcome["error_type"] == "client_disconnected" and call.outcome["http_status"] == 499
+
+
+async def test_upstream_connections_are_reused(
+    upstream: Upstream, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    async with make_sidecar(upstream.port) as sidecar, aiohttp.ClientSession() as session:
+        for _ in range(5):
+            async with session.post(
+                sidecar.mcp_url(), json=CALL, headers={**ACCEPT, **bearer(idp)}
+            ) as response:
+                assert response.status == 200
+    assert len(upstream.seen_headers) == 5
+    assert len(upstream.peers) == 1  # one keep-alive connection from the proxy to the app
