@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 from mcp_types import CallToolResult, TextContent
 
@@ -95,3 +96,36 @@ async def test_legacy_http_sse_transport_through_the_proxy(
         assert "whoami" in {t.name for t in tools.tools}
         who = tool_json(await client.call_tool("whoami", {}))
         assert_exchanged(who, token, idp)
+
+
+@pytest.mark.parametrize("mcp_app", ["json"], indirect=True)
+async def test_session_lifecycle_with_delete(
+    mcp_app: mcp_server.RunningServer, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {idp.mint('alice', audience=RESOURCE)}",
+    }
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
+    }
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+    async with make_sidecar(mcp_app.port) as sidecar, aiohttp.ClientSession() as session:
+        async with session.post(sidecar.mcp_url(), json=initialize, headers=headers) as response:
+            assert response.status == 200
+            session_id = response.headers["Mcp-Session-Id"]
+        headers |= {"Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-06-18"}
+        async with session.post(sidecar.mcp_url(), json=ping, headers=headers) as response:
+            assert response.status == 200 and (await response.json())["id"] == 2
+        async with session.delete(sidecar.mcp_url(), headers=headers) as response:
+            assert response.status == 200
+        async with session.post(sidecar.mcp_url(), json=ping, headers=headers) as response:
+            assert response.status == 404  # the app ended the session: DELETE went through
