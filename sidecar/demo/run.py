@@ -865,6 +865,42 @@ async def step_client(demo: Demo) -> None:
 # Step 4: the operator's view
 
 
+def metric_lines(text: str, limit: int = 16) -> list[str]:
+    """Pure: the non-zero Outrider `*_total` counters of a Prometheus text page, empty labels dropped."""
+    picked: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        if not name.startswith("outrider_") or not name.endswith("_total"):
+            continue
+        try:
+            if float(value) == 0:
+                continue
+        except ValueError:
+            continue
+        kept = [pair for pair in labels.rstrip("}").split(",") if pair and not pair.endswith('=""')]
+        shown = f"{name}{{{','.join(kept)}}}" if kept else name
+        picked.append(f"{shown} {float(value):g}")
+    return picked[:limit]
+
+
+async def show_metrics(demo: Demo) -> None:
+    c = demo.console
+    assert demo.session is not None
+    url = f"http://{demo.client_host}:{demo.admin_port}/metrics"
+    async with demo.session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+        text = await r.text()
+    lines = metric_lines(text)
+    c.say(f"Prometheus metrics on the admin port ({url}),")
+    c.say("the non-zero Outrider counters (empty labels left out):")
+    for line in lines:
+        c.show(line)
+    counted = r.status == 200 and any(line.startswith("outrider_mcp_requests_total") for line in lines)
+    c.check(counted, "the sidecar's /metrics counts the calls by method, tool and outcome")
+
+
 async def step_operator(demo: Demo) -> None:
     c = demo.console
     if not demo.available("telemetry"):
@@ -895,6 +931,7 @@ async def step_operator(demo: Demo) -> None:
     c.check(any("alice" in json.dumps(e) for e in events), "audit events name alice")
     assert demo.receiver is not None
     receiver = demo.receiver
+    await show_metrics(demo)
     c.say("waiting for the whoami call's trace at the OTLP receiver")
     ok = await receiver.wait_for(lambda spans: traces.find_trace(spans, tool="whoami") is not None, 10)
     trace_id = traces.find_trace(receiver.spans, tool="whoami")

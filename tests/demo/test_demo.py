@@ -30,6 +30,7 @@ KEY_LINES = (
     "[ok] an expired token is refused with 401",
     "Step 4: What an operator sees",
     "[ok] no token appears in any process's log",
+    "[ok] the sidecar's /metrics counts the calls",
     "[ok] the whoami call's trace arrived over OTLP/HTTP",
     "[ok] the server span names the MCP method, the tool and the user",
     "[ok] the sidecar continued the trace the client started",

@@ -226,3 +226,19 @@ def test_client_reads_the_whoami_and_fetch_reports() -> None:
     assert client.fetch_summary(fetched) == "HTTP 403: outrider egress: denied x:80"
     failed = SimpleNamespace(content=[SimpleNamespace(text=json.dumps({"status": None, "error": "boom"}))])
     assert client.fetch_summary(failed) == "error: boom"
+
+
+def test_metric_lines_keep_nonzero_outrider_counters() -> None:
+    page = "\n".join(
+        [
+            "# HELP outrider_mcp_requests_total calls",
+            'outrider_mcp_requests_total{gen_ai_tool_name="",mcp_method_name="tools/list",outcome="ok"} 2.0',
+            'outrider_mcp_requests_total{gen_ai_tool_name="x",mcp_method_name="tools/call",outcome="ok"} 0.0',
+            'mcp_server_operation_duration_seconds_bucket{le="0.1"} 3.0',
+            "outrider_identity_svid_rotations_total 1.0",
+        ]
+    )
+    assert run.metric_lines(page) == [
+        'outrider_mcp_requests_total{mcp_method_name="tools/list",outcome="ok"} 2',
+        "outrider_identity_svid_rotations_total 1",
+    ]
