@@ -95,11 +95,18 @@ def inject(
         warnings.append(f"annotation {key} is not an Outrider annotation this version knows; ignored")
 
     if settings.already_injected:
-        problem = _status_mismatch(metadata, spec)
-        if problem and strict:
+        # In strict namespaces the marker is not trusted: a pod could carry it beside a fake or
+        # loosened sidecar. It must match what this webhook would inject now, or it is refused.
+        problem = (
+            _verify_injected(original, metadata, spec, settings, namespace_labels, namespace_policy, config)
+            if strict
+            else None
+        )
+        if problem:
             return refuse(
-                f"metadata.annotations[{ann.STATUS}] says the pod is injected but {problem}; "
-                f"remove the annotation so Outrider can inject the pod"
+                f"metadata.annotations[{ann.STATUS}] says the pod is injected but {problem}; remove the "
+                "Outrider containers, volumes and annotation (or re-run outrider inject with the current "
+                "config) so Outrider can inject the pod"
             )
         return skip(f"pod already injected ({ann.STATUS} is set); left unchanged")
     if settings.opt_out:
@@ -157,18 +164,66 @@ def inject(
     return InjectionResult(True, patched, diff(original, patched), tuple(warnings), injected=True)
 
 
-def _status_mismatch(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> str | None:
+def _verify_injected(
+    pod: Pod,
+    metadata: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    settings: ann.PodSettings,
+    namespace_labels: Mapping[str, str],
+    namespace_policy: Mapping[str, Any] | None,
+    config: WebhookConfig,
+) -> str | None:
+    """Why an already-injected pod does not match a fresh injection (None when it does)."""
     try:
         status = json.loads(_map(metadata.get("annotations"))[ann.STATUS])
     except (ValueError, TypeError):
         return "its value is not the JSON Outrider writes"
     if not isinstance(status, dict):
         return "its value is not the JSON Outrider writes"
-    present = {c.get("name") for c in _all_containers(spec)}
-    expected = [n for n in (*_list(status.get("initContainers")), *_list(status.get("containers")))]
-    missing = [n for n in expected if n not in present]
-    if not expected or missing:
-        return f"the containers it names are missing ({', '.join(map(str, missing)) or 'none named'})"
+    if status.get("configHash") != config.hash:
+        return f"it was injected with another config (hash {status.get('configHash')!r}, now {config.hash!r})"
+    by_name = {c.get("name"): c for c in _all_containers(spec)}
+    ours = [*_list(status.get("initContainers")), *_list(status.get("containers"))]
+    missing = [str(n) for n in ours if n not in by_name]
+    if not ours or missing:
+        return f"the containers it names are missing ({', '.join(missing) or 'none named'})"
+    escapes = list(_escape_problems(spec, skip=set(map(str, ours))))
+    if escapes:
+        return escapes[0]
+    # The MCP port decides what inbound traffic is captured: it must be the one the pod declares.
+    app_spec = {**spec, "containers": [c for c in spec["containers"] if c.get("name") not in ours]}
+    try:
+        mcp_port, _ = _find_mcp_port(app_spec, settings.mcp_port, [])
+    except _Refused as exc:
+        return str(exc)
+    if status.get("mcpPort") != mcp_port:
+        return f"it records MCP port {status.get('mcpPort')!r} but the pod's MCP port is {mcp_port!r}"
+    try:
+        plan = plan_egress(pod, namespace_labels, namespace_policy, config.plain_egress_default_policy)
+    except Exception:
+        return "its egress plan cannot be checked"
+    proxy = by_name[ours[-1]]
+    expected_env = sidecar_config(config, mcp_port, settings.token_audience or config.default_audience, plan)
+    env = {e.get("name"): e.get("value") for e in _list(proxy.get("env")) if isinstance(e, dict)}
+    try:
+        actual_env = json.loads(env.get("OUTRIDER_CONFIG") or "null")
+    except ValueError:
+        actual_env = None
+    if (
+        proxy.get("image") != config.sidecar_image
+        or proxy.get("command") != ["outrider"]
+        or proxy.get("args") != ["sidecar"]
+        or proxy.get("securityContext") != _restricted(ann.SIDECAR_UID)
+        or actual_env != expected_env
+    ):
+        return f"container {ours[-1]} is not the sidecar this webhook injects"
+    if plan.mode == "capture":
+        init = by_name[ours[0]] if len(ours) > 1 else {}
+        init_args = ["iptables", *plan.init_args]
+        if mcp_port is not None:
+            init_args += ["--inbound-ports", str(mcp_port)]
+        if init.get("image") != config.sidecar_image or init.get("args") != init_args:
+            return "its traffic-capture init container is missing or not the one this webhook injects"
     return None
 
 
@@ -183,11 +238,11 @@ def _has_istio(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
     return any(c.get("name") == ann.ISTIO_PROXY_CONTAINER for c in _all_containers(spec))
 
 
-def _escape_problems(spec: Mapping[str, Any]) -> Iterable[str]:
+def _escape_problems(spec: Mapping[str, Any], skip: set[str] | None = None) -> Iterable[str]:
     pod_sc = _map(spec.get("securityContext"))
     for key in ("initContainers", "containers"):
         for i, c in enumerate(_list(spec.get(key))):
-            if not isinstance(c, dict):
+            if not isinstance(c, dict) or (skip and c.get("name") in skip):
                 continue
             where = f"spec.{key}[{i}] ({c.get('name')})"
             sc = _map(c.get("securityContext"))

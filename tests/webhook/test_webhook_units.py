@@ -213,9 +213,54 @@ def test_strict_forged_status_is_refused() -> None:
     pod = _pod()
     pod["metadata"]["annotations"] = {ann.STATUS: '{"initContainers":["outrider-proxy"],"containers":[]}'}
     strict = engine.inject(pod, {"outrider.dev/inject": "strict"}, WebhookConfig())
-    assert not strict.allowed and "outrider-proxy" in (strict.message or "")
+    assert not strict.allowed and "another config" in (strict.message or "")
     enabled = engine.inject(pod, ENABLED, WebhookConfig())
     assert enabled.allowed and enabled.patch == []
+
+
+STRICT = {"outrider.dev/inject": "strict"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_strict_accepts_a_genuine_injection(native: bool) -> None:
+    config = WebhookConfig(native_sidecar=native)
+    injected = engine.inject(_pod(), STRICT, config).pod
+    again = engine.inject(injected, STRICT, config)
+    assert again.allowed and again.patch == [] and again.skipped
+
+
+def _tamper(change: Any) -> str | None:
+    injected = copy.deepcopy(engine.inject(_pod(), STRICT, WebhookConfig()).pod)
+    change(injected)
+    result = engine.inject(injected, STRICT, WebhookConfig())
+    assert not result.allowed
+    return result.message
+
+
+def test_strict_refuses_a_swapped_sidecar_image() -> None:
+    message = _tamper(lambda p: p["spec"]["initContainers"][1].__setitem__("image", "busybox"))
+    assert "outrider-proxy is not the sidecar this webhook injects" in (message or "")
+
+
+def test_strict_refuses_a_dropped_capture() -> None:
+    message = _tamper(lambda p: p["spec"]["initContainers"][0].__setitem__("args", ["iptables", "--dry-run"]))
+    assert "traffic-capture init container" in (message or "")
+
+
+def test_strict_refuses_a_moved_mcp_port() -> None:
+    def move(p: dict[str, Any]) -> None:
+        status = json.loads(p["metadata"]["annotations"][ann.STATUS])
+        status["mcpPort"] = 9999
+        p["metadata"]["annotations"][ann.STATUS] = json.dumps(status)
+
+    assert "MCP port 9999" in (_tamper(move) or "")
+
+
+def test_strict_refuses_net_admin_added_after_injection() -> None:
+    def grant(p: dict[str, Any]) -> None:
+        p["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": ["NET_ADMIN"]}}
+
+    assert "NET_ADMIN" in (_tamper(grant) or "")
 
 
 def test_user_default_container_annotation_is_kept() -> None:
