@@ -69,6 +69,8 @@ async def serve(
                 # (uvicorn: 5 s), so a request is never written into a connection being closed.
                 connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=2.0),
                 auto_decompress=False,
+                # A shared jar would replay one caller's app cookies on everyone's requests.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None),
                 skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
             )

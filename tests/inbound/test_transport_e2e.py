@@ -45,7 +45,12 @@ class Upstream:
         body = await request.json()
         return web.json_response(
             {"jsonrpc": "2.0", "id": body.get("id"), "result": {"content": [], "isError": False}},
-            headers={"Mcp-Session-Id": "s-1", "Connection": "X-Upstream-Secret", "X-Upstream-Secret": "no"},
+            headers={
+                "Mcp-Session-Id": "s-1",
+                "Connection": "X-Upstream-Secret",
+                "X-Upstream-Secret": "no",
+                "Set-Cookie": "app-session=for-whoever-asked; Path=/",
+            },
         )
 
     async def batch(self, request: web.Request) -> web.Response:
@@ -126,6 +131,7 @@ async def test_headers_are_rewritten_and_credentials_never_forwarded(
         assert response.status == 200
         assert response.headers["Mcp-Session-Id"] == "s-1"
         assert "X-Upstream-Secret" not in response.headers  # named by the app's Connection header
+        assert response.headers["Set-Cookie"].startswith("app-session=")  # the caller's business
         assert (await response.json())["id"] == 3
     (seen,) = upstream.seen_headers
     assert seen["Host"] == f"127.0.0.1:{upstream.port}"
@@ -346,4 +352,6 @@ async def test_upstream_connections_are_reused(
             ) as response:
                 assert response.status == 200
     assert len(upstream.seen_headers) == 5
+    # The proxy never replays an app cookie by itself (it keeps no cookie jar).
+    assert all("Cookie" not in seen for seen in upstream.seen_headers)
     assert len(upstream.peers) == 1  # one keep-alive connection from the proxy to the app
