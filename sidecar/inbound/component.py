@@ -62,7 +62,10 @@ async def serve(
 ) -> AsyncIterator[InboundProxy]:
     config = runtime.config.inbound
     async with AsyncExitStack() as stack:
-        idp_session = await stack.enter_async_context(aiohttp.ClientSession())
+        # No cookie jar: exchanges for different users must not share IdP cookies.
+        idp_session = await stack.enter_async_context(
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        )
         upstream = await stack.enter_async_context(
             aiohttp.ClientSession(
                 # Idle upstream connections are dropped before common app servers close them
