@@ -124,6 +124,14 @@ def inject(
                 f"set hostNetwork: false (namespace is {ann.NAMESPACE_INJECT}=strict)"
             )
         return skip("spec.hostNetwork is true: the sidecar cannot capture the node's network; not injected")
+    if _map(spec.get("os")).get("name") == "windows":
+        # iptables capture, the Linux sidecar image and the SPIFFE CSI socket do not exist there.
+        if strict:
+            return refuse(
+                "spec.os.name: windows pods cannot run the Outrider sidecar; run the MCP server on "
+                f"Linux nodes (namespace is {ann.NAMESPACE_INJECT}=strict)"
+            )
+        return skip("spec.os.name is windows: the Outrider sidecar runs on Linux only; not injected")
     if _has_istio(metadata, spec):
         if strict:
             return refuse(
