@@ -193,6 +193,9 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
                 tmp=tmp / mode,
                 otlp=otlp_port,
             )
+            if mode == "on" and args.sample is not None:
+                env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+                env["OTEL_TRACES_SAMPLER_ARG"] = str(args.sample)
             log = (tmp / mode / "sidecar.log").open("wb")
             process = subprocess.Popen(  # noqa: ASYNC220 - start-up only
                 [outrider, "sidecar", "--log-level", "WARNING"], env=env, stdout=log, stderr=log
@@ -234,6 +237,7 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
     proxy_p99 = off["p99_ms"] - d["p99_ms"]
     return {
         "rate": args.rate,
+        "sample": args.sample,
         "direct": d,
         "telemetry_off": off,
         "telemetry_on": on,
@@ -269,7 +273,9 @@ def render_proxy(r: dict[str, Any]) -> str:
 
     return "\n".join(
         [
-            f"== tools/call at {r['rate']:g} req/s through `outrider sidecar`, telemetry off vs on ==",
+            f"== tools/call at {r['rate']:g} req/s through `outrider sidecar`, telemetry off vs on"
+            + (f" (traces sampled at {r['sample']:g})" if r["sample"] is not None else "")
+            + " ==",
             row("direct", r["direct"]),
             row("telemetry off", r["telemetry_off"]),
             row("telemetry on", r["telemetry_on"]),
@@ -304,6 +310,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="--proxy: paced req/s (default 200)")
     parser.add_argument("--seconds", type=float, default=12.0, help="--proxy: paced seconds per path")
     parser.add_argument("--rounds", type=int, default=4, help="--proxy: alternating slices (default 4)")
+    parser.add_argument(
+        "--sample", type=float, default=None, help="--proxy: trace sampling ratio for the 'on' sidecar"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.proxy:
