@@ -7,6 +7,7 @@ import copy
 import json
 import socket
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -328,3 +329,26 @@ def test_cached_answers_follow_uid_and_config(cert_dir: Path) -> None:
         )
     finally:
         server.close()
+
+
+async def test_readyz_needs_a_certificate_and_every_ready_check() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from webhook.config import ConfigHolder
+    from webhook.server import READY_CHECKS, build_app
+    from webhook.tls import CertStore
+
+    store = CertStore()  # nothing loaded yet (self-managed certs still being agreed)
+    app = build_app(ConfigHolder(), store)
+    ready = {"cluster": False}
+    app[READY_CHECKS].append(lambda: ready["cluster"])
+    async with TestClient(TestServer(app)) as http:
+        assert (await http.get("/readyz")).status == 503
+        assert (await http.get("/healthz")).status == 200
+        certs = Path(tempfile.mkdtemp())
+        write_certs(certs, DEFAULT_DNS_NAMES)
+        store.load_files(certs / "tls.crt", certs / "tls.key")
+        assert (await http.get("/readyz")).status == 503
+        ready["cluster"] = True
+        response = await http.get("/readyz")
+        assert response.status == 200 and await response.text() == "ready\n"
