@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -564,10 +565,8 @@ async def start_identity(demo: Demo) -> str:
 
         socket_path = await spire_glue.start(demo, uid, os.getuid())
     else:
-        c.say(
-            "SPIFFE Workload API: the DEV STAND-IN issuer (sidecar/dev/workload_api.py, in-memory CA) - "
-            "not SPIRE; `make demo SPIRE=1` uses the real SPIRE server and agent"
-        )
+        c.say("SPIFFE Workload API: the DEV STAND-IN issuer (sidecar/dev/workload_api.py, in-memory CA),")
+        c.say("      not SPIRE; `make demo SPIRE=1` uses the real SPIRE server and agent")
         # Like SPIRE's unix attestor: the identity follows the caller's uid (the sidecar's, the IdP's).
         argv = [
             procs.python(),
@@ -587,7 +586,7 @@ async def start_identity(demo: Demo) -> str:
         _open_socket(socket_path)
     c.check(
         True,
-        f"Workload API listening on unix://{socket_path}; the sidecar's SPIFFE ID will be {demo.spiffe_id}",
+        f"Workload API on unix://{socket_path}",
     )
     return socket_path
 
@@ -617,10 +616,9 @@ async def start_idp(demo: Demo, socket_path: str) -> None:
     host_port = demo.idp_url.removeprefix("http://")
     host, port = host_port.rsplit(":", 1)
     c.say(
-        f"starting the dev IdP (sidecar/dev/idp.py) at {demo.idp_url}: users alice and bob, "
-        "an RFC 8693 endpoint "
-        "that verifies the sidecar's JWT-SVID against the SPIFFE bundle"
+        f"starting the dev IdP (sidecar/dev/idp.py) at {demo.idp_url}: users alice and bob, and an RFC 8693"
     )
+    c.say("      endpoint that verifies the sidecar's JWT-SVID client assertion against the SPIFFE bundle")
     clients = [
         # The sidecar is a confidential client that authenticates with its JWT-SVID (jwt-spiffe).
         f"outrider-proxy={demo.spiffe_id};audiences={DOWNSTREAM_AUDIENCE}",
@@ -678,9 +676,31 @@ async def apply_iptables(demo: Demo) -> None:
     )
     out, _ = await save.communicate()
     rules = [line for line in out.decode().splitlines() if line.startswith("-A")]
-    c.say(f"{len(rules)} nat rules in the pod namespace, for example:")
-    for line in [r for r in rules if "REDIRECT" in r or "owner" in r][:4]:
-        c.show(line if len(line) < 110 else line[:107] + "...")
+    c.say(f"the {len(rules)} nat rules now in the pod namespace (iptables-save, comments moved to the end):")
+    for line in rules:
+        c.show(compact_rule(line))
+    save = await asyncio.create_subprocess_exec(
+        *("ip", "netns", "exec", demo.topo.pod_ns, "iptables-save", "-t", "filter"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await save.communicate()
+    udp = [compact_rule(x) for x in out.decode().splitlines() if x.startswith("-A") and "outrider" in x]
+    if udp:
+        c.say(
+            f"and {len(udp)} filter rules (outbound UDP is dropped except DNS to the pod's resolvers), e.g.:"
+        )
+        c.show(udp[-1])
+
+
+def compact_rule(line: str) -> str:
+    """Pure: an iptables-save line with its `-m comment --comment "..."` moved to a trailing `# ...`."""
+    match = re.search(r' -m comment --comment (?:"([^"]*)"|(\S+))', line)
+    if not match:
+        return line
+    comment = match.group(1) or match.group(2)
+    rule = (line[: match.start()] + line[match.end() :]).replace(" -m tcp", "")
+    return f"{rule:<62} # {comment}"
 
 
 async def start_mcp_server(demo: Demo) -> None:

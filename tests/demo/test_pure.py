@@ -242,3 +242,14 @@ def test_metric_lines_keep_nonzero_outrider_counters() -> None:
         'outrider_mcp_requests_total{mcp_method_name="tools/list",outcome="ok"} 2',
         "outrider_identity_svid_rotations_total 1",
     ]
+
+
+def test_iptables_rules_are_shown_with_their_comment_last() -> None:
+    line = (
+        '-A OUTRIDER_OUTPUT -m owner --uid-owner 15337 -m comment --comment "outrider: sidecar uid" -j RETURN'
+    )
+    assert run.compact_rule(line).split("#") == [
+        "-A OUTRIDER_OUTPUT -m owner --uid-owner 15337 -j RETURN".ljust(62) + " ",
+        " outrider: sidecar uid",
+    ]
+    assert run.compact_rule("-A X -j RETURN") == "-A X -j RETURN"
