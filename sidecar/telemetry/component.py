@@ -25,7 +25,7 @@ log = logging.getLogger("outrider.telemetry")
 @asynccontextmanager
 async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
     """No SDK: the audit log alone (no-op tracer and meter), or nothing at all when it is off too."""
-    config = runtime.config.telemetry
+    config = runtime.config.telemetry.with_salt_from_file()
     audit = AuditLog.open(config.audit)
     previous = runtime.observer
     if audit.enabled:
@@ -66,7 +66,7 @@ def sdk_disabled(env: Mapping[str, str]) -> bool:
 
 @asynccontextmanager
 async def component(runtime: Runtime) -> AsyncIterator[None]:
-    config = runtime.config.telemetry
+    config = runtime.config.telemetry.with_salt_from_file()
     if config.hash_user and not config.hash_salt:
         log.warning(
             "telemetry.hash_user is on without telemetry.hash_salt: user pseudonyms can be reversed "

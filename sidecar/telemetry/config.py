@@ -6,7 +6,8 @@ Where spans and metrics go is not configured here: the standard `OTEL_*` environ
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 _KEYS = frozenset(
@@ -15,6 +16,7 @@ _KEYS = frozenset(
         "audit",
         "hash_user",
         "hash_salt",
+        "hash_salt_file",
         "record_arguments",
         "redact_keys",
         "record_resource_uri",
@@ -69,7 +71,8 @@ class TelemetryConfig:
     """What telemetry records and where the audit log goes.
 
     `audit` is "stdout" (default), "off", or a file path (JSON lines, appended).
-    `hash_user` replaces `enduser.id` on spans by a keyed SHA-256 of the subject (salt `hash_salt`);
+    `hash_user` replaces `enduser.id` on spans by a keyed SHA-256 of the subject (salt `hash_salt`, or
+    read from `hash_salt_file`, e.g. a mounted Secret, at start-up);
     the audit log always names the user, it is the record security teams read.
     `record_arguments` adds tool arguments to audit events, with `redact_keys` masked.
     `record_resource_uri` adds `mcp.resource.uri` to spans (opt-in: URIs may be sensitive).
@@ -79,6 +82,7 @@ class TelemetryConfig:
     audit: str = "stdout"
     hash_user: bool = False
     hash_salt: str = ""
+    hash_salt_file: str | None = None
     record_arguments: bool = False
     redact_keys: tuple[str, ...] = DEFAULT_REDACT_KEYS
     record_resource_uri: bool = False
@@ -102,16 +106,32 @@ class TelemetryConfig:
             audit=audit,
             hash_user=_bool(data, "hash_user", cls.hash_user),
             hash_salt=_str(data, "hash_salt", cls.hash_salt),
+            hash_salt_file=_str(data, "hash_salt_file", "") or None,
             record_arguments=_bool(data, "record_arguments", cls.record_arguments),
             redact_keys=tuple(raw_keys),
             record_resource_uri=_bool(data, "record_resource_uri", cls.record_resource_uri),
         )
+
+    def with_salt_from_file(self) -> TelemetryConfig:
+        """Read `hash_salt_file` (at start-up, at the edge) into `hash_salt`."""
+        if not self.hash_salt_file:
+            return self
+        try:
+            salt = Path(self.hash_salt_file).read_text().strip()
+        except OSError as exc:
+            raise _error(
+                f"telemetry.hash_salt_file: cannot read {self.hash_salt_file}: {exc.strerror}"
+            ) from None
+        if not salt:
+            raise _error(f"telemetry.hash_salt_file: {self.hash_salt_file} is empty")
+        return replace(self, hash_salt=salt)
 
     def __repr__(self) -> str:
         # The salt keys the user hash; keep it out of logs and reprs.
         return (
             f"TelemetryConfig(service_name={self.service_name!r}, audit={self.audit!r}, "
             f"hash_user={self.hash_user}, hash_salt={'<set>' if self.hash_salt else '<unset>'}, "
+            f"hash_salt_file={self.hash_salt_file!r}, "
             f"record_arguments={self.record_arguments}, redact_keys={self.redact_keys!r}, "
             f"record_resource_uri={self.record_resource_uri})"
         )

@@ -64,6 +64,16 @@ def test_config_defaults_and_parse() -> None:
     assert "s'" not in repr(cfg) and "<set>" in repr(cfg)
 
 
+def test_hash_salt_file(tmp_path: Path) -> None:
+    salt = tmp_path / "salt"
+    salt.write_text("pepper\n")
+    cfg = TelemetryConfig.from_mapping({"hash_user": True, "hash_salt_file": str(salt)})
+    assert cfg.with_salt_from_file().hash_salt == "pepper"
+    assert "pepper" not in repr(cfg.with_salt_from_file())
+    with pytest.raises(ConfigError, match="hash_salt_file"):
+        TelemetryConfig(hash_salt_file=str(tmp_path / "missing")).with_salt_from_file()
+
+
 @pytest.mark.parametrize(
     ("data", "key"),
     [
