@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,9 +51,21 @@ async def _reload_loop(holder: PolicyHolder, interval: float) -> None:
             log.info("egress: policy reloaded: %d layer(s)", len(holder.current.layers))
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft open-file limit to the hard one: each tunnel holds two sockets and two pipes, and a
+    1024 soft limit would run out long before `max_tunnels` (the accept loop survives that, but refuses)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
+
+
 @asynccontextmanager
 async def component(runtime: Runtime) -> AsyncIterator[None]:
     config = runtime.config.egress
+    raise_fd_limit()
     holder = build_holder(runtime)
     enforcer = Enforcer(config, holder, _RuntimeObserver(runtime))  # type: ignore[arg-type]
     listeners = listen_sockets(config.listen, config.port)

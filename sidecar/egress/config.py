@@ -26,6 +26,7 @@ _KEYS = frozenset(
         "connect_timeout_s",
         "buffer_bytes",
         "dns_cache_s",
+        "idle_timeout_s",
     }
 )
 
@@ -69,6 +70,10 @@ class EgressConfig:
     # How long the enforcer reuses a name's resolution. Short: the resolver's own TTLs are not visible
     # through getaddrinfo, and a stale answer only ever sends traffic to an address the name had.
     dns_cache_s: float = 5.0
+    # A relayed tunnel with no byte in either direction for this long is closed (0: never), so idle
+    # connections cannot hold the `max_tunnels` slots forever. An hour, like Envoy's TCP proxy default:
+    # long-lived MCP streams send keep-alives well within it.
+    idle_timeout_s: float = 3600.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EgressConfig:
@@ -108,4 +113,5 @@ class EgressConfig:
             ),
             buffer_bytes=_number(data, "buffer_bytes", cls.buffer_bytes, 4096, 16 << 20, integer=True),
             dns_cache_s=_number(data, "dns_cache_s", cls.dns_cache_s, 0, 300, integer=False),
+            idle_timeout_s=_number(data, "idle_timeout_s", cls.idle_timeout_s, 0, 86400, integer=False),
         )

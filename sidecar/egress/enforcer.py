@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 
 from sidecar.egress import sniff
 from sidecar.egress.config import EgressConfig
-from sidecar.egress.policy import Destination, IPAddress, Verdict, decide, destination_for
+from sidecar.egress.policy import (
+    Destination,
+    IPAddress,
+    Verdict,
+    address_allowed,
+    decide,
+    destination_for,
+    name_addresses,
+    unmapped,
+)
 from sidecar.egress.reload import PolicyHolder
 from sidecar.telemetry.observer import EgressDecision, Observer
 
@@ -59,7 +68,7 @@ async def system_resolver(name: str, port: int) -> list[IPAddress]:
     infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     seen: list[IPAddress] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        address = unmapped(ipaddress.ip_address(str(sockaddr[0]).split("%")[0]))
         if address not in seen:
             seen.append(address)
     return seen
@@ -70,6 +79,8 @@ class Stats:
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (allow|deny, protocol) -> count
     active: int = 0
     refused_over_limit: int = 0
+    idle_closed: int = 0
+    accept_errors: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
 
@@ -80,6 +91,12 @@ class Stats:
             "# HELP outrider_egress_tunnel_limit_refusals_total Connections refused at max_tunnels.",
             "# TYPE outrider_egress_tunnel_limit_refusals_total counter",
             f"outrider_egress_tunnel_limit_refusals_total {self.refused_over_limit}",
+            "# HELP outrider_egress_idle_closed_total Tunnels closed after idle_timeout_s without traffic.",
+            "# TYPE outrider_egress_idle_closed_total counter",
+            f"outrider_egress_idle_closed_total {self.idle_closed}",
+            "# HELP outrider_egress_accept_errors_total accept() failures (e.g. out of file descriptors).",
+            "# TYPE outrider_egress_accept_errors_total counter",
+            f"outrider_egress_accept_errors_total {self.accept_errors}",
             "# HELP outrider_egress_active_tunnels Relayed outbound connections open now.",
             "# TYPE outrider_egress_active_tunnels gauge",
             f"outrider_egress_active_tunnels {self.active}",
@@ -89,6 +106,11 @@ class Stats:
             f'outrider_egress_bytes_total{{direction="down"}} {self.bytes_down}',
         ]
         return ("\n".join(lines) + "\n").encode()
+
+
+@dataclass
+class _Activity:
+    last: float  # loop time of the last byte relayed in either direction
 
 
 class _Denied(Exception):
@@ -130,7 +152,15 @@ class Enforcer:
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            client, _ = await loop.sock_accept(listener)
+            try:
+                client, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS under a connection flood: an accept failure must not end the
+                # listener (the TaskGroup would stop serving every app connection); back off briefly.
+                self.stats.accept_errors += 1
+                log.warning("egress: accept failed: %s", exc)
+                await asyncio.sleep(0.05)
+                continue
             client.setblocking(False)
             if self.stats.active >= self.config.max_tunnels:
                 # Refuse at once rather than queue: a flood must not pin memory or file descriptors.
@@ -294,9 +324,17 @@ class Enforcer:
     async def _targets(
         self, dest: Destination, verdict: Verdict, mode: str, protocol: str, prefer: IPAddress | None
     ) -> list[IPAddress] | None:
-        """Where to connect: the name's own addresses (the original IP first when it is one of them)."""
-        if dest.name is None or (verdict.rule is not None and _is_cidr_rule(verdict.rule) and dest.ip):
+        """Where to connect: the name's own addresses (the original IP first when it is one of them).
+
+        The client's own IP is kept only when every layer allows that *address* by a CIDR rule: when
+        one layer matched by name and another by CIDR, the address must still be one of the name's
+        (else a narrowing layer with a CIDR rule would widen a name-only layer to that whole range).
+        """
+        policy = self.holder.current
+        if dest.name is None:
             assert dest.ip is not None
+            return [dest.ip]
+        if dest.ip is not None and address_allowed(policy, dest.ip, dest.port):
             return [dest.ip]
         try:
             addresses, cached = await self._resolve(dest.name, dest.port, fresh=False)
@@ -311,6 +349,22 @@ class Enforcer:
                 dest=dest,
             )
             return None
+        usable = name_addresses(policy, addresses, dest.port)
+        if not usable:
+            self._emit(
+                Verdict(
+                    False,
+                    verdict.rule,
+                    verdict.source,
+                    f"default deny: {dest.name} resolves only to loopback/link-local/unspecified/multicast "
+                    f"addresses ({', '.join(map(str, addresses))}) and no CIDR rule allows them",
+                ),
+                mode=mode,
+                protocol=protocol,
+                dest=dest,
+            )
+            return None
+        addresses = usable
         if prefer is not None and prefer in addresses:
             return [prefer]
         if prefer is not None:
@@ -345,6 +399,10 @@ class Enforcer:
         loop = asyncio.get_running_loop()
         last: Exception | None = None
         for address in targets:
+            if address.is_unspecified or (address.is_loopback and port == self.config.port):
+                # 0.0.0.0 means "this host", and our own listener would loop every hop back to us.
+                last = OSError(f"refusing to connect to {address}:{port} (the egress listener itself)")
+                continue
             family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
             upstream = socket.socket(family, socket.SOCK_STREAM)
             upstream.setblocking(False)
@@ -407,11 +465,25 @@ class Enforcer:
             if first:
                 await loop.sock_sendall(upstream, first)
                 self.stats.bytes_up += len(first)
-            up = asyncio.create_task(self._pump(client, upstream, "up"))
-            down = asyncio.create_task(self._pump(upstream, client, "down"))
+            activity = _Activity(loop.time())
+            up = asyncio.create_task(self._pump(client, upstream, "up", activity))
+            down = asyncio.create_task(self._pump(upstream, client, "down", activity))
+            idle = self.config.idle_timeout_s
             try:
-                # Either side failing (reset) ends both; a clean EOF only half-closes its direction.
-                await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
+                # Either side failing (reset) ends both; a clean EOF only half-closes its direction;
+                # no byte either way for `idle_timeout_s` ends both.
+                pending: set[asyncio.Task[None]] = {up, down}
+                while pending:
+                    timeout = activity.last + idle - loop.time() if idle > 0 else None
+                    if timeout is not None and timeout <= 0:
+                        self.stats.idle_closed += 1
+                        log.debug("egress tunnel idle for %.1f s: closing", idle)
+                        break
+                    done, pending = await asyncio.wait(
+                        pending, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION
+                    )
+                    if any(not t.cancelled() and t.exception() is not None for t in done):
+                        break
             finally:
                 for task in (up, down):
                     task.cancel()
@@ -419,15 +491,17 @@ class Enforcer:
         finally:
             upstream.close()
 
-    async def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
+    async def _pump(
+        self, source: socket.socket, sink: socket.socket, direction: str, activity: _Activity
+    ) -> None:
         """Copy until EOF, then half-close the sink. Never reads more than one pipe (or buffer) ahead of
         what the sink accepted, so a slow peer slows the other side down (back-pressure)."""
         total = 0
         try:
             if _HAVE_SPLICE:
-                total = await self._splice(source, sink)
+                total = await self._splice(source, sink, activity)
             else:  # pragma: no cover - Linux always has splice
-                total = await self._copy(source, sink)
+                total = await self._copy(source, sink, activity)
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
         finally:
@@ -436,7 +510,7 @@ class Enforcer:
             else:
                 self.stats.bytes_down += total
 
-    async def _splice(self, source: socket.socket, sink: socket.socket) -> int:
+    async def _splice(self, source: socket.socket, sink: socket.socket, activity: _Activity) -> int:
         # Zero-copy: socket -> pipe -> socket inside the kernel; Python only waits for readiness.
         loop = asyncio.get_running_loop()
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -465,11 +539,12 @@ class Enforcer:
                         continue
                     n -= moved
                     total += moved
+                    activity.last = loop.time()
         finally:
             os.close(read_end)
             os.close(write_end)
 
-    async def _copy(self, source: socket.socket, sink: socket.socket) -> int:
+    async def _copy(self, source: socket.socket, sink: socket.socket, activity: _Activity) -> int:
         loop = asyncio.get_running_loop()
         buffer = bytearray(self.config.buffer_bytes)
         view = memoryview(buffer)
@@ -480,6 +555,7 @@ class Enforcer:
                 return total
             await loop.sock_sendall(sink, view[:n])
             total += n
+            activity.last = loop.time()
 
     def _emit(self, verdict: Verdict, *, mode: str, protocol: str, dest: Destination) -> None:
         key = ("allow" if verdict.allowed else "deny", protocol)
@@ -528,10 +604,6 @@ async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write:
             loop.remove_writer(fd)
         else:
             loop.remove_reader(fd)
-
-
-def _is_cidr_rule(rule: str) -> bool:
-    return "/" in rule
 
 
 def _bad_name(host: str) -> Verdict:

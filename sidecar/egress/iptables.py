@@ -20,6 +20,7 @@ REDIRECT_CHAIN = "OUTRIDER_REDIRECT"
 INBOUND_CHAIN = "OUTRIDER_INBOUND"
 IN_REDIRECT_CHAIN = "OUTRIDER_IN_REDIRECT"
 UDP_CHAIN = "OUTRIDER_UDP"
+TCP_CHAIN = "OUTRIDER_TCP"
 OTHER_CHAIN = "OUTRIDER_OTHER"
 V6_DROP_CHAIN = "OUTRIDER_V6_DROP"
 
@@ -32,6 +33,9 @@ class CaptureOptions:
     inbound_proxy_port: int = 15006
     inbound_ports: tuple[int, ...] = ()
     proxy_uid: int = 15337
+    # Kept for the CLI flag only: no rule matches the GID. `--gid-owner` matches the socket's primary
+    # (fs) GID, so any app container with runAsGroup 15337 would leave uncaptured; the UID alone is
+    # the sidecar's mark (the webhook must refuse app containers that run as UID 15337).
     proxy_gid: int = 15337
     exclude_cidrs: tuple[str, ...] = ()
     exclude_ports: tuple[int, ...] = ()  # outbound destination ports left uncaptured
@@ -118,18 +122,6 @@ def plan_chains(options: CaptureOptions) -> list[Chain]:
                 "owner",
                 "--uid-owner",
                 str(options.proxy_uid),
-                "-j",
-                "RETURN",
-            ),
-            _rule(
-                family,
-                "nat",
-                OUTPUT_CHAIN,
-                "sidecar gid not captured",
-                "-m",
-                "owner",
-                "--gid-owner",
-                str(options.proxy_gid),
                 "-j",
                 "RETURN",
             ),
@@ -245,6 +237,25 @@ def plan_chains(options: CaptureOptions) -> list[Chain]:
                     ),
                 )
             )
+        # TCP segments that conntrack calls INVALID (a lone RST, SYN+FIN, ...) never reach the nat
+        # table, so without this a process with NET_RAW (a default container capability) could send
+        # data out in hand-made segments that are never redirected.
+        tcp = [
+            _rule(family, "filter", TCP_CHAIN, "loopback TCP", "-o", "lo", "-j", "RETURN"),
+            _rule(
+                family,
+                "filter",
+                TCP_CHAIN,
+                "drop TCP that bypasses nat (invalid or untracked)",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID,UNTRACKED",
+                "-j",
+                "DROP",
+            ),
+        ]
+        chains.append(Chain(family, "filter", TCP_CHAIN, "OUTPUT", ("-p", "tcp"), tuple(tcp)))
         udp = [_rule(family, "filter", UDP_CHAIN, "loopback UDP", "-o", "lo", "-j", "RETURN")]
         udp += [
             _rule(

@@ -49,7 +49,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="app ports whose inbound TCP goes to the inbound proxy (the MCP port)",
     )
     parser.add_argument("--proxy-uid", type=int, default=15337, help="the sidecar's UID (not captured)")
-    parser.add_argument("--proxy-gid", type=int, default=15337, help="the sidecar's GID (not captured)")
+    parser.add_argument(
+        "--proxy-gid",
+        type=int,
+        default=15337,
+        help="accepted for compatibility; GIDs are never exempt (runAsGroup 15337 would escape)",
+    )
     parser.add_argument(
         "--exclude-cidr",
         action="append",

@@ -72,7 +72,10 @@ class Rule:
             return False
         if self.kind == "cidr":
             assert self.network is not None
-            return ip is not None and ip.version == self.network.version and ip in self.network
+            if ip is None:
+                return False
+            ip = unmapped(ip)
+            return ip.version == self.network.version and ip in self.network
         if name is None:
             return False
         if self.kind == "host":
@@ -167,9 +170,45 @@ def parse_ip(raw: str) -> IPAddress | None:
         text = text[1:-1]
     text = text.split("%", 1)[0]  # a zone id never widens anything: judge the address alone
     try:
-        return ipaddress.ip_address(text)
+        return unmapped(ipaddress.ip_address(text))
     except ValueError:
         return None
+
+
+def unmapped(ip: IPAddress) -> IPAddress:
+    """`::ffff:a.b.c.d` is IPv4 `a.b.c.d` on the wire (a dual-stack socket sends it over IPv4), so
+    it is judged by IPv4 rules: otherwise an IPv6 rule like `::/0` would reach every IPv4 host."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_special(ip: IPAddress) -> bool:
+    """Addresses a *name* may not lead to unless a CIDR rule allows them explicitly: loopback (the
+    pod itself, the sidecar's own ports), link-local (cloud metadata at 169.254.169.254, fe80::),
+    unspecified (0.0.0.0 connects to the pod itself) and multicast."""
+    ip = unmapped(ip)
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+
+
+def address_allowed(policy: Policy, ip: IPAddress, port: int) -> bool:
+    """Every layer allows this address by a CIDR rule alone (no name involved)."""
+    return decide(policy, Destination(port=port, ip=unmapped(ip))).allowed
+
+
+def name_addresses(policy: Policy, addresses: Iterable[IPAddress], port: int) -> list[IPAddress]:
+    """The resolved addresses an allowed name may be reached at: all of them, except special ones
+    (`is_special`) that no CIDR rule allows. A name that an attacker can point anywhere (a wildcard
+    rule, a rebinding resolver) must not become a road to the metadata service or the pod itself."""
+    out: list[IPAddress] = []
+    for address in addresses:
+        address = unmapped(address)
+        if address in out:
+            continue
+        if is_special(address) and not address_allowed(policy, address, port):
+            continue
+        out.append(address)
+    return out
 
 
 def destination_for(name_or_ip: str | None, port: int, original_ip: IPAddress | None = None) -> Destination:
@@ -213,7 +252,7 @@ def parse_port_spec(spec: object) -> tuple[PortRange, ...]:
         if text == "*":
             return ANY_PORT
         lo_text, sep, hi_text = text.partition("-")
-        if not lo_text.isdigit() or (sep and not hi_text.isdigit()):
+        if not text.isascii() or not lo_text.isdigit() or (sep and not hi_text.isdigit()):
             raise ValueError(f"port {text!r} is not a number, a range like 8000-8100, or *")
         lo, hi = int(lo_text), int(hi_text) if sep else int(lo_text)
     if not (1 <= lo <= hi <= 65535):

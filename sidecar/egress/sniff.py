@@ -127,22 +127,33 @@ def _server_name(hello: bytes) -> str | None:
     if reader.done:
         return None
     extensions = _Reader(reader.vector(2))
+    found: str | None = None
+    seen_sni = False
+    # Read every extension: a second server_name extension or a second host_name is ambiguous (servers
+    # differ on which one they honour), so such a ClientHello is refused instead of guessed at.
     while not extensions.done:
         ext_type = extensions.number(2)
         body = extensions.vector(2)
         if ext_type != _SNI_EXTENSION:
             continue
+        if seen_sni:
+            raise _Bad("more than one server_name extension")
+        seen_sni = True
         names = _Reader(_Reader(body).vector(2))
         while not names.done:
             name_type = names.number(1)
             name = names.vector(2)
-            if name_type == _HOST_NAME:
-                try:
-                    return name.decode("ascii")
-                except UnicodeDecodeError:
-                    raise _Bad("SNI host_name is not ASCII") from None
-        return None
-    return None
+            if name_type != _HOST_NAME:
+                continue
+            if found is not None:
+                raise _Bad("more than one SNI host_name")
+            try:
+                found = name.decode("ascii")
+            except UnicodeDecodeError:
+                raise _Bad("SNI host_name is not ASCII") from None
+            if not found or "\0" in found:
+                raise _Bad("SNI host_name is empty or holds a NUL byte")
+    return found
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
@@ -203,7 +214,7 @@ def split_host_port(authority: str, default_port: int | None) -> tuple[str, int 
         host, port_text = authority.split(":")
     else:
         return authority, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"bad port {port_text!r}")
     return host, int(port_text)
 
@@ -215,7 +226,11 @@ def _sniff_http(data: bytes) -> Sniffed:
         return Sniffed(HTTP, detail=str(exc))
     if head is None:
         return Sniffed(NEED_MORE)
-    host = head.header("host")
+    hosts = [value for key, value in head.headers if key.lower() == "host"]
+    if len(hosts) > 1:
+        # Servers and proxies disagree on which of several Host headers wins (RFC 9112 says 400).
+        return Sniffed(HTTP, detail="more than one Host header")
+    host = hosts[0] if hosts else None
     if head.target.lower().startswith(("http://", "https://")):
         host = head.target.split("/", 3)[2].rpartition("@")[2]
     if not host:

@@ -75,7 +75,11 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
     blob = await asyncio.start_server(_blob, "127.0.0.1", 0)
     echo_port = echo.sockets[0].getsockname()[1]
     blob_port = blob.sockets[0].getsockname()[1]
-    policy = {"allow": [f"svc.test:{echo_port}", f"blob.test:{blob_port}", f"other.test:{echo_port}"]}
+    # The test names resolve to 127.0.0.1: a name may lead to loopback only where a CIDR rule allows it.
+    loopback = {"cidr": "127.0.0.1/32", "ports": [echo_port, blob_port]}
+    policy = {
+        "allow": [f"svc.test:{echo_port}", f"blob.test:{blob_port}", f"other.test:{echo_port}", loopback]
+    }
     config = EgressConfig(policy=policy, hello_timeout_s=0.3, max_tunnels=2, peek_bytes=1024, port=1)
     spec, _ = spec_policy(policy)
     holder = PolicyHolder(spec=spec, path=tmp_path / "policy.yaml")
@@ -186,7 +190,9 @@ async def test_absolute_uri_is_rewritten_for_the_origin(running: Running) -> Non
 async def test_reloaded_file_narrows_live(running: Running) -> None:
     assert running.holder.path is not None
     port = running.upstreams["echo"]
-    running.holder.path.write_text(f"allow: ['other.test:{port}', 'new.test:{port}']\n")
+    running.holder.path.write_text(
+        f"allow: ['other.test:{port}', 'new.test:{port}', '127.0.0.1/32:{port}']\n"
+    )
     assert running.holder.check()
     _, writer, head = await connect(running, f"svc.test:{port}")
     assert head.startswith(b"HTTP/1.1 403")  # narrowed away without a restart

@@ -94,7 +94,10 @@ def test_ip_literal_only_matches_cidr() -> None:
 def test_cidr_rule_never_matches_other_family() -> None:
     p = policy("0.0.0.0/0:*")
     assert allowed(p, "1.2.3.4", 22)
-    assert not allowed(p, "::ffff:1.2.3.4", 22)  # a mapped address is IPv6: no IPv4 rule matches it
+    # A mapped address travels as IPv4 (dual-stack sockets), so it is judged as the IPv4 address ...
+    assert allowed(p, "::ffff:1.2.3.4", 22)
+    # ... and an IPv6 rule never reaches IPv4 hosts through it.
+    assert not allowed(policy("[::/0]:*"), "::ffff:1.2.3.4", 22)
     assert not decide(p, Destination(port=22, ip=ipaddress.ip_address("2001:db8::1"))).allowed
 
 
