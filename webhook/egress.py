@@ -83,7 +83,9 @@ def _operator_layer(
             return RuleSet(source=origin, rules=())
         # A bad rule is left out: with deny by default that can only narrow, never widen.
         warnings.extend(f"{e}; rule left out" for e in errors)
-        return policy.layers[0] if policy.layers else RuleSet(source=origin, rules=())
+        result = policy.layers[0] if policy.layers else RuleSet(source=origin, rules=())
+        warnings.extend(_broad_rule_warnings(result))
+        return result
 
     cluster = layer(cluster_policy, "cluster default policy") if cluster_policy else None
     if namespace_policy is None:
@@ -152,3 +154,14 @@ def _init_args(pod: Mapping[str, Any]) -> tuple[str, ...]:
         if parse_ip(str(server)) is not None:  # the API server validates these; be safe offline too
             args += ["--dns-server", str(server)]
     return tuple(args)
+
+
+def _broad_rule_warnings(layer: RuleSet) -> list[str]:
+    """A `/0` CIDR is accepted (an operator may mean it) but said out loud: it allows every address of
+    its family, and with it the metadata service and the pod's own loopback for IP-literal traffic."""
+    out: list[str] = []
+    for rule in layer.rules:
+        if rule.network is not None and rule.network.prefixlen == 0:
+            family = "IPv4" if rule.network.version == 4 else "IPv6"
+            out.append(f"{layer.source}: egress rule {str(rule)!r} allows every {family} address")
+    return out
