@@ -1,0 +1,244 @@
+"""Red-team cases against the live enforcer on loopback: rebinding to loopback, proxy loops, idle and
+slow clients, connection floods, accept failures, pipelining. Real sockets, explicit-proxy path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from sidecar.egress.config import EgressConfig
+from sidecar.egress.enforcer import Enforcer, listen_sockets
+from sidecar.egress.policy import IPAddress
+from sidecar.egress.reload import PolicyHolder, spec_policy
+
+from .test_egress_enforcer import Recorder
+
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+@dataclass
+class Upstream:
+    port: int
+    accepted: int = 0
+    received: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class Proxy:
+    port: int
+    enforcer: Enforcer
+    recorder: Recorder
+    echo: Upstream
+
+
+async def _resolver(name: str, port: int) -> list[IPAddress]:
+    if name.endswith(".test"):
+        return [LOOPBACK]
+    raise OSError(f"unknown name {name}")
+
+
+Factory = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[Factory]:
+    cleanups: list[Callable[[], Awaitable[None]]] = []
+
+    async def make(rules: Callable[[int], list[Any]], **config: Any) -> Proxy:
+        echo = Upstream(0)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            echo.accepted += 1
+            while data := await reader.read(65536):
+                echo.received.append(data)
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        echo.port = server.sockets[0].getsockname()[1]
+        policy = {"allow": rules(echo.port)}
+        settings: dict[str, Any] = {"hello_timeout_s": 0.3, "peek_bytes": 1024, "port": 1, **config}
+        listeners = listen_sockets(["127.0.0.1"], 0)
+        port = listeners[0].getsockname()[1]
+        if settings["port"] == "self":
+            settings["port"] = port
+        spec, errors = spec_policy(policy)
+        assert not errors
+        recorder = Recorder()
+        enforcer = Enforcer(
+            EgressConfig(policy=policy, **settings), PolicyHolder(spec, None), recorder, _resolver
+        )
+        task = asyncio.create_task(enforcer.serve(listeners))
+
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for sock in listeners:
+                sock.close()
+            server.close()
+
+        cleanups.append(stop)
+        return Proxy(port, enforcer, recorder, echo)
+
+    yield make
+    for stop in cleanups:
+        await stop()
+
+
+async def connect(proxy: Proxy, authority: str, host: str | None = None) -> tuple[Any, Any, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {host or authority}\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return reader, writer, head
+
+
+async def test_a_name_that_resolves_to_loopback_is_refused(make_proxy: Factory) -> None:
+    # An allowed name whose DNS an attacker controls (rebinding, a wildcard) points at 127.0.0.1: the
+    # enforcer (UID 15337, never captured) would otherwise reach the pod's own ports.
+    proxy = await make_proxy(lambda p: [f"rebind.test:{p}"])
+    _, writer, head = await connect(proxy, f"rebind.test:{proxy.echo.port}")
+    assert head.startswith(b"HTTP/1.1 502") and proxy.echo.accepted == 0
+    assert "resolves only to loopback" in proxy.recorder.decisions[-1].reason
+    writer.close()
+
+
+async def test_unspecified_address_never_loops_back(make_proxy: Factory) -> None:
+    proxy = await make_proxy(lambda p: ["0.0.0.0/0:*"])
+    for target in (f"0.0.0.0:{proxy.echo.port}", f"[::]:{proxy.echo.port}"):
+        _, writer, head = await connect(proxy, target)
+        assert head.startswith((b"HTTP/1.1 502", b"HTTP/1.1 403")), head
+        writer.close()
+    assert proxy.echo.accepted == 0
+
+
+async def test_connect_to_the_listener_itself_is_not_a_loop(make_proxy: Factory) -> None:
+    proxy = await make_proxy(lambda p: ["127.0.0.0/8:*"], port="self")
+    _, writer, head = await connect(proxy, f"127.0.0.1:{proxy.port}")
+    assert head.startswith(b"HTTP/1.1 502")
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert proxy.enforcer.stats.active == 0 and len(proxy.recorder.decisions) == 1
+
+
+async def test_mapped_ipv6_literal_is_judged_and_dialled_as_ipv4(make_proxy: Factory) -> None:
+    proxy = await make_proxy(lambda p: [f"127.0.0.1/32:{p}"])
+    reader, writer, head = await connect(proxy, f"[::ffff:127.0.0.1]:{proxy.echo.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    assert proxy.recorder.decisions[-1].destination_ip == "127.0.0.1"
+    writer.close()
+
+
+async def test_ip_literal_needs_a_cidr_and_connect_host_header_is_ignored(make_proxy: Factory) -> None:
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"127.0.0.1/32:{p}"])
+    _, writer, head = await connect(proxy, f"127.0.0.2:{proxy.echo.port}")
+    assert head.startswith(b"HTTP/1.1 403")
+    writer.close()
+    _, writer, head = await connect(proxy, f"evil.test:{proxy.echo.port}", host=f"svc.test:{proxy.echo.port}")
+    assert head.startswith(b"HTTP/1.1 403")  # the CONNECT target is judged, not the Host header
+    writer.close()
+    assert proxy.echo.accepted == 0
+
+
+async def test_idle_tunnel_is_closed_but_a_busy_one_is_not(make_proxy: Factory) -> None:
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"127.0.0.1/32:{p}"], idle_timeout_s=0.4)
+    busy_reader, busy_writer, head = await connect(proxy, f"svc.test:{proxy.echo.port}")
+    idle_reader, idle_writer, _ = await connect(proxy, f"svc.test:{proxy.echo.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    for _ in range(8):  # 1.2 s of traffic every 0.15 s: never idle
+        busy_writer.write(b"x")
+        assert await asyncio.wait_for(busy_reader.readexactly(1), 5) == b"x"
+        await asyncio.sleep(0.15)
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # closed by the enforcer
+    assert proxy.enforcer.stats.idle_closed == 1
+    busy_writer.write(b"y")
+    assert await asyncio.wait_for(busy_reader.readexactly(1), 5) == b"y"
+    for writer in (busy_writer, idle_writer):
+        writer.close()
+
+
+async def test_slowloris_head_is_cut_off_at_the_deadline(make_proxy: Factory) -> None:
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    started = time.monotonic()
+    answer = b""
+    for byte in b"CONNECT svc.test:1 HTTP/1.1\r\n":  # one byte every 50 ms: each read is "in time"
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        except ConnectionError:
+            break
+        await asyncio.sleep(0.05)
+        if reader.at_eof() or len(reader._buffer):  # type: ignore[attr-defined]
+            break
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert time.monotonic() - started < 1.2  # the 0.3 s deadline is for the whole head, not per read
+    writer.close()
+
+
+async def test_half_open_flood_is_bounded_and_recovers(make_proxy: Factory) -> None:
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"127.0.0.1/32:{p}"], max_tunnels=2)
+    silent = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # over the limit: closed at once
+    writer.close()
+    for r, w in silent:  # the silent ones are cut at hello_timeout_s, which frees their slots
+        assert (await asyncio.wait_for(r.read(), 5)).startswith(b"HTTP/1.1 400")
+        w.close()
+    await asyncio.sleep(0.05)
+    _, writer, head = await connect(proxy, f"svc.test:{proxy.echo.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert proxy.enforcer.stats.refused_over_limit == 1
+
+
+async def test_accept_failure_does_not_stop_the_listener(
+    make_proxy: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"127.0.0.1/32:{p}"])
+    loop = asyncio.get_running_loop()
+    real = loop.sock_accept
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    async def flaky(sock: socket.socket) -> tuple[socket.socket, Any]:
+        if failures:
+            raise failures.pop()
+        return await real(sock)
+
+    monkeypatch.setattr(loop, "sock_accept", flaky)
+    # The accept already waiting uses the real method; the one after it fails once, then recovers.
+    for _ in range(2):
+        _, writer, head = await connect(proxy, f"svc.test:{proxy.echo.port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.close()
+    assert proxy.enforcer.stats.accept_errors == 1
+
+
+async def test_pipelined_request_for_another_host_stays_on_the_pinned_upstream(make_proxy: Factory) -> None:
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"127.0.0.1/32:{p}"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    port = proxy.echo.port
+    writer.write(
+        f"GET http://svc.test:{port}/a HTTP/1.1\r\nHost: svc.test:{port}\r\n\r\n"
+        f"GET http://evil.test:{port}/b HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n".encode()
+    )
+    writer.write_eof()
+    echoed = await asyncio.wait_for(reader.read(), 5)
+    # The second request went to svc.test's upstream (the only one dialled), never to evil.test.
+    assert echoed.startswith(b"GET /a HTTP/1.1\r\n") and b"GET http://evil.test" in echoed
+    assert proxy.echo.accepted == 1
+    assert [d.name for d in proxy.recorder.decisions] == ["svc.test"]
+    writer.close()
