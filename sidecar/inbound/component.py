@@ -33,6 +33,15 @@ PROXY_KEY = web.AppKey("inbound_proxy", InboundProxy)
 
 
 def _build_exchanger(runtime: Runtime, session: aiohttp.ClientSession) -> TokenExchanger | None:
+    if not runtime.config.exchange.enabled:
+        # A deliberate mode, not a failure: the app authenticates no one itself and gets the
+        # caller's identity from nowhere but the sidecar's checks. The caller's token is still
+        # stripped (MCP forbids passthrough), so the app receives no Authorization at all.
+        log.warning(
+            "token exchange is not configured (no exchange.token_endpoint): the MCP server will "
+            "receive no Authorization header; callers are still authenticated by the sidecar"
+        )
+        return None
     if runtime.identity is None:
         log.warning("no workload identity: forwarding calls without a downstream token")
         return None
@@ -100,7 +109,15 @@ async def serve(
         app[PROXY_KEY] = proxy
         app.add_routes(proxy.routes())
         # Open SSE streams must not hold shutdown past the pod's grace period.
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=5.0,
+            # A refused request's unread body is drained (so the client reads its 401/413 rather
+            # than a reset) for at most this long, then the connection is closed.
+            lingering_time=2.0,
+        )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         svid: RotatingServerContext | None = None

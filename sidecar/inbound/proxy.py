@@ -55,6 +55,17 @@ HOP_BY_HOP = frozenset(
 STATELESS_VERSION = "2026-07-28"
 TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 JSON_CT = "application/json"
+# MCP uses GET, POST and DELETE; the rest of the ordinary methods pass to the app, which decides.
+# CONNECT and TRACE (and anything unknown) are refused: they make no sense for an MCP endpoint.
+ALLOWED_METHODS = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
+# Headers that state facts about the connection; only the sidecar may say them to the app.
+# A caller-sent copy would reach the app (e.g. uvicorn trusts X-Forwarded-* from 127.0.0.1) as if
+# the sidecar had vouched for it.
+SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip", "x-original-forwarded-for"})
+# An unauthenticated body is only glanced at (for the audit record) when it is this small and
+# arrives at once; anything else is never read.
+DENIED_PEEK_BYTES = 65536
+DENIED_PEEK_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,23 +78,72 @@ class Answer:
 
 
 def upstream_request_headers(
-    incoming: Mapping[str, str], config: InboundConfig, connection_tokens: Iterable[str] = ()
+    incoming: Mapping[str, str],
+    config: InboundConfig,
+    connection_tokens: Iterable[str] = (),
+    *,
+    client: str | None = None,
+    scheme: str = "http",
 ) -> CIMultiDict[str]:
-    """What the app sees: no hop-by-hop headers, no caller credentials, Host of the app itself."""
-    drop = HOP_BY_HOP | {
-        "host",
-        "authorization",
-        "content-length",
-        (config.token_header or "authorization").lower(),
-    }
+    """What the app sees: no hop-by-hop headers, no caller credentials, Host of the app itself.
+
+    Forwarding facts (`X-Forwarded-For`/`-Proto`) are the sidecar's own; caller-sent ones are dropped.
+    """
+    drop = (
+        HOP_BY_HOP
+        | SPOOFABLE
+        | {
+            "host",
+            "authorization",
+            "content-length",
+            (config.token_header or "authorization").lower(),
+        }
+    )
     drop |= {t.strip().lower() for t in connection_tokens}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name.lower() not in drop:
-            headers.add(name, value)
+        lower = name.lower()
+        if lower in drop or lower.startswith("x-forwarded-") or not _safe_header(name, value):
+            continue
+        headers.add(name, value)
     # The SDK answers 421 to any Host but its own loopback one (DNS-rebinding protection).
     headers["Host"] = f"127.0.0.1:{config.mcp_port}"
+    if client:
+        headers["X-Forwarded-For"] = client
+    headers["X-Forwarded-Proto"] = scheme
     return headers
+
+
+def _safe_header(name: str, value: str) -> bool:
+    """Only what can be written back on the wire as received (aiohttp decodes raw bytes leniently)."""
+    try:
+        name.encode("ascii")
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return "\r" not in value and "\n" not in value and "\x00" not in value
+
+
+def _parse(body: bytes) -> tuple[ParsedBody | None, jsonrpc.BodyError | None]:
+    """The body's messages; an unparseable body is recorded as one invalid message (audit sees it)."""
+    if not body:
+        return None, None
+    try:
+        return jsonrpc.parse_body(body), None
+    except jsonrpc.BodyError as exc:
+        return ParsedBody((McpMessage(kind="invalid"),), (None,), False), exc
+
+
+async def _peek_body(request: web.Request) -> bytes | None:
+    """A small body the caller already sent in full, for the audit record of a refused call; else None."""
+    length = request.content_length
+    if length is None or not 0 < length <= DENIED_PEEK_BYTES:
+        return None
+    try:
+        async with asyncio.timeout(DENIED_PEEK_TIMEOUT_S):
+            return await request.content.readexactly(length)
+    except (TimeoutError, asyncio.IncompleteReadError, aiohttp.ClientError, OSError):
+        return None
 
 
 def downstream_response_headers(upstream: Mapping[str, str], *, streaming: bool) -> CIMultiDict[str]:
@@ -247,39 +307,73 @@ class InboundProxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests_total += 1
         headers = request.headers
+        if request.method not in ALLOWED_METHODS:
+            return self._answer(
+                Answer(
+                    405,
+                    jsonrpc.error_body(
+                        None, jsonrpc.INVALID_REQUEST, f"method {request.method} is not allowed"
+                    ),
+                    {"Allow": ", ".join(sorted(ALLOWED_METHODS))},
+                )
+            )
+        info = RequestInfo(
+            http_method=request.method,
+            transport=classify_transport(request.method, request.path, headers, request.query, self.config),
+            protocol_version=headers.get("MCP-Protocol-Version"),
+            session_id=headers.get("Mcp-Session-Id"),
+            client_address=request.remote,
+            headers={k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None},
+        )
+        # Authenticate from the headers alone, before the body: an unauthenticated caller never
+        # makes the proxy buffer (or even wait for) a request body.
+        token = bearer_token(headers.get("Authorization"))
+        principal = await self._authenticate(request, token)
+        if isinstance(principal, AuthFailure):
+            return await self._deny(request, principal, info)
         body = b""
         if request.method in ("POST", "PUT", "PATCH") or request.can_read_body:
             read = await self._read_body(request)
             if isinstance(read, Answer):
                 return self._answer(read)
             body = read
-        transport = classify_transport(request.method, request.path, headers, request.query, self.config)
-        info = RequestInfo(
-            http_method=request.method,
-            transport=transport,
-            protocol_version=headers.get("MCP-Protocol-Version"),
-            session_id=headers.get("Mcp-Session-Id"),
-            client_address=request.remote,
-            headers={k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None},
-        )
-        parsed: ParsedBody | None = None
-        parse_error: jsonrpc.BodyError | None = None
-        if body:
-            try:
-                parsed = jsonrpc.parse_body(body)
-            except jsonrpc.BodyError as exc:
-                parse_error = exc
-        if parse_error is not None:
-            # Recorded as one invalid message, so unparseable traffic shows up in audit too.
-            parsed = ParsedBody((McpMessage(kind="invalid"),), (None,), False)
+        parsed, parse_error = _parse(body)
         with ExitStack() as stack:
             calls = Calls(self.observer, parsed, info, stack)
+            for scope in calls.each():
+                scope.set_principal(principal)
             try:
-                return await self._handle_calls(request, body, parsed, calls, parse_error)
+                return await self._handle_calls(request, body, parsed, calls, parse_error, principal, token)
             except asyncio.CancelledError:
                 # The client went away (aiohttp cancels the handler): every open call still ends.
                 calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
                 raise
+
+    async def _deny(self, request: web.Request, failure: AuthFailure, info: RequestInfo) -> web.Response:
+        """Refuse an unauthenticated request; its body is only glanced at when small and already sent."""
+        self.denied_total += 1
+        parsed: ParsedBody | None = None
+        if request.body_exists:
+            peeked = await _peek_body(request)
+            parsed, _ = _parse(peeked) if peeked else (None, None)
+            if parsed is None:
+                # The body was not read (too big, chunked or slow): audit still sees the refusal.
+                parsed = ParsedBody((McpMessage(kind="invalid"),), (None,), False)
+        with ExitStack() as stack:
+            calls = Calls(self.observer, parsed, info, stack)
+            answer = Answer(
+                failure.status,
+                jsonrpc.error_body(
+                    calls.ids(),
+                    jsonrpc.UNAUTHORIZED,
+                    failure.description,
+                    batch=bool(parsed and parsed.batch),
+                ),
+                {"WWW-Authenticate": www_authenticate(failure, self.config)},
+            )
+            return self._fail(
+                calls, answer, "denied", failure.error or "unauthenticated", failure.description
+            )
 
     async def _handle_calls(
         self,
@@ -288,27 +382,9 @@ class InboundProxy:
         parsed: ParsedBody | None,
         calls: Calls,
         parse_error: jsonrpc.BodyError | None,
+        principal: Principal,
+        token: str | None,
     ) -> web.StreamResponse:
-        # Authenticate first: an unauthenticated caller learns nothing about body handling.
-        token = bearer_token(request.headers.get("Authorization"))
-        principal = await self._authenticate(request, token)
-        if isinstance(principal, AuthFailure):
-            self.denied_total += 1
-            answer = Answer(
-                principal.status,
-                jsonrpc.error_body(
-                    calls.ids(),
-                    jsonrpc.UNAUTHORIZED,
-                    principal.description,
-                    batch=bool(parsed and parsed.batch),
-                ),
-                {"WWW-Authenticate": www_authenticate(principal, self.config)},
-            )
-            return self._fail(
-                calls, answer, "denied", principal.error or "unauthenticated", principal.description
-            )
-        for scope in calls.each():
-            scope.set_principal(principal)
         if parse_error is not None:
             answer = Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {})
             return self._fail(calls, answer, "error", "parse_error")
@@ -316,7 +392,11 @@ class InboundProxy:
             answer = Answer(400, jsonrpc.error_body(calls.ids(), jsonrpc.HEADER_MISMATCH, why), {})
             return self._fail(calls, answer, "error", "header_mismatch", why)
         out_headers = upstream_request_headers(
-            request.headers, self.config, request.headers.get("Connection", "").split(",")
+            request.headers,
+            self.config,
+            request.headers.get("Connection", "").split(","),
+            client=request.remote,
+            scheme=request.scheme,
         )
         if token is not None and principal.kind == "oidc" and self.exchanger is not None:
             failure = await self._exchange(token, calls, out_headers)
@@ -347,6 +427,9 @@ class InboundProxy:
         return b"".join(chunks)
 
     async def _authenticate(self, request: web.Request, token: str | None) -> Principal | AuthFailure:
+        if len(request.headers.getall("Authorization", ())) > 1:
+            # Which one would the app believe? Refuse rather than guess (RFC 9110: not a list header).
+            return AuthFailure(401, "invalid_request", "more than one Authorization header")
         if token is not None:
             if self.verifier is None:
                 return AuthFailure(401, "invalid_token", "bearer tokens are not accepted by this server")
@@ -428,7 +511,8 @@ class InboundProxy:
     async def _forward(
         self, request: web.Request, body: bytes, headers: CIMultiDict[str], calls: Calls
     ) -> web.StreamResponse:
-        url = URL(self.base + request.raw_path, encoded=True)
+        # rel_url, not raw_path: an absolute-form target (`POST http://elsewhere/x`) must not pick the host.
+        url = URL(self.base + (request.rel_url.raw_path_qs or "/"), encoded=True)
         try:
             async with asyncio.timeout(self.config.upstream_timeout_s):
                 upstream = await self.upstream.request(
