@@ -349,15 +349,16 @@ class Enforcer:
                 dest=dest,
             )
             return None
-        usable = name_addresses(policy, addresses, dest.port)
+        usable = name_addresses(policy, dest.name, addresses, dest.port)
         if not usable:
             self._emit(
                 Verdict(
                     False,
                     verdict.rule,
                     verdict.source,
-                    f"default deny: {dest.name} resolves only to loopback/link-local/unspecified/multicast "
-                    f"addresses ({', '.join(map(str, addresses))}) and no CIDR rule allows them",
+                    f"default deny: no address of {dest.name} ({', '.join(map(str, addresses))}) is allowed "
+                    "(loopback/link-local/unspecified/multicast need a CIDR rule; CIDR-only layers "
+                    "judge the address dialled)",
                 ),
                 mode=mode,
                 protocol=protocol,

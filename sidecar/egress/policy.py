@@ -196,14 +196,19 @@ def address_allowed(policy: Policy, ip: IPAddress, port: int) -> bool:
     return decide(policy, Destination(port=port, ip=unmapped(ip))).allowed
 
 
-def name_addresses(policy: Policy, addresses: Iterable[IPAddress], port: int) -> list[IPAddress]:
-    """The resolved addresses an allowed name may be reached at: all of them, except special ones
-    (`is_special`) that no CIDR rule allows. A name that an attacker can point anywhere (a wildcard
-    rule, a rebinding resolver) must not become a road to the metadata service or the pod itself."""
+def name_addresses(policy: Policy, name: str, addresses: Iterable[IPAddress], port: int) -> list[IPAddress]:
+    """The resolved addresses an allowed name may be reached at.
+
+    Each must satisfy every layer together with the name (a layer that only has CIDR rules judges the
+    address actually dialled, not the one the client chose), and special ones (`is_special`) need a
+    CIDR rule: a name that an attacker can point anywhere (a wildcard rule, a rebinding resolver) must
+    not become a road to the metadata service or the pod itself."""
     out: list[IPAddress] = []
     for address in addresses:
         address = unmapped(address)
         if address in out:
+            continue
+        if not decide(policy, Destination(port=port, name=name, ip=address)).allowed:
             continue
         if is_special(address) and not address_allowed(policy, address, port):
             continue

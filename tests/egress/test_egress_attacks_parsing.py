@@ -221,14 +221,16 @@ def test_special_addresses(text: str) -> None:
 def test_a_name_never_leads_to_metadata_or_loopback_without_a_cidr() -> None:
     p = layers(["*.attacker.test"])
     resolved = [ip("169.254.169.254"), ip("::ffff:127.0.0.1"), ip("0.0.0.0"), ip("10.0.0.7"), ip("fe80::1")]
-    assert name_addresses(p, resolved, 443) == [ip("10.0.0.7")]
-    assert name_addresses(layers(["*.attacker.test", "169.254.169.254/32:443"]), resolved, 443) == [
+    assert name_addresses(p, "x.attacker.test", resolved, 443) == [ip("10.0.0.7")]
+    assert name_addresses(
+        layers(["*.attacker.test", "169.254.169.254/32:443"]), "x.attacker.test", resolved, 443
+    ) == [
         ip("169.254.169.254"),
         ip("10.0.0.7"),
     ]
     # A CIDR for the metadata address in one layer only is not enough.
     both = layers(["*.attacker.test", "169.254.0.0/16:443"], ["*.attacker.test"])
-    assert name_addresses(both, resolved, 443) == [ip("10.0.0.7")]
+    assert name_addresses(both, "x.attacker.test", resolved, 443) == [ip("10.0.0.7")]
 
 
 def test_metadata_ip_literal_is_denied_unless_a_cidr_allows_it() -> None:
@@ -256,6 +258,10 @@ def test_a_cidr_layer_does_not_widen_a_name_layer() -> None:
     assert decide(p, dest).allowed
     assert not address_allowed(p, ip("10.9.9.9"), 443)
     assert address_allowed(layers(["10.0.0.0/8:443"], ["10.9.0.0/16:443"]), ip("10.9.9.9"), 443)
+    # The name's own addresses are then held to the CIDR-only layer too.
+    resolved = [ip("10.1.1.1"), ip("192.0.2.7"), ip("fd00::1")]
+    assert name_addresses(p, "allowed.test", resolved, 443) == [ip("10.1.1.1")]
+    assert name_addresses(layers(["allowed.test"], ["10.9.0.0/16:443"]), "allowed.test", resolved, 443) == []
 
 
 # --- policy -----------------------------------------------------------------------------------------
