@@ -123,7 +123,7 @@ class Demo:
     admin_port: int
     allowed_url: str
     denied_url: str
-    allowed_rule: str  # the operator's egress rule in the webhook config
+    allowed_rules: list[str]  # the operators' egress rules in the webhook config
     missing: dict[str, str] = field(default_factory=dict)
     injected: dict[str, Any] | None = None
     dataplane_up: bool = False
@@ -189,7 +189,7 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
         if topo is not None:
             ports = {"client": MCP_PORT, "app": MCP_PORT, "admin": 15020}
             allowed_url, denied_url = f"http://{ALLOWED_HOST}/", f"http://{DENIED_HOST}/"
-            allowed_rule = f"{ALLOWED_HOST}:80"
+            allowed_rules = [f"{ALLOWED_HOST}:80"]
         else:
             # No namespace of its own: every port is a free one on this host's loopback.
             ports = {"client": procs.free_port(), "app": procs.free_port(), "admin": procs.free_port()}
@@ -199,7 +199,10 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
                 f"http://{internet}:{allowed_port}/",
                 f"http://{internet}:{denied_port}/",
             )
-            allowed_rule = f"{internet}:{allowed_port}"
+            # This host's name resolves to loopback, which a name alone may never reach (the pod itself,
+            # the sidecar's ports): the operators must allow that address explicitly with a CIDR rule.
+            loopback = socket.gethostbyname(internet)
+            allowed_rules = [f"{internet}:{allowed_port}", f"{loopback}/32:{allowed_port}"]
         demo = Demo(
             args=args,
             console=console,
@@ -216,7 +219,7 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
             admin_port=ports["admin"],
             allowed_url=allowed_url,
             denied_url=denied_url,
-            allowed_rule=allowed_rule,
+            allowed_rules=allowed_rules,
         )
         for piece, modules in PIECES.items():
             missing = piece_missing(modules)
@@ -309,7 +312,7 @@ def webhook_config(demo: Demo) -> dict[str, Any]:
         "trust_domain": TRUST_DOMAIN,
         "token_audiences": [DOWNSTREAM_AUDIENCE],
         "default_audience": DOWNSTREAM_AUDIENCE,
-        "egress_default_policy": {"allow": [demo.allowed_rule]},
+        "egress_default_policy": {"allow": demo.allowed_rules},
         "sidecar": {
             "inbound": {"issuer": demo.idp_url, "resource": demo.resource},
             "exchange": {
@@ -801,7 +804,7 @@ def explicit_app_env(demo: Demo) -> dict[str, str]:
     from webhook.egress import EGRESS_MODE_LABEL, plan_egress
 
     assert demo.injected is not None
-    plan = plan_egress(demo.injected, {EGRESS_MODE_LABEL: "explicit"}, None, {"allow": [demo.allowed_rule]})
+    plan = plan_egress(demo.injected, {EGRESS_MODE_LABEL: "explicit"}, None, {"allow": demo.allowed_rules})
     port = _egress_port(demo)
     return {k: v.replace(":15001", f":{port}") for k, v in plan.app_env}
 
