@@ -7,6 +7,9 @@ sidecar's uid and the dev IdP's uid with the unix workload attestor, as a cluste
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,14 +28,25 @@ async def _build_with_progress(demo: Demo) -> None:
         f"SPIRE {spire.SPIRE_VERSION} is not in the cache yet: building it (several minutes, once)"
     )
     proc = await asyncio.create_subprocess_exec(
-        str(script), "spire", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        str(script),
+        "spire",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # Ctrl-C stops the whole build (go and its compilers) below
     )
     assert proc.stderr is not None
-    async for raw in proc.stderr:
-        line = raw.decode(errors="replace").rstrip()
-        if line:
-            demo.console.dim(line)
-    if await proc.wait() != 0:
+    try:
+        async for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                demo.console.dim(line)
+        code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            await proc.wait()
+    if code != 0:
         raise RuntimeError(f"{script} spire failed (exit {proc.returncode}); see the lines above")
 
 
