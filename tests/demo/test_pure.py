@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
@@ -253,3 +254,22 @@ def test_iptables_rules_are_shown_with_their_comment_last() -> None:
         " outrider: sidecar uid",
     ]
     assert run.compact_rule("-A X -j RETURN") == "-A X -j RETURN"
+
+
+async def test_spire_build_progress_is_streamed(tmp_path: Path, monkeypatch) -> None:
+    import io
+    from types import SimpleNamespace
+
+    from sidecar.demo import spire_glue
+    from sidecar.demo.console import Console
+
+    script = tmp_path / "build.sh"
+    script.write_text("#!/bin/sh\necho '[build-upstream] SPIRE: compiling spire-server' >&2\nexit 0\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(spire_glue, "BUILD_SCRIPT", script)
+    out = io.StringIO()
+    await spire_glue._build_with_progress(SimpleNamespace(console=Console(out=out, colour=False)))
+    assert "[build-upstream] SPIRE: compiling spire-server" in out.getvalue()
+    script.write_text("#!/bin/sh\necho 'go: missing' >&2\nexit 3\n")
+    with pytest.raises(RuntimeError, match="exit 3"):
+        await spire_glue._build_with_progress(SimpleNamespace(console=Console(out=out, colour=False)))
