@@ -16,6 +16,7 @@ from webhook.engine import InjectionResult
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
+EPHEMERAL_CONTAINERS = "ephemeralcontainers"
 
 
 class BadReview(ValueError):
@@ -35,14 +36,25 @@ class Review:
     sub_resource: str | None
     dry_run: bool
     object: Any = field(default=None)
+    old_object: Any = field(default=None)
+
+    @property
+    def is_pod(self) -> bool:
+        return self.kind.get("group", "") == "" and self.kind.get("kind") == "Pod"
 
     @property
     def is_pod_create(self) -> bool:
+        return self.operation == "CREATE" and self.is_pod and not self.sub_resource
+
+    @property
+    def is_pod_update(self) -> bool:
+        """A pod UPDATE or a `pods/ephemeralcontainers` UPDATE: checked in strict namespaces."""
         return (
-            self.operation == "CREATE"
-            and self.kind.get("group", "") == ""
-            and self.kind.get("kind") == "Pod"
-            and not self.sub_resource
+            self.operation == "UPDATE"
+            and self.is_pod
+            and self.sub_resource in (None, EPHEMERAL_CONTAINERS)
+            and isinstance(self.object, dict)
+            and isinstance(self.old_object, dict)
         )
 
 
@@ -83,7 +95,14 @@ def decode(body: bytes) -> Review:
     if not isinstance(dry_run, bool):
         raise BadReview("request.dryRun must be a boolean", uid)
     review = Review(
-        uid, kind, operation, namespace or None, sub_resource or None, dry_run, request.get("object")
+        uid,
+        kind,
+        operation,
+        namespace or None,
+        sub_resource or None,
+        dry_run,
+        request.get("object"),
+        request.get("oldObject"),
     )
     if review.is_pod_create and not isinstance(review.object, dict):
         raise BadReview("request.object must be the Pod being created (an object)", uid)

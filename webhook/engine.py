@@ -14,6 +14,7 @@ from typing import Any
 
 from webhook import __version__
 from webhook import annotations as ann
+from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
 from webhook.egress import EgressPlan, plan_egress
 from webhook.patch import JsonPatch, diff
@@ -27,8 +28,6 @@ SPIFFE_SOCKET = f"unix://{SPIFFE_MOUNT_PATH}/spire-agent.sock"
 ADMIN_PORT_NAME = "outrider-admin"
 INBOUND_PORT_NAME = "outrider-mcp"
 PROBE_KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
-# Capabilities that let an app container rewrite or bypass the pod's iptables capture.
-ESCAPE_CAPS = {"NET_ADMIN", "NET_RAW", "CAP_NET_ADMIN", "CAP_NET_RAW", "ALL"}
 
 Pod = dict[str, Any]
 
@@ -145,10 +144,10 @@ def inject(
         )
 
     try:
-        escapes = list(_escape_problems(spec))
+        escapes = _escapes(spec, strict, config)
         if escapes and strict:
-            raise _Refused(escapes[0] + f"; not allowed in namespaces labelled {ann.NAMESPACE_INJECT}=strict")
-        warnings.extend(e + "; it can bypass the sidecar's egress capture" for e in escapes)
+            raise _Refused(strict_rules.refusal(escapes))
+        warnings.extend(escapes)
         _check_port_clash(spec)
         mcp_port, app_index = _find_mcp_port(spec, settings.mcp_port, warnings)
         try:
@@ -195,7 +194,7 @@ def _verify_injected(
     missing = [str(n) for n in ours if n not in by_name]
     if not ours or missing:
         return f"the containers it names are missing ({', '.join(missing) or 'none named'})"
-    escapes = list(_escape_problems(spec, skip=set(map(str, ours))))
+    escapes = _escapes(spec, True, config, skip=set(map(str, ours)))
     if escapes:
         return escapes[0]
     # The MCP port decides what inbound traffic is captured: it must be the one the pod declares.
@@ -246,27 +245,22 @@ def _has_istio(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
     return any(c.get("name") == ann.ISTIO_PROXY_CONTAINER for c in _all_containers(spec))
 
 
-def _escape_problems(spec: Mapping[str, Any], skip: set[str] | None = None) -> Iterable[str]:
-    pod_sc = _map(spec.get("securityContext"))
-    for key in ("initContainers", "containers"):
-        for i, c in enumerate(_list(spec.get(key))):
-            if not isinstance(c, dict) or (skip and c.get("name") in skip):
-                continue
-            where = f"spec.{key}[{i}] ({c.get('name')})"
-            sc = _map(c.get("securityContext"))
-            if sc.get("privileged") is True:
-                yield f"{where}.securityContext.privileged is true"
-            added = {str(x).upper() for x in _list(_map(sc.get("capabilities")).get("add"))}
-            bad = sorted(added & ESCAPE_CAPS)
-            if bad:
-                yield f"{where}.securityContext.capabilities.add has {', '.join(bad)}"
-            for field_name in ("runAsUser", "runAsGroup"):
-                value = sc.get(field_name, pod_sc.get(field_name))
-                if value == ann.SIDECAR_UID:
-                    yield (
-                        f"{where} runs with {field_name} {ann.SIDECAR_UID}, the sidecar's ID whose "
-                        "traffic is never captured; pick another ID"
-                    )
+def _escapes(
+    spec: Mapping[str, Any], strict: bool, config: WebhookConfig, skip: set[str] | None = None
+) -> list[str]:
+    """Ways around the sidecar: warned about in `enabled` namespaces, refused in `strict` ones."""
+    found = strict_rules.problems(spec, strict, skip or (), config.spiffe_csi_driver)
+    if strict and not config.native_sidecar:
+        ours = skip or set()
+        for i, c in enumerate(_list(spec.get("initContainers"))):
+            if isinstance(c, dict) and c.get("name") not in ours:
+                found.append(
+                    f"spec.initContainers[{i}] ({c.get('name')}) would run before outrider-init in the "
+                    "classic layout (webhook config native_sidecar: false), so its traffic is not "
+                    "captured; move its work into an app container or ask the operator for the native "
+                    "sidecar layout"
+                )
+    return found
 
 
 def _check_port_clash(spec: Mapping[str, Any]) -> None:

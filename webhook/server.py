@@ -25,7 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from webhook import admission
+from webhook import admission, strict
 from webhook import annotations as ann
 from webhook.config import ConfigHolder
 from webhook.engine import inject
@@ -142,6 +142,13 @@ async def mutate(request: web.Request) -> web.Response:
             if exc.uid is None:
                 raise web.HTTPBadRequest(text=f"bad AdmissionReview: {exc}\n") from None
             return _json(admission.deny(exc.uid, f"bad AdmissionReview: {exc}", code=400))
+        if review.is_pod_update:
+            outcome = "ignored"
+            denial = await _strict_update(request, review)
+            if denial is not None:
+                outcome = "denied"
+                return _json(admission.deny(review.uid, denial))
+            return _json(admission.allow(review.uid))
         if not review.is_pod_create:
             outcome = "ignored"
             return _json(admission.allow(review.uid))
@@ -172,6 +179,22 @@ async def mutate(request: web.Request) -> web.Response:
     finally:
         metrics.admissions.labels(outcome).inc()
         metrics.latency.observe(time.perf_counter() - started)
+
+
+async def _strict_update(request: web.Request, review: admission.Review) -> str | None:
+    """Why a pod UPDATE in a strict namespace is refused (new ephemeral containers, swapped sidecar)."""
+    facts: NamespaceFacts | None = request.app[NAMESPACES]  # type: ignore[assignment]
+    labels = await facts.labels(review.namespace or "") if facts else ENABLED_LABELS
+    if ann.namespace_mode(labels) != ann.NAMESPACE_STRICT:
+        return None
+    if review.sub_resource == admission.EPHEMERAL_CONTAINERS:
+        problems = strict.ephemeral_problems(review.old_object, review.object)
+    else:
+        problems = strict.sidecar_image_changes(review.old_object, review.object)
+    if not problems:
+        return None
+    log.info("refused pod update in namespace %s: %s", review.namespace, problems[0])
+    return strict.refusal(problems)
 
 
 async def healthz(request: web.Request) -> web.Response:

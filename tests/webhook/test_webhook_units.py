@@ -219,18 +219,26 @@ def test_strict_forged_status_is_refused() -> None:
 
 
 STRICT = {"outrider.dev/inject": "strict"}
+SAFE = {"runAsUser": 1000, "runAsNonRoot": True, "allowPrivilegeEscalation": False}
+
+
+def _safe_pod(**spec: Any) -> dict[str, Any]:
+    """A pod that strict namespaces accept: pinned non-root UID, no privilege escalation."""
+    pod = _pod(**spec)
+    pod["spec"]["containers"][0]["securityContext"] = dict(SAFE)
+    return pod
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_strict_accepts_a_genuine_injection(native: bool) -> None:
     config = WebhookConfig(native_sidecar=native)
-    injected = engine.inject(_pod(), STRICT, config).pod
+    injected = engine.inject(_safe_pod(), STRICT, config).pod
     again = engine.inject(injected, STRICT, config)
     assert again.allowed and again.patch == [] and again.skipped
 
 
 def _tamper(change: Any) -> str | None:
-    injected = copy.deepcopy(engine.inject(_pod(), STRICT, WebhookConfig()).pod)
+    injected = copy.deepcopy(engine.inject(_safe_pod(), STRICT, WebhookConfig()).pod)
     change(injected)
     result = engine.inject(injected, STRICT, WebhookConfig())
     assert not result.allowed
@@ -258,7 +266,7 @@ def test_strict_refuses_a_moved_mcp_port() -> None:
 
 def test_strict_refuses_net_admin_added_after_injection() -> None:
     def grant(p: dict[str, Any]) -> None:
-        p["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": ["NET_ADMIN"]}}
+        p["spec"]["containers"][0]["securityContext"]["capabilities"] = {"add": ["NET_ADMIN"]}
 
     assert "NET_ADMIN" in (_tamper(grant) or "")
 

@@ -1,0 +1,373 @@
+"""Strict namespaces refuse every pod setting that lets an app escape the sidecar.
+
+Each case starts from a pod that strict mode accepts, adds one escape, and checks the refusal names
+the field path and says how to fix it; `enabled` namespaces warn about the hard ones and inject.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from webhook_support import ThreadedWebhook, review
+
+from webhook import engine
+from webhook import strict as strict_rules
+from webhook.config import WebhookConfig
+from webhook.namespaces import StaticNamespaces
+
+STRICT = {"outrider.dev/inject": "strict"}
+ENABLED = {"outrider.dev/inject": "enabled"}
+SAFE_SC = {
+    "runAsUser": 1000,
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def safe_pod() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "mcp", "namespace": "secure"},
+        "spec": {
+            "initContainers": [
+                {"name": "migrate", "image": "ghcr.io/example/migrate:1", "securityContext": dict(SAFE_SC)}
+            ],
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "ghcr.io/example/mcp:1",
+                    "ports": [{"name": "mcp", "containerPort": 8080}],
+                    "securityContext": copy.deepcopy(SAFE_SC),
+                }
+            ],
+        },
+    }
+
+
+def app_sc(**values: Any) -> Callable[[dict[str, Any]], None]:
+    def change(pod: dict[str, Any]) -> None:
+        pod["spec"]["containers"][0]["securityContext"].update(values)
+
+    return change
+
+
+def pod_sc(**values: Any) -> Callable[[dict[str, Any]], None]:
+    def change(pod: dict[str, Any]) -> None:
+        pod["spec"].setdefault("securityContext", {}).update(values)
+
+    return change
+
+
+def spec(**values: Any) -> Callable[[dict[str, Any]], None]:
+    def change(pod: dict[str, Any]) -> None:
+        pod["spec"].update(values)
+
+    return change
+
+
+def caps(*names: str) -> Callable[[dict[str, Any]], None]:
+    return app_sc(capabilities={"add": list(names), "drop": ["ALL"]})
+
+
+def without_app_uid(pod: dict[str, Any]) -> None:
+    del pod["spec"]["containers"][0]["securityContext"]["runAsUser"]
+
+
+def inherit_uid(uid: int) -> Callable[[dict[str, Any]], None]:
+    def change(pod: dict[str, Any]) -> None:
+        without_app_uid(pod)
+        pod["spec"]["securityContext"] = {"runAsUser": uid}
+
+    return change
+
+
+def root_keeping_setuid(pod: dict[str, Any]) -> None:
+    sc = pod["spec"]["containers"][0]["securityContext"]
+    sc.update(runAsUser=0, runAsNonRoot=False, capabilities={"drop": ["NET_BIND_SERVICE"]})
+
+
+def rename(name: str) -> Callable[[dict[str, Any]], None]:
+    def change(pod: dict[str, Any]) -> None:
+        pod["spec"]["containers"][0]["name"] = name
+
+    return change
+
+
+def init_with(**sc: Any) -> Callable[[dict[str, Any]], None]:
+    def change(pod: dict[str, Any]) -> None:
+        pod["spec"]["initContainers"][0]["securityContext"].update(sc)
+
+    return change
+
+
+def ephemeral(pod: dict[str, Any]) -> None:
+    pod["spec"]["ephemeralContainers"] = [{"name": "debug", "image": "busybox", "securityContext": SAFE_SC}]
+
+
+def spiffe_mount(pod: dict[str, Any]) -> None:
+    pod["spec"]["volumes"] = [{"name": "spiffe-workload-api", "csi": {"driver": "csi.spiffe.io"}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "spiffe-workload-api", "mountPath": "/spiffe-workload-api", "readOnly": True}
+    ]
+
+
+# (id, change, text the refusal must contain, field path it must name, warned in `enabled` too)
+CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str, bool]] = [
+    ("app-run-as-group", app_sc(runAsGroup=15337), "runAsGroup is 15337", "containers[0] (app)", True),
+    (
+        "pod-run-as-group",
+        pod_sc(runAsGroup=15337),
+        "spec.securityContext.runAsGroup is 15337",
+        "containers[0] (app)",
+        True,
+    ),
+    (
+        "supplemental-groups",
+        pod_sc(supplementalGroups=[1000, 15337]),
+        "supplementalGroups contains 15337",
+        "spec.securityContext",
+        True,
+    ),
+    ("fs-group", pod_sc(fsGroup=15337), "fsGroup is 15337", "spec.securityContext", True),
+    (
+        "pod-run-as-user-inherited",
+        inherit_uid(15337),
+        "spec.securityContext.runAsUser is 15337",
+        "containers[0] (app)",
+        True,
+    ),
+    ("host-pid", spec(hostPID=True), "spec.hostPID is true", "hostPID: false", True),
+    ("host-ipc", spec(hostIPC=True), "spec.hostIPC is true", "hostIPC: false", True),
+    (
+        "share-process-namespace",
+        spec(shareProcessNamespace=True),
+        "shareProcessNamespace is true",
+        "shareProcessNamespace: false",
+        False,
+    ),
+    ("net-admin", caps("NET_ADMIN"), "has NET_ADMIN", "containers[0] (app).securityContext", True),
+    ("net-raw", caps("NET_RAW"), "has NET_RAW", "capabilities.add", True),
+    ("sys-admin", caps("SYS_ADMIN"), "has SYS_ADMIN", "capabilities.add", True),
+    ("all", caps("ALL"), "has ALL", "capabilities.add", True),
+    ("lowercase", caps("net_admin"), "has NET_ADMIN", "capabilities.add", True),
+    ("cap-prefix", caps("CAP_NET_ADMIN"), "has NET_ADMIN", "capabilities.add", True),
+    ("cap-prefix-lower", caps("cap_sys_admin"), "has SYS_ADMIN", "capabilities.add", True),
+    ("setuid", caps("SETUID"), "has SETUID", "capabilities.add", False),
+    ("sys-ptrace", caps("SYS_PTRACE"), "has SYS_PTRACE", "capabilities.add", False),
+    ("privileged", app_sc(privileged=True), "privileged is true", "containers[0] (app)", True),
+    (
+        "privilege-escalation",
+        app_sc(allowPrivilegeEscalation=True),
+        "allowPrivilegeEscalation is not false",
+        "containers[0] (app)",
+        False,
+    ),
+    ("root-with-setuid", root_keeping_setuid, "runs as root with CAP_SETUID", "drop", False),
+    ("no-run-as-user", without_app_uid, "runAsUser is not set", "containers[0] (app)", False),
+    (
+        "init-net-admin",
+        init_with(capabilities={"add": ["NET_ADMIN"]}),
+        "has NET_ADMIN",
+        "initContainers[0]",
+        True,
+    ),
+    (
+        "init-run-as-15337",
+        init_with(runAsUser=15337),
+        "runAsUser is 15337",
+        "initContainers[0] (migrate)",
+        True,
+    ),
+    ("named-like-ours", rename("outrider-proxy"), "starts with 'outrider-'", "containers[0]", False),
+    ("ephemeral-at-create", ephemeral, "spec.ephemeralContainers is set", "kubectl debug", False),
+    ("spiffe-mount", spiffe_mount, "SPIFFE Workload API volume", "volumeMounts[0]", False),
+]
+
+
+def test_the_safe_pod_is_injected_in_strict_namespaces() -> None:
+    result = engine.inject(safe_pod(), STRICT, WebhookConfig())
+    assert result.allowed and result.injected, result.message
+
+
+@pytest.mark.parametrize(
+    ("change", "text", "where", "warned"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_strict_refuses(
+    change: Callable[[dict[str, Any]], None], text: str, where: str, warned: bool
+) -> None:
+    pod = safe_pod()
+    change(pod)
+    result = engine.inject(pod, STRICT, WebhookConfig())
+    assert not result.allowed and result.patch == []
+    message = result.message or ""
+    assert text in message and where in message, message
+    assert "outrider.dev/inject=strict" in message
+    enabled = engine.inject(pod, ENABLED, WebhookConfig())
+    if warned:
+        assert any(text in w for w in enabled.warnings), enabled.warnings
+    if "outrider-proxy" not in json.dumps(pod["spec"]["containers"]):
+        assert enabled.allowed  # enabled namespaces inject (warning where it is a hard escape)
+
+
+def test_every_problem_is_listed_once_numbered() -> None:
+    pod = safe_pod()
+    pod["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": ["NET_ADMIN"]}}
+    message = engine.inject(pod, STRICT, WebhookConfig()).message or ""
+    assert "[1]" in message and "[2]" in message and "[3]" in message and "[4]" not in message
+
+
+def test_root_that_drops_setuid_and_setgid_is_accepted() -> None:
+    pod = safe_pod()
+    pod["spec"]["containers"][0]["securityContext"] = {
+        "runAsUser": 0,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["cap_setuid", "SETGID"]},
+    }
+    assert engine.inject(pod, STRICT, WebhookConfig()).allowed
+
+
+def test_classic_layout_refuses_user_init_containers_in_strict() -> None:
+    config = WebhookConfig(native_sidecar=False)
+    result = engine.inject(safe_pod(), STRICT, config)
+    assert not result.allowed
+    assert "spec.initContainers[0] (migrate) would run before outrider-init" in (result.message or "")
+    pod = safe_pod()
+    del pod["spec"]["initContainers"]
+    assert engine.inject(pod, STRICT, config).allowed
+    # the native layout runs outrider-init and the proxy first, so user init containers are captured
+    native = engine.inject(safe_pod(), STRICT, WebhookConfig()).pod
+    assert [c["name"] for c in native["spec"]["initContainers"]] == [
+        "outrider-init",
+        "outrider-proxy",
+        "migrate",
+    ]
+
+
+@pytest.mark.parametrize("port", [15001, 15006, 15020])
+def test_our_ports_are_refused_everywhere(port: int) -> None:
+    pod = safe_pod()
+    pod["spec"]["containers"][0]["ports"].append({"containerPort": port})
+    for labels in (STRICT, ENABLED):
+        result = engine.inject(pod, labels, WebhookConfig())
+        assert not result.allowed and f"containerPort {port}" in (result.message or "")
+
+
+@pytest.mark.parametrize("name", ["outrider-proxy", "outrider-init"])
+def test_enabled_namespaces_rename_ours_around_user_containers(name: str) -> None:
+    pod = safe_pod()
+    pod["spec"]["containers"].append({"name": name, "image": "nginx"})
+    result = engine.inject(pod, ENABLED, WebhookConfig())
+    names = [c["name"] for c in [*result.pod["spec"]["initContainers"], *result.pod["spec"]["containers"]]]
+    assert result.allowed and len(names) == len(set(names)) and f"{name}-1" in names
+
+
+# --- UPDATE: ephemeral containers and swapped sidecar images -----------------------------------
+
+
+def injected_pod() -> dict[str, Any]:
+    return engine.inject(safe_pod(), STRICT, WebhookConfig()).pod
+
+
+def with_debugger(pod: dict[str, Any], **container: Any) -> dict[str, Any]:
+    new = copy.deepcopy(pod)
+    debugger = {
+        "name": "debugger",
+        "image": "busybox",
+        "securityContext": copy.deepcopy(SAFE_SC),
+        **container,
+    }
+    new["spec"]["ephemeralContainers"] = [debugger]
+    return new
+
+
+def test_restricted_debug_container_is_accepted() -> None:
+    old = injected_pod()
+    assert strict_rules.ephemeral_problems(old, with_debugger(old, targetContainerName="app")) == []
+
+
+@pytest.mark.parametrize(
+    ("container", "text"),
+    [
+        ({"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}, "has NET_ADMIN"),
+        ({"securityContext": {**SAFE_SC, "runAsUser": 15337}}, "runAsUser is 15337"),
+        ({"securityContext": {"privileged": True}}, "privileged is true"),
+        ({}, None),  # no securityContext at all: runAsUser/allowPrivilegeEscalation
+        ({"targetContainerName": "outrider-proxy"}, "targetContainerName is outrider-proxy"),
+        ({"volumeMounts": [{"name": "outrider-spiffe", "mountPath": "/s"}]}, "SPIFFE Workload API"),
+    ],
+)
+def test_risky_debug_containers_are_refused(container: dict[str, Any], text: str | None) -> None:
+    old = injected_pod()
+    new = with_debugger(old, **container)
+    if not container:
+        new["spec"]["ephemeralContainers"][0].pop("securityContext")
+    found = strict_rules.ephemeral_problems(old, new)
+    assert found and all(p.startswith("spec.ephemeralContainers[0] (debugger)") for p in found)
+    if text:
+        assert any(text in p for p in found), found
+    # an existing ephemeral container is not judged again (it was judged when it was added)
+    assert strict_rules.ephemeral_problems(new, new) == []
+
+
+def test_swapped_sidecar_image_is_refused() -> None:
+    old = injected_pod()
+    new = copy.deepcopy(old)
+    new["spec"]["initContainers"][1]["image"] = "busybox"
+    [problem] = strict_rules.sidecar_image_changes(old, new)
+    assert problem.startswith("spec.initContainers[1] (outrider-proxy).image changed")
+    app_only = copy.deepcopy(old)
+    app_only["spec"]["containers"][0]["image"] = "ghcr.io/example/mcp:2"
+    assert strict_rules.sidecar_image_changes(old, app_only) == []
+
+
+def _update(obj: dict[str, Any], old: dict[str, Any], namespace: str, sub: str | None) -> dict[str, Any]:
+    document = review(obj, namespace=namespace, operation="UPDATE")
+    document["request"]["oldObject"] = old
+    if sub:
+        document["request"]["subResource"] = sub
+    return document
+
+
+def test_server_judges_updates_in_strict_namespaces_only(cert_dir: Path) -> None:
+    facts = StaticNamespaces(namespace_labels={"secure": STRICT, "tools": ENABLED})
+    server = ThreadedWebhook(cert_dir, namespaces=facts)
+    old = injected_pod()
+    risky = with_debugger(old, securityContext={"capabilities": {"add": ["NET_ADMIN"]}})
+    fine = with_debugger(old, targetContainerName="app")
+    swapped = copy.deepcopy(old)
+    swapped["spec"]["initContainers"][1]["image"] = "busybox"
+    answers = {}
+    try:
+        for name, (obj, ns, sub) in {
+            "risky-strict": (risky, "secure", "ephemeralcontainers"),
+            "risky-enabled": (risky, "tools", "ephemeralcontainers"),
+            "fine-strict": (fine, "secure", "ephemeralcontainers"),
+            "swapped-strict": (swapped, "secure", None),
+            "status-update": (swapped, "secure", "status"),
+        }.items():
+            status, body, _ = server.request(
+                "POST", "/mutate", json.dumps(_update(obj, old, ns, sub)).encode()
+            )
+            assert status == 200
+            answers[name] = json.loads(body)["response"]
+    finally:
+        server.close()
+    refused = answers["risky-strict"]
+    assert refused["allowed"] is False and refused["status"]["code"] == 403
+    assert (
+        "spec.ephemeralContainers[0] (debugger).securityContext.capabilities.add has NET_ADMIN"
+        in (refused["status"]["message"])
+    )
+    assert answers["risky-enabled"] == {"uid": "uid-1", "allowed": True}
+    assert answers["fine-strict"] == {"uid": "uid-1", "allowed": True}
+    assert answers["swapped-strict"]["allowed"] is False
+    assert "outrider-proxy).image changed" in answers["swapped-strict"]["status"]["message"]
+    assert answers["status-update"] == {"uid": "uid-1", "allowed": True}  # other subresources: ignored
+    assert not any("patch" in a for a in answers.values())
