@@ -58,7 +58,11 @@ class EventStamp:
 
     @classmethod
     def now(cls, trace_id: str | None = None, span_id: str | None = None) -> EventStamp:
-        return cls(event_id=str(uuid.uuid4()), time=datetime.now(UTC), trace_id=trace_id, span_id=span_id)
+        return cls.at(datetime.now(UTC), trace_id, span_id)
+
+    @classmethod
+    def at(cls, when: datetime, trace_id: str | None = None, span_id: str | None = None) -> EventStamp:
+        return cls(event_id=str(uuid.uuid4()), time=when, trace_id=trace_id, span_id=span_id)
 
 
 def _time(value: datetime) -> str:

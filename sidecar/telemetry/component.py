@@ -18,6 +18,7 @@ from sidecar.runtime import Runtime
 from sidecar.telemetry.audit import AuditLog, Workload
 from sidecar.telemetry.observer_otel import OtelObserver
 from sidecar.telemetry.setup import build_providers, tune_switch_interval
+from sidecar.telemetry.worker import Worker
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -28,6 +29,7 @@ async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
     config = runtime.config.telemetry.with_salt_from_file()
     audit = AuditLog.open(config.audit)
     previous = runtime.observer
+    worker = Worker(enabled=config.background)
     if audit.enabled:
         runtime.observer = OtelObserver(
             config,
@@ -35,12 +37,14 @@ async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
             meter_provider=metrics.NoOpMeterProvider(),
             audit=audit,
             workload=_WorkloadFacts(runtime),
+            worker=worker,
         )
     log.info("telemetry: OTEL_SDK_DISABLED=true: no spans or metrics; audit log %s", config.audit)
     try:
         yield
     finally:
         runtime.observer = previous
+        await asyncio.to_thread(worker.close)
         audit.close()
 
 
@@ -85,6 +89,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
     )
     audit = AuditLog.open(config.audit)
     switch_interval = tune_switch_interval(providers.plan)
+    worker = Worker(enabled=config.background)
     previous = runtime.observer
     runtime.observer = OtelObserver(
         config,
@@ -93,6 +98,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         audit=audit,
         workload=_WorkloadFacts(runtime),
         flush=providers.force_flush,
+        worker=worker,
     )
     runtime.metrics.append(providers.prometheus)
     try:
@@ -101,7 +107,9 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         runtime.observer = previous
         if providers.prometheus in runtime.metrics:
             runtime.metrics.remove(providers.prometheus)
-        # Flushing blocks on the collector for up to its timeout: keep the event loop free meanwhile.
+        # Record what is queued, then flush: both block (the collector for up to its timeout), so
+        # keep the event loop free meanwhile.
+        await asyncio.to_thread(worker.close)
         await asyncio.to_thread(providers.shutdown)
         audit.close()
         if switch_interval is not None:

@@ -20,6 +20,7 @@ _KEYS = frozenset(
         "record_arguments",
         "redact_keys",
         "record_resource_uri",
+        "background",
     }
 )
 
@@ -76,6 +77,8 @@ class TelemetryConfig:
     the audit log always names the user, it is the record security teams read.
     `record_arguments` adds tool arguments to audit events, with `redact_keys` masked.
     `record_resource_uri` adds `mcp.resource.uri` to spans (opt-in: URIs may be sensitive).
+    `background` records (span end, metric points, audit lines) on a telemetry thread instead of the
+    request path; the request only captures the facts.
     """
 
     service_name: str = "outrider-proxy"
@@ -86,6 +89,7 @@ class TelemetryConfig:
     record_arguments: bool = False
     redact_keys: tuple[str, ...] = DEFAULT_REDACT_KEYS
     record_resource_uri: bool = False
+    background: bool = True
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> TelemetryConfig:
@@ -110,6 +114,7 @@ class TelemetryConfig:
             record_arguments=_bool(data, "record_arguments", cls.record_arguments),
             redact_keys=tuple(raw_keys),
             record_resource_uri=_bool(data, "record_resource_uri", cls.record_resource_uri),
+            background=_bool(data, "background", cls.background),
         )
 
     def with_salt_from_file(self) -> TelemetryConfig:
@@ -133,5 +138,5 @@ class TelemetryConfig:
             f"hash_user={self.hash_user}, hash_salt={'<set>' if self.hash_salt else '<unset>'}, "
             f"hash_salt_file={self.hash_salt_file!r}, "
             f"record_arguments={self.record_arguments}, redact_keys={self.redact_keys!r}, "
-            f"record_resource_uri={self.record_resource_uri})"
+            f"record_resource_uri={self.record_resource_uri}, background={self.background})"
         )

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -31,6 +32,7 @@ from sidecar.telemetry.audit import (
 )
 from sidecar.telemetry.config import TelemetryConfig
 from sidecar.telemetry.observer import CallScope, EgressDecision, ExchangeOutcome, Principal, RequestInfo
+from sidecar.telemetry.worker import Worker
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -67,6 +69,10 @@ def trace_headers(span: Span) -> dict[str, str]:
     if ctx.trace_state:
         carrier["tracestate"] = ctx.trace_state.to_header()
     return carrier
+
+
+def _wall(time_ns: int) -> datetime:
+    return datetime.fromtimestamp(time_ns / 1e9, UTC)
 
 
 def _ids(span: Span) -> tuple[str | None, str | None]:
@@ -118,9 +124,12 @@ class OtelObserver:
         audit: AuditLog,
         workload: Callable[[], Workload] = Workload,
         flush: Callable[[], object] | None = None,
+        worker: Worker | None = None,
     ) -> None:
         self.config = config
         self._flush = flush
+        # Span end, metric points and audit lines run here; disabled: on the caller's thread.
+        self.worker = worker or Worker(enabled=False)
         self.audit = audit
         self._workload = workload
         self.tracer = tracer_provider.get_tracer(INSTRUMENTATION)
@@ -174,7 +183,8 @@ class OtelObserver:
         )
 
     def force_flush(self) -> None:
-        """Export pending spans and metrics now (blocking: call it from a thread in async code)."""
+        """Record what is queued, then export pending spans and metrics (blocking: use a thread)."""
+        self.worker.drain()
         if self._flush is not None:
             self._flush()
 
@@ -220,14 +230,20 @@ class OtelObserver:
                 )
 
     def egress(self, decision: EgressDecision) -> None:
-        attributes = semconv.egress_attributes(decision)
-        # Parent is whatever span is current (an egress engineer may wrap a connection in one).
+        end_ns = time.time_ns()
+        self.worker.submit(lambda: self._record_egress(decision, end_ns))
+
+    def _record_egress(self, decision: EgressDecision, end_ns: int) -> None:
+        when = _wall(end_ns)
         span = self.tracer.start_span(
-            semconv.egress_span_name(decision), kind=SpanKind.INTERNAL, attributes=attributes
+            semconv.egress_span_name(decision),
+            kind=SpanKind.INTERNAL,
+            attributes=semconv.egress_attributes(decision),
+            start_time=end_ns,
         )
         if not decision.allowed:
             span.set_status(Status(StatusCode.ERROR, "egress denied"))
-        span.end()
+        span.end(end_time=end_ns)
         self.egress_decisions.add(
             {
                 "outcome": "allowed" if decision.allowed else "denied",
@@ -237,7 +253,7 @@ class OtelObserver:
         )
         trace_id, span_id = _ids(span)
         self.audit.write(
-            egress_event(EventStamp.now(trace_id, span_id), decision=decision, workload=self.workload())
+            egress_event(EventStamp.at(when, trace_id, span_id), decision=decision, workload=self.workload())
         )
 
     def identity_event(self, event: str, spiffe_id: str | None, detail: str) -> None:
@@ -279,8 +295,8 @@ class _OtelScope:
         self.finished = False
 
     def set_principal(self, principal: Principal) -> None:
+        # Only remembered here: the span attributes are set when the call is recorded.
         self.principal = principal
-        self._span.set_attributes(semconv.principal_attributes(principal, self._observer.config))
 
     def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
         carrier = trace_headers(self._span)
@@ -298,16 +314,20 @@ class _OtelScope:
                     meta.update(carrier)
 
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
-        observer = self._observer
         cache_hit = outcome.outcome == "cache_hit"
         self.exchange_outcome = outcome.outcome
-        observer.exchanges.add({"outcome": outcome.outcome, "cache_hit": cache_hit})
+        self._observer.exchanges.add({"outcome": outcome.outcome, "cache_hit": cache_hit})
         if cache_hit:
             # No IdP round trip happened: a child span and a separate audit line would only cost
-            # time on the hot path. The call span and the mcp.call audit line record the hit.
-            self._span.set_attribute("outrider.token_exchange.outcome", "cache_hit")
+            # time. The call span and the mcp.call audit line record the hit.
             return
         end = time.time_ns()
+        principal = self.principal
+        self._observer.worker.submit(lambda: self._record_exchange(outcome, end, principal))
+
+    def _record_exchange(self, outcome: ExchangeOutcome, end: int, principal: Principal | None) -> None:
+        observer = self._observer
+        when = _wall(end)
         start = end - int(max(outcome.duration_s, 0.0) * 1e9)
         span = observer.tracer.start_span(
             "outrider.token_exchange",
@@ -323,9 +343,9 @@ class _OtelScope:
         trace_id, span_id = _ids(span)
         observer.audit.write(
             exchange_event(
-                EventStamp.now(trace_id, span_id),
+                EventStamp.at(when, trace_id, span_id),
                 outcome=outcome,
-                principal=self.principal,
+                principal=principal,
                 message=self._message,
                 request=self._request,
                 workload=self._workload,
@@ -344,29 +364,56 @@ class _OtelScope:
         if self.finished:
             return
         self.finished = True
+        # Capture the facts now; span end, metric points and the audit line happen on the worker.
         duration = time.perf_counter() - self._started
+        end = time.time_ns()
+        principal = self.principal
+        exchange = self.exchange_outcome
+        self._observer.worker.submit(
+            lambda: self._record(
+                http_status, outcome, error_type, reason, response, duration, end, principal, exchange
+            )
+        )
+
+    def _record(
+        self,
+        http_status: int,
+        outcome: str,
+        error_type: str | None,
+        reason: str | None,
+        response: McpMessage | None,
+        duration: float,
+        end: int,
+        principal: Principal | None,
+        exchange: str | None,
+    ) -> None:
         observer = self._observer
+        when = _wall(end)
         error = semconv.error_type(outcome, error_type, response, http_status)
         final = semconv.mcp_response_attributes(
             http_status=http_status, outcome=outcome, error_type_value=error, response=response
         )
+        if principal is not None:
+            final.update(semconv.principal_attributes(principal, observer.config))
+        if exchange == "cache_hit":
+            final["outrider.token_exchange.outcome"] = "cache_hit"
         safe_reason = semconv.scrub(reason)
         if safe_reason:
             final["outrider.reason"] = safe_reason
         self._span.set_attributes(final)
         if outcome not in _OK_OUTCOMES:
             self._span.set_status(Status(StatusCode.ERROR, error or outcome))
-        self._span.end()
+        self._span.end(end_time=end)
         all_attrs = {**self._attributes, **final}
         observer.operation_duration.record(duration, semconv.duration_metric_attributes(all_attrs))
         observer.requests.add(semconv.request_counter_attributes(all_attrs, outcome))
         trace_id, span_id = _ids(self._span)
         observer.audit.write(
             mcp_call_event(
-                EventStamp.now(trace_id, span_id),
+                EventStamp.at(when, trace_id, span_id),
                 message=self._message,
                 request=self._request,
-                principal=self.principal,
+                principal=principal,
                 workload=self._workload,
                 outcome=outcome,
                 reason=reason,
@@ -374,6 +421,6 @@ class _OtelScope:
                 error_type=error,
                 duration_s=duration,
                 config=observer.config,
-                token_exchange=self.exchange_outcome,
+                token_exchange=exchange,
             )
         )

@@ -9,6 +9,9 @@ import pytest
 from .harness import Harness, make_harness
 
 
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    yield make_harness()
+@pytest.fixture(params=[False, True], ids=["inline", "background"])
+def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """Every observer test runs with recording on the caller's thread and on the worker thread."""
+    h = make_harness(background=request.param)
+    yield h
+    h.observer.worker.close()

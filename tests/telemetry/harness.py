@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sidecar.telemetry.audit import AuditLog, Workload, load_schema
 from sidecar.telemetry.config import TelemetryConfig
 from sidecar.telemetry.observer_otel import OtelObserver
+from sidecar.telemetry.worker import Worker
 
 WORKLOAD = Workload(
     spiffe_id="spiffe://cluster.local/ns/tools/sa/weather", pod="weather-0", namespace="tools"
@@ -40,6 +41,7 @@ class Harness:
     audit_stream: io.StringIO
 
     def spans(self) -> list[ReadableSpan]:
+        self.observer.worker.drain()
         return list(self.exporter.get_finished_spans())
 
     def span(self, name: str) -> ReadableSpan:
@@ -49,12 +51,14 @@ class Harness:
 
     def audit(self) -> list[dict[str, Any]]:
         """Every audit line written so far, each validated against the schema."""
+        self.observer.worker.drain()
         events = [json.loads(line) for line in self.audit_stream.getvalue().splitlines() if line]
         for event in events:
             validate_event(event)
         return events
 
     def points(self, name: str) -> list[NumberDataPoint | HistogramDataPoint]:
+        self.observer.worker.drain()
         data = self.reader.get_metrics_data()
         if data is None:
             return []
@@ -76,7 +80,9 @@ class Harness:
         return total
 
 
-def make_harness(config: TelemetryConfig | None = None, workload: Workload = WORKLOAD) -> Harness:
+def make_harness(
+    config: TelemetryConfig | None = None, workload: Workload = WORKLOAD, *, background: bool = False
+) -> Harness:
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -89,5 +95,6 @@ def make_harness(config: TelemetryConfig | None = None, workload: Workload = WOR
         meter_provider=meter_provider,
         audit=AuditLog(stream),
         workload=lambda: workload,
+        worker=Worker(enabled=background),
     )
     return Harness(observer, exporter, reader, stream)

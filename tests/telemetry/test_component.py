@@ -69,6 +69,7 @@ async def test_component_wires_observer_metrics_and_audit(
         observer.egress(EgressDecision(False, "capture", "tls", "192.0.2.1", 443, "evil.test", None, "deny"))
         observer.identity_event("rotated", FakeIdentity.spiffe_id, "new SVID")
         assert len(runtime.metrics) == 1
+        observer.worker.drain()  # recording runs on the telemetry thread
         text = b"".join(produce() for produce in runtime.metrics).decode()
     assert isinstance(runtime.observer, NullObserver)
     assert runtime.metrics == []

@@ -221,12 +221,13 @@ async def test_every_path_is_observed_and_no_secret_leaks(
         secrets.add(late)
         assert await _post(session, stack.url, f"Bearer {late}", TOOLS_LIST) >= 500
 
+        observer = stack.runtime.observer
+        assert isinstance(observer, OtelObserver)
+        await asyncio.to_thread(observer.worker.drain)  # recording runs on the telemetry thread
         async with session.get(stack.admin_url + "/metrics") as response:
             assert response.status == 200
             metrics_text = await response.text()
 
-    observer = stack.runtime.observer
-    assert isinstance(observer, OtelObserver)
     await asyncio.to_thread(observer.force_flush)
 
     # --- what was recorded -------------------------------------------------------------------

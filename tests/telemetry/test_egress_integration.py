@@ -12,6 +12,7 @@ from sidecar.config import parse
 from sidecar.egress.component import component as egress_component
 from sidecar.runtime import Runtime
 from sidecar.telemetry import component as telemetry_component
+from sidecar.telemetry.observer_otel import OtelObserver
 
 from .harness import validate_event
 from .otlp_receiver import attributes_of, free_port, otlp_http_receiver
@@ -51,6 +52,9 @@ async def test_egress_decisions_become_spans_metrics_and_audit_lines(
         async with telemetry_component.component(runtime), egress_component(runtime):
             assert (await _connect(port, f"127.0.0.1:{up_port}")).startswith(b"HTTP/1.1 200")
             assert (await _connect(port, "blocked.example.com:443")).startswith(b"HTTP/1.1 403")
+            observer = runtime.observer
+            assert isinstance(observer, OtelObserver)
+            observer.worker.drain()  # recording runs on the telemetry thread
             metrics = b"".join(producer() for producer in runtime.metrics).decode()
         # Leaving the telemetry component flushed the exporters.
     upstream.close()
