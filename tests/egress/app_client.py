@@ -98,6 +98,17 @@ def tcp(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": data.decode("utf-8", "replace")}
 
 
+def raw(args: argparse.Namespace) -> dict[str, Any]:
+    """Send `--data` (backslash escapes allowed) as the first bytes, half-close, read the answer."""
+    with socket.create_connection((args.ip or args.host, args.port), timeout=TIMEOUT) as sock:
+        sock.sendall(args.data.encode("latin-1").decode("unicode_escape").encode("latin-1"))
+        sock.shutdown(socket.SHUT_WR)
+        data = _read_all(sock)
+    if not data:
+        raise ConnectionError("closed without data")
+    return _http_result(data) if data.startswith(b"HTTP/") else {"data": data.decode("latin-1")}
+
+
 def silent(args: argparse.Namespace) -> dict[str, Any]:
     """Connect and send nothing (a client that never sends its ClientHello); report when it closes."""
     with socket.create_connection((args.ip, args.port), timeout=TIMEOUT) as sock:
@@ -144,13 +155,14 @@ def dns(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["https", "http", "tcp", "udp", "dns", "icmp", "silent"])
+    parser.add_argument("action", choices=["https", "http", "tcp", "udp", "dns", "icmp", "silent", "raw"])
     parser.add_argument("--host", default="")
     parser.add_argument("--ip", default="")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--sni", default=None)
     parser.add_argument("--ca", default=None)
     parser.add_argument("--proxy", default=None)
+    parser.add_argument("--data", default="")
     args = parser.parse_args()
     socket.setdefaulttimeout(TIMEOUT)
     started = time.monotonic()

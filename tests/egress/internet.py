@@ -30,6 +30,9 @@ class Log:
 # --- DNS ------------------------------------------------------------------------------------------
 
 
+_REBIND_TURNS: dict[str, int] = {}
+
+
 def dns_answer(query: bytes, zone: dict[str, dict[str, list[str]]]) -> bytes | None:
     if len(query) < 12:
         return None
@@ -51,7 +54,13 @@ def dns_answer(query: bytes, zone: dict[str, dict[str, list[str]]]) -> bytes | N
     answers = b""
     count = 0
     if records is not None:
-        for address in records.get("A" if qtype == 1 else "AAAA" if qtype == 28 else "-", []):
+        chosen = records.get("A" if qtype == 1 else "AAAA" if qtype == 28 else "-", [])
+        if qtype == 1 and "rebind" in records:
+            # DNS rebinding: each A query gets the next address of the list (TTL 0 in spirit).
+            turn = _REBIND_TURNS.get(name, 0)
+            _REBIND_TURNS[name] = turn + 1
+            chosen = [records["rebind"][turn % len(records["rebind"])]]
+        for address in chosen:
             rdata = ipaddress.ip_address(address).packed
             answers += struct.pack("!HHHIH", 0xC00C, qtype, 1, 5, len(rdata)) + rdata
             count += 1

@@ -41,6 +41,7 @@ ALLOWED_V4, DENIED_V4 = "10.200.1.10", "10.200.1.20"
 ALLOWED_V6, DENIED_V6 = "fd00:201::10", "fd00:201::20"
 CIDR_HOST_V4, CIDR_HOST_V6 = "10.200.2.5", "fd00:202::5"
 SINK_V4 = "10.200.3.1"
+META_V4 = "169.254.169.254"  # a cloud metadata service, reachable through the pod's default route
 MCP_PORT = 18080
 
 ZONE = {
@@ -49,6 +50,11 @@ ZONE = {
     "a.wild.test": {"A": [ALLOWED_V4]},
     "wild.test": {"A": [ALLOWED_V4]},
     "sink.test": {"A": [SINK_V4]},
+    # Hostile DNS for allowed names: metadata, the pod's own loopback, a mapped-IPv6 spelling, rebinding.
+    "meta.test": {"A": [META_V4]},
+    "loop.test": {"A": ["127.0.0.1"]},
+    "mapped.test": {"AAAA": [f"::ffff:{META_V4}"]},
+    "rebind.test": {"A": [ALLOWED_V4], "rebind": [META_V4, ALLOWED_V4]},
 }
 
 POLICY = {
@@ -172,22 +178,39 @@ class Lab:
     def net(self) -> str:
         return f"{self.tag}i"
 
-    def in_pod(self, *argv: str, uid: int | None = None, env: Mapping[str, str] | None = None) -> list[str]:
+    def in_pod(
+        self,
+        *argv: str,
+        uid: int | None = None,
+        env: Mapping[str, str] | None = None,
+        gid: int | None = None,
+        groups: tuple[int, ...] = (),
+    ) -> list[str]:
         prefix = ["ip", "netns", "exec", self.pod]
         if env:
             prefix += ["env", *(f"{k}={v}" for k, v in env.items())]
         if uid is not None:
             # setpriv last: it must exec the interpreter itself (the venv's python lives under /root).
-            prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            group_args = [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+            prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", *group_args]
         return [*prefix, *argv]
 
-    def app(self, action: str, *, uid: int = APP_UID, **options: Any) -> dict[str, Any]:
-        """One outbound attempt from the pod as `uid`; returns the client's JSON result."""
+    def app(
+        self,
+        action: str,
+        *,
+        uid: int = APP_UID,
+        gid: int | None = None,
+        groups: tuple[int, ...] = (),
+        **options: Any,
+    ) -> dict[str, Any]:
+        """One outbound attempt from the pod as `uid` (and `gid`, supplementary `groups`): its JSON result."""
         argv = [PYTHON, str(HERE / "app_client.py"), action, "--ca", str(self.ca)]
         for key, value in options.items():
             if value is not None:
                 argv += [f"--{key}", str(value)]
-        result = _run(*self.in_pod(*argv, uid=uid, env={"PYTHONDONTWRITEBYTECODE": "1"}), timeout=60)
+        env = {"PYTHONDONTWRITEBYTECODE": "1"}
+        result = _run(*self.in_pod(*argv, uid=uid, env=env, gid=gid, groups=groups), timeout=60)
         parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
         return parsed
 
@@ -290,6 +313,7 @@ def _internet_config(lab_dir: Path, cert: Path, key: Path, log: Path) -> dict[st
             [address, 7000, "echo"],
         ]
     tcp += [[CIDR_HOST_V4, 7000, "echo"], [CIDR_HOST_V6, 7000, "echo"], [SINK_V4, 9000, "sink"]]
+    tcp += [[META_V4, 80, "http"]]
     return {
         "log": str(log),
         "cert": str(cert),
@@ -333,7 +357,7 @@ def lab(
         _run("ip", "netns", "exec", pod, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647")
         _run("ip", "-n", pod, "route", "add", "default", "via", GW_V4)
         _run("ip", "-n", pod, "-6", "route", "add", "default", "via", GW_V6)
-        for address in (DNS_LISTED, DNS_UNLISTED, ALLOWED_V4, DENIED_V4, CIDR_HOST_V4, SINK_V4):
+        for address in (DNS_LISTED, DNS_UNLISTED, ALLOWED_V4, DENIED_V4, CIDR_HOST_V4, SINK_V4, META_V4):
             _run("ip", "-n", net, "addr", "add", f"{address}/32", "dev", "lo")
         for address in (ALLOWED_V6, DENIED_V6, CIDR_HOST_V6):
             _run("ip", "-n", net, "addr", "add", f"{address}/128", "dev", "lo", "nodad")

@@ -42,7 +42,10 @@ def send(destination: str, port: int, flags: str, marker: bytes) -> dict[str, ob
     checksum = _checksum(pseudo + header + marker)
     header = header[:16] + struct.pack("!H", checksum) + header[18:]
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as sock:
-        sock.sendto(header + marker, (destination, 0))
+        try:
+            sock.sendto(header + marker, (destination, 0))
+        except PermissionError:  # an OUTPUT DROP rule answers a local sender with EPERM
+            return {"sent": False, "error": "EPERM"}
     return {"sent": True, "source": source}
 
 
