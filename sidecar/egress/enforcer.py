@@ -168,6 +168,9 @@ class Enforcer:
                 self._emit_limit(client)
                 client.close()
                 continue
+            # Count the slot here, not in the handler: an accept that succeeds at once does not yield,
+            # so a backlog burst would otherwise be accepted whole before any handler ran.
+            self.stats.active += 1
             task = asyncio.create_task(self._handle(client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -184,7 +187,6 @@ class Enforcer:
     # --- one connection -----------------------------------------------------------------------------
 
     async def _handle(self, client: socket.socket) -> None:
-        self.stats.active += 1
         try:
             original = original_destination(client)
             if original is None:

@@ -242,3 +242,20 @@ async def test_pipelined_request_for_another_host_stays_on_the_pinned_upstream(m
     assert proxy.echo.accepted == 1
     assert [d.name for d in proxy.recorder.decisions] == ["svc.test"]
     writer.close()
+
+
+async def test_a_burst_of_connections_cannot_overrun_the_tunnel_limit(make_proxy: Factory) -> None:
+    # Connections that wait in the kernel backlog are accepted in one go (an accept that succeeds at
+    # once never yields to the loop): the limit must count them before their handlers start.
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}"], max_tunnels=2, hello_timeout_s=2.0)
+    burst = []
+    for _ in range(12):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", proxy.port))  # EINPROGRESS: completes in the backlog
+        burst.append(sock)
+    await asyncio.sleep(0.3)
+    assert proxy.enforcer.stats.refused_over_limit == 10
+    assert proxy.enforcer.stats.active == 2
+    for sock in burst:
+        sock.close()
