@@ -165,3 +165,43 @@ def _broad_rule_warnings(layer: RuleSet) -> list[str]:
             family = "IPv4" if rule.network.version == 4 else "IPv6"
             out.append(f"{layer.source}: egress rule {str(rule)!r} allows every {family} address")
     return out
+
+
+# --- admission-time cache (added by the webhook hardening work) -----------------------------------
+# plan_egress is pure and re-parses the same operator policy on every admission (~half of an
+# uncached admission's Python time). The key holds every input plan_egress reads: keep it in step
+# with plan_egress and _init_args when they read more of the pod. Plans are shared: read-only.
+_PLAN_CACHE: dict[tuple[Any, ...], EgressPlan] = {}
+_PLAN_CACHE_SIZE = 512
+
+
+def plan_egress_cached(
+    pod: Mapping[str, Any],
+    namespace_labels: Mapping[str, str],
+    namespace_policy: Mapping[str, Any] | None,
+    cluster_policy: Mapping[str, Any] | None,
+) -> EgressPlan:
+    """`plan_egress`, memoised on exactly the inputs it reads."""
+    import json
+
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    annotation = (metadata.get("annotations") or {}).get(EGRESS_ALLOW)
+    try:
+        key = (
+            json.dumps(cluster_policy, sort_keys=True, default=repr),
+            json.dumps(namespace_policy, sort_keys=True, default=repr),
+            tuple(sorted((str(k), str(v)) for k, v in namespace_labels.items())),
+            str(metadata.get("namespace") or "default"),
+            None if annotation is None else str(annotation),
+            json.dumps((spec.get("dnsConfig") or {}).get("nameservers"), default=repr),
+        )
+    except (AttributeError, TypeError, ValueError):  # odd shapes: plan without the cache
+        return plan_egress(pod, namespace_labels, namespace_policy, cluster_policy)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = plan_egress(pod, namespace_labels, namespace_policy, cluster_policy)
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = plan
+    return plan
