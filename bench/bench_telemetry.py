@@ -43,6 +43,7 @@ from sidecar.telemetry.setup import (  # noqa: E402
     build_providers,
     tune_switch_interval,
 )
+from sidecar.telemetry.worker import Worker  # noqa: E402
 
 MESSAGE = McpMessage(kind="request", method="tools/call", id=7, tool_name="echo", arguments={"text": "hi"})
 REQUEST = RequestInfo(
@@ -127,6 +128,7 @@ def real_observer(endpoint: str, audit_path: Path) -> tuple[OtelObserver, Teleme
         audit=AuditLog.open(str(audit_path)),
         workload=lambda: Workload("spiffe://bench/ns/a/sa/b", "pod-0", "bench"),
         flush=providers.force_flush,
+        worker=Worker(enabled=True),  # as the component does with telemetry.background (default)
     )
     return observer, providers
 
@@ -341,7 +343,8 @@ def main() -> int:
             off.extend(measure(lambda: one_call(null), block, args.call_rate))
             on.extend(measure(lambda: one_call(observer), block, args.call_rate))
         wall = time.perf_counter() - started
-        providers.force_flush()
+        observer.force_flush()
+        observer.worker.close()
         providers.shutdown()
         audit_lines = sum(1 for _ in (tmp / "audit.jsonl").open())
     finally:
