@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from sidecar.telemetry.observer import Principal
 log = logging.getLogger("outrider.inbound.auth")
 
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
+# RFC 6750 §2.1 b64token: anything else (spaces, raw bytes, non-ASCII) is not a bearer token.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _FAMILY = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 
@@ -78,7 +81,7 @@ def bearer_token(authorization: str | None) -> str | None:
         return None
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or " " in token:
+    if scheme.lower() != "bearer" or not _B64TOKEN.fullmatch(token):
         return None
     return token
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from sidecar.exchange import TokenExchanger
 from sidecar.identity import IdentityUnavailable
@@ -54,6 +55,31 @@ def _build_exchanger(runtime: Runtime, session: aiohttp.ClientSession) -> TokenE
         return None
     exchanger: TokenExchanger = build_exchanger(runtime.config.exchange, runtime.identity, session)
     return exchanger
+
+
+class _MalformedHttpFilter(logging.Filter):
+    """aiohttp logs an unparseable request at ERROR with a traceback quoting the raw bytes (which may
+    hold a caller's token): keep one token-free INFO line instead, and count it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self.count += 1
+        record.msg = "refused a malformed HTTP request from %s (%s, HTTP %s)"
+        record.args = (
+            record.args[0] if isinstance(record.args, tuple) and record.args else "?",
+            type(exc).__name__,
+            exc.code,
+        )
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 async def _refresh_jwks(jwks: JwksCache, interval_s: float) -> None:
@@ -107,6 +133,11 @@ async def serve(
         )
         app = web.Application()
         app[PROXY_KEY] = proxy
+        http_log = logging.getLogger("outrider.inbound.http")
+        malformed = _MalformedHttpFilter()
+        http_log.addFilter(malformed)
+        stack.callback(http_log.removeFilter, malformed)
+        proxy.malformed_count = lambda: malformed.count
         app.add_routes(proxy.routes())
         # Open SSE streams must not hold shutdown past the pod's grace period.
         runner = web.AppRunner(
@@ -117,6 +148,7 @@ async def serve(
             # A refused request's unread body is drained (so the client reads its 401/413 rather
             # than a reset) for at most this long, then the connection is closed.
             lingering_time=2.0,
+            logger=http_log,
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

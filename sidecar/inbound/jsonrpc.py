@@ -122,7 +122,7 @@ def parse_body(body: bytes) -> ParsedBody:
     """Decode a POST body once: a single message or a batch. Raises `BodyError` for non-JSON."""
     try:
         decoded = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not a message
         raise BodyError("request body is not valid JSON") from None
     if isinstance(decoded, list):
         if not decoded:
@@ -135,7 +135,7 @@ def parse_response_body(body: bytes) -> tuple[McpMessage, ...]:
     """Facts of an upstream JSON answer (single or batch); unparseable answers give no messages."""
     try:
         decoded = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not a message
         return ()
     items = decoded if isinstance(decoded, list) else [decoded]
     return tuple(parse_message(o) for o in items)

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +122,12 @@ def _safe_header(name: str, value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return "\r" not in value and "\n" not in value and "\x00" not in value
+
+
+async def _no_expect(request: web.Request) -> None:
+    """`Expect` is handled in `handle`, after authentication (aiohttp's default would invite the body
+    of any caller, and fails on odd values)."""
+    return
 
 
 def _parse(body: bytes) -> tuple[ParsedBody | None, jsonrpc.BodyError | None]:
@@ -285,12 +291,14 @@ class InboundProxy:
         self.requests_total = 0
         self.denied_total = 0
         self.upstream_errors_total = 0
+        # Requests aiohttp could not parse as HTTP (they never reach `handle`); set by the component.
+        self.malformed_count: Callable[[], int] = lambda: 0
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get(WELL_KNOWN, self.metadata),
             web.get(WELL_KNOWN + "/{tail:.*}", self.metadata),
-            web.route("*", "/{tail:.*}", self.handle),
+            web.route("*", "/{tail:.*}", self.handle, expect_handler=_no_expect),
         ]
 
     async def metadata(self, request: web.Request) -> web.Response:
@@ -333,6 +341,9 @@ class InboundProxy:
             return await self._deny(request, principal, info)
         body = b""
         if request.method in ("POST", "PUT", "PATCH") or request.can_read_body:
+            if headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+                # Only an authenticated caller is invited to send its body.
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             read = await self._read_body(request)
             if isinstance(read, Answer):
                 return self._answer(read)
@@ -670,4 +681,7 @@ class InboundProxy:
             "# HELP outrider_inbound_upstream_errors_total Requests the MCP server did not answer.\n"
             "# TYPE outrider_inbound_upstream_errors_total counter\n"
             f"outrider_inbound_upstream_errors_total {self.upstream_errors_total}\n"
+            "# HELP outrider_inbound_malformed_total Requests refused because they were not valid HTTP.\n"
+            "# TYPE outrider_inbound_malformed_total counter\n"
+            f"outrider_inbound_malformed_total {self.malformed_count()}\n"
         ).encode()
