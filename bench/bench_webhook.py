@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,8 @@ def review_body(seq: int | None = None) -> bytes:
             "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
         },
     }
-    return json.dumps(document).encode()
+    # compact, like the API server (Go encoding/json) sends it
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 # --- server side (a child process per target) ----------------------------------------------------
@@ -81,7 +83,7 @@ def serve(target: str, port: int, cert_dir: Path) -> None:
     else:
 
         async def noop(request: web.Request) -> web.Response:
-            json.loads(await request.read())  # parse the same body, answer a fixed document
+            orjson.loads(await request.read())  # parse the same body (same parser), answer a fixed document
             return web.Response(body=FIXED_ANSWER, content_type="application/json")
 
         app = web.Application(client_max_size=2 * 1024 * 1024)

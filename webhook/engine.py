@@ -16,7 +16,7 @@ from webhook import __version__
 from webhook import annotations as ann
 from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
-from webhook.egress import EgressPlan, plan_egress
+from webhook.egress import EgressPlan, plan_egress_cached
 from webhook.patch import JsonPatch, diff
 
 INIT_NAME = "outrider-init"
@@ -151,7 +151,7 @@ def inject(
         _check_port_clash(spec)
         mcp_port, app_index = _find_mcp_port(spec, settings.mcp_port, warnings)
         try:
-            plan = plan_egress(
+            plan = plan_egress_cached(
                 original, namespace_labels, namespace_policy, config.plain_egress_default_policy
             )
         except Exception as exc:  # the planner is another team's code; a crash must not be ours
@@ -206,7 +206,7 @@ def _verify_injected(
     if status.get("mcpPort") != mcp_port:
         return f"it records MCP port {status.get('mcpPort')!r} but the pod's MCP port is {mcp_port!r}"
     try:
-        plan = plan_egress(pod, namespace_labels, namespace_policy, config.plain_egress_default_policy)
+        plan = plan_egress_cached(pod, namespace_labels, namespace_policy, config.plain_egress_default_policy)
     except Exception:
         return "its egress plan cannot be checked"
     proxy = by_name[ours[-1]]
@@ -416,6 +416,25 @@ def sidecar_config(
     return _deep_merge(config.plain_sidecar, per_pod)
 
 
+# OUTRIDER_CONFIG text by (plan, config, port, audience): cached plans come back as the same object,
+# so most admissions reuse the JSON. The entry holds its plan, so the id() in the key stays its own.
+_CONFIG_JSON: dict[tuple[int, str, int | None, str | None], tuple[EgressPlan, str]] = {}
+
+
+def _sidecar_config_json(
+    config: WebhookConfig, mcp_port: int | None, audience: str | None, plan: EgressPlan
+) -> str:
+    key = (id(plan), config.hash, mcp_port, audience)
+    found = _CONFIG_JSON.get(key)
+    if found is not None and found[0] is plan:
+        return found[1]
+    text = json.dumps(sidecar_config(config, mcp_port, audience, plan), sort_keys=True, separators=(",", ":"))
+    if len(_CONFIG_JSON) >= 512:
+        _CONFIG_JSON.clear()
+    _CONFIG_JSON[key] = (plan, text)
+    return text
+
+
 def _restricted(uid: int) -> dict[str, Any]:
     return {
         "allowPrivilegeEscalation": False,
@@ -474,9 +493,7 @@ def _apply(
         {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_SOCKET},
         {
             "name": "OUTRIDER_CONFIG",
-            "value": json.dumps(
-                sidecar_config(config, mcp_port, audience, plan), sort_keys=True, separators=(",", ":")
-            ),
+            "value": _sidecar_config_json(config, mcp_port, audience, plan),
         },
     ]
     if app_probes:

@@ -98,7 +98,7 @@ class AnswerCache:
         if body.count(marker) == 1:
             digest.update(b"body\0" + body.replace(marker, b""))
         else:
-            digest.update(b"object\0" + json.dumps(obj, separators=(",", ":"), default=str).encode())
+            digest.update(b"object\0" + admission.dumps(obj))
         return digest.digest()
 
     def get(self, key: bytes) -> tuple[str, bytes] | None:
@@ -124,9 +124,7 @@ READY_CHECKS = web.AppKey("ready_checks", list[Callable[[], bool]])
 
 
 def _json(document: object) -> web.Response:
-    return web.Response(
-        body=json.dumps(document, separators=(",", ":")).encode(), content_type="application/json"
-    )
+    return web.Response(body=admission.dumps(document), content_type="application/json")
 
 
 async def mutate(request: web.Request) -> web.Response:

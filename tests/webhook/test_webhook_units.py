@@ -175,7 +175,7 @@ def test_explicit_mode_has_no_init_container_and_sets_proxy_env(monkeypatch: pyt
     plan = EgressPlan(
         mode="explicit", policy={"allow": []}, app_env=(("HTTPS_PROXY", "http://127.0.0.1:15001"),)
     )
-    monkeypatch.setattr(engine, "plan_egress", lambda *args: plan)
+    monkeypatch.setattr(engine, "plan_egress_cached", lambda *args: plan)
     pod = _pod()
     pod["spec"]["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/r", "port": 8080}}
     result = engine.inject(pod, ENABLED, WebhookConfig())
@@ -189,7 +189,7 @@ def test_explicit_mode_has_no_init_container_and_sets_proxy_env(monkeypatch: pyt
 
 def test_egress_errors_refuse_the_pod(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = EgressPlan(mode="capture", policy={}, errors=("annotation outrider.dev/egress-allow: bad rule",))
-    monkeypatch.setattr(engine, "plan_egress", lambda *args: plan)
+    monkeypatch.setattr(engine, "plan_egress_cached", lambda *args: plan)
     result = engine.inject(_pod(), ENABLED, WebhookConfig())
     assert not result.allowed and "egress-allow" in (result.message or "")
 
@@ -198,7 +198,7 @@ def test_egress_planner_crash_is_a_refusal_not_a_crash(monkeypatch: pytest.Monke
     def boom(*args: Any) -> EgressPlan:
         raise KeyError("x")
 
-    monkeypatch.setattr(engine, "plan_egress", boom)
+    monkeypatch.setattr(engine, "plan_egress_cached", boom)
     result = engine.inject(_pod(), ENABLED, WebhookConfig())
     assert not result.allowed and "KeyError" in (result.message or "")
 
@@ -419,3 +419,35 @@ def test_answer_cache_key_is_exact() -> None:
     a["metadata"]["annotations"] = {"uid": "u1"}
     b["metadata"]["annotations"] = {"uid": "u2"}
     assert key(a, "u1") != key(b, "u2")
+
+
+def test_cached_egress_plan_equals_a_fresh_plan_for_every_fixture() -> None:
+    from webhook_support import fixture_names, load_fixture, pod_template
+
+    from webhook.egress import plan_egress, plan_egress_cached
+
+    for name in fixture_names():
+        doc, labels, config = load_fixture(name)
+        pod = pod_template(doc) if doc["kind"] != "Pod" else doc
+        policy = config.plain_egress_default_policy
+        for ns_policy in (None, {"allow": ["db.internal:5432"], "includeClusterDefault": True}):
+            fresh = plan_egress(pod, labels, ns_policy, policy)
+            assert plan_egress_cached(pod, labels, ns_policy, policy) == fresh, name
+            assert plan_egress_cached(pod, labels, ns_policy, policy) == fresh, name
+
+
+def test_cached_egress_plan_follows_each_input() -> None:
+    from webhook.egress import plan_egress_cached
+
+    pod = _pod()
+    policy = {"allow": ["api.github.com:443"]}
+    base = plan_egress_cached(pod, ENABLED, None, policy)
+    narrowed = copy.deepcopy(pod)
+    narrowed["metadata"]["annotations"] = {"outrider.dev/egress-allow": "api.github.com:443"}
+    dns = _pod(dnsConfig={"nameservers": ["10.0.0.53"]})
+    explicit = {**ENABLED, "pod-security.kubernetes.io/enforce": "restricted"}
+    assert plan_egress_cached(narrowed, ENABLED, None, policy).policy != base.policy
+    assert plan_egress_cached(dns, ENABLED, None, policy).init_args == ("--dns-server", "10.0.0.53")
+    assert plan_egress_cached(pod, explicit, None, policy).mode == "explicit"
+    assert plan_egress_cached(pod, ENABLED, {"allow": []}, policy).policy != base.policy
+    assert plan_egress_cached(pod, ENABLED, None, {"allow": ["x.example:443"]}).policy != base.policy
