@@ -42,13 +42,18 @@ def build_holder(runtime: Runtime) -> PolicyHolder:
     return holder
 
 
-async def _reload_loop(holder: PolicyHolder, interval: float) -> None:
+async def _reload_loop(holder: PolicyHolder, interval: float, enforcer: Enforcer | None = None) -> None:
     # Polling the bytes is the reliable way to see ConfigMap volume updates: the kubelet swaps a
     # `..data` symlink, which inotify on the file itself does not report.
     while True:
         await asyncio.sleep(interval)
         if holder.check():
             log.info("egress: policy reloaded: %d layer(s)", len(holder.current.layers))
+            if enforcer is not None:
+                # A narrowing applies to open tunnels too, not only to new connections.
+                closed = enforcer.revalidate()
+                if closed:
+                    log.info("egress: closed %d open tunnel(s) the new policy no longer allows", closed)
 
 
 def raise_fd_limit() -> int:
@@ -73,7 +78,9 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
     runtime.metrics.append(lambda: _reload_metrics(holder))
     runtime.readiness["egress"] = lambda: (True, "ok" if holder.last_error is None else holder.last_error)
     serving = asyncio.create_task(enforcer.serve(listeners), name="egress-serve")
-    reloading = asyncio.create_task(_reload_loop(holder, config.reload_interval_s), name="egress-reload")
+    reloading = asyncio.create_task(
+        _reload_loop(holder, config.reload_interval_s, enforcer), name="egress-reload"
+    )
     log.info(
         "egress: %s mode, listening on %s port %d",
         config.mode,

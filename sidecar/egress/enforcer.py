@@ -18,6 +18,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sidecar.egress import sniff
 from sidecar.egress.config import EgressConfig
@@ -26,6 +27,7 @@ from sidecar.egress.policy import (
     IPAddress,
     Verdict,
     address_allowed,
+    connection_allowed,
     decide,
     destination_for,
     name_addresses,
@@ -134,6 +136,8 @@ class Enforcer:
         self.stats = Stats()
         self._tasks: set[asyncio.Task[None]] = set()
         self._dns_cache: dict[str, tuple[float, list[IPAddress]]] = {}
+        # Relaying tunnels and what they were allowed as, to re-judge them when the policy narrows.
+        self._open: dict[asyncio.Task[Any], tuple[Destination, str, str]] = {}
 
     # --- listening ----------------------------------------------------------------------------------
 
@@ -229,7 +233,7 @@ class Enforcer:
                 [ip], port, by_address, mode, "tcp", Destination(port, ip=ip)
             )
             if upstream is not None:
-                await self._relay(client, upstream, b"")
+                await self._relay(client, upstream, b"", Destination(port, ip=ip), mode, "tcp")
             return
         head = await self._read_until(client, lambda data: sniff.sniff(data).kind != sniff.NEED_MORE)
         found = sniff.sniff(head)
@@ -264,7 +268,7 @@ class Enforcer:
         if upstream is None:
             await self._refuse(client, protocol, f"{dest.name}:{port}", "upstream unreachable", status=502)
             return
-        await self._relay(client, upstream, head)
+        await self._relay(client, upstream, head, dest, mode, protocol)
 
     async def _explicit(self, client: socket.socket) -> None:
         head_bytes = await self._read_until(client, lambda data: b"\r\n\r\n" in data)
@@ -319,7 +323,7 @@ class Enforcer:
             first = rest
         else:
             first = _origin_form(head) + rest
-        await self._relay(client, upstream, first)
+        await self._relay(client, upstream, first, dest, "explicit", protocol)
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -461,9 +465,43 @@ class Enforcer:
                     break
                 drained += len(chunk)
 
-    async def _relay(self, client: socket.socket, upstream: socket.socket, first: bytes) -> None:
+    def revalidate(self) -> int:
+        """Close the open tunnels the current policy no longer allows (after a narrowing reload);
+        returns how many were closed. Each closure is audited."""
+        policy = self.holder.current
+        closed = 0
+        for task, (dest, mode, protocol) in list(self._open.items()):
+            assert dest.ip is not None
+            if task.done() or connection_allowed(policy, dest.name, dest.ip, dest.port):
+                continue
+            task.cancel()
+            closed += 1
+            verdict = decide(policy, dest)
+            reason = verdict.reason if not verdict.allowed else f"no longer an allowed address of {dest.name}"
+            self._emit(
+                Verdict(False, None, verdict.source, f"policy narrowed, open tunnel closed: {reason}"),
+                mode=mode,
+                protocol=protocol,
+                dest=dest,
+            )
+        return closed
+
+    async def _relay(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        first: bytes,
+        dest: Destination,
+        mode: str,
+        protocol: str,
+    ) -> None:
         loop = asyncio.get_running_loop()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.current_task()
+        if task is not None:
+            with contextlib.suppress(OSError, ValueError):
+                peer = unmapped(ipaddress.ip_address(str(upstream.getpeername()[0]).split("%")[0]))
+                self._open[task] = (Destination(port=dest.port, name=dest.name, ip=peer), mode, protocol)
         try:
             if first:
                 await loop.sock_sendall(upstream, first)
@@ -492,6 +530,8 @@ class Enforcer:
                     task.cancel()
                 await asyncio.gather(up, down, return_exceptions=True)
         finally:
+            if task is not None:
+                self._open.pop(task, None)
             upstream.close()
 
     async def _pump(

@@ -196,6 +196,14 @@ def address_allowed(policy: Policy, ip: IPAddress, port: int) -> bool:
     return decide(policy, Destination(port=port, ip=unmapped(ip))).allowed
 
 
+def connection_allowed(policy: Policy, name: str | None, ip: IPAddress, port: int) -> bool:
+    """Would a connection to `ip` (for `name`, if it had one) be made under `policy`? Used to re-judge
+    open tunnels when the policy narrows."""
+    if address_allowed(policy, ip, port):
+        return True
+    return name is not None and bool(name_addresses(policy, name, [ip], port))
+
+
 def name_addresses(policy: Policy, name: str, addresses: Iterable[IPAddress], port: int) -> list[IPAddress]:
     """The resolved addresses an allowed name may be reached at.
 

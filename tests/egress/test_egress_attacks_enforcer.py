@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -259,3 +260,36 @@ async def test_a_burst_of_connections_cannot_overrun_the_tunnel_limit(make_proxy
     assert proxy.enforcer.stats.active == 2
     for sock in burst:
         sock.close()
+
+
+async def test_a_narrowing_reload_closes_open_tunnels_it_no_longer_allows(
+    make_proxy: Factory, tmp_path: Path
+) -> None:
+    # Without this, a tunnel opened before the narrowing would keep its access for as long as it lives.
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    second = await asyncio.start_server(echo, "127.0.0.1", 0)
+    p2 = second.sockets[0].getsockname()[1]
+    proxy = await make_proxy(
+        lambda p: [f"svc.test:{p}", f"svc.test:{p2}", {"cidr": "127.0.0.1/32", "ports": [p, p2]}]
+    )
+    port = proxy.echo.port
+    cut_reader, cut_writer, head = await connect(proxy, f"svc.test:{p2}")
+    kept_reader, kept_writer, _ = await connect(proxy, f"svc.test:{port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    holder = proxy.enforcer.holder
+    holder.path = tmp_path / "policy.yaml"
+    holder.path.write_text(f"allow: ['svc.test:{port}', '127.0.0.1/32:{port}']\n")
+    assert holder.check()
+    assert proxy.enforcer.revalidate() == 1
+    assert await asyncio.wait_for(cut_reader.read(), 5) == b""
+    kept_writer.write(b"still")
+    assert await asyncio.wait_for(kept_reader.readexactly(5), 5) == b"still"
+    last = proxy.recorder.decisions[-1]
+    assert not last.allowed and last.destination_port == p2 and "policy narrowed" in last.reason
+    for writer in (cut_writer, kept_writer):
+        writer.close()
+    second.close()
