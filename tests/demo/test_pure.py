@@ -273,3 +273,24 @@ async def test_spire_build_progress_is_streamed(tmp_path: Path, monkeypatch) -> 
     script.write_text("#!/bin/sh\necho 'go: missing' >&2\nexit 3\n")
     with pytest.raises(RuntimeError, match="exit 3"):
         await spire_glue._build_with_progress(SimpleNamespace(console=Console(out=out, colour=False)))
+
+
+def test_bench_table_reads_webhook_scenarios() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all2", REPO / "bench" / "run_all.py")
+    assert spec and spec.loader
+    run_all = importlib.util.module_from_spec(spec)
+    sys.modules["run_all2"] = run_all
+    spec.loader.exec_module(run_all)
+    one = {
+        "noop": {"p50_ms": 1.0, "p99_ms": 2.0, "rps": 10},
+        "mutate": {"p50_ms": 2.0, "p99_ms": 2.0, "rps": 5},
+    }
+    rows = run_all.webhook_rows({"identical": one, "unique": one, "cpus": 2})
+    assert [r.figure for r in rows][:3] == [
+        "/mutate p50 latency (identical pods)",
+        "/mutate p99 latency (identical pods)",
+        "/mutate throughput (identical pods)",
+    ]
+    assert len(rows) == 6 and rows[0].met is False and rows[1].met is True
