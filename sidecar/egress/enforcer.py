@@ -406,7 +406,8 @@ class Enforcer:
         loop = asyncio.get_running_loop()
         last: Exception | None = None
         for address in targets:
-            if address.is_unspecified or (address.is_loopback and port == self.config.port):
+            this_host = address.is_unspecified or (address.version == 4 and address.packed[0] == 0)
+            if this_host or (address.is_loopback and port == self.config.port):
                 # 0.0.0.0 means "this host", and our own listener would loop every hop back to us.
                 last = OSError(f"refusing to connect to {address}:{port} (the egress listener itself)")
                 continue

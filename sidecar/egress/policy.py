@@ -188,7 +188,8 @@ def is_special(ip: IPAddress) -> bool:
     pod itself, the sidecar's own ports), link-local (cloud metadata at 169.254.169.254, fe80::),
     unspecified (0.0.0.0 connects to the pod itself) and multicast."""
     ip = unmapped(ip)
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+    this_network = ip.version == 4 and ip.packed[0] == 0  # 0.0.0.0/8: "this host on this network"
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or this_network
 
 
 def address_allowed(policy: Policy, ip: IPAddress, port: int) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.egress.policy import (
@@ -185,6 +185,7 @@ _ports = st.integers(min_value=1, max_value=65535)
 
 
 @given(name=_names, port=_ports, upper=st.booleans(), dot=st.booleans())
+@settings(deadline=None)  # never fail on a busy machine's timing
 def test_name_forms_agree(name: str, port: int, upper: bool, dot: bool) -> None:
     p = policy(f"{name}:{port}")
     spelled = (name.upper() if upper else name) + ("." if dot else "")
@@ -198,6 +199,7 @@ def test_name_forms_agree(name: str, port: int, upper: bool, dot: bool) -> None:
     probe=_names,
     port=st.sampled_from([80, 443, 8080]),
 )
+@settings(deadline=None)  # never fail on a busy machine's timing
 def test_annotation_never_widens(operator: list[str], team: list[str], probe: str, port: int) -> None:
     base = policy(*operator, source="operator")
     narrowed = base.narrowed(RuleSet("annotation", parse_rules(team, "annotation")[0]))
@@ -206,6 +208,7 @@ def test_annotation_never_widens(operator: list[str], team: list[str], probe: st
 
 
 @given(a=st.ip_addresses(v=4), prefix=st.integers(min_value=0, max_value=32), port=_ports)
+@settings(deadline=None)  # never fail on a busy machine's timing
 def test_cidr_membership_matches_ipaddress(a: ipaddress.IPv4Address, prefix: int, port: int) -> None:
     network = ipaddress.ip_network(f"{a}/{prefix}", strict=False)
     p = policy(f"{network}:*")
