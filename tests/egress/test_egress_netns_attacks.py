@@ -203,3 +203,24 @@ def test_a_narrowing_cidr_layer_cannot_widen_a_name_rule(attack_lab: Lab) -> Non
     while attack_lab.app("http", host="allowed.test").get("status") != 200:
         assert time.monotonic() < deadline, "removing the narrowing file was not picked up"
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def explicit_attack_lab() -> Iterator[Lab]:
+    _require_netns()
+    config = {"egress": {"mode": "explicit", "policy": ATTACK_POLICY, "policy_file": None, "dns_cache_s": 0}}
+    with lab(capture=False, sidecar_config=config) as current:
+        yield current
+
+
+def test_explicit_proxy_refuses_metadata_by_name_literal_and_mapped_literal(explicit_attack_lab: Lab) -> None:
+    proxy = "http://127.0.0.1:15001"
+    by_name = explicit_attack_lab.app("http", host="meta.test", proxy=proxy)
+    assert by_name["status"] == 502
+    tunnel = explicit_attack_lab.app("https", host="meta.test", proxy=proxy)
+    assert not tunnel["ok"] and "502" in tunnel["error"]
+    for literal in (META_V4, f"::ffff:{META_V4}", "0.0.0.0"):
+        assert explicit_attack_lab.app("http", ip=literal, proxy=proxy)["status"] == 403, literal
+    for _ in range(3):  # rebinding between the metadata address and an allowed one
+        assert explicit_attack_lab.app("http", host="rebind.test", proxy=proxy)["status"] in (200, 502)
+    assert no_hits(explicit_attack_lab, META_V4)
