@@ -35,6 +35,16 @@ def _connect(args: argparse.Namespace, port: int) -> socket.socket:
         if status != 200:
             raise PermissionError(f"proxy answered {status}: {head.decode('latin-1').splitlines()[-1]}")
         return sock
+    if args.device or args.source:
+        family = socket.AF_INET6 if ":" in target else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        if args.device:  # SO_BINDTODEVICE: unprivileged since Linux 5.7 for an unbound socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, args.device.encode())
+        if args.source:
+            sock.bind((args.source, 0))
+        sock.connect((target, port))
+        return sock
     return socket.create_connection((target, port), timeout=TIMEOUT)
 
 
@@ -81,7 +91,7 @@ def http(args: argparse.Namespace) -> dict[str, Any]:
         authority = f"[{target}]:{port}" if ":" in target else f"{target}:{port}"
         line = f"GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n"
     else:
-        sock = socket.create_connection((args.ip or args.host, port), timeout=TIMEOUT)
+        sock = _connect(args, port)
         line = f"GET / HTTP/1.1\r\nHost: {host}\r\n"
     with sock:
         sock.sendall((line + "Connection: close\r\n\r\n").encode())
@@ -163,6 +173,8 @@ def main() -> int:
     parser.add_argument("--ca", default=None)
     parser.add_argument("--proxy", default=None)
     parser.add_argument("--data", default="")
+    parser.add_argument("--device", default=None, help="SO_BINDTODEVICE before connecting")
+    parser.add_argument("--source", default=None, help="bind this source address before connecting")
     args = parser.parse_args()
     socket.setdefaulttimeout(TIMEOUT)
     started = time.monotonic()

@@ -224,3 +224,21 @@ def test_explicit_proxy_refuses_metadata_by_name_literal_and_mapped_literal(expl
     for _ in range(3):  # rebinding between the metadata address and an allowed one
         assert explicit_attack_lab.app("http", host="rebind.test", proxy=proxy)["status"] in (200, 502)
     assert no_hits(explicit_attack_lab, META_V4)
+
+
+def test_binding_to_lo_or_another_source_address_does_not_escape(attack_lab: Lab) -> None:
+    # `-o lo` is exempt from capture; an app that forces its socket onto lo (SO_BINDTODEVICE needs no
+    # privilege on an unbound socket) must still not get out, even with forwarding on in the pod.
+    forwarding = ["ip", "netns", "exec", attack_lab.pod, "sysctl", "-qw"]
+    subprocess.run([*forwarding, "net.ipv4.ip_forward=1"], check=True)
+    try:
+        for uid in (1000, 0):
+            on_lo = attack_lab.app("http", host="denied.test", ip=DENIED_V4, device="lo", uid=uid)
+            assert not on_lo["ok"], on_lo
+    finally:
+        subprocess.run([*forwarding, "net.ipv4.ip_forward=0"], check=True)
+    from_loopback = attack_lab.app("http", host="denied.test", ip=DENIED_V4, source="127.0.0.1")
+    assert from_loopback.get("status") != 200, from_loopback
+    from_pod_ip = attack_lab.app("http", host="denied.test", ip=DENIED_V4, source="10.200.0.2")
+    assert from_pod_ip["status"] == 403  # captured like any other socket
+    assert no_hits(attack_lab, DENIED_V4)
