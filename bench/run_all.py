@@ -381,6 +381,22 @@ def render_markdown(cells: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+BUSY_NOTE = """
+**Reading this run:** the machine was busy (load average above its core count: other test suites
+were running). The paced benchmarks (the proxy at a fixed 300 req/s) then queue, so their absolute
+latencies, baselines included, are mostly queueing time and the added-latency targets cannot be
+judged; the ratios and the closed-loop figures (webhook, egress, CPU per request) hold up better.
+Rerun `make bench` on an idle machine to judge the targets.
+"""
+
+
+def busy_note(info: dict[str, str]) -> str:
+    """The caution above when the load average at the start or the end exceeded the core count."""
+    cores = int(info.get("cores") or 0) or 1
+    loads = [float(x.split()[0]) for x in (info.get("load", ""), _load()) if x and x[0].isdigit()]
+    return BUSY_NOTE if any(load > cores for load in loads) else ""
+
+
 def write_doc(cells: list[list[str]], notes: dict[str, str], info: dict[str, str], quick: bool) -> None:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     status = "\n".join(f"- `{name}`: {note}" for name, note in notes.items())
@@ -398,7 +414,7 @@ Machine: {info["cores"]} cores ({info["cpu"]}), Python {info["python"]}, {info["
 load average when the run started {info["load"]}, at the end {_load()}.
 
 {render_markdown(cells)}
-
+{busy_note(info)}
 Benchmarks:
 {status}
 
