@@ -48,6 +48,9 @@ DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 # iptables rules; two capturing sidecars would steal each other's traffic.
 ISTIO_STATUS = "sidecar.istio.io/status"
 ISTIO_PROXY_CONTAINER = "istio-proxy"
+# Linkerd's markers: the same conflict (linkerd-init or the linkerd-cni plugin redirects to its proxy).
+LINKERD_PROXY_VERSION = "linkerd.io/proxy-version"
+LINKERD_PROXY_CONTAINER = "linkerd-proxy"
 
 # Fixed ports of the sidecar (design.md); the app may not claim them as its MCP port.
 OUTBOUND_PORT = 15001

@@ -27,6 +27,7 @@ SPIFFE_MOUNT_PATH = "/spiffe-workload-api"
 SPIFFE_SOCKET = f"unix://{SPIFFE_MOUNT_PATH}/spire-agent.sock"
 ADMIN_PORT_NAME = "outrider-admin"
 INBOUND_PORT_NAME = "outrider-mcp"
+OS_LABEL = "kubernetes.io/os"
 PROBE_KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
 
 Pod = dict[str, Any]
@@ -123,14 +124,21 @@ def inject(
                 f"set hostNetwork: false (namespace is {ann.NAMESPACE_INJECT}=strict)"
             )
         return skip("spec.hostNetwork is true: the sidecar cannot capture the node's network; not injected")
-    if _map(spec.get("os")).get("name") == "windows":
+    if (
+        _map(spec.get("os")).get("name") == "windows"
+        or _map(spec.get("nodeSelector")).get(OS_LABEL) == "windows"
+    ):
         # iptables capture, the Linux sidecar image and the SPIFFE CSI socket do not exist there.
         if strict:
             return refuse(
-                "spec.os.name: windows pods cannot run the Outrider sidecar; run the MCP server on "
+                "spec.os.name (or spec.nodeSelector[kubernetes.io/os]): windows pods cannot run the "
+                "Outrider sidecar; run the MCP server on "
                 f"Linux nodes (namespace is {ann.NAMESPACE_INJECT}=strict)"
             )
-        return skip("spec.os.name is windows: the Outrider sidecar runs on Linux only; not injected")
+        return skip(
+            "spec.os.name (or spec.nodeSelector[kubernetes.io/os]) is windows: the Outrider sidecar runs "
+            "on Linux only; not injected"
+        )
     if _has_istio(metadata, spec):
         if strict:
             return refuse(
@@ -141,6 +149,17 @@ def inject(
         return skip(
             "the pod already has an Istio sidecar (istio-proxy); Outrider does not stack a second "
             'capturing sidecar; set sidecar.istio.io/inject: "false" to use Outrider'
+        )
+    if _has_linkerd(metadata, spec):
+        if strict:
+            return refuse(
+                "the pod already has a Linkerd proxy (linkerd-proxy); two traffic-capturing sidecars "
+                "break each other; disable Linkerd injection for this pod (linkerd.io/inject: disabled) "
+                f"in this {ann.NAMESPACE_INJECT}=strict namespace"
+            )
+        return skip(
+            "the pod already has a Linkerd proxy (linkerd-proxy); Outrider does not stack a second "
+            "capturing sidecar; set linkerd.io/inject: disabled to use Outrider"
         )
 
     try:
@@ -243,6 +262,12 @@ def _has_istio(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
     if ann.ISTIO_STATUS in _map(metadata.get("annotations")):
         return True
     return any(c.get("name") == ann.ISTIO_PROXY_CONTAINER for c in _all_containers(spec))
+
+
+def _has_linkerd(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    if ann.LINKERD_PROXY_VERSION in _map(metadata.get("annotations")):
+        return True
+    return any(c.get("name") == ann.LINKERD_PROXY_CONTAINER for c in _all_containers(spec))
 
 
 def _escapes(

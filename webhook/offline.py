@@ -88,13 +88,33 @@ def inject_document(
     namespace = metadata.get("namespace") if isinstance(metadata, dict) else None
     pod = {"metadata": holder.get("metadata") or {}, "spec": holder.get("spec")}
     result = inject(pod, namespace_labels, config, namespace_policy, namespace=namespace)
+    notes = (*_misplaced_annotations(doc, path), *result.warnings)
     if not result.allowed:
-        return DocumentResult(doc, result.warnings, result.message)
+        return DocumentResult(doc, notes, result.message)
     if not result.injected:
-        return DocumentResult(doc, result.warnings)
+        return DocumentResult(doc, notes)
     holder["metadata"] = result.pod["metadata"]
     holder["spec"] = result.pod["spec"]
-    return DocumentResult(doc, result.warnings, injected=True)
+    return DocumentResult(doc, notes, injected=True)
+
+
+def _misplaced_annotations(doc: dict[str, Any], path: tuple[str, ...]) -> list[str]:
+    """`outrider.dev/*` annotations on the workload (or a CronJob's jobTemplate), not its pods."""
+    if not path:
+        return []
+    job = _get(doc.get("spec"), "jobTemplate") if path[1:2] == ("jobTemplate",) else None
+    places = [("metadata", doc.get("metadata")), ("spec.jobTemplate.metadata", _get(job, "metadata"))]
+    template = ".".join((*path, "metadata", "annotations"))
+    return [
+        f"annotation {key} is on {where}.annotations, which Outrider does not read; move it to {template}"
+        for where, metadata in places
+        for key in _get(metadata, "annotations") or {}
+        if isinstance(key, str) and key.startswith(ann.PREFIX) and key != ann.STATUS
+    ]
+
+
+def _get(value: Any, key: str) -> Any:
+    return value.get(key) if isinstance(value, dict) else None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

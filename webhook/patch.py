@@ -35,13 +35,13 @@ def _diff(old: Any, new: Any, path: str, ops: JsonPatch) -> None:
         return
     old_type, new_type = type(old), type(new)
     # Plain dict/list first: ABC isinstance checks dominate the cost on big pods.
+    # No deep `old != new` first: the engine shares what it did not touch, so walking the changed
+    # containers finds the few new values faster than comparing the whole spec up front.
     if old_type is dict and new_type is dict:
-        if old != new:
-            _diff_map(old, new, path, ops)
+        _diff_map(old, new, path, ops)
         return
     if old_type is list and new_type is list:
-        if old != new:
-            _diff_list(old, new, path, ops)
+        _diff_list(old, new, path, ops)
         return
     if old == new and old_type is new_type:
         return

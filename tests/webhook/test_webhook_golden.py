@@ -42,7 +42,7 @@ def _run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_there_are_enough_fixtures() -> None:
-    assert len(NAMES) >= 20, NAMES
+    assert len(NAMES) >= 50, NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -62,8 +62,18 @@ def semantic_problems(doc: dict[str, Any]) -> list[str]:
     volumes = Counter(v["name"] for v in spec.get("volumes") or [])
     problems += [f"volume name {n} used {k} times" for n, k in volumes.items() if k > 1]
     claim_names = {t["metadata"]["name"] for t in (doc.get("spec") or {}).get("volumeClaimTemplates") or []}
+    # Kubernetes only warns when app containers share a port name; a name Outrider adds must be unique.
+    status = json.loads(
+        ((pod.get("metadata") or {}).get("annotations") or {}).get("outrider.dev/status", "{}")
+    )
+    ours = {*status.get("initContainers", []), *status.get("containers", [])}
     port_names = Counter(p["name"] for c in containers for p in c.get("ports") or [] if p.get("name"))
-    problems += [f"port name {n} used {k} times in the pod" for n, k in port_names.items() if k > 1]
+    our_port_names = {p.get("name") for c in containers if c["name"] in ours for p in c.get("ports") or []}
+    problems += [
+        f"port name {n} used {k} times in the pod"
+        for n, k in port_names.items()
+        if k > 1 and n in our_port_names
+    ]
     port_numbers = Counter(
         (p["containerPort"], p.get("protocol", "TCP")) for c in containers for p in c.get("ports") or []
     )
