@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from sidecar.egress.enforcer import Enforcer, listen_sockets
+from sidecar.egress.config import EgressConfig
+from sidecar.egress.enforcer import Enforcer, Resolver, listen_sockets, system_resolver
 from sidecar.egress.reload import PolicyHolder, spec_policy
+from sidecar.egress.resolver import DnsResolver
 from sidecar.runtime import Runtime
 from sidecar.telemetry.observer import EgressDecision
 
@@ -56,6 +58,18 @@ async def _reload_loop(holder: PolicyHolder, interval: float, enforcer: Enforcer
                     log.info("egress: closed %d open tunnel(s) the new policy no longer allows", closed)
 
 
+def build_resolver(config: EgressConfig) -> Resolver:
+    if config.resolver == "system":
+        return system_resolver
+    try:
+        resolver = DnsResolver(config.resolv_conf, config.connect_timeout_s)
+    except OSError as exc:
+        log.error("%s; falling back to the system resolver (which also reads /etc/hosts)", exc)
+        return system_resolver
+    log.info("egress: resolving allowed names with %s", ", ".join(resolver.nameservers))
+    return resolver
+
+
 def raise_fd_limit() -> int:
     """Lift the soft open-file limit to the hard one: each tunnel holds two sockets and two pipes, and a
     1024 soft limit would run out long before `max_tunnels` (the accept loop survives that, but refuses)."""
@@ -72,7 +86,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
     config = runtime.config.egress
     raise_fd_limit()
     holder = build_holder(runtime)
-    enforcer = Enforcer(config, holder, _RuntimeObserver(runtime))  # type: ignore[arg-type]
+    enforcer = Enforcer(config, holder, _RuntimeObserver(runtime), resolver=build_resolver(config))  # type: ignore[arg-type]
     listeners = listen_sockets(config.listen, config.port)
     runtime.metrics.append(enforcer.stats.prometheus)
     runtime.metrics.append(lambda: _reload_metrics(holder))

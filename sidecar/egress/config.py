@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("capture", "explicit")
+RESOLVERS = ("dns", "system")
 DEFAULT_POLICY_FILE = "/etc/outrider/egress/policy.yaml"
 
 _KEYS = frozenset(
@@ -27,6 +28,8 @@ _KEYS = frozenset(
         "buffer_bytes",
         "dns_cache_s",
         "idle_timeout_s",
+        "resolver",
+        "resolv_conf",
     }
 )
 
@@ -74,6 +77,10 @@ class EgressConfig:
     # connections cannot hold the `max_tunnels` slots forever. An hour, like Envoy's TCP proxy default:
     # long-lived MCP streams send keep-alives well within it.
     idle_timeout_s: float = 3600.0
+    # "dns": ask the resolv.conf servers directly (read once at start). "system": getaddrinfo, which
+    # also reads the pod's shared /etc/hosts, i.e. `hostAliases` and whatever a root app writes there.
+    resolver: str = "dns"
+    resolv_conf: str = "/etc/resolv.conf"
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EgressConfig:
@@ -83,6 +90,12 @@ class EgressConfig:
         mode = str(data.get("mode", cls.mode))
         if mode not in MODES:
             raise _error(f"egress.mode: {mode!r} is not one of {list(MODES)}")
+        resolver = str(data.get("resolver", cls.resolver))
+        if resolver not in RESOLVERS:
+            raise _error(f"egress.resolver: {resolver!r} is not one of {list(RESOLVERS)}")
+        resolv_conf = data.get("resolv_conf", cls.resolv_conf)
+        if not isinstance(resolv_conf, str) or not resolv_conf:
+            raise _error(f"egress.resolv_conf: {resolv_conf!r} must be a path")
         policy = data.get("policy")
         if policy is not None and not isinstance(policy, Mapping):
             raise _error(
@@ -114,4 +127,6 @@ class EgressConfig:
             buffer_bytes=_number(data, "buffer_bytes", cls.buffer_bytes, 4096, 16 << 20, integer=True),
             dns_cache_s=_number(data, "dns_cache_s", cls.dns_cache_s, 0, 300, integer=False),
             idle_timeout_s=_number(data, "idle_timeout_s", cls.idle_timeout_s, 0, 86400, integer=False),
+            resolver=resolver,
+            resolv_conf=resolv_conf,
         )

@@ -55,6 +55,7 @@ ZONE = {
     "loop.test": {"A": ["127.0.0.1"]},
     "mapped.test": {"AAAA": [f"::ffff:{META_V4}"]},
     "rebind.test": {"A": [ALLOWED_V4], "rebind": [META_V4, ALLOWED_V4]},
+    "aliased.test": {"A": [ALLOWED_V4]},  # the attack lab's /etc/hosts (hostAliases) says DENIED_V4
 }
 
 POLICY = {

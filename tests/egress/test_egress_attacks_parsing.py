@@ -373,3 +373,14 @@ def test_malformed_narrowing_file_keeps_the_last_good_policy(text: str, tmp_path
     path.write_text(text)
     assert not holder.check() and holder.current == good and holder.last_error
     assert not decide(holder.current, destination_for("b.test", 443)).allowed
+
+
+def test_resolver_config() -> None:
+    from sidecar.config import ConfigError
+    from sidecar.egress.config import EgressConfig
+
+    assert EgressConfig.from_mapping({}).resolver == "dns"  # never /etc/hosts by default
+    assert EgressConfig.from_mapping({"resolver": "system", "idle_timeout_s": 0}).idle_timeout_s == 0
+    for bad in ({"resolver": "hosts"}, {"resolv_conf": ""}, {"idle_timeout_s": -1}):
+        with pytest.raises(ConfigError):
+            EgressConfig.from_mapping(bad)

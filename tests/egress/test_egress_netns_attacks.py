@@ -35,7 +35,14 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 SECRET_PORT = 8081  # a pod-local service on loopback that no outside name may lead to
 ATTACK_POLICY = {
-    "allow": [*POLICY["allow"], "meta.test", "mapped.test", "rebind.test", f"loop.test:{SECRET_PORT}"]
+    "allow": [
+        *POLICY["allow"],
+        "meta.test",
+        "mapped.test",
+        "rebind.test",
+        "aliased.test",
+        f"loop.test:{SECRET_PORT}",
+    ]
 }
 
 
@@ -43,6 +50,11 @@ ATTACK_POLICY = {
 def attack_lab() -> Iterator[Lab]:
     _require_netns()
     with lab(capture=True, sidecar_config=None) as current:
+        # `spec.hostAliases` (app-team owned) lands in the pod's shared /etc/hosts; so does whatever a
+        # root app writes there. `ip netns exec` mounts this file over /etc/hosts for every pod process.
+        (Path("/etc/netns") / current.pod / "hosts").write_text(
+            f"127.0.0.1 localhost\n{DENIED_V4} aliased.test\n"
+        )
         config = {
             "egress": {
                 "mode": "capture",
@@ -241,4 +253,14 @@ def test_binding_to_lo_or_another_source_address_does_not_escape(attack_lab: Lab
     assert from_loopback.get("status") != 200, from_loopback
     from_pod_ip = attack_lab.app("http", host="denied.test", ip=DENIED_V4, source="10.200.0.2")
     assert from_pod_ip["status"] == 403  # captured like any other socket
+    assert no_hits(attack_lab, DENIED_V4)
+
+
+def test_host_aliases_cannot_choose_the_address_of_an_allowed_name(attack_lab: Lab) -> None:
+    # The app resolves aliased.test to DENIED_V4 through /etc/hosts and connects there; the enforcer
+    # asks DNS itself (never /etc/hosts), so the connection lands on the name's real address.
+    result = attack_lab.app("http", host="aliased.test")
+    assert result["status"] == 200 and json.loads(result["body"])["served_by"] == ALLOWED_V4
+    decision = attack_lab.wait_decision(name="aliased.test", allowed=True)
+    assert f"{DENIED_V4} is not an address of aliased.test" in decision["reason"]
     assert no_hits(attack_lab, DENIED_V4)
