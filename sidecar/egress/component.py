@@ -17,7 +17,7 @@ from pathlib import Path
 from sidecar.egress.config import EgressConfig
 from sidecar.egress.enforcer import Enforcer, Resolver, listen_sockets, system_resolver
 from sidecar.egress.reload import PolicyHolder, spec_policy
-from sidecar.egress.resolver import DnsResolver
+from sidecar.egress.resolver import DnsResolver, unresolvable
 from sidecar.runtime import Runtime
 from sidecar.telemetry.observer import EgressDecision
 
@@ -64,8 +64,9 @@ def build_resolver(config: EgressConfig) -> Resolver:
     try:
         resolver = DnsResolver(config.resolv_conf, config.connect_timeout_s)
     except OSError as exc:
-        log.error("%s; falling back to the system resolver (which also reads /etc/hosts)", exc)
-        return system_resolver
+        # Fail closed: the system resolver would read the pod's /etc/hosts, which the app can write.
+        log.error("%s; allowed names will not resolve (set egress.resolver: system to use getaddrinfo)", exc)
+        return unresolvable
     log.info("egress: resolving allowed names with %s", ", ".join(resolver.nameservers))
     return resolver
 

@@ -28,6 +28,12 @@ class DnsResolver:
             self._resolver.read_resolv_conf(resolv_conf)
         except (OSError, dns.resolver.NoResolverConfiguration) as exc:
             raise OSError(f"egress: cannot read the DNS servers from {resolv_conf}: {exc}") from None
+        # A nameserver on loopback would be a process inside the pod, i.e. possibly the app (a root app
+        # can rewrite the shared resolv.conf before a sidecar restart): never ask one.
+        servers = [n for n in self._resolver.nameservers if not _is_loopback(str(n))]
+        if not servers:
+            raise OSError(f"egress: {resolv_conf} lists no DNS server outside loopback")
+        self._resolver.nameservers = servers
         self._resolver.lifetime = timeout_s
         self._resolver.cache = None  # the enforcer has its own short cache
 
@@ -60,3 +66,15 @@ class DnsResolver:
         except dns.exception.DNSException as exc:
             raise OSError(f"{rdtype} lookup failed: {exc}") from None
         return [unmapped(ipaddress.ip_address(record.address)) for record in answer]
+
+
+def _is_loopback(server: str) -> bool:
+    try:
+        return unmapped(ipaddress.ip_address(server.split("%")[0])).is_loopback
+    except ValueError:  # a DoH/DoT URL form: not from resolv.conf
+        return False
+
+
+async def unresolvable(name: str, port: int) -> list[IPAddress]:
+    """The resolver when the pod's DNS servers are unusable: fail closed (never fall back to /etc/hosts)."""
+    raise OSError("the egress resolver has no usable DNS server")

@@ -384,3 +384,22 @@ def test_resolver_config() -> None:
     for bad in ({"resolver": "hosts"}, {"resolv_conf": ""}, {"idle_timeout_s": -1}):
         with pytest.raises(ConfigError):
             EgressConfig.from_mapping(bad)
+
+
+async def test_dns_resolver_never_asks_loopback_servers(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from sidecar.egress.component import build_resolver
+    from sidecar.egress.config import EgressConfig
+    from sidecar.egress.resolver import DnsResolver, unresolvable
+
+    conf = Path(str(tmp_path)) / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.53\nnameserver 10.96.0.10\nsearch svc.cluster.local\n")
+    assert DnsResolver(str(conf)).nameservers == ["10.96.0.10"]
+    conf.write_text("nameserver 127.0.0.1\nnameserver ::1\n")  # e.g. rewritten by a root app
+    with pytest.raises(OSError):
+        DnsResolver(str(conf))
+    resolver = build_resolver(EgressConfig(resolv_conf=str(conf)))
+    assert resolver is unresolvable  # fails closed, never falls back to getaddrinfo and /etc/hosts
+    with pytest.raises(OSError):
+        await resolver("allowed.test", 443)
