@@ -1,7 +1,7 @@
 """The demo pod's network: a pod namespace, an "internet" namespace, and a link to this host.
 
     host (demo, IdP, OTLP receiver)  --veth--  pod ns (MCP server, sidecar, iptables)  --veth--  internet ns
-Everything is torn down on exit, including the /etc/netns files that give the pod its /etc/hosts.
+Everything is torn down on exit, including the /etc/netns files that give the pod its resolv.conf.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def setup_commands(t: Topology) -> list[list[str]]:
 
 
 def hosts_file(t: Topology) -> str:
-    names = " ".join(t.host_names)
-    return f"127.0.0.1 localhost\n::1 localhost\n{t.inet_ip} {names}\n"
+    # Like a pod's: nothing but localhost. The demo's names resolve through the internet
+    # namespace's DNS server, as a cluster's would (the enforcer never trusts /etc/hosts).
+    return "127.0.0.1 localhost\n::1 localhost\n"
 
 
 def _run(cmd: list[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -34,6 +35,7 @@ import yaml
 
 from sidecar.demo import audit, netns, podiff, procs, traces
 from sidecar.demo.console import Console
+from sidecar.egress.config import EgressConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "demo" / "mcp-server-deployment.yaml"
@@ -479,13 +481,17 @@ async def step_dataplane(demo: Demo) -> None:
             True,
             f"network namespaces up: client -> {t.pod_ip}:{demo.client_port} (pod) -> {t.inet_ip} (internet)",
         )
+        dns = [arg for name in t.host_names for arg in ("--dns-name", f"{name}={t.inet_ip}")]
         web = await demo.sup.start(
-            "internet", [procs.python(), "-m", "sidecar.demo.internet", "--port", "80"], netns=t.inet_ns
+            "internet",
+            [procs.python(), "-m", "sidecar.demo.internet", "--host", t.inet_ip, "--port", "80", *dns],
+            netns=t.inet_ns,
         )
         await procs.wait_until(
             "the internet namespace's HTTP server", lambda: _ns_tcp(t.inet_ns, t.inet_ip, 80), child=web
         )
-        c.say(f"'internet' serves http://{ALLOWED_HOST}/ and http://{DENIED_HOST}/ from {t.inet_ip}")
+        c.say(f"'internet' serves http://{ALLOWED_HOST}/ and http://{DENIED_HOST}/ from {t.inet_ip}, and is")
+        c.say("      the pod's DNS server (its resolv.conf) for those names, as a cluster's DNS would be")
     else:
         c.say(
             "mode: EXPLICIT PROXY ("
@@ -810,10 +816,14 @@ def explicit_app_env(demo: Demo) -> dict[str, str]:
 
 
 def explicit_sidecar_overrides(demo: Demo) -> dict[str, Any]:
+    egress: dict[str, Any] = {"mode": "explicit", "port": _egress_port(demo), "listen": ["127.0.0.1"]}
+    if "resolver" in {f.name for f in dataclasses.fields(EgressConfig)}:
+        # Without a namespace there is no DNS server of our own for this host's name: use getaddrinfo.
+        egress["resolver"] = "system"
     return {
         "admin": {"host": "127.0.0.1", "port": demo.admin_port},
         "inbound": {"host": "127.0.0.1", "port": demo.client_port, "mcp_port": demo.app_port},
-        "egress": {"mode": "explicit", "port": _egress_port(demo), "listen": ["127.0.0.1"]},
+        "egress": egress,
     }
 
 

@@ -158,7 +158,7 @@ def test_netns_plan_is_deterministic_and_short_enough_for_interface_names() -> N
     assert cmds[0] == ["ip", "netns", "add", t.pod_ns]
     names = {arg for cmd in cmds for arg in cmd if arg.startswith(("orh", "orp", "ori", "ore"))}
     assert names and all(len(n) <= 15 for n in names)
-    assert "10.210.2.1 allowed.demo.test" in netns.hosts_file(t)
+    assert "allowed.demo.test" not in netns.hosts_file(t)  # names come from the demo's DNS server
 
 
 def test_two_demos_never_share_a_link() -> None:
@@ -294,3 +294,25 @@ def test_bench_table_reads_webhook_scenarios() -> None:
         "/mutate throughput (identical pods)",
     ]
     assert len(rows) == 6 and rows[0].met is False and rows[1].met is True
+
+
+def test_demo_dns_answers_its_names_and_nothing_else() -> None:
+    import dns.message
+    import dns.rcode
+
+    from sidecar.demo import internet
+
+    records = {"allowed.demo.test": "10.1.2.1"}
+    reply = internet.answer(dns.message.make_query("Allowed.Demo.Test.", "A").to_wire(), records)
+    assert reply is not None
+    message = dns.message.from_wire(reply)
+    assert [r.address for rrset in message.answer for r in rrset] == ["10.1.2.1"]
+    aaaa = dns.message.from_wire(
+        internet.answer(dns.message.make_query("allowed.demo.test", "AAAA").to_wire(), records)
+    )
+    assert aaaa.rcode() == dns.rcode.NOERROR and not aaaa.answer
+    other = dns.message.from_wire(
+        internet.answer(dns.message.make_query("evil.test", "A").to_wire(), records)
+    )
+    assert other.rcode() == dns.rcode.NXDOMAIN
+    assert internet.answer(b"\x00garbage", records) is None
