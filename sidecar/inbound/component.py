@@ -10,10 +10,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import replace
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from sidecar.exchange import TokenExchanger
 from sidecar.identity import IdentityUnavailable
@@ -30,7 +32,6 @@ class _Build:
 
 
 BUILD = _Build()
-PROXY_KEY = web.AppKey("inbound_proxy", InboundProxy)
 
 
 def _build_exchanger(runtime: Runtime, session: aiohttp.ClientSession) -> TokenExchanger | None:
@@ -82,6 +83,32 @@ class _MalformedHttpFilter(logging.Filter):
         return True
 
 
+class _PlainErrorHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse with a 400 whose text quotes the offending line,
+    which may hold the caller's token: answer with the bare status instead."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        return super().handle_error(request, status, exc, f"{status} {HTTPStatus(status).phrase}")
+
+
+class _PlainErrorServer(web.Server):
+    __slots__ = ()
+
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        # Same layout (no new slots): only `handle_error` changes.
+        handler.__class__ = _PlainErrorHandler
+        return handler
+
+
 async def _refresh_jwks(jwks: JwksCache, interval_s: float) -> None:
     delay = 1.0
     while True:
@@ -131,25 +158,24 @@ async def serve(
         proxy = InboundProxy(
             config, observer=runtime.observer, verifier=verifier, exchanger=chosen, upstream=upstream
         )
-        app = web.Application()
-        app[PROXY_KEY] = proxy
         http_log = logging.getLogger("outrider.inbound.http")
         malformed = _MalformedHttpFilter()
         http_log.addFilter(malformed)
         stack.callback(http_log.removeFilter, malformed)
         proxy.malformed_count = lambda: malformed.count
-        app.add_routes(proxy.routes())
-        # Open SSE streams must not hold shutdown past the pod's grace period.
-        runner = web.AppRunner(
-            app,
+        # aiohttp's low-level server: one handler sees every request. The router would answer
+        # some requests itself (e.g. `Expect` on a target it cannot match), before authentication.
+        server = _PlainErrorServer(
+            proxy.dispatch,
+            # Open SSE streams must not hold shutdown past the pod's grace period.
             handler_cancellation=True,
             access_log=None,
-            shutdown_timeout=5.0,
             # A refused request's unread body is drained (so the client reads its 401/413 rather
             # than a reset) for at most this long, then the connection is closed.
             lingering_time=2.0,
             logger=http_log,
         )
+        runner = web.ServerRunner(server, shutdown_timeout=5.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         svid: RotatingServerContext | None = None

@@ -94,6 +94,7 @@ def upstream_request_headers(
         | SPOOFABLE
         | {
             "host",
+            "expect",  # answered by the proxy itself, after authentication
             "authorization",
             "content-length",
             (config.token_header or "authorization").lower(),
@@ -124,12 +125,6 @@ def _safe_header(name: str, value: str) -> bool:
     return "\r" not in value and "\n" not in value and "\x00" not in value
 
 
-async def _no_expect(request: web.Request) -> None:
-    """`Expect` is handled in `handle`, after authentication (aiohttp's default would invite the body
-    of any caller, and fails on odd values)."""
-    return
-
-
 def _parse(body: bytes) -> tuple[ParsedBody | None, jsonrpc.BodyError | None]:
     """The body's messages; an unparseable body is recorded as one invalid message (audit sees it)."""
     if not body:
@@ -140,7 +135,7 @@ def _parse(body: bytes) -> tuple[ParsedBody | None, jsonrpc.BodyError | None]:
         return ParsedBody((McpMessage(kind="invalid"),), (None,), False), exc
 
 
-async def _peek_body(request: web.Request) -> bytes | None:
+async def _peek_body(request: web.BaseRequest) -> bytes | None:
     """A small body the caller already sent in full, for the audit record of a refused call; else None."""
     length = request.content_length
     if length is None or not 0 < length <= DENIED_PEEK_BYTES:
@@ -294,14 +289,14 @@ class InboundProxy:
         # Requests aiohttp could not parse as HTTP (they never reach `handle`); set by the component.
         self.malformed_count: Callable[[], int] = lambda: 0
 
-    def routes(self) -> list[web.RouteDef]:
-        return [
-            web.get(WELL_KNOWN, self.metadata),
-            web.get(WELL_KNOWN + "/{tail:.*}", self.metadata),
-            web.route("*", "/{tail:.*}", self.handle, expect_handler=_no_expect),
-        ]
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request on 15006: the RFC 9728 metadata (public), else the proxy pipeline."""
+        path = request.path
+        if request.method in ("GET", "HEAD") and (path == WELL_KNOWN or path.startswith(WELL_KNOWN + "/")):
+            return await self.metadata(request)
+        return await self.handle(request)
 
-    async def metadata(self, request: web.Request) -> web.Response:
+    async def metadata(self, request: web.BaseRequest) -> web.Response:
         if not self.config.resource:
             return web.json_response(
                 {"error": "this MCP server has no OAuth resource configured"}, status=404
@@ -312,7 +307,7 @@ class InboundProxy:
 
     # -- the pipeline ---------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.requests_total += 1
         headers = request.headers
         if request.method not in ALLOWED_METHODS:
@@ -323,6 +318,15 @@ class InboundProxy:
                         None, jsonrpc.INVALID_REQUEST, f"method {request.method} is not allowed"
                     ),
                     {"Allow": ", ".join(sorted(ALLOWED_METHODS))},
+                )
+            )
+        if not request.rel_url.raw_path.startswith("/"):
+            # `OPTIONS *` or an authority-form target: nothing on the app to forward it to.
+            return self._answer(
+                Answer(
+                    400,
+                    jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, "the request target must be a path"),
+                    {},
                 )
             )
         info = RequestInfo(
@@ -360,7 +364,7 @@ class InboundProxy:
                 calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
                 raise
 
-    async def _deny(self, request: web.Request, failure: AuthFailure, info: RequestInfo) -> web.Response:
+    async def _deny(self, request: web.BaseRequest, failure: AuthFailure, info: RequestInfo) -> web.Response:
         """Refuse an unauthenticated request; its body is only glanced at when small and already sent."""
         self.denied_total += 1
         parsed: ParsedBody | None = None
@@ -388,7 +392,7 @@ class InboundProxy:
 
     async def _handle_calls(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         body: bytes,
         parsed: ParsedBody | None,
         calls: Calls,
@@ -416,7 +420,7 @@ class InboundProxy:
         body = self._inject_context(calls, out_headers, parsed, body)
         return await self._forward(request, body, out_headers, calls)
 
-    async def _read_body(self, request: web.Request) -> bytes | Answer:
+    async def _read_body(self, request: web.BaseRequest) -> bytes | Answer:
         limit = self.config.max_body_bytes
         too_big = Answer(
             413,
@@ -437,7 +441,7 @@ class InboundProxy:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _authenticate(self, request: web.Request, token: str | None) -> Principal | AuthFailure:
+    async def _authenticate(self, request: web.BaseRequest, token: str | None) -> Principal | AuthFailure:
         if len(request.headers.getall("Authorization", ())) > 1:
             # Which one would the app believe? Refuse rather than guess (RFC 9110: not a list header).
             return AuthFailure(401, "invalid_request", "more than one Authorization header")
@@ -520,7 +524,7 @@ class InboundProxy:
         return json.dumps(document, separators=(",", ":")).encode()
 
     async def _forward(
-        self, request: web.Request, body: bytes, headers: CIMultiDict[str], calls: Calls
+        self, request: web.BaseRequest, body: bytes, headers: CIMultiDict[str], calls: Calls
     ) -> web.StreamResponse:
         # rel_url, not raw_path: an absolute-form target (`POST http://elsewhere/x`) must not pick the host.
         url = URL(self.base + (request.rel_url.raw_path_qs or "/"), encoded=True)
@@ -591,7 +595,7 @@ class InboundProxy:
         )
 
     async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, calls: Calls
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, calls: Calls
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status, headers=downstream_response_headers(upstream.headers, streaming=True)
