@@ -182,19 +182,22 @@ def plan_egress_cached(
     cluster_policy: Mapping[str, Any] | None,
 ) -> EgressPlan:
     """`plan_egress`, memoised on exactly the inputs it reads."""
-    import json
+    import orjson
+
+    def canon(value: Any) -> bytes:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=repr)
 
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     annotation = (metadata.get("annotations") or {}).get(EGRESS_ALLOW)
     try:
         key = (
-            json.dumps(cluster_policy, sort_keys=True, default=repr),
-            json.dumps(namespace_policy, sort_keys=True, default=repr),
+            canon(cluster_policy),
+            canon(namespace_policy),
             tuple(sorted((str(k), str(v)) for k, v in namespace_labels.items())),
             str(metadata.get("namespace") or "default"),
             None if annotation is None else str(annotation),
-            json.dumps((spec.get("dnsConfig") or {}).get("nameservers"), default=repr),
+            canon((spec.get("dnsConfig") or {}).get("nameservers")),
         )
     except (AttributeError, TypeError, ValueError):  # odd shapes: plan without the cache
         return plan_egress(pod, namespace_labels, namespace_policy, cluster_policy)

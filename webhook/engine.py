@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from webhook import __version__
 from webhook import annotations as ann
 from webhook import strict as strict_rules
@@ -441,6 +443,18 @@ def sidecar_config(
     return _deep_merge(config.plain_sidecar, per_pod)
 
 
+def _sorted_json(value: Any) -> str:
+    """Compact JSON with sorted keys: what `json.dumps(sort_keys=True)` writes, ~5x faster.
+
+    orjson keeps non-ASCII (and DEL) unescaped where json escapes them, so such text goes through
+    json; floats, which a pod never has here, may be spelt differently (1e-7 vs 1e-07) but parse equal.
+    """
+    text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    if text.isascii() and b"\x7f" not in text:
+        return text.decode()
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 # OUTRIDER_CONFIG text by (plan, config, port, audience): cached plans come back as the same object,
 # so most admissions reuse the JSON. The entry holds its plan, so the id() in the key stays its own.
 _CONFIG_JSON: dict[tuple[int, str, int | None, str | None], tuple[EgressPlan, str]] = {}
@@ -525,7 +539,7 @@ def _apply(
         env.append(
             {
                 "name": "OUTRIDER_APP_PROBES",
-                "value": json.dumps(app_probes, sort_keys=True, separators=(",", ":")),
+                "value": _sorted_json(app_probes),
             }
         )
 
@@ -628,7 +642,7 @@ def _apply(
         "mcpPort": mcp_port,
         "spiffeId": f"spiffe://{config.trust_domain}/ns/{namespace}/sa/{sa}",
     }
-    annotations = {**annotations, ann.STATUS: json.dumps(status, sort_keys=True, separators=(",", ":"))}
+    annotations = {**annotations, ann.STATUS: _sorted_json(status)}
     if ann.DEFAULT_CONTAINER not in annotations:
         annotations[ann.DEFAULT_CONTAINER] = containers[app_index]["name"]
     metadata["annotations"] = annotations

@@ -6,7 +6,6 @@ one-line reason (or an in-protocol denial once the uid is known), never a 5xx or
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -227,12 +226,6 @@ async def errors_are_one_line(
         raise web.HTTPBadRequest(text=f"bad request ({type(exc).__name__})\n") from None
 
 
-async def _freeze_startup_objects(app: web.Application) -> None:
-    # Modules, the app and its config live for the whole process: moving them out of the cyclic
-    # collector's generations keeps each admission's garbage collection proportional to the admission.
-    gc.freeze()
-
-
 def build_app(
     config: ConfigHolder,
     certs: CertStore,
@@ -247,7 +240,6 @@ def build_app(
     app[METRICS] = Metrics.create()
     app[ANSWERS] = AnswerCache(cache_size)
     app[READY_CHECKS] = []
-    app.on_startup.append(_freeze_startup_objects)
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

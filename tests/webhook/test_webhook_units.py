@@ -451,3 +451,15 @@ def test_cached_egress_plan_follows_each_input() -> None:
     assert plan_egress_cached(pod, explicit, None, policy).mode == "explicit"
     assert plan_egress_cached(pod, ENABLED, {"allow": []}, policy).policy != base.policy
     assert plan_egress_cached(pod, ENABLED, None, {"allow": ["x.example:443"]}).policy != base.policy
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"b": 1, "a": ["x\n\t\x01", '"\\/', None, True]},
+        {"path": "/caf\u00e9", "h": [{"name": "X", "value": "\u2028\x7f"}]},
+        {"n": -3, "nested": {"z": {}, "y": []}},
+    ],
+)
+def test_sorted_json_writes_what_json_dumps_writes(value: Any) -> None:
+    assert engine._sorted_json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"))
