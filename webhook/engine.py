@@ -210,8 +210,12 @@ def _verify_injected(
         return "its value is not the JSON Outrider writes"
     if status.get("configHash") != config.hash:
         return f"it was injected with another config (hash {status.get('configHash')!r}, now {config.hash!r})"
-    by_name = {c.get("name"): c for c in _all_containers(spec)}
-    ours = [*_list(status.get("initContainers")), *_list(status.get("containers"))]
+    by_name = {strict_rules.name_of(c): c for c in _all_containers(spec)}
+    ours = [
+        n
+        for n in (*_list(status.get("initContainers")), *_list(status.get("containers")))
+        if isinstance(n, str)
+    ]
     missing = [str(n) for n in ours if n not in by_name]
     if not ours or missing:
         return f"the containers it names are missing ({', '.join(missing) or 'none named'})"
@@ -219,7 +223,7 @@ def _verify_injected(
     if escapes:
         return escapes[0]
     # The MCP port decides what inbound traffic is captured: it must be the one the pod declares.
-    app_spec = {**spec, "containers": [c for c in spec["containers"] if c.get("name") not in ours]}
+    app_spec = {**spec, "containers": [c for c in spec["containers"] if strict_rules.name_of(c) not in ours]}
     try:
         mcp_port, _ = _find_mcp_port(app_spec, settings.mcp_port, [])
     except _Refused as exc:
@@ -280,7 +284,7 @@ def _escapes(
     if strict and not config.native_sidecar:
         ours = skip or set()
         for i, c in enumerate(_list(spec.get("initContainers"))):
-            if isinstance(c, dict) and c.get("name") not in ours:
+            if isinstance(c, dict) and strict_rules.name_of(c) not in ours:
                 found.append(
                     f"spec.initContainers[{i}] ({c.get('name')}) would run before outrider-init in the "
                     "classic layout (webhook config native_sidecar: false), so its traffic is not "

@@ -142,7 +142,14 @@ async def mutate(request: web.Request) -> web.Response:
             return _json(admission.deny(exc.uid, f"bad AdmissionReview: {exc}", code=400))
         if review.is_pod_update:
             outcome = "ignored"
-            denial = await _strict_update(request, review)
+            try:
+                denial = await _strict_update(request, review)
+            except Exception:
+                outcome = "error"
+                log.exception("strict update check failed for request %s", review.uid)
+                return _json(
+                    admission.deny(review.uid, "internal error in the Outrider webhook; see its log", 500)
+                )
             if denial is not None:
                 outcome = "denied"
                 return _json(admission.deny(review.uid, denial))

@@ -31,6 +31,12 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def name_of(item: Any) -> str | None:
+    """A container's or volume's name when it is a string (a fuzzed pod may put anything there)."""
+    name = item.get("name") if isinstance(item, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def capability(value: Any) -> str:
     """`net_admin`, `CAP_NET_ADMIN` and ` NET_ADMIN ` are the same capability to the runtime."""
     return str(value).strip().upper().removeprefix("CAP_")
@@ -135,17 +141,17 @@ def problems(
     found = pod_problems(spec, strict)
     # The Workload API hands the pod's SVID to whoever can reach the socket: only the sidecar may.
     spiffe_volumes = {
-        v.get("name")
+        name_of(v)
         for v in _list(spec.get("volumes"))
         if isinstance(v, dict) and _map(v.get("csi")).get("driver") == spiffe_driver
     }
     for key in CONTAINER_KEYS:
         for i, c in enumerate(_list(spec.get(key))):
-            if not isinstance(c, dict) or c.get("name") in ours:
+            name = name_of(c)
+            if not isinstance(c, dict) or name in ours:
                 continue
             where = f"spec.{key}[{i}] ({c.get('name')})"
             found += container_problems(c, where, pod_sc, strict)
-            name = c.get("name")
             if not strict:
                 continue
             if isinstance(name, str) and name.startswith(OUR_PREFIX):
@@ -162,14 +168,14 @@ def _spiffe_mounts(container: Mapping[str, Any], where: str, volumes: set[Any]) 
         f"{where}.volumeMounts[{j}] mounts {m.get('name')}, a SPIFFE Workload API volume: the app could "
         "take the pod's SVID and act as the sidecar; only outrider-proxy may mount it, remove the mount"
         for j, m in enumerate(_list(container.get("volumeMounts")))
-        if isinstance(m, dict) and m.get("name") in volumes
+        if name_of(m) in volumes
     ]
 
 
 def ephemeral_problems(old_pod: Any, new_pod: Any) -> list[str]:
     """Why new ephemeral containers (`pods/ephemeralcontainers` UPDATE) could escape the sidecar."""
     old_names = {
-        c.get("name")
+        name_of(c)
         for c in _list(_map(_map(old_pod).get("spec")).get("ephemeralContainers"))
         if isinstance(c, dict)
     }
@@ -180,11 +186,12 @@ def ephemeral_problems(old_pod: Any, new_pod: Any) -> list[str]:
     our_volumes = {v for v in _list(status.get("volumes")) if isinstance(v, str)}
     found: list[str] = []
     for i, c in enumerate(_list(spec.get("ephemeralContainers"))):
-        if not isinstance(c, dict) or c.get("name") in old_names:
+        if not isinstance(c, dict) or name_of(c) in old_names:
             continue
         where = f"spec.ephemeralContainers[{i}] ({c.get('name')})"
         found += container_problems(c, where, pod_sc, strict=True)
-        if c.get("targetContainerName") in ours:
+        target = c.get("targetContainerName")
+        if isinstance(target, str) and target in ours:
             found.append(
                 f"{where}.targetContainerName is {c.get('targetContainerName')}: a debug container in the "
                 "sidecar's process namespace can read its tokens and keys; target the app container"
@@ -205,7 +212,7 @@ def sidecar_image_changes(old_pod: Any, new_pod: Any) -> list[str]:
             c["name"]: (f"spec.{key}[{i}]", c.get("image"))
             for key in ("initContainers", "containers")
             for i, c in enumerate(_list(spec.get(key)))
-            if isinstance(c, dict) and c.get("name") in ours
+            if name_of(c) in ours
         }
 
     before, after = images(old_pod), images(new_pod)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from webhook_support import ThreadedWebhook, review
 
 from webhook import engine
@@ -371,3 +373,66 @@ def test_server_judges_updates_in_strict_namespaces_only(cert_dir: Path) -> None
     assert "outrider-proxy).image changed" in answers["swapped-strict"]["status"]["message"]
     assert answers["status-update"] == {"uid": "uid-1", "allowed": True}  # other subresources: ignored
     assert not any("patch" in a for a in answers.values())
+
+
+# --- fuzz: odd shapes never crash the strict rules ----------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 20000) | st.text(max_size=8) | st.sampled_from([15337, 0]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+container_like = st.fixed_dictionaries(
+    {"name": json_values | st.sampled_from(["app", "outrider-proxy", "debugger"])},
+    optional={
+        "securityContext": json_values
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                "runAsUser": json_values,
+                "allowPrivilegeEscalation": json_values,
+                "capabilities": json_values
+                | st.fixed_dictionaries({"add": json_values, "drop": json_values}),
+                "privileged": json_values,
+            },
+        ),
+        "volumeMounts": json_values,
+        "targetContainerName": json_values,
+        "image": json_values,
+    },
+)
+spec_like = st.fixed_dictionaries(
+    {"containers": st.lists(container_like, min_size=1, max_size=2)},
+    optional={
+        "initContainers": json_values | st.lists(container_like, max_size=2),
+        "ephemeralContainers": json_values | st.lists(container_like, max_size=2),
+        "securityContext": json_values,
+        "volumes": json_values,
+        "shareProcessNamespace": json_values,
+        "hostPID": json_values,
+    },
+)
+annotations_like = json_values | st.fixed_dictionaries(
+    {"outrider.dev/status": json_values.map(json.dumps) | json_values}
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spec=spec_like,
+    old_spec=spec_like,
+    annotations=annotations_like,
+    strict=st.booleans(),
+    native=st.booleans(),
+)
+def test_fuzz_strict_rules_never_crash(
+    spec: dict[str, Any], old_spec: dict[str, Any], annotations: Any, strict: bool, native: bool
+) -> None:
+    pod = {"metadata": {"name": "p", "annotations": annotations}, "spec": spec}
+    old = {"metadata": {"annotations": annotations}, "spec": old_spec}
+    assert all(isinstance(p, str) for p in strict_rules.problems(spec, strict))
+    strict_rules.ephemeral_problems(old, pod)
+    strict_rules.sidecar_image_changes(old, pod)
+    labels = STRICT if strict else ENABLED
+    result = engine.inject(copy.deepcopy(pod), labels, WebhookConfig(native_sidecar=native))
+    assert result.allowed or result.message
