@@ -6,6 +6,7 @@ restartPolicy, port name syntax, field combinations); only the real validation p
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -97,3 +98,127 @@ async def test_the_api_server_check_can_fail(api: client.ApiClient) -> None:
     with pytest.raises(ApiException) as err:
         await core.create_namespaced_pod("tools", document, dry_run="All")
     assert err.value.status == 422
+
+
+STRICT_NS = "strict-e2e"
+HARDENED = {"runAsUser": 1000, "runAsNonRoot": True, "allowPrivilegeEscalation": False}
+
+
+def _strict_webhooks(url: str, ca_pem: bytes) -> dict[str, Any]:
+    """The manifest's CREATE webhook plus the UPDATE one for strict namespaces (docs/webhook.md)."""
+    import base64
+
+    client_config = {"url": url, "caBundle": base64.b64encode(ca_pem).decode()}
+    common = {
+        "admissionReviewVersions": ["v1"],
+        "clientConfig": client_config,
+        "namespaceSelector": {"matchLabels": {"outrider.dev/inject": "strict"}},
+        "matchPolicy": "Equivalent",
+        "failurePolicy": "Fail",
+        "sideEffects": "None",
+        "timeoutSeconds": 5,
+    }
+    rule = {"apiGroups": [""], "apiVersions": ["v1"], "scope": "Namespaced"}
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "outrider-strict-e2e"},
+        "webhooks": [
+            {
+                **common,
+                "name": "inject.outrider.dev",
+                "rules": [{**rule, "operations": ["CREATE"], "resources": ["pods"]}],
+            },
+            {
+                **common,
+                "name": "strict.outrider.dev",
+                "rules": [
+                    {**rule, "operations": ["UPDATE"], "resources": ["pods", "pods/ephemeralcontainers"]}
+                ],
+            },
+        ],
+    }
+
+
+async def test_strict_updates_through_a_real_api_server(
+    api: client.ApiClient, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """kube-apiserver sends `pods/ephemeralcontainers` and pod UPDATEs; strict refuses the risky ones."""
+    from webhook_support import ThreadedWebhook
+
+    from webhook.certs import DEFAULT_DNS_NAMES, write_certs
+    from webhook.namespaces import StaticNamespaces
+
+    cert_dir = tmp_path_factory.mktemp("strict-certs")
+    write_certs(cert_dir, DEFAULT_DNS_NAMES)
+    server = ThreadedWebhook(
+        cert_dir, namespaces=StaticNamespaces({STRICT_NS: {"outrider.dev/inject": "strict"}})
+    )
+    core = client.CoreV1Api(api)
+    admission = client.AdmissionregistrationV1Api(api)
+    mwc = _strict_webhooks(f"https://127.0.0.1:{server.port}/mutate", (cert_dir / "ca.crt").read_bytes())
+    await _ensure(
+        core.create_namespace({"metadata": {"name": STRICT_NS, "labels": {"outrider.dev/inject": "strict"}}})
+    )
+    await _ensure(core.create_namespaced_service_account(STRICT_NS, {"metadata": {"name": "default"}}))
+    await admission.create_mutating_webhook_configuration(mwc)
+    try:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "mcp"},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "app",
+                        "image": "ghcr.io/example/mcp:1",
+                        "ports": [{"containerPort": 8080}],
+                        "securityContext": HARDENED,
+                    }
+                ]
+            },
+        }
+        created = None
+        for _ in range(50):  # the registration reaches the API server's admission chain shortly after
+            created = await core.create_namespaced_pod(STRICT_NS, pod)
+            if created.metadata.annotations and "outrider.dev/status" in created.metadata.annotations:
+                break
+            await core.delete_namespaced_pod("mcp", STRICT_NS, grace_period_seconds=0)
+            await asyncio.sleep(0.2)
+        assert created is not None and "outrider.dev/status" in (created.metadata.annotations or {})
+
+        def debugger(name: str, **extra: Any) -> dict[str, Any]:
+            return {"spec": {"ephemeralContainers": [{"name": name, "image": "busybox:1.36", **extra}]}}
+
+        with pytest.raises(ApiException) as refused:
+            await core.patch_namespaced_pod_ephemeralcontainers(
+                "mcp",
+                STRICT_NS,
+                debugger("net", securityContext={**HARDENED, "capabilities": {"add": ["NET_ADMIN"]}}),
+            )
+        assert refused.value.status == 403
+        assert "spec.ephemeralContainers[0] (net).securityContext.capabilities.add has NET_ADMIN" in str(
+            refused.value.body
+        )
+        with pytest.raises(ApiException) as targeted:
+            await core.patch_namespaced_pod_ephemeralcontainers(
+                "mcp",
+                STRICT_NS,
+                debugger("peek", securityContext=HARDENED, targetContainerName="outrider-proxy"),
+            )
+        assert "targetContainerName is outrider-proxy" in str(targeted.value.body)
+        ok = await core.patch_namespaced_pod_ephemeralcontainers(
+            "mcp", STRICT_NS, debugger("debug", securityContext=HARDENED, targetContainerName="app")
+        )
+        assert [c.name for c in ok.spec.ephemeral_containers] == ["debug"]
+
+        swapped = {"spec": {"initContainers": [{"name": "outrider-proxy", "image": "busybox:1.36"}]}}
+        with pytest.raises(ApiException) as image:
+            await core.patch_namespaced_pod("mcp", STRICT_NS, swapped)
+        assert "(outrider-proxy).image changed" in str(image.value.body)
+        app_image = {"spec": {"containers": [{"name": "app", "image": "ghcr.io/example/mcp:2"}]}}
+        updated = await core.patch_namespaced_pod("mcp", STRICT_NS, app_image)
+        assert updated.spec.containers[0].image == "ghcr.io/example/mcp:2"
+    finally:
+        await admission.delete_mutating_webhook_configuration(mwc["metadata"]["name"])
+        server.close()
