@@ -124,6 +124,13 @@ def pod_problems(spec: Mapping[str, Any], strict: bool) -> list[str]:
             "spec.shareProcessNamespace is true: app containers could signal the sidecar or read its "
             "/proc (tokens, SVID keys); set shareProcessNamespace: false"
         )
+    for i, volume in enumerate(_list(spec.get("volumes"))):
+        if isinstance(volume, dict) and volume.get("hostPath") is not None:
+            problems.append(
+                f"spec.volumes[{i}] ({volume.get('name')}).hostPath exposes the node's filesystem (a "
+                "container runtime socket or /proc there runs code outside the sidecar); use another "
+                "volume type"
+            )
     if _list(spec.get("ephemeralContainers")):
         problems.append(
             "spec.ephemeralContainers is set at creation; remove it (add debug containers later with "

@@ -190,6 +190,13 @@ CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str, bool]] = [
     ("named-like-ours", rename("outrider-proxy"), "starts with 'outrider-'", "containers[0]", False),
     ("ephemeral-at-create", ephemeral, "spec.ephemeralContainers is set", "kubectl debug", False),
     ("spiffe-mount", spiffe_mount, "SPIFFE Workload API volume", "volumeMounts[0]", False),
+    (
+        "host-path",
+        spec(volumes=[{"name": "sock", "hostPath": {"path": "/run/containerd/containerd.sock"}}]),
+        "spec.volumes[0] (sock).hostPath",
+        "use another volume type",
+        False,
+    ),
 ]
 
 
