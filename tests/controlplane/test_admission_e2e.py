@@ -182,7 +182,10 @@ async def test_opt_out_honoured_when_enabled_refused_when_strict(
     assert 'admission webhook "inject.outrider.dev" denied the request' in message
     assert "strict" in message and "outrider.dev/inject" in message
     # and a plain pod in the strict namespace is injected
-    assert is_injected(await create_pod(api, strict, pod_body("ok", annotations=MCP)))
+    ok = pod_body("ok", annotations=MCP)
+    # strict also wants proof the app cannot become the proxy's UID (the image's USER is invisible)
+    ok["spec"]["containers"][0]["securityContext"] = {"runAsUser": 1000, "allowPrivilegeEscalation": False}
+    assert is_injected(await create_pod(api, strict, ok))
 
 
 # 3 -------------------------------------------------------------------------------------------------

@@ -90,7 +90,16 @@ def test_webhook_configuration_is_exactly_as_specified() -> None:
     objects = render(MANIFESTS / "base")
     (mwc,) = [o for o in objects if o["kind"] == "MutatingWebhookConfiguration"]
     assert mwc["metadata"]["name"] == "outrider"
-    (hook,) = mwc["webhooks"]
+    hook, strict_updates = mwc["webhooks"]
+    assert hook["name"] == "inject.outrider.dev" and hook["rules"][0]["operations"] == ["CREATE"]
+    # the second entry only judges UPDATEs (ephemeral containers, sidecar image swaps) in strict namespaces
+    assert strict_updates["name"] == "strict.outrider.dev"
+    assert strict_updates["rules"][0]["operations"] == ["UPDATE"]
+    assert set(strict_updates["rules"][0]["resources"]) == {"pods", "pods/ephemeralcontainers"}
+    assert {"key": "outrider.dev/inject", "operator": "In", "values": ["strict"]} in strict_updates[
+        "namespaceSelector"
+    ]["matchExpressions"]
+    assert strict_updates["failurePolicy"] == "Fail" and strict_updates["sideEffects"] == "None"
     assert hook["clientConfig"]["service"] == {
         "name": "outrider-webhook",
         "namespace": "outrider-system",
