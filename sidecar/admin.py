@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from sidecar.inbound.server import hardened_server
 from sidecar.runtime import Runtime
 
 log = logging.getLogger("outrider.admin")
@@ -134,14 +135,16 @@ async def run_probe(probe: AppProbe, session: aiohttp.ClientSession) -> tuple[bo
         return False, f"127.0.0.1:{probe.port}: {type(exc).__name__}"
 
 
-SESSION_KEY = web.AppKey("probe_session", aiohttp.ClientSession)
+def build_handler(
+    runtime: Runtime, probes: Mapping[str, AppProbe], session: aiohttp.ClientSession
+) -> Callable[[web.BaseRequest], Awaitable[web.Response]]:
+    """One handler for every request: the routes are few and fixed, and a router would answer
+    some odd requests itself (e.g. an unknown `Expect` on an unmatched path) with a 500."""
 
-
-def build_app(runtime: Runtime, probes: Mapping[str, AppProbe]) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
+    async def healthz() -> web.Response:
         return web.Response(text="ok\n")
 
-    async def readyz(_: web.Request) -> web.Response:
+    async def readyz() -> web.Response:
         results = {}
         for name, check in list(runtime.readiness.items()):
             try:
@@ -151,7 +154,7 @@ def build_app(runtime: Runtime, probes: Mapping[str, AppProbe]) -> web.Applicati
         ok, text = readiness_report(results)
         return web.Response(text=text, status=200 if ok else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics() -> web.Response:
         parts = []
         for producer in list(runtime.metrics):
             try:
@@ -165,45 +168,47 @@ def build_app(runtime: Runtime, probes: Mapping[str, AppProbe]) -> web.Applicati
             headers={"X-Content-Type-Options": "nosniff"},
         )
 
-    async def app_health(request: web.Request) -> web.Response:
-        probe = probes.get(request.path)
+    async def app_health(path: str) -> web.Response:
+        probe = probes.get(path)
         if probe is None:
-            return web.Response(text=f"no app probe registered for {request.path}\n", status=404)
-        ok, detail = await run_probe(probe, request.app[SESSION_KEY])
+            # The path is not echoed: it is whatever the caller sent.
+            return web.Response(text="no app probe registered for this path\n", status=404)
+        ok, detail = await run_probe(probe, session)
         return web.Response(text=detail + "\n", status=200 if ok else 503)
 
-    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-            app[SESSION_KEY] = session
-            yield
+    fixed = {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
 
-    app = web.Application()
-    app.cleanup_ctx.append(session_ctx)
-    app.add_routes(
-        [
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/metrics", metrics),
-            web.get("/app-health/{container}/{kind}", app_health),
-        ]
-    )
-    return app
+    async def handle(request: web.BaseRequest) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(text="method not allowed\n", status=405, headers={"Allow": "GET, HEAD"})
+        path = request.path
+        if path in fixed:
+            return await fixed[path]()
+        if path.startswith("/app-health/"):
+            return await app_health(path)
+        return web.Response(text="not found\n", status=404)
+
+    return handle
 
 
 @asynccontextmanager
 async def component(runtime: Runtime) -> AsyncIterator[None]:
     probes = parse_app_probes(os.environ.get(PROBES_ENV))
-    runner = web.AppRunner(build_app(runtime, probes), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, runtime.config.admin.host, runtime.config.admin.port, reuse_address=True)
-        await site.start()
-        log.info(
-            "admin server on %s:%d (%d app probes)",
-            runtime.config.admin.host,
-            runtime.config.admin.port,
-            len(probes),
-        )
-        yield
-    finally:
-        await runner.cleanup()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        with hardened_server(build_handler(runtime, probes, session), "outrider.admin.http") as (server, _):
+            runner = web.ServerRunner(server)
+            await runner.setup()
+            try:
+                site = web.TCPSite(
+                    runner, runtime.config.admin.host, runtime.config.admin.port, reuse_address=True
+                )
+                await site.start()
+                log.info(
+                    "admin server on %s:%d (%d app probes)",
+                    runtime.config.admin.host,
+                    runtime.config.admin.port,
+                    len(probes),
+                )
+                yield
+            finally:
+                await runner.cleanup()

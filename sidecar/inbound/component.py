@@ -10,18 +10,16 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import replace
-from http import HTTPStatus
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
 
 from sidecar.exchange import TokenExchanger
 from sidecar.identity import IdentityUnavailable
 from sidecar.identity.tls import RotatingServerContext
 from sidecar.inbound.auth import JwksCache, TokenVerifier
 from sidecar.inbound.proxy import InboundProxy
+from sidecar.inbound.server import hardened_server
 from sidecar.runtime import Runtime
 
 log = logging.getLogger("outrider.inbound")
@@ -56,57 +54,6 @@ def _build_exchanger(runtime: Runtime, session: aiohttp.ClientSession) -> TokenE
         return None
     exchanger: TokenExchanger = build_exchanger(runtime.config.exchange, runtime.identity, session)
     return exchanger
-
-
-class _MalformedHttpFilter(logging.Filter):
-    """aiohttp logs an unparseable request at ERROR with a traceback quoting the raw bytes (which may
-    hold a caller's token): keep one token-free INFO line instead, and count it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
-            return True
-        self.count += 1
-        record.msg = "refused a malformed HTTP request from %s (%s, HTTP %s)"
-        record.args = (
-            record.args[0] if isinstance(record.args, tuple) and record.args else "?",
-            type(exc).__name__,
-            exc.code,
-        )
-        record.exc_info = None
-        record.exc_text = None
-        record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-class _PlainErrorHandler(RequestHandler):
-    """aiohttp answers a request it cannot parse with a 400 whose text quotes the offending line,
-    which may hold the caller's token: answer with the bare status instead."""
-
-    __slots__ = ()
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        return super().handle_error(request, status, exc, f"{status} {HTTPStatus(status).phrase}")
-
-
-class _PlainErrorServer(web.Server):
-    __slots__ = ()
-
-    def __call__(self) -> RequestHandler:
-        handler = super().__call__()
-        # Same layout (no new slots): only `handle_error` changes.
-        handler.__class__ = _PlainErrorHandler
-        return handler
 
 
 async def _refresh_jwks(jwks: JwksCache, interval_s: float) -> None:
@@ -158,23 +105,13 @@ async def serve(
         proxy = InboundProxy(
             config, observer=runtime.observer, verifier=verifier, exchanger=chosen, upstream=upstream
         )
-        http_log = logging.getLogger("outrider.inbound.http")
-        malformed = _MalformedHttpFilter()
-        http_log.addFilter(malformed)
-        stack.callback(http_log.removeFilter, malformed)
-        proxy.malformed_count = lambda: malformed.count
         # aiohttp's low-level server: one handler sees every request. The router would answer
         # some requests itself (e.g. `Expect` on a target it cannot match), before authentication.
-        server = _PlainErrorServer(
-            proxy.dispatch,
+        server, malformed = stack.enter_context(
             # Open SSE streams must not hold shutdown past the pod's grace period.
-            handler_cancellation=True,
-            access_log=None,
-            # A refused request's unread body is drained (so the client reads its 401/413 rather
-            # than a reset) for at most this long, then the connection is closed.
-            lingering_time=2.0,
-            logger=http_log,
+            hardened_server(proxy.dispatch, "outrider.inbound.http", handler_cancellation=True)
         )
+        proxy.malformed_count = malformed
         runner = web.ServerRunner(server, shutdown_timeout=5.0)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,8 +20,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar import admin
+from sidecar.config import parse
 from sidecar.dev.idp import DevIdP
 from sidecar.dev.workload_api import DevWorkloadApi
+from sidecar.runtime import Runtime
 
 from .conftest import RESOURCE, RecordingObserver, SidecarFactory, free_port, run_sidecar, sidecar_config
 
@@ -531,3 +535,67 @@ async def test_unparseable_http_is_a_bare_400_that_quotes_nothing(
         metrics = sidecar.proxy.metrics_text().decode()
     assert token[:40] not in caplog.text
     assert "outrider_inbound_malformed_total 3" in metrics
+
+
+class SharedAdmin:
+    """The admin server (15020 role) for all hypothesis examples of a test."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.runtime = Runtime(config=parse({"admin": {"host": "127.0.0.1", "port": self.port}}))
+        self.runtime.readiness["inbound"] = lambda: (True, "ok")
+        self._cm: Any = None
+
+    async def start(self) -> SharedAdmin:
+        if self._cm is None:
+            self._cm = admin.component(self.runtime)
+            await self._cm.__aenter__()
+        return self
+
+    async def close(self) -> None:
+        if self._cm is not None:
+            await self._cm.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def shared_admin() -> AsyncIterator[SharedAdmin]:
+    shared = SharedAdmin()
+    yield shared
+    await shared.close()
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+    derandomize=True,
+)
+@given(
+    case=HOSTILE,
+    admin_path=st.sampled_from(
+        ["/healthz", "/readyz", "/metrics", "/app-health/x/livez", "/app-health/%ff%fe/livez", "/nope"]
+    ),
+)
+async def test_hostile_requests_never_break_the_admin_server(
+    case: Hostile, admin_path: str, shared_admin: SharedAdmin, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await shared_admin.start()
+    path = admin_path if case.path == "/mcp" else case.path
+    head, body = encode(
+        Hostile(case.method, path, case.auth, case.headers, case.body, case.chunked), "t0ken", server.port
+    )
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        reply = await raw_request(server.port, head, body, head_only=case.method == "HEAD")
+    assert reply.status < 500 or (reply.status == 503 and path.startswith("/app-health/")), reply
+    assert "Traceback" not in caplog.text and "t0ken" not in reply.body.decode("latin-1")
+    assert "\udcff" not in reply.body.decode("latin-1", "replace")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    healthy = await raw_request(
+        server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b""
+    )
+    assert (healthy.status, healthy.body) == (200, b"ok\n")
