@@ -207,6 +207,10 @@ HEADER_NAMES = st.sampled_from(
         "Cookie",
         "Expect",
         "Connection",
+        # Framing conflicts (request smuggling): a second Host, Content-Length or Transfer-Encoding.
+        "Host",
+        "Content-Length",
+        "Transfer-Encoding",
     ]
 )
 HEADER_VALUES = st.one_of(
@@ -229,6 +233,10 @@ HEADER_VALUES = st.one_of(
             "100-continue",
             "X-Forwarded-For",
             "keep-alive, Mcp-Session-Id",
+            "chunked",
+            "gzip, chunked",
+            "0",
+            "5",
         ]
     ),
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
