@@ -35,8 +35,8 @@ FIXED_ANSWER = (
 
 def review_body(seq: int | None = None) -> bytes:
     pod = yaml.safe_load(POD_FILE.read_text())
-    if seq is not None:  # a distinct pod per request, so the webhook's answer cache never hits
-        pod["metadata"]["labels"]["bench-seq"] = str(seq)
+    if seq is not None:
+        _vary(pod, seq)
     document = {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -63,6 +63,24 @@ def review_body(seq: int | None = None) -> bytes:
     }
     # compact, like the API server (Go encoding/json) sends it
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _vary(pod: dict[str, Any], seq: int) -> None:
+    """Make pod `seq` distinct in more than a label: name, container name, ports, annotations,
+    env and (for a tenth of them) the egress allowlist, so no cache keyed on a part of the pod
+    (answers, egress plans, the sidecar config text) can stand in for the engine."""
+    meta = pod["metadata"]
+    meta["name"] = f"{meta['generateName']}{seq:05x}"
+    meta["labels"]["bench-seq"] = str(seq)
+    meta["labels"]["pod-template-hash"] = f"{seq % 97:x}d9f8c6b5"
+    meta["annotations"]["bench.example/revision"] = str(seq)
+    if seq % 10 == 0:
+        meta["annotations"]["outrider.dev/egress-allow"] = f"api.github.com:443,mirror-{seq}.example.com:443"
+    app = pod["spec"]["containers"][0]
+    app["name"] = f"github-{seq % 13}"
+    app["ports"][0]["containerPort"] = 8000 + seq % 500
+    app["ports"][1]["containerPort"] = 9000 + seq % 300
+    app["env"].append({"name": "BENCH_SEQ", "value": str(seq)})
 
 
 # --- server side (a child process per target) ----------------------------------------------------

@@ -388,7 +388,8 @@ def _port_number(container: Mapping[str, Any], port: Any) -> int | None:
 def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str, Any]:
     """Point kubelet probes on the MCP port at the admin port; return the originals by path."""
     originals: dict[str, Any] = {}
-    for c in containers:
+    for index, c in enumerate(containers):
+        copied = False
         for kind, suffix in PROBE_KINDS.items():
             probe = c.get(kind)
             if not isinstance(probe, dict):
@@ -420,6 +421,9 @@ def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str
             originals[path] = record
             new_probe = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket")}
             new_probe["httpGet"] = {"path": path, "port": ann.ADMIN_PORT, "scheme": "HTTP"}
+            if not copied:  # copy-on-write: untouched containers stay shared with the original
+                c = containers[index] = dict(c)
+                copied = True
             c[kind] = new_probe
     return originals
 
@@ -471,11 +475,25 @@ def _sidecar_config_json(
     found = _CONFIG_JSON.get(key)
     if found is not None and found[0] is plan:
         return found[1]
-    text = json.dumps(sidecar_config(config, mcp_port, audience, plan), sort_keys=True, separators=(",", ":"))
+    value = sidecar_config(config, mcp_port, audience, plan)
+    # orjson spells some floats differently from json (1e-07 vs 1e-7): floats take the json path.
+    text = (
+        json.dumps(value, sort_keys=True, separators=(",", ":")) if _has_float(value) else _sorted_json(value)
+    )
     if len(_CONFIG_JSON) >= 512:
         _CONFIG_JSON.clear()
     _CONFIG_JSON[key] = (plan, text)
     return text
+
+
+def _has_float(value: Any) -> bool:
+    if type(value) is float:
+        return True
+    if isinstance(value, dict):
+        return any(_has_float(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_float(v) for v in value)
+    return False
 
 
 def _restricted(uid: int) -> dict[str, Any]:
@@ -507,8 +525,10 @@ def _apply(
     pod["metadata"] = metadata
     spec = dict(pod["spec"])
     pod["spec"] = spec
-    containers: list[dict[str, Any]] = [dict(c) for c in spec["containers"]]
+    # Containers are copied only when changed (probes, env), so the diff skips the others by identity.
+    containers: list[dict[str, Any]] = list(spec["containers"])
     spec["containers"] = containers
+    spec_containers = tuple(containers)  # the originals, to tell which ones were already copied
     user_inits = [c for c in _list(spec.get("initContainers")) if isinstance(c, dict)]
     taken = {str(c.get("name")) for c in _all_containers(spec)}
     volumes = _list(spec.get("volumes"))
@@ -605,11 +625,13 @@ def _apply(
             }
         )
     for name, value in plan.app_env:
-        for c in containers:
+        for index, c in enumerate(containers):
             existing = _list(c.get("env"))
             if any(isinstance(e, dict) and e.get("name") == name for e in existing):
                 warnings.append(f"container {c['name']} sets {name} itself; Outrider's value is not applied")
                 continue
+            if c is spec_containers[index]:
+                c = containers[index] = dict(c)
             c["env"] = [*existing, {"name": name, "value": value}]
 
     if config.native_sidecar:

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 JsonPatch = list[dict[str, Any]]
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def escape(key: str) -> str:
@@ -42,6 +43,11 @@ def _diff(old: Any, new: Any, path: str, ops: JsonPatch) -> None:
         return
     if old_type is list and new_type is list:
         _diff_list(old, new, path, ops)
+        return
+    if old_type in _SCALARS or new_type in _SCALARS:
+        # JSON scalars (what a pod's leaves are): no ABC isinstance checks on this common path.
+        if old_type is not new_type or old != new:
+            ops.append({"op": "replace", "path": path, "value": new})
         return
     if old == new and old_type is new_type:
         return
