@@ -46,10 +46,20 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def generate_ca(common_name: str = "Outrider dev CA", days: int = 3650) -> KeyPair:
+def generate_ca(
+    common_name: str = "Outrider dev CA",
+    days: int = 3650,
+    *,
+    now: datetime.datetime | None = None,
+    validity: datetime.timedelta | None = None,
+    organization: str | None = None,
+) -> KeyPair:
+    """A self-signed ECDSA P-256 CA; `now`/`validity` override the clock and `days` (for rotation)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _now()
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)] if organization else []
+    name = x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = now or _now()
+    validity = validity or datetime.timedelta(days=days)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -57,7 +67,7 @@ def generate_ca(common_name: str = "Outrider dev CA", days: int = 3650) -> KeyPa
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -86,12 +96,23 @@ def _san(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def issue_serving_cert(ca: KeyPair, names: tuple[str, ...] | list[str], days: int = 365) -> KeyPair:
-    """A TLS server certificate for `names` (DNS names or IP addresses), signed by `ca`."""
+def issue_serving_cert(
+    ca: KeyPair,
+    names: tuple[str, ...] | list[str],
+    days: int = 365,
+    *,
+    now: datetime.datetime | None = None,
+    validity: datetime.timedelta | None = None,
+) -> KeyPair:
+    """A TLS server certificate for `names` (DNS names or IP addresses), signed by `ca`.
+
+    It never outlives its CA; `now`/`validity` override the clock and `days` (for rotation).
+    """
     if not names:
         raise ValueError("a serving certificate needs at least one DNS name or IP address")
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
+    now = now or _now()
+    not_after = min(now + (validity or datetime.timedelta(days=days)), ca.cert.not_valid_after_utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -99,7 +120,7 @@ def issue_serving_cert(ca: KeyPair, names: tuple[str, ...] | list[str], days: in
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName([_san(n) for n in dict.fromkeys(names)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
