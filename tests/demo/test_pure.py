@@ -316,3 +316,17 @@ def test_demo_dns_answers_its_names_and_nothing_else() -> None:
     )
     assert other.rcode() == dns.rcode.NXDOMAIN
     assert internet.answer(b"\x00garbage", records) is None
+
+
+def test_bench_doc_warns_when_the_proxy_saturates() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all3", REPO / "bench" / "run_all.py")
+    assert spec and spec.loader
+    run_all = importlib.util.module_from_spec(spec)
+    sys.modules["run_all3"] = run_all
+    spec.loader.exec_module(run_all)
+    slow = run_all.Row("proxy", "max throughput via sidecar (telemetry off)", 270.0, "req/s", 436.0)
+    fast = run_all.Row("proxy", "max throughput via sidecar (telemetry off)", 2000.0, "req/s", 2500.0)
+    assert "270 req/s" in run_all.saturation_note([slow])
+    assert run_all.saturation_note([fast]) == ""
