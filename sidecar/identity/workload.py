@@ -14,13 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+# The stubs are loaded without running `spiffe/__init__` (see sidecar.identity._proto); mypy reads
+# the package's own .pyi for the message types.
+if TYPE_CHECKING:
+    from spiffe._proto import workload_pb2
+else:
+    from sidecar.identity._proto import workload_pb2
 
 from sidecar.identity import IdentityUnavailable, X509Material
 from sidecar.identity import svid as core
+from sidecar.identity._proto import WorkloadApiStub
 from sidecar.identity.config import IdentityConfig
 from sidecar.telemetry.observer import NullObserver, Observer
 
@@ -102,7 +109,7 @@ class WorkloadApiIdentity:
                 ("grpc.max_reconnect_backoff_ms", int(self._config.backoff_max_s * 1000)),
             ],
         )
-        self._stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = WorkloadApiStub(self._channel)
         self._task = asyncio.create_task(self._x509_loop(), name="outrider-identity-x509")
 
     async def close(self) -> None:
