@@ -17,7 +17,6 @@ from opentelemetry import metrics, trace
 from sidecar.runtime import Runtime
 from sidecar.telemetry.audit import AuditLog, Workload
 from sidecar.telemetry.observer_otel import OtelObserver
-from sidecar.telemetry.setup import build_providers, tune_switch_interval
 from sidecar.telemetry.worker import Worker
 
 log = logging.getLogger("outrider.telemetry")
@@ -80,6 +79,9 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         async with _audit_only(runtime):
             yield
         return
+    # Imported here: the OTel SDK costs ~3 MB of RSS that a process with OTEL_SDK_DISABLED never uses.
+    from sidecar.telemetry.setup import build_providers, tune_switch_interval
+
     providers = build_providers(
         config.service_name,
         resource_attributes={
