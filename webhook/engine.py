@@ -19,7 +19,7 @@ from webhook import annotations as ann
 from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
 from webhook.egress import EgressPlan, plan_egress_cached
-from webhook.patch import JsonPatch, diff
+from webhook.patch import JsonPatch, diff_into, escape
 
 INIT_NAME = "outrider-init"
 PROXY_NAME = "outrider-proxy"
@@ -189,7 +189,83 @@ def inject(
 
     pod_ns = metadata.get("namespace") or namespace or "default"
     patched = _apply(original, config, settings, plan, mcp_port, app_index, str(pod_ns), warnings)
-    return InjectionResult(True, patched, diff(original, patched), tuple(warnings), injected=True)
+    return InjectionResult(True, patched, _patch(original, patched), tuple(warnings), injected=True)
+
+
+def _patch(original: Pod, pod: Pod) -> JsonPatch:
+    """`webhook.patch.diff(original, pod)` op for op, walking only what `_apply` changes.
+
+    `_apply` shares every untouched subtree, replaces `metadata` and `spec`, and in `spec` only
+    `containers` (changed entries copied, the sidecar maybe appended), `initContainers` (ours
+    prepended or appended) and `volumes` (ours appended). The lists' shapes are emitted directly
+    (the diff's name matching gives the same ops for them); anything unusual (a null list, an
+    entry without a string name) and the changed containers go through the generic diff.
+    """
+    ops: JsonPatch = []
+    for key, value in pod.items():
+        if key not in original:
+            ops.append({"op": "add", "path": "/" + escape(key), "value": value})
+        elif original[key] is not value:
+            if key == "spec" and type(original[key]) is dict:
+                _patch_spec(original[key], value, ops)
+            else:
+                diff_into(original[key], value, "/" + escape(key), ops)
+    return ops
+
+
+def _named(items: Any) -> bool:
+    return type(items) is list and all(type(i) is dict and type(i.get("name")) is str for i in items)
+
+
+def _patch_spec(old: dict[str, Any], new: dict[str, Any], ops: JsonPatch) -> None:
+    for key, value in new.items():
+        if key not in old:
+            ops.append({"op": "add", "path": "/spec/" + escape(key), "value": value})
+            continue
+        before = old[key]
+        if before is value:
+            continue
+        path = "/spec/" + escape(key)
+        if key == "containers" and _named(before) and _named(value) and len(value) >= len(before):
+            # same entries in place (changed ones copied), then the classic sidecar appended
+            for i, item in enumerate(before):
+                if value[i] is not item:
+                    diff_into(item, value[i], f"{path}/{i}", ops)
+            ops.extend({"op": "add", "path": f"{path}/-", "value": v} for v in value[len(before) :])
+        elif (
+            key in ("volumes", "initContainers")
+            and _named(before)
+            and _named(value)
+            and _appended(before, value)
+        ):
+            ops.extend({"op": "add", "path": f"{path}/-", "value": v} for v in value[len(before) :])
+        elif (
+            key == "initContainers"
+            and before
+            and _named(before)
+            and _named(value)
+            and _prepended(before, value)
+        ):
+            # native layout: ours at the front; the old entries match by name behind them
+            ops.extend(
+                {"op": "add", "path": f"{path}/{i}", "value": v} for i, v in enumerate(value[: -len(before)])
+            )
+        else:
+            diff_into(before, value, path, ops)
+
+
+def _appended(before: list[Any], after: list[Any]) -> bool:
+    n = len(before)
+    return len(after) >= n and all(a is b for a, b in zip(before, after[:n], strict=True))
+
+
+def _prepended(before: list[Any], after: list[Any]) -> bool:
+    n = len(before)
+    if len(after) < n or not all(a is b for a, b in zip(before, after[len(after) - n :], strict=True)):
+        return False
+    # the diff matches old entries by name in order: ours must not share a name with the first old one
+    first = before[0]["name"]
+    return all(v["name"] != first for v in after[: len(after) - n])
 
 
 def _verify_injected(
@@ -477,9 +553,8 @@ def _sidecar_config_json(
         return found[1]
     value = sidecar_config(config, mcp_port, audience, plan)
     # orjson spells some floats differently from json (1e-07 vs 1e-7): floats take the json path.
-    text = (
-        json.dumps(value, sort_keys=True, separators=(",", ":")) if _has_float(value) else _sorted_json(value)
-    )
+    floats = _floats_in(config.hash, config.plain_sidecar) or _floats_in(plan, plan.policy)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":")) if floats else _sorted_json(value)
     if len(_CONFIG_JSON) >= 512:
         _CONFIG_JSON.clear()
     _CONFIG_JSON[key] = (plan, text)
@@ -489,11 +564,28 @@ def _sidecar_config_json(
 def _has_float(value: Any) -> bool:
     if type(value) is float:
         return True
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return any(_has_float(v) for v in value.values())
     if isinstance(value, list | tuple):
         return any(_has_float(v) for v in value)
     return False
+
+
+# Whether a config's `sidecar:` block or a plan's policy holds a float, by config hash or plan; the
+# per-pod values merged over them (port, audience, mode) never do. Plans are kept so ids stay theirs.
+_FLOATS: dict[Any, tuple[Any, bool]] = {}
+
+
+def _floats_in(owner: Any, value: Any) -> bool:
+    key = owner if isinstance(owner, str) else id(owner)
+    found = _FLOATS.get(key)
+    if found is not None and found[0] is owner:
+        return found[1]
+    if len(_FLOATS) >= 512:
+        _FLOATS.clear()
+    result = _has_float(value)
+    _FLOATS[key] = (owner, result)
+    return result
 
 
 def _restricted(uid: int) -> dict[str, Any]:

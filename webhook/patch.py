@@ -31,6 +31,11 @@ def diff(original: Any, modified: Any) -> JsonPatch:
     return ops
 
 
+def diff_into(original: Any, modified: Any, path: str, ops: JsonPatch) -> None:
+    """`diff` of one subtree at `path` (an RFC 6901 pointer), appended to `ops`."""
+    _diff(original, modified, path, ops)
+
+
 def _diff(old: Any, new: Any, path: str, ops: JsonPatch) -> None:
     if old is new:  # the engine shares untouched subtrees: skip them without walking
         return

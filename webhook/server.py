@@ -44,6 +44,8 @@ class Metrics:
     registry: CollectorRegistry
     admissions: Counter
     latency: Histogram
+    # label children resolved once: `labels()` takes a lock and builds a key on every call
+    by_outcome: dict[str, Any]
 
     @classmethod
     def create(cls) -> Metrics:
@@ -55,15 +57,14 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
-        for name in OUTCOMES:
-            admissions.labels(name)
+        by_outcome = {name: admissions.labels(name) for name in OUTCOMES}
         latency = Histogram(
             "outrider_webhook_admission_duration_seconds",
             "Time to answer one AdmissionReview",
             registry=registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
-        return cls(registry, admissions, latency)
+        return cls(registry, admissions, latency, by_outcome)
 
 
 class AnswerCache:
@@ -170,8 +171,7 @@ async def mutate(request: web.Request) -> web.Response:
                 result = inject(review.object, labels, config, policy, namespace or None)
                 if not result.allowed:
                     log.info("refused pod in namespace %s: %s", review.namespace, result.message)
-                answer = admission.answer(review.uid, result)["response"]
-                cached = (admission.outcome(result), admission.encode_response(answer))
+                cached = (admission.outcome(result), admission.encode_result(result))
                 cache.put(key, cached)
         except Exception:
             # A bug must not leak a stack trace to the API server; answer in-protocol and log it here.
@@ -182,7 +182,7 @@ async def mutate(request: web.Request) -> web.Response:
         outcome = cached[0]
         return web.Response(body=admission.with_uid(review.uid, cached[1]), content_type="application/json")
     finally:
-        metrics.admissions.labels(outcome).inc()
+        metrics.by_outcome[outcome].inc()
         metrics.latency.observe(time.perf_counter() - started)
 
 

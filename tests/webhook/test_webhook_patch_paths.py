@@ -1,0 +1,90 @@
+"""The engine's fast paths give exactly what the generic paths give: the JSON Patch emitted while
+injecting equals `webhook.patch.diff(original, injected)`, and `encode_result` equals `encode_response`."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from webhook_support import fixture_names, load_fixture, pod_template
+
+from webhook import admission
+from webhook.config import parse_config
+from webhook.engine import inject
+from webhook.patch import diff
+
+ENABLED = {"outrider.dev/inject": "enabled"}
+CONFIGS = {
+    "native": parse_config({}),
+    "classic": parse_config({"native_sidecar": False}),
+}
+POD: dict[str, Any] = {
+    "metadata": {"name": "p", "annotations": {"outrider.dev/mcp-port": "8080"}},
+    "spec": {
+        "initContainers": [{"name": "setup", "image": "busybox"}],
+        "containers": [
+            {
+                "name": "app",
+                "image": "example/app",
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/r", "port": 8080}},
+                "livenessProbe": {"tcpSocket": {"port": 8080}},
+            },
+            {"name": "other", "image": "example/other"},
+        ],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+    },
+}
+
+
+def _shapes() -> list[tuple[str, dict[str, Any]]]:
+    """The base pod with each list absent, null, empty, holding an unnamed or non-object entry."""
+    shapes: list[tuple[str, dict[str, Any]]] = [("base", POD)]
+    for key in ("initContainers", "volumes"):
+        for label, value in (
+            ("absent", None),
+            ("null", "null"),
+            ("empty", []),
+            ("unnamed", [{"image": "x"}]),
+            ("scalar", ["x"]),
+            ("two", [{"name": "a"}, {"name": "b"}]),
+        ):
+            pod = copy.deepcopy(POD)
+            if value is None:
+                del pod["spec"][key]
+            else:
+                pod["spec"][key] = None if value == "null" else value
+            shapes.append((f"{key}-{label}", pod))
+    no_meta = copy.deepcopy(POD)
+    del no_meta["metadata"]
+    shapes.append(("no-metadata", no_meta))
+    no_ann = copy.deepcopy(POD)
+    del no_ann["metadata"]["annotations"]
+    shapes.append(("no-annotations", no_ann))
+    explicit = copy.deepcopy(POD)
+    explicit["metadata"]["annotations"]["outrider.dev/egress-mode"] = "explicit"
+    shapes.append(("explicit", explicit))
+    return shapes
+
+
+@pytest.mark.parametrize("layout", sorted(CONFIGS))
+@pytest.mark.parametrize(("label", "pod"), _shapes(), ids=[s[0] for s in _shapes()])
+def test_emitted_patch_is_the_diff(label: str, pod: dict[str, Any], layout: str) -> None:
+    before = copy.deepcopy(pod)
+    result = inject(pod, ENABLED, CONFIGS[layout], None, "tools")
+    assert pod == before, "the engine changed its input"
+    if result.injected:
+        assert result.patch == diff(pod, result.pod), label
+    encoded = admission.encode_response(admission.answer("u", result)["response"])
+    assert admission.encode_result(result) == encoded
+
+
+@pytest.mark.parametrize("name", fixture_names())
+def test_golden_fixture_patch_is_the_diff(name: str) -> None:
+    doc, labels, config = load_fixture(name)
+    pod = pod_template(doc)
+    result = inject(pod, labels, config)
+    assert result.patch == diff(pod, result.pod)
+    encoded = admission.encode_response(admission.answer("u", result)["response"])
+    assert admission.encode_result(result) == encoded
