@@ -109,9 +109,9 @@ def test_webhook_configuration_is_exactly_as_specified() -> None:
     assert {"key": "outrider.dev/inject", "operator": "In", "values": ["enabled", "strict"]} in hook[
         "namespaceSelector"
     ]["matchExpressions"]
-    assert hook["objectSelector"]["matchExpressions"] == [
-        {"key": "app.kubernetes.io/part-of", "operator": "NotIn", "values": ["outrider"]}
-    ]
+    # a pod label must never be a way around injection
+    assert "objectSelector" not in hook and "objectSelector" not in strict_updates
+    assert strict_updates["matchConditions"][0]["name"] == "ephemeral-container-or-image-change"
     assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
     assert hook["timeoutSeconds"] == 5 and hook["reinvocationPolicy"] == "IfNeeded"
     assert hook["admissionReviewVersions"] == ["v1"]

@@ -105,38 +105,22 @@ HARDENED = {"runAsUser": 1000, "runAsNonRoot": True, "allowPrivilegeEscalation":
 
 
 def _strict_webhooks(url: str, ca_pem: bytes) -> dict[str, Any]:
-    """The manifest's CREATE webhook plus the UPDATE one for strict namespaces (docs/webhook.md)."""
+    """The manifest's own webhook entries (rules, matchConditions), pointed at the test server."""
     import base64
 
-    client_config = {"url": url, "caBundle": base64.b64encode(ca_pem).decode()}
-    common = {
-        "admissionReviewVersions": ["v1"],
-        "clientConfig": client_config,
-        "namespaceSelector": {"matchLabels": {"outrider.dev/inject": "strict"}},
-        "matchPolicy": "Equivalent",
-        "failurePolicy": "Fail",
-        "sideEffects": "None",
-        "timeoutSeconds": 5,
-    }
-    rule = {"apiGroups": [""], "apiVersions": ["v1"], "scope": "Namespaced"}
+    manifest = (
+        Path(__file__).resolve().parents[2] / "manifests" / "base" / "mutatingwebhookconfiguration.yaml"
+    )
+    webhooks = yaml.safe_load(manifest.read_text())["webhooks"]
+    for hook in webhooks:
+        hook["clientConfig"] = {"url": url, "caBundle": base64.b64encode(ca_pem).decode()}
+        hook["namespaceSelector"] = {"matchLabels": {"outrider.dev/inject": "strict"}}
+    assert [h["name"] for h in webhooks] == ["inject.outrider.dev", "strict.outrider.dev"]
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": "outrider-strict-e2e"},
-        "webhooks": [
-            {
-                **common,
-                "name": "inject.outrider.dev",
-                "rules": [{**rule, "operations": ["CREATE"], "resources": ["pods"]}],
-            },
-            {
-                **common,
-                "name": "strict.outrider.dev",
-                "rules": [
-                    {**rule, "operations": ["UPDATE"], "resources": ["pods", "pods/ephemeralcontainers"]}
-                ],
-            },
-        ],
+        "webhooks": webhooks,
     }
 
 
@@ -219,6 +203,19 @@ async def test_strict_updates_through_a_real_api_server(
         app_image = {"spec": {"containers": [{"name": "app", "image": "ghcr.io/example/mcp:2"}]}}
         updated = await core.patch_namespaced_pod("mcp", STRICT_NS, app_image)
         assert updated.spec.containers[0].image == "ghcr.io/example/mcp:2"
+
+        # the webhook down: label edits still go through (matchConditions keep them away from it),
+        # while an image change is refused (failurePolicy Fail)
+        server.close()
+        labelled = await core.patch_namespaced_pod("mcp", STRICT_NS, {"metadata": {"labels": {"x": "y"}}})
+        assert labelled.metadata.labels["x"] == "y"
+        with pytest.raises(ApiException) as down:
+            await core.patch_namespaced_pod(
+                "mcp",
+                STRICT_NS,
+                {"spec": {"containers": [{"name": "app", "image": "ghcr.io/example/mcp:3"}]}},
+            )
+        assert "strict.outrider.dev" in str(down.value.body)
     finally:
         await admission.delete_mutating_webhook_configuration(mwc["metadata"]["name"])
         server.close()

@@ -163,6 +163,8 @@ class ThreadedWebhook:
     def close(self) -> None:
         import asyncio
 
+        if not self.thread.is_alive():  # closed already
+            return
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
