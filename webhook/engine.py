@@ -214,7 +214,12 @@ def _patch(original: Pod, pod: Pod) -> JsonPatch:
 
 
 def _named(items: Any) -> bool:
-    return type(items) is list and all(type(i) is dict and type(i.get("name")) is str for i in items)
+    if type(items) is not list:
+        return False
+    for item in items:  # noqa: SIM110 - a plain loop: no generator per list on every admission
+        if type(item) is not dict or type(item.get("name")) is not str:
+            return False
+    return True
 
 
 def _patch_spec(old: dict[str, Any], new: dict[str, Any], ops: JsonPatch) -> None:
