@@ -41,6 +41,11 @@ TOKEN_AUDIENCE = "outrider.dev/token-audience"  # noqa: S105 (a name, not a secr
 # intersects it with the operator's policy (it can only narrow, never widen).
 EGRESS_ALLOW = "outrider.dev/egress-allow"
 
+# Namespace label (operator): force egress mode `capture` or `explicit`; without it the namespace's
+# Pod Security level decides (baseline/restricted forbid NET_ADMIN, so explicit). Read by
+# `webhook.egress.plan_egress`.
+EGRESS_MODE_LABEL = "outrider.dev/egress-mode"
+
 # Kubernetes' own annotation that `kubectl logs/exec` uses to pick a container without `-c`.
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 

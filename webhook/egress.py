@@ -19,11 +19,10 @@ from sidecar.egress.policy import (
     split_annotation,
     union,
 )
+from webhook.annotations import EGRESS_ALLOW, EGRESS_MODE_LABEL
 
-# Pod annotation (app team): narrows the operator policy; rules separated by commas or spaces.
-EGRESS_ALLOW = "outrider.dev/egress-allow"
-# Namespace label (operator): force `capture` or `explicit`; without it Pod Security decides.
-EGRESS_MODE_LABEL = "outrider.dev/egress-mode"
+# EGRESS_ALLOW and EGRESS_MODE_LABEL live with every other outrider.dev/* name (re-exported here).
+__all__ = ["EGRESS_ALLOW", "EGRESS_MODE_LABEL", "EgressPlan", "plan_egress", "plan_egress_cached"]
 POD_SECURITY_ENFORCE = "pod-security.kubernetes.io/enforce"
 # Pod Security levels that refuse NET_ADMIN/NET_RAW, so `outrider-init` could never start there.
 NO_NET_ADMIN_LEVELS = ("baseline", "restricted")

@@ -120,7 +120,14 @@ def test_injected_sidecar_invariants(name: str) -> None:
     assert all(m["readOnly"] for m in proxy["volumeMounts"])
     if config.native_sidecar:
         assert proxy["restartPolicy"] == "Always"
-        assert spec["initContainers"].index(proxy) < len(spec["initContainers"])
+        # the proxy starts before every user init container (they run behind the capture, with the
+        # proxy up), and after outrider-init, which must have set the rules first
+        names = [c["name"] for c in spec["initContainers"]]
+        ours = set(status["initContainers"])
+        first_user = next((i for i, n in enumerate(names) if n not in ours), len(names))
+        assert names.index(proxy["name"]) < first_user
+        if status["egressMode"] == "capture":
+            assert names.index(status["initContainers"][0]) < names.index(proxy["name"])
     if status["egressMode"] == "capture":
         init = everything[status["initContainers"][0]]
         assert init["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}

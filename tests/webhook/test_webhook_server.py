@@ -267,6 +267,7 @@ def test_fuzz_arbitrary_bodies_never_5xx(webhook_server: ThreadedWebhook, body: 
     assert b"Traceback" not in data
     if status == 200:
         assert json.loads(data)["kind"] == "AdmissionReview"
+    assert webhook_server.request("GET", "/healthz")[0] == 200  # and it stays healthy
 
 
 FIELDS = st.sampled_from(["uid", "kind", "operation", "namespace", "object", "dryRun", "subResource"])
