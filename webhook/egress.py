@@ -125,6 +125,13 @@ def plan_egress(
     policy = Policy(layers=tuple(layers))
     app_env: tuple[tuple[str, str], ...] = ()
     if mode == "explicit":
+        # No outrider-init means no PREROUTING capture either: only callers that reach the sidecar's
+        # port get authentication, token exchange and audit.
+        warnings.append(
+            "explicit-proxy egress mode: inbound traffic is not captured, so point the Service's "
+            "targetPort at outrider-mcp (15006) and bind the MCP server to 127.0.0.1, or callers "
+            "reaching the pod IP bypass authentication and audit"
+        )
         app_env = tuple(
             (name, value)
             for upper, value in (
