@@ -547,6 +547,7 @@ def _sorted_json(value: Any) -> str:
 # OUTRIDER_CONFIG text by (plan, config, port, audience): cached plans come back as the same object,
 # so most admissions reuse the JSON. The entry holds its plan, so the id() in the key stays its own.
 _CONFIG_JSON: dict[tuple[int, str, int | None, str | None], tuple[EgressPlan, str]] = {}
+_CONFIG_BASE: dict[tuple[int, str, None, str | None], tuple[EgressPlan, dict[str, Any]]] = {}
 
 
 def _sidecar_config_json(
@@ -556,7 +557,19 @@ def _sidecar_config_json(
     found = _CONFIG_JSON.get(key)
     if found is not None and found[0] is plan:
         return found[1]
-    value = sidecar_config(config, mcp_port, audience, plan)
+    # The merged config without the port is shared by every pod with this plan and audience (the
+    # thawed policy and the merge are the costly part); the port is merged in as _deep_merge would.
+    base_key = (id(plan), config.hash, None, audience)
+    base = _CONFIG_BASE.get(base_key)
+    if base is None or base[0] is not plan:
+        if len(_CONFIG_BASE) >= 512:
+            _CONFIG_BASE.clear()
+        base = _CONFIG_BASE[base_key] = (plan, sidecar_config(config, None, audience, plan))
+    value = base[1]
+    if mcp_port is not None:
+        inbound = value.get("inbound")
+        port = {"mcp_port": mcp_port}
+        value = {**value, "inbound": {**inbound, **port} if isinstance(inbound, Mapping) else port}
     # orjson spells some floats differently from json (1e-07 vs 1e-7): floats take the json path.
     floats = _floats_in(config.hash, config.plain_sidecar) or _floats_in(plan, plan.policy)
     text = json.dumps(value, sort_keys=True, separators=(",", ":")) if floats else _sorted_json(value)

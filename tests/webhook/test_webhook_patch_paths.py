@@ -4,6 +4,7 @@ injecting equals `webhook.patch.diff(original, injected)`, and `encode_result` e
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -11,7 +12,8 @@ from webhook_support import fixture_names, load_fixture, pod_template
 
 from webhook import admission
 from webhook.config import parse_config
-from webhook.engine import inject
+from webhook.egress import plan_egress_cached
+from webhook.engine import _sidecar_config_json, inject, sidecar_config
 from webhook.patch import diff
 
 ENABLED = {"outrider.dev/inject": "enabled"}
@@ -88,3 +90,25 @@ def test_golden_fixture_patch_is_the_diff(name: str) -> None:
     assert result.patch == diff(pod, result.pod)
     encoded = admission.encode_response(admission.answer("u", result)["response"])
     assert admission.encode_result(result) == encoded
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {},
+        {"inbound": {"max_body": 1024, "mcp_port": 1}},
+        {"inbound": "not-a-mapping", "telemetry": {"sample_ratio": 0.25}},
+        {"exchange": {"audience": "x", "token_endpoint": "https://idp.example/token"}},
+    ],
+)
+@pytest.mark.parametrize("port", [None, 8080, 9000])
+@pytest.mark.parametrize("audience", [None, "api://a"])
+def test_cached_sidecar_config_text_is_the_plain_json(
+    block: dict[str, Any], port: int | None, audience: str | None
+) -> None:
+    config = parse_config({"sidecar": block})
+    pod = copy.deepcopy(POD)
+    plan = plan_egress_cached(pod, ENABLED, None, config.plain_egress_default_policy)
+    expected = json.dumps(sidecar_config(config, port, audience, plan), sort_keys=True, separators=(",", ":"))
+    for _ in range(2):  # cold, then from the caches
+        assert _sidecar_config_json(config, port, audience, plan) == expected
