@@ -5,9 +5,10 @@ The token checks compare fingerprints (hashes) only: the demo never prints a tok
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -19,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -27,20 +28,24 @@ if TYPE_CHECKING:
     from sidecar.demo.run import Demo
 
 
-@contextmanager
-def client_tracer(demo: Demo) -> Iterator[trace.Tracer]:
-    """A tracer for the demo client's own spans, exported over OTLP/HTTP to the demo's receiver."""
+@asynccontextmanager
+async def client_tracer(demo: Demo) -> AsyncIterator[trace.Tracer]:
+    """A tracer for the demo client's own spans, exported over OTLP/HTTP to the demo's receiver.
+
+    The receiver runs on this event loop, so the export must never block it: spans are exported by
+    the batch processor's thread, and the final flush runs in a worker thread.
+    """
     from sidecar.demo.traces import DEMO_CLIENT_SERVICE
 
     provider = TracerProvider(resource=Resource.create({"service.name": DEMO_CLIENT_SERVICE}))
     if demo.otlp_url:
         provider.add_span_processor(
-            SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{demo.otlp_url}/v1/traces"))
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{demo.otlp_url}/v1/traces"))
         )
     try:
         yield provider.get_tracer("outrider.demo")
     finally:
-        provider.shutdown()
+        await asyncio.to_thread(provider.shutdown)
 
 
 def tool_text(result: Any) -> str:
@@ -112,18 +117,16 @@ async def run_calls(demo: Demo, token: str) -> None:
         c.show("tools/list -> " + ", ".join(names))
         c.check({"whoami", "fetch", "echo"} <= set(names), "tools listed through the sidecar")
 
-        with (
-            client_tracer(demo) as tracer,
-            tracer.start_as_current_span(
+        async with client_tracer(demo) as tracer:
+            with tracer.start_as_current_span(
                 "tools/call whoami",
                 kind=SpanKind.CLIENT,
                 attributes={"mcp.method.name": "tools/call", "gen_ai.tool.name": "whoami"},
-            ),
-        ):
-            # The MCP conventions carry the caller's trace context in params._meta.
-            carrier: dict[str, str] = {}
-            TraceContextTextMapPropagator().inject(carrier)
-            result = await client.call_tool("whoami", {}, meta=cast(Any, carrier))
+            ):
+                # The MCP conventions carry the caller's trace context in params._meta.
+                carrier: dict[str, str] = {}
+                TraceContextTextMapPropagator().inject(carrier)
+                result = await client.call_tool("whoami", {}, meta=cast(Any, carrier))
         report = tool_json(result)
         got = find_claims(report)
         raw = received_token(report)

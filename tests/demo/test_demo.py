@@ -72,6 +72,44 @@ def test_demo_runs_every_step_and_cleans_up(tmp_path: Path) -> None:
     leftover = {n for n in _netns_names() - before if n.startswith("outrider-demo-")}
     assert not leftover, f"network namespaces left behind: {leftover}"
     assert "skipped:" not in out
+    # the demo's own client exports spans to a receiver on its event loop: it must never block it
+    assert "Failed to export" not in out + result.stderr
+
+
+def test_ctrl_c_stops_the_demo_and_cleans_up(tmp_path: Path) -> None:
+    """SIGINT in the middle of step 3: exit non-zero, no namespace, process or temp dir left behind."""
+    import signal
+    import time
+
+    before = _netns_names()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "webhook.cli", "demo", "--no-colour"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:
+        seen.append(line)
+        if "Step 3:" in line or time.monotonic() > deadline:
+            break
+    assert any("Step 3:" in line for line in seen), "".join(seen)[-3000:]
+    workdir = next(
+        (ln.split("working directory", 1)[1].strip() for ln in seen if "working directory" in ln), None
+    )
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(seen) + rest
+    assert proc.returncode != 0, out[-3000:]
+    leftover = {n for n in _netns_names() - before if n.startswith("outrider-demo-")}
+    assert not leftover, f"network namespaces left behind: {leftover}"
+    if workdir:
+        assert not Path(workdir).exists(), f"temp dir {workdir} left behind"
+    children = subprocess.run(["pgrep", "-f", workdir or "outrider-demo-"], capture_output=True, text=True)
+    assert not children.stdout.strip(), f"processes left behind: {children.stdout}"
 
 
 def test_demo_fails_when_a_step_cannot_behave_as_described() -> None:
