@@ -976,7 +976,7 @@ async def step_operator(demo: Demo) -> None:
         return
     assert trace_id is not None
     c.say(f"trace {trace_id}: the client's tools/call whoami, continued by the sidecar (its token exchange")
-    c.say("was served from the cache, so it shows as attributes, not as a child span):")
+    c.say("was served from the sidecar's cache: a child span with cache_hit=true and no IdP round trip):")
     tree = traces.span_tree(receiver.spans, trace_id)
     for line in tree:
         c.show(line)

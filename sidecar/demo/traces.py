@@ -148,7 +148,13 @@ def root_span(spans: Iterable[Span], trace_id: str) -> Span | None:
 
 def first_exchange_trace(spans: Iterable[Span]) -> str | None:
     """The trace of the earliest token-exchange child span (a cache miss that went to the IdP)."""
-    exchanges = [s for s in spans if s.parent_span_id and "token_exchange" in s.name]
+    exchanges = [
+        s
+        for s in spans
+        if s.parent_span_id
+        and "token_exchange" in s.name
+        and not s.attributes.get("outrider.token_exchange.cache_hit", False)
+    ]
     return min(exchanges, key=lambda s: s.start_ns).trace_id if exchanges else None
 
 

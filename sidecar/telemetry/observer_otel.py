@@ -317,15 +317,17 @@ class _OtelScope:
         cache_hit = outcome.outcome == "cache_hit"
         self.exchange_outcome = outcome.outcome
         self._observer.exchanges.add({"outcome": outcome.outcome, "cache_hit": cache_hit})
-        if cache_hit:
-            # No IdP round trip happened: a child span and a separate audit line would only cost
-            # time. The call span and the mcp.call audit line record the hit.
-            return
         end = time.time_ns()
         principal = self.principal
-        self._observer.worker.submit(lambda: self._record_exchange(outcome, end, principal))
+        # A cache hit still gets its child span (recorded off the request path, on the worker), but
+        # no audit line of its own: no IdP was asked, and the mcp.call line records the hit.
+        self._observer.worker.submit(
+            lambda: self._record_exchange(outcome, end, principal, audit=not cache_hit)
+        )
 
-    def _record_exchange(self, outcome: ExchangeOutcome, end: int, principal: Principal | None) -> None:
+    def _record_exchange(
+        self, outcome: ExchangeOutcome, end: int, principal: Principal | None, *, audit: bool = True
+    ) -> None:
         observer = self._observer
         when = _wall(end)
         start = end - int(max(outcome.duration_s, 0.0) * 1e9)
@@ -339,6 +341,8 @@ class _OtelScope:
         if outcome.outcome not in semconv.EXCHANGE_OK:
             span.set_status(Status(StatusCode.ERROR, outcome.outcome))
         span.end(end_time=end)
+        if not audit:
+            return
         observer.exchange_duration.record(outcome.duration_s, {"outcome": outcome.outcome})
         trace_id, span_id = _ids(span)
         observer.audit.write(

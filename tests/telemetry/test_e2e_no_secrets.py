@@ -267,8 +267,14 @@ async def test_every_path_is_observed_and_no_secret_leaks(
         "outrider.token_exchange",
     } <= names
     continued = [s for s in spans if s.trace_id.hex() == "1234567890abcdef1234567890abcdef"]
-    assert [s.name for s in continued] == ["tools/list"]
-    assert continued[0].parent_span_id.hex() == "1234567890abcdef"
+    # the continued trace: the server span under the caller's span, its token exchange (a cache hit)
+    # as a child of the server span
+    assert sorted(s.name for s in continued) == ["outrider.token_exchange", "tools/list"]
+    server_span = next(s for s in continued if s.name == "tools/list")
+    exchange_span = next(s for s in continued if s.name == "outrider.token_exchange")
+    assert server_span.parent_span_id.hex() == "1234567890abcdef"
+    assert exchange_span.parent_span_id == server_span.span_id
+    assert attributes_of(exchange_span)["outrider.token_exchange.outcome"] == "cache_hit"
     whoami_span = next(s for s in spans if s.name == "tools/call whoami")
     # The MCP server got the SERVER span's context (flags may also carry the random-trace-id bit).
     assert upstream_traceparent.startswith(f"00-{whoami_span.trace_id.hex()}-{whoami_span.span_id.hex()}-")

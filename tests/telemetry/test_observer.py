@@ -342,12 +342,14 @@ def test_exchange_issued_and_cache_hit(harness: Harness) -> None:
     message = McpMessage(kind="request", method="tools/call", id=3, tool_name="fetch")
     call(harness, message, exchange=ExchangeOutcome(outcome="issued", audience="api", duration_s=0.01))
     call(harness, message, exchange=ExchangeOutcome(outcome="cache_hit", audience="api", duration_s=0.0001))
-    # Only the real IdP round trip gets a child span; the cache hit is recorded on the call span.
-    (child,) = [s for s in harness.spans() if s.name == "outrider.token_exchange"]
-    assert child.kind is SpanKind.CLIENT
+    # Both get a child span (hit or miss), each under its own call span.
+    child, hit = [s for s in harness.spans() if s.name == "outrider.token_exchange"]
+    assert child.kind is SpanKind.CLIENT and hit.kind is SpanKind.CLIENT
     assert child.attributes["outrider.token_exchange.cache_hit"] is False
+    assert hit.attributes["outrider.token_exchange.cache_hit"] is True
     assert child.status.status_code is StatusCode.UNSET
     first, second = [s for s in harness.spans() if s.name == "tools/call fetch"]
+    assert child.parent.span_id == first.context.span_id and hit.parent.span_id == second.context.span_id
     assert "outrider.token_exchange.outcome" not in first.attributes
     assert second.attributes["outrider.token_exchange.outcome"] == "cache_hit"
     assert harness.counter("outrider.token_exchanges", cache_hit=True) == 1
