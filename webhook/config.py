@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -53,6 +54,30 @@ DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = _frozen(
 
 
 @dataclass(frozen=True)
+class SidecarMount:
+    """One Secret or ConfigMap volume mounted read-only into outrider-proxy (never the app)."""
+
+    name: str  # the volume name wanted (a free name is picked when the pod already uses it)
+    source: str  # "secret" | "configMap"
+    source_name: str  # the Secret's / ConfigMap's name, in the pod's own namespace
+    mount_path: str
+    items: tuple[tuple[str, str], ...] = ()  # (key, relative path); empty: every key as a file
+
+    def to_mapping(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, self.source: self.source_name, "mountPath": self.mount_path}
+        if self.items:
+            out["items"] = [{"key": k, "path": p} for k, p in self.items]
+        return out
+
+    def volume(self, name: str) -> dict[str, Any]:
+        """The pod volume for this mount under the (free) volume `name`."""
+        ref = {"secretName": self.source_name} if self.source == "secret" else {"name": self.source_name}
+        if self.items:
+            ref["items"] = [{"key": k, "path": p} for k, p in self.items]  # type: ignore[assignment]
+        return {"name": name, self.source: ref}
+
+
+@dataclass(frozen=True)
 class WebhookConfig:
     # The outrider image; it holds both `outrider sidecar` and `outrider iptables`.
     sidecar_image: str = f"ghcr.io/outrider-dev/outrider:{__version__}"
@@ -71,8 +96,12 @@ class WebhookConfig:
     default_audience: str | None = None
     # The cluster's default egress policy; opaque here, interpreted by webhook.egress.plan_egress.
     egress_default_policy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    # Opaque sidecar config, deep-merged under the per-pod values into OUTRIDER_CONFIG.
+    # Opaque sidecar config, deep-merged under the per-pod values into OUTRIDER_CONFIG. Secret
+    # values are refused here (they would sit in plain text in the pod spec): use a `*_file` path.
     sidecar: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Secrets/ConfigMaps (in the pod's namespace) mounted read-only into outrider-proxy only,
+    # for the sidecar's `*_file` settings (exchange.client_secret_file, telemetry.hash_salt_file, ...).
+    sidecar_mounts: tuple[SidecarMount, ...] = ()
 
     # Derived values are computed once per config (the engine reads them on every admission).
     @cached_property
@@ -93,7 +122,11 @@ class WebhookConfig:
         return thaw(self.resources)  # type: ignore[no-any-return]
 
     def to_mapping(self) -> dict[str, Any]:
-        return {f.name: thaw(getattr(self, f.name)) for f in fields(self)}
+        out = {f.name: thaw(getattr(self, f.name)) for f in fields(self)}
+        out["sidecar_mounts"] = [m.to_mapping() for m in self.sidecar_mounts]
+        if not self.sidecar_mounts:
+            del out["sidecar_mounts"]  # configs without mounts keep the hash they had before
+        return out
 
 
 def config_hash(config: WebhookConfig) -> str:
@@ -135,6 +168,138 @@ def _resources(value: Any) -> Mapping[str, Mapping[str, str]]:
     return _frozen(out)  # type: ignore[no-any-return]
 
 
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_ITEM_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+MOUNT_SOURCES = ("secret", "configMap")
+# Where outrider-proxy already mounts something: the SPIFFE socket and the egress policy ConfigMap.
+RESERVED_MOUNT_PATHS = ("/spiffe-workload-api", "/etc/outrider/egress")
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether one absolute, normalised path is the other or lies inside it."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+def _sidecar_mounts(value: Any) -> tuple[SidecarMount, ...]:
+    """Validate `sidecar_mounts` (the only place mounts are checked; the engine trusts the result)."""
+    if not isinstance(value, list | tuple):
+        raise ConfigError("sidecar_mounts: must be a list of {name, secret|configMap, mountPath, items?}")
+    mounts: list[SidecarMount] = []
+    for i, raw in enumerate(value):
+        where = f"sidecar_mounts[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: must be a mapping with name, secret or configMap, and mountPath")
+        unknown = sorted(str(k) for k in set(raw) - {"name", "secret", "configMap", "mountPath", "items"})
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {unknown}; allowed: ['name', 'secret', 'configMap', 'mountPath', "
+                "'items'] (only Secret and ConfigMap volumes can be mounted)"
+            )
+        name = raw.get("name")
+        if not isinstance(name, str) or len(name) > 63 or not _DNS_LABEL.match(name):
+            raise ConfigError(
+                f"{where}.name: {name!r} is not a volume name (a DNS-1123 label: lowercase letters, "
+                "digits and '-', at most 63 characters)"
+            )
+        sources = [s for s in MOUNT_SOURCES if s in raw]
+        if len(sources) != 1:
+            raise ConfigError(f"{where}: set exactly one of 'secret' or 'configMap' (the object's name)")
+        source = sources[0]
+        source_name = raw[source]
+        if (
+            not isinstance(source_name, str)
+            or len(source_name) > 253
+            or not _DNS_SUBDOMAIN.match(source_name)
+        ):
+            raise ConfigError(
+                f"{where}.{source}: {source_name!r} is not a {source} name (a DNS-1123 subdomain: "
+                "lowercase letters, digits, '-' and '.')"
+            )
+        path = raw.get("mountPath")
+        if (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or path.startswith("//")
+            or ":" in path
+            or posixpath.normpath(path) != (path.rstrip("/") or "/")
+        ):
+            raise ConfigError(
+                f"{where}.mountPath: {path!r} must be an absolute, normalised path (no '..', '//' or ':'), "
+                "e.g. /var/run/secrets/outrider/idp"
+            )
+        path = posixpath.normpath(path)
+        if path == "/":
+            raise ConfigError(f"{where}.mountPath: '/' would hide the sidecar's own filesystem")
+        for reserved in RESERVED_MOUNT_PATHS:
+            if _nested(path, reserved):
+                raise ConfigError(
+                    f"{where}.mountPath: {path!r} clashes with {reserved}, where outrider-proxy mounts "
+                    f"its own volume; pick a path outside it (reserved: {list(RESERVED_MOUNT_PATHS)})"
+                )
+        for other in mounts:
+            if other.name == name:
+                raise ConfigError(f"{where}.name: {name!r} is used by another sidecar_mounts entry")
+            if _nested(path, other.mount_path):
+                raise ConfigError(
+                    f"{where}.mountPath: {path!r} clashes with {other.mount_path!r} of sidecar_mounts "
+                    f"entry {other.name!r}; mount paths must not nest"
+                )
+        items_raw = raw.get("items", [])
+        if not isinstance(items_raw, list | tuple):
+            raise ConfigError(f"{where}.items: must be a list of {{key, path}}")
+        items: list[tuple[str, str]] = []
+        for j, item in enumerate(items_raw):
+            key = item.get("key") if isinstance(item, Mapping) else None
+            rel = item.get("path") if isinstance(item, Mapping) else None
+            if not isinstance(item, Mapping) or set(item) - {"key", "path"}:
+                raise ConfigError(f"{where}.items[{j}]: must be a mapping with 'key' and 'path' only")
+            if not isinstance(key, str) or not _ITEM_KEY.match(key) or len(key) > 253:
+                raise ConfigError(f"{where}.items[{j}].key: {key!r} is not a Secret/ConfigMap key")
+            if (
+                not isinstance(rel, str)
+                or not rel
+                or rel.startswith("/")
+                or ".." in rel.split("/")
+                or posixpath.normpath(rel) != rel
+            ):
+                raise ConfigError(
+                    f"{where}.items[{j}].path: {rel!r} must be a relative path inside the mount (no '..')"
+                )
+            items.append((key, rel))
+        mounts.append(SidecarMount(name, source, source_name, path, tuple(items)))
+    return tuple(mounts)
+
+
+# Sidecar keys holding secret values: refused inline (they would be plain text in the pod spec).
+_SECRET_WORDS = ("secret", "password", "passwd", "salt", "private_key", "privatekey")
+# Keys that name a secret but hold no secret value: file paths and method/mode choices.
+_NOT_SECRET_SUFFIXES = ("_file", "_path", "_method", "_mode")
+
+
+def _inline_secrets(value: Any, path: str) -> list[str]:
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for key, child in value.items():
+            where = f"{path}.{key}"
+            norm = str(key).lower().replace("-", "_")
+            secretish = any(w in norm for w in _SECRET_WORDS) and not norm.endswith(_NOT_SECRET_SUFFIXES)
+            if (
+                secretish
+                and not isinstance(child, bool)
+                and isinstance(child, str | int | float)
+                and str(child)
+            ):
+                found.append(where)
+            else:
+                found += _inline_secrets(child, where)
+    elif isinstance(value, list | tuple):
+        for i, child in enumerate(value):
+            found += _inline_secrets(child, f"{path}[{i}]")
+    return found
+
+
 def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
     """Validate a plain mapping into a `WebhookConfig`; unknown keys are errors (typos bite late)."""
     data = data or {}
@@ -170,6 +335,15 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
     for key in ("egress_default_policy", "sidecar"):
         if not isinstance(data.get(key, {}), Mapping):
             raise ConfigError(f"{key}: must be a mapping")
+    secrets = _inline_secrets(data.get("sidecar", {}), "sidecar")
+    if secrets:
+        # Never echo the value: it is a secret.
+        raise ConfigError(
+            f"{', '.join(secrets)}: secret values cannot be set inline (OUTRIDER_CONFIG is plain text "
+            "in the pod spec, readable by anyone who can get pods); put the secret in a Secret, mount it "
+            "with sidecar_mounts and point the matching *_file setting at it (e.g. "
+            "exchange.client_secret_file, telemetry.hash_salt_file)"
+        )
     trust_domain = _str(data, "trust_domain", defaults.trust_domain)
     if not re.fullmatch(r"[a-z0-9._-]+", trust_domain):
         raise ConfigError(
@@ -186,6 +360,7 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         default_audience=default_audience,
         egress_default_policy=_frozen(data.get("egress_default_policy", {})),
         sidecar=_frozen(data.get("sidecar", {})),
+        sidecar_mounts=_sidecar_mounts(data.get("sidecar_mounts", [])),
     )
 
 

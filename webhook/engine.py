@@ -764,6 +764,11 @@ def _apply(
         proxy["volumeMounts"].append(
             {"name": policy_volume, "mountPath": posixpath.dirname(policy_file), "readOnly": True}
         )
+    for mount in config.sidecar_mounts:
+        # Operator-chosen Secrets/ConfigMaps for the sidecar's *_file settings: the proxy only.
+        mount_volume = _free_name(mount.name, taken_volumes)
+        new_volumes.append(mount.volume(mount_volume))
+        proxy["volumeMounts"].append({"name": mount_volume, "mountPath": mount.mount_path, "readOnly": True})
     spec["volumes"] = [*volumes, *new_volumes]
 
     annotations = _map(metadata.get("annotations"))
