@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -37,6 +39,60 @@ log = logging.getLogger("outrider.webhook")
 DEFAULT_MAX_BODY = 2 * 1024 * 1024  # a big pod is ~100 KiB; etcd's own object limit is 1.5 MiB
 OUTCOMES = ("injected", "skipped", "denied", "ignored", "invalid", "error")
 ENABLED_LABELS = {ann.NAMESPACE_INJECT: ann.NAMESPACE_ENABLED}
+SCOPE = "outrider.webhook"
+ADMISSIONS_METRIC = "outrider.webhook.admissions"
+DURATION_METRIC = "outrider.webhook.admission.duration"
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Telemetry:
+    """OpenTelemetry instruments for admissions (API only: the SDK is wired by `outrider webhook`).
+
+    Attribute dicts are built once per outcome, so recording adds no allocation on `/mutate`.
+    """
+
+    def __init__(
+        self,
+        meter_provider: otel_metrics.MeterProvider | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
+        meter = (meter_provider or otel_metrics.get_meter_provider()).get_meter(SCOPE)
+        self.tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(SCOPE)
+        self.admissions = meter.create_counter(
+            ADMISSIONS_METRIC, unit="{admission}", description="AdmissionReview requests by outcome"
+        )
+        self.duration = meter.create_histogram(
+            DURATION_METRIC,
+            unit="s",
+            description="Time to answer one AdmissionReview",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
+        self.attributes = {name: {"outcome": name} for name in OUTCOMES}
+
+    def record(self, outcome: str, seconds: float, review: admission.Review | None, start_ns: int) -> None:
+        attributes = self.attributes[outcome]
+        self.admissions.add(1, attributes)
+        self.duration.record(seconds, attributes)
+        # A SERVER span per admission: what was asked and how it ended, never the object itself.
+        if review is not None:
+            name = f"admission {review.operation} {review.kind.get('kind', '')}".rstrip()
+            span_attributes: dict[str, str] = {
+                "outrider.admission.outcome": outcome,
+                "outrider.admission.uid": review.uid,
+                "outrider.admission.operation": review.operation,
+            }
+            if review.namespace:
+                span_attributes["k8s.namespace.name"] = review.namespace
+        else:
+            name = "admission"
+            span_attributes = {"outrider.admission.outcome": outcome}
+        span = self.tracer.start_span(
+            name, kind=trace.SpanKind.SERVER, attributes=span_attributes, start_time=start_ns
+        )
+        if outcome in ("error", "invalid"):
+            span.set_attribute("error.type", outcome)
+            span.set_status(trace.StatusCode.ERROR)
+        span.end()
 
 
 @dataclass
@@ -121,6 +177,7 @@ ANSWERS = web.AppKey("answers", AnswerCache)
 CERTS = web.AppKey("certs", CertStore)
 NAMESPACES = web.AppKey("namespaces", object)  # NamespaceFacts | None (Protocols are not AppKey types)
 METRICS = web.AppKey("metrics", Metrics)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
 READY_CHECKS = web.AppKey("ready_checks", list[Callable[[], bool]])
 
 
@@ -130,8 +187,10 @@ def _json(document: object) -> web.Response:
 
 async def mutate(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
+    start_ns = time.time_ns()
     started = time.perf_counter()
     outcome = "error"
+    review: admission.Review | None = None
     try:
         body = await request.read()
         try:
@@ -182,8 +241,10 @@ async def mutate(request: web.Request) -> web.Response:
         outcome = cached[0]
         return web.Response(body=admission.with_uid(review.uid, cached[1]), content_type="application/json")
     finally:
+        elapsed = time.perf_counter() - started
         metrics.by_outcome[outcome].inc()
-        metrics.latency.observe(time.perf_counter() - started)
+        metrics.latency.observe(elapsed)
+        request.app[TELEMETRY].record(outcome, elapsed, review, start_ns)
 
 
 async def _strict_update(request: web.Request, review: admission.Review) -> str | None:
@@ -239,12 +300,16 @@ def build_app(
     namespaces: NamespaceFacts | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     cache_size: int = 256,
+    meter_provider: otel_metrics.MeterProvider | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> web.Application:
+    """The webhook app; OTel instruments come from the given providers, else the global (no-op) ones."""
     app = web.Application(client_max_size=max_body, middlewares=[errors_are_one_line])
     app[CONFIG] = config
     app[CERTS] = certs
     app[NAMESPACES] = namespaces
     app[METRICS] = Metrics.create()
+    app[TELEMETRY] = Telemetry(meter_provider, tracer_provider)
     app[ANSWERS] = AnswerCache(cache_size)
     app[READY_CHECKS] = []
     app.router.add_post("/mutate", mutate)

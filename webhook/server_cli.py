@@ -10,10 +10,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -22,7 +24,42 @@ from webhook.namespaces import NamespaceFacts
 from webhook.server import DEFAULT_MAX_BODY, build_app
 from webhook.tls import CertError, CertStore
 
+if TYPE_CHECKING:
+    from sidecar.telemetry.setup import TelemetryProviders
+
 log = logging.getLogger("outrider.webhook")
+SERVICE_NAME = "outrider-webhook"
+
+
+def _otel_wanted(env: Mapping[str, str]) -> bool:
+    # Cheap check first: without any OTEL_* variable the SDK and exporters are never imported.
+    return any(key.startswith("OTEL_") for key in env)
+
+
+@contextlib.contextmanager
+def telemetry(env: Mapping[str, str] | None = None) -> Iterator[TelemetryProviders | None]:
+    """The OTel SDK with OTLP exporters from the `OTEL_*` variables; None when nothing is exported."""
+    env = os.environ if env is None else env
+    if not _otel_wanted(env):
+        yield None
+        return
+    from sidecar.telemetry.setup import build_providers, plan_export, tune_switch_interval
+
+    plan = plan_export(env)
+    if plan.traces is None and plan.metrics is None:
+        for note in plan.notes:
+            log.warning("telemetry: %s", note)
+        log.info("telemetry: OTEL_* set but no OTLP endpoint; nothing exported")
+        yield None
+        return
+    providers = build_providers(SERVICE_NAME, env=env)
+    previous = tune_switch_interval(plan)
+    try:
+        yield providers
+    finally:
+        providers.shutdown()
+        if previous is not None:
+            sys.setswitchinterval(previous)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +129,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             return 2
 
     async with contextlib.AsyncExitStack() as stack:
+        # Entered first, left last: spans and metrics of the final admissions are flushed on exit.
+        otel = stack.enter_context(telemetry())
         namespaces: NamespaceFacts | None = None
         if in_cluster:
             try:
@@ -100,7 +139,14 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                 print(f"error: the in-cluster services are not available ({exc})", file=sys.stderr)
                 return 2
             namespaces = await stack.enter_async_context(cluster_services(args, holder, store))
-        app = build_app(holder, store, namespaces, args.max_body_bytes)
+        app = build_app(
+            holder,
+            store,
+            namespaces,
+            args.max_body_bytes,
+            meter_provider=otel.meter_provider if otel else None,
+            tracer_provider=otel.tracer_provider if otel else None,
+        )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
