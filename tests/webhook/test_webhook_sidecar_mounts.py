@@ -6,7 +6,10 @@ import json
 import posixpath
 from typing import Any
 
+import kubernetes_validate
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from webhook import egress, engine
 from webhook.config import RESERVED_MOUNT_PATHS, ConfigError, WebhookConfig, parse_config
@@ -181,3 +184,57 @@ def test_mounts_go_to_the_proxy_only(native: bool, egress_mode: str) -> None:
     assert result.pod["spec"]["containers"][0]["volumeMounts"] == [app_mount]
     # injected once: the marker makes a second pass a no-op
     assert engine.inject(result.pod, LABELS, cfg).patch == []
+
+
+def test_strict_refuses_a_debug_container_mounting_the_sidecars_secret() -> None:
+    from webhook import strict
+
+    cfg = parse_config({"sidecar_mounts": [MOUNT]})
+    pod = _pod(securityContext={"runAsUser": 1000, "runAsNonRoot": True})
+    pod["spec"]["containers"][0]["securityContext"] = {"allowPrivilegeEscalation": False}
+    result = engine.inject(pod, {"outrider.dev/inject": "strict"}, cfg)
+    assert result.injected, result.message
+    injected = result.pod
+    debug = {
+        "name": "debug",
+        "image": "busybox",
+        "securityContext": {"allowPrivilegeEscalation": False},
+        "volumeMounts": [{"name": "idp", "mountPath": "/steal"}],
+    }
+    updated = {**injected, "spec": {**injected["spec"], "ephemeralContainers": [debug]}}
+    problems = strict.ephemeral_problems(injected, updated)
+    assert problems and all("volumeMounts[0] mounts idp" in p for p in problems), problems
+
+
+_SCALARS = st.none() | st.booleans() | st.integers() | st.text(max_size=12)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+)
+_ENTRY = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["idp", "salt", "outrider-spiffe", "Bad", ""]) | _SCALARS,
+        "secret": st.sampled_from(["s", "a.b", "Nope"]) | _SCALARS,
+        "configMap": st.sampled_from(["c"]) | _SCALARS,
+        "mountPath": st.sampled_from(["/a", "/a/b", "/etc/outrider", "/", "x", "/a/../b"]) | _SCALARS,
+        "items": st.lists(
+            st.fixed_dictionaries({"key": st.text(max_size=5), "path": st.text(max_size=5)}), max_size=2
+        )
+        | _VALUES,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_ENTRY, max_size=3) | _VALUES)
+def test_any_sidecar_mounts_value_is_a_config_error_or_injects_cleanly(value: Any) -> None:
+    try:
+        cfg = parse_config({"sidecar_mounts": value})
+    except ConfigError:
+        return
+    result = engine.inject(_pod(volumes=[{"name": "idp", "emptyDir": {}}]), LABELS, cfg)
+    assert result.injected
+    names = [v["name"] for v in result.pod["spec"]["volumes"]]
+    assert len(names) == len(set(names))
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", **result.pod}, "1.34", strict=True)
