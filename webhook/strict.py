@@ -191,6 +191,11 @@ def ephemeral_problems(old_pod: Any, new_pod: Any) -> list[str]:
     ours = _outrider_names(new_pod)
     status = _status(new_pod)
     our_volumes = {v for v in _list(status.get("volumes")) if isinstance(v, str)}
+    csi_volumes = {
+        name_of(v) for v in _list(spec.get("volumes")) if isinstance(v, dict) and v.get("csi") is not None
+    }
+    # Outrider's other volumes: the egress policy and the operator's sidecar_mounts Secrets.
+    sidecar_only = our_volumes - csi_volumes
     found: list[str] = []
     for i, c in enumerate(_list(spec.get("ephemeralContainers"))):
         if not isinstance(c, dict) or name_of(c) in old_names:
@@ -203,7 +208,13 @@ def ephemeral_problems(old_pod: Any, new_pod: Any) -> list[str]:
                 f"{where}.targetContainerName is {c.get('targetContainerName')}: a debug container in the "
                 "sidecar's process namespace can read its tokens and keys; target the app container"
             )
-        found += _spiffe_mounts(c, where, our_volumes)
+        found += _spiffe_mounts(c, where, our_volumes & csi_volumes)
+        found += [
+            f"{where}.volumeMounts[{j}] mounts {m.get('name')}, a volume only outrider-proxy may mount "
+            "(its Secrets or egress policy); remove the mount"
+            for j, m in enumerate(_list(c.get("volumeMounts")))
+            if name_of(m) in sidecar_only
+        ]
     return found
 
 
