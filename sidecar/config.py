@@ -72,11 +72,15 @@ def _port(value: Any, key: str) -> int:
     return port
 
 
-def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, mappings merged key by key; the one merge every config layer uses.
+
+    The webhook builds OUTRIDER_CONFIG with it, so a pod's config means what the sidecar reads.
+    """
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -96,7 +100,7 @@ def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> d
             raise ConfigError(f"sidecar config file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"sidecar config file {path} must hold a mapping of sections {SECTIONS}")
-        raw = _deep_merge(raw, loaded)
+        raw = deep_merge(raw, loaded)
     inline = env.get("OUTRIDER_CONFIG")
     if inline:
         try:
@@ -105,7 +109,7 @@ def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> d
             raise ConfigError(f"OUTRIDER_CONFIG is not valid JSON: {exc.msg} at position {exc.pos}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"OUTRIDER_CONFIG must be a JSON object of sections {SECTIONS}")
-        raw = _deep_merge(raw, loaded)
+        raw = deep_merge(raw, loaded)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown sidecar config section(s) {unknown}; allowed: {list(SECTIONS)}")

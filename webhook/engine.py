@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from sidecar.config import deep_merge
 from webhook import __version__
 from webhook import annotations as ann
 from webhook import strict as strict_rules
@@ -509,16 +510,6 @@ def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str
     return originals
 
 
-def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def sidecar_config(
     config: WebhookConfig, mcp_port: int | None, audience: str | None, plan: EgressPlan
 ) -> dict[str, Any]:
@@ -529,7 +520,7 @@ def sidecar_config(
         per_pod["inbound"] = {"mcp_port": mcp_port}
     if audience:
         per_pod["exchange"] = {"audience": audience}
-    return _deep_merge(config.plain_sidecar, per_pod)
+    return deep_merge(config.plain_sidecar, per_pod)
 
 
 def _sorted_json(value: Any) -> str:
@@ -558,7 +549,7 @@ def _sidecar_config_json(
     if found is not None and found[0] is plan:
         return found[1]
     # The merged config without the port is shared by every pod with this plan and audience (the
-    # thawed policy and the merge are the costly part); the port is merged in as _deep_merge would.
+    # thawed policy and the merge are the costly part); the port is merged in as deep_merge would.
     base_key = (id(plan), config.hash, None, audience)
     base = _CONFIG_BASE.get(base_key)
     if base is None or base[0] is not plan:

@@ -33,6 +33,7 @@ import jsonpatch
 import jwt
 import yaml
 
+from sidecar.config import deep_merge
 from sidecar.demo import audit, netns, podiff, procs, traces
 from sidecar.demo.console import Console
 from sidecar.egress.config import EgressConfig
@@ -766,7 +767,7 @@ async def start_sidecar(demo: Demo, socket_path: str, otlp_url: str) -> None:
     )
     if demo.topo is None:
         overrides = explicit_sidecar_overrides(demo)
-        merged = _deep_merge(json.loads(env.get("OUTRIDER_CONFIG", "{}")), overrides)
+        merged = deep_merge(json.loads(env.get("OUTRIDER_CONFIG", "{}")), overrides)
         env["OUTRIDER_CONFIG"] = json.dumps(merged)
         c.say(
             "no pod network namespace, so the demo moves the sidecar's ports to free ones: "
@@ -825,16 +826,6 @@ def explicit_sidecar_overrides(demo: Demo) -> dict[str, Any]:
         "inbound": {"host": "127.0.0.1", "port": demo.client_port, "mcp_port": demo.app_port},
         "egress": egress,
     }
-
-
-def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 # --------------------------------------------------------------------------------------------------
