@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.config_merge import deep_merge
 from sidecar.egress.config import EgressConfig
 from sidecar.exchange.config import ExchangeConfig
 from sidecar.identity.config import IdentityConfig
@@ -70,20 +71,6 @@ def _port(value: Any, key: str) -> int:
     if not 1 <= port <= 65535:
         raise ConfigError(f"{key}: {port} is not a port number (1-65535)")
     return port
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """`override` over `base`, mappings merged key by key; the one merge every config layer uses.
-
-    The webhook builds OUTRIDER_CONFIG with it, so a pod's config means what the sidecar reads.
-    """
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.config import deep_merge
+from sidecar.config_merge import deep_merge
 from webhook import __version__
 from webhook import annotations as ann
 from webhook import strict as strict_rules

@@ -33,7 +33,7 @@ import jsonpatch
 import jwt
 import yaml
 
-from sidecar.config import deep_merge
+from sidecar.config_merge import deep_merge
 from sidecar.demo import audit, netns, podiff, procs, traces
 from sidecar.demo.console import Console
 from sidecar.egress.config import EgressConfig
