@@ -89,6 +89,8 @@ def test_ctrl_c_stops_the_demo_and_cleans_up(tmp_path: Path) -> None:
         text=True,
         cwd=tmp_path,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},  # see each header as it is printed
+        # as at a terminal: a runner started in the background inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     seen: list[str] = []
