@@ -527,8 +527,8 @@ class Enforcer:
                     if any(not t.cancelled() and t.exception() is not None for t in done):
                         break
             finally:
-                for task in (up, down):
-                    task.cancel()
+                for pump in (up, down):
+                    pump.cancel()
                 await asyncio.gather(up, down, return_exceptions=True)
         finally:
             if task is not None:
