@@ -118,7 +118,7 @@ class Metrics:
             "outrider_webhook_admission_duration_seconds",
             "Time to answer one AdmissionReview",
             registry=registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            buckets=DURATION_BUCKETS,
         )
         return cls(registry, admissions, latency, by_outcome)
 
