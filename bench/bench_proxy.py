@@ -197,22 +197,9 @@ def sidecar_env(
 ) -> dict[str, str]:
     config = {
         "admin": {"host": "127.0.0.1", "port": admin},
-        "identity": {"socket": api.target},
-        "inbound": {
-            "host": "127.0.0.1",
-            "port": port,
-            "mcp_port": mcp_port,
-            "resource": RESOURCE,
-            "issuer": idp.issuer,
-        },
-        "exchange": {
-            "enabled": True,
-            "token_endpoint": idp.token_endpoint,
-            "issuer": idp.issuer,
-            "audience": DOWNSTREAM,
-            "auth": "jwt-svid",
-            "actor_token": True,
-        },
+        **idp.sidecar_config(
+            workload_socket=api.target, port=port, mcp_port=mcp_port, resource=RESOURCE, audience=DOWNSTREAM
+        ),
         "egress": {"mode": "explicit", "port": free_port(), "policy_file": None},
         "telemetry": {"audit": str(tmp / "audit.jsonl") if telemetry == "on" else "off"},
     }

@@ -301,6 +301,32 @@ class DevIdP:
     def jwks(self) -> dict[str, Any]:
         return {"keys": [dict(self._jwk)]}
 
+    def sidecar_config(
+        self, *, workload_socket: str, port: int, mcp_port: int, resource: str, audience: str
+    ) -> dict[str, Any]:
+        """The identity, inbound and exchange sections of a sidecar that trusts this IdP.
+
+        Callers (tests, benchmarks) add their own admin/egress/telemetry sections.
+        """
+        return {
+            "identity": {"socket": workload_socket},
+            "inbound": {
+                "host": "127.0.0.1",
+                "port": port,
+                "mcp_port": mcp_port,
+                "resource": resource,
+                "issuer": self.issuer,
+            },
+            "exchange": {
+                "enabled": True,
+                "token_endpoint": self.token_endpoint,
+                "issuer": self.issuer,
+                "audience": audience,
+                "auth": "jwt-svid",
+                "actor_token": True,
+            },
+        }
+
     async def __aenter__(self) -> DevIdP:
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", self._discovery)

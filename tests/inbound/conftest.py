@@ -75,25 +75,15 @@ class Sidecar:
 def sidecar_config(
     idp: DevIdP, workload_api: DevWorkloadApi, mcp_port: int, **inbound: Any
 ) -> dict[str, Any]:
-    return {
-        "identity": {"socket": workload_api.target},
-        "inbound": {
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "mcp_port": mcp_port,
-            "resource": RESOURCE,
-            "issuer": idp.issuer,
-            **inbound,
-        },
-        "exchange": {
-            "enabled": True,
-            "token_endpoint": idp.token_endpoint,
-            "issuer": idp.issuer,
-            "audience": DOWNSTREAM,
-            "auth": "jwt-svid",
-            "actor_token": True,
-        },
-    }
+    config = idp.sidecar_config(
+        workload_socket=workload_api.target,
+        port=free_port(),
+        mcp_port=mcp_port,
+        resource=RESOURCE,
+        audience=DOWNSTREAM,
+    )
+    config["inbound"].update(inbound)
+    return config
 
 
 @asynccontextmanager

@@ -86,22 +86,13 @@ async def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
         raw = {
             "pod": {"name": "weather-0", "namespace": "mcp"},
             "admin": {"host": "127.0.0.1", "port": free_port()},
-            "identity": {"socket": api.target},
-            "inbound": {
-                "host": "127.0.0.1",
-                "port": free_port(),
-                "mcp_port": app.port,
-                "resource": RESOURCE,
-                "issuer": idp.issuer,
-            },
-            "exchange": {
-                "enabled": True,
-                "token_endpoint": idp.token_endpoint,
-                "issuer": idp.issuer,
-                "audience": DOWNSTREAM,
-                "auth": "jwt-svid",
-                "actor_token": True,
-            },
+            **idp.sidecar_config(
+                workload_socket=api.target,
+                port=free_port(),
+                mcp_port=app.port,
+                resource=RESOURCE,
+                audience=DOWNSTREAM,
+            ),
             "telemetry": {"audit": str(audit_path), "record_arguments": True},
         }
         runtime = Runtime(config=parse(raw))
