@@ -120,9 +120,10 @@ def jwt_times(token: str, *, now: float) -> JwtTimes:
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         expires = float(claims["exp"])
         issued = claims.get("iat")
-    except (IndexError, ValueError, KeyError, TypeError):
+        issued_at = float(issued) if isinstance(issued, int | float) else now
+    except (IndexError, ValueError, KeyError, TypeError, OverflowError):  # huge ints overflow float()
         raise SvidFormatError("JWT-SVID has no readable exp claim") from None
-    return JwtTimes(issued_at=float(issued) if isinstance(issued, int | float) else now, expires_at=expires)
+    return JwtTimes(issued_at=issued_at, expires_at=expires)
 
 
 def jwt_refresh_at(times: JwtTimes, fraction: float) -> float:
