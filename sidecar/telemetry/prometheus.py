@@ -63,30 +63,22 @@ def families(metric: Metric) -> Iterator[PromMetric]:
     name = metric_name(metric.name, metric.unit)
     doc = metric.description or metric.name
     data = metric.data
-    if isinstance(data, Sum):
-        counter = data.is_monotonic
-        label_keys = sorted({k for p in data.data_points for k in _labels(p.attributes)})
+    if isinstance(data, Sum | Gauge):
+        points = [(_labels(p.attributes), p) for p in data.data_points]
+        label_keys = sorted({k for labels, _ in points for k in labels})
         family: PromMetric
-        if counter:
+        if isinstance(data, Sum) and data.is_monotonic:
             family = CounterMetricFamily(name, doc, labels=label_keys)
         else:
             family = GaugeMetricFamily(name, doc, labels=label_keys)
-        for point in data.data_points:
-            labels = _labels(point.attributes)
+        for labels, point in points:
             family.add_metric([labels.get(k, "") for k in label_keys], float(point.value))
         yield family
-    elif isinstance(data, Gauge):
-        label_keys = sorted({k for p in data.data_points for k in _labels(p.attributes)})
-        gauge = GaugeMetricFamily(name, doc, labels=label_keys)
-        for point in data.data_points:
-            labels = _labels(point.attributes)
-            gauge.add_metric([labels.get(k, "") for k in label_keys], float(point.value))
-        yield gauge
     elif isinstance(data, Histogram):
-        label_keys = sorted({k for p in data.data_points for k in _labels(p.attributes)})
+        hpoints = [(_labels(p.attributes), p) for p in data.data_points]
+        label_keys = sorted({k for labels, _ in hpoints for k in labels})
         hist = HistogramMetricFamily(name, doc, labels=label_keys)
-        for hpoint in data.data_points:
-            labels = _labels(hpoint.attributes)
+        for labels, hpoint in hpoints:
             cumulative = 0
             buckets: list[tuple[str, float]] = []
             for bound, count in zip(hpoint.explicit_bounds, hpoint.bucket_counts, strict=False):
