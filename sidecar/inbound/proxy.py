@@ -150,7 +150,7 @@ async def _peek_body(request: web.BaseRequest) -> bytes | None:
 def downstream_response_headers(upstream: Mapping[str, str], *, streaming: bool) -> CIMultiDict[str]:
     connection = upstream.get("Connection", "")
     drop = HOP_BY_HOP | {t.strip().lower() for t in connection.split(",") if t.strip()}
-    drop |= {"content-length", "date", "server"} if streaming else {"date", "server", "content-length"}
+    drop |= {"content-length", "date", "server"}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         if name.lower() not in drop:
