@@ -161,9 +161,6 @@ class JwksCache:
     def loaded(self) -> bool:
         return self._fetched_at > 0
 
-    def keys(self) -> list[dict[str, Any]]:
-        return self._keys
-
     async def refresh(self, *, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._attempted_at < self._config.jwks_min_refresh_interval_s:
