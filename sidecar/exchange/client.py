@@ -419,7 +419,9 @@ class OAuthTokenExchanger:
             secret = self._secret.read()
             secrets.append(secret)
             if config.client_secret_method == "basic":  # noqa: S105
-                headers["Authorization"] = basic_authorization(config.client_id, secret)
+                basic = basic_authorization(config.client_id, secret)
+                secrets.append(basic.removeprefix("Basic "))  # an IdP may echo the header back
+                headers["Authorization"] = basic
             else:
                 form["client_id"] = config.client_id
                 form["client_secret"] = secret
