@@ -110,7 +110,7 @@ def parse_mcp_port(value: Any) -> int | str | None:
         return None
     text = str(value).strip()
     allowed = "a port number 1-65535 or the name of a containerPort of an app container"
-    if text.isdigit():
+    if text.isdecimal():  # not isdigit: "²" is a digit that int() refuses
         port = int(text)
         if not 1 <= port <= 65535:
             raise AnnotationError(f"annotation {MCP_PORT}={value!r} is out of range; allowed: {allowed}")
