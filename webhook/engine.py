@@ -459,7 +459,7 @@ def _port_number(container: Mapping[str, Any], port: Any) -> int | None:
     if isinstance(port, int):
         return port
     if isinstance(port, str):
-        if port.isdigit():
+        if port.isdecimal():  # not isdigit: "²" is a digit that int() refuses
             return int(port)
         for p in _tcp_ports(container):
             if p.get("name") == port:
