@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,7 +21,7 @@ from webhook.cluster.options import ClusterOptions
 from webhook.config import ConfigHolder
 
 from .harness import ControlPlane
-from .kubeutil import make_namespace, register_webhook, unique, unregister_webhook
+from .kubeutil import eventually, make_namespace, register_webhook, unique, unregister_webhook
 
 pytestmark = pytest.mark.controlplane
 
@@ -34,17 +33,6 @@ class RecordingStore:
     def load_pem(self, cert_pem: bytes, key_pem: bytes) -> None:
         assert b"PRIVATE KEY" in key_pem
         self.loaded.append(cert_pem)
-
-
-async def _eventually(check, within: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def test_replicas_starting_together_agree_on_one_ca(
@@ -154,7 +142,7 @@ async def test_configmap_hot_reload_keeps_last_good(api: client.ApiClient) -> No
         async def is_b() -> bool:
             return holder.current.sidecar_image == "registry.example/outrider:b"
 
-        await _eventually(is_b, what="config b applied")
+        await eventually(is_b, "config b applied")
         assert watch.namespace_egress["team-a"] == {"allow": ["api.example.com"]}
         rejected_before = _metric("outrider_webhook_config_reloads_total", {"result": "rejected"})
         await v1.patch_namespaced_config_map(
@@ -164,7 +152,7 @@ async def test_configmap_hot_reload_keeps_last_good(api: client.ApiClient) -> No
         async def rejected() -> bool:
             return watch.last_error is not None
 
-        await _eventually(rejected, what="bad ConfigMap rejected")
+        await eventually(rejected, "bad ConfigMap rejected")
         assert "image_pull_policy" in (watch.last_error or "")
         assert holder.current.sidecar_image == "registry.example/outrider:b"  # last good kept
         assert _metric("outrider_webhook_config_reloads_total", {"result": "rejected"}) == rejected_before + 1
@@ -174,7 +162,7 @@ async def test_configmap_hot_reload_keeps_last_good(api: client.ApiClient) -> No
             events = await v1.list_namespaced_event(ns, field_selector="involvedObject.name=outrider-webhook")
             return [e for e in events.items if e.reason == "InvalidConfig"]
 
-        found = await _eventually(event, what="InvalidConfig Event")
+        found = await eventually(event, "InvalidConfig Event")
         assert "image_pull_policy" in found[0].message and found[0].type == "Warning"
     finally:
         task.cancel()
@@ -194,7 +182,7 @@ async def test_namespace_cache_follows_label_changes(api: client.ApiClient) -> N
         async def strict() -> bool:
             return (await cache.labels(ns)).get("outrider.dev/inject") == "strict"
 
-        await _eventually(strict, what="label change seen by the watch")
+        await eventually(strict, "label change seen by the watch")
         assert await cache.labels("does-not-exist") == {}
     finally:
         task.cancel()

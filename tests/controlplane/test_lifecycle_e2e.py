@@ -12,7 +12,6 @@ import base64
 import contextlib
 import ssl
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from .harness import ControlPlane, free_port
 from .kubeutil import (
     WebhookProcess,
     create_pod,
+    eventually,
     is_injected,
     make_namespace,
     pod_body,
@@ -44,17 +44,6 @@ pytestmark = pytest.mark.controlplane
 
 MCP = {"outrider.dev/mcp-port": "8080"}
 SECRET = "outrider-webhook-certs"
-
-
-async def _until(check, what: str, within: float = 60.0) -> Any:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @contextlib.asynccontextmanager
@@ -201,7 +190,7 @@ async def test_two_replicas_starting_together_agree_on_one_ca(
                 )
             return False
 
-        await _until(injected, "the apiserver admitting through the self-managed certificate")
+        await eventually(injected, "the apiserver admitting through the self-managed certificate", within=60)
 
 
 @dataclass
@@ -226,7 +215,9 @@ async def test_rotation_while_requests_flow_fails_none(
                 )
             return False
 
-        await _until(admitted, "first admission")  # the apiserver has seen the patched caBundle
+        await eventually(
+            admitted, "first admission", within=60
+        )  # the apiserver has seen the patched caBundle
         old_ca = base64.b64decode((await _secret(api, group.namespace)).data["ca.crt"])
         traffic = Traffic()
         stop = asyncio.Event()
@@ -279,13 +270,13 @@ async def test_rotation_while_requests_flow_fails_none(
                     phases.append(phase)
                 return bool(ann.get(rotation.ROTATED_ANNOTATION) == "e2e" and phase == rotation.STABLE)
 
-            await _until(rotated, f"rotation to finish\n{group.logs()}", within=120)
+            await eventually(rotated, f"rotation to finish\n{group.logs()}", within=120)
             ok_at_rotation = traffic.ok
 
             async def more_admissions() -> bool:  # and admissions keep working under the new CA alone
                 return traffic.ok >= ok_at_rotation + 20 or bool(traffic.failures)
 
-            await _until(more_admissions, "admissions after the rotation")
+            await eventually(more_admissions, "admissions after the rotation", within=60)
         finally:
             stop.set()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -362,13 +353,13 @@ async def test_configmap_hot_reload_through_the_running_webhook(
 
             return check
 
-        await _until(await image_is("a"), "the ConfigMap's first version in use")
+        await eventually(await image_is("a"), "the ConfigMap's first version in use", within=60)
         await v1.patch_namespaced_config_map(
             "outrider-webhook",
             system_ns,
             {"data": {"config.yaml": "sidecar_image: registry.example/outrider:b\n"}},
         )
-        await _until(await image_is("b"), "the changed ConfigMap applied without a restart")
+        await eventually(await image_is("b"), "the changed ConfigMap applied without a restart", within=60)
         await v1.patch_namespaced_config_map(
             "outrider-webhook",
             system_ns,
@@ -387,7 +378,7 @@ async def test_configmap_hot_reload_through_the_running_webhook(
             )
             return [e for e in events.items if e.reason == "InvalidConfig"]
 
-        found = await _until(event, "an InvalidConfig Event for the bad ConfigMap")
+        found = await eventually(event, "an InvalidConfig Event for the bad ConfigMap", within=60)
         assert "image_pull_policy" in found[0].message and "Sometimes" in found[0].message
         assert await proxy_image() == "registry.example/outrider:b"  # last good config still serves
         log_text = proc.log.read_text()

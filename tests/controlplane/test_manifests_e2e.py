@@ -14,7 +14,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from webhook.cluster.services import cluster_services
 from webhook.config import ConfigHolder
 
 from .harness import ControlPlane
-from .kubeutil import MANIFESTS, server_side_apply
+from .kubeutil import MANIFESTS, eventually, server_side_apply
 from .kustomize import render
 
 SA_USER = "system:serviceaccount:outrider-system:outrider-webhook"
@@ -179,14 +178,6 @@ def _write_private(path: Path, text: str) -> Path:
     return path
 
 
-async def _until(check, what: str, within: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 async def _exercise_every_path(kubeconfig: Path, api: client.ApiClient) -> None:
     """Run the in-cluster services as the ServiceAccount and walk every code path that calls the API."""
     options = ClusterOptions(
@@ -213,7 +204,7 @@ async def _exercise_every_path(kubeconfig: Path, api: client.ApiClient) -> None:
             )
             return any(e.reason == "InvalidConfig" for e in events.items)
 
-        await _until(event_seen, "the InvalidConfig Event written by the ServiceAccount")
+        await eventually(event_seen, "the InvalidConfig Event written by the ServiceAccount")
         await v1.patch_namespaced_secret(
             "outrider-webhook-certs",
             "outrider-system",
@@ -229,7 +220,7 @@ async def _exercise_every_path(kubeconfig: Path, api: client.ApiClient) -> None:
                 and ann.get(rotation.PHASE_ANNOTATION) == rotation.STABLE
             )
 
-        await _until(rotated, "a full certificate rotation as the ServiceAccount")
+        await eventually(rotated, "a full certificate rotation as the ServiceAccount")
     # leaving the context deletes this replica's Lease
 
 
@@ -261,7 +252,7 @@ async def test_manifests_apply_and_rbac_is_exactly_enough(
         }
         return names <= ok
 
-    await _until(crds_established, "stub CRDs established")
+    await eventually(crds_established, "stub CRDs established")
 
     base = render(MANIFESTS / "base")
     for obj in base:
