@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.egress import sniff
@@ -78,7 +78,6 @@ async def system_resolver(name: str, port: int) -> list[IPAddress]:
 
 @dataclass
 class Stats:
-    decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (allow|deny, protocol) -> count
     active: int = 0
     refused_over_limit: int = 0
     idle_closed: int = 0
@@ -602,8 +601,6 @@ class Enforcer:
             activity.last = loop.time()
 
     def _emit(self, verdict: Verdict, *, mode: str, protocol: str, dest: Destination) -> None:
-        key = ("allow" if verdict.allowed else "deny", protocol)
-        self.stats.decisions[key] = self.stats.decisions.get(key, 0) + 1
         decision = EgressDecision(
             allowed=verdict.allowed,
             mode=mode,
