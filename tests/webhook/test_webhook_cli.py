@@ -108,26 +108,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _start_webhook(cert_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    """`outrider webhook` on a free loopback port with the certs in `cert_dir` (output on stdout)."""
+    port = _free_port()
+    command = [*OUTRIDER, "webhook", "--tls-cert", str(cert_dir / "tls.crt")]
+    command += ["--tls-key", str(cert_dir / "tls.key"), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen([*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, port
+
+
 def test_webhook_command_serves_tls_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert _run("certs", "--out", str(tmp_path)).returncode == 0
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            *OUTRIDER,
-            "webhook",
-            "--tls-cert",
-            str(tmp_path / "tls.crt"),
-            "--tls-key",
-            str(tmp_path / "tls.key"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, port = _start_webhook(tmp_path)
     try:
         context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
         deadline = time.monotonic() + 30
@@ -165,26 +157,7 @@ def test_webhook_command_picks_up_rotated_cert_files(tmp_path: Path) -> None:
     live, rotated = tmp_path / "live", tmp_path / "rotated"
     assert _run("certs", "--out", str(live)).returncode == 0
     assert _run("certs", "--out", str(rotated)).returncode == 0  # another CA
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            *OUTRIDER,
-            "webhook",
-            "--tls-cert",
-            str(live / "tls.crt"),
-            "--tls-key",
-            str(live / "tls.key"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--reload-interval",
-            "0.2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, port = _start_webhook(live, "--reload-interval", "0.2")
 
     def healthz(ca: Path) -> int:
         conn = http.client.HTTPSConnection(
@@ -232,28 +205,7 @@ def test_webhook_command_applies_config_file_edits(tmp_path: Path) -> None:
     assert _run("certs", "--out", str(tmp_path)).returncode == 0
     config = tmp_path / "config.yaml"
     config.write_text("sidecar_image: registry.example/outrider:one\n")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            *OUTRIDER,
-            "webhook",
-            "--tls-cert",
-            str(tmp_path / "tls.crt"),
-            "--tls-key",
-            str(tmp_path / "tls.key"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--config",
-            str(config),
-            "--reload-interval",
-            "0.2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, port = _start_webhook(tmp_path, "--config", str(config), "--reload-interval", "0.2")
     pod, _, _ = load_fixture("simple-pod")
     context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
     lines: list[str] = []
