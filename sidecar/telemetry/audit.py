@@ -5,6 +5,7 @@ Event builders are pure (schema `audit-event.schema.json` beside this module); `
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -73,9 +74,15 @@ def _normalise_key(key: str) -> str:
     return key.lower().replace("-", "_")
 
 
+@functools.lru_cache(maxsize=8)
+def _wanted_keys(keys: tuple[str, ...]) -> frozenset[str]:
+    # The configured keys are fixed: normalise them once, not on every audited call.
+    return frozenset(_normalise_key(k) for k in keys)
+
+
 def redact_arguments(arguments: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     """A copy of tool arguments with the values of `keys` (at any depth, case-insensitive) masked."""
-    wanted = {_normalise_key(k) for k in keys}
+    wanted = _wanted_keys(keys)
 
     def walk(value: Any) -> Any:
         if isinstance(value, Mapping):
