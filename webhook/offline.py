@@ -108,13 +108,17 @@ def _misplaced_annotations(doc: dict[str, Any], path: tuple[str, ...]) -> list[s
     return [
         f"annotation {key} is on {where}.annotations, which Outrider does not read; move it to {template}"
         for where, metadata in places
-        for key in _get(metadata, "annotations") or {}
+        for key in _dict(_get(metadata, "annotations"))
         if isinstance(key, str) and key.startswith(ann.PREFIX) and key != ann.STATUS
     ]
 
 
 def _get(value: Any, key: str) -> Any:
     return value.get(key) if isinstance(value, dict) else None
+
+
+def _dict(value: Any) -> dict[Any, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
