@@ -66,6 +66,17 @@ SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"
 # arrives at once; anything else is never read.
 DENIED_PEEK_BYTES = 65536
 DENIED_PEEK_TIMEOUT_S = 1.0
+# Request headers never forwarded to the app, whatever the config (built once, not per request).
+_ALWAYS_DROPPED = (
+    HOP_BY_HOP
+    | SPOOFABLE
+    | {
+        "host",
+        "expect",  # answered by the proxy itself, after authentication
+        "authorization",
+        "content-length",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -89,17 +100,7 @@ def upstream_request_headers(
 
     Forwarding facts (`X-Forwarded-For`/`-Proto`) are the sidecar's own; caller-sent ones are dropped.
     """
-    drop = (
-        HOP_BY_HOP
-        | SPOOFABLE
-        | {
-            "host",
-            "expect",  # answered by the proxy itself, after authentication
-            "authorization",
-            "content-length",
-            (config.token_header or "authorization").lower(),
-        }
-    )
+    drop = _ALWAYS_DROPPED | {(config.token_header or "authorization").lower()}
     drop |= {t.strip().lower() for t in connection_tokens}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
