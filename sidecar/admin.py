@@ -75,9 +75,10 @@ def _probe(spec: Any) -> AppProbe | None:
         port = http.get("port")
         if not isinstance(port, int) or not 1 <= port <= 65535:
             return None
+        raw_headers = http.get("httpHeaders")
         headers = tuple(
             (str(h["name"]), str(h.get("value", "")))
-            for h in http.get("httpHeaders") or ()
+            for h in (raw_headers if isinstance(raw_headers, list) else ())
             if isinstance(h, Mapping) and isinstance(h.get("name"), str)
         )
         path = http.get("path") or "/"
