@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -19,7 +19,7 @@ class X509Material:
 
     spiffe_id: str
     cert_chain_pem: bytes
-    private_key_pem: bytes
+    private_key_pem: bytes = field(repr=False)  # never in a log line or traceback
     bundles_pem: dict[str, bytes]
     not_after: float  # unix seconds
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ Listener = Callable[[X509Material], None]
 
 @dataclass(frozen=True)
 class _JwtEntry:
-    token: str
+    token: str = field(repr=False)  # the bearer JWT-SVID: never in a repr
     refresh_at: float
     expires_at: float
 
