@@ -189,5 +189,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "-":
         sys.stdout.write(rendered)
     else:
-        Path(args.output).write_text(rendered)
+        try:
+            Path(args.output).write_text(rendered)
+        except OSError as exc:
+            print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
     return 1 if failed else 0
