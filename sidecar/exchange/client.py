@@ -287,9 +287,10 @@ class _SecretFile:
             if stamp != self._stamp:
                 self._value = self._path.read_text().strip()
                 self._stamp = stamp
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ExchangeError(
-                f"cannot read the client secret file {self._path} ({exc.strerror}); "
+                f"cannot read the client secret file {self._path} ({why}); "
                 "check the mounted Secret named by exchange.client_secret_file",
                 outcome="identity_unavailable",
                 http_status=503,

@@ -469,3 +469,19 @@ async def test_failures_are_logged_once_per_kind_without_tokens(idp, identity, s
         text = record.getMessage()
         assert user_token not in text and "eyJ" not in text
         assert not any(svid in text for svid in identity.authority.signed)
+
+
+async def test_a_binary_client_secret_file_is_a_clear_503(idp, identity, session, secret_file):
+    user_token = await password_token(session, idp)
+    secret_file.write_bytes(b"\xff\xfe not text")
+    ex = exchanger(
+        idp,
+        identity,
+        session,
+        auth="client-secret",
+        client_id="secret-client",
+        client_secret_file=str(secret_file),
+    )
+    with pytest.raises(ExchangeError) as info:
+        await ex.exchange(user_token)
+    assert info.value.http_status == 503 and "not UTF-8 text" in info.value.message
