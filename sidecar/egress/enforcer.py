@@ -286,7 +286,7 @@ class Enforcer:
             authority = head.target
         elif head.target.lower().startswith("http://"):
             protocol, default_port = "http", 80
-            authority = head.target.split("/", 3)[2].rpartition("@")[2]
+            authority = sniff.uri_authority(head.target)
         else:
             await self._answer(
                 client,
@@ -664,7 +664,7 @@ def _origin_form(head: sniff.RequestHead) -> bytes:
         has_host = has_host or lname == "host"
         lines.append(f"{name}: {value}")
     if not has_host:
-        lines.append(f"Host: {after_scheme[2].rpartition('@')[2]}")
+        lines.append(f"Host: {sniff.uri_authority(head.target)}")
     # One request per proxied connection: the next absolute URI may name another host.
     lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

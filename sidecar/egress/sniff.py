@@ -219,6 +219,11 @@ def split_host_port(authority: str, default_port: int | None) -> tuple[str, int 
     return host, int(port_text)
 
 
+def uri_authority(target: str) -> str:
+    """The `host[:port]` of an absolute-URI request target (`http://user@host:80/x`), without userinfo."""
+    return target.split("/", 3)[2].rpartition("@")[2]
+
+
 def _sniff_http(data: bytes) -> Sniffed:
     try:
         head = parse_request_head(data)
@@ -232,7 +237,7 @@ def _sniff_http(data: bytes) -> Sniffed:
         return Sniffed(HTTP, detail="more than one Host header")
     host = hosts[0] if hosts else None
     if head.target.lower().startswith(("http://", "https://")):
-        host = head.target.split("/", 3)[2].rpartition("@")[2]
+        host = uri_authority(head.target)
     if not host:
         return Sniffed(HTTP, detail="no Host header")
     try:
