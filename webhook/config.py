@@ -349,7 +349,7 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         raise ConfigError(
             f"trust_domain: {trust_domain!r} is not a SPIFFE trust domain (lowercase letters, digits, . _ -)"
         )
-    return WebhookConfig(
+    config = WebhookConfig(
         sidecar_image=_str(data, "sidecar_image", defaults.sidecar_image),
         image_pull_policy=str(pull),
         resources=_resources(data["resources"]) if "resources" in data else DEFAULT_RESOURCES,
@@ -362,6 +362,13 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         sidecar=_frozen(data.get("sidecar", {})),
         sidecar_mounts=_sidecar_mounts(data.get("sidecar_mounts", [])),
     )
+    try:
+        _ = config.hash  # once here, not on the first admission: it also proves every value is JSON
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"webhook config holds a value JSON cannot carry ({exc}); quote YAML dates and timestamps"
+        ) from None
+    return config
 
 
 def load_config_file(path: str | Path) -> WebhookConfig:
