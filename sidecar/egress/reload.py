@@ -74,10 +74,16 @@ class PolicyHolder:
     reloads: int = 0
     reload_errors: int = 0
     _digest: bytes | None = field(default=None, repr=False)
+    # the effective policy and the (spec, file policy) it was built from: built once per reload,
+    # not on each of the several reads a connection makes
+    _built: tuple[Policy, Policy | None, Policy] | None = field(default=None, repr=False)
 
     @property
     def current(self) -> Policy:
-        return effective(self.spec, self.file_policy)
+        built = self._built
+        if built is None or built[0] is not self.spec or built[1] is not self.file_policy:
+            built = self._built = (self.spec, self.file_policy, effective(self.spec, self.file_policy))
+        return built[2]
 
     def check(self) -> bool:
         """Re-read the file; True when the effective policy changed."""
