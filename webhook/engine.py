@@ -21,6 +21,8 @@ from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
 from webhook.egress import EgressPlan, plan_egress_cached
 from webhook.patch import JsonPatch, diff_into, escape
+from webhook.shape import as_list as _list
+from webhook.shape import as_map as _map
 
 INIT_NAME = "outrider-init"
 PROXY_NAME = "outrider-proxy"
@@ -49,14 +51,6 @@ class InjectionResult:
 
 class _Refused(Exception):
     pass
-
-
-def _map(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
 
 
 def inject(

@@ -18,6 +18,7 @@ import yaml
 from webhook import annotations as ann
 from webhook.config import ConfigError, WebhookConfig, load_config_file
 from webhook.engine import inject
+from webhook.shape import as_map as _dict
 
 # kind -> path of keys from the object to its pod template ([] means the object is the pod)
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -115,10 +116,6 @@ def _misplaced_annotations(doc: dict[str, Any], path: tuple[str, ...]) -> list[s
 
 def _get(value: Any, key: str) -> Any:
     return value.get(key) if isinstance(value, dict) else None
-
-
-def _dict(value: Any) -> dict[Any, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from webhook import annotations as ann
+from webhook.shape import as_list as _list
+from webhook.shape import as_map as _map
 
 # Capabilities that let a container rewrite the pod's iptables (NET_ADMIN, SYS_ADMIN, BPF), send
 # around them (NET_RAW), load code into the kernel (SYS_MODULE), hijack the proxy (SYS_PTRACE) or
@@ -21,14 +23,6 @@ STRICT_CAPS = HARD_CAPS | {"SYS_PTRACE", "SETUID", "SETGID"}
 ID_CHANGING_CAPS = frozenset({"SETUID", "SETGID"})
 OUR_PREFIX = "outrider-"
 CONTAINER_KEYS = ("initContainers", "containers", "ephemeralContainers")
-
-
-def _map(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
 
 
 def name_of(item: Any) -> str | None:
