@@ -14,8 +14,9 @@ from typing import Any
 
 import orjson
 
+from sidecar import config as sidecar_settings
 from sidecar.config_merge import deep_merge
-from webhook import __version__
+from webhook import __version__, resource
 from webhook import annotations as ann
 from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
@@ -95,7 +96,9 @@ def inject(
         # In strict namespaces the marker is not trusted: a pod could carry it beside a fake or
         # loosened sidecar. It must match what this webhook would inject now, or it is refused.
         problem = (
-            _verify_injected(original, metadata, spec, settings, namespace_labels, namespace_policy, config)
+            _verify_injected(
+                original, metadata, spec, settings, namespace_labels, namespace_policy, config, namespace
+            )
             if strict
             else None
         )
@@ -179,11 +182,16 @@ def inject(
             raise _Refused("; ".join(plan.errors))
         if plan.mode not in ("capture", "explicit"):
             raise _Refused(f"egress plan mode {plan.mode!r} is not 'capture' or 'explicit'")
+        pod_ns = str(metadata.get("namespace") or namespace or "default")
+        resource_uri = _pod_resource(config, settings, metadata, spec, pod_ns)
+        audience = settings.token_audience or config.default_audience
+        config_json = _sidecar_config_json(config, mcp_port, audience, plan, resource_uri)
     except _Refused as exc:
         return refuse(str(exc))
 
-    pod_ns = metadata.get("namespace") or namespace or "default"
-    patched = _apply(original, config, settings, plan, mcp_port, app_index, str(pod_ns), warnings)
+    patched = _apply(
+        original, config, settings, plan, mcp_port, app_index, pod_ns, warnings, config_json, resource_uri
+    )
     return InjectionResult(True, patched, _patch(original, patched), tuple(warnings), injected=True)
 
 
@@ -276,6 +284,7 @@ def _verify_injected(
     namespace_labels: Mapping[str, str],
     namespace_policy: Mapping[str, Any] | None,
     config: WebhookConfig,
+    namespace: str | None = None,
 ) -> str | None:
     """Why an already-injected pod does not match a fresh injection (None when it does)."""
     try:
@@ -310,8 +319,17 @@ def _verify_injected(
         plan = plan_egress_cached(pod, namespace_labels, namespace_policy, config.plain_egress_default_policy)
     except Exception:
         return "its egress plan cannot be checked"
+    try:
+        pod_ns = str(metadata.get("namespace") or namespace or "default")
+        resource_uri = _pod_resource(config, settings, metadata, spec, pod_ns)
+    except _Refused as exc:
+        return str(exc)
+    if status.get("resource") != resource_uri:
+        return f"it records resource {status.get('resource')!r} but this pod's resource is {resource_uri!r}"
     proxy = by_name[ours[-1]]
-    expected_env = sidecar_config(config, mcp_port, settings.token_audience or config.default_audience, plan)
+    expected_env = sidecar_config(
+        config, mcp_port, settings.token_audience or config.default_audience, plan, resource_uri
+    )
     env = {e.get("name"): e.get("value") for e in _list(proxy.get("env")) if isinstance(e, dict)}
     try:
         actual_env = json.loads(env.get("OUTRIDER_CONFIG") or "null")
@@ -504,14 +522,48 @@ def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str
     return originals
 
 
+def _pod_resource(
+    config: WebhookConfig,
+    settings: ann.PodSettings,
+    metadata: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    namespace: str,
+) -> str | None:
+    """This pod's protected resource URI: the annotation (inside the patterns) or the template."""
+    if settings.resource is None and config.resource_template is None:
+        return None
+    labels = {str(k): v for k, v in _map(metadata.get("labels")).items() if isinstance(v, str)}
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    facts = resource.PodFacts(namespace=namespace, service_account=str(sa), labels=labels)
+    if settings.resource is not None:
+        allowed = config.resource_patterns
+        for i, pattern in enumerate(allowed):
+            if resource.matches(
+                settings.resource, pattern, facts, config.resource_base_url, f"resource_patterns[{i}]"
+            ):
+                return settings.resource
+        raise _Refused(str(ann.resource_not_allowed(settings.resource, allowed)))
+    assert config.resource_template is not None
+    try:
+        return resource.expand(config.resource_template, facts, config.resource_base_url, "resource_template")
+    except resource.ResourceError as exc:
+        raise _Refused(f"cannot build this MCP server's resource URI: {exc}") from None
+
+
 def sidecar_config(
-    config: WebhookConfig, mcp_port: int | None, audience: str | None, plan: EgressPlan
+    config: WebhookConfig,
+    mcp_port: int | None,
+    audience: str | None,
+    plan: EgressPlan,
+    resource_uri: str | None = None,
 ) -> dict[str, Any]:
     """The per-pod OUTRIDER_CONFIG: the operator's `sidecar:` block under the per-pod values."""
     policy = plan.policy if type(plan.policy) is dict else thaw(plan.policy)
     per_pod: dict[str, Any] = {"egress": {"mode": plan.mode, "policy": policy}}
     if mcp_port is not None:
         per_pod["inbound"] = {"mcp_port": mcp_port}
+    if resource_uri is not None:
+        per_pod.setdefault("inbound", {})["resource"] = resource_uri
     if audience:
         per_pod["exchange"] = {"audience": audience}
     return deep_merge(config.plain_sidecar, per_pod)
@@ -529,18 +581,27 @@ def _sorted_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-# OUTRIDER_CONFIG text by (plan, config, port, audience): cached plans come back as the same object,
-# so most admissions reuse the JSON. The entry holds its plan, so the id() in the key stays its own.
-_CONFIG_JSON: dict[tuple[int, str, int | None, str | None], tuple[EgressPlan, str]] = {}
+# OUTRIDER_CONFIG text (or the sidecar's refusal of it) by (plan, config, port, audience, resource):
+# cached plans come back as the same object, so most admissions reuse the JSON and its check. The
+# entry holds its plan, so the id() in the key stays its own.
+_ConfigKey = tuple[int, str, int | None, str | None, str | None]
+_CONFIG_JSON: dict[_ConfigKey, tuple[EgressPlan, str, str | None]] = {}
 _CONFIG_BASE: dict[tuple[int, str, None, str | None], tuple[EgressPlan, dict[str, Any]]] = {}
 
 
 def _sidecar_config_json(
-    config: WebhookConfig, mcp_port: int | None, audience: str | None, plan: EgressPlan
+    config: WebhookConfig,
+    mcp_port: int | None,
+    audience: str | None,
+    plan: EgressPlan,
+    resource_uri: str | None = None,
 ) -> str:
-    key = (id(plan), config.hash, mcp_port, audience)
+    """The pod's OUTRIDER_CONFIG text; `_Refused` with the sidecar's own error when it would not start."""
+    key = (id(plan), config.hash, mcp_port, audience, resource_uri)
     found = _CONFIG_JSON.get(key)
     if found is not None and found[0] is plan:
+        if found[2] is not None:
+            raise _Refused(found[2])
         return found[1]
     # The merged config without the port is shared by every pod with this plan and audience (the
     # thawed policy and the merge are the costly part); the port is merged in as deep_merge would.
@@ -551,17 +612,39 @@ def _sidecar_config_json(
             _CONFIG_BASE.clear()
         base = _CONFIG_BASE[base_key] = (plan, sidecar_config(config, None, audience, plan))
     value = base[1]
+    per_pod_inbound: dict[str, Any] = {}
     if mcp_port is not None:
+        per_pod_inbound["mcp_port"] = mcp_port
+    if resource_uri is not None:
+        per_pod_inbound["resource"] = resource_uri
+    if per_pod_inbound:
         inbound = value.get("inbound")
-        port = {"mcp_port": mcp_port}
-        value = {**value, "inbound": {**inbound, **port} if isinstance(inbound, Mapping) else port}
+        value = {
+            **value,
+            "inbound": {**inbound, **per_pod_inbound} if isinstance(inbound, Mapping) else per_pod_inbound,
+        }
     # orjson spells some floats differently from json (1e-07 vs 1e-7): floats take the json path.
     floats = _floats_in(config.hash, config.plain_sidecar) or _floats_in(plan, plan.policy)
     text = json.dumps(value, sort_keys=True, separators=(",", ":")) if floats else _sorted_json(value)
+    error = _sidecar_refusal(value)
     if len(_CONFIG_JSON) >= 512:
         _CONFIG_JSON.clear()
-    _CONFIG_JSON[key] = (plan, text)
+    _CONFIG_JSON[key] = (plan, text, error)
+    if error is not None:
+        raise _Refused(error)
     return text
+
+
+def _sidecar_refusal(value: Mapping[str, Any]) -> str | None:
+    """The sidecar's own start-up error for this OUTRIDER_CONFIG, or None when it would start."""
+    try:
+        sidecar_settings.validate(value)
+    except sidecar_settings.ConfigError as exc:
+        return (
+            f"the outrider-proxy sidecar would refuse this pod's configuration (OUTRIDER_CONFIG): {exc}; "
+            "fix the pod's outrider.dev/* annotations or ask the operator to fix the webhook config"
+        )
+    return None
 
 
 def _has_float(value: Any) -> bool:
@@ -613,6 +696,8 @@ def _apply(
     app_index: int,
     namespace: str,
     warnings: list[str],
+    config_json: str,
+    resource_uri: str | None,
 ) -> Pod:
     # Copy only what changes (pod, metadata, spec, app containers); everything else is shared.
     pod = dict(pod)
@@ -644,14 +729,13 @@ def _apply(
         return {k: dict(v) for k, v in config.plain_resources.items()}
 
     app_probes = _rewrite_probes(containers, mcp_port) if capture and mcp_port is not None else {}
-    audience = settings.token_audience or config.default_audience
     env: list[dict[str, Any]] = [
         {"name": "OUTRIDER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "OUTRIDER_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_SOCKET},
         {
             "name": "OUTRIDER_CONFIG",
-            "value": _sidecar_config_json(config, mcp_port, audience, plan),
+            "value": config_json,
         },
     ]
     if app_probes:
@@ -755,6 +839,13 @@ def _apply(
         new_volumes.append(mount.volume(mount_volume))
         proxy["volumeMounts"].append({"name": mount_volume, "mountPath": mount.mount_path, "readOnly": True})
     spec["volumes"] = [*volumes, *new_volumes]
+    if config.image_pull_secrets:
+        # The sidecar image may sit in a private registry; the pod's own pull secrets are kept.
+        pull = _list(spec.get("imagePullSecrets"))
+        have = {s.get("name") for s in pull if isinstance(s, dict)}
+        extra = [{"name": n} for n in config.image_pull_secrets if n not in have]
+        if extra:
+            spec["imagePullSecrets"] = [*pull, *extra]
 
     annotations = _map(metadata.get("annotations"))
     sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
@@ -766,6 +857,7 @@ def _apply(
         "configHash": config.hash,
         "egressMode": plan.mode,
         "mcpPort": mcp_port,
+        **({"resource": resource_uri} if resource_uri is not None else {}),
         "spiffeId": f"spiffe://{config.trust_domain}/ns/{namespace}/sa/{sa}",
     }
     annotations = {**annotations, ann.STATUS: _sorted_json(status)}
