@@ -174,16 +174,24 @@ def parse_resource(value: Any) -> str | None:
     return text
 
 
-def resource_not_allowed(value: str, allowed: tuple[str, ...]) -> AnnotationError:
-    """The refusal for an `outrider.dev/resource` value outside what the operator allows."""
-    if not allowed:
+def resource_not_allowed(value: str, allowed: tuple[str, ...], configured: bool = True) -> AnnotationError:
+    """The refusal for an `outrider.dev/resource` value outside what the operator allows.
+
+    `allowed` are the operator's patterns as they read for this pod ('*' is one DNS label).
+    """
+    if not configured:
         return AnnotationError(
             f"annotation {RESOURCE}={value!r} cannot be used: the webhook config allows no choice of "
             "resource (resource_patterns is empty); remove the annotation or ask the operator"
         )
+    if not allowed:
+        return AnnotationError(
+            f"annotation {RESOURCE}={value!r} cannot be used: none of the operator's resource_patterns "
+            "applies to this pod (they need labels it does not have)"
+        )
     return AnnotationError(
         f"annotation {RESOURCE}={value!r} is not a resource the operator allows for this pod; allowed "
-        f"values match: {', '.join(allowed)} ('*' is one DNS label)"
+        f"values: {', '.join(allowed)} ('*' is one DNS label)"
     )
 
 

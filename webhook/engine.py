@@ -542,7 +542,9 @@ def _pod_resource(
                 settings.resource, pattern, facts, config.resource_base_url, f"resource_patterns[{i}]"
             ):
                 return settings.resource
-        raise _Refused(str(ann.resource_not_allowed(settings.resource, allowed)))
+        described = (resource.describe(p, facts, config.resource_base_url) for p in allowed)
+        shown = tuple(d for d in described if d is not None)
+        raise _Refused(str(ann.resource_not_allowed(settings.resource, shown, bool(allowed))))
     assert config.resource_template is not None
     try:
         return resource.expand(config.resource_template, facts, config.resource_base_url, "resource_template")

@@ -99,6 +99,14 @@ def matches(value: str, pattern: str, pod: PodFacts, base_url: str | None, key: 
     return re.fullmatch(regex, value) is not None
 
 
+def describe(pattern: str, pod: PodFacts, base_url: str | None) -> str | None:
+    """`pattern` with this pod's facts filled in and `*` kept (for messages); None if it cannot apply."""
+    try:
+        return _substitute(pattern, lambda name: _fact(name, pod, "resource_patterns"), base_url, "*")
+    except ResourceError:
+        return None
+
+
 def _fact(name: str, pod: PodFacts, key: str) -> str:
     if name == "namespace":
         value, what = pod.namespace, "the pod's namespace"
