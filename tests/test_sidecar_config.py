@@ -56,7 +56,7 @@ def test_audit_destinations_allowed(audit: str) -> None:
 def test_audit_word_does_not_create_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OUTRIDER_CONFIG", json.dumps({"telemetry": {"audit": "syslog"}}))
-    with pytest.raises(ConfigError, match="telemetry.audit"):
+    with pytest.raises(ConfigError, match=r"telemetry\.audit"):
         load()
     assert list(tmp_path.iterdir()) == []
 

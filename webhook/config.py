@@ -461,6 +461,16 @@ def _check_sidecar_block(config: WebhookConfig) -> None:
                 f"sidecar.{section}.{key}: {part[key]!r} cannot be changed: the injected container ports, "
                 f"probes and iptables rules use {port}; remove the key"
             )
+    egress = raw.get("egress")
+    for key, where in (
+        ("mode", "the namespace label outrider.dev/egress-mode"),
+        ("policy", "egress_default_policy"),
+    ):
+        if isinstance(egress, Mapping) and key in egress:
+            raise ConfigError(
+                f"sidecar.egress.{key}: set per pod by the webhook (from {where}); this value would be "
+                "replaced in every pod, remove it"
+            )
     per_pod: dict[str, Any] = {"egress": {"mode": "capture", "policy": {}}, "inbound": {"mcp_port": 8080}}
     if config.resource_template:
         per_pod["inbound"]["resource"] = resource.sample(config.resource_template, config.resource_base_url)

@@ -127,7 +127,8 @@ def test_nothing_is_set_up_without_otel_variables() -> None:
         "with telemetry({'PATH': '/bin'}) as t:\n"
         "    assert t is None, t\n"
         "loaded = sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', "
-        "'opentelemetry.exporter', 'sidecar.telemetry')) and m not in ('sidecar.telemetry', 'sidecar.telemetry.config'))\n"
+        "'opentelemetry.exporter', 'sidecar.telemetry'))\n"
+        "    and m not in ('sidecar.telemetry', 'sidecar.telemetry.config'))\n"
         "print(loaded)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
