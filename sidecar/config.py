@@ -88,6 +88,13 @@ def _port(value: Any, key: str) -> int:
     return port
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
 def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Merge the config file and `OUTRIDER_CONFIG` into one plain mapping (not yet validated)."""
     env = os.environ if env is None else env
@@ -99,7 +106,7 @@ def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> d
         except OSError as exc:
             raise ConfigError(f"cannot read sidecar config file {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"sidecar config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"sidecar config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"sidecar config file {path} must hold a mapping of sections {SECTIONS}")
         raw = deep_merge(raw, loaded)
