@@ -25,7 +25,7 @@ from sidecar.telemetry.config import TelemetryConfig
 
 SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry")
 
-__all__ = ["ConfigError", "SidecarConfig", "load", "load_raw", "parse", "validate"]
+__all__ = ["ConfigError", "SidecarConfig", "load", "load_raw", "parse", "validate", "yaml_problem"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _port(value: Any, key: str) -> int:
     return port
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's multi-line message as one line: the problem and where."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -106,7 +106,7 @@ def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> d
         except OSError as exc:
             raise ConfigError(f"cannot read sidecar config file {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"sidecar config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+            raise ConfigError(f"sidecar config file {path} is not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"sidecar config file {path} must hold a mapping of sections {SECTIONS}")
         raw = deep_merge(raw, loaded)

@@ -491,7 +491,9 @@ def load_config_file(path: str | Path) -> WebhookConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"webhook config {path} is not valid YAML: {exc}") from None
+        from sidecar.config import yaml_problem
+
+        raise ConfigError(f"webhook config {path} is not valid YAML: {yaml_problem(exc)}") from None
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError(f"webhook config {path} must hold a mapping of {list(KEYS)}")
     return parse_config(data)

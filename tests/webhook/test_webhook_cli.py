@@ -320,6 +320,7 @@ def test_webhook_start_up_failures_are_one_line_without_traceback(tmp_path: Path
         (["--host", "no-such-host.invalid"], "cannot listen on no-such-host.invalid"),
         (["--config", str(bad_block)], "inbound.mtls: unknown key(s) ['enabeld']"),
         (["--config", str(tmp_path / "nope.yaml")], "cannot read webhook config"),
+        (["--config", str(garbled)], "is not valid YAML"),
     ]
     try:
         for extra, expected in cases:
