@@ -48,7 +48,7 @@ async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> Non
         for component in COMPONENTS:
             try:
                 await stack.enter_async_context(component(runtime))
-            except (ConfigError, OSError, OverflowError, ValueError) as exc:
+            except Exception as exc:  # start-up only: one line naming the part, never a traceback
                 raise StartupError(f"{_area(component)}: {_one_line(exc)}") from exc
         _release_startup_memory()
         log.info("outrider-proxy running (pod %s/%s)", config.pod.namespace, config.pod.name)
