@@ -33,6 +33,7 @@ from sidecar.inbound.auth import (
     www_authenticate,
 )
 from sidecar.inbound.config import InboundConfig
+from sidecar.inbound.credentials import query_credential, token_elsewhere, token_in_body
 from sidecar.inbound.jsonrpc import McpMessage, ParsedBody
 from sidecar.telemetry.observer import CallScope, ExchangeOutcome, Observer, Principal, RequestInfo
 
@@ -66,6 +67,9 @@ SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"
 # arrives at once; anything else is never read.
 DENIED_PEEK_BYTES = 65536
 DENIED_PEEK_TIMEOUT_S = 1.0
+_BODY_CREDENTIAL_MESSAGE = (
+    "the bearer token was also sent in the request body; send it only in the Authorization header"
+)
 # Request headers never forwarded to the app, whatever the config (built once, not per request).
 _ALWAYS_DROPPED = (
     HOP_BY_HOP
@@ -341,7 +345,7 @@ class InboundProxy:
         # Authenticate from the headers alone, before the body: an unauthenticated caller never
         # makes the proxy buffer (or even wait for) a request body.
         token = bearer_token(headers.get("Authorization"))
-        principal = await self._authenticate(request, token)
+        principal = self._misplaced_credential(request, token) or await self._authenticate(request, token)
         if isinstance(principal, AuthFailure):
             return await self._deny(request, principal, info)
         body = b""
@@ -358,6 +362,18 @@ class InboundProxy:
             calls = Calls(self.observer, parsed, info, stack)
             for scope in calls.each():
                 scope.set_principal(principal)
+            if token is not None and token_in_body(token, body):
+                answer = Answer(
+                    400,
+                    jsonrpc.error_body(
+                        calls.ids(),
+                        jsonrpc.INVALID_REQUEST,
+                        _BODY_CREDENTIAL_MESSAGE,
+                        batch=bool(parsed and parsed.batch),
+                    ),
+                    {},
+                )
+                return self._fail(calls, answer, "denied", "credential_misplaced", _BODY_CREDENTIAL_MESSAGE)
             try:
                 return await self._handle_calls(request, body, parsed, calls, parse_error, principal, token)
             except asyncio.CancelledError:
@@ -441,6 +457,26 @@ class InboundProxy:
                 return too_big
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _misplaced_credential(self, request: web.BaseRequest, token: str | None) -> AuthFailure | None:
+        """A credential anywhere the MCP server would see it is refused, never stripped (docs/inbound.md)."""
+        name = query_credential(request.query.keys())
+        if name is not None:
+            return AuthFailure(
+                400,
+                "invalid_request",
+                f"credentials are not accepted in the query string (parameter {name!r}); "
+                "send the token in the Authorization header",
+            )
+        if token is not None:
+            where = token_elsewhere(token, request.rel_url.raw_path_qs, request.headers.items())
+            if where is not None:
+                return AuthFailure(
+                    400,
+                    "invalid_request",
+                    f"the bearer token was also sent in {where}; send it only in the Authorization header",
+                )
+        return None
 
     async def _authenticate(self, request: web.BaseRequest, token: str | None) -> Principal | AuthFailure:
         if len(request.headers.getall("Authorization", ())) > 1:
