@@ -238,10 +238,15 @@ async def test_pipelined_request_for_another_host_stays_on_the_pinned_upstream(m
     )
     writer.write_eof()
     echoed = await asyncio.wait_for(reader.read(), 5)
-    # The second request went to svc.test's upstream (the only one dialled), never to evil.test.
-    assert echoed.startswith(b"GET /a HTTP/1.1\r\n") and b"GET http://evil.test" in echoed
+    # Every request is judged: the second names another host, so it is never sent on this connection
+    # (the client reconnects; a new connection is judged on its own). Only svc.test's upstream was dialled.
+    assert echoed.startswith(b"GET /a HTTP/1.1\r\n") and b"evil.test" not in echoed
+    assert b"evil.test" not in b"".join(proxy.echo.received)
     assert proxy.echo.accepted == 1
-    assert [d.name for d in proxy.recorder.decisions] == ["svc.test"]
+    assert [(d.name, d.allowed) for d in proxy.recorder.decisions] == [
+        ("svc.test", True),
+        ("evil.test", False),
+    ]
     writer.close()
 
 
