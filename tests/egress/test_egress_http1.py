@@ -87,6 +87,7 @@ def test_arbitrary_bytes_only_ever_raise_framing_error(data: bytes, cuts: list[i
         pass
 
 
+CHUNKED = "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
 SMUGGLING = {
     "cl_and_te": "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
     "te_and_cl": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
@@ -95,7 +96,8 @@ SMUGGLING = {
     "signed_cl": "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\n",
     "hex_cl": "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x4\r\n\r\n",
     "te_identity_chunked": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
-    "te_chunked_twice": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "te_chunked_twice": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+    "Transfer-Encoding: chunked\r\n\r\n",
     "te_xchunked": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
     "te_on_http10": "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
     "te_space_before_colon": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
@@ -107,12 +109,12 @@ SMUGGLING = {
     "chunk_size_overflow": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
     + "1" * 20
     + "\r\n",
-    "chunk_size_negative": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
-    "chunk_size_bare_lf": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
-    "chunk_data_too_long": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n",
-    "chunk_bad_extension": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;\r\nabc\r\n0\r\n\r\n",
-    "chunk_space_prefix": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n 3\r\nabc\r\n0\r\n\r\n",
-    "bad_trailer": "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nno colon\r\n\r\n",
+    "chunk_size_negative": CHUNKED + "-1\r\n",
+    "chunk_size_bare_lf": CHUNKED + "3\nabc\r\n0\r\n\r\n",
+    "chunk_data_too_long": CHUNKED + "3\r\nabcd\r\n0\r\n\r\n",
+    "chunk_bad_extension": CHUNKED + "3;\r\nabc\r\n0\r\n\r\n",
+    "chunk_space_prefix": CHUNKED + " 3\r\nabc\r\n0\r\n\r\n",
+    "bad_trailer": CHUNKED + "0\r\nno colon\r\n\r\n",
 }
 
 
@@ -127,7 +129,8 @@ def test_ambiguous_framing_is_refused_in_any_split(case: str) -> None:
 
 
 def test_identical_repeated_content_lengths_are_one_length() -> None:
-    data = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: b\r\n\r\n"
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"
+    data += b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
     out = RequestParser().feed(data)
     assert [i.request.header("Host") for i in out if isinstance(i, Head)] == ["a", "b"]
 
