@@ -355,7 +355,10 @@ class InboundProxy:
         # Authenticate from the headers alone, before the body: an unauthenticated caller never
         # makes the proxy buffer (or even wait for) a request body.
         token = bearer_token(headers.get("Authorization"))
-        principal = self._misplaced_credential(request, token) or await self._authenticate(request, token)
+        principal = self._query_credential(request) or await self._authenticate(request, token)
+        if not isinstance(principal, AuthFailure) and token is not None:
+            # Only a verified token is looked for elsewhere (a junk short one would match anything).
+            principal = self._token_elsewhere(request, token) or principal
         if isinstance(principal, AuthFailure):
             return await self._deny(request, principal, info)
         owner = owner_key(principal)
@@ -546,25 +549,28 @@ class InboundProxy:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _misplaced_credential(self, request: web.BaseRequest, token: str | None) -> AuthFailure | None:
-        """A credential anywhere the MCP server would see it is refused, never stripped (docs/inbound.md)."""
+    def _query_credential(self, request: web.BaseRequest) -> AuthFailure | None:
+        """A credential parameter in the URL is refused, never stripped (docs/inbound.md)."""
         name = query_credential(request.query.keys())
-        if name is not None:
-            return AuthFailure(
-                400,
-                "invalid_request",
-                f"credentials are not accepted in the query string (parameter {name!r}); "
-                "send the token in the Authorization header",
-            )
-        if token is not None:
-            where = token_elsewhere(token, request.rel_url.raw_path_qs, request.headers.items())
-            if where is not None:
-                return AuthFailure(
-                    400,
-                    "invalid_request",
-                    f"the bearer token was also sent in {where}; send it only in the Authorization header",
-                )
-        return None
+        if name is None:
+            return None
+        return AuthFailure(
+            400,
+            "invalid_request",
+            f"credentials are not accepted in the query string (parameter {name!r}); "
+            "send the token in the Authorization header",
+        )
+
+    def _token_elsewhere(self, request: web.BaseRequest, token: str) -> AuthFailure | None:
+        """The caller's token in the URL or another header would reach the MCP server: refused."""
+        where = token_elsewhere(token, request.rel_url.raw_path_qs, request.headers.items())
+        if where is None:
+            return None
+        return AuthFailure(
+            400,
+            "invalid_request",
+            f"the bearer token was also sent in {where}; send it only in the Authorization header",
+        )
 
     async def _authenticate(self, request: web.BaseRequest, token: str | None) -> Principal | AuthFailure:
         if len(request.headers.getall("Authorization", ())) > 1:

@@ -177,7 +177,7 @@ def serve_http_keepalive(log: Log, address: str, port: int):  # type: ignore[no-
                     host=headers.get("host"),
                     method=method,
                     target=target,
-                    body=payload.decode("latin-1"),
+                    body=payload.decode("latin-1") if len(payload) <= 4096 else f"<{len(payload)} bytes>",
                 )
                 answer = json.dumps(
                     {"served_by": address, "host": headers.get("host"), "target": target}
