@@ -6,7 +6,9 @@ the sidecar, two users, a stolen session id for POST, GET stream and DELETE (str
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -22,9 +24,10 @@ from sidecar.dev.idp import DevIdP
 from sidecar.dev.workload_api import DevWorkloadApi
 from sidecar.inbound.config import InboundConfig, SessionsConfig
 from sidecar.inbound.sessions import SessionTable, decide, legacy_endpoint_session, owner_key
+from sidecar.main import serve
 from sidecar.telemetry.observer import Principal
 
-from .conftest import RESOURCE, RecordingObserver, SidecarFactory, run_sidecar, sidecar_config
+from .conftest import RESOURCE, RecordingObserver, SidecarFactory, free_port, run_sidecar, sidecar_config
 
 CALL = {
     "jsonrpc": "2.0",
@@ -298,3 +301,51 @@ def test_sessions_config_is_checked() -> None:
     ):
         with pytest.raises(ConfigError, match=r"inbound\.sessions"):
             parse({"inbound": {"sessions": bad}})
+
+
+async def test_the_whole_sidecar_process_audits_a_stolen_session(
+    mcp_app: mcp_server.RunningServer,
+    idp: DevIdP,
+    workload_api: DevWorkloadApi,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`outrider sidecar` with the real telemetry observer: the refusal is an audit line naming Bob."""
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    audit = tmp_path / "audit.jsonl"
+    raw_config = sidecar_config(idp, workload_api, mcp_app.port)
+    admin_port = free_port()
+    raw_config["admin"] = {"host": "127.0.0.1", "port": admin_port}
+    raw_config["egress"] = {"mode": "explicit", "port": free_port(), "policy_file": None}
+    raw_config["telemetry"] = {"audit": str(audit)}
+    config = parse(raw_config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, stop))
+    alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
+    url = f"http://127.0.0.1:{config.inbound.port}/mcp"
+    try:
+        async with httpx2.AsyncClient(timeout=5) as http:
+            for _ in range(500):
+                with contextlib.suppress(httpx2.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{admin_port}/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.02)
+        spy = SessionSpy()
+        async with sdk_client(url, alice, spy) as client:
+            await client.list_tools()
+            (sid,) = spy.ids
+            assert (await raw("POST", url, bob, sid, CALL))[0] == 404
+            assert (await raw("GET", url, bob, sid))[0] == 404
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    text = audit.read_text()
+    assert alice not in text and bob not in text
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    refused = [e for e in events if e.get("mcp", {}).get("error_type") == "session_not_owned"]
+    assert len(refused) == 2, events
+    for event in refused:
+        assert event["type"] == "mcp.call" and event["outcome"] == "denied"
+        assert event["user"]["sub"] == "bob" and event["mcp"]["http_status"] == 404
+        assert event["mcp"]["session_id"] == sid
+    assert refused[0]["mcp"]["tool"] == "echo"
