@@ -114,6 +114,19 @@ class RequestParser:
         """True when every request so far ended (no head or body is half-read)."""
         return self._state == _HEAD and not self._buffer
 
+    @property
+    def body_pending(self) -> int:
+        """Body bytes the current request still has, which the caller may move without feeding them."""
+        return self._remaining if self._state in (_LENGTH, _CHUNK_DATA) else 0
+
+    def skip_body(self, n: int) -> None:
+        """`n` (at most `body_pending`) body bytes were passed on by the caller itself (zero-copy)."""
+        if not 0 <= n <= self.body_pending:
+            raise ValueError("skipped more than the pending body")
+        self._remaining -= n
+        if self._remaining == 0:
+            self._state = _HEAD if self._state == _LENGTH else _CHUNK_END
+
     def feed(self, data: bytes) -> list[Head | bytes]:
         out: list[Head | bytes] = []
         view = memoryview(data)

@@ -9,6 +9,7 @@ the answers (status, body) in order and whether the connection was closed by the
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from typing import Any
@@ -52,8 +53,16 @@ class Conn:
         return {"status": status, "body": body.decode("utf-8", "replace")}
 
 
+def expand(text: str) -> str:
+    """`<<BIG:n>>` stands for n bytes of `x` (argv cannot carry large bodies)."""
+    return re.sub(r"<<BIG:(\d+)>>", lambda m: "x" * int(m.group(1)), text)
+
+
 def main() -> int:
-    ip, port, mode, raw_requests = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+    ip, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    raw_requests = [
+        [expand(part) for part in r] if isinstance(r, list) else expand(r) for r in json.loads(sys.argv[4])
+    ]
     answers: list[dict[str, Any]] = []
     with socket.create_connection((ip, port), timeout=TIMEOUT) as sock:
         conn = Conn(sock)

@@ -176,3 +176,17 @@ def test_request_authority(head: str, explicit: bool, expected: tuple[str, int |
             request_authority(parsed.request, explicit=explicit)
     else:
         assert request_authority(parsed.request, explicit=explicit) == expected
+
+
+def test_a_caller_may_move_body_bytes_itself_and_framing_continues() -> None:
+    parser = RequestParser()
+    out = parser.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+    assert [i for i in out if isinstance(i, bytes)] == [b"ab"] and parser.body_pending == 8
+    parser.skip_body(8)
+    out = parser.feed(b"POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhe")
+    assert parser.body_pending == 3
+    parser.skip_body(3)
+    assert parser.feed(b"\r\n0\r\n\r\n") == [b"\r\n0\r\n\r\n"]
+    assert parser.between_requests
+    with pytest.raises(ValueError):
+        parser.skip_body(1)

@@ -136,6 +136,25 @@ def test_request_bodies_are_framed_so_a_hidden_request_is_body_and_a_real_one_is
     assert served(capture, "/body-hidden") == [] and all(h["host"] == ALLOWED for h in hits)
 
 
+def test_large_bodies_move_by_splice_and_the_next_request_is_still_judged(capture: Lab) -> None:
+    big_chunk = f"{200_000:x}\r\n<<BIG:200000>>\r\n5\r\nhello\r\n0\r\n\r\n"
+    answer = talk(
+        capture,
+        "pipelined",
+        [
+            f"POST /big-1 HTTP/1.1\r\nHost: {ALLOWED}\r\nContent-Length: 300000\r\n\r\n<<BIG:300000>>",
+            chunked(ALLOWED, big_chunk, "/big-2"),
+            get(SHARED, "/big-3"),
+        ],
+    )
+    assert [a["status"] for a in answer["answers"]] == [200, 200, 403], answer
+    hits = served(capture, "/big-")
+    assert [(h["target"], h["body"]) for h in hits] == [
+        ("/big-1", "<300000 bytes>"),
+        ("/big-2", "<200005 bytes>"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("name", "smuggle"),
     [
