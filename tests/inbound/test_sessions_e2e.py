@@ -349,3 +349,16 @@ async def test_the_whole_sidecar_process_audits_a_stolen_session(
         assert event["user"]["sub"] == "bob" and event["mcp"]["http_status"] == 404
         assert event["mcp"]["session_id"] == sid
     assert refused[0]["mcp"]["tool"] == "echo"
+
+
+def test_many_sessions_never_grow_the_table_past_its_cap() -> None:
+    now = [0.0]
+    table = SessionTable(SessionsConfig(max_sessions=1000, idle_timeout_s=60), clock=lambda: now[0])
+    for i in range(50_000):
+        now[0] = i * 0.01
+        table.bind(f"session-{i}", f"user-{i % 7}")
+        assert len(table) <= 1000
+    # The most recent ones are kept, the oldest went first; nothing idle longer than 60 s survives.
+    assert table.owner("session-49999") == "user-" + str(49999 % 7)
+    assert table.owner("session-0") is None
+    assert table.evicted_total + table.expired_total == 49_000
