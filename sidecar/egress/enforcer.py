@@ -550,13 +550,13 @@ class Enforcer:
         down = asyncio.create_task(self._pump(upstream, client, "down", activity, half_close=False))
         up = asyncio.create_task(self._requests(client, upstream, first, conn, activity))
         try:
-            ended = await self._wait_idle({up, down}, activity, first_completed=True)
+            ended = await self._wait_idle({up, down}, activity)
             if up in ended and not up.cancelled() and up.exception() is None:
                 outcome = up.result()
                 with contextlib.suppress(OSError):
                     upstream.shutdown(socket.SHUT_WR)
                 # Earlier requests' answers still flow (in order) before anything of ours.
-                await self._wait_idle({down}, activity, first_completed=True)
+                await self._wait_idle({down}, activity)
                 if outcome.action == "refuse" and down.done():
                     await self._answer(
                         client, _http_response(outcome.status, f"outrider egress: {outcome.reason}")
@@ -572,9 +572,7 @@ class Enforcer:
                 self._open.pop(task, None)
             upstream.close()
 
-    async def _wait_idle(
-        self, tasks: set[asyncio.Task[Any]], activity: _Activity, *, first_completed: bool
-    ) -> set[asyncio.Task[Any]]:
+    async def _wait_idle(self, tasks: set[asyncio.Task[Any]], activity: _Activity) -> set[asyncio.Task[Any]]:
         """Wait for the first of `tasks` to end, or for `idle_timeout_s` without a byte either way."""
         loop = asyncio.get_running_loop()
         idle = self.config.idle_timeout_s
