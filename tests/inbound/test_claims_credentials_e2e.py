@@ -113,6 +113,19 @@ async def test_non_finite_numeric_dates_are_a_401_not_a_crash(
 
 
 @pytest.mark.parametrize("mcp_app", ["json"], indirect=True)
+@pytest.mark.parametrize(("sub", "named"), [(None, "lacks the 'sub' claim"), ("null", "'sub' claim must be")])
+async def test_a_missing_or_null_sub_is_refused_naming_it(
+    sub: str | None, named: str, mcp_app: mcp_server.RunningServer, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    body = f'{{"iss": "{idp.issuer}", "aud": "{RESOURCE}", "exp": {NOW + 600}'
+    body += f', "sub": {sub}}}' if sub is not None else "}"
+    token = _with_raw_payload(idp, body)
+    async with make_sidecar(mcp_app.port) as sidecar:
+        status, headers, _ = await _post(sidecar.mcp_url(), token)
+    assert status == 401 and named in headers["WWW-Authenticate"]
+
+
+@pytest.mark.parametrize("mcp_app", ["json"], indirect=True)
 async def test_a_well_formed_token_still_passes(
     mcp_app: mcp_server.RunningServer, make_sidecar: SidecarFactory, idp: DevIdP
 ) -> None:
