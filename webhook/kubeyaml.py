@@ -168,8 +168,8 @@ class _Resolver(yaml.resolver.BaseResolver):
         return SEQ if kind is SequenceNode else MAP
 
 
-if hasattr(yaml, "CParser"):  # libyaml parses and composes; the resolving and constructing stay ours
-    _CParser: Any = yaml.CParser  # type: ignore[attr-defined]
+if yaml.__with_libyaml__:  # libyaml (which go-yaml v2 is a port of) parses and composes
+    from yaml.cyaml import CParser as _CParser  # type: ignore[attr-defined]
 
     class _Composer(_CParser, _Resolver):  # type: ignore[misc]
         def __init__(self, stream: str) -> None:
@@ -258,13 +258,15 @@ def _read_json_stream(text: str) -> list[Document] | None:
 
 def load(text: str) -> Any:
     """The first YAML document in `text` as sigs.k8s.io/yaml turns it into JSON (None when empty)."""
-    composer = _Composer(text)
+    composer = None
     try:
+        composer = _Composer(text)
         node = composer.get_node() if composer.check_node() else None
     except yaml.YAMLError as exc:
         raise KubeYAMLError(f"not valid YAML: {' '.join(str(exc).split())}") from None
     finally:
-        composer.dispose()
+        if composer is not None:
+            composer.dispose()
     if node is None:
         return None
     return _Builder().value(node)

@@ -219,7 +219,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         documents = kubeyaml.read_stream(text)
     except kubeyaml.KubeYAMLError as exc:
-        print(f"error: {where}: {exc}", file=sys.stderr)
+        print(f"error: {where} is not valid YAML: {exc}", file=sys.stderr)
+        return 2
+    unreadable = [(i, d.error) for i, d in enumerate(documents, 1) if d.error is not None]
+    if unreadable:
+        # kubectl would stop at such a document too: print nothing rather than half a manifest
+        for index, error in unreadable:
+            what = "is not valid YAML" if error.startswith("not valid YAML") else "cannot be read by kubectl"
+            print(
+                f"error: {where} document {index} {what}: {error.removeprefix('not valid YAML: ')}",
+                file=sys.stderr,
+            )
         return 2
     rendered, failed = render(documents, labels, config, policy, ns_annotations, where)
     if args.output == "-":
@@ -242,7 +252,7 @@ def render(
     where: str = "stdin",
     err: Any = None,
 ) -> tuple[str, bool]:
-    """The output stream and whether any document was left out (refused or unreadable).
+    """The output stream and whether any document was left out (refused, or unreadable).
 
     Injected documents are written by `kubeyaml.dump`; the others are copied as they came, comments
     and all. Warnings and errors go to `err` (stderr by default).

@@ -84,7 +84,8 @@ def test_inject_refusal_and_bad_yaml_are_clear(tmp_path: Path) -> None:
     bad.write_text("kind: Pod\n  spec: [\n")
     result = _run("inject", "-f", str(bad))
     assert result.returncode == 2
-    assert result.stderr.startswith(f"error: {bad} is not valid YAML") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {bad} document 1 is not valid YAML")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
     missing = _run("inject", "-f", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 

@@ -15,7 +15,6 @@ from typing import Any
 import jsonpatch
 import kubernetes_validate
 import pytest
-import yaml
 from webhook_support import (
     GOLDEN_DIR,
     fixture_header,

@@ -49,21 +49,32 @@ def kubectl_reads(text: str) -> list[dict[str, Any]]:
 
 # --- the tricky scalars ---------------------------------------------------------------------------
 
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
 BOOLS = [
-    *("y Y yes Yes YES n N no No NO on On ON off Off OFF true True TRUE false False FALSE".split()),
-    *("yEs nO oN oFF tRUE fALSE yeS".split()),  # not booleans to go-yaml: mixed case
+    *_words("y Y yes Yes YES n N no No NO on On ON off Off OFF true True TRUE false False FALSE"),
+    *_words("yEs nO oN oFF tRUE fALSE yeS"),  # not booleans to go-yaml: mixed case
 ]
 NUMBERS = [
-    *("0 -0 +0 00 012 0123 012345678901 08 09 0o17 0O17 0x1F 0X1f 0b101 -0b101 +0x1F -0x1F".split()),
-    *("1e3 1E3 1e+3 1e-3 1. 1.5 -1.5 .5 -.5 +1 +.5 .5e3 1e400 -1e400 1e-400 1_000 1__0 _1 1_".split()),
-    *("0x_1F 0_12 1_0.5 9223372036854775807 9223372036854775808 -9223372036854775808".split()),
-    *("-9223372036854775809 18446744073709551615 18446744073709551616 99999999999999999999".split()),
-    *("0.1 -0.0 0.1234567891 3.4e38 123abc 0x 0o 0b 1-2 1.2.3 1e3_0 12e 0.0.1".split()),
+    *_words("0 -0 +0 00 012 0123 012345678901 08 09 0o17 0O17 0x1F 0X1f 0b101 -0b101 +0x1F -0x1F"),
+    *_words("1e3 1E3 1e+3 1e-3 1. 1.5 -1.5 .5 -.5 +1 +.5 .5e3 1e400 -1e400 1e-400 1_000 1__0 _1 1_"),
+    *_words("0x_1F 0_12 1_0.5 9223372036854775807 9223372036854775808 -9223372036854775808"),
+    *_words("-9223372036854775809 18446744073709551615 18446744073709551616 99999999999999999999"),
+    *_words("0.1 -0.0 0.1234567891 3.4e38 123abc 0x 0o 0b 1-2 1.2.3 1e3_0 12e 0.0.1"),
 ]
 SEXAGESIMAL = ["12:30", "1:2:3", "-12:30", "190:20:30.15", "12:30:00", "0:30"]
 NULLISH = ["~", "null", "Null", "NULL", "nULL", "None"]
 SPECIAL_FLOATS = [".inf", ".Inf", "+.inf", "-.inf", ".nan", ".NaN", "nan", "inf", "NaN", "Infinity"]
-DATES = ["2024-01-01", "2024-1-1", "2024-01-01T10:00:00Z", "2001-12-14t21:59:43.10-05:00", "2001-12-14 21:59:43.10"]
+DATES = [
+    "2024-01-01",
+    "2024-1-1",
+    "2024-01-01T10:00:00Z",
+    "2001-12-14t21:59:43.10-05:00",
+    "2001-12-14 21:59:43.10",
+]
 WORDS = ["<<", "=", "a b", "x#y", "http://x:80", "a: b"]
 MULTILINE = [
     "line one\nline two\n",
@@ -125,9 +136,11 @@ def tricky_stream() -> str:
         for i, v in enumerate(MULTILINE)
         if _safe_multiline(v)
     )
-    env = "\n".join(
-        f"        - name: P{i}\n          value: {_plain(v)}" for i, v in enumerate(plain_values)
-    ) + "\n" + "\n".join(f"        - name: Q{i}\n          value: {_quoted(v)}" for i, v in enumerate(EVERY))
+    env = (
+        "\n".join(f"        - name: P{i}\n          value: {_plain(v)}" for i, v in enumerate(plain_values))
+        + "\n"
+        + "\n".join(f"        - name: Q{i}\n          value: {_quoted(v)}" for i, v in enumerate(EVERY))
+    )
     data = "\n".join(f"  d{i}: {_plain(v)}" for i, v in enumerate(plain_values))
     data += "\n" + "\n".join(f"  e{i}: {_quoted(v)}" for i, v in enumerate(EVERY))
     data += "\n" + "\n".join(
@@ -137,7 +150,9 @@ def tricky_stream() -> str:
     # turns them back into strings (`on:` is "true", `0x1F:` is "31", `1e3:` is "1000")
     # (null keys and integers beyond int64 are errors to kubectl: they get documents of their own)
     too_big = ("9223372036854775808", "18446744073709551615")
-    key_words = [v for v in PLAIN + SPECIAL_FLOATS if v not in ("<<", "~", "null", "Null", "NULL", "a: b", *too_big)]
+    key_words = [
+        v for v in PLAIN + SPECIAL_FLOATS if v not in ("<<", "~", "null", "Null", "NULL", "a: b", *too_big)
+    ]
     # one key per mapping: `y:` and `on:` are both the key true, and two Go keys that print the same
     # (int 0 and float 0.0) would leave the winner to Go's random map order
     keys = "\n".join(
@@ -307,9 +322,23 @@ metadata:
 data:
   18446744073709551615: too big for a key
 """
-    json_like = '{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "flow"}, "data": {"a": "yes"}}\n'
+    json_like = (
+        '{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "flow"}, "data": {"a": "yes"}}\n'
+    )
     return "---\n".join(
-        [deployment, configmap, keys_map, anchors, merge_order, big, list_doc, not_json, null_key, uint_key, json_like]
+        [
+            deployment,
+            configmap,
+            keys_map,
+            anchors,
+            merge_order,
+            big,
+            list_doc,
+            not_json,
+            null_key,
+            uint_key,
+            json_like,
+        ]
     )
 
 
@@ -328,7 +357,6 @@ def as_sent(value: Any) -> Any:
     if isinstance(value, list):
         return [as_sent(v) for v in value]
     return value
-
 
 
 def _templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -374,7 +402,9 @@ def strip_injected(output: dict[str, Any], original: dict[str, Any]) -> dict[str
     return out
 
 
-def check_stream(text: str, labels: dict[str, str], config: WebhookConfig, ns_annotations: dict[str, str]) -> int:
+def check_stream(
+    text: str, labels: dict[str, str], config: WebhookConfig, ns_annotations: dict[str, str]
+) -> int:
     """Assert the output of `outrider inject` means to kubectl what the input meant; return #injected."""
     # our reader agrees with kubectl's, document by document (errors included)
     ours = kubeyaml.read_stream(text)
@@ -382,7 +412,9 @@ def check_stream(text: str, labels: dict[str, str], config: WebhookConfig, ns_an
     assert len(ours) == len(theirs), (len(ours), theirs)
     for mine, real in zip(ours, theirs, strict=True):
         if "error" in real:
-            assert mine.error is not None, f"kubectl refuses this document ({real['error']}), we read {mine.value}"
+            assert mine.error is not None, (
+                f"kubectl refuses this document ({real['error']}), we read {mine.value}"
+            )
         else:
             assert mine.error is None, f"kubectl reads {real['json']}, we fail: {mine.error}"
             assert as_sent(mine.value) == real["json"]
