@@ -114,7 +114,7 @@ def _asks_istio(
         pod_flag, where = _flag(annotations.get(ISTIO_INJECT)), "annotation"
     if pod_flag in _ISTIO_TRUE:
         return MeshConflict(
-            f"the pod {where} {ISTIO_INJECT}: {pod_flag!r} asks Istio to inject its sidecar", ISTIO_FIX
+            f'the pod {where} {ISTIO_INJECT}: "{pod_flag}" asks Istio to inject its sidecar', ISTIO_FIX
         )
     mode = _flag(labels.get(ISTIO_DATAPLANE_MODE))
     if mode == "ambient":

@@ -92,7 +92,8 @@ def inject_document(
         return DocumentResult(
             doc,
             (
-                f"kind {kind} carries a pod template at {found}, which outrider inject does not inject "
+                f"kind {kind} ({doc.get('apiVersion')}) carries a pod template at {found}, which outrider "
+                "inject does not inject "
                 f"(it injects {', '.join(TEMPLATE_PATHS)}); its pods get the sidecar only from the "
                 "webhook at admission, so check that the webhook runs where they are created",
             ),
