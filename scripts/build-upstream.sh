@@ -82,10 +82,13 @@ build_spire() {
 }
 
 # kubeyaml: apimachinery's NewYAMLOrJSONDecoder (what kubectl reads manifests with) behind stdin.
+# Keyed by the Kubernetes version and the helper's source, so an edit rebuilds it.
+KUBEYAML_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kubeyaml"
+kubeyaml_dir() { echo "$CACHE/kubeyaml-$K8S_VERSION-$(sha256sum "$KUBEYAML_SRC/main.go" | cut -c1-12)"; }
+
 build_kubeyaml() {
-  local src_dir; src_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kubeyaml"
-  local key; key="$(sha256sum "$src_dir/main.go" | cut -c1-12)"
-  local out="$CACHE/kubeyaml-$K8S_VERSION-$key"
+  local src_dir="$KUBEYAML_SRC"
+  local out; out="$(kubeyaml_dir)"
   if [[ -x "$out/bin/kubeyaml" ]]; then log "kubeyaml ($K8S_VERSION) cached in $out/bin"; return; fi
   need_go
   local work="$out/src"; mkdir -p "$work" "$out/bin"
@@ -106,7 +109,7 @@ build_kubeyaml() {
 case "${1:-all}" in
   controlplane) build_etcd; build_kube_apiserver; echo "$CACHE/kubernetes-$K8S_VERSION/bin:$CACHE/etcd-$ETCD_VERSION/bin" ;;
   spire) build_spire; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
-  kubeyaml) build_kubeyaml; echo "$(ls -d "$CACHE"/kubeyaml-"$K8S_VERSION"-"$(sha256sum "$(dirname "${BASH_SOURCE[0]}")/kubeyaml/main.go" | cut -c1-12)")/bin" ;;
+  kubeyaml) build_kubeyaml; echo "$(kubeyaml_dir)/bin" ;;
   all) build_etcd; build_kube_apiserver; build_spire; build_kubeyaml ;;
   *) log "usage: $0 controlplane|spire|kubeyaml|all"; exit 2 ;;
 esac
