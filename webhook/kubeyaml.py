@@ -269,7 +269,10 @@ def load(text: str) -> Any:
             composer.dispose()
     if node is None:
         return None
-    return _Builder().value(node)
+    try:
+        return _Builder().value(node)
+    except RecursionError:
+        raise KubeYAMLError("the document is nested too deeply") from None
 
 
 class _Builder:
@@ -286,8 +289,11 @@ class _Builder:
         if id(node) in self.active:
             raise KubeYAMLError(f"anchor value contains itself (line {node.start_mark.line + 1})")
         if id(node) in self.seen:
-            # an alias: go-yaml counts the expansion against its excessive-aliasing limit
-            self.decodes += 1
+            # An alias (PyYAML shares the anchored node): go-yaml counts its expansion against the
+            # excessive-aliasing limit. Inside an expansion every node was seen before, so only the
+            # outermost alias counts as a node of its own (nested ones are counted as expanded nodes).
+            if self.alias_depth == 0:
+                self.decodes += 1
             self.alias_depth += 1
             try:
                 return self._value(node, key)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from webhook_support import GOLDEN_DIR, fixture_header, fixture_names
 
 from webhook import kubeyaml
@@ -509,3 +511,50 @@ def test_output_quotes_what_any_yaml_reader_would_retype(tmp_path: Path) -> None
     assert "a: '12:30'" in text and "b: '0o17'" in text and "c: '2024-01-01'" in text
     assert "d: '1_000'" in text and "f: plain" in text
     assert kubectl_reads(text) == [{"json": values}]
+
+
+def test_alias_bombs_are_refused_as_kubectl_refuses_them() -> None:
+    """A billion-laughs document: kubectl (go-yaml) refuses it, and so does inject, quickly."""
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8)]
+    bomb = "\n".join(levels) + "\n"
+    assert "excessive aliasing" in kubectl_reads(bomb)[0]["error"]
+    [document] = kubeyaml.read_stream(bomb)
+    assert document.error == "document contains excessive aliasing"
+    # ordinary reuse of an anchor is fine for both
+    reuse = "a: &a {x: 1, y: [1, 2, 3]}\n" + "".join(f"b{i}: *a\n" for i in range(50))
+    assert kubeyaml.read_stream(reuse)[0].value == kubectl_reads(reuse)[0]["json"]
+
+
+def test_deep_nesting_is_a_clear_error_not_a_crash() -> None:
+    deep = "x: " + "[" * 600 + "]" * 600 + "\n"
+    [document] = kubeyaml.read_stream(deep)
+    assert document.error is not None and "nested too deeply" in document.error
+    blocks = "x:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 1200))
+    assert kubeyaml.read_stream(blocks)[0].error is not None
+
+
+# random scalars made of the characters that decide a plain scalar's type, one per document (so a
+# scalar kubectl cannot read fails only its own document), as a value and as a key
+_SCALAR_CHARS = "0123456789+-._eExXoObBaAfFyYnNlLsStTrRuU~:"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(_SCALAR_CHARS, min_size=1, max_size=12), min_size=1, max_size=120))
+def test_random_plain_scalars_read_and_write_like_kubectl(scalars: list[str]) -> None:
+    docs = [f"v: {s}\n" for s in scalars] + [
+        f"{s}: k\n" for s in scalars if not s.startswith(("-", "?", ":"))
+    ]
+    stream = "---\n".join(docs)
+    ours = kubeyaml.read_stream(stream)
+    theirs = kubectl_reads(stream)
+    assert len(ours) == len(theirs)
+    readable = []
+    for mine, real, text in zip(ours, theirs, docs, strict=True):
+        assert (mine.error is None) == ("json" in real), (text, mine.error, real)
+        if mine.error is None:
+            assert as_sent(mine.value) == real["json"], text
+            readable.append(mine.value)
+    if readable:
+        written = "---\n".join(kubeyaml.dump(v) for v in readable)
+        assert [r["json"] for r in kubectl_reads(written)] == [as_sent(v) for v in readable]
