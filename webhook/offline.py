@@ -102,7 +102,9 @@ def inject_document(
     for key in path:
         holder = holder.get(key) if isinstance(holder, dict) else None
     if not isinstance(holder, dict):
-        return DocumentResult(doc, error=f"{'.'.join(path)} is missing; cannot find the pod template")
+        return DocumentResult(
+            None, error=f"{'.'.join(path)} is missing; cannot find the pod template", changed=True
+        )
     metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     namespace = metadata.get("namespace") if isinstance(metadata, dict) else None
     pod = {"metadata": holder.get("metadata") or {}, "spec": holder.get("spec")}

@@ -22,16 +22,17 @@ from webhook_support import (
     load_fixture,
     pod_template,
     semantic_problems,
+    templated_fixture_names,
 )
 
 from webhook import kubeyaml
 from webhook.engine import inject
-from webhook.offline import TEMPLATE_PATHS, dump_all, inject_document, render
+from webhook.offline import dump_all, inject_document, render
 
 K8S_VERSION = "1.34"
 NAMES = fixture_names()
 # kinds outrider inject does not inject (DeploymentConfig, Rollout, Knative Service): copied as they are
-TEMPLATED = [n for n in NAMES if load_fixture(n)[0]["kind"] in TEMPLATE_PATHS]
+TEMPLATED = templated_fixture_names()
 
 
 def _dump(data: Any) -> str:

@@ -29,6 +29,11 @@ def fixture_names() -> list[str]:
     )
 
 
+def templated_fixture_names() -> list[str]:
+    """Fixtures of a kind outrider inject injects (the others only pass through with a warning)."""
+    return [n for n in fixture_names() if load_fixture(n)[0]["kind"] in TEMPLATE_PATHS]
+
+
 def fixture_header(name: str) -> tuple[dict[str, str], dict[str, str], WebhookConfig]:
     """Namespace labels, namespace annotations and config from a fixture's `# key: value` header."""
     text = (GOLDEN_DIR / f"{name}.yaml").read_text()
