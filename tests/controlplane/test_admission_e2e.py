@@ -408,6 +408,23 @@ async def test_other_meshes_warned_when_enabled_refused_when_strict(
     with pytest.raises(ApiException) as refused:
         await create_pod(api, strict, leftover)
     assert "spec.initContainers has istio-init" in _message(refused.value)
+    # an annotation added to a namespace later reaches the webhook through its watch
+    later = await _namespace(api, "e2e-mesh-later", {"outrider.dev/inject": "strict"})
+    plain_pod = pod_body("later", annotations=MCP)
+    plain_pod["spec"]["containers"][0]["securityContext"] = strict_sc
+    assert is_injected(await create_pod(api, later, plain_pod, dry_run="All"))
+    await client.CoreV1Api(api).patch_namespace(
+        later, {"metadata": {"annotations": {"linkerd.io/inject": "enabled"}}}
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await create_pod(api, later, plain_pod, dry_run="All")
+        except ApiException as exc:
+            assert "namespace annotation linkerd.io/inject" in _message(exc)
+            break
+        assert time.monotonic() < deadline, "the namespace watch never delivered the new annotation"
+        await asyncio.sleep(0.1)
     # and a pod that opts out of Istio in an Istio namespace gets Outrider as usual
     istio = await _namespace(
         api, "e2e-mesh-optout", {"outrider.dev/inject": "strict", "istio-injection": "enabled"}
