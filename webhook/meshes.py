@@ -33,7 +33,6 @@ LINKERD_INITS = ("linkerd-init", "linkerd-network-validator")
 NAMESPACE_ANNOTATIONS = (LINKERD_INJECT,)
 
 _ISTIO_TRUE = ("true", "y", "yes", "on")  # what Istio's injector reads as "inject"
-_ISTIO_FALSE = ("false", "n", "no", "off")
 _LINKERD_ON = ("enabled", "ingress")
 ISTIO_FIX = f'set the pod label {ISTIO_INJECT}: "false" (or remove the Istio label or annotation named)'
 LINKERD_FIX = f"set the pod annotation {LINKERD_INJECT}: disabled (or remove the Linkerd annotation named)"
@@ -127,8 +126,8 @@ def _asks_istio(
             f"the namespace label {ISTIO_DATAPLANE_MODE}=ambient enrols the pod in Istio ambient mode",
             AMBIENT_FIX,
         )
-    if pod_flag in _ISTIO_FALSE:
-        return None
+    if pod_flag is not None:
+        return None  # Istio injects only for y/yes/true/on; any other value opts the pod out
     if ISTIO_REVISION in labels:
         return MeshConflict(
             f"the pod label {ISTIO_REVISION}={labels[ISTIO_REVISION]} asks Istio to inject its sidecar",

@@ -138,6 +138,7 @@ CONFLICTS: list[tuple[str, Callable[[dict[str, Any]], None], dict[str, str], dic
 NO_CONFLICT: list[tuple[str, Callable[[dict[str, Any]], None], dict[str, str], dict[str, str]]] = [
     ("istio opt-out label", label("sidecar.istio.io/inject", "false"), {"istio-injection": "enabled"}, {}),
     ("istio opt-out annotation", annotation("sidecar.istio.io/inject", "false"), {"istio.io/rev": "x"}, {}),
+    ("istio other value", label("sidecar.istio.io/inject", "maybe"), {"istio-injection": "enabled"}, {}),
     ("revision but disabled", nothing, {"istio.io/rev": "x", "istio-injection": "disabled"}, {}),
     ("ambient opt-out", label("istio.io/dataplane-mode", "none"), {"istio.io/dataplane-mode": "ambient"}, {}),
     ("linkerd disabled", annotation("linkerd.io/inject", "disabled"), {}, {"linkerd.io/inject": "enabled"}),
