@@ -46,7 +46,8 @@ def _binary() -> str:
 def kubectl_reads(text: str) -> list[dict[str, Any]]:
     """What kubectl makes of a stream: per non-empty document {"json": ...} or {"error": ...}."""
     out = subprocess.run([_binary()], input=text.encode(), capture_output=True, check=True, timeout=60)
-    return [json.loads(line) for line in out.stdout.decode().splitlines()]
+    # one JSON document a line: split on \n only (str.splitlines also splits on U+0085 inside strings)
+    return [json.loads(line) for line in out.stdout.decode().split("\n") if line]
 
 
 # --- the tricky scalars ---------------------------------------------------------------------------
@@ -558,3 +559,17 @@ def test_random_plain_scalars_read_and_write_like_kubectl(scalars: list[str]) ->
     if readable:
         written = "---\n".join(kubeyaml.dump(v) for v in readable)
         assert [r["json"] for r in kubectl_reads(written)] == [as_sent(v) for v in readable]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=60))
+def test_any_string_is_written_so_kubectl_reads_it_back(strings: list[str]) -> None:
+    """Control characters, line breaks of every kind, leading/trailing spaces, unicode: still strings."""
+    documents = [{"data": {"k": s, s: "key"}} for s in strings]
+    written = "---\n".join(kubeyaml.dump(d) for d in documents)
+    assert [r.get("json") for r in kubectl_reads(written)] == documents
+    assert [d.value for d in kubeyaml.read_stream(written)] == documents
+    # and read the way kubectl reads them when written as double-quoted YAML (JSON escapes)
+    quoted = "---\n".join(f"data:\n  k: {json.dumps(s, ensure_ascii=False)}\n" for s in strings)
+    ours = [d.value if d.error is None else "error" for d in kubeyaml.read_stream(quoted)]
+    assert ours == [r.get("json", "error") for r in kubectl_reads(quoted)]
