@@ -221,9 +221,11 @@ def split_documents(text: str) -> Iterator[str]:
 def read_stream(text: str) -> list[Document]:
     """Every non-empty document of a manifest stream as kubectl reads it, in order."""
     if text.lstrip(" \t\r\n")[:1] == "{":
-        documents = _read_json_stream(text)
-        if documents is not None:
-            return documents
+        return _read_json_stream(text)
+    return _read_yaml_stream(text)
+
+
+def _read_yaml_stream(text: str) -> list[Document]:
     documents = []
     for chunk in split_documents(text):
         try:
@@ -236,22 +238,29 @@ def read_stream(text: str) -> list[Document]:
     return documents
 
 
-def _read_json_stream(text: str) -> list[Document] | None:
-    """kubectl's JSON path: concatenated JSON values (None: not JSON, read it as YAML instead)."""
+def _read_json_stream(text: str) -> list[Document]:
+    """kubectl's JSON path: concatenated JSON values; after at most one, a stream may turn to YAML."""
     decoder = json.JSONDecoder()
     documents: list[Document] = []
-    position = 0
+    count = 0
+    consumed = 0  # just after the last JSON value decoded
     while True:
+        position = consumed
         while position < len(text) and text[position] in " \t\r\n":
             position += 1
         if position == len(text):
             return documents
         try:
-            value, position = decoder.raw_decode(text, position)
+            value, consumed = decoder.raw_decode(text, position)
         except ValueError as exc:
-            if len(documents) > 1:
+            if count > 1:
                 return [*documents, Document(None, error=f"not valid JSON: {exc}")]
-            return None
+            # apimachinery rewinds, drops white space up to the first line break and reads YAML on
+            rest = text[consumed:]
+            stripped = rest.lstrip(" \t\r")
+            rest = stripped[1:] if stripped.startswith("\n") else stripped
+            return [*documents, *_read_yaml_stream(rest)]
+        count += 1
         if value is not None:
             documents.append(Document(None, value))
 

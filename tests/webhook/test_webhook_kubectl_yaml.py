@@ -573,3 +573,23 @@ def test_any_string_is_written_so_kubectl_reads_it_back(strings: list[str]) -> N
     quoted = "---\n".join(f"data:\n  k: {json.dumps(s, ensure_ascii=False)}\n" for s in strings)
     ours = [d.value if d.error is None else "error" for d in kubeyaml.read_stream(quoted)]
     assert ours == [r.get("json", "error") for r in kubectl_reads(quoted)]
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        '{"kind": "ConfigMap", "data": {"a": "yes"}}{"kind": "Secret"}',
+        '{"a": 1}\n---\nb: 2\n',
+        '{"a": 1e3, "b": 12345678901234567890123, "c": "x\\/y"}',
+        '{"a": 1}\n{"b": yes}\n',  # one JSON value, then kubectl reads the rest as YAML
+        '{"a": 1}  \n  c: on\n',
+        '{"a": 1}\nnull\n{"b": 1}\nx: 1\n',  # two JSON values: the stream stays JSON, `x: 1` is an error
+        '  {"a": [1, 2,}\nx: y\n',
+    ],
+)
+def test_json_and_mixed_streams_are_read_like_kubectl(stream: str) -> None:
+    ours = [as_sent(d.value) if d.error is None else "error" for d in kubeyaml.read_stream(stream)]
+    theirs = [r.get("json", "error") for r in kubectl_reads(stream)]
+    if "error" in ours:  # kubectl stops at the first error; our helper keeps reporting it
+        theirs = theirs[: ours.index("error") + 1]
+    assert ours == theirs
