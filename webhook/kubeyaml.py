@@ -47,7 +47,7 @@ _MAPPED: dict[str, tuple[str, Any]] = {
 _HINT = {**dict.fromkeys("+-", "S"), **dict.fromkeys("0123456789", "D"), **dict.fromkeys("yYnNtTfFoO~", "M")}
 _HINT["."] = "."
 _GO_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
-# Go's strconv.ParseFloat for what go-yaml hands it after a '.': decimal, optionally hex, inf/nan words.
+# What Go's strconv.ParseFloat accepts from a scalar that starts with '.' (underscores need a base prefix).
 _GO_PARSE_FLOAT = re.compile(r"^\.[0-9]+([eE][-+]?[0-9]+)?$")
 
 
@@ -418,8 +418,11 @@ def go_float32_key(value: float) -> str:
         return ".nan"
     if math.isinf(value):
         return ".inf" if value > 0 else "-.inf"
-    single = struct.unpack("f", struct.pack("f", value))[0] if abs(value) < 3.5e38 else value
-    if math.isinf(single) or abs(value) >= 3.5e38:
+    try:  # Go converts to float32 first; what rounds beyond float32's range is infinite
+        single = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        single = value * math.inf
+    if math.isinf(single):
         return ".inf" if value > 0 else "-.inf"
     if single == 0:
         return "-0" if math.copysign(1, single) < 0 else "0"

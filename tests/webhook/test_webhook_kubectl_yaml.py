@@ -593,3 +593,13 @@ def test_json_and_mixed_streams_are_read_like_kubectl(stream: str) -> None:
     if "error" in ours:  # kubectl stops at the first error; our helper keeps reporting it
         theirs = theirs[: ours.index("error") + 1]
     assert ours == theirs
+
+
+def test_float_keys_are_spelt_as_sigs_yaml_spells_them() -> None:
+    """Float keys go through float32 formatting in sigs.k8s.io/yaml (`0.1234567891:` is "0.12345679")."""
+    keys = ["3.4028235e38", "3.4028236e38", "3.45e38", "-3.45e38", "1e-50", "-0.0", "1e300", "123456.7"]
+    keys += ["1234567.8", "0.0001", "0.00001", "1.5e-7", ".5", "1e6", "999999.9", "1_0.25", "0.1234567891"]
+    stream = "---\n".join(f"{k}: v\n" for k in keys)
+    assert [as_sent(d.value) for d in kubeyaml.read_stream(stream)] == [
+        r["json"] for r in kubectl_reads(stream)
+    ]
