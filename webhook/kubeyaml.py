@@ -201,7 +201,10 @@ class Document:
 def split_documents(text: str) -> Iterator[str]:
     """apimachinery's YAMLReader: a line starting with `---` ends a document (only a comment may follow)."""
     chunk: list[str] = []
-    for number, line in enumerate(text.splitlines(keepends=True), 1):
+    # only "\n" ends a line for kubectl's LineReader (str.splitlines would also split on \r, U+2028...)
+    lines = [line + "\n" for line in text.split("\n")]
+    lines[-1] = lines[-1][:-1]
+    for number, line in enumerate(filter(None, lines), 1):
         if line.startswith("---"):
             rest = line[3:].strip()
             if rest and not rest.startswith("#"):

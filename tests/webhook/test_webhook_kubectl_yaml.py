@@ -603,3 +603,19 @@ def test_float_keys_are_spelt_as_sigs_yaml_spells_them() -> None:
     assert [as_sent(d.value) for d in kubeyaml.read_stream(stream)] == [
         r["json"] for r in kubectl_reads(stream)
     ]
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        'a: "1\u2028---"\nb: 2\n',  # only \n ends a line for kubectl's reader
+        "a: 1\r---\r\nb: 2\n",
+        "a: 1\r\n---\r\nb: 2\r\n",
+        "a: |\n  x\n---\nb: 2",
+        "a: 1\n--- # a comment may follow\nb: 2\n---\n",
+        "---\n---\na: 1\n...\n---\nb: 2\n",
+    ],
+)
+def test_document_separators_split_like_kubectl(stream: str) -> None:
+    ours = [as_sent(d.value) if d.error is None else "error" for d in kubeyaml.read_stream(stream)]
+    assert ours == [r.get("json", "error") for r in kubectl_reads(stream)]
