@@ -27,6 +27,8 @@ from webhook.config import WebhookConfig
 from webhook.engine import PROBE_KINDS
 from webhook.offline import TEMPLATE_PATHS, inject_document, render
 
+pytestmark = pytest.mark.kubeyaml
+
 REPO = Path(__file__).resolve().parents[2]
 ENABLED = {"outrider.dev/inject": "enabled"}
 STATUS = "outrider.dev/status"
