@@ -32,6 +32,13 @@ LINKERD_INITS = ("linkerd-init", "linkerd-network-validator")
 # The namespace annotations `conflict` reads (the namespace cache keeps only these).
 NAMESPACE_ANNOTATIONS = (LINKERD_INJECT,)
 
+_POD_ANNOTATIONS = frozenset(
+    {ISTIO_INJECT, ISTIO_STATUS, ISTIO_AMBIENT_REDIRECTION, LINKERD_INJECT, LINKERD_PROXY_VERSION}
+)
+_POD_LABELS = frozenset({ISTIO_INJECT, ISTIO_REVISION, ISTIO_DATAPLANE_MODE})
+_NAMESPACE_LABELS = frozenset({ISTIO_NAMESPACE_INJECTION, ISTIO_REVISION, ISTIO_DATAPLANE_MODE})
+_CONTAINERS = frozenset({ISTIO_PROXY, LINKERD_PROXY, *ISTIO_INITS, *LINKERD_INITS})
+
 _ISTIO_TRUE = ("true", "y", "yes", "on")  # what Istio's injector reads as "inject"
 _LINKERD_ON = ("enabled", "ingress")
 ISTIO_FIX = f'set the pod label {ISTIO_INJECT}: "false" (or remove the Istio label or annotation named)'
@@ -69,6 +76,16 @@ def conflict(
     annotations = _map(metadata.get("annotations"))
     containers = _names(spec, "containers")
     inits = _names(spec, "initContainers")
+    # the common case on every admission: no name any mesh uses appears anywhere
+    if (
+        _POD_ANNOTATIONS.isdisjoint(annotations)
+        and _POD_LABELS.isdisjoint(labels)
+        and _NAMESPACE_LABELS.isdisjoint(namespace_labels)
+        and _CONTAINERS.isdisjoint(containers)
+        and _CONTAINERS.isdisjoint(inits)
+        and not namespace_annotations
+    ):
+        return None
     # already injected by another mesh (a native sidecar proxy sits among the init containers)
     if ISTIO_PROXY in containers or ISTIO_PROXY in inits or ISTIO_STATUS in annotations:
         found = (
