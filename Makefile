@@ -54,7 +54,7 @@ test: venv sysdeps lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not kubeyaml" $(PYTEST_ARGS)
 
 certs: venv
 	$(BIN)/outrider certs --out certs

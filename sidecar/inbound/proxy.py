@@ -33,7 +33,16 @@ from sidecar.inbound.auth import (
     www_authenticate,
 )
 from sidecar.inbound.config import InboundConfig
+from sidecar.inbound.credentials import query_credential, token_elsewhere, token_in_body
 from sidecar.inbound.jsonrpc import McpMessage, ParsedBody
+from sidecar.inbound.sessions import (
+    SessionTable,
+    decide,
+    fingerprint,
+    legacy_endpoint_session,
+    owner_key,
+    request_session_ids,
+)
 from sidecar.telemetry.observer import CallScope, ExchangeOutcome, Observer, Principal, RequestInfo
 
 log = logging.getLogger("outrider.inbound.proxy")
@@ -66,6 +75,9 @@ SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"
 # arrives at once; anything else is never read.
 DENIED_PEEK_BYTES = 65536
 DENIED_PEEK_TIMEOUT_S = 1.0
+_BODY_CREDENTIAL_MESSAGE = (
+    "the bearer token was also sent in the request body; send it only in the Authorization header"
+)
 # Request headers never forwarded to the app, whatever the config (built once, not per request).
 _ALWAYS_DROPPED = (
     HOP_BY_HOP
@@ -287,6 +299,8 @@ class InboundProxy:
         self.requests_total = 0
         self.denied_total = 0
         self.upstream_errors_total = 0
+        self.sessions = SessionTable(config.sessions) if config.sessions.enabled else None
+        self.session_refusals_total = 0
         # Requests aiohttp could not parse as HTTP (they never reach `handle`); set by the component.
         self.malformed_count: Callable[[], int] = lambda: 0
 
@@ -341,9 +355,15 @@ class InboundProxy:
         # Authenticate from the headers alone, before the body: an unauthenticated caller never
         # makes the proxy buffer (or even wait for) a request body.
         token = bearer_token(headers.get("Authorization"))
-        principal = await self._authenticate(request, token)
+        principal = self._query_credential(request) or await self._authenticate(request, token)
+        if not isinstance(principal, AuthFailure) and token is not None:
+            # Only a verified token is looked for elsewhere (a junk short one would match anything).
+            principal = self._token_elsewhere(request, token) or principal
         if isinstance(principal, AuthFailure):
             return await self._deny(request, principal, info)
+        owner = owner_key(principal)
+        if not self._owns_sessions(request, owner):
+            return await self._refuse_session(request, principal, info)
         body = b""
         if request.method in ("POST", "PUT", "PATCH") or request.can_read_body:
             if headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
@@ -358,20 +378,106 @@ class InboundProxy:
             calls = Calls(self.observer, parsed, info, stack)
             for scope in calls.each():
                 scope.set_principal(principal)
+            if token is not None and token_in_body(token, body):
+                answer = Answer(
+                    400,
+                    jsonrpc.error_body(
+                        calls.ids(),
+                        jsonrpc.INVALID_REQUEST,
+                        _BODY_CREDENTIAL_MESSAGE,
+                        batch=bool(parsed and parsed.batch),
+                    ),
+                    {},
+                )
+                return self._fail(calls, answer, "denied", "credential_misplaced", _BODY_CREDENTIAL_MESSAGE)
             try:
-                return await self._handle_calls(request, body, parsed, calls, parse_error, principal, token)
+                return await self._handle_calls(
+                    request, body, parsed, calls, parse_error, principal, token, owner
+                )
             except asyncio.CancelledError:
                 # The client went away (aiohttp cancels the handler): every open call still ends.
                 calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
                 raise
+
+    # -- sessions (the decisions live in sessions.py) ------------------------------------------------
+
+    def _owns_sessions(self, request: web.BaseRequest, owner: str) -> bool:
+        """Whether the caller owns every session the request names; an unbound id is nobody's (404)."""
+        if self.sessions is None:
+            return True
+        ids = request_session_ids(request.headers.get("Mcp-Session-Id"), request.query.items())
+        return all(decide(self.sessions.owner(sid), owner) == "owner" for sid in ids)
+
+    async def _refuse_session(
+        self, request: web.BaseRequest, principal: Principal, info: RequestInfo
+    ) -> web.Response:
+        """404 exactly as the MCP server answers an unknown session, and a denied audit record."""
+        self.session_refusals_total += 1
+        log.warning(
+            "refused a request for an MCP session this caller did not create (session %s)",
+            ",".join(
+                fingerprint(sid)
+                for sid in request_session_ids(request.headers.get("Mcp-Session-Id"), request.query.items())
+            ),
+        )
+        parsed = await self._peek_parsed(request) or ParsedBody((McpMessage(kind="invalid"),), (None,), False)
+        with ExitStack() as stack:
+            calls = Calls(self.observer, parsed, info, stack)
+            for scope in calls.each():
+                scope.set_principal(principal)
+            calls.finish_all(
+                http_status=404,
+                outcome="denied",
+                error_type="session_not_owned",
+                reason="the MCP session was not created by this caller (or is unknown to the sidecar)",
+            )
+        if "Mcp-Session-Id" not in request.headers:
+            # The 2024-11-05 SSE transport's own answer for an unknown `session_id`.
+            return web.Response(status=404, text="Could not find session")
+        return self._answer(
+            Answer(404, jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, "Session not found"), {})
+        )
+
+    def _track_session(
+        self,
+        request: web.BaseRequest,
+        parsed: ParsedBody | None,
+        owner: str,
+        status: int,
+        answered: str | None,
+    ) -> None:
+        """Bind a session `initialize` opened; forget one the caller deleted or the server does not know."""
+        if self.sessions is None:
+            return
+        asked = request.headers.get("Mcp-Session-Id")
+        if asked is not None:
+            if (request.method == "DELETE" and 200 <= status < 300) or status == 404:
+                self.sessions.forget(asked.strip())
+            return
+        opens = parsed is not None and any(
+            m.kind == "request" and m.method == "initialize" for m in parsed.messages
+        )
+        bindable = request.method == "POST" and opens and answered is not None and status < 400
+        if bindable and answered is not None and not self.sessions.bind(answered.strip(), owner):
+            log.warning(
+                "the MCP server answered initialize with session %s, which is not bindable "
+                "or belongs to another caller: it will be refused",
+                fingerprint(answered),
+            )
+
+    async def _peek_parsed(self, request: web.BaseRequest) -> ParsedBody | None:
+        if not request.body_exists:
+            return None
+        peeked = await _peek_body(request)
+        parsed, _ = _parse(peeked) if peeked else (None, None)
+        return parsed
 
     async def _deny(self, request: web.BaseRequest, failure: AuthFailure, info: RequestInfo) -> web.Response:
         """Refuse an unauthenticated request; its body is only glanced at when small and already sent."""
         self.denied_total += 1
         parsed: ParsedBody | None = None
         if request.body_exists:
-            peeked = await _peek_body(request)
-            parsed, _ = _parse(peeked) if peeked else (None, None)
+            parsed = await self._peek_parsed(request)
             if parsed is None:
                 # The body was not read (too big, chunked or slow): audit still sees the refusal.
                 parsed = ParsedBody((McpMessage(kind="invalid"),), (None,), False)
@@ -400,6 +506,7 @@ class InboundProxy:
         parse_error: jsonrpc.BodyError | None,
         principal: Principal,
         token: str | None,
+        owner: str,
     ) -> web.StreamResponse:
         if parse_error is not None:
             answer = Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {})
@@ -419,7 +526,7 @@ class InboundProxy:
             if failure is not None:
                 return failure
         body = self._inject_context(calls, out_headers, parsed, body)
-        return await self._forward(request, body, out_headers, calls)
+        return await self._forward(request, body, out_headers, calls, owner)
 
     async def _read_body(self, request: web.BaseRequest) -> bytes | Answer:
         limit = self.config.max_body_bytes
@@ -441,6 +548,29 @@ class InboundProxy:
                 return too_big
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _query_credential(self, request: web.BaseRequest) -> AuthFailure | None:
+        """A credential parameter in the URL is refused, never stripped (docs/inbound.md)."""
+        name = query_credential(request.query.keys())
+        if name is None:
+            return None
+        return AuthFailure(
+            400,
+            "invalid_request",
+            f"credentials are not accepted in the query string (parameter {name!r}); "
+            "send the token in the Authorization header",
+        )
+
+    def _token_elsewhere(self, request: web.BaseRequest, token: str) -> AuthFailure | None:
+        """The caller's token in the URL or another header would reach the MCP server: refused."""
+        where = token_elsewhere(token, request.rel_url.raw_path_qs, request.headers.items())
+        if where is None:
+            return None
+        return AuthFailure(
+            400,
+            "invalid_request",
+            f"the bearer token was also sent in {where}; send it only in the Authorization header",
+        )
 
     async def _authenticate(self, request: web.BaseRequest, token: str | None) -> Principal | AuthFailure:
         if len(request.headers.getall("Authorization", ())) > 1:
@@ -525,7 +655,7 @@ class InboundProxy:
         return json.dumps(document, separators=(",", ":")).encode()
 
     async def _forward(
-        self, request: web.BaseRequest, body: bytes, headers: CIMultiDict[str], calls: Calls
+        self, request: web.BaseRequest, body: bytes, headers: CIMultiDict[str], calls: Calls, owner: str
     ) -> web.StreamResponse:
         # rel_url, not raw_path: an absolute-form target (`POST http://elsewhere/x`) must not pick the host.
         url = URL(self.base + (request.rel_url.raw_path_qs or "/"), encoded=True)
@@ -553,10 +683,13 @@ class InboundProxy:
                 "error",
                 "upstream_unreachable",
             )
+        self._track_session(
+            request, calls.parsed, owner, upstream.status, upstream.headers.get("Mcp-Session-Id")
+        )
         try:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
-                return await self._stream(request, upstream, calls)
+                return await self._stream(request, upstream, calls, owner)
             return await self._buffered(upstream, calls)
         finally:
             upstream.close()
@@ -596,7 +729,7 @@ class InboundProxy:
         )
 
     async def _stream(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, calls: Calls
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, calls: Calls, owner: str
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status, headers=downstream_response_headers(upstream.headers, streaming=True)
@@ -607,6 +740,7 @@ class InboundProxy:
         watcher = jsonrpc.SseParser() if calls.pending else None
         legacy = request.method == "GET" and request.path == self.config.legacy_sse_path
         head: bytes | None = b""
+        legacy_session: str | None = None
         try:
             await response.prepare(request)
             while True:
@@ -629,6 +763,8 @@ class InboundProxy:
                     if end is None and len(head) < 65536:
                         continue
                     chunk = (rewrite_first_event(head[:end]) + head[end:]) if end else head
+                    if end:
+                        legacy_session = self._bind_legacy(head[:end], owner)
                     head = None
                 if watcher is not None:
                     for event in watcher.feed(chunk):
@@ -650,7 +786,21 @@ class InboundProxy:
             raise
         except aiohttp.ClientError:
             calls.finish_all(http_status=upstream.status, outcome="error", error_type="upstream_reset")
+        finally:
+            if legacy_session is not None and self.sessions is not None:
+                # A 2024-11-05 session lives as long as its GET stream: the server forgets it then too.
+                self.sessions.forget(legacy_session)
         return response
+
+    def _bind_legacy(self, event: bytes, owner: str) -> str | None:
+        """Bind the `session_id` the legacy `endpoint` event announces to the caller who opened the stream."""
+        if self.sessions is None:
+            return None
+        parsed = jsonrpc.SseParser().feed(event + b"\n\n")
+        for sse in parsed:
+            if sse.event == "endpoint" and sse.data and (sid := legacy_endpoint_session(sse.data)):
+                return sid if self.sessions.bind(sid, owner) else None
+        return None
 
     def _watch_event(self, event: jsonrpc.SseEvent, calls: Calls, status: int) -> None:
         if not event.data or (event.event not in (None, "message")):
@@ -686,6 +836,13 @@ class InboundProxy:
             "# HELP outrider_inbound_upstream_errors_total Requests the MCP server did not answer.\n"
             "# TYPE outrider_inbound_upstream_errors_total counter\n"
             f"outrider_inbound_upstream_errors_total {self.upstream_errors_total}\n"
+            "# HELP outrider_inbound_session_refusals_total Requests refused (404) for a session the "
+            "caller did not create.\n"
+            "# TYPE outrider_inbound_session_refusals_total counter\n"
+            f"outrider_inbound_session_refusals_total {self.session_refusals_total}\n"
+            "# HELP outrider_inbound_sessions Bound MCP sessions held now.\n"
+            "# TYPE outrider_inbound_sessions gauge\n"
+            f"outrider_inbound_sessions {len(self.sessions) if self.sessions is not None else 0}\n"
             "# HELP outrider_inbound_malformed_total Requests refused because they were not valid HTTP.\n"
             "# TYPE outrider_inbound_malformed_total counter\n"
             f"outrider_inbound_malformed_total {self.malformed_count()}\n"
