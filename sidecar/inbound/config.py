@@ -127,6 +127,7 @@ class SessionsConfig:
             ),
         )
 
+
 _MTLS_KEYS = frozenset({"enabled", "allowed_spiffe_ids", "allowed_trust_domains"})
 
 
