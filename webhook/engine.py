@@ -819,13 +819,14 @@ def _apply(
         new_volumes.append(mount.volume(mount_volume))
         proxy["volumeMounts"].append({"name": mount_volume, "mountPath": mount.mount_path, "readOnly": True})
     spec["volumes"] = [*volumes, *new_volumes]
+    added_pull_secrets: list[str] = []
     if config.image_pull_secrets:
         # The sidecar image may sit in a private registry; the pod's own pull secrets are kept.
         pull = _list(spec.get("imagePullSecrets"))
         have = {s.get("name") for s in pull if isinstance(s, dict)}
-        extra = [{"name": n} for n in config.image_pull_secrets if n not in have]
-        if extra:
-            spec["imagePullSecrets"] = [*pull, *extra]
+        added_pull_secrets = [n for n in config.image_pull_secrets if n not in have]
+        if added_pull_secrets:
+            spec["imagePullSecrets"] = [*pull, *({"name": n} for n in added_pull_secrets)]
 
     annotations = _map(metadata.get("annotations"))
     sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
@@ -838,6 +839,7 @@ def _apply(
         "egressMode": plan.mode,
         "mcpPort": mcp_port,
         **({"resource": resource_uri} if resource_uri is not None else {}),
+        **({"imagePullSecrets": added_pull_secrets} if added_pull_secrets else {}),
         "spiffeId": f"spiffe://{config.trust_domain}/ns/{namespace}/sa/{sa}",
     }
     annotations = {**annotations, ann.STATUS: _sorted_json(status)}

@@ -208,6 +208,7 @@ def test_image_pull_secrets_are_added_once_and_the_pods_own_kept() -> None:
     pod["spec"]["imagePullSecrets"] = [{"name": "shared"}]
     result = engine.inject(pod, ENABLED, config)
     assert result.pod["spec"]["imagePullSecrets"] == [{"name": "shared"}, {"name": "outrider-registry"}]
+    assert _status(result.pod)["imagePullSecrets"] == ["outrider-registry"]  # only what was added
     assert jsonpatch.apply_patch(pod, result.patch) == result.pod
     plain = engine.inject(_pod(), ENABLED, config).pod
     assert plain["spec"]["imagePullSecrets"] == [{"name": "outrider-registry"}, {"name": "shared"}]
