@@ -24,6 +24,10 @@ class Principal:
     client_id: str | None = None  # `azp` / `client_id`
     delegation: tuple[str, ...] = ()  # the `act` chain, outermost first
     scopes: tuple[str, ...] = ()
+    # The claims the operator names as groups and roles (`inbound.group_claims`/`role_claims`); the
+    # policy layer makes them the principal's parent entities.
+    groups: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""The policy decision: layered Cedar policy sets evaluated for each JSON-RPC request, and list filtering.
+
+Layering as for egress: each operator layer is a ceiling (default deny, `permit` and `forbid`); the
+app team's layers are forbid-only narrowings. A call is allowed when every ceiling allows it and no
+narrowing forbids it. Cedar's deny-overrides makes that one evaluation per ceiling: the narrowings'
+`forbid`s are evaluated together with the first ceiling. No layer at all means no policy: allow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cedarpy
+
+from sidecar.inbound.jsonrpc import McpMessage
+from sidecar.policy.cedar_text import PERMIT_ALL, CedarError, CompiledPolicies, compile_policies
+from sidecar.policy.config import LayerSource
+from sidecar.policy.model import (
+    LIST_RESULTS,
+    Server,
+    cedar_string,
+    principal_entities,
+    principal_uid,
+    request_for,
+    uid_text,
+)
+from sidecar.telemetry.observer import Principal
+
+IMPLICIT_PERMIT = "outrider-default-permit"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    # Ids of the determining policies: the permits that allowed, or the forbids that denied (empty
+    # for a default deny: nothing permitted the call).
+    policies: tuple[str, ...] = ()
+    reason: str = ""  # one line for the audit log and span, never the policy text
+    errors: tuple[str, ...] = ()  # policies that failed to evaluate (logged, not shown to callers)
+
+
+ALLOW_NO_POLICY = Decision(True, (), "no policy configured")
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One Cedar evaluation: a ceiling (or the implicit permit-all) plus, for the first, the narrowings."""
+
+    policy_set: Any  # cedarpy.PolicySet
+    ids: dict[str, tuple[str, str]]  # Cedar id -> (layer origin, shown id)
+    origin: str
+
+
+@dataclass(frozen=True)
+class Policies:
+    """The compiled layers in force; immutable, swapped whole on reload."""
+
+    layers: tuple[tuple[CompiledPolicies, bool], ...]  # (policies, narrowing)
+    groups: tuple[_Group, ...]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.layers)
+
+    @property
+    def count(self) -> int:
+        return sum(len(c) for c, _ in self.layers)
+
+    def describe(self) -> str:
+        if not self.layers:
+            return "no policy (every authenticated caller may call every tool)"
+        parts = [f"{c.origin}: {len(c)}" for c, _ in self.layers]
+        return f"{self.count} Cedar policies ({'; '.join(parts)})"
+
+
+def build(layers: Sequence[tuple[CompiledPolicies, bool]]) -> Policies:
+    """Group compiled layers for evaluation (see the module docstring)."""
+    if not layers:
+        return Policies((), ())
+    ceilings = [c for c, narrowing in layers if not narrowing]
+    narrowings = [c for c, narrowing in layers if narrowing]
+    groups: list[_Group] = []
+    firsts: list[CompiledPolicies | None] = list(ceilings) if ceilings else [None]
+    for index, ceiling in enumerate(firsts):
+        members: list[tuple[str, CompiledPolicies | None]] = []
+        if ceiling is None:
+            members.append((PERMIT_ALL, None))
+        else:
+            members.append((ceiling.text, ceiling))
+        if index == 0:
+            members.extend((n.text, n) for n in narrowings)
+        text = "\n".join(t for t, _ in members)
+        ids: dict[str, tuple[str, str]] = {}
+        position = 0
+        for _, compiled in members:
+            if compiled is None:
+                ids[f"policy{position}"] = ("implicit", IMPLICIT_PERMIT)
+                position += 1
+                continue
+            for cedar_id in compiled.ids:
+                ids[f"policy{position}"] = (compiled.origin, compiled.ids[cedar_id])
+                position += 1
+        groups.append(
+            _Group(cedarpy.PolicySet.from_str(text), ids, ceiling.origin if ceiling else "no ceiling")
+        )
+    return Policies(tuple(layers), tuple(groups))
+
+
+def compile_layers(sources: Iterable[LayerSource]) -> tuple[list[tuple[CompiledPolicies, bool]], list[str]]:
+    """Compile each source; a bad layer is reported. Callers decide what a bad layer means."""
+    compiled: list[tuple[CompiledPolicies, bool]] = []
+    errors: list[str] = []
+    for source in sources:
+        try:
+            compiled.append(
+                (
+                    compile_policies(source.cedar, source.source, forbid_only=source.narrowing),
+                    source.narrowing,
+                )
+            )
+        except CedarError as exc:
+            errors.append(str(exc))
+    return compiled, errors
+
+
+def _entities(principal: Principal, server: Server, resources: Iterable[dict[str, Any] | None]) -> list[Any]:
+    entities = principal_entities(principal)
+    entities.append(server.entity())
+    seen: set[str] = set()
+    for resource in resources:
+        if resource is None:
+            continue
+        key = resource["uid"]["type"] + "\x00" + resource["uid"]["id"]
+        if key not in seen:
+            seen.add(key)
+            entities.append(resource)
+    return entities
+
+
+def decide(
+    policies: Policies, principal: Principal, server: Server, messages: Sequence[McpMessage], transport: str
+) -> list[Decision]:
+    """One decision per message (all judged requests evaluated in one batch per group)."""
+    if not policies.enabled or not messages:
+        return [ALLOW_NO_POLICY for _ in messages]
+    built = [request_for(m, principal, server, transport) for m in messages]
+    entities = _entities(principal, server, (r for _, r in built))
+    requests = [r for r, _ in built]
+    verdicts: list[list[Any]] = [
+        cedarpy.is_authorized_batch(requests, group.policy_set, entities) for group in policies.groups
+    ]
+    decisions: list[Decision] = []
+    for index in range(len(messages)):
+        decisions.append(_combine(policies.groups, [v[index] for v in verdicts]))
+    return decisions
+
+
+def _combine(groups: Sequence[_Group], results: Sequence[Any]) -> Decision:
+    permits: list[str] = []
+    errors: list[str] = []
+    for group, result in zip(groups, results, strict=True):
+        diagnostics = result.diagnostics
+        reasons = [group.ids.get(r, ("?", r))[1] for r in diagnostics.reasons]
+        errors.extend(str(e)[:200] for e in diagnostics.errors)
+        if not result.allowed:
+            if reasons:
+                return Decision(False, tuple(reasons), "forbidden by policy", tuple(errors))
+            return Decision(False, (), f"no policy in {group.origin} permits this call", tuple(errors))
+        permits.extend(r for r in reasons if r != IMPLICIT_PERMIT)
+    return Decision(True, tuple(permits), "permitted by policy", tuple(errors))
+
+
+def may_use(
+    policies: Policies, principal: Principal, server: Server, kind: str, names: Sequence[str]
+) -> list[bool]:
+    """For a list answer: could the caller use each item with *some* arguments (partial evaluation)?
+
+    An item is hidden only when the policies deny it whatever the context holds; a `permit` with an
+    argument condition keeps the tool visible (the call itself is still judged with its arguments).
+    """
+    if not policies.enabled:
+        return [True for _ in names]
+    action, entity_type, _ = next(v for k, v in LIST_RESULTS.items() if k == kind)
+    base = _entities(principal, server, ())
+    who = uid_text(principal_uid(principal))
+    visible: list[bool] = []
+    for name in names:
+        uid = {"type": entity_type, "id": name}
+        resource = {"uid": uid, "attrs": {}, "parents": [server.uid]}
+        request = {
+            "principal": who,
+            "action": f"Action::{cedar_string(action)}",
+            "resource": uid_text(uid),
+        }
+        entities = json.dumps([*base, resource])
+        shown = True
+        for group in policies.groups:
+            result = cedarpy.is_authorized_partial(request, group.policy_set, entities)
+            if result.decision == cedarpy.Decision.Deny:
+                shown = False
+                break
+        visible.append(shown)
+    return visible
