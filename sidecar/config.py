@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class SidecarConfig:
     exchange: ExchangeConfig
     egress: EgressConfig
     telemetry: TelemetryConfig
-    policy: PolicyConfig = PolicyConfig()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 def _port(value: Any, key: str) -> int:

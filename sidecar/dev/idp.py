@@ -56,7 +56,9 @@ class DevUser:
 
 DEFAULT_USERS: Mapping[str, DevUser] = {
     "alice": DevUser("alice", "alice-password", email="alice@example.com"),
-    "bob": DevUser("bob", "bob-password", scope="openid profile", email="bob@example.com", groups=("admins",)),
+    "bob": DevUser(
+        "bob", "bob-password", scope="openid profile", email="bob@example.com", groups=("admins",)
+    ),
 }
 
 

@@ -19,7 +19,13 @@ from typing import IO, Any
 
 from sidecar.inbound.jsonrpc import McpMessage
 from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
+from sidecar.telemetry.observer import (
+    EgressDecision,
+    ExchangeOutcome,
+    PolicyOutcome,
+    Principal,
+    RequestInfo,
+)
 from sidecar.telemetry.semconv import method_label, scrub
 
 SCHEMA_ID = "https://outrider.dev/schemas/audit-event/v1.json"
@@ -164,6 +170,7 @@ def mcp_call_event(
     duration_s: float,
     config: TelemetryConfig,
     token_exchange: str | None = None,
+    policy: PolicyOutcome | None = None,
 ) -> Event:
     event = _base(
         "mcp.call",
@@ -181,6 +188,13 @@ def mcp_call_event(
     if config.record_arguments and message.arguments is not None:
         mcp["arguments"] = redact_arguments(message.arguments, config.redact_keys)
     event["mcp"] = mcp
+    if policy is not None:
+        event["policy"] = {
+            "decision": policy.decision,
+            "policies": list(policy.policies),
+            "rate_limit": policy.rate_limit,
+            "retry_after_s": policy.retry_after_s,
+        }
     return event
 
 
