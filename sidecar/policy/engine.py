@@ -195,7 +195,10 @@ def may_use(
             "action": f"Action::{cedar_string(action)}",
             "resource": uid_text(uid),
         }
-        entities = json.dumps([*base, resource])
+        # The action entity too: partial evaluation reads a missing one as unknown (`action in [...]`).
+        entities = json.dumps(
+            [*base, resource, {"uid": {"type": "Action", "id": action}, "attrs": {}, "parents": []}]
+        )
         shown = True
         for group in policies.groups:
             result = cedarpy.is_authorized_partial(request, group.policy_set, entities)

@@ -299,6 +299,10 @@ def refusal_body(parsed: ParsedBody, judgement: Judgement) -> bytes:
 
 def forwarded_document(parsed: ParsedBody, judgement: Judgement) -> Any:
     kept = [o for o, v in zip(parsed.objects, judgement.verdicts, strict=True) if v.forward]
+    if parsed.batch and len(kept) == 1 and judgement.refused:
+        # One survivor of a batch goes alone: servers of the 2025-06-18 revision and later refuse
+        # batches, and the caller still gets one array (the proxy adds the refusals to the answer).
+        return kept[0]
     return kept if parsed.batch else kept[0]
 
 
