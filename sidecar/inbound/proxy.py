@@ -456,6 +456,12 @@ class InboundProxy:
         judgement: Judgement | None = None
         if self.gate is not None and self.gate.active:
             calls.principal = principal
+            if parsed is None and request.method in ("POST", "PUT", "PATCH"):
+                # Nothing the gate can judge: refused, never passed on for the app to interpret.
+                answer = Answer(
+                    400, jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, "empty request body"), {}
+                )
+                return self._fail(calls, answer, "error", "empty_body")
             if parsed is not None:
                 # Judged before the token exchange: a refused call costs no IdP round trip.
                 judgement = await self.gate.judge(principal, parsed, info.transport)

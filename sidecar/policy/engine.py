@@ -9,6 +9,7 @@ narrowing forbids it. Cedar's deny-overrides makes that one evaluation per ceili
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ class _Group:
     policy_set: Any  # cedarpy.PolicySet
     ids: dict[str, tuple[str, str]]  # Cedar id -> (layer origin, shown id)
     origin: str
+    forbids: frozenset[str]  # Cedar ids of the `forbid` policies
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ def build(layers: Sequence[tuple[CompiledPolicies, bool]]) -> Policies:
             members.extend((n.text, n) for n in narrowings)
         text = "\n".join(t for t, _ in members)
         ids: dict[str, tuple[str, str]] = {}
+        forbids: set[str] = set()
         position = 0
         for _, compiled in members:
             if compiled is None:
@@ -102,10 +105,11 @@ def build(layers: Sequence[tuple[CompiledPolicies, bool]]) -> Policies:
                 continue
             for cedar_id in compiled.ids:
                 ids[f"policy{position}"] = (compiled.origin, compiled.ids[cedar_id])
+                if compiled.effects.get(cedar_id) == "forbid":
+                    forbids.add(f"policy{position}")
                 position += 1
-        groups.append(
-            _Group(cedarpy.PolicySet.from_str(text), ids, ceiling.origin if ceiling else "no ceiling")
-        )
+        origin = ceiling.origin if ceiling else "no ceiling"
+        groups.append(_Group(cedarpy.PolicySet.from_str(text), ids, origin, frozenset(forbids)))
     return Policies(tuple(layers), tuple(groups))
 
 
@@ -158,6 +162,9 @@ def decide(
     return decisions
 
 
+_ERROR_POLICY = re.compile(r"policy `([^`]+)`")
+
+
 def _combine(groups: Sequence[_Group], results: Sequence[Any]) -> Decision:
     permits: list[str] = []
     errors: list[str] = []
@@ -165,6 +172,16 @@ def _combine(groups: Sequence[_Group], results: Sequence[Any]) -> Decision:
         diagnostics = result.diagnostics
         reasons = [group.ids.get(r, ("?", r))[1] for r in diagnostics.reasons]
         errors.extend(str(e)[:200] for e in diagnostics.errors)
+        # Cedar skips a policy whose evaluation fails. For a `forbid` that would let a caller slip past
+        # it with an argument of the wrong type (a number where the policy compares text): a forbid
+        # that cannot be evaluated denies instead.
+        failed = [
+            group.ids.get(m.group(1), ("?", m.group(1)))[1]
+            for e in diagnostics.errors
+            if (m := _ERROR_POLICY.search(str(e))) is not None and m.group(1) in group.forbids
+        ]
+        if failed:
+            return Decision(False, tuple(failed), "a forbid policy could not be evaluated", tuple(errors))
         if not result.allowed:
             if reasons:
                 return Decision(False, tuple(reasons), "forbidden by policy", tuple(errors))
