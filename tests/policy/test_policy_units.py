@@ -141,7 +141,10 @@ def test_request_model() -> None:
 
 
 def test_list_filtering_uses_partial_evaluation() -> None:
-    conditional = 'permit(principal, action == Action::"call_tool", resource == Tool::"fetch") when { context.arguments.url like "https://*" };'
+    conditional = (
+        'permit(principal, action == Action::"call_tool", resource == Tool::"fetch")'
+        ' when { context.arguments.url like "https://*" };'
+    )
     p = policies((CEILING + conditional, False))
     # fetch stays visible: some arguments would be allowed; delete is hidden for alice only.
     assert may_use(p, ALICE, SERVER, "tools", ["echo", "fetch", "delete"]) == [True, True, False]
