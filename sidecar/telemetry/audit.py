@@ -9,6 +9,7 @@ import functools
 import json
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sidecar.inbound.jsonrpc import McpMessage
+from sidecar.telemetry.aggregate import DenialAggregator
 from sidecar.telemetry.config import TelemetryConfig
 from sidecar.telemetry.observer import (
     EgressDecision,
@@ -263,17 +265,28 @@ class AuditLog:
     and a lock keeps lines whole when identity callbacks arrive on py-spiffe's threads.
     """
 
-    def __init__(self, stream: IO[str] | None, *, owns_stream: bool = False) -> None:
+    def __init__(
+        self, stream: IO[str] | None, *, owns_stream: bool = False, aggregate_s: float = 0.0
+    ) -> None:
         self._stream = stream
         self._owns = owns_stream
         self._lock = threading.Lock()
+        # Repeated identical denials become one event per interval with a count (0: off).
+        self.aggregator = DenialAggregator(aggregate_s)
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if aggregate_s > 0 and stream is not None:
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name="outrider-audit-aggregate", daemon=True
+            )
+            self._flusher.start()
 
     @classmethod
-    def open(cls, destination: str) -> AuditLog:
+    def open(cls, destination: str, *, aggregate_s: float = 0.0) -> AuditLog:
         if destination == "off":
             return cls(None)
         if destination == "stdout":
-            return cls(sys.stdout)
+            return cls(sys.stdout, aggregate_s=aggregate_s)
         path = Path(destination)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +297,7 @@ class AuditLog:
             raise ConfigError(
                 f"telemetry.audit: cannot open {destination} for appending: {exc.strerror}"
             ) from None
-        return cls(stream, owns_stream=True)
+        return cls(stream, owns_stream=True, aggregate_s=aggregate_s)
 
     @property
     def enabled(self) -> bool:
@@ -293,13 +306,25 @@ class AuditLog:
     def write(self, event: Event) -> None:
         if self._stream is None:
             return
-        line = encode(event) + "\n"
         with self._lock:
-            self._stream.write(line)
-            self._stream.flush()
+            self._write(self.aggregator.offer(event, time.monotonic()))
+
+    def _write(self, events: list[Event]) -> None:
+        if self._stream is None or not events:
+            return
+        self._stream.write("".join(encode(e) + "\n" for e in events))
+        self._stream.flush()
+
+    def _flush_loop(self) -> None:
+        interval = max(self.aggregator.window_s / 4, 0.05)
+        while not self._stop.wait(interval):
+            with self._lock:
+                self._write(self.aggregator.due(time.monotonic()))
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
+            self._write(self.aggregator.flush())
             if self._owns and self._stream is not None:
                 self._stream.close()
             self._stream = None
