@@ -11,6 +11,8 @@ from typing import Any
 
 from sidecar.policy.cedar_text import CedarError, compile_policies
 from sidecar.policy.limits_config import LimitsError, RateLimits
+from sidecar.policy.schema import base_schema
+from sidecar.policy.schema import validate as validate_schema
 from webhook.annotations import POLICY
 
 # Where the app team's reloadable narrowing lives: ConfigMap `outrider-policy` (key `policy.yaml`)
@@ -35,9 +37,12 @@ def validate_layer(layer: Any, where: str) -> dict[str, Any]:
     cedar = layer.get("cedar")
     if cedar is not None:
         try:
-            compile_policies(cedar, f"{where}.cedar")
+            compiled = compile_policies(cedar, f"{where}.cedar")
         except CedarError as exc:
             raise McpPolicyError(str(exc)) from None
+        problems = validate_schema([compiled], base_schema())
+        if problems:
+            raise McpPolicyError(f"{problems[0]} (schema: sidecar/policy/outrider.cedarschema)")
     try:
         RateLimits.from_mapping(layer.get("rate_limits"), f"{where}.rate_limits")
     except LimitsError as exc:
@@ -75,11 +80,14 @@ def parse_annotation(value: Any) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"annotation {POLICY}: must be Cedar policy text")
     try:
-        compile_policies(value, f"annotation {POLICY}", forbid_only=True)
+        compiled = compile_policies(value, f"annotation {POLICY}", forbid_only=True)
     except CedarError as exc:
         raise ValueError(
             f"{exc} (the annotation holds Cedar `forbid` policies that narrow the operators' policy)"
         ) from None
+    problems = validate_schema([compiled], base_schema())
+    if problems:
+        raise ValueError(f"{problems[0]}; see docs/policy.md for the entity types, actions and context")
     return value
 
 

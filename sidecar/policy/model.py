@@ -157,10 +157,8 @@ def context_for(message: McpMessage, principal: Principal, transport: str) -> di
         "scopes": list(principal.scopes),
         "client_id": principal.client_id or "",
     }
-    if message.arguments is not None:
-        context["arguments"] = cedar_value(message.arguments)
-    elif message.method in ("tools/call", "prompts/get"):
-        context["arguments"] = {}
+    # Always present (empty for methods without arguments), so `context.arguments has x` is safe.
+    context["arguments"] = cedar_value(message.arguments) if message.arguments is not None else {}
     return context
 
 

@@ -1,16 +1,45 @@
 """Policies checked against what the server offers: tool names and argument names from `tools/list`.
 
 A policy that names a tool or an argument the server does not have would silently never match;
-this finds them (pure, over the policies' JSON form) so the gate can report them.
+this finds them (over the policies' JSON form), and runs Cedar's validator with `outrider.cedarschema`,
+its `Arguments` type derived from the server's tools, so the gate can report them.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from typing import Any
 
+import cedarpy
+
 from sidecar.policy.cedar_text import CompiledPolicies
+
+_ARGUMENTS_TYPE = "type Arguments = {};"
+_JSON_TO_CEDAR = {"string": "String", "integer": "Long", "boolean": "Bool"}
+_POLICY_ID = re.compile(r"policy `([^`]+)`")
+
+
+@cache
+def base_schema() -> str:
+    """`outrider.cedarschema`, shipped beside this module."""
+    return resources.files("sidecar.policy").joinpath("outrider.cedarschema").read_text()
+
+
+def _cedar_type(prop: Any) -> str | None:
+    if not isinstance(prop, dict):
+        return None
+    kind = prop.get("type")
+    if kind in _JSON_TO_CEDAR:
+        return _JSON_TO_CEDAR[kind]
+    if kind == "array" and isinstance(prop.get("items"), dict):
+        inner = _JSON_TO_CEDAR.get(prop["items"].get("type"))
+        return f"Set<{inner}>" if inner else None
+    return None  # objects, numbers (floats reach Cedar as text), unions: not typed
 
 
 @dataclass(frozen=True)
@@ -18,21 +47,51 @@ class ServerTools:
     """The server's tools and the argument names each takes (from its `inputSchema.properties`)."""
 
     tools: Mapping[str, frozenset[str]]
+    types: Mapping[str, str | None] = field(default_factory=dict)  # argument -> Cedar type (None: mixed)
+
+    def schema(self) -> str:
+        """The base schema with `Arguments` typed from the server's tools (one optional attribute each)."""
+        attrs = ", ".join(f"{json.dumps(name)}?: {kind}" for name, kind in sorted(self.types.items()) if kind)
+        return base_schema().replace(_ARGUMENTS_TYPE, f"type Arguments = {{ {attrs} }};")
 
     @classmethod
     def from_list_result(cls, result: Any) -> ServerTools | None:
         if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
             return None
         tools: dict[str, frozenset[str]] = {}
+        types: dict[str, str | None] = {}
         for tool in result["tools"]:
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
                 continue
             schema = tool.get("inputSchema")
             props = schema.get("properties") if isinstance(schema, dict) else None
-            tools[tool["name"]] = (
-                frozenset(k for k in props if isinstance(k, str)) if isinstance(props, dict) else frozenset()
-            )
-        return cls(tools)
+            names: dict[Any, Any] = props if isinstance(props, dict) else {}
+            tools[tool["name"]] = frozenset(k for k in names if isinstance(k, str))
+            for name, prop in names.items():
+                if not isinstance(name, str):
+                    continue
+                kind = _cedar_type(prop)
+                # The same name with two types across tools cannot be one attribute type: untyped.
+                types[name] = kind if types.get(name, kind) == kind else None
+        return cls(tools, types)
+
+
+def validate(layers: Iterable[CompiledPolicies], schema: str) -> list[str]:
+    """Cedar's validator over each layer (entity types, actions, attributes, types), one line each."""
+    problems: list[str] = []
+    for compiled in layers:
+        try:
+            result = cedarpy.validate_policies(compiled.text, schema)
+        except ValueError as exc:
+            problems.append(f"{compiled.origin}: cannot validate: {exc}")
+            continue
+        for error in result.errors:
+            text = str(error)
+            found = _POLICY_ID.search(text)
+            shown = compiled.ids.get(found.group(1), found.group(1)) if found else "?"
+            detail = text.split(", ", 1)[1] if ", " in text else text
+            problems.append(f"{compiled.origin}: policy {shown!r}: {detail}")
+    return problems
 
 
 def _walk(node: Any) -> Iterable[Any]:

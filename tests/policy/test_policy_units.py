@@ -221,3 +221,39 @@ def test_sse_framer_and_rewrite() -> None:
         jsonrpc.rewrite_event(b"event: endpoint\ndata: /m\n\n", lambda d: "x")
         == b"event: endpoint\ndata: /m\n\n"
     )
+
+
+def test_schema_validation_of_layers_and_typed_arguments() -> None:
+    from sidecar.policy.schema import base_schema, validate
+
+    compiled = compile_policies(
+        '@id("typo-action") permit(principal, action == Action::"cal_tool", resource);\n'
+        '@id("bad-attr") permit(principal, action, resource) when { principal.subb == "x" };\n'
+        '@id("fine") forbid(principal, action, resource)'
+        ' when { context.arguments has url && context.arguments.url like "x*" };',
+        "op",
+    )
+    problems = validate([compiled], base_schema())
+    assert any("'typo-action'" in p and "cal_tool" in p for p in problems)
+    assert any("'bad-attr'" in p and "subb" in p for p in problems)
+    assert not any("'fine'" in p for p in problems)
+    tools = ServerTools.from_list_result(
+        {"tools": [{"name": "fetch", "inputSchema": {"properties": {"url": {"type": "string"}}}}]}
+    )
+    assert tools is not None and '"url"?: String' in tools.schema()
+    typed = compile_policies(
+        '@id("wrong-type") forbid(principal, action, resource)'
+        " when { context.arguments has url && context.arguments.url > 3 };",
+        "op",
+    )
+    assert any("'wrong-type'" in p for p in validate([typed], tools.schema()))
+
+
+def test_admission_refuses_annotations_that_do_not_fit_the_schema() -> None:
+    from webhook.annotations import AnnotationError, parse_policy
+
+    with pytest.raises(AnnotationError, match="subb"):
+        parse_policy('forbid(principal, action, resource) when { principal.subb == "x" };')
+    with pytest.raises(AnnotationError, match="is a `permit`"):
+        parse_policy("permit(principal, action, resource);")
+    assert parse_policy('forbid(principal in Group::"interns", action, resource == Tool::"rm");')
