@@ -6,6 +6,7 @@ Pure: namespace + annotation + the webhook config's `mcp_policy` -> the sidecar'
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ POLICY_CONFIG_MAP = "outrider-policy"
 POLICY_DIR = "/etc/outrider/policy"
 POLICY_FILE = f"{POLICY_DIR}/policy.yaml"
 _LAYER_KEYS = frozenset({"cedar", "rate_limits"})
+MAX_LAYER_BYTES = 96 * 1024
 
 
 class McpPolicyError(ValueError):
@@ -70,6 +72,15 @@ def validate(data: Any) -> dict[str, Any]:
             str(ns): validate_layer(layer, f"mcp_policy.namespaces[{ns!r}]")
             for ns, layer in namespaces.items()
         }
+    for where, layer in [("default", out.get("default")), *out.get("namespaces", {}).items()]:
+        size = len(json.dumps(layer or {}))
+        if size > MAX_LAYER_BYTES:
+            # The layer travels in the pod's OUTRIDER_CONFIG environment variable, and Linux refuses
+            # to start a process with one environment string over 128 KiB.
+            raise McpPolicyError(
+                f"mcp_policy {where}: {size} bytes of policy; at most {MAX_LAYER_BYTES} fit in a pod's "
+                "OUTRIDER_CONFIG (Linux limits one environment string to 128 KiB); split it per namespace"
+            )
     return out
 
 

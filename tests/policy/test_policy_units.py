@@ -257,3 +257,19 @@ def test_admission_refuses_annotations_that_do_not_fit_the_schema() -> None:
     with pytest.raises(AnnotationError, match="is a `permit`"):
         parse_policy("permit(principal, action, resource);")
     assert parse_policy('forbid(principal in Group::"interns", action, resource == Tool::"rm");')
+
+
+def test_webhook_config_validates_operator_policies() -> None:
+    from webhook.config import ConfigError, parse_config
+
+    good = parse_config({"mcp_policy": {"default": {"cedar": "permit(principal, action, resource);"}}})
+    assert good.plain_mcp_policy["default"]["cedar"].startswith("permit")
+    with pytest.raises(ConfigError, match=r"mcp_policy.namespaces\['a'\].cedar: line 1, column 18"):
+        parse_config({"mcp_policy": {"namespaces": {"a": {"cedar": "permit(principal action, resource);"}}}})
+    with pytest.raises(ConfigError, match="not a rate"):
+        parse_config({"mcp_policy": {"default": {"rate_limits": {"per_user": "lots"}}}})
+    huge = "\n".join(f'permit(principal in Group::"g{i}", action, resource);' for i in range(3000))
+    with pytest.raises(ConfigError, match="OUTRIDER_CONFIG"):
+        parse_config({"mcp_policy": {"default": {"cedar": huge}}})
+    # No mcp_policy: the config hash is what it was before this feature (pods are not re-rolled).
+    assert "mcp_policy" not in parse_config({}).to_mapping()
