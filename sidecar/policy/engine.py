@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cedarpy
@@ -54,6 +54,53 @@ class _Group:
     ids: dict[str, tuple[str, str]]  # Cedar id -> (layer origin, shown id)
     origin: str
     forbids: frozenset[str]  # Cedar ids of the `forbid` policies
+    est: dict[str, Any] = field(default_factory=dict)  # Cedar id -> the policy as JSON
+    # (action, resource type, resource id) -> the policies whose scope can match it. Cedar evaluates
+    # every policy of a set; a slice keeps a call from paying for policies about other tools.
+    slices: dict[tuple[str, str, str], Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def slice(self, action: str, kind: str, resource: str) -> Any:
+        key = (action, kind, resource)
+        found = self.slices.get(key)
+        if found is not None:
+            return found
+        chosen = {i: p for i, p in self.est.items() if _scope_may_match(p, action, kind, resource)}
+        if len(chosen) == len(self.est):
+            found = self.policy_set
+        else:
+            document = {"staticPolicies": chosen, "templates": {}, "templateLinks": []}
+            found = cedarpy.PolicySet.from_json_str(json.dumps(document))
+        if len(self.slices) >= _MAX_SLICES:
+            self.slices.clear()
+        self.slices[key] = found
+        return found
+
+
+_MAX_SLICES = 4096
+_ALL = {"effect": "permit", "principal": {"op": "All"}, "action": {"op": "All"}, "resource": {"op": "All"}}
+
+
+def _scope_may_match(policy: Any, action: str, kind: str, resource: str) -> bool:
+    """False only when the policy's scope provably excludes the request (kept when unsure)."""
+    scope_action = policy.get("action") or {}
+    op = scope_action.get("op")
+    if op in ("==", "in") and isinstance(scope_action.get("entity"), dict):
+        # No action groups are defined, so `in Action::"a"` is `== Action::"a"`.
+        if scope_action["entity"] != {"type": "Action", "id": action}:
+            return False
+    elif (
+        op == "in"
+        and isinstance(scope_action.get("entities"), list)
+        and {"type": "Action", "id": action} not in scope_action["entities"]
+    ):
+        return False
+    scope_resource = policy.get("resource") or {}
+    op = scope_resource.get("op")
+    if op == "==" and isinstance(scope_resource.get("entity"), dict):
+        return bool(scope_resource["entity"] == {"type": kind, "id": resource})
+    if op == "is":
+        return bool(scope_resource.get("entity_type") == kind)
+    return True
 
 
 @dataclass(frozen=True)
@@ -97,19 +144,22 @@ def build(layers: Sequence[tuple[CompiledPolicies, bool]]) -> Policies:
         text = "\n".join(t for t, _ in members)
         ids: dict[str, tuple[str, str]] = {}
         forbids: set[str] = set()
+        est: dict[str, Any] = {}
         position = 0
         for _, compiled in members:
             if compiled is None:
                 ids[f"policy{position}"] = ("implicit", IMPLICIT_PERMIT)
+                est[f"policy{position}"] = {**_ALL, "conditions": []}
                 position += 1
                 continue
             for cedar_id in compiled.ids:
                 ids[f"policy{position}"] = (compiled.origin, compiled.ids[cedar_id])
+                est[f"policy{position}"] = compiled.est[cedar_id]
                 if compiled.effects.get(cedar_id) == "forbid":
                     forbids.add(f"policy{position}")
                 position += 1
         origin = ceiling.origin if ceiling else "no ceiling"
-        groups.append(_Group(cedarpy.PolicySet.from_str(text), ids, origin, frozenset(forbids)))
+        groups.append(_Group(cedarpy.PolicySet.from_str(text), ids, origin, frozenset(forbids), est))
     return Policies(tuple(layers), tuple(groups))
 
 
@@ -153,9 +203,22 @@ def decide(
     built = [request_for(m, principal, server, transport) for m in messages]
     entities = _entities(principal, server, (r for _, r in built))
     requests = [r for r, _ in built]
-    verdicts: list[list[Any]] = [
-        cedarpy.is_authorized_batch(requests, group.policy_set, entities) for group in policies.groups
+    keys = [
+        (r["action"]["id"], r["resource"]["type"], r["resource"]["id"] if resource is not None else "")
+        for r, resource in built
     ]
+    verdicts: list[list[Any]] = []
+    for group in policies.groups:
+        # One batch per slice (usually one: a body holds one call, or calls of the same tools).
+        results: list[Any] = [None] * len(requests)
+        for key in dict.fromkeys(keys):
+            indexes = [i for i, k in enumerate(keys) if k == key]
+            answered = cedarpy.is_authorized_batch(
+                [requests[i] for i in indexes], group.slice(*key), entities
+            )
+            for i, result in zip(indexes, answered, strict=True):
+                results[i] = result
+        verdicts.append(results)
     decisions: list[Decision] = []
     for index in range(len(messages)):
         decisions.append(_combine(policies.groups, [v[index] for v in verdicts]))
@@ -218,7 +281,7 @@ def may_use(
         )
         shown = True
         for group in policies.groups:
-            result = cedarpy.is_authorized_partial(request, group.policy_set, entities)
+            result = cedarpy.is_authorized_partial(request, group.slice(action, entity_type, name), entities)
             if result.decision == cedarpy.Decision.Deny:
                 shown = False
                 break

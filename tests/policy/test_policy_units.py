@@ -273,3 +273,42 @@ def test_webhook_config_validates_operator_policies() -> None:
         parse_config({"mcp_policy": {"default": {"cedar": huge}}})
     # No mcp_policy: the config hash is what it was before this feature (pods are not re-rolled).
     assert "mcp_policy" not in parse_config({}).to_mapping()
+
+
+def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
+    """Slicing by action and resource is an optimisation: the decision must never differ."""
+    import cedarpy
+
+    from sidecar.policy.engine import _entities
+
+    text = "\n".join(
+        [
+            '@id("a") permit(principal, action == Action::"call_tool", resource == Tool::"echo");',
+            '@id("b") permit(principal, action in [Action::"call_tool", Action::"get_prompt"],'
+            " resource is Tool);",
+            '@id("c") forbid(principal in Group::"admins", action, resource in McpServer::"'
+            + SERVER.id
+            + '") when { context.method == "tools/call" };',
+            '@id("d") permit(principal, action == Action::"list_tools", resource);',
+            '@id("e") forbid(principal, action, resource == Prompt::"secret");',
+            '@id("f") permit(principal, action == Action::"get_prompt", resource is Prompt);',
+        ]
+    )
+    sliced = policies((text, False))
+    whole = cedarpy.PolicySet.from_str(text)
+    requests = [
+        tool_call("echo"),
+        tool_call("rm"),
+        parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        parse_message({"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "secret"}}),
+        parse_message({"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "hello"}}),
+        parse_message(
+            {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///x"}}
+        ),
+    ]
+    for who in (ALICE, BOB):
+        got = decide(sliced, who, SERVER, requests, "stateless")
+        for message, decision in zip(requests, got, strict=True):
+            request, resource = request_for(message, who, SERVER, "stateless")
+            expected = cedarpy.is_authorized(request, whole, _entities(who, SERVER, [resource]))
+            assert decision.allowed == expected.allowed, (who.subject, message.method, message.target)
