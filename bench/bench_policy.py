@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -79,15 +80,15 @@ def variants(redis_uri: str | None) -> dict[str, dict[str, Any] | None]:
     return out
 
 
-def decide_micro(count: int, calls: int = 3000) -> float:
-    """Microseconds per in-process decision for one tools/call with `count` policies."""
+def decide_micro(count: int, calls: int = 3000, clock: Any = time.perf_counter) -> float:
+    """Microseconds per in-process decision for one tools/call with `count` policies (0: no policy)."""
     from sidecar.inbound.jsonrpc import parse_message
     from sidecar.policy.config import LayerSource
     from sidecar.policy.engine import build, compile_layers, decide
     from sidecar.policy.model import Server
     from sidecar.telemetry.observer import Principal
 
-    compiled, _ = compile_layers([LayerSource("bench", policies(count), False)])
+    compiled, _ = compile_layers([LayerSource("bench", policies(count), False)] if count else [])
     built = build(compiled)
     server = Server.from_facts(SIDECAR_ID, None, None)
     alice = Principal("oidc", "alice", "https://idp", groups=("team-3",))
@@ -101,10 +102,30 @@ def decide_micro(count: int, calls: int = 3000) -> float:
     )
     for _ in range(100):
         decide(built, alice, server, [message], "stateless")
-    started = time.perf_counter()
+    started = clock()
     for _ in range(calls):
         decide(built, alice, server, [message], "stateless")
-    return (time.perf_counter() - started) / calls * 1e6
+    return (clock() - started) / calls * 1e6
+
+
+async def limit_micro(uri: str, calls: int = 2000) -> tuple[float, float]:
+    """(wall, CPU) microseconds per rate-limit check of one tools/call against `uri`."""
+    from sidecar.inbound.jsonrpc import parse_message
+    from sidecar.policy.limits_config import RateLimits, budgets
+    from sidecar.policy.ratelimit import RateLimiter, open_storage
+
+    limiter = RateLimiter(open_storage(uri, 1.0), on_store_error="deny", timeout_s=1.0, shared=True)
+    limits = RateLimits.from_mapping({"per_user_tool": NEVER}, "bench")
+    message = parse_message(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {}}}
+    )
+    spend = budgets(limits, message, "alice", SIDECAR_ID)
+    for _ in range(50):
+        assert (await limiter.spend(spend)).allowed
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        await limiter.spend(spend)
+    return (time.perf_counter() - wall) / calls * 1e6, (time.process_time() - cpu) / calls * 1e6
 
 
 def start_redis(tmp: Path) -> subprocess.Popen[bytes] | None:
@@ -160,8 +181,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(_stop, app)
         outrider = str(Path(python).with_name("outrider"))
         urls: dict[str, str] = {}
-        import os
-
         for name, policy in variants(redis_uri).items():
             port, admin = free_port(), free_port()
             config = {
@@ -208,6 +227,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.rounds):
             for name, url in urls.items():
                 await paced(url, headers, args.rate, slice_s, phases[name])
+        limit_us = {"memory": [round(x, 1) for x in await limit_micro("memory://")]}
+        if redis_uri:
+            limit_us["redis"] = [round(x, 1) for x in await limit_micro(redis_uri)]
 
     results: dict[str, Any] = {"rate": args.rate, "variants": {}}
     base = phases["no policy"].latencies_ms
@@ -223,7 +245,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "p50_added_ms": round(p50 - base50, 3),
             "p99_added_ms": round(p99 - base99, 3),
         }
-    results["decide_us"] = {str(n): round(decide_micro(n), 1) for n in (10, 100, 1000)}
+    results["decide_us"] = {str(n): round(decide_micro(n), 1) for n in (0, 10, 100, 1000)}
+    results["decide_cpu_us"] = {
+        str(n): round(decide_micro(n, clock=time.process_time), 1) for n in (0, 10, 100, 1000)
+    }
+    results["limit_us"] = limit_us
+    results["loadavg_1m"] = round(os.getloadavg()[0], 1)
     return results
 
 
@@ -235,11 +262,15 @@ def render(result: dict[str, Any]) -> str:
             f"added p50 {v['p50_added_ms']:+.3f} ms  p99 {v['p99_added_ms']:+.3f} ms  "
             f"n={v['n']} errors={v['errors']}"
         )
-    d = result["decide_us"]
+    d, cpu = result["decide_us"], result["decide_cpu_us"]
     lines.append(
-        f"in-process decide() per tools/call: 10 policies {d['10']} us, "
-        f"100 {d['100']} us, 1000 {d['1000']} us"
+        f"in-process decide() per tools/call, wall (CPU): no policy {d['0']} ({cpu['0']}) us, "
+        f"10 {d['10']} ({cpu['10']}) us, 100 {d['100']} ({cpu['100']}) us, "
+        f"1000 {d['1000']} ({cpu['1000']}) us"
     )
+    for store, (wall, used) in result["limit_us"].items():
+        lines.append(f"rate-limit check per tools/call, {store}: {wall} us wall, {used} us CPU")
+    lines.append(f"1-minute load average at the end: {result['loadavg_1m']} (on {os.cpu_count()} CPUs)")
     v = result["variants"]
     checks = [
         ("100 policies p50 added", v["100 policies"]["p50_added_ms"], TARGETS["p50_100_ms"]),
