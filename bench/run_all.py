@@ -190,6 +190,25 @@ def egress_rows(data: Any) -> list[Row]:
         value, base = _num(captured, f"{key}_p50_ms"), _num(direct, f"{key}_p50_ms")
         added = value - base if value is not None and base is not None else None
         rows.append(Row("egress", f"{label} (capture)", value, "ms", base, "added <= 1 ms", _le(added, 1.0)))
+    # Every request on a kept-alive plaintext HTTP connection is judged (issue 11): information only.
+    rows.append(
+        Row(
+            "egress",
+            "keep-alive HTTP request p50 (capture, each judged)",
+            _num(captured, "keepalive_request_p50_ms"),
+            "ms",
+            _num(direct, "keepalive_request_p50_ms"),
+        )
+    )
+    rows.append(
+        Row(
+            "egress",
+            "HTTP upload (capture)",
+            _num(captured, "upload_mib_s"),
+            "MiB/s",
+            _num(direct, "upload_mib_s"),
+        )
+    )
     return rows
 
 
@@ -314,7 +333,21 @@ BENCHES = (
     Bench("webhook", "bench_webhook.py", ("--requests", "500"), webhook_rows),
     Bench("proxy", "bench_proxy.py", ("--seconds", "8", "--rounds", "4", "--telemetry", "both"), proxy_rows),
     Bench(
-        "egress", "bench_egress.py", ("--size-mb", "256", "--repeat", "2", "--connects", "200"), egress_rows
+        "egress",
+        "bench_egress.py",
+        (
+            "--size-mb",
+            "256",
+            "--repeat",
+            "2",
+            "--connects",
+            "200",
+            "--keepalive-requests",
+            "1000",
+            "--upload-mb",
+            "32",
+        ),
+        egress_rows,
     ),
     Bench("telemetry", "bench_telemetry.py", ("--calls", "5000"), telemetry_rows),
     Bench("policy", "bench_policy.py", ("--seconds", "6", "--rounds", "3"), policy_rows),

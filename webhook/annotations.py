@@ -53,13 +53,7 @@ EGRESS_MODE_LABEL = "outrider.dev/egress-mode"
 # Kubernetes' own annotation that `kubectl logs/exec` uses to pick a container without `-c`.
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
-# Istio's markers: a pod that already carries an Istio sidecar captures traffic with its own
-# iptables rules; two capturing sidecars would steal each other's traffic.
-ISTIO_STATUS = "sidecar.istio.io/status"
-ISTIO_PROXY_CONTAINER = "istio-proxy"
-# Linkerd's markers: the same conflict (linkerd-init or the linkerd-cni plugin redirects to its proxy).
-LINKERD_PROXY_VERSION = "linkerd.io/proxy-version"
-LINKERD_PROXY_CONTAINER = "linkerd-proxy"
+# Other meshes' labels, annotations and container names live in `webhook.meshes`.
 
 # Fixed ports of the sidecar (design.md); the app may not claim them as its MCP port.
 OUTBOUND_PORT = 15001

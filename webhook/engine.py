@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from sidecar.config_merge import deep_merge
-from webhook import __version__
+from webhook import __version__, meshes
 from webhook import annotations as ann
 from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
@@ -61,6 +61,7 @@ def inject(
     config: WebhookConfig,
     namespace_policy: Mapping[str, Any] | None = None,
     namespace: str | None = None,
+    namespace_annotations: Mapping[str, str] | None = None,
 ) -> InjectionResult:
     """Inject Outrider into `pod` (a Pod or a pod template: `metadata` + `spec`)."""
     # Read-only from here on: the injected pod is built copy-on-write and shares untouched subtrees.
@@ -140,27 +141,16 @@ def inject(
             "spec.os.name (or spec.nodeSelector[kubernetes.io/os]) is windows: the Outrider sidecar runs "
             "on Linux only; not injected"
         )
-    if _has_istio(metadata, spec):
+    mesh = meshes.conflict(metadata, spec, namespace_labels, namespace_annotations or {})
+    if mesh is not None:
         if strict:
             return refuse(
-                "the pod already has an Istio sidecar (istio-proxy); two traffic-capturing sidecars "
-                "break each other; disable Istio injection for this pod (sidecar.istio.io/inject: "
-                f'"false") in this {ann.NAMESPACE_INJECT}=strict namespace'
+                f"{mesh.reason}; two traffic-capturing proxies in one pod break each other; {mesh.fix} "
+                f"(namespace is {ann.NAMESPACE_INJECT}=strict)"
             )
         return skip(
-            "the pod already has an Istio sidecar (istio-proxy); Outrider does not stack a second "
-            'capturing sidecar; set sidecar.istio.io/inject: "false" to use Outrider'
-        )
-    if _has_linkerd(metadata, spec):
-        if strict:
-            return refuse(
-                "the pod already has a Linkerd proxy (linkerd-proxy); two traffic-capturing sidecars "
-                "break each other; disable Linkerd injection for this pod (linkerd.io/inject: disabled) "
-                f"in this {ann.NAMESPACE_INJECT}=strict namespace"
-            )
-        return skip(
-            "the pod already has a Linkerd proxy (linkerd-proxy); Outrider does not stack a second "
-            "capturing sidecar; set linkerd.io/inject: disabled to use Outrider"
+            f"{mesh.reason}; two traffic-capturing proxies in one pod break each other, so Outrider "
+            f"does not inject it; {mesh.fix} to use Outrider"
         )
 
     try:
@@ -348,18 +338,6 @@ def _verify_injected(
 def _all_containers(spec: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
     for key in ("initContainers", "containers"):
         yield from (c for c in _list(spec.get(key)) if isinstance(c, dict))
-
-
-def _has_istio(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
-    if ann.ISTIO_STATUS in _map(metadata.get("annotations")):
-        return True
-    return any(c.get("name") == ann.ISTIO_PROXY_CONTAINER for c in _all_containers(spec))
-
-
-def _has_linkerd(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
-    if ann.LINKERD_PROXY_VERSION in _map(metadata.get("annotations")):
-        return True
-    return any(c.get("name") == ann.LINKERD_PROXY_CONTAINER for c in _all_containers(spec))
 
 
 def _escapes(

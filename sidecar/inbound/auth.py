@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import jwt
 
+from sidecar.inbound.claims import claim_problem
 from sidecar.inbound.config import InboundConfig
 from sidecar.telemetry.observer import Principal
 
@@ -298,6 +299,17 @@ class TokenVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._config.algorithms:
             return AuthFailure(401, "invalid_token", "the token's signing algorithm is not allowed")
+        # Claim shapes before PyJWT sees them: it would coerce `"exp": "9999999999"` with int() and
+        # crash on `1e400`. Refusing an unverified token for its shape reveals nothing.
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except (jwt.InvalidTokenError, ValueError, TypeError):
+            return AuthFailure(401, "invalid_token", "the access token is malformed")
+        if not isinstance(unverified, dict):
+            return AuthFailure(401, "invalid_token", "the access token's payload is not a JSON object")
+        problem = claim_problem(unverified)
+        if problem is not None:
+            return AuthFailure(401, "invalid_token", problem)
         kid = header.get("kid")
         candidates = [k for k in await self._jwks.keys_for(kid if isinstance(kid, str) else None)]
         candidates = [k for k in candidates if key_matches_alg(k, alg)]
