@@ -314,10 +314,11 @@ async def test_two_sidecars_share_one_redis_budget_and_store_loss_follows_config
     mcp_app: mcp_server.RunningServer, idp: DevIdP, workload_api: DevWorkloadApi, tmp_path: Path
 ) -> None:
     alice = idp.mint("alice", audience=RESOURCE)
+    observer = RecordingObserver()
     with redis_server(tmp_path) as redis:
         shared = {"rate_limits": {"per_tool": {"echo": "7/minute"}}, "storage": redis.uri}
         async with (
-            policy_sidecar(idp, workload_api, mcp_app.port, policy=shared) as one,
+            policy_sidecar(idp, workload_api, mcp_app.port, policy=shared, observer=observer) as one,
             policy_sidecar(
                 idp, workload_api, mcp_app.port, policy={**shared, "on_store_error": "deny"}
             ) as two,
@@ -353,3 +354,10 @@ async def test_two_sidecars_share_one_redis_budget_and_store_loss_follows_config
                 assert ok and "rate-limit store unreachable" in detail
                 assert b"outrider_ratelimit_store_up 0" in gate.metrics_text()
             assert one.proxy.gate is not None and one.proxy.gate.stats.allowed_store_down == 1
+    # The audit record of the call let through while the store was down says so.
+    last = [c for c in observer.by_method("tools/call") if c.message.id == 100]
+    assert last and last[0].policy.rate_limit == "store_unavailable" and last[0].outcome["outcome"] == "ok"
+    limited = [
+        c for c in observer.by_method("tools/call") if c.policy and c.policy.decision == "rate_limited"
+    ]
+    assert limited and all(c.outcome["http_status"] == 429 for c in limited)
