@@ -29,7 +29,7 @@ METHOD_ACTIONS: Mapping[str, tuple[str, str]] = {
 OTHER_ACTION = "other"
 # Session plumbing that grants no access to tools or data: never judged, so that a policy set that
 # permits only some tools does not also have to spell out how to start a session.
-UNJUDGED_METHODS = frozenset({"initialize", "ping"})
+UNJUDGED_METHODS = frozenset({"initialize", "server/discover", "ping"})
 # List results filtered per caller: result key -> (action that must be possible, entity type, id key).
 LIST_RESULTS: Mapping[str, tuple[str, str, str]] = {
     "tools": ("call_tool", "Tool", "name"),

@@ -27,7 +27,7 @@ from .conftest import free_port, run_sidecar, sidecar_config
 pytestmark = pytest.mark.timeout(600)
 
 POLICY = 'permit(principal, action == Action::"call_tool", resource == Tool::"echo");'
-UNJUDGED = {"initialize", "ping"}
+UNJUDGED = {"initialize", "server/discover", "ping"}
 
 
 @dataclass
