@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.inbound import jsonrpc
-from sidecar.inbound.jsonrpc import McpMessage, ParsedBody
+from sidecar.inbound.jsonrpc import ParsedBody
 from sidecar.policy import answers
 from sidecar.policy.config import PolicyConfig
 from sidecar.policy.engine import Decision, decide, may_use
@@ -276,13 +276,27 @@ class Gate:
         return ("\n".join(lines) + "\n").encode()
 
 
+STORE_PROBE_INTERVAL_S = 5.0
+
+
 async def reload_loop(gate: Gate) -> None:
     # Polling the bytes is the reliable way to see ConfigMap volume updates (the kubelet swaps a
     # `..data` symlink, which inotify on the file itself does not report).
+    loop = asyncio.get_running_loop()
+    probed = loop.time()
     while True:
         await asyncio.sleep(gate.config.reload_interval_s)
         if gate.holder.check():
             gate.check_schema()
+        if (
+            gate.limiter.shared
+            and not gate.holder.limits.empty
+            and loop.time() - probed >= STORE_PROBE_INTERVAL_S
+        ):
+            # A shared store that went away (or came back) shows in /readyz and /metrics without
+            # waiting for the next metered call.
+            probed = loop.time()
+            await gate.limiter.check_store()
 
 
 def refusal_body(parsed: ParsedBody, judgement: Judgement) -> bytes:
@@ -312,7 +326,3 @@ def refused_errors(parsed: ParsedBody, judgement: Judgement) -> list[dict[str, A
         for m, v in zip(parsed.messages, judgement.verdicts, strict=True)
         if not v.forward and v.error is not None and m.kind in ("request", "invalid")
     ]
-
-
-def message_for(parsed: ParsedBody, index: int) -> McpMessage:
-    return parsed.messages[index]
