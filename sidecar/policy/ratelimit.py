@@ -94,13 +94,17 @@ class RateLimiter:
 
     async def check_store(self) -> bool:
         """A health probe for the readiness detail (the store's own ping)."""
+        detail = "no answer"
         try:
             async with asyncio.timeout(self.timeout_s * 2):
                 ok = bool(await self.storage.check())
-        except Exception:
-            ok = False
+        except Exception as exc:  # any failure of the probe means the store is not usable
+            ok, detail = False, type(exc).__name__
         if ok:
             self._healthy()
         else:
+            if self.store_healthy:
+                log.warning("rate-limit store unreachable (%s)", detail)
             self.store_healthy = False
+            self.last_store_error = detail
         return ok
