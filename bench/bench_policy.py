@@ -158,6 +158,7 @@ def start_redis(tmp: Path) -> subprocess.Popen[bytes] | None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-policy-"))
     async with AsyncExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, True)  # runs last: after every process below has stopped
         api = await stack.enter_async_context(DevWorkloadApi(tmp / "agent.sock", spiffe_id=SIDECAR_ID))
         idp = await stack.enter_async_context(
             DevIdP(
