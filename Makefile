@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)';
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress kind-e2e clean
+        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy kind-e2e clean
 
 help:
 	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
@@ -77,6 +77,9 @@ bench-telemetry: venv
 
 bench-egress: venv sysdeps
 	$(BIN)/python bench/bench_egress.py
+
+bench-policy: venv sysdeps
+	$(BIN)/python bench/bench_policy.py
 
 kind-e2e:
 	@scripts/kind-e2e.sh

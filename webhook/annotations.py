@@ -47,6 +47,10 @@ RESOURCE = "outrider.dev/resource"
 # intersects it with the operator's policy (it can only narrow, never widen).
 EGRESS_ALLOW = "outrider.dev/egress-allow"
 
+# Pod annotation: the app team's Cedar policies, `forbid` only (a `permit` is refused at admission).
+# They narrow the operators' policies (webhook config `mcp_policy`); parsed by `webhook.mcp_policy`.
+POLICY = "outrider.dev/policy"
+
 # Namespace label (operator): force egress mode `capture` or `explicit`; without it the namespace's
 # Pod Security level decides (baseline/restricted forbid NET_ADMIN, so explicit). Read by
 # `webhook.egress.plan_egress`.
@@ -84,6 +88,7 @@ class PodSettings:
     token_audience: str | None = None
     resource: str | None = None  # syntax-checked only; the engine checks it against the patterns
     already_injected: bool = False
+    policy: str | None = None  # forbid-only Cedar text (validated: syntax with line/column, no permit)
 
 
 def namespace_mode(labels: Mapping[str, str]) -> str | None:
@@ -207,11 +212,21 @@ def parse_pod(metadata: Mapping[str, Any], allowed_audiences: tuple[str, ...]) -
         token_audience=parse_token_audience(annotations.get(TOKEN_AUDIENCE), allowed_audiences),
         resource=parse_resource(annotations.get(RESOURCE)),
         already_injected=STATUS in annotations,
+        policy=parse_policy(annotations.get(POLICY)),
     )
+
+
+def parse_policy(value: Any) -> str | None:
+    from webhook.mcp_policy import parse_annotation  # the Cedar checks live with the policy planner
+
+    try:
+        return parse_annotation(value)
+    except ValueError as exc:
+        raise AnnotationError(str(exc)) from None
 
 
 def unknown_keys(metadata: Mapping[str, Any]) -> list[str]:
     """`outrider.dev/*` annotations this version does not know (warned about: likely a typo)."""
-    known = {POD_INJECT, STATUS, MCP_PORT, TOKEN_AUDIENCE, EGRESS_ALLOW, RESOURCE}
+    known = {POD_INJECT, STATUS, MCP_PORT, TOKEN_AUDIENCE, EGRESS_ALLOW, RESOURCE, POLICY}
     annotations = _str_map(metadata.get("annotations"))
     return sorted(k for k in annotations if isinstance(k, str) and k.startswith(PREFIX) and k not in known)

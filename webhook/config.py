@@ -112,6 +112,9 @@ class WebhookConfig:
     resource_template: str | None = None
     resource_base_url: str | None = None
     resource_patterns: tuple[str, ...] = ()
+    # The operators' Cedar policies and rate limits for MCP calls: `default` (cluster) and
+    # `namespaces` (each replaces the default in its namespace). Empty: no policy (allow all callers).
+    mcp_policy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     # Derived values are computed once per config (the engine reads them on every admission).
     @cached_property
@@ -128,6 +131,10 @@ class WebhookConfig:
         return thaw(self.egress_default_policy)  # type: ignore[no-any-return]
 
     @cached_property
+    def plain_mcp_policy(self) -> dict[str, Any]:
+        return thaw(self.mcp_policy)  # type: ignore[no-any-return]
+
+    @cached_property
     def plain_resources(self) -> dict[str, Any]:
         return thaw(self.resources)  # type: ignore[no-any-return]
 
@@ -141,7 +148,13 @@ class WebhookConfig:
         return out
 
 
-_LATER_KEYS = ("image_pull_secrets", "resource_template", "resource_base_url", "resource_patterns")
+_LATER_KEYS = (
+    "mcp_policy",
+    "image_pull_secrets",
+    "resource_template",
+    "resource_base_url",
+    "resource_patterns",
+)
 
 
 def config_hash(config: WebhookConfig) -> str:
@@ -187,8 +200,8 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _ITEM_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MOUNT_SOURCES = ("secret", "configMap")
-# Where outrider-proxy already mounts something: the SPIFFE socket and the egress policy ConfigMap.
-RESERVED_MOUNT_PATHS = ("/spiffe-workload-api", "/etc/outrider/egress")
+# Where outrider-proxy already mounts something: the SPIFFE socket and the policy ConfigMaps.
+RESERVED_MOUNT_PATHS = ("/spiffe-workload-api", "/etc/outrider/egress", "/etc/outrider/policy")
 
 
 def _nested(a: str, b: str) -> bool:
@@ -364,6 +377,12 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         raise ConfigError(
             f"trust_domain: {trust_domain!r} is not a SPIFFE trust domain (lowercase letters, digits, . _ -)"
         )
+    from webhook.mcp_policy import McpPolicyError, validate
+
+    try:
+        mcp_policy = validate(data.get("mcp_policy"))
+    except McpPolicyError as exc:
+        raise ConfigError(str(exc)) from None
     base_url, template, patterns = _resource_settings(data)
     config = WebhookConfig(
         image_pull_secrets=_pull_secrets(data.get("image_pull_secrets", [])),
@@ -381,6 +400,7 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         egress_default_policy=_frozen(data.get("egress_default_policy", {})),
         sidecar=_frozen(data.get("sidecar", {})),
         sidecar_mounts=_sidecar_mounts(data.get("sidecar_mounts", [])),
+        mcp_policy=_frozen(mcp_policy),
     )
     try:
         _ = config.hash  # once here, not on the first admission: it also proves every value is JSON

@@ -21,6 +21,7 @@ from webhook import annotations as ann
 from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
 from webhook.egress import EgressPlan, plan_egress_cached
+from webhook.mcp_policy import POLICY_CONFIG_MAP, POLICY_DIR, plan_policy
 from webhook.patch import JsonPatch, diff_into, escape
 from webhook.shape import as_list as _list
 from webhook.shape import as_map as _map
@@ -29,6 +30,7 @@ INIT_NAME = "outrider-init"
 PROXY_NAME = "outrider-proxy"
 SPIFFE_VOLUME_NAME = "outrider-spiffe"
 POLICY_VOLUME_NAME = "outrider-egress-policy"
+MCP_POLICY_VOLUME_NAME = "outrider-policy"
 SPIFFE_MOUNT_PATH = "/spiffe-workload-api"
 SPIFFE_SOCKET = f"unix://{SPIFFE_MOUNT_PATH}/spire-agent.sock"
 ADMIN_PORT_NAME = "outrider-admin"
@@ -175,12 +177,23 @@ def inject(
         pod_ns = str(metadata.get("namespace") or namespace or "default")
         resource_uri = _pod_resource(config, settings, metadata, spec, pod_ns)
         audience = settings.token_audience or config.default_audience
-        config_json = _sidecar_config_json(config, mcp_port, audience, plan, resource_uri)
+        mcp_policy = plan_policy(pod_ns, settings.policy, config.plain_mcp_policy)
+        config_json = _sidecar_config_json(config, mcp_port, audience, plan, mcp_policy, resource_uri)
     except _Refused as exc:
         return refuse(str(exc))
 
     patched = _apply(
-        original, config, settings, plan, mcp_port, app_index, pod_ns, warnings, config_json, resource_uri
+        original,
+        config,
+        settings,
+        plan,
+        mcp_port,
+        app_index,
+        pod_ns,
+        warnings,
+        config_json,
+        resource_uri,
+        mcp_policy,
     )
     return InjectionResult(True, patched, _patch(original, patched), tuple(warnings), injected=True)
 
@@ -317,8 +330,9 @@ def _verify_injected(
     if status.get("resource") != resource_uri:
         return f"it records resource {status.get('resource')!r} but this pod's resource is {resource_uri!r}"
     proxy = by_name[ours[-1]]
+    mcp_policy = plan_policy(pod_ns, settings.policy, config.plain_mcp_policy)
     expected_env = sidecar_config(
-        config, mcp_port, settings.token_audience or config.default_audience, plan, resource_uri
+        config, mcp_port, settings.token_audience or config.default_audience, plan, mcp_policy, resource_uri
     )
     env = {e.get("name"): e.get("value") for e in _list(proxy.get("env")) if isinstance(e, dict)}
     try:
@@ -535,11 +549,14 @@ def sidecar_config(
     mcp_port: int | None,
     audience: str | None,
     plan: EgressPlan,
+    mcp_policy: Mapping[str, Any] | None = None,
     resource_uri: str | None = None,
 ) -> dict[str, Any]:
     """The per-pod OUTRIDER_CONFIG: the operator's `sidecar:` block under the per-pod values."""
     policy = plan.policy if type(plan.policy) is dict else thaw(plan.policy)
     per_pod: dict[str, Any] = {"egress": {"mode": plan.mode, "policy": policy}}
+    if mcp_policy is not None:
+        per_pod["policy"] = dict(mcp_policy)
     if mcp_port is not None:
         per_pod["inbound"] = {"mcp_port": mcp_port}
     if resource_uri is not None:
@@ -561,12 +578,12 @@ def _sorted_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-# OUTRIDER_CONFIG text (or the sidecar's refusal of it) by (plan, config, port, audience, resource):
-# cached plans come back as the same object, so most admissions reuse the JSON and its check. The
-# entry holds its plan, so the id() in the key stays its own.
-_ConfigKey = tuple[int, str, int | None, str | None, str | None]
+# OUTRIDER_CONFIG text (or the sidecar's refusal of it) by (plan, config, port, audience, policy,
+# resource): cached plans come back as the same object, so most admissions reuse the JSON and its
+# check. The entry holds its plan, so the id() in the key stays its own.
+_ConfigKey = tuple[int, str, int | None, str | None, str, str | None]
 _CONFIG_JSON: dict[_ConfigKey, tuple[EgressPlan, str, str | None]] = {}
-_CONFIG_BASE: dict[tuple[int, str, None, str | None], tuple[EgressPlan, dict[str, Any]]] = {}
+_CONFIG_BASE: dict[tuple[int, str, None, str | None, str], tuple[EgressPlan, dict[str, Any]]] = {}
 
 
 def _sidecar_config_json(
@@ -574,10 +591,13 @@ def _sidecar_config_json(
     mcp_port: int | None,
     audience: str | None,
     plan: EgressPlan,
+    mcp_policy: Mapping[str, Any] | None = None,
     resource_uri: str | None = None,
 ) -> str:
     """The pod's OUTRIDER_CONFIG text; `_Refused` with the sidecar's own error when it would not start."""
-    key = (id(plan), config.hash, mcp_port, audience, resource_uri)
+    # The policy section is part of the key by value (it is small and differs per namespace/annotation).
+    policy_key = "" if mcp_policy is None else json.dumps(mcp_policy, sort_keys=True)
+    key = (id(plan), config.hash, mcp_port, audience, policy_key, resource_uri)
     found = _CONFIG_JSON.get(key)
     if found is not None and found[0] is plan:
         if found[2] is not None:
@@ -585,12 +605,12 @@ def _sidecar_config_json(
         return found[1]
     # The merged config without the port is shared by every pod with this plan and audience (the
     # thawed policy and the merge are the costly part); the port is merged in as deep_merge would.
-    base_key = (id(plan), config.hash, None, audience)
+    base_key = (id(plan), config.hash, None, audience, policy_key)
     base = _CONFIG_BASE.get(base_key)
     if base is None or base[0] is not plan:
         if len(_CONFIG_BASE) >= 512:
             _CONFIG_BASE.clear()
-        base = _CONFIG_BASE[base_key] = (plan, sidecar_config(config, None, audience, plan))
+        base = _CONFIG_BASE[base_key] = (plan, sidecar_config(config, None, audience, plan, mcp_policy))
     value = base[1]
     per_pod_inbound: dict[str, Any] = {}
     if mcp_port is not None:
@@ -678,6 +698,7 @@ def _apply(
     warnings: list[str],
     config_json: str,
     resource_uri: str | None,
+    mcp_policy: Mapping[str, Any] | None = None,
 ) -> Pod:
     # Copy only what changes (pod, metadata, spec, app containers); everything else is shared.
     pod = dict(pod)
@@ -813,6 +834,11 @@ def _apply(
         proxy["volumeMounts"].append(
             {"name": policy_volume, "mountPath": posixpath.dirname(policy_file), "readOnly": True}
         )
+    if mcp_policy is not None:
+        # The namespace may narrow the MCP policy and rate limits at run time with this ConfigMap.
+        mcp_volume = _free_name(MCP_POLICY_VOLUME_NAME, taken_volumes)
+        new_volumes.append({"name": mcp_volume, "configMap": {"name": POLICY_CONFIG_MAP, "optional": True}})
+        proxy["volumeMounts"].append({"name": mcp_volume, "mountPath": POLICY_DIR, "readOnly": True})
     for mount in config.sidecar_mounts:
         # Operator-chosen Secrets/ConfigMaps for the sidecar's *_file settings: the proxy only.
         mount_volume = _free_name(mount.name, taken_volumes)

@@ -93,6 +93,8 @@ _KEYS = frozenset(
         "legacy_sse_path",
         "token_cache_size",
         "allow_unauthenticated",
+        "group_claims",
+        "role_claims",
         "sessions",
     }
 )
@@ -199,6 +201,10 @@ class InboundConfig:
     token_cache_size: int = 4096
     # With no issuer and no mTLS every call is refused unless this is set (dev only).
     allow_unauthenticated: bool = False
+    # Token claims (dotted paths) whose strings become the caller's groups and roles: the parents of
+    # the `User` entity that Cedar policies test with `principal in Group::"admins"`.
+    group_claims: tuple[str, ...] = ("groups",)
+    role_claims: tuple[str, ...] = ("roles", "realm_access.roles")
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
 
     @property
@@ -269,5 +275,7 @@ class InboundConfig:
             token_header=token_header.strip() if token_header else None,
             legacy_sse_path=legacy,
             token_cache_size=_int(data, "token_cache_size", cls.token_cache_size, 0, 1 << 20),
+            group_claims=_str_list(data, "group_claims", cls.group_claims),
+            role_claims=_str_list(data, "role_claims", cls.role_claims),
             sessions=SessionsConfig.from_mapping(data.get("sessions") or {}),
         )

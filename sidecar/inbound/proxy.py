@@ -35,6 +35,7 @@ from sidecar.inbound.auth import (
 from sidecar.inbound.config import InboundConfig
 from sidecar.inbound.credentials import query_credential, token_elsewhere, token_in_body
 from sidecar.inbound.jsonrpc import McpMessage, ParsedBody
+from sidecar.inbound.legacy_streams import LegacySessions, session_of_endpoint
 from sidecar.inbound.sessions import (
     SessionTable,
     decide,
@@ -43,7 +44,16 @@ from sidecar.inbound.sessions import (
     owner_key,
     request_session_ids,
 )
-from sidecar.telemetry.observer import CallScope, ExchangeOutcome, Observer, Principal, RequestInfo
+from sidecar.policy import gate as policy_gate
+from sidecar.policy.gate import Gate, Judgement
+from sidecar.telemetry.observer import (
+    CallScope,
+    ExchangeOutcome,
+    Observer,
+    PolicyOutcome,
+    Principal,
+    RequestInfo,
+)
 
 log = logging.getLogger("outrider.inbound.proxy")
 
@@ -184,6 +194,22 @@ def classify_transport(
     return "streamable-http"
 
 
+def _policy_outcome(verdict: policy_gate.Verdict) -> PolicyOutcome:
+    decision = {"ok": "allow", "denied": "deny", "limited": "rate_limited"}.get(verdict.outcome, "invalid")
+    if verdict.outcome == "limited":
+        rate = "store_unavailable" if verdict.store_error else "limited"
+    elif verdict.store_error:
+        rate = "store_unavailable"
+    else:
+        rate = None
+    return PolicyOutcome(
+        decision=decision,
+        policies=verdict.decision.policies if verdict.decision is not None else (),
+        rate_limit=rate,
+        retry_after_s=verdict.retry_after_s or None,
+    )
+
+
 def rewrite_endpoint_data(data: str) -> str:
     """A legacy `endpoint` event must point back through the proxy: keep it relative (path + query)."""
     parts = urlsplit(data.strip())
@@ -226,6 +252,10 @@ class Calls:
         self, observer: Observer, parsed: ParsedBody | None, info: RequestInfo, stack: ExitStack
     ) -> None:
         self.parsed = parsed
+        # Set when the policy gate is active: whose answers to filter, and the errors for refused
+        # requests that must join the answer of the ones that were forwarded.
+        self.principal: Principal | None = None
+        self.extra: list[dict[str, Any]] = []
         self.scopes: list[CallScope] = []
         self._open: dict[int, tuple[CallScope, McpMessage]] = {}
         self._by_id: dict[Any, int] = {}
@@ -249,6 +279,16 @@ class Calls:
 
     def each(self) -> Iterable[CallScope]:
         return self.scopes
+
+    def refuse(self, index: int, *, http_status: int, outcome: str, error_type: str, reason: str) -> None:
+        """Finish one message the policy gate refused (it is never forwarded)."""
+        entry = self._open.pop(index, None)
+        if entry is None:
+            return
+        scope, message = entry
+        if message.kind == "request" and self._by_id.get(message.id) == index:
+            del self._by_id[message.id]
+        scope.finish(http_status=http_status, outcome=outcome, error_type=error_type, reason=reason)
 
     def answered(self, response: McpMessage, http_status: int) -> None:
         index = self._by_id.pop(response.id, None)
@@ -289,8 +329,11 @@ class InboundProxy:
         verifier: TokenVerifier | None,
         exchanger: TokenExchanger | None,
         upstream: aiohttp.ClientSession,
+        gate: Gate | None = None,
     ) -> None:
         self.config = config
+        self.gate = gate
+        self.legacy_streams = LegacySessions()
         self.observer = observer
         self.verifier = verifier
         self.exchanger = exchanger
@@ -392,7 +435,7 @@ class InboundProxy:
                 return self._fail(calls, answer, "denied", "credential_misplaced", _BODY_CREDENTIAL_MESSAGE)
             try:
                 return await self._handle_calls(
-                    request, body, parsed, calls, parse_error, principal, token, owner
+                    request, body, parsed, calls, parse_error, principal, token, owner, info
                 )
             except asyncio.CancelledError:
                 # The client went away (aiohttp cancels the handler): every open call still ends.
@@ -507,6 +550,7 @@ class InboundProxy:
         principal: Principal,
         token: str | None,
         owner: str,
+        info: RequestInfo,
     ) -> web.StreamResponse:
         if parse_error is not None:
             answer = Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {})
@@ -514,6 +558,21 @@ class InboundProxy:
         if parsed is not None and (why := jsonrpc.routing_header_mismatch(request.headers, parsed)):
             answer = Answer(400, jsonrpc.error_body(calls.ids(), jsonrpc.HEADER_MISMATCH, why), {})
             return self._fail(calls, answer, "error", "header_mismatch", why)
+        judgement: Judgement | None = None
+        if self.gate is not None and self.gate.active:
+            calls.principal = principal
+            if parsed is None and request.method in ("POST", "PUT", "PATCH"):
+                # Nothing the gate can judge: refused, never passed on for the app to interpret.
+                answer = Answer(
+                    400, jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, "empty request body"), {}
+                )
+                return self._fail(calls, answer, "error", "empty_body")
+            if parsed is not None:
+                # Judged before the token exchange: a refused call costs no IdP round trip.
+                judgement = await self.gate.judge(principal, parsed, info.transport)
+                refused = self._apply_judgement(request, parsed, judgement, calls, principal)
+                if refused is not None:
+                    return refused
         out_headers = upstream_request_headers(
             request.headers,
             self.config,
@@ -526,7 +585,63 @@ class InboundProxy:
             if failure is not None:
                 return failure
         body = self._inject_context(calls, out_headers, parsed, body)
+        if judgement is not None and parsed is not None:
+            # Only what was judged goes on, re-encoded: the app never parses bytes the gate did not
+            # (duplicate keys, odd encodings), and refused batch members are left out.
+            document = policy_gate.forwarded_document(parsed, judgement)
+            body = json.dumps(document, separators=(",", ":")).encode()
         return await self._forward(request, body, out_headers, calls, owner)
+
+    def _apply_judgement(
+        self,
+        request: web.BaseRequest,
+        parsed: ParsedBody,
+        judgement: Judgement,
+        calls: Calls,
+        principal: Principal,
+    ) -> web.StreamResponse | None:
+        """Record the gate's verdicts; answer now when nothing is left to forward."""
+        for index, (scope, verdict) in enumerate(zip(calls.scopes, judgement.verdicts, strict=True)):
+            if verdict.decision is None and verdict.outcome == "ok" and not verdict.store_error:
+                continue
+            scope.policy(_policy_outcome(verdict))
+            if verdict.forward:
+                continue
+            if verdict.outcome == "limited":
+                status, error_type = 429, "rate_limited"
+            elif verdict.outcome == "invalid":
+                status, error_type = 400, "invalid_request"
+            else:
+                status, error_type = 200, "policy_denied"
+            calls.refuse(
+                index,
+                http_status=status,
+                outcome="denied" if verdict.outcome != "invalid" else "error",
+                error_type=error_type,
+                reason=verdict.reason,
+            )
+        if not judgement.refused:
+            return None
+        errors = policy_gate.refused_errors(parsed, judgement)
+        legacy = request.method == "POST" and "session_id" in request.query
+        if legacy and self.legacy_streams.deliver(request.query.get("session_id", ""), principal, errors):
+            # The 2024-11-05 transport answers on the session's SSE stream; the POST only gets 202.
+            if judgement.nothing_to_forward:
+                return web.Response(status=202, text="Accepted")
+            return None
+        if not judgement.nothing_to_forward:
+            calls.extra.extend(errors)
+            return None
+        headers: dict[str, str] = {}
+        outcomes = {v.outcome for v in judgement.verdicts if not v.forward}
+        if "limited" in outcomes and "denied" not in outcomes:
+            status = 429
+            headers["Retry-After"] = str(judgement.retry_after_s)
+        elif outcomes == {"invalid"}:
+            status = 400
+        else:
+            status = 200
+        return self._answer(Answer(status, policy_gate.refusal_body(parsed, judgement), headers))
 
     async def _read_body(self, request: web.BaseRequest) -> bytes | Answer:
         limit = self.config.max_body_bytes
@@ -718,15 +833,38 @@ class InboundProxy:
         if calls.pending and upstream.headers.get("Content-Type", "").startswith(JSON_CT):
             for message in jsonrpc.parse_response_body(payload):
                 calls.answered(message, status)
+        headers = downstream_response_headers(upstream.headers, streaming=False)
+        if calls.principal is not None and self.gate is not None:
+            payload, status = self._gated_payload(payload, status, calls, headers)
         outcome = "ok" if status < 400 else "error"
         calls.finish_all(
             http_status=status, outcome=outcome, error_type=None if status < 400 else str(status)
         )
-        return web.Response(
-            status=status,
-            body=payload,
-            headers=downstream_response_headers(upstream.headers, streaming=False),
-        )
+        return web.Response(status=status, body=payload, headers=headers)
+
+    def _gated_payload(
+        self, payload: bytes, status: int, calls: Calls, headers: CIMultiDict[str]
+    ) -> tuple[bytes, int]:
+        """A JSON answer with list results filtered for the caller and refused batch members' errors."""
+        assert self.gate is not None and calls.principal is not None
+        is_json = headers.get("Content-Type", "").startswith(JSON_CT)
+        if is_json:
+            payload = self.gate.filter_payload(calls.principal, payload)
+        if not calls.extra:
+            return payload, status
+        answers: list[Any] = []
+        if is_json and payload.strip():
+            try:
+                decoded = json.loads(payload)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                decoded = None
+            if isinstance(decoded, list):
+                answers.extend(decoded)
+            elif isinstance(decoded, dict):
+                answers.append(decoded)
+        answers.extend(calls.extra)
+        headers["Content-Type"] = JSON_CT
+        return json.dumps(answers, separators=(",", ":")).encode(), 200 if status == 202 else status
 
     async def _stream(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, calls: Calls, owner: str
@@ -737,8 +875,10 @@ class InboundProxy:
         # Flush each event as it comes: no compression, no buffering in front of the client.
         response.headers["Cache-Control"] = upstream.headers.get("Cache-Control", "no-cache")
         response.headers["X-Accel-Buffering"] = "no"
-        watcher = jsonrpc.SseParser() if calls.pending else None
         legacy = request.method == "GET" and request.path == self.config.legacy_sse_path
+        if calls.principal is not None and self.gate is not None:
+            return await self._stream_gated(request, upstream, calls, response, legacy, owner)
+        watcher = jsonrpc.SseParser() if calls.pending else None
         head: bytes | None = b""
         legacy_session: str | None = None
         try:
@@ -792,6 +932,118 @@ class InboundProxy:
                 self.sessions.forget(legacy_session)
         return response
 
+    async def _stream_gated(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        calls: Calls,
+        response: web.StreamResponse,
+        legacy: bool,
+        owner: str,
+    ) -> web.StreamResponse:
+        """The SSE relay with the policy gate: whole events, list answers filtered, refusals injected.
+
+        Events are relayed as they complete (never buffered past one event), so streaming still
+        works; an event too large to judge ends the stream rather than passing unfiltered.
+        """
+        assert self.gate is not None and calls.principal is not None
+        principal = calls.principal
+        watcher = jsonrpc.SseParser() if calls.pending else None
+        framer = jsonrpc.SseFramer()
+        inbox: asyncio.Queue[bytes] | None = None
+        session: str | None = None
+        legacy_session: str | None = None
+        first = legacy
+        read: asyncio.Future[bytes] | None = None
+        getter: asyncio.Future[bytes] | None = None
+        status = upstream.status
+
+        async def send(raw: bytes) -> None:
+            if watcher is not None:
+                for event in watcher.feed(raw):
+                    self._watch_event(event, calls, status)
+            await response.write(raw)
+
+        try:
+            await response.prepare(request)
+            for error in calls.extra:
+                await send(jsonrpc.sse_message(error))
+            while True:
+                if read is None:
+                    read = asyncio.ensure_future(upstream.content.readany())
+                waiting: set[asyncio.Future[bytes]] = {read}
+                if inbox is not None:
+                    if getter is None:
+                        getter = asyncio.ensure_future(inbox.get())
+                    waiting.add(getter)
+                done, _ = await asyncio.wait(
+                    waiting, timeout=self.config.sse_idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    calls.finish_all(
+                        http_status=status, outcome="error", error_type="timeout", reason="SSE stream idle"
+                    )
+                    break
+                if getter is not None and getter in done:
+                    await send(getter.result())
+                    getter = None
+                if read not in done:
+                    continue
+                chunk = read.result()
+                read = None
+                if not chunk:
+                    break
+                try:
+                    events = framer.feed(chunk)
+                except jsonrpc.SseTooLarge:
+                    calls.finish_all(
+                        http_status=status,
+                        outcome="error",
+                        error_type="event_too_large",
+                        reason="an SSE event exceeded the size the policy gate judges",
+                    )
+                    break
+                for raw in events:
+                    if first:
+                        legacy_session = self._bind_legacy(raw.rstrip(b"\r\n"), owner)
+                        raw = rewrite_first_event(raw)
+                        first = False
+                        session = session_of_endpoint(raw)
+                        if session is not None:
+                            inbox = self.legacy_streams.open(session, principal)
+                    await send(jsonrpc.rewrite_event(raw, lambda d: self.gate_filter(principal, d)))
+            if calls.pending:
+                calls.finish_all(
+                    http_status=status,
+                    outcome="error",
+                    error_type="stream_closed",
+                    reason="the SSE stream ended before the answer",
+                )
+            else:
+                calls.finish_all(http_status=status, outcome="ok")
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
+            raise
+        except aiohttp.ClientError:
+            calls.finish_all(http_status=status, outcome="error", error_type="upstream_reset")
+        finally:
+            for pending in (read, getter):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+            if session is not None:
+                self.legacy_streams.close(session, inbox)
+            if legacy_session is not None and self.sessions is not None:
+                self.sessions.forget(legacy_session)
+        return response
+
+    def gate_filter(self, principal: Principal, data: str) -> str | None:
+        """New `data` for an SSE event whose JSON holds list results, or None to keep it as it is."""
+        assert self.gate is not None
+        encoded = data.encode()
+        filtered = self.gate.filter_payload(principal, encoded)
+        return None if filtered is encoded else filtered.decode()
+
     def _bind_legacy(self, event: bytes, owner: str) -> str | None:
         """Bind the `session_id` the legacy `endpoint` event announces to the caller who opened the stream."""
         if self.sessions is None:
@@ -826,6 +1078,7 @@ class InboundProxy:
         )
 
     def metrics_text(self) -> bytes:
+        # (the policy gate's own counters are published by the component)
         return (
             "# HELP outrider_inbound_requests_total HTTP requests received on the inbound MCP port.\n"
             "# TYPE outrider_inbound_requests_total counter\n"
