@@ -18,6 +18,7 @@ HOST_DIRS = (
     "/var/lib/cni",
     "/run/containerd",
     "/run/netns",
+    "/usr/libexec/kubernetes",
 )
 # Sysctls the kubelet, the bridge plugin or kube-proxy may change; `up` records them, `down` restores them.
 SYSCTLS = (
