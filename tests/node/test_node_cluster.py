@@ -274,7 +274,7 @@ def test_node_down_leaves_no_trace(node: Node) -> None:
     before = node.before or host.HostState.from_json(node.cfg.host_record.read_text())
     res = localnode("down")
     after = host.snapshot()
-    left = host.differences(before, after)
+    left = host.differences(before, after, mounts=host.our_mounts(node.cfg.state_dir))
     if node.was_up:
         localnode("up")
     assert res.returncode == 0, f"localnode down failed:\n{res.stdout[-3000:]}\n{res.stderr[-2000:]}"
