@@ -63,7 +63,11 @@ def all_running(cfg: NodeConfig) -> bool:
 
 def node_ready(bins: dict[str, str], cfg: NodeConfig) -> bool:
     jsonpath = '{.status.conditions[?(@.type=="Ready")].status}'
-    return kubectl(bins, cfg, "get", "node", cfg.node_name, "-o", f"jsonpath={jsonpath}").strip() == "True"
+    try:
+        out = kubectl(bins, cfg, "get", "node", cfg.node_name, "-o", f"jsonpath={jsonpath}")
+    except NodeError:
+        return False
+    return out.strip() == "True"
 
 
 def usage(cfg: NodeConfig) -> str:
