@@ -242,6 +242,7 @@ def up(cfg: NodeConfig) -> int:
     start(cfg, components.kube_proxy(cfg, bins["kube-proxy"]))
     start(cfg, components.coredns(cfg, bins["coredns"]))
     spire_up(cfg, bins)
+    Path(components.csi_socket(cfg)).parent.mkdir(parents=True, exist_ok=True)
     start(cfg, components.spiffe_csi_driver(cfg, bins["spiffe-csi-driver"]))
     start(cfg, components.csi_registrar(cfg, bins["csi-node-driver-registrar"]))
 
