@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from localnode import components, host, oci, render
-from localnode.config import PAUSE_IMAGE, from_env
+from localnode.config import PAUSE_IMAGE, NodeConfig, from_env
 
-CFG = from_env({"OUTRIDER_NODE_DIR": "/srv/node", "OUTRIDER_CACHE": "/c", "HOME": "/root"})
+CFG = NodeConfig(state_dir=Path("/srv/node"), cache_dir=Path("/c"), ipv6=True)
 
 
 def test_state_dir_must_be_absolute() -> None:
