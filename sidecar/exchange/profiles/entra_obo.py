@@ -40,8 +40,8 @@ def assertion_audience(config: ExchangeConfig) -> str:
 
 def downstream_scope(config: ExchangeConfig, audience: str | None, scope: str | None) -> str:
     """Entra names the downstream API by scope: `<App ID URI>/.default` when only an audience is set."""
-    if scope:
-        return scope
+    if scope or config.scope:
+        return scope or config.scope or ""
     target = audience or config.audience
     assert target is not None  # ExchangeConfig.check requires scope or audience for entra-obo
     return target.rstrip("/") + "/.default"
