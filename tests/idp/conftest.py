@@ -9,9 +9,17 @@ credential may appear in any output.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
+
+from sidecar.dev.spire import SpireDev, SpireOptions, find_binaries
+from sidecar.dev.spire_oidc import SpireOidcProvider, find_oidc_provider
+from sidecar.identity.config import IdentityConfig
+from sidecar.identity.workload import WorkloadApiIdentity
 
 
 class LeakGuard:
@@ -48,3 +56,47 @@ def leaks(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -
     guard.check(texts)
     # Print again what was captured, so a failing test still shows its output.
     print(out, end="")
+
+
+# -- real SPIRE with its OIDC discovery provider ------------------------------------------------
+
+TRUST_DOMAIN = "example.org"
+SIDECAR_ID = f"spiffe://{TRUST_DOMAIN}/ns/mcp/sa/weather"
+
+
+@asynccontextmanager
+async def spire_with_oidc(
+    *, jwt_issuer: str | None = None
+) -> AsyncIterator[tuple[SpireDev, SpireOidcProvider]]:
+    """A SPIRE server + agent (entry: this UID -> SIDECAR_ID) and SPIRE's oidc-discovery-provider.
+
+    `jwt_issuer` is the `iss` of the JWT-SVIDs; default: the discovery provider's own URL (what an
+    IdP resolving the issuer through OIDC discovery needs).
+    """
+    bin_dir = find_binaries(build=True)
+    if bin_dir is None or find_oidc_provider() is None:
+        pytest.fail("SPIRE binaries missing: scripts/build-upstream.sh spire did not produce them")
+    port = free_port()
+    issuer = jwt_issuer or f"http://127.0.0.1:{port}"
+    options = SpireOptions(trust_domain=TRUST_DOMAIN, log_level="WARN", jwt_issuer=issuer)
+    async with SpireDev(bin_dir=bin_dir, options=options) as spire:
+        await spire.create_entry(SIDECAR_ID, [f"unix:uid:{os.getuid()}"])
+        async with SpireOidcProvider(spire, port=port) as oidc:
+            yield spire, oidc
+
+
+@asynccontextmanager
+async def spire_identity(spire: SpireDev) -> AsyncIterator[WorkloadApiIdentity]:
+    identity = WorkloadApiIdentity(
+        IdentityConfig(socket=spire.agent_socket_uri, backoff_min_s=0.2, backoff_max_s=2.0)
+    )
+    async with identity:
+        assert await identity.wait_ready(60), identity.status
+        yield identity
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
