@@ -35,8 +35,8 @@ from mcp_types import CallToolResult, TextContent
 
 from sidecar.dev import mcp_server
 from sidecar.dev.idp import ClientRegistration, DevIdP, WorkloadApiJwtBundles
+from tests.telemetry.otlp_receiver import Received, otlp_http_receiver
 
-from ..telemetry.otlp_receiver import Received, otlp_http_receiver
 from .conftest import SIDECAR_ID, LeakGuard, free_port, spire_with_oidc
 from .dpop_client import DpopKey
 from .standins.entra import AppRegistration, EntraStandIn, EntraUser, FederatedCredential
