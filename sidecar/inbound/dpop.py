@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import json
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -27,6 +29,7 @@ _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"),
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _FAMILY = {"ES": "EC", "RS": "RSA", "PS": "RSA", "Ed": "OKP"}
 MAX_PROOF_CHARS = 8192
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,30 @@ def expected_htu(public_url: str, request_path: str) -> str:
     return normalize_htu(urlunsplit((parts.scheme, parts.netloc, request_path or "/", "", ""))) or ""
 
 
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def parse_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes] | None:
+    """(header, claims, signing input, signature) of a compact JWS with JSON objects, else None.
+
+    Parsed here rather than by PyJWT's `decode`: a proof is checked on every call and PyJWT's
+    per-character segment validation costs more than the signature check.
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or not all(_SEGMENT.fullmatch(p) for p in parts):
+        return None
+    try:
+        header = json.loads(_b64decode(parts[0]))
+        claims = json.loads(_b64decode(parts[1]))
+        signature = _b64decode(parts[2])
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        return None
+    return header, claims, f"{parts[0]}.{parts[1]}".encode(), signature
+
+
 def _fail(description: str, *, error: str = "invalid_dpop_proof", nonce: str | None = None) -> DpopFailure:
     return DpopFailure(401, error, description, nonce=nonce)
 
@@ -104,6 +131,25 @@ class ReplayCache:
             return False
         self._seen[key] = until
         return True
+
+
+class KeyCache:
+    """Parsed public keys by thumbprint: a client signs every proof with the same key, and building
+    the key object from its JWK costs more than the signature check itself."""
+
+    def __init__(self, max_size: int = 4096) -> None:
+        self._keys: OrderedDict[str, Any] = OrderedDict()
+        self._max = max_size
+
+    def get(self, thumbprint: str, alg: str, jwk: Mapping[str, Any]) -> Any:
+        cache_key = f"{alg}:{thumbprint}"
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = jwt.get_algorithm_by_name(alg).from_jwk(dict(jwk))
+            self._keys[cache_key] = key
+            while len(self._keys) > self._max:
+                self._keys.popitem(last=False)
+        return key
 
 
 class NonceSource:
@@ -144,6 +190,7 @@ def check_proof(
     now: float,
     replay: ReplayCache,
     nonces: NonceSource | None,
+    keys: KeyCache | None = None,
 ) -> DpopFailure | None:
     """Every RFC 9449 §4.3 check of the proof for a bound token; None when the proof is good."""
     if not facts.proofs:
@@ -153,10 +200,10 @@ def check_proof(
     proof = facts.proofs[0]
     if len(proof) > MAX_PROOF_CHARS:
         return _fail("the DPoP proof is too large")
-    try:
-        header = jwt.get_unverified_header(proof)
-    except jwt.InvalidTokenError:
+    parsed = parse_jws(proof)
+    if parsed is None:
         return _fail("the DPoP proof is not a JWT")
+    header, claims, signing_input, signature = parsed
     if header.get("typ") != "dpop+jwt":
         return _fail("the DPoP proof's typ is not dpop+jwt")
     alg = header.get("alg")
@@ -169,10 +216,15 @@ def check_proof(
     if thumbprint is None or not hmac.compare_digest(thumbprint, jkt):
         return _fail("the DPoP proof is signed by another key than the one the token is bound to")
     try:
-        key = jwt.PyJWK(jwk, algorithm=alg).key
-        claims = jwt.decode(proof, key, algorithms=[alg], options={"verify_aud": False, "verify_iat": False})
-    except (jwt.InvalidTokenError, jwt.PyJWKError, ValueError, TypeError):
+        key = (keys or KeyCache(1)).get(thumbprint, alg, jwk)
+        valid = jwt.get_algorithm_by_name(alg).verify(signing_input, key, signature)
+    except (jwt.InvalidKeyError, jwt.PyJWKError, ValueError, TypeError, NotImplementedError):
+        valid = False
+    if not valid:
         return _fail("the DPoP proof's signature is invalid")
+    exp = claims.get("exp")
+    if exp is not None and (not isinstance(exp, int | float) or isinstance(exp, bool) or exp <= now):
+        return _fail("the DPoP proof has expired")
     jti, htm, htu, iat = claims.get("jti"), claims.get("htm"), claims.get("htu"), claims.get("iat")
     if not isinstance(jti, str) or not jti or len(jti) > 256:
         return _fail("the DPoP proof has no jti")
@@ -200,6 +252,7 @@ class DpopGuard:
         self.config = config
         self.replay = ReplayCache(config.replay_cache_size)
         self.nonces = NonceSource(config.nonce_lifetime_s) if config.nonce else None
+        self.keys = KeyCache()
         self._clock = clock
         self.checked = 0
         self.refused = 0
@@ -214,6 +267,7 @@ class DpopGuard:
             now=self._clock(),
             replay=self.replay,
             nonces=self.nonces,
+            keys=self.keys,
         )
         if failure is not None:
             self.refused += 1
