@@ -51,7 +51,14 @@ def leaks(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -
     guard = LeakGuard()
     yield guard
     out, err = capfd.readouterr()
-    texts: list[tuple[str, str | bytes]] = [("log records", caplog.text), ("stdout", out), ("stderr", err)]
+    # caplog keeps each phase's records apart: the set-up's and the test's, and the teardown so far.
+    records = [r for when in ("setup", "call") for r in caplog.get_records(when)]
+    logged = "\n".join(f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''}" for r in records)
+    texts: list[tuple[str, str | bytes]] = [
+        ("log records", logged + caplog.text),
+        ("stdout", out),
+        ("stderr", err),
+    ]
     texts += [(name, read()) for name, read in guard.outputs]
     guard.check(texts)
     # Print again what was captured, so a failing test still shows its output.

@@ -42,8 +42,9 @@ class Keycloak:
 @pytest.fixture(scope="module")
 def keycloak() -> Iterator[Keycloak]:
     try:
-        with KeycloakServer(features="dpop") as server:
-            # With the dpop feature a DPoP proof at the token endpoint binds the token (cnf.jkt).
+        # DPoP is a default feature in 26.4 (Profile.Feature.DPOP, Type.DEFAULT): the same features as
+        # tests/exchange/test_keycloak.py, so the cached distribution is not re-augmented.
+        with KeycloakServer(startup_timeout=900) as server:
             realm = create_outrider_realm(server)
             yield Keycloak(server, realm, server.admin().user_id(realm.realm, "alice"))
     except Unavailable as exc:
