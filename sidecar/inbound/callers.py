@@ -98,6 +98,25 @@ class CallerVerifier:
         self.dpop = dpop
         self.public_url = config.public_url or config.resource or ""
 
+    def metrics_text(self) -> bytes:
+        """Counters for /metrics: introspection calls and cache hits, DPoP proofs checked and refused."""
+        introspectors = [i.introspector for i in self.issuers.values() if i.introspector is not None]
+        lines = [
+            "# HELP outrider_introspection_requests_total RFC 7662 introspection calls to the issuers.",
+            "# TYPE outrider_introspection_requests_total counter",
+            f"outrider_introspection_requests_total {sum(i.calls for i in introspectors)}",
+            "# HELP outrider_introspection_cache_hits_total Tokens judged from the introspection cache.",
+            "# TYPE outrider_introspection_cache_hits_total counter",
+            f"outrider_introspection_cache_hits_total {sum(i.cache_hits for i in introspectors)}",
+            "# HELP outrider_dpop_proofs_total DPoP proofs checked for bound tokens.",
+            "# TYPE outrider_dpop_proofs_total counter",
+            f"outrider_dpop_proofs_total {self.dpop.checked}",
+            "# HELP outrider_dpop_refused_total DPoP proofs refused (missing, invalid, replayed).",
+            "# TYPE outrider_dpop_refused_total counter",
+            f"outrider_dpop_refused_total {self.dpop.refused}",
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
     @property
     def jwks_caches(self) -> list[JwksCache]:
         return [i.jwks for i in self.issuers.values() if i.jwks is not None]

@@ -159,12 +159,16 @@ async def serve(
 
         runtime.readiness["inbound"] = ready
         runtime.metrics.append(proxy.metrics_text)
+        if verifier is not None:
+            runtime.metrics.append(verifier.metrics_text)
         try:
             yield proxy
         finally:
             runtime.readiness.pop("inbound", None)
             with suppress(ValueError):
                 runtime.metrics.remove(proxy.metrics_text)
+                if verifier is not None:
+                    runtime.metrics.remove(verifier.metrics_text)
 
 
 @asynccontextmanager

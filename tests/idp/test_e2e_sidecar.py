@@ -353,6 +353,12 @@ async def test_dpop_bound_calls_need_proofs(world: World, leaks: LeakGuard) -> N
     async with aiohttp.ClientSession() as session, session.get(well_known) as response:
         metadata = await response.json()
     assert "ES256" in metadata["dpop_signing_alg_values_supported"]
+    async with aiohttp.ClientSession() as session, session.get(world.admin + "/metrics") as response:
+        metrics = await response.text()
+    refused_count = next(
+        line for line in metrics.splitlines() if line.startswith("outrider_dpop_refused_total")
+    )
+    assert int(refused_count.split()[1]) >= 2
     assert set(metadata["authorization_servers"]) == {
         world.entra.issuer,
         world.okta.issuer,
