@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress kind-e2e clean
+        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-idp kind-e2e clean
 
 help:
 	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
@@ -68,6 +68,9 @@ bench-proxy: venv
 bench-telemetry: venv
 	$(BIN)/python bench/bench_telemetry.py
 	$(BIN)/python bench/bench_telemetry.py --proxy
+
+bench-idp: venv
+	$(BIN)/python bench/bench_idp.py
 
 bench-egress: venv sysdeps
 	$(BIN)/python bench/bench_egress.py
