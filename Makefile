@@ -1,9 +1,12 @@
 # Outrider — every target installs what it needs by itself (virtualenv, Debian packages, cached Go builds).
 SHELL := bash
-PYTHON ?= python3
+# The venv's interpreter must be runnable by every UID (tests run apps as UID 1000, the sidecar as 15337):
+# scripts/pick-python.sh picks one (PYTHON=... to choose; it is checked the same way).
+PYTHON ?=
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+BASE_PYTHON := $(shell PYTHON='$(PYTHON)' scripts/pick-python.sh 2>/dev/null)
+STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)'; } | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
@@ -15,7 +18,10 @@ help:
 	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e"
 
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || { echo "[make] creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@test -n '$(BASE_PYTHON)' || PYTHON='$(PYTHON)' scripts/pick-python.sh >/dev/null
+	@if test -e $(BIN)/python && test "$$(readlink -f $(BIN)/python)" != '$(BASE_PYTHON)'; then \
+	  echo "[make] $(VENV) runs $$(readlink -f $(BIN)/python), not $(BASE_PYTHON); recreating it"; rm -rf $(VENV); fi
+	@test -x $(BIN)/python || { echo "[make] creating $(VENV) from $(BASE_PYTHON)"; '$(BASE_PYTHON)' -m venv $(VENV); }
 	@echo "[make] installing outrider and its dev dependencies into $(VENV)"
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -m pip install -q -e '.[dev]'
