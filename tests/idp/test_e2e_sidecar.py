@@ -48,7 +48,7 @@ MIDDLE = "3f2504e0-4f89-41d3-9a0c-0305e82c3301"  # the MCP server's Entra app re
 DOWNSTREAM = "9b1deb4d-3b7d-4bad-9bdd-2b0d7b3dcb6d"
 OKTA_SECRET = "okta-client-secret-0123456789abcdef"
 OKTA_AUDIENCE = "api://weather-mcp-okta"
-CACHE_TTL_S = 1.0
+CACHE_TTL_S = 5.0  # long enough that one client session's calls all fall inside it
 
 
 @dataclass
