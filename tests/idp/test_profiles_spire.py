@@ -12,6 +12,8 @@ import pytest
 from sidecar.exchange import ExchangeError
 from sidecar.exchange.client import build_exchanger
 from sidecar.exchange.config import ExchangeConfig
+from sidecar.inbound.introspection import Introspected, Introspector
+from sidecar.inbound.issuers import ASSERTION_TYPES, IntrospectionConfig
 
 from .conftest import SIDECAR_ID, LeakGuard, spire_identity, spire_with_oidc
 from .standins.entra import AppRegistration, EntraStandIn, EntraUser, FederatedCredential
@@ -163,6 +165,26 @@ async def test_okta_private_key_jwt_with_the_svid_key(leaks: LeakGuard) -> None:
             with pytest.raises(ExchangeError) as denied:
                 await narrow.exchange(alice)
             assert denied.value.http_status == 403 and denied.value.oauth_error == "invalid_scope"
+
+            # Introspection authenticated with the same SVID key (private_key_jwt, aud = /v1/introspect).
+            introspector = Introspector(
+                IntrospectionConfig(
+                    endpoint=okta.endpoint("introspect"),
+                    client_id=SIDECAR_ID,
+                    assertion_type=ASSERTION_TYPES["jwt-bearer"],
+                    assertion_audience=okta.endpoint("introspect"),
+                ),
+                issuer=okta.issuer,
+                audience="api://weather-mcp",
+                required_scopes=(),
+                leeway_s=5,
+                identity=identity,
+                session=session,
+            )
+            opaque = okta.opaque("carol", audience="api://weather-mcp")
+            result = await introspector.introspect(opaque)
+            assert isinstance(result, Introspected) and result.principal.subject == "carol@example.com"
+            assert okta.requests["introspect"] == 1 and "invalid_client" not in okta.errors
 
 
 async def test_okta_refuses_a_plain_svid_as_private_key_jwt(leaks: LeakGuard) -> None:
