@@ -132,9 +132,11 @@ class CallerVerifier:
         if claims is not None:
             iss = claims.get("iss")
             trusted = self.issuers.get(iss) if isinstance(iss, str) else None
-            if trusted is None and len(self.issuers) == 1:
-                # One issuer: its verifier says precisely what is wrong (missing iss, another iss...).
-                trusted = next(iter(self.issuers.values()))
+            only = next(iter(self.issuers.values())) if len(self.issuers) == 1 else None
+            if trusted is None and only is not None and only.verifier is not None:
+                # One issuer checked locally: its verifier says precisely what is wrong (no iss, another
+                # iss...). Never an introspection endpoint: it would see a token meant for someone else.
+                trusted = only
             if trusted is None:
                 return AuthFailure(401, "invalid_token", "the access token was issued by an untrusted issuer")
             if trusted.verifier is not None:
