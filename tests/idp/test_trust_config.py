@@ -129,3 +129,24 @@ def test_introspection_refusals(document: dict[str, Any], why: str) -> None:
 def test_introspection_scopes() -> None:
     result = _judge({"active": True, "sub": "a", "scope": "x"}, required_scopes=("mcp:use",))
     assert not isinstance(result, Introspected) and result.status == 403
+
+
+async def test_a_jwt_of_another_issuer_is_never_introspected() -> None:
+    import aiohttp
+    import jwt as pyjwt
+
+    from sidecar.inbound.callers import Presented, build_caller_verifier
+
+    config = _config(
+        issuers=[
+            {"issuer": B, "introspection": {"endpoint": "http://127.0.0.1:9/introspect", "auth": "none"}}
+        ]
+    )
+    foreign = pyjwt.encode({"iss": "https://elsewhere.example", "sub": "x"}, "k" * 32, algorithm="HS256")
+    async with aiohttp.ClientSession() as session:
+        verifier = build_caller_verifier(config, session, None)
+        result = await verifier.authenticate(Presented("bearer", foreign, (), "POST", "/mcp"))
+        introspector = verifier.issuers[B].introspector
+        assert not isinstance(result, Introspected) and result.status == 401  # type: ignore[union-attr]
+        assert "untrusted issuer" in result.description  # type: ignore[union-attr]
+        assert introspector is not None and introspector.calls == 0
