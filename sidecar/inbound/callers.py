@@ -167,13 +167,13 @@ class CallerVerifier:
     ) -> Principal | AuthFailure:
         if jkt is None:
             if presented.scheme == "dpop":
-                return DpopFailure(401, "invalid_token", "the access token is not DPoP-bound: use Bearer")
+                return self.dpop.refuse("the access token is not DPoP-bound: use Bearer")
             if self.dpop.config.required:
-                return DpopFailure(401, "invalid_token", "this server accepts DPoP-bound tokens only")
+                return self.dpop.refuse("this server accepts DPoP-bound tokens only")
             return principal
         if presented.scheme != "dpop":
             # RFC 9449 §7.1: a bound token sent as a bearer token is refused (no downgrade).
-            return DpopFailure(401, "invalid_token", "this access token is DPoP-bound: use the DPoP scheme")
+            return self.dpop.refuse("this access token is DPoP-bound: use the DPoP scheme")
         facts = ProofFacts(presented.proofs, presented.method, expected_htu(self.public_url, presented.path))
         failure = self.dpop.check(facts, access_token=presented.token, jkt=jkt)
         return failure or principal

@@ -273,5 +273,10 @@ class DpopGuard:
             self.refused += 1
         return failure
 
+    def refuse(self, description: str) -> DpopFailure:
+        """A refusal decided before any proof is looked at (wrong scheme for the token's binding)."""
+        self.refused += 1
+        return DpopFailure(401, "invalid_token", description)
+
     def current_nonce(self) -> str | None:
         return self.nonces.current(self._clock()) if self.nonces else None
