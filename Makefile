@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)';
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-idp kind-e2e clean
+        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean
 
 help:
 	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
@@ -54,7 +54,7 @@ test: venv sysdeps lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not kubeyaml" $(PYTEST_ARGS)
 
 certs: venv
 	$(BIN)/outrider certs --out certs
@@ -80,6 +80,9 @@ bench-idp: venv
 
 bench-egress: venv sysdeps
 	$(BIN)/python bench/bench_egress.py
+
+bench-policy: venv sysdeps
+	$(BIN)/python bench/bench_policy.py
 
 kind-e2e:
 	@scripts/kind-e2e.sh

@@ -246,6 +246,8 @@ def build_caller_verifier(
                 leeway_s=config.leeway_s,
                 identity=identity,
                 session=session,
+                group_claims=config.group_claims,
+                role_claims=config.role_claims,
             )
         issuers.append(TrustedIssuer(entry, verifier, jwks, introspector))
     return CallerVerifier(config, issuers, DpopGuard(config.dpop))

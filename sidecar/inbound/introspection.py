@@ -57,6 +57,8 @@ def judge(
     now: float,
     leeway_s: float,
     cache_ttl_s: float,
+    group_claims: tuple[str, ...] = (),
+    role_claims: tuple[str, ...] = (),
 ) -> Introspected | AuthFailure:
     """Decide on an RFC 7662 §2.2 answer; only a JSON `true` counts as active."""
     if document.get("active") is not True:
@@ -78,7 +80,7 @@ def judge(
     if not isinstance(subject, str) or not subject:
         return AuthFailure(401, "invalid_token", "the introspection answer names no subject")
     claims = {**document, "sub": subject, "iss": issuer}
-    principal = principal_from_claims(claims)
+    principal = principal_from_claims(claims, group_claims, role_claims)
     missing = [s for s in required_scopes if s not in principal.scopes]
     if missing:
         return AuthFailure(403, "insufficient_scope", f"the token lacks scope(s): {' '.join(missing)}")
@@ -122,8 +124,12 @@ class Introspector:
         identity: WorkloadIdentity | None,
         session: aiohttp.ClientSession,
         clock: Clock = time.time,
+        group_claims: tuple[str, ...] = (),
+        role_claims: tuple[str, ...] = (),
     ) -> None:
         self.config = config
+        self._group_claims = group_claims
+        self._role_claims = role_claims
         self._issuer = issuer
         self._audience = audience
         self._required = required_scopes
@@ -236,6 +242,8 @@ class Introspector:
             now=self._clock(),
             leeway_s=self._leeway,
             cache_ttl_s=self.config.cache_ttl_s,
+            group_claims=self._group_claims,
+            role_claims=self._role_claims,
         )
 
     def _unavailable(self, why: str) -> AuthFailure:

@@ -46,6 +46,7 @@ CIDR_HOST_V4, CIDR_HOST_V6 = "10.200.2.5", "fd00:202::5"
 SINK_V4 = "10.200.3.1"
 META_V4 = "169.254.169.254"  # a cloud metadata service, reachable through the pod's default route
 MCP_PORT = 18080
+KEEPALIVE_PORT = 8088  # the internet's keep-alive, virtual-host HTTP server
 
 ZONE = {
     "allowed.test": {"A": [ALLOWED_V4], "AAAA": [ALLOWED_V6]},
@@ -59,6 +60,8 @@ ZONE = {
     "mapped.test": {"AAAA": [f"::ffff:{META_V4}"]},
     "rebind.test": {"A": [ALLOWED_V4], "rebind": [META_V4, ALLOWED_V4]},
     "aliased.test": {"A": [ALLOWED_V4]},  # the attack lab's /etc/hosts (hostAliases) says DENIED_V4
+    # A name the policy does not allow, served by the same server (virtual hosts) as allowed.test.
+    "shared.test": {"A": [ALLOWED_V4], "AAAA": [ALLOWED_V6]},
 }
 
 POLICY = {
@@ -354,6 +357,7 @@ def _internet_config(lab_dir: Path, cert: Path, key: Path, log: Path) -> dict[st
             [address, 80, "http"],
             [address, 8443, "https"],
             [address, 7000, "echo"],
+            [address, KEEPALIVE_PORT, "http-keepalive"],
         ]
     tcp += [[CIDR_HOST_V4, 7000, "echo"], [CIDR_HOST_V6, 7000, "echo"], [SINK_V4, 9000, "sink"]]
     tcp += [[META_V4, 80, "http"]]
