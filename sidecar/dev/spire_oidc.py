@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -18,8 +19,14 @@ from typing import Any
 from sidecar.dev.spire import SpireDev, SpireError, _free_port, _terminate, cache_bin_dir
 
 
-def find_oidc_provider() -> Path | None:
+def find_oidc_provider(*, build: bool = True) -> Path | None:
+    """The cached binary; builds it (a minute or two, once) with scripts/build-upstream.sh if allowed."""
     path = cache_bin_dir() / "oidc-discovery-provider"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build-upstream.sh"
+    if not path.exists() and build and script.exists():
+        done = subprocess.run([str(script), "spire-oidc"], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SpireError(f"{script} spire-oidc failed:\n{done.stderr[-3000:]}")
     return path if path.exists() else None
 
 
