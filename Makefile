@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)';
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy kind-e2e clean \
+        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean \
         node node-down node-test
 
 help:
@@ -77,6 +77,9 @@ bench-proxy: venv
 bench-telemetry: venv
 	$(BIN)/python bench/bench_telemetry.py
 	$(BIN)/python bench/bench_telemetry.py --proxy
+
+bench-idp: venv
+	$(BIN)/python bench/bench_idp.py
 
 bench-egress: venv sysdeps
 	$(BIN)/python bench/bench_egress.py
