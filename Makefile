@@ -88,12 +88,14 @@ bench-policy: venv sysdeps
 	$(BIN)/python bench/bench_policy.py
 
 node: venv
+	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
 	@$(BIN)/python -m localnode up
 
 node-down: venv
 	@$(BIN)/python -m localnode down
 
 node-test: venv
+	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
 	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 
 kind-e2e:
