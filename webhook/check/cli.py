@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from kubernetes_asyncio import config
+from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from webhook.check.evaluate import FAIL, PASS, WARN, Result, evaluate, evaluate_pre, failed
@@ -77,6 +78,12 @@ def run(args: argparse.Namespace) -> int:
         results = asyncio.run(check(args.kubeconfig, args.context, names, pre=args.pre))
     except (ConfigException, OSError) as exc:
         print(f"outrider check: cannot use the kubeconfig: {exc}", file=sys.stderr)
+        return 2
+    except ApiException as exc:  # a call gather does not expect to fail; no body (may echo objects)
+        print(
+            f"outrider check: the Kubernetes API refused a request: HTTP {exc.status} {exc.reason}",
+            file=sys.stderr,
+        )
         return 2
     (render_json if args.output == "json" else render_text)(results, sys.stdout)
     return 1 if failed(results) else 0

@@ -112,6 +112,15 @@ def check_spiffe(f: Facts) -> Iterable[Result]:
 def check_registration(f: Facts) -> Iterable[Result]:
     g = "spiffe"
     name = f"a ClusterSPIFFEID selects {PROXY}"
+    if f.cluster_spiffe_ids_error:
+        yield Result(
+            g,
+            name,
+            WARN,
+            f"cannot list ClusterSPIFFEIDs: {f.cluster_spiffe_ids_error}",
+            "run check with rights to list clusterspiffeids.spire.spiffe.io",
+        )
+        return
     if f.cluster_spiffe_ids is None:
         yield Result(
             g,
@@ -167,6 +176,15 @@ def check_webhook(f: Facts) -> Iterable[Result]:
     g = "outrider-webhook"
     n = f.names
     mwc = f.webhook_config
+    if f.webhook_config_error:
+        yield Result(
+            g,
+            f"MutatingWebhookConfiguration {n.webhook_config} exists",
+            FAIL,
+            f"cannot list MutatingWebhookConfigurations: {f.webhook_config_error}",
+            "run check as a user who may read cluster-scoped admission objects",
+        )
+        return
     if mwc is None:
         yield Result(
             g,
@@ -353,6 +371,14 @@ def check_config(f: Facts) -> tuple[list[Result], str | None]:
 
 def check_namespaces(f: Facts) -> Iterable[Result]:
     g = "namespaces"
+    if f.workloads_error:
+        yield Result(
+            g,
+            "can list labelled namespaces and their pods",
+            FAIL,
+            f.workloads_error,
+            "run check as a user who may list namespaces and pods",
+        )
     for ns, labels in sorted(f.namespaces.items()):
         value = labels.get(ann.NAMESPACE_INJECT, "")
         level = labels.get(POD_SECURITY_ENFORCE, "privileged")
@@ -473,6 +499,15 @@ def check_conflicts(f: Facts) -> Iterable[Result]:
     g = "pre-install"
     name = f"no MutatingWebhookConfiguration {f.names.webhook_config} is in the way"
     mwc = f.webhook_config
+    if f.webhook_config_error:
+        yield Result(
+            g,
+            name,
+            WARN,
+            f"cannot list MutatingWebhookConfigurations: {f.webhook_config_error}",
+            "install needs that right anyway; see the permission check below",
+        )
+        return
     if mwc is None:
         yield Result(g, name, PASS, "none")
         return

@@ -60,6 +60,7 @@ class Facts:
     version_error: str = ""
     # MutatingWebhookConfigurations: ours (None: absent) and every other one, as plain dicts
     webhook_config: Mapping[str, Any] | None = None
+    webhook_config_error: str = ""  # the list call failed (e.g. 403): presence unknown
     other_webhook_configs: tuple[Mapping[str, Any], ...] = ()
     cert_secret: Mapping[str, str] | None = None  # base64 data of the serving-cert Secret
     cert_secret_error: str = ""
@@ -72,6 +73,8 @@ class Facts:
     csi_driver: bool = False
     csi_driver_error: str = ""
     cluster_spiffe_ids: tuple[Mapping[str, Any], ...] | None = None  # None: the CRD is absent
+    cluster_spiffe_ids_error: str = ""
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # labelled ones
     pods: tuple[PodFacts, ...] = ()
+    workloads_error: str = ""  # listing labelled namespaces or their pods failed
     access: tuple[Access, ...] = ()

@@ -54,10 +54,13 @@ async def _version(api: client.ApiClient) -> tuple[str, str]:
 
 async def _webhook_configs(
     api: client.ApiClient, name: str
-) -> tuple[dict[str, Any] | None, tuple[dict[str, Any], ...]]:
-    items = (await client.AdmissionregistrationV1Api(api).list_mutating_webhook_configuration()).items
+) -> tuple[dict[str, Any] | None, tuple[dict[str, Any], ...], str]:
+    try:
+        items = (await client.AdmissionregistrationV1Api(api).list_mutating_webhook_configuration()).items
+    except ApiException as exc:
+        return None, (), _reason(exc)
     ours = next((_plain(api, m) for m in items if m.metadata.name == name), None)
-    return ours, tuple(_plain(api, m) for m in items if m.metadata.name != name)
+    return ours, tuple(_plain(api, m) for m in items if m.metadata.name != name), ""
 
 
 async def _secret(api: client.ApiClient, names: Names) -> tuple[dict[str, str] | None, str]:
@@ -103,21 +106,22 @@ async def _csi(api: client.ApiClient) -> tuple[bool, str]:
     return True, ""
 
 
-async def _cluster_spiffe_ids(api: client.ApiClient) -> tuple[dict[str, Any], ...] | None:
+async def _cluster_spiffe_ids(api: client.ApiClient) -> tuple[tuple[dict[str, Any], ...] | None, str]:
     try:
         out = await client.CustomObjectsApi(api).list_cluster_custom_object(
             "spire.spiffe.io", "v1alpha1", "clusterspiffeids"
         )
     except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return tuple(out.get("items") or [])
+        return None, "" if exc.status == 404 else _reason(exc)
+    return tuple(out.get("items") or []), ""
 
 
-async def _namespaces(api: client.ApiClient) -> dict[str, dict[str, str]]:
-    items = (await client.CoreV1Api(api).list_namespace(label_selector=ann.NAMESPACE_INJECT)).items
-    return {ns.metadata.name: dict(ns.metadata.labels or {}) for ns in items}
+async def _namespaces(api: client.ApiClient) -> tuple[dict[str, dict[str, str]], str]:
+    try:
+        items = (await client.CoreV1Api(api).list_namespace(label_selector=ann.NAMESPACE_INJECT)).items
+    except ApiException as exc:
+        return {}, _reason(exc)
+    return {ns.metadata.name: dict(ns.metadata.labels or {}) for ns in items}, ""
 
 
 async def _readyz(api: client.ApiClient, namespace: str, pod: str) -> str:
@@ -154,17 +158,23 @@ def _pod_facts(pod: Any) -> PodFacts:
     )
 
 
-async def _pods(api: client.ApiClient, namespaces: Mapping[str, Mapping[str, str]]) -> tuple[PodFacts, ...]:
+async def _pods(
+    api: client.ApiClient, namespaces: Mapping[str, Mapping[str, str]]
+) -> tuple[tuple[PodFacts, ...], str]:
     out: list[PodFacts] = []
     for ns, labels in sorted(namespaces.items()):
         if labels.get(ann.NAMESPACE_INJECT) not in OPTED_IN:
             continue
-        for pod in (await client.CoreV1Api(api).list_namespaced_pod(ns)).items:
+        try:
+            pods = (await client.CoreV1Api(api).list_namespaced_pod(ns)).items
+        except ApiException as exc:
+            return tuple(out), f"pods in {ns}: {_reason(exc)}"
+        for pod in pods:
             facts = _pod_facts(pod)
             if facts.phase == "Running" and PROXY in facts.containers and facts.proxy_ready is not True:
                 facts = PodFacts(**{**facts.__dict__, "readyz": await _readyz(api, ns, facts.name)})
             out.append(facts)
-    return tuple(out)
+    return tuple(out), ""
 
 
 def _probe_pod(namespace: str) -> dict[str, Any]:
@@ -219,7 +229,11 @@ async def _access(api: client.ApiClient, names: Names) -> tuple[Access, ...]:
             "kind": "SelfSubjectAccessReview",
             "spec": {"resourceAttributes": attrs},
         }
-        review = await authz.create_self_subject_access_review(body)
+        try:
+            review = await authz.create_self_subject_access_review(body)
+        except ApiException as exc:
+            out.append(Access(verb, group, resource, ns, False, _reason(exc)))
+            continue
         out.append(Access(verb, group, resource, ns, bool(review.status.allowed), review.status.reason or ""))
     return tuple(out)
 
@@ -229,7 +243,7 @@ async def gather(api: client.ApiClient, names: Names, *, pre: bool = False) -> F
     if version_error:  # nothing else will answer either
         return Facts(names=names, now_epoch=time.time(), version_error=version_error)
     csi, csi_error = await _csi(api)
-    mwc, others = await _webhook_configs(api, names.webhook_config)
+    mwc, others, mwc_error = await _webhook_configs(api, names.webhook_config)
     if pre:
         return Facts(
             names=names,
@@ -238,18 +252,22 @@ async def gather(api: client.ApiClient, names: Names, *, pre: bool = False) -> F
             csi_driver=csi,
             csi_driver_error=csi_error,
             webhook_config=mwc,
+            webhook_config_error=mwc_error,
             other_webhook_configs=others,
             access=await _access(api, names),
         )
     secret, secret_error = await _secret(api, names)
     ready, not_ready, ep_error = await _endpoints(api, names)
     cm, cm_error = await _config_map(api, names)
-    namespaces = await _namespaces(api)
+    namespaces, namespaces_error = await _namespaces(api)
+    spiffe_ids, spiffe_ids_error = await _cluster_spiffe_ids(api)
+    pods, pods_error = await _pods(api, namespaces)
     return Facts(
         names=names,
         now_epoch=time.time(),
         server_version=version,
         webhook_config=mwc,
+        webhook_config_error=mwc_error,
         other_webhook_configs=others,
         cert_secret=secret,
         cert_secret_error=secret_error,
@@ -261,7 +279,9 @@ async def gather(api: client.ApiClient, names: Names, *, pre: bool = False) -> F
         config_map_error=cm_error,
         csi_driver=csi,
         csi_driver_error=csi_error,
-        cluster_spiffe_ids=await _cluster_spiffe_ids(api),
+        cluster_spiffe_ids=spiffe_ids,
+        cluster_spiffe_ids_error=spiffe_ids_error,
         namespaces=namespaces,
-        pods=await _pods(api, namespaces),
+        pods=pods,
+        workloads_error=namespaces_error or pods_error,
     )
