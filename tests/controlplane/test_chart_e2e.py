@@ -64,7 +64,7 @@ def _by_key(objs: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, 
     [((), "base"), (("--set", "certificates.mode=cert-manager"), "overlays/cert-manager")],
 )
 def test_chart_renders_the_same_objects_as_kustomize(helm: str, args: tuple[str, ...], target: str) -> None:
-    chart = _by_key(template(helm, *args))
+    chart = _by_key(template(helm, "--set", "namespace.create=true", *args))
     manifests = _by_key(render(MANIFESTS / target))
     assert sorted(chart) == sorted(manifests)
     for key, obj in manifests.items():
@@ -89,8 +89,6 @@ def test_values_change_what_they_name(helm: str) -> None:
             "webhook.excludeNamespaces={kube-system,monitoring}",
             "--set-json",
             'webhook.extraNamespaceSelectorExpressions=[{"key":"team","operator":"Exists"}]',
-            "--set",
-            "namespace.create=false",
             "--set-json",
             'certificates.certManager.issuerRef={"kind":"ClusterIssuer","name":"corp-ca"}',
             "--set",
@@ -112,7 +110,7 @@ def test_values_change_what_they_name(helm: str) -> None:
         "values": ["kube-system", "monitoring", NS],
     } in exprs
     assert {"key": "team", "operator": "Exists"} in exprs
-    assert ("Namespace", "", NS) not in objs
+    assert ("Namespace", "", NS) not in objs  # the default
     assert ("Issuer", NS, "outrider-selfsigned") not in objs
     assert objs[("Certificate", NS, "outrider-webhook")]["spec"]["issuerRef"] == {
         "kind": "ClusterIssuer",
@@ -209,7 +207,7 @@ async def _gone(cp: ControlPlane) -> bool:
 
 
 def test_install_upgrade_uninstall(helm: str, cluster: ControlPlane) -> None:
-    out = _helm(helm, cluster, "install", "outrider", str(CHART), "--namespace", NS)
+    out = _helm(helm, cluster, "install", "outrider", str(CHART), "--namespace", NS, "--create-namespace")
     assert out.returncode == 0, out.stderr
     deploy, mwc = asyncio.run(_read(cluster))
     assert deploy.spec.replicas == 2 and len(mwc.webhooks) == 2
@@ -237,7 +235,6 @@ def test_cert_manager_mode_installs_with_its_crds(helm: str, cluster: ControlPla
             await api.close()
 
     asyncio.run(crds())
-    # its own namespace: the one uninstalled above stays Terminating (no namespace controller here)
     ns = "outrider-cm-system"
     for _ in range(50):  # the CRDs become served within moments
         out = _helm(
@@ -248,6 +245,7 @@ def test_cert_manager_mode_installs_with_its_crds(helm: str, cluster: ControlPla
             str(CHART),
             "--namespace",
             ns,
+            "--create-namespace",
             "--set",
             "certificates.mode=cert-manager",
         )
