@@ -109,8 +109,15 @@ build_helm() {
   printf 'module outrider.local/helm\n\ngo 1.24\n' > "$work/go.mod"
   log "helm $HELM_VERSION: resolving helm.sh/helm/v3"
   (cd "$work" && go get -tool "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2)
-  log "helm: compiling"
-  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$out/bin/helm" helm.sh/helm/v3/cmd/helm)
+  # as helm's Makefile does: the Kubernetes version `helm template`/`lint` assume is client-go's
+  local minor; minor="$(cd "$work" && go list -m -f '{{.Version}}' k8s.io/client-go | cut -d. -f2)"
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  local pkg; for pkg in pkg/chartutil pkg/lint/rules; do
+    ld+=" -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$minor"
+  done
+  log "helm: compiling (assumes Kubernetes 1.$minor)"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "$ld" -o "$out/bin/helm.tmp" helm.sh/helm/v3/cmd/helm)
+  mv "$out/bin/helm.tmp" "$out/bin/helm"
   log "helm: built $out/bin/helm"
 }
 

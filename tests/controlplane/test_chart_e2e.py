@@ -121,7 +121,7 @@ def test_values_change_what_they_name(helm: str) -> None:
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        ("certificates.mode=vault", "certificates.mode"),
+        ("certificates.mode=vault", "/certificates/mode"),
         ("webhook.failurePolicy=Maybe", "failurePolicy"),
         ("replicaz=2", "replicaz"),
     ],
