@@ -257,3 +257,17 @@ def test_cert_manager_mode_installs_with_its_crds(helm: str, cluster: ControlPla
     assert mwc.metadata.annotations["cert-manager.io/inject-ca-from"] == f"{ns}/outrider-webhook"
     assert "--cert-mode=files" in deploy.spec.template.spec.containers[0].args
     assert _helm(helm, cluster, "uninstall", "outrider-cm", "--namespace", ns).returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["self-managed", "cert-manager"])
+def test_rendered_objects_validate_strictly(helm: str, mode: str) -> None:
+    import kubernetes_validate
+
+    objs = template(helm, "--set", "namespace.create=true", "--set", f"certificates.mode={mode}")
+    checked = 0
+    for obj in objs:
+        if obj["apiVersion"].startswith("cert-manager.io/"):
+            continue  # a CRD kind: kubernetes-validate has no schema for it
+        kubernetes_validate.validate(obj, "1.34", strict=True)
+        checked += 1
+    assert checked >= 10
