@@ -130,3 +130,11 @@ def test_missing_registration_crd_warns_and_no_selecting_one_fails() -> None:
     assert _find(evaluate(_healthy(cluster_spiffe_ids=None)), "a ClusterSPIFFEID").status == WARN
     other = ({"metadata": {"name": "x"}, "spec": {"workloadSelectorTemplates": ["k8s:container-name:app"]}},)
     assert _find(evaluate(_healthy(cluster_spiffe_ids=other)), "a ClusterSPIFFEID").status == FAIL
+
+
+def test_cli_missing_kubeconfig_is_a_clear_error(tmp_path: object, capsys: object) -> None:
+    from webhook.cli import main
+
+    assert main(["check", "--kubeconfig", "/nonexistent/kubeconfig"]) == 2
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert "--kubeconfig /nonexistent/kubeconfig: no such file" in err and "Traceback" not in err

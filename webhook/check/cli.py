@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from kubernetes_asyncio import config
@@ -74,6 +75,9 @@ async def check(kubeconfig: str | None, context: str | None, names: Names, *, pr
 
 def run(args: argparse.Namespace) -> int:
     names = Names(namespace=args.namespace)
+    if args.kubeconfig and not Path(args.kubeconfig).is_file():
+        print(f"outrider check: --kubeconfig {args.kubeconfig}: no such file", file=sys.stderr)
+        return 2
     try:
         results = asyncio.run(check(args.kubeconfig, args.context, names, pre=args.pre))
     except (ConfigException, OSError) as exc:
