@@ -152,6 +152,6 @@ case "${1:-all}" in
   spire-oidc) build_spire_oidc; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
   kubeyaml) build_kubeyaml; echo "$(kubeyaml_dir)/bin" ;;
   helm) build_helm; echo "$CACHE/helm-$HELM_VERSION/bin" ;;
-  all) build_etcd; build_kube_apiserver; build_spire; build_spire_oidc; build_kubeyaml ;;
+  all) build_etcd; build_kube_apiserver; build_spire; build_spire_oidc; build_kubeyaml; build_helm ;;
   *) log "usage: $0 controlplane|spire|spire-oidc|kubeyaml|helm|all"; exit 2 ;;
 esac
