@@ -7,12 +7,15 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress kind-e2e clean
+        bench bench-webhook bench-proxy bench-telemetry bench-egress kind-e2e clean \
+        images images-push node-e2e
 
 help:
 	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
 	@echo "make demo        the end-to-end Outrider story on this machine"
-	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e"
+	@echo "make images      build the sidecar, webhook and example MCP images (buildah, no Docker); IMAGE_REPO=..."
+	@echo "make node-e2e    Outrider as real pods on the one-node cluster: the in-cluster test module"
+	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|images-push"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "[make] creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -72,8 +75,18 @@ bench-telemetry: venv
 bench-egress: venv sysdeps
 	$(BIN)/python bench/bench_egress.py
 
-kind-e2e:
+kind-e2e: venv
 	@scripts/kind-e2e.sh
+
+# IMAGE_REPO (default localhost/outrider-dev) and IMAGE_TAG (default: the project version) name the images
+images:
+	@scripts/build-images.sh build
+
+images-push:
+	@scripts/build-images.sh push
+
+node-e2e: venv sysdeps
+	@scripts/node-e2e.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -82,9 +82,16 @@ EOF
   echo "$tar"
 }
 
+# This machine's extra CA certificates (a TLS-inspecting egress proxy in front of PyPI): the local
+# base trusts them and points pip at the system store, as the host does. Only the local base gets
+# them; the Dockerfiles and a release base are untouched.
+EXTRA_CA_DIR="${EXTRA_CA_DIR:-/usr/local/share/ca-certificates}"
+extra_cas() { find "$EXTRA_CA_DIR" -maxdepth 1 -name '*.crt' -type f 2>/dev/null | sort; }
+image_key() { { base_key; extra_cas | xargs -r cat; } | sha256sum | cut -c1-12; }
+
 import_base() {
-  local tar="$1" key c
-  key="$(base_key)"
+  local tar="$1" key c ca
+  key="$(image_key)"
   if [[ "$(bah inspect --type image --format '{{index .ImageAnnotations "dev.outrider.base-key"}}' \
         "$BASE_IMAGE" 2>/dev/null)" == "$key" ]]; then
     log "base $BASE_IMAGE is current ($key)"; return
@@ -92,6 +99,13 @@ import_base() {
   log "importing the base rootfs as $BASE_IMAGE"
   c="$(bah from --quiet scratch)"
   bah add --quiet "$c" "$tar" / >/dev/null
+  if [[ -n "$(extra_cas)" ]]; then
+    log "  adding this machine's CA certificates from $EXTRA_CA_DIR: $(extra_cas | xargs -r -n1 basename | tr '\n' ' ')"
+    for ca in $(extra_cas); do bah add --quiet "$c" "$ca" /usr/local/share/ca-certificates/ >/dev/null; done
+    bah run --isolation chroot "$c" -- update-ca-certificates >/dev/null 2>&1
+    printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > "$WORK/pip.conf"
+    bah add --quiet "$c" "$WORK/pip.conf" /etc/pip.conf >/dev/null
+  fi
   bah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env LANG=C.UTF-8 \
     --cmd python3 --annotation "dev.outrider.base-key=$key" \
     --label "org.opencontainers.image.title=outrider-base" "$c"

@@ -654,6 +654,7 @@ def _apply(
             "value": _sidecar_config_json(config, mcp_port, audience, plan),
         },
     ]
+    env += [{"name": name, "value": value} for name, value in config.sidecar_env]
     if app_probes:
         env.append(
             {

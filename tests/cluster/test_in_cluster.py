@@ -562,3 +562,79 @@ def test_certificate_rotation_while_pods_are_created_loses_no_admission(
     assert not failures, f"{len(failures)} admissions failed during the rotation: {failures[:3]}"
     assert injected == ok, f"only {injected} of {ok} admitted pods were injected during the rotation"
     assert ca_bundle(kube) != before, "the caBundle did not change: no rotation happened"
+
+
+# --- figures (printed for the closing note; asserted only on function, never on timing) ---------
+
+
+def _ready_seconds(kube: Kube, namespace: str, pod: dict[str, Any]) -> float:
+    start = time.monotonic()
+    kube.run("create", "-f", "-", stdin=json.dumps(pod))
+    name = pod["metadata"]["name"]
+    out = kube.run(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Ready",
+        f"pod/{name}",
+        "--timeout=180s",
+        check=False,
+        timeout=200,
+    )
+    elapsed = time.monotonic() - start
+    assert out.returncode == 0, f"pod {namespace}/{name} did not become Ready: {out.stderr}"
+    kube.run("delete", "pod", name, "-n", namespace, "--wait=false")
+    return elapsed
+
+
+def _proxy_memory(kube: Kube, namespace: str, pod_name: str) -> int | None:
+    node = kube.json("get", "pod", pod_name, "-n", namespace)["spec"]["nodeName"]
+    summary = json.loads(kube.text("get", "--raw", f"/api/v1/nodes/{node}/proxy/stats/summary"))
+    for pod in summary.get("pods", []):
+        if pod["podRef"]["name"] == pod_name and pod["podRef"]["namespace"] == namespace:
+            for c in pod.get("containers", []):
+                if c["name"] == PROXY:
+                    return int(c.get("memory", {}).get("workingSetBytes") or 0) or None
+    return None
+
+
+def test_figures_pod_start_latency_and_sidecar_memory(
+    kube: Kube, app: str, names: Names, images: Images, client_pod: tuple[str, str]
+) -> None:
+    plain = names.ns("plain2")
+    kube.apply(
+        [
+            _namespace(plain, {}),
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "mcp", "namespace": plain}},
+        ]
+    )
+    try:
+        injected, baseline = [], []
+        for i in range(3):  # interleaved, so both see the same node load
+            baseline.append(_ready_seconds(kube, plain, app_pod(f"lat-plain-{i}", plain, images.mcp)))
+            injected.append(_ready_seconds(kube, app, app_pod(f"lat-inj-{i}", app, images.mcp)))
+    finally:
+        kube.delete_namespace(plain)
+    med_i, med_b = sorted(injected)[1], sorted(baseline)[1]
+    print(
+        f"\n[figures] pod start to Ready (median of 3): injected {med_i:.1f} s, not injected {med_b:.1f} s, "
+        f"ratio {med_i / med_b:.2f}  (injected {[round(x, 1) for x in injected]}, "
+        f"plain {[round(x, 1) for x in baseline]})"
+    )
+
+    pod = running_pod(kube, app, "mcp")
+    name = pod["metadata"]["name"]
+    idle = eventually(
+        lambda: _proxy_memory(kube, app, name), "the kubelet's stats for outrider-proxy", within=90
+    )
+    result = call(
+        kube, client_pod, names, f"http://{pod['status']['podIP']}:{MCP_PORT}/mcp", "echo",
+        arguments={"text": "x"}, repeat=1000, timeout=900,
+    )  # fmt: skip
+    assert result.get("ok"), f"1,000 calls did not all succeed: {result}"
+    time.sleep(20)  # the kubelet's stats are refreshed every ~10-15 s
+    busy = _proxy_memory(kube, app, name) or 0
+    print(
+        f"[figures] outrider-proxy working set (kubelet /stats/summary): idle {idle / 2**20:.1f} MiB, "
+        f"after 1,000 calls {busy / 2**20:.1f} MiB"
+    )
