@@ -8,14 +8,16 @@ PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
         bench bench-webhook bench-proxy bench-telemetry bench-egress kind-e2e clean \
-        images images-push node-e2e
+        images images-push node-e2e node node-down node-test
 
 help:
 	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
 	@echo "make demo        the end-to-end Outrider story on this machine"
+	@echo "make node        a real one-node Kubernetes with SPIRE on this machine (root; docs/node.md)"
+	@echo "make node-down   remove it and restore the host"
 	@echo "make images      build the sidecar, webhook and example MCP images (buildah, no Docker); IMAGE_REPO=..."
 	@echo "make node-e2e    Outrider as real pods on the one-node cluster: the in-cluster test module"
-	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|images-push"
+	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|node-test|images-push"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || { echo "[make] creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -48,10 +50,10 @@ spire:
 
 test: venv sysdeps lint typecheck
 	@scripts/build-upstream.sh all >/dev/null
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not node" $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not node" $(PYTEST_ARGS)
 
 certs: venv
 	$(BIN)/outrider certs --out certs
@@ -74,6 +76,15 @@ bench-telemetry: venv
 
 bench-egress: venv sysdeps
 	$(BIN)/python bench/bench_egress.py
+
+node: venv
+	@$(BIN)/python -m localnode up
+
+node-down: venv
+	@$(BIN)/python -m localnode down
+
+node-test: venv
+	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 
 kind-e2e: venv
 	@scripts/kind-e2e.sh
