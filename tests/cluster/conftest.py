@@ -91,6 +91,10 @@ class Names:
     def idp_url(self) -> str:
         return f"http://{self.svc('idp', self.idp)}:8080"
 
+    @property
+    def otlp_url(self) -> str:
+        return f"http://{self.svc('otlp', self.idp)}:4318"
+
     def spiffe_id(self, namespace: str, sa: str = "mcp") -> str:
         return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{sa}"
 
@@ -170,6 +174,12 @@ def outrider(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any
                 "actor_token": True,
             },
             "telemetry": {"audit": "stdout"},
+        },
+        # spans and metrics to the OTLP receiver beside the IdP, flushed quickly
+        "sidecar_env": {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": names.otlp_url,
+            "OTEL_BSP_SCHEDULE_DELAY": "500",
+            "OTEL_METRIC_EXPORT_INTERVAL": "5000",
         },
     }
     allow = {"allow": [f"{names.svc('web', names.targets)}:8080"]}
@@ -376,9 +386,49 @@ def idp(kube: Kube, images: Images, names: Names, outrider: dict[str, Any]) -> I
             "metadata": {"name": "idp", "namespace": ns},
             "spec": {"selector": {"app": "idp"}, "ports": [{"port": 8080, "targetPort": 8080}]},
         },
+        # an OTLP/HTTP receiver beside the IdP: it prints every span it decodes (kubectl logs)
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "otlp", "namespace": ns},
+            "data": {"otlp_sink.py": (SCRIPTS / "otlp_sink.py").read_text()},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "otlp", "namespace": ns},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "otlp"}},
+                "template": {
+                    "metadata": {"labels": {"app": "otlp"}},
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "otlp",
+                                "image": images.sidecar,
+                                "imagePullPolicy": "Never",
+                                "command": ["python", "/sink/otlp_sink.py"],
+                                "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+                                "readinessProbe": {"tcpSocket": {"port": 4318}, "periodSeconds": 2},
+                                "volumeMounts": [{"name": "sink", "mountPath": "/sink"}],
+                            }
+                        ],
+                        "volumes": [{"name": "sink", "configMap": {"name": "otlp"}}],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "otlp", "namespace": ns},
+            "spec": {"selector": {"app": "otlp"}, "ports": [{"port": 4318, "targetPort": 4318}]},
+        },
     ]
     kube.apply(objects)
     rollout(kube, ns, "idp")
+    rollout(kube, ns, "otlp")
     yield names.idp_url
     if os.environ.get("OUTRIDER_E2E_KEEP") != "1":
         kube.run("delete", "clusterspiffeid", f"{ns}-idp", "--ignore-not-found", check=False)

@@ -349,6 +349,32 @@ def test_audit_lines_in_kubectl_logs_and_metrics_count_the_calls(
     assert "eyJ" not in logs, "a JWT appears in the proxy's log"
 
 
+def test_spans_of_the_calls_reach_the_otlp_receiver(
+    kube: Kube, app: str, client_pod: tuple[str, str], names: Names
+) -> None:
+    result = call(kube, client_pod, names, mcp_url(names, app), "echo", arguments={"text": "traced"})
+    assert result.get("ok"), result
+
+    def spans() -> list[dict[str, Any]]:
+        logs = kube.text("logs", "-n", names.idp, "deploy/otlp")
+        out = []
+        for line in logs.splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(item, dict) and item.get("attributes", {}).get("gen_ai.tool.name") == "echo":
+                out.append(item)
+        return out
+
+    found = eventually(spans, "a span of the echo call at the OTLP receiver", within=60, every=2)
+    span = found[-1]
+    assert span["span"] == "tools/call echo", f"span name {span['span']!r}, want 'tools/call echo'"
+    assert span["attributes"].get("mcp.method.name") == "tools/call", span
+    assert span["service"] == "outrider-proxy", span
+    assert "eyJ" not in json.dumps(found), "a token reached a span"
+
+
 # --- lifecycle -----------------------------------------------------------------------------------
 
 
