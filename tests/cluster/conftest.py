@@ -31,6 +31,9 @@ OVERLAY = os.environ.get("OUTRIDER_OVERLAY", "manifests/overlays/node")
 AUDIENCE = "https://api.e2e.outrider.test"
 RESOURCE = "https://mcp.e2e.outrider.test/mcp"
 MCP_PORT = 8080
+# The Workload API socket's file name inside the SPIFFE CSI volume: `spire-agent.sock` with SPIRE's
+# Helm charts (Outrider's default); a cluster whose agent names it otherwise sets identity.socket.
+AGENT_SOCKET = "/spiffe-workload-api/" + os.environ.get("OUTRIDER_E2E_AGENT_SOCKET", "spire-agent.sock")
 SYSTEM_NS = "outrider-system"
 
 
@@ -174,6 +177,11 @@ def outrider(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any
                 "actor_token": True,
             },
             "telemetry": {"audit": "stdout"},
+            **(
+                {"identity": {"socket": f"unix://{AGENT_SOCKET}"}}
+                if not AGENT_SOCKET.endswith("/spire-agent.sock")
+                else {}
+            ),
         },
         # spans and metrics to the OTLP receiver beside the IdP, flushed quickly
         "sidecar_env": {
@@ -361,7 +369,7 @@ def idp(kube: Kube, images: Images, names: Names, outrider: dict[str, Any]) -> I
                                     "--host=0.0.0.0",
                                     "--port=8080",
                                     f"--issuer={names.idp_url}",
-                                    "--workload-api=unix:///spiffe-workload-api/spire-agent.sock",
+                                    f"--workload-api=unix://{AGENT_SOCKET}",
                                     "--client=e2e-cli=;public",
                                     f"--client=outrider={clients};audiences={AUDIENCE}",
                                 ],

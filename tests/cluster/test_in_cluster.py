@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import time
 from typing import Any
@@ -16,8 +17,10 @@ from typing import Any
 import pytest
 
 from tests.cluster.conftest import (
+    AGENT_SOCKET,
     AUDIENCE,
     MCP_PORT,
+    NODE_DIR,
     RESOURCE,
     SCRIPTS,
     SYSTEM_NS,
@@ -35,6 +38,7 @@ from tests.cluster.conftest import (
 from tests.cluster.kube import Kube, eventually
 
 INIT, PROXY = "outrider-init", "outrider-proxy"
+NODE_CONTAINERD = NODE_DIR / "run" / "containerd.sock"
 
 
 def status_of(pod: dict[str, Any]) -> dict[str, Any]:
@@ -133,10 +137,10 @@ def test_proxy_holds_the_svid_of_the_status_annotation_and_only_it_sees_the_sock
     assert expected == names.spiffe_id(app), f"status records {expected!r}, want {names.spiffe_id(app)}"
 
     fetch = (
-        "import os, json\n"
+        "import json\n"
         "from spiffe import WorkloadApiClient\n"
         "from cryptography.x509 import UniformResourceIdentifier, SubjectAlternativeNameExtension\n"
-        "c = WorkloadApiClient(os.environ['SPIFFE_ENDPOINT_SOCKET'])\n"
+        f"c = WorkloadApiClient('unix://{AGENT_SOCKET}')\n"
         "svid = c.fetch_x509_svid()\n"
         "san = svid.leaf.extensions.get_extension_for_class(SubjectAlternativeNameExtension).value\n"
         "uris = san.get_values_for_type(UniformResourceIdentifier)\n"
@@ -160,7 +164,7 @@ def test_proxy_holds_the_svid_of_the_status_annotation_and_only_it_sees_the_sock
             assert csi[0] not in mounts, f"container {c['name']} mounts the Workload API socket"
     probe = (
         "import os, json\n"
-        "print(json.dumps({'socket': os.path.exists('/spiffe-workload-api/spire-agent.sock'),\n"
+        f"print(json.dumps({{'socket': os.path.exists('{AGENT_SOCKET}'),\n"
         "  'dir': os.path.exists('/spiffe-workload-api'),\n"
         "  'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit())}))\n"
     )
@@ -423,8 +427,30 @@ def test_killing_the_proxy_makes_the_kubelet_restart_it_and_calls_work_again(
     pod = running_pod(kube, app, "mcp")
     name = pod["metadata"]["name"]
     restarts = container_status(pod, PROXY)["restartCount"]
-    # SIGTERM to PID 1 of the container (the proxy); the kubelet must notice and restart it
-    kube.exec(app, name, PROXY, "python", "-c", "import os, signal; os.kill(1, signal.SIGTERM)", check=False)
+    container_id = container_status(pod, PROXY)["containerID"].split("://", 1)[-1]
+    if NODE_CONTAINERD.exists() and shutil.which("ctr"):
+        # on the one-node cluster: SIGKILL from the host, no chance for a graceful exit
+        subprocess.run(
+            [
+                "ctr",
+                "--address",
+                str(NODE_CONTAINERD),
+                "-n",
+                "k8s.io",
+                "task",
+                "kill",
+                "-s",
+                "SIGKILL",
+                container_id,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    else:  # kind: from inside the container (SIGKILL to PID 1 of its own namespace is ignored)
+        kube.exec(
+            app, name, PROXY, "python", "-c", "import os, signal; os.kill(1, signal.SIGTERM)", check=False
+        )
 
     def restarted() -> bool:
         p = kube.json("get", "pod", name, "-n", app)
