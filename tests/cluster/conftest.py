@@ -155,8 +155,14 @@ def wait_webhook_available(kube: Kube, replicas: int = 2) -> None:
 def outrider(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any]]:
     """Outrider installed exactly as the README says, then configured for this run in its ConfigMap."""
     if os.environ.get("OUTRIDER_E2E_INSTALL", "1") == "1":
+        existed = kube.get("deployment", "outrider-webhook", SYSTEM_NS) is not None
         kube.run("apply", "--server-side", "-k", str(ROOT / OVERLAY), timeout=120)
         kube.run("apply", "--server-side", "-f", str(ROOT / "manifests/examples/spire-clusterspiffeid.yaml"))
+        if existed:  # a rebuilt image keeps its tag (the version): running replicas must pick it up
+            kube.run("rollout", "restart", "deploy/outrider-webhook", "-n", SYSTEM_NS)
+            kube.run(
+                "rollout", "status", "deploy/outrider-webhook", "-n", SYSTEM_NS, "--timeout=240s", timeout=260
+            )
     wait_webhook_available(kube)
     eventually(lambda: ca_bundle(kube), "the webhook to write its caBundle", within=120, every=2)
 
