@@ -87,7 +87,7 @@ EOF
 # them; the Dockerfiles and a release base are untouched.
 EXTRA_CA_DIR="${EXTRA_CA_DIR:-/usr/local/share/ca-certificates}"
 extra_cas() { find "$EXTRA_CA_DIR" -maxdepth 1 -name '*.crt' -type f 2>/dev/null | sort; }
-image_key() { { base_key; extra_cas | xargs -r cat; } | sha256sum | cut -c1-12; }
+image_key() { { base_key; echo apt-clean-v1; extra_cas | xargs -r cat; } | sha256sum | cut -c1-12; }
 
 import_base() {
   local tar="$1" key c ca
@@ -99,6 +99,14 @@ import_base() {
   log "importing the base rootfs as $BASE_IMAGE"
   c="$(bah from --quiet scratch)"
   bah add --quiet "$c" "$tar" / >/dev/null
+  # as in Debian's official container images: apt keeps no package caches in image layers
+  cat > "$WORK/docker-clean" <<'EOF2'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF2
+  bah add --quiet "$c" "$WORK/docker-clean" /etc/apt/apt.conf.d/docker-clean >/dev/null
   if [[ -n "$(extra_cas)" ]]; then
     log "  adding this machine's CA certificates from $EXTRA_CA_DIR: $(extra_cas | xargs -r -n1 basename | tr '\n' ' ')"
     for ca in $(extra_cas); do bah add --quiet "$c" "$ca" /usr/local/share/ca-certificates/ >/dev/null; done
