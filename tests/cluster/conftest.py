@@ -336,12 +336,11 @@ def running_pod(kube: Kube, namespace: str, app: str) -> dict[str, Any]:
     return eventually(ready, f"a Ready pod app={app} in {namespace}", within=180, every=2)
 
 
-@pytest.fixture(scope="session")
-def idp(kube: Kube, images: Images, names: Names, outrider: dict[str, Any]) -> Iterator[str]:
-    """The project's dev IdP as a pod beside the workloads; it trusts SPIRE's JWT bundle via its own SVID."""
+def idp_objects(names: Names, images: Images) -> list[dict[str, Any]]:
+    """The dev IdP (with its own SVID) and an OTLP receiver, in a namespace beside the workloads."""
     ns = names.idp
     clients = ",".join(names.spiffe_id(n) for n in (names.app, names.explicit, names.strict))
-    objects = [
+    return [
         _namespace(ns, {}),
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "idp", "namespace": ns}},
         {  # the IdP needs an SVID of its own: the Workload API only hands bundles to registered workloads
@@ -440,7 +439,13 @@ def idp(kube: Kube, images: Images, names: Names, outrider: dict[str, Any]) -> I
             "spec": {"selector": {"app": "otlp"}, "ports": [{"port": 4318, "targetPort": 4318}]},
         },
     ]
-    kube.apply(objects)
+
+
+@pytest.fixture(scope="session")
+def idp(kube: Kube, images: Images, names: Names, outrider: dict[str, Any]) -> Iterator[str]:
+    """The project's dev IdP as a pod beside the workloads; it trusts SPIRE's JWT bundle via its own SVID."""
+    ns = names.idp
+    kube.apply(idp_objects(names, images))
     rollout(kube, ns, "idp")
     rollout(kube, ns, "otlp")
     yield names.idp_url
@@ -449,8 +454,7 @@ def idp(kube: Kube, images: Images, names: Names, outrider: dict[str, Any]) -> I
         kube.delete_namespace(ns)
 
 
-@pytest.fixture(scope="session")
-def targets(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any]]:
+def target_objects(names: Names, images: Images) -> list[dict[str, Any]]:
     """Two egress targets (HTTP 8080 + UDP echo 9999): `web` is allowed for the app, `other` is not."""
     ns = names.targets
     script = (SCRIPTS / "targets.py").read_text()
@@ -503,7 +507,14 @@ def targets(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any]
                 },
             },
         ]
-    kube.apply(objects)
+    return objects
+
+
+@pytest.fixture(scope="session")
+def targets(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any]]:
+    """Two egress targets (HTTP 8080 + UDP echo 9999): `web` is allowed for the app, `other` is not."""
+    ns = names.targets
+    kube.apply(target_objects(names, images))
     rollout(kube, ns, "web")
     rollout(kube, ns, "other")
     yield {
