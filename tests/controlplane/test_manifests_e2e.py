@@ -69,7 +69,9 @@ def _crd(group: str, version: str, kind: str, plural: str, scope: str) -> dict[s
 # --- rendering (no cluster) -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["base", "overlays/kind", "overlays/node", "overlays/cert-manager", "examples"])
+@pytest.mark.parametrize(
+    "target", ["base", "overlays/kind", "overlays/node", "overlays/cert-manager", "examples"]
+)
 def test_renderer_matches_kubectl_kustomize(target: str) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
