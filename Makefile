@@ -1,13 +1,16 @@
 # Outrider — every target installs what it needs by itself (virtualenv, Debian packages, cached Go builds).
 SHELL := bash
-PYTHON ?= python3
+# The venv's interpreter must be runnable by every UID (tests run apps as UID 1000, the sidecar as 15337):
+# scripts/pick-python.sh picks one (PYTHON=... to choose; it is checked the same way).
+PYTHON ?=
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+BASE_PYTHON := $(shell PYTHON='$(PYTHON)' scripts/pick-python.sh 2>/dev/null)
+STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)'; } | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress kind-e2e clean \
+        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy kind-e2e clean \
         images images-push node-e2e node node-down node-test
 
 help:
@@ -20,7 +23,10 @@ help:
 	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|node-test|images-push"
 
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || { echo "[make] creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@test -n '$(BASE_PYTHON)' || PYTHON='$(PYTHON)' scripts/pick-python.sh >/dev/null
+	@if test -e $(BIN)/python && test "$$(readlink -f $(BIN)/python)" != '$(BASE_PYTHON)'; then \
+	  echo "[make] $(VENV) runs $$(readlink -f $(BIN)/python), not $(BASE_PYTHON); recreating it"; rm -rf $(VENV); fi
+	@test -x $(BIN)/python || { echo "[make] creating $(VENV) from $(BASE_PYTHON)"; '$(BASE_PYTHON)' -m venv $(VENV); }
 	@echo "[make] installing outrider and its dev dependencies into $(VENV)"
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -m pip install -q -e '.[dev]'
@@ -53,7 +59,7 @@ test: venv sysdeps lint typecheck
 	$(BIN)/pytest -m "not node" $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not node" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not kubeyaml and not node" $(PYTEST_ARGS)
 
 certs: venv
 	$(BIN)/outrider certs --out certs
@@ -76,6 +82,9 @@ bench-telemetry: venv
 
 bench-egress: venv sysdeps
 	$(BIN)/python bench/bench_egress.py
+
+bench-policy: venv sysdeps
+	$(BIN)/python bench/bench_policy.py
 
 node: venv
 	@$(BIN)/python -m localnode up

@@ -86,6 +86,8 @@ def controller_manager(cfg: NodeConfig, binary: str) -> ProcSpec:
             f"--service-cluster-ip-range={service_cidrs(cfg)}",
             f"--cluster-cidr={pod_cidrs(cfg)}",
             "--allocate-node-cidrs=false",
+            # its default (/usr/libexec/kubernetes/...) would be created on the host
+            f"--flex-volume-plugin-dir={cfg.state_dir / 'volume-plugins'}",
             "--v=1",
         ),
     )

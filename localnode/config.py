@@ -18,6 +18,7 @@ HOST_DIRS = (
     "/var/lib/cni",
     "/run/containerd",
     "/run/netns",
+    "/usr/libexec/kubernetes",
 )
 # Sysctls the kubelet, the bridge plugin or kube-proxy may change; `up` records them, `down` restores them.
 SYSCTLS = (
@@ -139,8 +140,16 @@ class NodeConfig:
         return self.cache_dir / "images"
 
 
+def kernel_has_ipv6() -> bool:
+    try:
+        return Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() == "0"
+    except OSError:
+        return False
+
+
 def from_env(env: dict[str, str] | None = None) -> NodeConfig:
-    """The node config with `OUTRIDER_NODE_DIR`, `OUTRIDER_CACHE` and `OUTRIDER_NODE_IPV6=0` applied."""
+    """The node config with `OUTRIDER_NODE_DIR`, `OUTRIDER_CACHE` and `OUTRIDER_NODE_IPV6` applied
+    (IPv6, i.e. dual-stack, is on when the kernel has it unless `OUTRIDER_NODE_IPV6=0`)."""
     env = dict(os.environ) if env is None else env
     cache = env.get("OUTRIDER_CACHE") or str(
         Path(env.get("XDG_CACHE_HOME") or Path(env.get("HOME", "/root")) / ".cache") / "outrider"
@@ -148,5 +157,5 @@ def from_env(env: dict[str, str] | None = None) -> NodeConfig:
     state = env.get("OUTRIDER_NODE_DIR", "/var/lib/outrider-node")
     if not Path(state).is_absolute():
         raise ValueError(f"OUTRIDER_NODE_DIR must be an absolute path, got {state!r}")
-    ipv6 = env.get("OUTRIDER_NODE_IPV6", "1") not in ("0", "false", "no")
+    ipv6 = env.get("OUTRIDER_NODE_IPV6", "1") not in ("0", "false", "no") and kernel_has_ipv6()
     return NodeConfig(state_dir=Path(state), cache_dir=Path(cache), ipv6=ipv6)

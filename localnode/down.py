@@ -132,7 +132,7 @@ def down(cfg: NodeConfig) -> int:
     for d in HOST_DIRS:
         host.remove_new_entries(d, before.dirs.get(d), only_prefix="cni-" if d == "/run/netns" else "")
     shutil.rmtree(cfg.state_dir, ignore_errors=True)
-    left = host.differences(before, host.snapshot())
+    left = host.differences(before, host.snapshot(), mounts=host.our_mounts(cfg.state_dir))
     for diff in left:
         say(f"left behind: {diff}")
     say(f"done in {time.monotonic() - t0:.1f} s" + ("" if not left else f" ({len(left)} traces left)"))

@@ -139,8 +139,30 @@ def snapshot(extra_dirs: tuple[str, ...] = ()) -> HostState:
     )
 
 
-def differences(before: HostState, after: HostState) -> list[str]:
-    """Human-readable traces `after` has that `before` did not (empty = the host is as it was)."""
+# What the node can leave behind, by name: other work on the machine (other tests' netns, veths and
+# mounts) comes and goes meanwhile and is not ours to report.
+OUR_LINKS = ("orn", "veth")
+KUBE_MOUNTS = ("/var/lib/kubelet", "/run/containerd", "/run/netns/cni-")
+
+
+def our_mounts(state_dir: Path) -> tuple[str, ...]:
+    return (str(state_dir), *KUBE_MOUNTS)
+
+
+def _ours(names: list[str], prefixes: tuple[str, ...]) -> set[str]:
+    return {n for n in names if n.startswith(prefixes)}
+
+
+def differences(
+    before: HostState,
+    after: HostState,
+    links: tuple[str, ...] = OUR_LINKS,
+    mounts: tuple[str, ...] = our_mounts(Path("/var/lib/outrider-node")),
+) -> list[str]:
+    """Human-readable traces `after` has that `before` did not (empty = the host is as it was).
+
+    Links and mounts count only when their names start with `links`/`mounts`, netns only as `cni-*`.
+    """
     diffs = []
     for name, value in before.sysctls.items():
         if after.sysctls.get(name) != value:
@@ -153,17 +175,19 @@ def differences(before: HostState, after: HostState) -> list[str]:
         new = set(rules) - set(before.jumps.get(key, []))
         if new:
             diffs.append(f"{key}: rules left {sorted(new)}")
-    for label, b, a in (
-        ("mounts", before.mounts, after.mounts),
-        ("links", before.links, after.links),
-        ("netns", before.netns, after.netns),
-        ("cgroups", before.cgroups, after.cgroups),
+    for label, b, a, prefixes in (
+        ("mounts", before.mounts, after.mounts, mounts),
+        ("links", before.links, after.links, links),
+        ("netns", before.netns, after.netns, ("cni-",)),
+        ("cgroups", before.cgroups, after.cgroups, ("/",)),
     ):
-        new = set(a) - set(b)
+        new = _ours(a, prefixes) - set(b)
         if new:
             diffs.append(f"{label} left: {sorted(new)}")
     for d, entries in after.dirs.items():
         was = before.dirs.get(d)
+        if d == "/run/netns":
+            continue  # counted above, cni-* only
         if entries is not None and was is None:
             diffs.append(f"directory left: {d}")
         elif entries is not None and was is not None and set(entries) - set(was):

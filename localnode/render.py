@@ -275,6 +275,12 @@ plugins {{
 """
 
 
+def node_alias(cfg: NodeConfig, node_uid: str) -> str:
+    """The SPIFFE ID the agent's join token also gives it; spire-controller-manager's parentIDTemplate
+    names the same ID. (`/spire/agent/k8s_psat/...`, its default, is reserved for real psat agents.)"""
+    return f"spiffe://{cfg.trust_domain}/k8s-node/{cfg.cluster_name}/{node_uid}"
+
+
 def scm_config(cfg: NodeConfig) -> str:
     return _j(
         {
@@ -288,6 +294,8 @@ def scm_config(cfg: NodeConfig) -> str:
             "trustDomain": cfg.trust_domain,
             "ignoreNamespaces": ["kube-system", "kube-public", "spire-system", "local-path-storage"],
             "spireServerSocketPath": str(cfg.server_socket),
+            # pod entries hang off the node alias the agent's join token carries (see node_alias)
+            "parentIDTemplate": "spiffe://{{ .TrustDomain }}/k8s-node/{{ .ClusterName }}/{{ .NodeMeta.UID }}",
         }
     )
 

@@ -5,6 +5,7 @@ Idempotent: with the node up it only prints how to use it; with some parts down 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -63,7 +64,11 @@ def all_running(cfg: NodeConfig) -> bool:
 
 def node_ready(bins: dict[str, str], cfg: NodeConfig) -> bool:
     jsonpath = '{.status.conditions[?(@.type=="Ready")].status}'
-    return kubectl(bins, cfg, "get", "node", cfg.node_name, "-o", f"jsonpath={jsonpath}").strip() == "True"
+    try:
+        out = kubectl(bins, cfg, "get", "node", cfg.node_name, "-o", f"jsonpath={jsonpath}")
+    except NodeError:
+        return False
+    return out.strip() == "True"
 
 
 def usage(cfg: NodeConfig) -> str:
@@ -116,20 +121,29 @@ def write_configs(cfg: NodeConfig) -> None:
             cfg, user, p / f"{stem}.crt", p / f"{stem}.key"
         )
     for path, text in files.items():
-        path.write_text(text)
+        # unchanged files stay untouched: kube-proxy exits when its config file changes
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
     cfg.kubeconfig.chmod(0o600)
 
 
 def import_images(cfg: NodeConfig, bins: dict[str, str]) -> None:
+    """The pause image, then every archive in the images cache not imported in this state dir yet."""
     pause_tar = Path(bins["pause"]).with_name("pause-image.tar")
     if not pause_tar.exists():
         write_pause_archive(Path(bins["pause"]), PAUSE_IMAGE, pause_tar)
-    present = ctr(cfg, "images", "ls", "-q")
-    archives = [pause_tar] if PAUSE_IMAGE not in present.split() else []
-    archives += sorted(cfg.images_dir.glob("*.tar")) if cfg.images_dir.is_dir() else []
+    stamp = cfg.run / "imported.json"
+    done: dict[str, str] = json.loads(stamp.read_text()) if stamp.exists() else {}
+    archives = [pause_tar] + (sorted(cfg.images_dir.glob("*.tar")) if cfg.images_dir.is_dir() else [])
     for tar in archives:
+        st = tar.stat()
+        key = f"{st.st_size}:{st.st_mtime_ns}"
+        if done.get(str(tar)) == key:
+            continue
         say(f"importing {tar.name} into the node's containerd")
         ctr(cfg, "images", "import", "--snapshotter", "overlayfs", str(tar))
+        done[str(tar)] = key
+        stamp.write_text(json.dumps(done))
 
 
 def start(cfg: NodeConfig, spec: procs.ProcSpec) -> None:
@@ -164,7 +178,7 @@ def spire_up(cfg: NodeConfig, bins: dict[str, str]) -> None:
         (cfg.spire_dir / "agent" / "bootstrap.crt").write_text(bundle)
         uid = kubectl(bins, cfg, "get", "node", cfg.node_name, "-o", "jsonpath={.metadata.uid}").strip()
         # the join token's agent gets the node alias spire-controller-manager parents pod entries to
-        alias = f"spiffe://{cfg.trust_domain}/spire/agent/k8s_psat/{cfg.cluster_name}/{uid}"
+        alias = render.node_alias(cfg, uid)
         out = run([server, "token", "generate", "-socketPath", sock, "-spiffeID", alias, "-ttl", "600"])
         match = re.search(r"Token:\s*(\S+)", out)
         if not match:
@@ -238,6 +252,7 @@ def up(cfg: NodeConfig) -> int:
     start(cfg, components.kube_proxy(cfg, bins["kube-proxy"]))
     start(cfg, components.coredns(cfg, bins["coredns"]))
     spire_up(cfg, bins)
+    Path(components.csi_socket(cfg)).parent.mkdir(parents=True, exist_ok=True)
     start(cfg, components.spiffe_csi_driver(cfg, bins["spiffe-csi-driver"]))
     start(cfg, components.csi_registrar(cfg, bins["csi-node-driver-registrar"]))
 

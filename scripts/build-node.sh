@@ -55,7 +55,7 @@ build_kube() {
   if [[ ${#missing[@]} -eq 0 ]]; then log "kube node components $K8S_VERSION cached in $out/bin"; return; fi
   need go "https://go.dev/dl"
   # kube-apiserver prepares the module (go.mod with every staging module pinned) and warms the build cache
-  wait_other_builds
+  [[ -x "$out/bin/kube-apiserver" ]] || wait_other_builds
   "$HERE/build-upstream.sh" controlplane >/dev/null
   local work="$out/node-src" staging="v0.${K8S_VERSION#v1.}"
   mkdir -p "$work"
@@ -66,7 +66,7 @@ build_kube() {
   log "kube: resolving ${missing[*]}"
   local pkgs=()
   for c in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c@$K8S_VERSION"); done
-  (cd "$work" && go get "${pkgs[@]}" >&2)
+  (cd "$work" && go get "${pkgs[@]}" >"$work/go-get.log" 2>&1) || { cat "$work/go-get.log" >&2; exit 1; }
   local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${staging#v0.}"
   for c in "${missing[@]}"; do
     log "kube: compiling $c (shares the compile with kube-apiserver)"
@@ -94,7 +94,7 @@ go_tool() {
   mkdir -p "$out/src" "$out/bin"
   printf 'module outrider.local/%s\n\ngo 1.24\n' "$name" > "$out/src/go.mod"
   log "$name $version: resolving $module"
-  (cd "$out/src" && go get "$module@$version" >&2 && go get "$pkg@$version" >&2)
+  (cd "$out/src" && go get "$module@$version" "$pkg@$version" >go-get.log 2>&1) || { cat "$out/src/go-get.log" >&2; exit 1; }
   log "$name: compiling (first time only)"
   timed "$name" bash -c "cd '$out/src' && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o '$out/bin/$name' '$pkg'"
 }
@@ -126,8 +126,9 @@ build_addons() {
 mkdir -p "$CACHE"
 case "${1:-all}" in
   addons) build_addons; exit 0 ;;
+  kube) build_kube; build_pause; exit 0 ;;
   all) build_addons; build_kube; build_pause ;;
-  *) log "usage: $0 [all|addons]"; exit 2 ;;
+  *) log "usage: $0 [all|addons|kube]"; exit 2 ;;
 esac
 wait_other_builds
 spire_bin="$("$HERE/build-upstream.sh" spire | tail -1)"

@@ -4,6 +4,7 @@
 #
 #   scripts/build-upstream.sh controlplane   # kube-apiserver + etcd
 #   scripts/build-upstream.sh spire          # spire-server + spire-agent
+#   scripts/build-upstream.sh kubeyaml       # kubectl's own YAML reader as a stdin->JSON tool (tests)
 #   scripts/build-upstream.sh all
 #
 # Prints the bin directory on its last line. A second run with the cache present costs ~0 s.
@@ -12,6 +13,8 @@ set -euo pipefail
 K8S_VERSION="${OUTRIDER_K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${OUTRIDER_ETCD_VERSION:-v3.6.16}"
 SPIRE_VERSION="${OUTRIDER_SPIRE_VERSION:-v1.13.3}"
+# The sigs.k8s.io/yaml that k8s.io/apimachinery of K8S_VERSION requires (checked after resolving).
+SIGS_YAML_VERSION="${OUTRIDER_SIGS_YAML_VERSION:-v1.6.0}"
 CACHE="${OUTRIDER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outrider}"
 export GOFLAGS="-mod=mod"
 export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
@@ -78,9 +81,35 @@ build_spire() {
   log "SPIRE: built $out/bin"
 }
 
+# kubeyaml: apimachinery's NewYAMLOrJSONDecoder (what kubectl reads manifests with) behind stdin.
+# Keyed by the Kubernetes version and the helper's source, so an edit rebuilds it.
+KUBEYAML_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kubeyaml"
+kubeyaml_dir() { echo "$CACHE/kubeyaml-$K8S_VERSION-$(sha256sum "$KUBEYAML_SRC/main.go" | cut -c1-12)"; }
+
+build_kubeyaml() {
+  local src_dir="$KUBEYAML_SRC"
+  local out; out="$(kubeyaml_dir)"
+  if [[ -x "$out/bin/kubeyaml" ]]; then log "kubeyaml ($K8S_VERSION) cached in $out/bin"; return; fi
+  need_go
+  local work="$out/src"; mkdir -p "$work" "$out/bin"
+  local staging="v0.${K8S_VERSION#v1.}"
+  cp "$src_dir/main.go" "$work/main.go"
+  printf 'module outrider.local/kubeyaml\n\ngo 1.24\n' > "$work/go.mod"
+  log "kubeyaml: resolving k8s.io/apimachinery@$staging and sigs.k8s.io/yaml@$SIGS_YAML_VERSION"
+  (cd "$work" && go get "k8s.io/apimachinery@$staging" "sigs.k8s.io/yaml@$SIGS_YAML_VERSION" >&2)
+  local resolved; resolved="$(cd "$work" && go list -m -f '{{.Version}}' sigs.k8s.io/yaml)"
+  if [[ "$resolved" != "$SIGS_YAML_VERSION" ]]; then
+    log "kubeyaml: apimachinery $staging needs sigs.k8s.io/yaml $resolved, not $SIGS_YAML_VERSION; set OUTRIDER_SIGS_YAML_VERSION"
+    exit 2
+  fi
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/bin/kubeyaml" .)
+  log "kubeyaml: built $out/bin/kubeyaml"
+}
+
 case "${1:-all}" in
   controlplane) build_etcd; build_kube_apiserver; echo "$CACHE/kubernetes-$K8S_VERSION/bin:$CACHE/etcd-$ETCD_VERSION/bin" ;;
   spire) build_spire; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
-  all) build_etcd; build_kube_apiserver; build_spire ;;
-  *) log "usage: $0 controlplane|spire|all"; exit 2 ;;
+  kubeyaml) build_kubeyaml; echo "$(kubeyaml_dir)/bin" ;;
+  all) build_etcd; build_kube_apiserver; build_spire; build_kubeyaml ;;
+  *) log "usage: $0 controlplane|spire|kubeyaml|all"; exit 2 ;;
 esac

@@ -9,6 +9,7 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v unzip >/dev/null || need+=(unzip)
 command -v pgrep >/dev/null || need+=(procps)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v redis-server >/dev/null || need+=(redis-server)
 [[ ${#need[@]} -eq 0 ]] && exit 0
 if [[ $(id -u) -ne 0 ]]; then
   echo "[sysdeps] missing ${need[*]}; not root, so not installing (tests needing them will skip)" >&2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,10 @@ from sidecar.egress.config import EgressConfig
 from sidecar.exchange.config import ExchangeConfig
 from sidecar.identity.config import IdentityConfig
 from sidecar.inbound.config import InboundConfig
+from sidecar.policy.config import PolicyConfig
 from sidecar.telemetry.config import TelemetryConfig
 
-SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry")
+SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry", "policy")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,7 @@ class SidecarConfig:
     exchange: ExchangeConfig
     egress: EgressConfig
     telemetry: TelemetryConfig
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
 def _port(value: Any, key: str) -> int:
@@ -120,6 +122,7 @@ def parse(raw: Mapping[str, Any]) -> SidecarConfig:
         exchange=ExchangeConfig.from_mapping(section("exchange")),
         egress=EgressConfig.from_mapping(section("egress")),
         telemetry=TelemetryConfig.from_mapping(section("telemetry")),
+        policy=PolicyConfig.from_mapping(section("policy")),
     )
 
 

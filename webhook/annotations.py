@@ -41,6 +41,10 @@ TOKEN_AUDIENCE = "outrider.dev/token-audience"  # noqa: S105 (a name, not a secr
 # intersects it with the operator's policy (it can only narrow, never widen).
 EGRESS_ALLOW = "outrider.dev/egress-allow"
 
+# Pod annotation: the app team's Cedar policies, `forbid` only (a `permit` is refused at admission).
+# They narrow the operators' policies (webhook config `mcp_policy`); parsed by `webhook.mcp_policy`.
+POLICY = "outrider.dev/policy"
+
 # Namespace label (operator): force egress mode `capture` or `explicit`; without it the namespace's
 # Pod Security level decides (baseline/restricted forbid NET_ADMIN, so explicit). Read by
 # `webhook.egress.plan_egress`.
@@ -49,13 +53,7 @@ EGRESS_MODE_LABEL = "outrider.dev/egress-mode"
 # Kubernetes' own annotation that `kubectl logs/exec` uses to pick a container without `-c`.
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
-# Istio's markers: a pod that already carries an Istio sidecar captures traffic with its own
-# iptables rules; two capturing sidecars would steal each other's traffic.
-ISTIO_STATUS = "sidecar.istio.io/status"
-ISTIO_PROXY_CONTAINER = "istio-proxy"
-# Linkerd's markers: the same conflict (linkerd-init or the linkerd-cni plugin redirects to its proxy).
-LINKERD_PROXY_VERSION = "linkerd.io/proxy-version"
-LINKERD_PROXY_CONTAINER = "linkerd-proxy"
+# Other meshes' labels, annotations and container names live in `webhook.meshes`.
 
 # Fixed ports of the sidecar (design.md); the app may not claim them as its MCP port.
 OUTBOUND_PORT = 15001
@@ -83,6 +81,7 @@ class PodSettings:
     mcp_port: int | str | None = None  # a number or a containerPort name, resolved by the engine
     token_audience: str | None = None
     already_injected: bool = False
+    policy: str | None = None  # forbid-only Cedar text (validated: syntax with line/column, no permit)
 
 
 def namespace_mode(labels: Mapping[str, str]) -> str | None:
@@ -164,11 +163,21 @@ def parse_pod(metadata: Mapping[str, Any], allowed_audiences: tuple[str, ...]) -
         mcp_port=parse_mcp_port(annotations.get(MCP_PORT)),
         token_audience=parse_token_audience(annotations.get(TOKEN_AUDIENCE), allowed_audiences),
         already_injected=STATUS in annotations,
+        policy=parse_policy(annotations.get(POLICY)),
     )
+
+
+def parse_policy(value: Any) -> str | None:
+    from webhook.mcp_policy import parse_annotation  # the Cedar checks live with the policy planner
+
+    try:
+        return parse_annotation(value)
+    except ValueError as exc:
+        raise AnnotationError(str(exc)) from None
 
 
 def unknown_keys(metadata: Mapping[str, Any]) -> list[str]:
     """`outrider.dev/*` annotations this version does not know (warned about: likely a typo)."""
-    known = {POD_INJECT, STATUS, MCP_PORT, TOKEN_AUDIENCE, EGRESS_ALLOW}
+    known = {POD_INJECT, STATUS, MCP_PORT, TOKEN_AUDIENCE, EGRESS_ALLOW, POLICY}
     annotations = _str_map(metadata.get("annotations"))
     return sorted(k for k in annotations if isinstance(k, str) and k.startswith(PREFIX) and k not in known)

@@ -105,6 +105,9 @@ class WebhookConfig:
     # OpenTelemetry variables for outrider-proxy (where its spans and metrics go), as (name, value)
     # pairs; only OTEL_* names, never the header variables (they carry exporter credentials).
     sidecar_env: tuple[tuple[str, str], ...] = ()
+    # The operators' Cedar policies and rate limits for MCP calls: `default` (cluster) and
+    # `namespaces` (each replaces the default in its namespace). Empty: no policy (allow all callers).
+    mcp_policy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     # Derived values are computed once per config (the engine reads them on every admission).
     @cached_property
@@ -121,6 +124,10 @@ class WebhookConfig:
         return thaw(self.egress_default_policy)  # type: ignore[no-any-return]
 
     @cached_property
+    def plain_mcp_policy(self) -> dict[str, Any]:
+        return thaw(self.mcp_policy)  # type: ignore[no-any-return]
+
+    @cached_property
     def plain_resources(self) -> dict[str, Any]:
         return thaw(self.resources)  # type: ignore[no-any-return]
 
@@ -132,6 +139,8 @@ class WebhookConfig:
         out["sidecar_env"] = dict(self.sidecar_env)
         if not self.sidecar_env:
             del out["sidecar_env"]  # likewise for configs without sidecar_env
+        if not self.mcp_policy:
+            del out["mcp_policy"]  # likewise for configs without MCP policies
         return out
 
 
@@ -178,8 +187,8 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _ITEM_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MOUNT_SOURCES = ("secret", "configMap")
-# Where outrider-proxy already mounts something: the SPIFFE socket and the egress policy ConfigMap.
-RESERVED_MOUNT_PATHS = ("/spiffe-workload-api", "/etc/outrider/egress")
+# Where outrider-proxy already mounts something: the SPIFFE socket and the policy ConfigMaps.
+RESERVED_MOUNT_PATHS = ("/spiffe-workload-api", "/etc/outrider/egress", "/etc/outrider/policy")
 
 
 def _nested(a: str, b: str) -> bool:
@@ -381,6 +390,12 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         raise ConfigError(
             f"trust_domain: {trust_domain!r} is not a SPIFFE trust domain (lowercase letters, digits, . _ -)"
         )
+    from webhook.mcp_policy import McpPolicyError, validate
+
+    try:
+        mcp_policy = validate(data.get("mcp_policy"))
+    except McpPolicyError as exc:
+        raise ConfigError(str(exc)) from None
     config = WebhookConfig(
         sidecar_image=_str(data, "sidecar_image", defaults.sidecar_image),
         image_pull_policy=str(pull),
@@ -394,6 +409,7 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         sidecar=_frozen(data.get("sidecar", {})),
         sidecar_mounts=_sidecar_mounts(data.get("sidecar_mounts", [])),
         sidecar_env=_sidecar_env(data.get("sidecar_env", {})),
+        mcp_policy=_frozen(mcp_policy),
     )
     try:
         _ = config.hash  # once here, not on the first admission: it also proves every value is JSON

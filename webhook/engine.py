@@ -15,11 +15,12 @@ from typing import Any
 import orjson
 
 from sidecar.config_merge import deep_merge
-from webhook import __version__
+from webhook import __version__, meshes
 from webhook import annotations as ann
 from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
 from webhook.egress import EgressPlan, plan_egress_cached
+from webhook.mcp_policy import POLICY_CONFIG_MAP, POLICY_DIR, plan_policy
 from webhook.patch import JsonPatch, diff_into, escape
 from webhook.shape import as_list as _list
 from webhook.shape import as_map as _map
@@ -28,6 +29,7 @@ INIT_NAME = "outrider-init"
 PROXY_NAME = "outrider-proxy"
 SPIFFE_VOLUME_NAME = "outrider-spiffe"
 POLICY_VOLUME_NAME = "outrider-egress-policy"
+MCP_POLICY_VOLUME_NAME = "outrider-policy"
 SPIFFE_MOUNT_PATH = "/spiffe-workload-api"
 SPIFFE_SOCKET = f"unix://{SPIFFE_MOUNT_PATH}/spire-agent.sock"
 ADMIN_PORT_NAME = "outrider-admin"
@@ -59,6 +61,7 @@ def inject(
     config: WebhookConfig,
     namespace_policy: Mapping[str, Any] | None = None,
     namespace: str | None = None,
+    namespace_annotations: Mapping[str, str] | None = None,
 ) -> InjectionResult:
     """Inject Outrider into `pod` (a Pod or a pod template: `metadata` + `spec`)."""
     # Read-only from here on: the injected pod is built copy-on-write and shares untouched subtrees.
@@ -95,7 +98,9 @@ def inject(
         # In strict namespaces the marker is not trusted: a pod could carry it beside a fake or
         # loosened sidecar. It must match what this webhook would inject now, or it is refused.
         problem = (
-            _verify_injected(original, metadata, spec, settings, namespace_labels, namespace_policy, config)
+            _verify_injected(
+                original, metadata, spec, settings, namespace_labels, namespace_policy, config, namespace
+            )
             if strict
             else None
         )
@@ -136,27 +141,16 @@ def inject(
             "spec.os.name (or spec.nodeSelector[kubernetes.io/os]) is windows: the Outrider sidecar runs "
             "on Linux only; not injected"
         )
-    if _has_istio(metadata, spec):
+    mesh = meshes.conflict(metadata, spec, namespace_labels, namespace_annotations or {})
+    if mesh is not None:
         if strict:
             return refuse(
-                "the pod already has an Istio sidecar (istio-proxy); two traffic-capturing sidecars "
-                "break each other; disable Istio injection for this pod (sidecar.istio.io/inject: "
-                f'"false") in this {ann.NAMESPACE_INJECT}=strict namespace'
+                f"{mesh.reason}; two traffic-capturing proxies in one pod break each other; {mesh.fix} "
+                f"(namespace is {ann.NAMESPACE_INJECT}=strict)"
             )
         return skip(
-            "the pod already has an Istio sidecar (istio-proxy); Outrider does not stack a second "
-            'capturing sidecar; set sidecar.istio.io/inject: "false" to use Outrider'
-        )
-    if _has_linkerd(metadata, spec):
-        if strict:
-            return refuse(
-                "the pod already has a Linkerd proxy (linkerd-proxy); two traffic-capturing sidecars "
-                "break each other; disable Linkerd injection for this pod (linkerd.io/inject: disabled) "
-                f"in this {ann.NAMESPACE_INJECT}=strict namespace"
-            )
-        return skip(
-            "the pod already has a Linkerd proxy (linkerd-proxy); Outrider does not stack a second "
-            "capturing sidecar; set linkerd.io/inject: disabled to use Outrider"
+            f"{mesh.reason}; two traffic-capturing proxies in one pod break each other, so Outrider "
+            f"does not inject it; {mesh.fix} to use Outrider"
         )
 
     try:
@@ -183,7 +177,8 @@ def inject(
         return refuse(str(exc))
 
     pod_ns = metadata.get("namespace") or namespace or "default"
-    patched = _apply(original, config, settings, plan, mcp_port, app_index, str(pod_ns), warnings)
+    mcp_policy = plan_policy(str(pod_ns), settings.policy, config.plain_mcp_policy)
+    patched = _apply(original, config, settings, plan, mcp_port, app_index, str(pod_ns), warnings, mcp_policy)
     return InjectionResult(True, patched, _patch(original, patched), tuple(warnings), injected=True)
 
 
@@ -276,6 +271,7 @@ def _verify_injected(
     namespace_labels: Mapping[str, str],
     namespace_policy: Mapping[str, Any] | None,
     config: WebhookConfig,
+    namespace: str | None = None,
 ) -> str | None:
     """Why an already-injected pod does not match a fresh injection (None when it does)."""
     try:
@@ -311,7 +307,11 @@ def _verify_injected(
     except Exception:
         return "its egress plan cannot be checked"
     proxy = by_name[ours[-1]]
-    expected_env = sidecar_config(config, mcp_port, settings.token_audience or config.default_audience, plan)
+    pod_ns = _map(pod.get("metadata")).get("namespace") or namespace or "default"
+    mcp_policy = plan_policy(str(pod_ns), settings.policy, config.plain_mcp_policy)
+    expected_env = sidecar_config(
+        config, mcp_port, settings.token_audience or config.default_audience, plan, mcp_policy
+    )
     env = {e.get("name"): e.get("value") for e in _list(proxy.get("env")) if isinstance(e, dict)}
     try:
         actual_env = json.loads(env.get("OUTRIDER_CONFIG") or "null")
@@ -338,18 +338,6 @@ def _verify_injected(
 def _all_containers(spec: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
     for key in ("initContainers", "containers"):
         yield from (c for c in _list(spec.get(key)) if isinstance(c, dict))
-
-
-def _has_istio(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
-    if ann.ISTIO_STATUS in _map(metadata.get("annotations")):
-        return True
-    return any(c.get("name") == ann.ISTIO_PROXY_CONTAINER for c in _all_containers(spec))
-
-
-def _has_linkerd(metadata: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
-    if ann.LINKERD_PROXY_VERSION in _map(metadata.get("annotations")):
-        return True
-    return any(c.get("name") == ann.LINKERD_PROXY_CONTAINER for c in _all_containers(spec))
 
 
 def _escapes(
@@ -505,11 +493,17 @@ def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str
 
 
 def sidecar_config(
-    config: WebhookConfig, mcp_port: int | None, audience: str | None, plan: EgressPlan
+    config: WebhookConfig,
+    mcp_port: int | None,
+    audience: str | None,
+    plan: EgressPlan,
+    mcp_policy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The per-pod OUTRIDER_CONFIG: the operator's `sidecar:` block under the per-pod values."""
     policy = plan.policy if type(plan.policy) is dict else thaw(plan.policy)
     per_pod: dict[str, Any] = {"egress": {"mode": plan.mode, "policy": policy}}
+    if mcp_policy is not None:
+        per_pod["policy"] = dict(mcp_policy)
     if mcp_port is not None:
         per_pod["inbound"] = {"mcp_port": mcp_port}
     if audience:
@@ -531,25 +525,31 @@ def _sorted_json(value: Any) -> str:
 
 # OUTRIDER_CONFIG text by (plan, config, port, audience): cached plans come back as the same object,
 # so most admissions reuse the JSON. The entry holds its plan, so the id() in the key stays its own.
-_CONFIG_JSON: dict[tuple[int, str, int | None, str | None], tuple[EgressPlan, str]] = {}
-_CONFIG_BASE: dict[tuple[int, str, None, str | None], tuple[EgressPlan, dict[str, Any]]] = {}
+_CONFIG_JSON: dict[tuple[int, str, int | None, str | None, str], tuple[EgressPlan, str]] = {}
+_CONFIG_BASE: dict[tuple[int, str, None, str | None, str], tuple[EgressPlan, dict[str, Any]]] = {}
 
 
 def _sidecar_config_json(
-    config: WebhookConfig, mcp_port: int | None, audience: str | None, plan: EgressPlan
+    config: WebhookConfig,
+    mcp_port: int | None,
+    audience: str | None,
+    plan: EgressPlan,
+    mcp_policy: Mapping[str, Any] | None = None,
 ) -> str:
-    key = (id(plan), config.hash, mcp_port, audience)
+    # The policy section is part of the key by value (it is small and differs per namespace/annotation).
+    policy_key = "" if mcp_policy is None else json.dumps(mcp_policy, sort_keys=True)
+    key = (id(plan), config.hash, mcp_port, audience, policy_key)
     found = _CONFIG_JSON.get(key)
     if found is not None and found[0] is plan:
         return found[1]
     # The merged config without the port is shared by every pod with this plan and audience (the
     # thawed policy and the merge are the costly part); the port is merged in as deep_merge would.
-    base_key = (id(plan), config.hash, None, audience)
+    base_key = (id(plan), config.hash, None, audience, policy_key)
     base = _CONFIG_BASE.get(base_key)
     if base is None or base[0] is not plan:
         if len(_CONFIG_BASE) >= 512:
             _CONFIG_BASE.clear()
-        base = _CONFIG_BASE[base_key] = (plan, sidecar_config(config, None, audience, plan))
+        base = _CONFIG_BASE[base_key] = (plan, sidecar_config(config, None, audience, plan, mcp_policy))
     value = base[1]
     if mcp_port is not None:
         inbound = value.get("inbound")
@@ -613,6 +613,7 @@ def _apply(
     app_index: int,
     namespace: str,
     warnings: list[str],
+    mcp_policy: Mapping[str, Any] | None = None,
 ) -> Pod:
     # Copy only what changes (pod, metadata, spec, app containers); everything else is shared.
     pod = dict(pod)
@@ -651,7 +652,7 @@ def _apply(
         {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_SOCKET},
         {
             "name": "OUTRIDER_CONFIG",
-            "value": _sidecar_config_json(config, mcp_port, audience, plan),
+            "value": _sidecar_config_json(config, mcp_port, audience, plan, mcp_policy),
         },
     ]
     env += [{"name": name, "value": value} for name, value in config.sidecar_env]
@@ -750,6 +751,11 @@ def _apply(
         proxy["volumeMounts"].append(
             {"name": policy_volume, "mountPath": posixpath.dirname(policy_file), "readOnly": True}
         )
+    if mcp_policy is not None:
+        # The namespace may narrow the MCP policy and rate limits at run time with this ConfigMap.
+        mcp_volume = _free_name(MCP_POLICY_VOLUME_NAME, taken_volumes)
+        new_volumes.append({"name": mcp_volume, "configMap": {"name": POLICY_CONFIG_MAP, "optional": True}})
+        proxy["volumeMounts"].append({"name": mcp_volume, "mountPath": POLICY_DIR, "readOnly": True})
     for mount in config.sidecar_mounts:
         # Operator-chosen Secrets/ConfigMaps for the sidecar's *_file settings: the proxy only.
         mount_volume = _free_name(mount.name, taken_volumes)

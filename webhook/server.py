@@ -142,9 +142,16 @@ class AnswerCache:
         obj: Any,
         body: bytes,
         uid: str,
+        namespace_annotations: Mapping[str, str] | None = None,
     ) -> bytes:
         digest = hashlib.blake2b(digest_size=20)
-        digest.update(repr((config_hash, namespace, sorted(labels.items()))).encode())
+        facts = (
+            config_hash,
+            namespace,
+            sorted(labels.items()),
+            sorted((namespace_annotations or {}).items()),
+        )
+        digest.update(repr(facts).encode())
         if policy is not None:
             digest.update(json.dumps(policy, sort_keys=True, separators=(",", ":"), default=str).encode())
         digest.update(b"\0")
@@ -221,13 +228,16 @@ async def mutate(request: web.Request) -> web.Response:
             namespace = review.namespace or ""
             facts: NamespaceFacts | None = request.app[NAMESPACES]  # type: ignore[assignment]
             labels = await facts.labels(namespace) if facts else ENABLED_LABELS
+            ns_annotations = await facts.annotations(namespace) if facts else {}
             policy = await facts.egress_policy(namespace) if facts else None
             config = request.app[CONFIG].current
             cache = request.app[ANSWERS]
-            key = cache.key(config.hash, namespace, labels, policy, review.object, body, review.uid)
+            key = cache.key(
+                config.hash, namespace, labels, policy, review.object, body, review.uid, ns_annotations
+            )
             cached = cache.get(key)
             if cached is None:
-                result = inject(review.object, labels, config, policy, namespace or None)
+                result = inject(review.object, labels, config, policy, namespace or None, ns_annotations)
                 if not result.allowed:
                     log.info("refused pod in namespace %s: %s", review.namespace, result.message)
                 cached = (admission.outcome(result), admission.encode_result(result))

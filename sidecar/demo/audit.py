@@ -93,6 +93,11 @@ def _format_v1(event: Mapping[str, Any]) -> str:
         parts.append(target)
         if mcp.get("http_status") is not None:
             parts.append(f"http={mcp.get('http_status')}")
+        policy = event.get("policy") or {}
+        if policy:
+            parts.append(f"policy={policy.get('decision')}")
+            if policy.get("policies"):
+                parts.append(f"by={_compact(policy.get('policies'))}")
     if event.get("reason") and kind != "egress.decision":
         parts.append(f"reason={_compact(event.get('reason'))}")
     if event.get("duration_ms") is not None:

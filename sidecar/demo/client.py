@@ -16,6 +16,7 @@ import aiohttp
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -116,6 +117,7 @@ async def run_calls(demo: Demo, token: str) -> None:
         names = sorted(t.name for t in tools.tools)
         c.show("tools/list -> " + ", ".join(names))
         c.check({"whoami", "fetch", "echo"} <= set(names), "tools listed through the sidecar")
+        c.check("delete" not in names, "tools/list hides the tool alice may not call (Cedar policy)")
 
         async with client_tracer(demo) as tracer:
             with tracer.start_as_current_span(
@@ -169,6 +171,19 @@ async def run_calls(demo: Demo, token: str) -> None:
             "a host outside the allowlist is blocked",
         )
 
+        c.say("tools/call delete (the operators' Cedar policy permits it to group admins only)")
+        try:
+            await client.call_tool("delete", {"item": "notes"})
+            refusal = None
+        except MCPError as exc:
+            refusal = exc
+        c.show(f"-> JSON-RPC error {refusal.code}: {refusal.message}" if refusal else "-> it ran")
+        c.check(
+            refusal is not None and refusal.message == "denied by policy",
+            "a tool call the policy does not permit is denied (and never reaches the server)",
+        )
+
+    await rate_limited_call(demo, token)
     expired = await expired_token(demo, "alice")
     demo.tokens.append(expired)
     c.say("a client with an EXPIRED token calls tools/list")
@@ -185,6 +200,53 @@ async def run_calls(demo: Demo, token: str) -> None:
     c.check(
         "resource_metadata=" in challenge,
         "the challenge points to the protected resource metadata (RFC 9728)",
+    )
+
+
+async def rate_limited_call(demo: Demo, token: str) -> None:
+    """echo is limited to 2 calls a minute per user: the third gets 429 with Retry-After."""
+    c = demo.console
+    assert demo.session is not None
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+    }
+    init = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "demo", "version": "1"},
+        },
+    }
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with demo.session.post(demo.resource, json=init, headers=headers, timeout=timeout) as r:
+        await r.read()
+        session_id = r.headers.get("Mcp-Session-Id")
+    headers["MCP-Protocol-Version"] = "2025-06-18"
+    if session_id:
+        headers["Mcp-Session-Id"] = session_id
+    c.say("tools/call echo three times (the operators allow 2 a minute for each user)")
+    statuses: list[int] = []
+    retry_after = None
+    for i in range(1, 4):
+        body = {
+            "jsonrpc": "2.0",
+            "id": i,
+            "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": "hi"}},
+        }
+        async with demo.session.post(demo.resource, json=body, headers=headers, timeout=timeout) as r:
+            await r.read()
+            statuses.append(r.status)
+            retry_after = r.headers.get("Retry-After", retry_after)
+    c.show(f"HTTP {', '.join(map(str, statuses))}  Retry-After: {retry_after}")
+    c.check(
+        statuses == [200, 200, 429] and retry_after is not None,
+        "the third call in the window is rate limited: 429 with Retry-After",
     )
 
 

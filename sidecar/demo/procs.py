@@ -18,6 +18,8 @@ from pathlib import Path
 
 import aiohttp
 
+from .uid_access import require_runnable_as
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -70,6 +72,8 @@ class Supervisor:
         """Start `argv` (optionally inside network namespace `netns` and as `uid`), logging to a file."""
         command = list(argv)
         if uid is not None:
+            if command and command[0] == sys.executable:
+                await asyncio.to_thread(require_runnable_as, [uid], sys.executable)
             command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
         if netns is not None:
             command = ["ip", "netns", "exec", netns, *command]

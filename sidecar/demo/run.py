@@ -309,6 +309,20 @@ def admission_review(pod: Mapping[str, Any], uid: str) -> dict[str, Any]:
     }
 
 
+DEMO_POLICY = """@id("everyone-lists")
+permit(principal, action in [Action::"list_tools", Action::"list_prompts", Action::"list_resources"],
+       resource);
+
+@id("everyone-safe-tools")
+permit(principal, action == Action::"call_tool", resource)
+when { resource == Tool::"whoami" || resource == Tool::"echo" || resource == Tool::"fetch" };
+
+@id("admins-everything")
+permit(principal in Group::"admins", action, resource);
+"""
+DEMO_RATE_LIMITS = {"per_tool": {"echo": "2/minute"}}
+
+
 def webhook_config(demo: Demo) -> dict[str, Any]:
     """The operator's webhook config for this demo: the sidecar block the webhook writes into each pod."""
     return {
@@ -316,6 +330,9 @@ def webhook_config(demo: Demo) -> dict[str, Any]:
         "token_audiences": [DOWNSTREAM_AUDIENCE],
         "default_audience": DOWNSTREAM_AUDIENCE,
         "egress_default_policy": {"allow": demo.allowed_rules},
+        # The operators' Cedar ceiling: everyone may list and call the harmless tools, only the
+        # admins group may call the rest (delete); echo is limited to 2 calls a minute per user.
+        "mcp_policy": {"default": {"cedar": DEMO_POLICY, "rate_limits": DEMO_RATE_LIMITS}},
         "sidecar": {
             "inbound": {"issuer": demo.idp_url, "resource": demo.resource},
             "exchange": {
@@ -953,6 +970,17 @@ async def step_operator(demo: Demo) -> None:
             f"found in {leaked}" if leaked else f"{len(demo.tokens)} tokens checked",
         )
     c.check(any("alice" in json.dumps(e) for e in events), "audit events name alice")
+    c.check(
+        any(
+            (e.get("policy") or {}).get("decision") == "deny" and (e.get("mcp") or {}).get("tool") == "delete"
+            for e in events
+        ),
+        "the audit log records alice's denied call with the policy decision",
+    )
+    c.check(
+        any((e.get("policy") or {}).get("decision") == "rate_limited" for e in events),
+        "the audit log records the rate-limited call",
+    )
     assert demo.receiver is not None
     receiver = demo.receiver
     await show_metrics(demo)

@@ -51,11 +51,14 @@ class DevUser:
     password: str
     scope: str = "openid profile mcp:tools"
     email: str | None = None
+    groups: tuple[str, ...] = ()  # the `groups` claim (Cedar policies test `principal in Group::"..."`)
 
 
 DEFAULT_USERS: Mapping[str, DevUser] = {
     "alice": DevUser("alice", "alice-password", email="alice@example.com"),
-    "bob": DevUser("bob", "bob-password", scope="openid profile", email="bob@example.com"),
+    "bob": DevUser(
+        "bob", "bob-password", scope="openid profile", email="bob@example.com", groups=("admins",)
+    ),
 }
 
 
@@ -412,6 +415,8 @@ class DevIdP:
         if user and user.email:
             claims["email"] = user.email
             claims["preferred_username"] = user.name
+        if user and user.groups:
+            claims["groups"] = list(user.groups)
         if client_id:
             claims["client_id"] = client_id
             claims["azp"] = client_id

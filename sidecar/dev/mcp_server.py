@@ -70,6 +70,10 @@ def build_server(name: str = "outrider-dev-mcp") -> MCPServer:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return {"status": None, "error": f"{type(exc).__name__}: {exc}"}
 
+    @server.tool(description="Pretend to delete a named item (a destructive tool for policy tests).")
+    def delete(item: str) -> str:
+        return f"deleted {item}"
+
     @server.tool(description="Sleep, then answer (for timeout tests).")
     async def sleep(seconds: float) -> str:
         await asyncio.sleep(seconds)

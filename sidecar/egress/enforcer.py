@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.egress import sniff
+from sidecar.egress import http1, sniff
 from sidecar.egress.config import EgressConfig
 from sidecar.egress.policy import (
     Destination,
@@ -31,6 +31,7 @@ from sidecar.egress.policy import (
     decide,
     destination_for,
     name_addresses,
+    normalize_name,
     unmapped,
 )
 from sidecar.egress.reload import PolicyHolder
@@ -112,6 +113,34 @@ class Stats:
 @dataclass
 class _Activity:
     last: float  # loop time of the last byte relayed in either direction
+
+
+@dataclass(frozen=True)
+class _HttpConn:
+    """What a plaintext HTTP connection was allowed as: each later request is judged against it."""
+
+    dest: Destination  # the judged name (or literal) and port; ip: the upstream peer once connected
+    mode: str
+    explicit: bool  # absolute-URI proxy requests (rewritten to origin form) rather than captured ones
+
+
+@dataclass(frozen=True)
+class _Next:
+    action: str  # "forward" | "refuse" (answer `status`) | "close" (no answer: the client reconnects) | "eof"
+    status: int
+    reason: str
+
+
+_FORWARD = _Next("forward", 0, "")
+
+
+def _safe_name(host: str | None) -> str | None:
+    if host is None:
+        return None
+    try:
+        return normalize_name(host)
+    except ValueError:
+        return None
 
 
 class _Denied(Exception):
@@ -267,6 +296,10 @@ class Enforcer:
         if upstream is None:
             await self._refuse(client, protocol, f"{dest.name}:{port}", "upstream unreachable", status=502)
             return
+        if protocol == sniff.HTTP:
+            # Plaintext HTTP: every request on the connection is judged, not only the first.
+            await self._relay_http(client, upstream, head, _HttpConn(dest, mode, explicit=False))
+            return
         await self._relay(client, upstream, head, dest, mode, protocol)
 
     async def _explicit(self, client: socket.socket) -> None:
@@ -319,10 +352,9 @@ class Enforcer:
             return
         if protocol == "connect":
             await self._send(client, b"HTTP/1.1 200 Connection Established\r\n\r\n")
-            first = rest
-        else:
-            first = _origin_form(head) + rest
-        await self._relay(client, upstream, first, dest, "explicit", protocol)
+            await self._relay(client, upstream, rest, dest, "explicit", protocol)
+            return
+        await self._relay_http(client, upstream, head_bytes, _HttpConn(dest, "explicit", explicit=True))
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -465,6 +497,147 @@ class Enforcer:
                     break
                 drained += len(chunk)
 
+    # --- plaintext HTTP, request by request ----------------------------------------------------------
+
+    async def _judge_request(self, head: sniff.RequestHead, conn: _HttpConn) -> _Next:
+        """Whether one request on an open HTTP connection may go to its upstream (docs/egress.md)."""
+        port = conn.dest.port
+        try:
+            host, target_port = http1.request_authority(head, explicit=conn.explicit)
+        except ValueError as exc:
+            return self._refuse_request(conn, None, f"{exc}")
+        if conn.explicit and (target_port or 80) != port:
+            return self._refuse_request(
+                conn, host, f"another port ({target_port}) on this proxy connection", 0
+            )
+        dest = destination_for(host, port, conn.dest.ip)
+        if dest.name is None and dest.ip is None:
+            return self._refuse_request(conn, host, f"{host!r} is not a valid host name")
+        if dest.name is not None and dest.name == conn.dest.name:
+            return _FORWARD
+        if dest.name is None and dest.ip == conn.dest.ip:
+            return _FORWARD
+        verdict = decide(self.holder.current, dest)
+        if not verdict.allowed:
+            self._emit(verdict, mode=conn.mode, protocol=sniff.HTTP, dest=dest)
+            return _Next("refuse", 403, f"denied {host}:{port}: {verdict.reason}")
+        # Allowed, but this connection goes to another name's address: the client must reconnect
+        # (the new connection is judged and dialled at the name's own addresses).
+        return self._refuse_request(conn, host, f"{host} on a connection opened for another host", 0)
+
+    def _refuse_request(self, conn: _HttpConn, host: str | None, reason: str, status: int = 403) -> _Next:
+        dest = Destination(port=conn.dest.port, name=_safe_name(host), ip=conn.dest.ip)
+        self._emit(Verdict(False, None, None, reason), mode=conn.mode, protocol=sniff.HTTP, dest=dest)
+        if status == 0:
+            return _Next("close", 0, reason)
+        return _Next("refuse", status, reason)
+
+    async def _relay_http(
+        self, client: socket.socket, upstream: socket.socket, first: bytes, conn: _HttpConn
+    ) -> None:
+        """Relay a plaintext HTTP connection; client->server is parsed request by request (the server's
+        answers are spliced through untouched). The first refused request is answered after every earlier
+        answer (the upstream is half-closed and drained first), then the connection closes."""
+        loop = asyncio.get_running_loop()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.current_task()
+        if task is not None:
+            with contextlib.suppress(OSError, ValueError):
+                peer = unmapped(ipaddress.ip_address(str(upstream.getpeername()[0]).split("%")[0]))
+                conn = _HttpConn(Destination(conn.dest.port, conn.dest.name, peer), conn.mode, conn.explicit)
+                self._open[task] = (conn.dest, conn.mode, sniff.HTTP)
+        activity = _Activity(loop.time())
+        down = asyncio.create_task(self._pump(upstream, client, "down", activity, half_close=False))
+        up = asyncio.create_task(self._requests(client, upstream, first, conn, activity))
+        try:
+            ended = await self._wait_idle({up, down}, activity)
+            if up in ended and not up.cancelled() and up.exception() is None:
+                outcome = up.result()
+                with contextlib.suppress(OSError):
+                    upstream.shutdown(socket.SHUT_WR)
+                # Earlier requests' answers still flow (in order) before anything of ours.
+                await self._wait_idle({down}, activity)
+                if outcome.action == "refuse" and down.done():
+                    await self._answer(
+                        client, _http_response(outcome.status, f"outrider egress: {outcome.reason}")
+                    )
+                    return
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+        finally:
+            for pump in (up, down):
+                pump.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            if task is not None:
+                self._open.pop(task, None)
+            upstream.close()
+
+    async def _wait_idle(self, tasks: set[asyncio.Task[Any]], activity: _Activity) -> set[asyncio.Task[Any]]:
+        """Wait for the first of `tasks` to end, or for `idle_timeout_s` without a byte either way."""
+        loop = asyncio.get_running_loop()
+        idle = self.config.idle_timeout_s
+        pending = {t for t in tasks if not t.done()}
+        done = {t for t in tasks if t.done()}
+        while pending and not done:
+            timeout = activity.last + idle - loop.time() if idle > 0 else None
+            if timeout is not None and timeout <= 0:
+                self.stats.idle_closed += 1
+                break
+            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return done
+
+    async def _requests(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        first: bytes,
+        conn: _HttpConn,
+        activity: _Activity,
+    ) -> _Next:
+        """Client -> server, one judged request at a time; returns why it stopped."""
+        loop = asyncio.get_running_loop()
+        parser = http1.RequestParser(self.config.peek_bytes)
+        buffer = bytearray(min(self.config.buffer_bytes, 262144))
+        data = first
+        while True:
+            if data:
+                try:
+                    items = parser.feed(data)
+                except http1.FramingError as exc:
+                    return self._refuse_request(conn, None, f"bad HTTP request framing: {exc}", 400)
+                out: list[bytes] = []
+                stop: _Next | None = None
+                for item in items:
+                    if isinstance(item, http1.Head):
+                        verdict = await self._judge_request(item.request, conn)
+                        if verdict.action != "forward":
+                            stop = verdict
+                            break
+                        out.append(_origin_form(item.request) if conn.explicit else item.raw)
+                    else:
+                        out.append(item)
+                if out:
+                    payload = b"".join(out)
+                    await loop.sock_sendall(upstream, payload)
+                    self.stats.bytes_up += len(payload)
+                    activity.last = loop.time()
+                if stop is not None:
+                    return stop
+            if parser.body_pending >= _SPLICE_BODY_MIN and _HAVE_SPLICE:
+                # A large body of a judged request: move it in the kernel, as the answers are.
+                moved = await self._splice_exact(client, upstream, parser.body_pending, activity)
+                if moved == 0:
+                    return _Next("eof", 0, "")
+                parser.skip_body(moved)
+                self.stats.bytes_up += moved
+                data = b""
+                continue
+            n = await loop.sock_recv_into(client, buffer)
+            if n == 0:
+                return _Next("eof", 0, "")
+            activity.last = loop.time()
+            data = bytes(buffer[:n])
+
     def revalidate(self) -> int:
         """Close the open tunnels the current policy no longer allows (after a narrowing reload);
         returns how many were closed. Each closure is audited."""
@@ -535,7 +708,13 @@ class Enforcer:
             upstream.close()
 
     async def _pump(
-        self, source: socket.socket, sink: socket.socket, direction: str, activity: _Activity
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        direction: str,
+        activity: _Activity,
+        *,
+        half_close: bool = True,
     ) -> None:
         """Copy until EOF, then half-close the sink. Never reads more than one pipe (or buffer) ahead of
         what the sink accepted, so a slow peer slows the other side down (back-pressure)."""
@@ -545,8 +724,9 @@ class Enforcer:
                 total = await self._splice(source, sink, activity)
             else:  # pragma: no cover - Linux always has splice
                 total = await self._copy(source, sink, activity)
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
+            if half_close:
+                with contextlib.suppress(OSError):
+                    sink.shutdown(socket.SHUT_WR)
         finally:
             if direction == "up":
                 self.stats.bytes_up += total
@@ -587,6 +767,41 @@ class Enforcer:
             os.close(read_end)
             os.close(write_end)
 
+    async def _splice_exact(
+        self, source: socket.socket, sink: socket.socket, limit: int, activity: _Activity
+    ) -> int:
+        """Move at most `limit` bytes source -> sink in the kernel; fewer only at EOF."""
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        total = 0
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(write_end, _F_SETPIPE_SZ, self.config.buffer_bytes)
+            src, dst = source.fileno(), sink.fileno()
+            while total < limit:
+                try:
+                    n = os.splice(
+                        src, write_end, min(limit - total, self.config.buffer_bytes), flags=_SPLICE_FLAGS
+                    )
+                except BlockingIOError:
+                    await _ready(loop, source, write=False)
+                    continue
+                if n == 0:
+                    return total
+                while n:
+                    try:
+                        moved = os.splice(read_end, dst, n, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        await _ready(loop, sink, write=True)
+                        continue
+                    n -= moved
+                    total += moved
+                    activity.last = loop.time()
+            return total
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
     async def _copy(self, source: socket.socket, sink: socket.socket, activity: _Activity) -> int:
         loop = asyncio.get_running_loop()
         buffer = bytearray(self.config.buffer_bytes)
@@ -623,6 +838,7 @@ _HAVE_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _DEFAULT_PIPE = 65536
+_SPLICE_BODY_MIN = 65536  # request bodies at least this large go client -> server by splice
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
@@ -652,21 +868,23 @@ def _bad_name(host: str) -> Verdict:
 
 
 def _origin_form(head: sniff.RequestHead) -> bytes:
-    """Rewrite an absolute-URI proxy request for the origin server and drop hop-by-hop proxy headers."""
+    """Rewrite an absolute-URI proxy request for the origin server: origin-form target, `Host` from the
+    URI (RFC 9110 §7.2: a proxy replaces a received Host; a disagreeing one was already refused), no
+    hop-by-hop proxy headers, and the client's own wish to close the connection kept."""
     after_scheme = head.target.split("/", 3)
     path = "/" + after_scheme[3] if len(after_scheme) > 3 else "/"
-    lines = [f"{head.method} {path} {head.version}"]
-    has_host = False
+    lines = [f"{head.method} {path} {head.version}", f"Host: {sniff.uri_authority(head.target)}"]
+    close = head.version == "HTTP/1.0"
     for name, value in head.headers:
         lname = name.lower()
-        if lname in ("proxy-connection", "proxy-authorization", "connection", "keep-alive"):
+        if lname in ("connection", "proxy-connection"):
+            tokens = {t.strip().lower() for t in value.split(",")}
+            close = (close and "keep-alive" not in tokens) or "close" in tokens
             continue
-        has_host = has_host or lname == "host"
+        if lname in ("proxy-authorization", "keep-alive", "host"):
+            continue
         lines.append(f"{name}: {value}")
-    if not has_host:
-        lines.append(f"Host: {sniff.uri_authority(head.target)}")
-    # One request per proxied connection: the next absolute URI may name another host.
-    lines.append("Connection: close")
+    lines.append("Connection: close" if close else "Connection: keep-alive")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 

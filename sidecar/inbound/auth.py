@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import jwt
 
+from sidecar.inbound.claims import claim_problem
 from sidecar.inbound.config import InboundConfig
 from sidecar.telemetry.observer import Principal
 
@@ -113,7 +114,26 @@ def _scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
     return ()
 
 
-def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
+def claim_strings(claims: Mapping[str, Any], paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The strings at the dotted claim `paths` (a list, or one string), in order, without repeats.
+
+    Keycloak puts realm roles at `realm_access.roles`; Entra ID and Okta use top-level `groups`/`roles`.
+    """
+    found: list[str] = []
+    for path in paths:
+        value: Any = claims
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for item in items[:256]:
+            if isinstance(item, str) and item and item not in found:
+                found.append(item)
+    return tuple(found)
+
+
+def principal_from_claims(
+    claims: Mapping[str, Any], group_claims: tuple[str, ...] = (), role_claims: tuple[str, ...] = ()
+) -> Principal:
     client_id = claims.get("azp") or claims.get("client_id")
     issuer = claims.get("iss")
     return Principal(
@@ -123,6 +143,8 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         client_id=client_id if isinstance(client_id, str) else None,
         delegation=_delegation(claims),
         scopes=_scopes(claims),
+        groups=claim_strings(claims, group_claims),
+        roles=claim_strings(claims, role_claims),
     )
 
 
@@ -277,6 +299,17 @@ class TokenVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._config.algorithms:
             return AuthFailure(401, "invalid_token", "the token's signing algorithm is not allowed")
+        # Claim shapes before PyJWT sees them: it would coerce `"exp": "9999999999"` with int() and
+        # crash on `1e400`. Refusing an unverified token for its shape reveals nothing.
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except (jwt.InvalidTokenError, ValueError, TypeError):
+            return AuthFailure(401, "invalid_token", "the access token is malformed")
+        if not isinstance(unverified, dict):
+            return AuthFailure(401, "invalid_token", "the access token's payload is not a JSON object")
+        problem = claim_problem(unverified)
+        if problem is not None:
+            return AuthFailure(401, "invalid_token", problem)
         kid = header.get("kid")
         candidates = [k for k in await self._jwks.keys_for(kid if isinstance(kid, str) else None)]
         candidates = [k for k in candidates if key_matches_alg(k, alg)]
@@ -314,7 +347,8 @@ class TokenVerifier:
             except (jwt.InvalidTokenError, jwt.PyJWKError, ValueError, TypeError):
                 failure = AuthFailure(401, "invalid_token", "the access token is malformed")
                 continue
-            return principal_from_claims(claims), float(claims["exp"])
+            principal = principal_from_claims(claims, self._config.group_claims, self._config.role_claims)
+            return principal, float(claims["exp"])
         return failure
 
 

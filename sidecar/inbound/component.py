@@ -20,6 +20,8 @@ from sidecar.identity.tls import RotatingServerContext
 from sidecar.inbound.auth import JwksCache, TokenVerifier
 from sidecar.inbound.proxy import InboundProxy
 from sidecar.inbound.server import hardened_server
+from sidecar.policy.gate import Gate, reload_loop
+from sidecar.policy.model import Server
 from sidecar.runtime import Runtime
 
 log = logging.getLogger("outrider.inbound")
@@ -54,6 +56,27 @@ def _build_exchanger(runtime: Runtime, session: aiohttp.ClientSession) -> TokenE
         return None
     exchanger: TokenExchanger = build_exchanger(runtime.config.exchange, runtime.identity, session)
     return exchanger
+
+
+def build_gate(runtime: Runtime) -> Gate:
+    """The policy gate (Cedar + rate limits); with nothing configured it is inactive (today's behaviour)."""
+    pod = runtime.config.pod
+    cache: dict[str | None, Server] = {}
+
+    def server() -> Server:
+        spiffe_id = runtime.identity.spiffe_id if runtime.identity is not None else None
+        found = cache.get(spiffe_id)
+        if found is None:
+            found = cache[spiffe_id] = Server.from_facts(spiffe_id, pod.namespace, pod.name)
+        return found
+
+    gate = Gate.from_config(runtime.config.policy, server)
+    log.info("policy: %s", gate.holder.policies.describe())
+    if not gate.active:
+        log.info(
+            "policy: no policy and no rate limit configured: every authenticated caller may call every tool"
+        )
+    return gate
 
 
 async def _refresh_jwks(jwks: JwksCache, interval_s: float) -> None:
@@ -102,8 +125,16 @@ async def serve(
         if config.token_header is None:
             # The exchange section also names the header; the inbound setting wins when given.
             config = replace(config, token_header=getattr(runtime.config.exchange, "header", "Authorization"))
+        gate = build_gate(runtime)
+        reloading = asyncio.create_task(reload_loop(gate), name="policy-reload")
+        stack.callback(reloading.cancel)
         proxy = InboundProxy(
-            config, observer=runtime.observer, verifier=verifier, exchanger=chosen, upstream=upstream
+            config,
+            observer=runtime.observer,
+            verifier=verifier,
+            exchanger=chosen,
+            upstream=upstream,
+            gate=gate,
         )
         # aiohttp's low-level server: one handler sees every request. The router would answer
         # some requests itself (e.g. `Expect` on a target it cannot match), before authentication.
@@ -138,13 +169,17 @@ async def serve(
             return True, "ok"
 
         runtime.readiness["inbound"] = ready
+        runtime.readiness["policy"] = gate.ready
         runtime.metrics.append(proxy.metrics_text)
+        runtime.metrics.append(gate.metrics_text)
         try:
             yield proxy
         finally:
             runtime.readiness.pop("inbound", None)
-            with suppress(ValueError):
-                runtime.metrics.remove(proxy.metrics_text)
+            runtime.readiness.pop("policy", None)
+            for producer in (proxy.metrics_text, gate.metrics_text):
+                with suppress(ValueError):
+                    runtime.metrics.remove(producer)
 
 
 @asynccontextmanager

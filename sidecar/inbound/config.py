@@ -23,25 +23,27 @@ def _error(message: str) -> Exception:
     return ConfigError(message)
 
 
-def _int(data: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+def _int(data: Mapping[str, Any], key: str, default: int, lo: int, hi: int, prefix: str = "inbound") -> int:
     value = data.get(key, default)
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise _error(f"inbound.{key}: {value!r} is not an integer ({lo}-{hi})") from None
+        raise _error(f"{prefix}.{key}: {value!r} is not an integer ({lo}-{hi})") from None
     if isinstance(value, bool) or not lo <= number <= hi:
-        raise _error(f"inbound.{key}: {value!r} is out of range ({lo}-{hi})")
+        raise _error(f"{prefix}.{key}: {value!r} is out of range ({lo}-{hi})")
     return number
 
 
-def _float(data: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+def _float(
+    data: Mapping[str, Any], key: str, default: float, lo: float, hi: float, prefix: str = "inbound"
+) -> float:
     value = data.get(key, default)
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise _error(f"inbound.{key}: {value!r} is not a number of seconds ({lo}-{hi})") from None
+        raise _error(f"{prefix}.{key}: {value!r} is not a number of seconds ({lo}-{hi})") from None
     if isinstance(value, bool) or not lo <= number <= hi:
-        raise _error(f"inbound.{key}: {value!r} is out of range ({lo}-{hi})")
+        raise _error(f"{prefix}.{key}: {value!r} is out of range ({lo}-{hi})")
     return number
 
 
@@ -91,8 +93,41 @@ _KEYS = frozenset(
         "legacy_sse_path",
         "token_cache_size",
         "allow_unauthenticated",
+        "group_claims",
+        "role_claims",
+        "sessions",
     }
 )
+_SESSION_KEYS = frozenset({"enabled", "max_sessions", "idle_timeout_s"})
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    """`inbound.sessions`: binding each MCP session to the principal that created it (docs/inbound.md)."""
+
+    enabled: bool = True
+    # Bindings kept at most (least recently used evicted first; about 200 bytes each).
+    max_sessions: int = 10000
+    # A session with no request for this long loses its binding (then 404: the client re-initializes).
+    idle_timeout_s: float = 43200.0
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> SessionsConfig:
+        if not isinstance(data, Mapping):
+            raise _error("inbound.sessions must be a mapping")
+        unknown = sorted(set(data) - _SESSION_KEYS)
+        if unknown:
+            raise _error(f"inbound.sessions: unknown key(s) {unknown}; allowed: {sorted(_SESSION_KEYS)}")
+        enabled = data.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise _error(f"inbound.sessions.enabled: {enabled!r} must be true or false")
+        return cls(
+            enabled=enabled,
+            max_sessions=_int(data, "max_sessions", cls.max_sessions, 1, 10_000_000, "inbound.sessions"),
+            idle_timeout_s=_float(
+                data, "idle_timeout_s", cls.idle_timeout_s, 1, 30 * 86400, "inbound.sessions"
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -159,6 +194,11 @@ class InboundConfig:
     token_cache_size: int = 4096
     # With no issuer and no mTLS every call is refused unless this is set (dev only).
     allow_unauthenticated: bool = False
+    # Token claims (dotted paths) whose strings become the caller's groups and roles: the parents of
+    # the `User` entity that Cedar policies test with `principal in Group::"admins"`.
+    group_claims: tuple[str, ...] = ("groups",)
+    role_claims: tuple[str, ...] = ("roles", "realm_access.roles")
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
 
     @property
     def auth_enabled(self) -> bool:
@@ -227,4 +267,7 @@ class InboundConfig:
             token_header=token_header.strip() if token_header else None,
             legacy_sse_path=legacy,
             token_cache_size=_int(data, "token_cache_size", cls.token_cache_size, 0, 1 << 20),
+            group_claims=_str_list(data, "group_claims", cls.group_claims),
+            role_claims=_str_list(data, "role_claims", cls.role_claims),
+            sessions=SessionsConfig.from_mapping(data.get("sessions") or {}),
         )

@@ -8,7 +8,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,3 +253,77 @@ def _line_end(buffer: bytes) -> tuple[int, int] | None:
             return None  # might be the first half of \r\n
         return (cr, cr + 2) if buffer[cr + 1 : cr + 2] == b"\n" else (cr, cr + 1)
     return lf, lf + 1
+
+
+class SseTooLarge(ValueError):
+    """An SSE event grew past the framer's limit without ending."""
+
+
+_EVENT_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
+
+
+class SseFramer:
+    """Cuts a raw text/event-stream into whole events (raw bytes, terminator included).
+
+    Used where events must be judged or rewritten before they are relayed (the policy gate); a
+    trailing lone `\\r` waits for the next chunk, since it may be the first half of `\\r\\n`.
+    """
+
+    def __init__(self, max_event_bytes: int = 16 << 20) -> None:
+        self._buffer = b""
+        self._max = max_event_bytes
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buffer += chunk
+        events: list[bytes] = []
+        start = 0
+        for match in _EVENT_END.finditer(self._buffer):
+            if match.end() == len(self._buffer) and self._buffer.endswith(b"\r"):
+                break
+            events.append(self._buffer[start : match.end()])
+            start = match.end()
+        self._buffer = self._buffer[start:]
+        if len(self._buffer) > self._max:
+            raise SseTooLarge(f"an SSE event exceeded {self._max} bytes")
+        return events
+
+
+def rewrite_event(raw: bytes, rewrite: Callable[[str], str | None]) -> bytes:
+    """`raw` (one whole event) with its data replaced by `rewrite(data)`, when that is not None.
+
+    Only `message` events (or unnamed ones) carry JSON-RPC; the other lines are kept in order.
+    """
+    if b"data" not in raw:
+        return raw
+    lines = raw.decode("utf-8", "replace").splitlines()
+    data: list[str] = []
+    event_name: str | None = None
+    for line in lines:
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event_name = value
+    if not data or event_name not in (None, "message"):
+        return raw
+    new = rewrite("\n".join(data))
+    if new is None:
+        return raw
+    out: list[str] = []
+    placed = False
+    for line in lines:
+        if not line:
+            continue
+        if line.partition(":")[0] == "data":
+            if not placed:
+                out.extend("data: " + part for part in new.split("\n"))
+                placed = True
+            continue
+        out.append(line)
+    return ("\n".join(out) + "\n\n").encode()
+
+
+def sse_message(obj: Any) -> bytes:
+    """One JSON-RPC message as an SSE `message` event."""
+    return b"event: message\ndata: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"

@@ -33,8 +33,27 @@ from sidecar.inbound.auth import (
     www_authenticate,
 )
 from sidecar.inbound.config import InboundConfig
+from sidecar.inbound.credentials import query_credential, token_elsewhere, token_in_body
 from sidecar.inbound.jsonrpc import McpMessage, ParsedBody
-from sidecar.telemetry.observer import CallScope, ExchangeOutcome, Observer, Principal, RequestInfo
+from sidecar.inbound.legacy_streams import LegacySessions, session_of_endpoint
+from sidecar.inbound.sessions import (
+    SessionTable,
+    decide,
+    fingerprint,
+    legacy_endpoint_session,
+    owner_key,
+    request_session_ids,
+)
+from sidecar.policy import gate as policy_gate
+from sidecar.policy.gate import Gate, Judgement
+from sidecar.telemetry.observer import (
+    CallScope,
+    ExchangeOutcome,
+    Observer,
+    PolicyOutcome,
+    Principal,
+    RequestInfo,
+)
 
 log = logging.getLogger("outrider.inbound.proxy")
 
@@ -66,6 +85,9 @@ SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-client-ip", "true-client-ip"
 # arrives at once; anything else is never read.
 DENIED_PEEK_BYTES = 65536
 DENIED_PEEK_TIMEOUT_S = 1.0
+_BODY_CREDENTIAL_MESSAGE = (
+    "the bearer token was also sent in the request body; send it only in the Authorization header"
+)
 # Request headers never forwarded to the app, whatever the config (built once, not per request).
 _ALWAYS_DROPPED = (
     HOP_BY_HOP
@@ -172,6 +194,22 @@ def classify_transport(
     return "streamable-http"
 
 
+def _policy_outcome(verdict: policy_gate.Verdict) -> PolicyOutcome:
+    decision = {"ok": "allow", "denied": "deny", "limited": "rate_limited"}.get(verdict.outcome, "invalid")
+    if verdict.outcome == "limited":
+        rate = "store_unavailable" if verdict.store_error else "limited"
+    elif verdict.store_error:
+        rate = "store_unavailable"
+    else:
+        rate = None
+    return PolicyOutcome(
+        decision=decision,
+        policies=verdict.decision.policies if verdict.decision is not None else (),
+        rate_limit=rate,
+        retry_after_s=verdict.retry_after_s or None,
+    )
+
+
 def rewrite_endpoint_data(data: str) -> str:
     """A legacy `endpoint` event must point back through the proxy: keep it relative (path + query)."""
     parts = urlsplit(data.strip())
@@ -214,6 +252,10 @@ class Calls:
         self, observer: Observer, parsed: ParsedBody | None, info: RequestInfo, stack: ExitStack
     ) -> None:
         self.parsed = parsed
+        # Set when the policy gate is active: whose answers to filter, and the errors for refused
+        # requests that must join the answer of the ones that were forwarded.
+        self.principal: Principal | None = None
+        self.extra: list[dict[str, Any]] = []
         self.scopes: list[CallScope] = []
         self._open: dict[int, tuple[CallScope, McpMessage]] = {}
         self._by_id: dict[Any, int] = {}
@@ -237,6 +279,16 @@ class Calls:
 
     def each(self) -> Iterable[CallScope]:
         return self.scopes
+
+    def refuse(self, index: int, *, http_status: int, outcome: str, error_type: str, reason: str) -> None:
+        """Finish one message the policy gate refused (it is never forwarded)."""
+        entry = self._open.pop(index, None)
+        if entry is None:
+            return
+        scope, message = entry
+        if message.kind == "request" and self._by_id.get(message.id) == index:
+            del self._by_id[message.id]
+        scope.finish(http_status=http_status, outcome=outcome, error_type=error_type, reason=reason)
 
     def answered(self, response: McpMessage, http_status: int) -> None:
         index = self._by_id.pop(response.id, None)
@@ -277,8 +329,11 @@ class InboundProxy:
         verifier: TokenVerifier | None,
         exchanger: TokenExchanger | None,
         upstream: aiohttp.ClientSession,
+        gate: Gate | None = None,
     ) -> None:
         self.config = config
+        self.gate = gate
+        self.legacy_streams = LegacySessions()
         self.observer = observer
         self.verifier = verifier
         self.exchanger = exchanger
@@ -287,6 +342,8 @@ class InboundProxy:
         self.requests_total = 0
         self.denied_total = 0
         self.upstream_errors_total = 0
+        self.sessions = SessionTable(config.sessions) if config.sessions.enabled else None
+        self.session_refusals_total = 0
         # Requests aiohttp could not parse as HTTP (they never reach `handle`); set by the component.
         self.malformed_count: Callable[[], int] = lambda: 0
 
@@ -341,9 +398,15 @@ class InboundProxy:
         # Authenticate from the headers alone, before the body: an unauthenticated caller never
         # makes the proxy buffer (or even wait for) a request body.
         token = bearer_token(headers.get("Authorization"))
-        principal = await self._authenticate(request, token)
+        principal = self._query_credential(request) or await self._authenticate(request, token)
+        if not isinstance(principal, AuthFailure) and token is not None:
+            # Only a verified token is looked for elsewhere (a junk short one would match anything).
+            principal = self._token_elsewhere(request, token) or principal
         if isinstance(principal, AuthFailure):
             return await self._deny(request, principal, info)
+        owner = owner_key(principal)
+        if not self._owns_sessions(request, owner):
+            return await self._refuse_session(request, principal, info)
         body = b""
         if request.method in ("POST", "PUT", "PATCH") or request.can_read_body:
             if headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
@@ -358,20 +421,106 @@ class InboundProxy:
             calls = Calls(self.observer, parsed, info, stack)
             for scope in calls.each():
                 scope.set_principal(principal)
+            if token is not None and token_in_body(token, body):
+                answer = Answer(
+                    400,
+                    jsonrpc.error_body(
+                        calls.ids(),
+                        jsonrpc.INVALID_REQUEST,
+                        _BODY_CREDENTIAL_MESSAGE,
+                        batch=bool(parsed and parsed.batch),
+                    ),
+                    {},
+                )
+                return self._fail(calls, answer, "denied", "credential_misplaced", _BODY_CREDENTIAL_MESSAGE)
             try:
-                return await self._handle_calls(request, body, parsed, calls, parse_error, principal, token)
+                return await self._handle_calls(
+                    request, body, parsed, calls, parse_error, principal, token, owner, info
+                )
             except asyncio.CancelledError:
                 # The client went away (aiohttp cancels the handler): every open call still ends.
                 calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
                 raise
+
+    # -- sessions (the decisions live in sessions.py) ------------------------------------------------
+
+    def _owns_sessions(self, request: web.BaseRequest, owner: str) -> bool:
+        """Whether the caller owns every session the request names; an unbound id is nobody's (404)."""
+        if self.sessions is None:
+            return True
+        ids = request_session_ids(request.headers.get("Mcp-Session-Id"), request.query.items())
+        return all(decide(self.sessions.owner(sid), owner) == "owner" for sid in ids)
+
+    async def _refuse_session(
+        self, request: web.BaseRequest, principal: Principal, info: RequestInfo
+    ) -> web.Response:
+        """404 exactly as the MCP server answers an unknown session, and a denied audit record."""
+        self.session_refusals_total += 1
+        log.warning(
+            "refused a request for an MCP session this caller did not create (session %s)",
+            ",".join(
+                fingerprint(sid)
+                for sid in request_session_ids(request.headers.get("Mcp-Session-Id"), request.query.items())
+            ),
+        )
+        parsed = await self._peek_parsed(request) or ParsedBody((McpMessage(kind="invalid"),), (None,), False)
+        with ExitStack() as stack:
+            calls = Calls(self.observer, parsed, info, stack)
+            for scope in calls.each():
+                scope.set_principal(principal)
+            calls.finish_all(
+                http_status=404,
+                outcome="denied",
+                error_type="session_not_owned",
+                reason="the MCP session was not created by this caller (or is unknown to the sidecar)",
+            )
+        if "Mcp-Session-Id" not in request.headers:
+            # The 2024-11-05 SSE transport's own answer for an unknown `session_id`.
+            return web.Response(status=404, text="Could not find session")
+        return self._answer(
+            Answer(404, jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, "Session not found"), {})
+        )
+
+    def _track_session(
+        self,
+        request: web.BaseRequest,
+        parsed: ParsedBody | None,
+        owner: str,
+        status: int,
+        answered: str | None,
+    ) -> None:
+        """Bind a session `initialize` opened; forget one the caller deleted or the server does not know."""
+        if self.sessions is None:
+            return
+        asked = request.headers.get("Mcp-Session-Id")
+        if asked is not None:
+            if (request.method == "DELETE" and 200 <= status < 300) or status == 404:
+                self.sessions.forget(asked.strip())
+            return
+        opens = parsed is not None and any(
+            m.kind == "request" and m.method == "initialize" for m in parsed.messages
+        )
+        bindable = request.method == "POST" and opens and answered is not None and status < 400
+        if bindable and answered is not None and not self.sessions.bind(answered.strip(), owner):
+            log.warning(
+                "the MCP server answered initialize with session %s, which is not bindable "
+                "or belongs to another caller: it will be refused",
+                fingerprint(answered),
+            )
+
+    async def _peek_parsed(self, request: web.BaseRequest) -> ParsedBody | None:
+        if not request.body_exists:
+            return None
+        peeked = await _peek_body(request)
+        parsed, _ = _parse(peeked) if peeked else (None, None)
+        return parsed
 
     async def _deny(self, request: web.BaseRequest, failure: AuthFailure, info: RequestInfo) -> web.Response:
         """Refuse an unauthenticated request; its body is only glanced at when small and already sent."""
         self.denied_total += 1
         parsed: ParsedBody | None = None
         if request.body_exists:
-            peeked = await _peek_body(request)
-            parsed, _ = _parse(peeked) if peeked else (None, None)
+            parsed = await self._peek_parsed(request)
             if parsed is None:
                 # The body was not read (too big, chunked or slow): audit still sees the refusal.
                 parsed = ParsedBody((McpMessage(kind="invalid"),), (None,), False)
@@ -400,6 +549,8 @@ class InboundProxy:
         parse_error: jsonrpc.BodyError | None,
         principal: Principal,
         token: str | None,
+        owner: str,
+        info: RequestInfo,
     ) -> web.StreamResponse:
         if parse_error is not None:
             answer = Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {})
@@ -407,6 +558,21 @@ class InboundProxy:
         if parsed is not None and (why := jsonrpc.routing_header_mismatch(request.headers, parsed)):
             answer = Answer(400, jsonrpc.error_body(calls.ids(), jsonrpc.HEADER_MISMATCH, why), {})
             return self._fail(calls, answer, "error", "header_mismatch", why)
+        judgement: Judgement | None = None
+        if self.gate is not None and self.gate.active:
+            calls.principal = principal
+            if parsed is None and request.method in ("POST", "PUT", "PATCH"):
+                # Nothing the gate can judge: refused, never passed on for the app to interpret.
+                answer = Answer(
+                    400, jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, "empty request body"), {}
+                )
+                return self._fail(calls, answer, "error", "empty_body")
+            if parsed is not None:
+                # Judged before the token exchange: a refused call costs no IdP round trip.
+                judgement = await self.gate.judge(principal, parsed, info.transport)
+                refused = self._apply_judgement(request, parsed, judgement, calls, principal)
+                if refused is not None:
+                    return refused
         out_headers = upstream_request_headers(
             request.headers,
             self.config,
@@ -419,7 +585,63 @@ class InboundProxy:
             if failure is not None:
                 return failure
         body = self._inject_context(calls, out_headers, parsed, body)
-        return await self._forward(request, body, out_headers, calls)
+        if judgement is not None and parsed is not None:
+            # Only what was judged goes on, re-encoded: the app never parses bytes the gate did not
+            # (duplicate keys, odd encodings), and refused batch members are left out.
+            document = policy_gate.forwarded_document(parsed, judgement)
+            body = json.dumps(document, separators=(",", ":")).encode()
+        return await self._forward(request, body, out_headers, calls, owner)
+
+    def _apply_judgement(
+        self,
+        request: web.BaseRequest,
+        parsed: ParsedBody,
+        judgement: Judgement,
+        calls: Calls,
+        principal: Principal,
+    ) -> web.StreamResponse | None:
+        """Record the gate's verdicts; answer now when nothing is left to forward."""
+        for index, (scope, verdict) in enumerate(zip(calls.scopes, judgement.verdicts, strict=True)):
+            if verdict.decision is None and verdict.outcome == "ok" and not verdict.store_error:
+                continue
+            scope.policy(_policy_outcome(verdict))
+            if verdict.forward:
+                continue
+            if verdict.outcome == "limited":
+                status, error_type = 429, "rate_limited"
+            elif verdict.outcome == "invalid":
+                status, error_type = 400, "invalid_request"
+            else:
+                status, error_type = 200, "policy_denied"
+            calls.refuse(
+                index,
+                http_status=status,
+                outcome="denied" if verdict.outcome != "invalid" else "error",
+                error_type=error_type,
+                reason=verdict.reason,
+            )
+        if not judgement.refused:
+            return None
+        errors = policy_gate.refused_errors(parsed, judgement)
+        legacy = request.method == "POST" and "session_id" in request.query
+        if legacy and self.legacy_streams.deliver(request.query.get("session_id", ""), principal, errors):
+            # The 2024-11-05 transport answers on the session's SSE stream; the POST only gets 202.
+            if judgement.nothing_to_forward:
+                return web.Response(status=202, text="Accepted")
+            return None
+        if not judgement.nothing_to_forward:
+            calls.extra.extend(errors)
+            return None
+        headers: dict[str, str] = {}
+        outcomes = {v.outcome for v in judgement.verdicts if not v.forward}
+        if "limited" in outcomes and "denied" not in outcomes:
+            status = 429
+            headers["Retry-After"] = str(judgement.retry_after_s)
+        elif outcomes == {"invalid"}:
+            status = 400
+        else:
+            status = 200
+        return self._answer(Answer(status, policy_gate.refusal_body(parsed, judgement), headers))
 
     async def _read_body(self, request: web.BaseRequest) -> bytes | Answer:
         limit = self.config.max_body_bytes
@@ -441,6 +663,29 @@ class InboundProxy:
                 return too_big
             chunks.append(chunk)
         return b"".join(chunks)
+
+    def _query_credential(self, request: web.BaseRequest) -> AuthFailure | None:
+        """A credential parameter in the URL is refused, never stripped (docs/inbound.md)."""
+        name = query_credential(request.query.keys())
+        if name is None:
+            return None
+        return AuthFailure(
+            400,
+            "invalid_request",
+            f"credentials are not accepted in the query string (parameter {name!r}); "
+            "send the token in the Authorization header",
+        )
+
+    def _token_elsewhere(self, request: web.BaseRequest, token: str) -> AuthFailure | None:
+        """The caller's token in the URL or another header would reach the MCP server: refused."""
+        where = token_elsewhere(token, request.rel_url.raw_path_qs, request.headers.items())
+        if where is None:
+            return None
+        return AuthFailure(
+            400,
+            "invalid_request",
+            f"the bearer token was also sent in {where}; send it only in the Authorization header",
+        )
 
     async def _authenticate(self, request: web.BaseRequest, token: str | None) -> Principal | AuthFailure:
         if len(request.headers.getall("Authorization", ())) > 1:
@@ -525,7 +770,7 @@ class InboundProxy:
         return json.dumps(document, separators=(",", ":")).encode()
 
     async def _forward(
-        self, request: web.BaseRequest, body: bytes, headers: CIMultiDict[str], calls: Calls
+        self, request: web.BaseRequest, body: bytes, headers: CIMultiDict[str], calls: Calls, owner: str
     ) -> web.StreamResponse:
         # rel_url, not raw_path: an absolute-form target (`POST http://elsewhere/x`) must not pick the host.
         url = URL(self.base + (request.rel_url.raw_path_qs or "/"), encoded=True)
@@ -553,10 +798,13 @@ class InboundProxy:
                 "error",
                 "upstream_unreachable",
             )
+        self._track_session(
+            request, calls.parsed, owner, upstream.status, upstream.headers.get("Mcp-Session-Id")
+        )
         try:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
-                return await self._stream(request, upstream, calls)
+                return await self._stream(request, upstream, calls, owner)
             return await self._buffered(upstream, calls)
         finally:
             upstream.close()
@@ -585,18 +833,41 @@ class InboundProxy:
         if calls.pending and upstream.headers.get("Content-Type", "").startswith(JSON_CT):
             for message in jsonrpc.parse_response_body(payload):
                 calls.answered(message, status)
+        headers = downstream_response_headers(upstream.headers, streaming=False)
+        if calls.principal is not None and self.gate is not None:
+            payload, status = self._gated_payload(payload, status, calls, headers)
         outcome = "ok" if status < 400 else "error"
         calls.finish_all(
             http_status=status, outcome=outcome, error_type=None if status < 400 else str(status)
         )
-        return web.Response(
-            status=status,
-            body=payload,
-            headers=downstream_response_headers(upstream.headers, streaming=False),
-        )
+        return web.Response(status=status, body=payload, headers=headers)
+
+    def _gated_payload(
+        self, payload: bytes, status: int, calls: Calls, headers: CIMultiDict[str]
+    ) -> tuple[bytes, int]:
+        """A JSON answer with list results filtered for the caller and refused batch members' errors."""
+        assert self.gate is not None and calls.principal is not None
+        is_json = headers.get("Content-Type", "").startswith(JSON_CT)
+        if is_json:
+            payload = self.gate.filter_payload(calls.principal, payload)
+        if not calls.extra:
+            return payload, status
+        answers: list[Any] = []
+        if is_json and payload.strip():
+            try:
+                decoded = json.loads(payload)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                decoded = None
+            if isinstance(decoded, list):
+                answers.extend(decoded)
+            elif isinstance(decoded, dict):
+                answers.append(decoded)
+        answers.extend(calls.extra)
+        headers["Content-Type"] = JSON_CT
+        return json.dumps(answers, separators=(",", ":")).encode(), 200 if status == 202 else status
 
     async def _stream(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, calls: Calls
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, calls: Calls, owner: str
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status, headers=downstream_response_headers(upstream.headers, streaming=True)
@@ -604,9 +875,12 @@ class InboundProxy:
         # Flush each event as it comes: no compression, no buffering in front of the client.
         response.headers["Cache-Control"] = upstream.headers.get("Cache-Control", "no-cache")
         response.headers["X-Accel-Buffering"] = "no"
-        watcher = jsonrpc.SseParser() if calls.pending else None
         legacy = request.method == "GET" and request.path == self.config.legacy_sse_path
+        if calls.principal is not None and self.gate is not None:
+            return await self._stream_gated(request, upstream, calls, response, legacy, owner)
+        watcher = jsonrpc.SseParser() if calls.pending else None
         head: bytes | None = b""
+        legacy_session: str | None = None
         try:
             await response.prepare(request)
             while True:
@@ -629,6 +903,8 @@ class InboundProxy:
                     if end is None and len(head) < 65536:
                         continue
                     chunk = (rewrite_first_event(head[:end]) + head[end:]) if end else head
+                    if end:
+                        legacy_session = self._bind_legacy(head[:end], owner)
                     head = None
                 if watcher is not None:
                     for event in watcher.feed(chunk):
@@ -650,7 +926,133 @@ class InboundProxy:
             raise
         except aiohttp.ClientError:
             calls.finish_all(http_status=upstream.status, outcome="error", error_type="upstream_reset")
+        finally:
+            if legacy_session is not None and self.sessions is not None:
+                # A 2024-11-05 session lives as long as its GET stream: the server forgets it then too.
+                self.sessions.forget(legacy_session)
         return response
+
+    async def _stream_gated(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        calls: Calls,
+        response: web.StreamResponse,
+        legacy: bool,
+        owner: str,
+    ) -> web.StreamResponse:
+        """The SSE relay with the policy gate: whole events, list answers filtered, refusals injected.
+
+        Events are relayed as they complete (never buffered past one event), so streaming still
+        works; an event too large to judge ends the stream rather than passing unfiltered.
+        """
+        assert self.gate is not None and calls.principal is not None
+        principal = calls.principal
+        watcher = jsonrpc.SseParser() if calls.pending else None
+        framer = jsonrpc.SseFramer()
+        inbox: asyncio.Queue[bytes] | None = None
+        session: str | None = None
+        legacy_session: str | None = None
+        first = legacy
+        read: asyncio.Future[bytes] | None = None
+        getter: asyncio.Future[bytes] | None = None
+        status = upstream.status
+
+        async def send(raw: bytes) -> None:
+            if watcher is not None:
+                for event in watcher.feed(raw):
+                    self._watch_event(event, calls, status)
+            await response.write(raw)
+
+        try:
+            await response.prepare(request)
+            for error in calls.extra:
+                await send(jsonrpc.sse_message(error))
+            while True:
+                if read is None:
+                    read = asyncio.ensure_future(upstream.content.readany())
+                waiting: set[asyncio.Future[bytes]] = {read}
+                if inbox is not None:
+                    if getter is None:
+                        getter = asyncio.ensure_future(inbox.get())
+                    waiting.add(getter)
+                done, _ = await asyncio.wait(
+                    waiting, timeout=self.config.sse_idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    calls.finish_all(
+                        http_status=status, outcome="error", error_type="timeout", reason="SSE stream idle"
+                    )
+                    break
+                if getter is not None and getter in done:
+                    await send(getter.result())
+                    getter = None
+                if read not in done:
+                    continue
+                chunk = read.result()
+                read = None
+                if not chunk:
+                    break
+                try:
+                    events = framer.feed(chunk)
+                except jsonrpc.SseTooLarge:
+                    calls.finish_all(
+                        http_status=status,
+                        outcome="error",
+                        error_type="event_too_large",
+                        reason="an SSE event exceeded the size the policy gate judges",
+                    )
+                    break
+                for raw in events:
+                    if first:
+                        legacy_session = self._bind_legacy(raw.rstrip(b"\r\n"), owner)
+                        raw = rewrite_first_event(raw)
+                        first = False
+                        session = session_of_endpoint(raw)
+                        if session is not None:
+                            inbox = self.legacy_streams.open(session, principal)
+                    await send(jsonrpc.rewrite_event(raw, lambda d: self.gate_filter(principal, d)))
+            if calls.pending:
+                calls.finish_all(
+                    http_status=status,
+                    outcome="error",
+                    error_type="stream_closed",
+                    reason="the SSE stream ended before the answer",
+                )
+            else:
+                calls.finish_all(http_status=status, outcome="ok")
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
+            raise
+        except aiohttp.ClientError:
+            calls.finish_all(http_status=status, outcome="error", error_type="upstream_reset")
+        finally:
+            for pending in (read, getter):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+            if session is not None:
+                self.legacy_streams.close(session, inbox)
+            if legacy_session is not None and self.sessions is not None:
+                self.sessions.forget(legacy_session)
+        return response
+
+    def gate_filter(self, principal: Principal, data: str) -> str | None:
+        """New `data` for an SSE event whose JSON holds list results, or None to keep it as it is."""
+        assert self.gate is not None
+        encoded = data.encode()
+        filtered = self.gate.filter_payload(principal, encoded)
+        return None if filtered is encoded else filtered.decode()
+
+    def _bind_legacy(self, event: bytes, owner: str) -> str | None:
+        """Bind the `session_id` the legacy `endpoint` event announces to the caller who opened the stream."""
+        if self.sessions is None:
+            return None
+        parsed = jsonrpc.SseParser().feed(event + b"\n\n")
+        for sse in parsed:
+            if sse.event == "endpoint" and sse.data and (sid := legacy_endpoint_session(sse.data)):
+                return sid if self.sessions.bind(sid, owner) else None
+        return None
 
     def _watch_event(self, event: jsonrpc.SseEvent, calls: Calls, status: int) -> None:
         if not event.data or (event.event not in (None, "message")):
@@ -676,6 +1078,7 @@ class InboundProxy:
         )
 
     def metrics_text(self) -> bytes:
+        # (the policy gate's own counters are published by the component)
         return (
             "# HELP outrider_inbound_requests_total HTTP requests received on the inbound MCP port.\n"
             "# TYPE outrider_inbound_requests_total counter\n"
@@ -686,6 +1089,13 @@ class InboundProxy:
             "# HELP outrider_inbound_upstream_errors_total Requests the MCP server did not answer.\n"
             "# TYPE outrider_inbound_upstream_errors_total counter\n"
             f"outrider_inbound_upstream_errors_total {self.upstream_errors_total}\n"
+            "# HELP outrider_inbound_session_refusals_total Requests refused (404) for a session the "
+            "caller did not create.\n"
+            "# TYPE outrider_inbound_session_refusals_total counter\n"
+            f"outrider_inbound_session_refusals_total {self.session_refusals_total}\n"
+            "# HELP outrider_inbound_sessions Bound MCP sessions held now.\n"
+            "# TYPE outrider_inbound_sessions gauge\n"
+            f"outrider_inbound_sessions {len(self.sessions) if self.sessions is not None else 0}\n"
             "# HELP outrider_inbound_malformed_total Requests refused because they were not valid HTTP.\n"
             "# TYPE outrider_inbound_malformed_total counter\n"
             f"outrider_inbound_malformed_total {self.malformed_count()}\n"

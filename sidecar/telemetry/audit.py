@@ -9,6 +9,7 @@ import functools
 import json
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,8 +19,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from sidecar.inbound.jsonrpc import McpMessage
+from sidecar.telemetry.aggregate import DenialAggregator
 from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
+from sidecar.telemetry.observer import (
+    EgressDecision,
+    ExchangeOutcome,
+    PolicyOutcome,
+    Principal,
+    RequestInfo,
+)
 from sidecar.telemetry.semconv import method_label, scrub
 
 SCHEMA_ID = "https://outrider.dev/schemas/audit-event/v1.json"
@@ -164,6 +172,7 @@ def mcp_call_event(
     duration_s: float,
     config: TelemetryConfig,
     token_exchange: str | None = None,
+    policy: PolicyOutcome | None = None,
 ) -> Event:
     event = _base(
         "mcp.call",
@@ -181,6 +190,13 @@ def mcp_call_event(
     if config.record_arguments and message.arguments is not None:
         mcp["arguments"] = redact_arguments(message.arguments, config.redact_keys)
     event["mcp"] = mcp
+    if policy is not None:
+        event["policy"] = {
+            "decision": policy.decision,
+            "policies": list(policy.policies),
+            "rate_limit": policy.rate_limit,
+            "retry_after_s": policy.retry_after_s,
+        }
     return event
 
 
@@ -249,17 +265,28 @@ class AuditLog:
     and a lock keeps lines whole when identity callbacks arrive on py-spiffe's threads.
     """
 
-    def __init__(self, stream: IO[str] | None, *, owns_stream: bool = False) -> None:
+    def __init__(
+        self, stream: IO[str] | None, *, owns_stream: bool = False, aggregate_s: float = 0.0
+    ) -> None:
         self._stream = stream
         self._owns = owns_stream
         self._lock = threading.Lock()
+        # Repeated identical denials become one event per interval with a count (0: off).
+        self.aggregator = DenialAggregator(aggregate_s)
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if aggregate_s > 0 and stream is not None:
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name="outrider-audit-aggregate", daemon=True
+            )
+            self._flusher.start()
 
     @classmethod
-    def open(cls, destination: str) -> AuditLog:
+    def open(cls, destination: str, *, aggregate_s: float = 0.0) -> AuditLog:
         if destination == "off":
             return cls(None)
         if destination == "stdout":
-            return cls(sys.stdout)
+            return cls(sys.stdout, aggregate_s=aggregate_s)
         path = Path(destination)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +297,7 @@ class AuditLog:
             raise ConfigError(
                 f"telemetry.audit: cannot open {destination} for appending: {exc.strerror}"
             ) from None
-        return cls(stream, owns_stream=True)
+        return cls(stream, owns_stream=True, aggregate_s=aggregate_s)
 
     @property
     def enabled(self) -> bool:
@@ -279,13 +306,25 @@ class AuditLog:
     def write(self, event: Event) -> None:
         if self._stream is None:
             return
-        line = encode(event) + "\n"
         with self._lock:
-            self._stream.write(line)
-            self._stream.flush()
+            self._write(self.aggregator.offer(event, time.monotonic()))
+
+    def _write(self, events: list[Event]) -> None:
+        if self._stream is None or not events:
+            return
+        self._stream.write("".join(encode(e) + "\n" for e in events))
+        self._stream.flush()
+
+    def _flush_loop(self) -> None:
+        interval = max(self.aggregator.window_s / 4, 0.05)
+        while not self._stop.wait(interval):
+            with self._lock:
+                self._write(self.aggregator.due(time.monotonic()))
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
+            self._write(self.aggregator.flush())
             if self._owns and self._stream is not None:
                 self._stream.close()
             self._stream = None

@@ -26,7 +26,7 @@ log = logging.getLogger("outrider.telemetry")
 async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
     """No SDK: the audit log alone (no-op tracer and meter), or nothing at all when it is off too."""
     config = runtime.config.telemetry.with_salt_from_file()
-    audit = AuditLog.open(config.audit)
+    audit = AuditLog.open(config.audit, aggregate_s=config.audit_aggregate_s)
     previous = runtime.observer
     worker = Worker(enabled=config.background)
     if audit.enabled:
@@ -89,7 +89,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
             "k8s.namespace.name": runtime.config.pod.namespace,
         },
     )
-    audit = AuditLog.open(config.audit)
+    audit = AuditLog.open(config.audit, aggregate_s=config.audit_aggregate_s)
     switch_interval = tune_switch_interval(providers.plan)
     worker = Worker(enabled=config.background)
     previous = runtime.observer

@@ -21,6 +21,7 @@ _KEYS = frozenset(
         "redact_keys",
         "record_resource_uri",
         "background",
+        "audit_aggregate_s",
     }
 )
 
@@ -60,6 +61,13 @@ def _bool(data: Mapping[str, Any], key: str, default: bool) -> bool:
     raise _error(f"telemetry.{key}: {value!r} is not a boolean (true or false)")
 
 
+def _seconds(data: Mapping[str, Any], key: str, default: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 3600:
+        raise _error(f"telemetry.{key}: {value!r} is not a number of seconds (0-3600)")
+    return float(value)
+
+
 def _str(data: Mapping[str, Any], key: str, default: str) -> str:
     value = data.get(key, default)
     if not isinstance(value, str):
@@ -90,6 +98,9 @@ class TelemetryConfig:
     redact_keys: tuple[str, ...] = DEFAULT_REDACT_KEYS
     record_resource_uri: bool = False
     background: bool = True
+    # Identical denials (policy, rate limit, authentication, egress) within this many seconds are
+    # written once, then summarised with a count; 0 writes every one.
+    audit_aggregate_s: float = 10.0
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> TelemetryConfig:
@@ -115,6 +126,7 @@ class TelemetryConfig:
             redact_keys=tuple(raw_keys),
             record_resource_uri=_bool(data, "record_resource_uri", cls.record_resource_uri),
             background=_bool(data, "background", cls.background),
+            audit_aggregate_s=_seconds(data, "audit_aggregate_s", cls.audit_aggregate_s),
         )
 
     def with_salt_from_file(self) -> TelemetryConfig:

@@ -24,6 +24,10 @@ class Principal:
     client_id: str | None = None  # `azp` / `client_id`
     delegation: tuple[str, ...] = ()  # the `act` chain, outermost first
     scopes: tuple[str, ...] = ()
+    # The claims the operator names as groups and roles (`inbound.group_claims`/`role_claims`); the
+    # policy layer makes them the principal's parent entities.
+    groups: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,16 @@ class EgressDecision:
     source: str | None = None  # where the rule came from (cluster default / namespace / annotation)
 
 
+@dataclass(frozen=True)
+class PolicyOutcome:
+    """What the policy gate decided for one request (Cedar and rate limits)."""
+
+    decision: str  # "allow" | "deny" | "rate_limited" | "invalid"
+    policies: tuple[str, ...] = ()  # ids of the determining Cedar policies
+    rate_limit: str | None = None  # None (not metered) | "ok" | "limited" | "store_unavailable"
+    retry_after_s: int | None = None
+
+
 class CallScope(Protocol):
     """One MCP message's lifetime: opened before authentication, finished once answered."""
 
@@ -70,6 +84,9 @@ class CallScope(Protocol):
 
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
         """Record the token exchange made for this call (child span, metric, audit event)."""
+
+    def policy(self, outcome: PolicyOutcome) -> None:
+        """Record the policy gate's decision (span attributes and the audit event's `policy`)."""
 
     def finish(
         self,
@@ -99,6 +116,9 @@ class _NullScope:
         return None
 
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
+        return None
+
+    def policy(self, outcome: PolicyOutcome) -> None:
         return None
 
     def finish(

@@ -31,7 +31,14 @@ from sidecar.telemetry.audit import (
     mcp_call_event,
 )
 from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import CallScope, EgressDecision, ExchangeOutcome, Principal, RequestInfo
+from sidecar.telemetry.observer import (
+    CallScope,
+    EgressDecision,
+    ExchangeOutcome,
+    PolicyOutcome,
+    Principal,
+    RequestInfo,
+)
 from sidecar.telemetry.worker import Worker
 
 log = logging.getLogger("outrider.telemetry")
@@ -292,6 +299,7 @@ class _OtelScope:
         self._started = time.perf_counter()
         self.principal: Principal | None = None
         self.exchange_outcome: str | None = None
+        self.policy_outcome: PolicyOutcome | None = None
         self.finished = False
 
     def set_principal(self, principal: Principal) -> None:
@@ -312,6 +320,9 @@ class _OtelScope:
                     meta = params["_meta"] = {}
                 if isinstance(meta, dict):
                     meta.update(carrier)
+
+    def policy(self, outcome: PolicyOutcome) -> None:
+        self.policy_outcome = outcome
 
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
         cache_hit = outcome.outcome == "cache_hit"
@@ -373,9 +384,10 @@ class _OtelScope:
         end = time.time_ns()
         principal = self.principal
         exchange = self.exchange_outcome
+        policy = self.policy_outcome
         self._observer.worker.submit(
             lambda: self._record(
-                http_status, outcome, error_type, reason, response, duration, end, principal, exchange
+                http_status, outcome, error_type, reason, response, duration, end, principal, exchange, policy
             )
         )
 
@@ -390,6 +402,7 @@ class _OtelScope:
         end: int,
         principal: Principal | None,
         exchange: str | None,
+        policy: PolicyOutcome | None = None,
     ) -> None:
         observer = self._observer
         when = _wall(end)
@@ -401,6 +414,8 @@ class _OtelScope:
             final.update(semconv.principal_attributes(principal, observer.config))
         if exchange == "cache_hit":
             final["outrider.token_exchange.outcome"] = "cache_hit"
+        if policy is not None:
+            final.update(semconv.policy_attributes(policy))
         safe_reason = semconv.scrub(reason)
         if safe_reason:
             final["outrider.reason"] = safe_reason
@@ -426,5 +441,6 @@ class _OtelScope:
                 duration_s=duration,
                 config=observer.config,
                 token_exchange=exchange,
+                policy=policy,
             )
         )

@@ -12,7 +12,13 @@ from collections.abc import Mapping
 
 from sidecar.inbound.jsonrpc import McpMessage
 from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
+from sidecar.telemetry.observer import (
+    EgressDecision,
+    ExchangeOutcome,
+    PolicyOutcome,
+    Principal,
+    RequestInfo,
+)
 
 AttributeValue = str | bool | int | float | tuple[str, ...]
 Attributes = dict[str, AttributeValue]
@@ -158,6 +164,18 @@ def principal_attributes(principal: Principal, config: TelemetryConfig) -> Attri
         attrs["outrider.client.id"] = principal.client_id
     if principal.delegation:
         attrs["outrider.delegation.chain"] = tuple(principal.delegation)
+    return attrs
+
+
+def policy_attributes(outcome: PolicyOutcome) -> Attributes:
+    """Span attributes of the policy gate's decision (ids only, never the policy text)."""
+    attrs: Attributes = {"outrider.policy.decision": outcome.decision}
+    if outcome.policies:
+        attrs["outrider.policy.ids"] = tuple(outcome.policies)
+    if outcome.rate_limit is not None:
+        attrs["outrider.ratelimit.outcome"] = outcome.rate_limit
+    if outcome.retry_after_s:
+        attrs["outrider.ratelimit.retry_after_s"] = outcome.retry_after_s
     return attrs
 
 

@@ -327,6 +327,113 @@ async def test_system_namespaces_never_touched(api: client.ApiClient, webhook: W
     assert "outrider-proxy" in container_names(await create_pod(api, enabled, own, dry_run="All"))
 
 
+# other meshes ------------------------------------------------------------------------------------
+
+
+async def _namespace(
+    api: client.ApiClient, prefix: str, labels: dict[str, str], annotations: dict[str, str] | None = None
+) -> str:
+    """A namespace with labels and annotations (the webhook reads both through its watch cache)."""
+    name = unique(prefix)
+    v1 = client.CoreV1Api(api)
+    await v1.create_namespace(
+        {"metadata": {"name": name, "labels": labels, "annotations": annotations or {}}}
+    )
+    with contextlib.suppress(ApiException):
+        await v1.create_namespaced_service_account(name, {"metadata": {"name": "default"}})
+    return name
+
+
+async def _create_with_warnings(
+    api: client.ApiClient, namespace: str, body: dict[str, Any]
+) -> tuple[Any, str]:
+    """Create a pod; return it and the Warning headers the API server relayed from admission."""
+    pod, _, headers = await client.CoreV1Api(api).create_namespaced_pod_with_http_info(namespace, body)
+    return api.sanitize_for_serialization(pod), " ".join(headers.getall("Warning", []))
+
+
+async def test_other_meshes_warned_when_enabled_refused_when_strict(
+    api: client.ApiClient, webhook: Webhook
+) -> None:
+    strict_sc = {"runAsUser": 1000, "allowPrivilegeEscalation": False}
+    plain = await make_namespace(api, unique("e2e-mesh-ready"), {"outrider.dev/inject": "enabled"})
+    await _ready(api, webhook, plain)
+    # enabled: a pod asking for Istio gets the sidecar of neither Outrider nor (here) Istio, and a warning
+    enabled = await _namespace(api, "e2e-mesh-enabled", {"outrider.dev/inject": "enabled"})
+    asks = pod_body("asks", labels={"sidecar.istio.io/inject": "true"}, annotations=MCP)
+    pod, warnings = await _create_with_warnings(api, enabled, asks)
+    assert container_names(pod) == ["mcp"]
+    assert "pod label sidecar.istio.io/inject" in warnings and "two traffic-capturing proxies" in warnings
+    # the namespace's labels and annotations come from the API (watch cache or a direct read)
+    linkerd = await _namespace(
+        api, "e2e-mesh-linkerd", {"outrider.dev/inject": "enabled"}, {"linkerd.io/inject": "enabled"}
+    )
+    pod, warnings = await _create_with_warnings(api, linkerd, pod_body("in-linkerd-ns", annotations=MCP))
+    assert container_names(pod) == ["mcp"]
+    assert "namespace annotation linkerd.io/inject: enabled" in warnings
+    # strict: refused, naming the label, the annotation or the container
+    cases = [
+        ({"istio-injection": "enabled"}, {}, pod_body("p"), "namespace label istio-injection=enabled"),
+        ({"istio.io/rev": "canary"}, {}, pod_body("p"), "namespace label istio.io/rev=canary"),
+        ({}, {"linkerd.io/inject": "enabled"}, pod_body("p"), "namespace annotation linkerd.io/inject"),
+        (
+            {},
+            {},
+            pod_body("p", annotations={"linkerd.io/inject": "enabled"}),
+            "pod annotation linkerd.io/inject",
+        ),
+        (
+            {},
+            {},
+            pod_body("p", labels={"sidecar.istio.io/inject": "true"}),
+            "pod label sidecar.istio.io/inject",
+        ),
+    ]
+    for ns_labels, ns_annotations, body, named in cases:
+        strict = await _namespace(
+            api, "e2e-mesh-strict", {"outrider.dev/inject": "strict", **ns_labels}, ns_annotations
+        )
+        body["metadata"]["annotations"].update(MCP)
+        body["spec"]["containers"][0]["securityContext"] = strict_sc
+        with pytest.raises(ApiException) as refused:
+            await create_pod(api, strict, body)
+        message = _message(refused.value)
+        assert 'admission webhook "inject.outrider.dev" denied the request' in message, message
+        assert named in message and "strict" in message, message
+    # Istio's init container without its proxy is refused too
+    strict = await _namespace(api, "e2e-mesh-init", {"outrider.dev/inject": "strict"})
+    leftover = pod_body("leftover", annotations=MCP)
+    leftover["spec"]["containers"][0]["securityContext"] = strict_sc
+    leftover["spec"]["initContainers"] = [{"name": "istio-init", "image": "docker.io/istio/proxyv2:1.27.0"}]
+    with pytest.raises(ApiException) as refused:
+        await create_pod(api, strict, leftover)
+    assert "spec.initContainers has istio-init" in _message(refused.value)
+    # an annotation added to a namespace later reaches the webhook through its watch
+    later = await _namespace(api, "e2e-mesh-later", {"outrider.dev/inject": "strict"})
+    plain_pod = pod_body("later", annotations=MCP)
+    plain_pod["spec"]["containers"][0]["securityContext"] = strict_sc
+    assert is_injected(await create_pod(api, later, plain_pod, dry_run="All"))
+    await client.CoreV1Api(api).patch_namespace(
+        later, {"metadata": {"annotations": {"linkerd.io/inject": "enabled"}}}
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await create_pod(api, later, plain_pod, dry_run="All")
+        except ApiException as exc:
+            assert "namespace annotation linkerd.io/inject" in _message(exc)
+            break
+        assert time.monotonic() < deadline, "the namespace watch never delivered the new annotation"
+        await asyncio.sleep(0.1)
+    # and a pod that opts out of Istio in an Istio namespace gets Outrider as usual
+    istio = await _namespace(
+        api, "e2e-mesh-optout", {"outrider.dev/inject": "strict", "istio-injection": "enabled"}
+    )
+    opted = pod_body("opted", labels={"sidecar.istio.io/inject": "false"}, annotations=MCP)
+    opted["spec"]["containers"][0]["securityContext"] = strict_sc
+    assert is_injected(await create_pod(api, istio, opted))
+
+
 # the shipped example ------------------------------------------------------------------------------
 
 

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from .netlab import POLICY, Lab, ensure_mcp_server_fetch, have_netns, lab
+from sidecar.demo.uid_access import UidAccessError
+
+from .netlab import FETCH_VENV, POLICY, Lab, ensure_mcp_server_fetch, have_netns, lab
 
 
 def _require_netns() -> None:
@@ -43,10 +45,12 @@ def update_golden() -> bool:
 def mcp_server_fetch() -> str:
     """The python of a venv holding PyPI `mcp-server-fetch` (installed once into a cache)."""
     _require_netns()
-    python = ensure_mcp_server_fetch()
-    if python is None:
-        message = "could not install mcp-server-fetch from PyPI into its cache venv"
+    try:
+        return ensure_mcp_server_fetch()
+    except UidAccessError as exc:
+        pytest.fail(str(exc))
+    except RuntimeError as exc:
+        message = f"could not install mcp-server-fetch from PyPI into {FETCH_VENV}: {exc}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return python

@@ -142,6 +142,58 @@ def serve_http(log: Log, address: str, port: int, tls: bool):  # type: ignore[no
     return handle
 
 
+def serve_http_keepalive(log: Log, address: str, port: int):  # type: ignore[no-untyped-def]
+    """A keep-alive HTTP/1.1 server for every name on this address (virtual hosts sharing one IP): reads
+    Content-Length and chunked bodies, answers `Expect: 100-continue`, logs every request it serves."""
+
+    async def body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass
+                    return data
+                data += await reader.readexactly(size)
+                await reader.readexactly(2)
+        return await reader.readexactly(int(headers.get("content-length", "0")))
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            while True:
+                headers = await read_head(reader)
+                if headers.get("expect", "").lower() == "100-continue":
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                payload = await body(reader, headers)
+                method, target = headers["_line"].split(" ")[:2]
+                log.hit(
+                    kind="http-request",
+                    ip=address,
+                    port=port,
+                    peer=peer[0],
+                    peer_port=peer[1],
+                    host=headers.get("host"),
+                    method=method,
+                    target=target,
+                    body=payload.decode("latin-1") if len(payload) <= 4096 else f"<{len(payload)} bytes>",
+                )
+                answer = json.dumps(
+                    {"served_by": address, "host": headers.get("host"), "target": target}
+                ).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+                await writer.drain()
+                if headers.get("connection", "").lower() == "close":
+                    break
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    return handle
+
+
 def serve_echo(log: Log, address: str, port: int):  # type: ignore[no-untyped-def]
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         log.hit(kind="tcp", ip=address, port=port, peer=writer.get_extra_info("peername")[0])
@@ -220,6 +272,8 @@ async def main(config: dict[str, Any]) -> None:
             )
         elif kind == "http":
             server = await asyncio.start_server(serve_http(log, address, port, False), address, port)
+        elif kind == "http-keepalive":
+            server = await asyncio.start_server(serve_http_keepalive(log, address, port), address, port)
         elif kind == "sink":
             server = await asyncio.start_server(serve_sink(log, address, port), address, port)
         else:

@@ -8,6 +8,7 @@ addresses that exist only inside these namespaces. Everything is removed on exit
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -28,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from sidecar.demo.uid_access import UidAccessError, check_runnable_as, require_runnable_as
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
 HERE = Path(__file__).resolve().parent
@@ -43,6 +46,7 @@ CIDR_HOST_V4, CIDR_HOST_V6 = "10.200.2.5", "fd00:202::5"
 SINK_V4 = "10.200.3.1"
 META_V4 = "169.254.169.254"  # a cloud metadata service, reachable through the pod's default route
 MCP_PORT = 18080
+KEEPALIVE_PORT = 8088  # the internet's keep-alive, virtual-host HTTP server
 
 ZONE = {
     "allowed.test": {"A": [ALLOWED_V4], "AAAA": [ALLOWED_V6]},
@@ -56,6 +60,8 @@ ZONE = {
     "mapped.test": {"AAAA": [f"::ffff:{META_V4}"]},
     "rebind.test": {"A": [ALLOWED_V4], "rebind": [META_V4, ALLOWED_V4]},
     "aliased.test": {"A": [ALLOWED_V4]},  # the attack lab's /etc/hosts (hostAliases) says DENIED_V4
+    # A name the policy does not allow, served by the same server (virtual hosts) as allowed.test.
+    "shared.test": {"A": [ALLOWED_V4], "AAAA": [ALLOWED_V6]},
 }
 
 POLICY = {
@@ -77,15 +83,45 @@ MCP_SERVER_FETCH = "mcp-server-fetch==2026.10.24"
 FETCH_VENV = Path(os.environ.get("OUTRIDER_MCP_FETCH_VENV", "/var/cache/outrider/mcp-server-fetch-venv"))
 
 
-def ensure_mcp_server_fetch() -> str | None:
-    """The venv's python once `mcp-server-fetch` is installed there (installs once), else None."""
+def _base_interpreters() -> list[str]:
+    """Interpreters to make the fetch venv from: this venv's base first, then the system's."""
+    names = [getattr(sys, "_base_executable", sys.executable), sys.executable]
+    names += [shutil.which(n) or "" for n in ("python3.11", "python3")]
+    names += ["/usr/bin/python3.11", "/usr/bin/python3"]
+    seen: list[str] = []
+    for name in names:
+        if name and Path(name).exists() and os.path.realpath(name) not in seen:
+            seen.append(os.path.realpath(name))
+    return seen
+
+
+def ensure_mcp_server_fetch() -> str:
+    """The venv's python once `mcp-server-fetch` is installed there for the app UID (installs once).
+
+    The venv is made from an interpreter the app UID can run (whatever PATH offers first), and is
+    made again when an earlier one was made from another base or cannot be run by the app UID.
+    Raises UidAccessError or RuntimeError with the reason when that cannot be done.
+    """
     python = FETCH_VENV / "bin" / "python"
     stamp = FETCH_VENV / ".installed"
-    if stamp.exists() and stamp.read_text() == MCP_SERVER_FETCH:
-        return str(python)
-    base = shutil.which("python3.11") or shutil.which("python3")
+    reasons: list[str] = []
+    base = None
+    for candidate in _base_interpreters():
+        reason = check_runnable_as(APP_UID, candidate)
+        if reason is None:
+            base = candidate
+            break
+        reasons.append(reason)
     if base is None:
-        return None
+        raise UidAccessError(
+            f"no Python here can be run by the app UID {APP_UID} to make {FETCH_VENV}: "
+            + ("; ".join(reasons) or "none found")
+            + ". Install Debian's python3 and python3-venv (scripts/pick-python.sh does as root)"
+        )
+    wanted = f"{MCP_SERVER_FETCH} {base}"
+    if stamp.exists() and stamp.read_text() == wanted and check_runnable_as(APP_UID, str(python)) is None:
+        return str(python)
+    shutil.rmtree(FETCH_VENV, ignore_errors=True)
     FETCH_VENV.parent.mkdir(parents=True, exist_ok=True)
     FETCH_VENV.parent.chmod(0o755)
     steps = (
@@ -93,10 +129,19 @@ def ensure_mcp_server_fetch() -> str | None:
         [str(python), "-m", "pip", "install", "-q", MCP_SERVER_FETCH],
     )
     for argv in steps:
-        if subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False).returncode != 0:
-            return None
-    stamp.write_text(MCP_SERVER_FETCH)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"`{' '.join(argv)}` failed: {tail}")
+    require_runnable_as([APP_UID], str(python))
+    stamp.write_text(wanted)
     return str(python)
+
+
+@functools.cache
+def require_lab_python() -> None:
+    """Fail early, in one sentence, when the app or sidecar UID cannot run this venv's python."""
+    require_runnable_as([APP_UID, SIDECAR_UID], PYTHON, [str(HERE / "app_client.py")])
 
 
 def have_netns() -> str | None:
@@ -312,6 +357,7 @@ def _internet_config(lab_dir: Path, cert: Path, key: Path, log: Path) -> dict[st
             [address, 80, "http"],
             [address, 8443, "https"],
             [address, 7000, "echo"],
+            [address, KEEPALIVE_PORT, "http-keepalive"],
         ]
     tcp += [[CIDR_HOST_V4, 7000, "echo"], [CIDR_HOST_V6, 7000, "echo"], [SINK_V4, 9000, "sink"]]
     tcp += [[META_V4, 80, "http"]]
@@ -331,6 +377,7 @@ def lab(
     *, capture: bool = True, sidecar_config: Mapping[str, Any] | None = None, app_env: Mapping[str, str] = {}
 ) -> Iterator[Lab]:
     """Build the namespaces, start the internet and (unless None) the sidecar; tear all down after."""
+    require_lab_python()
     tag = f"eg{os.getpid() % 100000}{next(_counter)}"
     workdir = Path(tempfile.mkdtemp(prefix="outrider-egress-"))
     workdir.chmod(0o755)

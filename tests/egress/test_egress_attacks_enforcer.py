@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -238,10 +239,15 @@ async def test_pipelined_request_for_another_host_stays_on_the_pinned_upstream(m
     )
     writer.write_eof()
     echoed = await asyncio.wait_for(reader.read(), 5)
-    # The second request went to svc.test's upstream (the only one dialled), never to evil.test.
-    assert echoed.startswith(b"GET /a HTTP/1.1\r\n") and b"GET http://evil.test" in echoed
+    # Every request is judged: the second names another host, so it is never sent on this connection
+    # (the client reconnects; a new connection is judged on its own). Only svc.test's upstream was dialled.
+    assert echoed.startswith(b"GET /a HTTP/1.1\r\n") and b"evil.test" not in echoed
+    assert b"evil.test" not in b"".join(proxy.echo.received)
     assert proxy.echo.accepted == 1
-    assert [d.name for d in proxy.recorder.decisions] == ["svc.test"]
+    assert [(d.name, d.allowed) for d in proxy.recorder.decisions] == [
+        ("svc.test", True),
+        ("evil.test", False),
+    ]
     writer.close()
 
 
@@ -293,3 +299,45 @@ async def test_a_narrowing_reload_closes_open_tunnels_it_no_longer_allows(
     for writer in (cut_writer, kept_writer):
         writer.close()
     second.close()
+
+
+async def test_random_keep_alive_streams_never_carry_another_host_upstream(make_proxy: Factory) -> None:
+    """Seeded random streams of absolute-URI requests (CL and chunked bodies, some of them looking like
+    requests for evil.test), written in random pieces on one proxy connection, then one real request
+    for evil.test and more allowed ones: the upstream gets exactly the allowed requests before it."""
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"127.0.0.1/32:{p}"], peek_bytes=4096)
+    port = proxy.echo.port
+    rng = random.Random(11)
+    for round_ in range(25):
+        proxy.echo.received.clear()
+        wire = b""
+        allowed = rng.randint(0, 4)
+        for i in range(allowed):
+            body = rng.choice(
+                [b"", b"x" * rng.randint(1, 300), f"GET http://evil.test:{port}/ HTTP/1.1\r\n\r\n".encode()]
+            )
+            head = f"POST http://svc.test:{port}/r{round_}-{i} HTTP/1.1\r\nHost: svc.test:{port}\r\n"
+            if body and rng.random() < 0.5:
+                cut = rng.randint(0, len(body))
+                chunks = b"".join(b"%x;e=1\r\n%s\r\n" % (len(p), p) for p in (body[:cut], body[cut:]) if p)
+                wire += (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunks + b"0\r\nT: 1\r\n\r\n"
+            else:
+                wire += (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        wire += f"GET http://evil.test:{port}/x HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n".encode()
+        wire += f"GET http://svc.test:{port}/after HTTP/1.1\r\nHost: svc.test:{port}\r\n\r\n".encode()
+        if allowed == 0:
+            wire = f"GET http://svc.test:{port}/r{round_}-0 HTTP/1.1\r\n\r\n".encode() + wire
+            allowed = 1
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        at = 0
+        while at < len(wire):
+            step = rng.randint(1, 200)
+            writer.write(wire[at : at + step])
+            await writer.drain()
+            at += step
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        upstream = b"".join(proxy.echo.received)
+        assert upstream.count(b" HTTP/1.1\r\nHost: svc.test") == allowed, (round_, upstream[:400])
+        assert b"/after" not in upstream and b"evil.test:%d/x" % port not in upstream
+        assert not upstream.startswith(b"GET http") and answer == upstream  # echoed = what went up

@@ -176,14 +176,17 @@ async def test_absolute_uri_is_rewritten_for_the_origin(running: Running) -> Non
     reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
     port = running.upstreams["echo"]
     writer.write(
-        f"GET http://svc.test:{port}/x?y=1 HTTP/1.1\r\nHost: svc.test:{port}\r\n".encode()
+        f"GET http://svc.test:{port}/x?y=1 HTTP/1.1\r\nHost: denied.test\r\n".encode()
         + b"Proxy-Authorization: Basic Zm9v\r\nProxy-Connection: keep-alive\r\n\r\n"
     )
     writer.write_eof()
     echoed = await asyncio.wait_for(reader.read(), 5)  # the echo server returns what the origin got
     assert echoed.startswith(b"GET /x?y=1 HTTP/1.1\r\n")
+    # The Host the origin sees is the judged URI authority, never the client's disagreeing one.
+    assert f"Host: svc.test:{port}\r\n".encode() in echoed and b"denied.test" not in echoed
     assert b"Proxy-Authorization" not in echoed and b"Proxy-Connection" not in echoed
-    assert b"Connection: close\r\n" in echoed
+    # Proxy keep-alive is honoured towards the origin: later requests are judged one by one.
+    assert b"Connection: keep-alive\r\n" in echoed
     writer.close()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.demo.uid_access import UidAccessError, require_runnable_as
 from sidecar.dev.spire import SpireDev, SpireOptions, find_binaries
 from sidecar.identity import IdentityUnavailable
 from sidecar.identity.config import IdentityConfig
@@ -97,6 +98,10 @@ async def test_a_uid_without_entry_stays_not_ready_while_another_uid_is_served(s
         pytest.skip("needs root to run the workload as another UID (setpriv)")
     await spire.create_entry(APP_ID, [f"unix:uid:{os.getuid()}"])
     repo = REPO
+    try:
+        require_runnable_as([OTHER_UID], sys.executable, [str(repo / "sidecar" / "__init__.py")])
+    except UidAccessError as exc:
+        pytest.fail(str(exc))
     child = await asyncio.create_subprocess_exec(
         "setpriv",
         f"--reuid={OTHER_UID}",

@@ -158,6 +158,7 @@ class Recorded:
     finished: list[dict[str, Any]] = field(default_factory=list)
     injected: bool = False
     closed: bool = False
+    policy: Any = None
 
     @property
     def outcome(self) -> dict[str, Any]:
@@ -189,6 +190,9 @@ class RecordingObserver:
 
             def token_exchange(self, outcome: Any) -> None:
                 record.exchanges.append(outcome)
+
+            def policy(self, outcome: Any) -> None:
+                record.policy = outcome
 
             def finish(self, **kwargs: Any) -> None:
                 record.finished.append(kwargs)

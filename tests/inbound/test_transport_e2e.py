@@ -124,7 +124,8 @@ async def test_headers_are_rewritten_and_credentials_never_forwarded(
     headers = {**ACCEPT, **caller, "Connection": "keep-alive, X-Hop", "X-Hop": "drop me", "X-Keep": "keep me"}
     headers |= {"Mcp-Session-Id": "s-0", "Last-Event-ID": "ev-7", "MCP-Protocol-Version": "2025-11-25"}
     async with (
-        make_sidecar(upstream.port) as sidecar,
+        # Session binding off: "s-0" was never opened through this sidecar (it would be a 404).
+        make_sidecar(upstream.port, sessions={"enabled": False}) as sidecar,
         aiohttp.ClientSession() as session,
         session.post(sidecar.mcp_url(), json=CALL, headers=headers) as response,
     ):

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from localnode import components, host, oci, render
-from localnode.config import PAUSE_IMAGE, from_env
+from localnode.config import PAUSE_IMAGE, NodeConfig, from_env
 
-CFG = from_env({"OUTRIDER_NODE_DIR": "/srv/node", "OUTRIDER_CACHE": "/c", "HOME": "/root"})
+CFG = NodeConfig(state_dir=Path("/srv/node"), cache_dir=Path("/c"), ipv6=True)
 
 
 def test_state_dir_must_be_absolute() -> None:
@@ -133,13 +133,18 @@ def test_differences_report_every_kind_of_trace() -> None:
     after = _state(
         sysctls={"net.ipv4.ip_forward": "1"},
         chains={"iptables/nat": ["KUBE-SERVICES"]},
-        links=["eth0", "lo", "orn-cni0"],
-        dirs={"/var/lib/cni": [], "/run/netns": ["other", "cni-1"]},
+        links=["eth0", "lo", "orn-cni0", "egress-test-veth"],
+        netns=["cni-1", "egress-test-ns"],
+        mounts=["/", "/var/lib/kubelet/pods/x/volumes/y", "/run/netns/egress-test-ns"],
+        dirs={"/var/lib/cni": [], "/run/netns": ["other", "cni-1", "egress-test-ns"]},
         cgroups=["/sys/fs/cgroup/pids/kubepods"],
     )
     text = "\n".join(host.differences(before, after))
     for needle in ("ip_forward: 0 -> 1", "KUBE-SERVICES", "orn-cni0", "/var/lib/cni", "cni-1", "kubepods"):
         assert needle in text
+    assert "/var/lib/kubelet/pods/x/volumes/y" in text
+    # other work on the machine meanwhile (egress tests' netns, links, mounts) is not a trace of ours
+    assert "egress-test" not in text
     assert host.HostState.from_json(after.to_json()) == after
 
 

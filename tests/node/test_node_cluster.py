@@ -72,12 +72,13 @@ def pod(name: str, image: str, command: list[str], **extra: object) -> dict[str,
         "command": command,
     }
     container.update(extra.pop("container_extra", {}))  # type: ignore[call-overload]
+    annotations = extra.pop("annotations", {})
     spec: dict[str, object] = {"containers": [container], "terminationGracePeriodSeconds": 1}
     spec.update(extra)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app": name}},
+        "metadata": {"name": name, "labels": {"app": name}, "annotations": annotations},
         "spec": spec,
     }
 
@@ -218,6 +219,9 @@ def test_clusterspiffeid_creates_entries_and_the_csi_volume_delivers_the_svid(
         busybox,
         [BUSYBOX, "sleep", "3600"],
         container="outrider-proxy",
+        # this pod plays the proxy itself: if Outrider's webhook is installed, it must not inject one
+        # (an annotation, so the ClusterSPIFFEID's label-based podSelector still matches it)
+        annotations={"outrider.dev/inject": "false"},
         container_extra={
             "volumeMounts": [{"name": "spiffe", "mountPath": "/spiffe-workload-api", "readOnly": True}]
         },
@@ -274,7 +278,7 @@ def test_node_down_leaves_no_trace(node: Node) -> None:
     before = node.before or host.HostState.from_json(node.cfg.host_record.read_text())
     res = localnode("down")
     after = host.snapshot()
-    left = host.differences(before, after)
+    left = host.differences(before, after, mounts=host.our_mounts(node.cfg.state_dir))
     if node.was_up:
         localnode("up")
     assert res.returncode == 0, f"localnode down failed:\n{res.stdout[-3000:]}\n{res.stderr[-2000:]}"

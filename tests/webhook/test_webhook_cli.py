@@ -84,9 +84,91 @@ def test_inject_refusal_and_bad_yaml_are_clear(tmp_path: Path) -> None:
     bad.write_text("kind: Pod\n  spec: [\n")
     result = _run("inject", "-f", str(bad))
     assert result.returncode == 2
-    assert result.stderr.startswith(f"error: {bad} is not valid YAML") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {bad} document 1 is not valid YAML")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
     missing = _run("inject", "-f", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_inject_prints_nothing_for_a_refused_workload() -> None:
+    """`outrider inject -f x.yaml | kubectl apply -f -` must never apply a pod without its sidecar."""
+    refused = (GOLDEN_DIR / "opted-out-strict.yaml").read_text()
+    result = _run("inject", "-f", "-", "--namespace-labels", "outrider.dev/inject=strict", stdin=refused)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "error: Pod/legacy-mcp: metadata.annotations[outrider.dev/inject]" in result.stderr
+    assert "error: Pod/legacy-mcp: refused, so it is left out of the output" in result.stderr
+
+
+def test_inject_multi_document_with_one_refused_prints_the_others() -> None:
+    service = (
+        "# the Service keeps its comments\napiVersion: v1\nkind: Service\nmetadata: {name: svc}  # inline\n"
+    )
+    docs = "---\n".join(
+        [
+            (GOLDEN_DIR / "strict-hardened-deployment.yaml").read_text(),
+            (GOLDEN_DIR / "strict-escapes.yaml").read_text(),
+            service,
+        ]
+    )
+    result = _run("inject", "-f", "-", "--namespace-labels", "outrider.dev/inject=strict", stdin=docs)
+    assert result.returncode == 1, result.stderr
+    out = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert [d["kind"] for d in out] == ["Deployment", "Service"]
+    assert "error: Pod/" in result.stderr and "refused, so it is left out of the output" in result.stderr
+    assert result.stdout.endswith(service)  # passed through byte for byte, comments and all
+
+
+def test_inject_list_drops_only_the_refused_items() -> None:
+    items = [
+        yaml.safe_load((GOLDEN_DIR / "strict-clean.yaml").read_text()),
+        yaml.safe_load((GOLDEN_DIR / "opted-out-strict.yaml").read_text()),
+    ]
+    document = yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": items})
+    result = _run("inject", "-f", "-", "--namespace-labels", "outrider.dev/inject=strict", stdin=document)
+    assert result.returncode == 1
+    [listing] = list(yaml.safe_load_all(result.stdout))
+    assert [i["metadata"]["name"] for i in listing["items"]] == [items[0]["metadata"]["name"]]
+    assert "outrider.dev/status" in listing["items"][0]["metadata"]["annotations"]
+    assert "the refused items are left out of the output" in result.stderr
+
+
+def test_inject_namespace_annotations_and_other_meshes() -> None:
+    pod = (GOLDEN_DIR / "simple-pod.yaml").read_text()
+    warned = _run("inject", "-f", "-", "--namespace-annotations", "linkerd.io/inject=enabled", stdin=pod)
+    assert warned.returncode == 0 and warned.stdout == pod  # left alone, byte for byte
+    assert "warning: Pod/weather-mcp: the namespace annotation linkerd.io/inject: enabled" in warned.stderr
+    refused = _run(
+        "inject",
+        "-f",
+        "-",
+        "--namespace-labels",
+        "outrider.dev/inject=strict,istio.io/rev=stable",
+        stdin=pod,
+    )
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "namespace label istio.io/rev=stable" in refused.stderr
+    bad = _run("inject", "-f", "-", "--namespace-annotations", "nonsense", stdin=pod)
+    assert bad.returncode == 2 and "--namespace-annotations: 'nonsense' is not key=value" in bad.stderr
+
+
+def test_inject_reads_like_kubectl_and_refuses_what_kubectl_cannot_read() -> None:
+    pod = (GOLDEN_DIR / "simple-pod.yaml").read_text()
+    separator = _run("inject", "-f", "-", stdin=pod + "--- {kind: Pod}\n")
+    assert separator.returncode == 2 and separator.stdout == ""
+    assert "kubectl allows only a comment after a --- document separator" in separator.stderr
+    nan = _run("inject", "-f", "-", stdin=pod + "---\nkind: ConfigMap\ndata: {x: .nan}\n")
+    assert nan.returncode == 2 and nan.stdout == ""
+    assert "document 2 cannot be read by kubectl" in nan.stderr and ".nan" in nan.stderr
+    # `yes` unquoted is a boolean to kubectl: the output keeps it a boolean, "yes" stays a string
+    text = pod.replace(
+        "app: weather-mcp", "app: weather-mcp\n    enabled: yes\n    quoted: 'yes'\n    zip: 012"
+    )
+    result = _run("inject", "-f", "-", stdin=text)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "enabled: true" in result.stdout and "quoted: 'yes'" in result.stdout and "zip: 10" in result.stdout
+    )
 
 
 def test_inject_with_config_file(tmp_path: Path) -> None:

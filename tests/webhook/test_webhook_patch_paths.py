@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from webhook_support import fixture_names, load_fixture, pod_template
+from webhook_support import load_fixture, pod_template, templated_fixture_names
 
 from webhook import admission
 from webhook.config import parse_config
@@ -82,7 +82,7 @@ def test_emitted_patch_is_the_diff(label: str, pod: dict[str, Any], layout: str)
     assert admission.encode_result(result) == encoded
 
 
-@pytest.mark.parametrize("name", fixture_names())
+@pytest.mark.parametrize("name", templated_fixture_names())
 def test_golden_fixture_patch_is_the_diff(name: str) -> None:
     doc, labels, config = load_fixture(name)
     pod = pod_template(doc)

@@ -422,11 +422,11 @@ def test_answer_cache_key_is_exact() -> None:
 
 
 def test_cached_egress_plan_equals_a_fresh_plan_for_every_fixture() -> None:
-    from webhook_support import fixture_names, load_fixture, pod_template
+    from webhook_support import load_fixture, pod_template, templated_fixture_names
 
     from webhook.egress import plan_egress, plan_egress_cached
 
-    for name in fixture_names():
+    for name in templated_fixture_names():
         doc, labels, config = load_fixture(name)
         pod = pod_template(doc) if doc["kind"] != "Pod" else doc
         policy = config.plain_egress_default_policy

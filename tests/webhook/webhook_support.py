@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from webhook import kubeyaml
 from webhook.config import WebhookConfig, parse_config
 from webhook.offline import TEMPLATE_PATHS
 
@@ -28,10 +29,16 @@ def fixture_names() -> list[str]:
     )
 
 
-def load_fixture(name: str) -> tuple[dict[str, Any], dict[str, str], WebhookConfig]:
-    """The input object plus the namespace labels and config from its `# key: value` header."""
+def templated_fixture_names() -> list[str]:
+    """Fixtures of a kind outrider inject injects (the others only pass through with a warning)."""
+    return [n for n in fixture_names() if load_fixture(n)[0]["kind"] in TEMPLATE_PATHS]
+
+
+def fixture_header(name: str) -> tuple[dict[str, str], dict[str, str], WebhookConfig]:
+    """Namespace labels, namespace annotations and config from a fixture's `# key: value` header."""
     text = (GOLDEN_DIR / f"{name}.yaml").read_text()
     labels = dict(DEFAULT_LABELS)
+    ns_annotations: dict[str, str] = {}
     config: dict[str, Any] = dict(BASE_CONFIG)
     for line in text.splitlines():
         if not line.startswith("#"):
@@ -39,9 +46,17 @@ def load_fixture(name: str) -> tuple[dict[str, Any], dict[str, str], WebhookConf
         key, _, value = line[1:].strip().partition(": ")
         if key == "namespace-labels":
             labels = dict(part.split("=", 1) for part in value.split(","))
+        elif key == "namespace-annotations":
+            ns_annotations = dict(part.split("=", 1) for part in value.split(","))
         elif key == "config":
             config = {**BASE_CONFIG, **yaml.safe_load(value)}
-    return yaml.safe_load(text), labels, parse_config(config)
+    return labels, ns_annotations, parse_config(config)
+
+
+def load_fixture(name: str) -> tuple[dict[str, Any], dict[str, str], WebhookConfig]:
+    """The input object (read as kubectl reads it) plus the namespace labels and config."""
+    labels, _, config = fixture_header(name)
+    return kubeyaml.load((GOLDEN_DIR / f"{name}.yaml").read_text()), labels, config
 
 
 def pod_template(doc: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Namespace labels from the API: a list+watch cache, with a direct read for namespaces not seen yet.
+"""Namespace labels (and the few annotations the engine reads) from the API: a list+watch cache,
+with a direct read for namespaces not seen yet.
 
 Implements `webhook.namespaces.NamespaceFacts`; per-namespace egress policy comes from the
 operator's ConfigMap (`namespace-egress.yaml`), never from labels app teams could set themselves.
@@ -15,6 +16,8 @@ from typing import Any
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from webhook.meshes import NAMESPACE_ANNOTATIONS
+
 log = logging.getLogger("outrider.webhook.namespaces")
 
 
@@ -23,6 +26,7 @@ class NamespaceCache:
     api: client.ApiClient
     policies: Callable[[], Mapping[str, Mapping[str, Any]]] = dict
     _labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    _annotations: dict[str, dict[str, str]] = field(default_factory=dict)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def labels(self, namespace: str) -> Mapping[str, str]:
@@ -36,16 +40,33 @@ class NamespaceCache:
             if exc.status == 404:
                 return {}
             raise
-        labels = dict(ns.metadata.labels or {})
-        self._labels[namespace] = labels
-        return labels
+        self._remember(ns)
+        return self._labels[namespace]
+
+    async def annotations(self, namespace: str) -> Mapping[str, str]:
+        if namespace not in self._labels:
+            await self.labels(namespace)
+        return self._annotations.get(namespace, {})
+
+    def _remember(self, ns: Any) -> None:
+        name = ns.metadata.name
+        self._labels[name] = dict(ns.metadata.labels or {})
+        # only the annotations the engine reads: others (last-applied-configuration) can be large
+        annotations = ns.metadata.annotations or {}
+        wanted = {k: v for k, v in annotations.items() if k in NAMESPACE_ANNOTATIONS}
+        if wanted:
+            self._annotations[name] = wanted
+        else:
+            self._annotations.pop(name, None)
 
     async def egress_policy(self, namespace: str) -> Mapping[str, Any] | None:
         return self.policies().get(namespace)
 
     async def _relist(self) -> str:
         listing = await client.CoreV1Api(self.api).list_namespace()
-        self._labels = {ns.metadata.name: dict(ns.metadata.labels or {}) for ns in listing.items}
+        self._labels, self._annotations = {}, {}
+        for ns in listing.items:
+            self._remember(ns)
         self.synced.set()
         return str(listing.metadata.resource_version)
 
@@ -66,8 +87,9 @@ class NamespaceCache:
                         name = obj.metadata.name
                         if event["type"] == "DELETED":
                             self._labels.pop(name, None)
+                            self._annotations.pop(name, None)
                         else:
-                            self._labels[name] = dict(obj.metadata.labels or {})
+                            self._remember(obj)
                 backoff = 0.5
             except ApiException as exc:
                 if exc.status != 410:  # 410 Gone: our resourceVersion is too old, relist at once

@@ -1,0 +1,68 @@
+"""What a decision does to the wire: JSON-RPC errors for refused requests, filtered list answers.
+
+Pure functions over decoded JSON values; the gate and the proxy apply them to bodies and SSE events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sidecar.inbound.jsonrpc import JsonRpcId
+from sidecar.policy.model import LIST_RESULTS
+
+POLICY_DENIED = -32003
+RATE_LIMITED = -32029
+DENIED_MESSAGE = "denied by policy"
+
+
+def denied_error(msg_id: JsonRpcId) -> dict[str, Any]:
+    """The caller learns it was a policy decision, never which policy or what it says."""
+    return {"jsonrpc": "2.0", "id": msg_id, "error": {"code": POLICY_DENIED, "message": DENIED_MESSAGE}}
+
+
+def limited_error(msg_id: JsonRpcId, retry_after_s: int) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": msg_id,
+        "error": {
+            "code": RATE_LIMITED,
+            "message": f"rate limit exceeded; retry after {retry_after_s} s",
+            "data": {"retryAfterSeconds": retry_after_s},
+        },
+    }
+
+
+Visibility = Callable[[str, Sequence[str]], list[bool]]
+
+
+def filter_list_result(obj: Any, visible: Visibility) -> tuple[Any, int]:
+    """A response whose result is a tools/prompts/resources list, with the items the caller may not use
+    removed; (the object, how many items were removed). Anything else comes back unchanged."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("result"), dict):
+        return obj, 0
+    result = obj["result"]
+    removed = 0
+    for key, (_, _, id_key) in LIST_RESULTS.items():
+        items = result.get(key)
+        if not isinstance(items, list):
+            continue
+        names = [_name(item, id_key) for item in items]
+        shown = visible(key, names)
+        kept = [item for item, ok, name in zip(items, shown, names, strict=True) if ok and name]
+        if len(kept) != len(items):
+            removed += len(items) - len(kept)
+            result = {**result, key: kept}
+    if not removed:
+        return obj, 0
+    return {**obj, "result": result}, removed
+
+
+def _name(item: Any, key: str) -> str:
+    value = item.get(key) if isinstance(item, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def may_hold_list(payload: bytes) -> bool:
+    """Cheap pre-check before decoding an answer: only list results are ever rewritten."""
+    return b'"tools"' in payload or b'"prompts"' in payload or b'"resources"' in payload

@@ -1,0 +1,328 @@
+"""The policy gate the inbound proxy calls: judge a parsed body, filter answers, report state.
+
+Thin: it holds the reloadable policy and the rate limiter and applies the pure modules
+(`engine`, `answers`, `limits_config`, `schema`) to one request at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.inbound import jsonrpc
+from sidecar.inbound.jsonrpc import ParsedBody
+from sidecar.policy import answers
+from sidecar.policy.config import PolicyConfig
+from sidecar.policy.engine import Decision, decide, may_use
+from sidecar.policy.limits_config import budgets
+from sidecar.policy.model import Server, judged
+from sidecar.policy.ratelimit import RateLimiter, open_storage
+from sidecar.policy.reload import PolicyHolder
+from sidecar.policy.schema import ServerTools, mismatches
+from sidecar.telemetry.observer import Principal
+
+log = logging.getLogger("outrider.policy")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What happens to one message of a body."""
+
+    forward: bool
+    outcome: str = "ok"  # "ok" | "denied" | "limited" | "invalid"
+    error: dict[str, Any] | None = None  # the JSON-RPC answer the proxy sends instead
+    decision: Decision | None = None
+    retry_after_s: int = 0
+    limit_scope: str | None = None
+    store_error: bool = False
+
+    @property
+    def reason(self) -> str:
+        if self.outcome == "limited":
+            return f"rate limit {self.limit_scope} exceeded; retry after {self.retry_after_s} s"
+        if self.outcome == "invalid":
+            return "not a JSON-RPC message; refused unjudged"
+        if self.decision is not None:
+            return self.decision.reason
+        return ""
+
+
+PASS = Verdict(True)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdicts: tuple[Verdict, ...]
+
+    @property
+    def refused(self) -> bool:
+        return any(not v.forward for v in self.verdicts)
+
+    @property
+    def nothing_to_forward(self) -> bool:
+        return all(not v.forward for v in self.verdicts)
+
+    @property
+    def retry_after_s(self) -> int:
+        return max((v.retry_after_s for v in self.verdicts if v.outcome == "limited"), default=0)
+
+
+@dataclass
+class GateStats:
+    denied: int = 0
+    limited: int = 0
+    invalid: int = 0
+    allowed: int = 0
+    filtered_items: int = 0
+    allowed_store_down: int = 0
+
+
+@dataclass
+class Gate:
+    config: PolicyConfig
+    holder: PolicyHolder
+    limiter: RateLimiter
+    server: Callable[[], Server]
+    stats: GateStats = field(default_factory=GateStats)
+    schema_problems: tuple[str, ...] = ()
+    _schema_seen: object = None
+
+    @classmethod
+    def from_config(cls, config: PolicyConfig, server: Callable[[], Server]) -> Gate:
+        holder = PolicyHolder.from_config(config)
+        storage = open_storage(config.storage, config.store_timeout_s)
+        limiter = RateLimiter(
+            storage,
+            on_store_error=config.on_store_error,
+            timeout_s=config.store_timeout_s,
+            shared=not config.storage.startswith("memory://"),
+        )
+        return cls(config, holder, limiter, server)
+
+    @property
+    def active(self) -> bool:
+        """False with no policy and no limit: the proxy then behaves exactly as without a gate."""
+        return self.holder.policies.enabled or not self.holder.limits.empty
+
+    async def judge(self, principal: Principal, parsed: ParsedBody, transport: str) -> Judgement:
+        messages = parsed.messages
+        policies = self.holder.policies
+        server = self.server()
+        to_judge = [i for i, m in enumerate(messages) if judged(m)]
+        decisions = decide(policies, principal, server, [messages[i] for i in to_judge], transport)
+        by_index = dict(zip(to_judge, decisions, strict=True))
+        verdicts: list[Verdict] = []
+        user = f"{principal.kind}:{principal.issuer or ''}:{principal.subject}"
+        for index, message in enumerate(messages):
+            if message.kind == "invalid":
+                self.stats.invalid += 1
+                error = jsonrpc.error_object(
+                    message.id, jsonrpc.INVALID_REQUEST, "not a JSON-RPC 2.0 message"
+                )
+                verdicts.append(Verdict(False, "invalid", error))
+                continue
+            decision = by_index.get(index)
+            if decision is not None and not decision.allowed:
+                self.stats.denied += 1
+                if decision.errors:
+                    log.info(
+                        "policy evaluation errors for %s: %s", message.method, "; ".join(decision.errors)
+                    )
+                verdicts.append(Verdict(False, "denied", answers.denied_error(message.id), decision))
+                continue
+            spend = budgets(self.holder.limits, message, user, server.id)
+            result = await self.limiter.spend(spend) if spend else None
+            if result is not None and not result.allowed:
+                self.stats.limited += 1
+                verdicts.append(
+                    Verdict(
+                        False,
+                        "limited",
+                        answers.limited_error(message.id, result.retry_after_s),
+                        decision,
+                        result.retry_after_s,
+                        result.scope,
+                        result.store_error,
+                    )
+                )
+                continue
+            if result is not None and result.store_error:
+                self.stats.allowed_store_down += 1
+            self.stats.allowed += 1
+            verdicts.append(
+                Verdict(True, "ok", None, decision, store_error=bool(result and result.store_error))
+            )
+        return Judgement(tuple(verdicts))
+
+    # -- answers ----------------------------------------------------------------------------------
+
+    def _visible(self, principal: Principal) -> answers.Visibility:
+        policies = self.holder.policies
+        server = self.server()
+
+        def visible(kind: str, names: Sequence[str]) -> list[bool]:
+            return may_use(policies, principal, server, kind, names)
+
+        return visible
+
+    def filter_objects(self, principal: Principal, decoded: Any) -> tuple[Any, int]:
+        items = decoded if isinstance(decoded, list) else [decoded]
+        self._learn_schema(items)
+        if not self.holder.policies.enabled:
+            return decoded, 0
+        visible = self._visible(principal)
+        out = []
+        removed = 0
+        for item in items:
+            kept, count = answers.filter_list_result(item, visible)
+            out.append(kept)
+            removed += count
+        self.stats.filtered_items += removed
+        return (out if isinstance(decoded, list) else out[0]), removed
+
+    def filter_payload(self, principal: Principal, payload: bytes) -> bytes:
+        """A JSON answer with list results filtered for `principal` (unchanged bytes when nothing is)."""
+        if not answers.may_hold_list(payload):
+            return payload
+        try:
+            decoded = json.loads(payload)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return payload
+        filtered, removed = self.filter_objects(principal, decoded)
+        if not removed:
+            return payload
+        return json.dumps(filtered, separators=(",", ":")).encode()
+
+    def _learn_schema(self, items: Sequence[Any]) -> None:
+        for item in items:
+            result = item.get("result") if isinstance(item, dict) else None
+            tools = ServerTools.from_list_result(result)
+            if tools is None or tools == self._schema_seen:
+                continue
+            self._schema_seen = tools
+            self.check_schema()
+
+    def check_schema(self) -> None:
+        if not isinstance(self._schema_seen, ServerTools):
+            return
+        layers = [compiled for compiled, _ in self.holder.policies.layers]
+        problems = tuple(mismatches(layers, self._schema_seen))
+        if problems != self.schema_problems:
+            for problem in problems:
+                log.warning("policy does not match the server's tools: %s", problem)
+        self.schema_problems = problems
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """Always ready (a policy problem must not take the server out of rotation); the detail says why."""
+        parts = [self.holder.policies.describe()]
+        if self.holder.spec_errors:
+            parts.append(
+                f"pod-spec policy did not compile (deny-all in its place): {self.holder.spec_errors[0]}"
+            )
+        if self.holder.last_error:
+            parts.append(f"last reload rejected, keeping the last good policy: {self.holder.last_error}")
+        if self.schema_problems:
+            parts.append(f"{len(self.schema_problems)} schema mismatch(es): {self.schema_problems[0]}")
+        if not self.holder.limits.empty:
+            if self.limiter.store_healthy:
+                parts.append("rate-limit store ok")
+            else:
+                mode = "allowing" if self.limiter.fail_open else "refusing"
+                parts.append(
+                    f"rate-limit store unreachable ({self.limiter.last_store_error}): {mode} metered calls"
+                )
+        return True, "; ".join(parts)
+
+    def metrics_text(self) -> bytes:
+        s = self.stats
+        lines = [
+            "# HELP outrider_policy_decisions_total MCP requests judged by the policy gate, by outcome.",
+            "# TYPE outrider_policy_decisions_total counter",
+            f'outrider_policy_decisions_total{{outcome="allowed"}} {s.allowed}',
+            f'outrider_policy_decisions_total{{outcome="denied"}} {s.denied}',
+            f'outrider_policy_decisions_total{{outcome="rate_limited"}} {s.limited}',
+            f'outrider_policy_decisions_total{{outcome="invalid"}} {s.invalid}',
+            "# HELP outrider_policy_list_items_filtered_total List items hidden from callers by policy.",
+            "# TYPE outrider_policy_list_items_filtered_total counter",
+            f"outrider_policy_list_items_filtered_total {s.filtered_items}",
+            "# HELP outrider_policy_count Cedar policies in force.",
+            "# TYPE outrider_policy_count gauge",
+            f"outrider_policy_count {self.holder.policies.count}",
+            "# HELP outrider_policy_reloads_total Policy file loads that took effect.",
+            "# TYPE outrider_policy_reloads_total counter",
+            f"outrider_policy_reloads_total {self.holder.reloads}",
+            "# HELP outrider_policy_reload_errors_total Policy file loads rejected (last good kept).",
+            "# TYPE outrider_policy_reload_errors_total counter",
+            f"outrider_policy_reload_errors_total {self.holder.reload_errors}",
+            "# HELP outrider_policy_schema_mismatches Policies naming tools or arguments the server lacks.",
+            "# TYPE outrider_policy_schema_mismatches gauge",
+            f"outrider_policy_schema_mismatches {len(self.schema_problems)}",
+            "# HELP outrider_ratelimit_store_up 1 while the rate-limit store answers.",
+            "# TYPE outrider_ratelimit_store_up gauge",
+            f"outrider_ratelimit_store_up {1 if self.limiter.store_healthy else 0}",
+            "# HELP outrider_ratelimit_store_errors_total Rate-limit checks the store could not answer.",
+            "# TYPE outrider_ratelimit_store_errors_total counter",
+            f"outrider_ratelimit_store_errors_total {self.limiter.store_errors_total}",
+            "# HELP outrider_ratelimit_allowed_store_down_total Calls allowed because the store was down.",
+            "# TYPE outrider_ratelimit_allowed_store_down_total counter",
+            f"outrider_ratelimit_allowed_store_down_total {s.allowed_store_down}",
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+
+STORE_PROBE_INTERVAL_S = 5.0
+
+
+async def reload_loop(gate: Gate) -> None:
+    # Polling the bytes is the reliable way to see ConfigMap volume updates (the kubelet swaps a
+    # `..data` symlink, which inotify on the file itself does not report).
+    loop = asyncio.get_running_loop()
+    probed = loop.time()
+    while True:
+        await asyncio.sleep(gate.config.reload_interval_s)
+        if gate.holder.check():
+            gate.check_schema()
+        if (
+            gate.limiter.shared
+            and not gate.holder.limits.empty
+            and loop.time() - probed >= STORE_PROBE_INTERVAL_S
+        ):
+            # A shared store that went away (or came back) shows in /readyz and /metrics without
+            # waiting for the next metered call.
+            probed = loop.time()
+            await gate.limiter.check_store()
+
+
+def refusal_body(parsed: ParsedBody, judgement: Judgement) -> bytes:
+    """The answer when nothing is forwarded: every refused request's error, batch-shaped as sent."""
+    errors = [
+        v.error
+        for m, v in zip(parsed.messages, judgement.verdicts, strict=True)
+        if v.error is not None and (m.kind in ("request", "invalid"))
+    ]
+    if parsed.batch:
+        return json.dumps(errors).encode()
+    return json.dumps(errors[0] if errors else None).encode()
+
+
+def forwarded_document(parsed: ParsedBody, judgement: Judgement) -> Any:
+    kept = [o for o, v in zip(parsed.objects, judgement.verdicts, strict=True) if v.forward]
+    if parsed.batch and len(kept) == 1 and judgement.refused:
+        # One survivor of a batch goes alone: servers of the 2025-06-18 revision and later refuse
+        # batches, and the caller still gets one array (the proxy adds the refusals to the answer).
+        return kept[0]
+    return kept if parsed.batch else kept[0]
+
+
+def refused_errors(parsed: ParsedBody, judgement: Judgement) -> list[dict[str, Any]]:
+    return [
+        v.error
+        for m, v in zip(parsed.messages, judgement.verdicts, strict=True)
+        if not v.forward and v.error is not None and m.kind in ("request", "invalid")
+    ]

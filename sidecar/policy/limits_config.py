@@ -1,0 +1,117 @@
+"""Rate limits as data: which budgets a call spends (per user, user+tool, tool, pod), and their layering.
+
+Pure: parsed from the policy configuration; `ratelimit` spends them against a `limits` storage.
+A narrowing layer adds its limits to the ones above it: every limit applies, so a layer can only
+lower what a caller may do, never raise it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from limits import RateLimitItem, parse_many
+
+from sidecar.inbound.jsonrpc import McpMessage
+
+SCOPES = ("per_pod", "per_tool", "per_user", "per_user_tool")
+ANY_TOOL = "*"
+# The methods that spend budget: the ones that reach a tool, a prompt or a resource.
+METERED_METHODS = frozenset({"tools/call", "prompts/get", "resources/read"})
+
+
+class LimitsError(ValueError):
+    """A rate limit is not usable; the message names the key, the value and the accepted form."""
+
+
+def _items(value: Any, where: str) -> tuple[RateLimitItem, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise LimitsError(f"{where}: {value!r} must be a rate like '10/minute' or a list of them")
+    items: list[RateLimitItem] = []
+    for text in value:
+        try:
+            items.extend(parse_many(text))
+        except ValueError:
+            raise LimitsError(
+                f"{where}: {text!r} is not a rate; write '<count>/<second|minute|hour|day>', "
+                "like '10/minute' or '100 per hour'"
+            ) from None
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    per_user: tuple[RateLimitItem, ...] = ()
+    per_user_tool: tuple[RateLimitItem, ...] = ()  # each user, each tool
+    per_pod: tuple[RateLimitItem, ...] = ()
+    # tool name (or "*" for every tool) -> limits shared by all callers of that tool
+    per_tool: Mapping[str, tuple[RateLimitItem, ...]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.per_user or self.per_user_tool or self.per_pod or self.per_tool)
+
+    @classmethod
+    def from_mapping(cls, data: Any, where: str) -> RateLimits:
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise LimitsError(f"{where}: must be a mapping with keys {list(SCOPES)}")
+        unknown = sorted(set(map(str, data)) - set(SCOPES))
+        if unknown:
+            raise LimitsError(f"{where}: unknown key(s) {unknown}; allowed: {list(SCOPES)}")
+        per_tool_raw = data.get("per_tool") or {}
+        if isinstance(per_tool_raw, str | list):
+            per_tool_raw = {ANY_TOOL: per_tool_raw}
+        if not isinstance(per_tool_raw, Mapping):
+            raise LimitsError(f"{where}.per_tool: must map tool names (or '*') to rates")
+        return cls(
+            per_user=_items(data.get("per_user") or [], f"{where}.per_user"),
+            per_user_tool=_items(data.get("per_user_tool") or [], f"{where}.per_user_tool"),
+            per_pod=_items(data.get("per_pod") or [], f"{where}.per_pod"),
+            per_tool={str(k): _items(v, f"{where}.per_tool[{k!r}]") for k, v in per_tool_raw.items() if v},
+        )
+
+    def narrowed(self, other: RateLimits) -> RateLimits:
+        """Both layers' limits: every one of them applies."""
+        tools = dict(self.per_tool)
+        for name, items in other.per_tool.items():
+            tools[name] = tools.get(name, ()) + items
+        return RateLimits(
+            per_user=self.per_user + other.per_user,
+            per_user_tool=self.per_user_tool + other.per_user_tool,
+            per_pod=self.per_pod + other.per_pod,
+            per_tool=tools,
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One limit to spend for one call: the limit and the identifiers of the budget it draws from."""
+
+    scope: str
+    item: RateLimitItem
+    key: tuple[str, ...]
+
+
+def budgets(limits: RateLimits, message: McpMessage, user: str, pod: str) -> tuple[Budget, ...]:
+    """The budgets one request spends, pod-wide first (a refusal names the widest one it hit).
+
+    `pod` is the server's identity (its SPIFFE ID): the same for every replica of a Deployment, so a
+    shared store gives the replicas one budget.
+    """
+    if limits.empty or message.kind != "request" or message.method not in METERED_METHODS:
+        return ()
+    tool = message.tool_name if message.method == "tools/call" else None
+    out: list[Budget] = [Budget("per_pod", i, ("pod", pod)) for i in limits.per_pod]
+    if tool is not None:
+        for name in (tool, ANY_TOOL):
+            for item in limits.per_tool.get(name, ()):
+                out.append(Budget("per_tool", item, ("tool", pod, tool, name)))
+    out.extend(Budget("per_user", i, ("user", pod, user)) for i in limits.per_user)
+    if tool is not None:
+        out.extend(Budget("per_user_tool", i, ("user_tool", pod, user, tool)) for i in limits.per_user_tool)
+    return tuple(out)

@@ -1,0 +1,314 @@
+"""The pure policy modules without sockets: Cedar text, the model, layering, list filtering, limits."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sidecar.inbound import jsonrpc
+from sidecar.inbound.jsonrpc import McpMessage, parse_message
+from sidecar.policy import answers
+from sidecar.policy.cedar_text import CedarError, compile_policies
+from sidecar.policy.config import LayerSource, PolicyConfig
+from sidecar.policy.engine import build, compile_layers, decide, may_use
+from sidecar.policy.limits_config import RateLimits, budgets
+from sidecar.policy.model import Server, cedar_string, cedar_value, request_for
+from sidecar.policy.reload import parse_file
+from sidecar.policy.schema import ServerTools, mismatches
+from sidecar.telemetry.observer import Principal
+
+SERVER = Server.from_facts("spiffe://example.org/ns/tools/sa/issues", None, "pod-1")
+ALICE = Principal("oidc", "alice", "https://idp")
+BOB = Principal("oidc", "bob", "https://idp", groups=("admins",))
+CEILING = """
+@id("echo") permit(principal, action == Action::"call_tool", resource == Tool::"echo");
+@id("admins") permit(principal in Group::"admins", action, resource);
+@id("lists") permit(principal, action == Action::"list_tools", resource);
+"""
+
+
+def tool_call(name: str, **arguments: Any) -> McpMessage:
+    return parse_message(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": arguments}}
+    )
+
+
+def policies(*layers: tuple[str, bool]) -> Any:
+    compiled, errors = compile_layers(LayerSource(f"layer{i}", t, n) for i, (t, n) in enumerate(layers))
+    assert errors == []
+    return build(compiled)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("permit(principal, action, resource);\npermit(principal action, resource);", "line 2, column 18"),
+        (
+            "permit(principal, action, resource);\n\n  frobid(principal, action, resource);",
+            "line 3, column 3",
+        ),
+        ('forbid(principal, action, resource) when { context.x == "a };', "line 1, column 57"),
+        ("permit(principal, action, resource);\npermit(principal, action, reso", "line 2"),
+    ],
+)
+def test_syntax_errors_name_line_and_column(text: str, where: str) -> None:
+    with pytest.raises(CedarError, match=where):
+        compile_policies(text, "test")
+
+
+def test_forbid_only_refuses_a_permit_and_names_it() -> None:
+    text = 'forbid(principal, action, resource);\n\n@id("sneaky")\npermit(principal, action, resource);'
+    with pytest.raises(CedarError, match=r"line 3, column 1: policy 'sneaky' is a `permit`"):
+        compile_policies(text, "annotation", forbid_only=True)
+    assert len(compile_policies(text, "operator")) == 2
+
+
+def test_duplicate_ids_and_templates_are_refused() -> None:
+    with pytest.raises(CedarError, match="share @id"):
+        compile_policies(
+            '@id("a") permit(principal, action, resource);\n@id("a") forbid(principal, action, resource);',
+            "t",
+        )
+    with pytest.raises(CedarError, match="templates"):
+        compile_policies("permit(principal == ?principal, action, resource);", "t")
+
+
+def test_no_policy_allows_everything() -> None:
+    empty = build([])
+    assert not empty.enabled
+    assert decide(empty, ALICE, SERVER, [tool_call("delete")], "streamable-http")[0].allowed
+
+
+def test_ceiling_groups_and_determining_ids() -> None:
+    p = policies((CEILING, False))
+    echo, delete = decide(p, ALICE, SERVER, [tool_call("echo"), tool_call("delete")], "stateless")
+    assert echo.allowed and echo.policies == ("echo",)
+    assert not delete.allowed and delete.policies == () and "permits" in delete.reason
+    assert decide(p, BOB, SERVER, [tool_call("delete")], "stateless")[0].policies == ("admins",)
+
+
+def test_narrowing_can_only_narrow() -> None:
+    narrowing = '@id("no-echo") forbid(principal == User::"alice", action, resource == Tool::"echo");'
+    p = policies((CEILING, False), (narrowing, True))
+    denied = decide(p, ALICE, SERVER, [tool_call("echo")], "stateless")[0]
+    assert not denied.allowed and denied.policies == ("no-echo",)
+    assert decide(p, BOB, SERVER, [tool_call("echo")], "stateless")[0].allowed
+    # A narrowing alone (no operator policy): everything else stays allowed (today's behaviour).
+    alone = policies((narrowing, True))
+    assert not decide(alone, ALICE, SERVER, [tool_call("echo")], "s")[0].allowed
+    assert decide(alone, ALICE, SERVER, [tool_call("delete")], "s")[0].allowed
+
+
+def test_two_ceilings_intersect() -> None:
+    p = policies((CEILING, False), ('permit(principal, action, resource == Tool::"delete");', False))
+    # echo: first ceiling yes, second no. delete for bob: both yes.
+    assert not decide(p, ALICE, SERVER, [tool_call("echo")], "s")[0].allowed
+    assert decide(p, BOB, SERVER, [tool_call("delete")], "s")[0].allowed
+
+
+def test_argument_conditions_and_reserved_keys() -> None:
+    forbid = """forbid(principal, action == Action::"call_tool", resource == Tool::"fetch")
+      unless { context.arguments has url && context.arguments.url like "https://api.example.com/*" };"""
+    p = policies(("permit(principal, action, resource);", False), (forbid, True))
+    ok = tool_call("fetch", url="https://api.example.com/x")
+    bad = tool_call("fetch", url="http://169.254.169.254/")
+    smuggled = tool_call("fetch", url={"__entity": {"type": "Tool", "id": "x"}})
+    # A wrong type makes the forbid fail to evaluate: that denies (Cedar alone would skip the forbid).
+    wrong_type = tool_call("fetch", url=42)
+    decisions = decide(p, ALICE, SERVER, [ok, bad, smuggled, wrong_type], "s")
+    assert [d.allowed for d in decisions] == [True, False, False, False]
+    assert decisions[3].reason == "a forbid policy could not be evaluated"
+    assert cedar_value({"__extn": {"fn": "ip", "arg": "1.2.3.4"}, "n": 2**70, "f": 1.5, "z": None}) == {
+        "n": str(2**70),
+        "f": "1.5",
+    }
+
+
+def test_request_model() -> None:
+    request, resource = request_for(tool_call("echo", text="x"), BOB, SERVER, "stateless")
+    assert request["principal"] == {"type": "User", "id": "bob"}
+    assert request["action"] == {"type": "Action", "id": "call_tool"}
+    assert resource == {"uid": {"type": "Tool", "id": "echo"}, "attrs": {}, "parents": [SERVER.uid]}
+    assert request["context"]["arguments"] == {"text": "x"}
+    listing, none = request_for(
+        parse_message({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}), ALICE, SERVER, "s"
+    )
+    assert listing["resource"] == SERVER.uid and none is None
+    assert SERVER.service_account == "issues" and SERVER.namespace == "tools"
+    assert cedar_string('a"b\\c\n') == '"a\\"b\\\\c\\u{a}"'
+
+
+def test_list_filtering_uses_partial_evaluation() -> None:
+    conditional = (
+        'permit(principal, action == Action::"call_tool", resource == Tool::"fetch")'
+        ' when { context.arguments.url like "https://*" };'
+    )
+    p = policies((CEILING + conditional, False))
+    # fetch stays visible: some arguments would be allowed; delete is hidden for alice only.
+    assert may_use(p, ALICE, SERVER, "tools", ["echo", "fetch", "delete"]) == [True, True, False]
+    assert may_use(p, BOB, SERVER, "tools", ["echo", "fetch", "delete"]) == [True, True, True]
+    answer = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {"tools": [{"name": "echo"}, {"name": "delete"}, {"x": 1}]},
+    }
+    filtered, removed = answers.filter_list_result(answer, lambda k, n: may_use(p, ALICE, SERVER, k, n))
+    assert filtered["result"]["tools"] == [{"name": "echo"}] and removed == 2
+
+
+def test_schema_mismatches() -> None:
+    compiled = compile_policies(
+        '@id("a") forbid(principal, action, resource == Tool::"delet");\n'
+        '@id("b") forbid(principal, action, resource == Tool::"echo") when { context.arguments has txt };\n'
+        '@id("c") forbid(principal, action, resource == Tool::"echo") when { context.arguments has text };',
+        "op",
+    )
+    tools = ServerTools.from_list_result(
+        {"tools": [{"name": "echo", "inputSchema": {"properties": {"text": {}}}}, {"name": "fetch"}]}
+    )
+    assert tools is not None
+    problems = mismatches([compiled], tools)
+    assert (
+        len(problems) == 2
+        and "'a' names tool 'delet'" in problems[0]
+        and "'b' tests argument 'txt'" in problems[1]
+    )
+
+
+def test_rate_limit_layers_and_budgets() -> None:
+    spec = RateLimits.from_mapping({"per_user": "100/minute", "per_tool": {"fetch": "10/minute"}}, "spec")
+    narrowed = spec.narrowed(
+        RateLimits.from_mapping({"per_user_tool": "5/minute", "per_tool": "50/minute"}, "file")
+    )
+    spent = budgets(narrowed, tool_call("fetch"), "alice", "pod")
+    assert [b.scope for b in spent] == ["per_pod"] * 0 + ["per_tool", "per_tool", "per_user", "per_user_tool"]
+    assert (
+        budgets(narrowed, parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}), "a", "p") == ()
+    )
+    with pytest.raises(ValueError, match="not a rate"):
+        RateLimits.from_mapping({"per_user": "ten a minute"}, "x")
+    with pytest.raises(ValueError, match="unknown key"):
+        RateLimits.from_mapping({"per_usr": "1/second"}, "x")
+
+
+def test_config_and_file_errors_are_clear() -> None:
+    from sidecar.config import ConfigError
+
+    with pytest.raises(ConfigError, match="on_store_error"):
+        PolicyConfig.from_mapping({"on_store_error": "maybe"})
+    with pytest.raises(ConfigError, match="storage"):
+        PolicyConfig.from_mapping({"storage": "redis"})
+    with pytest.raises(ValueError, match="may hold `forbid` policies only"):
+        parse_file("cedar: 'permit(principal, action, resource);'", "f")
+    with pytest.raises(ValueError, match="line 1, column"):
+        parse_file("cedar: [unclosed", "f")
+    assert parse_file("", "f").policies is None
+
+
+def test_sse_framer_and_rewrite() -> None:
+    framer = jsonrpc.SseFramer(max_event_bytes=64)
+    assert framer.feed(b"event: message\r\ndata: {}\r") == []
+    assert framer.feed(b"\n\r\nid: 1\n") == [b"event: message\r\ndata: {}\r\n\r\n"]
+    assert framer.feed(b"data: x\n\n") == [b"id: 1\ndata: x\n\n"]
+    with pytest.raises(jsonrpc.SseTooLarge):
+        framer.feed(b"data: " + b"x" * 100)
+    raw = b'id: 7\nevent: message\ndata: {"a":\ndata: 1}\n\n'
+    out = jsonrpc.rewrite_event(raw, lambda data: json.dumps(json.loads(data) | {"b": 2}))
+    assert out == b'id: 7\nevent: message\ndata: {"a": 1, "b": 2}\n\n'
+    assert (
+        jsonrpc.rewrite_event(b"event: endpoint\ndata: /m\n\n", lambda d: "x")
+        == b"event: endpoint\ndata: /m\n\n"
+    )
+
+
+def test_schema_validation_of_layers_and_typed_arguments() -> None:
+    from sidecar.policy.schema import base_schema, validate
+
+    compiled = compile_policies(
+        '@id("typo-action") permit(principal, action == Action::"cal_tool", resource);\n'
+        '@id("bad-attr") permit(principal, action, resource) when { principal.subb == "x" };\n'
+        '@id("fine") forbid(principal, action, resource)'
+        ' when { context.arguments has url && context.arguments.url like "x*" };',
+        "op",
+    )
+    problems = validate([compiled], base_schema())
+    assert any("'typo-action'" in p and "cal_tool" in p for p in problems)
+    assert any("'bad-attr'" in p and "subb" in p for p in problems)
+    assert not any("'fine'" in p for p in problems)
+    tools = ServerTools.from_list_result(
+        {"tools": [{"name": "fetch", "inputSchema": {"properties": {"url": {"type": "string"}}}}]}
+    )
+    assert tools is not None and '"url"?: String' in tools.schema()
+    typed = compile_policies(
+        '@id("wrong-type") forbid(principal, action, resource)'
+        " when { context.arguments has url && context.arguments.url > 3 };",
+        "op",
+    )
+    assert any("'wrong-type'" in p for p in validate([typed], tools.schema()))
+
+
+def test_admission_refuses_annotations_that_do_not_fit_the_schema() -> None:
+    from webhook.annotations import AnnotationError, parse_policy
+
+    with pytest.raises(AnnotationError, match="subb"):
+        parse_policy('forbid(principal, action, resource) when { principal.subb == "x" };')
+    with pytest.raises(AnnotationError, match="is a `permit`"):
+        parse_policy("permit(principal, action, resource);")
+    assert parse_policy('forbid(principal in Group::"interns", action, resource == Tool::"rm");')
+
+
+def test_webhook_config_validates_operator_policies() -> None:
+    from webhook.config import ConfigError, parse_config
+
+    good = parse_config({"mcp_policy": {"default": {"cedar": "permit(principal, action, resource);"}}})
+    assert good.plain_mcp_policy["default"]["cedar"].startswith("permit")
+    with pytest.raises(ConfigError, match=r"mcp_policy.namespaces\['a'\].cedar: line 1, column 18"):
+        parse_config({"mcp_policy": {"namespaces": {"a": {"cedar": "permit(principal action, resource);"}}}})
+    with pytest.raises(ConfigError, match="not a rate"):
+        parse_config({"mcp_policy": {"default": {"rate_limits": {"per_user": "lots"}}}})
+    huge = "\n".join(f'permit(principal in Group::"g{i}", action, resource);' for i in range(3000))
+    with pytest.raises(ConfigError, match="OUTRIDER_CONFIG"):
+        parse_config({"mcp_policy": {"default": {"cedar": huge}}})
+    # No mcp_policy: the config hash is what it was before this feature (pods are not re-rolled).
+    assert "mcp_policy" not in parse_config({}).to_mapping()
+
+
+def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
+    """Slicing by action and resource is an optimisation: the decision must never differ."""
+    import cedarpy
+
+    from sidecar.policy.engine import _entities
+
+    text = "\n".join(
+        [
+            '@id("a") permit(principal, action == Action::"call_tool", resource == Tool::"echo");',
+            '@id("b") permit(principal, action in [Action::"call_tool", Action::"get_prompt"],'
+            " resource is Tool);",
+            '@id("c") forbid(principal in Group::"admins", action, resource in McpServer::"'
+            + SERVER.id
+            + '") when { context.method == "tools/call" };',
+            '@id("d") permit(principal, action == Action::"list_tools", resource);',
+            '@id("e") forbid(principal, action, resource == Prompt::"secret");',
+            '@id("f") permit(principal, action == Action::"get_prompt", resource is Prompt);',
+        ]
+    )
+    sliced = policies((text, False))
+    whole = cedarpy.PolicySet.from_str(text)
+    requests = [
+        tool_call("echo"),
+        tool_call("rm"),
+        parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+        parse_message({"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "secret"}}),
+        parse_message({"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "hello"}}),
+        parse_message(
+            {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///x"}}
+        ),
+    ]
+    for who in (ALICE, BOB):
+        got = decide(sliced, who, SERVER, requests, "stateless")
+        for message, decision in zip(requests, got, strict=True):
+            request, resource = request_for(message, who, SERVER, "stateless")
+            expected = cedarpy.is_authorized(request, whole, _entities(who, SERVER, [resource]))
+            assert decision.allowed == expected.allowed, (who.subject, message.method, message.target)
