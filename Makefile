@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)';
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy kind-e2e clean \
+        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean \
         images images-push node-e2e node node-down node-test
 
 help:
@@ -80,6 +80,9 @@ bench-telemetry: venv
 	$(BIN)/python bench/bench_telemetry.py
 	$(BIN)/python bench/bench_telemetry.py --proxy
 
+bench-idp: venv
+	$(BIN)/python bench/bench_idp.py
+
 bench-egress: venv sysdeps
 	$(BIN)/python bench/bench_egress.py
 
@@ -87,12 +90,14 @@ bench-policy: venv sysdeps
 	$(BIN)/python bench/bench_policy.py
 
 node: venv
+	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
 	@$(BIN)/python -m localnode up
 
 node-down: venv
 	@$(BIN)/python -m localnode down
 
 node-test: venv
+	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
 	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 
 kind-e2e: venv

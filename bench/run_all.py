@@ -320,6 +320,59 @@ def telemetry_proxy_rows(data: Any) -> list[Row]:
     return rows
 
 
+def idp_rows(data: Any) -> list[Row]:
+    """Issue 13: exchange miss/hit per profile against its stand-in, introspection miss/hit, DPoP per
+    call, each against the same sidecar without the feature (same run); DPoP target +0.3 ms p50."""
+    rows: list[Row] = []
+    for profile, phases in (data.get("exchange") or {}).items():
+        off = _num(phases, "off", "p50_ms")
+        for phase in ("miss", "hit"):
+            rows.append(
+                Row(
+                    "idp",
+                    f"exchange {profile} cache {phase} p50 (vs exchange off)",
+                    _num(phases, phase, "p50_ms"),
+                    "ms",
+                    off,
+                )
+            )
+    intro = data.get("introspection") or {}
+    local = _num(intro, "jwt_local", "p50_ms")
+    for phase in ("miss", "hit"):
+        rows.append(
+            Row(
+                "idp",
+                f"introspection {phase} p50 (vs local JWT check)",
+                _num(intro, phase, "p50_ms"),
+                "ms",
+                local,
+            )
+        )
+    dpop = data.get("dpop") or {}
+    rows.append(
+        Row(
+            "idp",
+            "tools/call p50 with DPoP proof (vs bearer, same sidecar)",
+            _num(dpop, "dpop", "p50_ms"),
+            "ms",
+            _num(dpop, "bearer", "p50_ms"),
+        )
+    )
+    check = data.get("dpop_validation") or {}
+    rows.append(
+        Row(
+            "idp",
+            "DPoP proof validation per call p50 (vs bearer)",
+            _num(check, "dpop_p50_ms"),
+            "ms",
+            _num(check, "bearer_p50_ms"),
+            "added <= 0.3 ms",
+            _le(_num(check, "p50_added_ms"), 0.3),
+        )
+    )
+    return rows
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -351,6 +404,7 @@ BENCHES = (
     ),
     Bench("telemetry", "bench_telemetry.py", ("--calls", "5000"), telemetry_rows),
     Bench("policy", "bench_policy.py", ("--seconds", "6", "--rounds", "3"), policy_rows),
+    Bench("idp", "bench_idp.py", ("--calls", "100"), idp_rows),
     Bench(
         "telemetry-proxy",
         "bench_telemetry.py",

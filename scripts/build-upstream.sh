@@ -3,7 +3,8 @@
 # SPIRE server/agent) from the Go module proxy into a version-keyed cache outside the repo.
 #
 #   scripts/build-upstream.sh controlplane   # kube-apiserver + etcd
-#   scripts/build-upstream.sh spire          # spire-server + spire-agent
+#   scripts/build-upstream.sh spire          # spire-server + spire-agent + oidc-discovery-provider
+#   scripts/build-upstream.sh spire-oidc     # only SPIRE's oidc-discovery-provider (same SPIRE module)
 #   scripts/build-upstream.sh kubeyaml       # kubectl's own YAML reader as a stdin->JSON tool (tests)
 #   scripts/build-upstream.sh all
 #
@@ -81,6 +82,23 @@ build_spire() {
   log "SPIRE: built $out/bin"
 }
 
+# SPIRE's own OIDC discovery provider (support/oidc-discovery-provider in the same module and version):
+# it publishes the trust domain's JWT signing keys and an OIDC discovery document, which is what Entra
+# federated credentials and Okta's client JWKS URL fetch. Its own work dir, so that it can be built
+# while a spire-server/agent build runs (they never write the same go.mod).
+build_spire_oidc() {
+  local out="$CACHE/spire-$SPIRE_VERSION"
+  if [[ -x "$out/bin/oidc-discovery-provider" ]]; then log "SPIRE oidc-discovery-provider $SPIRE_VERSION cached in $out/bin"; return; fi
+  need_go
+  local work="$out/src-oidc"; mkdir -p "$work" "$out/bin"
+  printf 'module outrider.local/spire-oidc\n\ngo 1.24\n' > "$work/go.mod"
+  log "SPIRE oidc-discovery-provider $SPIRE_VERSION: resolving modules"
+  (cd "$work" && go get -tool "github.com/spiffe/spire/support/oidc-discovery-provider@$SPIRE_VERSION" >&2)
+  log "SPIRE: compiling oidc-discovery-provider"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/bin/oidc-discovery-provider" "github.com/spiffe/spire/support/oidc-discovery-provider")
+  log "SPIRE: built $out/bin/oidc-discovery-provider"
+}
+
 # kubeyaml: apimachinery's NewYAMLOrJSONDecoder (what kubectl reads manifests with) behind stdin.
 # Keyed by the Kubernetes version and the helper's source, so an edit rebuilds it.
 KUBEYAML_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kubeyaml"
@@ -108,8 +126,9 @@ build_kubeyaml() {
 
 case "${1:-all}" in
   controlplane) build_etcd; build_kube_apiserver; echo "$CACHE/kubernetes-$K8S_VERSION/bin:$CACHE/etcd-$ETCD_VERSION/bin" ;;
-  spire) build_spire; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
+  spire) build_spire; build_spire_oidc; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
+  spire-oidc) build_spire_oidc; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
   kubeyaml) build_kubeyaml; echo "$(kubeyaml_dir)/bin" ;;
-  all) build_etcd; build_kube_apiserver; build_spire; build_kubeyaml ;;
-  *) log "usage: $0 controlplane|spire|kubeyaml|all"; exit 2 ;;
+  all) build_etcd; build_kube_apiserver; build_spire; build_spire_oidc; build_kubeyaml ;;
+  *) log "usage: $0 controlplane|spire|spire-oidc|kubeyaml|all"; exit 2 ;;
 esac

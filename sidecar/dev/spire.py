@@ -70,6 +70,9 @@ class SpireOptions:
     ca_ttl_s: int = 24 * 3600
     server_key_manager: str = "memory"  # "memory" | "disk"
     log_level: str = "INFO"
+    # The `iss` of every JWT-SVID (SPIRE's `jwt_issuer`): the OIDC discovery provider's URL when an
+    # IdP (Entra, Okta, Keycloak) validates JWT-SVIDs through OIDC discovery.
+    jwt_issuer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ class SpireDev:
             if o.server_key_manager == "memory"
             else f'KeyManager "disk" {{\n    plugin_data {{ keys_path = "{server_dir}/keys.json" }}\n  }}'
         )
+        jwt_issuer = f'  jwt_issuer = "{o.jwt_issuer}"\n' if o.jwt_issuer else ""
         (server_dir / "server.conf").write_text(
             f"""server {{
   bind_address = "127.0.0.1"
@@ -269,7 +273,7 @@ class SpireDev:
   ca_ttl = "{o.ca_ttl_s}s"
   default_x509_svid_ttl = "{o.default_x509_svid_ttl_s}s"
   default_jwt_svid_ttl = "{o.default_jwt_svid_ttl_s}s"
-}}
+{jwt_issuer}}}
 
 plugins {{
   DataStore "sql" {{

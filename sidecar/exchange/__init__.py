@@ -9,6 +9,18 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+@dataclass(frozen=True)
+class StepUp:
+    """The IdP asks the user to step up (Conditional Access, MFA): passed on to the MCP client.
+
+    `error` is the RFC 6750 code for the caller's `WWW-Authenticate` (`insufficient_scope` or
+    `interaction_required`); `claims` is the IdP's claims challenge (a JSON text) when it sent one.
+    """
+
+    error: str
+    claims: str | None = None
+
+
 class ExchangeError(Exception):
     """The exchange failed. `message` is token-free and safe to show the caller."""
 
@@ -20,6 +32,7 @@ class ExchangeError(Exception):
         http_status: int,
         idp_status: int | None = None,
         oauth_error: str | None = None,
+        step_up: StepUp | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -30,6 +43,7 @@ class ExchangeError(Exception):
         self.http_status = http_status  # what the MCP caller should get: 502, 503, 504, 403, ...
         self.idp_status = idp_status
         self.oauth_error = oauth_error  # the IdP's OAuth `error` code, when it sent one
+        self.step_up = step_up  # set when the caller can fix it by signing in again with more
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,15 @@ class IssuedToken:
 
 class TokenExchanger(Protocol):
     async def exchange(
-        self, subject_token: str, *, audience: str | None = None, scope: str | None = None
+        self,
+        subject_token: str,
+        *,
+        audience: str | None = None,
+        scope: str | None = None,
+        issuer: str | None = None,
     ) -> IssuedToken:
-        """Exchange the caller's token for one meant for `audience` (config default when None)."""
+        """Exchange the caller's token for one meant for `audience` (config default when None).
+
+        `issuer` is the trusted issuer that vouched for the caller's token: an exchanger serving
+        several issuers exchanges it at that issuer's IdP only.
+        """

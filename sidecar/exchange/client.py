@@ -1,225 +1,64 @@
 """RFC 8693 token exchange against the configured IdP, authenticated with the pod's SVID.
 
-Owns the HTTP call, client authentication (jwt-spiffe assertion, RFC 8705 mTLS, client secret),
-answer validation, the bounded cache of issued tokens and single-flight of identical exchanges.
+Owns the HTTP call, the client credential (JWT-SVID assertion, RFC 8705 mTLS, client secret), the
+bounded cache of issued tokens and single-flight of identical exchanges. What the request and the
+answers look like is the provider profile's business (`sidecar.exchange.profiles`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import json
 import logging
-import re
 import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import quote
 
 import aiohttp
 
 from sidecar.exchange import ExchangeError, IssuedToken, TokenExchanger
-from sidecar.exchange.config import TOKEN_TYPE_JWT, ExchangeConfig
+from sidecar.exchange.config import ExchangeConfig
+from sidecar.exchange.oauth import (  # re-exported: the pure core lived here before the profiles
+    ASSERTION_TYPE_JWT_SPIFFE,
+    DENIED_ERRORS,
+    GRANT_TYPE,
+    MAX_ANSWER_BYTES,
+    CacheKey,
+    ClientCredential,
+    basic_authorization,
+    cache_key,
+    classify_error,
+    exchange_form,
+    parse_success,
+    redact,
+)
+from sidecar.exchange.profiles import profile_for
 from sidecar.identity import IdentityUnavailable, WorkloadIdentity
 from sidecar.identity.tls import RotatingClientContext
 
+__all__ = [
+    "ASSERTION_TYPE_JWT_SPIFFE",
+    "DENIED_ERRORS",
+    "GRANT_TYPE",
+    "MAX_ANSWER_BYTES",
+    "CacheKey",
+    "DisabledExchanger",
+    "OAuthTokenExchanger",
+    "TokenCache",
+    "basic_authorization",
+    "build_exchanger",
+    "cache_key",
+    "classify_error",
+    "exchange_form",
+    "parse_success",
+    "redact",
+]
+
 log = logging.getLogger("outrider.exchange")
 
-GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
-ASSERTION_TYPE_JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
-
-# OAuth errors that say "this user's token may not become that token": the caller would get the
-# same answer again, the sidecar is not at fault, so they get 403. Everything else the IdP refuses
-# (our client credentials, our registration, our request shape) is the gateway's problem: 502.
-DENIED_ERRORS = frozenset({"invalid_grant", "invalid_target", "invalid_scope", "access_denied"})
-
-_JWT_LIKE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
-_SAFE_CODE = re.compile(r"^[\x20-\x21\x23-\x5b\x5d-\x7e]{1,64}$")  # RFC 6749 error code charset
-
 Clock = Callable[[], float]
-
-# A token answer is a few KiB; anything far larger is a misbehaving endpoint, not a token.
-MAX_ANSWER_BYTES = 256 * 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# Functional core: cache keys, request form, answer validation, error classification.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    subject_hash: str  # sha256 of the subject token: the token itself is never kept as a key
-    audience: str | None
-    scope: str | None
-    resource: str | None
-
-
-def cache_key(subject_token: str, audience: str | None, scope: str | None, resource: str | None) -> CacheKey:
-    digest = hashlib.sha256(subject_token.encode()).hexdigest()
-    return CacheKey(digest, audience, scope, resource)
-
-
-def exchange_form(
-    config: ExchangeConfig,
-    subject_token: str,
-    *,
-    audience: str | None,
-    scope: str | None,
-    actor_token: str | None = None,
-) -> dict[str, str]:
-    """The RFC 8693 request body, before client authentication is added."""
-    form = {
-        "grant_type": GRANT_TYPE,
-        "subject_token": subject_token,
-        "subject_token_type": config.subject_token_type,
-    }
-    if config.requested_token_type:
-        form["requested_token_type"] = config.requested_token_type
-    if audience:
-        form["audience"] = audience
-    if config.resource:
-        form["resource"] = config.resource
-    if scope:
-        form["scope"] = scope
-    if actor_token:
-        form["actor_token"] = actor_token
-        form["actor_token_type"] = TOKEN_TYPE_JWT
-    return form
-
-
-def basic_authorization(client_id: str, secret: str) -> str:
-    # RFC 6749 §2.3.1: form-urlencode both parts before base64 (Keycloak and others insist).
-    raw = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
-    return "Basic " + base64.b64encode(raw.encode()).decode()
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """Make an IdP-supplied description safe to show: no secrets, nothing token-shaped, one short line."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    text = _JWT_LIKE.sub("[redacted]", text)
-    text = " ".join(text.split())
-    return text[:200]
-
-
-def parse_success(
-    body: bytes,
-    *,
-    requested_token_type: str | None,
-    audience: str | None,
-    now: float,
-    secrets: tuple[str, ...] = (),
-) -> IssuedToken:
-    """Validate a 200 answer of the token endpoint (RFC 8693 §2.2.1); raises ExchangeError(502)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise _malformed("the answer is not JSON") from None
-    if not isinstance(data, dict):
-        raise _malformed("the answer is not a JSON object")
-    access_token = data.get("access_token")
-    if not isinstance(access_token, str) or not access_token:
-        raise _malformed("access_token is missing or not a string")
-    issued_type = data.get("issued_token_type")
-    if not isinstance(issued_type, str) or not issued_type:
-        raise _malformed("issued_token_type is missing (RFC 8693 requires it)")
-    secrets = (*secrets, access_token)
-    if requested_token_type and issued_type != requested_token_type:
-        shown_type = _shown(issued_type, secrets)
-        raise _malformed(f"issued_token_type {shown_type!r} is not the requested {requested_token_type!r}")
-    token_type = data.get("token_type")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        shown = _shown(token_type, secrets)
-        raise _malformed(f"token_type {shown!r} is not Bearer (the only type the proxy can forward)")
-    expires_in = data.get("expires_in")
-    if expires_in is None:
-        # RECOMMENDED only; without it the token is used for this call and not cached.
-        expires_at = now
-    elif isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
-        raise _malformed("expires_in is not a positive number")
-    else:
-        expires_at = now + float(expires_in)
-    return IssuedToken(
-        access_token=access_token,
-        token_type="Bearer",  # noqa: S106 (a token type name, not a secret)
-        issued_token_type=issued_type,
-        expires_at=expires_at,
-        audience=audience or "",
-    )
-
-
-def classify_error(status: int, body: bytes, secrets: tuple[str, ...]) -> ExchangeError:
-    """Map a non-200 answer of the token endpoint to a token-free ExchangeError."""
-    code: str | None = None
-    description = ""
-    try:
-        data = json.loads(body)
-        if isinstance(data, dict):
-            raw_code = data.get("error")
-            if (
-                isinstance(raw_code, str)
-                and _SAFE_CODE.match(raw_code)
-                and redact(raw_code, secrets) == raw_code
-            ):
-                code = raw_code  # an IdP that echoes a credential as the code gets no code shown
-            raw_desc = data.get("error_description")
-            if isinstance(raw_desc, str):
-                description = redact(raw_desc, secrets)
-    except (ValueError, UnicodeDecodeError):
-        pass
-    if code is None:
-        if status == 503:
-            return ExchangeError(
-                "the identity provider is unavailable (HTTP 503 from its token endpoint)",
-                outcome="idp_unavailable",
-                http_status=503,
-                idp_status=status,
-            )
-        return ExchangeError(
-            f"the identity provider's token endpoint failed (HTTP {status})",
-            outcome="idp_error",
-            http_status=502,
-            idp_status=status,
-        )
-    detail = f": {description}" if description else ""
-    if code in DENIED_ERRORS:
-        return ExchangeError(
-            f"the identity provider refused to exchange the caller's token ({code}){detail}",
-            outcome="denied",
-            http_status=403,
-            idp_status=status,
-            oauth_error=code,
-        )
-    return ExchangeError(
-        f"the identity provider rejected the sidecar's token exchange request ({code}){detail}; "
-        "check the exchange configuration and the sidecar's client registration at the IdP",
-        outcome="idp_error",
-        http_status=502,
-        idp_status=status,
-        oauth_error=code,
-    )
-
-
-def _shown(value: object, secrets: tuple[str, ...]) -> str:
-    """An IdP-supplied short value, or "?" when it is odd or could carry a credential."""
-    if isinstance(value, str) and _SAFE_CODE.match(value) and redact(value, secrets) == value:
-        return value
-    return "?"
-
-
-def _malformed(why: str) -> ExchangeError:
-    return ExchangeError(
-        f"the identity provider's token exchange answer is malformed: {why}",
-        outcome="idp_error",
-        http_status=502,
-        idp_status=200,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +155,7 @@ class OAuthTokenExchanger:
         clock: Clock = time.time,
     ) -> None:
         self.config = config
+        self.profile = profile_for(config.profile)
         self._identity = identity
         self._session = session
         self._clock = clock
@@ -328,12 +168,23 @@ class OAuthTokenExchanger:
         self._mtls = (
             RotatingClientContext(identity, cafile=config.ca_file) if config.auth == "x509-svid" else None
         )
-        self._server_ssl = (
-            ssl.create_default_context(cafile=config.ca_file) if config.ca_file and not self._mtls else None
-        )
+        # An unreadable CA file is reported at start-up (sidecar.mounted_files: /readyz and the log);
+        # here it fails each exchange with 503 rather than falling back to the system CAs.
+        self._server_ssl: ssl.SSLContext | None = None
+        self._ca_problem: str | None = None
+        if config.ca_file and not self._mtls:
+            try:
+                self._server_ssl = ssl.create_default_context(cafile=config.ca_file)
+            except (OSError, ssl.SSLError, ValueError):
+                self._ca_problem = f"exchange.ca_file {config.ca_file} cannot be loaded"
 
     async def exchange(
-        self, subject_token: str, *, audience: str | None = None, scope: str | None = None
+        self,
+        subject_token: str,
+        *,
+        audience: str | None = None,
+        scope: str | None = None,
+        issuer: str | None = None,
     ) -> IssuedToken:
         self.stats.requests += 1
         audience = audience or self.config.audience
@@ -391,41 +242,42 @@ class OAuthTokenExchanger:
     async def _call_idp(self, subject_token: str, audience: str | None, scope: str | None) -> IssuedToken:
         config = self.config
         assert config.token_endpoint is not None
-        secrets: list[str] = [subject_token]
-        headers = {"Accept": "application/json"}
+        if self._ca_problem is not None:
+            raise ExchangeError(
+                f"{self._ca_problem}; check the mounted CA bundle",
+                outcome="identity_unavailable",
+                http_status=503,
+            )
         ssl_arg: ssl.SSLContext | bool = self._server_ssl or True
 
         actor: str | None = None
         if config.actor_token:
-            actor = await self._jwt_svid()
-            secrets.append(actor)
-        form = exchange_form(config, subject_token, audience=audience, scope=scope, actor_token=actor)
-
+            actor = await self._jwt_svid(self.profile.assertion_audience(config))
+        credential = ClientCredential(client_id=config.client_id)
         if config.auth == "jwt-svid":
-            assertion = actor or await self._jwt_svid()
-            secrets.append(assertion)
-            form["client_assertion_type"] = ASSERTION_TYPE_JWT_SPIFFE
-            form["client_assertion"] = assertion
-            if config.client_id:
-                form["client_id"] = config.client_id
+            credential = ClientCredential(
+                client_id=config.client_id,
+                assertion_type=self.profile.assertion_type,
+                assertion=actor or await self._jwt_svid(self.profile.assertion_audience(config)),
+            )
         elif config.auth == "x509-svid":
-            assert self._mtls is not None and config.client_id is not None
+            assert self._mtls is not None
             try:
                 ssl_arg = self._mtls.current()
             except IdentityUnavailable as exc:
                 raise _no_identity(exc) from None
-            form["client_id"] = config.client_id
         else:
-            assert self._secret is not None and config.client_id is not None
-            secret = self._secret.read()
-            secrets.append(secret)
-            if config.client_secret_method == "basic":  # noqa: S105
-                basic = basic_authorization(config.client_id, secret)
-                secrets.append(basic.removeprefix("Basic "))  # an IdP may echo the header back
-                headers["Authorization"] = basic
-            else:
-                form["client_id"] = config.client_id
-                form["client_secret"] = secret
+            assert self._secret is not None
+            credential = ClientCredential(
+                client_id=config.client_id,
+                secret=self._secret.read(),
+                secret_method=config.client_secret_method,
+            )
+        request = self.profile.build(
+            config, subject_token, audience=audience, scope=scope, credential=credential, actor_token=actor
+        )
+        form, headers = request.form, request.headers
+        secrets = request.secrets()
 
         timeout = aiohttp.ClientTimeout(
             total=config.timeout_seconds, sock_connect=config.connect_timeout_seconds
@@ -471,19 +323,12 @@ class OAuthTokenExchanger:
                 idp_status=status,
             )
         if status != 200:
-            raise classify_error(status, body, tuple(secrets))
-        return parse_success(
-            body,
-            requested_token_type=config.requested_token_type,
-            audience=audience,
-            now=self._clock(),
-            secrets=tuple(secrets),
-        )
+            raise self.profile.map_error(status, body, secrets)
+        return self.profile.parse(body, config=config, audience=audience, now=self._clock(), secrets=secrets)
 
-    async def _jwt_svid(self) -> str:
-        assert self.config.issuer is not None
+    async def _jwt_svid(self, audience: str) -> str:
         try:
-            return await self._identity.jwt_svid(self.config.issuer)
+            return await self._identity.jwt_svid(audience)
         except IdentityUnavailable as exc:
             raise _no_identity(exc) from None
 
@@ -518,7 +363,12 @@ class DisabledExchanger:
     """Stands in when `exchange.enabled` is false: every exchange fails with a clear reason."""
 
     async def exchange(
-        self, subject_token: str, *, audience: str | None = None, scope: str | None = None
+        self,
+        subject_token: str,
+        *,
+        audience: str | None = None,
+        scope: str | None = None,
+        issuer: str | None = None,
     ) -> IssuedToken:
         raise ExchangeError(
             "token exchange is not configured for this server (exchange.enabled is false)",

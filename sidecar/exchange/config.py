@@ -10,11 +10,15 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
+from sidecar.config_error import ConfigError
+
 AuthMethod = Literal["jwt-svid", "x509-svid", "client-secret"]
+ProfileName = Literal["rfc8693", "entra-obo", "okta"]
 SecretMethod = Literal["basic", "post"]
 
 AUTH_METHODS: tuple[AuthMethod, ...] = ("jwt-svid", "x509-svid", "client-secret")
 SECRET_METHODS: tuple[SecretMethod, ...] = ("basic", "post")
+PROFILES: tuple[ProfileName, ...] = ("rfc8693", "entra-obo", "okta")
 
 TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
@@ -22,6 +26,8 @@ TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 _KEYS = frozenset(
     {
         "enabled",
+        "profile",
+        "client_assertion_audience",
         "token_endpoint",
         "issuer",
         "audience",
@@ -44,10 +50,7 @@ _KEYS = frozenset(
 )
 
 
-def _error(message: str) -> Exception:
-    # Imported lazily: sidecar.config imports this module.
-    from sidecar.config import ConfigError
-
+def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 
@@ -60,6 +63,11 @@ class ExchangeConfig:
     """
 
     enabled: bool = False
+    # Which provider's dialect (sidecar/exchange/profiles/): request shape, client assertion, errors.
+    profile: ProfileName = "rfc8693"
+    # The JWT-SVID client assertion's audience; default per profile: rfc8693 `issuer`, entra-obo
+    # `api://AzureADTokenExchange`, okta the token endpoint.
+    client_assertion_audience: str | None = None
     token_endpoint: str | None = None
     issuer: str | None = None
     audience: str | None = None  # default downstream audience; `outrider.dev/token-audience` narrows it
@@ -89,6 +97,8 @@ class ExchangeConfig:
         auth = _choice(data, "auth", AUTH_METHODS, cls.auth)
         config = cls(
             enabled=enabled,
+            profile=cast(ProfileName, _choice(data, "profile", PROFILES, cls.profile)),
+            client_assertion_audience=_opt_str(data, "client_assertion_audience"),
             token_endpoint=endpoint,
             issuer=_opt_str(data, "issuer"),
             audience=_opt_str(data, "audience"),
@@ -128,9 +138,15 @@ class ExchangeConfig:
                 f"exchange.token_endpoint: {self.token_endpoint!r} is not an http(s) URL "
                 "(for example https://idp.example/oauth2/token)"
             )
+        if self.profile != "rfc8693":
+            self._check_provider()
         if self.auth == "x509-svid" and parts.scheme != "https":
             raise _error("exchange.token_endpoint: auth x509-svid (RFC 8705 mTLS) needs an https:// endpoint")
-        if self.auth == "jwt-svid" and not self.issuer:
+        if (
+            self.auth == "jwt-svid"
+            and self.profile == "rfc8693"
+            and not (self.issuer or self.client_assertion_audience)
+        ):
             raise _error(
                 "exchange.issuer: required with auth jwt-svid (it is the audience of the JWT-SVID "
                 "client assertion: the IdP's issuer identifier)"
@@ -143,6 +159,29 @@ class ExchangeConfig:
             raise _error("exchange.issuer: required with actor_token (the JWT-SVID's audience)")
         if ":" in self.header or not self.header.strip():
             raise _error(f"exchange.header: {self.header!r} is not an HTTP header name")
+
+    def _check_provider(self) -> None:
+        """Rules of the entra-obo and okta profiles (what those providers require of a request)."""
+        name = f"exchange.profile {self.profile}"
+        if self.auth == "x509-svid":
+            raise _error(
+                f"exchange.auth: x509-svid is not supported with {name}; use jwt-svid (the JWT-SVID "
+                "as client assertion) or client-secret"
+            )
+        if not self.client_id:
+            raise _error(f"exchange.client_id: required with {name} (the application/client ID)")
+        if self.actor_token:
+            raise _error(f"exchange.actor_token: not supported with {name}")
+        if self.profile == "entra-obo" and not (self.scope or self.audience):
+            raise _error(
+                "exchange.scope: required with exchange.profile entra-obo (for example "
+                "api://downstream-api/.default), or set exchange.audience to the API's App ID URI"
+            )
+        if self.profile == "okta" and not self.audience:
+            raise _error(
+                "exchange.audience: required with exchange.profile okta (the audience of the "
+                "authorization server that issues the downstream token)"
+            )
 
 
 def _opt_str(data: Mapping[str, Any], key: str) -> str | None:

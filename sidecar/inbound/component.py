@@ -15,9 +15,12 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.exchange import TokenExchanger
+from sidecar.exchange.config import ExchangeConfig
+from sidecar.exchange.routing import IssuerExchangers
 from sidecar.identity import IdentityUnavailable
 from sidecar.identity.tls import RotatingServerContext
-from sidecar.inbound.auth import JwksCache, TokenVerifier
+from sidecar.inbound.auth import JwksCache
+from sidecar.inbound.callers import CallerVerifier, build_caller_verifier
 from sidecar.inbound.proxy import InboundProxy
 from sidecar.inbound.server import hardened_server
 from sidecar.policy.gate import Gate, reload_loop
@@ -34,8 +37,11 @@ class _Build:
 BUILD = _Build()
 
 
-def _build_exchanger(runtime: Runtime, session: aiohttp.ClientSession) -> TokenExchanger | None:
-    if not runtime.config.exchange.enabled:
+def _build_exchanger(
+    runtime: Runtime, session: aiohttp.ClientSession, config: ExchangeConfig | None = None
+) -> TokenExchanger | None:
+    config = config or runtime.config.exchange
+    if not config.enabled:
         # A deliberate mode, not a failure: the app authenticates no one itself and gets the
         # caller's identity from nowhere but the sidecar's checks. The caller's token is still
         # stripped (MCP forbids passthrough), so the app receives no Authorization at all.
@@ -54,8 +60,20 @@ def _build_exchanger(runtime: Runtime, session: aiohttp.ClientSession) -> TokenE
             "token exchange is not available in this build: forwarding calls without a downstream token"
         )
         return None
-    exchanger: TokenExchanger = build_exchanger(runtime.config.exchange, runtime.identity, session)
+    exchanger: TokenExchanger = build_exchanger(config, runtime.identity, session)
     return exchanger
+
+
+def _build_exchangers(
+    runtime: Runtime, session: aiohttp.ClientSession
+) -> TokenExchanger | IssuerExchangers | None:
+    """The exchanger of each trusted issuer (the top-level section serves `inbound.issuer`)."""
+    issuers = runtime.config.inbound.trusted_issuers
+    if len(issuers) <= 1:
+        return _build_exchanger(runtime, session, issuers[0].exchange if issuers else None)
+    return IssuerExchangers(
+        {entry.issuer: _build_exchanger(runtime, session, entry.exchange) for entry in issuers}
+    )
 
 
 def build_gate(runtime: Runtime) -> Gate:
@@ -110,18 +128,19 @@ async def serve(
                 skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
             )
         )
-        verifier: TokenVerifier | None = None
-        jwks: JwksCache | None = None
-        if config.issuer:
-            jwks = JwksCache(config, idp_session)
-            verifier = TokenVerifier(config, jwks)
-            task = asyncio.create_task(_refresh_jwks(jwks, config.jwks_refresh_interval_s))
-            stack.callback(task.cancel)
+        verifier: CallerVerifier | None = None
+        caches: list[JwksCache] = []
+        if config.auth_enabled:
+            verifier = build_caller_verifier(config, idp_session, runtime.identity)
+            caches = verifier.jwks_caches
+            for jwks in caches:
+                task = asyncio.create_task(_refresh_jwks(jwks, config.jwks_refresh_interval_s))
+                stack.callback(task.cancel)
         elif not config.mtls.enabled and not config.allow_unauthenticated:
             log.warning(
                 "inbound: neither inbound.issuer nor inbound.mtls is configured: every call is refused"
             )
-        chosen = _build_exchanger(runtime, idp_session) if isinstance(exchanger, _Build) else exchanger
+        chosen = _build_exchangers(runtime, idp_session) if isinstance(exchanger, _Build) else exchanger
         if config.token_header is None:
             # The exchange section also names the header; the inbound setting wins when given.
             config = replace(config, token_header=getattr(runtime.config.exchange, "header", "Authorization"))
@@ -159,8 +178,9 @@ async def serve(
         log.info("inbound MCP proxy on %s:%d -> 127.0.0.1:%d", config.host, config.port, config.mcp_port)
 
         def ready() -> tuple[bool, str]:
-            if jwks is not None and not jwks.loaded:
-                return False, f"issuer signing keys not loaded: {jwks.last_error or 'fetching'}"
+            for jwks in caches:
+                if not jwks.loaded:
+                    return False, f"issuer signing keys not loaded: {jwks.last_error or 'fetching'}"
             if svid is not None:
                 try:
                     svid.current()
@@ -172,12 +192,17 @@ async def serve(
         runtime.readiness["policy"] = gate.ready
         runtime.metrics.append(proxy.metrics_text)
         runtime.metrics.append(gate.metrics_text)
+        if verifier is not None:
+            runtime.metrics.append(verifier.metrics_text)
         try:
             yield proxy
         finally:
             runtime.readiness.pop("inbound", None)
             runtime.readiness.pop("policy", None)
-            for producer in (proxy.metrics_text, gate.metrics_text):
+            producers = [proxy.metrics_text, gate.metrics_text]
+            if verifier is not None:
+                producers.append(verifier.metrics_text)
+            for producer in producers:
                 with suppress(ValueError):
                     runtime.metrics.remove(producer)
 

@@ -10,6 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from sidecar.config_error import ConfigError
+from sidecar.inbound.issuers import (
+    DpopConfig,
+    IntrospectionConfig,
+    IssuerConfig,
+    check_trust,
+    parse_issuers,
+)
+
 DEFAULT_ALGORITHMS = ("RS256", "ES256", "PS256", "EdDSA")
 # Asymmetric algorithms only: HS* with a public JWKS would let anyone forge tokens with the public key.
 SUPPORTED_ALGORITHMS = frozenset(
@@ -17,9 +26,7 @@ SUPPORTED_ALGORITHMS = frozenset(
 )
 
 
-def _error(message: str) -> Exception:
-    from sidecar.config import ConfigError  # lazy: sidecar.config imports this module
-
+def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 
@@ -96,6 +103,10 @@ _KEYS = frozenset(
         "group_claims",
         "role_claims",
         "sessions",
+        "issuers",
+        "introspection",
+        "dpop",
+        "public_url",
     }
 )
 _SESSION_KEYS = frozenset({"enabled", "max_sessions", "idle_timeout_s"})
@@ -130,6 +141,9 @@ class SessionsConfig:
         )
 
 
+_MTLS_KEYS = frozenset({"enabled", "allowed_spiffe_ids", "allowed_trust_domains"})
+
+
 @dataclass(frozen=True)
 class MtlsConfig:
     """Agent-to-server callers presenting a SPIFFE X.509-SVID on 15006."""
@@ -143,6 +157,10 @@ class MtlsConfig:
     def from_mapping(cls, data: Mapping[str, Any]) -> MtlsConfig:
         if not isinstance(data, Mapping):
             raise _error("inbound.mtls must be a mapping")
+        unknown = sorted(str(k) for k in set(data) - _MTLS_KEYS)
+        if unknown:
+            # A typo here (`enabeld`) would otherwise mean mTLS off without a word.
+            raise _error(f"inbound.mtls: unknown key(s) {unknown}; allowed: {sorted(_MTLS_KEYS)}")
         enabled = data.get("enabled", False)
         if not isinstance(enabled, bool):
             raise _error(f"inbound.mtls.enabled: {enabled!r} must be true or false")
@@ -199,16 +217,38 @@ class InboundConfig:
     group_claims: tuple[str, ...] = ("groups",)
     role_claims: tuple[str, ...] = ("roles", "realm_access.roles")
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    # More trusted issuers, each with its own audience, keys/introspection and exchange.
+    issuers: tuple[IssuerConfig, ...] = ()
+    introspection: IntrospectionConfig | None = None  # RFC 7662 for `issuer` (opaque tokens)
+    dpop: DpopConfig = field(default_factory=DpopConfig)
+    # The URL callers use to reach this server (DPoP `htu`); default: `resource`.
+    public_url: str | None = None
 
     @property
     def auth_enabled(self) -> bool:
-        return self.issuer is not None
+        return self.issuer is not None or bool(self.issuers)
+
+    @property
+    def trusted_issuers(self) -> tuple[IssuerConfig, ...]:
+        """Every trusted issuer; `issuer` (with the top-level `exchange` section) comes first."""
+        primary: tuple[IssuerConfig, ...] = ()
+        if self.issuer:
+            primary = (
+                IssuerConfig(
+                    issuer=self.issuer,
+                    audience=self.resource,
+                    jwks_uri=self.jwks_uri,
+                    introspection=self.introspection,
+                    exchange=None,
+                ),
+            )
+        return primary + self.issuers
 
     @property
     def metadata_servers(self) -> tuple[str, ...]:
         if self.authorization_servers:
             return self.authorization_servers
-        return (self.issuer,) if self.issuer else ()
+        return tuple(i.issuer for i in self.trusted_issuers)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> InboundConfig:
@@ -226,11 +266,30 @@ class InboundConfig:
                     f"{sorted(SUPPORTED_ALGORITHMS)}"
                 )
         issuer = _url(data.get("issuer"), "issuer", required=False)
-        resource = _url(data.get("resource"), "resource", required=issuer is not None)
+        issuers = parse_issuers(data.get("issuers"), SUPPORTED_ALGORITHMS)
+        resource = _url(
+            data.get("resource"),
+            "resource",
+            required=issuer is not None or any(i.audience is None for i in issuers),
+        )
+        introspection_raw = data.get("introspection")
+        if introspection_raw is not None and issuer is None:
+            raise _error(
+                "inbound.introspection: needs inbound.issuer (or use inbound.issuers[].introspection)"
+            )
+        introspection = (
+            IntrospectionConfig.from_mapping(introspection_raw, "inbound.introspection")
+            if introspection_raw is not None
+            else None
+        )
+        dpop = DpopConfig.from_mapping(data.get("dpop") or {})
+        if issuer is not None and issuer in {i.issuer for i in issuers}:
+            raise _error(f"inbound.issuers: {issuer!r} is already inbound.issuer")
         servers = _str_list(data, "authorization_servers", ())
         for server in servers:
             _url(server, "authorization_servers", required=True)
-        mtls = MtlsConfig.from_mapping(data.get("mtls") or {})
+        mtls_raw = data.get("mtls")
+        mtls = MtlsConfig.from_mapping({} if mtls_raw is None else mtls_raw)
         token_header = data.get("token_header")
         if token_header is not None and (
             not isinstance(token_header, str) or not token_header.strip() or ":" in token_header
@@ -242,7 +301,11 @@ class InboundConfig:
         anonymous = data.get("allow_unauthenticated", False)
         if not isinstance(anonymous, bool):
             raise _error(f"inbound.allow_unauthenticated: {anonymous!r} must be true or false")
-        return cls(
+        config = cls(
+            issuers=issuers,
+            introspection=introspection,
+            dpop=dpop,
+            public_url=_url(data.get("public_url"), "public_url", required=False),
             allow_unauthenticated=anonymous,
             host=host,
             port=_int(data, "port", cls.port, 1, 65535),
@@ -271,3 +334,5 @@ class InboundConfig:
             role_claims=_str_list(data, "role_claims", cls.role_claims),
             sessions=SessionsConfig.from_mapping(data.get("sessions") or {}),
         )
+        check_trust(config.trusted_issuers)
+        return config

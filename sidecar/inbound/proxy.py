@@ -22,15 +22,22 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.exchange import ExchangeError, TokenExchanger
+from sidecar.exchange.routing import IssuerExchangers
 from sidecar.inbound import jsonrpc
 from sidecar.inbound.auth import (
     WELL_KNOWN,
     AuthFailure,
     TokenVerifier,
-    bearer_token,
     peer_spiffe_id,
     protected_resource_metadata,
-    www_authenticate,
+)
+from sidecar.inbound.callers import (
+    CallerVerifier,
+    Presented,
+    challenge_headers,
+    metadata_extras,
+    presented_token,
+    step_up_challenge,
 )
 from sidecar.inbound.config import InboundConfig
 from sidecar.inbound.credentials import query_credential, token_elsewhere, token_in_body
@@ -96,6 +103,7 @@ _ALWAYS_DROPPED = (
         "host",
         "expect",  # answered by the proxy itself, after authentication
         "authorization",
+        "dpop",  # a DPoP proof is made for the sidecar's URL: it means nothing to the app
         "content-length",
     }
 )
@@ -326,8 +334,8 @@ class InboundProxy:
         config: InboundConfig,
         *,
         observer: Observer,
-        verifier: TokenVerifier | None,
-        exchanger: TokenExchanger | None,
+        verifier: TokenVerifier | CallerVerifier | None,
+        exchanger: TokenExchanger | IssuerExchangers | None,
         upstream: aiohttp.ClientSession,
         gate: Gate | None = None,
     ) -> None:
@@ -359,9 +367,8 @@ class InboundProxy:
             return web.json_response(
                 {"error": "this MCP server has no OAuth resource configured"}, status=404
             )
-        return web.json_response(
-            protected_resource_metadata(self.config), headers={"Cache-Control": "max-age=300"}
-        )
+        document = protected_resource_metadata(self.config) | metadata_extras(self.config)
+        return web.json_response(document, headers={"Cache-Control": "max-age=300"})
 
     # -- the pipeline ---------------------------------------------------------------------------
 
@@ -397,8 +404,9 @@ class InboundProxy:
         )
         # Authenticate from the headers alone, before the body: an unauthenticated caller never
         # makes the proxy buffer (or even wait for) a request body.
-        token = bearer_token(headers.get("Authorization"))
-        principal = self._query_credential(request) or await self._authenticate(request, token)
+        credential = presented_token(headers.get("Authorization"))
+        token = credential[1] if credential else None
+        principal = self._query_credential(request) or await self._authenticate(request, credential)
         if not isinstance(principal, AuthFailure) and token is not None:
             # Only a verified token is looked for elsewhere (a junk short one would match anything).
             principal = self._token_elsewhere(request, token) or principal
@@ -534,7 +542,7 @@ class InboundProxy:
                     failure.description,
                     batch=bool(parsed and parsed.batch),
                 ),
-                {"WWW-Authenticate": www_authenticate(failure, self.config)},
+                challenge_headers(failure, self.config),
             )
             return self._fail(
                 calls, answer, "denied", failure.error or "unauthenticated", failure.description
@@ -580,8 +588,13 @@ class InboundProxy:
             client=request.remote,
             scheme=request.scheme,
         )
-        if token is not None and principal.kind == "oidc" and self.exchanger is not None:
-            failure = await self._exchange(token, calls, out_headers)
+        exchanger = (
+            self.exchanger.for_issuer(principal.issuer)
+            if isinstance(self.exchanger, IssuerExchangers)
+            else self.exchanger
+        )
+        if token is not None and principal.kind == "oidc" and exchanger is not None:
+            failure = await self._exchange(exchanger, token, calls, out_headers)
             if failure is not None:
                 return failure
         body = self._inject_context(calls, out_headers, parsed, body)
@@ -687,13 +700,22 @@ class InboundProxy:
             f"the bearer token was also sent in {where}; send it only in the Authorization header",
         )
 
-    async def _authenticate(self, request: web.BaseRequest, token: str | None) -> Principal | AuthFailure:
+    async def _authenticate(
+        self, request: web.BaseRequest, credential: tuple[str, str] | None
+    ) -> Principal | AuthFailure:
         if len(request.headers.getall("Authorization", ())) > 1:
             # Which one would the app believe? Refuse rather than guess (RFC 9110: not a list header).
             return AuthFailure(401, "invalid_request", "more than one Authorization header")
-        if token is not None:
+        if credential is not None:
+            scheme, token = credential
             if self.verifier is None:
                 return AuthFailure(401, "invalid_token", "bearer tokens are not accepted by this server")
+            if isinstance(self.verifier, CallerVerifier):
+                proofs = tuple(request.headers.getall("DPoP", ()))
+                presented = Presented(scheme, token, proofs, request.method, request.path)
+                return await self.verifier.authenticate(presented)
+            if scheme != "bearer":
+                return AuthFailure(401, "invalid_request", "this server does not accept DPoP tokens")
             return await self.verifier.verify(token)
         if request.headers.get("Authorization"):
             return AuthFailure(401, "invalid_request", "the Authorization header is not a Bearer token")
@@ -710,12 +732,11 @@ class InboundProxy:
         return AuthFailure(401, None, "authentication required")
 
     async def _exchange(
-        self, token: str, calls: Calls, headers: CIMultiDict[str]
+        self, exchanger: TokenExchanger, token: str, calls: Calls, headers: CIMultiDict[str]
     ) -> web.StreamResponse | None:
-        assert self.exchanger is not None
         started = time.perf_counter()
         try:
-            issued = await self.exchanger.exchange(token)
+            issued = await exchanger.exchange(token)
         except ExchangeError as exc:
             outcome = ExchangeOutcome(
                 outcome=exc.outcome,
@@ -726,8 +747,10 @@ class InboundProxy:
             for scope in calls.each():
                 scope.token_exchange(outcome)
             message = f"token exchange failed: {exc.message}"
+            # A step-up (Conditional Access) reaches the MCP client as a challenge it can act on.
+            challenge = step_up_challenge(exc, self.config) if exc.step_up else {}
             answer = Answer(
-                exc.http_status, jsonrpc.error_body(calls.ids(), jsonrpc.UPSTREAM_ERROR, message), {}
+                exc.http_status, jsonrpc.error_body(calls.ids(), jsonrpc.UPSTREAM_ERROR, message), challenge
             )
             return self._fail(calls, answer, "error", f"exchange_{exc.outcome}", exc.message)
         outcome = ExchangeOutcome(

@@ -1,0 +1,57 @@
+"""Identity-provider profiles of the token exchange: one pure request builder + answer/error mapper each.
+
+`exchange.profile` picks one (`rfc8693`, `entra-obo`, `okta`); the HTTP shell in
+`sidecar.exchange.client` stays the same for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sidecar.exchange import ExchangeError, IssuedToken
+from sidecar.exchange.config import ExchangeConfig
+from sidecar.exchange.oauth import ASSERTION_TYPE_JWT_SPIFFE, ClientCredential, TokenRequest
+
+ASSERTION_TYPE_JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+RequestBuilder = Callable[..., TokenRequest]
+AnswerParser = Callable[..., IssuedToken]
+ErrorMapper = Callable[[int, bytes, tuple[str, ...]], ExchangeError]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What differs between providers; every function is pure (no I/O, the clock is passed in).
+
+    - `assertion_type`: the `client_assertion_type` sent with a JWT-SVID (`auth: jwt-svid`);
+    - `assertion_audience(config)`: the audience the JWT-SVID is minted for;
+    - `build(config, subject_token, audience=, scope=, credential=, actor_token=)`: the request;
+    - `parse(body, config=, audience=, now=, secrets=)`: a 200 answer into an `IssuedToken`;
+    - `map_error(status, body, secrets)`: any other answer into a token-free `ExchangeError`.
+    """
+
+    name: str
+    assertion_type: str
+    assertion_audience: Callable[[ExchangeConfig], str]
+    build: RequestBuilder
+    parse: AnswerParser
+    map_error: ErrorMapper
+
+
+def profile_for(name: str) -> Profile:
+    from sidecar.exchange.profiles import entra_obo, okta, rfc8693
+
+    profiles = {p.name: p for p in (rfc8693.PROFILE, entra_obo.PROFILE, okta.PROFILE)}
+    return profiles[name]
+
+
+__all__ = [
+    "ASSERTION_TYPE_JWT_BEARER",
+    "ASSERTION_TYPE_JWT_SPIFFE",
+    "ClientCredential",
+    "Profile",
+    "TokenRequest",
+    "profile_for",
+]

@@ -1,0 +1,152 @@
+"""Several trusted issuers, introspection and DPoP in the inbound config; the introspection decision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sidecar.config import ConfigError
+from sidecar.inbound.config import InboundConfig
+from sidecar.inbound.introspection import Introspected, judge
+
+RESOURCE = "https://mcp.example.com/mcp"
+A = "https://login.example.com/tenant/v2.0"
+B = "https://corp.okta.example/oauth2/default"
+
+
+def _config(**extra: Any) -> InboundConfig:
+    return InboundConfig.from_mapping({"resource": RESOURCE, **extra})
+
+
+def test_issuers_each_with_their_own_exchange() -> None:
+    config = _config(
+        issuer=A,
+        issuers=[
+            {
+                "issuer": B,
+                "audience": "api://mcp",
+                "introspection": {"endpoint": B + "/v1/introspect", "auth": "none"},
+                "exchange": {
+                    "profile": "okta",
+                    "token_endpoint": B + "/v1/token",
+                    "client_id": "0oa",
+                    "audience": "api://down",
+                },
+            }
+        ],
+        dpop={"nonce": True, "algorithms": ["ES256"]},
+    )
+    primary, okta = config.trusted_issuers
+    assert (primary.issuer, primary.audience, primary.exchange) == (A, RESOURCE, None)
+    assert okta.exchange is not None and okta.exchange.profile == "okta" and okta.exchange.enabled
+    assert okta.introspection is not None and okta.introspection.cache_ttl_s == 30.0
+    assert config.metadata_servers == (A, B)
+    assert config.dpop.nonce and config.dpop.algorithms == ("ES256",)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"issuers": {"issuer": A}}, "inbound.issuers must be a list"),
+        ({"issuers": [{"issuer": "not a url"}]}, r"inbound.issuers\[0\].issuer"),
+        ({"issuers": [{"issuer": A}, {"issuer": A}]}, "listed twice"),
+        ({"issuer": A, "issuers": [{"issuer": A}]}, "already inbound.issuer"),
+        ({"issuers": [{"issuer": A, "colour": 1}]}, "unknown key"),
+        (
+            {"issuers": [{"issuer": A, "exchange": {"profile": "okta", "token_endpoint": "https://t"}}]},
+            r"issuers\[0\]\.exchange.client_id",
+        ),
+        (
+            {"issuers": [{"issuer": A, "introspection": {"auth": "none"}}]},
+            "introspection.endpoint is required",
+        ),
+        (
+            {
+                "issuers": [
+                    {"issuer": A, "introspection": {"endpoint": A + "/i", "auth": "none"}},
+                    {"issuer": B, "introspection": {"endpoint": B + "/i", "auth": "none"}},
+                ]
+            },
+            "only one may",
+        ),
+        ({"dpop": {"algorithms": ["HS256"]}}, "inbound.dpop.algorithms"),
+        ({"dpop": {"iat_window_s": "60"}}, "inbound.dpop.iat_window_s"),
+        ({"introspection": {"endpoint": A + "/i"}}, "needs inbound.issuer"),
+    ],
+)
+def test_config_errors_name_the_key(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _config(**extra)
+
+
+def _judge(document: dict[str, Any], **kw: Any) -> Any:
+    return judge(
+        document,
+        issuer=kw.get("issuer", B),
+        audience=kw.get("audience", "api://mcp"),
+        required_scopes=kw.get("required_scopes", ()),
+        now=1000.0,
+        leeway_s=0.0,
+        cache_ttl_s=30.0,
+    )
+
+
+def test_introspection_active_answer() -> None:
+    result = _judge(
+        {
+            "active": True,
+            "sub": "alice@example.com",
+            "scope": "mcp:use",
+            "aud": "api://mcp",
+            "iss": B,
+            "exp": 1010,
+            "cnf": {"jkt": "abc"},
+        }
+    )
+    assert isinstance(result, Introspected)
+    assert (result.principal.subject, result.principal.issuer, result.jkt) == ("alice@example.com", B, "abc")
+    assert result.reuse_until == 1010.0  # never past exp, even with a longer cache_ttl
+
+
+@pytest.mark.parametrize(
+    ("document", "why"),
+    [
+        ({"active": False}, "not active"),
+        ({"active": "true", "sub": "a"}, "not active"),
+        ({"active": True, "sub": "a", "exp": 999}, "expired"),
+        ({"active": True, "sub": "a", "iss": A}, "another issuer"),
+        ({"active": True, "sub": "a", "aud": ["api://other"]}, "not meant for this resource"),
+        ({"active": True}, "names no subject"),
+        ({"active": True, "sub": "a", "exp": "soon"}, "NumericDate"),
+    ],
+)
+def test_introspection_refusals(document: dict[str, Any], why: str) -> None:
+    result = _judge(document)
+    assert not isinstance(result, Introspected) and result.status == 401 and why in result.description
+
+
+def test_introspection_scopes() -> None:
+    result = _judge({"active": True, "sub": "a", "scope": "x"}, required_scopes=("mcp:use",))
+    assert not isinstance(result, Introspected) and result.status == 403
+
+
+async def test_a_jwt_of_another_issuer_is_never_introspected() -> None:
+    import aiohttp
+    import jwt as pyjwt
+
+    from sidecar.inbound.callers import Presented, build_caller_verifier
+
+    config = _config(
+        issuers=[
+            {"issuer": B, "introspection": {"endpoint": "http://127.0.0.1:9/introspect", "auth": "none"}}
+        ]
+    )
+    foreign = pyjwt.encode({"iss": "https://elsewhere.example", "sub": "x"}, "k" * 32, algorithm="HS256")
+    async with aiohttp.ClientSession() as session:
+        verifier = build_caller_verifier(config, session, None)
+        result = await verifier.authenticate(Presented("bearer", foreign, (), "POST", "/mcp"))
+        introspector = verifier.issuers[B].introspector
+        assert not isinstance(result, Introspected) and result.status == 401  # type: ignore[union-attr]
+        assert "untrusted issuer" in result.description  # type: ignore[union-attr]
+        assert introspector is not None and introspector.calls == 0
