@@ -11,14 +11,16 @@ PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
         bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean \
-        node node-down node-test
+        images images-push node-e2e node node-down node-test
 
 help:
 	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
 	@echo "make demo        the end-to-end Outrider story on this machine"
 	@echo "make node        a real one-node Kubernetes with SPIRE on this machine (root; docs/node.md)"
 	@echo "make node-down   remove it and restore the host"
-	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|node-test"
+	@echo "make images      build the sidecar, webhook and example MCP images (buildah, no Docker); IMAGE_REPO=..."
+	@echo "make node-e2e    Outrider as real pods on the one-node cluster: the in-cluster test module"
+	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|node-test|images-push"
 
 $(STAMP): pyproject.toml
 	@test -n '$(BASE_PYTHON)' || PYTHON='$(PYTHON)' scripts/pick-python.sh >/dev/null
@@ -98,8 +100,18 @@ node-test: venv
 	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
 	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 
-kind-e2e:
+kind-e2e: venv
 	@scripts/kind-e2e.sh
+
+# IMAGE_REPO (default localhost/outrider-dev) and IMAGE_TAG (default: the project version) name the images
+images:
+	@scripts/build-images.sh build
+
+images-push:
+	@scripts/build-images.sh push
+
+node-e2e: venv sysdeps
+	@scripts/node-e2e.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `make kind-e2e`: Outrider on a real (kind) cluster, for machines with Docker.
-#   kind cluster -> build + load images -> SPIRE (server, agent, SPIFFE CSI driver, controller manager)
-#   -> Outrider (manifests/overlays/kind) -> example MCP server in a labelled namespace
-#   -> the injected pod becomes Ready with outrider-init + outrider-proxy.
+#   kind cluster -> docker build + kind load of the images (the same Dockerfiles and names as
+#   `make images`) -> SPIRE (server, agent, SPIFFE CSI driver, controller manager)
+#   -> the in-cluster test module tests/cluster, the SAME one `make node-e2e` runs on the one-node
+#      cluster (it installs Outrider from manifests/overlays/node as the README says)
+#   -> the example MCP server (manifests/overlays/kind + manifests/examples) becomes Ready injected.
 # Env: CLUSTER (outrider-e2e), KIND_NODE_IMAGE, KEEP_CLUSTER=1 to leave the cluster running.
 set -euo pipefail
 
@@ -44,9 +46,11 @@ if ! kind get clusters | grep -qx "$CLUSTER"; then
 fi
 
 log "building images"
-docker build -q -f "$ROOT/images/webhook.Dockerfile" -t outrider-webhook:dev "$ROOT" >/dev/null
-docker build -q -f "$ROOT/images/sidecar.Dockerfile" -t outrider:dev "$ROOT" >/dev/null
-kind load docker-image --name "$CLUSTER" outrider-webhook:dev outrider:dev
+eval "$("$ROOT/scripts/build-images.sh" names)"   # sidecar=... webhook=... mcp=... (IMAGE_REPO, IMAGE_TAG)
+docker build -q -f "$ROOT/images/webhook.Dockerfile" -t "$webhook" "$ROOT" >/dev/null
+docker build -q -f "$ROOT/images/sidecar.Dockerfile" -t "$sidecar" "$ROOT" >/dev/null
+docker build -q -f "$ROOT/images/mcp-example.Dockerfile" -t "$mcp" "$ROOT" >/dev/null
+kind load docker-image --name "$CLUSTER" "$webhook" "$sidecar" "$mcp"
 
 log "installing SPIRE (server, agent, SPIFFE CSI driver, controller manager)"
 helm repo add spiffe https://spiffe.github.io/helm-charts-hardened/ --force-update >/dev/null
@@ -56,6 +60,12 @@ helm --kube-context "$KCTX" upgrade --install spire spiffe/spire \
   --version "$SPIRE_CHART_VERSION" -n spire-server \
   --set global.spire.trustDomain="$TRUST_DOMAIN" --set global.spire.clusterName="$CLUSTER" \
   --set spire-server.controllerManager.watchClassless=true --wait --timeout 5m
+
+log "running the in-cluster test module (tests/cluster) against kind"
+KUBECONFIG_FILE="$(mktemp)"; kind get kubeconfig --name "$CLUSTER" > "$KUBECONFIG_FILE"
+KUBECONFIG="$KUBECONFIG_FILE" KUBECTL="$(command -v kubectl)" OUTRIDER_CLUSTER_E2E=1 \
+  OUTRIDER_TRUST_DOMAIN="$TRUST_DOMAIN" "$ROOT/.venv/bin/pytest" "$ROOT/tests/cluster" -v -s -p no:cacheprovider
+rm -f "$KUBECONFIG_FILE"
 
 log "installing Outrider (manifests/overlays/kind)"
 k apply --server-side -k "$ROOT/manifests/overlays/kind"

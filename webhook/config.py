@@ -103,6 +103,9 @@ class WebhookConfig:
     # Secrets/ConfigMaps (in the pod's namespace) mounted read-only into outrider-proxy only,
     # for the sidecar's `*_file` settings (exchange.client_secret_file, telemetry.hash_salt_file, ...).
     sidecar_mounts: tuple[SidecarMount, ...] = ()
+    # OpenTelemetry variables for outrider-proxy (where its spans and metrics go), as (name, value)
+    # pairs; only OTEL_* names, never the header variables (they carry exporter credentials).
+    sidecar_env: tuple[tuple[str, str], ...] = ()
     # Image pull secrets (names of Secrets in the pod's namespace) added to injected pods, for a
     # sidecar image in a private registry; the pod's own entries are kept.
     image_pull_secrets: tuple[str, ...] = ()
@@ -141,6 +144,7 @@ class WebhookConfig:
     def to_mapping(self) -> dict[str, Any]:
         out = {f.name: thaw(getattr(self, f.name)) for f in fields(self)}
         out["sidecar_mounts"] = [m.to_mapping() for m in self.sidecar_mounts]
+        out["sidecar_env"] = dict(self.sidecar_env)
         # Keys added later are left out while unset, so configs without them keep their hash.
         for key in ("sidecar_mounts", *_LATER_KEYS):
             if not out[key]:
@@ -149,6 +153,7 @@ class WebhookConfig:
 
 
 _LATER_KEYS = (
+    "sidecar_env",
     "mcp_policy",
     "image_pull_secrets",
     "resource_template",
@@ -300,6 +305,32 @@ def _sidecar_mounts(value: Any) -> tuple[SidecarMount, ...]:
     return tuple(mounts)
 
 
+_OTEL_NAME = re.compile(r"^OTEL_[A-Z0-9_]+$")
+
+
+def _sidecar_env(value: Any) -> tuple[tuple[str, str], ...]:
+    """Validate `sidecar_env`: OTEL_* variables for outrider-proxy, plain values only."""
+    if not isinstance(value, Mapping):
+        raise ConfigError("sidecar_env: must be a mapping of OTEL_* variable names to values")
+    out: list[tuple[str, str]] = []
+    for name, raw in value.items():
+        if not isinstance(name, str) or not _OTEL_NAME.match(name):
+            raise ConfigError(
+                f"sidecar_env.{name}: only OpenTelemetry variables (OTEL_*, upper case) can be set "
+                "for outrider-proxy"
+            )
+        if "HEADERS" in name:
+            # Never echo the value: exporter headers carry credentials.
+            raise ConfigError(
+                f"sidecar_env.{name}: exporter headers carry credentials and would be plain text in "
+                "the pod spec; export to a collector in the cluster that adds them instead"
+            )
+        if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+            raise ConfigError(f"sidecar_env.{name}: {raw!r} must be a string")
+        out.append((name, str(raw)))
+    return tuple(sorted(out))
+
+
 # Sidecar keys holding secret values: refused inline (they would be plain text in the pod spec).
 _SECRET_WORDS = ("secret", "password", "passwd", "salt", "private_key", "privatekey")
 # Keys that name a secret but hold no secret value: file paths and method/mode choices.
@@ -400,6 +431,7 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         egress_default_policy=_frozen(data.get("egress_default_policy", {})),
         sidecar=_frozen(data.get("sidecar", {})),
         sidecar_mounts=_sidecar_mounts(data.get("sidecar_mounts", [])),
+        sidecar_env=_sidecar_env(data.get("sidecar_env", {})),
         mcp_policy=_frozen(mcp_policy),
     )
     try:

@@ -739,6 +739,7 @@ def _apply(
             "value": config_json,
         },
     ]
+    env += [{"name": name, "value": value} for name, value in config.sidecar_env]
     if app_probes:
         env.append(
             {

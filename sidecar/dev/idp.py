@@ -297,8 +297,19 @@ class DevIdP:
         return self._issuer or self.url
 
     @property
+    def public_url(self) -> str:
+        """The base of the advertised endpoints: the issuer (an http(s) URL when set), else `url`.
+
+        Listening on 0.0.0.0 in a pod, the listening URL is no address a client can use; the issuer
+        (the Service's URL) is.
+        """
+        if self._issuer and self._issuer.startswith(("http://", "https://")):
+            return self._issuer.rstrip("/")
+        return self.url
+
+    @property
     def token_endpoint(self) -> str:
-        return f"{self.url}/token"
+        return f"{self.public_url}/token"
 
     @property
     def jwks(self) -> dict[str, Any]:
@@ -436,9 +447,9 @@ class DevIdP:
         return web.json_response(
             {
                 "issuer": self.issuer,
-                "jwks_uri": f"{self.url}/jwks",
+                "jwks_uri": f"{self.public_url}/jwks",
                 "token_endpoint": self.token_endpoint,
-                "userinfo_endpoint": f"{self.url}/userinfo",
+                "userinfo_endpoint": f"{self.public_url}/userinfo",
                 "grant_types_supported": ["password", GRANT_TOKEN_EXCHANGE],
                 "response_types_supported": ["token"],
                 "subject_types_supported": ["public"],
@@ -817,7 +828,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sidecar.dev.idp", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8443)
-    parser.add_argument("--issuer", help="issuer identifier (default: the listening URL)")
+    parser.add_argument(
+        "--issuer",
+        help="issuer identifier and base URL of the advertised endpoints (default: the listening URL)",
+    )
     parser.add_argument("--token-ttl", type=float, default=300.0)
     parser.add_argument("--spiffe-bundle-file", help='JSON {"trust-domain": JWKS} for jwt-spiffe assertions')
     parser.add_argument("--workload-api", help="Workload API socket to fetch SPIFFE JWT bundles from")

@@ -69,7 +69,9 @@ def _crd(group: str, version: str, kind: str, plural: str, scope: str) -> dict[s
 # --- rendering (no cluster) -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["base", "overlays/kind", "overlays/cert-manager", "examples"])
+@pytest.mark.parametrize(
+    "target", ["base", "overlays/kind", "overlays/node", "overlays/cert-manager", "examples"]
+)
 def test_renderer_matches_kubectl_kustomize(target: str) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -258,7 +260,7 @@ async def test_manifests_apply_and_rbac_is_exactly_enough(
     for obj in base:
         applied = await server_side_apply(api, obj)
         assert applied.get("kind") == obj["kind"], applied  # a Status object means it was refused
-    for target in ("overlays/kind", "overlays/cert-manager"):
+    for target in ("overlays/kind", "overlays/node", "overlays/cert-manager"):
         for obj in render(MANIFESTS / target):
             applied = await server_side_apply(api, obj, dry_run=True)
             assert applied.get("kind") == obj["kind"], (target, applied)
@@ -331,7 +333,7 @@ async def test_manifests_apply_and_rbac_is_exactly_enough(
         raise AssertionError("the webhook's start-up still succeeded without its RBAC bindings")
 
 
-@pytest.mark.parametrize("target", ["base", "overlays/kind", "overlays/cert-manager"])
+@pytest.mark.parametrize("target", ["base", "overlays/kind", "overlays/node", "overlays/cert-manager"])
 def test_shipped_configmaps_are_valid_webhook_config(target: str) -> None:
     from webhook.cluster.configmap import parse_configmap
 

@@ -76,3 +76,17 @@ async def test_missing_audience_and_client_auth(idp, session):
         assert response.status == 401 and (await response.json())["error"] == "invalid_client"
     async with session.post(idp.token_endpoint, data={"grant_type": "client_credentials"}) as response:
         assert (await response.json())["error"] == "unsupported_grant_type"
+
+
+async def test_endpoints_are_advertised_under_the_issuer_url_when_one_is_set():
+    # in a pod the IdP listens on 0.0.0.0: clients can only use the issuer's (the Service's) URL
+    async with (
+        DevIdP(issuer="http://idp.ns.svc.cluster.local:8080/") as idp,
+        aiohttp.ClientSession() as http,
+        http.get(f"{idp.url}/.well-known/openid-configuration") as response,
+    ):
+        doc = await response.json()
+    assert doc["jwks_uri"] == "http://idp.ns.svc.cluster.local:8080/jwks"
+    assert doc["token_endpoint"] == "http://idp.ns.svc.cluster.local:8080/token"
+    async with DevIdP() as plain:  # without an issuer: the listening URL, as before
+        assert plain.token_endpoint == f"{plain.url}/token"

@@ -241,3 +241,52 @@ def test_any_sidecar_mounts_value_is_a_config_error_or_injects_cleanly(value: An
     names = [v["name"] for v in result.pod["spec"]["volumes"]]
     assert len(names) == len(set(names))
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", **result.pod}, "1.34", strict=True)
+
+
+# --- sidecar_env: where outrider-proxy exports its spans and metrics -----------------------------
+
+
+def _proxy_env(cfg: WebhookConfig) -> dict[str, Any]:
+    result = engine.inject(_pod(), LABELS, cfg)
+    assert result.allowed and engine.inject(result.pod, LABELS, cfg).patch == []  # still idempotent
+    spec = result.pod["spec"]
+    (proxy,) = [
+        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "outrider-proxy"
+    ]
+    return {e["name"]: e.get("value") for e in proxy["env"]}
+
+
+def test_sidecar_env_sets_otel_variables_on_the_proxy_only() -> None:
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.observability:4318",
+        "OTEL_METRIC_EXPORT_INTERVAL": 5000,
+    }
+    cfg = parse_config({"sidecar_env": otel})
+    assert cfg.sidecar_env == (
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.observability:4318"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "5000"),
+    )
+    env = _proxy_env(cfg)
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector.observability:4318"
+    assert env["OTEL_METRIC_EXPORT_INTERVAL"] == "5000"
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in _proxy_env(WebhookConfig())
+    assert cfg.hash != WebhookConfig().hash
+    assert "sidecar_env" not in WebhookConfig().to_mapping()  # old configs keep their hash
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PATH": "/tmp"}, "only OpenTelemetry variables"),
+        ({"otel_service_name": "x"}, "only OpenTelemetry variables"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer s3cr3t"}, "carry credentials"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x=s3cr3t"}, "carry credentials"),
+        ({"OTEL_SERVICE_NAME": ["a"]}, "must be a string"),
+        ({"OTEL_SDK_DISABLED": True}, "must be a string"),
+        (["OTEL_SERVICE_NAME"], "must be a mapping"),
+    ],
+)
+def test_sidecar_env_refuses_other_names_credentials_and_odd_types(env: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
+        parse_config({"sidecar_env": env})
+    assert "s3cr3t" not in str(refused.value)
