@@ -54,9 +54,14 @@ controlplane:
 spire:
 	@scripts/build-upstream.sh spire
 
+# The whole suite, then Outrider as real pods on the real one-node cluster (tests/node, then
+# tests/cluster through node-e2e, which takes a node it brought up down again).
 test: venv sysdeps lint typecheck
 	@scripts/build-upstream.sh all >/dev/null
 	$(BIN)/pytest -m "not node" $(PYTEST_ARGS)
+	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
+	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
+	@scripts/node-e2e.sh
 
 test-fast: venv
 	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not kubeyaml and not node" $(PYTEST_ARGS)
@@ -111,6 +116,7 @@ images-push:
 	@scripts/build-images.sh push
 
 node-e2e: venv sysdeps
+	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
 	@scripts/node-e2e.sh
 
 clean:
