@@ -217,3 +217,88 @@ def test_cidr_membership_matches_ipaddress(a: ipaddress.IPv4Address, prefix: int
     if prefix > 0:
         outside = ipaddress.ip_address((int(network.network_address) + network.num_addresses) % 2**32)
         assert allowed(p, str(outside), port) == (outside in network)
+
+
+# --- decisions pinned down by mutation testing (issue 17) --------------------------------------
+
+
+def _ports(item: dict[str, object]) -> tuple[tuple[int, int], ...]:
+    return parse_rule(item).ports
+
+
+def _allowed_ports(item: dict[str, object], *ports: int) -> list[bool]:
+    pol = policy(item)
+    return [decide(pol, Destination(port=p, name="api.example.com")).allowed for p in ports]
+
+
+@pytest.mark.parametrize(
+    ("ports", "merged"),
+    [
+        (["8000-8100", "8050-8200"], ((8000, 8200),)),  # overlapping
+        (["8101-8200", "8000-8100"], ((8000, 8200),)),  # adjacent, in any order
+        (["8000-8200", "8050-8060"], ((8000, 8200),)),  # contained: the wider end is kept
+        (["8000-8100", "8102-8200"], ((8000, 8100), (8102, 8200))),  # a one-port gap stays a gap
+        ([443, "443"], ((443, 443),)),
+    ],
+)
+def test_port_ranges_merge_without_widening(ports: list[object], merged: tuple[tuple[int, int], ...]) -> None:
+    item: dict[str, object] = {"host": "api.example.com", "ports": ports}
+    assert _ports(item) == merged
+    lo, hi = merged[0][0], merged[-1][1]
+    inside = [p for p in range(lo - 1, hi + 2) if any(a <= p <= b for a, b in merged)]
+    judged = _allowed_ports(item, *range(lo - 1, hi + 2))
+    assert [p for p, ok in zip(range(lo - 1, hi + 2), judged, strict=True) if ok] == inside
+
+
+def test_singular_port_key_is_honoured() -> None:
+    item: dict[str, object] = {"host": "api.example.com", "port": 8443}
+    assert _ports(item) == ((8443, 8443),)
+    assert _allowed_ports(item, 8443, 443, 80) == [True, False, False]
+    assert _ports({"host": "api.example.com", "port": "9000-9001"}) == ((9000, 9001),)
+
+
+def test_bare_string_ports_is_one_range_not_characters() -> None:
+    item: dict[str, object] = {"host": "api.example.com", "ports": "8000-8100"}
+    assert _ports(item) == ((8000, 8100),)
+    assert _allowed_ports(item, 7999, 8000, 8100, 8101, 8) == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("target", ["example.com", "api", "*.example.com"])
+def test_cidr_key_holding_a_host_name_is_refused(target: str) -> None:
+    with pytest.raises(ValueError, match="not a valid CIDR"):
+        parse_rule({"cidr": target})
+    _, errors = parse_rules([{"cidr": target}], "ns")
+    assert [e.origin for e in errors] == ["ns [0]"]
+
+
+def test_bracketed_ipv6_with_a_port() -> None:
+    rule = parse_rule("[fd00::/8]:8443")
+    assert rule.kind == "cidr" and rule.ports == ((8443, 8443),)
+    assert str(rule) == "[fd00::/8]:8443"
+    pol = policy("[fd00::/8]:8443")
+    ip = ipaddress.ip_address("fd00::1")
+    assert decide(pol, Destination(port=8443, ip=ip)).allowed
+    assert not decide(pol, Destination(port=443, ip=ip)).allowed
+    assert not decide(pol, Destination(port=8443, ip=ipaddress.ip_address("fe00::1"))).allowed
+    assert str(parse_rule("[fd00::/8]")) == "fd00::/8"
+    assert parse_rule("[fd00::1]:*").ports == ((1, 65535),)
+    for bad in ("[fd00::/8]8443", "[fd00::/8:443"):
+        with pytest.raises(ValueError):
+            parse_rule(bad)
+
+
+def test_reload_keeps_open_only_the_tunnels_the_new_policy_allows() -> None:
+    from sidecar.egress.policy import connection_allowed
+
+    ip = ipaddress.ip_address("203.0.113.7")
+    by_name = policy("api.example.com:443")
+    assert connection_allowed(by_name, "api.example.com", ip, 443)  # a tunnel opened by name stays
+    assert not connection_allowed(by_name, None, ip, 443)  # an IP-only tunnel has no name to match
+    assert not connection_allowed(by_name, "api.example.com", ip, 8443)
+    assert not connection_allowed(by_name, "other.example.com", ip, 443)
+    by_cidr = policy("203.0.113.0/24:443")
+    assert connection_allowed(by_cidr, None, ip, 443)
+    assert connection_allowed(by_cidr, "anything.example", ip, 443)
+    # a name may not keep a tunnel to a special address open without a CIDR rule for it
+    assert not connection_allowed(by_name, "api.example.com", ipaddress.ip_address("169.254.169.254"), 443)
+    assert not connection_allowed(Policy(), "api.example.com", ip, 443)

@@ -265,3 +265,169 @@ def test_metadata_and_challenge() -> None:
 )
 def test_bearer_token_parsing(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
+
+
+# --- decisions pinned down by mutation testing (issue 17) --------------------------------------
+
+
+def _refused(result: object, text: str) -> None:
+    assert isinstance(result, AuthFailure), result
+    assert (result.status, result.error) == (401, "invalid_token"), result
+    assert text in result.description, result.description
+
+
+async def test_a_jwks_key_that_fails_to_decode_refuses_the_token(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key("ES256")
+    broken = {**key.jwk, "x": b64(b"not a curve point"), "y": b64(b"\x00")}
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    # the only candidate for this kid is a key PyJWT cannot load: refused, never let in
+    verifier._jwks._keys = [broken]  # noqa: SLF001 (the JWKS as a hostile IdP would serve it)
+    _refused(await verifier.verify(issuer.token(key)), "the access token is malformed")
+    # a broken key listed before the good one does not hide the good one
+    verifier._jwks._keys = [broken, key.jwk]  # noqa: SLF001
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+
+
+async def test_a_jwks_key_that_fails_to_decode_is_refused_when_served_by_the_idp(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key("RS256")
+
+    class Broken(Key):
+        @property
+        def jwk(self) -> dict[str, Any]:
+            return {"kty": "RSA", "kid": self.kid, "use": "sig", "n": "!!!", "e": "AQAB"}
+
+    issuer.keys.append(Broken("RS256", key.private, kid=key.kid))
+    verifier = await verifier_for(issuer, session)
+    _refused(await verifier.verify(issuer.token(key)), "the access token is malformed")
+
+
+@pytest.mark.parametrize(
+    ("changes", "usable"),
+    [
+        ({}, True),
+        ({"alg": "ES256"}, True),
+        ({"alg": "ES384"}, False),  # a key made for another algorithm
+        ({"use": "enc"}, False),  # an encryption key
+        ({"use": "sig"}, True),
+        ({"kty": "RSA"}, False),  # a key of another family
+    ],
+)
+async def test_keys_are_filtered_by_alg_use_and_family(
+    changes: dict[str, str], usable: bool, issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    from sidecar.inbound.auth import key_matches_alg
+
+    key = make_key("ES256")
+    jwk = {k: v for k, v in {**key.jwk, **changes}.items() if k not in ("alg", "use") or k in changes}
+    assert key_matches_alg(jwk, "ES256") is usable
+    verifier = await verifier_for(issuer, session)
+    verifier._jwks._keys = [jwk]  # noqa: SLF001
+    result = await verifier.verify(issuer.token(key))
+    if usable:
+        assert isinstance(result, Principal)
+    else:
+        _refused(result, "not signed by a key of the trusted issuer")
+
+
+def test_key_family_needs_the_right_kty() -> None:
+    from sidecar.inbound.auth import key_matches_alg
+
+    assert key_matches_alg({"kty": "RSA"}, "PS256") and key_matches_alg({"kty": "OKP"}, "EdDSA")
+    assert not key_matches_alg({"kty": "oct"}, "HS256")
+    assert not key_matches_alg({}, "RS256")
+
+
+async def test_unknown_kid_after_the_first_load_refreshes_the_jwks(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    old = make_key("ES256")
+    issuer.keys.append(old)
+    verifier = await verifier_for(issuer, session, jwks_min_refresh_interval_s=0)
+    assert isinstance(await verifier.verify(issuer.token(old)), Principal)
+    assert issuer.jwks_fetches == 1  # a known kid does not refetch
+    new = make_key("ES256")
+    issuer.keys.append(new)
+    assert isinstance(await verifier.verify(issuer.token(new)), Principal)
+    assert issuer.jwks_fetches == 2
+
+
+class _Clock:
+    """`time` as the verifier sees it, with the wall clock moved on (monotonic left alone)."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+async def test_cached_tokens_expire_with_the_leeway(
+    issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.inbound import auth
+
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, leeway_s=30)
+    exp = int(time.time()) + 300
+    token = issuer.token(key, exp=exp)
+    assert isinstance(await verifier.verify(token), Principal)
+    verifier._jwks._keys = []  # noqa: SLF001 (from here on only the cache can answer)
+    clock = _Clock(exp + 20 - time.time())
+    monkeypatch.setattr(auth, "time", clock)
+    assert isinstance(await verifier.verify(token), Principal)  # inside the leeway: cached
+    clock.offset = exp + 40 - time.time()
+    _refused(await verifier.verify(token), "the access token has expired")
+    clock.offset = 0
+    # the expired entry was dropped: the next try goes to the (now empty) key set
+    _refused(await verifier.verify(token), "not signed by a key of the trusted issuer")
+
+
+async def test_token_cache_evicts_the_least_recently_used(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, token_cache_size=2)
+    first, second, third = (issuer.token(key, jti=str(n)) for n in range(3))
+    for token in (first, second, first, third):  # `first` is used again, so `second` is the oldest
+        assert isinstance(await verifier.verify(token), Principal)
+    verifier._jwks._keys = []  # noqa: SLF001 (only cached tokens still pass)
+    assert isinstance(await verifier.verify(first), Principal)
+    assert isinstance(await verifier.verify(third), Principal)
+    _refused(await verifier.verify(second), "not signed by a key of the trusted issuer")
+
+
+async def test_no_token_cache_when_its_size_is_zero(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, token_cache_size=0)
+    token = issuer.token(key)
+    assert isinstance(await verifier.verify(token), Principal)
+    verifier._jwks._keys = []  # noqa: SLF001
+    _refused(await verifier.verify(token), "not signed by a key of the trusted issuer")
+
+
+async def test_refusals_are_401_invalid_token(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    head = b64(json.dumps({"alg": "ES256", "kid": key.kid}).encode())
+    _refused(await verifier.verify("not-a-jwt"), "not a JWT")
+    # PyJWT itself refuses a payload that is not a JSON object
+    _refused(await verifier.verify(f"{head}.{b64(b'[1, 2]')}.{b64(b'sig')}"), "malformed")
+    _refused(await verifier.verify(f"{head}.{b64(b'{not json')}.{b64(b'sig')}"), "malformed")
+    _refused(await verifier.verify(issuer.token(key, exp="9999999999")), "exp")
+    other = make_key("ES256")
+    other.kid = key.kid
+    _refused(await verifier.verify(issuer.token(other)), "signature is invalid")
+    stranger = make_key("ES256")
+    _refused(await verifier.verify(issuer.token(stranger)), "not signed by a key of the trusted issuer")

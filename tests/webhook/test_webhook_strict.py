@@ -443,3 +443,102 @@ def test_fuzz_strict_rules_never_crash(
     labels = STRICT if strict else ENABLED
     result = engine.inject(copy.deepcopy(pod), labels, WebhookConfig(native_sidecar=native))
     assert result.allowed or result.message
+
+
+# --- decisions pinned down by mutation testing (issue 17) --------------------------------------
+
+
+def test_a_container_after_a_skipped_outrider_container_is_still_checked() -> None:
+    # `skip` names the Outrider containers of an injected pod; the app containers listed after
+    # them (same list) must still be judged.
+    spec = {
+        "initContainers": [{"name": "outrider-proxy", "securityContext": {"privileged": True}}],
+        "containers": [
+            {"name": "outrider-proxy-2", "image": "x", "securityContext": dict(SAFE_SC)},
+            {"name": "app", "securityContext": {**SAFE_SC, "privileged": True}},
+        ],
+    }
+    found = strict_rules.problems(spec, strict=True, skip={"outrider-proxy", "outrider-proxy-2"})
+    assert [p for p in found if "privileged" in p] == [
+        "spec.containers[1] (app).securityContext.privileged is true (a privileged container can rewrite "
+        "the pod's iptables); remove it"
+    ]
+    # the skipped one is really skipped, also in `enabled` namespaces
+    assert not any(
+        "initContainers[0]" in p for p in strict_rules.problems(spec, False, skip={"outrider-proxy"})
+    )
+
+
+def test_a_second_new_debug_container_is_checked_after_an_old_one() -> None:
+    old = with_debugger(injected_pod())
+    new = copy.deepcopy(old)
+    new["spec"]["ephemeralContainers"].append(
+        {"name": "second", "image": "busybox", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}
+    )
+    found = strict_rules.ephemeral_problems(old, new)
+    assert found and all(p.startswith("spec.ephemeralContainers[1] (second)") for p in found)
+    assert any("has NET_ADMIN" in p for p in found)
+
+
+def test_image_swap_that_strips_the_status_annotation_is_refused() -> None:
+    old = injected_pod()
+    new = copy.deepcopy(old)
+    del new["metadata"]["annotations"]["outrider.dev/status"]
+    new["spec"]["initContainers"][1]["image"] = "busybox"
+    assert [p.split(" (")[0] for p in strict_rules.sidecar_image_changes(old, new)] == [
+        "spec.initContainers[1]"
+    ]
+
+
+def test_image_swap_that_forges_the_status_annotation_is_refused() -> None:
+    # The old pod's status names outrider-proxy; the UPDATE rewrites the status to name nothing.
+    old = injected_pod()
+    new = copy.deepcopy(old)
+    new["metadata"]["annotations"]["outrider.dev/status"] = json.dumps(
+        {"initContainers": [], "containers": []}
+    )
+    new["spec"]["initContainers"][1]["image"] = "busybox"
+    assert len(strict_rules.sidecar_image_changes(old, new)) == 1
+    # ...and a status forged onto a pod that had none still guards the containers it names
+    plain = safe_pod()
+    forged = copy.deepcopy(plain)
+    forged["metadata"]["annotations"] = {"outrider.dev/status": json.dumps({"containers": ["app"]})}
+    forged["spec"]["containers"][0]["image"] = "busybox"
+    assert len(strict_rules.sidecar_image_changes(plain, forged)) == 1
+    # an unparsable status names nothing and refuses nothing
+    broken = copy.deepcopy(plain)
+    broken["metadata"]["annotations"] = {"outrider.dev/status": "{not json"}
+    broken["spec"]["containers"][0]["image"] = "busybox"
+    assert strict_rules.sidecar_image_changes(plain, broken) == []
+
+
+def test_image_swap_of_the_classic_layout_sidecar_in_containers_is_refused() -> None:
+    old = engine.inject(safe_pod_without_init(), STRICT, WebhookConfig(native_sidecar=False)).pod
+    index = [c["name"] for c in old["spec"]["containers"]].index("outrider-proxy")
+    new = copy.deepcopy(old)
+    new["spec"]["containers"][index]["image"] = "busybox"
+    [problem] = strict_rules.sidecar_image_changes(old, new)
+    assert problem.startswith(f"spec.containers[{index}] (outrider-proxy).image changed from ")
+
+
+def safe_pod_without_init() -> dict[str, Any]:
+    pod = safe_pod()
+    del pod["spec"]["initContainers"]
+    return pod
+
+
+@pytest.mark.parametrize(
+    ("drop", "refused"),
+    [(["ALL"], False), (["all"], False), (["SETUID", "SETGID"], False), (["SETUID"], True), ([], True)],
+)
+def test_root_container_is_accepted_only_without_setuid_and_setgid(drop: list[str], refused: bool) -> None:
+    pod = safe_pod()
+    pod["spec"]["containers"][0]["securityContext"] = {
+        "runAsUser": 0,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": drop},
+    }
+    result = engine.inject(pod, STRICT, WebhookConfig())
+    assert result.allowed is not refused
+    if refused:
+        assert "spec.containers[0] (app) runs as root with CAP_SETUID/CAP_SETGID" in (result.message or "")

@@ -44,6 +44,33 @@ def test_good_mcp_port(value: str, expected: int | str) -> None:
     assert ann.parse_mcp_port(value) == expected
 
 
+@pytest.mark.parametrize("value", ["0", "65536"])
+def test_mcp_port_range_edges_are_refused(value: str) -> None:
+    with pytest.raises(ann.AnnotationError, match="is out of range"):
+        ann.parse_mcp_port(value)
+
+
+@pytest.mark.parametrize("value", ["1", "65535", 1, 65535])
+def test_mcp_port_range_edges_are_accepted(value: str | int) -> None:
+    assert ann.parse_mcp_port(value) == int(value)
+
+
+@pytest.mark.parametrize("value", ["disabled", "", "Enabled", "true", "strict ", "yes"])
+def test_unknown_namespace_label_value_is_not_an_opt_in(value: str) -> None:
+    labels = {"outrider.dev/inject": value}
+    assert ann.namespace_mode(labels) is None
+    result = engine.inject(_pod(), labels, WebhookConfig())
+    assert result.allowed and not result.injected and result.patch == []
+    assert result.skipped == "namespace is not labelled outrider.dev/inject=enabled|strict"
+    assert result.warnings == ()
+
+
+@pytest.mark.parametrize("value", ["enabled", "strict"])
+def test_known_namespace_label_values_opt_in(value: str) -> None:
+    assert ann.namespace_mode({"outrider.dev/inject": value}) == value
+    assert ann.namespace_mode({}) is None
+
+
 def test_inject_flag_values() -> None:
     assert ann.parse_inject_flag("false", "label") is False
     assert ann.parse_inject_flag("True", "label") is True
