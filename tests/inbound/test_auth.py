@@ -284,10 +284,10 @@ async def test_a_jwks_key_that_fails_to_decode_refuses_the_token(
     issuer.keys.append(key)
     verifier = await verifier_for(issuer, session)
     # the only candidate for this kid is a key PyJWT cannot load: refused, never let in
-    verifier._jwks._keys = [broken]  # noqa: SLF001 (the JWKS as a hostile IdP would serve it)
+    verifier._jwks._keys = [broken]
     _refused(await verifier.verify(issuer.token(key)), "the access token is malformed")
     # a broken key listed before the good one does not hide the good one
-    verifier._jwks._keys = [broken, key.jwk]  # noqa: SLF001
+    verifier._jwks._keys = [broken, key.jwk]
     assert isinstance(await verifier.verify(issuer.token(key)), Principal)
 
 
@@ -326,7 +326,7 @@ async def test_keys_are_filtered_by_alg_use_and_family(
     jwk = {k: v for k, v in {**key.jwk, **changes}.items() if k not in ("alg", "use") or k in changes}
     assert key_matches_alg(jwk, "ES256") is usable
     verifier = await verifier_for(issuer, session)
-    verifier._jwks._keys = [jwk]  # noqa: SLF001
+    verifier._jwks._keys = [jwk]
     result = await verifier.verify(issuer.token(key))
     if usable:
         assert isinstance(result, Principal)
@@ -380,7 +380,7 @@ async def test_cached_tokens_expire_with_the_leeway(
     exp = int(time.time()) + 300
     token = issuer.token(key, exp=exp)
     assert isinstance(await verifier.verify(token), Principal)
-    verifier._jwks._keys = []  # noqa: SLF001 (from here on only the cache can answer)
+    verifier._jwks._keys = []
     clock = _Clock(exp + 20 - time.time())
     monkeypatch.setattr(auth, "time", clock)
     assert isinstance(await verifier.verify(token), Principal)  # inside the leeway: cached
@@ -400,7 +400,7 @@ async def test_token_cache_evicts_the_least_recently_used(
     first, second, third = (issuer.token(key, jti=str(n)) for n in range(3))
     for token in (first, second, first, third):  # `first` is used again, so `second` is the oldest
         assert isinstance(await verifier.verify(token), Principal)
-    verifier._jwks._keys = []  # noqa: SLF001 (only cached tokens still pass)
+    verifier._jwks._keys = []
     assert isinstance(await verifier.verify(first), Principal)
     assert isinstance(await verifier.verify(third), Principal)
     _refused(await verifier.verify(second), "not signed by a key of the trusted issuer")
@@ -412,7 +412,7 @@ async def test_no_token_cache_when_its_size_is_zero(issuer: Issuer, session: aio
     verifier = await verifier_for(issuer, session, token_cache_size=0)
     token = issuer.token(key)
     assert isinstance(await verifier.verify(token), Principal)
-    verifier._jwks._keys = []  # noqa: SLF001
+    verifier._jwks._keys = []
     _refused(await verifier.verify(token), "not signed by a key of the trusted issuer")
 
 
