@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)';
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean
+        mutation bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean
 
 help:
 	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
 	@echo "make demo        the end-to-end Outrider story on this machine"
 	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e"
+	@echo "make mutation    mutation testing of the decision modules (slow; MODULES=... to pick; docs/testing.md)"
 
 $(STAMP): pyproject.toml
 	@test -n '$(BASE_PYTHON)' || PYTHON='$(PYTHON)' scripts/pick-python.sh >/dev/null
@@ -55,6 +56,13 @@ test: venv sysdeps lint typecheck
 
 test-fast: venv
 	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not kubeyaml" $(PYTEST_ARGS)
+
+# Mutation testing (mutmut 3) of the modules that decide allow/deny; not part of `make test` (it is slow).
+# MODULES="webhook/strict.py sidecar/egress/policy.py" runs some of them; the table goes to docs/testing.md.
+MODULES ?=
+mutation: venv
+	@$(BIN)/python -c 'import mutmut' 2>/dev/null || $(BIN)/python -m pip install -q 'mutmut>=3.8,<4'
+	nice -n 19 $(BIN)/python scripts/mutation.py $(MODULES)
 
 certs: venv
 	$(BIN)/outrider certs --out certs
