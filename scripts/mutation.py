@@ -217,8 +217,10 @@ def main(argv: list[str]) -> int:
         scores.append(score)
         print(score.row(), flush=True)
         write_doc(scores, (time.monotonic() - started) / 60)
-    print(f"[mutation] {len(scores)} module(s) in {(time.monotonic() - started) / 60:.1f} min; "
-          f"survivors in .mutation/*.survivors.txt; table in {DOC.relative_to(ROOT)}")
+    print(
+        f"[mutation] {len(scores)} module(s) in {(time.monotonic() - started) / 60:.1f} min; "
+        f"survivors in .mutation/*.survivors.txt; table in {DOC.relative_to(ROOT)}"
+    )
     return 0
 
 
