@@ -30,6 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "testing.md"
 BEGIN, END = "<!-- mutation-table:begin -->", "<!-- mutation-table:end -->"
 MARKERS = "not controlplane and not spire and not keycloak and not root"
+# The "never crashes" fuzzers (300 Hypothesis examples each) pin no decision and would run in full for
+# every surviving mutant; they stay in `make test`.
+DESELECT = "not fuzz and not never_crash and not never_raises"
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-m", MARKERS, "-k", DESELECT]
 
 W = "tests/webhook/"
 E = "tests/egress/"
@@ -131,7 +135,7 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
                 'source_paths = ["webhook", "sidecar"]',
                 f"only_mutate = {_toml_list([module])}",
                 f"also_copy = {_toml_list(top)}",
-                f"pytest_add_cli_args = {_toml_list(['-p', 'no:cacheprovider', '-m', MARKERS, '-q'])}",
+                f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
                 f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
                 "use_git_change_detection = false",
                 "",
