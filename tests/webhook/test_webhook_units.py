@@ -78,6 +78,91 @@ def test_inject_flag_values() -> None:
         ann.parse_inject_flag("no", "annotation")
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"), [(True, True), (False, False), (" FALSE ", False), (None, None)]
+)
+def test_inject_flag_accepts_yaml_booleans(value: Any, expected: bool | None) -> None:
+    assert ann.parse_inject_flag(value, "label") is expected
+
+
+@pytest.mark.parametrize("value", [0, 1, [], {}, "", "off"])
+def test_inject_flag_refuses_other_types(value: Any) -> None:
+    with pytest.raises(ann.AnnotationError, match=r"^label outrider.dev/inject="):
+        ann.parse_inject_flag(value, "label")
+
+
+@pytest.mark.parametrize(
+    ("labels", "annotations", "source"),
+    [
+        ({"outrider.dev/inject": "false"}, {"outrider.dev/inject": "true"}, "label"),
+        ({"outrider.dev/inject": "false"}, {"outrider.dev/inject": "false"}, "label"),
+        ({"outrider.dev/inject": "true"}, {"outrider.dev/inject": "false"}, "annotation"),
+        ({}, {"outrider.dev/inject": "false"}, "annotation"),
+        ({"outrider.dev/inject": "true"}, {}, None),
+        ({}, {}, None),
+    ],
+)
+def test_pod_opt_out_and_where_it_came_from(
+    labels: dict[str, str], annotations: dict[str, str], source: str | None
+) -> None:
+    settings = ann.parse_pod({"labels": labels, "annotations": annotations}, ())
+    assert (settings.opt_out, settings.opt_out_source) == (source is not None, source)
+    result = engine.inject(
+        {**_pod(), "metadata": {"labels": labels, "annotations": annotations}}, ENABLED, WebhookConfig()
+    )
+    assert result.injected is (source is None)
+    if source:
+        where = f"metadata.{source}s[outrider.dev/inject]"
+        assert result.skipped == f'pod opted out with {where}="false"; not injected'
+        refused = engine.inject(
+            {**_pod(), "metadata": {"labels": labels, "annotations": annotations}},
+            {"outrider.dev/inject": "strict"},
+            WebhookConfig(),
+        )
+        assert not refused.allowed and (refused.message or "").startswith(f'{where}="false": opting out')
+
+
+def test_pod_settings_read_every_annotation() -> None:
+    settings = ann.parse_pod(
+        {
+            "annotations": {
+                "outrider.dev/mcp-port": "9000",
+                "outrider.dev/token-audience": "https://a",
+                "outrider.dev/status": "{}",
+            }
+        },
+        ("https://a",),
+    )
+    assert (settings.mcp_port, settings.token_audience, settings.already_injected) == (
+        9000,
+        "https://a",
+        True,
+    )
+    bare = ann.parse_pod({"labels": "not a map", "annotations": None}, ())
+    assert bare == ann.PodSettings()
+
+
+def test_unknown_keys_are_only_outrider_ones_sorted() -> None:
+    metadata = {
+        "annotations": {
+            "outrider.dev/zz": "1",
+            "outrider.dev/aa": "1",
+            "outrider.dev/mcp-port": "8080",
+            "example.com/outrider.dev/x": "1",
+            7: "not a string key",
+        }
+    }
+    assert ann.unknown_keys(metadata) == ["outrider.dev/aa", "outrider.dev/zz"]
+
+
+def test_token_audience_shape_and_absence() -> None:
+    assert ann.parse_token_audience(None, ()) is None
+    assert ann.parse_token_audience(" https://a ", ("https://a",)) == "https://a"
+    for bad in ("has space", "quote'd", "", "x" * 513):
+        with pytest.raises(ann.AnnotationError, match="is not a valid audience"):
+            ann.parse_token_audience(bad, ("https://a",))
+
+
 def test_token_audience_only_narrows() -> None:
     assert ann.parse_token_audience("https://a", ("https://a", "https://b")) == "https://a"
     with pytest.raises(ann.AnnotationError, match="allowed values: https://a"):
