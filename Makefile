@@ -10,13 +10,16 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)';
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        mutation bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean
+        mutation bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean \
+        node node-down node-test
 
 help:
 	@echo "make test        lint + mypy + the whole test suite (builds/caches real upstream parts)"
 	@echo "make demo        the end-to-end Outrider story on this machine"
-	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e"
+	@echo "make node        a real one-node Kubernetes with SPIRE on this machine (root; docs/node.md)"
+	@echo "make node-down   remove it and restore the host"
 	@echo "make mutation    mutation testing of the decision modules (slow; MODULES=... to pick; docs/testing.md)"
+	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|node-test"
 
 $(STAMP): pyproject.toml
 	@test -n '$(BASE_PYTHON)' || PYTHON='$(PYTHON)' scripts/pick-python.sh >/dev/null
@@ -52,10 +55,10 @@ spire:
 
 test: venv sysdeps lint typecheck
 	@scripts/build-upstream.sh all >/dev/null
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not node" $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not kubeyaml" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not kubeyaml and not node" $(PYTEST_ARGS)
 
 # Mutation testing (mutmut 3) of the modules that decide allow/deny; not part of `make test` (it is slow).
 # MODULES="webhook/strict.py sidecar/egress/policy.py" runs some of them; the table goes to docs/testing.md.
@@ -91,6 +94,17 @@ bench-egress: venv sysdeps
 
 bench-policy: venv sysdeps
 	$(BIN)/python bench/bench_policy.py
+
+node: venv
+	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
+	@$(BIN)/python -m localnode up
+
+node-down: venv
+	@$(BIN)/python -m localnode down
+
+node-test: venv
+	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
+	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 
 kind-e2e:
 	@scripts/kind-e2e.sh

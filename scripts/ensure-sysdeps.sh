@@ -10,6 +10,14 @@ command -v unzip >/dev/null || need+=(unzip)
 command -v pgrep >/dev/null || need+=(procps)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v redis-server >/dev/null || need+=(redis-server)
+# `make node` (OUTRIDER_NODE_DEPS=1): containerd + runc, the CNI plugins, gcc for the pause binary
+if [[ "${OUTRIDER_NODE_DEPS:-0}" == 1 ]]; then
+  command -v containerd >/dev/null || need+=(containerd)
+  command -v runc >/dev/null || need+=(runc)
+  [[ -x /usr/lib/cni/bridge ]] || need+=(containernetworking-plugins)
+  command -v gcc >/dev/null || need+=(gcc libc6-dev)
+  [[ -x /bin/busybox ]] || need+=(busybox-static)
+fi
 [[ ${#need[@]} -eq 0 ]] && exit 0
 if [[ $(id -u) -ne 0 ]]; then
   echo "[sysdeps] missing ${need[*]}; not root, so not installing (tests needing them will skip)" >&2
