@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "testing.md"
 BEGIN, END = "<!-- mutation-table:begin -->", "<!-- mutation-table:end -->"
-MARKERS = "not controlplane and not spire and not keycloak and not root"
+MARKERS = "not controlplane and not spire and not keycloak and not root and not node"
 # The "never crashes" fuzzers (300 Hypothesis examples each) pin no decision and would run in full for
 # every surviving mutant; they stay in `make test`.
 DESELECT = "not fuzz and not never_crash and not never_raises"
