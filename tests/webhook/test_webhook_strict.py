@@ -542,3 +542,14 @@ def test_root_container_is_accepted_only_without_setuid_and_setgid(drop: list[st
     assert result.allowed is not refused
     if refused:
         assert "spec.containers[0] (app) runs as root with CAP_SETUID/CAP_SETGID" in (result.message or "")
+
+
+def test_refusal_message_shapes() -> None:
+    head = (
+        "namespace is labelled outrider.dev/inject=strict, which refuses pods that could escape the sidecar"
+    )
+    assert strict_rules.refusal(["p1"]) == f"p1 ({head})"
+    assert strict_rules.refusal(["p1", "p2"]) == f"{head}: [1] p1. [2] p2."
+    many = strict_rules.refusal([f"p{n}" for n in range(1, 9)])
+    assert many == f"{head}: " + " ".join(f"[{n}] p{n}." for n in range(1, 7)) + " (and 2 more)"
+    assert strict_rules.refusal(["p1", "p2", "p3"], limit=1) == f"p1 (and 2 more) ({head})"
