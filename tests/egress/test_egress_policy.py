@@ -302,3 +302,60 @@ def test_reload_keeps_open_only_the_tunnels_the_new_policy_allows() -> None:
     # a name may not keep a tunnel to a special address open without a CIDR rule for it
     assert not connection_allowed(by_name, "api.example.com", ipaddress.ip_address("169.254.169.254"), 443)
     assert not connection_allowed(Policy(), "api.example.com", ip, 443)
+
+
+def test_resolved_form_is_exact() -> None:
+    pol = policy({"host": "*.example.com", "ports": ["8000-8100", 443]}, "10.0.0.0/8:*", source="ns")
+    assert pol.to_mapping() == {
+        "version": 1,
+        "layers": [
+            {
+                "source": "ns",
+                "allow": [
+                    {"host": "*.example.com", "ports": ["443", "8000-8100"]},
+                    {"cidr": "10.0.0.0/8", "ports": ["*"]},
+                ],
+            }
+        ],
+    }
+
+
+def test_name_addresses_skips_repeats_and_special_ones_but_keeps_going() -> None:
+    from sidecar.egress.policy import name_addresses
+
+    pol = policy("*.example.com:443")
+    a, b = ipaddress.ip_address("203.0.113.7"), ipaddress.ip_address("203.0.113.8")
+    metadata = ipaddress.ip_address("169.254.169.254")
+    mapped = ipaddress.ip_address("::ffff:203.0.113.7")
+    assert name_addresses(pol, "api.example.com", [a, mapped, metadata, b], 443) == [a, b]
+    narrow = policy("api.example.com:443").narrowed(
+        RuleSet("ns", parse_rules(["203.0.113.8/32:443"], "ns")[0])
+    )
+    assert name_addresses(narrow, "api.example.com", [a, b], 443) == [b]
+
+
+def test_rule_errors_show_mappings_as_written() -> None:
+    _, errors = parse_rules([{"host": "bad host", "ports": [443]}], "pod")
+    assert [str(e) for e in errors] == [
+        "pod [0]: egress rule 'host: bad host, ports: [443]': label 'bad host' is not a valid host name label"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("allow", "kind"), [("api.example.com", "str"), ({"host": "a.example"}, "dict"), (7, "int")]
+)
+def test_allow_must_be_a_list(allow: object, kind: str) -> None:
+    with pytest.raises(PolicyError, match=rf"^ns: 'allow' must be a list of rules, not {kind}$"):
+        parse_policy({"allow": allow}, "ns")
+    with pytest.raises(PolicyError, match=rf"^L: 'allow' must be a list of rules, not {kind}$"):
+        parse_policy({"layers": [{"source": "L", "allow": allow}]}, "ns")
+
+
+def test_union_keeps_both_sides_once_under_the_new_source() -> None:
+    from sidecar.egress.policy import union
+
+    first = RuleSet("a", parse_rules(["a.example", "b.example"], "a")[0])
+    second = RuleSet("b", parse_rules(["b.example", "c.example"], "b")[0])
+    merged = union(first, second, "a+b")
+    assert merged.source == "a+b"
+    assert [str(r) for r in merged.rules] == ["a.example", "b.example", "c.example"]
