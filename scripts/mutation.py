@@ -167,7 +167,16 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
         ).stdout
         report = ROOT / ".mutation" / (module.replace("/", "_") + ".survivors.txt")
         report.parent.mkdir(exist_ok=True)
-        report.write_text(survivors)
+        with report.open("w") as fh:
+            for line in survivors.splitlines():
+                name = line.strip().partition(":")[0]
+                if not name:
+                    continue
+                shown = subprocess.run(
+                    [str(mutmut), "show", name], cwd=scratch, capture_output=True, text=True, check=False
+                ).stdout
+                diff = [d for d in shown.splitlines() if d[:2] in ("- ", "+ ")]
+                fh.write(f"{line.strip()}\n" + "".join(f"    {d}\n" for d in diff))
         if keep:
             print(f"[mutation] kept {scratch}")
         other = stats["skipped"] + stats["suspicious"] + stats["segfault"]
