@@ -359,3 +359,39 @@ def test_union_keeps_both_sides_once_under_the_new_source() -> None:
     merged = union(first, second, "a+b")
     assert merged.source == "a+b"
     assert [str(r) for r in merged.rules] == ["a.example", "b.example", "c.example"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (["a.example"], "f: an egress policy must be a mapping, not list"),
+        ({"layers": "a.example"}, "f: 'layers' must be a list"),
+        ({"layers": {"source": "x"}}, "f: 'layers' must be a list"),
+        (
+            {"layers": [{"source": "x", "allow": []}, "a.example"]},
+            "f: layers[1] must be a mapping with 'source' and 'allow'",
+        ),
+    ],
+)
+def test_malformed_documents_say_where(data: object, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(data, "f")  # type: ignore[arg-type]
+    assert str(err.value) == message
+
+
+def test_plain_and_layered_documents_name_their_sources() -> None:
+    plain, _ = parse_policy({"allow": ["a.example"]}, "file")
+    assert [layer.source for layer in plain.layers] == ["file"]
+    verdict = decide(plain, Destination(port=443, name="a.example"))
+    assert (verdict.allowed, verdict.source, verdict.rule) == (True, "file", "a.example")
+    layered, _ = parse_policy(
+        {"layers": [{"allow": ["a.example"]}, {"source": "ns", "allow": ["b.example"]}]}, "f"
+    )
+    assert [layer.source for layer in layered.layers] == ["f layer 0", "ns"]
+    denied = decide(layered, Destination(port=443, name="a.example"))
+    assert (denied.allowed, denied.source) == (False, "ns")
+    assert denied.reason == "default deny: no rule in ns matches"
+    assert parse_policy(None, "f") == (Policy(), ())
+    assert (
+        decide(Policy(), Destination(port=443, name="a.example")).reason == "default deny: no egress policy"
+    )
