@@ -163,6 +163,54 @@ def test_token_audience_shape_and_absence() -> None:
             ann.parse_token_audience(bad, ("https://a",))
 
 
+def test_pod_policy_annotation_is_read_and_checked() -> None:
+    text = "forbid(principal, action, resource);"
+    settings = ann.parse_pod({"annotations": {"outrider.dev/policy": text}}, ())
+    assert settings.policy == text
+    assert ann.parse_pod({"annotations": {"outrider.dev/inject": "true"}}, ()).policy is None
+    with pytest.raises(ann.AnnotationError, match=r"^annotation outrider.dev/policy.*permit"):
+        ann.parse_pod({"annotations": {"outrider.dev/policy": "permit(principal, action, resource);"}}, ())
+    with pytest.raises(
+        ann.AnnotationError, match=r"^annotation outrider.dev/policy: must be Cedar policy text$"
+    ):
+        ann.parse_policy(["forbid"])
+
+
+@pytest.mark.parametrize("where", ["label", "annotation"])
+def test_bad_inject_value_names_label_or_annotation(where: str) -> None:
+    metadata = {f"{where}s": {"outrider.dev/inject": "no"}}
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_pod(metadata, ())
+    assert (
+        str(err.value)
+        == f"""{where} outrider.dev/inject='no' is not valid; allowed values: "true", "false\""""
+    )
+
+
+def test_mcp_port_and_audience_messages_say_what_is_allowed() -> None:
+    allowed = "a port number 1-65535 or the name of a containerPort of an app container"
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_mcp_port("0")
+    assert str(err.value) == f"annotation outrider.dev/mcp-port='0' is out of range; allowed: {allowed}"
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_mcp_port("Bad Name")
+    assert str(err.value) == f"annotation outrider.dev/mcp-port='Bad Name' is not valid; allowed: {allowed}"
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_mcp_port("15020")
+    assert "(15001, 15006, 15020); move the MCP server to another port" in str(err.value)
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_token_audience("a b", ("x",))
+    assert str(err.value).endswith("(a URI or client id without spaces or quotes)")
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_token_audience("c", ("a", "b"))
+    assert str(err.value).endswith("allowed values: a, b")
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_token_audience("c", ())
+    assert str(err.value).endswith(
+        "allows no token audiences (token_audiences is empty); ask the operator to add it"
+    )
+
+
 def test_token_audience_only_narrows() -> None:
     assert ann.parse_token_audience("https://a", ("https://a", "https://b")) == "https://a"
     with pytest.raises(ann.AnnotationError, match="allowed values: https://a"):
