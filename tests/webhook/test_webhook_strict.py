@@ -553,3 +553,96 @@ def test_refusal_message_shapes() -> None:
     many = strict_rules.refusal([f"p{n}" for n in range(1, 9)])
     assert many == f"{head}: " + " ".join(f"[{n}] p{n}." for n in range(1, 7)) + " (and 2 more)"
     assert strict_rules.refusal(["p1", "p2", "p3"], limit=1) == f"p1 (and 2 more) ({head})"
+
+
+def test_every_strict_message_in_full() -> None:
+    # One pod with every problem at once: the messages users read, verbatim and in order.
+    spec = {
+        "securityContext": {"fsGroup": 15337, "supplementalGroups": [15337]},
+        "hostPID": True,
+        "hostIPC": True,
+        "shareProcessNamespace": True,
+        "volumes": [
+            {"name": "h", "hostPath": {"path": "/"}},
+            {"name": "svid", "csi": {"driver": "csi.spiffe.io"}},
+        ],
+        "ephemeralContainers": [{"name": "dbg"}],
+        "containers": [
+            {
+                "name": "outrider-x",
+                "securityContext": {"runAsUser": 0, "capabilities": {"add": ["NET_ADMIN", "SYS_PTRACE"]}},
+                "volumeMounts": [{"name": "svid", "mountPath": "/s"}],
+            },
+            {"name": "b"},
+        ],
+    }
+    assert strict_rules.problems(spec, strict=True) == [
+        "spec.securityContext.fsGroup is 15337, the sidecar's GID, which every container would get as a supplementary group; pick another fsGroup",  # noqa: E501
+        "spec.securityContext.supplementalGroups contains 15337, the sidecar's GID; remove it",
+        "spec.hostPID is true: it shares the node's processes (nsenter into the node's network); set hostPID: false",  # noqa: E501
+        "spec.hostIPC is true: it shares the node's IPC namespace; set hostIPC: false",
+        "spec.shareProcessNamespace is true: app containers could signal the sidecar or read its /proc (tokens, SVID keys); set shareProcessNamespace: false",  # noqa: E501
+        "spec.volumes[0] (h).hostPath exposes the node's filesystem (a container runtime socket or /proc there runs code outside the sidecar); use another volume type",  # noqa: E501
+        "spec.ephemeralContainers is set at creation; remove it (add debug containers later with kubectl debug --profile=restricted)",  # noqa: E501
+        "spec.containers[0] (outrider-x).securityContext.capabilities.add has NET_ADMIN, SYS_PTRACE (they let the container bypass or rewrite the traffic capture); remove them",  # noqa: E501
+        "spec.containers[0] (outrider-x).securityContext.allowPrivilegeEscalation is not false: a setuid program in the image could switch to UID 15337; set allowPrivilegeEscalation: false",  # noqa: E501
+        'spec.containers[0] (outrider-x) runs as root with CAP_SETUID/CAP_SETGID, so it can switch to UID 15337; run it as non-root or set spec.containers[0] (outrider-x).securityContext.capabilities.drop: ["ALL"]',  # noqa: E501
+        "spec.containers[0] (outrider-x).name starts with 'outrider-', which operators read as an Outrider container; rename it",  # noqa: E501
+        "spec.containers[0] (outrider-x).volumeMounts[0] mounts svid, a SPIFFE Workload API volume: the app could take the pod's SVID and act as the sidecar; only outrider-proxy may mount it, remove the mount",  # noqa: E501
+        "spec.containers[1] (b).securityContext.runAsUser is not set (nor spec.securityContext.runAsUser): the image's USER could be 15337, whose traffic is never captured; set runAsUser to the UID the image runs as",  # noqa: E501
+        "spec.containers[1] (b).securityContext.allowPrivilegeEscalation is not false: a setuid program in the image could switch to UID 15337; set allowPrivilegeEscalation: false",  # noqa: E501
+        "spec.ephemeralContainers[0] (dbg).securityContext.runAsUser is not set (nor spec.securityContext.runAsUser): the image's USER could be 15337, whose traffic is never captured; set runAsUser to the UID the image runs as",  # noqa: E501
+        "spec.ephemeralContainers[0] (dbg).securityContext.allowPrivilegeEscalation is not false: a setuid program in the image could switch to UID 15337; set allowPrivilegeEscalation: false",  # noqa: E501
+    ]
+
+
+def test_enabled_namespaces_warn_only_about_hard_capabilities_of_every_container() -> None:
+    spec = {
+        "containers": [
+            {"name": "a", "securityContext": {"capabilities": {"add": ["SETUID", "SYS_PTRACE", "SETGID"]}}},
+            {"name": "b", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}},
+        ]
+    }
+    assert [p.split(".securityContext")[0] for p in strict_rules.problems(spec, strict=False)] == [
+        "spec.containers[1] (b)"
+    ]
+
+
+def test_pod_level_run_as_user_is_inherited_in_strict() -> None:
+    pod = safe_pod()
+    pod["spec"]["securityContext"] = {"runAsUser": 1000}
+    for c in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
+        c["securityContext"].pop("runAsUser")
+    assert engine.inject(pod, STRICT, WebhookConfig()).allowed
+    pod["spec"]["securityContext"] = {"runAsUser": 0}
+    pod["spec"]["containers"][0]["securityContext"]["capabilities"] = {"drop": ["NET_RAW"]}
+    message = engine.inject(pod, STRICT, WebhookConfig()).message or ""
+    assert "spec.containers[0] (app) runs as root with CAP_SETUID/CAP_SETGID" in message
+
+
+def test_ordinary_volume_mounts_are_fine_in_strict() -> None:
+    pod = safe_pod()
+    pod["spec"]["volumes"] = [
+        {"name": "data", "emptyDir": {}},
+        {"name": "other-csi", "csi": {"driver": "x.example"}},
+    ]
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "data", "mountPath": "/data"},
+        {"name": "other-csi", "mountPath": "/x"},
+    ]
+    assert engine.inject(pod, STRICT, WebhookConfig()).allowed
+    assert strict_rules.problems(pod["spec"], strict=True) == []
+
+
+def test_debug_container_inherits_the_pods_run_as_user() -> None:
+    old = injected_pod()
+    old["spec"]["securityContext"] = {"runAsUser": 1000}
+    new = with_debugger(
+        old, securityContext={"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    )
+    assert strict_rules.ephemeral_problems(old, new) == []
+    old["spec"]["securityContext"] = {"runAsUser": 15337}
+    new["spec"]["securityContext"] = {"runAsUser": 15337}
+    assert any(
+        "spec.securityContext.runAsUser is 15337" in p for p in strict_rules.ephemeral_problems(old, new)
+    )
