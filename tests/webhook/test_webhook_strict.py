@@ -646,3 +646,18 @@ def test_debug_container_inherits_the_pods_run_as_user() -> None:
     assert any(
         "spec.securityContext.runAsUser is 15337" in p for p in strict_rules.ephemeral_problems(old, new)
     )
+
+
+def test_odd_shapes_in_mounts_and_names_are_judged_not_crashed_on() -> None:
+    spec = {
+        "volumes": [{"name": "svid", "csi": {"driver": "csi.spiffe.io"}}],
+        "containers": [
+            {"name": 7, "securityContext": dict(SAFE_SC), "volumeMounts": ["svid", 7, {"name": "svid"}]}
+        ],
+    }
+    found = strict_rules.problems(spec, strict=True)
+    assert found == [
+        "spec.containers[0] (7).volumeMounts[2] mounts svid, a SPIFFE Workload API volume: the app could take "
+        "the pod's SVID and act as the sidecar; only outrider-proxy may mount it, remove the mount"
+    ]
+    assert strict_rules.name_of({"name": 7}) is None and strict_rules.name_of("app") is None
