@@ -657,7 +657,7 @@ def test_odd_shapes_in_mounts_and_names_are_judged_not_crashed_on() -> None:
     }
     found = strict_rules.problems(spec, strict=True)
     assert found == [
-        "spec.containers[0] (7).volumeMounts[2] mounts svid, a SPIFFE Workload API volume: the app could take "
-        "the pod's SVID and act as the sidecar; only outrider-proxy may mount it, remove the mount"
+        "spec.containers[0] (7).volumeMounts[2] mounts svid, a SPIFFE Workload API volume: the app could "
+        "take the pod's SVID and act as the sidecar; only outrider-proxy may mount it, remove the mount"
     ]
     assert strict_rules.name_of({"name": 7}) is None and strict_rules.name_of("app") is None
