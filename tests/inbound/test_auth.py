@@ -431,3 +431,67 @@ async def test_refusals_are_401_invalid_token(issuer: Issuer, session: aiohttp.C
     _refused(await verifier.verify(issuer.token(other)), "signature is invalid")
     stranger = make_key("ES256")
     _refused(await verifier.verify(issuer.token(stranger)), "not signed by a key of the trusted issuer")
+
+
+def test_metadata_document_and_challenges_in_full() -> None:
+    config = InboundConfig.from_mapping(
+        {
+            "issuer": "https://idp.example",
+            "resource": RESOURCE,
+            "required_scopes": ["mcp:tools", "mcp:read"],
+            "algorithms": ["ES256", "RS256"],
+        }
+    )
+    assert metadata_url("https://mcp.example.com/a/b/?q=1#f") == (
+        "https://mcp.example.com/.well-known/oauth-protected-resource/a/b"
+    )
+    assert protected_resource_metadata(config) == {
+        "resource": RESOURCE,
+        "authorization_servers": ["https://idp.example"],
+        "bearer_methods_supported": ["header"],
+        "resource_signing_alg_values_supported": ["ES256", "RS256"],
+        "scopes_supported": ["mcp:tools", "mcp:read"],
+    }
+    no_scopes = InboundConfig.from_mapping({"issuer": "https://idp.example", "resource": RESOURCE})
+    assert "scopes_supported" not in protected_resource_metadata(no_scopes)
+    meta = f'resource_metadata="{metadata_url(RESOURCE)}"'
+    assert www_authenticate(AuthFailure(403, "insufficient_scope", "lacks"), config) == (
+        f'Bearer {meta}, error="insufficient_scope", error_description="lacks", scope="mcp:tools mcp:read"'
+    )
+    # only printable ASCII without quotes or backslashes goes into the header
+    assert www_authenticate(AuthFailure(401, "invalid_token", 'a\\b"c\x7fd\x1fé ok'), config) == (
+        f'Bearer {meta}, error="invalid_token", error_description="abcd ok"'
+    )
+    assert www_authenticate(AuthFailure(401, "invalid_token", "x"), no_scopes) == (
+        f'Bearer {meta}, error="invalid_token", error_description="x"'
+    )
+    assert www_authenticate(AuthFailure(401, None, "no credentials"), config) == f"Bearer {meta}"
+
+
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [
+        ({"scope": "a b"}, ("a", "b")),
+        ({"scp": ["a", 7, "b"]}, ("a", "b")),
+        ({"scp": "a  b"}, ("a", "b")),
+        ({"scope": "a", "scp": ["b"]}, ("a",)),
+        ({"scp": 7}, ()),
+        ({}, ()),
+    ],
+)
+def test_scopes_from_scope_or_scp(claims: dict[str, Any], scopes: tuple[str, ...]) -> None:
+    from sidecar.inbound.auth import principal_from_claims
+
+    assert principal_from_claims({"sub": "a", **claims}).scopes == scopes
+
+
+def test_delegation_chain_is_bounded_and_skips_odd_subjects() -> None:
+    from sidecar.inbound.auth import principal_from_claims
+
+    act: dict[str, Any] = {"sub": "last"}
+    for n in range(30):
+        act = {"sub": f"a{n}", "act": act}
+    chain = principal_from_claims({"sub": "x", "act": act}).delegation
+    assert len(chain) == 16 and chain[0] == "a29" and chain[-1] == "a14"
+    odd = principal_from_claims({"sub": "x", "act": {"sub": 7, "act": {"sub": "b"}}}).delegation
+    assert odd == ("b",)
