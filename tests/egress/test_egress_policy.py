@@ -395,3 +395,42 @@ def test_plain_and_layered_documents_name_their_sources() -> None:
     assert (
         decide(Policy(), Destination(port=443, name="a.example")).reason == "default deny: no egress policy"
     )
+
+
+def test_names_normalise_with_uts46_and_length_edges() -> None:
+    assert normalize_name(" API.Example.COM. ") == "api.example.com"
+    assert normalize_name("ｅｘａｍｐｌｅ.com") == "example.com"  # noqa: RUF001 (fullwidth, mapped by UTS 46)
+    assert normalize_name("Bücher.example") == "xn--bcher-kva.example"
+    label = "a" * 63
+    exact = ".".join([label, label, label, "a" * 61])  # 253 characters
+    assert normalize_name(exact) == exact
+    with pytest.raises(ValueError, match=r"^host name longer than 253 characters$"):
+        normalize_name(exact + "a")
+    for raw, message in (
+        ("  . ", "empty host name"),
+        ("10.0.0.1", "an IP address is not a host name (use a CIDR rule)"),
+        ("[::1]", "an IP address is not a host name (use a CIDR rule)"),
+    ):
+        with pytest.raises(ValueError) as err:
+            normalize_name(raw)
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"^not a valid internationalised host name \("):
+        normalize_name("a\u200db.example")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("*.example.com", "*.example.com"),
+        ("*.example.com:8443", "*.example.com:8443"),
+        ("api.example.com:*", "api.example.com:*"),
+        ("api.example.com:80,443", "api.example.com"),
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("[fd00::/8]:443", "[fd00::/8]:443"),
+    ],
+)
+def test_rules_print_as_written(text: str, shown: str) -> None:
+    rule = (
+        parse_rule(text) if "," not in text else parse_rule({"host": "api.example.com", "ports": [80, 443]})
+    )
+    assert str(rule) == shown
