@@ -434,3 +434,21 @@ def test_rules_print_as_written(text: str, shown: str) -> None:
         parse_rule(text) if "," not in text else parse_rule({"host": "api.example.com", "ports": [80, 443]})
     )
     assert str(rule) == shown
+
+
+def test_destination_for_keeps_port_and_original_address() -> None:
+    original = ipaddress.ip_address("203.0.113.9")
+    assert destination_for(None, 8443, original) == Destination(port=8443, ip=original)
+    assert destination_for("API.example.com", 443, original) == Destination(
+        port=443, name="api.example.com", ip=original
+    )
+    assert destination_for("bad name!", 80, original) == Destination(port=80, ip=original)
+    assert destination_for("[::1]", 80, original) == Destination(port=80, ip=ipaddress.ip_address("::1"))
+
+
+def test_bad_labels_name_the_label() -> None:
+    with pytest.raises(ValueError) as err:
+        normalize_name("ok.-bad-.example")
+    assert str(err.value) == "label '-bad-' is not a valid host name label"
+    with pytest.raises(ValueError, match=r"^label 'xn--zz' is not a valid IDNA A-label \("):
+        normalize_name("xn--zz.example")
