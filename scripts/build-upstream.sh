@@ -6,6 +6,7 @@
 #   scripts/build-upstream.sh spire          # spire-server + spire-agent + oidc-discovery-provider
 #   scripts/build-upstream.sh spire-oidc     # only SPIRE's oidc-discovery-provider (same SPIRE module)
 #   scripts/build-upstream.sh kubeyaml       # kubectl's own YAML reader as a stdin->JSON tool (tests)
+#   scripts/build-upstream.sh helm           # helm v3 (the chart's lint/template/install tests)
 #   scripts/build-upstream.sh all
 #
 # Prints the bin directory on its last line. A second run with the cache present costs ~0 s.
@@ -14,6 +15,7 @@ set -euo pipefail
 K8S_VERSION="${OUTRIDER_K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${OUTRIDER_ETCD_VERSION:-v3.6.16}"
 SPIRE_VERSION="${OUTRIDER_SPIRE_VERSION:-v1.13.3}"
+HELM_VERSION="${OUTRIDER_HELM_VERSION:-v3.19.0}"
 # The sigs.k8s.io/yaml that k8s.io/apimachinery of K8S_VERSION requires (checked after resolving).
 SIGS_YAML_VERSION="${OUTRIDER_SIGS_YAML_VERSION:-v1.6.0}"
 CACHE="${OUTRIDER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outrider}"
@@ -99,6 +101,26 @@ build_spire_oidc() {
   log "SPIRE: built $out/bin/oidc-discovery-provider"
 }
 
+build_helm() {
+  local out="$CACHE/helm-$HELM_VERSION"
+  if [[ -x "$out/bin/helm" ]]; then log "helm $HELM_VERSION cached in $out/bin"; return; fi
+  need_go
+  local work="$out/src"; mkdir -p "$work" "$out/bin"
+  printf 'module outrider.local/helm\n\ngo 1.24\n' > "$work/go.mod"
+  log "helm $HELM_VERSION: resolving helm.sh/helm/v3"
+  (cd "$work" && go get -tool "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2)
+  # as helm's Makefile does: the Kubernetes version `helm template`/`lint` assume is client-go's
+  local minor; minor="$(cd "$work" && go list -m -f '{{.Version}}' k8s.io/client-go | cut -d. -f2)"
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  local pkg; for pkg in pkg/chartutil pkg/lint/rules; do
+    ld+=" -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$minor"
+  done
+  log "helm: compiling (assumes Kubernetes 1.$minor)"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "$ld" -o "$out/bin/helm.tmp" helm.sh/helm/v3/cmd/helm)
+  mv "$out/bin/helm.tmp" "$out/bin/helm"
+  log "helm: built $out/bin/helm"
+}
+
 # kubeyaml: apimachinery's NewYAMLOrJSONDecoder (what kubectl reads manifests with) behind stdin.
 # Keyed by the Kubernetes version and the helper's source, so an edit rebuilds it.
 KUBEYAML_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kubeyaml"
@@ -129,6 +151,7 @@ case "${1:-all}" in
   spire) build_spire; build_spire_oidc; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
   spire-oidc) build_spire_oidc; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
   kubeyaml) build_kubeyaml; echo "$(kubeyaml_dir)/bin" ;;
-  all) build_etcd; build_kube_apiserver; build_spire; build_spire_oidc; build_kubeyaml ;;
-  *) log "usage: $0 controlplane|spire|spire-oidc|kubeyaml|all"; exit 2 ;;
+  helm) build_helm; echo "$CACHE/helm-$HELM_VERSION/bin" ;;
+  all) build_etcd; build_kube_apiserver; build_spire; build_spire_oidc; build_kubeyaml; build_helm ;;
+  *) log "usage: $0 controlplane|spire|spire-oidc|kubeyaml|helm|all"; exit 2 ;;
 esac

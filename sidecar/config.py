@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.config_error import ConfigError
 from sidecar.config_merge import deep_merge
 from sidecar.egress.config import EgressConfig
 from sidecar.exchange.config import ExchangeConfig
@@ -25,9 +26,7 @@ from sidecar.telemetry.config import TelemetryConfig
 
 SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry", "policy")
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key, the value and what is allowed."""
+__all__ = ["ConfigError", "SidecarConfig", "load", "load_raw", "parse", "validate", "yaml_problem"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,10 @@ class PodInfo:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PodInfo:
+        _known(data, "pod", ("name", "namespace"))
+        for key in ("name", "namespace"):
+            if data.get(key) is not None and not isinstance(data.get(key), str):
+                raise ConfigError(f"pod.{key}: {data.get(key)!r} must be a string")
         return cls(
             name=data.get("name") or os.environ.get("OUTRIDER_POD_NAME"),
             namespace=data.get("namespace") or os.environ.get("OUTRIDER_POD_NAMESPACE"),
@@ -50,7 +53,11 @@ class AdminConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> AdminConfig:
-        return cls(host=str(data.get("host", cls.host)), port=_port(data.get("port", cls.port), "admin.port"))
+        _known(data, "admin", ("host", "port"))
+        host = data.get("host", cls.host)
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"admin.host: {host!r} must be an address to listen on")
+        return cls(host=host, port=_port(data.get("port", cls.port), "admin.port"))
 
 
 @dataclass(frozen=True)
@@ -65,14 +72,29 @@ class SidecarConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
+def _known(data: Mapping[str, Any], section: str, keys: tuple[str, ...]) -> None:
+    unknown = sorted(str(k) for k in set(data) - set(keys))
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; allowed: {sorted(keys)}")
+
+
 def _port(value: Any, key: str) -> int:
     try:
         port = int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a port number (1-65535)") from None
+    if isinstance(value, bool | float):
+        raise ConfigError(f"{key}: {value!r} is not a port number (1-65535)")
     if not 1 <= port <= 65535:
         raise ConfigError(f"{key}: {port} is not a port number (1-65535)")
     return port
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -86,7 +108,7 @@ def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> d
         except OSError as exc:
             raise ConfigError(f"cannot read sidecar config file {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"sidecar config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"sidecar config file {path} is not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"sidecar config file {path} must hold a mapping of sections {SECTIONS}")
         raw = deep_merge(raw, loaded)
@@ -99,13 +121,18 @@ def load_raw(path: str | None = None, env: Mapping[str, str] | None = None) -> d
         if not isinstance(loaded, dict):
             raise ConfigError(f"OUTRIDER_CONFIG must be a JSON object of sections {SECTIONS}")
         raw = deep_merge(raw, loaded)
-    unknown = sorted(set(raw) - set(SECTIONS))
+    check_sections(raw)
+    return raw
+
+
+def check_sections(raw: Mapping[str, Any]) -> None:
+    """Only the known sections, each a mapping (null counts as empty)."""
+    unknown = sorted(str(k) for k in set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown sidecar config section(s) {unknown}; allowed: {list(SECTIONS)}")
     for name in SECTIONS:
-        if not isinstance(raw.get(name, {}), dict):
+        if not isinstance(raw.get(name) or {}, Mapping):
             raise ConfigError(f"sidecar config section {name!r} must be a mapping")
-    return raw
 
 
 def parse(raw: Mapping[str, Any]) -> SidecarConfig:
@@ -124,6 +151,13 @@ def parse(raw: Mapping[str, Any]) -> SidecarConfig:
         telemetry=TelemetryConfig.from_mapping(section("telemetry")),
         policy=PolicyConfig.from_mapping(section("policy")),
     )
+
+
+def validate(raw: Mapping[str, Any]) -> SidecarConfig:
+    """`parse` for a mapping from elsewhere (the webhook checks its `sidecar:` block and each pod's
+    merged OUTRIDER_CONFIG with it): the same errors the sidecar would stop with at start-up."""
+    check_sections(raw)
+    return parse(raw)
 
 
 def load(path: str | None = None, env: Mapping[str, str] | None = None) -> SidecarConfig:

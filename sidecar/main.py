@@ -15,7 +15,7 @@ import signal
 import sys
 from contextlib import AsyncExitStack, suppress
 
-from sidecar import admin
+from sidecar import admin, mounted_files
 from sidecar.config import ConfigError, SidecarConfig, load
 from sidecar.egress import component as egress
 from sidecar.identity import component as identity
@@ -27,6 +27,7 @@ log = logging.getLogger("outrider.sidecar")
 
 COMPONENTS: tuple[Component, ...] = (
     telemetry.component,
+    mounted_files.component,
     identity.component,
     admin.component,
     inbound.component,
@@ -45,11 +46,34 @@ async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> Non
     stop = stop or _signal_event()
     async with AsyncExitStack() as stack:
         for component in COMPONENTS:
-            await stack.enter_async_context(component(runtime))
+            try:
+                await stack.enter_async_context(component(runtime))
+            except Exception as exc:  # start-up only: one line naming the part, never a traceback
+                raise StartupError(f"{_area(component)}: {_one_line(exc)}") from exc
         _release_startup_memory()
         log.info("outrider-proxy running (pod %s/%s)", config.pod.namespace, config.pod.name)
         await stop.wait()
         log.info("outrider-proxy shutting down")
+
+
+class StartupError(RuntimeError):
+    """A component could not start; the message names the component and the cause in one line."""
+
+
+def _area(component: Component) -> str:
+    # sidecar.inbound.component -> inbound; sidecar.admin -> admin
+    parts = component.__module__.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and not str(exc).startswith("[Errno"):
+        return str(exc).splitlines()[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text or type(exc).__name__
 
 
 def _release_startup_memory() -> None:
@@ -82,5 +106,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"outrider sidecar: configuration error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"outrider sidecar: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 PREFIX = "outrider.dev/"
 
@@ -36,6 +37,11 @@ MCP_PORT = "outrider.dev/mcp-port"
 # Pod annotation: the downstream audience the sidecar exchanges caller tokens for. Must be one of
 # the operator's allowed audiences (webhook config `token_audiences`); it can only narrow.
 TOKEN_AUDIENCE = "outrider.dev/token-audience"  # noqa: S105 (a name, not a secret)
+
+# Pod annotation: this MCP server's protected resource URI (the audience its callers' tokens must
+# carry, advertised in its RFC 9728 metadata). Only a value the operator's `resource_patterns`
+# allow for this pod; without it the operator's `resource_template` decides.
+RESOURCE = "outrider.dev/resource"
 
 # Pod annotation: the app team's egress allowlist. Parsed by `webhook.egress.plan_egress`, which
 # intersects it with the operator's policy (it can only narrow, never widen).
@@ -80,6 +86,7 @@ class PodSettings:
     opt_out_source: str | None = None  # "label" | "annotation", for the strict-mode message
     mcp_port: int | str | None = None  # a number or a containerPort name, resolved by the engine
     token_audience: str | None = None
+    resource: str | None = None  # syntax-checked only; the engine checks it against the patterns
     already_injected: bool = False
     policy: str | None = None  # forbid-only Cedar text (validated: syntax with line/column, no permit)
 
@@ -146,6 +153,47 @@ def parse_token_audience(value: Any, allowed: tuple[str, ...]) -> str | None:
     return text
 
 
+def parse_resource(value: Any) -> str | None:
+    """The syntax of `outrider.dev/resource`: an absolute http(s) URL; whether it is allowed for this
+    pod is `resource_allowed`'s question (it needs the operator's patterns and the pod's facts)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    parts = urlsplit(text)
+    if (
+        parts.scheme not in ("https", "http")
+        or not parts.hostname
+        or parts.fragment
+        or not _AUDIENCE.match(text)
+    ):
+        raise AnnotationError(
+            f"annotation {RESOURCE}={value!r} is not valid; allowed: an absolute https:// URL without "
+            "a fragment, matching the operator's resource_patterns"
+        )
+    return text
+
+
+def resource_not_allowed(value: str, allowed: tuple[str, ...], configured: bool = True) -> AnnotationError:
+    """The refusal for an `outrider.dev/resource` value outside what the operator allows.
+
+    `allowed` are the operator's patterns as they read for this pod ('*' is one DNS label).
+    """
+    if not configured:
+        return AnnotationError(
+            f"annotation {RESOURCE}={value!r} cannot be used: the webhook config allows no choice of "
+            "resource (resource_patterns is empty); remove the annotation or ask the operator"
+        )
+    if not allowed:
+        return AnnotationError(
+            f"annotation {RESOURCE}={value!r} cannot be used: none of the operator's resource_patterns "
+            "applies to this pod (they need labels it does not have)"
+        )
+    return AnnotationError(
+        f"annotation {RESOURCE}={value!r} is not a resource the operator allows for this pod; allowed "
+        f"values: {', '.join(allowed)} ('*' is one DNS label)"
+    )
+
+
 def parse_pod(metadata: Mapping[str, Any], allowed_audiences: tuple[str, ...]) -> PodSettings:
     """Validate every `outrider.dev/*` key of a pod; raise `AnnotationError` on the first bad one."""
     labels = _str_map(metadata.get("labels"))
@@ -162,6 +210,7 @@ def parse_pod(metadata: Mapping[str, Any], allowed_audiences: tuple[str, ...]) -
         opt_out_source=opt_out_source,
         mcp_port=parse_mcp_port(annotations.get(MCP_PORT)),
         token_audience=parse_token_audience(annotations.get(TOKEN_AUDIENCE), allowed_audiences),
+        resource=parse_resource(annotations.get(RESOURCE)),
         already_injected=STATUS in annotations,
         policy=parse_policy(annotations.get(POLICY)),
     )
@@ -178,6 +227,6 @@ def parse_policy(value: Any) -> str | None:
 
 def unknown_keys(metadata: Mapping[str, Any]) -> list[str]:
     """`outrider.dev/*` annotations this version does not know (warned about: likely a typo)."""
-    known = {POD_INJECT, STATUS, MCP_PORT, TOKEN_AUDIENCE, EGRESS_ALLOW, POLICY}
+    known = {POD_INJECT, STATUS, MCP_PORT, TOKEN_AUDIENCE, EGRESS_ALLOW, RESOURCE, POLICY}
     annotations = _str_map(metadata.get("annotations"))
     return sorted(k for k in annotations if isinstance(k, str) and k.startswith(PREFIX) and k not in known)

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("sidecar.main", "run the outrider-proxy sidecar (identity, MCP proxy, egress, telemetry)"),
     "iptables": ("sidecar.egress.iptables_cli", "compute and apply the pod's traffic-capture rules"),
     "demo": ("sidecar.demo.run", "run the whole Outrider story on this machine"),
+    "check": ("webhook.check.cli", "check install prerequisites (--pre) and the installed webhook's health"),
 }
 
 

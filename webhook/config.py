@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from webhook import __version__
+from sidecar.config_merge import deep_merge
+from webhook import __version__, resource
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,15 @@ class WebhookConfig:
     # Secrets/ConfigMaps (in the pod's namespace) mounted read-only into outrider-proxy only,
     # for the sidecar's `*_file` settings (exchange.client_secret_file, telemetry.hash_salt_file, ...).
     sidecar_mounts: tuple[SidecarMount, ...] = ()
+    # Image pull secrets (names of Secrets in the pod's namespace) added to injected pods, for a
+    # sidecar image in a private registry; the pod's own entries are kept.
+    image_pull_secrets: tuple[str, ...] = ()
+    # Every MCP server is its own protected resource: the URI (token audience, RFC 9728 `resource`)
+    # of each pod, from the pod's facts ({namespace}, {service_account}, {app}, {label:KEY},
+    # {base_url}); `resource_patterns` are what `outrider.dev/resource` may pick ('*': one DNS label).
+    resource_template: str | None = None
+    resource_base_url: str | None = None
+    resource_patterns: tuple[str, ...] = ()
     # The operators' Cedar policies and rate limits for MCP calls: `default` (cluster) and
     # `namespaces` (each replaces the default in its namespace). Empty: no policy (allow all callers).
     mcp_policy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -131,11 +141,20 @@ class WebhookConfig:
     def to_mapping(self) -> dict[str, Any]:
         out = {f.name: thaw(getattr(self, f.name)) for f in fields(self)}
         out["sidecar_mounts"] = [m.to_mapping() for m in self.sidecar_mounts]
-        if not self.sidecar_mounts:
-            del out["sidecar_mounts"]  # configs without mounts keep the hash they had before
-        if not self.mcp_policy:
-            del out["mcp_policy"]  # likewise for configs without MCP policies
+        # Keys added later are left out while unset, so configs without them keep their hash.
+        for key in ("sidecar_mounts", *_LATER_KEYS):
+            if not out[key]:
+                del out[key]
         return out
+
+
+_LATER_KEYS = (
+    "mcp_policy",
+    "image_pull_secrets",
+    "resource_template",
+    "resource_base_url",
+    "resource_patterns",
+)
 
 
 def config_hash(config: WebhookConfig) -> str:
@@ -364,7 +383,12 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         mcp_policy = validate(data.get("mcp_policy"))
     except McpPolicyError as exc:
         raise ConfigError(str(exc)) from None
+    base_url, template, patterns = _resource_settings(data)
     config = WebhookConfig(
+        image_pull_secrets=_pull_secrets(data.get("image_pull_secrets", [])),
+        resource_template=template,
+        resource_base_url=base_url,
+        resource_patterns=patterns,
         sidecar_image=_str(data, "sidecar_image", defaults.sidecar_image),
         image_pull_policy=str(pull),
         resources=_resources(data["resources"]) if "resources" in data else DEFAULT_RESOURCES,
@@ -384,7 +408,98 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         raise ConfigError(
             f"webhook config holds a value JSON cannot carry ({exc}); quote YAML dates and timestamps"
         ) from None
+    _check_sidecar_block(config)
     return config
+
+
+def _pull_secrets(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(n, str) and len(n) <= 253 and _DNS_SUBDOMAIN.match(n) for n in value
+    ):
+        raise ConfigError(
+            f"image_pull_secrets: {value!r} must be a list of Secret names (DNS-1123 subdomains) in the "
+            "pods' namespaces, for example [outrider-registry]"
+        )
+    if len(set(value)) != len(value):
+        raise ConfigError(f"image_pull_secrets: {list(value)!r} names a Secret twice")
+    return tuple(value)
+
+
+def _resource_settings(data: Mapping[str, Any]) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """Validate resource_base_url, resource_template and resource_patterns (load time, not per pod)."""
+    base_url = data.get("resource_base_url")
+    if base_url is not None:
+        if not isinstance(base_url, str):
+            raise ConfigError(f"resource_base_url: {base_url!r} must be a URL string")
+        try:
+            base_url = resource.check_base_url(base_url.strip())
+        except resource.ResourceError as exc:
+            raise ConfigError(str(exc)) from None
+    template = data.get("resource_template")
+    if template is not None and (not isinstance(template, str) or not template.strip()):
+        raise ConfigError(f"resource_template: {template!r} must be a URL template string")
+    patterns = data.get("resource_patterns", [])
+    if isinstance(patterns, str) or not isinstance(patterns, list | tuple):
+        raise ConfigError(f"resource_patterns: {patterns!r} must be a list of URL patterns")
+    try:
+        if template is not None:
+            template = template.strip()
+            resource.check_template(template, "resource_template", base_url=base_url, wildcards=False)
+        for i, pattern in enumerate(patterns):
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise ConfigError(f"resource_patterns[{i}]: {pattern!r} must be a URL pattern string")
+            resource.check_template(pattern, f"resource_patterns[{i}]", base_url=base_url, wildcards=True)
+    except resource.ResourceError as exc:
+        raise ConfigError(str(exc)) from None
+    sidecar = data.get("sidecar") or {}
+    inbound = sidecar.get("inbound") if isinstance(sidecar, Mapping) else None
+    if (template or patterns) and isinstance(inbound, Mapping) and inbound.get("resource"):
+        raise ConfigError(
+            "sidecar.inbound.resource: set per server by resource_template/resource_patterns; one "
+            "cluster-wide value would make every MCP server accept the others' tokens; remove it"
+        )
+    return base_url, template, tuple(p.strip() for p in patterns)
+
+
+# Ports the injected pod spec, its probes and the iptables rules are built around (design.md).
+FIXED_SIDECAR_PORTS = (("admin", "port", 15020), ("inbound", "port", 15006), ("egress", "port", 15001))
+
+
+def _check_sidecar_block(config: WebhookConfig) -> None:
+    """Refuse what the sidecar would refuse, so a typo never crash-loops every new MCP pod.
+
+    The `sidecar:` block is parsed by the sidecar's own parser, merged under the per-pod values a
+    typical pod gets (every pod's merged config is checked again at admission).
+    """
+    from sidecar import config as sidecar_config  # the sidecar's parser; imported on first load
+
+    raw = config.plain_sidecar
+    for section, key, port in FIXED_SIDECAR_PORTS:
+        part = raw.get(section)
+        if isinstance(part, Mapping) and key in part and part[key] != port:
+            raise ConfigError(
+                f"sidecar.{section}.{key}: {part[key]!r} cannot be changed: the injected container ports, "
+                f"probes and iptables rules use {port}; remove the key"
+            )
+    egress = raw.get("egress")
+    for key, where in (
+        ("mode", "the namespace label outrider.dev/egress-mode"),
+        ("policy", "egress_default_policy"),
+    ):
+        if isinstance(egress, Mapping) and key in egress:
+            raise ConfigError(
+                f"sidecar.egress.{key}: set per pod by the webhook (from {where}); this value would be "
+                "replaced in every pod, remove it"
+            )
+    per_pod: dict[str, Any] = {"egress": {"mode": "capture", "policy": {}}, "inbound": {"mcp_port": 8080}}
+    if config.resource_template:
+        per_pod["inbound"]["resource"] = resource.sample(config.resource_template, config.resource_base_url)
+    if config.default_audience:
+        per_pod["exchange"] = {"audience": config.default_audience}
+    try:
+        sidecar_config.validate(deep_merge(raw, per_pod))
+    except sidecar_config.ConfigError as exc:
+        raise ConfigError(f"sidecar: {exc} (every injected sidecar would stop with this error)") from None
 
 
 def load_config_file(path: str | Path) -> WebhookConfig:
@@ -396,7 +511,9 @@ def load_config_file(path: str | Path) -> WebhookConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"webhook config {path} is not valid YAML: {exc}") from None
+        from sidecar.config import yaml_problem
+
+        raise ConfigError(f"webhook config {path} is not valid YAML: {yaml_problem(exc)}") from None
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError(f"webhook config {path} must hold a mapping of {list(KEYS)}")
     return parse_config(data)

@@ -14,8 +14,9 @@ from typing import Any
 
 import orjson
 
+from sidecar import config as sidecar_settings
 from sidecar.config_merge import deep_merge
-from webhook import __version__, meshes
+from webhook import __version__, meshes, resource
 from webhook import annotations as ann
 from webhook import strict as strict_rules
 from webhook.config import WebhookConfig, thaw
@@ -173,12 +174,27 @@ def inject(
             raise _Refused("; ".join(plan.errors))
         if plan.mode not in ("capture", "explicit"):
             raise _Refused(f"egress plan mode {plan.mode!r} is not 'capture' or 'explicit'")
+        pod_ns = str(metadata.get("namespace") or namespace or "default")
+        resource_uri = _pod_resource(config, settings, metadata, spec, pod_ns)
+        audience = settings.token_audience or config.default_audience
+        mcp_policy = plan_policy(pod_ns, settings.policy, config.plain_mcp_policy)
+        config_json = _sidecar_config_json(config, mcp_port, audience, plan, mcp_policy, resource_uri)
     except _Refused as exc:
         return refuse(str(exc))
 
-    pod_ns = metadata.get("namespace") or namespace or "default"
-    mcp_policy = plan_policy(str(pod_ns), settings.policy, config.plain_mcp_policy)
-    patched = _apply(original, config, settings, plan, mcp_port, app_index, str(pod_ns), warnings, mcp_policy)
+    patched = _apply(
+        original,
+        config,
+        settings,
+        plan,
+        mcp_port,
+        app_index,
+        pod_ns,
+        warnings,
+        config_json,
+        resource_uri,
+        mcp_policy,
+    )
     return InjectionResult(True, patched, _patch(original, patched), tuple(warnings), injected=True)
 
 
@@ -306,11 +322,17 @@ def _verify_injected(
         plan = plan_egress_cached(pod, namespace_labels, namespace_policy, config.plain_egress_default_policy)
     except Exception:
         return "its egress plan cannot be checked"
+    try:
+        pod_ns = str(metadata.get("namespace") or namespace or "default")
+        resource_uri = _pod_resource(config, settings, metadata, spec, pod_ns)
+    except _Refused as exc:
+        return str(exc)
+    if status.get("resource") != resource_uri:
+        return f"it records resource {status.get('resource')!r} but this pod's resource is {resource_uri!r}"
     proxy = by_name[ours[-1]]
-    pod_ns = _map(pod.get("metadata")).get("namespace") or namespace or "default"
-    mcp_policy = plan_policy(str(pod_ns), settings.policy, config.plain_mcp_policy)
+    mcp_policy = plan_policy(pod_ns, settings.policy, config.plain_mcp_policy)
     expected_env = sidecar_config(
-        config, mcp_port, settings.token_audience or config.default_audience, plan, mcp_policy
+        config, mcp_port, settings.token_audience or config.default_audience, plan, mcp_policy, resource_uri
     )
     env = {e.get("name"): e.get("value") for e in _list(proxy.get("env")) if isinstance(e, dict)}
     try:
@@ -492,12 +514,43 @@ def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str
     return originals
 
 
+def _pod_resource(
+    config: WebhookConfig,
+    settings: ann.PodSettings,
+    metadata: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    namespace: str,
+) -> str | None:
+    """This pod's protected resource URI: the annotation (inside the patterns) or the template."""
+    if settings.resource is None and config.resource_template is None:
+        return None
+    labels = {str(k): v for k, v in _map(metadata.get("labels")).items() if isinstance(v, str)}
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+    facts = resource.PodFacts(namespace=namespace, service_account=str(sa), labels=labels)
+    if settings.resource is not None:
+        allowed = config.resource_patterns
+        for i, pattern in enumerate(allowed):
+            if resource.matches(
+                settings.resource, pattern, facts, config.resource_base_url, f"resource_patterns[{i}]"
+            ):
+                return settings.resource
+        described = (resource.describe(p, facts, config.resource_base_url) for p in allowed)
+        shown = tuple(d for d in described if d is not None)
+        raise _Refused(str(ann.resource_not_allowed(settings.resource, shown, bool(allowed))))
+    assert config.resource_template is not None
+    try:
+        return resource.expand(config.resource_template, facts, config.resource_base_url, "resource_template")
+    except resource.ResourceError as exc:
+        raise _Refused(f"cannot build this MCP server's resource URI: {exc}") from None
+
+
 def sidecar_config(
     config: WebhookConfig,
     mcp_port: int | None,
     audience: str | None,
     plan: EgressPlan,
     mcp_policy: Mapping[str, Any] | None = None,
+    resource_uri: str | None = None,
 ) -> dict[str, Any]:
     """The per-pod OUTRIDER_CONFIG: the operator's `sidecar:` block under the per-pod values."""
     policy = plan.policy if type(plan.policy) is dict else thaw(plan.policy)
@@ -506,6 +559,8 @@ def sidecar_config(
         per_pod["policy"] = dict(mcp_policy)
     if mcp_port is not None:
         per_pod["inbound"] = {"mcp_port": mcp_port}
+    if resource_uri is not None:
+        per_pod.setdefault("inbound", {})["resource"] = resource_uri
     if audience:
         per_pod["exchange"] = {"audience": audience}
     return deep_merge(config.plain_sidecar, per_pod)
@@ -523,9 +578,11 @@ def _sorted_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-# OUTRIDER_CONFIG text by (plan, config, port, audience): cached plans come back as the same object,
-# so most admissions reuse the JSON. The entry holds its plan, so the id() in the key stays its own.
-_CONFIG_JSON: dict[tuple[int, str, int | None, str | None, str], tuple[EgressPlan, str]] = {}
+# OUTRIDER_CONFIG text (or the sidecar's refusal of it) by (plan, config, port, audience, policy,
+# resource): cached plans come back as the same object, so most admissions reuse the JSON and its
+# check. The entry holds its plan, so the id() in the key stays its own.
+_ConfigKey = tuple[int, str, int | None, str | None, str, str | None]
+_CONFIG_JSON: dict[_ConfigKey, tuple[EgressPlan, str, str | None]] = {}
 _CONFIG_BASE: dict[tuple[int, str, None, str | None, str], tuple[EgressPlan, dict[str, Any]]] = {}
 
 
@@ -535,12 +592,16 @@ def _sidecar_config_json(
     audience: str | None,
     plan: EgressPlan,
     mcp_policy: Mapping[str, Any] | None = None,
+    resource_uri: str | None = None,
 ) -> str:
+    """The pod's OUTRIDER_CONFIG text; `_Refused` with the sidecar's own error when it would not start."""
     # The policy section is part of the key by value (it is small and differs per namespace/annotation).
     policy_key = "" if mcp_policy is None else json.dumps(mcp_policy, sort_keys=True)
-    key = (id(plan), config.hash, mcp_port, audience, policy_key)
+    key = (id(plan), config.hash, mcp_port, audience, policy_key, resource_uri)
     found = _CONFIG_JSON.get(key)
     if found is not None and found[0] is plan:
+        if found[2] is not None:
+            raise _Refused(found[2])
         return found[1]
     # The merged config without the port is shared by every pod with this plan and audience (the
     # thawed policy and the merge are the costly part); the port is merged in as deep_merge would.
@@ -551,17 +612,39 @@ def _sidecar_config_json(
             _CONFIG_BASE.clear()
         base = _CONFIG_BASE[base_key] = (plan, sidecar_config(config, None, audience, plan, mcp_policy))
     value = base[1]
+    per_pod_inbound: dict[str, Any] = {}
     if mcp_port is not None:
+        per_pod_inbound["mcp_port"] = mcp_port
+    if resource_uri is not None:
+        per_pod_inbound["resource"] = resource_uri
+    if per_pod_inbound:
         inbound = value.get("inbound")
-        port = {"mcp_port": mcp_port}
-        value = {**value, "inbound": {**inbound, **port} if isinstance(inbound, Mapping) else port}
+        value = {
+            **value,
+            "inbound": {**inbound, **per_pod_inbound} if isinstance(inbound, Mapping) else per_pod_inbound,
+        }
     # orjson spells some floats differently from json (1e-07 vs 1e-7): floats take the json path.
     floats = _floats_in(config.hash, config.plain_sidecar) or _floats_in(plan, plan.policy)
     text = json.dumps(value, sort_keys=True, separators=(",", ":")) if floats else _sorted_json(value)
+    error = _sidecar_refusal(value)
     if len(_CONFIG_JSON) >= 512:
         _CONFIG_JSON.clear()
-    _CONFIG_JSON[key] = (plan, text)
+    _CONFIG_JSON[key] = (plan, text, error)
+    if error is not None:
+        raise _Refused(error)
     return text
+
+
+def _sidecar_refusal(value: Mapping[str, Any]) -> str | None:
+    """The sidecar's own start-up error for this OUTRIDER_CONFIG, or None when it would start."""
+    try:
+        sidecar_settings.validate(value)
+    except sidecar_settings.ConfigError as exc:
+        return (
+            f"the outrider-proxy sidecar would refuse this pod's configuration (OUTRIDER_CONFIG): {exc}; "
+            "fix the pod's outrider.dev/* annotations or ask the operator to fix the webhook config"
+        )
+    return None
 
 
 def _has_float(value: Any) -> bool:
@@ -613,6 +696,8 @@ def _apply(
     app_index: int,
     namespace: str,
     warnings: list[str],
+    config_json: str,
+    resource_uri: str | None,
     mcp_policy: Mapping[str, Any] | None = None,
 ) -> Pod:
     # Copy only what changes (pod, metadata, spec, app containers); everything else is shared.
@@ -645,14 +730,13 @@ def _apply(
         return {k: dict(v) for k, v in config.plain_resources.items()}
 
     app_probes = _rewrite_probes(containers, mcp_port) if capture and mcp_port is not None else {}
-    audience = settings.token_audience or config.default_audience
     env: list[dict[str, Any]] = [
         {"name": "OUTRIDER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "OUTRIDER_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_SOCKET},
         {
             "name": "OUTRIDER_CONFIG",
-            "value": _sidecar_config_json(config, mcp_port, audience, plan, mcp_policy),
+            "value": config_json,
         },
     ]
     if app_probes:
@@ -761,6 +845,14 @@ def _apply(
         new_volumes.append(mount.volume(mount_volume))
         proxy["volumeMounts"].append({"name": mount_volume, "mountPath": mount.mount_path, "readOnly": True})
     spec["volumes"] = [*volumes, *new_volumes]
+    added_pull_secrets: list[str] = []
+    if config.image_pull_secrets:
+        # The sidecar image may sit in a private registry; the pod's own pull secrets are kept.
+        pull = _list(spec.get("imagePullSecrets"))
+        have = {s.get("name") for s in pull if isinstance(s, dict)}
+        added_pull_secrets = [n for n in config.image_pull_secrets if n not in have]
+        if added_pull_secrets:
+            spec["imagePullSecrets"] = [*pull, *({"name": n} for n in added_pull_secrets)]
 
     annotations = _map(metadata.get("annotations"))
     sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
@@ -772,6 +864,8 @@ def _apply(
         "configHash": config.hash,
         "egressMode": plan.mode,
         "mcpPort": mcp_port,
+        **({"resource": resource_uri} if resource_uri is not None else {}),
+        **({"imagePullSecrets": added_pull_secrets} if added_pull_secrets else {}),
         "spiffeId": f"spiffe://{config.trust_domain}/ns/{namespace}/sa/{sa}",
     }
     annotations = {**annotations, ann.STATUS: _sorted_json(status)}

@@ -121,6 +121,9 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     if args.config_map and not in_cluster:
         print("error: --config-map needs a cluster: add --kubeconfig FILE or --in-cluster", file=sys.stderr)
         return 2
+    if not 1 <= args.port <= 65535:
+        print(f"error: --port {args.port} is not a port number (1-65535)", file=sys.stderr)
+        return 2
     if args.cert_mode == "files":
         try:
             store.load_files(args.tls_cert, args.tls_key)
@@ -129,36 +132,11 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             return 2
 
     async with contextlib.AsyncExitStack() as stack:
-        # Entered first, left last: spans and metrics of the final admissions are flushed on exit.
-        otel = stack.enter_context(telemetry())
-        namespaces: NamespaceFacts | None = None
-        if in_cluster:
-            try:
-                from webhook.cluster.services import cluster_services
-            except ImportError as exc:
-                print(f"error: the in-cluster services are not available ({exc})", file=sys.stderr)
-                return 2
-            namespaces = await stack.enter_async_context(cluster_services(args, holder, store))
-        app = build_app(
-            holder,
-            store,
-            namespaces,
-            args.max_body_bytes,
-            meter_provider=otel.meter_provider if otel else None,
-            tracer_provider=otel.tracer_provider if otel else None,
-        )
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, args.host, args.port, ssl_context=store.context, shutdown_timeout=10)
-        await site.start()
-        log.info("outrider webhook listening on https://%s:%s", args.host, args.port)
-        tasks: list[asyncio.Task[Any]] = []
-        if args.cert_mode == "files":
-            tasks.append(asyncio.create_task(store.watch(args.reload_interval), name="outrider-cert-watch"))
-        if args.config and not args.config_map:
-            watch = watch_config_file(args.config, holder, args.reload_interval)
-            tasks.append(asyncio.create_task(watch, name="outrider-config-watch"))
+        try:
+            tasks = await _start(args, stack, holder, store, in_cluster)
+        except Exception as exc:  # every start-up failure is one line, never a traceback
+            print(f"error: {_startup_failure(exc)}", file=sys.stderr)
+            return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -174,6 +152,70 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
     return 0
+
+
+class _StartError(RuntimeError):
+    """A start-up step failed; the message is the one line the operator sees."""
+
+
+def _startup_failure(exc: BaseException) -> str:
+    """One line for a failed start: what was being done, and the cause without a traceback."""
+    from webhook.cluster.kube import ClusterAccessError
+
+    if isinstance(exc, _StartError | ClusterAccessError):
+        return str(exc)
+    status = getattr(exc, "status", None)
+    if status is not None:  # kubernetes_asyncio ApiException
+        return (
+            f"the Kubernetes API refused a start-up call ({status} {getattr(exc, 'reason', '')}); check "
+            "the webhook's RBAC (manifests/base) and --namespace"
+        )
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, OSError):  # aiohttp's connection errors are OSErrors
+        return f"cannot reach the Kubernetes API: {text or type(exc).__name__}"
+    return f"start-up failed: {type(exc).__name__}{': ' + text if text else ''}"
+
+
+async def _start(
+    args: argparse.Namespace,
+    stack: contextlib.AsyncExitStack,
+    holder: ConfigHolder,
+    store: CertStore,
+    in_cluster: bool,
+) -> list[asyncio.Task[Any]]:
+    """Everything before serving: telemetry, the cluster services, the HTTPS listener, the watches."""
+    # Entered first, left last: spans and metrics of the final admissions are flushed on exit.
+    otel = stack.enter_context(telemetry())
+    namespaces: NamespaceFacts | None = None
+    if in_cluster:
+        from webhook.cluster.services import cluster_services
+
+        namespaces = await stack.enter_async_context(cluster_services(args, holder, store))
+    app = build_app(
+        holder,
+        store,
+        namespaces,
+        args.max_body_bytes,
+        meter_provider=otel.meter_provider if otel else None,
+        tracer_provider=otel.tracer_provider if otel else None,
+    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, args.host, args.port, ssl_context=store.context, shutdown_timeout=10)
+    try:
+        await site.start()
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _StartError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
+    log.info("outrider webhook listening on https://%s:%s", args.host, args.port)
+    tasks: list[asyncio.Task[Any]] = []
+    if args.cert_mode == "files":
+        tasks.append(asyncio.create_task(store.watch(args.reload_interval), name="outrider-cert-watch"))
+    if args.config and not args.config_map:
+        watch = watch_config_file(args.config, holder, args.reload_interval)
+        tasks.append(asyncio.create_task(watch, name="outrider-config-watch"))
+    return tasks
 
 
 async def watch_config_file(path: str, holder: ConfigHolder, interval: float) -> None:

@@ -683,7 +683,9 @@ async def apply_iptables(demo: Demo) -> None:
     if not demo.available("egress"):
         c.say("no capture rules: the egress piece is not available yet")
         return
-    argv = _init_argv(demo.injected)
+    # The demo's pod namespace has two interfaces (one to this host, one to the "internet"), which
+    # the host-namespace guard would take for a host: --force says this really is the pod.
+    argv = [*_init_argv(demo.injected), "--force"]
     c.say("running outrider-init's exact command in the pod namespace: outrider " + " ".join(argv[3:]))
     child = await demo.sup.start("outrider-init", argv, netns=demo.topo.pod_ns)
     code = await child.proc.wait()

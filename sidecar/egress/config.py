@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config_error import ConfigError
+
 MODES = ("capture", "explicit")
 RESOLVERS = ("dns", "system")
 DEFAULT_POLICY_FILE = "/etc/outrider/egress/policy.yaml"
@@ -34,9 +36,7 @@ _KEYS = frozenset(
 )
 
 
-def _error(message: str) -> Exception:
-    from sidecar.config import ConfigError  # lazy: sidecar.config imports this module
-
+def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 

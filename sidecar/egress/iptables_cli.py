@@ -22,6 +22,7 @@ from sidecar.egress.iptables import (
     resolv_conf_nameservers,
     run_command,
 )
+from sidecar.egress.netns_guard import host_reasons, read_facts
 
 
 def _ports(values: list[str]) -> tuple[int, ...]:
@@ -89,6 +90,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     action.add_argument("--dry-run", action="store_true", help="print the rules, change nothing")
     action.add_argument("--cleanup", action="store_true", help="remove every Outrider rule and chain")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print options and rules as JSON")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="change the rules even where the network namespace looks like a host's, not a pod's",
+    )
 
 
 def options_from_args(args: argparse.Namespace, *, probe_ipv6: bool = True) -> CaptureOptions:
@@ -132,6 +138,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             print("\n".join(plan_rules(options)))
         return 0
+    if not args.force:
+        reasons = host_reasons(read_facts())
+        if reasons:
+            print(
+                "outrider iptables: refusing to change the rules here: this looks like a host's network "
+                f"namespace, not a pod's ({'; '.join(reasons)}). It runs as the pod's outrider-init "
+                "container; use --dry-run to see the rules, or --force if this really is the pod",
+                file=sys.stderr,
+            )
+            return 3
     try:
         changes = cleanup(options) if args.cleanup else apply(options)
     except IptablesError as exc:

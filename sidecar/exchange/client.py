@@ -168,9 +168,15 @@ class OAuthTokenExchanger:
         self._mtls = (
             RotatingClientContext(identity, cafile=config.ca_file) if config.auth == "x509-svid" else None
         )
-        self._server_ssl = (
-            ssl.create_default_context(cafile=config.ca_file) if config.ca_file and not self._mtls else None
-        )
+        # An unreadable CA file is reported at start-up (sidecar.mounted_files: /readyz and the log);
+        # here it fails each exchange with 503 rather than falling back to the system CAs.
+        self._server_ssl: ssl.SSLContext | None = None
+        self._ca_problem: str | None = None
+        if config.ca_file and not self._mtls:
+            try:
+                self._server_ssl = ssl.create_default_context(cafile=config.ca_file)
+            except (OSError, ssl.SSLError, ValueError):
+                self._ca_problem = f"exchange.ca_file {config.ca_file} cannot be loaded"
 
     async def exchange(
         self,
@@ -236,6 +242,12 @@ class OAuthTokenExchanger:
     async def _call_idp(self, subject_token: str, audience: str | None, scope: str | None) -> IssuedToken:
         config = self.config
         assert config.token_endpoint is not None
+        if self._ca_problem is not None:
+            raise ExchangeError(
+                f"{self._ca_problem}; check the mounted CA bundle",
+                outcome="identity_unavailable",
+                http_status=503,
+            )
         ssl_arg: ssl.SSLContext | bool = self._server_ssl or True
 
         actor: str | None = None

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
+from sidecar.config_error import ConfigError
+
 AuthMethod = Literal["jwt-svid", "x509-svid", "client-secret"]
 ProfileName = Literal["rfc8693", "entra-obo", "okta"]
 SecretMethod = Literal["basic", "post"]
@@ -48,10 +50,7 @@ _KEYS = frozenset(
 )
 
 
-def _error(message: str) -> Exception:
-    # Imported lazily: sidecar.config imports this module.
-    from sidecar.config import ConfigError
-
+def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 

@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config_error import ConfigError
+
 DEFAULT_SOCKET = "unix:///spiffe-workload-api/spire-agent.sock"
 SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
 
 
-def _config_error(message: str) -> Exception:
-    from sidecar.config import ConfigError  # lazy: sidecar.config imports this module
-
+def _config_error(message: str) -> ConfigError:
     return ConfigError(message)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from sidecar.config_error import ConfigError
 from sidecar.inbound.issuers import (
     DpopConfig,
     IntrospectionConfig,
@@ -25,9 +26,7 @@ SUPPORTED_ALGORITHMS = frozenset(
 )
 
 
-def _error(message: str) -> Exception:
-    from sidecar.config import ConfigError  # lazy: sidecar.config imports this module
-
+def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 
@@ -142,6 +141,9 @@ class SessionsConfig:
         )
 
 
+_MTLS_KEYS = frozenset({"enabled", "allowed_spiffe_ids", "allowed_trust_domains"})
+
+
 @dataclass(frozen=True)
 class MtlsConfig:
     """Agent-to-server callers presenting a SPIFFE X.509-SVID on 15006."""
@@ -155,6 +157,10 @@ class MtlsConfig:
     def from_mapping(cls, data: Mapping[str, Any]) -> MtlsConfig:
         if not isinstance(data, Mapping):
             raise _error("inbound.mtls must be a mapping")
+        unknown = sorted(str(k) for k in set(data) - _MTLS_KEYS)
+        if unknown:
+            # A typo here (`enabeld`) would otherwise mean mTLS off without a word.
+            raise _error(f"inbound.mtls: unknown key(s) {unknown}; allowed: {sorted(_MTLS_KEYS)}")
         enabled = data.get("enabled", False)
         if not isinstance(enabled, bool):
             raise _error(f"inbound.mtls.enabled: {enabled!r} must be true or false")
@@ -282,7 +288,8 @@ class InboundConfig:
         servers = _str_list(data, "authorization_servers", ())
         for server in servers:
             _url(server, "authorization_servers", required=True)
-        mtls = MtlsConfig.from_mapping(data.get("mtls") or {})
+        mtls_raw = data.get("mtls")
+        mtls = MtlsConfig.from_mapping({} if mtls_raw is None else mtls_raw)
         token_header = data.get("token_header")
         if token_header is not None and (
             not isinstance(token_header, str) or not token_header.strip() or ":" in token_header

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
+from sidecar.config_error import ConfigError
 from sidecar.exchange.config import SECRET_METHODS, ExchangeConfig, SecretMethod
 
 IntrospectionAuth = Literal["jwt-svid", "client-secret", "none"]
@@ -24,9 +25,7 @@ DPOP_ALGORITHMS = frozenset({"ES256", "ES384", "ES512", "RS256", "PS256", "PS384
 DEFAULT_DPOP_ALGORITHMS = ("ES256", "RS256", "PS256", "EdDSA")
 
 
-def _error(message: str) -> Exception:
-    from sidecar.config import ConfigError  # lazy: sidecar.config imports the inbound config
-
+def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.config_error import ConfigError
 from sidecar.policy.limits_config import LimitsError, RateLimits
 
 DEFAULT_POLICY_FILE = "/etc/outrider/policy/policy.yaml"
@@ -28,9 +29,7 @@ _KEYS = frozenset(
 )
 
 
-def _error(message: str) -> Exception:
-    from sidecar.config import ConfigError  # lazy: sidecar.config imports this module
-
+def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 

@@ -292,7 +292,7 @@ class AuditLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             stream = path.open("a", encoding="utf-8", buffering=1)
         except OSError as exc:
-            from sidecar.config import ConfigError
+            from sidecar.config_error import ConfigError
 
             raise ConfigError(
                 f"telemetry.audit: cannot open {destination} for appending: {exc.strerror}"

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from sidecar.config_error import ConfigError
+
 _KEYS = frozenset(
     {
         "service_name",
@@ -45,10 +47,7 @@ DEFAULT_REDACT_KEYS: tuple[str, ...] = (
 )
 
 
-def _error(message: str) -> Exception:
-    # Imported lazily: sidecar.config imports this module.
-    from sidecar.config import ConfigError
-
+def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 
@@ -75,11 +74,29 @@ def _str(data: Mapping[str, Any], key: str, default: str) -> str:
     return value
 
 
+AUDIT_KEYWORDS = ("stdout", "off")
+
+
+def _audit(value: Any) -> str:
+    """`stdout`, `off` or an absolute file path: a bare word like `syslog` is a mistake, not a file."""
+    allowed = "'stdout', 'off' or an absolute file path (like /var/log/outrider/audit.jsonl)"
+    if not isinstance(value, str) or not value.strip():
+        raise _error(f"telemetry.audit: {value!r} is not valid; use {allowed}")
+    audit = value.strip()
+    if audit in AUDIT_KEYWORDS:
+        return audit
+    if audit.lower() in AUDIT_KEYWORDS:
+        raise _error(f"telemetry.audit: {value!r} is not valid; write it in lower case ({allowed})")
+    if not audit.startswith("/") or audit.endswith("/"):
+        raise _error(f"telemetry.audit: {value!r} is not valid; use {allowed}")
+    return audit
+
+
 @dataclass(frozen=True)
 class TelemetryConfig:
     """What telemetry records and where the audit log goes.
 
-    `audit` is "stdout" (default), "off", or a file path (JSON lines, appended).
+    `audit` is "stdout" (default), "off", or an absolute file path (JSON lines, appended).
     `hash_user` replaces `enduser.id` on spans by a keyed SHA-256 of the subject (salt `hash_salt`, or
     read from `hash_salt_file`, e.g. a mounted Secret, at start-up);
     the audit log always names the user, it is the record security teams read.
@@ -107,9 +124,7 @@ class TelemetryConfig:
         unknown = sorted(set(data) - _KEYS)
         if unknown:
             raise _error(f"telemetry: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
-        audit = _str(data, "audit", cls.audit).strip()
-        if not audit:
-            raise _error("telemetry.audit: empty; use 'stdout', 'off' or a file path")
+        audit = _audit(data.get("audit", cls.audit))
         service_name = _str(data, "service_name", cls.service_name).strip()
         if not service_name:
             raise _error("telemetry.service_name: empty; give the service name spans are reported under")

@@ -334,6 +334,13 @@ def test_webhook_command_applies_config_file_edits(tmp_path: Path) -> None:
             assert proc.poll() is None and time.monotonic() < deadline, "bad config edit never reported"
             time.sleep(0.2)
         assert "registry.example/outrider:two" in image()  # the last good config still serves
+        # A typo in the sidecar block is refused by the sidecar's own parser, at reload too.
+        config.write_text("sidecar_image: registry.example/outrider:three\nsidecar: {inbound: {isuer: x}}\n")
+        deadline = time.monotonic() + 30
+        while not any("not applied" in line and "['isuer']" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "bad sidecar block never reported"
+            time.sleep(0.2)
+        assert "registry.example/outrider:two" in image()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -370,3 +377,47 @@ def test_fuzz_offline_inject_never_crashes(
     err = capsys.readouterr().err
     assert code in (0, 1, 2)
     assert "Traceback" not in err
+
+
+def test_webhook_start_up_failures_are_one_line_without_traceback(tmp_path: Path) -> None:
+    assert _run("certs", "--out", str(tmp_path)).returncode == 0
+    tls = ["--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key")]
+    garbled = tmp_path / "garbled-kubeconfig"
+    garbled.write_text("clusters: [\n")
+    empty = tmp_path / "empty-kubeconfig"
+    empty.write_text("apiVersion: v1\nkind: Config\n")
+    bad_block = tmp_path / "config.yaml"
+    bad_block.write_text("sidecar:\n  inbound:\n    mtls: {enabeld: true}\n")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    env_free = {k: v for k, v in __import__("os").environ.items() if not k.startswith("KUBERNETES_")}
+    cases = [
+        (["--in-cluster"], "--in-cluster: this process does not run in a Kubernetes pod"),
+        (["--kubeconfig", str(tmp_path / "missing")], "cannot read it: No such file or directory"),
+        (["--kubeconfig", str(garbled)], "not a usable kubeconfig"),
+        (["--kubeconfig", str(empty)], "not a usable kubeconfig"),
+        (["--port", "70000"], "--port 70000 is not a port number"),
+        (["--host", "127.0.0.1", "--port", str(busy.getsockname()[1])], "cannot listen on 127.0.0.1:"),
+        (["--host", "no-such-host.invalid"], "cannot listen on no-such-host.invalid"),
+        (["--config", str(bad_block)], "inbound.mtls: unknown key(s) ['enabeld']"),
+        (["--config", str(tmp_path / "nope.yaml")], "cannot read webhook config"),
+        (["--config", str(garbled)], "is not valid YAML"),
+    ]
+    try:
+        for extra, expected in cases:
+            result = subprocess.run(
+                [*OUTRIDER, "webhook", *tls, *extra],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env=env_free,
+            )
+            errors = [line for line in result.stderr.splitlines() if " INFO " not in line]
+            assert result.returncode != 0, (extra, result.stderr)
+            assert "Traceback" not in result.stderr, (extra, result.stderr)
+            assert len(errors) == 1 and errors[0].startswith("error: "), (extra, result.stderr)
+            assert expected in errors[0], (extra, errors[0])
+    finally:
+        busy.close()

@@ -394,6 +394,11 @@ def strip_injected(output: dict[str, Any], original: dict[str, Any]) -> dict[str
             _as_before(spec, key, before["spec"])
         spec["volumes"] = [v for v in spec.get("volumes") or [] if v["name"] not in status["volumes"]]
         _as_before(spec, "volumes", before["spec"])
+        pulls = set(status.get("imagePullSecrets") or [])  # the operator's image_pull_secrets
+        spec["imagePullSecrets"] = [
+            s for s in spec.get("imagePullSecrets") or [] if s.get("name") not in pulls
+        ]
+        _as_before(spec, "imagePullSecrets", before["spec"])
         for container, old in zip(spec["containers"], before["spec"]["containers"], strict=True):
             names = {e.get("name") for e in old.get("env") or []}
             if container.get("env") != old.get("env") and isinstance(container.get("env"), list):

@@ -96,9 +96,15 @@ def test_golden_fixture_patch_is_the_diff(name: str) -> None:
     "block",
     [
         {},
-        {"inbound": {"max_body": 1024, "mcp_port": 1}},
-        {"inbound": "not-a-mapping", "telemetry": {"sample_ratio": 0.25}},
-        {"exchange": {"audience": "x", "token_endpoint": "https://idp.example/token"}},
+        {"inbound": {"max_body_bytes": 1024, "mcp_port": 1}},
+        {"inbound": {"leeway_s": 0.25}, "telemetry": {"background": False}},
+        {
+            "exchange": {
+                "audience": "x",
+                "token_endpoint": "https://idp.example/token",
+                "issuer": "https://idp.example",
+            }
+        },
     ],
 )
 @pytest.mark.parametrize("port", [None, 8080, 9000])

@@ -259,7 +259,7 @@ def test_config_errors_name_the_key(data: dict[str, Any], fragment: str) -> None
 
 
 def test_config_is_frozen_and_holder_swaps() -> None:
-    config = parse_config({"sidecar": {"telemetry": {"audit": {"path": "-"}}}})
+    config = parse_config({"sidecar": {"telemetry": {"audit": "off"}}})
     with pytest.raises(TypeError):
         config.sidecar["telemetry"] = {}  # type: ignore[index]
     holder = ConfigHolder()
@@ -270,7 +270,10 @@ def test_config_is_frozen_and_holder_swaps() -> None:
 def test_sidecar_block_is_merged_under_per_pod_values() -> None:
     config = parse_config(
         {
-            "sidecar": {"inbound": {"mcp_port": 1, "issuer": "https://idp"}, "exchange": {"audience": "x"}},
+            "sidecar": {
+                "inbound": {"mcp_port": 1, "issuer": "https://idp", "resource": "https://mcp"},
+                "exchange": {"audience": "x"},
+            },
             "token_audiences": ["https://api"],
             "default_audience": "https://api",
         }
@@ -279,7 +282,7 @@ def test_sidecar_block_is_merged_under_per_pod_values() -> None:
     proxy = pod["spec"]["initContainers"][1]
     env = {e["name"]: e.get("value") for e in proxy["env"]}
     merged = json.loads(env["OUTRIDER_CONFIG"])
-    assert merged["inbound"] == {"mcp_port": 8080, "issuer": "https://idp"}
+    assert merged["inbound"] == {"mcp_port": 8080, "issuer": "https://idp", "resource": "https://mcp"}
     assert merged["exchange"] == {"audience": "https://api"}
     assert merged["egress"]["mode"] == "capture"
 

@@ -51,7 +51,9 @@ def parse_configmap(data: Mapping[str, str] | None) -> ClusterConfig:
         config_doc = yaml.safe_load(data.get(CONFIG_KEY) or "") or {}
         egress_doc = yaml.safe_load(data.get(NAMESPACE_EGRESS_KEY) or "") or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"ConfigMap: not valid YAML: {exc}") from None
+        from sidecar.config import yaml_problem
+
+        raise ConfigError(f"ConfigMap: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(config_doc, Mapping):
         raise ConfigError(f"ConfigMap {CONFIG_KEY}: must be a mapping")
     if not isinstance(egress_doc, Mapping) or not all(
