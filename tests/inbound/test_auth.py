@@ -495,3 +495,81 @@ def test_delegation_chain_is_bounded_and_skips_odd_subjects() -> None:
     assert len(chain) == 16 and chain[0] == "a29" and chain[-1] == "a14"
     odd = principal_from_claims({"sub": "x", "act": {"sub": 7, "act": {"sub": "b"}}}).delegation
     assert odd == ("b",)
+
+
+async def test_missing_scopes_are_refused_with_403(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, required_scopes=["mcp:tools", "mcp:read"])
+    for claims, missing in (({}, "mcp:tools mcp:read"), ({"scope": "mcp:read other"}, "mcp:tools")):
+        result = await verifier.verify(issuer.token(key, **claims))
+        assert result == AuthFailure(403, "insufficient_scope", f"the token lacks scope(s): {missing}")
+    assert isinstance(await verifier.verify(issuer.token(key, scp=["mcp:read", "mcp:tools"])), Principal)
+
+
+async def test_a_stale_key_set_is_refetched_even_for_a_known_kid(
+    issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.inbound import auth
+
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, jwks_refresh_interval_s=60, token_cache_size=0)
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+    assert issuer.jwks_fetches == 1
+
+    class Later(_Clock):
+        def monotonic(self) -> float:
+            return time.monotonic() + 61
+
+    monkeypatch.setattr(auth, "time", Later(0))
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+    assert issuer.jwks_fetches == 2
+
+
+async def test_a_configured_jwks_uri_skips_discovery(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, jwks_uri=issuer.url + "/keys")
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+    assert (issuer.discovery_fetches, issuer.jwks_fetches) == (0, 1)
+
+
+def test_groups_roles_and_client_id_from_claims() -> None:
+    from sidecar.inbound.auth import claim_strings, principal_from_claims
+
+    claims = {
+        "sub": "a",
+        "client_id": "cli",
+        "realm_access": {"roles": ["admin", "admin", "", 7, "ops"]},
+        "groups": "team-a",
+        "roles": ["ops", "x"],
+    }
+    principal = principal_from_claims(claims, ("groups",), ("realm_access.roles", "roles"))
+    assert (principal.client_id, principal.groups, principal.roles) == (
+        "cli",
+        ("team-a",),
+        ("admin", "ops", "x"),
+    )
+    assert principal_from_claims({"sub": "a", "azp": "agent", "client_id": "cli"}).client_id == "agent"
+    assert claim_strings({"a": {"b": "x"}}, ("a.b.c", "a.b", "missing")) == ("x",)
+    assert len(claim_strings({"g": [f"g{n}" for n in range(300)]}, ("g",))) == 256
+
+
+@pytest.mark.parametrize(
+    ("sans", "expected"),
+    [
+        ((("URI", "spiffe://td/ns/a/sa/b"),), "spiffe://td/ns/a/sa/b"),
+        ((("DNS", "x"), ("URI", "spiffe://td/a")), "spiffe://td/a"),
+        ((("URI", "spiffe://td/a"), ("URI", "spiffe://td/b")), None),
+        ((("URI", "https://td/a"),), None),
+        ((), None),
+    ],
+)
+def test_peer_spiffe_id_needs_exactly_one_spiffe_uri(
+    sans: tuple[tuple[str, str], ...], expected: str | None
+) -> None:
+    from sidecar.inbound.auth import peer_spiffe_id
+
+    assert peer_spiffe_id({"subjectAltName": sans}) == expected
+    assert peer_spiffe_id(None) is None and peer_spiffe_id({}) is None
