@@ -573,3 +573,43 @@ def test_peer_spiffe_id_needs_exactly_one_spiffe_uri(
 
     assert peer_spiffe_id({"subjectAltName": sans}) == expected
     assert peer_spiffe_id(None) is None and peer_spiffe_id({}) is None
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def test_discovery_falls_back_to_rfc8414_and_refuses_odd_jwks_uris(
+    session: aiohttp.ClientSession,
+) -> None:
+    key = make_key("ES256")
+    served: dict[str, Any] = {}
+
+    async def as_metadata(_: web.Request) -> web.Response:
+        return web.json_response(served)
+
+    async def keys(_: web.Request) -> web.Response:
+        return web.json_response({"keys": [key.jwk]})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/oauth-authorization-server", as_metadata)
+    app.router.add_get("/keys", keys)
+    runner, url = await _serve(app)
+    try:
+        served["jwks_uri"] = url + "/keys"
+        config = InboundConfig.from_mapping({"issuer": url + "/", "resource": RESOURCE})
+        jwks = JwksCache(config, session)
+        await jwks.refresh(force=True)
+        assert jwks.loaded and await jwks.keys_for(None) == [key.jwk]
+        for odd in ("file:///etc/passwd", 7, None):
+            served["jwks_uri"] = odd
+            other = JwksCache(config, session)
+            await other.refresh(force=True)
+            assert not other.loaded
+            assert other.last_error == f"no discovery document with a jwks_uri under {url}"
+    finally:
+        await runner.cleanup()
