@@ -661,3 +661,54 @@ def test_odd_shapes_in_mounts_and_names_are_judged_not_crashed_on() -> None:
         "take the pod's SVID and act as the sidecar; only outrider-proxy may mount it, remove the mount"
     ]
     assert strict_rules.name_of({"name": 7}) is None and strict_rules.name_of("app") is None
+
+
+def test_debug_containers_may_not_mount_the_sidecars_volumes() -> None:
+    old = injected_pod()
+    old["spec"]["volumes"] += [
+        {"name": "data", "emptyDir": {}},
+        {"name": "app-csi", "csi": {"driver": "secrets-store.csi.k8s.io"}},
+    ]
+    mounts = [
+        {"name": "data", "mountPath": "/d"},
+        {"name": "app-csi", "mountPath": "/c"},
+        {"name": "outrider-egress-policy", "mountPath": "/p"},
+    ]
+    new = with_debugger(old, volumeMounts=mounts)
+    assert strict_rules.ephemeral_problems(old, new) == [
+        "spec.ephemeralContainers[0] (debugger).volumeMounts[2] mounts outrider-egress-policy, a volume only "
+        "outrider-proxy may mount (its Secrets or egress policy); remove the mount"
+    ]
+    # two new debug containers: the problems of both are reported
+    both = with_debugger(old, securityContext={"privileged": True})
+    both["spec"]["ephemeralContainers"].append(
+        {
+            "name": "second",
+            "image": "busybox",
+            "securityContext": dict(SAFE_SC),
+            "targetContainerName": "outrider-proxy",
+        }
+    )
+    found = strict_rules.ephemeral_problems(old, both)
+    assert any(
+        p.startswith("spec.ephemeralContainers[0] (debugger).securityContext.privileged") for p in found
+    )
+    assert found[-1] == (
+        "spec.ephemeralContainers[1] (second).targetContainerName is outrider-proxy: a debug container in "
+        "the sidecar's process namespace can read its tokens and keys; target the app container"
+    )
+
+
+def test_refusal_counts_only_what_it_leaves_out() -> None:
+    assert "more" not in strict_rules.refusal([f"p{n}" for n in range(6)])
+
+
+def test_swapped_image_message_in_full() -> None:
+    old = injected_pod()
+    new = copy.deepcopy(old)
+    before = old["spec"]["initContainers"][1]["image"]
+    new["spec"]["initContainers"][1]["image"] = "busybox"
+    assert strict_rules.sidecar_image_changes(old, new) == [
+        f"spec.initContainers[1] (outrider-proxy).image changed from {before!r} to 'busybox': the Outrider "
+        "containers cannot be changed in place; roll the workload so the webhook injects them again"
+    ]
