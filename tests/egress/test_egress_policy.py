@@ -13,6 +13,7 @@ from sidecar.egress.policy import (
     Policy,
     PolicyError,
     RuleSet,
+    Verdict,
     decide,
     destination_for,
     normalize_name,
@@ -452,3 +453,27 @@ def test_bad_labels_name_the_label() -> None:
     assert str(err.value) == "label '-bad-' is not a valid host name label"
     with pytest.raises(ValueError, match=r"^label 'xn--zz' is not a valid IDNA A-label \("):
         normalize_name("xn--zz.example")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("  ", "empty rule"),
+        ("[fd00::/8", "missing ']' after an IPv6 address"),
+        ("[fd00::/8]443", "expected ':port' after ']'"),
+    ],
+)
+def test_rule_text_errors(text: str, message: str) -> None:
+    _, errors = parse_rules([text], "pod")
+    assert [e.message for e in errors] == [message]
+
+
+def test_verdicts_in_full() -> None:
+    assert decide(Policy(), Destination(port=443, name="a.example")).allowed is False
+    pol = policy("a.example")
+    assert decide(pol, Destination(port=443, name="a.example")) == Verdict(
+        True, "a.example", "test", "allowed by a.example (test)"
+    )
+    assert decide(pol, Destination(port=443, name="b.example")) == Verdict(
+        False, None, "test", "default deny: no rule in test matches"
+    )
