@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 SPIRE_VERSION = os.environ.get("OUTRIDER_SPIRE_VERSION", "v1.13.3")
 Progress = Callable[[str], None]
@@ -82,7 +82,30 @@ class Entry:
     selectors: tuple[str, ...]
 
 
-class SpireDev:
+class Started:
+    """`async with` for a dev process: `start()` on entry (`stop()` if that fails), `stop()` on exit."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class SpireDev(Started):
     """`async with SpireDev() as spire:` a server and an attested agent in a private temp dir."""
 
     def __init__(
@@ -166,19 +189,6 @@ class SpireDev:
             self._server = None
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    async def __aenter__(self) -> SpireDev:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def start_agent(self, *, join_token: str | None = None) -> None:
         """Start the agent; the first start attests with the join token, later ones reuse the

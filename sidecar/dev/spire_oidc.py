@@ -13,10 +13,9 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from sidecar.dev.spire import SpireDev, SpireError, _free_port, _terminate, cache_bin_dir
+from sidecar.dev.spire import SpireDev, SpireError, Started, _free_port, _terminate, cache_bin_dir
 
 
 def find_oidc_provider(*, build: bool = True) -> Path | None:
@@ -35,7 +34,7 @@ def _get_json(url: str) -> Any:
         return json.loads(response.read())
 
 
-class SpireOidcProvider:
+class SpireOidcProvider(Started):
     """`async with SpireOidcProvider(spire, port=...) as oidc:` serving `oidc.url` (= `jwt_issuer`)."""
 
     def __init__(self, spire: SpireDev, *, port: int | None = None, binary: Path | None = None) -> None:
@@ -109,16 +108,3 @@ server_api {{
         with contextlib.suppress(OSError):
             return "\n".join((self.workdir / "oidc.log").read_text(errors="replace").splitlines()[-lines:])
         return "(no log)"
-
-    async def __aenter__(self) -> SpireOidcProvider:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

@@ -742,7 +742,7 @@ class Enforcer:
             # Start with the default pipe (64 KiB); grow it only for a bulk transfer, which saves two
             # syscalls on the many short request/response tunnels.
             chunk = _DEFAULT_PIPE
-            src, dst = source.fileno(), sink.fileno()
+            src = source.fileno()
             while True:
                 try:
                     n = os.splice(src, write_end, chunk, flags=_SPLICE_FLAGS)
@@ -754,15 +754,7 @@ class Enforcer:
                 if n == chunk and chunk < self.config.buffer_bytes:
                     with contextlib.suppress(OSError):
                         chunk = fcntl.fcntl(write_end, _F_SETPIPE_SZ, self.config.buffer_bytes)
-                while n:
-                    try:
-                        moved = os.splice(read_end, dst, n, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        await _ready(loop, sink, write=True)
-                        continue
-                    n -= moved
-                    total += moved
-                    activity.last = loop.time()
+                total += await _drain_pipe(loop, read_end, sink, n, activity)
         finally:
             os.close(read_end)
             os.close(write_end)
@@ -777,7 +769,7 @@ class Enforcer:
         try:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(write_end, _F_SETPIPE_SZ, self.config.buffer_bytes)
-            src, dst = source.fileno(), sink.fileno()
+            src = source.fileno()
             while total < limit:
                 try:
                     n = os.splice(
@@ -788,15 +780,7 @@ class Enforcer:
                     continue
                 if n == 0:
                     return total
-                while n:
-                    try:
-                        moved = os.splice(read_end, dst, n, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        await _ready(loop, sink, write=True)
-                        continue
-                    n -= moved
-                    total += moved
-                    activity.last = loop.time()
+                total += await _drain_pipe(loop, read_end, sink, n, activity)
             return total
         finally:
             os.close(read_end)
@@ -839,6 +823,23 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _DEFAULT_PIPE = 65536
 _SPLICE_BODY_MIN = 65536  # request bodies at least this large go client -> server by splice
+
+
+async def _drain_pipe(
+    loop: asyncio.AbstractEventLoop, read_end: int, sink: socket.socket, n: int, activity: _Activity
+) -> int:
+    """Splice the `n` bytes waiting in the pipe into `sink`, waiting while it is full; returns `n`."""
+    dst = sink.fileno()
+    left = n
+    while left:
+        try:
+            moved = os.splice(read_end, dst, left, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            await _ready(loop, sink, write=True)
+            continue
+        left -= moved
+        activity.last = loop.time()
+    return n
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:

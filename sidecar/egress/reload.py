@@ -7,7 +7,6 @@ whoever can edit the file can narrow egress live and can never widen it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from sidecar.egress.policy import Policy, PolicyError, RuleError, parse_policy
+from sidecar.polled_file import read_if_changed
 
 log = logging.getLogger("outrider.egress")
 
@@ -89,17 +89,10 @@ class PolicyHolder:
         """Re-read the file; True when the effective policy changed."""
         if self.path is None:
             return False
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            raw = b""
-        except OSError as exc:
-            self._fail(f"{self.path}: cannot read: {exc.strerror}")
+        changed = read_if_changed(self.path, self._digest, self._fail)
+        if changed is None:
             return False
-        digest = hashlib.sha256(raw).digest()
-        if digest == self._digest:
-            return False
-        self._digest = digest
+        raw, self._digest = changed
         result = parse_policy_file(raw.decode("utf-8", errors="replace"), f"policy file {self.path}")
         if result.errors:
             for message in result.errors:

@@ -70,3 +70,23 @@ class TokenExchanger(Protocol):
         `issuer` is the trusted issuer that vouched for the caller's token: an exchanger serving
         several issuers exchanges it at that issuer's IdP only.
         """
+
+
+class RefusingExchanger:
+    """An exchanger that refuses every exchange with one token-free reason (HTTP 502, `idp_error`).
+
+    Serves where no exchange may happen: exchange switched off, or a caller whose issuer has none.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def exchange(
+        self,
+        subject_token: str,
+        *,
+        audience: str | None = None,
+        scope: str | None = None,
+        issuer: str | None = None,
+    ) -> IssuedToken:
+        raise ExchangeError(self.reason, outcome="idp_error", http_status=502)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from sidecar.exchange import ExchangeError, IssuedToken, TokenExchanger
+from sidecar.exchange import ExchangeError, IssuedToken, RefusingExchanger, TokenExchanger
 from sidecar.exchange.config import ExchangeConfig
 from sidecar.exchange.oauth import (  # re-exported: the pure core lived here before the profiles
     ASSERTION_TYPE_JWT_SPIFFE,
@@ -359,22 +359,11 @@ class OAuthTokenExchanger:
         return ("\n".join(lines) + "\n").encode()
 
 
-class DisabledExchanger:
+class DisabledExchanger(RefusingExchanger):
     """Stands in when `exchange.enabled` is false: every exchange fails with a clear reason."""
 
-    async def exchange(
-        self,
-        subject_token: str,
-        *,
-        audience: str | None = None,
-        scope: str | None = None,
-        issuer: str | None = None,
-    ) -> IssuedToken:
-        raise ExchangeError(
-            "token exchange is not configured for this server (exchange.enabled is false)",
-            outcome="idp_error",
-            http_status=502,
-        )
+    def __init__(self) -> None:
+        super().__init__("token exchange is not configured for this server (exchange.enabled is false)")
 
 
 def _no_identity(exc: IdentityUnavailable) -> ExchangeError:

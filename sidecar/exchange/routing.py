@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sidecar.exchange import ExchangeError, IssuedToken, TokenExchanger
+from sidecar.exchange import IssuedToken, RefusingExchanger, TokenExchanger
+
+_NO_EXCHANGE = RefusingExchanger("no token exchange is configured for the caller's issuer")
+_UNKNOWN_ISSUER = RefusingExchanger("the caller's issuer has no token exchange in this sidecar")
 
 
 class IssuerExchangers:
@@ -16,8 +19,9 @@ class IssuerExchangers:
         self._by_issuer = dict(by_issuer)
 
     def for_issuer(self, issuer: str | None) -> TokenExchanger | None:
+        """None for an issuer without an exchange; a refusal (never another issuer's) for an unknown one."""
         if issuer is None or issuer not in self._by_issuer:
-            return _Refuse()
+            return _UNKNOWN_ISSUER
         return self._by_issuer[issuer]
 
     def exchangers(self) -> list[TokenExchanger]:
@@ -31,27 +35,5 @@ class IssuerExchangers:
         scope: str | None = None,
         issuer: str | None = None,
     ) -> IssuedToken:
-        exchanger = self.for_issuer(issuer)
-        if exchanger is None:
-            raise ExchangeError(
-                "no token exchange is configured for the caller's issuer",
-                outcome="idp_error",
-                http_status=502,
-            )
+        exchanger = self.for_issuer(issuer) or _NO_EXCHANGE
         return await exchanger.exchange(subject_token, audience=audience, scope=scope, issuer=issuer)
-
-
-class _Refuse:
-    """For a principal whose issuer is not in the table (never another issuer's exchanger)."""
-
-    async def exchange(
-        self,
-        subject_token: str,
-        *,
-        audience: str | None = None,
-        scope: str | None = None,
-        issuer: str | None = None,
-    ) -> IssuedToken:
-        raise ExchangeError(
-            "the caller's issuer has no token exchange in this sidecar", outcome="idp_error", http_status=502
-        )

@@ -17,6 +17,8 @@ from sidecar.inbound.issuers import (
     IssuerConfig,
     check_trust,
     parse_issuers,
+    string_list,
+    url_value,
 )
 
 DEFAULT_ALGORITHMS = ("RS256", "ES256", "PS256", "EdDSA")
@@ -52,30 +54,6 @@ def _float(
     if isinstance(value, bool) or not lo <= number <= hi:
         raise _error(f"{prefix}.{key}: {value!r} is out of range ({lo}-{hi})")
     return number
-
-
-def _str_list(
-    data: Mapping[str, Any], key: str, default: tuple[str, ...], prefix: str = "inbound"
-) -> tuple[str, ...]:
-    value = data.get(key, default)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
-        raise _error(f"{prefix}.{key}: {value!r} must be a list of non-empty strings")
-    return tuple(value)
-
-
-def _url(value: Any, key: str, *, required: bool) -> str | None:
-    if value in (None, ""):
-        if required:
-            raise _error(f"inbound.{key} is required (an https:// or http:// URL)")
-        return None
-    if not isinstance(value, str):
-        raise _error(f"inbound.{key}: {value!r} must be a URL string")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _error(f"inbound.{key}: {value!r} must be an absolute http(s) URL")
-    return value
 
 
 _KEYS = frozenset(
@@ -164,11 +142,11 @@ class MtlsConfig:
         enabled = data.get("enabled", False)
         if not isinstance(enabled, bool):
             raise _error(f"inbound.mtls.enabled: {enabled!r} must be true or false")
-        ids = _str_list(data, "allowed_spiffe_ids", (), "inbound.mtls")
+        ids = string_list(data, "allowed_spiffe_ids", "inbound.mtls", ())
         for spiffe_id in ids:
             if not spiffe_id.startswith("spiffe://"):
                 raise _error(f"inbound.mtls.allowed_spiffe_ids: {spiffe_id!r} is not a spiffe:// ID")
-        domains = _str_list(data, "allowed_trust_domains", (), "inbound.mtls")
+        domains = string_list(data, "allowed_trust_domains", "inbound.mtls", ())
         return cls(
             enabled=enabled,
             allowed_spiffe_ids=ids,
@@ -258,18 +236,18 @@ class InboundConfig:
         host = data.get("host", cls.host)
         if not isinstance(host, str) or not host:
             raise _error(f"inbound.host: {host!r} must be an address to listen on")
-        algorithms = _str_list(data, "algorithms", DEFAULT_ALGORITHMS)
+        algorithms = string_list(data, "algorithms", "inbound", DEFAULT_ALGORITHMS)
         for alg in algorithms:
             if alg not in SUPPORTED_ALGORITHMS:
                 raise _error(
                     f"inbound.algorithms: {alg!r} is not allowed; use asymmetric ones: "
                     f"{sorted(SUPPORTED_ALGORITHMS)}"
                 )
-        issuer = _url(data.get("issuer"), "issuer", required=False)
+        issuer = url_value(data.get("issuer"), "inbound.issuer", required=False)
         issuers = parse_issuers(data.get("issuers"), SUPPORTED_ALGORITHMS)
-        resource = _url(
+        resource = url_value(
             data.get("resource"),
-            "resource",
+            "inbound.resource",
             required=issuer is not None or any(i.audience is None for i in issuers),
         )
         introspection_raw = data.get("introspection")
@@ -285,9 +263,9 @@ class InboundConfig:
         dpop = DpopConfig.from_mapping(data.get("dpop") or {})
         if issuer is not None and issuer in {i.issuer for i in issuers}:
             raise _error(f"inbound.issuers: {issuer!r} is already inbound.issuer")
-        servers = _str_list(data, "authorization_servers", ())
+        servers = string_list(data, "authorization_servers", "inbound", ())
         for server in servers:
-            _url(server, "authorization_servers", required=True)
+            url_value(server, "inbound.authorization_servers", required=True)
         mtls_raw = data.get("mtls")
         mtls = MtlsConfig.from_mapping({} if mtls_raw is None else mtls_raw)
         token_header = data.get("token_header")
@@ -305,17 +283,17 @@ class InboundConfig:
             issuers=issuers,
             introspection=introspection,
             dpop=dpop,
-            public_url=_url(data.get("public_url"), "public_url", required=False),
+            public_url=url_value(data.get("public_url"), "inbound.public_url", required=False),
             allow_unauthenticated=anonymous,
             host=host,
             port=_int(data, "port", cls.port, 1, 65535),
             mcp_port=_int(data, "mcp_port", cls.mcp_port, 1, 65535),
             resource=resource,
             issuer=issuer,
-            jwks_uri=_url(data.get("jwks_uri"), "jwks_uri", required=False),
+            jwks_uri=url_value(data.get("jwks_uri"), "inbound.jwks_uri", required=False),
             algorithms=algorithms,
             leeway_s=_float(data, "leeway_s", cls.leeway_s, 0, 300),
-            required_scopes=_str_list(data, "required_scopes", ()),
+            required_scopes=string_list(data, "required_scopes", "inbound", ()),
             authorization_servers=servers,
             jwks_refresh_interval_s=_float(
                 data, "jwks_refresh_interval_s", cls.jwks_refresh_interval_s, 10, 86400
@@ -330,8 +308,8 @@ class InboundConfig:
             token_header=token_header.strip() if token_header else None,
             legacy_sse_path=legacy,
             token_cache_size=_int(data, "token_cache_size", cls.token_cache_size, 0, 1 << 20),
-            group_claims=_str_list(data, "group_claims", cls.group_claims),
-            role_claims=_str_list(data, "role_claims", cls.role_claims),
+            group_claims=string_list(data, "group_claims", "inbound", cls.group_claims),
+            role_claims=string_list(data, "role_claims", "inbound", cls.role_claims),
             sessions=SessionsConfig.from_mapping(data.get("sessions") or {}),
         )
         check_trust(config.trusted_issuers)

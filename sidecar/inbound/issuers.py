@@ -29,18 +29,22 @@ def _error(message: str) -> ConfigError:
     return ConfigError(message)
 
 
-def _url(data: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> str | None:
-    value = data.get(key)
+def url_value(value: Any, label: str, *, required: bool = False) -> str | None:
+    """`value` as an absolute http(s) URL, None when unset; `label` (`inbound.issuer`) names it in errors."""
     if value in (None, ""):
         if required:
-            raise _error(f"{where}.{key} is required (an https:// or http:// URL)")
+            raise _error(f"{label} is required (an https:// or http:// URL)")
         return None
     if not isinstance(value, str):
-        raise _error(f"{where}.{key}: {value!r} must be a URL string")
+        raise _error(f"{label}: {value!r} must be a URL string")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _error(f"{where}.{key}: {value!r} must be an absolute http(s) URL")
+        raise _error(f"{label}: {value!r} must be an absolute http(s) URL")
     return value
+
+
+def _url(data: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> str | None:
+    return url_value(data.get(key), f"{where}.{key}", required=required)
 
 
 def _str(data: Mapping[str, Any], key: str, where: str) -> str | None:
@@ -66,7 +70,7 @@ def _flag(data: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
     return value
 
 
-def _strings(data: Mapping[str, Any], key: str, where: str, default: tuple[str, ...]) -> tuple[str, ...]:
+def string_list(data: Mapping[str, Any], key: str, where: str, default: tuple[str, ...]) -> tuple[str, ...]:
     value = data.get(key, default)
     if isinstance(value, str):
         value = [value]
@@ -177,7 +181,7 @@ class IssuerConfig:
         _unknown(data, cls._KEYS, where)
         issuer = _url(data, "issuer", where, required=True)
         assert issuer is not None
-        algorithms = _strings(data, "algorithms", where, ()) or None
+        algorithms = string_list(data, "algorithms", where, ()) or None
         for alg in algorithms or ():
             if alg not in supported_algs:
                 raise _error(
@@ -198,7 +202,7 @@ class IssuerConfig:
             audience=_str(data, "audience", where),
             jwks_uri=_url(data, "jwks_uri", where),
             algorithms=algorithms,
-            required_scopes=_strings(data, "required_scopes", where, ()) or None,
+            required_scopes=string_list(data, "required_scopes", where, ()) or None,
             introspection=(
                 IntrospectionConfig.from_mapping(introspection_raw, f"{where}.introspection")
                 if introspection_raw is not None
@@ -227,7 +231,7 @@ class DpopConfig:
     def from_mapping(cls, data: Mapping[str, Any]) -> DpopConfig:
         where = "inbound.dpop"
         _unknown(data, cls._KEYS, where)
-        algorithms = _strings(data, "algorithms", where, DEFAULT_DPOP_ALGORITHMS)
+        algorithms = string_list(data, "algorithms", where, DEFAULT_DPOP_ALGORITHMS)
         for alg in algorithms:
             if alg not in DPOP_ALGORITHMS:
                 raise _error(

@@ -6,7 +6,6 @@ volume) may change at any time, may only narrow, and a bad version keeps the las
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from sidecar.policy.cedar_text import CedarError, CompiledPolicies, compile_poli
 from sidecar.policy.config import PolicyConfig
 from sidecar.policy.engine import Policies, build, compile_layers
 from sidecar.policy.limits_config import LimitsError, RateLimits
+from sidecar.polled_file import read_if_changed
 
 log = logging.getLogger("outrider.policy")
 _FILE_KEYS = frozenset({"cedar", "rate_limits"})
@@ -110,17 +110,10 @@ class PolicyHolder:
         """Re-read the file; True when the effective policy changed."""
         if self.path is None:
             return False
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            raw = b""
-        except OSError as exc:
-            self._fail(f"{self.path}: cannot read: {exc.strerror}")
+        changed = read_if_changed(self.path, self._digest, self._fail)
+        if changed is None:
             return False
-        digest = hashlib.sha256(raw).digest()
-        if digest == self._digest:
-            return False
-        self._digest = digest
+        raw, self._digest = changed
         try:
             text = raw.decode("utf-8")
             layer = parse_file(text, f"policy file {self.path}")

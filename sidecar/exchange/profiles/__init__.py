@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from sidecar.exchange import ExchangeError, IssuedToken
 from sidecar.exchange.config import ExchangeConfig
-from sidecar.exchange.oauth import ASSERTION_TYPE_JWT_SPIFFE, ClientCredential, TokenRequest
+from sidecar.exchange.oauth import ASSERTION_TYPE_JWT_SPIFFE, ClientCredential, TokenRequest, authenticated
 
 ASSERTION_TYPE_JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
-RequestBuilder = Callable[..., TokenRequest]
+FormBuilder = Callable[..., dict[str, str]]
 AnswerParser = Callable[..., IssuedToken]
 ErrorMapper = Callable[[int, bytes, tuple[str, ...]], ExchangeError]
 
@@ -27,7 +27,8 @@ class Profile:
 
     - `assertion_type`: the `client_assertion_type` sent with a JWT-SVID (`auth: jwt-svid`);
     - `assertion_audience(config)`: the audience the JWT-SVID is minted for;
-    - `build(config, subject_token, audience=, scope=, credential=, actor_token=)`: the request;
+    - `form(config, subject_token, audience=, scope=, actor_token=)`: the request body before client
+      authentication, which `build` adds the same way for every provider;
     - `parse(body, config=, audience=, now=, secrets=)`: a 200 answer into an `IssuedToken`;
     - `map_error(status, body, secrets)`: any other answer into a token-free `ExchangeError`.
     """
@@ -35,9 +36,23 @@ class Profile:
     name: str
     assertion_type: str
     assertion_audience: Callable[[ExchangeConfig], str]
-    build: RequestBuilder
+    form: FormBuilder
     parse: AnswerParser
     map_error: ErrorMapper
+
+    def build(
+        self,
+        config: ExchangeConfig,
+        subject_token: str,
+        *,
+        audience: str | None,
+        scope: str | None,
+        credential: ClientCredential,
+        actor_token: str | None = None,
+    ) -> TokenRequest:
+        """The token request: the provider's form plus the client credential."""
+        form = self.form(config, subject_token, audience=audience, scope=scope, actor_token=actor_token)
+        return authenticated(form, credential)
 
 
 def profile_for(name: str) -> Profile:

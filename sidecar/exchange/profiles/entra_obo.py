@@ -13,9 +13,6 @@ import json
 from sidecar.exchange import ExchangeError, IssuedToken, StepUp
 from sidecar.exchange.config import ExchangeConfig
 from sidecar.exchange.oauth import (
-    ClientCredential,
-    TokenRequest,
-    authenticated,
     carries_credential,
     classify_error,
     error_code,
@@ -47,22 +44,20 @@ def downstream_scope(config: ExchangeConfig, audience: str | None, scope: str | 
     return target.rstrip("/") + "/.default"
 
 
-def build(
+def form(
     config: ExchangeConfig,
     subject_token: str,
     *,
     audience: str | None,
     scope: str | None,
-    credential: ClientCredential,
     actor_token: str | None = None,
-) -> TokenRequest:
-    form = {
+) -> dict[str, str]:
+    return {
         "grant_type": GRANT_TYPE_JWT_BEARER,
         "requested_token_use": "on_behalf_of",
         "assertion": subject_token,
         "scope": downstream_scope(config, audience, scope),
     }
-    return authenticated(form, credential)
 
 
 def parse(
@@ -133,7 +128,7 @@ PROFILE = Profile(
     name="entra-obo",
     assertion_type=ASSERTION_TYPE_JWT_BEARER,
     assertion_audience=assertion_audience,
-    build=build,
+    form=form,
     parse=parse,
     map_error=map_error,
 )

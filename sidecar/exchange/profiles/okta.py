@@ -11,9 +11,6 @@ from sidecar.exchange import IssuedToken
 from sidecar.exchange.config import TOKEN_TYPE_ACCESS, ExchangeConfig
 from sidecar.exchange.oauth import (
     GRANT_TYPE,
-    ClientCredential,
-    TokenRequest,
-    authenticated,
     classify_error,
     parse_success,
 )
@@ -27,15 +24,14 @@ def assertion_audience(config: ExchangeConfig) -> str:
     return audience
 
 
-def build(
+def form(
     config: ExchangeConfig,
     subject_token: str,
     *,
     audience: str | None,
     scope: str | None,
-    credential: ClientCredential,
     actor_token: str | None = None,
-) -> TokenRequest:
+) -> dict[str, str]:
     form = {
         "grant_type": GRANT_TYPE,
         "subject_token": subject_token,
@@ -45,7 +41,7 @@ def build(
         form["audience"] = audience
     if scope:
         form["scope"] = scope
-    return authenticated(form, credential)
+    return form
 
 
 def parse(
@@ -60,7 +56,7 @@ PROFILE = Profile(
     name="okta",
     assertion_type=ASSERTION_TYPE_JWT_BEARER,
     assertion_audience=assertion_audience,
-    build=build,
+    form=form,
     parse=parse,
     map_error=classify_error,
 )

@@ -7,14 +7,7 @@ from __future__ import annotations
 
 from sidecar.exchange import IssuedToken
 from sidecar.exchange.config import ExchangeConfig
-from sidecar.exchange.oauth import (
-    ClientCredential,
-    TokenRequest,
-    authenticated,
-    classify_error,
-    exchange_form,
-    parse_success,
-)
+from sidecar.exchange.oauth import classify_error, exchange_form, parse_success
 from sidecar.exchange.profiles import ASSERTION_TYPE_JWT_SPIFFE, Profile
 
 
@@ -22,19 +15,6 @@ def assertion_audience(config: ExchangeConfig) -> str:
     audience = config.client_assertion_audience or config.issuer
     assert audience is not None  # ExchangeConfig.check requires issuer with jwt-svid
     return audience
-
-
-def build(
-    config: ExchangeConfig,
-    subject_token: str,
-    *,
-    audience: str | None,
-    scope: str | None,
-    credential: ClientCredential,
-    actor_token: str | None = None,
-) -> TokenRequest:
-    form = exchange_form(config, subject_token, audience=audience, scope=scope, actor_token=actor_token)
-    return authenticated(form, credential)
 
 
 def parse(
@@ -49,7 +29,7 @@ PROFILE = Profile(
     name="rfc8693",
     assertion_type=ASSERTION_TYPE_JWT_SPIFFE,
     assertion_audience=assertion_audience,
-    build=build,
+    form=exchange_form,
     parse=parse,
     map_error=classify_error,
 )
