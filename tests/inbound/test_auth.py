@@ -613,3 +613,28 @@ async def test_discovery_falls_back_to_rfc8414_and_refuses_odd_jwks_uris(
             assert other.last_error == f"no discovery document with a jwks_uri under {url}"
     finally:
         await runner.cleanup()
+
+
+async def test_unreachable_issuer_refuses_with_401(session: aiohttp.ClientSession) -> None:
+    config = InboundConfig.from_mapping({"issuer": f"http://127.0.0.1:{free_port()}", "resource": RESOURCE})
+    jwks = JwksCache(config, session)
+    await jwks.refresh(force=True)
+    key = make_key("ES256")
+    token = jwt.encode({"sub": "a"}, key.private, algorithm="ES256", headers={"kid": key.kid})
+    _refused(
+        await TokenVerifier(config, jwks).verify(token), "the issuer's signing keys are not available yet"
+    )
+
+
+async def test_a_wrong_key_under_the_same_kid_does_not_hide_the_right_one(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key("ES256")
+    impostor = make_key("ES256")
+    impostor.kid = key.kid
+    issuer.keys += [impostor, key]
+    verifier = await verifier_for(issuer, session)
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+    roles = await verifier_for(issuer, session, group_claims=["groups"], role_claims=["roles"])
+    principal = await roles.verify(issuer.token(key, groups=["g"], roles=["r"]))
+    assert isinstance(principal, Principal) and (principal.groups, principal.roles) == (("g",), ("r",))
