@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)';
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean \
+        mutation bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean \
         images images-push node-e2e node node-down node-test
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make node-down   remove it and restore the host"
 	@echo "make images      build the sidecar, webhook and example MCP images (buildah, no Docker); IMAGE_REPO=..."
 	@echo "make node-e2e    Outrider as real pods on the one-node cluster: the in-cluster test module"
+	@echo "make mutation    mutation testing of the decision modules (slow; MODULES=... to pick; docs/testing.md)"
 	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|node-test|images-push"
 
 $(STAMP): pyproject.toml
@@ -65,6 +66,13 @@ test: venv sysdeps lint typecheck
 
 test-fast: venv
 	$(BIN)/pytest -m "not controlplane and not spire and not keycloak and not root and not kubeyaml and not node" $(PYTEST_ARGS)
+
+# Mutation testing (mutmut 3) of the modules that decide allow/deny; not part of `make test` (it is slow).
+# MODULES="webhook/strict.py sidecar/egress/policy.py" runs some of them; the table goes to docs/testing.md.
+MODULES ?=
+mutation: venv
+	@$(BIN)/python -c 'import mutmut' 2>/dev/null || $(BIN)/python -m pip install -q 'mutmut>=3.8,<4'
+	nice -n 19 $(BIN)/python scripts/mutation.py $(MODULES)
 
 certs: venv
 	$(BIN)/outrider certs --out certs

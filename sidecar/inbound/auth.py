@@ -344,7 +344,10 @@ class TokenVerifier:
                 return AuthFailure(401, "invalid_token", "the access token was issued by an untrusted issuer")
             except jwt.MissingRequiredClaimError as exc:
                 return AuthFailure(401, "invalid_token", f"the access token lacks the {exc.claim!r} claim")
-            except (jwt.InvalidTokenError, jwt.PyJWKError, ValueError, TypeError):
+            except (jwt.PyJWTError, ValueError, TypeError):
+                # The rest of PyJWT's errors, a JWKS key it cannot load (`InvalidKeyError`, which is
+                # neither an InvalidTokenError nor a PyJWKError) included: this key cannot vouch for
+                # the token, another candidate still may.
                 failure = AuthFailure(401, "invalid_token", "the access token is malformed")
                 continue
             principal = principal_from_claims(claims, self._config.group_claims, self._config.role_claims)

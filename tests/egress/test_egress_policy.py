@@ -13,6 +13,7 @@ from sidecar.egress.policy import (
     Policy,
     PolicyError,
     RuleSet,
+    Verdict,
     decide,
     destination_for,
     normalize_name,
@@ -217,3 +218,262 @@ def test_cidr_membership_matches_ipaddress(a: ipaddress.IPv4Address, prefix: int
     if prefix > 0:
         outside = ipaddress.ip_address((int(network.network_address) + network.num_addresses) % 2**32)
         assert allowed(p, str(outside), port) == (outside in network)
+
+
+# --- decisions pinned down by mutation testing (issue 17) --------------------------------------
+
+
+def _ports(item: dict[str, object]) -> tuple[tuple[int, int], ...]:
+    return parse_rule(item).ports
+
+
+def _allowed_ports(item: dict[str, object], *ports: int) -> list[bool]:
+    pol = policy(item)
+    return [decide(pol, Destination(port=p, name="api.example.com")).allowed for p in ports]
+
+
+@pytest.mark.parametrize(
+    ("ports", "merged"),
+    [
+        (["8000-8100", "8050-8200"], ((8000, 8200),)),  # overlapping
+        (["8101-8200", "8000-8100"], ((8000, 8200),)),  # adjacent, in any order
+        (["8000-8200", "8050-8060"], ((8000, 8200),)),  # contained: the wider end is kept
+        (["8000-8100", "8102-8200"], ((8000, 8100), (8102, 8200))),  # a one-port gap stays a gap
+        ([443, "443"], ((443, 443),)),
+    ],
+)
+def test_port_ranges_merge_without_widening(ports: list[object], merged: tuple[tuple[int, int], ...]) -> None:
+    item: dict[str, object] = {"host": "api.example.com", "ports": ports}
+    assert _ports(item) == merged
+    lo, hi = merged[0][0], merged[-1][1]
+    inside = [p for p in range(lo - 1, hi + 2) if any(a <= p <= b for a, b in merged)]
+    judged = _allowed_ports(item, *range(lo - 1, hi + 2))
+    assert [p for p, ok in zip(range(lo - 1, hi + 2), judged, strict=True) if ok] == inside
+
+
+def test_singular_port_key_is_honoured() -> None:
+    item: dict[str, object] = {"host": "api.example.com", "port": 8443}
+    assert _ports(item) == ((8443, 8443),)
+    assert _allowed_ports(item, 8443, 443, 80) == [True, False, False]
+    assert _ports({"host": "api.example.com", "port": "9000-9001"}) == ((9000, 9001),)
+
+
+def test_bare_string_ports_is_one_range_not_characters() -> None:
+    item: dict[str, object] = {"host": "api.example.com", "ports": "8000-8100"}
+    assert _ports(item) == ((8000, 8100),)
+    assert _allowed_ports(item, 7999, 8000, 8100, 8101, 8) == [False, True, True, False, False]
+
+
+@pytest.mark.parametrize("target", ["example.com", "api", "*.example.com"])
+def test_cidr_key_holding_a_host_name_is_refused(target: str) -> None:
+    with pytest.raises(ValueError, match="not a valid CIDR"):
+        parse_rule({"cidr": target})
+    _, errors = parse_rules([{"cidr": target}], "ns")
+    assert [e.origin for e in errors] == ["ns [0]"]
+
+
+def test_bracketed_ipv6_with_a_port() -> None:
+    rule = parse_rule("[fd00::/8]:8443")
+    assert rule.kind == "cidr" and rule.ports == ((8443, 8443),)
+    assert str(rule) == "[fd00::/8]:8443"
+    pol = policy("[fd00::/8]:8443")
+    ip = ipaddress.ip_address("fd00::1")
+    assert decide(pol, Destination(port=8443, ip=ip)).allowed
+    assert not decide(pol, Destination(port=443, ip=ip)).allowed
+    assert not decide(pol, Destination(port=8443, ip=ipaddress.ip_address("fe00::1"))).allowed
+    assert str(parse_rule("[fd00::/8]")) == "fd00::/8"
+    assert parse_rule("[fd00::1]:*").ports == ((1, 65535),)
+    for bad in ("[fd00::/8]8443", "[fd00::/8:443"):
+        with pytest.raises(ValueError):
+            parse_rule(bad)
+
+
+def test_reload_keeps_open_only_the_tunnels_the_new_policy_allows() -> None:
+    from sidecar.egress.policy import connection_allowed
+
+    ip = ipaddress.ip_address("203.0.113.7")
+    by_name = policy("api.example.com:443")
+    assert connection_allowed(by_name, "api.example.com", ip, 443)  # a tunnel opened by name stays
+    assert not connection_allowed(by_name, None, ip, 443)  # an IP-only tunnel has no name to match
+    assert not connection_allowed(by_name, "api.example.com", ip, 8443)
+    assert not connection_allowed(by_name, "other.example.com", ip, 443)
+    by_cidr = policy("203.0.113.0/24:443")
+    assert connection_allowed(by_cidr, None, ip, 443)
+    assert connection_allowed(by_cidr, "anything.example", ip, 443)
+    # a name may not keep a tunnel to a special address open without a CIDR rule for it
+    assert not connection_allowed(by_name, "api.example.com", ipaddress.ip_address("169.254.169.254"), 443)
+    assert not connection_allowed(Policy(), "api.example.com", ip, 443)
+
+
+def test_resolved_form_is_exact() -> None:
+    pol = policy({"host": "*.example.com", "ports": ["8000-8100", 443]}, "10.0.0.0/8:*", source="ns")
+    assert pol.to_mapping() == {
+        "version": 1,
+        "layers": [
+            {
+                "source": "ns",
+                "allow": [
+                    {"host": "*.example.com", "ports": ["443", "8000-8100"]},
+                    {"cidr": "10.0.0.0/8", "ports": ["*"]},
+                ],
+            }
+        ],
+    }
+
+
+def test_name_addresses_skips_repeats_and_special_ones_but_keeps_going() -> None:
+    from sidecar.egress.policy import name_addresses
+
+    pol = policy("*.example.com:443")
+    a, b = ipaddress.ip_address("203.0.113.7"), ipaddress.ip_address("203.0.113.8")
+    metadata = ipaddress.ip_address("169.254.169.254")
+    mapped = ipaddress.ip_address("::ffff:203.0.113.7")
+    assert name_addresses(pol, "api.example.com", [a, mapped, metadata, b], 443) == [a, b]
+    narrow = policy("api.example.com:443").narrowed(
+        RuleSet("ns", parse_rules(["203.0.113.8/32:443"], "ns")[0])
+    )
+    assert name_addresses(narrow, "api.example.com", [a, b], 443) == [b]
+
+
+def test_rule_errors_show_mappings_as_written() -> None:
+    _, errors = parse_rules([{"host": "bad host", "ports": [443]}], "pod")
+    assert [str(e) for e in errors] == [
+        "pod [0]: egress rule 'host: bad host, ports: [443]': label 'bad host' is not a valid host name label"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("allow", "kind"), [("api.example.com", "str"), ({"host": "a.example"}, "dict"), (7, "int")]
+)
+def test_allow_must_be_a_list(allow: object, kind: str) -> None:
+    with pytest.raises(PolicyError, match=rf"^ns: 'allow' must be a list of rules, not {kind}$"):
+        parse_policy({"allow": allow}, "ns")
+    with pytest.raises(PolicyError, match=rf"^L: 'allow' must be a list of rules, not {kind}$"):
+        parse_policy({"layers": [{"source": "L", "allow": allow}]}, "ns")
+
+
+def test_union_keeps_both_sides_once_under_the_new_source() -> None:
+    from sidecar.egress.policy import union
+
+    first = RuleSet("a", parse_rules(["a.example", "b.example"], "a")[0])
+    second = RuleSet("b", parse_rules(["b.example", "c.example"], "b")[0])
+    merged = union(first, second, "a+b")
+    assert merged.source == "a+b"
+    assert [str(r) for r in merged.rules] == ["a.example", "b.example", "c.example"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (["a.example"], "f: an egress policy must be a mapping, not list"),
+        ({"layers": "a.example"}, "f: 'layers' must be a list"),
+        ({"layers": {"source": "x"}}, "f: 'layers' must be a list"),
+        (
+            {"layers": [{"source": "x", "allow": []}, "a.example"]},
+            "f: layers[1] must be a mapping with 'source' and 'allow'",
+        ),
+    ],
+)
+def test_malformed_documents_say_where(data: object, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(data, "f")  # type: ignore[arg-type]
+    assert str(err.value) == message
+
+
+def test_plain_and_layered_documents_name_their_sources() -> None:
+    plain, _ = parse_policy({"allow": ["a.example"]}, "file")
+    assert [layer.source for layer in plain.layers] == ["file"]
+    verdict = decide(plain, Destination(port=443, name="a.example"))
+    assert (verdict.allowed, verdict.source, verdict.rule) == (True, "file", "a.example")
+    layered, _ = parse_policy(
+        {"layers": [{"allow": ["a.example"]}, {"source": "ns", "allow": ["b.example"]}]}, "f"
+    )
+    assert [layer.source for layer in layered.layers] == ["f layer 0", "ns"]
+    denied = decide(layered, Destination(port=443, name="a.example"))
+    assert (denied.allowed, denied.source) == (False, "ns")
+    assert denied.reason == "default deny: no rule in ns matches"
+    assert parse_policy(None, "f") == (Policy(), ())
+    assert (
+        decide(Policy(), Destination(port=443, name="a.example")).reason == "default deny: no egress policy"
+    )
+
+
+def test_names_normalise_with_uts46_and_length_edges() -> None:
+    assert normalize_name(" API.Example.COM. ") == "api.example.com"
+    assert normalize_name("ｅｘａｍｐｌｅ.com") == "example.com"  # noqa: RUF001 (fullwidth, mapped by UTS 46)
+    assert normalize_name("Bücher.example") == "xn--bcher-kva.example"
+    label = "a" * 63
+    exact = ".".join([label, label, label, "a" * 61])  # 253 characters
+    assert normalize_name(exact) == exact
+    with pytest.raises(ValueError, match=r"^host name longer than 253 characters$"):
+        normalize_name(exact + "a")
+    for raw, message in (
+        ("  . ", "empty host name"),
+        ("10.0.0.1", "an IP address is not a host name (use a CIDR rule)"),
+        ("[::1]", "an IP address is not a host name (use a CIDR rule)"),
+    ):
+        with pytest.raises(ValueError) as err:
+            normalize_name(raw)
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"^not a valid internationalised host name \("):
+        normalize_name("a\u200db.example")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("*.example.com", "*.example.com"),
+        ("*.example.com:8443", "*.example.com:8443"),
+        ("api.example.com:*", "api.example.com:*"),
+        ("api.example.com:80,443", "api.example.com"),
+        ("10.0.0.0/8", "10.0.0.0/8"),
+        ("[fd00::/8]:443", "[fd00::/8]:443"),
+    ],
+)
+def test_rules_print_as_written(text: str, shown: str) -> None:
+    rule = (
+        parse_rule(text) if "," not in text else parse_rule({"host": "api.example.com", "ports": [80, 443]})
+    )
+    assert str(rule) == shown
+
+
+def test_destination_for_keeps_port_and_original_address() -> None:
+    original = ipaddress.ip_address("203.0.113.9")
+    assert destination_for(None, 8443, original) == Destination(port=8443, ip=original)
+    assert destination_for("API.example.com", 443, original) == Destination(
+        port=443, name="api.example.com", ip=original
+    )
+    assert destination_for("bad name!", 80, original) == Destination(port=80, ip=original)
+    assert destination_for("[::1]", 80, original) == Destination(port=80, ip=ipaddress.ip_address("::1"))
+
+
+def test_bad_labels_name_the_label() -> None:
+    with pytest.raises(ValueError) as err:
+        normalize_name("ok.-bad-.example")
+    assert str(err.value) == "label '-bad-' is not a valid host name label"
+    with pytest.raises(ValueError, match=r"^label 'xn--zz' is not a valid IDNA A-label \("):
+        normalize_name("xn--zz.example")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("  ", "empty rule"),
+        ("[fd00::/8", "missing ']' after an IPv6 address"),
+        ("[fd00::/8]443", "expected ':port' after ']'"),
+    ],
+)
+def test_rule_text_errors(text: str, message: str) -> None:
+    _, errors = parse_rules([text], "pod")
+    assert [e.message for e in errors] == [message]
+
+
+def test_verdicts_in_full() -> None:
+    assert decide(Policy(), Destination(port=443, name="a.example")).allowed is False
+    pol = policy("a.example")
+    assert decide(pol, Destination(port=443, name="a.example")) == Verdict(
+        True, "a.example", "test", "allowed by a.example (test)"
+    )
+    assert decide(pol, Destination(port=443, name="b.example")) == Verdict(
+        False, None, "test", "default deny: no rule in test matches"
+    )

@@ -265,3 +265,376 @@ def test_metadata_and_challenge() -> None:
 )
 def test_bearer_token_parsing(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
+
+
+# --- decisions pinned down by mutation testing (issue 17) --------------------------------------
+
+
+def _refused(result: object, text: str) -> None:
+    assert isinstance(result, AuthFailure), result
+    assert (result.status, result.error) == (401, "invalid_token"), result
+    assert text in result.description, result.description
+
+
+async def test_a_jwks_key_that_fails_to_decode_refuses_the_token(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key("ES256")
+    broken = {**key.jwk, "x": b64(b"not a curve point"), "y": b64(b"\x00")}
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    # the only candidate for this kid is a key PyJWT cannot load: refused, never let in
+    verifier._jwks._keys = [broken]
+    _refused(await verifier.verify(issuer.token(key)), "the access token is malformed")
+    # a broken key listed before the good one does not hide the good one
+    verifier._jwks._keys = [broken, key.jwk]
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+
+
+async def test_a_jwks_key_that_fails_to_decode_is_refused_when_served_by_the_idp(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key("RS256")
+
+    class Broken(Key):
+        @property
+        def jwk(self) -> dict[str, Any]:
+            return {"kty": "RSA", "kid": self.kid, "use": "sig", "n": "!!!", "e": "AQAB"}
+
+    issuer.keys.append(Broken("RS256", key.private, kid=key.kid))
+    verifier = await verifier_for(issuer, session)
+    _refused(await verifier.verify(issuer.token(key)), "the access token is malformed")
+
+
+@pytest.mark.parametrize(
+    ("changes", "usable"),
+    [
+        ({}, True),
+        ({"alg": "ES256"}, True),
+        ({"alg": "ES384"}, False),  # a key made for another algorithm
+        ({"use": "enc"}, False),  # an encryption key
+        ({"use": "sig"}, True),
+        ({"kty": "RSA"}, False),  # a key of another family
+    ],
+)
+async def test_keys_are_filtered_by_alg_use_and_family(
+    changes: dict[str, str], usable: bool, issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    from sidecar.inbound.auth import key_matches_alg
+
+    key = make_key("ES256")
+    jwk = {k: v for k, v in {**key.jwk, **changes}.items() if k not in ("alg", "use") or k in changes}
+    assert key_matches_alg(jwk, "ES256") is usable
+    verifier = await verifier_for(issuer, session)
+    verifier._jwks._keys = [jwk]
+    result = await verifier.verify(issuer.token(key))
+    if usable:
+        assert isinstance(result, Principal)
+    else:
+        _refused(result, "not signed by a key of the trusted issuer")
+
+
+def test_key_family_needs_the_right_kty() -> None:
+    from sidecar.inbound.auth import key_matches_alg
+
+    assert key_matches_alg({"kty": "RSA"}, "PS256") and key_matches_alg({"kty": "OKP"}, "EdDSA")
+    assert not key_matches_alg({"kty": "oct"}, "HS256")
+    assert not key_matches_alg({}, "RS256")
+
+
+async def test_unknown_kid_after_the_first_load_refreshes_the_jwks(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    old = make_key("ES256")
+    issuer.keys.append(old)
+    verifier = await verifier_for(issuer, session, jwks_min_refresh_interval_s=0)
+    assert isinstance(await verifier.verify(issuer.token(old)), Principal)
+    assert issuer.jwks_fetches == 1  # a known kid does not refetch
+    new = make_key("ES256")
+    issuer.keys.append(new)
+    assert isinstance(await verifier.verify(issuer.token(new)), Principal)
+    assert issuer.jwks_fetches == 2
+
+
+class _Clock:
+    """`time` as the verifier sees it, with the wall clock moved on (monotonic left alone)."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+async def test_cached_tokens_expire_with_the_leeway(
+    issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.inbound import auth
+
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, leeway_s=30)
+    exp = int(time.time()) + 300
+    token = issuer.token(key, exp=exp)
+    assert isinstance(await verifier.verify(token), Principal)
+    verifier._jwks._keys = []
+    clock = _Clock(exp + 20 - time.time())
+    monkeypatch.setattr(auth, "time", clock)
+    assert isinstance(await verifier.verify(token), Principal)  # inside the leeway: cached
+    clock.offset = exp + 40 - time.time()
+    _refused(await verifier.verify(token), "the access token has expired")
+    clock.offset = 0
+    # the expired entry was dropped: the next try goes to the (now empty) key set
+    _refused(await verifier.verify(token), "not signed by a key of the trusted issuer")
+
+
+async def test_token_cache_evicts_the_least_recently_used(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, token_cache_size=2)
+    first, second, third = (issuer.token(key, jti=str(n)) for n in range(3))
+    for token in (first, second, first, third):  # `first` is used again, so `second` is the oldest
+        assert isinstance(await verifier.verify(token), Principal)
+    verifier._jwks._keys = []
+    assert isinstance(await verifier.verify(first), Principal)
+    assert isinstance(await verifier.verify(third), Principal)
+    _refused(await verifier.verify(second), "not signed by a key of the trusted issuer")
+
+
+async def test_no_token_cache_when_its_size_is_zero(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, token_cache_size=0)
+    token = issuer.token(key)
+    assert isinstance(await verifier.verify(token), Principal)
+    verifier._jwks._keys = []
+    _refused(await verifier.verify(token), "not signed by a key of the trusted issuer")
+
+
+async def test_refusals_are_401_invalid_token(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    head = b64(json.dumps({"alg": "ES256", "kid": key.kid}).encode())
+    _refused(await verifier.verify("not-a-jwt"), "not a JWT")
+    # PyJWT itself refuses a payload that is not a JSON object
+    _refused(await verifier.verify(f"{head}.{b64(b'[1, 2]')}.{b64(b'sig')}"), "malformed")
+    _refused(await verifier.verify(f"{head}.{b64(b'{not json')}.{b64(b'sig')}"), "malformed")
+    _refused(await verifier.verify(issuer.token(key, exp="9999999999")), "exp")
+    other = make_key("ES256")
+    other.kid = key.kid
+    _refused(await verifier.verify(issuer.token(other)), "signature is invalid")
+    stranger = make_key("ES256")
+    _refused(await verifier.verify(issuer.token(stranger)), "not signed by a key of the trusted issuer")
+
+
+def test_metadata_document_and_challenges_in_full() -> None:
+    config = InboundConfig.from_mapping(
+        {
+            "issuer": "https://idp.example",
+            "resource": RESOURCE,
+            "required_scopes": ["mcp:tools", "mcp:read"],
+            "algorithms": ["ES256", "RS256"],
+        }
+    )
+    assert metadata_url("https://mcp.example.com/a/b/?q=1#f") == (
+        "https://mcp.example.com/.well-known/oauth-protected-resource/a/b"
+    )
+    assert protected_resource_metadata(config) == {
+        "resource": RESOURCE,
+        "authorization_servers": ["https://idp.example"],
+        "bearer_methods_supported": ["header"],
+        "resource_signing_alg_values_supported": ["ES256", "RS256"],
+        "scopes_supported": ["mcp:tools", "mcp:read"],
+    }
+    no_scopes = InboundConfig.from_mapping({"issuer": "https://idp.example", "resource": RESOURCE})
+    assert "scopes_supported" not in protected_resource_metadata(no_scopes)
+    meta = f'resource_metadata="{metadata_url(RESOURCE)}"'
+    assert www_authenticate(AuthFailure(403, "insufficient_scope", "lacks"), config) == (
+        f'Bearer {meta}, error="insufficient_scope", error_description="lacks", scope="mcp:tools mcp:read"'
+    )
+    # only printable ASCII without quotes or backslashes goes into the header
+    assert www_authenticate(AuthFailure(401, "invalid_token", 'a\\b"c\x7fd\x1fé ok'), config) == (
+        f'Bearer {meta}, error="invalid_token", error_description="abcd ok"'
+    )
+    assert www_authenticate(AuthFailure(401, "invalid_token", "x"), no_scopes) == (
+        f'Bearer {meta}, error="invalid_token", error_description="x"'
+    )
+    assert www_authenticate(AuthFailure(401, None, "no credentials"), config) == f"Bearer {meta}"
+
+
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [
+        ({"scope": "a b"}, ("a", "b")),
+        ({"scp": ["a", 7, "b"]}, ("a", "b")),
+        ({"scp": "a  b"}, ("a", "b")),
+        ({"scope": "a", "scp": ["b"]}, ("a",)),
+        ({"scp": 7}, ()),
+        ({}, ()),
+    ],
+)
+def test_scopes_from_scope_or_scp(claims: dict[str, Any], scopes: tuple[str, ...]) -> None:
+    from sidecar.inbound.auth import principal_from_claims
+
+    assert principal_from_claims({"sub": "a", **claims}).scopes == scopes
+
+
+def test_delegation_chain_is_bounded_and_skips_odd_subjects() -> None:
+    from sidecar.inbound.auth import principal_from_claims
+
+    act: dict[str, Any] = {"sub": "last"}
+    for n in range(30):
+        act = {"sub": f"a{n}", "act": act}
+    chain = principal_from_claims({"sub": "x", "act": act}).delegation
+    assert len(chain) == 16 and chain[0] == "a29" and chain[-1] == "a14"
+    odd = principal_from_claims({"sub": "x", "act": {"sub": 7, "act": {"sub": "b"}}}).delegation
+    assert odd == ("b",)
+
+
+async def test_missing_scopes_are_refused_with_403(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, required_scopes=["mcp:tools", "mcp:read"])
+    for claims, missing in (({}, "mcp:tools mcp:read"), ({"scope": "mcp:read other"}, "mcp:tools")):
+        result = await verifier.verify(issuer.token(key, **claims))
+        assert result == AuthFailure(403, "insufficient_scope", f"the token lacks scope(s): {missing}")
+    assert isinstance(await verifier.verify(issuer.token(key, scp=["mcp:read", "mcp:tools"])), Principal)
+
+
+async def test_a_stale_key_set_is_refetched_even_for_a_known_kid(
+    issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sidecar.inbound import auth
+
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, jwks_refresh_interval_s=60, token_cache_size=0)
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+    assert issuer.jwks_fetches == 1
+
+    class Later(_Clock):
+        def monotonic(self) -> float:
+            return time.monotonic() + 61
+
+    monkeypatch.setattr(auth, "time", Later(0))
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+    assert issuer.jwks_fetches == 2
+
+
+async def test_a_configured_jwks_uri_skips_discovery(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, jwks_uri=issuer.url + "/keys")
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+    assert (issuer.discovery_fetches, issuer.jwks_fetches) == (0, 1)
+
+
+def test_groups_roles_and_client_id_from_claims() -> None:
+    from sidecar.inbound.auth import claim_strings, principal_from_claims
+
+    claims = {
+        "sub": "a",
+        "client_id": "cli",
+        "realm_access": {"roles": ["admin", "admin", "", 7, "ops"]},
+        "groups": "team-a",
+        "roles": ["ops", "x"],
+    }
+    principal = principal_from_claims(claims, ("groups",), ("realm_access.roles", "roles"))
+    assert (principal.client_id, principal.groups, principal.roles) == (
+        "cli",
+        ("team-a",),
+        ("admin", "ops", "x"),
+    )
+    assert principal_from_claims({"sub": "a", "azp": "agent", "client_id": "cli"}).client_id == "agent"
+    assert claim_strings({"a": {"b": "x"}}, ("a.b.c", "a.b", "missing")) == ("x",)
+    assert len(claim_strings({"g": [f"g{n}" for n in range(300)]}, ("g",))) == 256
+
+
+@pytest.mark.parametrize(
+    ("sans", "expected"),
+    [
+        ((("URI", "spiffe://td/ns/a/sa/b"),), "spiffe://td/ns/a/sa/b"),
+        ((("DNS", "x"), ("URI", "spiffe://td/a")), "spiffe://td/a"),
+        ((("URI", "spiffe://td/a"), ("URI", "spiffe://td/b")), None),
+        ((("URI", "https://td/a"),), None),
+        ((), None),
+    ],
+)
+def test_peer_spiffe_id_needs_exactly_one_spiffe_uri(
+    sans: tuple[tuple[str, str], ...], expected: str | None
+) -> None:
+    from sidecar.inbound.auth import peer_spiffe_id
+
+    assert peer_spiffe_id({"subjectAltName": sans}) == expected
+    assert peer_spiffe_id(None) is None and peer_spiffe_id({}) is None
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def test_discovery_falls_back_to_rfc8414_and_refuses_odd_jwks_uris(
+    session: aiohttp.ClientSession,
+) -> None:
+    key = make_key("ES256")
+    served: dict[str, Any] = {}
+
+    async def as_metadata(_: web.Request) -> web.Response:
+        return web.json_response(served)
+
+    async def keys(_: web.Request) -> web.Response:
+        return web.json_response({"keys": [key.jwk]})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/oauth-authorization-server", as_metadata)
+    app.router.add_get("/keys", keys)
+    runner, url = await _serve(app)
+    try:
+        served["jwks_uri"] = url + "/keys"
+        config = InboundConfig.from_mapping({"issuer": url + "/", "resource": RESOURCE})
+        jwks = JwksCache(config, session)
+        await jwks.refresh(force=True)
+        assert jwks.loaded and await jwks.keys_for(None) == [key.jwk]
+        for odd in ("file:///etc/passwd", 7, None):
+            served["jwks_uri"] = odd
+            other = JwksCache(config, session)
+            await other.refresh(force=True)
+            assert not other.loaded
+            assert other.last_error == f"no discovery document with a jwks_uri under {url}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_unreachable_issuer_refuses_with_401(session: aiohttp.ClientSession) -> None:
+    config = InboundConfig.from_mapping({"issuer": f"http://127.0.0.1:{free_port()}", "resource": RESOURCE})
+    jwks = JwksCache(config, session)
+    await jwks.refresh(force=True)
+    key = make_key("ES256")
+    token = jwt.encode({"sub": "a"}, key.private, algorithm="ES256", headers={"kid": key.kid})
+    _refused(
+        await TokenVerifier(config, jwks).verify(token), "the issuer's signing keys are not available yet"
+    )
+
+
+async def test_a_wrong_key_under_the_same_kid_does_not_hide_the_right_one(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    key = make_key("ES256")
+    impostor = make_key("ES256")
+    impostor.kid = key.kid
+    issuer.keys += [impostor, key]
+    verifier = await verifier_for(issuer, session)
+    assert isinstance(await verifier.verify(issuer.token(key)), Principal)
+    roles = await verifier_for(issuer, session, group_claims=["groups"], role_claims=["roles"])
+    principal = await roles.verify(issuer.token(key, groups=["g"], roles=["r"]))
+    assert isinstance(principal, Principal) and (principal.groups, principal.roles) == (("g",), ("r",))

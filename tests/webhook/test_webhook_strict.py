@@ -443,3 +443,272 @@ def test_fuzz_strict_rules_never_crash(
     labels = STRICT if strict else ENABLED
     result = engine.inject(copy.deepcopy(pod), labels, WebhookConfig(native_sidecar=native))
     assert result.allowed or result.message
+
+
+# --- decisions pinned down by mutation testing (issue 17) --------------------------------------
+
+
+def test_a_container_after_a_skipped_outrider_container_is_still_checked() -> None:
+    # `skip` names the Outrider containers of an injected pod; the app containers listed after
+    # them (same list) must still be judged.
+    spec = {
+        "initContainers": [{"name": "outrider-proxy", "securityContext": {"privileged": True}}],
+        "containers": [
+            {"name": "outrider-proxy-2", "image": "x", "securityContext": dict(SAFE_SC)},
+            {"name": "app", "securityContext": {**SAFE_SC, "privileged": True}},
+        ],
+    }
+    found = strict_rules.problems(spec, strict=True, skip={"outrider-proxy", "outrider-proxy-2"})
+    assert [p for p in found if "privileged" in p] == [
+        "spec.containers[1] (app).securityContext.privileged is true (a privileged container can rewrite "
+        "the pod's iptables); remove it"
+    ]
+    # the skipped one is really skipped, also in `enabled` namespaces
+    assert not any(
+        "initContainers[0]" in p for p in strict_rules.problems(spec, False, skip={"outrider-proxy"})
+    )
+
+
+def test_a_second_new_debug_container_is_checked_after_an_old_one() -> None:
+    old = with_debugger(injected_pod())
+    new = copy.deepcopy(old)
+    new["spec"]["ephemeralContainers"].append(
+        {"name": "second", "image": "busybox", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}
+    )
+    found = strict_rules.ephemeral_problems(old, new)
+    assert found and all(p.startswith("spec.ephemeralContainers[1] (second)") for p in found)
+    assert any("has NET_ADMIN" in p for p in found)
+
+
+def test_image_swap_that_strips_the_status_annotation_is_refused() -> None:
+    old = injected_pod()
+    new = copy.deepcopy(old)
+    del new["metadata"]["annotations"]["outrider.dev/status"]
+    new["spec"]["initContainers"][1]["image"] = "busybox"
+    assert [p.split(" (")[0] for p in strict_rules.sidecar_image_changes(old, new)] == [
+        "spec.initContainers[1]"
+    ]
+
+
+def test_image_swap_that_forges_the_status_annotation_is_refused() -> None:
+    # The old pod's status names outrider-proxy; the UPDATE rewrites the status to name nothing.
+    old = injected_pod()
+    new = copy.deepcopy(old)
+    new["metadata"]["annotations"]["outrider.dev/status"] = json.dumps(
+        {"initContainers": [], "containers": []}
+    )
+    new["spec"]["initContainers"][1]["image"] = "busybox"
+    assert len(strict_rules.sidecar_image_changes(old, new)) == 1
+    # ...and a status forged onto a pod that had none still guards the containers it names
+    plain = safe_pod()
+    forged = copy.deepcopy(plain)
+    forged["metadata"]["annotations"] = {"outrider.dev/status": json.dumps({"containers": ["app"]})}
+    forged["spec"]["containers"][0]["image"] = "busybox"
+    assert len(strict_rules.sidecar_image_changes(plain, forged)) == 1
+    # an unparsable status names nothing and refuses nothing
+    broken = copy.deepcopy(plain)
+    broken["metadata"]["annotations"] = {"outrider.dev/status": "{not json"}
+    broken["spec"]["containers"][0]["image"] = "busybox"
+    assert strict_rules.sidecar_image_changes(plain, broken) == []
+
+
+def test_image_swap_of_the_classic_layout_sidecar_in_containers_is_refused() -> None:
+    old = engine.inject(safe_pod_without_init(), STRICT, WebhookConfig(native_sidecar=False)).pod
+    index = [c["name"] for c in old["spec"]["containers"]].index("outrider-proxy")
+    new = copy.deepcopy(old)
+    new["spec"]["containers"][index]["image"] = "busybox"
+    [problem] = strict_rules.sidecar_image_changes(old, new)
+    assert problem.startswith(f"spec.containers[{index}] (outrider-proxy).image changed from ")
+
+
+def safe_pod_without_init() -> dict[str, Any]:
+    pod = safe_pod()
+    del pod["spec"]["initContainers"]
+    return pod
+
+
+@pytest.mark.parametrize(
+    ("drop", "refused"),
+    [(["ALL"], False), (["all"], False), (["SETUID", "SETGID"], False), (["SETUID"], True), ([], True)],
+)
+def test_root_container_is_accepted_only_without_setuid_and_setgid(drop: list[str], refused: bool) -> None:
+    pod = safe_pod()
+    pod["spec"]["containers"][0]["securityContext"] = {
+        "runAsUser": 0,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": drop},
+    }
+    result = engine.inject(pod, STRICT, WebhookConfig())
+    assert result.allowed is not refused
+    if refused:
+        assert "spec.containers[0] (app) runs as root with CAP_SETUID/CAP_SETGID" in (result.message or "")
+
+
+def test_refusal_message_shapes() -> None:
+    head = (
+        "namespace is labelled outrider.dev/inject=strict, which refuses pods that could escape the sidecar"
+    )
+    assert strict_rules.refusal(["p1"]) == f"p1 ({head})"
+    assert strict_rules.refusal(["p1", "p2"]) == f"{head}: [1] p1. [2] p2."
+    many = strict_rules.refusal([f"p{n}" for n in range(1, 9)])
+    assert many == f"{head}: " + " ".join(f"[{n}] p{n}." for n in range(1, 7)) + " (and 2 more)"
+    assert strict_rules.refusal(["p1", "p2", "p3"], limit=1) == f"p1 (and 2 more) ({head})"
+
+
+def test_every_strict_message_in_full() -> None:
+    # One pod with every problem at once: the messages users read, verbatim and in order.
+    spec = {
+        "securityContext": {"fsGroup": 15337, "supplementalGroups": [15337]},
+        "hostPID": True,
+        "hostIPC": True,
+        "shareProcessNamespace": True,
+        "volumes": [
+            {"name": "h", "hostPath": {"path": "/"}},
+            {"name": "svid", "csi": {"driver": "csi.spiffe.io"}},
+        ],
+        "ephemeralContainers": [{"name": "dbg"}],
+        "containers": [
+            {
+                "name": "outrider-x",
+                "securityContext": {"runAsUser": 0, "capabilities": {"add": ["NET_ADMIN", "SYS_PTRACE"]}},
+                "volumeMounts": [{"name": "svid", "mountPath": "/s"}],
+            },
+            {"name": "b"},
+        ],
+    }
+    assert strict_rules.problems(spec, strict=True) == [
+        "spec.securityContext.fsGroup is 15337, the sidecar's GID, which every container would get as a supplementary group; pick another fsGroup",  # noqa: E501
+        "spec.securityContext.supplementalGroups contains 15337, the sidecar's GID; remove it",
+        "spec.hostPID is true: it shares the node's processes (nsenter into the node's network); set hostPID: false",  # noqa: E501
+        "spec.hostIPC is true: it shares the node's IPC namespace; set hostIPC: false",
+        "spec.shareProcessNamespace is true: app containers could signal the sidecar or read its /proc (tokens, SVID keys); set shareProcessNamespace: false",  # noqa: E501
+        "spec.volumes[0] (h).hostPath exposes the node's filesystem (a container runtime socket or /proc there runs code outside the sidecar); use another volume type",  # noqa: E501
+        "spec.ephemeralContainers is set at creation; remove it (add debug containers later with kubectl debug --profile=restricted)",  # noqa: E501
+        "spec.containers[0] (outrider-x).securityContext.capabilities.add has NET_ADMIN, SYS_PTRACE (they let the container bypass or rewrite the traffic capture); remove them",  # noqa: E501
+        "spec.containers[0] (outrider-x).securityContext.allowPrivilegeEscalation is not false: a setuid program in the image could switch to UID 15337; set allowPrivilegeEscalation: false",  # noqa: E501
+        'spec.containers[0] (outrider-x) runs as root with CAP_SETUID/CAP_SETGID, so it can switch to UID 15337; run it as non-root or set spec.containers[0] (outrider-x).securityContext.capabilities.drop: ["ALL"]',  # noqa: E501
+        "spec.containers[0] (outrider-x).name starts with 'outrider-', which operators read as an Outrider container; rename it",  # noqa: E501
+        "spec.containers[0] (outrider-x).volumeMounts[0] mounts svid, a SPIFFE Workload API volume: the app could take the pod's SVID and act as the sidecar; only outrider-proxy may mount it, remove the mount",  # noqa: E501
+        "spec.containers[1] (b).securityContext.runAsUser is not set (nor spec.securityContext.runAsUser): the image's USER could be 15337, whose traffic is never captured; set runAsUser to the UID the image runs as",  # noqa: E501
+        "spec.containers[1] (b).securityContext.allowPrivilegeEscalation is not false: a setuid program in the image could switch to UID 15337; set allowPrivilegeEscalation: false",  # noqa: E501
+        "spec.ephemeralContainers[0] (dbg).securityContext.runAsUser is not set (nor spec.securityContext.runAsUser): the image's USER could be 15337, whose traffic is never captured; set runAsUser to the UID the image runs as",  # noqa: E501
+        "spec.ephemeralContainers[0] (dbg).securityContext.allowPrivilegeEscalation is not false: a setuid program in the image could switch to UID 15337; set allowPrivilegeEscalation: false",  # noqa: E501
+    ]
+
+
+def test_enabled_namespaces_warn_only_about_hard_capabilities_of_every_container() -> None:
+    spec = {
+        "containers": [
+            {"name": "a", "securityContext": {"capabilities": {"add": ["SETUID", "SYS_PTRACE", "SETGID"]}}},
+            {"name": "b", "securityContext": {"capabilities": {"add": ["NET_RAW"]}}},
+        ]
+    }
+    assert [p.split(".securityContext")[0] for p in strict_rules.problems(spec, strict=False)] == [
+        "spec.containers[1] (b)"
+    ]
+
+
+def test_pod_level_run_as_user_is_inherited_in_strict() -> None:
+    pod = safe_pod()
+    pod["spec"]["securityContext"] = {"runAsUser": 1000}
+    for c in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
+        c["securityContext"].pop("runAsUser")
+    assert engine.inject(pod, STRICT, WebhookConfig()).allowed
+    pod["spec"]["securityContext"] = {"runAsUser": 0}
+    pod["spec"]["containers"][0]["securityContext"]["capabilities"] = {"drop": ["NET_RAW"]}
+    message = engine.inject(pod, STRICT, WebhookConfig()).message or ""
+    assert "spec.containers[0] (app) runs as root with CAP_SETUID/CAP_SETGID" in message
+
+
+def test_ordinary_volume_mounts_are_fine_in_strict() -> None:
+    pod = safe_pod()
+    pod["spec"]["volumes"] = [
+        {"name": "data", "emptyDir": {}},
+        {"name": "other-csi", "csi": {"driver": "x.example"}},
+    ]
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "data", "mountPath": "/data"},
+        {"name": "other-csi", "mountPath": "/x"},
+    ]
+    assert engine.inject(pod, STRICT, WebhookConfig()).allowed
+    assert strict_rules.problems(pod["spec"], strict=True) == []
+
+
+def test_debug_container_inherits_the_pods_run_as_user() -> None:
+    old = injected_pod()
+    old["spec"]["securityContext"] = {"runAsUser": 1000}
+    new = with_debugger(
+        old, securityContext={"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    )
+    assert strict_rules.ephemeral_problems(old, new) == []
+    old["spec"]["securityContext"] = {"runAsUser": 15337}
+    new["spec"]["securityContext"] = {"runAsUser": 15337}
+    assert any(
+        "spec.securityContext.runAsUser is 15337" in p for p in strict_rules.ephemeral_problems(old, new)
+    )
+
+
+def test_odd_shapes_in_mounts_and_names_are_judged_not_crashed_on() -> None:
+    spec = {
+        "volumes": [{"name": "svid", "csi": {"driver": "csi.spiffe.io"}}],
+        "containers": [
+            {"name": 7, "securityContext": dict(SAFE_SC), "volumeMounts": ["svid", 7, {"name": "svid"}]}
+        ],
+    }
+    found = strict_rules.problems(spec, strict=True)
+    assert found == [
+        "spec.containers[0] (7).volumeMounts[2] mounts svid, a SPIFFE Workload API volume: the app could "
+        "take the pod's SVID and act as the sidecar; only outrider-proxy may mount it, remove the mount"
+    ]
+    assert strict_rules.name_of({"name": 7}) is None and strict_rules.name_of("app") is None
+
+
+def test_debug_containers_may_not_mount_the_sidecars_volumes() -> None:
+    old = injected_pod()
+    old["spec"]["volumes"] += [
+        {"name": "data", "emptyDir": {}},
+        {"name": "app-csi", "csi": {"driver": "secrets-store.csi.k8s.io"}},
+    ]
+    mounts = [
+        {"name": "data", "mountPath": "/d"},
+        {"name": "app-csi", "mountPath": "/c"},
+        {"name": "outrider-egress-policy", "mountPath": "/p"},
+    ]
+    new = with_debugger(old, volumeMounts=mounts)
+    assert strict_rules.ephemeral_problems(old, new) == [
+        "spec.ephemeralContainers[0] (debugger).volumeMounts[2] mounts outrider-egress-policy, a volume only "
+        "outrider-proxy may mount (its Secrets or egress policy); remove the mount"
+    ]
+    # two new debug containers: the problems of both are reported
+    both = with_debugger(old, securityContext={"privileged": True})
+    both["spec"]["ephemeralContainers"].append(
+        {
+            "name": "second",
+            "image": "busybox",
+            "securityContext": dict(SAFE_SC),
+            "targetContainerName": "outrider-proxy",
+        }
+    )
+    found = strict_rules.ephemeral_problems(old, both)
+    assert any(
+        p.startswith("spec.ephemeralContainers[0] (debugger).securityContext.privileged") for p in found
+    )
+    assert found[-1] == (
+        "spec.ephemeralContainers[1] (second).targetContainerName is outrider-proxy: a debug container in "
+        "the sidecar's process namespace can read its tokens and keys; target the app container"
+    )
+
+
+def test_refusal_counts_only_what_it_leaves_out() -> None:
+    assert "more" not in strict_rules.refusal([f"p{n}" for n in range(6)])
+
+
+def test_swapped_image_message_in_full() -> None:
+    old = injected_pod()
+    new = copy.deepcopy(old)
+    before = old["spec"]["initContainers"][1]["image"]
+    new["spec"]["initContainers"][1]["image"] = "busybox"
+    assert strict_rules.sidecar_image_changes(old, new) == [
+        f"spec.initContainers[1] (outrider-proxy).image changed from {before!r} to 'busybox': the Outrider "
+        "containers cannot be changed in place; roll the workload so the webhook injects them again"
+    ]

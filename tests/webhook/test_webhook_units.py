@@ -44,11 +44,171 @@ def test_good_mcp_port(value: str, expected: int | str) -> None:
     assert ann.parse_mcp_port(value) == expected
 
 
+@pytest.mark.parametrize("value", ["0", "65536"])
+def test_mcp_port_range_edges_are_refused(value: str) -> None:
+    with pytest.raises(ann.AnnotationError, match="is out of range"):
+        ann.parse_mcp_port(value)
+
+
+@pytest.mark.parametrize("value", ["1", "65535", 1, 65535])
+def test_mcp_port_range_edges_are_accepted(value: str | int) -> None:
+    assert ann.parse_mcp_port(value) == int(value)
+
+
+@pytest.mark.parametrize("value", ["disabled", "", "Enabled", "true", "strict ", "yes"])
+def test_unknown_namespace_label_value_is_not_an_opt_in(value: str) -> None:
+    labels = {"outrider.dev/inject": value}
+    assert ann.namespace_mode(labels) is None
+    result = engine.inject(_pod(), labels, WebhookConfig())
+    assert result.allowed and not result.injected and result.patch == []
+    assert result.skipped == "namespace is not labelled outrider.dev/inject=enabled|strict"
+    assert result.warnings == ()
+
+
+@pytest.mark.parametrize("value", ["enabled", "strict"])
+def test_known_namespace_label_values_opt_in(value: str) -> None:
+    assert ann.namespace_mode({"outrider.dev/inject": value}) == value
+    assert ann.namespace_mode({}) is None
+
+
 def test_inject_flag_values() -> None:
     assert ann.parse_inject_flag("false", "label") is False
     assert ann.parse_inject_flag("True", "label") is True
     with pytest.raises(ann.AnnotationError, match='allowed values: "true", "false"'):
         ann.parse_inject_flag("no", "annotation")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(True, True), (False, False), (" FALSE ", False), (None, None)]
+)
+def test_inject_flag_accepts_yaml_booleans(value: Any, expected: bool | None) -> None:
+    assert ann.parse_inject_flag(value, "label") is expected
+
+
+@pytest.mark.parametrize("value", [0, 1, [], {}, "", "off"])
+def test_inject_flag_refuses_other_types(value: Any) -> None:
+    with pytest.raises(ann.AnnotationError, match=r"^label outrider.dev/inject="):
+        ann.parse_inject_flag(value, "label")
+
+
+@pytest.mark.parametrize(
+    ("labels", "annotations", "source"),
+    [
+        ({"outrider.dev/inject": "false"}, {"outrider.dev/inject": "true"}, "label"),
+        ({"outrider.dev/inject": "false"}, {"outrider.dev/inject": "false"}, "label"),
+        ({"outrider.dev/inject": "true"}, {"outrider.dev/inject": "false"}, "annotation"),
+        ({}, {"outrider.dev/inject": "false"}, "annotation"),
+        ({"outrider.dev/inject": "true"}, {}, None),
+        ({}, {}, None),
+    ],
+)
+def test_pod_opt_out_and_where_it_came_from(
+    labels: dict[str, str], annotations: dict[str, str], source: str | None
+) -> None:
+    settings = ann.parse_pod({"labels": labels, "annotations": annotations}, ())
+    assert (settings.opt_out, settings.opt_out_source) == (source is not None, source)
+    result = engine.inject(
+        {**_pod(), "metadata": {"labels": labels, "annotations": annotations}}, ENABLED, WebhookConfig()
+    )
+    assert result.injected is (source is None)
+    if source:
+        where = f"metadata.{source}s[outrider.dev/inject]"
+        assert result.skipped == f'pod opted out with {where}="false"; not injected'
+        refused = engine.inject(
+            {**_pod(), "metadata": {"labels": labels, "annotations": annotations}},
+            {"outrider.dev/inject": "strict"},
+            WebhookConfig(),
+        )
+        assert not refused.allowed and (refused.message or "").startswith(f'{where}="false": opting out')
+
+
+def test_pod_settings_read_every_annotation() -> None:
+    settings = ann.parse_pod(
+        {
+            "annotations": {
+                "outrider.dev/mcp-port": "9000",
+                "outrider.dev/token-audience": "https://a",
+                "outrider.dev/status": "{}",
+            }
+        },
+        ("https://a",),
+    )
+    assert (settings.mcp_port, settings.token_audience, settings.already_injected) == (
+        9000,
+        "https://a",
+        True,
+    )
+    bare = ann.parse_pod({"labels": "not a map", "annotations": None}, ())
+    assert bare == ann.PodSettings()
+
+
+def test_unknown_keys_are_only_outrider_ones_sorted() -> None:
+    metadata = {
+        "annotations": {
+            "outrider.dev/zz": "1",
+            "outrider.dev/aa": "1",
+            "outrider.dev/mcp-port": "8080",
+            "example.com/outrider.dev/x": "1",
+            7: "not a string key",
+        }
+    }
+    assert ann.unknown_keys(metadata) == ["outrider.dev/aa", "outrider.dev/zz"]
+
+
+def test_token_audience_shape_and_absence() -> None:
+    assert ann.parse_token_audience(None, ()) is None
+    assert ann.parse_token_audience(" https://a ", ("https://a",)) == "https://a"
+    for bad in ("has space", "quote'd", "", "x" * 513):
+        with pytest.raises(ann.AnnotationError, match="is not a valid audience"):
+            ann.parse_token_audience(bad, ("https://a",))
+
+
+def test_pod_policy_annotation_is_read_and_checked() -> None:
+    text = "forbid(principal, action, resource);"
+    settings = ann.parse_pod({"annotations": {"outrider.dev/policy": text}}, ())
+    assert settings.policy == text
+    assert ann.parse_pod({"annotations": {"outrider.dev/inject": "true"}}, ()).policy is None
+    with pytest.raises(ann.AnnotationError, match=r"^annotation outrider.dev/policy.*permit"):
+        ann.parse_pod({"annotations": {"outrider.dev/policy": "permit(principal, action, resource);"}}, ())
+    with pytest.raises(
+        ann.AnnotationError, match=r"^annotation outrider.dev/policy: must be Cedar policy text$"
+    ):
+        ann.parse_policy(["forbid"])
+
+
+@pytest.mark.parametrize("where", ["label", "annotation"])
+def test_bad_inject_value_names_label_or_annotation(where: str) -> None:
+    metadata = {f"{where}s": {"outrider.dev/inject": "no"}}
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_pod(metadata, ())
+    assert (
+        str(err.value)
+        == f"""{where} outrider.dev/inject='no' is not valid; allowed values: "true", "false\""""
+    )
+
+
+def test_mcp_port_and_audience_messages_say_what_is_allowed() -> None:
+    allowed = "a port number 1-65535 or the name of a containerPort of an app container"
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_mcp_port("0")
+    assert str(err.value) == f"annotation outrider.dev/mcp-port='0' is out of range; allowed: {allowed}"
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_mcp_port("Bad Name")
+    assert str(err.value) == f"annotation outrider.dev/mcp-port='Bad Name' is not valid; allowed: {allowed}"
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_mcp_port("15020")
+    assert "(15001, 15006, 15020); move the MCP server to another port" in str(err.value)
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_token_audience("a b", ("x",))
+    assert str(err.value).endswith("(a URI or client id without spaces or quotes)")
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_token_audience("c", ("a", "b"))
+    assert str(err.value).endswith("allowed values: a, b")
+    with pytest.raises(ann.AnnotationError) as err:
+        ann.parse_token_audience("c", ())
+    assert str(err.value).endswith(
+        "allows no token audiences (token_audiences is empty); ask the operator to add it"
+    )
 
 
 def test_token_audience_only_narrows() -> None:

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Mutation testing of the modules that say yes or no (`make mutation`; issue 17).
+
+mutmut 3 mutates one module at a time in a scratch copy of the working tree, with only the fast
+tests that reach that module (no control plane, SPIRE, Keycloak or root/netns tests). mutmut's own
+stats pass then runs, for each mutant, only the tests that executed the mutated function.
+
+Prints a per-module table (mutants, killed, survived, no test, timeout, score, minutes) and writes
+it between the markers in docs/testing.md. The score counts killed + timeout over all mutants that
+ran; survivors judged equivalent are listed in docs/testing.md by hand (they are not subtracted).
+
+    scripts/mutation.py                      # every module below
+    scripts/mutation.py webhook/strict.py    # some of them
+    MUTATION_CHILDREN=2 scripts/mutation.py  # parallel mutants (default: 2)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "testing.md"
+BEGIN, END = "<!-- mutation-table:begin -->", "<!-- mutation-table:end -->"
+MARKERS = "not controlplane and not spire and not keycloak and not root and not node"
+# The "never crashes" fuzzers (300 Hypothesis examples each) pin no decision and would run in full for
+# every surviving mutant; they stay in `make test`.
+DESELECT = "not fuzz and not never_crash and not never_raises"
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-m", MARKERS, "-k", DESELECT]
+
+W = "tests/webhook/"
+E = "tests/egress/"
+I = "tests/inbound/"  # noqa: E741
+X = "tests/exchange/"
+P = "tests/policy/"
+
+# module -> the fast tests that reach it
+MODULES: dict[str, tuple[str, ...]] = {
+    "webhook/annotations.py": (f"{W}test_webhook_units.py", f"{W}test_webhook_strict.py"),
+    "webhook/strict.py": (f"{W}test_webhook_strict.py", f"{W}test_webhook_units.py"),
+    "sidecar/egress/policy.py": (
+        f"{E}test_egress_policy.py",
+        f"{E}test_egress_attacks_parsing.py",
+        f"{E}test_egress_reload.py",
+        f"{E}test_egress_plan.py",
+    ),
+    "sidecar/inbound/auth.py": (f"{I}test_auth.py",),
+    "webhook/engine.py": (
+        f"{W}test_webhook_units.py",
+        f"{W}test_webhook_strict.py",
+        f"{W}test_webhook_golden.py",
+        f"{W}test_webhook_patch_paths.py",
+        f"{W}test_webhook_meshes.py",
+        f"{W}test_webhook_sidecar_mounts.py",
+    ),
+    "sidecar/egress/iptables.py": (f"{E}test_egress_iptables_rules.py",),
+    "sidecar/inbound/sessions.py": (f"{I}test_sessions_e2e.py",),
+    "sidecar/exchange/oauth.py": (f"{X}test_exchange.py",),
+    "sidecar/policy/engine.py": (f"{P}test_policy_units.py",),
+    "sidecar/policy/gate.py": (f"{P}test_policy_units.py",),
+}
+
+
+@dataclass(frozen=True)
+class Score:
+    module: str
+    total: int
+    killed: int
+    survived: int
+    no_tests: int
+    timeout: int
+    other: int
+    minutes: float
+
+    @property
+    def score(self) -> float:
+        ran = self.total - self.no_tests
+        return 100.0 * (self.killed + self.timeout) / ran if ran else 0.0
+
+    def row(self) -> str:
+        return (
+            f"| `{self.module}` | {self.total} | {self.killed} | {self.survived} | {self.no_tests} "
+            f"| {self.timeout} | {self.score:.1f} % | {self.minutes:.1f} |"
+        )
+
+
+HEADER = (
+    "| module | mutants | killed | survived | no test | timeout | score | minutes |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def _toml_list(items: list[str] | tuple[str, ...]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def _scratch_copy(dest: Path) -> None:
+    """The working tree as git sees it (tracked and new files, not the venv or caches)."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in listing:
+        if not raw:
+            continue
+        rel = raw.decode()
+        src = ROOT / rel
+        if not src.is_file():
+            continue  # deleted but still in the index
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -> Score:
+    scratch = Path(tempfile.mkdtemp(prefix=f"outrider-mutation-{os.getpid()}-"))
+    try:
+        _scratch_copy(scratch)
+        # everything else tests may read (examples, manifests, docs...), as relative top-level names
+        top = sorted({p.name for p in scratch.iterdir()} - {"webhook", "sidecar", "tests"})
+        assert all(name and "/" not in name and name not in (".", "..") for name in top), top
+        config = "\n".join(
+            [
+                "",
+                "[tool.mutmut]",
+                'source_paths = ["webhook", "sidecar"]',
+                f"only_mutate = {_toml_list([module])}",
+                f"also_copy = {_toml_list(top)}",
+                f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
+                f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
+                "use_git_change_detection = false",
+                "",
+            ]
+        )
+        with (scratch / "pyproject.toml").open("a") as fh:
+            fh.write(config)
+        mutmut = Path(sys.executable).parent / "mutmut"
+        log = scratch / "mutmut.log"
+        started = time.monotonic()
+        with log.open("w") as out:
+            subprocess.run(
+                [str(mutmut), "run", "--max-children", str(children)],
+                cwd=scratch,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            )
+        minutes = (time.monotonic() - started) / 60
+        subprocess.run([str(mutmut), "export-cicd-stats"], cwd=scratch, capture_output=True, check=False)
+        stats_path = scratch / "mutants" / "mutmut-cicd-stats.json"
+        if not stats_path.exists():
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"mutmut produced no results for {module}; its log ends with:\n{tail}")
+        stats = json.loads(stats_path.read_text())
+        survivors = subprocess.run(
+            [str(mutmut), "results"], cwd=scratch, capture_output=True, text=True, check=False
+        ).stdout
+        report = ROOT / ".mutation" / (module.replace("/", "_") + ".survivors.txt")
+        report.parent.mkdir(exist_ok=True)
+        with report.open("w") as fh:
+            for line in survivors.splitlines():
+                name = line.strip().partition(":")[0]
+                if not name:
+                    continue
+                shown = subprocess.run(
+                    [str(mutmut), "show", name], cwd=scratch, capture_output=True, text=True, check=False
+                ).stdout
+                diff = [d for d in shown.splitlines() if d[:2] in ("- ", "+ ")]
+                fh.write(f"{line.strip()}\n" + "".join(f"    {d}\n" for d in diff))
+        if keep:
+            print(f"[mutation] kept {scratch}")
+        other = stats["skipped"] + stats["suspicious"] + stats["segfault"]
+        return Score(
+            module,
+            stats["total"],
+            stats["killed"],
+            stats["survived"],
+            stats["no_tests"],
+            stats["timeout"],
+            other,
+            minutes,
+        )
+    finally:
+        if not keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_doc(scores: list[Score], minutes: float) -> None:
+    old: dict[str, str] = {}
+    text = DOC.read_text() if DOC.exists() else f"# Testing\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    table, _, tail = rest.partition(END)
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            old[line.split("`")[1]] = line
+    for score in scores:
+        old[score.module] = score.row()
+    rows = [old[m] for m in MODULES if m in old]
+    stamp = time.strftime("%Y-%m-%d", time.gmtime())
+    body = (
+        f"\n{HEADER}\n" + "\n".join(rows) + f"\n\nLast run {stamp}: {len(scores)} module(s) in "
+        f"{minutes:.1f} min (`nice -n 19`, 2 children). Modules not in the table have not been run yet.\n"
+    )
+    DOC.write_text(head + BEGIN + body + END + tail)
+
+
+def main(argv: list[str]) -> int:
+    keep = "--keep" in argv
+    wanted = [a for a in argv if not a.startswith("--")] or list(MODULES)
+    unknown = [m for m in wanted if m not in MODULES]
+    if unknown:
+        print(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    children = int(os.environ.get("MUTATION_CHILDREN", "2"))
+    started = time.monotonic()
+    scores: list[Score] = []
+    print(HEADER, flush=True)
+    for module in wanted:
+        score = run_module(module, MODULES[module], children, keep)
+        scores.append(score)
+        print(score.row(), flush=True)
+        write_doc(scores, (time.monotonic() - started) / 60)
+    print(
+        f"[mutation] {len(scores)} module(s) in {(time.monotonic() - started) / 60:.1f} min; "
+        f"survivors in .mutation/*.survivors.txt; table in {DOC.relative_to(ROOT)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
