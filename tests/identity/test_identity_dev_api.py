@@ -312,13 +312,19 @@ async def test_sidecar_readyz_follows_the_identity(sock_dir: Path) -> None:
 
     try:
         async with aiohttp.ClientSession() as session:
+            # The admin port can answer before the first attempt on the socket has failed ("starting"):
+            # wait for that failure to be reported, and never see ready while there is no SVID.
+            seen: list[tuple[int, str]] = []
             for _ in range(200):
                 status, text = await readyz(session)
                 if status:
-                    break
+                    seen.append((status, text))
+                    if "socket_missing" in text:
+                        break
                 await asyncio.sleep(0.05)
-            assert status == 503
-            assert "identity" in text and "socket_missing" in text
+            assert seen, "the admin port never answered"
+            assert all(code == 503 for code, _ in seen), seen
+            assert "identity" in text and "socket_missing" in text, text
             async with DevWorkloadApi(sock, spiffe_id=APP_ID):
                 for _ in range(200):
                     status, text = await readyz(session)
