@@ -190,7 +190,7 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[mi
         spiffe_id = await self._caller(context)
         api = self._api
         while True:
-            chain, key, _ = api.ca.issue_x509(spiffe_id, api.svid_ttl_s)
+            chain, key, not_after = api.ca.issue_x509(spiffe_id, api.svid_ttl_s)
             api.issued_x509 += 1
             yield workload_pb2.X509SVIDResponse(
                 svids=[
@@ -200,9 +200,11 @@ class _Servicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[mi
                 ]
             )
             changed = api.changed
-            # rotate at half the lifetime, as SPIRE does, or at once when the registration changes
+            # rotate at half the certificate's real lifetime (X.509 keeps whole seconds, so it can be
+            # up to a second shorter than asked), as SPIRE does, or at once when the registration changes
+            lifetime_s = (not_after.replace(microsecond=0) - _now()).total_seconds()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), api.svid_ttl_s / 2)
+                await asyncio.wait_for(changed.wait(), max(lifetime_s, 0.2) / 2)
             spiffe_id_now = api.spiffe_id_for_peer(peer)
             if spiffe_id_now is None:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
