@@ -20,12 +20,12 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.dev.idp import CallableJwtBundles, ClientRegistration, DevIdP  # noqa: E402
-from sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
-from sidecar.exchange.client import OAuthTokenExchanger  # noqa: E402
-from sidecar.exchange.config import ExchangeConfig  # noqa: E402
-from sidecar.identity.config import IdentityConfig  # noqa: E402
-from sidecar.identity.workload import WorkloadApiIdentity  # noqa: E402
+from outrider.sidecar.dev.idp import CallableJwtBundles, ClientRegistration, DevIdP  # noqa: E402
+from outrider.sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
+from outrider.sidecar.exchange.client import OAuthTokenExchanger  # noqa: E402
+from outrider.sidecar.exchange.config import ExchangeConfig  # noqa: E402
+from outrider.sidecar.identity.config import IdentityConfig  # noqa: E402
+from outrider.sidecar.identity.workload import WorkloadApiIdentity  # noqa: E402
 
 SIDECAR = "spiffe://example.org/ns/bench/sa/mcp"
 DOWNSTREAM = "https://api.example.com"

@@ -10,10 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.identity.config import IdentityConfig
-from sidecar.identity.tls import RotatingServerContext, client_context, server_context
-from sidecar.identity.workload import WorkloadApiIdentity
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.tls import RotatingServerContext, client_context, server_context
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
 
 HANDSHAKES = 400
 

@@ -33,14 +33,14 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.config import parse  # noqa: E402
-from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles  # noqa: E402
-from sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
-from sidecar.identity import component as identity_component  # noqa: E402
-from sidecar.inbound import component as inbound_component  # noqa: E402
-from sidecar.inbound.callers import Presented, build_caller_verifier  # noqa: E402
-from sidecar.runtime import Runtime  # noqa: E402
-from sidecar.telemetry.observer import NullObserver, Principal  # noqa: E402
+from outrider.sidecar.config import parse  # noqa: E402
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles  # noqa: E402
+from outrider.sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
+from outrider.sidecar.identity import component as identity_component  # noqa: E402
+from outrider.sidecar.inbound import component as inbound_component  # noqa: E402
+from outrider.sidecar.inbound.callers import Presented, build_caller_verifier  # noqa: E402
+from outrider.sidecar.runtime import Runtime  # noqa: E402
+from outrider.sidecar.telemetry.observer import NullObserver, Principal  # noqa: E402
 from tests.idp.dpop_client import DpopKey  # noqa: E402
 from tests.idp.standins.entra import AppRegistration, EntraStandIn, EntraUser  # noqa: E402
 from tests.idp.standins.okta import OktaStandIn, ServiceApp  # noqa: E402
@@ -125,7 +125,15 @@ async def run(calls: int) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         mcp_port = free_port()
         app = subprocess.Popen(  # noqa: ASYNC220 - start-up, once
-            [sys.executable, "-m", "sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
+            [
+                sys.executable,
+                "-m",
+                "outrider.sidecar.dev.mcp_server",
+                "--port",
+                str(mcp_port),
+                "--mode",
+                "stateless",
+            ],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -40,8 +40,8 @@ from bench_proxy import (  # noqa: E402
     wait_http,
 )
 
-from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles  # noqa: E402
-from sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles  # noqa: E402
+from outrider.sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
 
 TARGETS = {"p50_100_ms": 0.2, "p50_memory_ms": 0.05, "p50_redis_ms": 0.5}
 NEVER = "100000000/minute"  # a limit that is checked on every call and never reached
@@ -82,11 +82,11 @@ def variants(redis_uri: str | None) -> dict[str, dict[str, Any] | None]:
 
 def decide_micro(count: int, calls: int = 3000, clock: Any = time.perf_counter) -> float:
     """Microseconds per in-process decision for one tools/call with `count` policies (0: no policy)."""
-    from sidecar.inbound.jsonrpc import parse_message
-    from sidecar.policy.config import LayerSource
-    from sidecar.policy.engine import build, compile_layers, decide
-    from sidecar.policy.model import Server
-    from sidecar.telemetry.observer import Principal
+    from outrider.sidecar.inbound.jsonrpc import parse_message
+    from outrider.sidecar.policy.config import LayerSource
+    from outrider.sidecar.policy.engine import build, compile_layers, decide
+    from outrider.sidecar.policy.model import Server
+    from outrider.sidecar.telemetry.observer import Principal
 
     compiled, _ = compile_layers([LayerSource("bench", policies(count), False)] if count else [])
     built = build(compiled)
@@ -110,9 +110,9 @@ def decide_micro(count: int, calls: int = 3000, clock: Any = time.perf_counter) 
 
 async def limit_micro(uri: str, calls: int = 2000) -> tuple[float, float]:
     """(wall, CPU) microseconds per rate-limit check of one tools/call against `uri`."""
-    from sidecar.inbound.jsonrpc import parse_message
-    from sidecar.policy.limits_config import RateLimits, budgets
-    from sidecar.policy.ratelimit import RateLimiter, open_storage
+    from outrider.sidecar.inbound.jsonrpc import parse_message
+    from outrider.sidecar.policy.limits_config import RateLimits, budgets
+    from outrider.sidecar.policy.ratelimit import RateLimiter, open_storage
 
     limiter = RateLimiter(open_storage(uri, 1.0), on_store_error="deny", timeout_s=1.0, shared=True)
     limits = RateLimits.from_mapping({"per_user_tool": NEVER}, "bench")
@@ -174,7 +174,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         mcp_port = free_port()
         python = sys.executable
         app = subprocess.Popen(  # noqa: ASYNC220 - start-up, once
-            [python, "-m", "sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
+            [python, "-m", "outrider.sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

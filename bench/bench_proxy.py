@@ -30,8 +30,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles  # noqa: E402
-from sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles  # noqa: E402
+from outrider.sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
 
 SIDECAR_ID = "spiffe://example.org/ns/bench/sa/mcp"
 RESOURCE = "https://mcp.bench.example/mcp"
@@ -238,7 +238,7 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         mcp_port, port, admin = free_port(), free_port(), free_port()
         python = sys.executable
         app = subprocess.Popen(  # noqa: ASYNC220 - start-up, once
-            [python, "-m", "sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
+            [python, "-m", "outrider.sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -259,7 +259,16 @@ async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
         command = [outrider, "sidecar", "--log-level", "WARNING"]
         if args.profile:
             # cProfile writes its file when the sidecar exits cleanly on SIGTERM.
-            command = [python, "-m", "cProfile", "-o", args.profile, "-m", "webhook.cli", *command[1:]]
+            command = [
+                python,
+                "-m",
+                "cProfile",
+                "-o",
+                args.profile,
+                "-m",
+                "outrider.webhook.cli",
+                *command[1:],
+            ]
         sidecar = subprocess.Popen(command, env=env, stdout=log, stderr=log)  # noqa: ASYNC220 - start-up, once
         stack.callback(_stop, sidecar)
         await wait_http(f"http://127.0.0.1:{admin}/readyz", expect=200)

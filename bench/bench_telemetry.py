@@ -27,23 +27,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.inbound.jsonrpc import McpMessage  # noqa: E402
-from sidecar.telemetry.audit import AuditLog, Workload  # noqa: E402
-from sidecar.telemetry.config import TelemetryConfig  # noqa: E402
-from sidecar.telemetry.observer import (  # noqa: E402
+from outrider.sidecar.inbound.jsonrpc import McpMessage  # noqa: E402
+from outrider.sidecar.telemetry.audit import AuditLog, Workload  # noqa: E402
+from outrider.sidecar.telemetry.config import TelemetryConfig  # noqa: E402
+from outrider.sidecar.telemetry.observer import (  # noqa: E402
     ExchangeOutcome,
     NullObserver,
     Observer,
     Principal,
     RequestInfo,
 )
-from sidecar.telemetry.observer_otel import OtelObserver  # noqa: E402
-from sidecar.telemetry.setup import (  # noqa: E402
+from outrider.sidecar.telemetry.observer_otel import OtelObserver  # noqa: E402
+from outrider.sidecar.telemetry.setup import (  # noqa: E402
     TelemetryProviders,
     build_providers,
     tune_switch_interval,
 )
-from sidecar.telemetry.worker import Worker  # noqa: E402
+from outrider.sidecar.telemetry.worker import Worker  # noqa: E402
 
 MESSAGE = McpMessage(kind="request", method="tools/call", id=7, tool_name="echo", arguments={"text": "hi"})
 REQUEST = RequestInfo(
@@ -156,8 +156,8 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
 
     import bench_proxy as bp  # the proxy benchmark's harness: dev IdP, Workload API, paced load
 
-    from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
-    from sidecar.dev.workload_api import DevWorkloadApi
+    from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
+    from outrider.sidecar.dev.workload_api import DevWorkloadApi
 
     tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-telemetry-"))
     async with AsyncExitStack() as stack:
@@ -175,7 +175,7 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
         mcp_port = free_port()
         python = sys.executable
         app = subprocess.Popen(  # noqa: ASYNC220 - start-up only, not on the measured path
-            [python, "-m", "sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
+            [python, "-m", "outrider.sidecar.dev.mcp_server", "--port", str(mcp_port), "--mode", "stateless"],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
         )

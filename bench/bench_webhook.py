@@ -1,6 +1,6 @@
 """Benchmark `POST /mutate` over TLS keep-alive against a no-op aiohttp TLS handler, same run.
 
-Each server runs in its own process on 127.0.0.1 with certs from `webhook.certs`; the client sends
+Each server runs in its own process on 127.0.0.1 with certs from `outrider.webhook.certs`; the client sends
 the same realistic AdmissionReview to both (interleaved rounds) and prints p50/p99, req/s and ratios.
 Usage: python bench/bench_webhook.py [--pods both|identical|unique] [--requests N] [--concurrency C]
        [--rounds R] [--json]
@@ -89,9 +89,9 @@ def _vary(pod: dict[str, Any], seq: int) -> None:
 def serve(target: str, port: int, cert_dir: Path) -> None:
     from aiohttp import web
 
-    from webhook.config import ConfigHolder, parse_config
-    from webhook.server import build_app
-    from webhook.tls import CertStore
+    from outrider.webhook.config import ConfigHolder, parse_config
+    from outrider.webhook.server import build_app
+    from outrider.webhook.tls import CertStore
 
     store = CertStore()
     store.load_files(cert_dir / "tls.crt", cert_dir / "tls.key")
@@ -174,7 +174,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def bench(args: argparse.Namespace, unique: bool) -> dict[str, Any]:
-    from webhook.certs import DEFAULT_DNS_NAMES, write_certs
+    from outrider.webhook.certs import DEFAULT_DNS_NAMES, write_certs
 
     warmup = max(50, args.concurrency * 5)
     per_load = args.requests + warmup

@@ -11,10 +11,12 @@ WORKDIR /src
 COPY pyproject.toml ./
 # the dependencies first, in a layer of their own (empty stand-in packages): a source change then
 # rebuilds in seconds instead of reinstalling every dependency
-RUN mkdir webhook sidecar && touch README.md webhook/__init__.py sidecar/__init__.py \
+RUN mkdir outrider && touch README.md outrider/__init__.py \
  && python -m venv /opt/outrider && /opt/outrider/bin/pip install --no-compile . \
- && /opt/outrider/bin/pip uninstall -y -q outrider && rm -rf README.md webhook sidecar build ./*.egg-info
+ && /opt/outrider/bin/pip uninstall -y -q outrider && rm -rf README.md outrider build ./*.egg-info
 COPY README.md ./
+# outrider/ holds the namespace package and symlinks to the two folders below (docs/design.md)
+COPY outrider ./outrider
 COPY webhook ./webhook
 COPY sidecar ./sidecar
 RUN /opt/outrider/bin/pip install --no-compile --no-deps . \

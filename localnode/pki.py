@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from localnode.config import NodeConfig
 from localnode.render import node_ips
-from webhook.certs import KeyPair, generate_ca, key_pem, load_keypair
+from outrider.webhook.certs import KeyPair, generate_ca, key_pem, load_keypair
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.inbound.server import hardened_server
-from sidecar.runtime import Runtime
+from outrider.sidecar.inbound.server import hardened_server
+from outrider.sidecar.runtime import Runtime
 
 log = logging.getLogger("outrider.admin")
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
-from sidecar.config_error import ConfigError
-from sidecar.config_merge import deep_merge
-from sidecar.egress.config import EgressConfig
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.identity.config import IdentityConfig
-from sidecar.inbound.config import InboundConfig
-from sidecar.policy.config import PolicyConfig
-from sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.config_error import ConfigError
+from outrider.sidecar.config_merge import deep_merge
+from outrider.sidecar.egress.config import EgressConfig
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.policy.config import PolicyConfig
+from outrider.sidecar.telemetry.config import TelemetryConfig
 
 SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry", "policy")
 

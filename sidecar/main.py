@@ -15,13 +15,13 @@ import signal
 import sys
 from contextlib import AsyncExitStack, suppress
 
-from sidecar import admin, mounted_files
-from sidecar.config import ConfigError, SidecarConfig, load
-from sidecar.egress import component as egress
-from sidecar.identity import component as identity
-from sidecar.inbound import component as inbound
-from sidecar.runtime import Component, Runtime
-from sidecar.telemetry import component as telemetry
+from outrider.sidecar import admin, mounted_files
+from outrider.sidecar.config import ConfigError, SidecarConfig, load
+from outrider.sidecar.egress import component as egress
+from outrider.sidecar.identity import component as identity
+from outrider.sidecar.inbound import component as inbound
+from outrider.sidecar.runtime import Component, Runtime
+from outrider.sidecar.telemetry import component as telemetry
 
 log = logging.getLogger("outrider.sidecar")
 
@@ -61,8 +61,8 @@ class StartupError(RuntimeError):
 
 
 def _area(component: Component) -> str:
-    # sidecar.inbound.component -> inbound; sidecar.admin -> admin
-    parts = component.__module__.split(".")
+    # outrider.sidecar.inbound.component -> inbound; outrider.sidecar.admin -> admin
+    parts = component.__module__.removeprefix("outrider.").split(".")
     return parts[1] if len(parts) > 1 else parts[0]
 
 

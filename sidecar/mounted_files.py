@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.config import SidecarConfig
-from sidecar.runtime import Runtime
+from outrider.sidecar.config import SidecarConfig
+from outrider.sidecar.runtime import Runtime
 
 log = logging.getLogger("outrider.files")
 

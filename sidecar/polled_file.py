@@ -1,7 +1,7 @@
 """Re-reading a mounted file on a poll: its bytes when they changed since the last read.
 
-Shared by the policy files of the inbound gate (`sidecar.policy.reload`) and of egress
-(`sidecar.egress.reload`); what the bytes mean stays with each of them.
+Shared by the policy files of the inbound gate (`outrider.sidecar.policy.reload`) and of egress
+(`outrider.sidecar.egress.reload`); what the bytes mean stays with each of them.
 """
 
 from __future__ import annotations

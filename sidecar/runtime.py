@@ -10,9 +10,9 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
-from sidecar.config import SidecarConfig
-from sidecar.identity import WorkloadIdentity
-from sidecar.telemetry.observer import NullObserver, Observer
+from outrider.sidecar.config import SidecarConfig
+from outrider.sidecar.identity import WorkloadIdentity
+from outrider.sidecar.telemetry.observer import NullObserver, Observer
 
 # name -> () -> (ok, one-line detail); /readyz is ready when all are ok.
 ReadinessCheck = Callable[[], tuple[bool, str]]

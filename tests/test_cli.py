@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from webhook.cli import COMMANDS
+from outrider.webhook.cli import COMMANDS
 
 
 def test_every_fixed_subcommand_is_registered() -> None:
@@ -12,7 +12,10 @@ def test_every_fixed_subcommand_is_registered() -> None:
 
 def test_unknown_subcommand_is_a_usage_error() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "no-such-command"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "outrider.webhook.cli", "no-such-command"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr

@@ -1,5 +1,5 @@
 """The sidecar's configuration as a whole: unknown keys are errors in every section, enumerations are
-checked, and the section parsers no longer import `sidecar.config` (ConfigError lives in a leaf)."""
+checked, and the section parsers no longer import `outrider.sidecar.config` (ConfigError lives in a leaf)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import ConfigError, load, parse, validate
-from sidecar.config_error import ConfigError as LeafConfigError
+from outrider.sidecar.config import ConfigError, load, parse, validate
+from outrider.sidecar.config_error import ConfigError as LeafConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,11 +68,11 @@ def test_mtls_enabled_still_parses() -> None:
 
 def test_one_error_type_from_a_leaf_module() -> None:
     assert ConfigError is LeafConfigError
-    # No section parser imports sidecar.config (the cycle conventions.md asks to remove).
+    # No section parser imports outrider.sidecar.config (the cycle conventions.md asks to remove).
     for path in sorted((REPO / "sidecar").glob("*/config.py")):
         tree = ast.parse(path.read_text())
         imported = {
             node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
         }
-        assert "sidecar.config" not in imported, path
-        assert "sidecar.config_error" in imported, path
+        assert "outrider.sidecar.config" not in imported, path
+        assert "outrider.sidecar.config_error" in imported, path

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from webhook.engine import InjectionResult
+from outrider.webhook.engine import InjectionResult
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"

@@ -48,7 +48,7 @@ RESOURCE = "outrider.dev/resource"
 EGRESS_ALLOW = "outrider.dev/egress-allow"
 
 # Pod annotation: the app team's Cedar policies, `forbid` only (a `permit` is refused at admission).
-# They narrow the operators' policies (webhook config `mcp_policy`); parsed by `webhook.mcp_policy`.
+# They narrow the operators' policies (webhook config `mcp_policy`); parsed by `outrider.webhook.mcp_policy`.
 POLICY = "outrider.dev/policy"
 
 # Namespace label (operator): force egress mode `capture` or `explicit`; without it the namespace's
@@ -59,7 +59,7 @@ EGRESS_MODE_LABEL = "outrider.dev/egress-mode"
 # Kubernetes' own annotation that `kubectl logs/exec` uses to pick a container without `-c`.
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
-# Other meshes' labels, annotations and container names live in `webhook.meshes`.
+# Other meshes' labels, annotations and container names live in `outrider.webhook.meshes`.
 
 # Fixed ports of the sidecar (design.md); the app may not claim them as its MCP port.
 OUTBOUND_PORT = 15001
@@ -217,7 +217,7 @@ def parse_pod(metadata: Mapping[str, Any], allowed_audiences: tuple[str, ...]) -
 
 
 def parse_policy(value: Any) -> str | None:
-    from webhook.mcp_policy import parse_annotation  # the Cedar checks live with the policy planner
+    from outrider.webhook.mcp_policy import parse_annotation  # the Cedar checks live with the policy planner
 
     try:
         return parse_annotation(value)

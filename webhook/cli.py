@@ -11,17 +11,26 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from webhook import __version__
+from outrider.webhook import __version__
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "webhook": ("webhook.server_cli", "run the mutating admission webhook (HTTPS)"),
-    "inject": ("webhook.offline", "inject the sidecar into manifests offline, like istioctl kube-inject"),
-    "certs": ("webhook.certs", "write a dev CA and a serving certificate for the webhook"),
-    "sidecar": ("sidecar.main", "run the outrider-proxy sidecar (identity, MCP proxy, egress, telemetry)"),
-    "iptables": ("sidecar.egress.iptables_cli", "compute and apply the pod's traffic-capture rules"),
-    "demo": ("sidecar.demo.run", "run the whole Outrider story on this machine"),
-    "check": ("webhook.check.cli", "check install prerequisites (--pre) and the installed webhook's health"),
+    "webhook": ("outrider.webhook.server_cli", "run the mutating admission webhook (HTTPS)"),
+    "inject": (
+        "outrider.webhook.offline",
+        "inject the sidecar into manifests offline, like istioctl kube-inject",
+    ),
+    "certs": ("outrider.webhook.certs", "write a dev CA and a serving certificate for the webhook"),
+    "sidecar": (
+        "outrider.sidecar.main",
+        "run the outrider-proxy sidecar (identity, MCP proxy, egress, telemetry)",
+    ),
+    "iptables": ("outrider.sidecar.egress.iptables_cli", "compute and apply the pod's traffic-capture rules"),
+    "demo": ("outrider.sidecar.demo.run", "run the whole Outrider story on this machine"),
+    "check": (
+        "outrider.webhook.check.cli",
+        "check install prerequisites (--pre) and the installed webhook's health",
+    ),
 }
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from sidecar.config_merge import deep_merge
-from webhook import __version__, resource
+from outrider.sidecar.config_merge import deep_merge
+from outrider.webhook import __version__, resource
 
 
 class ConfigError(ValueError):
@@ -408,7 +408,7 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         raise ConfigError(
             f"trust_domain: {trust_domain!r} is not a SPIFFE trust domain (lowercase letters, digits, . _ -)"
         )
-    from webhook.mcp_policy import McpPolicyError, validate
+    from outrider.webhook.mcp_policy import McpPolicyError, validate
 
     try:
         mcp_policy = validate(data.get("mcp_policy"))
@@ -503,7 +503,7 @@ def _check_sidecar_block(config: WebhookConfig) -> None:
     The `sidecar:` block is parsed by the sidecar's own parser, merged under the per-pod values a
     typical pod gets (every pod's merged config is checked again at admission).
     """
-    from sidecar import config as sidecar_config  # the sidecar's parser; imported on first load
+    from outrider.sidecar import config as sidecar_config  # the sidecar's parser; imported on first load
 
     raw = config.plain_sidecar
     for section, key, port in FIXED_SIDECAR_PORTS:
@@ -543,7 +543,7 @@ def load_config_file(path: str | Path) -> WebhookConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        from sidecar.config import yaml_problem
+        from outrider.sidecar.config import yaml_problem
 
         raise ConfigError(f"webhook config {path} is not valid YAML: {yaml_problem(exc)}") from None
     if data is not None and not isinstance(data, Mapping):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.egress.policy import (
+from outrider.sidecar.egress.policy import (
     Policy,
     PolicyError,
     RuleSet,
@@ -19,7 +19,7 @@ from sidecar.egress.policy import (
     split_annotation,
     union,
 )
-from webhook.annotations import EGRESS_ALLOW, EGRESS_MODE_LABEL
+from outrider.webhook.annotations import EGRESS_ALLOW, EGRESS_MODE_LABEL
 
 # EGRESS_ALLOW and EGRESS_MODE_LABEL live with every other outrider.dev/* name (re-exported here).
 __all__ = ["EGRESS_ALLOW", "EGRESS_MODE_LABEL", "EgressPlan", "plan_egress", "plan_egress_cached"]

@@ -14,17 +14,17 @@ from typing import Any
 
 import orjson
 
-from sidecar import config as sidecar_settings
-from sidecar.config_merge import deep_merge
-from webhook import __version__, meshes, resource
-from webhook import annotations as ann
-from webhook import strict as strict_rules
-from webhook.config import WebhookConfig, thaw
-from webhook.egress import EgressPlan, plan_egress_cached
-from webhook.mcp_policy import POLICY_CONFIG_MAP, POLICY_DIR, plan_policy
-from webhook.patch import JsonPatch, diff_into, escape
-from webhook.shape import as_list as _list
-from webhook.shape import as_map as _map
+from outrider.sidecar import config as sidecar_settings
+from outrider.sidecar.config_merge import deep_merge
+from outrider.webhook import __version__, meshes, resource
+from outrider.webhook import annotations as ann
+from outrider.webhook import strict as strict_rules
+from outrider.webhook.config import WebhookConfig, thaw
+from outrider.webhook.egress import EgressPlan, plan_egress_cached
+from outrider.webhook.mcp_policy import POLICY_CONFIG_MAP, POLICY_DIR, plan_policy
+from outrider.webhook.patch import JsonPatch, diff_into, escape
+from outrider.webhook.shape import as_list as _list
+from outrider.webhook.shape import as_map as _map
 
 INIT_NAME = "outrider-init"
 PROXY_NAME = "outrider-proxy"

@@ -10,11 +10,11 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.policy.cedar_text import CedarError, compile_policies
-from sidecar.policy.limits_config import LimitsError, RateLimits
-from sidecar.policy.schema import base_schema
-from sidecar.policy.schema import validate as validate_schema
-from webhook.annotations import POLICY
+from outrider.sidecar.policy.cedar_text import CedarError, compile_policies
+from outrider.sidecar.policy.limits_config import LimitsError, RateLimits
+from outrider.sidecar.policy.schema import base_schema
+from outrider.sidecar.policy.schema import validate as validate_schema
+from outrider.webhook.annotations import POLICY
 
 # Where the app team's reloadable narrowing lives: ConfigMap `outrider-policy` (key `policy.yaml`)
 # in the pod's namespace, mounted optional into outrider-proxy.

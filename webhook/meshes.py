@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.shape import as_list as _list
-from webhook.shape import as_map as _map
+from outrider.webhook.shape import as_list as _list
+from outrider.webhook.shape import as_map as _map
 
 # Istio: the injector's opt-in/out (pod label, or the older annotation), namespace opt-ins, revisions.
 ISTIO_INJECT = "sidecar.istio.io/inject"

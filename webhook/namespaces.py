@@ -16,7 +16,7 @@ class NamespaceFacts(Protocol):
         """The namespace's labels (empty when unknown)."""
 
     async def annotations(self, namespace: str) -> Mapping[str, str]:
-        """The namespace's annotations that the engine reads (`webhook.meshes.NAMESPACE_ANNOTATIONS`)."""
+        """The namespace's annotations the engine reads (`outrider.webhook.meshes.NAMESPACE_ANNOTATIONS`)."""
 
     async def egress_policy(self, namespace: str) -> Mapping[str, Any] | None:
         """The operators' egress policy for this namespace, or None to use the cluster default."""

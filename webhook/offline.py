@@ -1,7 +1,7 @@
 """`outrider inject`: offline injection of manifests, like `istioctl kube-inject`.
 
 Pure part: `inject_document` injects one object's pod template; the shell reads multi-document
-YAML from a file or stdin the way kubectl does (`webhook.kubeyaml`), prints the injected YAML, copies
+YAML from a file or stdin the way kubectl does (`outrider.webhook.kubeyaml`), prints the injected YAML, copies
 documents it leaves alone byte for byte, and puts warnings and refusals on stderr. A refused
 workload is never printed, so `outrider inject -f x.yaml | kubectl apply -f -` cannot apply it.
 """
@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
-from webhook import annotations as ann
-from webhook import kubeyaml
-from webhook.config import ConfigError, WebhookConfig, load_config_file
-from webhook.engine import inject
-from webhook.shape import as_list as _list
-from webhook.shape import as_map as _dict
+from outrider.webhook import annotations as ann
+from outrider.webhook import kubeyaml
+from outrider.webhook.config import ConfigError, WebhookConfig, load_config_file
+from outrider.webhook.engine import inject
+from outrider.webhook.shape import as_list as _list
+from outrider.webhook.shape import as_map as _dict
 
 # kind -> path of keys from the object to its pod template ([] means the object is the pod)
 TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -38,7 +38,7 @@ TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
 
 
 def dump_all(documents: list[Any]) -> str:
-    """YAML documents that kubectl reads back exactly as `documents` (see `webhook.kubeyaml`)."""
+    """YAML documents that kubectl reads back exactly as `documents` (see `outrider.webhook.kubeyaml`)."""
     return "---\n".join(kubeyaml.dump(d) for d in documents)
 
 

@@ -1,7 +1,8 @@
 """The webhook's HTTPS server: `POST /mutate` (AdmissionReview v1), `/healthz`, `/readyz`, `/metrics`.
 
-A thin aiohttp shell around `webhook.admission` and `webhook.engine`; bad input gets a 4xx with a
-one-line reason (or an in-protocol denial once the uid is known), never a 5xx or a stack trace.
+A thin aiohttp shell around `outrider.webhook.admission` and `outrider.webhook.engine`; bad input gets
+a 4xx with a one-line reason (or an in-protocol denial once the uid is known), never a 5xx or a stack
+trace.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-from webhook import admission, strict
-from webhook import annotations as ann
-from webhook.config import ConfigHolder
-from webhook.engine import inject
-from webhook.namespaces import NamespaceFacts
-from webhook.tls import CertStore
+from outrider.webhook import admission, strict
+from outrider.webhook import annotations as ann
+from outrider.webhook.config import ConfigHolder
+from outrider.webhook.engine import inject
+from outrider.webhook.namespaces import NamespaceFacts
+from outrider.webhook.tls import CertStore
 
 log = logging.getLogger("outrider.webhook")
 
@@ -286,7 +287,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    # the app's own registry, then the process-wide one (webhook.cluster's config-reload metrics)
+    # the app's own registry, then the process-wide one (outrider.webhook.cluster's config-reload metrics)
     body = generate_latest(request.app[METRICS].registry) + generate_latest(REGISTRY)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

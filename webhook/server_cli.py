@@ -1,7 +1,7 @@
 """`outrider webhook`: flags, start-up order and shutdown of the admission webhook process.
 
 Without cluster flags it serves from files and treats every namespace as opted in; with
-`--kubeconfig`/`--in-cluster` it enters `webhook.cluster.services.cluster_services` first.
+`--kubeconfig`/`--in-cluster` it enters `outrider.webhook.cluster.services.cluster_services` first.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from webhook.config import ConfigError, ConfigHolder, WebhookConfig, load_config_file
-from webhook.namespaces import NamespaceFacts
-from webhook.server import DEFAULT_MAX_BODY, build_app
-from webhook.tls import CertError, CertStore
+from outrider.webhook.config import ConfigError, ConfigHolder, WebhookConfig, load_config_file
+from outrider.webhook.namespaces import NamespaceFacts
+from outrider.webhook.server import DEFAULT_MAX_BODY, build_app
+from outrider.webhook.tls import CertError, CertStore
 
 if TYPE_CHECKING:
-    from sidecar.telemetry.setup import TelemetryProviders
+    from outrider.sidecar.telemetry.setup import TelemetryProviders
 
 log = logging.getLogger("outrider.webhook")
 SERVICE_NAME = "outrider-webhook"
@@ -43,7 +43,7 @@ def telemetry(env: Mapping[str, str] | None = None) -> Iterator[TelemetryProvide
     if not _otel_wanted(env):
         yield None
         return
-    from sidecar.telemetry.setup import build_providers, plan_export, tune_switch_interval
+    from outrider.sidecar.telemetry.setup import build_providers, plan_export, tune_switch_interval
 
     plan = plan_export(env)
     if plan.traces is None and plan.metrics is None:
@@ -160,7 +160,7 @@ class _StartError(RuntimeError):
 
 def _startup_failure(exc: BaseException) -> str:
     """One line for a failed start: what was being done, and the cause without a traceback."""
-    from webhook.cluster.kube import ClusterAccessError
+    from outrider.webhook.cluster.kube import ClusterAccessError
 
     if isinstance(exc, _StartError | ClusterAccessError):
         return str(exc)
@@ -188,7 +188,7 @@ async def _start(
     otel = stack.enter_context(telemetry())
     namespaces: NamespaceFacts | None = None
     if in_cluster:
-        from webhook.cluster.services import cluster_services
+        from outrider.webhook.cluster.services import cluster_services
 
         namespaces = await stack.enter_async_context(cluster_services(args, holder, store))
     app = build_app(

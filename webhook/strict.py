@@ -10,9 +10,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from webhook import annotations as ann
-from webhook.shape import as_list as _list
-from webhook.shape import as_map as _map
+from outrider.webhook import annotations as ann
+from outrider.webhook.shape import as_list as _list
+from outrider.webhook.shape import as_map as _map
 
 # Capabilities that let a container rewrite the pod's iptables (NET_ADMIN, SYS_ADMIN, BPF), send
 # around them (NET_RAW), load code into the kernel (SYS_MODULE), hijack the proxy (SYS_PTRACE) or

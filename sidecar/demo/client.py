@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
-    from sidecar.demo.run import Demo
+    from outrider.sidecar.demo.run import Demo
 
 
 @asynccontextmanager
@@ -36,7 +36,7 @@ async def client_tracer(demo: Demo) -> AsyncIterator[trace.Tracer]:
     The receiver runs on this event loop, so the export must never block it: spans are exported by
     the batch processor's thread, and the final flush runs in a worker thread.
     """
-    from sidecar.demo.traces import DEMO_CLIENT_SERVICE
+    from outrider.sidecar.demo.traces import DEMO_CLIENT_SERVICE
 
     provider = TracerProvider(resource=Resource.create({"service.name": DEMO_CLIENT_SERVICE}))
     if demo.otlp_url:
@@ -94,7 +94,7 @@ def received_token(report: dict[str, Any]) -> str | None:
 
 
 async def run_calls(demo: Demo, token: str) -> None:
-    from sidecar.demo.run import (
+    from outrider.sidecar.demo.run import (
         DOWNSTREAM_AUDIENCE,
         claims,
         expired_token,

@@ -2,7 +2,7 @@
 DNS server (UDP and TCP, dnspython) that resolves those names, as a cluster's DNS would.
 
 Run inside the demo's "internet" network namespace:
-`python -m sidecar.demo.internet --port 80 --dns-name allowed.demo.test=10.0.0.1 ...`.
+`python -m outrider.sidecar.demo.internet --port 80 --dns-name allowed.demo.test=10.0.0.1 ...`.
 """
 
 from __future__ import annotations

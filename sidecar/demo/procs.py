@@ -160,4 +160,4 @@ def python() -> str:
 
 def outrider_cmd() -> list[str]:
     """How to run the `outrider` console script with the same interpreter as the demo."""
-    return [sys.executable, "-m", "webhook.cli"]
+    return [sys.executable, "-m", "outrider.webhook.cli"]

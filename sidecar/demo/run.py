@@ -33,10 +33,10 @@ import jsonpatch
 import jwt
 import yaml
 
-from sidecar.config_merge import deep_merge
-from sidecar.demo import audit, netns, podiff, procs, traces
-from sidecar.demo.console import Console
-from sidecar.egress.config import EgressConfig
+from outrider.sidecar.config_merge import deep_merge
+from outrider.sidecar.demo import audit, netns, podiff, procs, traces
+from outrider.sidecar.demo.console import Console
+from outrider.sidecar.egress.config import EgressConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "demo" / "mcp-server-deployment.yaml"
@@ -99,13 +99,20 @@ def piece_missing(modules: list[str]) -> str | None:
 
 
 PIECES: dict[str, list[str]] = {
-    "webhook": ["webhook.engine", "webhook.server_cli", "webhook.certs"],
-    "identity (dev Workload API)": ["sidecar.dev.workload_api", "sidecar.identity.component"],
-    "identity (SPIRE)": ["sidecar.dev.spire", "sidecar.identity.component"],
-    "inbound proxy": ["sidecar.inbound.component", "sidecar.dev.mcp_server", "sidecar.admin"],
-    "token exchange": ["sidecar.exchange.client", "sidecar.dev.idp"],
-    "egress": ["sidecar.egress.component", "sidecar.egress.iptables_cli"],
-    "telemetry": ["sidecar.telemetry.component"],
+    "webhook": ["outrider.webhook.engine", "outrider.webhook.server_cli", "outrider.webhook.certs"],
+    "identity (dev Workload API)": [
+        "outrider.sidecar.dev.workload_api",
+        "outrider.sidecar.identity.component",
+    ],
+    "identity (SPIRE)": ["outrider.sidecar.dev.spire", "outrider.sidecar.identity.component"],
+    "inbound proxy": [
+        "outrider.sidecar.inbound.component",
+        "outrider.sidecar.dev.mcp_server",
+        "outrider.sidecar.admin",
+    ],
+    "token exchange": ["outrider.sidecar.exchange.client", "outrider.sidecar.dev.idp"],
+    "egress": ["outrider.sidecar.egress.component", "outrider.sidecar.egress.iptables_cli"],
+    "telemetry": ["outrider.sidecar.telemetry.component"],
 }
 
 
@@ -502,7 +509,16 @@ async def step_dataplane(demo: Demo) -> None:
         dns = [arg for name in t.host_names for arg in ("--dns-name", f"{name}={t.inet_ip}")]
         web = await demo.sup.start(
             "internet",
-            [procs.python(), "-m", "sidecar.demo.internet", "--host", t.inet_ip, "--port", "80", *dns],
+            [
+                procs.python(),
+                "-m",
+                "outrider.sidecar.demo.internet",
+                "--host",
+                t.inet_ip,
+                "--port",
+                "80",
+                *dns,
+            ],
             netns=t.inet_ns,
         )
         await procs.wait_until(
@@ -531,7 +547,7 @@ async def step_dataplane(demo: Demo) -> None:
             [
                 procs.python(),
                 "-m",
-                "sidecar.demo.internet",
+                "outrider.sidecar.demo.internet",
                 "--host",
                 host,
                 "--port",
@@ -588,7 +604,7 @@ async def start_identity(demo: Demo) -> str:
     c.say(f"the webhook recorded the pod's expected SPIFFE ID: {demo.spiffe_id}")
     uid = PROXY_UID if demo.topo is not None else os.getuid()
     if demo.args.spire:
-        from sidecar.demo import spire_glue
+        from outrider.sidecar.demo import spire_glue
 
         socket_path = await spire_glue.start(demo, uid, os.getuid())
     else:
@@ -598,7 +614,7 @@ async def start_identity(demo: Demo) -> str:
         argv = [
             procs.python(),
             "-m",
-            "sidecar.dev.workload_api",
+            "outrider.sidecar.dev.workload_api",
             "--socket",
             socket_path,
             "--trust-domain",
@@ -654,7 +670,7 @@ async def start_idp(demo: Demo, socket_path: str) -> None:
     argv = [
         procs.python(),
         "-m",
-        "sidecar.dev.idp",
+        "outrider.sidecar.dev.idp",
         "--host",
         host,
         "--port",
@@ -749,7 +765,7 @@ async def start_mcp_server(demo: Demo) -> None:
     )
     child = await demo.sup.start(
         "mcp-server",
-        [procs.python(), "-m", "sidecar.dev.mcp_server", "--port", str(demo.app_port)],
+        [procs.python(), "-m", "outrider.sidecar.dev.mcp_server", "--port", str(demo.app_port)],
         env=env,
         netns=ns,
         uid=APP_UID if ns else None,
@@ -827,7 +843,7 @@ def _egress_port(demo: Demo) -> int:
 
 def explicit_app_env(demo: Demo) -> dict[str, str]:
     """The HTTP(S)_PROXY/NO_PROXY env the webhook gives app containers in explicit mode, on our port."""
-    from webhook.egress import EGRESS_MODE_LABEL, plan_egress
+    from outrider.webhook.egress import EGRESS_MODE_LABEL, plan_egress
 
     assert demo.injected is not None
     plan = plan_egress(demo.injected, {EGRESS_MODE_LABEL: "explicit"}, None, {"allow": demo.allowed_rules})
@@ -887,7 +903,7 @@ def claims(token: str) -> dict[str, Any]:
 
 
 async def step_client(demo: Demo) -> None:
-    from sidecar.demo import client as mcp_client
+    from outrider.sidecar.demo import client as mcp_client
 
     c = demo.console
     if not demo.dataplane_up:

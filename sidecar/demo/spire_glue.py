@@ -13,10 +13,10 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sidecar.dev import spire
+from outrider.sidecar.dev import spire
 
 if TYPE_CHECKING:
-    from sidecar.demo.run import Demo
+    from outrider.sidecar.demo.run import Demo
 
 
 BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-upstream.sh"
@@ -57,7 +57,7 @@ def _make_dir(path: Path) -> Path:
 
 async def start(demo: Demo, uid: int, idp_uid: int) -> str:
     """Start SPIRE (server + join-token-attested agent) for the demo; return the agent socket path."""
-    from sidecar.demo.run import IDP_SPIFFE_ID, TRUST_DOMAIN
+    from outrider.sidecar.demo.run import IDP_SPIFFE_ID, TRUST_DOMAIN
 
     c = demo.console
     if spire.find_binaries(build=False) is None:

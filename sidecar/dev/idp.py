@@ -784,7 +784,7 @@ def _multi(form: Mapping[str, Any], name: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m sidecar.dev.idp
+# python -m outrider.sidecar.dev.idp
 # ---------------------------------------------------------------------------------------------
 
 
@@ -825,7 +825,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.dev.idp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m outrider.sidecar.dev.idp", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8443)
     parser.add_argument(

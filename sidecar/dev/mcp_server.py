@@ -1,7 +1,7 @@
 """A plain `mcp` SDK server for tests and the demo: tools `whoami`, `fetch`, `echo` on 127.0.0.1.
 
 Unchanged-style on purpose (the SDK's Host/Origin protection stays on): it stands for the app
-image the sidecar protects. `python -m sidecar.dev.mcp_server --port 8080 --mode streamable`.
+image the sidecar protects. `python -m outrider.sidecar.dev.mcp_server --port 8080 --mode streamable`.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ async def running(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.dev.mcp_server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m outrider.sidecar.dev.mcp_server", description=__doc__)
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--mode", choices=MODES, default="streamable")
     parser.add_argument("--log-level", default="warning")

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sidecar.dev.spire import SpireDev, SpireError, Started, _free_port, _terminate, cache_bin_dir
+from outrider.sidecar.dev.spire import SpireDev, SpireError, Started, _free_port, _terminate, cache_bin_dir
 
 
 def find_oidc_provider(*, build: bool = True) -> Path | None:

@@ -439,7 +439,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sidecar.dev.workload_api",
+        prog="python -m outrider.sidecar.dev.workload_api",
         description="DEV STAND-IN: a SPIFFE Workload API with an in-memory CA (use SPIRE for anything real)",
     )
     parser.add_argument("--socket", required=True, help="unix socket path to serve on")

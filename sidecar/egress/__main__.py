@@ -1,4 +1,4 @@
-"""`python -m sidecar.egress`: only the egress component, for tests, benchmarks and debugging.
+"""`python -m outrider.sidecar.egress`: only the egress component, for tests, benchmarks and debugging.
 
 Reads the same configuration as `outrider sidecar` and prints every egress decision as one JSON line
 on stdout (the full sidecar turns them into audit events instead).
@@ -14,10 +14,10 @@ import logging
 import signal
 import sys
 
-from sidecar.config import ConfigError, load
-from sidecar.egress.component import component
-from sidecar.runtime import Runtime
-from sidecar.telemetry.observer import EgressDecision, NullObserver
+from outrider.sidecar.config import ConfigError, load
+from outrider.sidecar.egress.component import component
+from outrider.sidecar.runtime import Runtime
+from outrider.sidecar.telemetry.observer import EgressDecision, NullObserver
 
 
 class JsonLinesObserver(NullObserver):
@@ -43,7 +43,7 @@ async def _main(config_path: str | None) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m sidecar.egress")
+    parser = argparse.ArgumentParser(prog="python -m outrider.sidecar.egress")
     parser.add_argument("--config", help="YAML/JSON sidecar config file (also OUTRIDER_CONFIG)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()

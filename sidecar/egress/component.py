@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from sidecar.egress.config import EgressConfig
-from sidecar.egress.enforcer import Enforcer, Resolver, listen_sockets, system_resolver
-from sidecar.egress.reload import PolicyHolder, spec_policy
-from sidecar.egress.resolver import DnsResolver, unresolvable
-from sidecar.runtime import Runtime
-from sidecar.telemetry.observer import EgressDecision
+from outrider.sidecar.egress.config import EgressConfig
+from outrider.sidecar.egress.enforcer import Enforcer, Resolver, listen_sockets, system_resolver
+from outrider.sidecar.egress.reload import PolicyHolder, spec_policy
+from outrider.sidecar.egress.resolver import DnsResolver, unresolvable
+from outrider.sidecar.runtime import Runtime
+from outrider.sidecar.telemetry.observer import EgressDecision
 
 log = logging.getLogger("outrider.egress")
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config_error import ConfigError
+from outrider.sidecar.config_error import ConfigError
 
 MODES = ("capture", "explicit")
 RESOLVERS = ("dns", "system")

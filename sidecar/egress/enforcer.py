@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.egress import http1, sniff
-from sidecar.egress.config import EgressConfig
-from sidecar.egress.policy import (
+from outrider.sidecar.egress import http1, sniff
+from outrider.sidecar.egress.config import EgressConfig
+from outrider.sidecar.egress.policy import (
     Destination,
     IPAddress,
     Verdict,
@@ -34,8 +34,8 @@ from sidecar.egress.policy import (
     normalize_name,
     unmapped,
 )
-from sidecar.egress.reload import PolicyHolder
-from sidecar.telemetry.observer import EgressDecision, Observer
+from outrider.sidecar.egress.reload import PolicyHolder
+from outrider.sidecar.telemetry.observer import EgressDecision, Observer
 
 log = logging.getLogger("outrider.egress")
 

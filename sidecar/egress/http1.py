@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sidecar.egress.sniff import RequestHead, split_host_port, uri_authority
+from outrider.sidecar.egress.sniff import RequestHead, split_host_port, uri_authority
 
 # RFC 9110 §5.6.2 token; the request-target only needs to be free of whitespace and controls here.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from sidecar.egress.iptables import (
+from outrider.sidecar.egress.iptables import (
     IPV6_MODES,
     CaptureOptions,
     IptablesError,
@@ -22,7 +22,7 @@ from sidecar.egress.iptables import (
     resolv_conf_nameservers,
     run_command,
 )
-from sidecar.egress.netns_guard import host_reasons, read_facts
+from outrider.sidecar.egress.netns_guard import host_reasons, read_facts
 
 
 def _ports(values: list[str]) -> tuple[int, ...]:

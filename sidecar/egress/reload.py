@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from sidecar.egress.policy import Policy, PolicyError, RuleError, parse_policy
-from sidecar.polled_file import read_if_changed
+from outrider.sidecar.egress.policy import Policy, PolicyError, RuleError, parse_policy
+from outrider.sidecar.polled_file import read_if_changed
 
 log = logging.getLogger("outrider.egress")
 

@@ -14,7 +14,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from sidecar.egress.policy import IPAddress, unmapped
+from outrider.sidecar.egress.policy import IPAddress, unmapped
 
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 

@@ -1,6 +1,6 @@
 """OAuth 2.0 Token Exchange (RFC 8693) on behalf of the caller, authenticated with the SVID.
 
-`TokenExchanger` is the contract the inbound proxy calls; `sidecar.exchange.client` implements it.
+`TokenExchanger` is the contract the inbound proxy calls; `outrider.sidecar.exchange.client` implements it.
 """
 
 from __future__ import annotations

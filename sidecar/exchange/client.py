@@ -2,7 +2,7 @@
 
 Owns the HTTP call, the client credential (JWT-SVID assertion, RFC 8705 mTLS, client secret), the
 bounded cache of issued tokens and single-flight of identical exchanges. What the request and the
-answers look like is the provider profile's business (`sidecar.exchange.profiles`).
+answers look like is the provider profile's business (`outrider.sidecar.exchange.profiles`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import aiohttp
 
-from sidecar.exchange import ExchangeError, IssuedToken, RefusingExchanger, TokenExchanger
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.exchange.oauth import (  # re-exported: the pure core lived here before the profiles
+from outrider.sidecar.exchange import ExchangeError, IssuedToken, RefusingExchanger, TokenExchanger
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.exchange.oauth import (  # re-exported: the pure core lived here before the profiles
     ASSERTION_TYPE_JWT_SPIFFE,
     DENIED_ERRORS,
     GRANT_TYPE,
@@ -34,9 +34,9 @@ from sidecar.exchange.oauth import (  # re-exported: the pure core lived here be
     parse_success,
     redact,
 )
-from sidecar.exchange.profiles import profile_for
-from sidecar.identity import IdentityUnavailable, WorkloadIdentity
-from sidecar.identity.tls import RotatingClientContext
+from outrider.sidecar.exchange.profiles import profile_for
+from outrider.sidecar.identity import IdentityUnavailable, WorkloadIdentity
+from outrider.sidecar.identity.tls import RotatingClientContext
 
 __all__ = [
     "ASSERTION_TYPE_JWT_SPIFFE",
@@ -168,7 +168,7 @@ class OAuthTokenExchanger:
         self._mtls = (
             RotatingClientContext(identity, cafile=config.ca_file) if config.auth == "x509-svid" else None
         )
-        # An unreadable CA file is reported at start-up (sidecar.mounted_files: /readyz and the log);
+        # An unreadable CA file is reported at start-up (outrider.sidecar.mounted_files: /readyz and the log);
         # here it fails each exchange with 503 rather than falling back to the system CAs.
         self._server_ssl: ssl.SSLContext | None = None
         self._ca_problem: str | None = None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
-from sidecar.config_error import ConfigError
+from outrider.sidecar.config_error import ConfigError
 
 AuthMethod = Literal["jwt-svid", "x509-svid", "client-secret"]
 ProfileName = Literal["rfc8693", "entra-obo", "okta"]

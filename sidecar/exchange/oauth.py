@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from sidecar.exchange import ExchangeError, IssuedToken
-from sidecar.exchange.config import TOKEN_TYPE_JWT, ExchangeConfig, SecretMethod
+from outrider.sidecar.exchange import ExchangeError, IssuedToken
+from outrider.sidecar.exchange.config import TOKEN_TYPE_JWT, ExchangeConfig, SecretMethod
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ASSERTION_TYPE_JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sidecar.exchange import IssuedToken, RefusingExchanger, TokenExchanger
+from outrider.sidecar.exchange import IssuedToken, RefusingExchanger, TokenExchanger
 
 _NO_EXCHANGE = RefusingExchanger("no token exchange is configured for the caller's issuer")
 _UNKNOWN_ISSUER = RefusingExchanger("the caller's issuer has no token exchange in this sidecar")

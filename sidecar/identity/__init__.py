@@ -1,6 +1,6 @@
 """The pod's SPIFFE workload identity as the rest of the sidecar sees it.
 
-`WorkloadIdentity` is the contract; `sidecar.identity.workload` implements it over the Workload API.
+`WorkloadIdentity` is the contract; `outrider.sidecar.identity.workload` implements it over the Workload API.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-_PRIVATE_NAME = "sidecar.identity._workload_pb2"
+_PRIVATE_NAME = "outrider.sidecar.identity._workload_pb2"
 _SERVICE = "/SpiffeWorkloadAPI/"
 
 

@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sidecar.identity import svid as core
-from sidecar.identity.workload import IdentityStats, WorkloadApiIdentity
-from sidecar.runtime import Runtime
+from outrider.sidecar.identity import svid as core
+from outrider.sidecar.identity.workload import IdentityStats, WorkloadApiIdentity
+from outrider.sidecar.runtime import Runtime
 
 
 class _IdentityCollector(Collector):

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config_error import ConfigError
+from outrider.sidecar.config_error import ConfigError
 
 DEFAULT_SOCKET = "unix:///spiffe-workload-api/spire-agent.sock"
 SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_private_key,
 )
 
-from sidecar.identity import X509Material
+from outrider.sidecar.identity import X509Material
 
 
 class SvidFormatError(ValueError):

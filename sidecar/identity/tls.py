@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from sidecar.identity import WorkloadIdentity, X509Material
-from sidecar.identity.svid import spiffe_id_of
+from outrider.sidecar.identity import WorkloadIdentity, X509Material
+from outrider.sidecar.identity.svid import spiffe_id_of
 
 
 @contextlib.contextmanager

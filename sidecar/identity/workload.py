@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-# The stubs are loaded without running `spiffe/__init__` (see sidecar.identity._proto); mypy reads
+# The stubs are loaded without running `spiffe/__init__` (see outrider.sidecar.identity._proto); mypy reads
 # the package's own .pyi for the message types.
 if TYPE_CHECKING:
     from spiffe._proto import workload_pb2
 else:
-    from sidecar.identity._proto import workload_pb2
+    from outrider.sidecar.identity._proto import workload_pb2
 
-from sidecar.identity import IdentityUnavailable, X509Material
-from sidecar.identity import svid as core
-from sidecar.identity._proto import WorkloadApiStub
-from sidecar.identity.config import IdentityConfig
-from sidecar.telemetry.observer import NullObserver, Observer
+from outrider.sidecar.identity import IdentityUnavailable, X509Material
+from outrider.sidecar.identity import svid as core
+from outrider.sidecar.identity._proto import WorkloadApiStub
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.telemetry.observer import NullObserver, Observer
 
 log = logging.getLogger("outrider.identity")
 
@@ -62,7 +62,7 @@ class IdentityStats:
 
 
 class WorkloadApiIdentity:
-    """Implements `sidecar.identity.WorkloadIdentity` over the Workload API.
+    """Implements `outrider.sidecar.identity.WorkloadIdentity` over the Workload API.
 
     Readers get immutable `X509Material` snapshots: a rotation swaps one reference, so a request
     that already took a snapshot finishes with it and never sees half an update.

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import jwt
 
-from sidecar.inbound.claims import claim_problem
-from sidecar.inbound.config import InboundConfig
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.inbound.claims import claim_problem
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.telemetry.observer import Principal
 
 log = logging.getLogger("outrider.inbound.auth")
 

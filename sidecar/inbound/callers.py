@@ -15,14 +15,20 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.exchange import ExchangeError
-from sidecar.identity import WorkloadIdentity
-from sidecar.inbound.auth import AuthFailure, JwksCache, TokenVerifier, metadata_url, www_authenticate
-from sidecar.inbound.config import InboundConfig
-from sidecar.inbound.dpop import DpopFailure, DpopGuard, ProofFacts, expected_htu
-from sidecar.inbound.introspection import Introspected, Introspector
-from sidecar.inbound.issuers import IssuerConfig
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.exchange import ExchangeError
+from outrider.sidecar.identity import WorkloadIdentity
+from outrider.sidecar.inbound.auth import (
+    AuthFailure,
+    JwksCache,
+    TokenVerifier,
+    metadata_url,
+    www_authenticate,
+)
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.inbound.dpop import DpopFailure, DpopGuard, ProofFacts, expected_htu
+from outrider.sidecar.inbound.introspection import Introspected, Introspector
+from outrider.sidecar.inbound.issuers import IssuerConfig
+from outrider.sidecar.telemetry.observer import Principal
 
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _JWS = re.compile(r"[A-Za-z0-9_-]+\.([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*")

@@ -14,18 +14,18 @@ from dataclasses import replace
 import aiohttp
 from aiohttp import web
 
-from sidecar.exchange import TokenExchanger
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.exchange.routing import IssuerExchangers
-from sidecar.identity import IdentityUnavailable
-from sidecar.identity.tls import RotatingServerContext
-from sidecar.inbound.auth import JwksCache
-from sidecar.inbound.callers import CallerVerifier, build_caller_verifier
-from sidecar.inbound.proxy import InboundProxy
-from sidecar.inbound.server import hardened_server
-from sidecar.policy.gate import Gate, reload_loop
-from sidecar.policy.model import Server
-from sidecar.runtime import Runtime
+from outrider.sidecar.exchange import TokenExchanger
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.exchange.routing import IssuerExchangers
+from outrider.sidecar.identity import IdentityUnavailable
+from outrider.sidecar.identity.tls import RotatingServerContext
+from outrider.sidecar.inbound.auth import JwksCache
+from outrider.sidecar.inbound.callers import CallerVerifier, build_caller_verifier
+from outrider.sidecar.inbound.proxy import InboundProxy
+from outrider.sidecar.inbound.server import hardened_server
+from outrider.sidecar.policy.gate import Gate, reload_loop
+from outrider.sidecar.policy.model import Server
+from outrider.sidecar.runtime import Runtime
 
 log = logging.getLogger("outrider.inbound")
 
@@ -54,7 +54,7 @@ def _build_exchanger(
         log.warning("no workload identity: forwarding calls without a downstream token")
         return None
     try:
-        from sidecar.exchange.client import build_exchanger
+        from outrider.sidecar.exchange.client import build_exchanger
     except ImportError:
         log.warning(
             "token exchange is not available in this build: forwarding calls without a downstream token"

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.config_error import ConfigError
-from sidecar.inbound.issuers import (
+from outrider.sidecar.config_error import ConfigError
+from outrider.sidecar.inbound.issuers import (
     DpopConfig,
     IntrospectionConfig,
     IssuerConfig,

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import jwt
 
-from sidecar.inbound.auth import AuthFailure
-from sidecar.inbound.issuers import DpopConfig
+from outrider.sidecar.inbound.auth import AuthFailure
+from outrider.sidecar.inbound.issuers import DpopConfig
 
 # RFC 7638 §3.2: the required members of each key type, in the order the thumbprint hashes them.
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}

@@ -19,11 +19,11 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.exchange.oauth import ClientCredential, authenticated
-from sidecar.identity import IdentityUnavailable, WorkloadIdentity
-from sidecar.inbound.auth import AuthFailure, principal_from_claims, token_fingerprint
-from sidecar.inbound.issuers import IntrospectionConfig
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.exchange.oauth import ClientCredential, authenticated
+from outrider.sidecar.identity import IdentityUnavailable, WorkloadIdentity
+from outrider.sidecar.inbound.auth import AuthFailure, principal_from_claims, token_fingerprint
+from outrider.sidecar.inbound.issuers import IntrospectionConfig
+from outrider.sidecar.telemetry.observer import Principal
 
 log = logging.getLogger("outrider.inbound.introspection")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
-from sidecar.config_error import ConfigError
-from sidecar.exchange.config import SECRET_METHODS, ExchangeConfig, SecretMethod
+from outrider.sidecar.config_error import ConfigError
+from outrider.sidecar.exchange.config import SECRET_METHODS, ExchangeConfig, SecretMethod
 
 IntrospectionAuth = Literal["jwt-svid", "client-secret", "none"]
 INTROSPECTION_AUTH: tuple[IntrospectionAuth, ...] = ("jwt-svid", "client-secret", "none")

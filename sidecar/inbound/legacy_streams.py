@@ -10,8 +10,8 @@ import asyncio
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from sidecar.inbound import jsonrpc
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.inbound import jsonrpc
+from outrider.sidecar.telemetry.observer import Principal
 
 MAX_QUEUED = 256
 

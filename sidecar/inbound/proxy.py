@@ -21,17 +21,17 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.exchange import ExchangeError, TokenExchanger
-from sidecar.exchange.routing import IssuerExchangers
-from sidecar.inbound import jsonrpc
-from sidecar.inbound.auth import (
+from outrider.sidecar.exchange import ExchangeError, TokenExchanger
+from outrider.sidecar.exchange.routing import IssuerExchangers
+from outrider.sidecar.inbound import jsonrpc
+from outrider.sidecar.inbound.auth import (
     WELL_KNOWN,
     AuthFailure,
     TokenVerifier,
     peer_spiffe_id,
     protected_resource_metadata,
 )
-from sidecar.inbound.callers import (
+from outrider.sidecar.inbound.callers import (
     CallerVerifier,
     Presented,
     challenge_headers,
@@ -39,11 +39,11 @@ from sidecar.inbound.callers import (
     presented_token,
     step_up_challenge,
 )
-from sidecar.inbound.config import InboundConfig
-from sidecar.inbound.credentials import query_credential, token_elsewhere, token_in_body
-from sidecar.inbound.jsonrpc import McpMessage, ParsedBody
-from sidecar.inbound.legacy_streams import LegacySessions, session_of_endpoint
-from sidecar.inbound.sessions import (
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.inbound.credentials import query_credential, token_elsewhere, token_in_body
+from outrider.sidecar.inbound.jsonrpc import McpMessage, ParsedBody
+from outrider.sidecar.inbound.legacy_streams import LegacySessions, session_of_endpoint
+from outrider.sidecar.inbound.sessions import (
     SessionTable,
     decide,
     fingerprint,
@@ -51,9 +51,9 @@ from sidecar.inbound.sessions import (
     owner_key,
     request_session_ids,
 )
-from sidecar.policy import gate as policy_gate
-from sidecar.policy.gate import Gate, Judgement
-from sidecar.telemetry.observer import (
+from outrider.sidecar.policy import gate as policy_gate
+from outrider.sidecar.policy.gate import Gate, Judgement
+from outrider.sidecar.telemetry.observer import (
     CallScope,
     ExchangeOutcome,
     Observer,

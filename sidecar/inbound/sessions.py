@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from sidecar.inbound.config import SessionsConfig
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.inbound.config import SessionsConfig
+from outrider.sidecar.telemetry.observer import Principal
 
 # MCP: a session id is visible ASCII (0x21-0x7E). Longer ids are never bound, so never accepted.
 MAX_SESSION_ID_LENGTH = 512

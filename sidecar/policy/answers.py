@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sidecar.inbound.jsonrpc import JsonRpcId
-from sidecar.policy.model import LIST_RESULTS
+from outrider.sidecar.inbound.jsonrpc import JsonRpcId
+from outrider.sidecar.policy.model import LIST_RESULTS
 
 POLICY_DENIED = -32003
 RATE_LIMITED = -32029

@@ -1,7 +1,7 @@
 """The `policy` section of the sidecar configuration: Cedar layers, the reloadable file, rate limits.
 
 Parsed once from a plain mapping; every error names the key, the value and what is allowed. The
-Cedar text itself is compiled by `sidecar.policy.engine` (so the config stays plain data).
+Cedar text itself is compiled by `outrider.sidecar.policy.engine` (so the config stays plain data).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.config_error import ConfigError
-from sidecar.policy.limits_config import LimitsError, RateLimits
+from outrider.sidecar.config_error import ConfigError
+from outrider.sidecar.policy.limits_config import LimitsError, RateLimits
 
 DEFAULT_POLICY_FILE = "/etc/outrider/policy/policy.yaml"
 STORE_ERROR_MODES = ("allow", "deny")

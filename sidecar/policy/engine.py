@@ -16,10 +16,10 @@ from typing import Any
 
 import cedarpy
 
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.policy.cedar_text import PERMIT_ALL, CedarError, CompiledPolicies, compile_policies
-from sidecar.policy.config import LayerSource
-from sidecar.policy.model import (
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.policy.cedar_text import PERMIT_ALL, CedarError, CompiledPolicies, compile_policies
+from outrider.sidecar.policy.config import LayerSource
+from outrider.sidecar.policy.model import (
     LIST_RESULTS,
     Server,
     cedar_string,
@@ -28,7 +28,7 @@ from sidecar.policy.model import (
     request_for,
     uid_text,
 )
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.telemetry.observer import Principal
 
 IMPLICIT_PERMIT = "outrider-default-permit"
 

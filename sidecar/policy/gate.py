@@ -13,17 +13,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.inbound import jsonrpc
-from sidecar.inbound.jsonrpc import ParsedBody
-from sidecar.policy import answers
-from sidecar.policy.config import PolicyConfig
-from sidecar.policy.engine import Decision, decide, may_use
-from sidecar.policy.limits_config import budgets
-from sidecar.policy.model import Server, judged
-from sidecar.policy.ratelimit import RateLimiter, open_storage
-from sidecar.policy.reload import PolicyHolder
-from sidecar.policy.schema import ServerTools, mismatches
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.inbound import jsonrpc
+from outrider.sidecar.inbound.jsonrpc import ParsedBody
+from outrider.sidecar.policy import answers
+from outrider.sidecar.policy.config import PolicyConfig
+from outrider.sidecar.policy.engine import Decision, decide, may_use
+from outrider.sidecar.policy.limits_config import budgets
+from outrider.sidecar.policy.model import Server, judged
+from outrider.sidecar.policy.ratelimit import RateLimiter, open_storage
+from outrider.sidecar.policy.reload import PolicyHolder
+from outrider.sidecar.policy.schema import ServerTools, mismatches
+from outrider.sidecar.telemetry.observer import Principal
 
 log = logging.getLogger("outrider.policy")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from limits import RateLimitItem, parse_many
 
-from sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.inbound.jsonrpc import McpMessage
 
 SCOPES = ("per_pod", "per_tool", "per_user", "per_user_tool")
 ANY_TOOL = "*"

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry.observer import Principal
 
 # MCP method -> (Cedar action, resource entity type). The list methods act on the server itself.
 METHOD_ACTIONS: Mapping[str, tuple[str, str]] = {

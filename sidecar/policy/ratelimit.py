@@ -17,7 +17,7 @@ from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
-from sidecar.policy.limits_config import Budget
+from outrider.sidecar.policy.limits_config import Budget
 
 log = logging.getLogger("outrider.policy.ratelimit")
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import yaml
 
-from sidecar.policy.cedar_text import CedarError, CompiledPolicies, compile_policies
-from sidecar.policy.config import PolicyConfig
-from sidecar.policy.engine import Policies, build, compile_layers
-from sidecar.policy.limits_config import LimitsError, RateLimits
-from sidecar.polled_file import read_if_changed
+from outrider.sidecar.policy.cedar_text import CedarError, CompiledPolicies, compile_policies
+from outrider.sidecar.policy.config import PolicyConfig
+from outrider.sidecar.policy.engine import Policies, build, compile_layers
+from outrider.sidecar.policy.limits_config import LimitsError, RateLimits
+from outrider.sidecar.polled_file import read_if_changed
 
 log = logging.getLogger("outrider.policy")
 _FILE_KEYS = frozenset({"cedar", "rate_limits"})

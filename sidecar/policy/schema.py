@@ -17,7 +17,7 @@ from typing import Any
 
 import cedarpy
 
-from sidecar.policy.cedar_text import CompiledPolicies
+from outrider.sidecar.policy.cedar_text import CompiledPolicies
 
 _ARGUMENTS_TYPE = "type Arguments = {};"
 _JSON_TO_CEDAR = {"string": "String", "integer": "Long", "boolean": "Bool"}
@@ -27,7 +27,7 @@ _POLICY_ID = re.compile(r"policy `([^`]+)`")
 @cache
 def base_schema() -> str:
     """`outrider.cedarschema`, shipped beside this module."""
-    return resources.files("sidecar.policy").joinpath("outrider.cedarschema").read_text()
+    return resources.files("outrider.sidecar.policy").joinpath("outrider.cedarschema").read_text()
 
 
 def _cedar_type(prop: Any) -> str | None:

@@ -18,17 +18,17 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.telemetry.aggregate import DenialAggregator
-from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import (
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry.aggregate import DenialAggregator
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import (
     EgressDecision,
     ExchangeOutcome,
     PolicyOutcome,
     Principal,
     RequestInfo,
 )
-from sidecar.telemetry.semconv import method_label, scrub
+from outrider.sidecar.telemetry.semconv import method_label, scrub
 
 SCHEMA_ID = "https://outrider.dev/schemas/audit-event/v1.json"
 SCHEMA_VERSION = "outrider.audit/v1"
@@ -39,7 +39,7 @@ Event = dict[str, Any]
 
 def load_schema() -> dict[str, Any]:
     """The audit event JSON Schema shipped with the package."""
-    text = resources.files("sidecar.telemetry").joinpath("audit-event.schema.json").read_text()
+    text = resources.files("outrider.sidecar.telemetry").joinpath("audit-event.schema.json").read_text()
     schema: dict[str, Any] = json.loads(text)
     return schema
 
@@ -292,7 +292,7 @@ class AuditLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             stream = path.open("a", encoding="utf-8", buffering=1)
         except OSError as exc:
-            from sidecar.config_error import ConfigError
+            from outrider.sidecar.config_error import ConfigError
 
             raise ConfigError(
                 f"telemetry.audit: cannot open {destination} for appending: {exc.strerror}"

@@ -14,10 +14,10 @@ from contextlib import asynccontextmanager
 
 from opentelemetry import metrics, trace
 
-from sidecar.runtime import Runtime
-from sidecar.telemetry.audit import AuditLog, Workload
-from sidecar.telemetry.observer_otel import OtelObserver
-from sidecar.telemetry.worker import Worker
+from outrider.sidecar.runtime import Runtime
+from outrider.sidecar.telemetry.audit import AuditLog, Workload
+from outrider.sidecar.telemetry.observer_otel import OtelObserver
+from outrider.sidecar.telemetry.worker import Worker
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -80,7 +80,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
             yield
         return
     # Imported here: the OTel SDK costs ~2 MB of RSS that a process with OTEL_SDK_DISABLED never uses.
-    from sidecar.telemetry.setup import build_providers, tune_switch_interval
+    from outrider.sidecar.telemetry.setup import build_providers, tune_switch_interval
 
     providers = build_providers(
         config.service_name,

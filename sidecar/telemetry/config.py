@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sidecar.config_error import ConfigError
+from outrider.sidecar.config_error import ConfigError
 
 _KEYS = frozenset(
     {

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.inbound.jsonrpc import McpMessage
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The real `Observer`: OpenTelemetry spans and metrics plus the JSON audit log for every MCP call.
 
-Uses `opentelemetry-api` only; the process hands in the providers (see `sidecar.telemetry.setup`).
+Uses `opentelemetry-api` only; the process hands in the providers (see `outrider.sidecar.telemetry.setup`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.telemetry import semconv
-from sidecar.telemetry.audit import (
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry import semconv
+from outrider.sidecar.telemetry.audit import (
     AuditLog,
     EventStamp,
     Workload,
@@ -30,8 +30,8 @@ from sidecar.telemetry.audit import (
     exchange_event,
     mcp_call_event,
 )
-from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import (
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import (
     CallScope,
     EgressDecision,
     ExchangeOutcome,
@@ -39,7 +39,7 @@ from sidecar.telemetry.observer import (
     Principal,
     RequestInfo,
 )
-from sidecar.telemetry.worker import Worker
+from outrider.sidecar.telemetry.worker import Worker
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -120,7 +120,10 @@ class Tally:
 
 
 class OtelObserver:
-    """Spans, metrics and audit events for the data paths; satisfies `sidecar.telemetry.observer.Observer`."""
+    """Spans, metrics and audit events for the data paths.
+
+    Satisfies `outrider.sidecar.telemetry.observer.Observer`.
+    """
 
     def __init__(
         self,

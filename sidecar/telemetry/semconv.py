@@ -10,9 +10,9 @@ import hmac
 import re
 from collections.abc import Mapping
 
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import (
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import (
     EgressDecision,
     ExchangeOutcome,
     PolicyOutcome,

@@ -18,7 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from sidecar.telemetry.prometheus import PrometheusText
+from outrider.sidecar.telemetry.prometheus import PrometheusText
 
 log = logging.getLogger("outrider.telemetry")
 

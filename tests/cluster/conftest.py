@@ -369,7 +369,7 @@ def idp_objects(names: Names, images: Images) -> list[dict[str, Any]]:
                                 "name": "idp",
                                 "image": images.sidecar,
                                 "imagePullPolicy": "Never",
-                                "command": ["python", "-m", "sidecar.dev.idp"],
+                                "command": ["python", "-m", "outrider.sidecar.dev.idp"],
                                 "args": [
                                     "--host=0.0.0.0",
                                     "--port=8080",

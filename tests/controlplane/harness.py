@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from webhook.certs import generate_ca
+from outrider.webhook.certs import generate_ca
 
 REPO = Path(__file__).resolve().parents[2]
 

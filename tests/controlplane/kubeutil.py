@@ -148,7 +148,15 @@ class WebhookProcess:
         env = {**os.environ, **self.env}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "webhook.cli", "webhook", "--port", str(self.port), *self.args],
+                [
+                    sys.executable,
+                    "-m",
+                    "outrider.webhook.cli",
+                    "webhook",
+                    "--port",
+                    str(self.port),
+                    *self.args,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -58,7 +58,7 @@ def run_check(cluster: Cluster, *args: str, kubeconfig: Path | None = None) -> t
         [
             sys.executable,
             "-m",
-            "webhook.cli",
+            "outrider.webhook.cli",
             "check",
             "--kubeconfig",
             str(kubeconfig or cluster.cp.kubeconfig),
@@ -85,7 +85,15 @@ def by_name(report: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def text(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "check", "--kubeconfig", str(cluster.cp.kubeconfig), *args],
+        [
+            sys.executable,
+            "-m",
+            "outrider.webhook.cli",
+            "check",
+            "--kubeconfig",
+            str(cluster.cp.kubeconfig),
+            *args,
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

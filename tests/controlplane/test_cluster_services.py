@@ -13,12 +13,12 @@ import pytest
 from kubernetes_asyncio import client
 from prometheus_client import REGISTRY
 
-from webhook.cluster import pki, rotation
-from webhook.cluster.certsync import CertSync
-from webhook.cluster.configmap import ConfigMapWatch
-from webhook.cluster.namespaces import NamespaceCache
-from webhook.cluster.options import ClusterOptions
-from webhook.config import ConfigHolder
+from outrider.webhook.cluster import pki, rotation
+from outrider.webhook.cluster.certsync import CertSync
+from outrider.webhook.cluster.configmap import ConfigMapWatch
+from outrider.webhook.cluster.namespaces import NamespaceCache
+from outrider.webhook.cluster.options import ClusterOptions
+from outrider.webhook.config import ConfigHolder
 
 from .harness import ControlPlane
 from .kubeutil import eventually, make_namespace, register_webhook, unique, unregister_webhook

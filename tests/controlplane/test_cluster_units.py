@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from webhook.cluster.configmap import parse_configmap
-from webhook.cluster.options import ClusterOptions
-from webhook.config import ConfigError
+from outrider.webhook.cluster.configmap import parse_configmap
+from outrider.webhook.cluster.options import ClusterOptions
+from outrider.webhook.config import ConfigError
 
 
 def test_configmap_with_both_keys() -> None:

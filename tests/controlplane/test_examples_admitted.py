@@ -20,8 +20,8 @@ import yaml
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from webhook import annotations as ann
-from webhook.offline import TEMPLATE_PATHS
+from outrider.webhook import annotations as ann
+from outrider.webhook.offline import TEMPLATE_PATHS
 
 from .harness import ControlPlane
 from .kubeutil import (

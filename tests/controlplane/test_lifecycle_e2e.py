@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from webhook.cluster import pki, rotation
+from outrider.webhook.cluster import pki, rotation
 
 from .harness import ControlPlane, free_port
 from .kubeutil import (

@@ -24,10 +24,10 @@ import yaml
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from webhook.cluster import rotation
-from webhook.cluster.options import ClusterOptions
-from webhook.cluster.services import cluster_services
-from webhook.config import ConfigHolder
+from outrider.webhook.cluster import rotation
+from outrider.webhook.cluster.options import ClusterOptions
+from outrider.webhook.cluster.services import cluster_services
+from outrider.webhook.config import ConfigHolder
 
 from .harness import ControlPlane
 from .kubeutil import MANIFESTS, eventually, server_side_apply
@@ -335,7 +335,7 @@ async def test_manifests_apply_and_rbac_is_exactly_enough(
 
 @pytest.mark.parametrize("target", ["base", "overlays/kind", "overlays/node", "overlays/cert-manager"])
 def test_shipped_configmaps_are_valid_webhook_config(target: str) -> None:
-    from webhook.cluster.configmap import parse_configmap
+    from outrider.webhook.cluster.configmap import parse_configmap
 
     (cm,) = [o for o in render(MANIFESTS / target) if o["kind"] == "ConfigMap"]
     parsed = parse_configmap(cm["data"])

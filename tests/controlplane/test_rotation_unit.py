@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from webhook.cluster import pki, rotation
+from outrider.webhook.cluster import pki, rotation
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 SETTINGS = rotation.Settings(

@@ -52,7 +52,7 @@ def _netns_names() -> set[str]:
 
 def _run_demo(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "demo", "--no-colour", *extra],
+        [sys.executable, "-m", "outrider.webhook.cli", "demo", "--no-colour", *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -88,7 +88,7 @@ def test_ctrl_c_stops_the_demo_and_cleans_up(tmp_path: Path) -> None:
 
     before = _netns_names()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "webhook.cli", "demo", "--no-colour"],
+        [sys.executable, "-m", "outrider.webhook.cli", "demo", "--no-colour"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -123,9 +123,9 @@ def test_ctrl_c_stops_the_demo_and_cleans_up(tmp_path: Path) -> None:
 def test_demo_fails_when_a_step_cannot_behave_as_described() -> None:
     """A missing piece is reported as skipped and the demo exits non-zero (never fakes output)."""
     code = (
-        "import sys; from sidecar.demo import run;"
+        "import sys; from outrider.sidecar.demo import run;"
         "run.PIECES['webhook'] = ['webhook.no_such_engine'];"
-        "from webhook.cli import main; sys.exit(main(['demo', '--no-colour']))"
+        "from outrider.webhook.cli import main; sys.exit(main(['demo', '--no-colour']))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False

@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from sidecar.demo import audit, netns, podiff, run, traces
+from outrider.sidecar.demo import audit, netns, podiff, run, traces
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,8 +168,10 @@ def test_two_demos_never_share_a_link() -> None:
 
 
 def test_missing_pieces_are_detected_not_faked() -> None:
-    assert run.piece_missing(["sidecar.demo.no_such_module"]) == "sidecar.demo.no_such_module"
-    assert run.piece_missing(["sidecar.demo.console"]) is None
+    assert (
+        run.piece_missing(["outrider.sidecar.demo.no_such_module"]) == "outrider.sidecar.demo.no_such_module"
+    )
+    assert run.piece_missing(["outrider.sidecar.demo.console"]) is None
 
 
 def test_bench_table_rows_targets_and_ratios() -> None:
@@ -209,7 +211,7 @@ def test_bench_table_rows_targets_and_ratios() -> None:
 def test_client_reads_the_whoami_and_fetch_reports() -> None:
     from types import SimpleNamespace
 
-    from sidecar.demo import client
+    from outrider.sidecar.demo import client
 
     report = {
         "authorization": "Bearer abc.def.ghi",
@@ -260,8 +262,8 @@ async def test_spire_build_progress_is_streamed(tmp_path: Path, monkeypatch) -> 
     import io
     from types import SimpleNamespace
 
-    from sidecar.demo import spire_glue
-    from sidecar.demo.console import Console
+    from outrider.sidecar.demo import spire_glue
+    from outrider.sidecar.demo.console import Console
 
     script = tmp_path / "build.sh"
     script.write_text("#!/bin/sh\necho '[build-upstream] SPIRE: compiling spire-server' >&2\nexit 0\n")
@@ -300,7 +302,7 @@ def test_demo_dns_answers_its_names_and_nothing_else() -> None:
     import dns.message
     import dns.rcode
 
-    from sidecar.demo import internet
+    from outrider.sidecar.demo import internet
 
     records = {"allowed.demo.test": "10.1.2.1"}
     reply = internet.answer(dns.message.make_query("Allowed.Demo.Test.", "A").to_wire(), records)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.demo.uid_access import UidAccessError, check_runnable_as, require_runnable_as
+from outrider.sidecar.demo.uid_access import UidAccessError, check_runnable_as, require_runnable_as
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to switch UID"

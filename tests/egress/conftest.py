@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar.demo.uid_access import UidAccessError
+from outrider.sidecar.demo.uid_access import UidAccessError
 
 from .netlab import FETCH_VENV, POLICY, Lab, ensure_mcp_server_fetch, have_netns, lab
 

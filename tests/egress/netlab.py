@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sidecar.demo.uid_access import UidAccessError, check_runnable_as, require_runnable_as
+from outrider.sidecar.demo.uid_access import UidAccessError, check_runnable_as, require_runnable_as
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
@@ -282,7 +282,7 @@ class Lab:
         raise AssertionError(f"no egress decision matching {match}; got {self.decision_lines[-5:]}")
 
     def iptables(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return _run(*self.in_pod(PYTHON, "-m", "webhook.cli", "iptables", *args))
+        return _run(*self.in_pod(PYTHON, "-m", "outrider.webhook.cli", "iptables", *args))
 
     def iptables_save(self) -> str:
         v4 = _run(*self.in_pod("iptables-save")).stdout
@@ -292,7 +292,9 @@ class Lab:
 
     def start_sidecar(self, config: Mapping[str, Any]) -> None:
         env = {"OUTRIDER_CONFIG": json.dumps(config), "PYTHONDONTWRITEBYTECODE": "1"}
-        argv = self.in_pod(PYTHON, "-m", "sidecar.egress", "--log-level", "WARNING", uid=SIDECAR_UID, env=env)
+        argv = self.in_pod(
+            PYTHON, "-m", "outrider.sidecar.egress", "--log-level", "WARNING", uid=SIDECAR_UID, env=env
+        )
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
         self.processes.append(process)
         self.sidecar = process
@@ -316,7 +318,7 @@ class Lab:
         if self.mcp_server is None:
             env = {"PYTHONDONTWRITEBYTECODE": "1", **self.app_env}
             self.mcp_server = self.popen_in_pod(
-                PYTHON, "-m", "sidecar.dev.mcp_server", "--port", str(MCP_PORT), env=env
+                PYTHON, "-m", "outrider.sidecar.dev.mcp_server", "--port", str(MCP_PORT), env=env
             )
             assert self.mcp_server.stdout is not None
             if "dev MCP server" not in self.mcp_server.stdout.readline():

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from sidecar.egress.config import EgressConfig
-from sidecar.egress.enforcer import Enforcer, listen_sockets
-from sidecar.egress.policy import IPAddress
-from sidecar.egress.reload import PolicyHolder, spec_policy
+from outrider.sidecar.egress.config import EgressConfig
+from outrider.sidecar.egress.enforcer import Enforcer, listen_sockets
+from outrider.sidecar.egress.policy import IPAddress
+from outrider.sidecar.egress.reload import PolicyHolder, spec_policy
 
 from .test_egress_enforcer import Recorder
 

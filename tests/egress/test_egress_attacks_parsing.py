@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.egress.policy import (
+from outrider.sidecar.egress.policy import (
     Destination,
     Policy,
     RuleSet,
@@ -27,9 +27,9 @@ from sidecar.egress.policy import (
     parse_rule,
     parse_rules,
 )
-from sidecar.egress.reload import PolicyHolder, effective, parse_policy_file, spec_policy
-from sidecar.egress.sniff import HTTP, NEED_MORE, TCP, TLS, parse_request_head, sniff
-from webhook.egress import plan_egress
+from outrider.sidecar.egress.reload import PolicyHolder, effective, parse_policy_file, spec_policy
+from outrider.sidecar.egress.sniff import HTTP, NEED_MORE, TCP, TLS, parse_request_head, sniff
+from outrider.webhook.egress import plan_egress
 
 from .test_egress_sniff import client_hello
 
@@ -376,8 +376,8 @@ def test_malformed_narrowing_file_keeps_the_last_good_policy(text: str, tmp_path
 
 
 def test_resolver_config() -> None:
-    from sidecar.config import ConfigError
-    from sidecar.egress.config import EgressConfig
+    from outrider.sidecar.config import ConfigError
+    from outrider.sidecar.egress.config import EgressConfig
 
     assert EgressConfig.from_mapping({}).resolver == "dns"  # never /etc/hosts by default
     assert EgressConfig.from_mapping({"resolver": "system", "idle_timeout_s": 0}).idle_timeout_s == 0
@@ -389,9 +389,9 @@ def test_resolver_config() -> None:
 async def test_dns_resolver_never_asks_loopback_servers(tmp_path: object) -> None:
     from pathlib import Path
 
-    from sidecar.egress.component import build_resolver
-    from sidecar.egress.config import EgressConfig
-    from sidecar.egress.resolver import DnsResolver, unresolvable
+    from outrider.sidecar.egress.component import build_resolver
+    from outrider.sidecar.egress.config import EgressConfig
+    from outrider.sidecar.egress.resolver import DnsResolver, unresolvable
 
     conf = Path(str(tmp_path)) / "resolv.conf"
     conf.write_text("nameserver 127.0.0.53\nnameserver 10.96.0.10\nsearch svc.cluster.local\n")

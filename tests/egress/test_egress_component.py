@@ -6,10 +6,10 @@ import asyncio
 import socket
 from pathlib import Path
 
-from sidecar.config import parse
-from sidecar.egress.component import component
-from sidecar.runtime import Runtime
-from sidecar.telemetry.observer import EgressDecision, NullObserver
+from outrider.sidecar.config import parse
+from outrider.sidecar.egress.component import component
+from outrider.sidecar.runtime import Runtime
+from outrider.sidecar.telemetry.observer import EgressDecision, NullObserver
 
 
 class Recorder(NullObserver):
@@ -80,7 +80,7 @@ async def test_component_serves_reloads_and_reports(tmp_path: Path) -> None:
 async def test_decisions_become_audit_events_through_the_real_telemetry(tmp_path: Path) -> None:
     import json
 
-    from sidecar.telemetry import component as telemetry
+    from outrider.sidecar.telemetry import component as telemetry
 
     audit = tmp_path / "audit.jsonl"
     port = free_port()

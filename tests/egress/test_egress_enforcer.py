@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.egress.config import EgressConfig
-from sidecar.egress.enforcer import Enforcer, listen_sockets
-from sidecar.egress.policy import IPAddress
-from sidecar.egress.reload import PolicyHolder, spec_policy
-from sidecar.telemetry.observer import EgressDecision, NullObserver
+from outrider.sidecar.egress.config import EgressConfig
+from outrider.sidecar.egress.enforcer import Enforcer, listen_sockets
+from outrider.sidecar.egress.policy import IPAddress
+from outrider.sidecar.egress.reload import PolicyHolder, spec_policy
+from outrider.sidecar.telemetry.observer import EgressDecision, NullObserver
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 

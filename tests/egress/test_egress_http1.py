@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.egress.http1 import FramingError, Head, RequestParser, request_authority
+from outrider.sidecar.egress.http1 import FramingError, Head, RequestParser, request_authority
 
 METHODS = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
 HOSTS = st.sampled_from(["allowed.test", "denied.test", "a.b.test:8080", "10.0.0.1", "[fd00::1]:80"])

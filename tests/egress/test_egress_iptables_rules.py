@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.egress.iptables import CaptureOptions, plan_rules
+from outrider.sidecar.egress.iptables import CaptureOptions, plan_rules
 
 GOLDEN = Path(__file__).parent / "testdata"
 
@@ -50,7 +50,10 @@ def test_rule_order_sidecar_and_loopback_return_before_redirect() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "iptables", *args], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "outrider.webhook.cli", "iptables", *args],
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -70,7 +73,7 @@ def test_cli_rejects_bad_input(tmp_path: Path) -> None:
 
 
 def test_missing_tool_is_a_failed_command_not_a_crash() -> None:
-    from sidecar.egress.iptables import run_command
+    from outrider.sidecar.egress.iptables import run_command
 
     result = run_command(["outrider-no-such-iptables", "-S"])
     assert result.returncode == 127 and "not found" in result.stderr
@@ -79,7 +82,7 @@ def test_missing_tool_is_a_failed_command_not_a_crash() -> None:
 def test_apply_and_cleanup_with_a_recording_runner() -> None:
     from subprocess import CompletedProcess
 
-    from sidecar.egress.iptables import apply, cleanup
+    from outrider.sidecar.egress.iptables import apply, cleanup
 
     calls: list[list[str]] = []
 

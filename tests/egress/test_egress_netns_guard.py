@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from sidecar.egress.netns_guard import INITIAL_NET_NS_INODE, NetnsFacts, host_reasons, read_facts
+from outrider.sidecar.egress.netns_guard import INITIAL_NET_NS_INODE, NetnsFacts, host_reasons, read_facts
 
 from .netlab import Lab, _run
 
@@ -58,7 +58,16 @@ def test_cli_refuses_this_machines_namespace_and_changes_nothing() -> None:
     before = _host_rules()
     env = {"PATH": "/nonexistent-outrider-test", "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "iptables", "--ipv6", "off", "--inbound-ports", "8080"],
+        [
+            sys.executable,
+            "-m",
+            "outrider.webhook.cli",
+            "iptables",
+            "--ipv6",
+            "off",
+            "--inbound-ports",
+            "8080",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -71,7 +80,7 @@ def test_cli_refuses_this_machines_namespace_and_changes_nothing() -> None:
     assert result.stderr.count("\n") == 1 and result.stdout == ""
     assert _host_rules() == before
     dry = subprocess.run(
-        [sys.executable, "-m", "webhook.cli", "iptables", "--dry-run", "--ipv6", "off"],
+        [sys.executable, "-m", "outrider.webhook.cli", "iptables", "--dry-run", "--ipv6", "off"],
         capture_output=True,
         text=True,
         env=env,
@@ -101,7 +110,7 @@ def test_cli_applies_in_a_pod_namespace_but_not_with_a_second_interface(bare_lab
     )
     _run("ip", "-n", bare_lab.pod, "link", "set", f"{bare_lab.tag}d", "up")
     refused = subprocess.run(
-        bare_lab.in_pod(sys.executable, "-m", "webhook.cli", "iptables", "--inbound-ports", "8080"),
+        bare_lab.in_pod(sys.executable, "-m", "outrider.webhook.cli", "iptables", "--inbound-ports", "8080"),
         capture_output=True,
         text=True,
         timeout=60,

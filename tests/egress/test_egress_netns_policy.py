@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from webhook.egress import EGRESS_ALLOW, plan_egress
+from outrider.webhook.egress import EGRESS_ALLOW, plan_egress
 
 from .conftest import _require_netns
 from .netlab import POLICY, Lab, lab

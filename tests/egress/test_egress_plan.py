@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.egress.policy import Destination, decide, parse_policy
-from webhook.egress import EGRESS_ALLOW, EGRESS_MODE_LABEL, POD_SECURITY_ENFORCE, plan_egress
+from outrider.sidecar.egress.policy import Destination, decide, parse_policy
+from outrider.webhook.egress import EGRESS_ALLOW, EGRESS_MODE_LABEL, POD_SECURITY_ENFORCE, plan_egress
 
 CLUSTER = {"allow": ["api.github.com:443", "*.googleapis.com:443"]}
 NAMESPACE = {"allow": ["db.internal:5432", "api.github.com"]}

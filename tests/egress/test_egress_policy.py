@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.egress.policy import (
+from outrider.sidecar.egress.policy import (
     Destination,
     Policy,
     PolicyError,
@@ -289,7 +289,7 @@ def test_bracketed_ipv6_with_a_port() -> None:
 
 
 def test_reload_keeps_open_only_the_tunnels_the_new_policy_allows() -> None:
-    from sidecar.egress.policy import connection_allowed
+    from outrider.sidecar.egress.policy import connection_allowed
 
     ip = ipaddress.ip_address("203.0.113.7")
     by_name = policy("api.example.com:443")
@@ -322,7 +322,7 @@ def test_resolved_form_is_exact() -> None:
 
 
 def test_name_addresses_skips_repeats_and_special_ones_but_keeps_going() -> None:
-    from sidecar.egress.policy import name_addresses
+    from outrider.sidecar.egress.policy import name_addresses
 
     pol = policy("*.example.com:443")
     a, b = ipaddress.ip_address("203.0.113.7"), ipaddress.ip_address("203.0.113.8")
@@ -353,7 +353,7 @@ def test_allow_must_be_a_list(allow: object, kind: str) -> None:
 
 
 def test_union_keeps_both_sides_once_under_the_new_source() -> None:
-    from sidecar.egress.policy import union
+    from outrider.sidecar.egress.policy import union
 
     first = RuleSet("a", parse_rules(["a.example", "b.example"], "a")[0])
     second = RuleSet("b", parse_rules(["b.example", "c.example"], "b")[0])

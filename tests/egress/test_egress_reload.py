@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar.egress.policy import Destination, decide
-from sidecar.egress.reload import PolicyHolder, spec_policy
+from outrider.sidecar.egress.policy import Destination, decide
+from outrider.sidecar.egress.reload import PolicyHolder, spec_policy
 
 SPEC = {"version": 1, "layers": [{"source": "cluster default", "allow": ["a.test", "b.test"]}]}
 

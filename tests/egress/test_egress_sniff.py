@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.egress.sniff import HTTP, NEED_MORE, TCP, TLS, parse_request_head, sniff, split_host_port
+from outrider.sidecar.egress.sniff import (
+    HTTP,
+    NEED_MORE,
+    TCP,
+    TLS,
+    parse_request_head,
+    sniff,
+    split_host_port,
+)
 
 
 def client_hello(server_name: str | None) -> bytes:

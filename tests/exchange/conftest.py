@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
 
 from .spiffe_fakes import DOWNSTREAM, SIDECAR_ID, TRUST_DOMAIN, FakeIdentity, SpiffeAuthority
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm
 
-from sidecar.identity import IdentityUnavailable, X509Material
+from outrider.sidecar.identity import IdentityUnavailable, X509Material
 
 TRUST_DOMAIN = "example.org"
 SIDECAR_ID = "spiffe://example.org/ns/mcp/sa/weather"

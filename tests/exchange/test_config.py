@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from sidecar.config import ConfigError, parse
-from sidecar.exchange import ExchangeError
-from sidecar.exchange.client import (
+from outrider.sidecar.config import ConfigError, parse
+from outrider.sidecar.exchange import ExchangeError
+from outrider.sidecar.exchange.client import (
     GRANT_TYPE,
     TokenCache,
     basic_authorization,
@@ -19,7 +19,7 @@ from sidecar.exchange.client import (
     parse_success,
     redact,
 )
-from sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.exchange.config import ExchangeConfig
 
 BASE = {"token_endpoint": "https://idp.example/token", "issuer": "https://idp.example"}
 

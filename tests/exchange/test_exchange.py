@@ -11,10 +11,10 @@ import aiohttp
 import jwt
 import pytest
 
-from sidecar.dev.idp import DevIdP, StaticJwtBundles
-from sidecar.exchange import ExchangeError
-from sidecar.exchange.client import DisabledExchanger, OAuthTokenExchanger, build_exchanger
-from sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.dev.idp import DevIdP, StaticJwtBundles
+from outrider.sidecar.exchange import ExchangeError
+from outrider.sidecar.exchange.client import DisabledExchanger, OAuthTokenExchanger, build_exchanger
+from outrider.sidecar.exchange.config import ExchangeConfig
 
 from .conftest import default_clients, password_token
 from .spiffe_fakes import (

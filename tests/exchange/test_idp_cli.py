@@ -1,4 +1,4 @@
-"""`python -m sidecar.dev.idp` as `make demo` runs it: discovery, the password grant, /dev/mint."""
+"""`python -m outrider.sidecar.dev.idp` as `make demo` runs it: discovery, the password grant, /dev/mint."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import aiohttp
 import jwt
 
-from sidecar.dev.idp import _parse_client
+from outrider.sidecar.dev.idp import _parse_client
 
 
 def test_client_spec_parsing():
@@ -28,7 +28,7 @@ async def test_cli_serves_discovery_and_tokens():
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sidecar.dev.idp",
+        "outrider.sidecar.dev.idp",
         "--port",
         str(port),
         "--client",

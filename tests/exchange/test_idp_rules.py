@@ -5,7 +5,12 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from sidecar.dev.idp import ASSERTION_TYPE_JWT_SPIFFE, GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS, DevIdP
+from outrider.sidecar.dev.idp import (
+    ASSERTION_TYPE_JWT_SPIFFE,
+    GRANT_TOKEN_EXCHANGE,
+    TOKEN_TYPE_ACCESS,
+    DevIdP,
+)
 
 from .spiffe_fakes import DOWNSTREAM, SIDECAR_ID, SpiffeAuthority
 

@@ -14,9 +14,9 @@ import aiohttp
 import jwt
 import pytest
 
-from sidecar.exchange import ExchangeError
-from sidecar.exchange.client import build_exchanger
-from sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.exchange import ExchangeError
+from outrider.sidecar.exchange.client import build_exchanger
+from outrider.sidecar.exchange.config import ExchangeConfig
 
 from .keycloak import KeycloakServer, RealmLayout, Unavailable, create_outrider_realm
 from .spiffe_fakes import SIDECAR_ID, FakeIdentity, SpiffeAuthority

@@ -13,12 +13,12 @@ import aiohttp
 import jwt
 import pytest
 
-from sidecar.dev.idp import ClientRegistration, DevIdP, WorkloadApiJwtBundles
-from sidecar.dev.spire import SpireDev, SpireOptions, find_binaries
-from sidecar.exchange.client import build_exchanger
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.identity.config import IdentityConfig
-from sidecar.identity.workload import WorkloadApiIdentity
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, WorkloadApiJwtBundles
+from outrider.sidecar.dev.spire import SpireDev, SpireOptions, find_binaries
+from outrider.sidecar.exchange.client import build_exchanger
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
 
 from .spiffe_fakes import idp_tls
 

@@ -10,18 +10,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.dev.idp import (
+from outrider.sidecar.dev.idp import (
     CallableJwtBundles,
     ClientRegistration,
     DevIdP,
     WorkloadApiJwtBundles,
 )
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.exchange import ExchangeError
-from sidecar.exchange.client import build_exchanger
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.identity.config import IdentityConfig
-from sidecar.identity.workload import WorkloadApiIdentity
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.exchange import ExchangeError
+from outrider.sidecar.exchange.client import build_exchanger
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
 
 from .spiffe_fakes import idp_tls
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from sidecar.identity.tls import RotatingClientContext, RotatingServerContext, peer_spiffe_id
-from sidecar.identity.workload import WorkloadApiIdentity
-from sidecar.telemetry.observer import NullObserver
+from outrider.sidecar.identity.tls import RotatingClientContext, RotatingServerContext, peer_spiffe_id
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
+from outrider.sidecar.telemetry.observer import NullObserver
 
 
 class RecordingObserver(NullObserver):

@@ -10,10 +10,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from sidecar.config import ConfigError
-from sidecar.dev.workload_api import DevCA
-from sidecar.identity import svid as core
-from sidecar.identity.config import DEFAULT_SOCKET, IdentityConfig
+from outrider.sidecar.config import ConfigError
+from outrider.sidecar.dev.workload_api import DevCA
+from outrider.sidecar.identity import svid as core
+from outrider.sidecar.identity.config import DEFAULT_SOCKET, IdentityConfig
 
 
 def test_config_defaults_follow_the_csi_mount() -> None:

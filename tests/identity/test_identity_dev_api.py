@@ -15,14 +15,14 @@ import jwt
 import pytest
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from sidecar.config import parse
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.identity import IdentityUnavailable
-from sidecar.identity import component as identity_component
-from sidecar.identity.config import IdentityConfig
-from sidecar.identity.workload import WorkloadApiIdentity
-from sidecar.main import serve
-from sidecar.runtime import Runtime
+from outrider.sidecar.config import parse
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.identity import IdentityUnavailable
+from outrider.sidecar.identity import component as identity_component
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
+from outrider.sidecar.main import serve
+from outrider.sidecar.runtime import Runtime
 
 from .support import (
     CallStats,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.demo.uid_access import UidAccessError, require_runnable_as
-from sidecar.dev.spire import SpireDev, SpireOptions, find_binaries
-from sidecar.identity import IdentityUnavailable
-from sidecar.identity.config import IdentityConfig
-from sidecar.identity.workload import WorkloadApiIdentity
+from outrider.sidecar.demo.uid_access import UidAccessError, require_runnable_as
+from outrider.sidecar.dev.spire import SpireDev, SpireOptions, find_binaries
+from outrider.sidecar.identity import IdentityUnavailable
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
 
 from .support import CallStats, RecordingObserver, keep_calling, mtls_echo, poll_until
 
@@ -66,8 +66,8 @@ async def test_no_entry_is_not_ready_and_recovers_when_the_entry_is_created(spir
 
 _CHILD = """
 import asyncio, json, sys
-from sidecar.identity.config import IdentityConfig
-from sidecar.identity.workload import WorkloadApiIdentity
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
 
 async def main():
     cfg = IdentityConfig(socket=sys.argv[1], backoff_min_s=0.2, backoff_max_s=1.0)

@@ -16,10 +16,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from sidecar.dev.spire import SpireDev, SpireOptions, find_binaries
-from sidecar.dev.spire_oidc import SpireOidcProvider, find_oidc_provider
-from sidecar.identity.config import IdentityConfig
-from sidecar.identity.workload import WorkloadApiIdentity
+from outrider.sidecar.dev.spire import SpireDev, SpireOptions, find_binaries
+from outrider.sidecar.dev.spire_oidc import SpireOidcProvider, find_oidc_provider
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
 
 # Loggers of the parts under test that are not Outrider: the MCP app (it may log what it received:
 # the exchanged token is meant for it) and the test's own MCP/HTTP client.

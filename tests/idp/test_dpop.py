@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from sidecar.inbound.dpop import (
+from outrider.sidecar.inbound.dpop import (
     DpopGuard,
     NonceSource,
     ProofFacts,
@@ -16,7 +16,7 @@ from sidecar.inbound.dpop import (
     jwk_thumbprint,
     normalize_htu,
 )
-from sidecar.inbound.issuers import DpopConfig
+from outrider.sidecar.inbound.issuers import DpopConfig
 
 from .dpop_client import DpopKey
 

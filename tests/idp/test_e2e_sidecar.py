@@ -33,8 +33,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import CallToolResult, TextContent
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import ClientRegistration, DevIdP, WorkloadApiJwtBundles
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, WorkloadApiJwtBundles
 from tests.telemetry.otlp_receiver import Received, otlp_http_receiver
 
 from .conftest import SIDECAR_ID, LeakGuard, free_port, spire_with_oidc

@@ -7,10 +7,14 @@ import json
 
 import pytest
 
-from sidecar.config import ConfigError
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.exchange.oauth import ClientCredential
-from sidecar.exchange.profiles import ASSERTION_TYPE_JWT_BEARER, ASSERTION_TYPE_JWT_SPIFFE, profile_for
+from outrider.sidecar.config import ConfigError
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.exchange.oauth import ClientCredential
+from outrider.sidecar.exchange.profiles import (
+    ASSERTION_TYPE_JWT_BEARER,
+    ASSERTION_TYPE_JWT_SPIFFE,
+    profile_for,
+)
 
 USER = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLXRoZS11c2VyLXRva2Vu"
 SVID = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzcGlmZmUifQ.c2lnbmF0dXJlLW9mLXRoZS1qd3Qtc3ZpZA"

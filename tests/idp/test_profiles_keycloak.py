@@ -16,14 +16,14 @@ import aiohttp
 import jwt
 import pytest
 
-from sidecar.exchange.client import build_exchanger
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.inbound.callers import Presented, build_caller_verifier
-from sidecar.inbound.config import InboundConfig
-from sidecar.inbound.dpop import DpopFailure
-from sidecar.inbound.introspection import Introspected, Introspector
-from sidecar.inbound.issuers import IntrospectionConfig
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.exchange.client import build_exchanger
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.inbound.callers import Presented, build_caller_verifier
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.inbound.dpop import DpopFailure
+from outrider.sidecar.inbound.introspection import Introspected, Introspector
+from outrider.sidecar.inbound.issuers import IntrospectionConfig
+from outrider.sidecar.telemetry.observer import Principal
 from tests.exchange.keycloak import KeycloakServer, RealmLayout, Unavailable, create_outrider_realm
 
 from .conftest import LeakGuard

@@ -9,11 +9,11 @@ import aiohttp
 import jwt
 import pytest
 
-from sidecar.exchange import ExchangeError
-from sidecar.exchange.client import build_exchanger
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.inbound.introspection import Introspected, Introspector
-from sidecar.inbound.issuers import ASSERTION_TYPES, IntrospectionConfig
+from outrider.sidecar.exchange import ExchangeError
+from outrider.sidecar.exchange.client import build_exchanger
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.inbound.introspection import Introspected, Introspector
+from outrider.sidecar.inbound.issuers import ASSERTION_TYPES, IntrospectionConfig
 
 from .conftest import SIDECAR_ID, LeakGuard, spire_identity, spire_with_oidc
 from .standins.entra import AppRegistration, EntraStandIn, EntraUser, FederatedCredential

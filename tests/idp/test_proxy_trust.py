@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.inbound.config import InboundConfig
-from sidecar.inbound.proxy import upstream_request_headers
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.inbound.proxy import upstream_request_headers
 from tests.inbound.conftest import run_sidecar
 
 from .conftest import SIDECAR_ID, TRUST_DOMAIN, LeakGuard, free_port

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import ConfigError
-from sidecar.inbound.config import InboundConfig
-from sidecar.inbound.introspection import Introspected, judge
+from outrider.sidecar.config import ConfigError
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.inbound.introspection import Introspected, judge
 
 RESOURCE = "https://mcp.example.com/mcp"
 A = "https://login.example.com/tenant/v2.0"
@@ -135,7 +135,7 @@ async def test_a_jwt_of_another_issuer_is_never_introspected() -> None:
     import aiohttp
     import jwt as pyjwt
 
-    from sidecar.inbound.callers import Presented, build_caller_verifier
+    from outrider.sidecar.inbound.callers import Presented, build_caller_verifier
 
     config = _config(
         issuers=[

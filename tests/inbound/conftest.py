@@ -18,16 +18,16 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from sidecar.config import parse
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.exchange import TokenExchanger
-from sidecar.identity import component as identity_component
-from sidecar.inbound import component as inbound_component
-from sidecar.inbound.proxy import InboundProxy
-from sidecar.runtime import Runtime
-from sidecar.telemetry.observer import NullObserver, Observer
+from outrider.sidecar.config import parse
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.exchange import TokenExchanger
+from outrider.sidecar.identity import component as identity_component
+from outrider.sidecar.inbound import component as inbound_component
+from outrider.sidecar.inbound.proxy import InboundProxy
+from outrider.sidecar.runtime import Runtime
+from outrider.sidecar.telemetry.observer import NullObserver, Observer
 
 TRUST_DOMAIN = "example.org"
 SIDECAR_ID = "spiffe://example.org/ns/mcp/sa/weather"

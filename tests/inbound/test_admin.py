@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar import admin
-from sidecar.config import parse
-from sidecar.runtime import Runtime
+from outrider.sidecar import admin
+from outrider.sidecar.config import parse
+from outrider.sidecar.runtime import Runtime
 
 from .conftest import free_port
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
-from sidecar.inbound.auth import (
+from outrider.sidecar.inbound.auth import (
     AuthFailure,
     JwksCache,
     TokenVerifier,
@@ -29,8 +29,8 @@ from sidecar.inbound.auth import (
     protected_resource_metadata,
     www_authenticate,
 )
-from sidecar.inbound.config import InboundConfig
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.telemetry.observer import Principal
 
 from .conftest import free_port
 
@@ -320,7 +320,7 @@ async def test_a_jwks_key_that_fails_to_decode_is_refused_when_served_by_the_idp
 async def test_keys_are_filtered_by_alg_use_and_family(
     changes: dict[str, str], usable: bool, issuer: Issuer, session: aiohttp.ClientSession
 ) -> None:
-    from sidecar.inbound.auth import key_matches_alg
+    from outrider.sidecar.inbound.auth import key_matches_alg
 
     key = make_key("ES256")
     jwk = {k: v for k, v in {**key.jwk, **changes}.items() if k not in ("alg", "use") or k in changes}
@@ -335,7 +335,7 @@ async def test_keys_are_filtered_by_alg_use_and_family(
 
 
 def test_key_family_needs_the_right_kty() -> None:
-    from sidecar.inbound.auth import key_matches_alg
+    from outrider.sidecar.inbound.auth import key_matches_alg
 
     assert key_matches_alg({"kty": "RSA"}, "PS256") and key_matches_alg({"kty": "OKP"}, "EdDSA")
     assert not key_matches_alg({"kty": "oct"}, "HS256")
@@ -372,7 +372,7 @@ class _Clock:
 async def test_cached_tokens_expire_with_the_leeway(
     issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sidecar.inbound import auth
+    from outrider.sidecar.inbound import auth
 
     key = make_key("ES256")
     issuer.keys.append(key)
@@ -480,13 +480,13 @@ def test_metadata_document_and_challenges_in_full() -> None:
     ],
 )
 def test_scopes_from_scope_or_scp(claims: dict[str, Any], scopes: tuple[str, ...]) -> None:
-    from sidecar.inbound.auth import principal_from_claims
+    from outrider.sidecar.inbound.auth import principal_from_claims
 
     assert principal_from_claims({"sub": "a", **claims}).scopes == scopes
 
 
 def test_delegation_chain_is_bounded_and_skips_odd_subjects() -> None:
-    from sidecar.inbound.auth import principal_from_claims
+    from outrider.sidecar.inbound.auth import principal_from_claims
 
     act: dict[str, Any] = {"sub": "last"}
     for n in range(30):
@@ -510,7 +510,7 @@ async def test_missing_scopes_are_refused_with_403(issuer: Issuer, session: aioh
 async def test_a_stale_key_set_is_refetched_even_for_a_known_kid(
     issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sidecar.inbound import auth
+    from outrider.sidecar.inbound import auth
 
     key = make_key("ES256")
     issuer.keys.append(key)
@@ -536,7 +536,7 @@ async def test_a_configured_jwks_uri_skips_discovery(issuer: Issuer, session: ai
 
 
 def test_groups_roles_and_client_id_from_claims() -> None:
-    from sidecar.inbound.auth import claim_strings, principal_from_claims
+    from outrider.sidecar.inbound.auth import claim_strings, principal_from_claims
 
     claims = {
         "sub": "a",
@@ -569,7 +569,7 @@ def test_groups_roles_and_client_id_from_claims() -> None:
 def test_peer_spiffe_id_needs_exactly_one_spiffe_uri(
     sans: tuple[tuple[str, str], ...], expected: str | None
 ) -> None:
-    from sidecar.inbound.auth import peer_spiffe_id
+    from outrider.sidecar.inbound.auth import peer_spiffe_id
 
     assert peer_spiffe_id({"subjectAltName": sans}) == expected
     assert peer_spiffe_id(None) is None and peer_spiffe_id({}) is None

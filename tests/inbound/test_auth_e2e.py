@@ -11,8 +11,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
 
 from .conftest import RESOURCE, RecordingObserver, SidecarFactory
 

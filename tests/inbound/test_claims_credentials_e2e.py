@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
-from sidecar.inbound.claims import MAX_NUMERIC_DATE, claim_problem, is_numeric_date
-from sidecar.inbound.credentials import query_credential, token_elsewhere
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.inbound.claims import MAX_NUMERIC_DATE, claim_problem, is_numeric_date
+from outrider.sidecar.inbound.credentials import query_credential, token_elsewhere
 
 from .conftest import RESOURCE, RecordingObserver, SidecarFactory
 from .test_auth_e2e import CALL, HEADERS, INITIALIZE

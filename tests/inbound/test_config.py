@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import ConfigError
-from sidecar.inbound.config import DEFAULT_ALGORITHMS, InboundConfig, MtlsConfig
+from outrider.sidecar.config import ConfigError
+from outrider.sidecar.inbound.config import DEFAULT_ALGORITHMS, InboundConfig, MtlsConfig
 
 
 def test_defaults() -> None:

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from mcp_types import CallToolResult, TextContent
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
 
 from .conftest import (
     DOWNSTREAM,

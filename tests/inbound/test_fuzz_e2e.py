@@ -20,11 +20,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar import admin
-from sidecar.config import parse
-from sidecar.dev.idp import DevIdP
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.runtime import Runtime
+from outrider.sidecar import admin
+from outrider.sidecar.config import parse
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.runtime import Runtime
 
 from .conftest import RESOURCE, RecordingObserver, SidecarFactory, free_port, run_sidecar, sidecar_config
 

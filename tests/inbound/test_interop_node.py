@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from mcp_types import TextContent
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
 
 from .conftest import RESOURCE, SidecarFactory, free_port, streamable_client
 from .test_e2e import assert_exchanged

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from sidecar.inbound import jsonrpc
-from sidecar.inbound.config import InboundConfig
-from sidecar.inbound.jsonrpc import McpMessage, SseEvent, SseParser
-from sidecar.inbound.proxy import classify_transport, rewrite_endpoint_data, rewrite_first_event
+from outrider.sidecar.inbound import jsonrpc
+from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.inbound.jsonrpc import McpMessage, SseEvent, SseParser
+from outrider.sidecar.inbound.proxy import classify_transport, rewrite_endpoint_data, rewrite_first_event
 
 
 def test_request_facts() -> None:

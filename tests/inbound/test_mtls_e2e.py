@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_private_key,
 )
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
-from sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
 
 from .conftest import AGENT_ID, RESOURCE, SIDECAR_ID, RecordingObserver, SidecarFactory
 

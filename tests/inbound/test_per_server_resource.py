@@ -19,11 +19,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
-from sidecar.dev.workload_api import DevWorkloadApi
-from webhook import engine
-from webhook.config import parse_config
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.webhook import engine
+from outrider.webhook.config import parse_config
 
 from .conftest import DOWNSTREAM, free_port, streamable_client
 from .test_auth_e2e import post
@@ -56,7 +56,7 @@ async def sidecar_process(config: dict[str, Any], tmp_path: Path, name: str) -> 
     path.write_text(json.dumps(config))
     env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "webhook.cli", "sidecar", "--config", str(path)),
+        *(sys.executable, "-m", "outrider.webhook.cli", "sidecar", "--config", str(path)),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=env,

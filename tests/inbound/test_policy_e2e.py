@@ -18,9 +18,9 @@ import pytest
 from mcp.shared.exceptions import MCPError as McpError
 from mcp_types import TextContent
 
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
-from sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
 from tests.policy.redis_server import redis_server
 
 from .conftest import RESOURCE, RecordingObserver, Sidecar, legacy_sse_client, run_sidecar, sidecar_config

@@ -18,9 +18,9 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.dev.idp import DevIdP
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.inbound.jsonrpc import parse_message
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.inbound.jsonrpc import parse_message
 
 from .conftest import free_port, run_sidecar, sidecar_config
 

@@ -18,14 +18,14 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import TextContent
 
-from sidecar.config import ConfigError, parse
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.inbound.config import InboundConfig, SessionsConfig
-from sidecar.inbound.sessions import SessionTable, decide, legacy_endpoint_session, owner_key
-from sidecar.main import serve
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.config import ConfigError, parse
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.inbound.config import InboundConfig, SessionsConfig
+from outrider.sidecar.inbound.sessions import SessionTable, decide, legacy_endpoint_session, owner_key
+from outrider.sidecar.main import serve
+from outrider.sidecar.telemetry.observer import Principal
 
 from .conftest import RESOURCE, RecordingObserver, SidecarFactory, free_port, run_sidecar, sidecar_config
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.config import parse
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import DevIdP
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.main import serve
+from outrider.sidecar.config import parse
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.main import serve
 
 from .conftest import RESOURCE, free_port, sidecar_config, streamable_client
 from .test_e2e import assert_exchanged, tool_json

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.dev.idp import DevIdP
-from sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
 
 from .conftest import DOWNSTREAM, free_port
 
@@ -25,7 +25,7 @@ async def _run_sidecar(config: dict[str, Any] | str, tmp_path: Path) -> tuple[in
     path = tmp_path / "sidecar.json"
     path.write_text(config if isinstance(config, str) else json.dumps(config))
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "webhook.cli", "sidecar", "--config", str(path)),
+        *(sys.executable, "-m", "outrider.webhook.cli", "sidecar", "--config", str(path)),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "OTEL_SDK_DISABLED": "true"},
@@ -113,7 +113,7 @@ async def test_unreadable_secret_and_ca_files_show_at_start(
     path = tmp_path / "sidecar.json"
     path.write_text(json.dumps(config))
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "webhook.cli", "sidecar", "--config", str(path)),
+        *(sys.executable, "-m", "outrider.webhook.cli", "sidecar", "--config", str(path)),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "OTEL_SDK_DISABLED": "true"},

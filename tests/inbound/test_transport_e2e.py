@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.idp import DevIdP
 
 from .conftest import RESOURCE, RecordingObserver, SidecarFactory, free_port
 

@@ -9,11 +9,18 @@ from datetime import UTC, datetime
 
 import jsonschema
 
-from sidecar.inbound.jsonrpc import parse_message
-from sidecar.telemetry.aggregate import DenialAggregator
-from sidecar.telemetry.audit import AuditLog, EventStamp, Workload, egress_event, load_schema, mcp_call_event
-from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import EgressDecision, PolicyOutcome, Principal, RequestInfo
+from outrider.sidecar.inbound.jsonrpc import parse_message
+from outrider.sidecar.telemetry.aggregate import DenialAggregator
+from outrider.sidecar.telemetry.audit import (
+    AuditLog,
+    EventStamp,
+    Workload,
+    egress_event,
+    load_schema,
+    mcp_call_event,
+)
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import EgressDecision, PolicyOutcome, Principal, RequestInfo
 
 ALICE = Principal("oidc", "alice", "https://idp")
 REQUEST = RequestInfo(http_method="POST", transport="streamable-http")

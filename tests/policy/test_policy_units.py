@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 
-from sidecar.inbound import jsonrpc
-from sidecar.inbound.jsonrpc import McpMessage, parse_message
-from sidecar.policy import answers
-from sidecar.policy.cedar_text import CedarError, compile_policies
-from sidecar.policy.config import LayerSource, PolicyConfig
-from sidecar.policy.engine import build, compile_layers, decide, may_use
-from sidecar.policy.limits_config import RateLimits, budgets
-from sidecar.policy.model import Server, cedar_string, cedar_value, request_for
-from sidecar.policy.reload import parse_file
-from sidecar.policy.schema import ServerTools, mismatches
-from sidecar.telemetry.observer import Principal
+from outrider.sidecar.inbound import jsonrpc
+from outrider.sidecar.inbound.jsonrpc import McpMessage, parse_message
+from outrider.sidecar.policy import answers
+from outrider.sidecar.policy.cedar_text import CedarError, compile_policies
+from outrider.sidecar.policy.config import LayerSource, PolicyConfig
+from outrider.sidecar.policy.engine import build, compile_layers, decide, may_use
+from outrider.sidecar.policy.limits_config import RateLimits, budgets
+from outrider.sidecar.policy.model import Server, cedar_string, cedar_value, request_for
+from outrider.sidecar.policy.reload import parse_file
+from outrider.sidecar.policy.schema import ServerTools, mismatches
+from outrider.sidecar.telemetry.observer import Principal
 
 SERVER = Server.from_facts("spiffe://example.org/ns/tools/sa/issues", None, "pod-1")
 ALICE = Principal("oidc", "alice", "https://idp")
@@ -194,7 +194,7 @@ def test_rate_limit_layers_and_budgets() -> None:
 
 
 def test_config_and_file_errors_are_clear() -> None:
-    from sidecar.config import ConfigError
+    from outrider.sidecar.config import ConfigError
 
     with pytest.raises(ConfigError, match="on_store_error"):
         PolicyConfig.from_mapping({"on_store_error": "maybe"})
@@ -224,7 +224,7 @@ def test_sse_framer_and_rewrite() -> None:
 
 
 def test_schema_validation_of_layers_and_typed_arguments() -> None:
-    from sidecar.policy.schema import base_schema, validate
+    from outrider.sidecar.policy.schema import base_schema, validate
 
     compiled = compile_policies(
         '@id("typo-action") permit(principal, action == Action::"cal_tool", resource);\n'
@@ -250,7 +250,7 @@ def test_schema_validation_of_layers_and_typed_arguments() -> None:
 
 
 def test_admission_refuses_annotations_that_do_not_fit_the_schema() -> None:
-    from webhook.annotations import AnnotationError, parse_policy
+    from outrider.webhook.annotations import AnnotationError, parse_policy
 
     with pytest.raises(AnnotationError, match="subb"):
         parse_policy('forbid(principal, action, resource) when { principal.subb == "x" };')
@@ -260,7 +260,7 @@ def test_admission_refuses_annotations_that_do_not_fit_the_schema() -> None:
 
 
 def test_webhook_config_validates_operator_policies() -> None:
-    from webhook.config import ConfigError, parse_config
+    from outrider.webhook.config import ConfigError, parse_config
 
     good = parse_config({"mcp_policy": {"default": {"cedar": "permit(principal, action, resource);"}}})
     assert good.plain_mcp_policy["default"]["cedar"].startswith("permit")
@@ -279,7 +279,7 @@ def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
     """Slicing by action and resource is an optimisation: the decision must never differ."""
     import cedarpy
 
-    from sidecar.policy.engine import _entities
+    from outrider.sidecar.policy.engine import _entities
 
     text = "\n".join(
         [

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar.inbound.jsonrpc import parse_message
-from sidecar.policy.limits_config import RateLimits, budgets
-from sidecar.policy.ratelimit import RateLimiter, open_storage
+from outrider.sidecar.inbound.jsonrpc import parse_message
+from outrider.sidecar.policy.limits_config import RateLimits, budgets
+from outrider.sidecar.policy.ratelimit import RateLimiter, open_storage
 
 from .redis_server import redis_server
 

@@ -14,10 +14,10 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from sidecar.telemetry.audit import AuditLog, Workload, load_schema
-from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer_otel import OtelObserver
-from sidecar.telemetry.worker import Worker
+from outrider.sidecar.telemetry.audit import AuditLog, Workload, load_schema
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer_otel import OtelObserver
+from outrider.sidecar.telemetry.worker import Worker
 
 WORKLOAD = Workload(
     spiffe_id="spiffe://cluster.local/ns/tools/sa/weather", pod="weather-0", namespace="tools"

@@ -8,20 +8,20 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.config import parse
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.runtime import Runtime
-from sidecar.telemetry import component as telemetry
-from sidecar.telemetry.observer import (
+from outrider.sidecar.config import parse
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.runtime import Runtime
+from outrider.sidecar.telemetry import component as telemetry
+from outrider.sidecar.telemetry.observer import (
     EgressDecision,
     ExchangeOutcome,
     NullObserver,
     Principal,
     RequestInfo,
 )
-from sidecar.telemetry.observer_otel import OtelObserver
-from sidecar.telemetry.prometheus import metric_name
-from sidecar.telemetry.semconv import MCP_DURATION_BUCKETS
+from outrider.sidecar.telemetry.observer_otel import OtelObserver
+from outrider.sidecar.telemetry.prometheus import metric_name
+from outrider.sidecar.telemetry.semconv import MCP_DURATION_BUCKETS
 
 from .harness import validate_event
 

@@ -23,16 +23,16 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import TextContent
 
-from sidecar import admin
-from sidecar.config import parse
-from sidecar.dev import mcp_server
-from sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
-from sidecar.dev.workload_api import DevWorkloadApi
-from sidecar.identity import component as identity_component
-from sidecar.inbound import component as inbound_component
-from sidecar.runtime import Runtime
-from sidecar.telemetry import component as telemetry_component
-from sidecar.telemetry.observer_otel import OtelObserver
+from outrider.sidecar import admin
+from outrider.sidecar.config import parse
+from outrider.sidecar.dev import mcp_server
+from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
+from outrider.sidecar.identity import component as identity_component
+from outrider.sidecar.inbound import component as inbound_component
+from outrider.sidecar.runtime import Runtime
+from outrider.sidecar.telemetry import component as telemetry_component
+from outrider.sidecar.telemetry.observer_otel import OtelObserver
 
 from .harness import validate_event
 from .otlp_receiver import Received, attributes_of, free_port, otlp_http_receiver

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import parse
-from sidecar.egress.component import component as egress_component
-from sidecar.runtime import Runtime
-from sidecar.telemetry import component as telemetry_component
-from sidecar.telemetry.observer_otel import OtelObserver
+from outrider.sidecar.config import parse
+from outrider.sidecar.egress.component import component as egress_component
+from outrider.sidecar.runtime import Runtime
+from outrider.sidecar.telemetry import component as telemetry_component
+from outrider.sidecar.telemetry.observer_otel import OtelObserver
 
 from .harness import validate_event
 from .otlp_receiver import attributes_of, free_port, otlp_http_receiver

@@ -8,10 +8,10 @@ import pytest
 from opentelemetry.sdk.metrics.export import HistogramDataPoint
 from opentelemetry.trace import SpanKind, StatusCode
 
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
-from sidecar.telemetry.semconv import MCP_DURATION_BUCKETS
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
+from outrider.sidecar.telemetry.semconv import MCP_DURATION_BUCKETS
 
 from .harness import WORKLOAD, Harness, make_harness
 
@@ -237,7 +237,7 @@ def test_trace_context_in_params_meta_wins_over_headers(harness: Harness) -> Non
 
 
 def test_trace_context_parsed_from_the_wire_body() -> None:
-    from sidecar.inbound.jsonrpc import parse_message
+    from outrider.sidecar.inbound.jsonrpc import parse_message
 
     body = {
         "jsonrpc": "2.0",

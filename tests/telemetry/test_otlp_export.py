@@ -12,12 +12,12 @@ import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.telemetry.audit import AuditLog
-from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import ExchangeOutcome, Principal, RequestInfo
-from sidecar.telemetry.observer_otel import OtelObserver
-from sidecar.telemetry.setup import build_providers
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry.audit import AuditLog
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import ExchangeOutcome, Principal, RequestInfo
+from outrider.sidecar.telemetry.observer_otel import OtelObserver
+from outrider.sidecar.telemetry.setup import build_providers
 
 from .harness import WORKLOAD
 from .otlp_receiver import Received, attributes_of, otlp_http_receiver

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.config import ConfigError
-from sidecar.inbound.jsonrpc import McpMessage
-from sidecar.telemetry import semconv
-from sidecar.telemetry.audit import (
+from outrider.sidecar.config import ConfigError
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry import semconv
+from outrider.sidecar.telemetry.audit import (
     AuditLog,
     EventStamp,
     Workload,
@@ -26,9 +26,14 @@ from sidecar.telemetry.audit import (
     mcp_call_event,
     redact_arguments,
 )
-from sidecar.telemetry.config import TelemetryConfig
-from sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
-from sidecar.telemetry.setup import EXPORT_SWITCH_INTERVAL_S, ExportPlan, plan_export, tune_switch_interval
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import EgressDecision, ExchangeOutcome, Principal, RequestInfo
+from outrider.sidecar.telemetry.setup import (
+    EXPORT_SWITCH_INTERVAL_S,
+    ExportPlan,
+    plan_export,
+    tune_switch_interval,
+)
 
 from .harness import validate_event
 

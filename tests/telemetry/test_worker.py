@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from sidecar.telemetry.worker import Worker
+from outrider.sidecar.telemetry.worker import Worker
 
 
 def test_jobs_run_in_order_off_the_caller_thread() -> None:

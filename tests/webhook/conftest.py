@@ -29,7 +29,7 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture(scope="module")
 def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from webhook.certs import DEFAULT_DNS_NAMES, write_certs
+    from outrider.webhook.certs import DEFAULT_DNS_NAMES, write_certs
 
     out = tmp_path_factory.mktemp("certs")
     write_certs(out, DEFAULT_DNS_NAMES)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from webhook import annotations as ann
-from webhook import engine
-from webhook.config import WebhookConfig
+from outrider.webhook import annotations as ann
+from outrider.webhook import engine
+from outrider.webhook.config import WebhookConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "explicit-mode.yaml"
 

@@ -25,7 +25,7 @@ from controlplane.harness import ControlPlane  # noqa: E402
 from kubernetes_asyncio import client, config  # noqa: E402
 from kubernetes_asyncio.client.exceptions import ApiException  # noqa: E402
 
-from webhook import kubeyaml  # noqa: E402
+from outrider.webhook import kubeyaml  # noqa: E402
 
 CREATE = {
     "Pod": ("CoreV1Api", "create_namespaced_pod"),
@@ -140,8 +140,8 @@ async def test_strict_updates_through_a_real_api_server(
     """kube-apiserver sends `pods/ephemeralcontainers` and pod UPDATEs; strict refuses the risky ones."""
     from webhook_support import ThreadedWebhook
 
-    from webhook.certs import DEFAULT_DNS_NAMES, write_certs
-    from webhook.namespaces import StaticNamespaces
+    from outrider.webhook.certs import DEFAULT_DNS_NAMES, write_certs
+    from outrider.webhook.namespaces import StaticNamespaces
 
     cert_dir = tmp_path_factory.mktemp("strict-certs")
     write_certs(cert_dir, DEFAULT_DNS_NAMES)

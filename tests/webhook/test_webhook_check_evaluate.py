@@ -6,9 +6,9 @@ import base64
 import datetime
 import json
 
-from webhook.check.evaluate import FAIL, PASS, WARN, Result, evaluate, evaluate_pre, failed
-from webhook.check.facts import Access, DryRun, Facts, PodFacts
-from webhook.cluster import pki
+from outrider.webhook.check.evaluate import FAIL, PASS, WARN, Result, evaluate, evaluate_pre, failed
+from outrider.webhook.check.facts import Access, DryRun, Facts, PodFacts
+from outrider.webhook.cluster import pki
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 CONFIG = {"config.yaml": "sidecar_image: ghcr.io/outrider-dev/outrider:0.1.0\n"}
@@ -133,7 +133,7 @@ def test_missing_registration_crd_warns_and_no_selecting_one_fails() -> None:
 
 
 def test_cli_missing_kubeconfig_is_a_clear_error(tmp_path: object, capsys: object) -> None:
-    from webhook.cli import main
+    from outrider.webhook.cli import main
 
     assert main(["check", "--kubeconfig", "/nonexistent/kubeconfig"]) == 2
     err = capsys.readouterr().err  # type: ignore[attr-defined]

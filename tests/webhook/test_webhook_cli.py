@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from webhook_support import GOLDEN_DIR
 
-OUTRIDER = [sys.executable, "-m", "webhook.cli"]
+OUTRIDER = [sys.executable, "-m", "outrider.webhook.cli"]
 
 
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -368,7 +368,7 @@ def test_fuzz_offline_inject_never_crashes(
     import argparse
     import io
 
-    from webhook import offline
+    from outrider.webhook import offline
 
     parser = argparse.ArgumentParser()
     offline.configure(parser)

@@ -9,7 +9,7 @@ import json
 import pytest
 from webhook_support import fixture_names, load_fixture, pod_template
 
-from webhook.offline import inject_document
+from outrider.webhook.offline import inject_document
 
 
 def _proxy_env(name: str) -> dict[str, str] | None:
@@ -34,7 +34,7 @@ def test_most_fixtures_are_injected() -> None:
 
 @pytest.mark.parametrize("name", INJECTED)
 def test_sidecar_accepts_the_injected_config(name: str) -> None:
-    from sidecar.config import load
+    from outrider.sidecar.config import load
 
     env = _proxy_env(name)
     assert env is not None
@@ -46,7 +46,7 @@ def test_sidecar_accepts_the_injected_config(name: str) -> None:
 
 
 def test_sidecar_admin_accepts_the_rewritten_probes() -> None:
-    from sidecar.admin import parse_app_probes
+    from outrider.sidecar.admin import parse_app_probes
 
     env = _proxy_env("named-port-probes")
     assert env is not None

@@ -25,9 +25,9 @@ from webhook_support import (
     templated_fixture_names,
 )
 
-from webhook import kubeyaml
-from webhook.engine import inject
-from webhook.offline import dump_all, inject_document, render
+from outrider.webhook import kubeyaml
+from outrider.webhook.engine import inject
+from outrider.webhook.offline import dump_all, inject_document, render
 
 K8S_VERSION = "1.34"
 NAMES = fixture_names()

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from webhook_support import GOLDEN_DIR, fixture_header, fixture_names
 
-from webhook import kubeyaml
-from webhook.config import WebhookConfig
-from webhook.engine import PROBE_KINDS
-from webhook.offline import TEMPLATE_PATHS, inject_document, render
+from outrider.webhook import kubeyaml
+from outrider.webhook.config import WebhookConfig
+from outrider.webhook.engine import PROBE_KINDS
+from outrider.webhook.offline import TEMPLATE_PATHS, inject_document, render
 
 pytestmark = pytest.mark.kubeyaml
 

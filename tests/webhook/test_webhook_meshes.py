@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from webhook_support import ThreadedWebhook, review
 
-from webhook import engine, meshes
-from webhook.config import WebhookConfig
-from webhook.namespaces import StaticNamespaces
+from outrider.webhook import engine, meshes
+from outrider.webhook.config import WebhookConfig
+from outrider.webhook.namespaces import StaticNamespaces
 
 STRICT = {"outrider.dev/inject": "strict"}
 ENABLED = {"outrider.dev/inject": "enabled"}

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from webhook_support import load_fixture, pod_template, templated_fixture_names
 
-from webhook import admission
-from webhook.config import parse_config
-from webhook.egress import plan_egress_cached
-from webhook.engine import _sidecar_config_json, inject, sidecar_config
-from webhook.patch import diff
+from outrider.webhook import admission
+from outrider.webhook.config import parse_config
+from outrider.webhook.egress import plan_egress_cached
+from outrider.webhook.engine import _sidecar_config_json, inject, sidecar_config
+from outrider.webhook.patch import diff
 
 ENABLED = {"outrider.dev/inject": "enabled"}
 CONFIGS = {

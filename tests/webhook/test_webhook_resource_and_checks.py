@@ -10,9 +10,9 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from webhook import annotations as ann
-from webhook import engine
-from webhook.config import ConfigError, WebhookConfig, parse_config
+from outrider.webhook import annotations as ann
+from outrider.webhook import engine
+from outrider.webhook.config import ConfigError, WebhookConfig, parse_config
 
 ENABLED = {"outrider.dev/inject": "enabled"}
 ISSUER = {"sidecar": {"inbound": {"issuer": "https://idp.example/realms/mcp"}}}

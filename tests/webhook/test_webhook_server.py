@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from webhook_support import ThreadedWebhook, load_fixture, review
 
-from webhook.certs import DEFAULT_DNS_NAMES, write_certs
-from webhook.engine import inject
-from webhook.namespaces import StaticNamespaces
+from outrider.webhook.certs import DEFAULT_DNS_NAMES, write_certs
+from outrider.webhook.engine import inject
+from outrider.webhook.namespaces import StaticNamespaces
 
 POD, _, _ = load_fixture("multi-init-multi-container")
 
@@ -319,7 +319,7 @@ def test_cached_answers_follow_uid_and_config(cert_dir: Path) -> None:
         assert first["response"]["uid"] == "a" and second["response"]["uid"] == "b"
         assert {**first["response"], "uid": "b"} == second["response"]
         # A new config (ConfigMap update) must not be answered from the old config's cache entries.
-        from webhook.config import parse_config
+        from outrider.webhook.config import parse_config
 
         server.holder.replace(parse_config({"sidecar_image": "registry.example/outrider:new"}))
         _, third = _post(server, review(POD, uid="c"))
@@ -335,9 +335,9 @@ def test_cached_answers_follow_uid_and_config(cert_dir: Path) -> None:
 async def test_readyz_needs_a_certificate_and_every_ready_check() -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from webhook.config import ConfigHolder
-    from webhook.server import READY_CHECKS, build_app
-    from webhook.tls import CertStore
+    from outrider.webhook.config import ConfigHolder
+    from outrider.webhook.server import READY_CHECKS, build_app
+    from outrider.webhook.tls import CertStore
 
     store = CertStore()  # nothing loaded yet (self-managed certs still being agreed)
     app = build_app(ConfigHolder(), store)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhook import egress, engine
-from webhook.config import RESERVED_MOUNT_PATHS, ConfigError, WebhookConfig, parse_config
+from outrider.webhook import egress, engine
+from outrider.webhook.config import RESERVED_MOUNT_PATHS, ConfigError, WebhookConfig, parse_config
 
 MOUNT = {"name": "idp", "secret": "outrider-idp-client", "mountPath": "/var/run/secrets/outrider/idp"}
 LABELS = {"outrider.dev/inject": "enabled"}
@@ -187,7 +187,7 @@ def test_mounts_go_to_the_proxy_only(native: bool, egress_mode: str) -> None:
 
 
 def test_strict_refuses_a_debug_container_mounting_the_sidecars_secret() -> None:
-    from webhook import strict
+    from outrider.webhook import strict
 
     cfg = parse_config({"sidecar_mounts": [MOUNT]})
     pod = _pod(securityContext={"runAsUser": 1000, "runAsNonRoot": True})

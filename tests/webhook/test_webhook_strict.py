@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from webhook_support import ThreadedWebhook, review
 
-from webhook import engine
-from webhook import strict as strict_rules
-from webhook.config import WebhookConfig
-from webhook.namespaces import StaticNamespaces
+from outrider.webhook import engine
+from outrider.webhook import strict as strict_rules
+from outrider.webhook.config import WebhookConfig
+from outrider.webhook.namespaces import StaticNamespaces
 
 STRICT = {"outrider.dev/inject": "strict"}
 ENABLED = {"outrider.dev/inject": "enabled"}

@@ -27,11 +27,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from webhook_support import review
 
+from outrider.webhook.config import ConfigHolder
+from outrider.webhook.server import ADMISSIONS_METRIC, DURATION_METRIC, build_app
+from outrider.webhook.server_cli import telemetry
+from outrider.webhook.tls import CertStore
 from tests.telemetry.otlp_receiver import attributes_of, otlp_http_receiver
-from webhook.config import ConfigHolder
-from webhook.server import ADMISSIONS_METRIC, DURATION_METRIC, build_app
-from webhook.server_cli import telemetry
-from webhook.tls import CertStore
 
 SECRET_ENV = "do-not-export-this-pod-value"
 
@@ -119,16 +119,16 @@ async def test_admissions_by_outcome_latency_and_spans_in_memory() -> None:
 
 
 def test_nothing_is_set_up_without_otel_variables() -> None:
-    # sidecar.telemetry.config is the sidecar's (pure) config parser, which the webhook uses to check
+    # outrider.sidecar.telemetry.config is the sidecar's (pure) config parser, which the webhook uses to check
     # its `sidecar:` block; the sidecar's telemetry runtime and the OTel SDK stay unloaded.
     code = (
         "import sys\n"
-        "from webhook.server_cli import telemetry\n"
+        "from outrider.webhook.server_cli import telemetry\n"
         "with telemetry({'PATH': '/bin'}) as t:\n"
         "    assert t is None, t\n"
         "loaded = sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', "
-        "'opentelemetry.exporter', 'sidecar.telemetry'))\n"
-        "    and m not in ('sidecar.telemetry', 'sidecar.telemetry.config'))\n"
+        "'opentelemetry.exporter', 'outrider.sidecar.telemetry'))\n"
+        "    and m not in ('outrider.sidecar.telemetry', 'outrider.sidecar.telemetry.config'))\n"
         "print(loaded)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -166,7 +166,7 @@ async def test_outrider_webhook_exports_over_real_otlp_http(cert_dir: Path) -> N
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "webhook.cli",
+            "outrider.webhook.cli",
             "webhook",
             "--tls-cert",
             str(cert_dir / "tls.crt"),

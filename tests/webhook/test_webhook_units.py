@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webhook import annotations as ann
-from webhook import engine
-from webhook.config import ConfigError, ConfigHolder, WebhookConfig, parse_config
-from webhook.egress import EgressPlan
-from webhook.patch import diff, escape, pointer
+from outrider.webhook import annotations as ann
+from outrider.webhook import engine
+from outrider.webhook.config import ConfigError, ConfigHolder, WebhookConfig, parse_config
+from outrider.webhook.egress import EgressPlan
+from outrider.webhook.patch import diff, escape, pointer
 
 ENABLED = {"outrider.dev/inject": "enabled"}
 
@@ -563,7 +563,7 @@ def test_fuzz_engine_never_crashes_and_patches_apply(pod: dict[str, Any], strict
 
 
 def test_answer_cache_key_is_exact() -> None:
-    from webhook.server import AnswerCache
+    from outrider.webhook.server import AnswerCache
 
     def key(obj: Any, uid: str, labels: dict[str, str] = ENABLED) -> bytes:
         body = json.dumps({"request": {"uid": uid, "object": obj}}, separators=(",", ":")).encode()
@@ -587,7 +587,7 @@ def test_answer_cache_key_is_exact() -> None:
 def test_cached_egress_plan_equals_a_fresh_plan_for_every_fixture() -> None:
     from webhook_support import load_fixture, pod_template, templated_fixture_names
 
-    from webhook.egress import plan_egress, plan_egress_cached
+    from outrider.webhook.egress import plan_egress, plan_egress_cached
 
     for name in templated_fixture_names():
         doc, labels, config = load_fixture(name)
@@ -600,7 +600,7 @@ def test_cached_egress_plan_equals_a_fresh_plan_for_every_fixture() -> None:
 
 
 def test_cached_egress_plan_follows_each_input() -> None:
-    from webhook.egress import plan_egress_cached
+    from outrider.webhook.egress import plan_egress_cached
 
     pod = _pod()
     policy = {"allow": ["api.github.com:443"]}

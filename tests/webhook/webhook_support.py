@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from webhook import kubeyaml
-from webhook.config import WebhookConfig, parse_config
-from webhook.offline import TEMPLATE_PATHS
+from outrider.webhook import kubeyaml
+from outrider.webhook.config import WebhookConfig, parse_config
+from outrider.webhook.offline import TEMPLATE_PATHS
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "testdata" / "inject"
 DEFAULT_LABELS = {"outrider.dev/inject": "enabled"}
@@ -117,9 +117,9 @@ class ThreadedWebhook:
         import asyncio
         import threading
 
-        from webhook.config import ConfigHolder
-        from webhook.server import DEFAULT_MAX_BODY, build_app
-        from webhook.tls import CertStore
+        from outrider.webhook.config import ConfigHolder
+        from outrider.webhook.server import DEFAULT_MAX_BODY, build_app
+        from outrider.webhook.tls import CertStore
 
         self.cert_dir = cert_dir
         self.store = CertStore()

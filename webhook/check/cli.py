@@ -17,9 +17,9 @@ from kubernetes_asyncio import config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from webhook.check.evaluate import FAIL, PASS, WARN, Result, evaluate, evaluate_pre, failed
-from webhook.check.facts import Names
-from webhook.check.gather import gather
+from outrider.webhook.check.evaluate import FAIL, PASS, WARN, Result, evaluate, evaluate_pre, failed
+from outrider.webhook.check.facts import Names
+from outrider.webhook.check.gather import gather
 
 MARKS = {PASS: "√", WARN: "‼", FAIL: "x"}
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from cryptography import x509
 
-from webhook import annotations as ann
-from webhook.check.facts import Facts, PodFacts
-from webhook.config import ConfigError
-from webhook.egress import POD_SECURITY_ENFORCE, choose_mode
+from outrider.webhook import annotations as ann
+from outrider.webhook.check.facts import Facts, PodFacts
+from outrider.webhook.config import ConfigError
+from outrider.webhook.egress import POD_SECURITY_ENFORCE, choose_mode
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 # Native sidecars (restartPolicy: Always init containers): beta and on by default from 1.29, GA in 1.33.
@@ -338,7 +338,7 @@ def check_webhook(f: Facts) -> Iterable[Result]:
 
 def check_config(f: Facts) -> tuple[list[Result], str | None]:
     """The ConfigMap result and the current config hash (None when it does not parse)."""
-    from webhook.cluster.configmap import parse_configmap  # the webhook's own parser
+    from outrider.webhook.cluster.configmap import parse_configmap  # the webhook's own parser
 
     g = "outrider-config"
     n = f.names

@@ -14,9 +14,9 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from webhook import annotations as ann
-from webhook.check.evaluate import CSI_DRIVER, OPTED_IN, PROXY
-from webhook.check.facts import Access, DryRun, Facts, Names, PodFacts
+from outrider.webhook import annotations as ann
+from outrider.webhook.check.evaluate import CSI_DRIVER, OPTED_IN, PROXY
+from outrider.webhook.check.facts import Access, DryRun, Facts, Names, PodFacts
 
 # What `kubectl apply -k manifests/base` creates: (verb, group, resource, namespaced)
 INSTALL_ACCESS: tuple[tuple[str, str, str, bool], ...] = (

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from webhook.cluster import pki, rotation
-from webhook.cluster.options import ClusterOptions
+from outrider.webhook.cluster import pki, rotation
+from outrider.webhook.cluster.options import ClusterOptions
 
 log = logging.getLogger("outrider.webhook.certs")
 

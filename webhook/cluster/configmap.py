@@ -19,7 +19,7 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 
-from webhook.config import ConfigError, ConfigHolder, WebhookConfig, parse_config
+from outrider.webhook.config import ConfigError, ConfigHolder, WebhookConfig, parse_config
 
 log = logging.getLogger("outrider.webhook.config")
 
@@ -51,7 +51,7 @@ def parse_configmap(data: Mapping[str, str] | None) -> ClusterConfig:
         config_doc = yaml.safe_load(data.get(CONFIG_KEY) or "") or {}
         egress_doc = yaml.safe_load(data.get(NAMESPACE_EGRESS_KEY) or "") or {}
     except yaml.YAMLError as exc:
-        from sidecar.config import yaml_problem
+        from outrider.sidecar.config import yaml_problem
 
         raise ConfigError(f"ConfigMap: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(config_doc, Mapping):

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from kubernetes_asyncio import client, config
 
-from webhook.cluster.options import ClusterOptions
+from outrider.webhook.cluster.options import ClusterOptions
 
 
 class ClusterAccessError(RuntimeError):

@@ -1,7 +1,7 @@
 """Namespace labels (and the few annotations the engine reads) from the API: a list+watch cache,
 with a direct read for namespaces not seen yet.
 
-Implements `webhook.namespaces.NamespaceFacts`; per-namespace egress policy comes from the
+Implements `outrider.webhook.namespaces.NamespaceFacts`; per-namespace egress policy comes from the
 operator's ConfigMap (`namespace-egress.yaml`), never from labels app teams could set themselves.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from webhook.meshes import NAMESPACE_ANNOTATIONS
+from outrider.webhook.meshes import NAMESPACE_ANNOTATIONS
 
 log = logging.getLogger("outrider.webhook.namespaces")
 

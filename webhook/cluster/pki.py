@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from webhook import certs
+from outrider.webhook import certs
 
 
 @dataclass(frozen=True)

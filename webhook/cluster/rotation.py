@@ -11,7 +11,7 @@ import datetime
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from webhook.cluster import pki
+from outrider.webhook.cluster import pki
 
 STABLE, TRUSTING, ROLLING = "stable", "trusting", "rolling"
 PHASE_ANNOTATION = "outrider.dev/cert-phase"

@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
-from webhook.cluster.certsync import CertSync, PemLoader
-from webhook.cluster.configmap import ConfigMapWatch
-from webhook.cluster.kube import api_client
-from webhook.cluster.namespaces import NamespaceCache
-from webhook.cluster.options import ClusterOptions
-from webhook.config import ConfigHolder
-from webhook.namespaces import NamespaceFacts
+from outrider.webhook.cluster.certsync import CertSync, PemLoader
+from outrider.webhook.cluster.configmap import ConfigMapWatch
+from outrider.webhook.cluster.kube import api_client
+from outrider.webhook.cluster.namespaces import NamespaceCache
+from outrider.webhook.cluster.options import ClusterOptions
+from outrider.webhook.config import ConfigHolder
+from outrider.webhook.namespaces import NamespaceFacts
 
 log = logging.getLogger("outrider.webhook.cluster")
 

@@ -1,7 +1,7 @@
 """Identity-provider profiles of the token exchange: one pure request builder + answer/error mapper each.
 
 `exchange.profile` picks one (`rfc8693`, `entra-obo`, `okta`); the HTTP shell in
-`sidecar.exchange.client` stays the same for all of them.
+`outrider.sidecar.exchange.client` stays the same for all of them.
 """
 
 from __future__ import annotations
@@ -9,9 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sidecar.exchange import ExchangeError, IssuedToken
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.exchange.oauth import ASSERTION_TYPE_JWT_SPIFFE, ClientCredential, TokenRequest, authenticated
+from outrider.sidecar.exchange import ExchangeError, IssuedToken
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.exchange.oauth import (
+    ASSERTION_TYPE_JWT_SPIFFE,
+    ClientCredential,
+    TokenRequest,
+    authenticated,
+)
 
 ASSERTION_TYPE_JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -56,7 +61,7 @@ class Profile:
 
 
 def profile_for(name: str) -> Profile:
-    from sidecar.exchange.profiles import entra_obo, okta, rfc8693
+    from outrider.sidecar.exchange.profiles import entra_obo, okta, rfc8693
 
     profiles = {p.name: p for p in (rfc8693.PROFILE, entra_obo.PROFILE, okta.PROFILE)}
     return profiles[name]

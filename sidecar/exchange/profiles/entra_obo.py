@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 
-from sidecar.exchange import ExchangeError, IssuedToken, StepUp
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.exchange.oauth import (
+from outrider.sidecar.exchange import ExchangeError, IssuedToken, StepUp
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.exchange.oauth import (
     carries_credential,
     classify_error,
     error_code,
     error_document,
     parse_success,
 )
-from sidecar.exchange.profiles import ASSERTION_TYPE_JWT_BEARER, Profile
+from outrider.sidecar.exchange.profiles import ASSERTION_TYPE_JWT_BEARER, Profile
 
 GRANT_TYPE_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 FEDERATED_AUDIENCE = "api://AzureADTokenExchange"

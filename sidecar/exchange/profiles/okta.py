@@ -7,14 +7,14 @@ https://developer.okta.com/docs/api/openapi/okta-oauth/guides/client-auth/#jwt-w
 
 from __future__ import annotations
 
-from sidecar.exchange import IssuedToken
-from sidecar.exchange.config import TOKEN_TYPE_ACCESS, ExchangeConfig
-from sidecar.exchange.oauth import (
+from outrider.sidecar.exchange import IssuedToken
+from outrider.sidecar.exchange.config import TOKEN_TYPE_ACCESS, ExchangeConfig
+from outrider.sidecar.exchange.oauth import (
     GRANT_TYPE,
     classify_error,
     parse_success,
 )
-from sidecar.exchange.profiles import ASSERTION_TYPE_JWT_BEARER, Profile
+from outrider.sidecar.exchange.profiles import ASSERTION_TYPE_JWT_BEARER, Profile
 
 
 def assertion_audience(config: ExchangeConfig) -> str:

@@ -5,10 +5,10 @@ Client authentication with a JWT-SVID uses the `jwt-spiffe` assertion type, audi
 
 from __future__ import annotations
 
-from sidecar.exchange import IssuedToken
-from sidecar.exchange.config import ExchangeConfig
-from sidecar.exchange.oauth import classify_error, exchange_form, parse_success
-from sidecar.exchange.profiles import ASSERTION_TYPE_JWT_SPIFFE, Profile
+from outrider.sidecar.exchange import IssuedToken
+from outrider.sidecar.exchange.config import ExchangeConfig
+from outrider.sidecar.exchange.oauth import classify_error, exchange_form, parse_success
+from outrider.sidecar.exchange.profiles import ASSERTION_TYPE_JWT_SPIFFE, Profile
 
 
 def assertion_audience(config: ExchangeConfig) -> str:
