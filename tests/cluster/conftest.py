@@ -31,9 +31,9 @@ OVERLAY = os.environ.get("OUTRIDER_OVERLAY", "manifests/overlays/node")
 AUDIENCE = "https://api.e2e.outrider.test"
 RESOURCE = "https://mcp.e2e.outrider.test/mcp"
 MCP_PORT = 8080
-# The Workload API socket's file name inside the SPIFFE CSI volume: `spire-agent.sock` with SPIRE's
-# Helm charts (Outrider's default); a cluster whose agent names it otherwise sets identity.socket.
-AGENT_SOCKET = "/spiffe-workload-api/" + os.environ.get("OUTRIDER_E2E_AGENT_SOCKET", "spire-agent.sock")
+# The Workload API socket inside the SPIFFE CSI volume: `spire-agent.sock` with SPIRE's Helm charts and
+# on the one-node cluster alike, Outrider's default, so the run sets no identity.socket.
+AGENT_SOCKET = "/spiffe-workload-api/spire-agent.sock"
 SYSTEM_NS = "outrider-system"
 
 
@@ -183,11 +183,6 @@ def outrider(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any
                 "actor_token": True,
             },
             "telemetry": {"audit": "stdout"},
-            **(
-                {"identity": {"socket": f"unix://{AGENT_SOCKET}"}}
-                if not AGENT_SOCKET.endswith("/spire-agent.sock")
-                else {}
-            ),
         },
         # spans and metrics to the OTLP receiver beside the IdP, flushed quickly
         "sidecar_env": {
