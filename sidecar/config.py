@@ -22,9 +22,10 @@ from outrider.sidecar.exchange.config import ExchangeConfig
 from outrider.sidecar.identity.config import IdentityConfig
 from outrider.sidecar.inbound.config import InboundConfig
 from outrider.sidecar.policy.config import PolicyConfig
+from outrider.sidecar.shutdown import ShutdownConfig
 from outrider.sidecar.telemetry.config import TelemetryConfig
 
-SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry", "policy")
+SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry", "policy", "shutdown")
 
 __all__ = ["ConfigError", "SidecarConfig", "load", "load_raw", "parse", "validate", "yaml_problem"]
 
@@ -70,6 +71,7 @@ class SidecarConfig:
     egress: EgressConfig
     telemetry: TelemetryConfig
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 
 
 def _known(data: Mapping[str, Any], section: str, keys: tuple[str, ...]) -> None:
@@ -150,6 +152,7 @@ def parse(raw: Mapping[str, Any]) -> SidecarConfig:
         egress=EgressConfig.from_mapping(section("egress")),
         telemetry=TelemetryConfig.from_mapping(section("telemetry")),
         policy=PolicyConfig.from_mapping(section("policy")),
+        shutdown=ShutdownConfig.from_mapping(section("shutdown")),
     )
 
 
