@@ -202,7 +202,8 @@ build() {
 push() {  # for users: buildah push to IMAGE_REPO (credentials: buildah login / REGISTRY_AUTH_FILE)
   local tag
   [[ "$IMAGE_REPO" != localhost/* ]] || die "set IMAGE_REPO to a registry you can push to (e.g. ghcr.io/you)"
-  for tag in "$SIDECAR_IMAGE" "$WEBHOOK_IMAGE"; do
+  # the example MCP server too: docs/install.md deploys it in step 5
+  for tag in "$SIDECAR_IMAGE" "$WEBHOOK_IMAGE" "$MCP_IMAGE"; do
     bah inspect --type image "$tag" >/dev/null 2>&1 || die "$tag is not built: run make images IMAGE_REPO=$IMAGE_REPO"
     log "pushing $tag"
     bah push "$tag" "docker://$tag"

@@ -331,10 +331,14 @@ def running_pod(kube: Kube, namespace: str, app: str) -> dict[str, Any]:
     return eventually(ready, f"a Ready pod app={app} in {namespace}", within=180, every=2)
 
 
-def idp_objects(names: Names, images: Images) -> list[dict[str, Any]]:
-    """The dev IdP (with its own SVID) and an OTLP receiver, in a namespace beside the workloads."""
+def idp_objects(
+    names: Names, images: Images, spiffe_ids: list[str] | None = None, audience: str = AUDIENCE
+) -> list[dict[str, Any]]:
+    """The dev IdP (with its own SVID) and an OTLP receiver, in a namespace beside the workloads.
+
+    `spiffe_ids` are the sidecars that may exchange tokens (client `outrider`) for `audience`."""
     ns = names.idp
-    clients = ",".join(names.spiffe_id(n) for n in (names.app, names.explicit, names.strict))
+    clients = ",".join(spiffe_ids or [names.spiffe_id(n) for n in (names.app, names.explicit, names.strict)])
     return [
         _namespace(ns, {}),
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "idp", "namespace": ns}},
@@ -371,7 +375,7 @@ def idp_objects(names: Names, images: Images) -> list[dict[str, Any]]:
                                     f"--issuer={names.idp_url}",
                                     f"--workload-api=unix://{AGENT_SOCKET}",
                                     "--client=e2e-cli=;public",
-                                    f"--client=outrider={clients};audiences={AUDIENCE}",
+                                    f"--client=outrider={clients};audiences={audience}",
                                 ],
                                 "ports": [{"containerPort": 8080}],
                                 "readinessProbe": {

@@ -411,8 +411,10 @@ def strip_injected(output: dict[str, Any], original: dict[str, Any]) -> dict[str
                     old.pop(kind, None)
             delay = status.get("appStopDelaySeconds")
             lifecycle = container.get("lifecycle") or {}
-            if delay and lifecycle.get("preStop") == {"sleep": {"seconds": delay}} and not (
-                (old.get("lifecycle") or {}).get("preStop")
+            if (
+                delay
+                and lifecycle.get("preStop") == {"sleep": {"seconds": delay}}
+                and not ((old.get("lifecycle") or {}).get("preStop"))
             ):  # the app's SIGTERM held back while the endpoints drain
                 lifecycle.pop("preStop")
                 if not lifecycle:
