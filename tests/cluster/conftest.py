@@ -184,6 +184,12 @@ def outrider(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any
             },
             "telemetry": {"audit": "stdout"},
         },
+        # OUTRIDER_E2E_APP_STOP_DELAY=0 measures a rollout without the app's preStop sleep (before/after)
+        **(
+            {"app_stop_delay_seconds": int(os.environ["OUTRIDER_E2E_APP_STOP_DELAY"])}
+            if os.environ.get("OUTRIDER_E2E_APP_STOP_DELAY")
+            else {}
+        ),
         # spans and metrics to the OTLP receiver beside the IdP, flushed quickly
         "sidecar_env": {
             "OTEL_EXPORTER_OTLP_ENDPOINT": names.otlp_url,
