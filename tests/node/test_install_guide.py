@@ -417,7 +417,10 @@ def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(instal
     # 2. a stale pod: the configuration changes, the running pod keeps the older config hash
     config = install.workdir / "outrider-install" / "config.yaml"
     original = config.read_text()
-    config.write_text(original.replace("audit: stdout", "audit: off"))
+    assert "allow: [api.example.com:443]" in original
+    config.write_text(
+        original.replace("allow: [api.example.com:443]", "allow: [api.example.com:443, x.example.com:443]")
+    )
     try:
         assert install.sh("kubectl apply --server-side -k outrider-install").returncode == 0
         code, report = install.check()
@@ -464,7 +467,8 @@ def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(instal
     kube.run("-n", names.idp, "scale", "deploy/idp", "--replicas=0")
     fault = f"{APP}-unready"
     try:
-        eventually(lambda: not _pods(kube, "app=idp", names.idp), "the IdP pod to go", within=120, every=2)
+        # gone, not only terminating: kube-proxy still routes to a terminating pod when no other is ready
+        eventually(lambda: not kube.pods(names.idp, "app=idp"), "the IdP pod to go", within=120, every=2)
         (pod,) = _pods(kube, f"app.kubernetes.io/name={APP}")
         template = kube.json("get", "deploy", APP, "-n", GUIDE_NS)["spec"]["template"]
         template["metadata"]["labels"] = {"app.kubernetes.io/name": fault}
