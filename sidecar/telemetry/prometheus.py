@@ -1,12 +1,12 @@
 """Prometheus text exposition of the sidecar's OpenTelemetry metrics, for /metrics on the admin port.
 
-A pull-based SDK reader collects on each scrape; prometheus_client does the text formatting.
+A pull-based SDK reader collects on each scrape; `prom_text` writes the text format.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -17,16 +17,9 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
     Sum,
 )
-from prometheus_client import generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
-from prometheus_client.core import (
-    Metric as PromMetric,
-)
-from prometheus_client.registry import Collector, CollectorRegistry
+
+from outrider.sidecar.telemetry.prom_text import Family, Kind
+from outrider.sidecar.telemetry.prom_text import render as render_text
 
 _UNIT_SUFFIX = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
 _INVALID = re.compile(r"[^a-zA-Z0-9_:]")
@@ -58,7 +51,7 @@ def _labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def families(metric: Metric) -> Iterator[PromMetric]:
+def families(metric: Metric) -> Iterator[Family]:
     """Prometheus metric families for one OTel metric (cumulative data expected)."""
     name = metric_name(metric.name, metric.unit)
     doc = metric.description or metric.name
@@ -66,18 +59,15 @@ def families(metric: Metric) -> Iterator[PromMetric]:
     if isinstance(data, Sum | Gauge):
         points = [(_labels(p.attributes), p) for p in data.data_points]
         label_keys = sorted({k for labels, _ in points for k in labels})
-        family: PromMetric
-        if isinstance(data, Sum) and data.is_monotonic:
-            family = CounterMetricFamily(name, doc, labels=label_keys)
-        else:
-            family = GaugeMetricFamily(name, doc, labels=label_keys)
+        kind: Kind = "counter" if isinstance(data, Sum) and data.is_monotonic else "gauge"
+        family = Family(name, doc, kind, label_keys)
         for labels, point in points:
-            family.add_metric([labels.get(k, "") for k in label_keys], float(point.value))
+            family.add([labels.get(k, "") for k in label_keys], float(point.value))
         yield family
     elif isinstance(data, Histogram):
         hpoints = [(_labels(p.attributes), p) for p in data.data_points]
         label_keys = sorted({k for labels, _ in hpoints for k in labels})
-        hist = HistogramMetricFamily(name, doc, labels=label_keys)
+        hist = Family(name, doc, "histogram", label_keys)
         for labels, hpoint in hpoints:
             cumulative = 0
             buckets: list[tuple[str, float]] = []
@@ -85,17 +75,8 @@ def families(metric: Metric) -> Iterator[PromMetric]:
                 cumulative += count
                 buckets.append((repr(float(bound)), float(cumulative)))
             buckets.append(("+Inf", float(hpoint.count)))
-            hist.add_metric([labels.get(k, "") for k in label_keys], buckets, float(hpoint.sum))
+            hist.add_histogram([labels.get(k, "") for k in label_keys], buckets, float(hpoint.sum))
         yield hist
-
-
-class _Snapshot(Collector):
-    def __init__(self, metrics: Iterable[Metric]) -> None:
-        self._metrics = list(metrics)
-
-    def collect(self) -> Iterator[PromMetric]:
-        for metric in self._metrics:
-            yield from families(metric)
 
 
 def render(data: MetricsData | None) -> bytes:
@@ -105,9 +86,7 @@ def render(data: MetricsData | None) -> bytes:
         for resource_metrics in data.resource_metrics:
             for scope_metrics in resource_metrics.scope_metrics:
                 metrics.extend(scope_metrics.metrics)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(metrics))
-    return generate_latest(registry)
+    return render_text(family for metric in metrics for family in families(metric))
 
 
 class PrometheusText:
