@@ -6,17 +6,23 @@ A pull-based SDK reader collects on each scrape; `prom_text` writes the text for
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
     Gauge,
     Histogram,
     InMemoryMetricReader,
     Metric,
+    MetricExporter,
+    MetricReader,
     MetricsData,
+    PeriodicExportingMetricReader,
     Sum,
 )
+from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
 
 from outrider.sidecar.telemetry.prom_text import Family, Kind
 from outrider.sidecar.telemetry.prom_text import render as render_text
@@ -89,11 +95,61 @@ def render(data: MetricsData | None) -> bytes:
     return render_text(family for metric in metrics for family in families(metric))
 
 
-class PrometheusText:
-    """A metric reader to add to the MeterProvider, and the `/metrics` producer over it."""
+class ExportingReader(PeriodicExportingMetricReader):
+    """The OTLP reader that /metrics also reads: one aggregation of each instrument for both.
 
-    def __init__(self) -> None:
-        self.reader = InMemoryMetricReader()
+    Every reader on a MeterProvider keeps its own aggregation of every measurement, so a second
+    (pull) reader for /metrics doubled the metric work of every call. A scrape collects this reader
+    on the calling thread and keeps the data instead of exporting it; with cumulative temporality
+    (see `shares_aggregation`) an extra collection changes nothing the exporter sends.
+    """
+
+    def __init__(self, exporter: MetricExporter) -> None:
+        super().__init__(exporter)
+        self._scrape = threading.local()
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        if getattr(self._scrape, "active", False):
+            self._scrape.data = metrics_data
+            return
+        super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+
+    def scrape(self) -> MetricsData | None:
+        self._scrape.active, self._scrape.data = True, None
+        try:
+            self.collect()
+            data: MetricsData | None = self._scrape.data
+            return data
+        finally:
+            self._scrape.active, self._scrape.data = False, None
+
+
+def shares_aggregation(exporter: MetricExporter) -> bool:
+    """Whether /metrics can read the exporter's reader: cumulative and explicit-bucket, as Prometheus is.
+
+    With delta temporality (OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE) a scrape would take
+    the exporter's deltas; with exponential histograms /metrics has no text form for them.
+    """
+    temporality = (exporter._preferred_temporality or {}).values()
+    aggregations = (exporter._preferred_aggregation or {}).values()
+    return all(t == AggregationTemporality.CUMULATIVE for t in temporality) and not any(
+        isinstance(a, ExponentialBucketHistogramAggregation) for a in aggregations
+    )
+
+
+class PrometheusText:
+    """The `/metrics` producer: over its own pull reader, or over the OTLP reader it shares."""
+
+    def __init__(self, shared: ExportingReader | None = None) -> None:
+        self.reader: MetricReader
+        self._read: Callable[[], MetricsData | None]
+        if shared is not None:
+            self.reader, self._read = shared, shared.scrape
+        else:
+            pull = InMemoryMetricReader()
+            self.reader, self._read = pull, pull.get_metrics_data
 
     def __call__(self) -> bytes:
-        return render(self.reader.get_metrics_data())
+        return render(self._read())

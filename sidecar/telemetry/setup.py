@@ -18,7 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from outrider.sidecar.telemetry.prometheus import PrometheusText
+from outrider.sidecar.telemetry.prometheus import ExportingReader, PrometheusText, shares_aggregation
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -147,10 +147,16 @@ def build_providers(
     if plan.traces:
         tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(plan.traces)))
 
-    prometheus = PrometheusText()
-    readers: list[MetricReader] = [prometheus.reader, *extra_metric_readers]
-    if plan.metrics:
-        readers.append(PeriodicExportingMetricReader(_metric_exporter(plan.metrics)))
+    exporter = _metric_exporter(plan.metrics) if plan.metrics else None
+    if exporter is not None and shares_aggregation(exporter):
+        # One reader, one aggregation per instrument, for OTLP and /metrics alike.
+        prometheus = PrometheusText(ExportingReader(exporter))
+        readers: list[MetricReader] = [prometheus.reader, *extra_metric_readers]
+    else:
+        prometheus = PrometheusText()
+        readers = [prometheus.reader, *extra_metric_readers]
+        if exporter is not None:
+            readers.append(PeriodicExportingMetricReader(exporter))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     log.info(
         "telemetry: traces %s, metrics %s",
