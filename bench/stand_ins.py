@@ -1,7 +1,8 @@
 """Stand-ins the sidecar benchmarks run in their own processes: `python bench/stand_ins.py KIND --port N`.
 
 - `upstream`: a minimal aiohttp handler answering a JSON-RPC `tools/call` and `initialize` (with a new
-  `Mcp-Session-Id`): the cheapest possible MCP server, so the sidecar, not the app, is what is measured;
+  `Mcp-Session-Id`), and holding `GET /mcp` SSE streams open: the cheapest possible MCP server, so
+  the sidecar, not the app, is what is measured;
 - `floor`: a minimal aiohttp pass-through proxy to `--upstream` (what any Python proxy of this stack
   costs: the floor the sidecar is compared against);
 - `otlp`: an OTLP/HTTP receiver that decodes every request and counts spans and metric points
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 
@@ -33,8 +35,24 @@ def upstream_app() -> web.Application:
         result = {"content": [{"type": "text", "text": text}], "isError": False}
         return web.json_response({"jsonrpc": "2.0", "id": call.get("id"), "result": result})
 
+    async def stream(request: web.Request) -> web.StreamResponse:
+        # A server-to-client SSE stream (GET /mcp), held open until the client goes away.
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        await response.write(b": open\n\n")
+        try:
+            while True:
+                await asyncio.sleep(15)
+                await response.write(b": keep-alive\n\n")
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return response
+
     app = web.Application()
     app.router.add_post("/mcp", mcp)
+    app.router.add_get("/mcp", stream)
     return app
 
 
