@@ -163,6 +163,7 @@ def first_error(raw: Mapping[str, Any], sections: tuple[str, ...] = SECTIONS) ->
         "egress": EgressConfig.from_mapping,
         "telemetry": TelemetryConfig.from_mapping,
         "policy": PolicyConfig.from_mapping,
+        "shutdown": ShutdownConfig.from_mapping,
     }
     for name in SECTIONS:
         if name not in sections:
