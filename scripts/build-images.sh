@@ -70,6 +70,7 @@ need_tools() {
 
 # progress <label> <log> <command...>: runs a long command with its output in <log>; prints buildah's
 # STEP lines as they come and, while one step runs long, a heartbeat with the log's last line.
+STEP_LINE='^(\[[0-9]+/[0-9]+\] )?STEP [0-9]'
 progress() {
   local label="$1" logf="$2" pid t0 seen=0 last_beat rc line n
   shift 2
@@ -78,12 +79,12 @@ progress() {
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 2
-    n="$(grep -c '^STEP ' "$logf" 2>/dev/null || true)"
+    n="$(grep -cE "$STEP_LINE" "$logf" 2>/dev/null || true)"
     if (( n > seen )); then
-      grep '^STEP ' "$logf" | sed -n "$((seen + 1)),${n}p" | cut -c1-110 | sed "s/^/[images]   $label: /" >&2
+      grep -E "$STEP_LINE" "$logf" | sed -n "$((seen + 1)),${n}p" | cut -c1-110 | sed "s/^/[images]   $label: /" >&2
       seen=$n; last_beat=$SECONDS
     elif (( SECONDS - last_beat >= 20 )); then
-      line="$(grep -v '^[[:space:]]*$' "$logf" 2>/dev/null | tail -1 | cut -c1-90 || true)"
+      line="$(grep -aE '[A-Za-z]{3,}' "$logf" 2>/dev/null | tail -1 | cut -c1-90 || true)"
       log "  $label: still running ($(since "$t0"))${line:+: $line}"
       last_beat=$SECONDS
     fi

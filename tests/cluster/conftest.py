@@ -48,6 +48,7 @@ class Images:
     sidecar: str
     webhook: str
     mcp: str
+    testkit: str  # the sidecar image + the dev IdP/Workload API (the production image has neither)
 
 
 @dataclass
@@ -126,7 +127,9 @@ def images() -> Images:
         [str(ROOT / "scripts" / "build-images.sh"), "names"], capture_output=True, text=True, check=True
     ).stdout
     names = dict(line.split("=", 1) for line in out.split())
-    return Images(sidecar=names["sidecar"], webhook=names["webhook"], mcp=names["mcp"])
+    return Images(
+        sidecar=names["sidecar"], webhook=names["webhook"], mcp=names["mcp"], testkit=names["testkit"]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -367,7 +370,7 @@ def idp_objects(names: Names, images: Images) -> list[dict[str, Any]]:
                         "containers": [
                             {
                                 "name": "idp",
-                                "image": images.sidecar,
+                                "image": images.testkit,
                                 "imagePullPolicy": "Never",
                                 "command": ["python", "-m", "outrider.sidecar.dev.idp"],
                                 "args": [
@@ -419,7 +422,7 @@ def idp_objects(names: Names, images: Images) -> list[dict[str, Any]]:
                         "containers": [
                             {
                                 "name": "otlp",
-                                "image": images.sidecar,
+                                "image": images.testkit,
                                 "imagePullPolicy": "Never",
                                 "command": ["python", "/sink/otlp_sink.py"],
                                 "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
