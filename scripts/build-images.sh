@@ -193,21 +193,56 @@ CLEAN
 }
 
 # --- 2. the images ------------------------------------------------------------------------------
-bud() {  # bud <Dockerfile> <tag> [--build-arg K=V...]
-  local file="$1" tag="$2" t0 ignore logf
+# The inputs of one Dockerfile: itself, its .dockerignore, the build arguments with the image IDs
+# they name, and every file of the build context its .dockerignore lets in (its `!path` lines).
+# Over-inclusive on purpose (a whole folder where the ignore file trims it): a false change costs
+# a layer-cached bud, a missed one would ship a stale image.
+inputs_key() {  # inputs_key <Dockerfile> <build-arg>...
+  local file="$1" arg image path
+  shift
+  {
+    cat "$ROOT/$file" "$ROOT/$file.dockerignore" 2>/dev/null
+    for arg in "$@"; do
+      image="${arg#*=}"
+      printf '%s %s\n' "$arg" "$(bah inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)"
+    done
+    while read -r path; do
+      path="${path#!}"; path="${path%/}"
+      [[ -e "$ROOT/$path" || -L "$ROOT/$path" ]] || continue
+      (cd "$ROOT" && find "$path" \( -name __pycache__ -prune \) -o \( -type f -not -name '*.pyc' -printf '%p %m\n' \) \
+        -o \( -type l -printf '%p -> %l\n' \) | LC_ALL=C sort)
+      (cd "$ROOT" && find "$path" -name __pycache__ -prune -o -type f -not -name '*.pyc' -print0 \
+        | LC_ALL=C sort -z | xargs -0 -r sha256sum)
+    done < <(grep -E '^!' "$ROOT/$file.dockerignore" 2>/dev/null)
+  } | sha256sum | cut -c1-16
+}
+
+bud() {  # bud <Dockerfile> <tag> [K=V...]: the build arguments beyond the two bases
+  local file="$1" tag="$2" t0 ignore logf key stamp kv build_args args=()
   shift 2
   t0="$(now)"
+  build_args=("PYTHON_IMAGE=$BASE_IMAGE" "BUILD_IMAGE=$BUILD_BASE_IMAGE" "$@")
+  for kv in "${build_args[@]}"; do args+=(--build-arg "$kv"); done
+  # unchanged inputs and the image still there: nothing to do (a fully layer-cached `bud` still
+  # costs minutes with vfs, which copies whole root filesystems for every stage)
+  key="$(inputs_key "$file" "${build_args[@]}")"
+  stamp="$WORK/stamps/${tag//[\/:]/_}"
+  if [[ "$(cut -d' ' -f1 "$stamp" 2>/dev/null)" == "$key" ]] \
+      && [[ "$(bah inspect --type image --format '{{.FromImageID}}' "$tag" 2>/dev/null)" == "$(cut -d' ' -f2 "$stamp")" ]]; then
+    log "$tag is current (inputs $key)"; return
+  fi
   ignore=()
   [[ -f "$ROOT/$file.dockerignore" ]] && ignore=(--ignorefile "$ROOT/$file.dockerignore")
   logf="$WORK/bud-$(basename "$file" .Dockerfile).log"
   log "building $tag from $file"
   # --network host: pip reaches PyPI directly (no CNI config of the node's is touched);
-  # --layers: unchanged steps come from the cache, so a warm rebuild costs seconds.
+  # --layers: unchanged steps come from the cache (a source change does not reinstall dependencies).
   progress "$(basename "$file" .Dockerfile)" "$logf" \
-    bah bud --layers --network host --isolation chroot --format docker "${ignore[@]}" \
-      --build-arg "PYTHON_IMAGE=$BASE_IMAGE" --build-arg "BUILD_IMAGE=$BUILD_BASE_IMAGE" "$@" \
+    bah bud --layers --network host --isolation chroot --format docker "${ignore[@]}" "${args[@]}" \
       -f "$ROOT/$file" -t "$tag" "$ROOT" \
     || { tail -30 "$logf" >&2; die "buildah bud of $file failed (log: $logf)"; }
+  mkdir -p "$WORK/stamps"
+  echo "$key $(bah inspect --type image --format '{{.FromImageID}}' "$tag")" > "$stamp"
   log "  $tag: $(image_size "$tag") in $(since "$t0")"
 }
 
@@ -314,7 +349,7 @@ build() {
   bud images/sidecar.Dockerfile "$SIDECAR_IMAGE"
   bud images/webhook.Dockerfile "$WEBHOOK_IMAGE"
   bud images/mcp-example.Dockerfile "$MCP_IMAGE"
-  bud images/testkit.Dockerfile "$TESTKIT_IMAGE" --build-arg "SIDECAR_IMAGE=$SIDECAR_IMAGE"
+  bud images/testkit.Dockerfile "$TESTKIT_IMAGE" "SIDECAR_IMAGE=$SIDECAR_IMAGE"
   log "[3/4] archives and SBOMs in $IMGDIR"
   save "${ALL_IMAGES[@]}"
   sboms "${ALL_IMAGES[@]}"
