@@ -15,6 +15,9 @@ from typing import Any
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+# Python 3.12+ (and patched 3.11) filter what extractall writes; 3.14 defaults to "data", which
+# refuses the absolute symlinks every Debian root filesystem has
+TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class ImageArchive:
                         else:
                             members.append(info)
                     # our own archive, just built: links that point at absolute paths are the image's
-                    tar.extractall(dest, members=members, numeric_owner=True, filter="fully_trusted")  # noqa: S202
+                    tar.extractall(dest, members=members, numeric_owner=True, **TRUSTED)  # noqa: S202
 
     def sbom(self, kind: str) -> dict[str, Any]:
         """The SBOM make images wrote beside the archive: kind "cdx" (CycloneDX) or "spdx"."""
