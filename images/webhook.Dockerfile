@@ -15,14 +15,16 @@ WORKDIR /src
 # the dependencies first, in a layer of their own: a source change then rebuilds in seconds
 COPY images/requirements/webhook.txt ./requirements.txt
 RUN python -m venv /opt/outrider && /opt/outrider/bin/pip install --no-compile -r requirements.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 # outrider/ holds the namespace package and symlinks to the two folders below (docs/design.md)
 COPY outrider ./outrider
 COPY webhook ./webhook
 COPY sidecar ./sidecar
 # --no-deps: the requirement set above is this image's share of pyproject.toml's dependencies;
-# then pip and setuptools leave the virtualenv (nothing installs packages at run time)
-RUN /opt/outrider/bin/pip install --no-compile --no-deps . \
+# then pip and setuptools leave the virtualenv (nothing installs packages at run time). A one-line
+# README stands in for the repository's as the package description, so a docs edit never rebuilds.
+RUN echo 'Outrider: https://github.com/outrider-dev/outrider' > README.md \
+ && /opt/outrider/bin/pip install --no-compile --no-deps . \
  && /opt/outrider/bin/python -m pip uninstall -y -q pip setuptools \
  && find /opt/outrider -name '__pycache__' -prune -exec rm -rf {} +
 

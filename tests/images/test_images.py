@@ -228,6 +228,10 @@ def test_testkit_image_runs_the_dev_idp(
     )
     assert result.returncode == 0, result.stderr
     assert "--issuer" in result.stdout
+    # and what tests/cluster/pod_scripts/otlp_sink.py, run from the same image, imports
+    sink = "from opentelemetry.proto.collector.trace.v1 import trace_service_pb2; from aiohttp import web"
+    result = run_in_image(image, rootfs / "testkit", tmp_path, ["-c", sink], entrypoint=["python"])
+    assert result.returncode == 0, result.stderr
 
 
 # --- the SBOMs -----------------------------------------------------------------------------------
