@@ -47,7 +47,7 @@ SIDECAR = ImagePlan(
     commands=("sidecar", "iptables"),
     entries=("outrider.webhook.cli", "outrider.sidecar.main", "outrider.sidecar.egress.iptables_cli"),
     requirements=ROOT / "images/requirements/sidecar.txt",
-    absent=DEV_TOOLS | {"kubernetes-asyncio", "orjson"},
+    absent=DEV_TOOLS | {"kubernetes-asyncio", "prometheus-client"},
 )
 
 WEBHOOK = ImagePlan(
