@@ -84,7 +84,7 @@ progress() {
       grep -E "$STEP_LINE" "$logf" | sed -n "$((seen + 1)),${n}p" | cut -c1-110 | sed "s/^/[images]   $label: /" >&2
       seen=$n; last_beat=$SECONDS
     elif (( SECONDS - last_beat >= 20 )); then
-      line="$(grep -aE '[A-Za-z]{3,}' "$logf" 2>/dev/null | tail -1 | cut -c1-90 || true)"
+      line="$(grep -aE '[A-Za-z]{3,}' "$logf" 2>/dev/null | tail -1 | tr -cd ' -~' | cut -c1-90 || true)"
       log "  $label: still running ($(since "$t0"))${line:+: $line}"
       last_beat=$SECONDS
     fi
