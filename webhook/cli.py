@@ -44,12 +44,12 @@ UNAVAILABLE = 2
 class CommandUnavailable(Exception):
     """A sub-command whose module, or a module it imports, is not installed here."""
 
-    def __init__(self, command: str, missing: str) -> None:
+    def __init__(self, command: str, reason: str) -> None:
         self.command = command
-        self.missing = missing
+        self.reason = reason
         super().__init__(
-            f"outrider: `outrider {command}` is not available in this installation: the Python module "
-            f"{missing!r} is not installed (each Outrider image carries only its own commands: "
+            f"outrider: `outrider {command}` is not available in this installation: {reason} "
+            "(each Outrider image carries only its own commands: "
             "the sidecar image `sidecar` and `iptables`, the webhook image `webhook`, `check`, `inject` "
             "and `certs`; `pip install outrider` or a checkout has them all)"
         )
@@ -61,7 +61,10 @@ def load_command(name: str) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise CommandUnavailable(name, exc.name or module_name) from None
+        missing = exc.name or module_name
+        raise CommandUnavailable(name, f"the Python module {missing!r} is not installed") from None
+    except ImportError as exc:  # a module that checks for its dependency itself, with its own words
+        raise CommandUnavailable(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
