@@ -18,7 +18,7 @@ help:
 	@echo "make demo        the end-to-end Outrider story on this machine"
 	@echo "make node        a real one-node Kubernetes with SPIRE on this machine (root; docs/node.md)"
 	@echo "make node-down   remove it and restore the host"
-	@echo "make images      build the sidecar, webhook and example MCP images (buildah, no Docker); IMAGE_REPO=..."
+	@echo "make images      build the sidecar, webhook, example MCP and testkit images + SBOMs (buildah, syft; no Docker)"
 	@echo "make node-e2e    Outrider as real pods on the one-node cluster: the in-cluster test module"
 	@echo "make mutation    mutation testing of the decision modules (slow; MODULES=... to pick; docs/testing.md)"
 	@echo "make lint|fmt|typecheck|certs|controlplane|spire|bench|kind-e2e|node-test|images-push"

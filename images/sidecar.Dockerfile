@@ -1,29 +1,38 @@
 # syntax=docker/dockerfile:1.7
 # The sidecar image, used twice per injected pod: `outrider sidecar` (outrider-proxy, UID 15337) and
 # `outrider iptables` (outrider-init, runs once with NET_ADMIN/NET_RAW and needs iptables binaries).
+# It carries only those two commands: the sidecar package without its demo and dev stand-ins
+# (sidecar/demo, sidecar/dev), the CLI entry point without the webhook's modules, the dependencies in
+# images/requirements/sidecar.txt, no pip, no build tools (docs/install.md, "What is in each image").
 # Build from the repository root:  docker build -f images/sidecar.Dockerfile -t outrider:dev .
-# Pin the base by digest in release builds: --build-arg PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:...
+# Pin the bases by digest in release builds: --build-arg PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:...
+# (BUILD_IMAGE: where the virtualenv is made; the same Python as PYTHON_IMAGE, with venv/pip.)
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+ARG BUILD_IMAGE=python:3.11.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BUILD_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+# the dependencies first, in a layer of their own: a source change then rebuilds in seconds
+COPY images/requirements/sidecar.txt ./requirements.txt
+RUN python -m venv /opt/outrider && /opt/outrider/bin/pip install --no-compile -r requirements.txt
 COPY pyproject.toml ./
-# the dependencies first, in a layer of their own (empty stand-in packages): a source change then
-# rebuilds in seconds instead of reinstalling every dependency
-RUN mkdir outrider && touch README.md outrider/__init__.py \
- && python -m venv /opt/outrider && /opt/outrider/bin/pip install --no-compile . \
- && /opt/outrider/bin/pip uninstall -y -q outrider && rm -rf README.md outrider build ./*.egg-info
-COPY README.md ./
-# outrider/ holds the namespace package and symlinks to the two folders below (docs/design.md)
+# outrider/ holds the namespace package and symlinks to the two folders below (docs/design.md); the
+# build context holds only the files this image runs (sidecar.Dockerfile.dockerignore)
 COPY outrider ./outrider
 COPY webhook ./webhook
 COPY sidecar ./sidecar
-RUN /opt/outrider/bin/pip install --no-compile --no-deps . \
+# --no-deps: the requirement set above is this image's share of pyproject.toml's dependencies;
+# then pip and setuptools leave the virtualenv (nothing installs packages at run time). A one-line
+# README stands in for the repository's as the package description, so a docs edit never rebuilds.
+RUN echo 'Outrider: https://github.com/outrider-dev/outrider' > README.md \
+ && /opt/outrider/bin/pip install --no-compile --no-deps . \
+ && /opt/outrider/bin/python -m pip uninstall -y -q pip setuptools \
  && find /opt/outrider -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="outrider" \
+      org.opencontainers.image.description="Outrider sidecar: outrider sidecar (outrider-proxy) and outrider iptables (outrider-init)" \
       org.opencontainers.image.source="https://github.com/outrider-dev/outrider" \
       org.opencontainers.image.licenses="Apache-2.0"
 # iptables (nft backend, with the legacy binaries for older nodes) for outrider-init only

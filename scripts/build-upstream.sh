@@ -7,6 +7,7 @@
 #   scripts/build-upstream.sh spire-oidc     # only SPIRE's oidc-discovery-provider (same SPIRE module)
 #   scripts/build-upstream.sh kubeyaml       # kubectl's own YAML reader as a stdin->JSON tool (tests)
 #   scripts/build-upstream.sh helm           # helm v3 (the chart's lint/template/install tests)
+#   scripts/build-upstream.sh syft           # anchore's syft: the SBOM of each image `make images` builds
 #   scripts/build-upstream.sh all
 #
 # Prints the bin directory on its last line. A second run with the cache present costs ~0 s.
@@ -16,6 +17,7 @@ K8S_VERSION="${OUTRIDER_K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${OUTRIDER_ETCD_VERSION:-v3.6.16}"
 SPIRE_VERSION="${OUTRIDER_SPIRE_VERSION:-v1.13.3}"
 HELM_VERSION="${OUTRIDER_HELM_VERSION:-v3.19.0}"
+SYFT_VERSION="${OUTRIDER_SYFT_VERSION:-v1.57.2}"
 # The sigs.k8s.io/yaml that k8s.io/apimachinery of K8S_VERSION requires (checked after resolving).
 SIGS_YAML_VERSION="${OUTRIDER_SIGS_YAML_VERSION:-v1.6.0}"
 CACHE="${OUTRIDER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outrider}"
@@ -121,6 +123,23 @@ build_helm() {
   log "helm: built $out/bin/helm"
 }
 
+# syft: the SBOM generator (CycloneDX/SPDX from an image archive's files, Python and Debian catalogers).
+build_syft() {
+  local out="$CACHE/syft-$SYFT_VERSION"
+  if [[ -x "$out/bin/syft" ]]; then log "syft $SYFT_VERSION cached in $out/bin"; return; fi
+  need_go
+  local work="$out/src"; mkdir -p "$work" "$out/bin"
+  printf 'module outrider.local/syft\n\ngo 1.24\n' > "$work/go.mod"
+  log "syft $SYFT_VERSION: resolving github.com/anchore/syft (a few minutes, once)"
+  (cd "$work" && go get -tool "github.com/anchore/syft/cmd/syft@$SYFT_VERSION" >&2)
+  # as syft's goreleaser config does: the version it prints and writes into every SBOM's tool metadata
+  log "syft: compiling"
+  (cd "$work" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${SYFT_VERSION#v}" \
+    -o "$out/bin/syft.tmp" github.com/anchore/syft/cmd/syft)
+  mv "$out/bin/syft.tmp" "$out/bin/syft"
+  log "syft: built $out/bin/syft"
+}
+
 # kubeyaml: apimachinery's NewYAMLOrJSONDecoder (what kubectl reads manifests with) behind stdin.
 # Keyed by the Kubernetes version and the helper's source, so an edit rebuilds it.
 KUBEYAML_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kubeyaml"
@@ -152,6 +171,7 @@ case "${1:-all}" in
   spire-oidc) build_spire_oidc; echo "$CACHE/spire-$SPIRE_VERSION/bin" ;;
   kubeyaml) build_kubeyaml; echo "$(kubeyaml_dir)/bin" ;;
   helm) build_helm; echo "$CACHE/helm-$HELM_VERSION/bin" ;;
-  all) build_etcd; build_kube_apiserver; build_spire; build_spire_oidc; build_kubeyaml; build_helm ;;
-  *) log "usage: $0 controlplane|spire|spire-oidc|kubeyaml|helm|all"; exit 2 ;;
+  syft) build_syft; echo "$CACHE/syft-$SYFT_VERSION/bin" ;;
+  all) build_etcd; build_kube_apiserver; build_spire; build_spire_oidc; build_kubeyaml; build_helm; build_syft ;;
+  *) log "usage: $0 controlplane|spire|spire-oidc|kubeyaml|helm|syft|all"; exit 2 ;;
 esac

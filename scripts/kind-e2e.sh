@@ -46,11 +46,13 @@ if ! kind get clusters | grep -qx "$CLUSTER"; then
 fi
 
 log "building images"
-eval "$("$ROOT/scripts/build-images.sh" names)"   # sidecar=... webhook=... mcp=... (IMAGE_REPO, IMAGE_TAG)
+eval "$("$ROOT/scripts/build-images.sh" names)"   # sidecar=... webhook=... mcp=... testkit=... (IMAGE_REPO, IMAGE_TAG)
 docker build -q -f "$ROOT/images/webhook.Dockerfile" -t "$webhook" "$ROOT" >/dev/null
 docker build -q -f "$ROOT/images/sidecar.Dockerfile" -t "$sidecar" "$ROOT" >/dev/null
 docker build -q -f "$ROOT/images/mcp-example.Dockerfile" -t "$mcp" "$ROOT" >/dev/null
-kind load docker-image --name "$CLUSTER" "$webhook" "$sidecar" "$mcp"
+# tests only: the sidecar image + the dev IdP the in-cluster tests run as a pod
+docker build -q -f "$ROOT/images/testkit.Dockerfile" --build-arg "SIDECAR_IMAGE=$sidecar" -t "$testkit" "$ROOT" >/dev/null
+kind load docker-image --name "$CLUSTER" "$webhook" "$sidecar" "$mcp" "$testkit"
 
 log "installing SPIRE (server, agent, SPIFFE CSI driver, controller manager)"
 helm repo add spiffe https://spiffe.github.io/helm-charts-hardened/ --force-update >/dev/null

@@ -48,6 +48,7 @@ class Images:
     sidecar: str
     webhook: str
     mcp: str
+    testkit: str  # the sidecar image + the dev IdP/Workload API (the production image has neither)
 
 
 @dataclass
@@ -126,7 +127,9 @@ def images() -> Images:
         [str(ROOT / "scripts" / "build-images.sh"), "names"], capture_output=True, text=True, check=True
     ).stdout
     names = dict(line.split("=", 1) for line in out.split())
-    return Images(sidecar=names["sidecar"], webhook=names["webhook"], mcp=names["mcp"])
+    return Images(
+        sidecar=names["sidecar"], webhook=names["webhook"], mcp=names["mcp"], testkit=names["testkit"]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -372,7 +375,7 @@ def idp_objects(
                         "containers": [
                             {
                                 "name": "idp",
-                                "image": images.sidecar,
+                                "image": images.testkit,
                                 "imagePullPolicy": "Never",
                                 "command": ["python", "-m", "outrider.sidecar.dev.idp"],
                                 "args": [
@@ -424,7 +427,7 @@ def idp_objects(
                         "containers": [
                             {
                                 "name": "otlp",
-                                "image": images.sidecar,
+                                "image": images.testkit,
                                 "imagePullPolicy": "Never",
                                 "command": ["python", "/sink/otlp_sink.py"],
                                 "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],

@@ -85,9 +85,13 @@ class Block:
 
 
 def guide_blocks(text: str) -> list[Block]:
-    """Every fenced block of the guide, each with the install-step name on the line before it."""
+    """Every fenced block of the guide, each with the install-step name on the line before it.
+
+    The guide ends at the `# Reference` heading: what follows (example output, file listings) is not
+    a step an operator runs.
+    """
     blocks: list[Block] = []
-    lines = text.splitlines()
+    lines = text.split("\n# Reference\n", 1)[0].splitlines()
     i = 0
     while i < len(lines):
         if not lines[i].startswith("```"):

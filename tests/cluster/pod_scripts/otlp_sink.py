@@ -1,4 +1,4 @@
-"""An OTLP/HTTP receiver in a pod (the sidecar image has aiohttp and opentelemetry-proto).
+"""An OTLP/HTTP receiver in a pod (run from the testkit image, which has aiohttp and opentelemetry-proto).
 
 Decodes every ExportTraceServiceRequest on :4318/v1/traces and prints one JSON line per span
 (`{"span": name, "attributes": {...}, "service": ...}`), so the test reads spans with kubectl logs.
