@@ -101,8 +101,18 @@ def _toml_list(items: list[str] | tuple[str, ...]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
+PACKAGES = ("sidecar", "webhook")  # top-level folders that `outrider/` links to
+
+
 def _scratch_copy(dest: Path) -> None:
-    """The working tree as git sees it (tracked and new files, not the venv or caches)."""
+    """The working tree as git sees it (tracked and new files, not the venv or caches), with the
+    packages as real folders under `outrider/`.
+
+    In the repository `outrider/sidecar` and `outrider/webhook` are symlinks to the top-level folders.
+    mutmut names a mutant after its path and the tests import `outrider.sidecar...`, so the code must
+    live at `outrider/sidecar/...` in the copy (mutmut walks no symlinks); the top-level names become
+    links to those folders, so a test that reads a file by its repository path still finds it.
+    """
     listing = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -114,35 +124,54 @@ def _scratch_copy(dest: Path) -> None:
             continue
         rel = raw.decode()
         src = ROOT / rel
-        if not src.is_file():
-            continue  # deleted but still in the index
-        target = dest / rel
+        if src.is_symlink() or not src.is_file():
+            continue  # outrider/{sidecar,webhook} links, or deleted but still in the index
+        top, _, rest = rel.partition("/")
+        target = dest / "outrider" / rel if top in PACKAGES and rest else dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
+    for name in PACKAGES:
+        (dest / name).symlink_to(Path("outrider") / name, target_is_directory=True)
+
+
+def _prepare(scratch: Path, module: str, tests: tuple[str, ...]) -> None:
+    """A `[tool.mutmut]` section that mutates `module` only, and mutmut's copy of the tree."""
+    # everything else tests may read (examples, manifests, docs...), as relative top-level names;
+    # mutmut copies `outrider/` (the source path) and `tests/` itself
+    top = sorted({p.name for p in scratch.iterdir()} - {"outrider", "tests", *PACKAGES})
+    assert all(name and "/" not in name and name not in (".", "..") for name in top), top
+    config = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            'source_paths = ["outrider"]',
+            f"only_mutate = {_toml_list(['outrider/' + module])}",
+            f"also_copy = {_toml_list(top)}",
+            f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
+            f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
+            "use_git_change_detection = false",
+            "",
+        ]
+    )
+    with (scratch / "pyproject.toml").open("a") as fh:
+        fh.write(config)
+    mutants = scratch / "mutants"
+    mutants.mkdir()
+    for name in PACKAGES:
+        (mutants / name).symlink_to(Path("outrider") / name, target_is_directory=True)
+
+
+def _env() -> dict[str, str]:
+    # PYTHONPATH could put the checkout (the unmutated code) before mutmut's copy
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -> Score:
     scratch = Path(tempfile.mkdtemp(prefix=f"outrider-mutation-{os.getpid()}-"))
     try:
         _scratch_copy(scratch)
-        # everything else tests may read (examples, manifests, docs...), as relative top-level names
-        top = sorted({p.name for p in scratch.iterdir()} - {"webhook", "sidecar", "tests"})
-        assert all(name and "/" not in name and name not in (".", "..") for name in top), top
-        config = "\n".join(
-            [
-                "",
-                "[tool.mutmut]",
-                'source_paths = ["webhook", "sidecar"]',
-                f"only_mutate = {_toml_list([module])}",
-                f"also_copy = {_toml_list(top)}",
-                f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
-                f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
-                "use_git_change_detection = false",
-                "",
-            ]
-        )
-        with (scratch / "pyproject.toml").open("a") as fh:
-            fh.write(config)
+        _prepare(scratch, module, tests)
         mutmut = Path(sys.executable).parent / "mutmut"
         log = scratch / "mutmut.log"
         started = time.monotonic()
@@ -153,7 +182,7 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 check=False,
-                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                env=_env(),
             )
         minutes = (time.monotonic() - started) / 60
         subprocess.run([str(mutmut), "export-cicd-stats"], cwd=scratch, capture_output=True, check=False)
