@@ -283,6 +283,9 @@ async def test_bindings_are_bounded_least_recently_used_first(
                 sids.append(response.headers["mcp-session-id"])
         assert len(sidecar.proxy.sessions or ()) == 2
         assert (await raw("POST", url, alice, sids[0], CALL))[0] == 404  # evicted: fail closed
+        metrics = sidecar.proxy.metrics_text().decode()
+        assert "outrider_inbound_sessions_evicted_total 1\n" in metrics
+        assert "outrider_inbound_sessions_expired_total 0\n" in metrics
         assert (await raw("POST", url, alice, sids[2], CALL))[0] == 200
 
 
@@ -317,7 +320,33 @@ def test_table_expires_idle_bindings_and_evicts_the_least_recently_used() -> Non
     assert not table.bind("bad id", "x") and not table.bind("", "x") and not table.bind("é", "x")
     assert not table.bind("x" * 513, "x")
     table.forget("s3")
+    table.forget("s3")  # forgetting twice (a DELETE and the app's 404 for it) is fine
     assert len(table) == 0
+
+
+def test_session_ids_are_one_to_512_visible_ascii_characters() -> None:
+    table = SessionTable(SessionsConfig(max_sessions=100))
+    for good in ("!", "~", "a", "x" * 512, "".join(chr(c) for c in range(0x21, 0x7F))):
+        assert table.bind(good, "alice"), good
+    for bad in ("", " ", "a b", "\x7f", "\x7fabc", "abc\x20", "\x80", "x" * 513, "\t"):
+        assert not table.bind(bad, "alice"), bad
+
+
+def test_idle_bindings_live_exactly_idle_timeout_and_every_expiry_is_counted() -> None:
+    now = [0.0]
+    table = SessionTable(SessionsConfig(max_sessions=10, idle_timeout_s=10), clock=lambda: now[0])
+    assert table.bind("a", "alice") and table.bind("b", "bob") and table.bind("c", "carol")
+    now[0] = 10.0
+    assert table.owner("a") == "alice"  # idle exactly the timeout: still alive (and used again now)
+    now[0] = 20.5
+    assert table.owner("b") is None and table.owner("c") is None  # idle 20.5 s: gone
+    assert table.expired_total == 2
+    now[0] = 20.0 + 10.0  # "a" was used at 10.0: idle 20 s when the next bind prunes it
+    assert table.bind("d", "dave")
+    assert table.expired_total == 3 and len(table) == 1
+    now[0] = 40.0
+    assert table.bind("e", "erin") and len(table) == 2  # "d" idle exactly 10 s: kept by the prune too
+    assert table.evicted_total == 0
 
 
 def test_legacy_endpoint_session_reads_one_session_id() -> None:
