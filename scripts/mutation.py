@@ -33,7 +33,18 @@ MARKERS = "not controlplane and not spire and not keycloak and not root and not 
 # The "never crashes" fuzzers (300 Hypothesis examples each) pin no decision and would run in full for
 # every surviving mutant; they stay in `make test`.
 DESELECT = "not fuzz and not never_crash and not never_raises"
-PYTEST_ARGS = ["-p", "no:cacheprovider", "-m", MARKERS, "-k", DESELECT]
+# Modules whose selection also runs `root` tests (throw-away network namespaces): their adapters are
+# only observable against the real iptables. Elsewhere, module -> extra `-k` deselection of slow tests
+# that kill nothing the quicker tests beside them do not (measured; see docs/testing.md).
+WITH_ROOT = frozenset({"sidecar/egress/iptables.py"})
+SLOW: dict[str, str] = {}
+
+
+def pytest_args(module: str) -> list[str]:
+    markers = MARKERS.replace(" and not root", "") if module in WITH_ROOT else MARKERS
+    deselect = DESELECT + (f" and not ({SLOW[module]})" if module in SLOW else "")
+    return ["-p", "no:cacheprovider", "-m", markers, "-k", deselect]
+
 
 W = "tests/webhook/"
 E = "tests/egress/"
@@ -154,7 +165,7 @@ def _prepare(scratch: Path, module: str, tests: tuple[str, ...]) -> None:
             'source_paths = ["outrider"]',
             f"only_mutate = {_toml_list(['outrider/' + module])}",
             f"also_copy = {_toml_list(top)}",
-            f"pytest_add_cli_args = {_toml_list(PYTEST_ARGS)}",
+            f"pytest_add_cli_args = {_toml_list(pytest_args(module))}",
             f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
             "use_git_change_detection = false",
             # workers fork from a process that never ran a test: the sidecar tests leave gRPC threads
