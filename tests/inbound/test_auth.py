@@ -638,3 +638,37 @@ async def test_a_wrong_key_under_the_same_kid_does_not_hide_the_right_one(
     roles = await verifier_for(issuer, session, group_claims=["groups"], role_claims=["roles"])
     principal = await roles.verify(issuer.token(key, groups=["g"], roles=["r"]))
     assert isinstance(principal, Principal) and (principal.groups, principal.roles) == (("g",), ("r",))
+
+
+async def test_every_refusal_in_full(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    """The exact answer for each way a token fails: status, RFC 6750 code and the description the caller
+    reads in `error_description` (token-free)."""
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    now = int(time.time())
+    rsa_key = make_key("RS256")
+    public_pem = rsa_key.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = {"iss": issuer.url, "sub": "mallory", "aud": RESOURCE, "exp": now + 60}
+    head = b64(json.dumps({"alg": "ES256", "kid": key.kid}).encode())
+    twin = make_key("ES256")
+    twin.kid = key.kid
+    without_sub = jwt.encode(
+        {"iss": issuer.url, "aud": RESOURCE, "exp": now + 60}, key.private, "ES256", {"kid": key.kid}
+    )
+    cases = {
+        "not-a-jwt": "the access token is not a JWT",
+        hs256(claims, public_pem, key.kid): "the token's signing algorithm is not allowed",
+        f"{head}.{b64(b'{not json')}.{b64(b'sig')}": "the access token is malformed",
+        issuer.token(make_key("ES256")): "the token was not signed by a key of the trusted issuer",
+        issuer.token(twin): "the token signature is invalid",
+        issuer.token(key, exp=now - 60): "the access token has expired",
+        issuer.token(key, nbf=now + 600): "the access token is not valid yet",
+        issuer.token(key, aud="https://elsewhere/mcp"): "the access token is not meant for this resource",
+        issuer.token(key, iss="https://evil.example"): "the access token was issued by an untrusted issuer",
+        without_sub: "the access token lacks the 'sub' claim",
+    }
+    for token, description in cases.items():
+        assert await verifier.verify(token) == AuthFailure(401, "invalid_token", description), description
