@@ -292,6 +292,11 @@ def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
             '@id("d") permit(principal, action == Action::"list_tools", resource);',
             '@id("e") forbid(principal, action, resource == Prompt::"secret");',
             '@id("f") permit(principal, action == Action::"get_prompt", resource is Prompt);',
+            # scoped to this server exactly: it must stay in the slice of a server-level call
+            '@id("g") forbid(principal == User::"alice", action, resource == McpServer::"' + SERVER.id + '");',
+            '@id("h") permit(principal == User::"bob", action == Action::"other", resource == McpServer::"'
+            + SERVER.id
+            + '");',
         ]
     )
     sliced = policies((text, False))
@@ -305,7 +310,11 @@ def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
         parse_message(
             {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///x"}}
         ),
+        parse_message({"jsonrpc": "2.0", "id": 1, "method": "logging/setLevel", "params": {"level": "x"}}),
     ]
+    # The server-scoped forbid denies alice's tools/list; the server-scoped permit lets bob set levels.
+    assert not decide(sliced, ALICE, SERVER, [requests[2]], "s")[0].allowed
+    assert decide(sliced, BOB, SERVER, [requests[6]], "s")[0].policies == ("h",)
     for who in (ALICE, BOB):
         got = decide(sliced, who, SERVER, requests, "stateless")
         for message, decision in zip(requests, got, strict=True):
