@@ -12,7 +12,7 @@ from outrider.sidecar.inbound.jsonrpc import McpMessage, parse_message
 from outrider.sidecar.policy import answers
 from outrider.sidecar.policy.cedar_text import CedarError, compile_policies
 from outrider.sidecar.policy.config import LayerSource, PolicyConfig
-from outrider.sidecar.policy.engine import build, compile_layers, decide, may_use
+from outrider.sidecar.policy.engine import Decision, build, compile_layers, decide, may_use
 from outrider.sidecar.policy.limits_config import RateLimits, budgets
 from outrider.sidecar.policy.model import Server, cedar_string, cedar_value, request_for
 from outrider.sidecar.policy.reload import parse_file
@@ -293,7 +293,9 @@ def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
             '@id("e") forbid(principal, action, resource == Prompt::"secret");',
             '@id("f") permit(principal, action == Action::"get_prompt", resource is Prompt);',
             # scoped to this server exactly: it must stay in the slice of a server-level call
-            '@id("g") forbid(principal == User::"alice", action, resource == McpServer::"' + SERVER.id + '");',
+            '@id("g") forbid(principal == User::"alice", action, resource == McpServer::"'
+            + SERVER.id
+            + '");',
             '@id("h") permit(principal == User::"bob", action == Action::"other", resource == McpServer::"'
             + SERVER.id
             + '");',
@@ -321,3 +323,65 @@ def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
             request, resource = request_for(message, who, SERVER, "stateless")
             expected = cedarpy.is_authorized(request, whole, _entities(who, SERVER, [resource]))
             assert decision.allowed == expected.allowed, (who.subject, message.method, message.target)
+
+
+def test_no_policy_decides_nothing_and_hides_nothing() -> None:
+    empty = build([])
+    assert (
+        decide(empty, ALICE, SERVER, [tool_call("delete"), tool_call("x")], "s")
+        == [Decision(True, (), "no policy configured")] * 2
+    )
+    assert may_use(empty, ALICE, SERVER, "tools", ["echo", "delete"]) == [True, True]
+    assert decide(policies((CEILING, False)), ALICE, SERVER, [], "s") == []
+
+
+def test_decisions_in_full() -> None:
+    narrowing = '@id("no-rm") forbid(principal, action, resource == Tool::"rm");'
+    p = policies((CEILING, False), (narrowing, True))
+    echo, rm, other = decide(p, BOB, SERVER, [tool_call("echo"), tool_call("rm"), tool_call("x")], "s")
+    assert echo == Decision(True, ("echo", "admins"), "permitted by policy") or echo == Decision(
+        True, ("admins", "echo"), "permitted by policy"
+    )
+    assert rm == Decision(False, ("no-rm",), "forbidden by policy")
+    assert other == Decision(True, ("admins",), "permitted by policy")
+    (nobody,) = decide(p, ALICE, SERVER, [tool_call("x")], "s")
+    assert nobody == Decision(False, (), "no policy in layer0 permits this call")
+
+
+def test_a_permit_that_fails_to_evaluate_is_skipped_a_forbid_denies() -> None:
+    """Cedar skips a policy whose condition errors: for a permit that is right (another permit may still
+    allow), for a forbid it would be a way around it, so that one denies, naming the forbid."""
+    typed = '@id("typed") permit(principal, action, resource) when { context.arguments.n > 1 };'
+    p = policies(('@id("all") permit(principal, action, resource);\n' + typed, False))
+    (allowed,) = decide(p, ALICE, SERVER, [tool_call("echo", n="text")], "s")
+    assert allowed.allowed and allowed.policies == ("all",) and len(allowed.errors) == 1
+    assert "typed" in allowed.errors[0] or "policy1" in allowed.errors[0]
+    assert 0 < len(allowed.errors[0]) <= 200
+    forbid = '@id("no-big") forbid(principal, action, resource) when { context.arguments.n > 10 };'
+    q = policies(('@id("all") permit(principal, action, resource);', False), (forbid, True))
+    (denied,) = decide(q, ALICE, SERVER, [tool_call("echo", n="text")], "s")
+    assert (denied.allowed, denied.policies, denied.reason) == (
+        False,
+        ("no-big",),
+        "a forbid policy could not be evaluated",
+    )
+    assert len(denied.errors) == 1
+
+
+def test_a_batch_mixing_server_level_and_tool_calls_keeps_every_entity() -> None:
+    """A server-level request (no resource entity of its own) before tool calls in one JSON-RPC batch:
+    the tools after it still have their entity (and its parent, the server)."""
+    text = f'@id("in-server") permit(principal, action, resource in McpServer::"{SERVER.id}");'
+    p = policies((text, False))
+    listing = parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    got = decide(p, ALICE, SERVER, [listing, tool_call("echo"), tool_call("echo"), tool_call("rm")], "s")
+    assert [d.allowed for d in got] == [True, True, True, True]
+
+
+def test_list_filtering_hides_what_a_forbid_always_denies() -> None:
+    forbid = '@id("no-rm") forbid(principal, action in [Action::"call_tool"], resource == Tool::"rm");'
+    p = policies(("permit(principal, action, resource);", False), (forbid, True))
+    assert may_use(p, ALICE, SERVER, "tools", ["echo", "rm"]) == [True, False]
+    only_action = policies(('permit(principal, action == Action::"call_tool", resource);', False))
+    assert may_use(only_action, ALICE, SERVER, "tools", ["echo"]) == [True]
+    assert may_use(only_action, ALICE, SERVER, "prompts", ["hello"]) == [False]
