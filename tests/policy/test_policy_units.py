@@ -385,3 +385,39 @@ def test_list_filtering_hides_what_a_forbid_always_denies() -> None:
     only_action = policies(('permit(principal, action == Action::"call_tool", resource);', False))
     assert may_use(only_action, ALICE, SERVER, "tools", ["echo"]) == [True]
     assert may_use(only_action, ALICE, SERVER, "prompts", ["hello"]) == [False]
+
+
+def test_a_narrowing_layer_may_not_permit_and_bad_layers_are_reported() -> None:
+    sources = [
+        LayerSource("operator", "permit(principal, action, resource);", False),
+        LayerSource("annotation", '@id("widen") permit(principal, action, resource);', True),
+        LayerSource("file", "permit(principal, action resource);", False),
+    ]
+    compiled, errors = compile_layers(sources)
+    assert [(c.origin, narrowing) for c, narrowing in compiled] == [("operator", False)]
+    assert len(errors) == 2
+    assert errors[0].startswith("annotation") and "'widen' is a `permit`" in errors[0]
+    assert errors[1].startswith("file") and "line 1" in errors[1]
+
+
+def test_narrowings_alone_name_their_policies_and_a_failing_forbid_still_denies() -> None:
+    narrowing = (
+        '@id("no-echo") forbid(principal, action, resource == Tool::"echo");\n'
+        '@id("no-big") forbid(principal, action, resource)'
+        " when { context.arguments has n && context.arguments.n > 10 };"
+    )
+    alone = policies((narrowing, True))
+    echo, wrong_type, fine = decide(
+        alone, ALICE, SERVER, [tool_call("echo"), tool_call("x", n="text"), tool_call("x", n=1)], "s"
+    )
+    assert (echo.allowed, echo.policies, echo.reason) == (False, ("no-echo",), "forbidden by policy")
+    assert (wrong_type.allowed, wrong_type.policies) == (False, ("no-big",))
+    assert fine == Decision(True, (), "permitted by policy")  # the implicit permit is never named
+
+
+def test_policies_describe_themselves() -> None:
+    assert build([]).count == 0
+    assert build([]).describe() == "no policy (every authenticated caller may call every tool)"
+    p = policies((CEILING, False), ('forbid(principal, action, resource == Tool::"rm");', True))
+    assert p.count == 4 and p.enabled
+    assert p.describe() == "4 Cedar policies (layer0: 3; layer1: 1)"
