@@ -78,9 +78,17 @@ MODULES: dict[str, tuple[str, ...]] = {
     ),
     "sidecar/egress/iptables.py": (f"{E}test_egress_iptables_rules.py",),
     "sidecar/inbound/sessions.py": (f"{I}test_sessions_e2e.py",),
-    "sidecar/exchange/oauth.py": (f"{X}test_exchange.py", "tests/idp/test_profiles.py"),
+    "sidecar/exchange/oauth.py": (
+        f"{X}test_oauth_core.py",
+        f"{X}test_exchange.py",
+        "tests/idp/test_profiles.py",
+    ),
     # the identity-provider profiles: request building and error mapping (one row for the folder)
-    "sidecar/exchange/profiles/*.py": ("tests/idp/test_profiles.py", f"{X}test_exchange.py"),
+    "sidecar/exchange/profiles/*.py": (
+        "tests/idp/test_profiles.py",
+        f"{X}test_oauth_core.py",
+        f"{X}test_exchange.py",
+    ),
     "sidecar/policy/engine.py": (f"{P}test_policy_units.py",),
     "sidecar/policy/gate.py": (f"{I}test_policy_e2e.py", f"{P}test_audit_aggregate.py"),
 }
