@@ -199,3 +199,33 @@ def test_basic_authorization_form_encodes_both_parts() -> None:
     header = basic_authorization("svc/a:b", "p/w d%")
     assert header.startswith("Basic ")
     assert base64.b64decode(header.removeprefix("Basic ")).decode() == "svc%2Fa%3Ab:p%2Fw%20d%25"
+
+
+def test_the_exchange_request_in_full_and_every_credential_in_it_is_redacted_from_echoes() -> None:
+    from outrider.sidecar.exchange.config import ExchangeConfig
+    from outrider.sidecar.exchange.oauth import ClientCredential, authenticated, exchange_form
+
+    config = ExchangeConfig.from_mapping(
+        {"audience": "https://api.example.com", "resource": "https://api.example.com/v1"}
+    )
+    form = exchange_form(config, "user-token-1", audience="api", scope="read", actor_token="actor-2")
+    assert form == {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": "user-token-1",
+        "subject_token_type": ACCESS,
+        "requested_token_type": ACCESS,
+        "audience": "api",
+        "resource": "https://api.example.com/v1",
+        "scope": "read",
+        "actor_token": "actor-2",
+        "actor_token_type": "urn:ietf:params:oauth:token-type:jwt",
+    }
+    posted = authenticated(form, ClientCredential(client_id="svc", secret="pw-3", secret_method="post"))
+    assert posted.form["client_secret"] == "pw-3" and "Authorization" not in posted.headers
+    basic = authenticated(form, ClientCredential(client_id="svc", secret="pw-4"))
+    assert basic.headers["Authorization"] == basic_authorization("svc", "pw-4")
+    for request, secret in ((posted, "pw-3"), (basic, basic_authorization("svc", "pw-4")[6:])):
+        echo = f"got user-token-1 actor-2 {secret}"
+        body = json.dumps({"error": "invalid_grant", "error_description": echo}).encode()
+        message = classify_error(400, body, request.secrets()).message
+        assert message.endswith("(invalid_grant): got [redacted] [redacted] [redacted]"), message
