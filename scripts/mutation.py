@@ -190,6 +190,18 @@ def _prepare(scratch: Path, module: str, tests: tuple[str, ...]) -> None:
         (mutants / name).symlink_to(Path("outrider") / name, target_is_directory=True)
 
 
+_SHOW = """
+import sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+for name in sys.argv[1:]:
+    try:
+        diff = get_diff_for_mutant(name)
+    except Exception as exc:  # a mutant mutmut cannot show (e.g. "no tests" bookkeeping)
+        diff = f"({type(exc).__name__})"
+    sys.stdout.write("\\0" + name + "\\n" + diff + "\\n")
+"""
+
+
 def _env() -> dict[str, str]:
     # PYTHONPATH could put the checkout (the unmutated code) before mutmut's copy
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -225,16 +237,21 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
         ).stdout
         report = ROOT / ".mutation" / (module.replace("/", "_").replace("*", "all") + ".survivors.txt")
         report.parent.mkdir(exist_ok=True)
+        listed = [line.strip() for line in survivors.splitlines() if line.strip()]
+        # One process for every diff (`mutmut show` per survivor costs a second or two each).
+        shown = subprocess.run(
+            [sys.executable, "-c", _SHOW, *(line.partition(":")[0] for line in listed)],
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            check=False,
+            env=_env(),
+        ).stdout
+        diffs = dict(part.split("\n", 1) for part in shown.split("\0")[1:])
         with report.open("w") as fh:
-            for line in survivors.splitlines():
-                name = line.strip().partition(":")[0]
-                if not name:
-                    continue
-                shown = subprocess.run(
-                    [str(mutmut), "show", name], cwd=scratch, capture_output=True, text=True, check=False
-                ).stdout
-                diff = [d for d in shown.splitlines() if d[:2] in ("- ", "+ ")]
-                fh.write(f"{line.strip()}\n" + "".join(f"    {d}\n" for d in diff))
+            for line in listed:
+                diff = diffs.get(line.partition(":")[0], "").splitlines()
+                fh.write(f"{line}\n" + "".join(f"    {d}\n" for d in diff if d[:2] in ("- ", "+ ")))
         if keep:
             print(f"[mutation] kept {scratch}")
         other = stats["skipped"] + stats["suspicious"] + stats["segfault"]
