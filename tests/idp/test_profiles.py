@@ -252,3 +252,36 @@ def test_okta_answers_must_be_access_tokens() -> None:
     assert USER[:40] not in caught.value.message
     refused = profile.map_error(400, b'{"error": "invalid_target"}', ())
     assert (refused.outcome, refused.http_status, refused.oauth_error) == ("denied", 403, "invalid_target")
+
+
+def test_entra_names_the_downstream_api_by_scope() -> None:
+    profile = profile_for("entra-obo")
+    credential = ClientCredential(ENTRA["client_id"], profile.assertion_type, SVID)
+
+    def scope_of(config: ExchangeConfig, audience: str | None, scope: str | None) -> str:
+        return profile.build(config, USER, audience=audience, scope=scope, credential=credential).form[
+            "scope"
+        ]
+
+    configured = ExchangeConfig.from_mapping(ENTRA)
+    assert scope_of(configured, None, None) == "api://downstream/.default"
+    assert scope_of(configured, "api://ignored", "api://other/read") == "api://other/read"
+    by_audience = ExchangeConfig.from_mapping({**ENTRA, "scope": None, "audience": "api://downstream/"})
+    assert scope_of(by_audience, None, None) == "api://downstream/.default"
+    assert scope_of(by_audience, "api://routed", None) == "api://routed/.default"
+
+
+def test_rfc8693_answers_never_show_a_credential() -> None:
+    config = ExchangeConfig.from_mapping(
+        {"token_endpoint": "https://kc/token", "issuer": "https://kc", "audience": "a"}
+    )
+    echo = {
+        "access_token": "t",
+        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "token_type": USER[:40],
+    }
+    with pytest.raises(ExchangeError) as caught:
+        profile_for("rfc8693").parse(
+            json.dumps(echo).encode(), config=config, audience="a", now=0.0, secrets=(USER[:40],)
+        )
+    assert USER[:40] not in caught.value.message and "token_type '?'" in caught.value.message
