@@ -91,7 +91,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         f"{X}test_exchange.py",
     ),
     "sidecar/policy/engine.py": (f"{P}test_policy_units.py",),
-    "sidecar/policy/gate.py": (f"{I}test_policy_e2e.py", f"{P}test_audit_aggregate.py"),
+    "sidecar/policy/gate.py": (f"{P}test_gate.py", f"{I}test_policy_e2e.py"),
 }
 
 

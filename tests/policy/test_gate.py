@@ -1,0 +1,120 @@
+"""The gate the inbound proxy calls, in-process with the in-memory rate-limit store: one verdict per
+message of a body (invalid, denied, limited, allowed), the answer sent instead, what is forwarded, and the
+counters /metrics shows. The same gate through the real inbound path: tests/inbound/test_policy_e2e.py."""
+
+from __future__ import annotations
+
+import json
+
+from outrider.sidecar.inbound.jsonrpc import parse_body
+from outrider.sidecar.policy.answers import denied_error, limited_error
+from outrider.sidecar.policy.config import PolicyConfig
+from outrider.sidecar.policy.gate import Gate, forwarded_document, refusal_body, refused_errors
+from outrider.sidecar.policy.model import Server
+from outrider.sidecar.telemetry.observer import Principal
+
+SERVER = Server.from_facts("spiffe://example.org/ns/tools/sa/issues", None, "pod-1")
+ALICE = Principal("oidc", "alice", "https://idp")
+CEDAR = """
+@id("echo") permit(principal, action == Action::"call_tool", resource == Tool::"echo");
+@id("lists") permit(principal, action == Action::"list_tools", resource);
+"""
+
+
+def call(msg_id: int, tool: str) -> dict[str, object]:
+    return {"jsonrpc": "2.0", "id": msg_id, "method": "tools/call", "params": {"name": tool, "arguments": {}}}
+
+
+def gate(**policy: object) -> Gate:
+    return Gate.from_config(PolicyConfig.from_mapping({"file": None, **policy}), lambda: SERVER)
+
+
+async def test_one_verdict_per_message_and_the_answers_sent_instead() -> None:
+    g = gate(cedar=CEDAR, rate_limits={"per_user": "2/minute"})
+    assert g.active
+    body = json.dumps(
+        [call(1, "echo"), call(2, "rm"), {"nope": 1}, call(3, "echo"), call(4, "echo")]
+    ).encode()
+    parsed = parse_body(body)
+    judgement = await g.judge(ALICE, parsed, "streamable-http")
+    outcomes = [(v.forward, v.outcome) for v in judgement.verdicts]
+    assert outcomes == [
+        (True, "ok"),
+        (False, "denied"),
+        (False, "invalid"),
+        (True, "ok"),
+        (False, "limited"),
+    ]
+    ok, denied, invalid, _, limited = judgement.verdicts
+    assert (
+        ok.decision is not None and ok.decision.policies == ("echo",) and ok.reason == "permitted by policy"
+    )
+    assert (
+        denied.error == denied_error(2)
+        and denied.reason == "no policy in sidecar config policy.cedar permits this call"
+    )
+    assert invalid.reason == "not a JSON-RPC message; refused unjudged"
+    assert limited.retry_after_s > 0 and limited.error == limited_error(4, limited.retry_after_s)
+    assert (
+        limited.reason == f"rate limit {limited.limit_scope} exceeded; retry after {limited.retry_after_s} s"
+    )
+    assert judgement.refused and not judgement.nothing_to_forward
+    assert judgement.retry_after_s == limited.retry_after_s
+    # What goes to the server: the allowed calls only, still a batch; the refusals are answered here.
+    assert forwarded_document(parsed, judgement) == [call(1, "echo"), call(3, "echo")]
+    errors = refused_errors(parsed, judgement)
+    assert [e["id"] for e in errors] == [2, None, 4]
+    metrics = g.metrics_text().decode()
+    for line in (
+        'outrider_policy_decisions_total{outcome="allowed"} 2',
+        'outrider_policy_decisions_total{outcome="denied"} 1',
+        'outrider_policy_decisions_total{outcome="rate_limited"} 1',
+        'outrider_policy_decisions_total{outcome="invalid"} 1',
+        "outrider_policy_count 2",
+    ):
+        assert line + "\n" in metrics, line
+
+
+async def test_a_body_with_nothing_to_forward_is_answered_whole() -> None:
+    g = gate(cedar=CEDAR)
+    single = parse_body(json.dumps(call(7, "rm")).encode())
+    judgement = await g.judge(ALICE, single, "stateless")
+    assert judgement.nothing_to_forward and judgement.retry_after_s == 0
+    assert json.loads(refusal_body(single, judgement)) == denied_error(7)
+    batch = parse_body(json.dumps([call(8, "rm"), call(9, "rm")]).encode())
+    judgement = await g.judge(ALICE, batch, "stateless")
+    assert json.loads(refusal_body(batch, judgement)) == [denied_error(8), denied_error(9)]
+    # One allowed call left of a batch goes alone (newer servers refuse batches).
+    mixed = parse_body(json.dumps([call(10, "echo"), call(11, "rm")]).encode())
+    judgement = await g.judge(ALICE, mixed, "stateless")
+    assert forwarded_document(mixed, judgement) == call(10, "echo")
+    whole = parse_body(json.dumps([call(12, "echo")]).encode())
+    assert forwarded_document(whole, await g.judge(ALICE, whole, "stateless")) == [call(12, "echo")]
+
+
+async def test_without_policy_or_limits_the_gate_is_inactive_and_forwards_everything() -> None:
+    g = gate()
+    assert not g.active
+    parsed = parse_body(json.dumps(call(1, "anything")).encode())
+    judgement = await g.judge(ALICE, parsed, "stateless")
+    assert [(v.forward, v.outcome, v.reason) for v in judgement.verdicts] == [
+        (True, "ok", "no policy configured")
+    ]
+    listing = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "echo"}, {"name": "rm"}]}}
+    raw = json.dumps(listing).encode()
+    assert g.filter_payload(ALICE, raw) is raw
+    assert g.ready() == (True, "no policy (every authenticated caller may call every tool)")
+
+
+def test_list_answers_are_filtered_and_counted() -> None:
+    g = gate(cedar=CEDAR)
+    listing = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "echo"}, {"name": "rm"}]}}
+    filtered = json.loads(g.filter_payload(ALICE, json.dumps(listing).encode()))
+    assert filtered["result"]["tools"] == [{"name": "echo"}]
+    batch, removed = g.filter_objects(ALICE, [listing, {"jsonrpc": "2.0", "id": 2, "result": {}}])
+    assert removed == 1 and batch[0]["result"]["tools"] == [{"name": "echo"}] and len(batch) == 2
+    assert g.stats.filtered_items == 2
+    untouched = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "echo"}]}}).encode()
+    assert g.filter_payload(ALICE, untouched) is untouched
+    assert g.filter_payload(ALICE, b'{"tools": [') == b'{"tools": ['
+    assert "outrider_policy_list_items_filtered_total 2\n" in g.metrics_text().decode()
