@@ -5,13 +5,19 @@ mutmut 3 mutates one module at a time in a scratch copy of the working tree, wit
 tests that reach that module (no control plane, SPIRE, Keycloak or root/netns tests). mutmut's own
 stats pass then runs, for each mutant, only the tests that executed the mutated function.
 
-Prints a per-module table (mutants, killed, survived, no test, timeout, score, minutes) and writes
-it between the markers in docs/testing.md. The score counts killed + timeout over all mutants that
-ran; survivors judged equivalent are listed in docs/testing.md by hand (they are not subtracted).
+The packages are imported as `outrider.sidecar` / `outrider.webhook`; in the repository those are
+symlinks to the top-level folders, so the scratch copy holds them as real folders under `outrider/`
+(what mutmut mutates and the tests import), with the top-level names linking there.
+
+Prints a per-module table (mutants, killed, survived, equivalent, no test, score, minutes) and writes it
+between the markers in docs/testing.md. Survivors judged equivalent are listed, one line each with why,
+in scripts/mutation-equivalent.txt; the score is killed (+ timed out) over the mutants some test reached,
+leaving out the equivalent ones. Each module's survivors land in .mutation/<module>.survivors.txt.
 
     scripts/mutation.py                      # every module below
     scripts/mutation.py webhook/strict.py    # some of them
     MUTATION_CHILDREN=2 scripts/mutation.py  # parallel mutants (default: 2)
+    scripts/mutation.py --table              # re-judge the doc's rows after editing the equivalent list
 """
 
 from __future__ import annotations
@@ -99,29 +105,73 @@ MODULES: dict[str, tuple[str, ...]] = {
 class Score:
     module: str
     total: int
-    killed: int
-    survived: int
+    killed: int  # killed + timed out (a mutant that hangs the tests is caught)
+    survived: int  # survivors not listed as equivalent
+    equivalent: int  # survivors listed in EQUIVALENT_FILE
     no_tests: int
-    timeout: int
-    other: int
     minutes: float
 
     @property
     def score(self) -> float:
-        ran = self.total - self.no_tests
-        return 100.0 * (self.killed + self.timeout) / ran if ran else 0.0
+        judged = self.total - self.no_tests - self.equivalent
+        return 100.0 * self.killed / judged if judged else 0.0
 
     def row(self) -> str:
         return (
-            f"| `{self.module}` | {self.total} | {self.killed} | {self.survived} | {self.no_tests} "
-            f"| {self.timeout} | {self.score:.1f} % | {self.minutes:.1f} |"
+            f"| `{self.module}` | {self.total} | {self.killed} | {self.survived} | {self.equivalent} "
+            f"| {self.no_tests} | {self.score:.1f} % | {self.minutes:.1f} |"
         )
+
+    @classmethod
+    def from_row(cls, line: str, equivalent: set[str]) -> Score:
+        """A table row, old (`| mutants | killed | survived | no test | timeout |`) or current layout;
+        survivors are re-judged against the equivalent list (they are in `.mutation/`)."""
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        module = cells[0].strip("`")
+        total, killed = int(cells[1]), int(cells[2])
+        if len(cells) == 8 and cells[6].endswith("%"):  # current layout
+            survived, no_tests = int(cells[3]) + int(cells[4]), int(cells[5])
+        else:
+            survived, no_tests = int(cells[3]), int(cells[4])
+            killed += int(cells[5])
+        names = _survivor_names(module)
+        same = sum(1 for n in names if n in equivalent)
+        if len(names) != survived:  # no survivors file for this row: keep the counts as they are
+            same = 0
+        return cls(module, total, killed, survived - same, same, no_tests, float(cells[-1]))
 
 
 HEADER = (
-    "| module | mutants | killed | survived | no test | timeout | score | minutes |\n"
+    "| module | mutants | killed | survived | equivalent | no test | score | minutes |\n"
     "|---|---|---|---|---|---|---|---|"
 )
+EQUIVALENT_FILE = ROOT / "scripts" / "mutation-equivalent.txt"
+
+
+def equivalent_mutants() -> dict[str, str]:
+    """`mutant name  # why` lines: survivors judged equivalent (no input tells them apart)."""
+    found: dict[str, str] = {}
+    if EQUIVALENT_FILE.exists():
+        for line in EQUIVALENT_FILE.read_text().splitlines():
+            name, _, why = line.partition("#")
+            if name.strip():
+                found[name.strip()] = why.strip()
+    return found
+
+
+def _report_path(module: str) -> Path:
+    return ROOT / ".mutation" / (module.replace("/", "_").replace("*", "all") + ".survivors.txt")
+
+
+def _survivor_names(module: str) -> list[str]:
+    path = _report_path(module)
+    if not path.exists():
+        return []
+    return [
+        line.partition(":")[0]
+        for line in path.read_text().splitlines()
+        if line.endswith(": survived") and not line.startswith(" ")
+    ]
 
 
 def _toml_list(items: list[str] | tuple[str, ...]) -> str:
@@ -236,7 +286,7 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
         survivors = subprocess.run(
             [str(mutmut), "results"], cwd=scratch, capture_output=True, text=True, check=False
         ).stdout
-        report = ROOT / ".mutation" / (module.replace("/", "_").replace("*", "all") + ".survivors.txt")
+        report = _report_path(module)
         report.parent.mkdir(exist_ok=True)
         listed = [line.strip() for line in survivors.splitlines() if line.strip()]
         # One process for every diff (`mutmut show` per survivor costs a second or two each).
@@ -255,15 +305,15 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
                 fh.write(f"{line}\n" + "".join(f"    {d}\n" for d in diff if d[:2] in ("- ", "+ ")))
         if keep:
             print(f"[mutation] kept {scratch}")
-        other = stats["skipped"] + stats["suspicious"] + stats["segfault"]
+        equivalent = equivalent_mutants()
+        same = sum(1 for name in _survivor_names(module) if name in equivalent)
         return Score(
             module,
             stats["total"],
-            stats["killed"],
-            stats["survived"],
+            stats["killed"] + stats["timeout"],
+            stats["survived"] - same,
+            same,
             stats["no_tests"],
-            stats["timeout"],
-            other,
             minutes,
         )
     finally:
@@ -272,26 +322,36 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
 
 
 def write_doc(scores: list[Score], minutes: float) -> None:
-    old: dict[str, str] = {}
+    """Rewrite the table between the markers: this run's rows, earlier rows re-judged, the total."""
+    equivalent = set(equivalent_mutants())
     text = DOC.read_text() if DOC.exists() else f"# Testing\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
     table, _, tail = rest.partition(END)
+    rows: dict[str, Score] = {}
     for line in table.splitlines():
         if line.startswith("| `"):
-            old[line.split("`")[1]] = line
+            score = Score.from_row(line, equivalent)
+            rows[score.module] = score
     for score in scores:
-        old[score.module] = score.row()
-    rows = [old[m] for m in MODULES if m in old]
+        rows[score.module] = score
+    ordered = [rows[m] for m in MODULES if m in rows]
+    total = sum(r.minutes for r in ordered)
     stamp = time.strftime("%Y-%m-%d", time.gmtime())
     body = (
-        f"\n{HEADER}\n" + "\n".join(rows) + f"\n\nLast run {stamp}: {len(scores)} module(s) in "
-        f"{minutes:.1f} min (`nice -n 19`, 2 children). Modules not in the table have not been run yet.\n"
+        f"\n{HEADER}\n"
+        + "\n".join(r.row() for r in ordered)
+        + f"\n\nSum of the rows: {total:.1f} min for {len(ordered)} of {len(MODULES)} modules. Last run "
+        f"{stamp}: {len(scores)} module(s) in {minutes:.1f} min (`nice -n 10`, "
+        f"{os.environ.get('MUTATION_CHILDREN', '2')} children).\n"
     )
     DOC.write_text(head + BEGIN + body + END + tail)
 
 
 def main(argv: list[str]) -> int:
     keep = "--keep" in argv
+    if "--table" in argv:  # re-judge the rows in docs/testing.md against the equivalent list
+        write_doc([], 0.0)
+        return 0
     wanted = [a for a in argv if not a.startswith("--")] or list(MODULES)
     unknown = [m for m in wanted if m not in MODULES]
     if unknown:
