@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -672,3 +673,48 @@ async def test_every_refusal_in_full(issuer: Issuer, session: aiohttp.ClientSess
     }
     for token, description in cases.items():
         assert await verifier.verify(token) == AuthFailure(401, "invalid_token", description), description
+
+
+async def test_why_the_keys_are_missing_is_said_and_cleared_once_they_load(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`last_error` is what /readyz shows while the keys are not loaded: one line per kind of failure,
+    logged once (not per retry), gone after a good fetch; a failed refresh keeps the keys it had."""
+    key = make_key("ES256")
+    answer: dict[str, Any] = {"status": 500, "body": b"oops"}
+
+    async def keys(_: web.Request) -> web.Response:
+        return web.Response(status=answer["status"], body=answer["body"], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/keys", keys)
+    runner, url = await _serve(app)
+    try:
+        config = InboundConfig.from_mapping({"issuer": url, "resource": RESOURCE, "jwks_uri": url + "/keys"})
+        jwks = JwksCache(config, session)
+        previous = None
+        for status, body, why in (
+            (500, b"oops", f"JWKS {url}/keys answered HTTP 500"),
+            (200, b'{"keys": 5}', f"JWKS {url}/keys has no 'keys' list"),
+            (200, b"[1]", f"JWKS {url}/keys has no 'keys' list"),
+            (200, b"not json", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
+        ):
+            answer.update(status=status, body=body)
+            with caplog.at_level(logging.WARNING, logger="outrider.inbound.auth"):
+                caplog.clear()
+                await jwks.refresh(force=True)
+                await jwks.refresh(force=True)  # the same failure again: not logged twice
+            assert not jwks.loaded and jwks.last_error == why
+            warnings = [r.getMessage() for r in caplog.records]
+            expected = [f"cannot fetch the issuer's signing keys: {why} (check inbound.issuer/jwks_uri)"]
+            assert warnings == ([] if why == previous else expected), warnings
+            previous = why
+        answer.update(status=200, body=json.dumps({"keys": [key.jwk, "junk", 7]}).encode())
+        await jwks.refresh(force=True)
+        assert jwks.loaded and jwks.last_error is None and await jwks.keys_for(key.kid) == [key.jwk]
+        answer.update(status=503, body=b"")
+        await jwks.refresh(force=True)
+        assert jwks.loaded and await jwks.keys_for(key.kid) == [key.jwk]  # the last good keys stay
+        assert jwks.last_error == f"JWKS {url}/keys answered HTTP 503"
+    finally:
+        await runner.cleanup()
