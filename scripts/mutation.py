@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "testing.md"
 BEGIN, END = "<!-- mutation-table:begin -->", "<!-- mutation-table:end -->"
+LIST_BEGIN, LIST_END = "<!-- mutation-survivors:begin -->", "<!-- mutation-survivors:end -->"
 MARKERS = "not controlplane and not spire and not keycloak and not root and not node"
 # The "never crashes" fuzzers (300 Hypothesis examples each) pin no decision and would run in full for
 # every surviving mutant; they stay in `make test`.
@@ -344,7 +345,30 @@ def write_doc(scores: list[Score], minutes: float) -> None:
         f"{stamp}: {len(scores)} module(s) in {minutes:.1f} min (`nice -n 10`, "
         f"{os.environ.get('MUTATION_CHILDREN', '2')} children).\n"
     )
-    DOC.write_text(head + BEGIN + body + END + tail)
+    text = head + BEGIN + body + END + tail
+    if LIST_BEGIN in text and LIST_END in text:
+        before, _, rest = text.partition(LIST_BEGIN)
+        _, _, after = rest.partition(LIST_END)
+        text = before + LIST_BEGIN + "\n" + _survivor_list(ordered) + LIST_END + after
+    DOC.write_text(text)
+
+
+def _survivor_list(rows: list[Score]) -> str:
+    """Every survivor of the rows' last runs: the equivalent ones with why, then the others."""
+    equivalent = equivalent_mutants()
+    same: list[str] = []
+    left: list[str] = []
+    for row in rows:
+        for name in _survivor_names(row.module):
+            short = name.removeprefix("outrider.")
+            if name in equivalent:
+                same.append(f"| `{short}` | {equivalent[name]} |")
+            else:
+                left.append(f"- `{short}`")
+    out = "\n| equivalent mutant | why no test can kill it |\n|---|---|\n" + "\n".join(same) + "\n"
+    if left:
+        out += "\nNot killed and not judged equivalent (see the notes below):\n\n" + "\n".join(left) + "\n"
+    return out
 
 
 def main(argv: list[str]) -> int:
