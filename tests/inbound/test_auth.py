@@ -27,6 +27,8 @@ from outrider.sidecar.inbound.auth import (
     TokenVerifier,
     bearer_token,
     metadata_url,
+    peer_spiffe_id,
+    principal_from_claims,
     protected_resource_metadata,
     www_authenticate,
 )
@@ -718,3 +720,39 @@ async def test_why_the_keys_are_missing_is_said_and_cleared_once_they_load(
         assert jwks.last_error == f"JWKS {url}/keys answered HTTP 503"
     finally:
         await runner.cleanup()
+
+
+def test_principal_from_odd_claims_keeps_only_strings() -> None:
+    """Introspection answers (RFC 7662) use it too: `iss`, `azp`, `sub` may be missing or odd."""
+    odd = principal_from_claims({"iss": 5, "azp": ["x"], "client_id": {"a": 1}})
+    assert (odd.subject, odd.issuer, odd.client_id) == ("", None, None)
+    assert principal_from_claims({"sub": 7, "client_id": "cli"}).subject == "7"
+    assert principal_from_claims({"sub": "a", "client_id": "cli"}).client_id == "cli"
+
+
+def test_challenge_and_metadata_text_edges() -> None:
+    config = InboundConfig.from_mapping(
+        {"issuer": "https://idp.example", "resource": "https://h.example/tX/"}
+    )
+    assert metadata_url(config.resource) == "https://h.example/.well-known/oauth-protected-resource/tX"
+    failure = AuthFailure(401, "invalid_token", 'X-ray "quoted" \\ back\x01slash\u00e9')
+    assert www_authenticate(failure, config) == (
+        'Bearer resource_metadata="https://h.example/.well-known/oauth-protected-resource/tX", '
+        'error="invalid_token", error_description="X-ray quoted  backslash"'
+    )
+    assert peer_spiffe_id({"subject": ((("commonName", "x"),),)}) is None  # no SAN at all
+
+
+async def test_a_cached_token_past_its_leeway_is_refused_in_full(
+    issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from outrider.sidecar.inbound import auth
+
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, leeway_s=0)
+    exp = int(time.time()) + 300
+    token = issuer.token(key, exp=exp)
+    assert isinstance(await verifier.verify(token), Principal)
+    monkeypatch.setattr(auth, "time", _Clock(exp + 5 - time.time()))
+    assert await verifier.verify(token) == AuthFailure(401, "invalid_token", "the access token has expired")
