@@ -187,3 +187,16 @@ def test_apply_and_cleanup_in_a_real_namespace(
     assert any("OUTRIDER_V6_DROP" in line for line in _tables(run))
     assert "ip6tables -t filter -X OUTRIDER_V6_DROP" in cleanup(CaptureOptions(), run)
     assert _tables(run) == empty
+
+
+def test_resolv_conf_nameservers_in_process(tmp_path: Path) -> None:
+    """The DNS servers the init container lets through: addresses only, zone ids dropped, in order."""
+    from outrider.sidecar.egress.iptables import resolv_conf_nameservers
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(
+        "# comment\nsearch svc.cluster.local\nnameserver 10.96.0.10\nnameserver\nnameserver bogus\n"
+        "nameserver fe80::1%eth0 extra\noptions ndots:5\n  nameserver 192.0.2.1\nNAMESERVER 192.0.2.2\n"
+    )
+    assert resolv_conf_nameservers(resolv) == ["10.96.0.10", "fe80::1", "192.0.2.1"]
+    assert resolv_conf_nameservers(tmp_path / "missing") == []
