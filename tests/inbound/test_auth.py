@@ -756,3 +756,24 @@ async def test_a_cached_token_past_its_leeway_is_refused_in_full(
     assert isinstance(await verifier.verify(token), Principal)
     monkeypatch.setattr(auth, "time", _Clock(exp + 5 - time.time()))
     assert await verifier.verify(token) == AuthFailure(401, "invalid_token", "the access token has expired")
+
+
+async def test_a_kid_that_is_not_a_string_is_refused(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    """PyJWT refuses it before any key is looked up (so `auth.py`'s own str check is belt and braces)."""
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    head = b64(json.dumps({"alg": "ES256", "kid": 5}).encode())
+    token = f"{head}.{b64(json.dumps({'sub': 'a'}).encode())}.{b64(b'sig')}"
+    assert await verifier.verify(token) == AuthFailure(401, "invalid_token", "the access token is not a JWT")
+
+
+async def test_no_keys_yet_is_said_in_full(session: aiohttp.ClientSession) -> None:
+    config = InboundConfig.from_mapping({"issuer": f"http://127.0.0.1:{free_port()}", "resource": RESOURCE})
+    jwks = JwksCache(config, session)
+    await jwks.refresh(force=True)
+    key = make_key("ES256")
+    token = jwt.encode({"sub": "a"}, key.private, algorithm="ES256", headers={"kid": key.kid})
+    assert await TokenVerifier(config, jwks).verify(token) == AuthFailure(
+        401, "invalid_token", "the issuer's signing keys are not available yet"
+    )
