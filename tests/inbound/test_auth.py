@@ -288,7 +288,9 @@ async def test_a_jwks_key_that_fails_to_decode_refuses_the_token(
     verifier = await verifier_for(issuer, session)
     # the only candidate for this kid is a key PyJWT cannot load: refused, never let in
     verifier._jwks._keys = [broken]
-    _refused(await verifier.verify(issuer.token(key)), "the access token is malformed")
+    assert await verifier.verify(issuer.token(key)) == AuthFailure(
+        401, "invalid_token", "the access token is malformed"
+    )
     # a broken key listed before the good one does not hide the good one
     verifier._jwks._keys = [broken, key.jwk]
     assert isinstance(await verifier.verify(issuer.token(key)), Principal)
@@ -777,3 +779,34 @@ async def test_no_keys_yet_is_said_in_full(session: aiohttp.ClientSession) -> No
     assert await TokenVerifier(config, jwks).verify(token) == AuthFailure(
         401, "invalid_token", "the issuer's signing keys are not available yet"
     )
+
+
+async def test_discovery_under_an_issuer_path_and_odd_documents(session: aiohttp.ClientSession) -> None:
+    """An issuer with a path (Keycloak realms, Entra tenants) ending in any character; a discovery
+    document that is not a JSON object is no document."""
+    key = make_key("ES256")
+    served: dict[str, Any] = {}
+
+    async def discovery(_: web.Request) -> web.Response:
+        return web.json_response(served["doc"])
+
+    async def keys(_: web.Request) -> web.Response:
+        return web.json_response({"keys": [key.jwk]})
+
+    app = web.Application()
+    app.router.add_get("/realms/teamX/.well-known/openid-configuration", discovery)
+    app.router.add_get("/keys", keys)
+    runner, url = await _serve(app)
+    try:
+        issuer = url + "/realms/teamX"
+        config = InboundConfig.from_mapping({"issuer": issuer, "resource": RESOURCE})
+        served["doc"] = {"issuer": issuer, "jwks_uri": url + "/keys"}
+        jwks = JwksCache(config, session)
+        await jwks.refresh(force=True)
+        assert jwks.loaded and await jwks.keys_for(key.kid) == [key.jwk]
+        served["doc"] = ["jwks_uri", url + "/keys"]
+        odd = JwksCache(config, session)
+        await odd.refresh(force=True)
+        assert not odd.loaded and odd.last_error == f"no discovery document with a jwks_uri under {issuer}"
+    finally:
+        await runner.cleanup()
