@@ -426,7 +426,10 @@ def test_policies_describe_themselves() -> None:
 def test_evaluation_errors_are_cut_to_200_characters() -> None:
     """They go to the log line by line: a policy naming a huge attribute must not make huge lines."""
     long = "a" * 250
-    text = f"permit(principal, action, resource);\npermit(principal, action, resource) when {{ context.arguments.{long} > 1 }};"
+    text = (
+        "permit(principal, action, resource);\n"
+        f"permit(principal, action, resource) when {{ context.arguments.{long} > 1 }};"
+    )
     (decision,) = decide(policies((text, False)), ALICE, SERVER, [tool_call("echo")], "s")
     assert decision.allowed and [len(e) for e in decision.errors] == [200]
     assert decision.errors[0].startswith("error while evaluating policy `policy1`: record does not have")
