@@ -125,21 +125,15 @@ class Score:
 
     @classmethod
     def from_row(cls, line: str, equivalent: set[str]) -> Score:
-        """A table row, old (`| mutants | killed | survived | no test | timeout |`) or current layout;
-        survivors are re-judged against the equivalent list (they are in `.mutation/`)."""
+        """A row of the table, its survivors re-judged against the equivalent list (from `.mutation/`)."""
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         module = cells[0].strip("`")
-        total, killed = int(cells[1]), int(cells[2])
-        if len(cells) == 8 and cells[6].endswith("%"):  # current layout
-            survived, no_tests = int(cells[3]) + int(cells[4]), int(cells[5])
-        else:
-            survived, no_tests = int(cells[3]), int(cells[4])
-            killed += int(cells[5])
+        total, killed, survived, same, no_tests = (int(c) for c in cells[1:6])
         names = _survivor_names(module)
-        same = sum(1 for n in names if n in equivalent)
-        if len(names) != survived:  # no survivors file for this row: keep the counts as they are
-            same = 0
-        return cls(module, total, killed, survived - same, same, no_tests, float(cells[-1]))
+        if len(names) == survived + same:  # the survivors file is this row's: judge again
+            same = sum(1 for n in names if n in equivalent)
+            survived = len(names) - same
+        return cls(module, total, killed, survived, same, no_tests, float(cells[-1]))
 
 
 HEADER = (
