@@ -285,3 +285,21 @@ def test_rfc8693_answers_never_show_a_credential() -> None:
             json.dumps(echo).encode(), config=config, audience="a", now=0.0, secrets=(USER[:40],)
         )
     assert USER[:40] not in caught.value.message and "token_type '?'" in caught.value.message
+
+
+def test_entra_step_up_and_passthrough_errors_in_full() -> None:
+    claims = '{"access_token":{"acrs":{"essential":true,"value":"c1"}}}'
+    profile = profile_for("entra-obo")
+    body = json.dumps({"error": "invalid_grant", "error_codes": [50076], "claims": claims}).encode()
+    error = profile.map_error(400, body, ())
+    assert error.message == (
+        "the identity provider requires the user to sign in again and satisfy a Conditional Access "
+        "policy (multi-factor authentication or similar) before acting for them"
+    )
+    assert (error.outcome, error.http_status, error.idp_status) == ("step_up", 403, 400)
+    other = profile.map_error(401, b'{"error": "invalid_client"}', ())
+    assert other.idp_status == 401 and "(invalid_client)" in other.message
+    config = ExchangeConfig.from_mapping({**ENTRA, "scope": None, "audience": "api://appX"})
+    credential = ClientCredential(ENTRA["client_id"], profile.assertion_type, SVID)
+    request = profile.build(config, USER, audience=None, scope=None, credential=credential)
+    assert request.form["scope"] == "api://appX/.default"
