@@ -433,3 +433,14 @@ def test_evaluation_errors_are_cut_to_200_characters() -> None:
     (decision,) = decide(policies((text, False)), ALICE, SERVER, [tool_call("echo")], "s")
     assert decision.allowed and [len(e) for e in decision.errors] == [200]
     assert decision.errors[0].startswith("error while evaluating policy `policy1`: record does not have")
+
+
+def test_denials_keep_the_evaluation_errors_for_the_log() -> None:
+    broken = '@id("broken") permit(principal, action, resource) when { context.arguments.n > 1 };'
+    forbid = '@id("no-rm") forbid(principal, action, resource == Tool::"rm");'
+    p = policies(("permit(principal, action, resource);\n" + broken, False), (forbid, True))
+    (forbidden,) = decide(p, ALICE, SERVER, [tool_call("rm", n="x")], "s")
+    assert (forbidden.allowed, forbidden.policies, len(forbidden.errors)) == (False, ("no-rm",), 1)
+    only_broken = policies((broken, False))
+    (nobody,) = decide(only_broken, ALICE, SERVER, [tool_call("echo", n="x")], "s")
+    assert (nobody.allowed, nobody.policies, len(nobody.errors)) == (False, (), 1)
