@@ -229,3 +229,11 @@ def test_the_exchange_request_in_full_and_every_credential_in_it_is_redacted_fro
         body = json.dumps({"error": "invalid_grant", "error_description": echo}).encode()
         message = classify_error(400, body, request.secrets()).message
         assert message.endswith("(invalid_grant): got [redacted] [redacted] [redacted]"), message
+
+
+def test_request_headers_and_short_lived_answers() -> None:
+    from outrider.sidecar.exchange.oauth import ClientCredential, authenticated
+
+    assert authenticated({}, ClientCredential(client_id="svc")).headers == {"Accept": "application/json"}
+    one_second = parse_success(_answer(expires_in=1), requested_token_type=None, audience=None, now=7.0)
+    assert (one_second.expires_at, one_second.audience) == (8.0, "")
