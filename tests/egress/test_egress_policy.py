@@ -477,3 +477,21 @@ def test_verdicts_in_full() -> None:
     assert decide(pol, Destination(port=443, name="b.example")) == Verdict(
         False, None, "test", "default deny: no rule in test matches"
     )
+
+
+def test_a_trailing_capital_x_is_part_of_the_name() -> None:
+    """Only trailing dots are dropped before lower-casing: `EXAMPLE.COMX` is not `example.com`."""
+    from outrider.sidecar.egress.policy import normalize_name
+
+    assert normalize_name("API.EXAMPLEX.") == "api.examplex"
+    assert normalize_name("hostX") == "hostx"
+
+
+def test_rule_errors_in_layers_name_their_layer() -> None:
+    from outrider.sidecar.egress.policy import RuleError, parse_policy
+
+    document = {"version": 1, "layers": [{"source": "team annotation", "allow": ["ok.example", "bad host!"]}]}
+    _, errors = parse_policy(document, "pod")
+    assert errors == (
+        RuleError("bad host!", "team annotation [1]", "label 'bad host!' is not a valid host name label"),
+    )
