@@ -495,3 +495,14 @@ def test_rule_errors_in_layers_name_their_layer() -> None:
     assert errors == (
         RuleError("bad host!", "team annotation [1]", "label 'bad host!' is not a valid host name label"),
     )
+
+
+def test_port_lists_print_with_commas_and_bracket_errors_are_exact() -> None:
+    from outrider.sidecar.egress.policy import parse_rule, parse_rules
+
+    assert str(parse_rule({"host": "a.example", "ports": [80, "443-445"]})) == "a.example:80,443-445"
+    _, errors = parse_rules(["[::1]:80]", "[::1]]:443"], "x")
+    assert [e.message for e in errors] == [
+        "port '80]' is not a number, a range like 8000-8100, or *",
+        "expected ':port' after ']'",
+    ]
