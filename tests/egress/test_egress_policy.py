@@ -506,3 +506,15 @@ def test_port_lists_print_with_commas_and_bracket_errors_are_exact() -> None:
         "port '80]' is not a number, a range like 8000-8100, or *",
         "expected ':port' after ']'",
     ]
+
+
+def test_half_bracketed_cidrs_and_boolean_ports_are_refused() -> None:
+    """`10.0.0.0/8]` must not lose its first and last character and become `0.0.0.0/8`."""
+    from outrider.sidecar.egress.policy import parse_rule, parse_rules
+
+    rules, errors = parse_rules(["10.0.0.0/8]", "fd00::/8]"], "x")
+    assert (
+        rules == () and [e.message for e in errors] == ["not a valid CIDR (like 10.0.0.0/8 or fd00::/8)"] * 2
+    )
+    with pytest.raises(ValueError, match=r"^port True is not a number$"):
+        parse_rule({"host": "a.example", "ports": [True]})
