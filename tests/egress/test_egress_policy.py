@@ -518,3 +518,29 @@ def test_half_bracketed_cidrs_and_boolean_ports_are_refused() -> None:
     )
     with pytest.raises(ValueError, match=r"^port True is not a number$"):
         parse_rule({"host": "a.example", "ports": [True]})
+
+
+def test_rule_refusals_in_full_and_host_bits_are_masked() -> None:
+    from outrider.sidecar.egress.policy import parse_rules
+
+    items: list[object] = [
+        "10.0.0.1/8",
+        "not/a/cidr",
+        "*",
+        "*.com",
+        "a.*.example.com",
+        {"host": "a.example", "cidr": "10.0.0.0/8"},
+        {"cidr": "nope"},
+        {"host": "10.0.0.0/8"},
+    ]
+    rules, errors = parse_rules(items, "x")
+    assert [str(r) for r in rules] == ["10.0.0.0/8"]  # host bits set: the network it names
+    assert [e.message for e in errors] == [
+        "not a valid CIDR (like 10.0.0.0/8 or fd00::/8)",
+        "a bare '*' would allow every name; name a suffix like *.example.com",
+        "a wildcard needs at least two labels after '*.' (like *.example.com)",
+        "'*' is only allowed as the whole first label (like *.example.com)",
+        "a rule mapping needs exactly one of 'host' or 'cidr'",
+        "not a valid CIDR (like 10.0.0.0/8 or fd00::/8)",
+        "an IP address is not a host name (use a 'cidr' rule)",
+    ]
