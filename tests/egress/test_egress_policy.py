@@ -544,3 +544,20 @@ def test_rule_refusals_in_full_and_host_bits_are_masked() -> None:
         "not a valid CIDR (like 10.0.0.0/8 or fd00::/8)",
         "an IP address is not a host name (use a 'cidr' rule)",
     ]
+
+
+def test_ip_literal_edges_and_mapping_rule_defaults() -> None:
+    from outrider.sidecar.egress.policy import DEFAULT_PORTS, parse_ip, parse_rule
+
+    assert str(parse_ip("fe80::1%eth0%odd")) == "fe80::1"  # everything after the first '%' is the zone
+    assert parse_ip("10.0.0.1]") is None and parse_ip("[::1") is None  # half brackets: not an address
+    assert str(parse_ip("[::1]")) == "::1"
+    rule = parse_rule({"host": "a.example"})
+    assert rule.ports == DEFAULT_PORTS and str(rule) == "a.example"
+    for bad, message in (
+        ({"host": "a.example", "ports": []}, "'ports' is empty; leave it out for 80 and 443, or use '*'"),
+        (5, "a rule must be a string or a mapping, not int"),
+    ):
+        with pytest.raises(ValueError) as caught:
+            parse_rule(bad)
+        assert str(caught.value) == message
