@@ -5,6 +5,10 @@ counters /metrics shows. The same gate through the real inbound path: tests/inbo
 from __future__ import annotations
 
 import json
+import logging
+import socket
+
+import pytest
 
 from outrider.sidecar.inbound.jsonrpc import parse_body
 from outrider.sidecar.policy.answers import denied_error, limited_error
@@ -19,6 +23,12 @@ CEDAR = """
 @id("echo") permit(principal, action == Action::"call_tool", resource == Tool::"echo");
 @id("lists") permit(principal, action == Action::"list_tools", resource);
 """
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def call(msg_id: int, tool: str) -> dict[str, object]:
@@ -118,3 +128,74 @@ def test_list_answers_are_filtered_and_counted() -> None:
     assert g.filter_payload(ALICE, untouched) is untouched
     assert g.filter_payload(ALICE, b'{"tools": [') == b'{"tools": ['
     assert "outrider_policy_list_items_filtered_total 2\n" in g.metrics_text().decode()
+
+
+async def test_budgets_are_per_user_and_every_refusal_is_counted() -> None:
+    g = gate(cedar=CEDAR, rate_limits={"per_user": "1/minute"})
+    other_issuer = Principal("oidc", "alice", "https://other-idp")
+    bob = Principal("oidc", "bob", "https://idp")
+    for who in (ALICE, other_issuer, bob):  # one budget each: same subject, other issuer is someone else
+        first = await g.judge(who, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+        assert first.verdicts[0].outcome == "ok", who
+    body = json.dumps([call(2, "echo"), call(3, "echo"), call(4, "rm"), call(5, "rm"), {"x": 1}, 7]).encode()
+    parsed = parse_body(body)
+    judgement = await g.judge(ALICE, parsed, "s")
+    assert [v.outcome for v in judgement.verdicts] == [
+        "limited",
+        "limited",
+        "denied",
+        "denied",
+        "invalid",
+        "invalid",
+    ]
+    invalid = {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": -32600, "message": "not a JSON-RPC 2.0 message"},
+    }
+    assert refused_errors(parsed, judgement)[4:] == [invalid, invalid]
+    assert (
+        json.loads(refusal_body(parse_body(b'{"x": 1}'), await g.judge(ALICE, parse_body(b'{"x": 1}'), "s")))
+        == invalid
+    )
+    metrics = g.metrics_text().decode()
+    for line in (
+        'outrider_policy_decisions_total{outcome="allowed"} 3',
+        'outrider_policy_decisions_total{outcome="denied"} 2',
+        'outrider_policy_decisions_total{outcome="rate_limited"} 2',
+        'outrider_policy_decisions_total{outcome="invalid"} 3',
+    ):
+        assert line + "\n" in metrics, line
+
+
+async def test_a_single_allowed_call_is_forwarded_as_it_came() -> None:
+    g = gate(cedar=CEDAR)
+    single = parse_body(json.dumps(call(1, "echo")).encode())
+    assert forwarded_document(single, await g.judge(ALICE, single, "s")) == call(1, "echo")
+
+
+async def test_an_unreachable_store_follows_on_store_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis URI nobody listens on (a closed local port): `allow` lets the call through and counts it,
+    `deny` refuses it; both say so in /metrics."""
+    port = free_port()
+    limits = {"rate_limits": {"per_user": "5/minute"}, "storage": f"redis://127.0.0.1:{port}"}
+    allowing = gate(**limits)
+    judgement = await allowing.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+    (verdict,) = judgement.verdicts
+    assert (verdict.forward, verdict.outcome, verdict.store_error) == (True, "ok", True)
+    assert allowing.stats.allowed_store_down == 1
+    await allowing.judge(ALICE, parse_body(json.dumps(call(2, "echo")).encode()), "s")
+    assert "outrider_ratelimit_allowed_store_down_total 2\n" in allowing.metrics_text().decode()
+    denying = gate(**limits, on_store_error="deny")
+    (refused,) = (await denying.judge(ALICE, parse_body(json.dumps(call(3, "echo")).encode()), "s")).verdicts
+    assert (refused.forward, refused.outcome, refused.store_error) == (False, "limited", True)
+    assert denying.limiter.shared and not gate(cedar=CEDAR).limiter.shared
+
+
+async def test_evaluation_errors_are_logged_with_the_method(caplog: pytest.LogCaptureFixture) -> None:
+    broken = "permit(principal, action, resource) when { context.arguments.n > 1 };"
+    g = gate(cedar=broken)
+    with caplog.at_level(logging.INFO, logger="outrider.policy"):
+        await g.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+    (line,) = [r.getMessage() for r in caplog.records if "evaluation errors" in r.getMessage()]
+    assert line.startswith("policy evaluation errors for tools/call: error while evaluating policy")
