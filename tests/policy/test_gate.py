@@ -199,3 +199,88 @@ async def test_evaluation_errors_are_logged_with_the_method(caplog: pytest.LogCa
         await g.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "s")
     (line,) = [r.getMessage() for r in caplog.records if "evaluation errors" in r.getMessage()]
     assert line.startswith("policy evaluation errors for tools/call: error while evaluating policy")
+
+
+METRICS = """\
+# HELP outrider_policy_decisions_total MCP requests judged by the policy gate, by outcome.
+# TYPE outrider_policy_decisions_total counter
+outrider_policy_decisions_total{outcome="allowed"} 0
+outrider_policy_decisions_total{outcome="denied"} 0
+outrider_policy_decisions_total{outcome="rate_limited"} 0
+outrider_policy_decisions_total{outcome="invalid"} 0
+# HELP outrider_policy_list_items_filtered_total List items hidden from callers by policy.
+# TYPE outrider_policy_list_items_filtered_total counter
+outrider_policy_list_items_filtered_total 0
+# HELP outrider_policy_count Cedar policies in force.
+# TYPE outrider_policy_count gauge
+outrider_policy_count 1
+# HELP outrider_policy_reloads_total Policy file loads that took effect.
+# TYPE outrider_policy_reloads_total counter
+outrider_policy_reloads_total 0
+# HELP outrider_policy_reload_errors_total Policy file loads rejected (last good kept).
+# TYPE outrider_policy_reload_errors_total counter
+outrider_policy_reload_errors_total 0
+# HELP outrider_policy_schema_mismatches Policies naming tools or arguments the server lacks.
+# TYPE outrider_policy_schema_mismatches gauge
+outrider_policy_schema_mismatches 0
+# HELP outrider_ratelimit_store_up 1 while the rate-limit store answers.
+# TYPE outrider_ratelimit_store_up gauge
+outrider_ratelimit_store_up 1
+# HELP outrider_ratelimit_store_errors_total Rate-limit checks the store could not answer.
+# TYPE outrider_ratelimit_store_errors_total counter
+outrider_ratelimit_store_errors_total 0
+# HELP outrider_ratelimit_allowed_store_down_total Calls allowed because the store was down.
+# TYPE outrider_ratelimit_allowed_store_down_total counter
+outrider_ratelimit_allowed_store_down_total 0
+"""
+
+
+def test_metrics_in_full_and_valid_exposition() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = gate(cedar="permit(principal, action, resource);").metrics_text().decode()
+    assert text == METRICS
+    assert len(list(text_string_to_metric_families(text))) == 9
+
+
+async def test_readiness_says_what_is_wrong_and_stays_ready() -> None:
+    one = "1 Cedar policies (sidecar config policy.cedar: 1)"
+    assert gate(
+        cedar="permit(principal, action, resource);", rate_limits={"per_user": "5/minute"}
+    ).ready() == (
+        True,
+        f"{one}; rate-limit store ok",
+    )
+    assert gate(cedar="permit(principal action, resource);").ready() == (
+        True,
+        "1 Cedar policies (deny-all (a policy layer did not compile): 1); pod-spec policy did not compile "
+        "(deny-all in its place): sidecar config policy.cedar: line 1, column 18: unexpected token `action`",
+    )
+    nothing = "no policy (every authenticated caller may call every tool)"
+    for mode, verb in (("allow", "allowing"), ("deny", "refusing")):
+        g = gate(
+            rate_limits={"per_user": "5/minute"},
+            storage=f"redis://127.0.0.1:{free_port()}",
+            on_store_error=mode,
+        )
+        await g.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+        assert g.ready() == (
+            True,
+            f"{nothing}; rate-limit store unreachable (StorageError): {verb} metered calls",
+        )
+        assert "outrider_ratelimit_store_up 0\n" in g.metrics_text().decode()
+    listing = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]},
+    }
+    g = gate(cedar='permit(principal, action == Action::"call_tool", resource == Tool::"nope");')
+    g.filter_objects(ALICE, listing)
+    problem = (
+        "sidecar config policy.cedar: policy 'policy0' names tool 'nope', which the server does not offer"
+    )
+    assert g.schema_problems == (problem,)
+    assert g.ready() == (True, f"{one}; 1 schema mismatch(es): {problem}")
+    assert "outrider_policy_schema_mismatches 1\n" in g.metrics_text().decode()
+    g.filter_objects(ALICE, listing)  # the same tools again: nothing new to check
+    assert g.schema_problems == (problem,)
