@@ -4,16 +4,19 @@ counters /metrics shows. The same gate through the real inbound path: tests/inbo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import socket
+from pathlib import Path
 
 import pytest
 
 from outrider.sidecar.inbound.jsonrpc import parse_body
 from outrider.sidecar.policy.answers import denied_error, limited_error
 from outrider.sidecar.policy.config import PolicyConfig
-from outrider.sidecar.policy.gate import Gate, forwarded_document, refusal_body, refused_errors
+from outrider.sidecar.policy.gate import Gate, forwarded_document, refusal_body, refused_errors, reload_loop
 from outrider.sidecar.policy.model import Server
 from outrider.sidecar.telemetry.observer import Principal
 
@@ -284,3 +287,25 @@ async def test_readiness_says_what_is_wrong_and_stays_ready() -> None:
     assert "outrider_policy_schema_mismatches 1\n" in g.metrics_text().decode()
     g.filter_objects(ALICE, listing)  # the same tools again: nothing new to check
     assert g.schema_problems == (problem,)
+
+
+async def test_the_reload_loop_applies_a_changed_narrowing_file(tmp_path: Path) -> None:
+    """The app team's ConfigMap file, re-read by the loop the sidecar runs: a new forbid takes effect."""
+    narrowing = tmp_path / "policy.yaml"
+    narrowing.write_text("cedar: ''\n")
+    g = gate(cedar="permit(principal, action, resource);", file=str(narrowing), reload_interval_s=0.05)
+    body = json.dumps(call(1, "echo")).encode()
+    assert (await g.judge(ALICE, parse_body(body), "s")).verdicts[0].forward
+    loop = asyncio.create_task(reload_loop(g))
+    try:
+        narrowing.write_text("cedar: 'forbid(principal, action, resource == Tool::\"echo\");'\n")
+        for _ in range(400):  # the loop polls every 0.05 s; give a loaded machine plenty of time
+            if g.holder.reloads >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert g.holder.reloads >= 2
+        assert not (await g.judge(ALICE, parse_body(body), "s")).verdicts[0].forward
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
