@@ -246,7 +246,7 @@ def test_metrics_in_full_and_valid_exposition() -> None:
     assert len(list(text_string_to_metric_families(text))) == 9
 
 
-async def test_readiness_says_what_is_wrong_and_stays_ready() -> None:
+async def test_readiness_says_what_is_wrong_and_stays_ready(caplog: pytest.LogCaptureFixture) -> None:
     one = "1 Cedar policies (sidecar config policy.cedar: 1)"
     assert gate(
         cedar="permit(principal, action, resource);", rate_limits={"per_user": "5/minute"}
@@ -278,15 +278,19 @@ async def test_readiness_says_what_is_wrong_and_stays_ready() -> None:
         "result": {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]},
     }
     g = gate(cedar='permit(principal, action == Action::"call_tool", resource == Tool::"nope");')
-    g.filter_objects(ALICE, listing)
+    with caplog.at_level(logging.WARNING, logger="outrider.policy"):
+        g.filter_objects(ALICE, listing)
     problem = (
         "sidecar config policy.cedar: policy 'policy0' names tool 'nope', which the server does not offer"
     )
     assert g.schema_problems == (problem,)
     assert g.ready() == (True, f"{one}; 1 schema mismatch(es): {problem}")
     assert "outrider_policy_schema_mismatches 1\n" in g.metrics_text().decode()
-    g.filter_objects(ALICE, listing)  # the same tools again: nothing new to check
+    with caplog.at_level(logging.WARNING, logger="outrider.policy"):
+        g.filter_objects(ALICE, listing)  # the same tools again: nothing new to check, nothing logged
     assert g.schema_problems == (problem,)
+    warned = [r.getMessage() for r in caplog.records if "server's tools" in r.getMessage()]
+    assert warned == [f"policy does not match the server's tools: {problem}"]
 
 
 async def test_the_reload_loop_applies_a_changed_narrowing_file(tmp_path: Path) -> None:
