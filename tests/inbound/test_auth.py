@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -674,6 +675,12 @@ async def test_every_refusal_in_full(issuer: Issuer, session: aiohttp.ClientSess
         issuer.token(key, aud="https://elsewhere/mcp"): "the access token is not meant for this resource",
         issuer.token(key, iss="https://evil.example"): "the access token was issued by an untrusted issuer",
         without_sub: "the access token lacks the 'sub' claim",
+        jwt.encode(
+            {"iss": issuer.url, "sub": "a", "aud": RESOURCE}, key.private, "ES256", {"kid": key.kid}
+        ): "the access token lacks the 'exp' claim",
+        jwt.encode(
+            {"iss": issuer.url, "sub": "a", "exp": now + 60}, key.private, "ES256", {"kid": key.kid}
+        ): "the access token lacks the 'aud' claim",
     }
     for token, description in cases.items():
         assert await verifier.verify(token) == AuthFailure(401, "invalid_token", description), description
@@ -714,7 +721,10 @@ async def test_why_the_keys_are_missing_is_said_and_cleared_once_they_load(
             assert warnings == ([] if why == previous else expected), warnings
             previous = why
         answer.update(status=200, body=json.dumps({"keys": [key.jwk, "junk", 7]}).encode())
-        await jwks.refresh(force=True)
+        with caplog.at_level(logging.INFO, logger="outrider.inbound.auth"):
+            caplog.clear()
+            await jwks.refresh(force=True)
+        assert [r.getMessage() for r in caplog.records] == [f"JWKS fetched again from {url}/keys (1 keys)"]
         assert jwks.loaded and jwks.last_error is None and await jwks.keys_for(key.kid) == [key.jwk]
         answer.update(status=503, body=b"")
         await jwks.refresh(force=True)
@@ -808,5 +818,35 @@ async def test_discovery_under_an_issuer_path_and_odd_documents(session: aiohttp
         odd = JwksCache(config, session)
         await odd.refresh(force=True)
         assert not odd.loaded and odd.last_error == f"no discovery document with a jwks_uri under {issuer}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_concurrent_refreshes_share_one_fetch_and_a_first_load_is_quiet(
+    issuer: Issuer, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    jwks = JwksCache(config_for(issuer), session)
+    with caplog.at_level(logging.INFO, logger="outrider.inbound.auth"):
+        await asyncio.gather(jwks.refresh(), jwks.refresh(), jwks.refresh())
+    assert jwks.loaded and issuer.jwks_fetches == 1 and jwks.last_error is None
+    assert [r.getMessage() for r in caplog.records] == []  # nothing was wrong: nothing "fetched again"
+
+
+async def test_discovery_accepts_an_https_jwks_uri(session: aiohttp.ClientSession) -> None:
+    async def discovery(_: web.Request) -> web.Response:
+        return web.json_response({"jwks_uri": f"https://127.0.0.1:{closed}/keys"})
+
+    closed = free_port()
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    runner, url = await _serve(app)
+    try:
+        jwks = JwksCache(InboundConfig.from_mapping({"issuer": url, "resource": RESOURCE}), session)
+        await jwks.refresh(force=True)
+        # the https URI was taken: the failure is fetching it, not finding it
+        assert jwks.last_error is not None and not jwks.last_error.startswith("no discovery document")
+        assert f"127.0.0.1:{closed}" in jwks.last_error
     finally:
         await runner.cleanup()
