@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(BASE_PYTHON)';
 PYTEST_ARGS ?=
 
 .PHONY: help venv sysdeps lint fmt typecheck test test-fast demo certs controlplane spire \
-        mutation bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp kind-e2e clean \
+        mutation bench bench-webhook bench-proxy bench-telemetry bench-egress bench-policy bench-idp bench-memory bench-capacity kind-e2e clean \
         images images-push node-e2e node node-down node-test
 
 help:
@@ -80,8 +80,19 @@ certs: venv
 demo: venv sysdeps
 	$(BIN)/outrider demo $(if $(SPIRE),--spire,)
 
+# matplotlib draws the capacity curves into docs/: a benchmark tool, never a runtime dependency.
+BENCH_PLOTS := $(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q 'matplotlib>=3.8'
+
 bench: venv sysdeps
+	@$(BENCH_PLOTS)
 	$(BIN)/python bench/run_all.py
+
+bench-memory: venv
+	$(BIN)/python bench/bench_memory.py
+
+bench-capacity: venv
+	@$(BENCH_PLOTS)
+	$(BIN)/python bench/bench_capacity.py
 
 bench-webhook: venv
 	$(BIN)/python bench/bench_webhook.py

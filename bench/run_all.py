@@ -373,6 +373,90 @@ def idp_rows(data: Any) -> list[Row]:
     return rows
 
 
+def memory_rows(data: Any) -> list[Row]:
+    """Issue 14: idle RSS <= 50 MB (telemetry + audit off) / 55 MB (on); after 10,000 calls by 1,000
+    users with 1,000 open sessions no more than 25 MB above idle. Baseline: an idle aiohttp proxy."""
+    floor = _num(data, "floor_idle_rss_mb")
+    rows: list[Row] = []
+    for run in data.get("rows") or []:
+        mode = run.get("config", "?")
+        limit = 55.0 if mode == "on" else 50.0
+        idle = _num(run, "idle_rss_mb")
+        rows.append(
+            Row(
+                "memory",
+                f"sidecar RSS idle (telemetry+audit {mode})",
+                idle,
+                "MB",
+                floor,
+                f"<= {limit:g} MB",
+                _le(idle, limit),
+            )
+        )
+        growth = _num(run, "growth_mb")
+        rows.append(
+            Row(
+                "memory",
+                f"RSS growth after {run.get('calls_ok')} calls, {run.get('sessions')} sessions ({mode})",
+                growth,
+                "MB",
+                None,
+                "<= 25 MB",
+                _le(growth, 25.0),
+            )
+        )
+    return rows
+
+
+def capacity_rows(data: Any) -> list[Row]:
+    """Issue 14: on one core the sidecar (auth, cached exchange, telemetry) reaches >= 0.6x the floor
+    proxy's req/s, and its p99 at half that rate stays within 2x the floor's (same run)."""
+    cap = data.get("capacity") or {}
+    rows: list[Row] = []
+    if "max_rps" in cap:
+        side, floor = _num(cap, "max_rps", "sidecar+telemetry"), _num(cap, "max_rps", "floor")
+        ratio = side / floor if side is not None and floor else None
+        rows.append(
+            Row(
+                "capacity",
+                "max req/s on one core, sidecar + telemetry",
+                side,
+                "req/s",
+                floor,
+                ">= 0.6x floor proxy",
+                _ge(ratio, 0.6),
+            )
+        )
+        p99, base = (
+            _num(cap, "at_half", "sidecar+telemetry", "p99_ms"),
+            _num(cap, "at_half", "floor", "p99_ms"),
+        )
+        rows.append(
+            Row(
+                "capacity",
+                "p99 at half the sidecar's max",
+                p99,
+                "ms",
+                base,
+                "<= 2x floor proxy",
+                _le(p99 / base if p99 is not None and base else None, 2.0),
+            )
+        )
+    acc = data.get("accounting") or {}
+    rows.append(
+        Row(
+            "capacity",
+            "spans received (telemetry on)",
+            _num(acc, "spans"),
+            "spans",
+            _num(acc, "spans_expected"),
+            "all",
+            _ge(_num(acc, "spans"), _num(acc, "spans_expected")),
+        )
+    )
+    return rows
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -405,6 +489,15 @@ BENCHES = (
     Bench("telemetry", "bench_telemetry.py", ("--calls", "5000"), telemetry_rows),
     Bench("policy", "bench_policy.py", ("--seconds", "6", "--rounds", "3"), policy_rows),
     Bench("idp", "bench_idp.py", ("--calls", "100"), idp_rows),
+    Bench(
+        "memory", "bench_memory.py", ("--calls", "2000", "--users", "200", "--sessions", "200"), memory_rows
+    ),
+    Bench(
+        "capacity",
+        "bench_capacity.py",
+        ("--rates", "100", "200", "400", "--seconds", "2", "--streams", "10", "100", "1000"),
+        capacity_rows,
+    ),
     Bench(
         "telemetry-proxy",
         "bench_telemetry.py",
@@ -592,6 +685,15 @@ Benchmarks:
   Also the in-process `decide()` CPU time per call and the rate-limit check per call, which a busy
   machine disturbs far less. Targets: 100 policies p50 +0.2 ms; rate limit p50 +0.05 ms (memory),
   +0.5 ms (Redis). See [policy](policy.md).
+- **memory** (`bench/bench_memory.py`, `make bench-memory`): the sidecar's idle RSS/PSS with
+  telemetry + audit off and on, the native libraries it mapped, and RSS after 10,000 calls by
+  1,000 distinct users in 1,000 open sessions; baseline: an idle aiohttp pass-through proxy.
+  Targets: 50 / 55 MB idle, +25 MB after the load.
+- **capacity** (`bench/bench_capacity.py`, `make bench-capacity`): latency against offered rate
+  (direct, floor proxy, sidecar, sidecar + telemetry), capacity on one core against a minimal
+  aiohttp pass-through proxy, RSS against open sessions with SSE streams, and the span/audit
+  accounting; plots in [capacity-latency.png](capacity-latency.png) and
+  [capacity-rss.png](capacity-rss.png). Where the curves bend and why: [capacity](capacity.md).
 """
     )
 

@@ -26,7 +26,16 @@ from outrider.sidecar.telemetry.config import TelemetryConfig
 
 SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry", "policy")
 
-__all__ = ["ConfigError", "SidecarConfig", "load", "load_raw", "parse", "validate", "yaml_problem"]
+__all__ = [
+    "ConfigError",
+    "SidecarConfig",
+    "first_error",
+    "load",
+    "load_raw",
+    "parse",
+    "validate",
+    "yaml_problem",
+]
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,36 @@ def check_sections(raw: Mapping[str, Any]) -> None:
     for name in SECTIONS:
         if not isinstance(raw.get(name) or {}, Mapping):
             raise ConfigError(f"sidecar config section {name!r} must be a mapping")
+
+
+def first_error(raw: Mapping[str, Any], sections: tuple[str, ...] = SECTIONS) -> tuple[str, str] | None:
+    """(section, message) of the first of `sections` (in SECTIONS order) that `parse` would refuse.
+
+    `parse` checks the sections one after the other and stops at the first error, and no section's
+    check reads another: so a caller that knows which sections changed can re-check only those
+    (the webhook validates one OUTRIDER_CONFIG per pod, where only `inbound` differs). Call
+    `check_sections` first, as `validate` does.
+    """
+    parsers = {
+        "pod": PodInfo.from_mapping,
+        "admin": AdminConfig.from_mapping,
+        "identity": IdentityConfig.from_mapping,
+        "inbound": InboundConfig.from_mapping,
+        "exchange": ExchangeConfig.from_mapping,
+        "egress": EgressConfig.from_mapping,
+        "telemetry": TelemetryConfig.from_mapping,
+        "policy": PolicyConfig.from_mapping,
+    }
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        value = raw.get(name) or {}
+        assert isinstance(value, Mapping), "check_sections first"
+        try:
+            parsers[name](value)
+        except ConfigError as exc:
+            return name, str(exc)
+    return None
 
 
 def parse(raw: Mapping[str, Any]) -> SidecarConfig:

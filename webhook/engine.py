@@ -6,6 +6,7 @@ whether the pod is admitted; the webhook server, offline inject and the golden t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 from collections.abc import Iterable, Mapping
@@ -583,7 +584,11 @@ def _sorted_json(value: Any) -> str:
 # check. The entry holds its plan, so the id() in the key stays its own.
 _ConfigKey = tuple[int, str, int | None, str | None, str, str | None]
 _CONFIG_JSON: dict[_ConfigKey, tuple[EgressPlan, str, str | None]] = {}
-_CONFIG_BASE: dict[tuple[int, str, None, str | None, str], tuple[EgressPlan, dict[str, Any]]] = {}
+# The merged config without the per-pod `inbound` values, and the first error of its other sections.
+_CONFIG_BASE: dict[
+    tuple[int, str, None, str | None, str], tuple[EgressPlan, dict[str, Any], tuple[str, str] | None]
+] = {}
+_OTHER_SECTIONS = tuple(s for s in sidecar_settings.SECTIONS if s != "inbound")
 
 
 def _sidecar_config_json(
@@ -610,7 +615,12 @@ def _sidecar_config_json(
     if base is None or base[0] is not plan:
         if len(_CONFIG_BASE) >= 512:
             _CONFIG_BASE.clear()
-        base = _CONFIG_BASE[base_key] = (plan, sidecar_config(config, None, audience, plan, mcp_policy))
+        merged = sidecar_config(config, None, audience, plan, mcp_policy)
+        other = None
+        with contextlib.suppress(sidecar_settings.ConfigError):  # reported per pod, by `validate`
+            sidecar_settings.check_sections(merged)
+            other = sidecar_settings.first_error(merged, _OTHER_SECTIONS) or ("", "")
+        base = _CONFIG_BASE[base_key] = (plan, merged, other)
     value = base[1]
     per_pod_inbound: dict[str, Any] = {}
     if mcp_port is not None:
@@ -626,7 +636,7 @@ def _sidecar_config_json(
     # orjson spells some floats differently from json (1e-07 vs 1e-7): floats take the json path.
     floats = _floats_in(config.hash, config.plain_sidecar) or _floats_in(plan, plan.policy)
     text = json.dumps(value, sort_keys=True, separators=(",", ":")) if floats else _sorted_json(value)
-    error = _sidecar_refusal(value)
+    error = _sidecar_refusal(value, base[2])
     if len(_CONFIG_JSON) >= 512:
         _CONFIG_JSON.clear()
     _CONFIG_JSON[key] = (plan, text, error)
@@ -635,16 +645,29 @@ def _sidecar_config_json(
     return text
 
 
-def _sidecar_refusal(value: Mapping[str, Any]) -> str | None:
-    """The sidecar's own start-up error for this OUTRIDER_CONFIG, or None when it would start."""
-    try:
-        sidecar_settings.validate(value)
-    except sidecar_settings.ConfigError as exc:
-        return (
-            f"the outrider-proxy sidecar would refuse this pod's configuration (OUTRIDER_CONFIG): {exc}; "
-            "fix the pod's outrider.dev/* annotations or ask the operator to fix the webhook config"
-        )
-    return None
+def _sidecar_refusal(value: Mapping[str, Any], other: tuple[str, str] | None = None) -> str | None:
+    """The sidecar's own start-up error for this OUTRIDER_CONFIG, or None when it would start.
+
+    `other`: the first error of every section but `inbound` (("", "") for none), already known from
+    the config shared by many pods; then only `inbound`, the per-pod part, is checked again, and the
+    first error in section order is the one `validate` would give. None: check everything.
+    """
+    message: str | None = None
+    if other is None:
+        try:
+            sidecar_settings.validate(value)
+        except sidecar_settings.ConfigError as exc:
+            message = str(exc)
+    else:
+        found = [e for e in (other, sidecar_settings.first_error(value, ("inbound",))) if e and e[0]]
+        if found:
+            message = min(found, key=lambda e: sidecar_settings.SECTIONS.index(e[0]))[1]
+    if message is None:
+        return None
+    return (
+        f"the outrider-proxy sidecar would refuse this pod's configuration (OUTRIDER_CONFIG): {message}; "
+        "fix the pod's outrider.dev/* annotations or ask the operator to fix the webhook config"
+    )
 
 
 def _has_float(value: Any) -> bool:

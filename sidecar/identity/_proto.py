@@ -1,4 +1,4 @@
-"""The SPIFFE Workload API message classes and a gRPC stub, without importing the `spiffe` package.
+"""The SPIFFE Workload API message classes, without importing the `spiffe` package (nor grpcio).
 Owns only the import trick: the generated code stays in the installed `spiffe` wheel.
 
 `from spiffe._proto import workload_pb2` first runs `spiffe/__init__.py`, which pulls pyasn1, pem and
@@ -12,12 +12,8 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-import grpc
 
 _PRIVATE_NAME = "outrider.sidecar.identity._workload_pb2"
-_SERVICE = "/SpiffeWorkloadAPI/"
 
 
 def _load_workload_pb2() -> ModuleType:
@@ -45,25 +41,3 @@ def _load_workload_pb2() -> ModuleType:
 
 
 workload_pb2 = _load_workload_pb2()
-
-
-class WorkloadApiStub:
-    """The client calls of the `SpiffeWorkloadAPI` service the sidecar makes (grpc.aio channel)."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        pb = workload_pb2
-        self.FetchX509SVID: Any = channel.unary_stream(
-            _SERVICE + "FetchX509SVID",
-            request_serializer=pb.X509SVIDRequest.SerializeToString,
-            response_deserializer=pb.X509SVIDResponse.FromString,
-        )
-        self.FetchJWTSVID: Any = channel.unary_unary(
-            _SERVICE + "FetchJWTSVID",
-            request_serializer=pb.JWTSVIDRequest.SerializeToString,
-            response_deserializer=pb.JWTSVIDResponse.FromString,
-        )
-        self.FetchJWTBundles: Any = channel.unary_stream(
-            _SERVICE + "FetchJWTBundles",
-            request_serializer=pb.JWTBundlesRequest.SerializeToString,
-            response_deserializer=pb.JWTBundlesResponse.FromString,
-        )

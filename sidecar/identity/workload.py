@@ -1,4 +1,4 @@
-"""`WorkloadApiIdentity`: the pod's SVIDs kept current from the SPIFFE Workload API over `grpc.aio`.
+"""`WorkloadApiIdentity`: the pod's SVIDs kept current from the SPIFFE Workload API (gRPC on a Unix socket).
 
 Owns the X.509 stream (rotations, retries, health), the per-audience JWT-SVID cache and the listeners.
 """
@@ -14,9 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
-
-import grpc
+from typing import TYPE_CHECKING
 
 # The stubs are loaded without running `spiffe/__init__` (see outrider.sidecar.identity._proto); mypy reads
 # the package's own .pyi for the message types.
@@ -27,14 +25,15 @@ else:
 
 from outrider.sidecar.identity import IdentityUnavailable, X509Material
 from outrider.sidecar.identity import svid as core
-from outrider.sidecar.identity._proto import WorkloadApiStub
 from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.grpc_unix import RpcError, UnixChannel
 from outrider.sidecar.telemetry.observer import NullObserver, Observer
 
 log = logging.getLogger("outrider.identity")
 
 # Every Workload API call must carry this header (SPIFFE Workload Endpoint spec, "security header").
 METADATA = (("workload.spiffe.io", "true"),)
+_SERVICE = "/SpiffeWorkloadAPI/"
 
 Listener = Callable[[X509Material], None]
 
@@ -91,25 +90,14 @@ class WorkloadApiIdentity:
         self._jwt_cache: OrderedDict[str, _JwtEntry] = OrderedDict()
         self._jwt_inflight: dict[str, asyncio.Task[_JwtEntry]] = {}
         self._jwt_fetches: Counter[str] = Counter()
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: Any = None
+        self._channel: UnixChannel | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        backoff_ms = int(self._config.backoff_min_s * 1000)
-        # gRPC's own reconnect backoff defaults to up to 120 s; keep it within ours so a restarted
-        # agent is picked up promptly.
-        self._channel = grpc.aio.insecure_channel(
-            self._config.socket,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", backoff_ms),
-                ("grpc.min_reconnect_backoff_ms", backoff_ms),
-                ("grpc.max_reconnect_backoff_ms", int(self._config.backoff_max_s * 1000)),
-            ],
-        )
-        self._stub = WorkloadApiStub(self._channel)
+        # Connects on demand and again after a loss: the retry loop's backoff is the only one.
+        self._channel = UnixChannel(self._config.socket_path)
         self._task = asyncio.create_task(self._x509_loop(), name="outrider-identity-x509")
 
     async def close(self) -> None:
@@ -200,16 +188,20 @@ class WorkloadApiIdentity:
 
     async def jwt_bundles(self) -> dict[str, bytes]:
         """The JWT trust bundles (JWKS JSON by trust domain), read once from the Workload API."""
-        call = self._require_stub().FetchJWTBundles(
-            workload_pb2.JWTBundlesRequest(), metadata=METADATA, timeout=self._config.jwt_fetch_timeout_s
+        call = self._require_channel().unary_stream(
+            _SERVICE + "FetchJWTBundles",
+            workload_pb2.JWTBundlesRequest().SerializeToString(),
+            METADATA,
+            self._config.jwt_fetch_timeout_s,
         )
         try:
-            async for response in call:
+            async for raw in call:
+                response = workload_pb2.JWTBundlesResponse.FromString(raw)
                 return {core.trust_domain_of(k): bytes(v) for k, v in response.bundles.items()}
-        except grpc.aio.AioRpcError as exc:
+        except RpcError as exc:
             raise IdentityUnavailable(self._classify(exc)[1]) from None
         finally:
-            call.cancel()
+            await call.aclose()  # type: ignore[attr-defined]
         raise IdentityUnavailable("the Workload API closed the JWT bundle stream without an answer")
 
     def stats(self) -> IdentityStats:
@@ -229,10 +221,10 @@ class WorkloadApiIdentity:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _require_stub(self) -> Any:
-        if self._stub is None:
+    def _require_channel(self) -> UnixChannel:
+        if self._channel is None:
             raise IdentityUnavailable("identity is not started")
-        return self._stub
+        return self._channel
 
     def _readiness(self) -> tuple[bool, str]:
         now = self._clock()
@@ -274,13 +266,9 @@ class WorkloadApiIdentity:
             log.warning("identity unhealthy (%s): %s", state, detail)
             self._observer.identity_event("unhealthy", self.spiffe_id, f"{state}: {detail}")
 
-    def _classify(
-        self, exc: grpc.aio.AioRpcError | None, code_name: str = "", details: str = ""
-    ) -> tuple[str, str]:
+    def _classify(self, exc: RpcError | None, code_name: str = "", details: str = "") -> tuple[str, str]:
         if exc is not None:
-            code = exc.code()
-            code_name = code.name if code is not None else "UNKNOWN"
-            details = exc.details() or ""
+            code_name, details = exc.code_name, exc.details
         path = self._config.socket_path
         return core.classify(code_name, details, socket_path=path, socket_exists=Path(path).exists())
 
@@ -288,15 +276,15 @@ class WorkloadApiIdentity:
         attempt = 0
         while True:
             try:
-                async for response in self._require_stub().FetchX509SVID(
-                    workload_pb2.X509SVIDRequest(), metadata=METADATA
+                async for raw in self._require_channel().unary_stream(
+                    _SERVICE + "FetchX509SVID", workload_pb2.X509SVIDRequest().SerializeToString(), METADATA
                 ):
-                    self._accept(response)
+                    self._accept(workload_pb2.X509SVIDResponse.FromString(raw))
                     attempt = 0
                 state, detail = self._classify(None, "STREAM_ENDED", "the agent closed the stream")
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
+            except RpcError as exc:
                 state, detail = self._classify(exc)
             except core.SvidFormatError as exc:
                 state, detail = core.BAD_RESPONSE, f"the Workload API sent an unusable X.509-SVID: {exc}"
@@ -353,14 +341,16 @@ class WorkloadApiIdentity:
         event.set()
 
     async def _fetch_jwt(self, audience: str) -> _JwtEntry:
-        stub = self._require_stub()
+        channel = self._require_channel()
         try:
-            response = await stub.FetchJWTSVID(
-                workload_pb2.JWTSVIDRequest(audience=[audience]),
-                metadata=METADATA,
-                timeout=self._config.jwt_fetch_timeout_s,
+            raw = await channel.unary_unary(
+                _SERVICE + "FetchJWTSVID",
+                workload_pb2.JWTSVIDRequest(audience=[audience]).SerializeToString(),
+                METADATA,
+                self._config.jwt_fetch_timeout_s,
             )
-        except grpc.aio.AioRpcError as exc:
+            response = workload_pb2.JWTSVIDResponse.FromString(raw)
+        except RpcError as exc:
             state, detail = self._classify(exc)
             self._jwt_fetches[state] += 1
             raise IdentityUnavailable(f"no JWT-SVID for audience {audience!r}: {detail}") from None

@@ -221,11 +221,20 @@ class JwksCache:
             async with self._session.get(self._jwks_uri, timeout=timeout) as response:
                 if response.status != 200:
                     raise _FetchError(f"JWKS {self._jwks_uri} answered HTTP {response.status}")
-                document = json.loads(await response.read())
+                document = json.loads(await _read_bounded(response, JWKS_MAX_BYTES, self._jwks_uri))
             keys = document.get("keys") if isinstance(document, dict) else None
             if not isinstance(keys, list):
                 raise _FetchError(f"JWKS {self._jwks_uri} has no 'keys' list")
-            self._keys = [k for k in keys if isinstance(k, dict)]
+            usable = [k for k in keys if isinstance(k, dict)]
+            limit = self._config.jwks_max_keys
+            if len(usable) > limit and len(usable) != len(self._keys):
+                log.warning(
+                    "JWKS %s lists %d keys; keeping the first %d (inbound.jwks_max_keys)",
+                    self._jwks_uri,
+                    len(usable),
+                    limit,
+                )
+            self._keys = usable[:limit]
             self._fetched_at = time.monotonic()
             if self.last_error is not None:
                 log.info("JWKS fetched again from %s (%d keys)", self._jwks_uri, len(self._keys))
@@ -255,6 +264,19 @@ class JwksCache:
 
 class _FetchError(Exception):
     pass
+
+
+# A JWKS document is a few KB; the cap keeps a broken or hostile endpoint from filling the heap.
+JWKS_MAX_BYTES = 1 << 20
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int, url: str) -> bytes:
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            raise _FetchError(f"JWKS {url} is larger than {limit} bytes")
+    return bytes(body)
 
 
 class TokenVerifier:

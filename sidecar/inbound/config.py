@@ -70,6 +70,7 @@ _KEYS = frozenset(
         "authorization_servers",
         "jwks_refresh_interval_s",
         "jwks_min_refresh_interval_s",
+        "jwks_max_keys",
         "mtls",
         "max_body_bytes",
         "upstream_timeout_s",
@@ -178,6 +179,8 @@ class InboundConfig:
     authorization_servers: tuple[str, ...] = ()
     jwks_refresh_interval_s: float = 600.0
     jwks_min_refresh_interval_s: float = 30.0  # rate limit for unknown-`kid` refreshes
+    # Signing keys kept per issuer (the first ones of the JWKS); its document is read up to 1 MiB.
+    jwks_max_keys: int = 100
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_timeout_s: float = 30.0  # connect + response headers (+ body for JSON answers)
@@ -301,6 +304,7 @@ class InboundConfig:
             jwks_min_refresh_interval_s=_float(
                 data, "jwks_min_refresh_interval_s", cls.jwks_min_refresh_interval_s, 0, 3600
             ),
+            jwks_max_keys=_int(data, "jwks_max_keys", cls.jwks_max_keys, 1, 10_000),
             mtls=mtls,
             max_body_bytes=_int(data, "max_body_bytes", cls.max_body_bytes, 1024, 1 << 30),
             upstream_timeout_s=_float(data, "upstream_timeout_s", cls.upstream_timeout_s, 0.01, 3600),

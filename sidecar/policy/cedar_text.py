@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import cedarpy
-
 # A prefix of valid Cedar text fails only with one of these (it ran out of input, it did not go wrong).
 _EOF_ERRORS = ("unexpected end of input",)
 _TOKEN_ERRORS = ("unexpected token", "invalid token")
@@ -50,6 +48,8 @@ def _line_col(text: str, offset: int) -> tuple[int, int]:
 
 
 def _parse_error(text: str) -> str | None:
+    import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
     try:
         cedarpy.policies_to_json_str(text)
     except ValueError as exc:
@@ -114,6 +114,8 @@ def locate_error(text: str) -> tuple[int, int, str]:
 
 def compile_policies(text: str, origin: str, *, forbid_only: bool = False) -> CompiledPolicies:
     """Parse `text`; raise `CedarError` naming line/column for syntax, or the policy for `permit`s."""
+    import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
     if not isinstance(text, str):
         raise CedarError(f"{origin}: Cedar policies must be text, not {type(text).__name__}")
     try:

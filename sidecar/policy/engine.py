@@ -14,8 +14,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cedarpy
-
 from outrider.sidecar.inbound.jsonrpc import McpMessage
 from outrider.sidecar.policy.cedar_text import PERMIT_ALL, CedarError, CompiledPolicies, compile_policies
 from outrider.sidecar.policy.config import LayerSource
@@ -60,6 +58,8 @@ class _Group:
     slices: dict[tuple[str, str, str], Any] = field(default_factory=dict, compare=False, repr=False)
 
     def slice(self, action: str, kind: str, resource: str) -> Any:
+        import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
         key = (action, kind, resource)
         found = self.slices.get(key)
         if found is not None:
@@ -129,6 +129,8 @@ def build(layers: Sequence[tuple[CompiledPolicies, bool]]) -> Policies:
     """Group compiled layers for evaluation (see the module docstring)."""
     if not layers:
         return Policies((), ())
+    import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
     ceilings = [c for c, narrowing in layers if not narrowing]
     narrowings = [c for c, narrowing in layers if narrowing]
     groups: list[_Group] = []
@@ -201,6 +203,8 @@ _MAX_ENTITY_HANDLES = 4096
 
 
 def _entity_handle(principal: Principal, server: Server, resources: Sequence[dict[str, Any] | None]) -> Any:
+    import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
     key = (principal, server, tuple((r["uid"]["type"], r["uid"]["id"]) for r in resources if r is not None))
     handle = _ENTITY_HANDLES.get(key)
     if handle is None:
@@ -217,6 +221,8 @@ def decide(
     """One decision per message (all judged requests evaluated in one batch per group)."""
     if not policies.enabled or not messages:
         return [ALLOW_NO_POLICY for _ in messages]
+    import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
     built = [request_for(m, principal, server, transport) for m in messages]
     entities = _entity_handle(principal, server, [r for _, r in built])
     requests = [r for r, _ in built]
@@ -279,6 +285,8 @@ def may_use(
     """
     if not policies.enabled:
         return [True for _ in names]
+    import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
     action, entity_type, _ = next(v for k, v in LIST_RESULTS.items() if k == kind)
     base = _entities(principal, server, ())
     who = uid_text(principal_uid(principal))

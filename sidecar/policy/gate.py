@@ -94,7 +94,10 @@ class Gate:
     @classmethod
     def from_config(cls, config: PolicyConfig, server: Callable[[], Server]) -> Gate:
         holder = PolicyHolder.from_config(config)
-        storage = open_storage(config.storage, config.store_timeout_s)
+        # A shared store is opened now (a bad URI fails start-up); the in-memory one at the first
+        # spend, so a sidecar without rate limits never loads `limits`.
+        memory = config.storage.startswith("memory://")
+        storage = config.storage if memory else open_storage(config.storage, config.store_timeout_s)
         limiter = RateLimiter(
             storage,
             on_store_error=config.on_store_error,

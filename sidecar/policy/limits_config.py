@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from limits import RateLimitItem, parse_many
+from typing import TYPE_CHECKING, Any
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
 
@@ -19,6 +17,9 @@ SCOPES = ("per_pod", "per_tool", "per_user", "per_user_tool")
 ANY_TOOL = "*"
 # The methods that spend budget: the ones that reach a tool, a prompt or a resource.
 METERED_METHODS = frozenset({"tools/call", "prompts/get", "resources/read"})
+
+if TYPE_CHECKING:  # `limits` itself is imported only by a configuration that sets a rate limit
+    from limits import RateLimitItem
 
 
 class LimitsError(ValueError):
@@ -30,6 +31,8 @@ def _items(value: Any, where: str) -> tuple[RateLimitItem, ...]:
         value = [value]
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise LimitsError(f"{where}: {value!r} must be a rate like '10/minute' or a list of them")
+    from limits import parse_many  # here, not at the top: only configured rate limits load `limits`
+
     items: list[RateLimitItem] = []
     for text in value:
         try:

@@ -12,12 +12,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from limits.aio.storage import MemoryStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.storage import storage_from_string
+from typing import TYPE_CHECKING
 
 from outrider.sidecar.policy.limits_config import Budget
+
+if TYPE_CHECKING:  # `limits` (and a Redis client) load only when a limit is spent or a store is set
+    from limits.aio.storage import Storage
+    from limits.aio.strategies import MovingWindowRateLimiter
 
 log = logging.getLogger("outrider.policy.ratelimit")
 
@@ -34,6 +35,9 @@ OK = LimitResult(True)
 
 
 def open_storage(uri: str, timeout_s: float) -> Storage:
+    from limits.aio.storage import MemoryStorage, Storage
+    from limits.storage import storage_from_string
+
     if uri.startswith("memory://"):
         return MemoryStorage()
     scheme = uri if uri.startswith("async+") else "async+" + uri
@@ -49,9 +53,16 @@ def open_storage(uri: str, timeout_s: float) -> Storage:
 class RateLimiter:
     """A moving window per budget (exact: Redis evaluates each hit atomically in a Lua script)."""
 
-    def __init__(self, storage: Storage, *, on_store_error: str, timeout_s: float, shared: bool) -> None:
-        self.storage = storage
-        self.strategy = MovingWindowRateLimiter(storage)
+    def __init__(
+        self, storage: Storage | str, *, on_store_error: str, timeout_s: float, shared: bool
+    ) -> None:
+        """`storage` is an open store, or the URI of one opened at the first spend or probe.
+
+        A URI keeps a sidecar whose policy sets no rate limit from loading `limits` at all.
+        """
+        self._uri = storage if isinstance(storage, str) else None
+        self._storage = None if isinstance(storage, str) else storage
+        self._strategy: MovingWindowRateLimiter | None = None
         self.fail_open = on_store_error == "allow"
         self.timeout_s = timeout_s
         self.shared = shared
@@ -59,6 +70,21 @@ class RateLimiter:
         self.store_errors_total = 0
         self.limited_total = 0
         self.last_store_error: str | None = None
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            assert self._uri is not None
+            self._storage = open_storage(self._uri, self.timeout_s)
+        return self._storage
+
+    @property
+    def strategy(self) -> MovingWindowRateLimiter:
+        if self._strategy is None:
+            from limits.aio.strategies import MovingWindowRateLimiter
+
+            self._strategy = MovingWindowRateLimiter(self.storage)
+        return self._strategy
 
     async def spend(self, budgets: Sequence[Budget]) -> LimitResult:
         if not budgets:

@@ -15,8 +15,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import cedarpy
-
 from outrider.sidecar.policy.cedar_text import CompiledPolicies
 
 _ARGUMENTS_TYPE = "type Arguments = {};"
@@ -78,6 +76,8 @@ class ServerTools:
 
 def validate(layers: Iterable[CompiledPolicies], schema: str) -> list[str]:
     """Cedar's validator over each layer (entity types, actions, attributes, types), one line each."""
+    import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
     problems: list[str] = []
     for compiled in layers:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import sys
 import threading
 import time
@@ -17,6 +18,8 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
 from outrider.sidecar.telemetry.aggregate import DenialAggregator
@@ -71,7 +74,10 @@ class EventStamp:
 
     @classmethod
     def at(cls, when: datetime, trace_id: str | None = None, span_id: str | None = None) -> EventStamp:
-        return cls(event_id=str(uuid.uuid4()), time=when, trace_id=trace_id, span_id=span_id)
+        # A random (version 4) UUID from the process's PRNG: an event id must be unique, not secret,
+        # and uuid4() costs an os.urandom system call per audited call.
+        event_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
+        return cls(event_id=event_id, time=when, trace_id=trace_id, span_id=span_id)
 
 
 def _time(value: datetime) -> str:
@@ -253,9 +259,16 @@ def egress_event(stamp: EventStamp, *, decision: EgressDecision, workload: Workl
     return event
 
 
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
 def encode(event: Event) -> str:
     """One compact JSON line (no trailing newline); non-JSON values become strings."""
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        # orjson: the same compact UTF-8 JSON at a tenth of the json module's cost per event.
+        return orjson.dumps(event, default=str, option=_ORJSON_OPTIONS).decode()
+    except (TypeError, orjson.JSONEncodeError):  # e.g. an integer past 64 bits in recorded arguments
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 class AuditLog:

@@ -12,11 +12,8 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-from opentelemetry import metrics, trace
-
 from outrider.sidecar.runtime import Runtime
 from outrider.sidecar.telemetry.audit import AuditLog, Workload
-from outrider.sidecar.telemetry.observer_otel import OtelObserver
 from outrider.sidecar.telemetry.worker import Worker
 
 log = logging.getLogger("outrider.telemetry")
@@ -30,6 +27,11 @@ async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
     previous = runtime.observer
     worker = Worker(enabled=config.background)
     if audit.enabled:
+        # Imported only here: with telemetry and audit both off, no OpenTelemetry module is loaded.
+        from opentelemetry import metrics, trace
+
+        from outrider.sidecar.telemetry.observer_otel import OtelObserver
+
         runtime.observer = OtelObserver(
             config,
             tracer_provider=trace.NoOpTracerProvider(),
@@ -79,7 +81,8 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         async with _audit_only(runtime):
             yield
         return
-    # Imported here: the OTel SDK costs ~2 MB of RSS that a process with OTEL_SDK_DISABLED never uses.
+    # Imported here: the OTel SDK costs RSS that a process with OTEL_SDK_DISABLED never uses.
+    from outrider.sidecar.telemetry.observer_otel import OtelObserver
     from outrider.sidecar.telemetry.setup import build_providers, tune_switch_interval
 
     providers = build_providers(

@@ -1,32 +1,31 @@
 """Prometheus text exposition of the sidecar's OpenTelemetry metrics, for /metrics on the admin port.
 
-A pull-based SDK reader collects on each scrape; prometheus_client does the text formatting.
+A pull-based SDK reader collects on each scrape; `prom_text` writes the text format.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
     Gauge,
     Histogram,
     InMemoryMetricReader,
     Metric,
+    MetricExporter,
+    MetricReader,
     MetricsData,
+    PeriodicExportingMetricReader,
     Sum,
 )
-from prometheus_client import generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
-from prometheus_client.core import (
-    Metric as PromMetric,
-)
-from prometheus_client.registry import Collector, CollectorRegistry
+from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
+
+from outrider.sidecar.telemetry.prom_text import Family, Kind
+from outrider.sidecar.telemetry.prom_text import render as render_text
 
 _UNIT_SUFFIX = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
 _INVALID = re.compile(r"[^a-zA-Z0-9_:]")
@@ -58,7 +57,7 @@ def _labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def families(metric: Metric) -> Iterator[PromMetric]:
+def families(metric: Metric) -> Iterator[Family]:
     """Prometheus metric families for one OTel metric (cumulative data expected)."""
     name = metric_name(metric.name, metric.unit)
     doc = metric.description or metric.name
@@ -66,18 +65,15 @@ def families(metric: Metric) -> Iterator[PromMetric]:
     if isinstance(data, Sum | Gauge):
         points = [(_labels(p.attributes), p) for p in data.data_points]
         label_keys = sorted({k for labels, _ in points for k in labels})
-        family: PromMetric
-        if isinstance(data, Sum) and data.is_monotonic:
-            family = CounterMetricFamily(name, doc, labels=label_keys)
-        else:
-            family = GaugeMetricFamily(name, doc, labels=label_keys)
+        kind: Kind = "counter" if isinstance(data, Sum) and data.is_monotonic else "gauge"
+        family = Family(name, doc, kind, label_keys)
         for labels, point in points:
-            family.add_metric([labels.get(k, "") for k in label_keys], float(point.value))
+            family.add([labels.get(k, "") for k in label_keys], float(point.value))
         yield family
     elif isinstance(data, Histogram):
         hpoints = [(_labels(p.attributes), p) for p in data.data_points]
         label_keys = sorted({k for labels, _ in hpoints for k in labels})
-        hist = HistogramMetricFamily(name, doc, labels=label_keys)
+        hist = Family(name, doc, "histogram", label_keys)
         for labels, hpoint in hpoints:
             cumulative = 0
             buckets: list[tuple[str, float]] = []
@@ -85,17 +81,8 @@ def families(metric: Metric) -> Iterator[PromMetric]:
                 cumulative += count
                 buckets.append((repr(float(bound)), float(cumulative)))
             buckets.append(("+Inf", float(hpoint.count)))
-            hist.add_metric([labels.get(k, "") for k in label_keys], buckets, float(hpoint.sum))
+            hist.add_histogram([labels.get(k, "") for k in label_keys], buckets, float(hpoint.sum))
         yield hist
-
-
-class _Snapshot(Collector):
-    def __init__(self, metrics: Iterable[Metric]) -> None:
-        self._metrics = list(metrics)
-
-    def collect(self) -> Iterator[PromMetric]:
-        for metric in self._metrics:
-            yield from families(metric)
 
 
 def render(data: MetricsData | None) -> bytes:
@@ -105,16 +92,64 @@ def render(data: MetricsData | None) -> bytes:
         for resource_metrics in data.resource_metrics:
             for scope_metrics in resource_metrics.scope_metrics:
                 metrics.extend(scope_metrics.metrics)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(metrics))
-    return generate_latest(registry)
+    return render_text(family for metric in metrics for family in families(metric))
+
+
+class ExportingReader(PeriodicExportingMetricReader):
+    """The OTLP reader that /metrics also reads: one aggregation of each instrument for both.
+
+    Every reader on a MeterProvider keeps its own aggregation of every measurement, so a second
+    (pull) reader for /metrics doubled the metric work of every call. A scrape collects this reader
+    on the calling thread and keeps the data instead of exporting it; with cumulative temporality
+    (see `shares_aggregation`) an extra collection changes nothing the exporter sends.
+    """
+
+    def __init__(self, exporter: MetricExporter) -> None:
+        super().__init__(exporter)
+        self._scrape = threading.local()
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        if getattr(self._scrape, "active", False):
+            self._scrape.data = metrics_data
+            return
+        super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+
+    def scrape(self) -> MetricsData | None:
+        self._scrape.active, self._scrape.data = True, None
+        try:
+            self.collect()
+            data: MetricsData | None = self._scrape.data
+            return data
+        finally:
+            self._scrape.active, self._scrape.data = False, None
+
+
+def shares_aggregation(exporter: MetricExporter) -> bool:
+    """Whether /metrics can read the exporter's reader: cumulative and explicit-bucket, as Prometheus is.
+
+    With delta temporality (OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE) a scrape would take
+    the exporter's deltas; with exponential histograms /metrics has no text form for them.
+    """
+    temporality = (exporter._preferred_temporality or {}).values()
+    aggregations = (exporter._preferred_aggregation or {}).values()
+    return all(t == AggregationTemporality.CUMULATIVE for t in temporality) and not any(
+        isinstance(a, ExponentialBucketHistogramAggregation) for a in aggregations
+    )
 
 
 class PrometheusText:
-    """A metric reader to add to the MeterProvider, and the `/metrics` producer over it."""
+    """The `/metrics` producer: over its own pull reader, or over the OTLP reader it shares."""
 
-    def __init__(self) -> None:
-        self.reader = InMemoryMetricReader()
+    def __init__(self, shared: ExportingReader | None = None) -> None:
+        self.reader: MetricReader
+        self._read: Callable[[], MetricsData | None]
+        if shared is not None:
+            self.reader, self._read = shared, shared.scrape
+        else:
+            pull = InMemoryMetricReader()
+            self.reader, self._read = pull, pull.get_metrics_data
 
     def __call__(self) -> bytes:
-        return render(self.reader.get_metrics_data())
+        return render(self._read())

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
@@ -18,7 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-from outrider.sidecar.telemetry.prometheus import PrometheusText
+from outrider.sidecar.telemetry.prometheus import ExportingReader, PrometheusText, shares_aggregation
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -75,7 +75,8 @@ def _span_exporter(protocol: Protocol) -> SpanExporter:
         return GrpcSpans()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpans
 
-    return HttpSpans()
+    transport = http_transport("traces", os.environ)
+    return HttpSpans() if transport is None else HttpSpans(_transport=transport)
 
 
 def _metric_exporter(protocol: Protocol) -> MetricExporter:
@@ -85,7 +86,35 @@ def _metric_exporter(protocol: Protocol) -> MetricExporter:
         return GrpcMetrics()
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetrics
 
-    return HttpMetrics()
+    transport = http_transport("metrics", os.environ)
+    return HttpMetrics() if transport is None else HttpMetrics(_transport=transport)
+
+
+def tls_files(signal: Signal, env: Mapping[str, str]) -> tuple[bool | str, str | tuple[str, str] | None]:
+    """(CA file or True, client certificate [and key]) from OTEL_*, as the SDK's own transport reads them."""
+    prefix, generic = f"OTEL_EXPORTER_OTLP_{signal.upper()}_", "OTEL_EXPORTER_OTLP_"
+    verify: bool | str = env.get(prefix + "CERTIFICATE") or env.get(generic + "CERTIFICATE") or True
+    key = env.get(prefix + "CLIENT_KEY") or env.get(generic + "CLIENT_KEY")
+    cert = env.get(prefix + "CLIENT_CERTIFICATE") or env.get(generic + "CLIENT_CERTIFICATE")
+    return verify, ((cert, key) if cert and key else cert)
+
+
+def http_transport(signal: Signal, env: Mapping[str, str]) -> Any:
+    """The SDK's urllib3 transport for OTLP/HTTP, or None to keep its default (requests).
+
+    The default transport loads `requests` (~2.5 MB of RSS on top of urllib3, which it uses
+    underneath anyway). The SDK chooses the transport's TLS files; passing our own means reading
+    them as it does (`tls_files`). An SDK without pluggable transports, or a credential provider
+    (which hands the exporter a requests session), keeps the default.
+    """
+    if env.get(f"OTEL_PYTHON_EXPORTER_OTLP_HTTP_{signal.upper()}_CREDENTIAL_PROVIDER"):
+        return None
+    try:
+        from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
+    except ImportError:
+        return None
+    verify, cert = tls_files(signal, env)
+    return Urllib3HTTPTransport(verify=verify, cert=cert)
 
 
 # While an exporter thread encodes a batch in Python, the event loop waits for the GIL up to the
@@ -147,10 +176,16 @@ def build_providers(
     if plan.traces:
         tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(plan.traces)))
 
-    prometheus = PrometheusText()
-    readers: list[MetricReader] = [prometheus.reader, *extra_metric_readers]
-    if plan.metrics:
-        readers.append(PeriodicExportingMetricReader(_metric_exporter(plan.metrics)))
+    exporter = _metric_exporter(plan.metrics) if plan.metrics else None
+    if exporter is not None and shares_aggregation(exporter):
+        # One reader, one aggregation per instrument, for OTLP and /metrics alike.
+        prometheus = PrometheusText(ExportingReader(exporter))
+        readers: list[MetricReader] = [prometheus.reader, *extra_metric_readers]
+    else:
+        prometheus = PrometheusText()
+        readers = [prometheus.reader, *extra_metric_readers]
+        if exporter is not None:
+            readers.append(PeriodicExportingMetricReader(exporter))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     log.info(
         "telemetry: traces %s, metrics %s",

@@ -69,6 +69,7 @@ class Issuer:
         self.keys: list[Key] = []
         self.jwks_fetches = 0
         self.discovery_fetches = 0
+        self.padding = ""  # an extra member that makes the JWKS document as large as wanted
 
     def token(self, key: Key, **claims: Any) -> str:
         now = int(time.time())
@@ -81,7 +82,7 @@ class Issuer:
 
     async def jwks(self, _: web.Request) -> web.Response:
         self.jwks_fetches += 1
-        return web.json_response({"keys": [k.jwk for k in self.keys]})
+        return web.json_response({"keys": [k.jwk for k in self.keys], "x": self.padding})
 
 
 @pytest.fixture
@@ -850,3 +851,20 @@ async def test_discovery_accepts_an_https_jwks_uri(session: aiohttp.ClientSessio
         assert f"127.0.0.1:{closed}" in jwks.last_error
     finally:
         await runner.cleanup()
+
+
+async def test_jwks_is_bounded_in_keys_and_in_bytes(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    keys = [make_key("ES256") for _ in range(5)]
+    issuer.keys.extend(keys)
+    verifier = await verifier_for(issuer, session, jwks_max_keys=2)
+    # Only the first two keys are kept: a token signed with the third is refused (unknown kid).
+    assert isinstance(await verifier.verify(issuer.token(keys[1])), Principal)
+    assert isinstance(await verifier.verify(issuer.token(keys[4])), AuthFailure)
+    # A JWKS document over 1 MiB is refused whole; the keys held before stay in use.
+    issuer.padding = "a" * (1 << 20)
+    cache = JwksCache(config_for(issuer), session)
+    await cache.refresh(force=True)
+    assert not cache.loaded and cache.last_error is not None and "larger than" in cache.last_error
+    issuer.padding = ""
+    await cache.refresh(force=True)
+    assert cache.loaded

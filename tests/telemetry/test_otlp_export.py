@@ -146,3 +146,53 @@ async def test_otlp_grpc_to_local_receiver(
 ) -> None:
     endpoint, received = grpc_receiver
     await _export_and_check(monkeypatch, endpoint, received, "grpc")
+
+
+def _requests_points(received: Received) -> float:
+    """The last exported cumulative value of `outrider.mcp.requests`, summed over its points."""
+    total = 0.0
+    for request in received.metrics[-1:]:
+        for rm in request.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == "outrider.mcp.requests":
+                        total += sum(p.as_int or p.as_double for p in metric.sum.data_points)
+    return total
+
+
+@pytest.mark.parametrize(("preference", "readers"), [("cumulative", 1), ("delta", 2)])
+async def test_metrics_and_otlp_share_one_aggregation_when_both_are_cumulative(
+    monkeypatch: pytest.MonkeyPatch, http_receiver: tuple[str, Received], preference: str, readers: int
+) -> None:
+    """One reader (one aggregation per measurement) feeds OTLP and /metrics; delta needs its own."""
+    endpoint, received = http_receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", preference)
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # only the flushes below export
+    providers = build_providers("outrider-proxy")
+    assert len(providers.meter_provider._metric_readers) == readers
+    observer = OtelObserver(
+        TelemetryConfig(),
+        tracer_provider=providers.tracer_provider,
+        meter_provider=providers.meter_provider,
+        audit=AuditLog(io.StringIO()),
+        workload=lambda: WORKLOAD,
+    )
+    _drive(observer)
+    text = providers.prometheus().decode()
+    # Scraping twice changes nothing the exporter sends (a scrape never exports, never resets).
+    assert providers.prometheus().decode().count("outrider_mcp_requests_total{") == text.count(
+        "outrider_mcp_requests_total{"
+    )
+    await asyncio.sleep(0.2)
+    assert received.metrics == []  # scrapes exported nothing
+    await asyncio.wait_for(asyncio.to_thread(providers.meter_provider.force_flush), timeout=30)
+    assert len(received.metrics) == 1
+    assert _requests_points(received) == 2  # both calls, whatever /metrics did in between
+    scraped = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in providers.prometheus().decode().splitlines()
+        if line.startswith("outrider_mcp_requests_total{")
+    )
+    assert scraped == 2
+    await asyncio.wait_for(asyncio.to_thread(providers.shutdown), timeout=30)

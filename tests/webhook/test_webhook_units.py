@@ -626,3 +626,28 @@ def test_cached_egress_plan_follows_each_input() -> None:
 )
 def test_sorted_json_writes_what_json_dumps_writes(value: Any) -> None:
     assert engine._sorted_json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def test_per_pod_refusal_is_the_one_the_whole_check_gives() -> None:
+    """The webhook re-checks only `inbound` per pod; the first error must still be `validate`'s own."""
+    import itertools
+
+    from outrider.sidecar import config as sidecar_settings
+    from outrider.webhook.engine import _OTHER_SECTIONS, _sidecar_refusal
+
+    bad = {
+        "identity": {"socket": "tcp://nope"},
+        "inbound": {"mcp_port": 0},
+        "exchange": {"cache_size": "many"},
+        "policy": {"storage": "nowhere"},
+        "telemetry": {"audit": 7},
+    }
+    good = {"inbound": {"mcp_port": 8080}}
+    for count in range(len(bad) + 1):
+        for chosen in itertools.combinations(bad, count):
+            value = {**good, **{name: bad[name] for name in chosen}}
+            sidecar_settings.check_sections(value)
+            other = sidecar_settings.first_error(value, _OTHER_SECTIONS) or ("", "")
+            expected = _sidecar_refusal(value)
+            assert _sidecar_refusal(value, other) == expected, chosen
+            assert (expected is None) == (count == 0), chosen
