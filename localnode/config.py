@@ -128,6 +128,11 @@ class NodeConfig:
         return self.spire_dir / "agent" / "public"
 
     @property
+    def agent_socket(self) -> Path:
+        """The Workload API socket, named as SPIRE's Helm charts name it (Outrider's default)."""
+        return self.agent_socket_dir / "spire-agent.sock"
+
+    @property
     def server_socket(self) -> Path:
         return self.spire_dir / "server" / "private" / "api.sock"
 

@@ -247,7 +247,7 @@ def spire_agent_conf(cfg: NodeConfig) -> str:
     log_level = "INFO"
     server_address = "{cfg.node_ip}"
     server_port = "{cfg.spire_server_port}"
-    socket_path = "{cfg.agent_socket_dir / "api.sock"}"
+    socket_path = "{cfg.agent_socket}"
     trust_bundle_path = "{d / "bootstrap.crt"}"
     trust_domain = "{cfg.trust_domain}"
 }}

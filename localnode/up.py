@@ -188,7 +188,7 @@ def spire_up(cfg: NodeConfig, bins: dict[str, str]) -> None:
     def agent_healthy() -> bool:
         alive_or_fail(cfg, "spire-agent")
         run(
-            [bins["spire-agent"], "healthcheck", "-socketPath", str(cfg.agent_socket_dir / "api.sock")],
+            [bins["spire-agent"], "healthcheck", "-socketPath", str(cfg.agent_socket)],
             timeout=10,
         )
         return True

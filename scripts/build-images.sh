@@ -121,9 +121,30 @@ EOF2
 }
 
 # --- 2. the images ------------------------------------------------------------------------------
+# What a build of <Dockerfile> reads: the Dockerfile, its ignore file, the base, and every file the
+# ignore file lets into the context (its `!` lines), by path and content (symlinks by target).
+context_key() {  # context_key <Dockerfile>
+  local file="$1" ign="$ROOT/$1.dockerignore" paths=()
+  [[ -f "$ign" ]] && mapfile -t paths < <(sed -n 's#^!\(.*\)#\1#p' "$ign" | sed 's#/$##')
+  {
+    image_key; cat "$ROOT/$file" "$ign" 2>/dev/null
+    (cd "$ROOT" && find "${paths[@]}" \( -name __pycache__ -prune \) -o \( -type f ! -name '*.pyc' -print \) \
+        -o \( -type l -print \) 2>/dev/null | LC_ALL=C sort | while read -r f; do
+          if [[ -L "$f" ]]; then printf 'L %s %s\n' "$f" "$(readlink "$f")"
+          else printf 'F %s %s\n' "$f" "$(sha256sum < "$f" | cut -c1-64)"; fi
+        done)
+  } | sha256sum | cut -c1-16
+}
+
 bud() {  # bud <Dockerfile> <tag>
-  local file="$1" tag="$2" t0 ignore
+  local file="$1" tag="$2" t0 ignore key stamp
   t0="$(now)"
+  # nothing the build reads has changed since the last build of this tag: skip buildah entirely
+  # (even a fully cached `buildah bud` costs minutes with the vfs driver)
+  key="$(context_key "$file")"; stamp="$WORK/built/${tag//[\/:]/_}"
+  if [[ "$(cat "$stamp" 2>/dev/null)" == "$key $(bah inspect --type image --format '{{.FromImageID}}' "$tag" 2>/dev/null)" ]]; then
+    log "  $tag is current (sources unchanged since its build, $key)"; return
+  fi
   ignore=()
   [[ -f "$ROOT/$file.dockerignore" ]] && ignore=(--ignorefile "$ROOT/$file.dockerignore")
   log "building $tag from $file"
@@ -132,6 +153,8 @@ bud() {  # bud <Dockerfile> <tag>
   bah bud --quiet --layers --network host --isolation chroot --format docker "${ignore[@]}" \
     --build-arg "PYTHON_IMAGE=$BASE_IMAGE" -f "$ROOT/$file" -t "$tag" "$ROOT" >/dev/null \
     || die "buildah bud of $file failed"
+  mkdir -p "$WORK/built"
+  echo "$key $(bah inspect --type image --format '{{.FromImageID}}' "$tag")" > "$stamp"
   log "  $tag: $(image_size "$tag") in $(since "$t0")"
 }
 
@@ -202,7 +225,8 @@ build() {
 push() {  # for users: buildah push to IMAGE_REPO (credentials: buildah login / REGISTRY_AUTH_FILE)
   local tag
   [[ "$IMAGE_REPO" != localhost/* ]] || die "set IMAGE_REPO to a registry you can push to (e.g. ghcr.io/you)"
-  for tag in "$SIDECAR_IMAGE" "$WEBHOOK_IMAGE"; do
+  # the example MCP server too: docs/install.md deploys it in step 5
+  for tag in "$SIDECAR_IMAGE" "$WEBHOOK_IMAGE" "$MCP_IMAGE"; do
     bah inspect --type image "$tag" >/dev/null 2>&1 || die "$tag is not built: run make images IMAGE_REPO=$IMAGE_REPO"
     log "pushing $tag"
     bah push "$tag" "docker://$tag"
@@ -213,6 +237,7 @@ case "${1:-build}" in
   build) build ;;
   push) push ;;
   names) names ;;
+  key) context_key "${2:?usage: $0 key images/NAME.Dockerfile}" ;;
   load) load "$SIDECAR_IMAGE" "$WEBHOOK_IMAGE" "$MCP_IMAGE" ;;
-  *) die "usage: $0 [build|push|names|load]" ;;
+  *) die "usage: $0 [build|push|names|load|key FILE]" ;;
 esac

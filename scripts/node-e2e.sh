@@ -39,12 +39,6 @@ images_s=$((SECONDS - t))
 
 t=$SECONDS
 export KUBECONFIG="${KUBECONFIG:-$NODE_DIR/kubeconfig}" OUTRIDER_CLUSTER_E2E=1
-agent_dir="$NODE_DIR/spire/agent/public"
-if [[ ! -S "$agent_dir/spire-agent.sock" && -S "$agent_dir/api.sock" ]]; then
-  # Outrider's default is SPIRE's Helm-chart name spire-agent.sock; this node's agent says api.sock
-  export OUTRIDER_E2E_AGENT_SOCKET=api.sock
-  log "the node's SPIRE agent socket is api.sock, not spire-agent.sock: the run sets sidecar identity.socket"
-fi
 log "running the in-cluster test module against $KUBECONFIG"
 rc=0
 # shellcheck disable=SC2086

@@ -148,6 +148,8 @@ def build_handler(
 
     async def readyz() -> web.Response:
         results = {}
+        if runtime.draining:
+            results["shutdown"] = (False, "draining: SIGTERM received, finishing in-flight calls")
         for name, check in list(runtime.readiness.items()):
             try:
                 results[name] = check()

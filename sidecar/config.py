@@ -22,9 +22,10 @@ from outrider.sidecar.exchange.config import ExchangeConfig
 from outrider.sidecar.identity.config import IdentityConfig
 from outrider.sidecar.inbound.config import InboundConfig
 from outrider.sidecar.policy.config import PolicyConfig
+from outrider.sidecar.shutdown import ShutdownConfig
 from outrider.sidecar.telemetry.config import TelemetryConfig
 
-SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry", "policy")
+SECTIONS = ("pod", "admin", "identity", "inbound", "exchange", "egress", "telemetry", "policy", "shutdown")
 
 __all__ = [
     "ConfigError",
@@ -79,6 +80,7 @@ class SidecarConfig:
     egress: EgressConfig
     telemetry: TelemetryConfig
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 
 
 def _known(data: Mapping[str, Any], section: str, keys: tuple[str, ...]) -> None:
@@ -161,6 +163,7 @@ def first_error(raw: Mapping[str, Any], sections: tuple[str, ...] = SECTIONS) ->
         "egress": EgressConfig.from_mapping,
         "telemetry": TelemetryConfig.from_mapping,
         "policy": PolicyConfig.from_mapping,
+        "shutdown": ShutdownConfig.from_mapping,
     }
     for name in SECTIONS:
         if name not in sections:
@@ -189,6 +192,7 @@ def parse(raw: Mapping[str, Any]) -> SidecarConfig:
         egress=EgressConfig.from_mapping(section("egress")),
         telemetry=TelemetryConfig.from_mapping(section("telemetry")),
         policy=PolicyConfig.from_mapping(section("policy")),
+        shutdown=ShutdownConfig.from_mapping(section("shutdown")),
     )
 
 

@@ -1,7 +1,8 @@
 """`outrider sidecar`: one asyncio process that runs every component of `outrider-proxy`.
 
 Order matters: telemetry first (others report to it), identity next (others use the SVID), then
-the admin server, the inbound MCP proxy and the egress enforcer. Exit is the reverse order.
+the admin server, the inbound MCP proxy and the egress enforcer. Exit is the reverse order, after
+the drain of `outrider.sidecar.shutdown` (SIGTERM: unready, grace, in-flight calls finish, exit 0).
 """
 
 from __future__ import annotations
@@ -53,7 +54,22 @@ async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> Non
         _release_startup_memory()
         log.info("outrider-proxy running (pod %s/%s)", config.pod.namespace, config.pod.name)
         await stop.wait()
-        log.info("outrider-proxy shutting down")
+        await _drain_grace(runtime)
+        log.info(
+            "outrider-proxy closing its listeners; in-flight calls get up to %gs",
+            config.shutdown.drain_timeout_s,
+        )
+    log.info("outrider-proxy stopped")
+
+
+async def _drain_grace(runtime: Runtime) -> None:
+    """Report unready at once, and keep accepting for the grace period: the pod's endpoint removal
+    may still be on its way to some node's kube-proxy, whose traffic would otherwise be refused."""
+    runtime.draining = True
+    grace = runtime.config.shutdown.grace_s
+    log.info("outrider-proxy draining: /readyz reports unready; accepting new connections for %gs", grace)
+    if grace > 0:
+        await asyncio.sleep(grace)
 
 
 class StartupError(RuntimeError):

@@ -26,6 +26,8 @@ class Runtime:
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     # Prometheus text exposition contributors, concatenated by /metrics on the admin port.
     metrics: list[Callable[[], bytes]] = field(default_factory=list)
+    # set on SIGTERM: /readyz answers 503 from then on, so no new traffic is routed here
+    draining: bool = False
 
 
 Component = Callable[[Runtime], AbstractAsyncContextManager[None]]

@@ -88,6 +88,10 @@ class WebhookConfig:
     # True: outrider-proxy is an initContainer with restartPolicy Always (Kubernetes >= 1.29), so
     # Jobs complete and the proxy is ready before the app starts. False: the classic layout.
     native_sidecar: bool = True
+    # preStop sleep added to the MCP server's container (unless it has a preStop of its own): its
+    # SIGTERM waits this long, so kube-proxy removes the pod from the Service before it stops
+    # listening; capped at the pod's terminationGracePeriodSeconds - 2; 0 adds none (Kubernetes 1.30+).
+    app_stop_delay_seconds: int = 5
     # SPIFFE trust domain; the pod's expected SPIFFE ID is recorded in the status annotation.
     trust_domain: str = "cluster.local"
     # CSI driver that exposes the SPIFFE Workload API socket (spiffe-csi-driver).
@@ -374,6 +378,9 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
     native = data.get("native_sidecar", defaults.native_sidecar)
     if not isinstance(native, bool):
         raise ConfigError(f"native_sidecar: {native!r} must be true or false")
+    stop_delay = data.get("app_stop_delay_seconds", defaults.app_stop_delay_seconds)
+    if isinstance(stop_delay, bool) or not isinstance(stop_delay, int) or not 0 <= stop_delay <= 300:
+        raise ConfigError(f"app_stop_delay_seconds: {stop_delay!r} must be a whole number of seconds (0-300)")
     audiences_raw = data.get("token_audiences", [])
     if not isinstance(audiences_raw, list | tuple) or not all(
         isinstance(a, str) and a.strip() for a in audiences_raw
@@ -424,6 +431,7 @@ def parse_config(data: Mapping[str, Any] | None) -> WebhookConfig:
         image_pull_policy=str(pull),
         resources=_resources(data["resources"]) if "resources" in data else DEFAULT_RESOURCES,
         native_sidecar=native,
+        app_stop_delay_seconds=stop_delay,
         trust_domain=trust_domain,
         spiffe_csi_driver=_str(data, "spiffe_csi_driver", defaults.spiffe_csi_driver),
         token_audiences=audiences,

@@ -710,6 +710,14 @@ def _restricted(uid: int) -> dict[str, Any]:
     }
 
 
+def _stop_delay(config: WebhookConfig, spec: Mapping[str, Any]) -> int:
+    """The app's preStop sleep: `app_stop_delay_seconds`, leaving the pod's grace period at least
+    2 s for the app and the proxy to stop (0: none)."""
+    grace = spec.get("terminationGracePeriodSeconds")
+    grace = grace if isinstance(grace, int) and not isinstance(grace, bool) else 30
+    return max(0, min(config.app_stop_delay_seconds, grace - 2))
+
+
 def _apply(
     pod: Pod,
     config: WebhookConfig,
@@ -804,6 +812,24 @@ def _apply(
         # The kubelet starts the app only after a native sidecar's startupProbe passes.
         proxy["startupProbe"] = admin_probe("/healthz", periodSeconds=1, failureThreshold=120)
 
+    stop_delay = _stop_delay(config, spec)
+    if stop_delay:
+        # Deleting a pod removes it from the Service's endpoints and sends SIGTERM at the same time;
+        # an app that stops listening at once refuses the calls still routed here until every
+        # kube-proxy has caught up. A preStop sleep holds its SIGTERM back. A native sidecar is
+        # stopped only after the app has exited, so it needs none; the classic layout's proxy would
+        # otherwise start draining while the app still serves, so it waits as long.
+        sleep = {"preStop": {"sleep": {"seconds": stop_delay}}}
+        app = containers[app_index]
+        if not _map(app.get("lifecycle")).get("preStop"):
+            if app is spec_containers[app_index]:
+                app = containers[app_index] = dict(app)
+            app["lifecycle"] = {**_map(app.get("lifecycle")), **sleep}
+        else:
+            stop_delay = 0  # the app's own preStop decides when it hears SIGTERM
+        if not config.native_sidecar and stop_delay:
+            proxy["lifecycle"] = sleep
+
     new_inits: list[dict[str, Any]] = []
     if capture and init_name is not None:
         init_args = ["iptables", *plan.init_args]
@@ -890,6 +916,7 @@ def _apply(
         "mcpPort": mcp_port,
         **({"resource": resource_uri} if resource_uri is not None else {}),
         **({"imagePullSecrets": added_pull_secrets} if added_pull_secrets else {}),
+        **({"appStopDelaySeconds": stop_delay} if stop_delay else {}),
         "spiffeId": f"spiffe://{config.trust_domain}/ns/{namespace}/sa/{sa}",
     }
     annotations = {**annotations, ann.STATUS: _sorted_json(status)}

@@ -162,7 +162,9 @@ async def serve(
             hardened_server(proxy.dispatch, "outrider.inbound.http", handler_cancellation=True)
         )
         proxy.malformed_count = malformed
-        runner = web.ServerRunner(server, shutdown_timeout=5.0)
+        # On stop the runner closes the listener, closes idle keep-alive connections, and gives
+        # in-flight calls (open SSE streams too) the configured drain time before cancelling them.
+        runner = web.ServerRunner(server, shutdown_timeout=runtime.config.shutdown.drain_timeout_s)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         svid: RotatingServerContext | None = None

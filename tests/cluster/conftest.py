@@ -31,9 +31,9 @@ OVERLAY = os.environ.get("OUTRIDER_OVERLAY", "manifests/overlays/node")
 AUDIENCE = "https://api.e2e.outrider.test"
 RESOURCE = "https://mcp.e2e.outrider.test/mcp"
 MCP_PORT = 8080
-# The Workload API socket's file name inside the SPIFFE CSI volume: `spire-agent.sock` with SPIRE's
-# Helm charts (Outrider's default); a cluster whose agent names it otherwise sets identity.socket.
-AGENT_SOCKET = "/spiffe-workload-api/" + os.environ.get("OUTRIDER_E2E_AGENT_SOCKET", "spire-agent.sock")
+# The Workload API socket inside the SPIFFE CSI volume: `spire-agent.sock` with SPIRE's Helm charts and
+# on the one-node cluster alike, Outrider's default, so the run sets no identity.socket.
+AGENT_SOCKET = "/spiffe-workload-api/spire-agent.sock"
 SYSTEM_NS = "outrider-system"
 
 
@@ -183,12 +183,13 @@ def outrider(kube: Kube, images: Images, names: Names) -> Iterator[dict[str, Any
                 "actor_token": True,
             },
             "telemetry": {"audit": "stdout"},
-            **(
-                {"identity": {"socket": f"unix://{AGENT_SOCKET}"}}
-                if not AGENT_SOCKET.endswith("/spire-agent.sock")
-                else {}
-            ),
         },
+        # OUTRIDER_E2E_APP_STOP_DELAY=0 measures a rollout without the app's preStop sleep (before/after)
+        **(
+            {"app_stop_delay_seconds": int(os.environ["OUTRIDER_E2E_APP_STOP_DELAY"])}
+            if os.environ.get("OUTRIDER_E2E_APP_STOP_DELAY")
+            else {}
+        ),
         # spans and metrics to the OTLP receiver beside the IdP, flushed quickly
         "sidecar_env": {
             "OTEL_EXPORTER_OTLP_ENDPOINT": names.otlp_url,
@@ -336,10 +337,14 @@ def running_pod(kube: Kube, namespace: str, app: str) -> dict[str, Any]:
     return eventually(ready, f"a Ready pod app={app} in {namespace}", within=180, every=2)
 
 
-def idp_objects(names: Names, images: Images) -> list[dict[str, Any]]:
-    """The dev IdP (with its own SVID) and an OTLP receiver, in a namespace beside the workloads."""
+def idp_objects(
+    names: Names, images: Images, spiffe_ids: list[str] | None = None, audience: str = AUDIENCE
+) -> list[dict[str, Any]]:
+    """The dev IdP (with its own SVID) and an OTLP receiver, in a namespace beside the workloads.
+
+    `spiffe_ids` are the sidecars that may exchange tokens (client `outrider`) for `audience`."""
     ns = names.idp
-    clients = ",".join(names.spiffe_id(n) for n in (names.app, names.explicit, names.strict))
+    clients = ",".join(spiffe_ids or [names.spiffe_id(n) for n in (names.app, names.explicit, names.strict)])
     return [
         _namespace(ns, {}),
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "idp", "namespace": ns}},
@@ -376,7 +381,7 @@ def idp_objects(names: Names, images: Images) -> list[dict[str, Any]]:
                                     f"--issuer={names.idp_url}",
                                     f"--workload-api=unix://{AGENT_SOCKET}",
                                     "--client=e2e-cli=;public",
-                                    f"--client=outrider={clients};audiences={AUDIENCE}",
+                                    f"--client=outrider={clients};audiences={audience}",
                                 ],
                                 "ports": [{"containerPort": 8080}],
                                 "readinessProbe": {

@@ -247,7 +247,7 @@ def test_clusterspiffeid_creates_entries_and_the_csi_volume_delivers_the_svid(
     wait(f"spire-controller-manager to create the entry {spiffe_id}", entry, 90)
 
     pid = _container_pid(node, namespace, "spiffe-probe")
-    workload_sock = f"/proc/{pid}/root/spiffe-workload-api/api.sock"
+    workload_sock = f"/proc/{pid}/root/spiffe-workload-api/spire-agent.sock"
     assert Path(workload_sock).is_socket(), "the CSI volume did not bring the agent's socket into the pod"
 
     def fetch(preexec: Callable[[], None] | None) -> subprocess.CompletedProcess[str]:

@@ -138,3 +138,24 @@ def test_cli_missing_kubeconfig_is_a_clear_error(tmp_path: object, capsys: objec
     assert main(["check", "--kubeconfig", "/nonexistent/kubeconfig"]) == 2
     err = capsys.readouterr().err  # type: ignore[attr-defined]
     assert "--kubeconfig /nonexistent/kubeconfig: no such file" in err and "Traceback" not in err
+
+
+def test_a_pod_being_deleted_is_not_a_fault() -> None:
+    """A rollout in progress: the old pod's proxy drains (unready on purpose) with the old config."""
+    status = json.dumps({"configHash": "0123456789abcdef"})
+    draining = PodFacts(
+        "apps",
+        "old",
+        {},
+        {"outrider.dev/status": status},
+        ("outrider-proxy", "app"),
+        phase="Running",
+        proxy_ready=False,
+        terminating=True,
+    )
+    results = evaluate(_healthy(pods=(draining,)))
+    assert [r for r in results if r.status != PASS] == []
+    same_but_alive = PodFacts(**{**draining.__dict__, "terminating": False})
+    results = evaluate(_healthy(pods=(same_but_alive,)))
+    assert _find(results, "outrider-proxy containers are ready").status == FAIL
+    assert _find(results, "pods run the current configuration").status == WARN

@@ -409,6 +409,17 @@ def strip_injected(output: dict[str, Any], original: dict[str, Any]) -> dict[str
                 if (container.get(kind) or {}).get("httpGet", {}).get("port") == 15020:
                     container.pop(kind)
                     old.pop(kind, None)
+            delay = status.get("appStopDelaySeconds")
+            lifecycle = container.get("lifecycle") or {}
+            if (
+                delay
+                and lifecycle.get("preStop") == {"sleep": {"seconds": delay}}
+                and not ((old.get("lifecycle") or {}).get("preStop"))
+            ):  # the app's SIGTERM held back while the endpoints drain
+                lifecycle.pop("preStop")
+                if not lifecycle:
+                    container.pop("lifecycle")
+                    _as_before(container, "lifecycle", old)
     return out
 
 

@@ -430,7 +430,9 @@ def _restart(pod: PodFacts) -> str:
 def check_pods(f: Facts, current_hash: str | None) -> Iterable[Result]:
     g = "workloads"
     opted = {ns for ns, labels in f.namespaces.items() if labels.get(ann.NAMESPACE_INJECT) in OPTED_IN}
-    pods = [p for p in f.pods if p.namespace in opted]
+    # a pod being deleted is on its way out (its proxy drains and reports unready on purpose): a
+    # rollout in progress is not a fault, and its replacement is judged instead
+    pods = [p for p in f.pods if p.namespace in opted and not p.terminating]
     stale: list[PodFacts] = []
     escaped: list[PodFacts] = []
     not_ready: list[PodFacts] = []

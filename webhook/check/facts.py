@@ -33,6 +33,7 @@ class PodFacts:
     phase: str = ""
     proxy_ready: bool | None = None  # None: no status for outrider-proxy (not started)
     readyz: str = ""  # the proxy's /readyz answer through the apiserver's pod proxy, or why not
+    terminating: bool = False  # deleted, stopping: a draining proxy reports unready on purpose
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,12 @@ async def _readyz(api: client.ApiClient, namespace: str, pod: str) -> str:
             5,
         )
     except ApiException as exc:
-        return f"not reachable ({exc.status}: {str(exc.body or exc.reason)[:200]})"
+        body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+        if exc.status == 503 and body.strip() and not body.lstrip().startswith("{"):
+            # the proxy answered through the pod proxy: 503 is /readyz saying what is not ready (the
+            # apiserver's own proxy errors are JSON Status objects)
+            return body.strip()[:500]
+        return f"not reachable ({exc.status}: {(body or str(exc.reason))[:200]})"
     except (TimeoutError, OSError) as exc:
         return f"not reachable ({_reason(exc)})"
     return str(text)[:500]
@@ -155,6 +160,7 @@ def _pod_facts(pod: Any) -> PodFacts:
         owner_name=owner.name if owner else "",
         phase=(status.phase or "") if status else "",
         proxy_ready=None if proxy is None else bool(proxy.ready),
+        terminating=meta.deletion_timestamp is not None,
     )
 
 
@@ -171,7 +177,12 @@ async def _pods(
             return tuple(out), f"pods in {ns}: {_reason(exc)}"
         for pod in pods:
             facts = _pod_facts(pod)
-            if facts.phase == "Running" and PROXY in facts.containers and facts.proxy_ready is not True:
+            if (
+                facts.phase == "Running"
+                and not facts.terminating
+                and PROXY in facts.containers
+                and facts.proxy_ready is not True
+            ):
                 facts = PodFacts(**{**facts.__dict__, "readyz": await _readyz(api, ns, facts.name)})
             out.append(facts)
     return tuple(out), ""
