@@ -72,7 +72,7 @@ test-fast: venv
 MODULES ?=
 mutation: venv
 	@$(BIN)/python -c 'import mutmut' 2>/dev/null || $(BIN)/python -m pip install -q 'mutmut>=3.8,<4'
-	nice -n 19 $(BIN)/python scripts/mutation.py $(MODULES)
+	nice -n 10 $(BIN)/python scripts/mutation.py $(MODULES)
 
 certs: venv
 	$(BIN)/outrider certs --out certs

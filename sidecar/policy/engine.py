@@ -226,10 +226,9 @@ def decide(
     built = [request_for(m, principal, server, transport) for m in messages]
     entities = _entity_handle(principal, server, [r for _, r in built])
     requests = [r for r, _ in built]
-    keys = [
-        (r["action"]["id"], r["resource"]["type"], r["resource"]["id"] if resource is not None else "")
-        for r, resource in built
-    ]
+    # The slice key is the request's own resource (the server itself for server-level methods): a
+    # policy scoped `resource == McpServer::"…"` must stay in the slice of a `tools/list`.
+    keys = [(r["action"]["id"], r["resource"]["type"], r["resource"]["id"]) for r, _ in built]
     verdicts: list[list[Any]] = []
     for group in policies.groups:
         # One batch per slice (usually one: a body holds one call, or calls of the same tools).

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,106 @@ def test_apply_and_cleanup_with_a_recording_runner() -> None:
     changes = apply(CASES["default"], runner)
     assert sorted(changes) == sorted(plan_rules(CASES["default"]))  # the same rules, jumps last
     assert cleanup(CASES["default"], runner) == []  # nothing there: nothing removed
+
+
+# -- apply/cleanup against the real iptables, in a throw-away network namespace ------------------------
+
+
+@pytest.fixture
+def netns_runner() -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """`iptables`/`ip6tables` run inside a fresh network namespace of this test's own (never the host's)."""
+    from outrider.sidecar.egress.iptables import run_command
+
+    from .netlab import have_netns
+
+    reason = have_netns()
+    if reason is not None:
+        pytest.skip(f"needs root and network namespaces: {reason}")
+    name = f"outrider-ipt-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+
+    def runner(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        return run_command(["ip", "netns", "exec", name, *argv])
+
+    try:
+        yield runner
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+
+
+def _tables(runner: Callable[..., subprocess.CompletedProcess[str]]) -> list[str]:
+    """Every rule and chain of both families, as `-S` prints them (our comments included)."""
+    lines: list[str] = []
+    for tool in ("iptables", "ip6tables"):
+        for table in ("nat", "filter"):
+            listing = runner([tool, "-w", "-t", table, "-S"])
+            assert listing.returncode == 0, listing.stderr
+            lines += [f"{tool} {table} {line}" for line in listing.stdout.splitlines()]
+    return lines
+
+
+@pytest.mark.root
+def test_apply_and_cleanup_in_a_real_namespace(
+    netns_runner: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """What the init container does: the tables end up holding exactly the plan, a second run changes
+    nothing, drift (an extra, a missing or a changed rule, a lost jump) is repaired, cleanup leaves
+    the tables as they were."""
+    from outrider.sidecar.egress.iptables import apply, cleanup
+
+    run = netns_runner
+    options = CASES["inbound-dns-exclude"]
+    empty = _tables(run)
+    changes = apply(options, run)
+    assert sorted(changes) == sorted(plan_rules(options))
+    installed = _tables(run)
+    ours = [line for line in installed if line not in empty]
+    assert sum(1 for line in ours if " -A " in line) == sum(1 for r in plan_rules(options) if " -A " in r)
+    assert apply(options, run) == [] and _tables(run) == installed  # idempotent
+
+    # An extra rule in one of our chains: that chain (only) is flushed and written again.
+    assert run(["iptables", "-w", "-t", "nat", "-I", "OUTRIDER_OUTPUT", "1", "-j", "RETURN"]).returncode == 0
+    repaired = apply(options, run)
+    assert repaired[0] == "iptables -t nat -F OUTRIDER_OUTPUT"
+    assert all("OUTRIDER_OUTPUT" in line for line in repaired) and _tables(run) == installed
+    # A missing rule (same count of rules is not enough: each one must be there).
+    assert run(["ip6tables", "-w", "-t", "nat", "-D", "OUTRIDER_OUTPUT", "1"]).returncode == 0
+    assert run(["ip6tables", "-w", "-t", "nat", "-I", "OUTRIDER_OUTPUT", "1", "-j", "RETURN"]).returncode == 0
+    assert apply(options, run)[0] == "ip6tables -t nat -F OUTRIDER_OUTPUT" and _tables(run) == installed
+    # A lost jump from a built-in chain comes back alone.
+    output = run(["iptables", "-w", "-t", "nat", "-S", "OUTPUT"]).stdout.splitlines()
+    position = next(i for i, line in enumerate(output) if "-j OUTRIDER_OUTPUT" in line)  # line 0 is -P
+    assert run(["iptables", "-w", "-t", "nat", "-D", "OUTPUT", str(position)]).returncode == 0
+    jump = next(line for line in plan_rules(options) if line.startswith("iptables -t nat -A OUTPUT "))
+    assert apply(options, run) == [jump] and _tables(run) == installed
+
+    # A doubled jump (a second init container run by hand) is removed too; then nothing is left.
+    prerouting = next(
+        line for line in plan_rules(options) if line.startswith("iptables -t nat -A PREROUTING ")
+    )
+    doubled = prerouting.replace("-A PREROUTING", "-w -I PREROUTING 1").split(' -m comment --comment "')[0]
+    comment = prerouting.split('--comment "')[1].rstrip('"')
+    assert run([*doubled.split(), "-m", "comment", "--comment", comment]).returncode == 0
+    removed = cleanup(CaptureOptions(), run)
+    assert any(line.startswith("iptables -t nat -X ") for line in removed)
+    assert _tables(run) == empty
+    assert cleanup(CaptureOptions(), run) == []
+
+    # drop mode: its own filter chain, and cleanup with default options still finds it.
+    apply(CASES["ipv6-drop"], run)
+    assert any("OUTRIDER_V6_DROP" in line for line in _tables(run))
+    assert "ip6tables -t filter -X OUTRIDER_V6_DROP" in cleanup(CaptureOptions(), run)
+    assert _tables(run) == empty
+
+
+def test_resolv_conf_nameservers_in_process(tmp_path: Path) -> None:
+    """The DNS servers the init container lets through: addresses only, zone ids dropped, in order."""
+    from outrider.sidecar.egress.iptables import resolv_conf_nameservers
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(
+        "# comment\nsearch svc.cluster.local\nnameserver 10.96.0.10\nnameserver\nnameserver bogus\n"
+        "nameserver fe80::1%eth0 extra\noptions ndots:5\n  nameserver 192.0.2.1\nNAMESERVER 192.0.2.2\n"
+    )
+    assert resolv_conf_nameservers(resolv) == ["10.96.0.10", "fe80::1", "192.0.2.1"]
+    assert resolv_conf_nameservers(tmp_path / "missing") == []

@@ -477,3 +477,87 @@ def test_verdicts_in_full() -> None:
     assert decide(pol, Destination(port=443, name="b.example")) == Verdict(
         False, None, "test", "default deny: no rule in test matches"
     )
+
+
+def test_a_trailing_capital_x_is_part_of_the_name() -> None:
+    """Only trailing dots are dropped before lower-casing: `EXAMPLE.COMX` is not `example.com`."""
+    from outrider.sidecar.egress.policy import normalize_name
+
+    assert normalize_name("API.EXAMPLEX.") == "api.examplex"
+    assert normalize_name("hostX") == "hostx"
+
+
+def test_rule_errors_in_layers_name_their_layer() -> None:
+    from outrider.sidecar.egress.policy import RuleError, parse_policy
+
+    document = {"version": 1, "layers": [{"source": "team annotation", "allow": ["ok.example", "bad host!"]}]}
+    _, errors = parse_policy(document, "pod")
+    assert errors == (
+        RuleError("bad host!", "team annotation [1]", "label 'bad host!' is not a valid host name label"),
+    )
+
+
+def test_port_lists_print_with_commas_and_bracket_errors_are_exact() -> None:
+    from outrider.sidecar.egress.policy import parse_rule, parse_rules
+
+    assert str(parse_rule({"host": "a.example", "ports": [80, "443-445"]})) == "a.example:80,443-445"
+    _, errors = parse_rules(["[::1]:80]", "[::1]]:443"], "x")
+    assert [e.message for e in errors] == [
+        "port '80]' is not a number, a range like 8000-8100, or *",
+        "expected ':port' after ']'",
+    ]
+
+
+def test_half_bracketed_cidrs_and_boolean_ports_are_refused() -> None:
+    """`10.0.0.0/8]` must not lose its first and last character and become `0.0.0.0/8`."""
+    from outrider.sidecar.egress.policy import parse_rule, parse_rules
+
+    rules, errors = parse_rules(["10.0.0.0/8]", "fd00::/8]"], "x")
+    assert (
+        rules == () and [e.message for e in errors] == ["not a valid CIDR (like 10.0.0.0/8 or fd00::/8)"] * 2
+    )
+    with pytest.raises(ValueError, match=r"^port True is not a number$"):
+        parse_rule({"host": "a.example", "ports": [True]})
+
+
+def test_rule_refusals_in_full_and_host_bits_are_masked() -> None:
+    from outrider.sidecar.egress.policy import parse_rules
+
+    items: list[object] = [
+        "10.0.0.1/8",
+        "not/a/cidr",
+        "*",
+        "*.com",
+        "a.*.example.com",
+        {"host": "a.example", "cidr": "10.0.0.0/8"},
+        {"cidr": "nope"},
+        {"host": "10.0.0.0/8"},
+    ]
+    rules, errors = parse_rules(items, "x")
+    assert [str(r) for r in rules] == ["10.0.0.0/8"]  # host bits set: the network it names
+    assert [e.message for e in errors] == [
+        "not a valid CIDR (like 10.0.0.0/8 or fd00::/8)",
+        "a bare '*' would allow every name; name a suffix like *.example.com",
+        "a wildcard needs at least two labels after '*.' (like *.example.com)",
+        "'*' is only allowed as the whole first label (like *.example.com)",
+        "a rule mapping needs exactly one of 'host' or 'cidr'",
+        "not a valid CIDR (like 10.0.0.0/8 or fd00::/8)",
+        "an IP address is not a host name (use a 'cidr' rule)",
+    ]
+
+
+def test_ip_literal_edges_and_mapping_rule_defaults() -> None:
+    from outrider.sidecar.egress.policy import DEFAULT_PORTS, parse_ip, parse_rule
+
+    assert str(parse_ip("fe80::1%eth0%odd")) == "fe80::1"  # everything after the first '%' is the zone
+    assert parse_ip("10.0.0.1]") is None and parse_ip("[::1") is None  # half brackets: not an address
+    assert str(parse_ip("[::1]")) == "::1"
+    rule = parse_rule({"host": "a.example"})
+    assert rule.ports == DEFAULT_PORTS and str(rule) == "a.example"
+    for bad, message in (
+        ({"host": "a.example", "ports": []}, "'ports' is empty; leave it out for 80 and 443, or use '*'"),
+        (5, "a rule must be a string or a mapping, not int"),
+    ):
+        with pytest.raises(ValueError) as caught:
+            parse_rule(bad)
+        assert str(caught.value) == message

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from outrider.sidecar.config import ConfigError
+from outrider.sidecar.exchange import ExchangeError
 from outrider.sidecar.exchange.config import ExchangeConfig
 from outrider.sidecar.exchange.oauth import ClientCredential
 from outrider.sidecar.exchange.profiles import (
@@ -174,3 +175,131 @@ def test_profile_config_errors_name_the_key(extra: dict[str, object], message: s
     data = {**ENTRA, **extra} if "token_endpoint" not in extra else extra
     with pytest.raises(ConfigError, match=message):
         ExchangeConfig.from_mapping({k: v for k, v in data.items() if v is not None})
+
+
+# -- answers and errors, pinned down by mutation testing (issue 17) --------------------------------
+
+
+def test_entra_answer_names_the_audience_and_never_shows_a_credential() -> None:
+    config = ExchangeConfig.from_mapping({**ENTRA, "audience": "api://downstream"})
+    profile = profile_for("entra-obo")
+    body = json.dumps({"token_type": "Bearer", "expires_in": 60, "access_token": "t"}).encode()
+    assert (
+        profile.parse(body, config=config, audience=None, now=0.0, secrets=()).audience == "api://downstream"
+    )
+    assert profile.parse(body, config=config, audience="api://other", now=0.0, secrets=()).audience == (
+        "api://other"
+    )
+    echo = json.dumps({"token_type": USER[:40], "access_token": "t"}).encode()
+    with pytest.raises(ExchangeError) as caught:
+        profile.parse(echo, config=config, audience=None, now=0.0, secrets=(USER[:40],))
+    assert USER[:40] not in caught.value.message and "token_type '?'" in caught.value.message
+
+
+def test_entra_app_only_refusal_in_full() -> None:
+    error = profile_for("entra-obo").map_error(400, _entra_error("invalid_grant", 7000114), ())
+    assert error.message == (
+        "the caller's token is an application (app-only) token with no signed-in user; on-behalf-of "
+        "needs a user's delegated token (sign in as a user): AADSTS7000114: something. Trace ID: 0 "
+        "Correlation ID: 1 Timestamp: x"
+    )
+    assert (error.outcome, error.http_status, error.idp_status, error.oauth_error) == (
+        "denied",
+        403,
+        400,
+        "invalid_grant",
+    )
+    bare = json.dumps({"error": "invalid_grant", "error_codes": [7000114]}).encode()
+    assert profile_for("entra-obo").map_error(400, bare, ()).message.endswith("(sign in as a user)")
+
+
+def test_entra_odd_error_codes_and_claims_are_ignored() -> None:
+    profile = profile_for("entra-obo")
+    # Codes that only look like numbers are not codes: a plain refusal, no step-up.
+    odd = json.dumps({"error": "invalid_grant", "error_codes": [50076.0, "50076", True]}).encode()
+    plain = profile.map_error(400, odd, ())
+    assert (plain.outcome, plain.http_status, plain.step_up) == ("denied", 403, None)
+    # A claims value that is not a string (or too long) is dropped, the step-up stays.
+    for claims in (5, ["x"], "", "{" + " " * 4096 + "}"):
+        body = json.dumps({"error": "invalid_grant", "error_codes": [50076], "claims": claims}).encode()
+        error = profile.map_error(400, body, ())
+        assert error.step_up is not None and error.step_up.claims is None, claims
+    longest = json.dumps({"x": "y" * (4096 - 9)})
+    assert len(longest) == 4096
+    body = json.dumps({"error": "invalid_grant", "error_codes": [50076], "claims": longest}).encode()
+    step_up = profile.map_error(400, body, ()).step_up
+    assert step_up is not None and step_up.claims == longest
+
+
+def test_okta_answers_must_be_access_tokens() -> None:
+    config = ExchangeConfig.from_mapping(OKTA)
+    profile = profile_for("okta")
+    access = "urn:ietf:params:oauth:token-type:access_token"
+    good = {"access_token": "t", "issued_token_type": access, "token_type": "Bearer", "expires_in": 10}
+    issued = profile.parse(json.dumps(good).encode(), config=config, audience="api://d", now=5.0, secrets=())
+    assert (issued.access_token, issued.audience, issued.expires_at, issued.issued_token_type) == (
+        "t",
+        "api://d",
+        15.0,
+        access,
+    )
+    jwt_type = {**good, "issued_token_type": "urn:ietf:params:oauth:token-type:jwt"}
+    with pytest.raises(ExchangeError, match="is not the requested"):
+        profile.parse(json.dumps(jwt_type).encode(), config=config, audience="api://d", now=5.0, secrets=())
+    echo = {**good, "token_type": USER[:40]}
+    with pytest.raises(ExchangeError) as caught:
+        profile.parse(json.dumps(echo).encode(), config=config, audience=None, now=0.0, secrets=(USER[:40],))
+    assert USER[:40] not in caught.value.message
+    refused = profile.map_error(400, b'{"error": "invalid_target"}', ())
+    assert (refused.outcome, refused.http_status, refused.oauth_error) == ("denied", 403, "invalid_target")
+
+
+def test_entra_names_the_downstream_api_by_scope() -> None:
+    profile = profile_for("entra-obo")
+    credential = ClientCredential(ENTRA["client_id"], profile.assertion_type, SVID)
+
+    def scope_of(config: ExchangeConfig, audience: str | None, scope: str | None) -> str:
+        return profile.build(config, USER, audience=audience, scope=scope, credential=credential).form[
+            "scope"
+        ]
+
+    configured = ExchangeConfig.from_mapping(ENTRA)
+    assert scope_of(configured, None, None) == "api://downstream/.default"
+    assert scope_of(configured, "api://ignored", "api://other/read") == "api://other/read"
+    by_audience = ExchangeConfig.from_mapping({**ENTRA, "scope": None, "audience": "api://downstream/"})
+    assert scope_of(by_audience, None, None) == "api://downstream/.default"
+    assert scope_of(by_audience, "api://routed", None) == "api://routed/.default"
+
+
+def test_rfc8693_answers_never_show_a_credential() -> None:
+    config = ExchangeConfig.from_mapping(
+        {"token_endpoint": "https://kc/token", "issuer": "https://kc", "audience": "a"}
+    )
+    echo = {
+        "access_token": "t",
+        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "token_type": USER[:40],
+    }
+    with pytest.raises(ExchangeError) as caught:
+        profile_for("rfc8693").parse(
+            json.dumps(echo).encode(), config=config, audience="a", now=0.0, secrets=(USER[:40],)
+        )
+    assert USER[:40] not in caught.value.message and "token_type '?'" in caught.value.message
+
+
+def test_entra_step_up_and_passthrough_errors_in_full() -> None:
+    claims = '{"access_token":{"acrs":{"essential":true,"value":"c1"}}}'
+    profile = profile_for("entra-obo")
+    body = json.dumps({"error": "invalid_grant", "error_codes": [50076], "claims": claims}).encode()
+    error = profile.map_error(400, body, ())
+    assert error.message == (
+        "the identity provider requires the user to sign in again and satisfy a Conditional Access "
+        "policy (multi-factor authentication or similar) before acting for them"
+    )
+    assert (error.outcome, error.http_status, error.idp_status) == ("step_up", 403, 400)
+    other = profile.map_error(401, b'{"error": "invalid_client"}', ())
+    assert other.idp_status == 401 and "(invalid_client)" in other.message
+    config = ExchangeConfig.from_mapping({**ENTRA, "scope": None, "audience": "api://appX"})
+    credential = ClientCredential(ENTRA["client_id"], profile.assertion_type, SVID)
+    request = profile.build(config, USER, audience=None, scope=None, credential=credential)
+    assert request.form["scope"] == "api://appX/.default"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +28,8 @@ from outrider.sidecar.inbound.auth import (
     TokenVerifier,
     bearer_token,
     metadata_url,
+    peer_spiffe_id,
+    principal_from_claims,
     protected_resource_metadata,
     www_authenticate,
 )
@@ -286,7 +290,9 @@ async def test_a_jwks_key_that_fails_to_decode_refuses_the_token(
     verifier = await verifier_for(issuer, session)
     # the only candidate for this kid is a key PyJWT cannot load: refused, never let in
     verifier._jwks._keys = [broken]
-    _refused(await verifier.verify(issuer.token(key)), "the access token is malformed")
+    assert await verifier.verify(issuer.token(key)) == AuthFailure(
+        401, "invalid_token", "the access token is malformed"
+    )
     # a broken key listed before the good one does not hide the good one
     verifier._jwks._keys = [broken, key.jwk]
     assert isinstance(await verifier.verify(issuer.token(key)), Principal)
@@ -639,6 +645,212 @@ async def test_a_wrong_key_under_the_same_kid_does_not_hide_the_right_one(
     roles = await verifier_for(issuer, session, group_claims=["groups"], role_claims=["roles"])
     principal = await roles.verify(issuer.token(key, groups=["g"], roles=["r"]))
     assert isinstance(principal, Principal) and (principal.groups, principal.roles) == (("g",), ("r",))
+
+
+async def test_every_refusal_in_full(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    """The exact answer for each way a token fails: status, RFC 6750 code and the description the caller
+    reads in `error_description` (token-free)."""
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    now = int(time.time())
+    rsa_key = make_key("RS256")
+    public_pem = rsa_key.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = {"iss": issuer.url, "sub": "mallory", "aud": RESOURCE, "exp": now + 60}
+    head = b64(json.dumps({"alg": "ES256", "kid": key.kid}).encode())
+    twin = make_key("ES256")
+    twin.kid = key.kid
+    without_sub = jwt.encode(
+        {"iss": issuer.url, "aud": RESOURCE, "exp": now + 60}, key.private, "ES256", {"kid": key.kid}
+    )
+    cases = {
+        "not-a-jwt": "the access token is not a JWT",
+        hs256(claims, public_pem, key.kid): "the token's signing algorithm is not allowed",
+        f"{head}.{b64(b'{not json')}.{b64(b'sig')}": "the access token is malformed",
+        issuer.token(make_key("ES256")): "the token was not signed by a key of the trusted issuer",
+        issuer.token(twin): "the token signature is invalid",
+        issuer.token(key, exp=now - 60): "the access token has expired",
+        issuer.token(key, nbf=now + 600): "the access token is not valid yet",
+        issuer.token(key, aud="https://elsewhere/mcp"): "the access token is not meant for this resource",
+        issuer.token(key, iss="https://evil.example"): "the access token was issued by an untrusted issuer",
+        without_sub: "the access token lacks the 'sub' claim",
+        jwt.encode(
+            {"iss": issuer.url, "sub": "a", "aud": RESOURCE}, key.private, "ES256", {"kid": key.kid}
+        ): "the access token lacks the 'exp' claim",
+        jwt.encode(
+            {"iss": issuer.url, "sub": "a", "exp": now + 60}, key.private, "ES256", {"kid": key.kid}
+        ): "the access token lacks the 'aud' claim",
+    }
+    for token, description in cases.items():
+        assert await verifier.verify(token) == AuthFailure(401, "invalid_token", description), description
+
+
+async def test_why_the_keys_are_missing_is_said_and_cleared_once_they_load(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`last_error` is what /readyz shows while the keys are not loaded: one line per kind of failure,
+    logged once (not per retry), gone after a good fetch; a failed refresh keeps the keys it had."""
+    key = make_key("ES256")
+    answer: dict[str, Any] = {"status": 500, "body": b"oops"}
+
+    async def keys(_: web.Request) -> web.Response:
+        return web.Response(status=answer["status"], body=answer["body"], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/keys", keys)
+    runner, url = await _serve(app)
+    try:
+        config = InboundConfig.from_mapping({"issuer": url, "resource": RESOURCE, "jwks_uri": url + "/keys"})
+        jwks = JwksCache(config, session)
+        previous = None
+        for status, body, why in (
+            (500, b"oops", f"JWKS {url}/keys answered HTTP 500"),
+            (200, b'{"keys": 5}', f"JWKS {url}/keys has no 'keys' list"),
+            (200, b"[1]", f"JWKS {url}/keys has no 'keys' list"),
+            (200, b"not json", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
+        ):
+            answer.update(status=status, body=body)
+            with caplog.at_level(logging.WARNING, logger="outrider.inbound.auth"):
+                caplog.clear()
+                await jwks.refresh(force=True)
+                await jwks.refresh(force=True)  # the same failure again: not logged twice
+            assert not jwks.loaded and jwks.last_error == why
+            warnings = [r.getMessage() for r in caplog.records]
+            expected = [f"cannot fetch the issuer's signing keys: {why} (check inbound.issuer/jwks_uri)"]
+            assert warnings == ([] if why == previous else expected), warnings
+            previous = why
+        answer.update(status=200, body=json.dumps({"keys": [key.jwk, "junk", 7]}).encode())
+        with caplog.at_level(logging.INFO, logger="outrider.inbound.auth"):
+            caplog.clear()
+            await jwks.refresh(force=True)
+        assert [r.getMessage() for r in caplog.records] == [f"JWKS fetched again from {url}/keys (1 keys)"]
+        assert jwks.loaded and jwks.last_error is None and await jwks.keys_for(key.kid) == [key.jwk]
+        answer.update(status=503, body=b"")
+        await jwks.refresh(force=True)
+        assert jwks.loaded and await jwks.keys_for(key.kid) == [key.jwk]  # the last good keys stay
+        assert jwks.last_error == f"JWKS {url}/keys answered HTTP 503"
+    finally:
+        await runner.cleanup()
+
+
+def test_principal_from_odd_claims_keeps_only_strings() -> None:
+    """Introspection answers (RFC 7662) use it too: `iss`, `azp`, `sub` may be missing or odd."""
+    odd = principal_from_claims({"iss": 5, "azp": ["x"], "client_id": {"a": 1}})
+    assert (odd.subject, odd.issuer, odd.client_id) == ("", None, None)
+    assert principal_from_claims({"sub": 7, "client_id": "cli"}).subject == "7"
+    assert principal_from_claims({"sub": "a", "client_id": "cli"}).client_id == "cli"
+
+
+def test_challenge_and_metadata_text_edges() -> None:
+    config = InboundConfig.from_mapping(
+        {"issuer": "https://idp.example", "resource": "https://h.example/tX/"}
+    )
+    assert metadata_url(config.resource) == "https://h.example/.well-known/oauth-protected-resource/tX"
+    failure = AuthFailure(401, "invalid_token", 'X-ray "quoted" \\ back\x01slash\u00e9')
+    assert www_authenticate(failure, config) == (
+        'Bearer resource_metadata="https://h.example/.well-known/oauth-protected-resource/tX", '
+        'error="invalid_token", error_description="X-ray quoted  backslash"'
+    )
+    assert peer_spiffe_id({"subject": ((("commonName", "x"),),)}) is None  # no SAN at all
+
+
+async def test_a_cached_token_past_its_leeway_is_refused_in_full(
+    issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from outrider.sidecar.inbound import auth
+
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, leeway_s=0)
+    exp = int(time.time()) + 300
+    token = issuer.token(key, exp=exp)
+    assert isinstance(await verifier.verify(token), Principal)
+    monkeypatch.setattr(auth, "time", _Clock(exp + 5 - time.time()))
+    assert await verifier.verify(token) == AuthFailure(401, "invalid_token", "the access token has expired")
+
+
+async def test_a_kid_that_is_not_a_string_is_refused(issuer: Issuer, session: aiohttp.ClientSession) -> None:
+    """PyJWT refuses it before any key is looked up (so `auth.py`'s own str check is belt and braces)."""
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    head = b64(json.dumps({"alg": "ES256", "kid": 5}).encode())
+    token = f"{head}.{b64(json.dumps({'sub': 'a'}).encode())}.{b64(b'sig')}"
+    assert await verifier.verify(token) == AuthFailure(401, "invalid_token", "the access token is not a JWT")
+
+
+async def test_no_keys_yet_is_said_in_full(session: aiohttp.ClientSession) -> None:
+    config = InboundConfig.from_mapping({"issuer": f"http://127.0.0.1:{free_port()}", "resource": RESOURCE})
+    jwks = JwksCache(config, session)
+    await jwks.refresh(force=True)
+    key = make_key("ES256")
+    token = jwt.encode({"sub": "a"}, key.private, algorithm="ES256", headers={"kid": key.kid})
+    assert await TokenVerifier(config, jwks).verify(token) == AuthFailure(
+        401, "invalid_token", "the issuer's signing keys are not available yet"
+    )
+
+
+async def test_discovery_under_an_issuer_path_and_odd_documents(session: aiohttp.ClientSession) -> None:
+    """An issuer with a path (Keycloak realms, Entra tenants) ending in any character; a discovery
+    document that is not a JSON object is no document."""
+    key = make_key("ES256")
+    served: dict[str, Any] = {}
+
+    async def discovery(_: web.Request) -> web.Response:
+        return web.json_response(served["doc"])
+
+    async def keys(_: web.Request) -> web.Response:
+        return web.json_response({"keys": [key.jwk]})
+
+    app = web.Application()
+    app.router.add_get("/realms/teamX/.well-known/openid-configuration", discovery)
+    app.router.add_get("/keys", keys)
+    runner, url = await _serve(app)
+    try:
+        issuer = url + "/realms/teamX"
+        config = InboundConfig.from_mapping({"issuer": issuer, "resource": RESOURCE})
+        served["doc"] = {"issuer": issuer, "jwks_uri": url + "/keys"}
+        jwks = JwksCache(config, session)
+        await jwks.refresh(force=True)
+        assert jwks.loaded and await jwks.keys_for(key.kid) == [key.jwk]
+        served["doc"] = ["jwks_uri", url + "/keys"]
+        odd = JwksCache(config, session)
+        await odd.refresh(force=True)
+        assert not odd.loaded and odd.last_error == f"no discovery document with a jwks_uri under {issuer}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_concurrent_refreshes_share_one_fetch_and_a_first_load_is_quiet(
+    issuer: Issuer, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    jwks = JwksCache(config_for(issuer), session)
+    with caplog.at_level(logging.INFO, logger="outrider.inbound.auth"):
+        await asyncio.gather(jwks.refresh(), jwks.refresh(), jwks.refresh())
+    assert jwks.loaded and issuer.jwks_fetches == 1 and jwks.last_error is None
+    assert [r.getMessage() for r in caplog.records] == []  # nothing was wrong: nothing "fetched again"
+
+
+async def test_discovery_accepts_an_https_jwks_uri(session: aiohttp.ClientSession) -> None:
+    async def discovery(_: web.Request) -> web.Response:
+        return web.json_response({"jwks_uri": f"https://127.0.0.1:{closed}/keys"})
+
+    closed = free_port()
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    runner, url = await _serve(app)
+    try:
+        jwks = JwksCache(InboundConfig.from_mapping({"issuer": url, "resource": RESOURCE}), session)
+        await jwks.refresh(force=True)
+        # the https URI was taken: the failure is fetching it, not finding it
+        assert jwks.last_error is not None and not jwks.last_error.startswith("no discovery document")
+        assert f"127.0.0.1:{closed}" in jwks.last_error
+    finally:
+        await runner.cleanup()
 
 
 async def test_jwks_is_bounded_in_keys_and_in_bytes(issuer: Issuer, session: aiohttp.ClientSession) -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import pytest
@@ -164,6 +167,41 @@ async def test_the_legacy_sse_session_id_is_bound_to_the_stream_opener(
         assert len(sidecar.proxy.sessions or ()) == 0
 
 
+@pytest.mark.parametrize("mcp_app", ["json"], indirect=True)
+async def test_an_undecodable_session_id_is_404_and_logged_only_by_its_fingerprint(
+    mcp_app: mcp_server.RunningServer,
+    make_sidecar: SidecarFactory,
+    idp: DevIdP,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Raw bytes that are not UTF-8 in `Mcp-Session-Id` (a client cannot send them, an attacker can):
+    the refusal is the ordinary 404, and the log names the id by a short fingerprint, never the id."""
+    bob = idp.mint("bob", audience=RESOURCE)
+    body = json.dumps(CALL).encode()
+    async with make_sidecar(mcp_app.port) as sidecar:
+        url = urlsplit(sidecar.mcp_url())
+        assert url.hostname is not None and url.port is not None
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-06-18\r\n"
+            + f"Authorization: Bearer {bob}\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Mcp-Session-Id: stolen-\xff\xfe-id\r\nConnection: close\r\n\r\n"
+            + body
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        plain = "stolen-abc"  # an ordinary id names its session by the same kind of fingerprint
+        assert (await raw("POST", sidecar.mcp_url(), bob, plain, CALL))[0] == 404
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
+    lines = [r.getMessage() for r in caplog.records if "did not create" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert all("stolen" not in line for line in lines)
+    digest = hashlib.sha256(plain.encode()).hexdigest()[:12]
+    assert re.fullmatch(r".*\(session [0-9a-f]{12}\)", lines[0]) and lines[1].endswith(f"(session {digest})")
+
+
 async def test_after_a_sidecar_restart_old_sessions_are_404_and_clients_start_again(
     mcp_app: mcp_server.RunningServer, idp: DevIdP, workload_api: DevWorkloadApi
 ) -> None:
@@ -245,6 +283,9 @@ async def test_bindings_are_bounded_least_recently_used_first(
                 sids.append(response.headers["mcp-session-id"])
         assert len(sidecar.proxy.sessions or ()) == 2
         assert (await raw("POST", url, alice, sids[0], CALL))[0] == 404  # evicted: fail closed
+        metrics = sidecar.proxy.metrics_text().decode()
+        assert "outrider_inbound_sessions_evicted_total 1\n" in metrics
+        assert "outrider_inbound_sessions_expired_total 0\n" in metrics
         assert (await raw("POST", url, alice, sids[2], CALL))[0] == 200
 
 
@@ -279,11 +320,39 @@ def test_table_expires_idle_bindings_and_evicts_the_least_recently_used() -> Non
     assert not table.bind("bad id", "x") and not table.bind("", "x") and not table.bind("é", "x")
     assert not table.bind("x" * 513, "x")
     table.forget("s3")
+    table.forget("s3")  # forgetting twice (a DELETE and the app's 404 for it) is fine
     assert len(table) == 0
+
+
+def test_session_ids_are_one_to_512_visible_ascii_characters() -> None:
+    table = SessionTable(SessionsConfig(max_sessions=100))
+    for good in ("!", "~", "a", "x" * 512, "".join(chr(c) for c in range(0x21, 0x7F))):
+        assert table.bind(good, "alice"), good
+    for bad in ("", " ", "a b", "\x7f", "\x7fabc", "abc\x20", "\x80", "x" * 513, "\t"):
+        assert not table.bind(bad, "alice"), bad
+
+
+def test_idle_bindings_live_exactly_idle_timeout_and_every_expiry_is_counted() -> None:
+    now = [0.0]
+    table = SessionTable(SessionsConfig(max_sessions=10, idle_timeout_s=10), clock=lambda: now[0])
+    assert table.bind("a", "alice") and table.bind("b", "bob") and table.bind("c", "carol")
+    now[0] = 10.0
+    assert table.owner("a") == "alice"  # idle exactly the timeout: still alive (and used again now)
+    now[0] = 20.5
+    assert table.owner("b") is None and table.owner("c") is None  # idle 20.5 s: gone
+    assert table.expired_total == 2
+    now[0] = 20.0 + 10.0  # "a" was used at 10.0: idle 20 s when the next bind prunes it
+    assert table.bind("d", "dave")
+    assert table.expired_total == 3 and len(table) == 1
+    now[0] = 40.0
+    assert table.bind("e", "erin") and len(table) == 2  # "d" idle exactly 10 s: kept by the prune too
+    assert table.evicted_total == 0
 
 
 def test_legacy_endpoint_session_reads_one_session_id() -> None:
     assert legacy_endpoint_session("/messages/?session_id=abc") == "abc"
+    # An empty second value still makes the announcement ambiguous: nothing is bound.
+    assert legacy_endpoint_session("/messages/?session_id=&session_id=abc") is None
     assert legacy_endpoint_session("http://127.0.0.1:1/messages/?session_id=abc&x=1") == "abc"
     assert legacy_endpoint_session("/messages/?session_id=a&session_id=b") is None
     assert legacy_endpoint_session("/messages/") is None

@@ -12,7 +12,7 @@ from outrider.sidecar.inbound.jsonrpc import McpMessage, parse_message
 from outrider.sidecar.policy import answers
 from outrider.sidecar.policy.cedar_text import CedarError, compile_policies
 from outrider.sidecar.policy.config import LayerSource, PolicyConfig
-from outrider.sidecar.policy.engine import build, compile_layers, decide, may_use
+from outrider.sidecar.policy.engine import Decision, build, compile_layers, decide, may_use
 from outrider.sidecar.policy.limits_config import RateLimits, budgets
 from outrider.sidecar.policy.model import Server, cedar_string, cedar_value, request_for
 from outrider.sidecar.policy.reload import parse_file
@@ -292,6 +292,13 @@ def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
             '@id("d") permit(principal, action == Action::"list_tools", resource);',
             '@id("e") forbid(principal, action, resource == Prompt::"secret");',
             '@id("f") permit(principal, action == Action::"get_prompt", resource is Prompt);',
+            # scoped to this server exactly: it must stay in the slice of a server-level call
+            '@id("g") forbid(principal == User::"alice", action, resource == McpServer::"'
+            + SERVER.id
+            + '");',
+            '@id("h") permit(principal == User::"bob", action == Action::"other", resource == McpServer::"'
+            + SERVER.id
+            + '");',
         ]
     )
     sliced = policies((text, False))
@@ -305,10 +312,135 @@ def test_scope_slices_decide_exactly_as_the_whole_set() -> None:
         parse_message(
             {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///x"}}
         ),
+        parse_message({"jsonrpc": "2.0", "id": 1, "method": "logging/setLevel", "params": {"level": "x"}}),
     ]
+    # The server-scoped forbid denies alice's tools/list; the server-scoped permit lets bob set levels.
+    assert not decide(sliced, ALICE, SERVER, [requests[2]], "s")[0].allowed
+    assert decide(sliced, BOB, SERVER, [requests[6]], "s")[0].policies == ("h",)
     for who in (ALICE, BOB):
         got = decide(sliced, who, SERVER, requests, "stateless")
         for message, decision in zip(requests, got, strict=True):
             request, resource = request_for(message, who, SERVER, "stateless")
             expected = cedarpy.is_authorized(request, whole, _entities(who, SERVER, [resource]))
             assert decision.allowed == expected.allowed, (who.subject, message.method, message.target)
+
+
+def test_no_policy_decides_nothing_and_hides_nothing() -> None:
+    empty = build([])
+    assert (
+        decide(empty, ALICE, SERVER, [tool_call("delete"), tool_call("x")], "s")
+        == [Decision(True, (), "no policy configured")] * 2
+    )
+    assert may_use(empty, ALICE, SERVER, "tools", ["echo", "delete"]) == [True, True]
+    assert decide(policies((CEILING, False)), ALICE, SERVER, [], "s") == []
+
+
+def test_decisions_in_full() -> None:
+    narrowing = '@id("no-rm") forbid(principal, action, resource == Tool::"rm");'
+    p = policies((CEILING, False), (narrowing, True))
+    echo, rm, other = decide(p, BOB, SERVER, [tool_call("echo"), tool_call("rm"), tool_call("x")], "s")
+    assert echo == Decision(True, ("echo", "admins"), "permitted by policy") or echo == Decision(
+        True, ("admins", "echo"), "permitted by policy"
+    )
+    assert rm == Decision(False, ("no-rm",), "forbidden by policy")
+    assert other == Decision(True, ("admins",), "permitted by policy")
+    (nobody,) = decide(p, ALICE, SERVER, [tool_call("x")], "s")
+    assert nobody == Decision(False, (), "no policy in layer0 permits this call")
+
+
+def test_a_permit_that_fails_to_evaluate_is_skipped_a_forbid_denies() -> None:
+    """Cedar skips a policy whose condition errors: for a permit that is right (another permit may still
+    allow), for a forbid it would be a way around it, so that one denies, naming the forbid."""
+    typed = '@id("typed") permit(principal, action, resource) when { context.arguments.n > 1 };'
+    p = policies(('@id("all") permit(principal, action, resource);\n' + typed, False))
+    (allowed,) = decide(p, ALICE, SERVER, [tool_call("echo", n="text")], "s")
+    assert allowed.allowed and allowed.policies == ("all",) and len(allowed.errors) == 1
+    assert "typed" in allowed.errors[0] or "policy1" in allowed.errors[0]
+    assert 0 < len(allowed.errors[0]) <= 200
+    forbid = '@id("no-big") forbid(principal, action, resource) when { context.arguments.n > 10 };'
+    q = policies(('@id("all") permit(principal, action, resource);', False), (forbid, True))
+    (denied,) = decide(q, ALICE, SERVER, [tool_call("echo", n="text")], "s")
+    assert (denied.allowed, denied.policies, denied.reason) == (
+        False,
+        ("no-big",),
+        "a forbid policy could not be evaluated",
+    )
+    assert len(denied.errors) == 1
+
+
+def test_a_batch_mixing_server_level_and_tool_calls_keeps_every_entity() -> None:
+    """A server-level request (no resource entity of its own) before tool calls in one JSON-RPC batch:
+    the tools after it still have their entity (and its parent, the server)."""
+    text = f'@id("in-server") permit(principal, action, resource in McpServer::"{SERVER.id}");'
+    p = policies((text, False))
+    listing = parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    got = decide(p, ALICE, SERVER, [listing, tool_call("echo"), tool_call("echo"), tool_call("rm")], "s")
+    assert [d.allowed for d in got] == [True, True, True, True]
+
+
+def test_list_filtering_hides_what_a_forbid_always_denies() -> None:
+    forbid = '@id("no-rm") forbid(principal, action in [Action::"call_tool"], resource == Tool::"rm");'
+    p = policies(("permit(principal, action, resource);", False), (forbid, True))
+    assert may_use(p, ALICE, SERVER, "tools", ["echo", "rm"]) == [True, False]
+    only_action = policies(('permit(principal, action == Action::"call_tool", resource);', False))
+    assert may_use(only_action, ALICE, SERVER, "tools", ["echo"]) == [True]
+    assert may_use(only_action, ALICE, SERVER, "prompts", ["hello"]) == [False]
+
+
+def test_a_narrowing_layer_may_not_permit_and_bad_layers_are_reported() -> None:
+    sources = [
+        LayerSource("operator", "permit(principal, action, resource);", False),
+        LayerSource("annotation", '@id("widen") permit(principal, action, resource);', True),
+        LayerSource("file", "permit(principal, action resource);", False),
+    ]
+    compiled, errors = compile_layers(sources)
+    assert [(c.origin, narrowing) for c, narrowing in compiled] == [("operator", False)]
+    assert len(errors) == 2
+    assert errors[0].startswith("annotation") and "'widen' is a `permit`" in errors[0]
+    assert errors[1].startswith("file") and "line 1" in errors[1]
+
+
+def test_narrowings_alone_name_their_policies_and_a_failing_forbid_still_denies() -> None:
+    narrowing = (
+        '@id("no-echo") forbid(principal, action, resource == Tool::"echo");\n'
+        '@id("no-big") forbid(principal, action, resource)'
+        " when { context.arguments has n && context.arguments.n > 10 };"
+    )
+    alone = policies((narrowing, True))
+    echo, wrong_type, fine = decide(
+        alone, ALICE, SERVER, [tool_call("echo"), tool_call("x", n="text"), tool_call("x", n=1)], "s"
+    )
+    assert (echo.allowed, echo.policies, echo.reason) == (False, ("no-echo",), "forbidden by policy")
+    assert (wrong_type.allowed, wrong_type.policies) == (False, ("no-big",))
+    assert fine == Decision(True, (), "permitted by policy")  # the implicit permit is never named
+
+
+def test_policies_describe_themselves() -> None:
+    assert build([]).count == 0
+    assert build([]).describe() == "no policy (every authenticated caller may call every tool)"
+    p = policies((CEILING, False), ('forbid(principal, action, resource == Tool::"rm");', True))
+    assert p.count == 4 and p.enabled
+    assert p.describe() == "4 Cedar policies (layer0: 3; layer1: 1)"
+
+
+def test_evaluation_errors_are_cut_to_200_characters() -> None:
+    """They go to the log line by line: a policy naming a huge attribute must not make huge lines."""
+    long = "a" * 250
+    text = (
+        "permit(principal, action, resource);\n"
+        f"permit(principal, action, resource) when {{ context.arguments.{long} > 1 }};"
+    )
+    (decision,) = decide(policies((text, False)), ALICE, SERVER, [tool_call("echo")], "s")
+    assert decision.allowed and [len(e) for e in decision.errors] == [200]
+    assert decision.errors[0].startswith("error while evaluating policy `policy1`: record does not have")
+
+
+def test_denials_keep_the_evaluation_errors_for_the_log() -> None:
+    broken = '@id("broken") permit(principal, action, resource) when { context.arguments.n > 1 };'
+    forbid = '@id("no-rm") forbid(principal, action, resource == Tool::"rm");'
+    p = policies(("permit(principal, action, resource);\n" + broken, False), (forbid, True))
+    (forbidden,) = decide(p, ALICE, SERVER, [tool_call("rm", n="x")], "s")
+    assert (forbidden.allowed, forbidden.policies, len(forbidden.errors)) == (False, ("no-rm",), 1)
+    only_broken = policies((broken, False))
+    (nobody,) = decide(only_broken, ALICE, SERVER, [tool_call("echo", n="x")], "s")
+    assert (nobody.allowed, nobody.policies, len(nobody.errors)) == (False, (), 1)

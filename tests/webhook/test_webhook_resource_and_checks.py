@@ -214,3 +214,46 @@ def test_image_pull_secrets_are_added_once_and_the_pods_own_kept() -> None:
     assert plain["spec"]["imagePullSecrets"] == [{"name": "outrider-registry"}, {"name": "shared"}]
     assert "imagePullSecrets" not in engine.inject(_pod(), ENABLED, WebhookConfig()).pod["spec"]
     assert parse_config({}).hash == WebhookConfig().hash  # unset keys leave the hash alone
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ftp://mcp.example/x",
+        "https://",
+        "https:///x",
+        "https://mcp.example/x#f",
+        "https://mcp.example/a b",
+        "x",
+    ],
+)
+def test_resource_annotation_syntax_is_refused_in_full(value: str) -> None:
+    from outrider.webhook.annotations import AnnotationError, parse_resource
+
+    with pytest.raises(AnnotationError) as caught:
+        parse_resource(value)
+    assert str(caught.value) == (
+        f"annotation outrider.dev/resource={value!r} is not valid; allowed: an absolute https:// URL "
+        "without a fragment, matching the operator's resource_patterns"
+    )
+
+
+def test_resource_annotation_accepts_http_and_ports_and_refusals_say_what_is_allowed() -> None:
+    from outrider.webhook.annotations import parse_resource, resource_not_allowed
+
+    assert parse_resource(" http://mcp.example/x ") == "http://mcp.example/x"
+    assert parse_resource("https://mcp.example:8443/mcp") == "https://mcp.example:8443/mcp"
+    assert parse_resource(None) is None
+    value = "https://a.example/x"
+    assert str(resource_not_allowed(value, ("https://*.a.example/mcp", "https://b.example/mcp"))) == (
+        f"annotation outrider.dev/resource={value!r} is not a resource the operator allows for this pod; "
+        "allowed values: https://*.a.example/mcp, https://b.example/mcp ('*' is one DNS label)"
+    )
+    assert str(resource_not_allowed(value, ())) == (
+        f"annotation outrider.dev/resource={value!r} cannot be used: none of the operator's "
+        "resource_patterns applies to this pod (they need labels it does not have)"
+    )
+    assert str(resource_not_allowed(value, (), configured=False)) == (
+        f"annotation outrider.dev/resource={value!r} cannot be used: the webhook config allows no choice "
+        "of resource (resource_patterns is empty); remove the annotation or ask the operator"
+    )

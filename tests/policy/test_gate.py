@@ -1,0 +1,315 @@
+"""The gate the inbound proxy calls, in-process with the in-memory rate-limit store: one verdict per
+message of a body (invalid, denied, limited, allowed), the answer sent instead, what is forwarded, and the
+counters /metrics shows. The same gate through the real inbound path: tests/inbound/test_policy_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+
+from outrider.sidecar.inbound.jsonrpc import parse_body
+from outrider.sidecar.policy.answers import denied_error, limited_error
+from outrider.sidecar.policy.config import PolicyConfig
+from outrider.sidecar.policy.gate import Gate, forwarded_document, refusal_body, refused_errors, reload_loop
+from outrider.sidecar.policy.model import Server
+from outrider.sidecar.telemetry.observer import Principal
+
+SERVER = Server.from_facts("spiffe://example.org/ns/tools/sa/issues", None, "pod-1")
+ALICE = Principal("oidc", "alice", "https://idp")
+CEDAR = """
+@id("echo") permit(principal, action == Action::"call_tool", resource == Tool::"echo");
+@id("lists") permit(principal, action == Action::"list_tools", resource);
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def call(msg_id: int, tool: str) -> dict[str, object]:
+    return {"jsonrpc": "2.0", "id": msg_id, "method": "tools/call", "params": {"name": tool, "arguments": {}}}
+
+
+def gate(**policy: object) -> Gate:
+    return Gate.from_config(PolicyConfig.from_mapping({"file": None, **policy}), lambda: SERVER)
+
+
+async def test_one_verdict_per_message_and_the_answers_sent_instead() -> None:
+    g = gate(cedar=CEDAR, rate_limits={"per_user": "2/minute"})
+    assert g.active
+    body = json.dumps(
+        [call(1, "echo"), call(2, "rm"), {"nope": 1}, call(3, "echo"), call(4, "echo")]
+    ).encode()
+    parsed = parse_body(body)
+    judgement = await g.judge(ALICE, parsed, "streamable-http")
+    outcomes = [(v.forward, v.outcome) for v in judgement.verdicts]
+    assert outcomes == [
+        (True, "ok"),
+        (False, "denied"),
+        (False, "invalid"),
+        (True, "ok"),
+        (False, "limited"),
+    ]
+    ok, denied, invalid, _, limited = judgement.verdicts
+    assert (
+        ok.decision is not None and ok.decision.policies == ("echo",) and ok.reason == "permitted by policy"
+    )
+    assert (
+        denied.error == denied_error(2)
+        and denied.reason == "no policy in sidecar config policy.cedar permits this call"
+    )
+    assert invalid.reason == "not a JSON-RPC message; refused unjudged"
+    assert limited.retry_after_s > 0 and limited.error == limited_error(4, limited.retry_after_s)
+    assert (
+        limited.reason == f"rate limit {limited.limit_scope} exceeded; retry after {limited.retry_after_s} s"
+    )
+    assert judgement.refused and not judgement.nothing_to_forward
+    assert judgement.retry_after_s == limited.retry_after_s
+    # What goes to the server: the allowed calls only, still a batch; the refusals are answered here.
+    assert forwarded_document(parsed, judgement) == [call(1, "echo"), call(3, "echo")]
+    errors = refused_errors(parsed, judgement)
+    assert [e["id"] for e in errors] == [2, None, 4]
+    metrics = g.metrics_text().decode()
+    for line in (
+        'outrider_policy_decisions_total{outcome="allowed"} 2',
+        'outrider_policy_decisions_total{outcome="denied"} 1',
+        'outrider_policy_decisions_total{outcome="rate_limited"} 1',
+        'outrider_policy_decisions_total{outcome="invalid"} 1',
+        "outrider_policy_count 2",
+    ):
+        assert line + "\n" in metrics, line
+
+
+async def test_a_body_with_nothing_to_forward_is_answered_whole() -> None:
+    g = gate(cedar=CEDAR)
+    single = parse_body(json.dumps(call(7, "rm")).encode())
+    judgement = await g.judge(ALICE, single, "stateless")
+    assert judgement.nothing_to_forward and judgement.retry_after_s == 0
+    assert json.loads(refusal_body(single, judgement)) == denied_error(7)
+    batch = parse_body(json.dumps([call(8, "rm"), call(9, "rm")]).encode())
+    judgement = await g.judge(ALICE, batch, "stateless")
+    assert json.loads(refusal_body(batch, judgement)) == [denied_error(8), denied_error(9)]
+    # One allowed call left of a batch goes alone (newer servers refuse batches).
+    mixed = parse_body(json.dumps([call(10, "echo"), call(11, "rm")]).encode())
+    judgement = await g.judge(ALICE, mixed, "stateless")
+    assert forwarded_document(mixed, judgement) == call(10, "echo")
+    whole = parse_body(json.dumps([call(12, "echo")]).encode())
+    assert forwarded_document(whole, await g.judge(ALICE, whole, "stateless")) == [call(12, "echo")]
+
+
+async def test_without_policy_or_limits_the_gate_is_inactive_and_forwards_everything() -> None:
+    g = gate()
+    assert not g.active
+    parsed = parse_body(json.dumps(call(1, "anything")).encode())
+    judgement = await g.judge(ALICE, parsed, "stateless")
+    assert [(v.forward, v.outcome, v.reason) for v in judgement.verdicts] == [
+        (True, "ok", "no policy configured")
+    ]
+    listing = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "echo"}, {"name": "rm"}]}}
+    raw = json.dumps(listing).encode()
+    assert g.filter_payload(ALICE, raw) is raw
+    assert g.ready() == (True, "no policy (every authenticated caller may call every tool)")
+
+
+def test_list_answers_are_filtered_and_counted() -> None:
+    g = gate(cedar=CEDAR)
+    listing = {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "echo"}, {"name": "rm"}]}}
+    filtered = json.loads(g.filter_payload(ALICE, json.dumps(listing).encode()))
+    assert filtered["result"]["tools"] == [{"name": "echo"}]
+    batch, removed = g.filter_objects(ALICE, [listing, {"jsonrpc": "2.0", "id": 2, "result": {}}])
+    assert removed == 1 and batch[0]["result"]["tools"] == [{"name": "echo"}] and len(batch) == 2
+    assert g.stats.filtered_items == 2
+    untouched = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "echo"}]}}).encode()
+    assert g.filter_payload(ALICE, untouched) is untouched
+    assert g.filter_payload(ALICE, b'{"tools": [') == b'{"tools": ['
+    assert "outrider_policy_list_items_filtered_total 2\n" in g.metrics_text().decode()
+
+
+async def test_budgets_are_per_user_and_every_refusal_is_counted() -> None:
+    g = gate(cedar=CEDAR, rate_limits={"per_user": "1/minute"})
+    other_issuer = Principal("oidc", "alice", "https://other-idp")
+    bob = Principal("oidc", "bob", "https://idp")
+    for who in (ALICE, other_issuer, bob):  # one budget each: same subject, other issuer is someone else
+        first = await g.judge(who, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+        assert first.verdicts[0].outcome == "ok", who
+    body = json.dumps([call(2, "echo"), call(3, "echo"), call(4, "rm"), call(5, "rm"), {"x": 1}, 7]).encode()
+    parsed = parse_body(body)
+    judgement = await g.judge(ALICE, parsed, "s")
+    assert [v.outcome for v in judgement.verdicts] == [
+        "limited",
+        "limited",
+        "denied",
+        "denied",
+        "invalid",
+        "invalid",
+    ]
+    invalid = {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": -32600, "message": "not a JSON-RPC 2.0 message"},
+    }
+    assert refused_errors(parsed, judgement)[4:] == [invalid, invalid]
+    assert (
+        json.loads(refusal_body(parse_body(b'{"x": 1}'), await g.judge(ALICE, parse_body(b'{"x": 1}'), "s")))
+        == invalid
+    )
+    metrics = g.metrics_text().decode()
+    for line in (
+        'outrider_policy_decisions_total{outcome="allowed"} 3',
+        'outrider_policy_decisions_total{outcome="denied"} 2',
+        'outrider_policy_decisions_total{outcome="rate_limited"} 2',
+        'outrider_policy_decisions_total{outcome="invalid"} 3',
+    ):
+        assert line + "\n" in metrics, line
+
+
+async def test_a_single_allowed_call_is_forwarded_as_it_came() -> None:
+    g = gate(cedar=CEDAR)
+    single = parse_body(json.dumps(call(1, "echo")).encode())
+    assert forwarded_document(single, await g.judge(ALICE, single, "s")) == call(1, "echo")
+
+
+async def test_an_unreachable_store_follows_on_store_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis URI nobody listens on (a closed local port): `allow` lets the call through and counts it,
+    `deny` refuses it; both say so in /metrics."""
+    port = free_port()
+    limits = {"rate_limits": {"per_user": "5/minute"}, "storage": f"redis://127.0.0.1:{port}"}
+    allowing = gate(**limits)
+    judgement = await allowing.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+    (verdict,) = judgement.verdicts
+    assert (verdict.forward, verdict.outcome, verdict.store_error) == (True, "ok", True)
+    assert allowing.stats.allowed_store_down == 1
+    await allowing.judge(ALICE, parse_body(json.dumps(call(2, "echo")).encode()), "s")
+    assert "outrider_ratelimit_allowed_store_down_total 2\n" in allowing.metrics_text().decode()
+    denying = gate(**limits, on_store_error="deny")
+    (refused,) = (await denying.judge(ALICE, parse_body(json.dumps(call(3, "echo")).encode()), "s")).verdicts
+    assert (refused.forward, refused.outcome, refused.store_error) == (False, "limited", True)
+    assert denying.limiter.shared and not gate(cedar=CEDAR).limiter.shared
+
+
+async def test_evaluation_errors_are_logged_with_the_method(caplog: pytest.LogCaptureFixture) -> None:
+    broken = "permit(principal, action, resource) when { context.arguments.n > 1 };"
+    g = gate(cedar=broken)
+    with caplog.at_level(logging.INFO, logger="outrider.policy"):
+        await g.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+    (line,) = [r.getMessage() for r in caplog.records if "evaluation errors" in r.getMessage()]
+    assert line.startswith("policy evaluation errors for tools/call: error while evaluating policy")
+
+
+METRICS = """\
+# HELP outrider_policy_decisions_total MCP requests judged by the policy gate, by outcome.
+# TYPE outrider_policy_decisions_total counter
+outrider_policy_decisions_total{outcome="allowed"} 0
+outrider_policy_decisions_total{outcome="denied"} 0
+outrider_policy_decisions_total{outcome="rate_limited"} 0
+outrider_policy_decisions_total{outcome="invalid"} 0
+# HELP outrider_policy_list_items_filtered_total List items hidden from callers by policy.
+# TYPE outrider_policy_list_items_filtered_total counter
+outrider_policy_list_items_filtered_total 0
+# HELP outrider_policy_count Cedar policies in force.
+# TYPE outrider_policy_count gauge
+outrider_policy_count 1
+# HELP outrider_policy_reloads_total Policy file loads that took effect.
+# TYPE outrider_policy_reloads_total counter
+outrider_policy_reloads_total 0
+# HELP outrider_policy_reload_errors_total Policy file loads rejected (last good kept).
+# TYPE outrider_policy_reload_errors_total counter
+outrider_policy_reload_errors_total 0
+# HELP outrider_policy_schema_mismatches Policies naming tools or arguments the server lacks.
+# TYPE outrider_policy_schema_mismatches gauge
+outrider_policy_schema_mismatches 0
+# HELP outrider_ratelimit_store_up 1 while the rate-limit store answers.
+# TYPE outrider_ratelimit_store_up gauge
+outrider_ratelimit_store_up 1
+# HELP outrider_ratelimit_store_errors_total Rate-limit checks the store could not answer.
+# TYPE outrider_ratelimit_store_errors_total counter
+outrider_ratelimit_store_errors_total 0
+# HELP outrider_ratelimit_allowed_store_down_total Calls allowed because the store was down.
+# TYPE outrider_ratelimit_allowed_store_down_total counter
+outrider_ratelimit_allowed_store_down_total 0
+"""
+
+
+def test_metrics_in_full_and_valid_exposition() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = gate(cedar="permit(principal, action, resource);").metrics_text().decode()
+    assert text == METRICS
+    assert len(list(text_string_to_metric_families(text))) == 9
+
+
+async def test_readiness_says_what_is_wrong_and_stays_ready(caplog: pytest.LogCaptureFixture) -> None:
+    one = "1 Cedar policies (sidecar config policy.cedar: 1)"
+    assert gate(
+        cedar="permit(principal, action, resource);", rate_limits={"per_user": "5/minute"}
+    ).ready() == (
+        True,
+        f"{one}; rate-limit store ok",
+    )
+    assert gate(cedar="permit(principal action, resource);").ready() == (
+        True,
+        "1 Cedar policies (deny-all (a policy layer did not compile): 1); pod-spec policy did not compile "
+        "(deny-all in its place): sidecar config policy.cedar: line 1, column 18: unexpected token `action`",
+    )
+    nothing = "no policy (every authenticated caller may call every tool)"
+    for mode, verb in (("allow", "allowing"), ("deny", "refusing")):
+        g = gate(
+            rate_limits={"per_user": "5/minute"},
+            storage=f"redis://127.0.0.1:{free_port()}",
+            on_store_error=mode,
+        )
+        await g.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+        assert g.ready() == (
+            True,
+            f"{nothing}; rate-limit store unreachable (StorageError): {verb} metered calls",
+        )
+        assert "outrider_ratelimit_store_up 0\n" in g.metrics_text().decode()
+    listing = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]},
+    }
+    g = gate(cedar='permit(principal, action == Action::"call_tool", resource == Tool::"nope");')
+    with caplog.at_level(logging.WARNING, logger="outrider.policy"):
+        g.filter_objects(ALICE, listing)
+    problem = (
+        "sidecar config policy.cedar: policy 'policy0' names tool 'nope', which the server does not offer"
+    )
+    assert g.schema_problems == (problem,)
+    assert g.ready() == (True, f"{one}; 1 schema mismatch(es): {problem}")
+    assert "outrider_policy_schema_mismatches 1\n" in g.metrics_text().decode()
+    with caplog.at_level(logging.WARNING, logger="outrider.policy"):
+        g.filter_objects(ALICE, listing)  # the same tools again: nothing new to check, nothing logged
+    assert g.schema_problems == (problem,)
+    warned = [r.getMessage() for r in caplog.records if "server's tools" in r.getMessage()]
+    assert warned == [f"policy does not match the server's tools: {problem}"]
+
+
+async def test_the_reload_loop_applies_a_changed_narrowing_file(tmp_path: Path) -> None:
+    """The app team's ConfigMap file, re-read by the loop the sidecar runs: a new forbid takes effect."""
+    narrowing = tmp_path / "policy.yaml"
+    narrowing.write_text("cedar: ''\n")
+    g = gate(cedar="permit(principal, action, resource);", file=str(narrowing), reload_interval_s=0.05)
+    body = json.dumps(call(1, "echo")).encode()
+    assert (await g.judge(ALICE, parse_body(body), "s")).verdicts[0].forward
+    loop = asyncio.create_task(reload_loop(g))
+    try:
+        narrowing.write_text("cedar: 'forbid(principal, action, resource == Tool::\"echo\");'\n")
+        for _ in range(400):  # the loop polls every 0.05 s; give a loaded machine plenty of time
+            if g.holder.reloads >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert g.holder.reloads >= 2
+        assert not (await g.judge(ALICE, parse_body(body), "s")).verdicts[0].forward
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
