@@ -316,7 +316,13 @@ async def test_two_sidecars_share_one_redis_budget_and_store_loss_follows_config
     alice = idp.mint("alice", audience=RESOURCE)
     observer = RecordingObserver()
     with redis_server(tmp_path) as redis:
-        shared = {"rate_limits": {"per_tool": {"echo": "7/minute"}}, "storage": redis.uri}
+        # a generous store timeout: on a loaded machine the default 0.25 s can expire and fail open,
+        # letting an extra call through (a stopped Redis still fails at once: connection refused)
+        shared = {
+            "rate_limits": {"per_tool": {"echo": "7/minute"}},
+            "storage": redis.uri,
+            "store_timeout_s": 5,
+        }
         async with (
             policy_sidecar(idp, workload_api, mcp_app.port, policy=shared, observer=observer) as one,
             policy_sidecar(
