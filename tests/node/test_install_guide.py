@@ -177,7 +177,9 @@ def _images() -> Images:
         [str(REPO / "scripts" / "build-images.sh"), "names"], capture_output=True, text=True, check=True
     ).stdout
     names = dict(line.split("=", 1) for line in out.split())
-    return Images(sidecar=names["sidecar"], webhook=names["webhook"], mcp=names["mcp"])
+    return Images(
+        sidecar=names["sidecar"], webhook=names["webhook"], mcp=names["mcp"], testkit=names["testkit"]
+    )
 
 
 def _uninstall(kube: Kube, names: Names) -> None:
