@@ -126,6 +126,11 @@ class RateLimiter:
                 ok = bool(await self.storage.check())
         except Exception as exc:  # any failure of the probe means the store is not usable
             ok, detail = False, type(exc).__name__
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # `limits`' redis `check()` swallows every exception with a bare `except:`, our own
+            # cancellation included: without this the reload loop could not be stopped mid-probe.
+            raise asyncio.CancelledError
         if ok:
             self._healthy()
         else:

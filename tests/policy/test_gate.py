@@ -9,11 +9,13 @@ import contextlib
 import json
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from outrider.sidecar.inbound.jsonrpc import parse_body
+from outrider.sidecar.policy import gate as gate_module
 from outrider.sidecar.policy.answers import denied_error, limited_error
 from outrider.sidecar.policy.config import PolicyConfig
 from outrider.sidecar.policy.gate import Gate, forwarded_document, refusal_body, refused_errors, reload_loop
@@ -313,3 +315,112 @@ async def test_the_reload_loop_applies_a_changed_narrowing_file(tmp_path: Path) 
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop
+
+
+class _Counted:
+    """Counts the calls of a gate's real method (the method still runs)."""
+
+    def __init__(self, owner: object, name: str) -> None:
+        self.calls = 0
+        self._real = getattr(owner, name)
+        setattr(owner, name, self)
+
+    def __call__(self, *args: object) -> object:
+        self.calls += 1
+        return self._real(*args)
+
+
+async def _run_loop(g: Gate, until: Callable[[], bool]) -> None:
+    """Runs the reload loop until `until()` holds (at most 20 s); the loop must still be running then."""
+    task = asyncio.create_task(reload_loop(g))
+    try:
+        for _ in range(400):
+            if until() or task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not task.done(), task  # a loop that died (an exception) reloads nothing any more
+        assert until()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)  # a loop that ignores its cancellation fails here
+
+
+async def test_the_reload_loop_stops_when_cancelled_mid_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that accepts the connection and never answers: the loop is cancelled (sidecar shutdown)
+    while its probe waits. `limits`' `check()` swallows every exception, the cancellation included, so
+    the loop went on probing and the shutdown hung until the probe learnt to re-raise it."""
+    monkeypatch.setattr(gate_module, "STORE_PROBE_INTERVAL_S", 0.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        g = gate(
+            rate_limits={"per_user": "5/minute"},
+            storage=f"redis://127.0.0.1:{port}",
+            store_timeout_s=5,
+            reload_interval_s=0.05,
+        )
+        probes = _Counted(g.limiter, "check_store")
+        task = asyncio.create_task(reload_loop(g))
+        for _ in range(400):
+            if probes.calls:
+                break
+            await asyncio.sleep(0.05)
+        assert probes.calls == 1
+        await asyncio.sleep(0.2)  # inside the probe's PING, which the silent store never answers
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        assert probes.calls == 1
+
+
+async def test_the_reload_loop_probes_a_shared_store_that_went_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With limits on a shared store, the loop probes it every STORE_PROBE_INTERVAL_S: a store that went
+    away shows in /readyz and /metrics without waiting for a metered call, and the loop keeps probing."""
+    monkeypatch.setattr(gate_module, "STORE_PROBE_INTERVAL_S", 0.0)
+    g = gate(
+        rate_limits={"per_user": "5/minute"},
+        storage=f"redis://127.0.0.1:{free_port()}",
+        reload_interval_s=0.05,
+    )
+    assert g.limiter.store_healthy
+    probes = _Counted(g.limiter, "check_store")
+    await _run_loop(g, lambda: probes.calls >= 3)
+    assert not g.limiter.store_healthy
+    assert "outrider_ratelimit_store_up 0\n" in g.metrics_text().decode()
+    detail = g.ready()[1]
+    assert "; rate-limit store unreachable (" in detail and detail.endswith("): allowing metered calls")
+
+
+async def test_the_reload_loop_probes_no_sooner_than_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An hour between probes: many reload checks, no probe yet (the store is not hammered)."""
+    monkeypatch.setattr(gate_module, "STORE_PROBE_INTERVAL_S", 3600.0)
+    g = gate(
+        rate_limits={"per_user": "5/minute"},
+        storage=f"redis://127.0.0.1:{free_port()}",
+        reload_interval_s=0.05,
+    )
+    probes = _Counted(g.limiter, "check_store")
+    checks = _Counted(g.holder, "check")
+    await _run_loop(g, lambda: checks.calls >= 5)
+    assert probes.calls == 0
+    assert g.limiter.store_healthy
+
+
+@pytest.mark.parametrize(
+    ("policy", "why"),
+    [
+        ({"rate_limits": {"per_user": "5/minute"}}, "the in-memory store is never probed"),
+        ({"storage": "redis://127.0.0.1:1"}, "a shared store without limits is never probed"),
+    ],
+)
+async def test_the_reload_loop_probes_only_a_shared_store_with_limits(
+    monkeypatch: pytest.MonkeyPatch, policy: dict[str, object], why: str
+) -> None:
+    monkeypatch.setattr(gate_module, "STORE_PROBE_INTERVAL_S", 0.0)
+    g = gate(cedar=CEDAR, reload_interval_s=0.05, **policy)
+    probes = _Counted(g.limiter, "check_store")
+    checks = _Counted(g.holder, "check")
+    await _run_loop(g, lambda: checks.calls >= 5)
+    assert probes.calls == 0, why
