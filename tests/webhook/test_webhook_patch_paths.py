@@ -11,6 +11,7 @@ import pytest
 from webhook_support import load_fixture, pod_template, templated_fixture_names
 
 from outrider.webhook import admission
+from outrider.webhook.annotations import EGRESS_MODE_LABEL
 from outrider.webhook.config import parse_config
 from outrider.webhook.egress import plan_egress_cached
 from outrider.webhook.engine import _sidecar_config_json, inject, sidecar_config
@@ -118,3 +119,30 @@ def test_cached_sidecar_config_text_is_the_plain_json(
     expected = json.dumps(sidecar_config(config, port, audience, plan), sort_keys=True, separators=(",", ":"))
     for _ in range(2):  # cold, then from the caches
         assert _sidecar_config_json(config, port, audience, plan) == expected
+
+
+@pytest.mark.parametrize("layout", sorted(CONFIGS))
+def test_explicit_mode_proxies_every_app_container_even_after_one_that_sets_its_own(layout: str) -> None:
+    """Explicit egress mode sends apps through the sidecar only by their proxy variables. A container
+    that sets one itself keeps its value (and is warned about); every other variable, and every
+    container after it, still gets Outrider's: a container left without them would go around the
+    egress policy."""
+    pod = copy.deepcopy(POD)
+    pod["spec"]["containers"][0]["env"] = [{"name": "HTTPS_PROXY", "value": "http://elsewhere:3128"}]
+    labels = {**ENABLED, EGRESS_MODE_LABEL: "explicit"}
+    result = inject(pod, labels, CONFIGS[layout], None, "tools")
+    assert result.injected
+    assert (
+        result.warnings.count("container app sets HTTPS_PROXY itself; Outrider's value is not applied") == 1
+    )
+    env = {
+        c["name"]: {e["name"]: e.get("value") for e in c.get("env", [])}
+        for c in result.pod["spec"]["containers"]
+    }
+    names = {f(n) for n in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY") for f in (str.upper, str.lower)}
+    assert env["app"]["HTTPS_PROXY"] == "http://elsewhere:3128"
+    assert names <= set(env["app"]) and names <= set(env["other"])
+    assert env["other"]["HTTPS_PROXY"] == env["app"]["HTTP_PROXY"] != "http://elsewhere:3128"
+    assert pod["spec"]["containers"][0]["env"] == [{"name": "HTTPS_PROXY", "value": "http://elsewhere:3128"}]
+    assert "env" not in pod["spec"]["containers"][1], "the engine changed its input"
+    assert result.patch == diff(pod, result.pod)
