@@ -651,3 +651,66 @@ def test_per_pod_refusal_is_the_one_the_whole_check_gives() -> None:
             expected = _sidecar_refusal(value)
             assert _sidecar_refusal(value, other) == expected, chosen
             assert (expected is None) == (count == 0), chosen
+
+
+def _set_env(container: dict[str, Any], name: str, value: str) -> None:
+    for entry in container["env"]:
+        if entry["name"] == name:
+            entry["value"] = value
+            return
+    raise AssertionError(f"no {name} in {container['name']}")
+
+
+def _loosened_config(container: dict[str, Any]) -> None:
+    config = json.loads(next(e["value"] for e in container["env"] if e["name"] == "OUTRIDER_CONFIG"))
+    config.setdefault("egress", {})["policy"] = {"allow": ["*:*"]}
+    _set_env(container, "OUTRIDER_CONFIG", json.dumps(config))
+
+
+def _status(pod: dict[str, Any], **change: Any) -> None:
+    status = json.loads(pod["metadata"]["annotations"][ann.STATUS])
+    pod["metadata"]["annotations"][ann.STATUS] = json.dumps({**status, **change})
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda p: p["spec"]["initContainers"][1].__setitem__("command", ["sh"]), "is not the sidecar"),
+        (
+            lambda p: p["spec"]["initContainers"][1].__setitem__("args", ["sidecar", "--x"]),
+            "is not the sidecar",
+        ),
+        (
+            lambda p: p["spec"]["initContainers"][1]["securityContext"].__setitem__("runAsUser", 0),
+            "is not the sidecar",
+        ),
+        (lambda p: _loosened_config(p["spec"]["initContainers"][1]), "is not the sidecar"),
+        (
+            lambda p: _set_env(p["spec"]["initContainers"][1], "OUTRIDER_CONFIG", "{not json"),
+            "is not the sidecar",
+        ),
+        (lambda p: p["spec"]["initContainers"][0].__setitem__("image", "busybox"), "traffic-capture init"),
+        (lambda p: p["metadata"]["annotations"].__setitem__(ann.STATUS, "not json"), "not the JSON Outrider"),
+        (lambda p: p["metadata"]["annotations"].__setitem__(ann.STATUS, "[1]"), "not the JSON Outrider"),
+        (
+            lambda p: _status(p, initContainers=["outrider-init", "gone"]),
+            "containers it names are missing (gone)",
+        ),
+        (
+            lambda p: _status(p, initContainers=[], containers=[]),
+            "containers it names are missing (none named)",
+        ),
+        (lambda p: _status(p, mcpPort=1), "it records MCP port 1"),
+        (
+            lambda p: _status(p, resource="https://elsewhere/mcp"),
+            "it records resource 'https://elsewhere/mcp'",
+        ),
+    ],
+)
+def test_strict_refuses_every_loosened_part_of_an_injection(change: Any, said: str) -> None:
+    """A pod carrying the status annotation is skipped in strict namespaces only when it is exactly what
+    this webhook injects now: every part an attacker could loosen is compared (a sidecar running another
+    command, as root, with a wider egress policy; no capture; a forged or inconsistent record)."""
+    message = _tamper(change) or ""
+    assert said in message, message
+    assert "says the pod is injected but" in message
