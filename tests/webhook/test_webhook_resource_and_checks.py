@@ -257,3 +257,16 @@ def test_resource_annotation_accepts_http_and_ports_and_refusals_say_what_is_all
         f"annotation outrider.dev/resource={value!r} cannot be used: the webhook config allows no choice "
         "of resource (resource_patterns is empty); remove the annotation or ask the operator"
     )
+
+
+def test_a_pod_without_an_mcp_port_still_gets_its_resource() -> None:
+    """A pod whose MCP port is not declared (no container port): the template still names its
+    resource, so tokens minted for another server are refused by its sidecar once a port is used."""
+    pod = _pod()
+    del pod["spec"]["containers"][0]["ports"]
+    result = engine.inject(pod, ENABLED, parse_config(TEMPLATE))
+    assert result.injected, result.message
+    config = _outrider_config(result.pod)
+    assert config["inbound"]["resource"] == "https://weather.tools.mcp.example.com/mcp"
+    assert "mcp_port" not in config["inbound"]
+    assert _status(result.pod)["resource"] == "https://weather.tools.mcp.example.com/mcp"
