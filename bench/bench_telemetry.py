@@ -144,6 +144,34 @@ async def _wait_port(port: int) -> None:
     raise RuntimeError("the OTLP receiver did not start")
 
 
+async def span_counting_receiver(stack: Any) -> tuple[int, dict[str, int]]:
+    """A local OTLP/HTTP receiver that decodes each trace payload and counts requests and spans."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    counts: dict[str, int] = {"spans": 0, "server_spans": 0}
+
+    async def sink(request: web.Request) -> web.Response:
+        body = await request.read()
+        counts[request.path] = counts.get(request.path, 0) + 1
+        if request.path.endswith("/v1/traces"):
+            decoded = ExportTraceServiceRequest.FromString(body)
+            for rs in decoded.resource_spans:
+                for ss in rs.scope_spans:
+                    counts["spans"] += len(ss.spans)
+                    counts["server_spans"] += sum(1 for span in ss.spans if span.kind == 2)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/{tail:.*}", sink)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return port, counts
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (from /proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -171,7 +199,7 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
                 token_ttl=3600,
             )
         )
-        otlp_port, otlp_counts = await bp.otlp_receiver(stack)
+        otlp_port, otlp_counts = await span_counting_receiver(stack)
         mcp_port = free_port()
         python = sys.executable
         app = subprocess.Popen(  # noqa: ASYNC220 - start-up only, not on the measured path
@@ -210,12 +238,14 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
         token = idp.mint("alice", audience=bp.RESOURCE, expires_in=3600)
         proxy_headers = {**bp.HEADERS, "Authorization": f"Bearer {token}"}
         await bp.paced(direct_url, bp.HEADERS, 50, 1, bp.Phase())
-        for _, url in sidecars.values():
-            await bp.paced(url, proxy_headers, 50, 1, bp.Phase())
+        warmup = {mode: bp.Phase() for mode in sidecars}
+        for mode, (_, url) in sidecars.items():
+            await bp.paced(url, proxy_headers, 50, 1, warmup[mode])
         await asyncio.sleep(1)
 
         phases = {"direct": bp.Phase(), "off": bp.Phase(), "on": bp.Phase()}
         cpu0 = {mode: cpu_seconds(p.pid) for mode, (p, _) in sidecars.items()}
+
         slice_s = args.seconds / args.rounds
         for _ in range(args.rounds):
             await bp.paced(direct_url, bp.HEADERS, args.rate, slice_s, phases["direct"])
@@ -226,7 +256,11 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
         for mode, (process, _) in sidecars.items():
             if process.poll() is not None:
                 raise RuntimeError(f"the {mode} sidecar exited: see {tmp / mode / 'sidecar.log'}")
+        # Every call to the "on" sidecar (warm-up included) must have its server span and audit line.
         audit_lines = sum(1 for _ in (tmp / "on" / "audit.jsonl").open())
+        server_spans = otlp_counts["server_spans"]
+        on_calls = len(warmup["on"].latencies_ms) + warmup["on"].errors
+        load = os.getloadavg()
 
     def stats(phase: Any) -> dict[str, float]:
         v = phase.latencies_ms
@@ -256,8 +290,11 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
         "sidecar_cpu_us_per_request_off": round(cpu_off_us, 1),
         "sidecar_cpu_us_per_request_on": round(cpu_on_us, 1),
         "telemetry_cpu_share": round((cpu_on_us - cpu_off_us) / cpu_off_us, 3),
-        "otlp_requests": sum(otlp_counts.values()),
+        "otlp_requests": sum(v for k, v in otlp_counts.items() if k.startswith("/")),
+        "server_spans": server_spans,
+        "calls_on": on_calls + len(phases["on"].latencies_ms) + phases["on"].errors,
         "audit_lines": audit_lines,
+        "load_avg": [round(x, 2) for x in load],
     }
 
 
@@ -288,7 +325,11 @@ def render_proxy(r: dict[str, Any]) -> str:
             f"sidecar CPU    : {r['sidecar_cpu_us_per_request_off']:.0f} us/request off, "
             f"{r['sidecar_cpu_us_per_request_on']:.0f} us/request on: telemetry "
             f"{share(r['telemetry_cpu_share'])}",
-            f"exported       : {r['otlp_requests']} OTLP/HTTP requests, {r['audit_lines']} audit lines",
+            f"exported       : {r['otlp_requests']} OTLP/HTTP requests; "
+            f"{r['server_spans']} server spans and {r['audit_lines']} audit lines for "
+            f"{r['calls_on']} calls to the 'on' sidecar",
+            f"CPU on / off   : {r['sidecar_cpu_us_per_request_on'] / r['sidecar_cpu_us_per_request_off']:.2f}x "
+            f"(target <= 1.25x); load average {r['load_avg']}",
         ]
     )
 
@@ -344,6 +385,18 @@ def main() -> int:
             on.extend(measure(lambda: one_call(observer), block, args.call_rate))
         wall = time.perf_counter() - started
         observer.force_flush()
+        # CPU per call of the whole process (worker and exporter threads included): blocks of calls,
+        # then everything they queued is recorded and exported before the clock stops.
+        cpu_null: list[float] = []
+        cpu_otel: list[float] = []
+        for _ in range(3):
+            for target, sink in ((null, cpu_null), (observer, cpu_otel)):
+                gc.collect()
+                cpu0 = time.process_time()
+                measure(lambda t=target: one_call(t), block, args.call_rate)  # type: ignore[misc]
+                if target is observer:
+                    observer.force_flush()
+                sink.append((time.process_time() - cpu0) / block * 1e6)
         observer.worker.close()
         providers.shutdown()
         audit_lines = sum(1 for _ in (tmp / "audit.jsonl").open())
@@ -360,7 +413,11 @@ def main() -> int:
         "audit_lines": audit_lines,
         "wall_s": round(wall, 2),
         "call_rate": args.call_rate,
+        "null_cpu_us": round(min(cpu_null), 1),
+        "otel_cpu_us": round(min(cpu_otel), 1),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
+    result["added_cpu_us"] = round(result["otel_cpu_us"] - result["null_cpu_us"], 1)
     result["added_p50_us"] = round(result["otel_p50_us"] - result["null_p50_us"], 2)
     result["added_p99_us"] = round(result["otel_p99_us"] - result["null_p99_us"], 2)
     if args.proxy_overhead_ms:
@@ -384,7 +441,11 @@ def main() -> int:
             f"vs proxy     : {share:.1%} of the proxy's own {args.proxy_overhead_ms} ms p50 overhead "
             f"(target <= 20%: {'ok' if share <= 0.2 else 'MISSED'})"
         )
-    print(f"audit lines  : {audit_lines}")
+    print(
+        f"CPU per call : NullObserver {result['null_cpu_us']:.1f} us, observer {result['otel_cpu_us']:.1f} us "
+        f"(threads and export included, best of 3 blocks): telemetry adds {result['added_cpu_us']:.1f} us"
+    )
+    print(f"audit lines  : {audit_lines}; load average {result['load_avg']}")
     return 0
 
 
