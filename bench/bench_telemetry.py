@@ -116,19 +116,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def real_observer(endpoint: str, audit_path: Path) -> tuple[OtelObserver, TelemetryProviders]:
+def real_observer(
+    endpoint: str, audit_path: Path, *, lean_spans: bool = True
+) -> tuple[OtelObserver, TelemetryProviders]:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     os.environ.update(env)  # the exporters read their endpoint from the environment
-    providers = build_providers("outrider-proxy", env=env)
+    providers = build_providers("outrider-proxy", env=env, lean_spans=lean_spans)
     tune_switch_interval(providers.plan)  # as the telemetry component does in `outrider sidecar`
-    observer = OtelObserver(
+    observer = providers.observer(  # the observer the sidecar's telemetry component would choose
         TelemetryConfig(audit=str(audit_path)),
-        tracer_provider=providers.tracer_provider,
-        meter_provider=providers.meter_provider,
-        audit=AuditLog.open(str(audit_path)),
-        workload=lambda: Workload("spiffe://bench/ns/a/sa/b", "pod-0", "bench"),
-        flush=providers.force_flush,
-        worker=Worker(enabled=True),  # as the component does with telemetry.background (default)
+        AuditLog.open(str(audit_path)),
+        lambda: Workload("spiffe://bench/ns/a/sa/b", "pod-0", "bench"),
+        Worker(enabled=True),  # as the component does with telemetry.background (default)
     )
     return observer, providers
 
@@ -328,7 +327,8 @@ def render_proxy(r: dict[str, Any]) -> str:
             f"exported       : {r['otlp_requests']} OTLP/HTTP requests; "
             f"{r['server_spans']} server spans and {r['audit_lines']} audit lines for "
             f"{r['calls_on']} calls to the 'on' sidecar",
-            f"CPU on / off   : {r['sidecar_cpu_us_per_request_on'] / r['sidecar_cpu_us_per_request_off']:.2f}x "
+            f"CPU on / off   : "
+            f"{r['sidecar_cpu_us_per_request_on'] / r['sidecar_cpu_us_per_request_off']:.2f}x "
             f"(target <= 1.25x); load average {r['load_avg']}",
         ]
     )
@@ -356,12 +356,15 @@ def main() -> int:
     parser.add_argument(
         "--sample", type=float, default=None, help="--proxy: trace sampling ratio for the 'on' sidecar"
     )
+    parser.add_argument(
+        "--sdk-spans", action="store_true", help="observer bench: spans through the OpenTelemetry SDK path"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.proxy:
         sys.path.insert(0, str(ROOT / "bench"))
-        result = asyncio.run(proxy_run(args))
-        print(json.dumps(result, indent=2) if args.json else render_proxy(result))
+        proxy_result = asyncio.run(proxy_run(args))
+        print(json.dumps(proxy_result, indent=2) if args.json else render_proxy(proxy_result))
         return 0
 
     port = free_port()
@@ -370,7 +373,9 @@ def main() -> int:
     try:
         asyncio.run(_wait_port(port))
         tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-telemetry-"))
-        observer, providers = real_observer(f"http://127.0.0.1:{port}", tmp / "audit.jsonl")
+        observer, providers = real_observer(
+            f"http://127.0.0.1:{port}", tmp / "audit.jsonl", lean_spans=not args.sdk_spans
+        )
         null = NullObserver()
         for _ in range(2000):  # warm caches, allocate instruments' series
             one_call(observer)
@@ -428,7 +433,10 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     pace = f"{args.call_rate:g} calls/s" if args.call_rate else "back to back"
-    print(f"== Observer per tools/call, {len(on)} calls each, {pace}, same run ==")
+    path = (
+        "SDK spans" if args.sdk_spans else "lean spans" if providers.lean else "SDK spans (lean path refused)"
+    )
+    print(f"== Observer per tools/call, {len(on)} calls each, {pace}, same run ({path}) ==")
     print(f"NullObserver : p50 {result['null_p50_us']:8.2f} us   p99 {result['null_p99_us']:8.2f} us")
     print(f"OtelObserver : p50 {result['otel_p50_us']:8.2f} us   p99 {result['otel_p99_us']:8.2f} us")
     print(
@@ -442,7 +450,8 @@ def main() -> int:
             f"(target <= 20%: {'ok' if share <= 0.2 else 'MISSED'})"
         )
     print(
-        f"CPU per call : NullObserver {result['null_cpu_us']:.1f} us, observer {result['otel_cpu_us']:.1f} us "
+        f"CPU per call : NullObserver {result['null_cpu_us']:.1f} us, "
+        f"observer {result['otel_cpu_us']:.1f} us "
         f"(threads and export included, best of 3 blocks): telemetry adds {result['added_cpu_us']:.1f} us"
     )
     print(f"audit lines  : {audit_lines}; load average {result['load_avg']}")
