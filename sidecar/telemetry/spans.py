@@ -39,6 +39,7 @@ class ParentContext:
     span_id: int
     sampled: bool
     trace_state: str = ""
+    random_trace_id: bool = False  # W3C Trace Context level 2 flag 0x02
 
 
 class SpanRecord:
@@ -57,6 +58,7 @@ class SpanRecord:
         "status_code",
         "status_message",
         "trace_id",
+        "trace_flags",
         "trace_state",
     )
 
@@ -72,6 +74,7 @@ class SpanRecord:
         sampled: bool,
         start_ns: int,
         attributes: dict[str, AttributeValue],
+        random_trace_id: bool = True,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -81,6 +84,9 @@ class SpanRecord:
         self.remote_parent = remote_parent
         self.trace_state = trace_state
         self.sampled = sampled
+        # As the SDK sets them: sampled (0x01), and random trace id (0x02) for the traces it starts or
+        # continues from a parent that had it.
+        self.trace_flags = (1 if sampled else 0) | (2 if random_trace_id else 0)
         self.start_ns = start_ns
         self.end_ns = start_ns
         self.attributes = attributes
@@ -89,9 +95,7 @@ class SpanRecord:
 
     def trace_headers(self) -> dict[str, str]:
         """W3C `traceparent` (and `tracestate`) naming this span as the parent."""
-        carrier = {
-            "traceparent": f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
-        }
+        carrier = {"traceparent": f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.trace_flags:02x}"}
         if self.trace_state:
             carrier["tracestate"] = self.trace_state
         return carrier
@@ -128,7 +132,8 @@ def extract_parent(carrier: Mapping[str, str]) -> ParentContext | None:
     trace_state = ""
     if state and len(state) <= _TRACESTATE_MAX:
         trace_state = TraceState.from_header([state]).to_header()
-    return ParentContext(trace_id, span_id, bool(int(flags_hex, 16) & 1), trace_state)
+    flags = int(flags_hex, 16)
+    return ParentContext(trace_id, span_id, bool(flags & 1), trace_state, bool(flags & 2))
 
 
 def new_trace_id() -> int:
@@ -208,9 +213,10 @@ class LeanTracer:
         start_ns: int | None = None,
     ) -> SpanRecord:
         if parent is None:
-            trace_id, parent_id, trace_state = new_trace_id(), 0, ""
+            trace_id, parent_id, trace_state, random_id = new_trace_id(), 0, "", True
         else:
             trace_id, parent_id, trace_state = parent.trace_id, parent.span_id, parent.trace_state
+            random_id = parent.random_trace_id
         return SpanRecord(
             name,
             kind,
@@ -222,6 +228,7 @@ class LeanTracer:
             self.sampler.sampled(trace_id, parent),
             time.time_ns() if start_ns is None else start_ns,
             attributes,
+            random_id,
         )
 
     def child(
@@ -240,6 +247,7 @@ class LeanTracer:
             sampled,
             start_ns,
             attributes,
+            bool(parent.trace_flags & 2),
         )
 
     def end(self, record: SpanRecord, end_ns: int) -> None:
