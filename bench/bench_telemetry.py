@@ -291,7 +291,8 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
         "telemetry_cpu_share": round((cpu_on_us - cpu_off_us) / cpu_off_us, 3),
         "otlp_requests": sum(v for k, v in otlp_counts.items() if k.startswith("/")),
         "server_spans": server_spans,
-        "calls_on": on_calls + len(phases["on"].latencies_ms) + phases["on"].errors,
+        # Each paced phase also sends one untimed call first (to open its keep-alive connection).
+        "calls_on": on_calls + len(phases["on"].latencies_ms) + phases["on"].errors + args.rounds + 1,
         "audit_lines": audit_lines,
         "load_avg": [round(x, 2) for x in load],
     }

@@ -18,7 +18,7 @@ _DOUBLE = struct.Struct("<d").pack
 _MASK64 = (1 << 64) - 1
 
 # Repeated attribute values (method, tool, transport, identities) are encoded once and reused.
-_KV_CACHE: dict[tuple[str, type, Any], bytes] = {}
+_KV_CACHE: dict[tuple[bytes, str, type, Any], bytes] = {}
 _KV_CACHE_MAX = 4096
 
 
@@ -63,21 +63,22 @@ def key_value(key: str, value: Any) -> bytes:
     return _field(b"\x0a", key.encode()) + _field(b"\x12", any_value(value))
 
 
-def _attribute(key: str, value: Any) -> bytes:
-    """One `KeyValue` of an `attributes` field (Resource, InstrumentationScope, Span)."""
-    if isinstance(value, float):
-        return key_value(key, value)
-    cache_key = (key, type(value), value)  # the type too: True == 1 as dict keys
-    encoded = _KV_CACHE.get(cache_key)
-    if encoded is None:
-        if len(_KV_CACHE) >= _KV_CACHE_MAX:
-            _KV_CACHE.clear()
-        encoded = _KV_CACHE[cache_key] = key_value(key, value)
-    return encoded
-
-
 def attributes(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
-    return b"".join(_field(tag, _attribute(k, v)) for k, v in attrs.items())
+    """Repeated `KeyValue` fields under `tag` (Resource/InstrumentationScope field 1, Span field 9)."""
+    cache = _KV_CACHE
+    out = []
+    for key, value in attrs.items():
+        if isinstance(value, float):  # durations: unique per span, not worth caching
+            out.append(_field(tag, key_value(key, value)))
+            continue
+        cache_key = (tag, key, type(value), value)  # the type too: True == 1 as dict keys
+        encoded = cache.get(cache_key)
+        if encoded is None:
+            if len(cache) >= _KV_CACHE_MAX:
+                cache.clear()
+            encoded = cache[cache_key] = _field(tag, key_value(key, value))
+        out.append(encoded)
+    return b"".join(out)
 
 
 _FLAGS_TAG = b"\x85\x01"  # field 16, wire type 5 (fixed32)

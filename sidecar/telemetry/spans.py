@@ -57,8 +57,8 @@ class SpanRecord:
         "start_ns",
         "status_code",
         "status_message",
-        "trace_id",
         "trace_flags",
+        "trace_id",
         "trace_state",
     )
 
