@@ -6,8 +6,8 @@ log are those of `observer_otel.OtelObserver`, whose call bookkeeping this class
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from opentelemetry import metrics, trace
 
@@ -16,7 +16,7 @@ from outrider.sidecar.telemetry import semconv
 from outrider.sidecar.telemetry.audit import AuditLog, Workload
 from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.observer import CallScope, EgressDecision, ExchangeOutcome, RequestInfo
-from outrider.sidecar.telemetry.observer_otel import OtelObserver, _ScopeBase, finishing
+from outrider.sidecar.telemetry.observer_otel import OtelObserver, _ScopeBase
 from outrider.sidecar.telemetry.spans import (
     KIND_CLIENT,
     KIND_INTERNAL,
@@ -54,8 +54,7 @@ class LeanObserver(OtelObserver):
         )
         self.lean = tracer
 
-    @contextmanager
-    def mcp_call(self, message: McpMessage, request: RequestInfo) -> Iterator[CallScope]:
+    def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
         # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
         # HTTP headers.
         carrier = message.trace_context or request.headers
@@ -67,9 +66,8 @@ class LeanObserver(OtelObserver):
         record = self.lean.start(
             semconv.mcp_span_name(message, self.config), KIND_SERVER, attributes, parent=parent
         )
-        scope = _LeanScope(self, message, request, record, attributes, workload)
-        with finishing(scope):
-            yield scope
+        # The scope is its own context manager: no generator-based wrapper per call.
+        return _LeanScope(self, message, request, record, attributes, workload)
 
     def _egress_span(self, decision: EgressDecision, end_ns: int) -> tuple[str | None, str | None]:
         record = self.lean.start(

@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -119,26 +119,6 @@ class Tally:
         return [Observation(count, dict(key)) for key, count in items]
 
 
-@contextmanager
-def finishing(scope: _ScopeBase) -> Iterator[None]:
-    """Records a call the data path left unanswered: an exception, a cancellation, or no `finish`."""
-    try:
-        yield
-    except BaseException as exc:
-        if not scope.finished:
-            cancelled = not isinstance(exc, Exception)
-            scope.finish(
-                http_status=499 if cancelled else 500,
-                outcome="error",
-                error_type="cancelled" if cancelled else type(exc).__qualname__,
-                reason="the caller went away" if cancelled else "internal error in the sidecar",
-            )
-        raise
-    finally:
-        if not scope.finished:
-            scope.finish(http_status=0, outcome="error", error_type="unfinished", reason="no answer recorded")
-
-
 class OtelObserver:
     """Spans, metrics and audit events for the data paths.
 
@@ -224,8 +204,7 @@ class OtelObserver:
         except Exception:  # the identity component may not be up yet; never fail a call over telemetry
             return Workload()
 
-    @contextmanager
-    def mcp_call(self, message: McpMessage, request: RequestInfo) -> Iterator[CallScope]:
+    def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
         # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
         # HTTP headers. Most callers send neither: skip the propagator's parsing then (hot path).
         carrier = message.trace_context or request.headers
@@ -240,9 +219,8 @@ class OtelObserver:
             kind=SpanKind.SERVER,
             attributes=attributes,
         )
-        scope = _OtelScope(self, message, request, span, attributes, workload)
-        with finishing(scope):
-            yield scope
+        # The scope is its own context manager: it records a call left unanswered or failed.
+        return _OtelScope(self, message, request, span, attributes, workload)
 
     def egress(self, decision: EgressDecision) -> None:
         end_ns = time.time_ns()
@@ -315,6 +293,24 @@ class _ScopeBase:
         self.policy_outcome: PolicyOutcome | None = None
         self.finished = False
 
+    def __enter__(self) -> _ScopeBase:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Records a call the data path left unanswered: an exception, a cancellation, or no `finish`."""
+        if self.finished:
+            return
+        if exc is not None:
+            cancelled = not isinstance(exc, Exception)
+            self.finish(
+                http_status=499 if cancelled else 500,
+                outcome="error",
+                error_type="cancelled" if cancelled else type(exc).__qualname__,
+                reason="the caller went away" if cancelled else "internal error in the sidecar",
+            )
+        else:
+            self.finish(http_status=0, outcome="error", error_type="unfinished", reason="no answer recorded")
+
     def _trace_headers(self) -> dict[str, str]:
         raise NotImplementedError
 
@@ -353,7 +349,6 @@ class _ScopeBase:
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
         cache_hit = outcome.outcome == "cache_hit"
         self.exchange_outcome = outcome.outcome
-        self._observer.exchanges.add({"outcome": outcome.outcome, "cache_hit": cache_hit})
         end = time.time_ns()
         principal = self.principal
         # A cache hit still gets its child span (recorded off the request path, on the worker), but
@@ -366,6 +361,7 @@ class _ScopeBase:
         self, outcome: ExchangeOutcome, end: int, principal: Principal | None, *, audit: bool = True
     ) -> None:
         observer = self._observer
+        observer.exchanges.add({"outcome": outcome.outcome, "cache_hit": outcome.outcome == "cache_hit"})
         start = end - int(max(outcome.duration_s, 0.0) * 1e9)
         trace_id, span_id = self._exchange_span(outcome, start, end)
         if not audit:
