@@ -121,15 +121,27 @@ def real_observer(
 ) -> tuple[OtelObserver, TelemetryProviders]:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     os.environ.update(env)  # the exporters read their endpoint from the environment
+    config = TelemetryConfig(audit=str(audit_path))
+    audit = AuditLog.open(str(audit_path))
+    workload = lambda: Workload("spiffe://bench/ns/a/sa/b", "pod-0", "bench")  # noqa: E731
+    worker = Worker(enabled=True)  # as the component does with telemetry.background (default)
+    if not hasattr(TelemetryProviders, "observer"):  # a tree from before the lean span path
+        providers = build_providers("outrider-proxy", env=env)
+        tune_switch_interval(providers.plan)
+        sdk_observer = OtelObserver(
+            config,
+            tracer_provider=providers.tracer_provider,
+            meter_provider=providers.meter_provider,
+            audit=audit,
+            workload=workload,
+            flush=providers.force_flush,
+            worker=worker,
+        )
+        return sdk_observer, providers
     providers = build_providers("outrider-proxy", env=env, lean_spans=lean_spans)
     tune_switch_interval(providers.plan)  # as the telemetry component does in `outrider sidecar`
-    observer = providers.observer(  # the observer the sidecar's telemetry component would choose
-        TelemetryConfig(audit=str(audit_path)),
-        AuditLog.open(str(audit_path)),
-        lambda: Workload("spiffe://bench/ns/a/sa/b", "pod-0", "bench"),
-        Worker(enabled=True),  # as the component does with telemetry.background (default)
-    )
-    return observer, providers
+    # The observer the sidecar's telemetry component would choose.
+    return providers.observer(config, audit, workload, worker), providers
 
 
 async def _wait_port(port: int) -> None:
@@ -434,9 +446,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     pace = f"{args.call_rate:g} calls/s" if args.call_rate else "back to back"
-    path = (
-        "SDK spans" if args.sdk_spans else "lean spans" if providers.lean else "SDK spans (lean path refused)"
-    )
+    path = "lean spans" if getattr(providers, "lean", None) is not None else "SDK spans"
     print(f"== Observer per tools/call, {len(on)} calls each, {pace}, same run ({path}) ==")
     print(f"NullObserver : p50 {result['null_p50_us']:8.2f} us   p99 {result['null_p99_us']:8.2f} us")
     print(f"OtelObserver : p50 {result['otel_p50_us']:8.2f} us   p99 {result['otel_p99_us']:8.2f} us")
