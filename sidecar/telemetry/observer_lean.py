@@ -85,6 +85,8 @@ class LeanObserver(OtelObserver):
 class _LeanScope(_ScopeBase):
     """One MCP message as a span record."""
 
+    __slots__ = ("_lean", "_span")
+
     def __init__(
         self,
         observer: LeanObserver,

@@ -274,6 +274,20 @@ class _ScopeBase:
     Subclasses own the span: its trace headers, the exchange child span and the span's end.
     """
 
+    # One scope per message on the request path: slots make creating it cheaper.
+    __slots__ = (
+        "_attributes",
+        "_message",
+        "_observer",
+        "_request",
+        "_started",
+        "_workload",
+        "exchange_outcome",
+        "finished",
+        "policy_outcome",
+        "principal",
+    )
+
     def __init__(
         self,
         observer: OtelObserver,
@@ -455,6 +469,8 @@ class _ScopeBase:
 
 class _OtelScope(_ScopeBase):
     """One MCP message as an SDK span."""
+
+    __slots__ = ("_span",)
 
     def __init__(
         self,
