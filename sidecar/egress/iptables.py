@@ -97,8 +97,9 @@ def _split_family(values: Iterable[str]) -> tuple[list[str], list[str]]:
     for value in values:
         network = ipaddress.ip_network(value, strict=False)
         target = v6 if network.version == 6 else v4
-        if str(network) not in target:
-            target.append(str(network) if network.num_addresses > 1 else str(network.network_address))
+        text = str(network) if network.num_addresses > 1 else str(network.network_address)
+        if text not in target:  # a server or range given twice: one rule
+            target.append(text)
     return v4, v6
 
 

@@ -200,3 +200,47 @@ def test_resolv_conf_nameservers_in_process(tmp_path: Path) -> None:
     )
     assert resolv_conf_nameservers(resolv) == ["10.96.0.10", "fe80::1", "192.0.2.1"]
     assert resolv_conf_nameservers(tmp_path / "missing") == []
+
+
+def test_ipv6_off_writes_no_ip6tables_rule_and_drop_only_drops() -> None:
+    """`off` (no ip6tables in the pod): nothing for ip6tables at all, or the init container would fail.
+    `drop`: IPv6 is not captured, so its only IPv6 rules are the loopback exception and the drop."""
+    off = plan_rules(CaptureOptions(dns_servers=("10.96.0.10", "fd00::a"), ipv6="off"))
+    assert off and not [line for line in off if line.startswith("ip6tables")]
+    assert off == [line for line in plan_rules(CASES["default"]) if line.startswith("iptables")]
+    drop = [line for line in plan_rules(CASES["ipv6-drop"]) if line.startswith("ip6tables")]
+    assert [line.split(" -m comment")[0] for line in drop if " -A " in line] == [
+        "ip6tables -t filter -A OUTRIDER_V6_DROP -o lo -j RETURN",
+        "ip6tables -t filter -A OUTRIDER_V6_DROP -j DROP",
+        "ip6tables -t filter -A OUTPUT -j OUTRIDER_V6_DROP",
+    ]
+
+
+def test_exclusions_and_dns_servers_are_normalised_once_each() -> None:
+    """A range with host bits is its network (not refused), a /31 stays a range (both of its addresses
+    are excluded, not one), a /32 is the bare address, and a value given twice is one rule."""
+    options = CaptureOptions(
+        dns_servers=("10.96.0.10", "10.96.0.10", "fd00::a", "fd00:0::a"),
+        exclude_cidrs=("10.1.2.3/16", "10.1.0.0/16", "192.0.2.0/31", "198.51.100.7/32", "fd00:1::5/64"),
+    )
+    rules = [line.split(" -m comment")[0] for line in plan_rules(options) if " -A OUTRIDER_OUTPUT " in line]
+    v4 = " ".join(line for line in rules if line.startswith("iptables "))
+    v6 = " ".join(line for line in rules if line.startswith("ip6tables "))
+    for text, count in (("-d 10.1.0.0/16 ", 1), ("-d 192.0.2.0/31 ", 1), ("-d 198.51.100.7 ", 1)):
+        assert (v4 + " ").count(text) == count, (text, v4)
+    assert "10.1.2.3" not in v4 and "/32" not in v4
+    assert (v6 + " ").count("-d fd00:1::/64 ") == 1
+    single = [
+        line.split(" -m comment")[0] for line in plan_rules(CaptureOptions(dns_servers=("10.96.0.10",)))
+    ]
+    doubled = [
+        line.split(" -m comment")[0] for line in plan_rules(CaptureOptions(dns_servers=("10.96.0.10",) * 2))
+    ]
+    assert doubled == single
+    six = [
+        line.split(" -m comment")[0]
+        for line in plan_rules(CaptureOptions(dns_servers=("fd00::a", "fd00:0::a")))
+    ]
+    assert six == [
+        line.split(" -m comment")[0] for line in plan_rules(CaptureOptions(dns_servers=("fd00::a",)))
+    ]
