@@ -78,7 +78,29 @@ def test_missing_tool_is_a_failed_command_not_a_crash() -> None:
     from outrider.sidecar.egress.iptables import run_command
 
     result = run_command(["outrider-no-such-iptables", "-S"])
-    assert result.returncode == 127 and "not found" in result.stderr
+    assert (result.args, result.returncode, result.stdout, result.stderr) == (
+        ["outrider-no-such-iptables", "-S"],
+        127,
+        "",
+        "outrider-no-such-iptables: command not found",
+    )
+
+
+def test_a_failed_change_stops_apply_and_says_which_command() -> None:
+    """The init container must fail (the pod does not start uncaptured) when a change is refused."""
+    from subprocess import CompletedProcess
+
+    from outrider.sidecar.egress.iptables import IptablesError, apply
+
+    def runner(argv: object) -> CompletedProcess[str]:
+        args = list(argv)  # type: ignore[call-overload]
+        return CompletedProcess(args, 1, "", " permission denied (you must be root)\n")
+
+    with pytest.raises(IptablesError) as refused:
+        apply(CASES["default"], runner)
+    assert str(refused.value) == (
+        "iptables -w -t nat -N OUTRIDER_REDIRECT failed: permission denied (you must be root)"
+    )
 
 
 def test_apply_and_cleanup_with_a_recording_runner() -> None:
