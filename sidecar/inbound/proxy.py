@@ -51,6 +51,7 @@ from outrider.sidecar.inbound.sessions import (
     owner_key,
     request_session_ids,
 )
+from outrider.sidecar.inbound.upstream_slots import UpstreamSlots
 from outrider.sidecar.policy import gate as policy_gate
 from outrider.sidecar.policy.gate import Gate, Judgement
 from outrider.sidecar.telemetry.observer import (
@@ -351,6 +352,11 @@ class InboundProxy:
         self.denied_total = 0
         self.upstream_errors_total = 0
         self.sessions = SessionTable(config.sessions) if config.sessions.enabled else None
+        self.slots = UpstreamSlots(
+            config.upstream_max_connections,
+            config.upstream_max_connections_per_caller,
+            config.upstream_wait_s,
+        )
         self.session_refusals_total = 0
         # Requests aiohttp could not parse as HTTP (they never reach `handle`); set by the component.
         self.malformed_count: Callable[[], int] = lambda: 0
@@ -797,6 +803,42 @@ class InboundProxy:
     ) -> web.StreamResponse:
         # rel_url, not raw_path: an absolute-form target (`POST http://elsewhere/x`) must not pick the host.
         url = URL(self.base + (request.rel_url.raw_path_qs or "/"), encoded=True)
+        busy = await self.slots.acquire(owner)
+        if busy is not None:
+            return self._busy(calls, busy)
+        try:
+            return await self._forward_held(request, url, body, headers, calls, owner)
+        finally:
+            self.slots.release(owner)
+
+    def _busy(self, calls: Calls, limit: str) -> web.Response:
+        """Every upstream connection (or this caller's share) is held: refuse now, never queue forever."""
+        if limit == "caller":
+            message = (
+                "this caller already holds its share of connections to the MCP server "
+                "(inbound.upstream_max_connections_per_caller); close a stream or retry later"
+            )
+        else:
+            message = "the MCP server's connections are all in use; retry later"
+        log.warning(
+            "refused a request: no free connection to the MCP server (%s limit: %d in use)",
+            limit,
+            self.slots.held,
+        )
+        answer = Answer(
+            503, jsonrpc.error_body(calls.ids(), jsonrpc.INTERNAL_ERROR, message), {"Retry-After": "1"}
+        )
+        return self._fail(calls, answer, "error", "upstream_busy", message)
+
+    async def _forward_held(
+        self,
+        request: web.BaseRequest,
+        url: URL,
+        body: bytes,
+        headers: CIMultiDict[str],
+        calls: Calls,
+        owner: str,
+    ) -> web.StreamResponse:
         try:
             async with asyncio.timeout(self.config.upstream_timeout_s):
                 upstream = await self.upstream.request(
@@ -1127,6 +1169,13 @@ class InboundProxy:
             "sessions.idle_timeout_s without a request.\n"
             "# TYPE outrider_inbound_sessions_expired_total counter\n"
             f"outrider_inbound_sessions_expired_total {self.sessions.expired_total if self.sessions else 0}\n"
+            "# HELP outrider_inbound_upstream_connections Connections to the MCP server held now.\n"
+            "# TYPE outrider_inbound_upstream_connections gauge\n"
+            f"outrider_inbound_upstream_connections {self.slots.held}\n"
+            "# HELP outrider_inbound_upstream_busy_total Requests refused (503) because no connection to "
+            "the MCP server was free within inbound.upstream_wait_s.\n"
+            "# TYPE outrider_inbound_upstream_busy_total counter\n"
+            f"outrider_inbound_upstream_busy_total {self.slots.refused_total}\n"
             "# HELP outrider_inbound_malformed_total Requests refused because they were not valid HTTP.\n"
             "# TYPE outrider_inbound_malformed_total counter\n"
             f"outrider_inbound_malformed_total {self.malformed_count()}\n"
