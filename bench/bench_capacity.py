@@ -439,6 +439,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "audit.jsonl", f"audit-{name.replace('/', '-')}.jsonl"
                 )
             env["OUTRIDER_EVENT_LOOP"] = loop
+            # The RSS curve holds up to 5,000 streams of one caller: lift the connection limits.
+            config = json.loads(env["OUTRIDER_CONFIG"])
+            config["inbound"]["upstream_max_connections"] = 2 * max(args.streams) + 100
+            config["inbound"]["upstream_max_connections_per_caller"] = 0
+            env["OUTRIDER_CONFIG"] = json.dumps(config)
             procs[name] = await bm.start(
                 [outrider, "sidecar", "--log-level", "WARNING"],
                 tmp / f"{name.replace('/', '-')}.log",

@@ -7,6 +7,7 @@ Speaks every MCP HTTP transport by forwarding bytes faithfully; it only reads th
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -57,6 +58,7 @@ from outrider.sidecar.policy.gate import Gate, Judgement
 from outrider.sidecar.telemetry.observer import (
     CallScope,
     ExchangeOutcome,
+    NullObserver,
     Observer,
     PolicyOutcome,
     Principal,
@@ -131,8 +133,10 @@ def upstream_request_headers(
 
     Forwarding facts (`X-Forwarded-For`/`-Proto`) are the sidecar's own; caller-sent ones are dropped.
     """
-    drop = _ALWAYS_DROPPED | {(config.token_header or "authorization").lower()}
-    drop |= {t.strip().lower() for t in connection_tokens}
+    drop = _dropped(config.token_header)
+    named = {t.strip().lower() for t in connection_tokens} - {""}
+    if named:
+        drop = drop | named
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
@@ -147,8 +151,15 @@ def upstream_request_headers(
     return headers
 
 
+@functools.lru_cache(maxsize=8)
+def _dropped(token_header: str | None) -> frozenset[str]:
+    return _ALWAYS_DROPPED | {(token_header or "authorization").lower()}
+
+
 def _safe_header(name: str, value: str) -> bool:
     """Only what can be written back on the wire as received (aiohttp decodes raw bytes leniently)."""
+    if name.isascii() and value.isascii():  # the common case, without encoding anything
+        return "\r" not in value and "\n" not in value and "\x00" not in value
     try:
         name.encode("ascii")
         value.encode("latin-1")
@@ -344,6 +355,8 @@ class InboundProxy:
         self.gate = gate
         self.legacy_streams = LegacySessions()
         self.observer = observer
+        # Nothing records the answers' facts: JSON answers and SSE events are not parsed for them.
+        self.records = not isinstance(observer, NullObserver)
         self.verifier = verifier
         self.exchanger = exchanger
         self.upstream = upstream
@@ -895,7 +908,7 @@ class InboundProxy:
                 "upstream_reset",
             )
         status = upstream.status
-        if calls.pending and upstream.headers.get("Content-Type", "").startswith(JSON_CT):
+        if calls.pending and self.records and upstream.headers.get("Content-Type", "").startswith(JSON_CT):
             for message in jsonrpc.parse_response_body(payload):
                 calls.answered(message, status)
         headers = downstream_response_headers(upstream.headers, streaming=False)
@@ -943,7 +956,7 @@ class InboundProxy:
         legacy = request.method == "GET" and request.path == self.config.legacy_sse_path
         if calls.principal is not None and self.gate is not None:
             return await self._stream_gated(request, upstream, calls, response, legacy, owner)
-        watcher = jsonrpc.SseParser() if calls.pending else None
+        watcher = jsonrpc.SseParser() if calls.pending and self.records else None
         head: bytes | None = b""
         legacy_session: str | None = None
         try:
