@@ -411,8 +411,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 stack,
             )
             urls[name] = (f"http://127.0.0.1:{floor_ports[name]}/mcp", bm.HEADERS)
-        await bm.start([python, STAND_INS, "otlp", "--port", str(otlp_port)], tmp / "otlp.log", stack)
-        for port in (upstream_port, otlp_port, *floor_ports.values()):
+        # One OTLP receiver per telemetry sidecar: the accounting counts what one sidecar exported.
+        otlp_ports = {"sidecar+telemetry": otlp_port, "sidecar+telemetry/uvloop": bp.free_port()}
+        for name, receiver in otlp_ports.items():
+            log_name = f"otlp-{name.replace('/', '-')}.log"
+            await bm.start([python, STAND_INS, "otlp", "--port", str(receiver)], tmp / log_name, stack)
+        for port in (upstream_port, *otlp_ports.values(), *floor_ports.values()):
             await bm.wait_port(port)
         token = idp.mint("alice", audience=bp.RESOURCE, expires_in=3600)
         auth = {**bm.HEADERS, "Authorization": f"Bearer {token}"}
@@ -430,7 +434,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 admin=admin,
                 on=on,
                 tmp=tmp,
-                otlp=otlp_port,
+                otlp=otlp_ports.get(name, otlp_port),
             )
             if on:
                 env["OTEL_BSP_SCHEDULE_DELAY"] = "500"
