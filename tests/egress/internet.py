@@ -233,6 +233,9 @@ def serve_sink(log: Log, address: str, port: int):  # type: ignore[no-untyped-de
                     n = min(total, len(chunk))
                     await loop.sock_sendall(raw, view[:n])
                     total -= n
+                    # sock_sendall returns without suspending while the socket has room: yield, or
+                    # one fast reader would keep every other connection (and accept) waiting.
+                    await asyncio.sleep(0)
             finally:
                 raw.close()
         except (ConnectionError, ValueError, IndexError):
