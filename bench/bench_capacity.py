@@ -166,7 +166,8 @@ async def latency_curves(
 
 def capacity_paths(args: argparse.Namespace) -> tuple[str, ...]:
     loops = ("", "/uvloop") if args.uvloop else ("",)
-    return tuple(f"{path}{loop}" for loop in loops for path in ("floor", "sidecar", "sidecar+telemetry"))
+    paths = tuple(f"{path}{loop}" for loop in loops for path in ("floor", "sidecar", "sidecar+telemetry"))
+    return paths + (("sidecar@before", "sidecar+telemetry@before") if args.before else ())
 
 
 async def profiled(path: str, pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
@@ -422,6 +423,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         auth = {**bm.HEADERS, "Authorization": f"Bearer {token}"}
         urls["direct"] = (f"http://127.0.0.1:{upstream_port}/mcp", bm.HEADERS)
         sidecars = [("sidecar", False, "asyncio"), ("sidecar+telemetry", True, "asyncio")]
+        if args.before:
+            sidecars += [("sidecar@before", False, "asyncio"), ("sidecar+telemetry@before", True, "asyncio")]
         if args.uvloop:
             sidecars += [("sidecar/uvloop", False, "uvloop"), ("sidecar+telemetry/uvloop", True, "uvloop")]
         for name, on, loop in sidecars:
@@ -435,6 +438,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 on=on,
                 tmp=tmp,
                 otlp=otlp_ports.get(name, otlp_port),
+                pythonpath=args.before if name.endswith("@before") else None,
             )
             if on:
                 env["OTEL_BSP_SCHEDULE_DELAY"] = "500"
@@ -568,6 +572,11 @@ def main() -> int:
         "--uvloop",
         action="store_true",
         help="capacity: also the floor and both sidecars on uvloop (OUTRIDER_EVENT_LOOP), same run",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="TREE",
+        help="capacity: also both sidecars run from another tree (PYTHONPATH), e.g. an export of main",
     )
     parser.add_argument("--profile", metavar="DIR", help="capacity: py-spy raw stacks per path into DIR")
     parser.add_argument("--json", action="store_true")
