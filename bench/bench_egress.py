@@ -250,6 +250,10 @@ def orchestrate(args: argparse.Namespace) -> int:
             return parsed
 
         paths = {"direct (uid 15337)": netlab.SIDECAR_UID, "capture (uid 1000)": netlab.APP_UID}
+        if args.curve_only:
+            curve = _tunnel_curve(args, client, paths)
+            print(json.dumps({"tunnel_curve": curve, "plots": _plot_curve(curve)}, indent=2))
+            return 0
         # Warm up both paths (ARP/ND, DNS, the sidecar's first connections), then measure.
         for uid in paths.values():
             client(uid, "--ip", netlab.SINK_V4, "--port", "9000", "--count", "20")
@@ -496,6 +500,7 @@ def main() -> int:
     )
     parser.add_argument("--tunnel-seconds", type=float, default=4.0, help="measured seconds per curve point")
     parser.add_argument("--tunnel-probes", type=int, default=100, help="fresh connects per curve point")
+    parser.add_argument("--curve-only", action="store_true", help="only the tunnel curve (JSON)")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tunnels", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--keepalive", type=int, default=0, help=argparse.SUPPRESS)
