@@ -413,7 +413,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             urls[name] = (f"http://127.0.0.1:{floor_ports[name]}/mcp", bm.HEADERS)
         # One OTLP receiver per telemetry sidecar: the accounting counts what one sidecar exported.
-        otlp_ports = {"sidecar+telemetry": otlp_port, "sidecar+telemetry/uvloop": bp.free_port()}
+        otlp_ports = {
+            "sidecar+telemetry": otlp_port,
+            "sidecar+telemetry/uvloop": bp.free_port(),
+            "sidecar+telemetry@before": bp.free_port(),
+        }
         for name, receiver in otlp_ports.items():
             log_name = f"otlp-{name.replace('/', '-')}.log"
             await bm.start([python, STAND_INS, "otlp", "--port", str(receiver)], tmp / log_name, stack)
@@ -447,11 +451,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "audit.jsonl", f"audit-{name.replace('/', '-')}.jsonl"
                 )
             env["OUTRIDER_EVENT_LOOP"] = loop
-            # The RSS curve holds up to 5,000 streams of one caller: lift the connection limits.
-            config = json.loads(env["OUTRIDER_CONFIG"])
-            config["inbound"]["upstream_max_connections"] = 2 * max(args.streams) + 100
-            config["inbound"]["upstream_max_connections_per_caller"] = 0
-            env["OUTRIDER_CONFIG"] = json.dumps(config)
+            if name == "sidecar":
+                # The RSS curve holds up to 5,000 streams of one caller: lift the connection limits.
+                config = json.loads(env["OUTRIDER_CONFIG"])
+                config["inbound"]["upstream_max_connections"] = 2 * max(args.streams) + 100
+                config["inbound"]["upstream_max_connections_per_caller"] = 0
+                env["OUTRIDER_CONFIG"] = json.dumps(config)
             procs[name] = await bm.start(
                 [outrider, "sidecar", "--log-level", "WARNING"],
                 tmp / f"{name.replace('/', '-')}.log",

@@ -834,8 +834,9 @@ _DEFAULT_PIPE = 65536
 _SPLICE_BODY_MIN = 65536  # request bodies at least this large go client -> server by splice
 # A relay that always finds data waiting and room to write never awaits anything that suspends: it
 # would hold the event loop for as long as the transfer lasts (every other tunnel stalls, and new
-# connections wait in the accept queue). Each relay yields after moving this much.
-_YIELD_BYTES = 1 << 20
+# connections wait a whole round of every tunnel per step). Each relay yields after moving this much:
+# a new connection under N bulk tunnels waits about N x this per step of its set-up.
+_YIELD_BYTES = 256 << 10
 
 
 async def _drain_pipe(
