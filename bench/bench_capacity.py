@@ -54,7 +54,11 @@ STAND_INS = str(ROOT / "bench" / "stand_ins.py")
 DOCS = ROOT / "docs"
 TARGETS = {"capacity": 0.6, "p99_vs_floor": 2.0}
 PATHS = ("direct", "floor", "sidecar", "sidecar+telemetry")
-SENT: dict[str, int] = {}  # calls sent, by URL: what the accounting expects
+SENT: dict[str, int] = {}
+UVLOOP_SIDECAR = (
+    "import sys, uvloop; uvloop.install(); sys.argv[0] = 'outrider'; "
+    "from outrider.webhook.cli import main; sys.exit(main())"
+)  # calls sent, by URL: what the accounting expects
 
 
 @dataclass
@@ -450,15 +454,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 env["OUTRIDER_CONFIG"] = env["OUTRIDER_CONFIG"].replace(
                     "audit.jsonl", f"audit-{name.replace('/', '-')}.jsonl"
                 )
-            env["OUTRIDER_EVENT_LOOP"] = loop
             if name == "sidecar":
                 # The RSS curve holds up to 5,000 streams of one caller: lift the connection limits.
                 config = json.loads(env["OUTRIDER_CONFIG"])
                 config["inbound"]["upstream_max_connections"] = 2 * max(args.streams) + 100
                 config["inbound"]["upstream_max_connections_per_caller"] = 0
                 env["OUTRIDER_CONFIG"] = json.dumps(config)
+            # uvloop is not a dependency of the sidecar: the bench installs its policy before the CLI.
+            command = [outrider] if loop == "asyncio" else [python, "-c", UVLOOP_SIDECAR]
             procs[name] = await bm.start(
-                [outrider, "sidecar", "--log-level", "WARNING"],
+                [*command, "sidecar", "--log-level", "WARNING"],
                 tmp / f"{name.replace('/', '-')}.log",
                 stack,
                 env=env,
@@ -576,7 +581,7 @@ def main() -> int:
     parser.add_argument(
         "--uvloop",
         action="store_true",
-        help="capacity: also the floor and both sidecars on uvloop (OUTRIDER_EVENT_LOOP), same run",
+        help="capacity: also the floor and both sidecars on uvloop (pip install uvloop), same run",
     )
     parser.add_argument(
         "--before",

@@ -12,12 +12,11 @@ import asyncio
 import ctypes
 import gc
 import logging
-import os
 import signal
 import sys
 from contextlib import AsyncExitStack, suppress
 
-from outrider.sidecar import admin, event_loop, mounted_files
+from outrider.sidecar import admin, mounted_files
 from outrider.sidecar.config import ConfigError, SidecarConfig, load
 from outrider.sidecar.egress import component as egress
 from outrider.sidecar.identity import component as identity
@@ -120,14 +119,11 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         config = load(args.config)
-        loop_name, loop_factory = event_loop.factory(os.environ)
     except ConfigError as exc:
         print(f"outrider sidecar: configuration error: {exc}", file=sys.stderr)
         return 2
-    log.debug("event loop: %s", loop_name)
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(config))
+        asyncio.run(serve(config))
     except StartupError as exc:
         print(f"outrider sidecar: cannot start: {exc}", file=sys.stderr)
         return 1
