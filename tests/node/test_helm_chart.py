@@ -533,9 +533,10 @@ def test_3_helm_uninstall_removes_every_object_and_stops_injection(release: Rele
         left[:] = [n for n in listed if n not in DOCUMENTED_LEFTOVERS]
         return not left
 
-    eventually(
-        only_documented_left, f"only {sorted(DOCUMENTED_LEFTOVERS)} left in {release.namespace}", 120, 2
-    )
+    try:
+        eventually(only_documented_left, "only the documented objects left", within=120, every=2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: helm uninstall left {left} in {release.namespace}") from None
     assert kube.get("mutatingwebhookconfiguration", "outrider") is None
     assert kube.get("clusterrole", "outrider-webhook") is None
 
