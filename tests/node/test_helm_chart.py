@@ -476,6 +476,15 @@ def test_2_helm_upgrade_rolls_the_webhook_without_a_failed_admission_and_check_n
     fresh = eventually(one_fresh_pod, "one live MCP pod after the restart", within=120, every=2)
     assert fresh["metadata"]["name"] != pod["metadata"]["name"]
     assert status_of(fresh)["configHash"] == new_hash[1], status_of(fresh)
+    kube.run(
+        "-n",
+        release.apps,
+        "wait",
+        "--for=delete",
+        f"pod/{pod['metadata']['name']}",
+        "--timeout=120s",
+        timeout=150,
+    )
     code, report = release.check()
     assert code == 0 and not_passing(report) == [], not_passing(report)
 
