@@ -13,7 +13,8 @@
 #               anchore's syft, built by scripts/build-upstream.sh syft): <archive>.cdx.json, .spdx.json
 #   4. load   : `ctr -n k8s.io images import` into the node's containerd, only when a containerd
 #               answers on CONTAINERD_ADDRESS (otherwise the images are built and kept)
-# Usage: scripts/build-images.sh [build|push|names|load|archives]
+# Usage: scripts/build-images.sh [build|push|names|load|archives|prune]  (prune: drop build layers
+#        nothing uses any more; build does it itself)
 # Env: IMAGE_REPO (localhost/outrider-dev), IMAGE_TAG (project version), CONTAINERD_ADDRESS,
 #      OUTRIDER_CACHE (~/.cache/outrider), OUTRIDER_IMAGE_CACHE (base tarballs and buildah's storage,
 #      ~7 GB; default $OUTRIDER_CACHE/image-build), OUTRIDER_IMAGE_DIR (archives + SBOMs, which
@@ -336,10 +337,48 @@ load() {  # load <tag>...
   done
 }
 
+# --- 5. keep the store small: vfs copies a whole root filesystem per layer, so every source change
+# used to leave ~300 MB per image behind (33 GB after a day of builds). Kept: the tagged images, the
+# layers under them, and every image the last `bud` of each Dockerfile used or made (the layer cache
+# of the build stages, which no tagged image descends from). Working containers are only left by a
+# build that died half-way; none is in use while we hold the lock.
+prune() {
+  local ids before
+  bah rm --all >/dev/null 2>&1 || true
+  before="$(du -sm "$STORE" 2>/dev/null | cut -f1)"
+  mapfile -t ids < <(python3 - "$STORE/storage" "$WORK"/bud-*.log <<'PY'
+import json, re, sys
+store, logs = sys.argv[1], sys.argv[2:]
+images = json.load(open(f"{store}/vfs-images/images.json"))
+parent = {l["id"]: l.get("parent") for l in json.load(open(f"{store}/vfs-layers/layers.json"))}
+used = set()
+for path in logs:
+    used.update(re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})$", open(path).read(), re.M))
+keep_layers = set()
+for image in images:
+    if image.get("names") or any(image["id"].startswith(u) for u in used):
+        layer = image.get("layer")
+        while layer and layer not in keep_layers:
+            keep_layers.add(layer)
+            layer = parent.get(layer)
+for image in images:
+    if not image.get("names") and image.get("layer") not in keep_layers:
+        print(image["id"])
+PY
+  )
+  [[ ${#ids[@]} -eq 0 ]] && return
+  bah rmi "${ids[@]}" >/dev/null 2>&1 || bah rmi --prune >/dev/null 2>&1 || true
+  log "pruned ${#ids[@]} unused build layers: ${before:-?} MB -> $(du -sm "$STORE" | cut -f1) MB in $STORE"
+}
+
 build() {
   local t0 tars; t0="$(now)"
   need_tools
   mkdir -p "$STORE" "$IMGDIR" "$WORK"
+  # one build per store at a time (a second `make images` waits rather than corrupting the first)
+  exec 9>"$WORK/.lock"
+  flock -n 9 || { log "another build holds $WORK/.lock: waiting"; flock 9; }
+  bah rm --all >/dev/null 2>&1 || true
   log "[1/4] bases"
   mapfile -t tars < <(build_base_tars)
   [[ ${#tars[@]} -eq 2 ]] || die "the base tarballs were not made"
@@ -353,6 +392,7 @@ build() {
   log "[3/4] archives and SBOMs in $IMGDIR"
   save "${ALL_IMAGES[@]}"
   sboms "${ALL_IMAGES[@]}"
+  prune
   log "[4/4] load"
   load "${ALL_IMAGES[@]}"
   log "done in $(since "$t0"):"
@@ -376,5 +416,6 @@ case "${1:-build}" in
   names) names ;;
   archives) archives ;;
   load) load "${ALL_IMAGES[@]}" ;;
-  *) die "usage: $0 [build|push|names|archives|load]" ;;
+  prune) mkdir -p "$WORK"; exec 9>"$WORK/.lock"; flock 9; prune ;;
+  *) die "usage: $0 [build|push|names|archives|load|prune]" ;;
 esac
