@@ -328,8 +328,10 @@ def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(instal
     # 1. the webhook scaled to 0: no ready endpoints, the dry-run pod cannot be admitted
     kube.run("-n", "outrider-system", "scale", "deploy/outrider-webhook", "--replicas=0")
     try:
+        # gone, not only terminating: a stopping replica still answers admissions for its
+        # --shutdown-delay (5 s) while the Service moves away from it
         eventually(
-            lambda: not _pods(kube, "app.kubernetes.io/name=outrider-webhook", "outrider-system"),
+            lambda: not kube.pods("outrider-system", "app.kubernetes.io/name=outrider-webhook"),
             "the webhook pods to go",
             within=120,
             every=2,
