@@ -116,21 +116,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def real_observer(endpoint: str, audit_path: Path) -> tuple[OtelObserver, TelemetryProviders]:
+def real_observer(
+    endpoint: str, audit_path: Path, *, lean_spans: bool = True
+) -> tuple[OtelObserver, TelemetryProviders]:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     os.environ.update(env)  # the exporters read their endpoint from the environment
-    providers = build_providers("outrider-proxy", env=env)
+    config = TelemetryConfig(audit=str(audit_path))
+    audit = AuditLog.open(str(audit_path))
+    workload = lambda: Workload("spiffe://bench/ns/a/sa/b", "pod-0", "bench")  # noqa: E731
+    worker = Worker(enabled=True)  # as the component does with telemetry.background (default)
+    if not hasattr(TelemetryProviders, "observer"):  # a tree from before the lean span path
+        providers = build_providers("outrider-proxy", env=env)
+        tune_switch_interval(providers.plan)
+        sdk_observer = OtelObserver(
+            config,
+            tracer_provider=providers.tracer_provider,
+            meter_provider=providers.meter_provider,
+            audit=audit,
+            workload=workload,
+            flush=providers.force_flush,
+            worker=worker,
+        )
+        return sdk_observer, providers
+    providers = build_providers("outrider-proxy", env=env, lean_spans=lean_spans)
     tune_switch_interval(providers.plan)  # as the telemetry component does in `outrider sidecar`
-    observer = OtelObserver(
-        TelemetryConfig(audit=str(audit_path)),
-        tracer_provider=providers.tracer_provider,
-        meter_provider=providers.meter_provider,
-        audit=AuditLog.open(str(audit_path)),
-        workload=lambda: Workload("spiffe://bench/ns/a/sa/b", "pod-0", "bench"),
-        flush=providers.force_flush,
-        worker=Worker(enabled=True),  # as the component does with telemetry.background (default)
-    )
-    return observer, providers
+    # The observer the sidecar's telemetry component would choose.
+    return providers.observer(config, audit, workload, worker), providers
 
 
 async def _wait_port(port: int) -> None:
@@ -142,6 +153,34 @@ async def _wait_port(port: int) -> None:
         except OSError:
             await asyncio.sleep(0.05)
     raise RuntimeError("the OTLP receiver did not start")
+
+
+async def span_counting_receiver(stack: Any) -> tuple[int, dict[str, int]]:
+    """A local OTLP/HTTP receiver that decodes each trace payload and counts requests and spans."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    counts: dict[str, int] = {"spans": 0, "server_spans": 0}
+
+    async def sink(request: web.Request) -> web.Response:
+        body = await request.read()
+        counts[request.path] = counts.get(request.path, 0) + 1
+        if request.path.endswith("/v1/traces"):
+            decoded = ExportTraceServiceRequest.FromString(body)
+            for rs in decoded.resource_spans:
+                for ss in rs.scope_spans:
+                    counts["spans"] += len(ss.spans)
+                    counts["server_spans"] += sum(1 for span in ss.spans if span.kind == 2)
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/{tail:.*}", sink)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return port, counts
 
 
 def cpu_seconds(pid: int) -> float:
@@ -171,7 +210,7 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
                 token_ttl=3600,
             )
         )
-        otlp_port, otlp_counts = await bp.otlp_receiver(stack)
+        otlp_port, otlp_counts = await span_counting_receiver(stack)
         mcp_port = free_port()
         python = sys.executable
         app = subprocess.Popen(  # noqa: ASYNC220 - start-up only, not on the measured path
@@ -210,12 +249,14 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
         token = idp.mint("alice", audience=bp.RESOURCE, expires_in=3600)
         proxy_headers = {**bp.HEADERS, "Authorization": f"Bearer {token}"}
         await bp.paced(direct_url, bp.HEADERS, 50, 1, bp.Phase())
-        for _, url in sidecars.values():
-            await bp.paced(url, proxy_headers, 50, 1, bp.Phase())
+        warmup = {mode: bp.Phase() for mode in sidecars}
+        for mode, (_, url) in sidecars.items():
+            await bp.paced(url, proxy_headers, 50, 1, warmup[mode])
         await asyncio.sleep(1)
 
         phases = {"direct": bp.Phase(), "off": bp.Phase(), "on": bp.Phase()}
         cpu0 = {mode: cpu_seconds(p.pid) for mode, (p, _) in sidecars.items()}
+
         slice_s = args.seconds / args.rounds
         for _ in range(args.rounds):
             await bp.paced(direct_url, bp.HEADERS, args.rate, slice_s, phases["direct"])
@@ -226,7 +267,11 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
         for mode, (process, _) in sidecars.items():
             if process.poll() is not None:
                 raise RuntimeError(f"the {mode} sidecar exited: see {tmp / mode / 'sidecar.log'}")
+        # Every call to the "on" sidecar (warm-up included) must have its server span and audit line.
         audit_lines = sum(1 for _ in (tmp / "on" / "audit.jsonl").open())
+        server_spans = otlp_counts["server_spans"]
+        on_calls = len(warmup["on"].latencies_ms) + warmup["on"].errors
+        load = os.getloadavg()
 
     def stats(phase: Any) -> dict[str, float]:
         v = phase.latencies_ms
@@ -256,8 +301,12 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
         "sidecar_cpu_us_per_request_off": round(cpu_off_us, 1),
         "sidecar_cpu_us_per_request_on": round(cpu_on_us, 1),
         "telemetry_cpu_share": round((cpu_on_us - cpu_off_us) / cpu_off_us, 3),
-        "otlp_requests": sum(otlp_counts.values()),
+        "otlp_requests": sum(v for k, v in otlp_counts.items() if k.startswith("/")),
+        "server_spans": server_spans,
+        # Each paced phase also sends one untimed call first (to open its keep-alive connection).
+        "calls_on": on_calls + len(phases["on"].latencies_ms) + phases["on"].errors + args.rounds + 1,
         "audit_lines": audit_lines,
+        "load_avg": [round(x, 2) for x in load],
     }
 
 
@@ -288,7 +337,12 @@ def render_proxy(r: dict[str, Any]) -> str:
             f"sidecar CPU    : {r['sidecar_cpu_us_per_request_off']:.0f} us/request off, "
             f"{r['sidecar_cpu_us_per_request_on']:.0f} us/request on: telemetry "
             f"{share(r['telemetry_cpu_share'])}",
-            f"exported       : {r['otlp_requests']} OTLP/HTTP requests, {r['audit_lines']} audit lines",
+            f"exported       : {r['otlp_requests']} OTLP/HTTP requests; "
+            f"{r['server_spans']} server spans and {r['audit_lines']} audit lines for "
+            f"{r['calls_on']} calls to the 'on' sidecar",
+            f"CPU on / off   : "
+            f"{r['sidecar_cpu_us_per_request_on'] / r['sidecar_cpu_us_per_request_off']:.2f}x "
+            f"(target <= 1.25x); load average {r['load_avg']}",
         ]
     )
 
@@ -315,12 +369,15 @@ def main() -> int:
     parser.add_argument(
         "--sample", type=float, default=None, help="--proxy: trace sampling ratio for the 'on' sidecar"
     )
+    parser.add_argument(
+        "--sdk-spans", action="store_true", help="observer bench: spans through the OpenTelemetry SDK path"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.proxy:
         sys.path.insert(0, str(ROOT / "bench"))
-        result = asyncio.run(proxy_run(args))
-        print(json.dumps(result, indent=2) if args.json else render_proxy(result))
+        proxy_result = asyncio.run(proxy_run(args))
+        print(json.dumps(proxy_result, indent=2) if args.json else render_proxy(proxy_result))
         return 0
 
     port = free_port()
@@ -329,7 +386,9 @@ def main() -> int:
     try:
         asyncio.run(_wait_port(port))
         tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-telemetry-"))
-        observer, providers = real_observer(f"http://127.0.0.1:{port}", tmp / "audit.jsonl")
+        observer, providers = real_observer(
+            f"http://127.0.0.1:{port}", tmp / "audit.jsonl", lean_spans=not args.sdk_spans
+        )
         null = NullObserver()
         for _ in range(2000):  # warm caches, allocate instruments' series
             one_call(observer)
@@ -344,6 +403,18 @@ def main() -> int:
             on.extend(measure(lambda: one_call(observer), block, args.call_rate))
         wall = time.perf_counter() - started
         observer.force_flush()
+        # CPU per call of the whole process (worker and exporter threads included): blocks of calls,
+        # then everything they queued is recorded and exported before the clock stops.
+        cpu_null: list[float] = []
+        cpu_otel: list[float] = []
+        for _ in range(3):
+            for target, sink in ((null, cpu_null), (observer, cpu_otel)):
+                gc.collect()
+                cpu0 = time.process_time()
+                measure(lambda t=target: one_call(t), block, args.call_rate)  # type: ignore[misc]
+                if target is observer:
+                    observer.force_flush()
+                sink.append((time.process_time() - cpu0) / block * 1e6)
         observer.worker.close()
         providers.shutdown()
         audit_lines = sum(1 for _ in (tmp / "audit.jsonl").open())
@@ -360,7 +431,11 @@ def main() -> int:
         "audit_lines": audit_lines,
         "wall_s": round(wall, 2),
         "call_rate": args.call_rate,
+        "null_cpu_us": round(min(cpu_null), 1),
+        "otel_cpu_us": round(min(cpu_otel), 1),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
     }
+    result["added_cpu_us"] = round(result["otel_cpu_us"] - result["null_cpu_us"], 1)
     result["added_p50_us"] = round(result["otel_p50_us"] - result["null_p50_us"], 2)
     result["added_p99_us"] = round(result["otel_p99_us"] - result["null_p99_us"], 2)
     if args.proxy_overhead_ms:
@@ -371,7 +446,8 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     pace = f"{args.call_rate:g} calls/s" if args.call_rate else "back to back"
-    print(f"== Observer per tools/call, {len(on)} calls each, {pace}, same run ==")
+    path = "lean spans" if getattr(providers, "lean", None) is not None else "SDK spans"
+    print(f"== Observer per tools/call, {len(on)} calls each, {pace}, same run ({path}) ==")
     print(f"NullObserver : p50 {result['null_p50_us']:8.2f} us   p99 {result['null_p99_us']:8.2f} us")
     print(f"OtelObserver : p50 {result['otel_p50_us']:8.2f} us   p99 {result['otel_p99_us']:8.2f} us")
     print(
@@ -384,7 +460,12 @@ def main() -> int:
             f"vs proxy     : {share:.1%} of the proxy's own {args.proxy_overhead_ms} ms p50 overhead "
             f"(target <= 20%: {'ok' if share <= 0.2 else 'MISSED'})"
         )
-    print(f"audit lines  : {audit_lines}")
+    print(
+        f"CPU per call : NullObserver {result['null_cpu_us']:.1f} us, "
+        f"observer {result['otel_cpu_us']:.1f} us "
+        f"(threads and export included, best of 3 blocks): telemetry adds {result['added_cpu_us']:.1f} us"
+    )
+    print(f"audit lines  : {audit_lines}; load average {result['load_avg']}")
     return 0
 
 

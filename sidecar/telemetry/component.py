@@ -82,7 +82,6 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
             yield
         return
     # Imported here: the OTel SDK costs RSS that a process with OTEL_SDK_DISABLED never uses.
-    from outrider.sidecar.telemetry.observer_otel import OtelObserver
     from outrider.sidecar.telemetry.setup import build_providers, tune_switch_interval
 
     providers = build_providers(
@@ -96,15 +95,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
     switch_interval = tune_switch_interval(providers.plan)
     worker = Worker(enabled=config.background)
     previous = runtime.observer
-    runtime.observer = OtelObserver(
-        config,
-        tracer_provider=providers.tracer_provider,
-        meter_provider=providers.meter_provider,
-        audit=audit,
-        workload=_WorkloadFacts(runtime),
-        flush=providers.force_flush,
-        worker=worker,
-    )
+    runtime.observer = providers.observer(config, audit, _WorkloadFacts(runtime), worker)
     runtime.metrics.append(providers.prometheus)
     try:
         yield

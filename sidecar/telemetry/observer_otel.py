@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -204,8 +204,7 @@ class OtelObserver:
         except Exception:  # the identity component may not be up yet; never fail a call over telemetry
             return Workload()
 
-    @contextmanager
-    def mcp_call(self, message: McpMessage, request: RequestInfo) -> Iterator[CallScope]:
+    def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
         # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
         # HTTP headers. Most callers send neither: skip the propagator's parsing then (hot path).
         carrier = message.trace_context or request.headers
@@ -220,31 +219,29 @@ class OtelObserver:
             kind=SpanKind.SERVER,
             attributes=attributes,
         )
-        scope = _OtelScope(self, message, request, span, attributes, workload)
-        try:
-            yield scope
-        except BaseException as exc:
-            if not scope.finished:
-                cancelled = not isinstance(exc, Exception)
-                scope.finish(
-                    http_status=499 if cancelled else 500,
-                    outcome="error",
-                    error_type="cancelled" if cancelled else type(exc).__qualname__,
-                    reason="the caller went away" if cancelled else "internal error in the sidecar",
-                )
-            raise
-        finally:
-            if not scope.finished:
-                scope.finish(
-                    http_status=0, outcome="error", error_type="unfinished", reason="no answer recorded"
-                )
+        # The scope is its own context manager: it records a call left unanswered or failed.
+        return _OtelScope(self, message, request, span, attributes, workload)
 
     def egress(self, decision: EgressDecision) -> None:
         end_ns = time.time_ns()
         self.worker.submit(lambda: self._record_egress(decision, end_ns))
 
     def _record_egress(self, decision: EgressDecision, end_ns: int) -> None:
-        when = _wall(end_ns)
+        trace_id, span_id = self._egress_span(decision, end_ns)
+        self.egress_decisions.add(
+            {
+                "outcome": "allowed" if decision.allowed else "denied",
+                "mode": decision.mode,
+                "protocol": decision.protocol,
+            },
+        )
+        self.audit.write(
+            egress_event(
+                EventStamp.at(_wall(end_ns), trace_id, span_id), decision=decision, workload=self.workload()
+            )
+        )
+
+    def _egress_span(self, decision: EgressDecision, end_ns: int) -> tuple[str | None, str | None]:
         span = self.tracer.start_span(
             semconv.egress_span_name(decision),
             kind=SpanKind.INTERNAL,
@@ -254,17 +251,7 @@ class OtelObserver:
         if not decision.allowed:
             span.set_status(Status(StatusCode.ERROR, "egress denied"))
         span.end(end_time=end_ns)
-        self.egress_decisions.add(
-            {
-                "outcome": "allowed" if decision.allowed else "denied",
-                "mode": decision.mode,
-                "protocol": decision.protocol,
-            },
-        )
-        trace_id, span_id = _ids(span)
-        self.audit.write(
-            egress_event(EventStamp.at(when, trace_id, span_id), decision=decision, workload=self.workload())
-        )
+        return _ids(span)
 
     def identity_event(self, event: str, spiffe_id: str | None, detail: str) -> None:
         self.identity_events.add({"event": event})
@@ -281,22 +268,37 @@ class OtelObserver:
         return [] if value is None else [Observation(value)]
 
 
-class _OtelScope:
-    """One MCP message: its SERVER span, then metrics and the audit line when finished."""
+class _ScopeBase:
+    """One MCP message: facts gathered on the request path, recorded on the worker when finished.
+
+    Subclasses own the span: its trace headers, the exchange child span and the span's end.
+    """
+
+    # One scope per message on the request path: slots make creating it cheaper.
+    __slots__ = (
+        "_attributes",
+        "_message",
+        "_observer",
+        "_request",
+        "_started",
+        "_workload",
+        "exchange_outcome",
+        "finished",
+        "policy_outcome",
+        "principal",
+    )
 
     def __init__(
         self,
         observer: OtelObserver,
         message: McpMessage,
         request: RequestInfo,
-        span: Span,
         attributes: dict[str, semconv.AttributeValue],
         workload: Workload,
     ) -> None:
         self._observer = observer
         self._message = message
         self._request = request
-        self._span = span
         self._attributes = attributes
         self._workload = workload
         self._started = time.perf_counter()
@@ -305,12 +307,43 @@ class _OtelScope:
         self.policy_outcome: PolicyOutcome | None = None
         self.finished = False
 
+    def __enter__(self) -> _ScopeBase:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Records a call the data path left unanswered: an exception, a cancellation, or no `finish`."""
+        if self.finished:
+            return
+        if exc is not None:
+            cancelled = not isinstance(exc, Exception)
+            self.finish(
+                http_status=499 if cancelled else 500,
+                outcome="error",
+                error_type="cancelled" if cancelled else type(exc).__qualname__,
+                reason="the caller went away" if cancelled else "internal error in the sidecar",
+            )
+        else:
+            self.finish(http_status=0, outcome="error", error_type="unfinished", reason="no answer recorded")
+
+    def _trace_headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _exchange_span(self, outcome: ExchangeOutcome, start: int, end: int) -> tuple[str | None, str | None]:
+        """Record the exchange's child span; returns its trace and span id for the audit line."""
+        raise NotImplementedError
+
+    def _end_span(
+        self, final: dict[str, semconv.AttributeValue], error: str | None, end: int
+    ) -> tuple[str | None, str | None]:
+        """Add the final attributes, set the ERROR status (`error` set) and end the call span."""
+        raise NotImplementedError
+
     def set_principal(self, principal: Principal) -> None:
         # Only remembered here: the span attributes are set when the call is recorded.
         self.principal = principal
 
     def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
-        carrier = trace_headers(self._span)
+        carrier = self._trace_headers()
         headers.update(carrier)
         # MCP conventions: requests and notifications also carry the context in params._meta.
         if message is not None and isinstance(message.get("method"), str) and carrier:
@@ -330,7 +363,6 @@ class _OtelScope:
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
         cache_hit = outcome.outcome == "cache_hit"
         self.exchange_outcome = outcome.outcome
-        self._observer.exchanges.add({"outcome": outcome.outcome, "cache_hit": cache_hit})
         end = time.time_ns()
         principal = self.principal
         # A cache hit still gets its child span (recorded off the request path, on the worker), but
@@ -343,25 +375,15 @@ class _OtelScope:
         self, outcome: ExchangeOutcome, end: int, principal: Principal | None, *, audit: bool = True
     ) -> None:
         observer = self._observer
-        when = _wall(end)
+        observer.exchanges.add({"outcome": outcome.outcome, "cache_hit": outcome.outcome == "cache_hit"})
         start = end - int(max(outcome.duration_s, 0.0) * 1e9)
-        span = observer.tracer.start_span(
-            "outrider.token_exchange",
-            context=trace.set_span_in_context(self._span, otel_context.Context()),
-            kind=SpanKind.CLIENT,
-            attributes=semconv.exchange_span_attributes(outcome),
-            start_time=start,
-        )
-        if outcome.outcome not in semconv.EXCHANGE_OK:
-            span.set_status(Status(StatusCode.ERROR, outcome.outcome))
-        span.end(end_time=end)
+        trace_id, span_id = self._exchange_span(outcome, start, end)
         if not audit:
             return
         observer.exchange_duration.record(outcome.duration_s, {"outcome": outcome.outcome})
-        trace_id, span_id = _ids(span)
         observer.audit.write(
             exchange_event(
-                EventStamp.at(when, trace_id, span_id),
+                EventStamp.at(_wall(end), trace_id, span_id),
                 outcome=outcome,
                 principal=principal,
                 message=self._message,
@@ -408,7 +430,6 @@ class _OtelScope:
         policy: PolicyOutcome | None = None,
     ) -> None:
         observer = self._observer
-        when = _wall(end)
         error = semconv.error_type(outcome, error_type, response, http_status)
         final = semconv.mcp_response_attributes(
             http_status=http_status, outcome=outcome, error_type_value=error, response=response
@@ -422,17 +443,14 @@ class _OtelScope:
         safe_reason = semconv.scrub(reason)
         if safe_reason:
             final["outrider.reason"] = safe_reason
-        self._span.set_attributes(final)
-        if outcome not in _OK_OUTCOMES:
-            self._span.set_status(Status(StatusCode.ERROR, error or outcome))
-        self._span.end(end_time=end)
+        status_error = None if outcome in _OK_OUTCOMES else (error or outcome)
+        trace_id, span_id = self._end_span(final, status_error, end)
         all_attrs = {**self._attributes, **final}
         observer.operation_duration.record(duration, semconv.duration_metric_attributes(all_attrs))
         observer.requests.add(semconv.request_counter_attributes(all_attrs, outcome))
-        trace_id, span_id = _ids(self._span)
         observer.audit.write(
             mcp_call_event(
-                EventStamp.at(when, trace_id, span_id),
+                EventStamp.at(_wall(end), trace_id, span_id),
                 message=self._message,
                 request=self._request,
                 principal=principal,
@@ -447,3 +465,46 @@ class _OtelScope:
                 policy=policy,
             )
         )
+
+
+class _OtelScope(_ScopeBase):
+    """One MCP message as an SDK span."""
+
+    __slots__ = ("_span",)
+
+    def __init__(
+        self,
+        observer: OtelObserver,
+        message: McpMessage,
+        request: RequestInfo,
+        span: Span,
+        attributes: dict[str, semconv.AttributeValue],
+        workload: Workload,
+    ) -> None:
+        super().__init__(observer, message, request, attributes, workload)
+        self._span = span
+
+    def _trace_headers(self) -> dict[str, str]:
+        return trace_headers(self._span)
+
+    def _exchange_span(self, outcome: ExchangeOutcome, start: int, end: int) -> tuple[str | None, str | None]:
+        span = self._observer.tracer.start_span(
+            "outrider.token_exchange",
+            context=trace.set_span_in_context(self._span, otel_context.Context()),
+            kind=SpanKind.CLIENT,
+            attributes=semconv.exchange_span_attributes(outcome),
+            start_time=start,
+        )
+        if outcome.outcome not in semconv.EXCHANGE_OK:
+            span.set_status(Status(StatusCode.ERROR, outcome.outcome))
+        span.end(end_time=end)
+        return _ids(span)
+
+    def _end_span(
+        self, final: dict[str, semconv.AttributeValue], error: str | None, end: int
+    ) -> tuple[str | None, str | None]:
+        self._span.set_attributes(final)
+        if error is not None:
+            self._span.set_status(Status(StatusCode.ERROR, error))
+        self._span.end(end_time=end)
+        return _ids(self._span)

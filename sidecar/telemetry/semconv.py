@@ -5,6 +5,7 @@ Follows the OpenTelemetry MCP semantic conventions; Outrider's own facts go unde
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -144,6 +145,7 @@ def mcp_request_attributes(
     return attrs
 
 
+@functools.lru_cache(maxsize=4096)  # called for every message; callers keep their address a while
 def split_address(address: str) -> tuple[str, int | None]:
     """'10.0.0.1:5000' / '[::1]:5000' / '10.0.0.1' -> host and optional port."""
     if address.startswith("["):

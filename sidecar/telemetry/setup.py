@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
@@ -18,7 +18,15 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
+from outrider.sidecar.telemetry.audit import AuditLog, Workload
+from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.prometheus import ExportingReader, PrometheusText, shares_aggregation
+from outrider.sidecar.telemetry.span_export import BatchSettings, SpanBatcher
+from outrider.sidecar.telemetry.spans import LeanTracer, sampler_plan
+from outrider.sidecar.telemetry.worker import Worker
+
+if TYPE_CHECKING:
+    from outrider.sidecar.telemetry.observer_otel import OtelObserver
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -90,6 +98,66 @@ def _metric_exporter(protocol: Protocol) -> MetricExporter:
     return HttpMetrics() if transport is None else HttpMetrics(_transport=transport)
 
 
+# Settings the lean span path does not reproduce; with any of them set, spans go through the SDK.
+_SDK_ONLY_SETTINGS = (
+    "OTEL_PYTHON_ID_GENERATOR",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_TRACER_PROVIDER",
+)
+
+
+def lean_spans_blocker(plan: ExportPlan, env: Mapping[str, str]) -> str | None:
+    """Pure: why spans must go through the SDK for this environment, or None for the lean path.
+
+    The lean path (span records, OTLP written by `otlp_wire`) covers traces exported over OTLP/HTTP or
+    not exported at all, with the standard samplers; gRPC and the SDK-only settings keep the SDK.
+    """
+    if plan.traces == "grpc":
+        return "traces are exported over OTLP/gRPC"
+    for name in _SDK_ONLY_SETTINGS:
+        if env.get(name):
+            return f"{name} is set"
+    return None
+
+
+def _lean_tracer(
+    resource: Resource, exporting: bool, sampler: object
+) -> tuple[LeanTracer, SpanBatcher | None]:
+    """The lean tracer and, when exporting, its batcher (posting through the SDK exporter's client)."""
+    from outrider.sidecar.telemetry.observer_otel import INSTRUMENTATION
+    from outrider.sidecar.telemetry.otlp_wire import TraceRequestEncoder
+
+    plan = sampler_plan(sampler)
+    if plan is None:
+        raise LookupError("a sampler other than the standard ones")
+    if not exporting:
+        return LeanTracer(plan, None), None
+    exporter = _span_exporter("http/protobuf")
+    client = getattr(exporter, "_client", None)
+    if client is None or not callable(getattr(client, "export", None)):
+        raise LookupError("an OTLP/HTTP exporter without the HTTP client this path posts through")
+    limit = int(getattr(exporter, "_max_request_size", 0) or 0)
+
+    def send(data: bytes) -> bool:
+        if 0 < limit < len(data):
+            log.warning(
+                "telemetry: dropping a span batch of %d bytes (over the exporter's %d byte limit); "
+                "lower OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                len(data),
+                limit,
+            )
+            return False
+        return bool(client.export(data).success)
+
+    encoder = TraceRequestEncoder(resource.attributes, INSTRUMENTATION)
+    batcher = SpanBatcher(encoder.encode, send, BatchSettings.from_env(), exporter.shutdown)
+    return LeanTracer(plan, batcher.add), batcher
+
+
 def tls_files(signal: Signal, env: Mapping[str, str]) -> tuple[bool | str, str | tuple[str, str] | None]:
     """(CA file or True, client certificate [and key]) from OTEL_*, as the SDK's own transport reads them."""
     prefix, generic = f"OTEL_EXPORTER_OTLP_{signal.upper()}_", "OTEL_EXPORTER_OTLP_"
@@ -141,14 +209,52 @@ class TelemetryProviders:
     meter_provider: MeterProvider
     prometheus: PrometheusText
     plan: ExportPlan
+    # The lean span path (None: spans go through `tracer_provider`) and its exporter, if exporting.
+    lean: LeanTracer | None = None
+    batcher: SpanBatcher | None = None
+
+    def observer(
+        self,
+        config: TelemetryConfig,
+        audit: AuditLog,
+        workload: Callable[[], Workload] = Workload,
+        worker: Worker | None = None,
+    ) -> OtelObserver:
+        """The observer over these providers: on lean span records when `build_providers` chose them."""
+        from outrider.sidecar.telemetry.observer_lean import LeanObserver
+        from outrider.sidecar.telemetry.observer_otel import OtelObserver
+
+        if self.lean is not None:
+            return LeanObserver(
+                config,
+                tracer=self.lean,
+                meter_provider=self.meter_provider,
+                audit=audit,
+                workload=workload,
+                flush=self.force_flush,
+                worker=worker,
+            )
+        return OtelObserver(
+            config,
+            tracer_provider=self.tracer_provider,
+            meter_provider=self.meter_provider,
+            audit=audit,
+            workload=workload,
+            flush=self.force_flush,
+            worker=worker,
+        )
 
     def force_flush(self) -> None:
+        if self.batcher is not None:
+            self.batcher.force_flush()
         self.tracer_provider.force_flush(timeout_millis=5000)
         self.meter_provider.force_flush(timeout_millis=5000)
 
     def shutdown(self) -> None:
         # Flush before shutting down: the batch processor drops queued spans otherwise.
         try:
+            if self.batcher is not None:
+                self.batcher.shutdown()
             self.tracer_provider.force_flush(timeout_millis=5000)
         finally:
             self.tracer_provider.shutdown()
@@ -161,8 +267,13 @@ def build_providers(
     env: Mapping[str, str] | None = None,
     resource_attributes: Mapping[str, str | None] | None = None,
     extra_metric_readers: tuple[MetricReader, ...] = (),
+    lean_spans: bool = True,
 ) -> TelemetryProviders:
-    """Providers for one process: OTLP per the plan and a Prometheus reader; tests add readers."""
+    """Providers for one process: OTLP per the plan and a Prometheus reader; tests add readers.
+
+    Spans take the lean path (`lean` set) unless `lean_spans` is False or the environment needs the
+    SDK (`lean_spans_blocker`); metrics always go through the SDK.
+    """
     env = os.environ if env is None else env
     plan = plan_export(env)
     for note in plan.notes:
@@ -173,8 +284,18 @@ def build_providers(
     resource = Resource.create(attributes)
 
     tracer_provider = TracerProvider(resource=resource)
-    if plan.traces:
-        tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(plan.traces)))
+    lean: LeanTracer | None = None
+    batcher: SpanBatcher | None = None
+    blocker = lean_spans_blocker(plan, env) if lean_spans else "the SDK path was asked for"
+    if blocker is None:
+        try:
+            lean, batcher = _lean_tracer(resource, plan.traces is not None, tracer_provider.sampler)
+        except LookupError as exc:
+            blocker = str(exc)
+    if blocker is not None:
+        log.info("telemetry: spans through the OpenTelemetry SDK: %s", blocker)
+        if plan.traces:
+            tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(plan.traces)))
 
     exporter = _metric_exporter(plan.metrics) if plan.metrics else None
     if exporter is not None and shares_aggregation(exporter):
@@ -192,4 +313,4 @@ def build_providers(
         f"exported over OTLP {plan.traces}" if plan.traces else "not exported (no OTEL_* endpoint)",
         f"exported over OTLP {plan.metrics}" if plan.metrics else "on /metrics only",
     )
-    return TelemetryProviders(tracer_provider, meter_provider, prometheus, plan)
+    return TelemetryProviders(tracer_provider, meter_provider, prometheus, plan, lean, batcher)

@@ -23,6 +23,10 @@ MAX_BACKLOG = 10_000
 # second a wake-up per job costs more in thread switches than the batching delay costs anyone.
 WAKE_INTERVAL_S = 0.01
 
+# After this many wake-ups in a row found nothing to do, the thread sleeps until the next job (an idle
+# sidecar should not wake 100 times a second).
+IDLE_AFTER_EMPTY_WAKES = 100
+
 
 class Worker:
     """A single daemon thread that runs submitted jobs in submission order, in batches.
@@ -41,6 +45,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+        self._idle = False  # the thread waits for a job with no timeout
 
     def submit(self, job: Job) -> None:
         if not self.enabled or self._closed or len(self._jobs) >= self._max_backlog:
@@ -49,6 +54,9 @@ class Worker:
         self._jobs.append(job)
         if self._thread is None:
             self._start()
+        elif self._idle:
+            self._idle = False
+            self._wake.set()
 
     def _start(self) -> None:
         with self._start_lock:
@@ -57,13 +65,22 @@ class Worker:
                 self._thread.start()
 
     def _loop(self) -> None:
+        empty = 0
         while True:
-            self._wake.wait(self._interval)
+            self._wake.wait(None if self._idle else self._interval)
             self._wake.clear()
+            if self._jobs:
+                empty, self._idle = 0, False
+            else:
+                empty += 1
             self._run_queued()
             if self._closed:
                 self._run_queued()
                 return
+            if empty >= IDLE_AFTER_EMPTY_WAKES:
+                self._idle = True
+                if self._jobs:  # a job that came in before `submit` could see the flag
+                    self._idle = False
 
     def _run_queued(self) -> None:
         while True:

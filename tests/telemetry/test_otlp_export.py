@@ -97,13 +97,9 @@ async def _export_and_check(
         "outrider-proxy", resource_attributes={"k8s.pod.name": "weather-0", "k8s.namespace.name": "tools"}
     )
     assert providers.plan.traces == protocol
-    observer = OtelObserver(
-        TelemetryConfig(),
-        tracer_provider=providers.tracer_provider,
-        meter_provider=providers.meter_provider,
-        audit=AuditLog(io.StringIO()),
-        workload=lambda: WORKLOAD,
-    )
+    # HTTP/protobuf takes the lean span path, gRPC the SDK's.
+    assert (providers.lean is not None) == (protocol == "http/protobuf")
+    observer = providers.observer(TelemetryConfig(), AuditLog(io.StringIO()), lambda: WORKLOAD)
     _drive(observer)
     # The exporters are blocking: flush from a thread while this loop serves the receiver.
     await asyncio.wait_for(asyncio.to_thread(providers.shutdown), timeout=30)
@@ -171,13 +167,7 @@ async def test_metrics_and_otlp_share_one_aggregation_when_both_are_cumulative(
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # only the flushes below export
     providers = build_providers("outrider-proxy")
     assert len(providers.meter_provider._metric_readers) == readers
-    observer = OtelObserver(
-        TelemetryConfig(),
-        tracer_provider=providers.tracer_provider,
-        meter_provider=providers.meter_provider,
-        audit=AuditLog(io.StringIO()),
-        workload=lambda: WORKLOAD,
-    )
+    observer = providers.observer(TelemetryConfig(), AuditLog(io.StringIO()), lambda: WORKLOAD)
     _drive(observer)
     text = providers.prometheus().decode()
     # Scraping twice changes nothing the exporter sends (a scrape never exports, never resets).

@@ -76,3 +76,20 @@ def test_jobs_keep_logging_quiet(caplog: pytest.LogCaptureFixture) -> None:
     assert worker.drain()
     worker.close()
     assert not caplog.records
+
+
+def test_an_idle_worker_sleeps_until_the_next_job() -> None:
+    """After many empty wake-ups the thread waits without a timeout; a new job still wakes it."""
+    worker = Worker(interval_s=0.001)
+    worker.submit(lambda: None)
+    assert worker.drain()
+    for _ in range(1000):  # up to 10 s on a loaded machine
+        if worker._idle:
+            break
+        threading.Event().wait(0.01)
+    assert worker._idle
+    ran = threading.Event()
+    worker.submit(ran.set)  # no drain(): the submit alone must wake the sleeping thread
+    assert ran.wait(10)
+    assert not worker._idle
+    worker.close()

@@ -1,0 +1,127 @@
+"""The `Observer` on lean span records: the same spans, metrics and audit lines, fewer objects per call.
+
+Spans are `spans.SpanRecord`s exported by `span_export` as hand-written OTLP; metrics and the audit
+log are those of `observer_otel.OtelObserver`, whose call bookkeeping this class shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from opentelemetry import metrics, trace
+
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry import semconv
+from outrider.sidecar.telemetry.audit import AuditLog, Workload
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import CallScope, EgressDecision, ExchangeOutcome, RequestInfo
+from outrider.sidecar.telemetry.observer_otel import OtelObserver, _ScopeBase
+from outrider.sidecar.telemetry.spans import (
+    KIND_CLIENT,
+    KIND_INTERNAL,
+    KIND_SERVER,
+    STATUS_ERROR,
+    LeanTracer,
+    SpanRecord,
+    extract_parent,
+)
+from outrider.sidecar.telemetry.worker import Worker
+
+
+class LeanObserver(OtelObserver):
+    """Satisfies `outrider.sidecar.telemetry.observer.Observer`; spans go through a `LeanTracer`."""
+
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        *,
+        tracer: LeanTracer,
+        meter_provider: metrics.MeterProvider,
+        audit: AuditLog,
+        workload: Callable[[], Workload] = Workload,
+        flush: Callable[[], object] | None = None,
+        worker: Worker | None = None,
+    ) -> None:
+        super().__init__(
+            config,
+            tracer_provider=trace.NoOpTracerProvider(),
+            meter_provider=meter_provider,
+            audit=audit,
+            workload=workload,
+            flush=flush,
+            worker=worker,
+        )
+        self.lean = tracer
+
+    def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
+        # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
+        # HTTP headers.
+        carrier = message.trace_context or request.headers
+        parent = extract_parent(carrier) if carrier else None
+        workload = self.workload()
+        attributes = semconv.mcp_request_attributes(
+            message, request, self.config, workload_id=workload.spiffe_id
+        )
+        record = self.lean.start(
+            semconv.mcp_span_name(message, self.config), KIND_SERVER, attributes, parent=parent
+        )
+        # The scope is its own context manager: no generator-based wrapper per call.
+        return _LeanScope(self, message, request, record, attributes, workload)
+
+    def _egress_span(self, decision: EgressDecision, end_ns: int) -> tuple[str | None, str | None]:
+        record = self.lean.start(
+            semconv.egress_span_name(decision),
+            KIND_INTERNAL,
+            semconv.egress_attributes(decision),
+            start_ns=end_ns,
+        )
+        if not decision.allowed:
+            record.status_code, record.status_message = STATUS_ERROR, "egress denied"
+        self.lean.end(record, end_ns)
+        return record.ids()
+
+
+class _LeanScope(_ScopeBase):
+    """One MCP message as a span record."""
+
+    __slots__ = ("_lean", "_span")
+
+    def __init__(
+        self,
+        observer: LeanObserver,
+        message: McpMessage,
+        request: RequestInfo,
+        record: SpanRecord,
+        attributes: dict[str, semconv.AttributeValue],
+        workload: Workload,
+    ) -> None:
+        super().__init__(observer, message, request, attributes, workload)
+        self._lean = observer.lean
+        self._span = record
+
+    def _trace_headers(self) -> dict[str, str]:
+        return self._span.trace_headers()
+
+    def _exchange_span(self, outcome: ExchangeOutcome, start: int, end: int) -> tuple[str | None, str | None]:
+        record = self._lean.child(
+            self._span,
+            "outrider.token_exchange",
+            KIND_CLIENT,
+            semconv.exchange_span_attributes(outcome),
+            start,
+        )
+        if outcome.outcome not in semconv.EXCHANGE_OK:
+            record.status_code, record.status_message = STATUS_ERROR, outcome.outcome
+        self._lean.end(record, end)
+        return record.ids()
+
+    def _end_span(
+        self, final: dict[str, semconv.AttributeValue], error: str | None, end: int
+    ) -> tuple[str | None, str | None]:
+        record = self._span
+        record.attributes = {**record.attributes, **final}
+        if error is not None:
+            record.status_code, record.status_message = STATUS_ERROR, error
+        self._lean.end(record, end)
+        return record.ids()

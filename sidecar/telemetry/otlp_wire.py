@@ -1,0 +1,130 @@
+"""OTLP/protobuf `ExportTraceServiceRequest` bytes written straight from span records, in one pass.
+
+Pure: the protobuf wire format (varints, length-delimited fields, fixed64) for the few messages a
+trace export needs, field for field what the SDK's encoder builds for the same spans.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from outrider.sidecar.telemetry.spans import SpanRecord
+
+_VARINT1 = [bytes((i,)) for i in range(128)]
+_FIXED64 = struct.Struct("<Q").pack
+_DOUBLE = struct.Struct("<d").pack
+_MASK64 = (1 << 64) - 1
+
+# Repeated attribute values (method, tool, transport, identities) are encoded once and reused.
+_KV_CACHE: dict[tuple[bytes, str, type, Any], bytes] = {}
+_KV_CACHE_MAX = 4096
+
+
+def varint(value: int) -> bytes:
+    if value < 128:
+        return _VARINT1[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    n = len(payload)
+    return tag + (_VARINT1[n] if n < 128 else varint(n)) + payload
+
+
+def any_value(value: Any) -> bytes:
+    """`AnyValue` (common.proto), as the SDK's `_encode_value` maps Python values."""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return _field(b"\x0a", value.encode())
+    if isinstance(value, int):
+        return b"\x18" + varint(value & _MASK64)
+    if isinstance(value, float):
+        return b"\x21" + _DOUBLE(value)
+    if isinstance(value, bytes):
+        return _field(b"\x3a", value)
+    if isinstance(value, Sequence):
+        return _field(b"\x2a", b"".join(_field(b"\x0a", any_value(v)) for v in value))
+    if isinstance(value, Mapping):
+        return _field(b"\x32", b"".join(_field(b"\x0a", key_value(str(k), v)) for k, v in value.items()))
+    raise TypeError(f"cannot encode an attribute of type {type(value).__name__}")
+
+
+def key_value(key: str, value: Any) -> bytes:
+    """`KeyValue`: key = 1, value = 2."""
+    return _field(b"\x0a", key.encode()) + _field(b"\x12", any_value(value))
+
+
+def attributes(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
+    """Repeated `KeyValue` fields under `tag` (Resource/InstrumentationScope field 1, Span field 9)."""
+    cache = _KV_CACHE
+    out = []
+    for key, value in attrs.items():
+        if isinstance(value, float):  # durations: unique per span, not worth caching
+            out.append(_field(tag, key_value(key, value)))
+            continue
+        cache_key = (tag, key, type(value), value)  # the type too: True == 1 as dict keys
+        encoded = cache.get(cache_key)
+        if encoded is None:
+            if len(cache) >= _KV_CACHE_MAX:
+                cache.clear()
+            encoded = cache[cache_key] = _field(tag, key_value(key, value))
+        out.append(encoded)
+    return b"".join(out)
+
+
+_FLAGS_TAG = b"\x85\x01"  # field 16, wire type 5 (fixed32)
+_HAS_IS_REMOTE = struct.pack("<I", 0x100)
+_HAS_IS_REMOTE_REMOTE = struct.pack("<I", 0x300)
+
+
+def span(record: SpanRecord) -> bytes:
+    """`Span` (trace.proto) for one record."""
+    parts = [
+        b"\x0a\x10" + record.trace_id.to_bytes(16, "big"),
+        b"\x12\x08" + record.span_id.to_bytes(8, "big"),
+    ]
+    if record.trace_state:
+        parts.append(_field(b"\x1a", record.trace_state.encode()))
+    if record.parent_span_id:
+        parts.append(b"\x22\x08" + record.parent_span_id.to_bytes(8, "big"))
+    parts.append(_field(b"\x2a", record.name.encode()))
+    parts.append(b"\x30" + _VARINT1[record.kind])
+    parts.append(b"\x39" + _FIXED64(record.start_ns))
+    parts.append(b"\x41" + _FIXED64(record.end_ns))
+    parts.append(attributes(b"\x4a", record.attributes))
+    status = b""
+    if record.status_message:
+        status += _field(b"\x12", record.status_message.encode())
+    if record.status_code:
+        status += b"\x18" + _VARINT1[record.status_code]
+    parts.append(_field(b"\x7a", status))  # the SDK always sends a Status, empty when unset
+    parts.append(_FLAGS_TAG + (_HAS_IS_REMOTE_REMOTE if record.remote_parent else _HAS_IS_REMOTE))
+    return b"".join(parts)
+
+
+class TraceRequestEncoder:
+    """Writes `ExportTraceServiceRequest` bytes for batches of records from one resource and scope."""
+
+    def __init__(
+        self, resource: Mapping[str, Any], scope_name: str, scope_version: str | None = None
+    ) -> None:
+        # Resource {attributes = 1}; InstrumentationScope {name = 1, version = 2}: encoded once.
+        self._resource = _field(b"\x0a", attributes(b"\x0a", resource))
+        scope = _field(b"\x0a", scope_name.encode())
+        if scope_version:
+            scope += _field(b"\x12", scope_version.encode())
+        self._scope = _field(b"\x0a", scope)
+
+    def encode(self, records: Iterable[SpanRecord]) -> bytes:
+        spans = b"".join(_field(b"\x12", span(r)) for r in records)
+        scope_spans = _field(b"\x12", self._scope + spans)  # ScopeSpans {scope = 1, spans = 2}
+        return _field(b"\x0a", self._resource + scope_spans)  # ResourceSpans {resource = 1, scope_spans = 2}
