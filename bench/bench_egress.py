@@ -117,8 +117,93 @@ def _upload(ip: str, port: int, host: str, size: int) -> dict[str, float]:
     return {"bytes": size, "seconds": elapsed, "mib_per_s": size / elapsed / (1 << 20)}
 
 
+def _probes(ip: str, port: int, count: int) -> list[float]:
+    """Fresh connection set-ups (connect + PING/PONG); one that gets no answer in 10 s counts as 10 s."""
+    samples: list[float] = []
+    for _ in range(count):
+        started = time.perf_counter()
+        try:
+            samples += _connect_times(ip, port, 1, None)
+        except (TimeoutError, OSError, RuntimeError):
+            samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def _tunnels(ip: str, port: int, count: int, seconds: float, probes: int) -> dict[str, Any]:
+    """`count` concurrent tunnels, each streaming from the sink: their set-up times, the aggregate
+    throughput over `seconds` once all are open, and `probes` fresh connection set-ups meanwhile."""
+    import asyncio
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 256)), hard))
+
+    async def run() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        received = [0]
+        setup_ms: list[float] = []
+        socks: list[socket.socket] = []
+        gate = asyncio.Semaphore(64)  # tunnels open 64 at a time: a SYN burst would measure backlogs
+
+        async def open_one() -> None:
+            async with gate:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                socks.append(sock)
+                started = time.perf_counter()
+                await loop.sock_connect(sock, (ip, port))
+                await loop.sock_sendall(sock, b"SEND %d\n" % (1 << 45))
+                buffer = bytearray(1 << 16)
+                n = await loop.sock_recv_into(sock, buffer)
+                if n == 0:
+                    raise RuntimeError("tunnel closed without data (denied?)")
+                setup_ms.append((time.perf_counter() - started) * 1000)
+                received[0] += n
+            since = 0
+            while True:
+                n = await loop.sock_recv_into(sock, buffer)
+                if n == 0:
+                    return
+                received[0] += n
+                since += n
+                if since >= 1 << 20:  # sock_recv_into does not suspend while data waits: take turns
+                    since = 0
+                    await asyncio.sleep(0)
+
+        tasks = [asyncio.create_task(open_one()) for _ in range(count)]
+        while len(setup_ms) < count:
+            failed = [t for t in tasks if t.done() and t.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # every tunnel streaming
+        before, t0 = received[0], time.perf_counter()
+        probe_ms = await asyncio.to_thread(_probes, ip, port, probes)
+        left = seconds - (time.perf_counter() - t0)
+        if left > 0:
+            await asyncio.sleep(left)
+        moved, elapsed = received[0] - before, time.perf_counter() - t0
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sock in socks:
+            sock.close()
+        return {
+            "tunnels": count,
+            "setup_ms": setup_ms,
+            "probe_connect_ms": probe_ms,
+            "mib_per_s": moved / elapsed / (1 << 20),
+        }
+
+    return asyncio.run(run())
+
+
 def client_main(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {}
+    if args.tunnels:
+        result["tunnels"] = _tunnels(args.ip, args.port, args.tunnels, args.tunnel_seconds, args.count)
+        print(json.dumps(result))
+        return 0
     if args.keepalive:
         result["keepalive"] = _keepalive(args.ip, args.port, args.http_host, args.keepalive)
     if args.upload:
@@ -165,6 +250,10 @@ def orchestrate(args: argparse.Namespace) -> int:
             return parsed
 
         paths = {"direct (uid 15337)": netlab.SIDECAR_UID, "capture (uid 1000)": netlab.APP_UID}
+        if args.curve_only:
+            curve = _tunnel_curve(args, client, paths)
+            print(json.dumps({"tunnel_curve": curve, "plots": _plot_curve(curve)}, indent=2))
+            return 0
         # Warm up both paths (ARP/ND, DNS, the sidecar's first connections), then measure.
         for uid in paths.values():
             client(uid, "--ip", netlab.SINK_V4, "--port", "9000", "--count", "20")
@@ -209,6 +298,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         for run in runs.values():
             run["throughput_mib_s"] = statistics.median(run["transfers_mib_s"])
             run["upload_mib_s"] = statistics.median(run["uploads_mib_s"])
+        curve = _tunnel_curve(args, client, paths)
         allowed = lab.decisions(allowed=True)
     direct, capture = runs["direct (uid 15337)"], runs["capture (uid 1000)"]
     summary = {
@@ -240,7 +330,9 @@ def orchestrate(args: argparse.Namespace) -> int:
         "tcp_connect_added_p50_ms": round(capture["tcp_connect_p50_ms"] - direct["tcp_connect_p50_ms"], 3),
         "http_by_name_added_p50_ms": round(capture["http_by_name_p50_ms"] - direct["http_by_name_p50_ms"], 3),
         "enforcer_allowed_decisions": len(allowed),
+        "tunnel_curve": curve,
     }
+    summary["plots"] = _plot_curve(curve)
     summary["targets_met"] = {
         "throughput >= 50% of direct": summary["throughput_ratio"] >= 0.5,
         "added connect p50 <= 1 ms (tcp)": summary["tcp_connect_added_p50_ms"] <= 1.0,
@@ -287,7 +379,106 @@ def orchestrate(args: argparse.Namespace) -> int:
     )
     for target, met in summary["targets_met"].items():
         print(f"  {'MET ' if met else 'MISS'} {target}")
+    if curve:
+        print(f"concurrent tunnels ({args.tunnel_seconds:g} s each, alternating paths; load average beside):")
+        print(
+            f"{'tunnels':>8} {'path':<20}{'MiB/s':>9}{'setup p50':>11}{'setup p99':>11}"
+            f"{'connect p50':>13}{'connect p99':>13}  load"
+        )
+        for point in curve:
+            for label in paths_labels(point):
+                row = point[label]
+                print(
+                    f"{point['tunnels']:>8} {label:<20}{row['mib_per_s']:>9.1f}{row['setup_p50_ms']:>11.3f}"
+                    f"{row['setup_p99_ms']:>11.3f}{row['connect_p50_ms']:>13.3f}{row['connect_p99_ms']:>13.3f}"
+                    f"  {row['load']}"
+                )
+            print(
+                f"{'':>8} capture/direct: throughput {point['throughput_ratio']:.2f}x, "
+                f"added connect p50 {point['added_connect_p50_ms']:+.3f} ms"
+            )
+    if summary["plots"]:
+        print("plots: " + ", ".join(summary["plots"]))
     return 0
+
+
+def paths_labels(point: dict[str, Any]) -> list[str]:
+    return [k for k in point if k.startswith(("direct", "capture"))]
+
+
+def _tunnel_curve(args: argparse.Namespace, client: Any, paths: dict[str, int]) -> list[dict[str, Any]]:
+    """Throughput and connection set-up against concurrent tunnels, direct and captured, alternating."""
+    curve: list[dict[str, Any]] = []
+    for count in args.tunnels_curve:
+        point: dict[str, Any] = {"tunnels": count}
+        for label, uid in paths.items():
+            argv = ("--ip", netlab_sink(), "--port", "9000", "--tunnels", str(count))
+            done = client(
+                uid, *argv, "--tunnel-seconds", str(args.tunnel_seconds), "--count", str(args.tunnel_probes)
+            )["tunnels"]
+            point[label] = {
+                "mib_per_s": round(done["mib_per_s"], 1),
+                "setup_p50_ms": round(_percentile(done["setup_ms"], 0.5), 3),
+                "setup_p99_ms": round(_percentile(done["setup_ms"], 0.99), 3),
+                "connect_p50_ms": round(_percentile(done["probe_connect_ms"], 0.5), 3),
+                "connect_p99_ms": round(_percentile(done["probe_connect_ms"], 0.99), 3),
+                "load": round(os.getloadavg()[0], 2),
+            }
+        direct, capture = point["direct (uid 15337)"], point["capture (uid 1000)"]
+        point["throughput_ratio"] = round(capture["mib_per_s"] / direct["mib_per_s"], 3)
+        point["added_connect_p50_ms"] = round(capture["connect_p50_ms"] - direct["connect_p50_ms"], 3)
+        curve.append(point)
+    return curve
+
+
+def netlab_sink() -> str:
+    from tests.egress import netlab
+
+    return str(netlab.SINK_V4)
+
+
+def _plot_curve(curve: list[dict[str, Any]]) -> list[str]:
+    """`docs/egress-tunnels.png` (matplotlib when importable; `make bench` installs it)."""
+    if not curve:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    counts = [p["tunnels"] for p in curve]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label in paths_labels(curve[0]):
+        line = left.plot(counts, [p[label]["mib_per_s"] for p in curve], marker="o", label=label)[0]
+        color = line.get_color()
+        right.plot(
+            counts, [p[label]["connect_p50_ms"] for p in curve], marker="o", color=color, label=f"{label} p50"
+        )
+        right.plot(
+            counts,
+            [p[label]["connect_p99_ms"] for p in curve],
+            marker="x",
+            ls="--",
+            color=color,
+            label=f"{label} p99",
+        )
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent tunnels, each streaming")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    left.set_ylabel("aggregate throughput (MiB/s)")
+    left.set_title("Egress throughput against tunnels")
+    right.set_yscale("log")
+    right.set_ylabel("new connection set-up meanwhile (ms)")
+    right.set_title("Connect time against tunnels")
+    fig.tight_layout()
+    target = REPO / "docs" / "egress-tunnels.png"
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return [str(target.relative_to(REPO))]
 
 
 def main() -> int:
@@ -300,7 +491,18 @@ def main() -> int:
         "--keepalive-requests", type=int, default=2000, help="requests on one kept-alive HTTP connection"
     )
     parser.add_argument("--upload-mb", type=int, default=64, help="size of the HTTP upload (MiB)")
+    parser.add_argument(
+        "--tunnels-curve",
+        type=int,
+        nargs="*",
+        default=[10, 100, 1000],
+        help="concurrent tunnel counts for the throughput/connect curve (none: skip it)",
+    )
+    parser.add_argument("--tunnel-seconds", type=float, default=4.0, help="measured seconds per curve point")
+    parser.add_argument("--tunnel-probes", type=int, default=100, help="fresh connects per curve point")
+    parser.add_argument("--curve-only", action="store_true", help="only the tunnel curve (JSON)")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tunnels", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--keepalive", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--upload", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--ip", help=argparse.SUPPRESS)

@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("kind", choices=("upstream", "floor", "otlp"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", help="floor: the upstream base URL, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the event loop")
     args = parser.parse_args()
     if args.kind == "upstream":
         app = upstream_app()
@@ -130,7 +131,12 @@ def main() -> None:
         app = floor_app(args.upstream)
     else:
         app = otlp_app()
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    loop = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None, loop=loop)
 
 
 if __name__ == "__main__":

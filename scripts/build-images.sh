@@ -324,17 +324,30 @@ load() {  # load <tag>...
   fi
   for tag in "$@"; do
     id="$(bah inspect --type image --format '{{.FromImageID}}' "$tag")"
-    stamp="$WORK/loaded/$(printf '%s' "$addr" | sha256sum | cut -c1-8)-${tag//[\/:]/_}"
-    if [[ "$(cat "$stamp" 2>/dev/null)" == "$id" ]] \
-        && [[ -n "$(ctr --address "$addr" -n k8s.io images ls -q "name==$tag" 2>/dev/null)" ]]; then
+    # what containerd holds under the tag, by image ID (not a stamp of ours: a node restarted from
+    # other archives, or another tree's `make images`, can put an older image under the same tag)
+    if [[ "$(loaded_id "$addr" "$tag")" == "$id" ]]; then
       log "  $tag already in containerd"; continue
     fi
     t0="$(now)"; archive="$(archive_of "$tag")"
     ctr --address "$addr" -n k8s.io images import "$archive" >/dev/null \
       || die "ctr images import of $tag failed"
-    mkdir -p "$(dirname "$stamp")"; echo "$id" > "$stamp"
+    [[ "$(loaded_id "$addr" "$tag")" == "$id" ]] \
+      || die "containerd holds another image than $archive under $tag after the import"
     log "  loaded $tag into containerd ($addr) in $(since "$t0")"
   done
+}
+
+loaded_id() {  # loaded_id <address> <tag>: the image ID (config digest) containerd holds for <tag>
+  local digest
+  digest="$(ctr --address "$1" -n k8s.io images ls "name==$2" 2>/dev/null | awk 'NR == 2 {print $3}')"
+  [[ -n "$digest" ]] || return 0
+  ctr --address "$1" -n k8s.io content get "$digest" 2>/dev/null | python3 -c '
+import json, sys
+try:
+    print(json.load(sys.stdin).get("config", {}).get("digest", "").removeprefix("sha256:"))
+except ValueError:
+    pass'
 }
 
 # --- 5. keep the store small: vfs copies a whole root filesystem per layer, so every source change

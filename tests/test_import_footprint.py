@@ -29,6 +29,7 @@ def test_the_sidecar_module_loads_no_optional_library() -> None:
     loaded = _loaded("import outrider.sidecar.main")
     assert loaded.isdisjoint(HEAVY), loaded & set(HEAVY)
     assert "opentelemetry" not in loaded  # telemetry loads it only when it is on
+    assert "yaml" not in loaded  # only a config or egress policy file needs PyYAML (JSON from the pod)
     assert "h2" in loaded  # the Workload API client
 
 

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from outrider.webhook.config import ConfigError, ConfigHolder, WebhookConfig, load_config_file
 from outrider.webhook.namespaces import NamespaceFacts
-from outrider.webhook.server import DEFAULT_MAX_BODY, build_app
+from outrider.webhook.server import DEFAULT_MAX_BODY, READY_CHECKS, build_app
 from outrider.webhook.tls import CertError, CertStore
 
 if TYPE_CHECKING:
@@ -75,6 +75,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=2.0,
         help="seconds between checks of the cert and --config files",
     )
+    parser.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=0.0,
+        help="seconds between SIGTERM and closing the listener: /readyz answers 503 meanwhile, admissions "
+        "are still served, so the Service drops this replica before it stops answering (manifests: 5)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     cluster = parser.add_argument_group("cluster (optional)")
     cluster.add_argument("--kubeconfig", help="talk to the cluster with this kubeconfig")
@@ -121,6 +128,9 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
     if args.config_map and not in_cluster:
         print("error: --config-map needs a cluster: add --kubeconfig FILE or --in-cluster", file=sys.stderr)
         return 2
+    if not 0 <= args.shutdown_delay <= 300:
+        print(f"error: --shutdown-delay {args.shutdown_delay}: give seconds from 0 to 300", file=sys.stderr)
+        return 2
     if not 1 <= args.port <= 65535:
         print(f"error: --port {args.port} is not a port number (1-65535)", file=sys.stderr)
         return 2
@@ -131,9 +141,10 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
+    draining = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         try:
-            tasks = await _start(args, stack, holder, store, in_cluster)
+            tasks = await _start(args, stack, holder, store, in_cluster, draining)
         except Exception as exc:  # every start-up failure is one line, never a traceback
             print(f"error: {_startup_failure(exc)}", file=sys.stderr)
             return 1
@@ -145,6 +156,12 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None) ->
             ready.set()
         try:
             await stop.wait()
+            draining.set()
+            if args.shutdown_delay:
+                # the kubelet's SIGTERM and the Service losing this endpoint race: serve on while
+                # kube-proxy (and the apiserver's keep-alive connections) move to the other replicas
+                log.info("outrider webhook draining for %.1f s (/readyz: 503)", args.shutdown_delay)
+                await asyncio.sleep(args.shutdown_delay)
         finally:
             log.info("outrider webhook shutting down")
             for task in tasks:
@@ -182,6 +199,7 @@ async def _start(
     holder: ConfigHolder,
     store: CertStore,
     in_cluster: bool,
+    draining: asyncio.Event,
 ) -> list[asyncio.Task[Any]]:
     """Everything before serving: telemetry, the cluster services, the HTTPS listener, the watches."""
     # Entered first, left last: spans and metrics of the final admissions are flushed on exit.
@@ -199,6 +217,7 @@ async def _start(
         meter_provider=otel.meter_provider if otel else None,
         tracer_provider=otel.tracer_provider if otel else None,
     )
+    app[READY_CHECKS].append(lambda: not draining.is_set())
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)

@@ -737,7 +737,7 @@ class Enforcer:
         # Zero-copy: socket -> pipe -> socket inside the kernel; Python only waits for readiness.
         loop = asyncio.get_running_loop()
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        total = 0
+        total = yielded = 0
         try:
             # Start with the default pipe (64 KiB); grow it only for a bulk transfer, which saves two
             # syscalls on the many short request/response tunnels.
@@ -755,6 +755,9 @@ class Enforcer:
                     with contextlib.suppress(OSError):
                         chunk = fcntl.fcntl(write_end, _F_SETPIPE_SZ, self.config.buffer_bytes)
                 total += await _drain_pipe(loop, read_end, sink, n, activity)
+                if total - yielded >= _YIELD_BYTES:
+                    yielded = total
+                    await asyncio.sleep(0)  # let the other tunnels (and new connections) have a turn
         finally:
             os.close(read_end)
             os.close(write_end)
@@ -765,7 +768,7 @@ class Enforcer:
         """Move at most `limit` bytes source -> sink in the kernel; fewer only at EOF."""
         loop = asyncio.get_running_loop()
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        total = 0
+        total = yielded = 0
         try:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(write_end, _F_SETPIPE_SZ, self.config.buffer_bytes)
@@ -781,6 +784,9 @@ class Enforcer:
                 if n == 0:
                     return total
                 total += await _drain_pipe(loop, read_end, sink, n, activity)
+                if total - yielded >= _YIELD_BYTES:
+                    yielded = total
+                    await asyncio.sleep(0)
             return total
         finally:
             os.close(read_end)
@@ -790,7 +796,7 @@ class Enforcer:
         loop = asyncio.get_running_loop()
         buffer = bytearray(self.config.buffer_bytes)
         view = memoryview(buffer)
-        total = 0
+        total = yielded = 0
         while True:
             n = await loop.sock_recv_into(source, buffer)
             if n == 0:
@@ -798,6 +804,9 @@ class Enforcer:
             await loop.sock_sendall(sink, view[:n])
             total += n
             activity.last = loop.time()
+            if total - yielded >= _YIELD_BYTES:
+                yielded = total
+                await asyncio.sleep(0)
 
     def _emit(self, verdict: Verdict, *, mode: str, protocol: str, dest: Destination) -> None:
         decision = EgressDecision(
@@ -823,6 +832,11 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _DEFAULT_PIPE = 65536
 _SPLICE_BODY_MIN = 65536  # request bodies at least this large go client -> server by splice
+# A relay that always finds data waiting and room to write never awaits anything that suspends: it
+# would hold the event loop for as long as the transfer lasts (every other tunnel stalls, and new
+# connections wait a whole round of every tunnel per step). Each relay yields after moving this much:
+# a new connection under N bulk tunnels waits about N x this per step of its set-up.
+_YIELD_BYTES = 256 << 10
 
 
 async def _drain_pipe(

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from outrider.sidecar.egress.policy import Policy, PolicyError, RuleError, parse_policy
 from outrider.sidecar.polled_file import read_if_changed
 
@@ -31,6 +29,8 @@ def parse_policy_file(text: str, origin: str) -> FileResult:
     """Parse the mounted file; any error rejects the whole file (the caller keeps the last good one)."""
     if not text.strip():
         return FileResult(None)
+    import yaml  # only once a policy file has content (~0.8 MB resident)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

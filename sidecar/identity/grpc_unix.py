@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 from urllib.parse import unquote
 
 from h2.config import H2Configuration
@@ -134,8 +135,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is not an `asyncio.Transport` subclass, but has its methods).
+        self.transport = cast(asyncio.Transport, transport)
         self.h2.initiate_connection()
         self._flush()
 

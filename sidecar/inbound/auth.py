@@ -287,8 +287,9 @@ class TokenVerifier:
         self._jwks = jwks
         self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
-    async def verify(self, token: str) -> Principal | AuthFailure:
-        fingerprint = token_fingerprint(token)
+    async def verify(self, token: str, *, fingerprint: str | None = None) -> Principal | AuthFailure:
+        """`fingerprint`: `token_fingerprint(token)` when the caller already computed it."""
+        fingerprint = fingerprint or token_fingerprint(token)
         cached = self._cache.get(fingerprint)
         now = time.time()
         if cached is not None:

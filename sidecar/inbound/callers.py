@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,6 +23,7 @@ from outrider.sidecar.inbound.auth import (
     JwksCache,
     TokenVerifier,
     metadata_url,
+    token_fingerprint,
     www_authenticate,
 )
 from outrider.sidecar.inbound.config import InboundConfig
@@ -103,6 +105,9 @@ class CallerVerifier:
         )
         self.dpop = dpop
         self.public_url = config.public_url or config.resource or ""
+        # Token fingerprint -> (its issuer, its `cnf.jkt`) for tokens a verifier accepted; bounded
+        # like the verifier's own cache (`token_cache_size`).
+        self._routes: OrderedDict[str, tuple[TrustedIssuer, str | None]] = OrderedDict()
 
     def metrics_text(self) -> bytes:
         """Counters for /metrics: introspection calls and cache hits, DPoP proofs checked and refused."""
@@ -132,6 +137,18 @@ class CallerVerifier:
         return await self.authenticate(Presented("bearer", token, (), "POST", "/"))
 
     async def authenticate(self, presented: Presented) -> Principal | AuthFailure:
+        fingerprint = token_fingerprint(presented.token)
+        route = self._routes.get(fingerprint)
+        if route is not None:
+            # A token verified before: its issuer and binding are facts of the token itself, so the
+            # unverified decode is skipped; the verifier still checks expiry (and its own cache).
+            self._routes.move_to_end(fingerprint)
+            known, bound = route
+            assert known.verifier is not None
+            checked = await known.verifier.verify(presented.token, fingerprint=fingerprint)
+            if isinstance(checked, AuthFailure):
+                return checked
+            return self._check_binding(presented, bound, checked)
         claims = unverified_claims(presented.token)
         result: Principal | AuthFailure
         jkt: str | None = None
@@ -146,8 +163,12 @@ class CallerVerifier:
             if trusted is None:
                 return AuthFailure(401, "invalid_token", "the access token was issued by an untrusted issuer")
             if trusted.verifier is not None:
-                result = await trusted.verifier.verify(presented.token)
+                result = await trusted.verifier.verify(presented.token, fingerprint=fingerprint)
                 jkt = _jkt(claims)
+                if not isinstance(result, AuthFailure) and self.config.token_cache_size:
+                    self._routes[fingerprint] = (trusted, jkt)
+                    while len(self._routes) > self.config.token_cache_size:
+                        self._routes.popitem(last=False)
             elif trusted.introspector is not None:
                 answer = await trusted.introspector.introspect(presented.token)
                 result, jkt = self._introspected(answer)

@@ -120,7 +120,8 @@ async def serve(
             aiohttp.ClientSession(
                 # Idle upstream connections are dropped before common app servers close them
                 # (uvicorn: 5 s), so a request is never written into a connection being closed.
-                connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=2.0),
+                # The proxy's `UpstreamSlots` keeps within this; the connector's limit is a backstop.
+                connector=aiohttp.TCPConnector(limit=config.upstream_max_connections, keepalive_timeout=2.0),
                 auto_decompress=False,
                 # A shared jar would replay one caller's app cookies on everyone's requests.
                 cookie_jar=aiohttp.DummyCookieJar(),

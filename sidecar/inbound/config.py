@@ -74,6 +74,9 @@ _KEYS = frozenset(
         "mtls",
         "max_body_bytes",
         "upstream_timeout_s",
+        "upstream_max_connections",
+        "upstream_max_connections_per_caller",
+        "upstream_wait_s",
         "sse_idle_timeout_s",
         "token_header",
         "legacy_sse_path",
@@ -184,6 +187,12 @@ class InboundConfig:
     mtls: MtlsConfig = field(default_factory=MtlsConfig)
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_timeout_s: float = 30.0  # connect + response headers (+ body for JSON answers)
+    # Connections to the app held at once (an open SSE stream holds one for its lifetime), in all
+    # and per caller (0: no per-caller cap); a request finding none free waits `upstream_wait_s`,
+    # then gets 503.
+    upstream_max_connections: int = 1000
+    upstream_max_connections_per_caller: int = 250
+    upstream_wait_s: float = 1.0
     sse_idle_timeout_s: float = 300.0  # longest silence on a streamed SSE answer
     # Where the exchanged token goes on the way to the app (`Bearer` in Authorization, else raw);
     # None: `exchange.header`.
@@ -282,6 +291,14 @@ class InboundConfig:
         anonymous = data.get("allow_unauthenticated", False)
         if not isinstance(anonymous, bool):
             raise _error(f"inbound.allow_unauthenticated: {anonymous!r} must be true or false")
+        total = _int(data, "upstream_max_connections", cls.upstream_max_connections, 1, 100_000)
+        per_caller = _int(
+            data,
+            "upstream_max_connections_per_caller",
+            min(cls.upstream_max_connections_per_caller, total),
+            0,
+            total,
+        )
         config = cls(
             issuers=issuers,
             introspection=introspection,
@@ -308,6 +325,9 @@ class InboundConfig:
             mtls=mtls,
             max_body_bytes=_int(data, "max_body_bytes", cls.max_body_bytes, 1024, 1 << 30),
             upstream_timeout_s=_float(data, "upstream_timeout_s", cls.upstream_timeout_s, 0.01, 3600),
+            upstream_max_connections=total,
+            upstream_max_connections_per_caller=per_caller,
+            upstream_wait_s=_float(data, "upstream_wait_s", cls.upstream_wait_s, 0, 60),
             sse_idle_timeout_s=_float(data, "sse_idle_timeout_s", cls.sse_idle_timeout_s, 0.01, 86400),
             token_header=token_header.strip() if token_header else None,
             legacy_sse_path=legacy,

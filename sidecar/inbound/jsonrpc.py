@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 JsonRpcId = str | int | None
 
 PARSE_ERROR = -32700
@@ -119,10 +121,27 @@ def parse_message(obj: Any) -> McpMessage:
     return McpMessage(kind="invalid", id=msg_id)
 
 
+# 19+ digits in a row may be an integer past 64 bits, which orjson would turn into a float.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def loads(body: bytes) -> Any:
+    """`json.loads`, the same values and errors, faster: orjson first (UTF-8, RFC 8259), the standard
+    library for what orjson refuses (UTF-16/32 bodies, NaN, lone surrogates, nesting past 1024) or
+    would decode differently (integers past 64 bits), so what is accepted and what it decodes to
+    never changes."""
+    if _LONG_NUMBER.search(body):
+        return json.loads(body)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def parse_body(body: bytes) -> ParsedBody:
     """Decode a POST body once: a single message or a batch. Raises `BodyError` for non-JSON."""
     try:
-        decoded = json.loads(body)
+        decoded = loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not a message
         raise BodyError("request body is not valid JSON") from None
     if isinstance(decoded, list):
@@ -135,7 +154,7 @@ def parse_body(body: bytes) -> ParsedBody:
 def parse_response_body(body: bytes) -> tuple[McpMessage, ...]:
     """Facts of an upstream JSON answer (single or batch); unparseable answers give no messages."""
     try:
-        decoded = json.loads(body)
+        decoded = loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not a message
         return ()
     items = decoded if isinstance(decoded, list) else [decoded]

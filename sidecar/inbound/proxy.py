@@ -7,6 +7,7 @@ Speaks every MCP HTTP transport by forwarding bytes faithfully; it only reads th
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -51,11 +52,13 @@ from outrider.sidecar.inbound.sessions import (
     owner_key,
     request_session_ids,
 )
+from outrider.sidecar.inbound.upstream_slots import UpstreamSlots
 from outrider.sidecar.policy import gate as policy_gate
 from outrider.sidecar.policy.gate import Gate, Judgement
 from outrider.sidecar.telemetry.observer import (
     CallScope,
     ExchangeOutcome,
+    NullObserver,
     Observer,
     PolicyOutcome,
     Principal,
@@ -130,8 +133,10 @@ def upstream_request_headers(
 
     Forwarding facts (`X-Forwarded-For`/`-Proto`) are the sidecar's own; caller-sent ones are dropped.
     """
-    drop = _ALWAYS_DROPPED | {(config.token_header or "authorization").lower()}
-    drop |= {t.strip().lower() for t in connection_tokens}
+    drop = _dropped(config.token_header)
+    named = {t.strip().lower() for t in connection_tokens} - {""}
+    if named:
+        drop = drop | named
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
@@ -146,8 +151,15 @@ def upstream_request_headers(
     return headers
 
 
+@functools.lru_cache(maxsize=8)
+def _dropped(token_header: str | None) -> frozenset[str]:
+    return _ALWAYS_DROPPED | {(token_header or "authorization").lower()}
+
+
 def _safe_header(name: str, value: str) -> bool:
     """Only what can be written back on the wire as received (aiohttp decodes raw bytes leniently)."""
+    if name.isascii() and value.isascii():  # the common case, without encoding anything
+        return "\r" not in value and "\n" not in value and "\x00" not in value
     try:
         name.encode("ascii")
         value.encode("latin-1")
@@ -343,6 +355,8 @@ class InboundProxy:
         self.gate = gate
         self.legacy_streams = LegacySessions()
         self.observer = observer
+        # Nothing records the answers' facts: JSON answers and SSE events are not parsed for them.
+        self.records = not isinstance(observer, NullObserver)
         self.verifier = verifier
         self.exchanger = exchanger
         self.upstream = upstream
@@ -351,6 +365,11 @@ class InboundProxy:
         self.denied_total = 0
         self.upstream_errors_total = 0
         self.sessions = SessionTable(config.sessions) if config.sessions.enabled else None
+        self.slots = UpstreamSlots(
+            config.upstream_max_connections,
+            config.upstream_max_connections_per_caller,
+            config.upstream_wait_s,
+        )
         self.session_refusals_total = 0
         # Requests aiohttp could not parse as HTTP (they never reach `handle`); set by the component.
         self.malformed_count: Callable[[], int] = lambda: 0
@@ -797,6 +816,42 @@ class InboundProxy:
     ) -> web.StreamResponse:
         # rel_url, not raw_path: an absolute-form target (`POST http://elsewhere/x`) must not pick the host.
         url = URL(self.base + (request.rel_url.raw_path_qs or "/"), encoded=True)
+        busy = await self.slots.acquire(owner)
+        if busy is not None:
+            return self._busy(calls, busy)
+        try:
+            return await self._forward_held(request, url, body, headers, calls, owner)
+        finally:
+            self.slots.release(owner)
+
+    def _busy(self, calls: Calls, limit: str) -> web.Response:
+        """Every upstream connection (or this caller's share) is held: refuse now, never queue forever."""
+        if limit == "caller":
+            message = (
+                "this caller already holds its share of connections to the MCP server "
+                "(inbound.upstream_max_connections_per_caller); close a stream or retry later"
+            )
+        else:
+            message = "the MCP server's connections are all in use; retry later"
+        log.warning(
+            "refused a request: no free connection to the MCP server (%s limit: %d in use)",
+            limit,
+            self.slots.held,
+        )
+        answer = Answer(
+            503, jsonrpc.error_body(calls.ids(), jsonrpc.INTERNAL_ERROR, message), {"Retry-After": "1"}
+        )
+        return self._fail(calls, answer, "error", "upstream_busy", message)
+
+    async def _forward_held(
+        self,
+        request: web.BaseRequest,
+        url: URL,
+        body: bytes,
+        headers: CIMultiDict[str],
+        calls: Calls,
+        owner: str,
+    ) -> web.StreamResponse:
         try:
             async with asyncio.timeout(self.config.upstream_timeout_s):
                 upstream = await self.upstream.request(
@@ -853,7 +908,7 @@ class InboundProxy:
                 "upstream_reset",
             )
         status = upstream.status
-        if calls.pending and upstream.headers.get("Content-Type", "").startswith(JSON_CT):
+        if calls.pending and self.records and upstream.headers.get("Content-Type", "").startswith(JSON_CT):
             for message in jsonrpc.parse_response_body(payload):
                 calls.answered(message, status)
         headers = downstream_response_headers(upstream.headers, streaming=False)
@@ -901,7 +956,7 @@ class InboundProxy:
         legacy = request.method == "GET" and request.path == self.config.legacy_sse_path
         if calls.principal is not None and self.gate is not None:
             return await self._stream_gated(request, upstream, calls, response, legacy, owner)
-        watcher = jsonrpc.SseParser() if calls.pending else None
+        watcher = jsonrpc.SseParser() if calls.pending and self.records else None
         head: bytes | None = b""
         legacy_session: str | None = None
         try:
@@ -1127,6 +1182,13 @@ class InboundProxy:
             "sessions.idle_timeout_s without a request.\n"
             "# TYPE outrider_inbound_sessions_expired_total counter\n"
             f"outrider_inbound_sessions_expired_total {self.sessions.expired_total if self.sessions else 0}\n"
+            "# HELP outrider_inbound_upstream_connections Connections to the MCP server held now.\n"
+            "# TYPE outrider_inbound_upstream_connections gauge\n"
+            f"outrider_inbound_upstream_connections {self.slots.held}\n"
+            "# HELP outrider_inbound_upstream_busy_total Requests refused (503) because no connection to "
+            "the MCP server was free within inbound.upstream_wait_s.\n"
+            "# TYPE outrider_inbound_upstream_busy_total counter\n"
+            f"outrider_inbound_upstream_busy_total {self.slots.refused_total}\n"
             "# HELP outrider_inbound_malformed_total Requests refused because they were not valid HTTP.\n"
             "# TYPE outrider_inbound_malformed_total counter\n"
             f"outrider_inbound_malformed_total {self.malformed_count()}\n"

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from outrider.sidecar.policy.cedar_text import CedarError, CompiledPolicies, compile_policies
 from outrider.sidecar.policy.config import PolicyConfig
 from outrider.sidecar.policy.engine import Policies, build, compile_layers
@@ -35,6 +33,8 @@ def parse_file(text: str, origin: str) -> FileLayer:
     """The narrowing file: YAML with `cedar` (forbid-only text) and `rate_limits`. Raises ValueError."""
     if not text.strip():
         return FileLayer(None, RateLimits())
+    import yaml  # only once a policy file has content (~0.8 MB resident)
+
     try:
         data: Any = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -591,6 +591,32 @@ def app(
         kube.delete_namespace(ns)
 
 
+def status_of(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod's `outrider.dev/status` annotation (fails the test when the pod was not injected)."""
+    raw = pod["metadata"].get("annotations", {}).get("outrider.dev/status")
+    assert raw, f"pod {pod['metadata']['name']} has no outrider.dev/status annotation: it was not injected"
+    return json.loads(raw)  # type: ignore[no-any-return]
+
+
+def proxy_svid(kube: Kube, namespace: str, pod: str) -> dict[str, Any]:
+    """The X.509-SVID outrider-proxy fetches over its CSI socket: its SPIFFE ID and its URI SANs."""
+    fetch = (
+        "import json\n"
+        "from spiffe import WorkloadApiClient\n"
+        "from cryptography.x509 import UniformResourceIdentifier, SubjectAlternativeName\n"
+        f"c = WorkloadApiClient('unix://{AGENT_SOCKET}')\n"
+        "svid = c.fetch_x509_svid()\n"
+        "san = svid.leaf.extensions.get_extension_for_class(SubjectAlternativeName).value\n"
+        "uris = san.get_values_for_type(UniformResourceIdentifier)\n"
+        "print(json.dumps({'id': str(svid.spiffe_id), 'uris': uris}))\n"
+    )
+    out = kube.exec(namespace, pod, "outrider-proxy", "python", "-c", fetch, check=False, timeout=60)
+    assert out.returncode == 0, (
+        f"outrider-proxy could not fetch its X.509-SVID over the CSI socket:\n{out.stderr}"
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def run_script(
     kube: Kube, where: tuple[str, str, str], script: str, *args: str, timeout: float = 120
 ) -> dict[str, Any]:

@@ -30,21 +30,17 @@ from tests.cluster.conftest import (
     app_pod,
     ca_bundle,
     mcp_workload,
+    proxy_svid,
     rollout,
     run_script,
     running_pod,
+    status_of,
     wait_webhook_available,
 )
 from tests.cluster.kube import Kube, eventually
 
 INIT, PROXY = "outrider-init", "outrider-proxy"
 NODE_CONTAINERD = NODE_DIR / "run" / "containerd.sock"
-
-
-def status_of(pod: dict[str, Any]) -> dict[str, Any]:
-    raw = pod["metadata"].get("annotations", {}).get("outrider.dev/status")
-    assert raw, f"pod {pod['metadata']['name']} has no outrider.dev/status annotation: it was not injected"
-    return json.loads(raw)  # type: ignore[no-any-return]
 
 
 def container_status(pod: dict[str, Any], name: str) -> dict[str, Any]:
@@ -136,21 +132,7 @@ def test_proxy_holds_the_svid_of_the_status_annotation_and_only_it_sees_the_sock
     expected = status_of(pod).get("spiffeId")
     assert expected == names.spiffe_id(app), f"status records {expected!r}, want {names.spiffe_id(app)}"
 
-    fetch = (
-        "import json\n"
-        "from spiffe import WorkloadApiClient\n"
-        "from cryptography.x509 import UniformResourceIdentifier, SubjectAlternativeName\n"
-        f"c = WorkloadApiClient('unix://{AGENT_SOCKET}')\n"
-        "svid = c.fetch_x509_svid()\n"
-        "san = svid.leaf.extensions.get_extension_for_class(SubjectAlternativeName).value\n"
-        "uris = san.get_values_for_type(UniformResourceIdentifier)\n"
-        "print(json.dumps({'id': str(svid.spiffe_id), 'uris': uris}))\n"
-    )
-    out = kube.exec(app, name, PROXY, "python", "-c", fetch, check=False, timeout=60)
-    assert out.returncode == 0, (
-        f"outrider-proxy could not fetch its X.509-SVID over the CSI socket:\n{out.stderr}"
-    )
-    svid = json.loads(out.stdout.strip().splitlines()[-1])
+    svid = proxy_svid(kube, app, name)
     assert svid == {"id": expected, "uris": [expected]}, f"the proxy's SVID is {svid}, status says {expected}"
 
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}

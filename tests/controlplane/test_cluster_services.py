@@ -186,3 +186,19 @@ async def test_namespace_cache_follows_label_changes(api: client.ApiClient) -> N
         assert await cache.labels("does-not-exist") == {}
     finally:
         task.cancel()
+
+
+async def test_a_replicas_lease_names_its_pod_as_owner(api: client.ApiClient) -> None:
+    """With POD_UID the garbage collector removes a replica's Lease with its pod (helm uninstall deletes
+    the Role before a stopping replica can delete its own Lease); without it, no owner is claimed."""
+    ns = await make_namespace(api, unique("lease"))
+    coord = client.CoordinationV1Api(api)
+    uid = "0f5b8f3e-2a1c-4c8e-9d5e-5b0c6a7f1e21"
+    owned = CertSync(api, ClusterOptions(namespace=ns, pod_name="replica-a", pod_uid=uid), RecordingStore())
+    plain = CertSync(api, ClusterOptions(namespace=ns, pod_name="replica-b"), RecordingStore())
+    for sync in (owned, plain, owned):  # the second beat replaces the Lease and must keep the owner
+        await sync.heartbeat()
+    (ref,) = (await coord.read_namespaced_lease(owned.lease_name, ns)).metadata.owner_references
+    assert (ref.api_version, ref.kind, ref.name, ref.uid) == ("v1", "Pod", "replica-a", uid)
+    assert not ref.block_owner_deletion and not ref.controller
+    assert not (await coord.read_namespaced_lease(plain.lease_name, ns)).metadata.owner_references

@@ -55,6 +55,7 @@ def test_options_from_cli_and_environment() -> None:
         args,
         {
             "POD_NAME": "p-1",
+            "POD_UID": "u-1",
             "OUTRIDER_CERT_VALIDITY_SECONDS": "300",
             "OUTRIDER_CERT_EXTRA_SANS": "127.0.0.1, x",
         },
@@ -65,7 +66,7 @@ def test_options_from_cli_and_environment() -> None:
         "w",
         "cm",
     )
-    assert opts.cert_mode == "self-managed" and opts.pod_name == "p-1"
+    assert opts.cert_mode == "self-managed" and (opts.pod_name, opts.pod_uid) == ("p-1", "u-1")
     assert opts.cert_validity_seconds == 300 and opts.cert_renew_before_seconds == 100
     assert opts.extra_sans == ("127.0.0.1", "x")
 

@@ -211,6 +211,9 @@ def serve_echo(log: Log, address: str, port: int):  # type: ignore[no-untyped-de
     return handle
 
 
+_SINK_CHUNK = b"\0" * (1 << 20)
+
+
 def serve_sink(log: Log, address: str, port: int):  # type: ignore[no-untyped-def]
     """Benchmark source: on `SEND n\\n` send n bytes as fast as possible, then close."""
 
@@ -223,7 +226,7 @@ def serve_sink(log: Log, address: str, port: int):  # type: ignore[no-untyped-de
                 await writer.drain()
                 return
             total = int(line.split()[1])
-            chunk = b"\0" * (1 << 20)
+            chunk = _SINK_CHUNK  # one buffer for every connection: 1,000 tunnels must not hold 1 GB
             loop = asyncio.get_running_loop()
             raw = sock.dup()
             raw.setblocking(False)
@@ -233,6 +236,9 @@ def serve_sink(log: Log, address: str, port: int):  # type: ignore[no-untyped-de
                     n = min(total, len(chunk))
                     await loop.sock_sendall(raw, view[:n])
                     total -= n
+                    # sock_sendall returns without suspending while the socket has room: yield, or
+                    # one fast reader would keep every other connection (and accept) waiting.
+                    await asyncio.sleep(0)
             finally:
                 raw.close()
         except (ConnectionError, ValueError, IndexError):

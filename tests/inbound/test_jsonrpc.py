@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outrider.sidecar.inbound import jsonrpc
 from outrider.sidecar.inbound.config import InboundConfig
@@ -153,3 +156,49 @@ def test_transport_classification() -> None:
         classify_transport("POST", "/mcp", {"MCP-Protocol-Version": "2025-06-18"}, {}, config)
         == "streamable-http"
     )
+
+
+# -- the fast decoder decodes exactly what the standard library does --------------------------------
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _outcome(decode: Any, data: bytes) -> tuple[str, str]:
+    try:
+        return "ok", repr(decode(data))
+    except RecursionError:
+        return "deep", ""
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        return "error", ""
+
+
+@settings(max_examples=300)
+@given(_json_values, st.sampled_from(["utf-8", "utf-16", "utf-32"]), st.booleans())
+def test_fast_loads_matches_json_loads_on_documents(value: Any, encoding: str, ascii_only: bool) -> None:
+    data = json.dumps(value, ensure_ascii=ascii_only).encode(encoding, "surrogatepass")
+    assert _outcome(jsonrpc.loads, data) == _outcome(json.loads, data)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=64) | st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_fast_loads_matches_json_loads_on_any_bytes(data: bytes) -> None:
+    assert _outcome(jsonrpc.loads, data) == _outcome(json.loads, data)
+
+
+def test_fast_loads_keeps_big_integers_and_odd_inputs() -> None:
+    for data in (
+        b"[18446744073709551616, -9223372036854775809, 123456789012345678901234567890]",
+        b"[NaN, Infinity, 1e400]",
+        b'{"a": 1, "a": 2}',
+        b'"\\ud800"',
+        b"[" * 1100 + b"]" * 1100,
+    ):
+        assert _outcome(jsonrpc.loads, data) == _outcome(json.loads, data), data[:30]

@@ -35,9 +35,18 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.conftest import Images, Names, idp_objects, rollout, run_script
+from tests.cluster.conftest import Images, Names, idp_objects, rollout
 from tests.cluster.kube import Kube, eventually
 from tests.node.conftest import REPO, Node
+from tests.node.verify import (
+    alice_calls_whoami,
+    check_result,
+    live_pods,
+    node_images,
+    not_passing,
+    outrider_check,
+    start_client,
+)
 
 pytestmark = [pytest.mark.node, pytest.mark.root, pytest.mark.slow]
 
@@ -162,24 +171,7 @@ class Install:
 
     def check(self, *args: str) -> tuple[int, dict[str, Any]]:
         """`outrider check -o json` as the operator runs it: its exit status and its report."""
-        out = self.sh(f"outrider check -o json {' '.join(args)}", timeout=180)
-        try:
-            report = json.loads(out.stdout)
-        except ValueError:
-            raise AssertionError(
-                f"outrider check printed no JSON (exit {out.returncode}):\n{out.stderr}"
-            ) from None
-        return out.returncode, report
-
-
-def _images() -> Images:
-    out = subprocess.run(
-        [str(REPO / "scripts" / "build-images.sh"), "names"], capture_output=True, text=True, check=True
-    ).stdout
-    names = dict(line.split("=", 1) for line in out.split())
-    return Images(
-        sidecar=names["sidecar"], webhook=names["webhook"], mcp=names["mcp"], testkit=names["testkit"]
-    )
+        return outrider_check(self.env, self.workdir, *args)
 
 
 def _uninstall(kube: Kube, names: Names) -> None:
@@ -228,7 +220,7 @@ def install(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[In
         "the guide's install-step blocks differ from STEPS (add, remove or reorder both):\n"
         f"guide: {[b.name for b in blocks]}\nSTEPS: {list(STEPS)}"
     )
-    images = _images()
+    images = node_images()
     result = Install(kube, workdir, env, {}, images, names, {})
     try:
         for block in blocks:
@@ -283,7 +275,7 @@ def install(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[In
 
 
 def _pods(kube: Kube, selector: str, ns: str = GUIDE_NS) -> list[dict[str, Any]]:
-    return [p for p in kube.pods(ns, selector) if not p["metadata"].get("deletionTimestamp")]
+    return live_pods(kube, ns, selector)
 
 
 def test_spire_settings_the_guide_relies_on(node: Node) -> None:
@@ -311,74 +303,16 @@ def test_the_guide_installs_an_injected_mcp_server(install: Install) -> None:
 
 
 def test_an_authenticated_call_through_the_service_and_the_sidecar(install: Install) -> None:
-    kube, names = install.kube, install.names
-    ns = names.client
-    kube.apply(
-        [
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": "client", "namespace": ns},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [
-                        {
-                            "name": "client",
-                            "image": install.images.mcp,
-                            "imagePullPolicy": "Never",
-                            "command": ["python", "-c", "import time; time.sleep(10**9)"],
-                        }
-                    ],
-                },
-            },
-        ]
+    client = start_client(install.kube, install.names.client, install.images)
+    alice_calls_whoami(
+        install.kube,
+        client,
+        install.names,
+        f"http://{APP}.{GUIDE_NS}.svc.cluster.local:8080/mcp",
+        RESOURCE,
+        AUDIENCE,
+        actor=f"spiffe://cluster.local/ns/{GUIDE_NS}/sa/{APP}",
     )
-    kube.run("wait", "-n", ns, "--for=condition=Ready", "pod/client", "--timeout=120s", timeout=150)
-    url = f"http://{APP}.{GUIDE_NS}.svc.cluster.local:8080/mcp"
-    where = (ns, "client", "client")
-    result = run_script(
-        kube,
-        where,
-        "mcp_client.py",
-        "call",
-        url,
-        "whoami",
-        "{}",
-        f"--idp={names.idp_url}",
-        f"--resource={RESOURCE}",
-    )
-    assert result.get("ok"), f"alice's call through Service {APP} failed: {result}"
-    content = result["result"]
-    seen = content.get("structuredContent") or json.loads(content["content"][0]["text"])
-    seen = seen.get("result", seen)
-    claims = seen.get("claims") or {}
-    assert claims.get("sub") == "alice" and claims.get("aud") in (AUDIENCE, [AUDIENCE]), claims
-    assert (claims.get("act") or {}).get("sub") == f"spiffe://cluster.local/ns/{GUIDE_NS}/sa/{APP}", claims
-    other = run_script(
-        kube,
-        where,
-        "mcp_client.py",
-        "status",
-        url,
-        f"--idp={names.idp_url}",
-        "--resource=https://other.tools.mcp.example.com/mcp",
-    )
-    assert other.get("status") == 401, f"a token for another server's resource was accepted: {other}"
-
-
-def _result(report: dict[str, Any], prefix: str) -> dict[str, Any]:
-    hits = [c for c in report["checks"] if c["name"].startswith(prefix)]
-    assert len(hits) == 1, f"no single check named {prefix!r} in {[c['name'] for c in report['checks']]}"
-    return hits[0]
-
-
-def _not_passing(report: dict[str, Any]) -> list[str]:
-    return [
-        f"{c['status']} {c['name']}: {c['message']} {c.get('details')}"
-        for c in report["checks"]
-        if c["status"] != "pass"
-    ]
 
 
 def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(install: Install) -> None:
@@ -388,14 +322,16 @@ def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(instal
     t0 = time.monotonic()
     code, report = install.check()
     timings["healthy"] = time.monotonic() - t0
-    assert code == 0 and report["success"], _not_passing(report)
-    assert _not_passing(report) == [], "a healthy install should pass every check"
+    assert code == 0 and report["success"], not_passing(report)
+    assert not_passing(report) == [], "a healthy install should pass every check"
 
     # 1. the webhook scaled to 0: no ready endpoints, the dry-run pod cannot be admitted
     kube.run("-n", "outrider-system", "scale", "deploy/outrider-webhook", "--replicas=0")
     try:
+        # gone, not only terminating: a stopping replica still answers admissions for its
+        # --shutdown-delay (5 s) while the Service moves away from it
         eventually(
-            lambda: not _pods(kube, "app.kubernetes.io/name=outrider-webhook", "outrider-system"),
+            lambda: not kube.pods("outrider-system", "app.kubernetes.io/name=outrider-webhook"),
             "the webhook pods to go",
             within=120,
             every=2,
@@ -403,11 +339,11 @@ def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(instal
 
         def down() -> dict[str, Any] | None:
             code, report = install.check()
-            endpoints = _result(report, "Service outrider-webhook has ready endpoints")
+            endpoints = check_result(report, "Service outrider-webhook has ready endpoints")
             return report if code == 1 and endpoints["status"] == "fail" else None
 
         report = eventually(down, "check to see the webhook down", within=90, every=3)
-        assert _result(report, "a dry-run pod in an opted-in namespace is injected")["status"] == "fail"
+        assert check_result(report, "a dry-run pod in an opted-in namespace is injected")["status"] == "fail"
     finally:
         kube.run("-n", "outrider-system", "scale", "deploy/outrider-webhook", "--replicas=2")
         kube.run(
@@ -430,7 +366,7 @@ def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(instal
     try:
         assert install.sh("kubectl apply --server-side -k outrider-install").returncode == 0
         code, report = install.check()
-        stale = _result(report, "pods run the current configuration")
+        stale = check_result(report, "pods run the current configuration")
         (pod,) = _pods(kube, f"app.kubernetes.io/name={APP}")
         assert stale["status"] == "warn", stale
         assert f"{GUIDE_NS}/{pod['metadata']['name']}" in stale["details"], stale
@@ -464,7 +400,7 @@ def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(instal
     )
     kube.run("label", "namespace", escaped, "outrider.dev/inject=enabled")
     code, report = install.check()
-    escapes = _result(report, "pods in opted-in namespaces are injected")
+    escapes = check_result(report, "pods in opted-in namespaces are injected")
     assert escapes["status"] == "warn" and f"{escaped}/early" in escapes["details"], escapes
     assert any(d.startswith(f"kubectl -n {escaped} delete pod early") for d in escapes["details"]), escapes
     kube.delete_namespace(escaped)
@@ -507,7 +443,7 @@ def test_outrider_check_passes_on_the_installed_node_and_names_each_fault(instal
             every=2,
         )
         code, report = install.check()
-        ready = _result(report, "outrider-proxy containers are ready")
+        ready = check_result(report, "outrider-proxy containers are ready")
         assert code == 1 and ready["status"] == "fail", ready
         detail = next((d for d in ready["details"] if d.startswith(f"{GUIDE_NS}/{fault}:")), "")
         assert "inbound: NOT READY" in detail and "issuer signing keys not loaded" in detail, ready

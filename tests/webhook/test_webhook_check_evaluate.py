@@ -7,7 +7,7 @@ import datetime
 import json
 
 from outrider.webhook.check.evaluate import FAIL, PASS, WARN, Result, evaluate, evaluate_pre, failed
-from outrider.webhook.check.facts import Access, DryRun, Facts, PodFacts
+from outrider.webhook.check.facts import Access, DryRun, Facts, Names, PodFacts, names_from_webhook_config
 from outrider.webhook.cluster import pki
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
@@ -159,3 +159,26 @@ def test_a_pod_being_deleted_is_not_a_fault() -> None:
     results = evaluate(_healthy(pods=(same_but_alive,)))
     assert _find(results, "outrider-proxy containers are ready").status == FAIL
     assert _find(results, "pods run the current configuration").status == WARN
+
+
+def _hook(name: str, namespace: str, service: str = "outrider-webhook") -> dict[str, object]:
+    return {"name": name, "clientConfig": {"service": {"name": service, "namespace": namespace}}}
+
+
+def test_check_follows_the_webhook_service_to_a_release_namespace() -> None:
+    mwc = {"webhooks": [_hook("inject.outrider.dev", "mcp-gate"), _hook("strict.outrider.dev", "mcp-gate")]}
+    found = names_from_webhook_config(Names(), mwc)
+    assert (found.namespace, found.service) == ("mcp-gate", "outrider-webhook")
+    assert found.cert_secret == "outrider-webhook-certs" and found.webhook_config == "outrider"
+
+
+def test_check_keeps_its_names_when_the_service_reference_is_missing_or_ambiguous() -> None:
+    default = Names()
+    assert names_from_webhook_config(default, None) == default
+    assert names_from_webhook_config(default, {"webhooks": None}) == default
+    assert (
+        names_from_webhook_config(default, {"webhooks": [{"clientConfig": {"url": "https://x"}}]}) == default
+    )
+    assert names_from_webhook_config(default, {"webhooks": ["odd", {"clientConfig": "odd"}]}) == default
+    split = {"webhooks": [_hook("a", "one"), _hook("b", "two")]}
+    assert names_from_webhook_config(default, split) == default

@@ -421,3 +421,46 @@ def test_webhook_start_up_failures_are_one_line_without_traceback(tmp_path: Path
             assert expected in errors[0], (extra, errors[0])
     finally:
         busy.close()
+
+
+def test_webhook_drains_after_sigterm_before_it_stops_answering(tmp_path: Path) -> None:
+    """--shutdown-delay: after SIGTERM /readyz says 503 (the Service drops the replica) while admissions
+    are still answered, and only then does the process stop."""
+    assert _run("certs", "--out", str(tmp_path)).returncode == 0
+    proc, port = _start_webhook(tmp_path, "--shutdown-delay=3")
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+
+    def get(path: str) -> int:
+        conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=5)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert get("/readyz") == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "webhook did not come up"
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while get("/readyz") != 503:  # the signal is handled asynchronously
+            assert time.monotonic() < deadline, "/readyz never turned 503 after SIGTERM"
+            time.sleep(0.05)
+        assert get("/healthz") == 200 and proc.poll() is None, "the webhook stopped answering while draining"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "draining for 3.0 s" in output and "shutting down" in output
+    assert output.index("draining") < output.index("shutting down")
+
+
+def test_webhook_refuses_a_bad_shutdown_delay() -> None:
+    bad = _run("webhook", "--tls-cert", "x", "--tls-key", "y", "--shutdown-delay=-1")
+    assert bad.returncode == 2 and "--shutdown-delay -1.0" in bad.stderr

@@ -29,7 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context (default: the current context)")
     parser.add_argument(
-        "--namespace", default=defaults.namespace, help="Outrider's namespace (default: %(default)s)"
+        "--namespace",
+        help="Outrider's namespace (default: the namespace of the Service that MutatingWebhookConfiguration "
+        f"{defaults.webhook_config} calls, e.g. a Helm release's; {defaults.namespace} when there is none)",
     )
     parser.add_argument("--pre", action="store_true", help="check the install prerequisites only")
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text", help="report format")
@@ -64,22 +66,26 @@ def render_json(results: Sequence[Result], out: TextIO) -> None:
     out.write(json.dumps(doc, indent=2) + "\n")
 
 
-async def check(kubeconfig: str | None, context: str | None, names: Names, *, pre: bool) -> list[Result]:
+async def check(
+    kubeconfig: str | None, context: str | None, names: Names, *, pre: bool, discover: bool = False
+) -> list[Result]:
     api = await config.new_client_from_config(config_file=kubeconfig, context=context)
     try:
-        facts = await gather(api, names, pre=pre)
+        facts = await gather(api, names, pre=pre, discover=discover)
     finally:
         await api.close()
     return evaluate_pre(facts) if pre else evaluate(facts)
 
 
 def run(args: argparse.Namespace) -> int:
-    names = Names(namespace=args.namespace)
+    names = Names(namespace=args.namespace) if args.namespace else Names()
     if args.kubeconfig and not Path(args.kubeconfig).is_file():
         print(f"outrider check: --kubeconfig {args.kubeconfig}: no such file", file=sys.stderr)
         return 2
     try:
-        results = asyncio.run(check(args.kubeconfig, args.context, names, pre=args.pre))
+        results = asyncio.run(
+            check(args.kubeconfig, args.context, names, pre=args.pre, discover=not args.namespace)
+        )
     except (ConfigException, OSError) as exc:
         print(f"outrider check: cannot use the kubeconfig: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ Every field is filled by `gather`; a field that could not be read carries the re
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -19,6 +19,28 @@ class Names:
     service: str = "outrider-webhook"
     cert_secret: str = "outrider-webhook-certs"  # noqa: S105 - a Secret name, not a secret
     config_map: str = "outrider-webhook"
+
+
+def names_from_webhook_config(names: Names, mwc: Mapping[str, Any] | None) -> Names:
+    """Where the webhook really runs, read from our MutatingWebhookConfiguration's Service reference.
+
+    The MutatingWebhookConfiguration has a fixed name whoever installed it, but its namespace is the
+    installer's choice (`helm install -n NS`, a kustomize `namespace:`): `check` without `--namespace`
+    follows the Service the webhooks call. Unchanged when there is no such reference, or when the
+    webhooks name different Services (then the default or `--namespace` says which one to check).
+    """
+    if not mwc:
+        return names
+    services = set()
+    for hook in mwc.get("webhooks") or ():
+        client = hook.get("clientConfig") if isinstance(hook, Mapping) else None
+        svc = client.get("service") if isinstance(client, Mapping) else None
+        if isinstance(svc, Mapping) and svc.get("namespace") and svc.get("name"):
+            services.add((str(svc["namespace"]), str(svc["name"])))
+    if len(services) != 1:
+        return names
+    ((namespace, service),) = services
+    return replace(names, namespace=namespace, service=service)
 
 
 @dataclass(frozen=True)

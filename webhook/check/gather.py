@@ -16,7 +16,14 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from outrider.webhook import annotations as ann
 from outrider.webhook.check.evaluate import CSI_DRIVER, OPTED_IN, PROXY
-from outrider.webhook.check.facts import Access, DryRun, Facts, Names, PodFacts
+from outrider.webhook.check.facts import (
+    Access,
+    DryRun,
+    Facts,
+    Names,
+    PodFacts,
+    names_from_webhook_config,
+)
 
 # What `kubectl apply -k manifests/base` creates: (verb, group, resource, namespaced)
 INSTALL_ACCESS: tuple[tuple[str, str, str, bool], ...] = (
@@ -249,12 +256,15 @@ async def _access(api: client.ApiClient, names: Names) -> tuple[Access, ...]:
     return tuple(out)
 
 
-async def gather(api: client.ApiClient, names: Names, *, pre: bool = False) -> Facts:
+async def gather(api: client.ApiClient, names: Names, *, pre: bool = False, discover: bool = False) -> Facts:
+    """What check needs from the cluster; `discover`: take the webhook's namespace from its configuration."""
     version, version_error = await _version(api)
     if version_error:  # nothing else will answer either
         return Facts(names=names, now_epoch=time.time(), version_error=version_error)
     csi, csi_error = await _csi(api)
     mwc, others, mwc_error = await _webhook_configs(api, names.webhook_config)
+    if discover:
+        names = names_from_webhook_config(names, mwc)
     if pre:
         return Facts(
             names=names,

@@ -159,6 +159,7 @@ class CertSync:
                 "namespace": self.options.namespace,
                 "labels": {LEASE_LABEL: "true", "app.kubernetes.io/part-of": "outrider"},
                 "annotations": {SERVING_CA_ANNOTATION: self.serving_ca},
+                **self._owner(),
             },
             "spec": {
                 "holderIdentity": self.options.pod_name,
@@ -183,6 +184,13 @@ class CertSync:
         except ApiException as exc:
             if exc.status != 409:  # only this replica writes its Lease; a conflict heals next beat
                 raise
+
+    def _owner(self) -> dict[str, Any]:
+        """The replica's own pod as the Lease's owner (no blockOwnerDeletion: no extra RBAC)."""
+        if not self.options.pod_uid:
+            return {}
+        pod = {"apiVersion": "v1", "kind": "Pod", "name": self.options.pod_name, "uid": self.options.pod_uid}
+        return {"ownerReferences": [pod]}
 
     async def served_cas(self) -> list[str]:
         """CA fingerprints of every replica whose Lease is still live (expired ones are deleted)."""

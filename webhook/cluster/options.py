@@ -29,6 +29,9 @@ class ClusterOptions:
     service_name: str = DEFAULT_SERVICE
     cert_secret: str = DEFAULT_SECRET
     pod_name: str = "outrider-webhook"
+    # POD_UID (downward API): the replica's Lease names its pod as owner, so the garbage collector
+    # removes it with the pod even when the replica cannot (RBAC already gone at `helm uninstall`)
+    pod_uid: str = ""
     # serving cert and its CA live this long; rotation starts `renew_before` ahead of expiry
     cert_validity_seconds: float = 90 * 86400
     cert_renew_before_seconds: float = 30 * 86400
@@ -81,6 +84,7 @@ class ClusterOptions:
             or DEFAULT_SERVICE,
             cert_secret=env.get("OUTRIDER_CERT_SECRET") or DEFAULT_SECRET,
             pod_name=env.get("POD_NAME") or socket.gethostname(),
+            pod_uid=env.get("POD_UID", ""),
             cert_validity_seconds=validity,
             cert_renew_before_seconds=renew,
             sync_seconds=num("OUTRIDER_CLUSTER_SYNC_SECONDS", defaults.sync_seconds),
