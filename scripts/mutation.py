@@ -80,14 +80,18 @@ MODULES: dict[str, tuple[str, ...]] = {
         f"{E}test_egress_plan.py",
     ),
     "sidecar/inbound/auth.py": (f"{I}test_auth.py",),
+    # the files that kill: inject() on pods (units, strict, patch paths, resource and checks), then the
+    # golden fixtures (refusal texts, warnings); mutmut runs a mutant's tests fastest first and stops at
+    # the first failure, so the fixtures cost only the mutants the unit tests leave alive. Left out:
+    # meshes and sidecar mounts (a 2 s Hypothesis test per surviving mutant; they killed nothing more on
+    # a sample) -- the selection went from 0.55 to about 0.35 s per mutant (2 children)
     "webhook/engine.py": (
         f"{W}test_webhook_units.py",
         f"{W}test_webhook_strict.py",
-        f"{W}test_webhook_golden.py",
         f"{W}test_webhook_patch_paths.py",
-        f"{W}test_webhook_meshes.py",
-        f"{W}test_webhook_sidecar_mounts.py",
         f"{W}test_webhook_resource_and_checks.py",
+        f"{W}test_webhook_injected_content.py",
+        f"{W}test_webhook_golden.py",
     ),
     "sidecar/egress/iptables.py": (f"{E}test_egress_iptables_rules.py",),
     "sidecar/inbound/sessions.py": (f"{I}test_sessions_e2e.py",),
