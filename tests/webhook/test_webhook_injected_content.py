@@ -129,3 +129,78 @@ def test_the_refusal_when_the_sidecar_would_refuse_its_config_in_full() -> None:
     assert message.endswith(
         "]; fix the pod's outrider.dev/* annotations or ask the operator to fix the webhook config"
     )
+
+
+# --- strict namespaces: a pod carrying the status annotation is skipped only if it is a fresh injection
+
+STRICT = {"outrider.dev/inject": "strict"}
+SAFE = {"runAsUser": 1000, "runAsNonRoot": True, "allowPrivilegeEscalation": False}
+AUDIENCES = parse_config({"token_audiences": ["https://a.example", "https://b.example"]})
+NARROWING = {"allow": ["api.github.com:443"]}
+FORBID = "forbid(principal, action, resource);"
+
+
+def _safe_pod(annotations: dict[str, str] | None = None, ports: tuple[int, ...] = (8080,)) -> dict[str, Any]:
+    pod = _pod({"securityContext": dict(SAFE), "ports": [{"containerPort": p} for p in ports]})
+    pod["metadata"]["annotations"] = dict(annotations or {})
+    return pod
+
+
+def _admitted_twice(
+    pod: dict[str, Any],
+    labels: dict[str, str],
+    config: WebhookConfig,
+    namespace_policy: dict[str, Any] | None = None,
+    then: dict[str, str] | None = None,
+) -> engine.InjectionResult:
+    """Inject `pod`, optionally change its annotations (`then`), and admit the result again."""
+    first = engine.inject(pod, labels, config, namespace_policy)
+    assert first.injected, first
+    again = json.loads(json.dumps(first.pod))
+    again["metadata"]["annotations"].update(then or {})
+    return engine.inject(again, labels, config, namespace_policy)
+
+
+def _skipped(result: engine.InjectionResult) -> bool:
+    return result.allowed and not result.injected and result.patch == [] and result.skipped is not None
+
+
+def test_strict_skips_a_genuine_injection_in_explicit_egress_mode() -> None:
+    # no capture init container: the status names the sidecar alone
+    labels = {**STRICT, "outrider.dev/egress-mode": "explicit"}
+    assert _skipped(_admitted_twice(_safe_pod(), labels, WebhookConfig()))
+
+
+def test_strict_checks_the_namespaces_egress_narrowing() -> None:
+    config = parse_config({"egress_default_policy": {"allow": ["api.github.com:443", "x.example:443"]}})
+    assert _skipped(_admitted_twice(_safe_pod(), STRICT, config, NARROWING))
+    # injected where no narrowing applied, then admitted where it does: wider than this namespace allows
+    forged = engine.inject(_safe_pod(), STRICT, config).pod
+    result = engine.inject(json.loads(json.dumps(forged)), STRICT, config, NARROWING)
+    assert not result.allowed and "outrider-proxy is not the sidecar this webhook injects" in str(
+        result.message
+    )
+
+
+def test_strict_checks_the_pods_mcp_policy() -> None:
+    assert _skipped(_admitted_twice(_safe_pod({ann.POLICY: FORBID}), STRICT, WebhookConfig()))
+    # the policy annotation added after injection: the sidecar was started without the forbid
+    result = _admitted_twice(_safe_pod(), STRICT, WebhookConfig(), then={ann.POLICY: FORBID})
+    assert not result.allowed and "is not the sidecar this webhook injects" in str(result.message)
+
+
+def test_strict_checks_the_token_audience() -> None:
+    picked = {ann.TOKEN_AUDIENCE: "https://b.example"}
+    assert _skipped(_admitted_twice(_safe_pod(picked), STRICT, AUDIENCES))
+    other = {ann.TOKEN_AUDIENCE: "https://a.example"}
+    result = _admitted_twice(_safe_pod(other), STRICT, AUDIENCES, then=picked)
+    assert not result.allowed and "is not the sidecar this webhook injects" in str(result.message)
+
+
+def test_strict_checks_the_annotated_mcp_port() -> None:
+    pod = _safe_pod({ann.MCP_PORT: "9090"}, ports=(8080, 9090))
+    assert _skipped(_admitted_twice(pod, STRICT, WebhookConfig()))
+    result = _admitted_twice(pod, STRICT, WebhookConfig(), then={ann.MCP_PORT: "8080"})
+    assert not result.allowed and "it records MCP port 9090 but the pod's MCP port is 8080" in str(
+        result.message
+    )
