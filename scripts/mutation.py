@@ -313,9 +313,15 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
             print(f"[mutation] kept {scratch}")
         equivalent = equivalent_mutants()
         same = sum(1 for name in _survivor_names(module) if name in equivalent)
+        # a run stopped early (Ctrl-C, or a time limit) leaves mutants "not checked": the row counts
+        # the checked ones only, and says so
+        outcomes = ("killed", "survived", "no_tests", "skipped", "suspicious", "timeout", "segfault")
+        checked = sum(int(stats.get(k, 0)) for k in outcomes)
+        if checked < stats["total"]:
+            print(f"[mutation] {module}: stopped with {checked} of {stats['total']} mutants checked")
         return Score(
             module,
-            stats["total"],
+            checked,
             stats["killed"] + stats["timeout"],
             stats["survived"] - same,
             same,

@@ -204,3 +204,28 @@ def test_strict_checks_the_annotated_mcp_port() -> None:
     assert not result.allowed and "it records MCP port 9090 but the pod's MCP port is 8080" in str(
         result.message
     )
+
+
+RESOURCE_TEMPLATE = parse_config(
+    {
+        "sidecar": {"inbound": {"issuer": "https://idp.example/realms/mcp"}},
+        "resource_template": "https://{namespace}.mcp.example.com/mcp",
+    }
+)
+
+
+def test_strict_skips_a_genuine_injection_without_an_mcp_port_but_with_a_resource() -> None:
+    pod = _safe_pod()
+    del pod["spec"]["containers"][0]["ports"]
+    result = _admitted_twice(pod, STRICT, RESOURCE_TEMPLATE)
+    assert _skipped(result), result.message
+
+
+def test_strict_names_a_pod_without_a_namespace_after_the_default_namespace() -> None:
+    # a pod created without metadata.namespace (and no request namespace) lands in "default"
+    pod = _safe_pod()
+    del pod["metadata"]["namespace"]
+    first = engine.inject(pod, STRICT, RESOURCE_TEMPLATE)
+    status = json.loads(first.pod["metadata"]["annotations"][ann.STATUS])
+    assert status["resource"] == "https://default.mcp.example.com/mcp"
+    assert _skipped(_admitted_twice(pod, STRICT, RESOURCE_TEMPLATE)), first
