@@ -229,3 +229,55 @@ def test_strict_names_a_pod_without_a_namespace_after_the_default_namespace() ->
     status = json.loads(first.pod["metadata"]["annotations"][ann.STATUS])
     assert status["resource"] == "https://default.mcp.example.com/mcp"
     assert _skipped(_admitted_twice(pod, STRICT, RESOURCE_TEMPLATE)), first
+
+
+def test_strict_skips_a_genuine_injection_of_a_pod_with_two_ports() -> None:
+    # no annotation: the webhook picks the first port (with a warning) both times
+    assert _skipped(_admitted_twice(_safe_pod(ports=(8080, 9090)), STRICT, WebhookConfig()))
+
+
+def _readmitted(change: Any) -> str:
+    pod = json.loads(json.dumps(engine.inject(_safe_pod(), STRICT, WebhookConfig()).pod))
+    change(pod)
+    result = engine.inject(pod, STRICT, WebhookConfig())
+    assert not result.allowed and not result.patch
+    return str(result.message)
+
+
+def _set_status(pod: dict[str, Any], value: Any) -> None:
+    pod["metadata"]["annotations"][ann.STATUS] = value if isinstance(value, str) else json.dumps(value)
+
+
+def test_strict_refusals_of_a_forged_injection_in_full() -> None:
+    status = json.loads(
+        engine.inject(_safe_pod(), STRICT, WebhookConfig()).pod["metadata"]["annotations"][ann.STATUS]
+    )
+    assert (
+        _readmitted(lambda p: _set_status(p, "{")).count("but its value is not the JSON Outrider writes; ")
+        == 1
+    )
+    assert (
+        _readmitted(lambda p: _set_status(p, [])).count("but its value is not the JSON Outrider writes; ")
+        == 1
+    )
+    gone = {**status, "initContainers": ["outrider-init", "gone", "lost"]}
+    assert (
+        _readmitted(lambda p: _set_status(p, gone)).count(
+            "but the containers it names are missing (gone, lost); "
+        )
+        == 1
+    )
+    assert (
+        _readmitted(lambda p: p["spec"]["initContainers"][0].__setitem__("image", "busybox")).count(
+            "but its traffic-capture init container is missing or not the one this webhook injects; "
+        )
+        == 1
+    )
+
+
+def test_strict_refuses_an_injected_pod_whose_app_runs_as_root() -> None:
+    # what strict refuses in any pod is refused in one carrying the status annotation too
+    def root(pod: dict[str, Any]) -> None:
+        pod["spec"]["containers"][0]["securityContext"] = {"runAsUser": 0}
+
+    assert "says the pod is injected but spec.containers[0] (app).securityContext" in _readmitted(root)
