@@ -52,7 +52,8 @@ def telemetry(env: Mapping[str, str] | None = None) -> Iterator[TelemetryProvide
         log.info("telemetry: OTEL_* set but no OTLP endpoint; nothing exported")
         yield None
         return
-    providers = build_providers(SERVICE_NAME, env=env)
+    # the webhook's spans are the SDK's own (webhook/server.py): the lean span records are the sidecar's
+    providers = build_providers(SERVICE_NAME, env=env, lean_spans=False)
     previous = tune_switch_interval(plan)
     try:
         yield providers
