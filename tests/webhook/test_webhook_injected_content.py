@@ -281,3 +281,83 @@ def test_strict_refuses_an_injected_pod_whose_app_runs_as_root() -> None:
         pod["spec"]["containers"][0]["securityContext"] = {"runAsUser": 0}
 
     assert "says the pod is injected but spec.containers[0] (app).securityContext" in _readmitted(root)
+
+
+# --- outcomes: what is skipped, what is refused, and what the status names
+
+
+def test_windows_pods_are_skipped_and_refused_in_strict() -> None:
+    for spec in ({"os": {"name": "windows"}}, {"nodeSelector": {"kubernetes.io/os": "windows"}}):
+        skipped = engine.inject(_pod(**spec), ENABLED, WebhookConfig())
+        assert skipped.allowed and not skipped.injected and not skipped.patch
+        assert skipped.skipped == (
+            "spec.os.name (or spec.nodeSelector[kubernetes.io/os]) is windows: the Outrider sidecar runs "
+            "on Linux only; not injected"
+        )
+        refused = engine.inject(
+            _safe_pod() | {"spec": {**_safe_pod()["spec"], **spec}}, STRICT, WebhookConfig()
+        )
+        assert not refused.allowed and not refused.patch
+        assert refused.message == (
+            "spec.os.name (or spec.nodeSelector[kubernetes.io/os]): windows pods cannot run the Outrider "
+            "sidecar; run the MCP server on Linux nodes (namespace is outrider.dev/inject=strict)"
+        )
+    linux = engine.inject(
+        _pod(os={"name": "linux"}, nodeSelector={"kubernetes.io/os": "linux"}), ENABLED, WebhookConfig()
+    )
+    assert linux.injected
+
+
+def test_pods_without_containers_or_names_are_refused_in_full() -> None:
+    empty = engine.inject(_pod() | {"spec": {"containers": []}}, ENABLED, WebhookConfig())
+    assert not empty.allowed and not empty.patch
+    assert empty.message == "spec.containers: the pod has no containers; nothing to inject into"
+    unnamed = engine.inject(_pod() | {"spec": {"containers": [{"image": "x"}]}}, ENABLED, WebhookConfig())
+    assert not unnamed.allowed and not unnamed.patch
+    assert unnamed.message == "spec.containers: every container must be an object with a name"
+
+
+SA_TEMPLATE = parse_config(
+    {
+        "sidecar": {"inbound": {"issuer": "https://idp.example/realms/mcp"}},
+        "resource_template": "https://{service_account}.{namespace}.mcp.example.com/mcp",
+    }
+)
+
+
+def test_the_service_account_falls_back_to_the_legacy_field_then_default() -> None:
+    def status(**spec: Any) -> dict[str, Any]:
+        pod = _injected(_pod(**spec), SA_TEMPLATE)
+        return json.loads(pod["metadata"]["annotations"][ann.STATUS])  # type: ignore[no-any-return]
+
+    legacy = status(serviceAccount="legacy-sa")
+    assert legacy["resource"] == "https://legacy-sa.ns.mcp.example.com/mcp"
+    assert legacy["spiffeId"].endswith("/ns/ns/sa/legacy-sa")
+    plain = status()
+    assert plain["resource"] == "https://default.ns.mcp.example.com/mcp"
+    assert plain["spiffeId"].endswith("/ns/ns/sa/default")
+
+
+def test_strict_uses_the_requests_namespace_for_a_pod_without_one() -> None:
+    pod = _safe_pod()
+    del pod["metadata"]["namespace"]
+    first = engine.inject(pod, STRICT, RESOURCE_TEMPLATE, namespace="tools")
+    assert json.loads(first.pod["metadata"]["annotations"][ann.STATUS])["resource"] == (
+        "https://tools.mcp.example.com/mcp"
+    )
+    again = engine.inject(json.loads(json.dumps(first.pod)), STRICT, RESOURCE_TEMPLATE, namespace="tools")
+    assert _skipped(again), again.message
+
+
+def test_each_pods_mcp_policy_reaches_its_own_sidecar() -> None:
+    # pods with the same egress inputs share one cached plan; their OUTRIDER_CONFIG must not be shared
+    def policy(annotations: dict[str, str]) -> Any:
+        pod = _injected(_safe_pod(annotations))
+        return json.loads(_env(_proxy(pod))["OUTRIDER_CONFIG"]).get("policy")
+
+    none = policy({})
+    one = policy({ann.POLICY: FORBID})
+    other = policy({ann.POLICY: "forbid(principal, action, resource) unless { false };"})
+    assert none != one != other != none
+    assert FORBID in json.dumps(one)
+    assert policy({}) == none and policy({ann.POLICY: FORBID}) == one
