@@ -361,3 +361,21 @@ def test_each_pods_mcp_policy_reaches_its_own_sidecar() -> None:
     assert none != one != other != none
     assert FORBID in json.dumps(one)
     assert policy({}) == none and policy({ann.POLICY: FORBID}) == one
+
+
+def test_a_config_built_in_code_with_a_bad_section_is_refused_per_pod() -> None:
+    # parse_config refuses these at load; a config built in code (or by an older webhook) is still
+    # checked per pod, every section, not only the per-pod `inbound` one
+    for sidecar, said in (
+        ({"exchange": MappingProxyType({"cache_size": "many"})}, "exchange"),
+        ({"telemetry": "nope"}, "telemetry"),
+    ):
+        config = WebhookConfig(sidecar=MappingProxyType(sidecar))
+        for _ in range(2):  # the second answer comes from the cache
+            result = engine.inject(_pod(), ENABLED, config)
+            assert not result.allowed and not result.patch
+            message = str(result.message)
+            assert message.startswith("the outrider-proxy sidecar would refuse this pod's configuration"), (
+                message
+            )
+            assert said in message
