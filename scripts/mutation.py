@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "testing.md"
+RUN = ROOT / "scripts" / "mutmut_run.py"  # `mutmut run`, each mutant's tests fastest first
 BEGIN, END = "<!-- mutation-table:begin -->", "<!-- mutation-table:end -->"
 LIST_BEGIN, LIST_END = "<!-- mutation-survivors:begin -->", "<!-- mutation-survivors:end -->"
 MARKERS = "not controlplane and not spire and not keycloak and not root and not node"
@@ -50,6 +51,10 @@ SLOW: dict[str, str] = {
     # 21 s of Hypothesis per surviving mutant; test_the_annotation_can_never_widen and
     # test_the_narrowing_file_can_never_widen (test_egress_attacks_parsing.py) pin the same property
     "sidecar/egress/policy.py": "test_name_forms_agree or test_annotation_never_widens",
+    # the schema check of each golden fixture's output (half the selection's time): test_golden
+    # compares the same output, byte for byte, with the reviewed fixture, so a mutant that changes it
+    # fails there; one that leaves it alone cannot make it invalid
+    "webhook/engine.py": "test_output_is_valid_kubernetes",
 }
 
 
@@ -65,7 +70,7 @@ I = "tests/inbound/"  # noqa: E741
 X = "tests/exchange/"
 P = "tests/policy/"
 
-# module -> the fast tests that reach it
+# module -> the fast tests that reach it, in the order `make mutation` runs them: the two longest last
 MODULES: dict[str, tuple[str, ...]] = {
     "webhook/annotations.py": (
         f"{W}test_webhook_units.py",
@@ -80,21 +85,6 @@ MODULES: dict[str, tuple[str, ...]] = {
         f"{E}test_egress_plan.py",
     ),
     "sidecar/inbound/auth.py": (f"{I}test_auth.py",),
-    # the files that kill: inject() on pods (units, strict, patch paths, resource and checks), then the
-    # golden fixtures (refusal texts, warnings); mutmut runs a mutant's tests fastest first and stops at
-    # the first failure, so the fixtures cost only the mutants the unit tests leave alive. Left out:
-    # meshes and sidecar mounts (a 2 s Hypothesis test per surviving mutant; on a 40-mutant sample the
-    # four the unit files missed were refusal texts and warnings, which the golden fixtures pin). The
-    # four unit files alone: 0.33 s per mutant (2 children) against 0.55 s for the old seven files.
-    "webhook/engine.py": (
-        f"{W}test_webhook_units.py",
-        f"{W}test_webhook_strict.py",
-        f"{W}test_webhook_patch_paths.py",
-        f"{W}test_webhook_resource_and_checks.py",
-        f"{W}test_webhook_injected_content.py",
-        f"{W}test_webhook_golden.py",
-    ),
-    "sidecar/egress/iptables.py": (f"{E}test_egress_iptables_rules.py",),
     "sidecar/inbound/sessions.py": (f"{I}test_sessions_e2e.py",),
     "sidecar/exchange/oauth.py": (
         f"{X}test_oauth_core.py",
@@ -111,6 +101,21 @@ MODULES: dict[str, tuple[str, ...]] = {
     # the in-process gate tests only: the real inbound path (tests/inbound/test_policy_e2e.py) costs
     # seconds per mutant and would take the module alone past 20 minutes
     "sidecar/policy/gate.py": (f"{P}test_gate.py",),
+    "sidecar/egress/iptables.py": (f"{E}test_egress_iptables_rules.py",),
+    # the files that kill: inject() on pods (units, strict, patch paths, resource and checks), then the
+    # golden fixtures (refusal texts, warnings); mutmut runs a mutant's tests fastest first and stops at
+    # the first failure, so the fixtures cost only the mutants the unit tests leave alive. Left out:
+    # meshes and sidecar mounts (a 2 s Hypothesis test per surviving mutant; on a 40-mutant sample the
+    # four the unit files missed were refusal texts and warnings, which the golden fixtures pin). The
+    # four unit files alone: 0.33 s per mutant (2 children) against 0.55 s for the old seven files.
+    "webhook/engine.py": (
+        f"{W}test_webhook_units.py",
+        f"{W}test_webhook_strict.py",
+        f"{W}test_webhook_patch_paths.py",
+        f"{W}test_webhook_resource_and_checks.py",
+        f"{W}test_webhook_injected_content.py",
+        f"{W}test_webhook_golden.py",
+    ),
 }
 
 
@@ -276,7 +281,8 @@ def run_module(module: str, tests: tuple[str, ...], children: int, keep: bool) -
         started = time.monotonic()
         with log.open("w") as out:
             subprocess.run(
-                [str(mutmut), "run", "--max-children", str(children)],
+                # mutmut's own `run`, with each mutant's tests fastest first and in two rounds
+                [sys.executable, str(RUN), "run", "--max-children", str(children)],
                 cwd=scratch,
                 stdout=out,
                 stderr=subprocess.STDOUT,

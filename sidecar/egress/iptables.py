@@ -458,12 +458,12 @@ def resolv_conf_nameservers(path: Path) -> list[str]:
     return servers
 
 
-def ipv6_available(runner: Runner = run_command) -> bool:
+def ipv6_available(runner: Runner = run_command, proc: Path = Path("/proc")) -> bool:
     """The pod has IPv6 when the kernel has it on and ip6tables can reach its nat table."""
-    if not Path("/proc/net/if_inet6").exists():
+    if not (proc / "net" / "if_inet6").exists():
         return False
     try:
-        if Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() == "1":
+        if (proc / "sys" / "net" / "ipv6" / "conf" / "all" / "disable_ipv6").read_text().strip() == "1":
             return False
     except OSError:
         return False

@@ -266,3 +266,39 @@ def test_exclusions_and_dns_servers_are_normalised_once_each() -> None:
     assert six == [
         line.split(" -m comment")[0] for line in plan_rules(CaptureOptions(dns_servers=("fd00::a",)))
     ]
+
+
+def test_ipv6_is_probed_only_when_the_kernel_has_it_on(tmp_path: Path) -> None:
+    """`--ipv6 auto`: IPv6 rules are written only when the kernel has IPv6 (its address list exists and
+    it is not disabled) and ip6tables can reach its nat table; the probe runs only then."""
+    from subprocess import CompletedProcess
+
+    from outrider.sidecar.egress.iptables import ipv6_available
+
+    calls: list[list[str]] = []
+
+    def answering(code: int) -> Callable[[Sequence[str]], CompletedProcess[str]]:
+        def runner(argv: Sequence[str]) -> CompletedProcess[str]:
+            calls.append(list(argv))
+            return CompletedProcess(list(argv), code, "", "")
+
+        return runner
+
+    proc = tmp_path / "proc"
+    assert ipv6_available(answering(0), proc) is False and calls == []  # no IPv6 in the kernel
+    (proc / "net").mkdir(parents=True)
+    (proc / "net" / "if_inet6").write_text("")
+    assert ipv6_available(answering(0), proc) is False and calls == []  # its switch cannot be read
+    switch = proc / "sys" / "net" / "ipv6" / "conf" / "all" / "disable_ipv6"
+    switch.parent.mkdir(parents=True)
+    switch.write_text("1\n")
+    assert ipv6_available(answering(0), proc) is False and calls == []  # switched off
+    switch.write_text("0\n")
+    assert ipv6_available(answering(0), proc) is True
+    assert calls == [["ip6tables", "-w", "-t", "nat", "-S", "OUTPUT"]]
+    assert ipv6_available(answering(3), proc) is False  # no ip6tables nat table (or no ip6tables)
+    # the real /proc of this machine, asked through a runner that says yes
+    on = Path("/proc/net/if_inet6").exists() and (
+        Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() != "1"
+    )
+    assert ipv6_available(answering(0)) is on
