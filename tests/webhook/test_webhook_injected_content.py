@@ -379,3 +379,177 @@ def test_a_config_built_in_code_with_a_bad_section_is_refused_per_pod() -> None:
                 message
             )
             assert said in message
+
+
+# --- found by the fifth mutation session: outcomes no test pinned
+
+
+def test_an_app_mounting_the_operators_own_spiffe_csi_volume_is_refused_in_strict() -> None:
+    # an operator whose SPIFFE CSI driver is not csi.spiffe.io: the app mounting that volume could take
+    # the pod's SVID and act as the sidecar; refused for the driver the config names, not the default
+    config = parse_config({"spiffe_csi_driver": "csi.example.org"})
+    pod = _safe_pod()
+    pod["spec"]["volumes"] = [{"name": "svid", "csi": {"driver": "csi.example.org", "readOnly": True}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "svid", "mountPath": "/svid"}]
+    refused = engine.inject(pod, STRICT, config)
+    assert not refused.allowed and not refused.patch
+    assert "spec.containers[0] (app).volumeMounts[0] mounts svid, a SPIFFE Workload API volume" in str(
+        refused.message
+    )
+    # the same volume of another driver is an ordinary mount
+    pod["spec"]["volumes"][0]["csi"]["driver"] = "csi.spiffe.io"
+    assert engine.inject(pod, STRICT, config).injected
+
+
+def test_a_refusal_keeps_the_warnings_found_before_it() -> None:
+    # the AdmissionReview deny carries the warnings too: kubectl shows why beside the refusal
+    from outrider.webhook import admission
+
+    pod = _safe_pod({"outrider.dev/typo": "x"}, ports=(15001,))
+    result = engine.inject(pod, STRICT, WebhookConfig())
+    assert not result.allowed
+    unknown = "annotation outrider.dev/typo is not an Outrider annotation this version knows; ignored"
+    assert result.warnings == (unknown,)
+    response = admission.answer("uid-1", result)["response"]
+    assert response["allowed"] is False and response["warnings"] == [unknown]
+    assert response["status"]["message"] == result.message
+
+
+CLASSIC = parse_config({"native_sidecar": False})
+
+
+def test_strict_classic_layout_refuses_a_forged_mcp_port_that_is_the_sidecars_own() -> None:
+    # In the classic layout outrider-proxy sits in spec.containers beside the app. A pod naming the
+    # sidecar's own port as its MCP port (and forging the status, the config and the capture rules to
+    # match) would have no inbound traffic proxied; only app containers may serve the MCP port.
+    first = engine.inject(_safe_pod(), STRICT, CLASSIC)
+    assert first.injected, first
+    pod = json.loads(json.dumps(first.pod))
+    proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "outrider-proxy")
+    port = next(p["containerPort"] for p in proxy["ports"] if p["name"] == engine.INBOUND_PORT_NAME)
+    pod["metadata"]["annotations"][ann.MCP_PORT] = engine.INBOUND_PORT_NAME
+    status = json.loads(pod["metadata"]["annotations"][ann.STATUS])
+    pod["metadata"]["annotations"][ann.STATUS] = json.dumps({**status, "mcpPort": port})
+    env = next(e for e in proxy["env"] if e["name"] == "OUTRIDER_CONFIG")
+    config = json.loads(env["value"])
+    config["inbound"]["mcp_port"] = port
+    env["value"] = json.dumps(config)
+    init = next(c for c in pod["spec"]["initContainers"] if c["name"] == "outrider-init")
+    init["args"] = [str(port) if a == "8080" else a for a in init["args"]]
+    refused = engine.inject(pod, STRICT, CLASSIC)
+    assert not refused.allowed and not refused.patch
+    assert (
+        f"but annotation {ann.MCP_PORT}='{engine.INBOUND_PORT_NAME}' names no TCP containerPort of an app "
+        "container; allowed: a port number or one of the containers declare no named ports;"
+    ) in str(refused.message)
+    # the genuine classic injection is accepted as it is
+    again = engine.inject(json.loads(json.dumps(first.pod)), STRICT, CLASSIC)
+    assert _skipped(again), again.message
+
+
+def test_strict_classic_layout_refuses_user_init_containers_in_full() -> None:
+    pod = _safe_pod()
+    pod["spec"]["initContainers"] = [{"name": "setup", "image": "x", "securityContext": dict(SAFE)}]
+    refused = engine.inject(pod, STRICT, CLASSIC)
+    assert not refused.allowed and not refused.patch
+    assert refused.message == (
+        "spec.initContainers[0] (setup) would run before outrider-init in the classic layout (webhook "
+        "config native_sidecar: false), so its traffic is not captured; move its work into an app "
+        "container or ask the operator for the native sidecar layout (namespace is labelled "
+        "outrider.dev/inject=strict, which refuses pods that could escape the sidecar)"
+    )
+    assert engine.inject(pod, STRICT, WebhookConfig()).injected  # the native layout runs them captured
+
+
+def test_strict_explicit_mode_names_the_forged_sidecar() -> None:
+    # explicit egress mode: no capture init container, the status names the sidecar alone
+    labels = {**STRICT, "outrider.dev/egress-mode": "explicit"}
+    pod = json.loads(json.dumps(engine.inject(_safe_pod(), labels, WebhookConfig()).pod))
+    _proxy(pod)["image"] = "registry.example/not-outrider:1"
+    refused = engine.inject(pod, labels, WebhookConfig())
+    assert not refused.allowed
+    assert "but container outrider-proxy is not the sidecar this webhook injects;" in str(refused.message)
+
+
+def test_strict_refusals_of_a_pod_whose_annotations_changed_after_injection_say_why() -> None:
+    first = engine.inject(_safe_pod(), STRICT, RESOURCE_TEMPLATE)
+    assert first.injected, first
+
+    def readmitted(annotations: dict[str, str], **kwargs: Any) -> str:
+        pod = json.loads(json.dumps(first.pod))
+        pod["metadata"]["annotations"].update(annotations)
+        result = engine.inject(pod, STRICT, RESOURCE_TEMPLATE, **kwargs)
+        assert not result.allowed and not result.patch
+        prefix = f"metadata.annotations[{ann.STATUS}] says the pod is injected but "
+        message = str(result.message)
+        assert message.startswith(prefix), message
+        return message[len(prefix) :].split("; remove the Outrider containers")[0]
+
+    assert readmitted({ann.MCP_PORT: "web"}) == (
+        f"annotation {ann.MCP_PORT}='web' names no TCP containerPort of an app container; allowed: a "
+        "port number or one of the containers declare no named ports"
+    )
+    wrong = "https://elsewhere.example/mcp"
+    assert readmitted({ann.RESOURCE: wrong}).startswith(f"annotation {ann.RESOURCE}={wrong!r}")
+    # a namespace egress policy the planner cannot read: refused, never a crash
+    assert readmitted({}, namespace_policy=7) == "its egress plan cannot be checked"
+
+
+def test_an_annotated_mcp_port_no_container_declares_is_served_by_the_first_container() -> None:
+    for containers in (1, 2):
+        pod = _pod()
+        pod["spec"]["containers"] += [{"name": f"extra{i}", "image": "x"} for i in range(1, containers)]
+        pod["metadata"]["annotations"] = {ann.MCP_PORT: "9000"}
+        injected = _injected(pod)
+        assert json.loads(injected["metadata"]["annotations"][ann.STATUS])["mcpPort"] == 9000
+        assert injected["metadata"]["annotations"][ann.DEFAULT_CONTAINER] == "app"
+        assert _app(injected)["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+
+
+def test_a_port_entry_that_is_not_an_object_is_ignored_not_crashed_on() -> None:
+    pod = _pod({"ports": ["8080", {"containerPort": 8080, "name": "web"}, None]})
+    injected = _injected(pod)
+    assert json.loads(injected["metadata"]["annotations"][ann.STATUS])["mcpPort"] == 8080
+
+
+def test_a_mapping_that_is_not_a_dict_is_read_like_one() -> None:
+    # callers may hand over any Mapping; the result is plain JSON, whether injected or skipped
+    pod = _pod()
+    injected = engine.inject(MappingProxyType(pod), ENABLED, WebhookConfig())
+    assert injected.injected and injected.pod == engine.inject(pod, ENABLED, WebhookConfig()).pod
+    skipped = engine.inject(MappingProxyType(pod), {}, WebhookConfig())
+    assert skipped.allowed and not skipped.injected and json.loads(json.dumps(skipped.pod)) == pod
+
+
+def test_the_resource_template_uses_the_base_url_and_its_errors_name_it() -> None:
+    config = parse_config(
+        {
+            "sidecar": {"inbound": {"issuer": "https://idp.example/realms/mcp"}},
+            "resource_base_url": "https://mcp.example.com/",
+            "resource_template": "{base_url}/{namespace}/{app}",
+        }
+    )
+    pod = _pod()
+    pod["metadata"]["labels"] = {"app.kubernetes.io/name": "search"}
+    status = json.loads(_injected(pod, config)["metadata"]["annotations"][ann.STATUS])
+    assert status["resource"] == "https://mcp.example.com/ns/search"
+    refused = engine.inject(_pod(), ENABLED, config)  # no app label
+    assert not refused.allowed and not refused.patch
+    assert str(refused.message).startswith(
+        "cannot build this MCP server's resource URI: resource_template uses {app} but the pod has "
+        "neither label "
+    )
+
+
+def test_outrider_config_escapes_non_ascii_and_del_as_json_does() -> None:
+    # the env value is the same text whichever JSON writer built it: non-ASCII and DEL \\u-escaped
+    policy = "// caf\u00e9 \x7f\nforbid(principal, action, resource);"
+    text = _env(_proxy(_injected(_safe_pod({ann.POLICY: policy}))))["OUTRIDER_CONFIG"]
+    assert text.isascii() and "\x7f" not in text and "\\u00e9" in text and "\\u007f" in text
+    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+
+
+def test_the_operators_sidecar_env_reaches_the_proxy() -> None:
+    config = parse_config({"sidecar_env": {"OTEL_SERVICE_NAME": "search"}})
+    env = _proxy(_injected(_pod(), config))["env"]
+    assert {"name": "OTEL_SERVICE_NAME", "value": "search"} in env
