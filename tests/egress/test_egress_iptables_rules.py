@@ -164,9 +164,107 @@ def test_apply_and_cleanup_in_a_real_namespace(
     """What the init container does: the tables end up holding exactly the plan, a second run changes
     nothing, drift (an extra, a missing or a changed rule, a lost jump) is repaired, cleanup leaves
     the tables as they were."""
+    _apply_repair_and_clean_up(netns_runner)
+
+
+def test_apply_and_cleanup_against_a_model_of_iptables() -> None:
+    """The same story against `TablesModel` (no root, milliseconds): the cheap first check of what
+    `apply` and `cleanup` decide; the real iptables above is the one that counts."""
+    model = TablesModel()
+    _apply_repair_and_clean_up(model)
+    assert not model.refused, model.refused  # every command the code sent made sense
+
+
+class TablesModel:
+    """A stand-in for `iptables`/`ip6tables -w -t TABLE` in a fresh network namespace: chains of rules
+    per tool and table, with the answers (exit code, `-S` listing) the code reads. A rule is its
+    arguments as given; a jump to a chain that does not exist, deleting a chain that is not empty or
+    still jumped to, or a missing rule or chain is refused (exit code 1), as iptables does."""
+
+    BUILT_IN = {
+        "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+        "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    }
+    TARGETS = {"RETURN", "REDIRECT", "DROP", "ACCEPT", "REJECT"}
+
+    def __init__(self) -> None:
+        self.chains: dict[tuple[str, str], dict[str, list[tuple[str, ...]]]] = {}
+        self.refused: list[list[str]] = []
+
+    def _table(self, tool: str, table: str) -> dict[str, list[tuple[str, ...]]]:
+        return self.chains.setdefault((tool, table), {name: [] for name in self.BUILT_IN[table]})
+
+    def __call__(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        args = list(argv)
+        tool, rest = args[0], [a for a in args[1:] if a != "-w"]
+        assert tool in ("iptables", "ip6tables") and rest[0] == "-t", args
+        chains = self._table(tool, rest[1])
+        op, name, spec = rest[2], (rest[3] if len(rest) > 3 else None), tuple(rest[4:])
+
+        def answer(ok: bool, out: str = "") -> subprocess.CompletedProcess[str]:
+            if not ok and op != "-C" and not (op == "-S" and name is not None):
+                self.refused.append(args)
+            return subprocess.CompletedProcess(args, 0 if ok else 1, out, "" if ok else "refused")
+
+        def listing(chain: str) -> list[str]:
+            head = f"-P {chain} ACCEPT" if chain in self.BUILT_IN[rest[1]] else f"-N {chain}"
+            return [head, *(" ".join(["-A", chain, *rule]) for rule in chains[chain])]
+
+        def target_exists(rule: tuple[str, ...]) -> bool:
+            target = rule[rule.index("-j") + 1] if "-j" in rule else None
+            return target is None or target in self.TARGETS or target in chains
+
+        if op == "-S":
+            if name is None:
+                return answer(True, "".join(f"{line}\n" for chain in chains for line in listing(chain)))
+            return answer(
+                name in chains, "".join(f"{line}\n" for line in listing(name)) if name in chains else ""
+            )
+        if name not in chains and op != "-N":
+            return answer(False)
+        if op == "-N":
+            if name in chains:
+                return answer(False)
+            chains[name] = []
+            return answer(True)
+        rules = chains[name]
+        if op == "-C":
+            return answer(spec in rules)
+        if op == "-A":
+            if not target_exists(spec):
+                return answer(False)
+            rules.append(spec)
+            return answer(True)
+        if op == "-I":
+            position, spec = (int(spec[0]), spec[1:]) if spec and spec[0].isdigit() else (1, spec)
+            rules.insert(position - 1, spec)
+            return answer(True)
+        if op == "-D":
+            if len(spec) == 1 and spec[0].isdigit():
+                index = int(spec[0]) - 1
+                if not 0 <= index < len(rules):
+                    return answer(False)
+                del rules[index]
+                return answer(True)
+            if spec not in rules:
+                return answer(False)
+            rules.remove(spec)
+            return answer(True)
+        if op == "-F":
+            rules.clear()
+            return answer(True)
+        if op == "-X":
+            jumped_to = any("-j" in r and r[r.index("-j") + 1] == name for c in chains.values() for r in c)
+            if rules or jumped_to or name in self.BUILT_IN[rest[1]]:
+                return answer(False)
+            del chains[name]
+            return answer(True)
+        raise AssertionError(f"the model does not know {op}: {args}")
+
+
+def _apply_repair_and_clean_up(run: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     from outrider.sidecar.egress.iptables import apply, cleanup
 
-    run = netns_runner
     options = CASES["inbound-dns-exclude"]
     empty = _tables(run)
     changes = apply(options, run)
