@@ -553,3 +553,24 @@ def test_the_operators_sidecar_env_reaches_the_proxy() -> None:
     config = parse_config({"sidecar_env": {"OTEL_SERVICE_NAME": "search"}})
     env = _proxy(_injected(_pod(), config))["env"]
     assert {"name": "OTEL_SERVICE_NAME", "value": "search"} in env
+
+
+def test_every_volume_outrider_adds_gets_a_name_of_its_own() -> None:
+    # an operator's sidecar mount may want the name Outrider picked (or the pod already uses) for its own
+    # volume; a pod with two volumes of one name is refused by the API server
+    config = parse_config(
+        {"sidecar_mounts": [{"name": "outrider-spiffe", "secret": "idp", "mountPath": "/etc/outrider/idp"}]}
+    )
+    for pod_volumes in ([], [{"name": "outrider-spiffe", "emptyDir": {}}]):
+        pod = _pod(volumes=list(pod_volumes))
+        names = [v["name"] for v in _injected(pod, config)["spec"]["volumes"]]
+        assert len(names) == len(set(names)), names
+        assert names[: len(pod_volumes)] == [v["name"] for v in pod_volumes]  # the pod's own come first
+
+
+def test_strict_refuses_an_injected_pod_whose_app_declares_the_sidecars_port() -> None:
+    pod = json.loads(json.dumps(engine.inject(_safe_pod(), STRICT, WebhookConfig()).pod))
+    _app(pod)["ports"].insert(0, {"containerPort": 15001})
+    refused = engine.inject(pod, STRICT, WebhookConfig())
+    assert not refused.allowed and not refused.patch
+    assert "but it records MCP port 8080 but the pod's MCP port is None;" in str(refused.message)
