@@ -170,9 +170,17 @@ def test_apply_and_cleanup_in_a_real_namespace(
 def test_apply_and_cleanup_against_a_model_of_iptables() -> None:
     """The same story against `TablesModel` (no root, milliseconds): the cheap first check of what
     `apply` and `cleanup` decide; the real iptables above is the one that counts."""
+    from outrider.sidecar.egress.iptables import apply
+
     model = TablesModel()
     _apply_repair_and_clean_up(model)
     assert not model.refused, model.refused  # every command the code sent made sense
+    # without IPv6 (no ip6tables chains at all) a drifted IPv4 chain is still flushed, not created again
+    options = CaptureOptions(dns_servers=("10.96.0.10",), ipv6="off")
+    apply(options, model)
+    assert model(["iptables", "-w", "-t", "nat", "-A", "OUTRIDER_OUTPUT", "-j", "RETURN"]).returncode == 0
+    assert apply(options, model)[0] == "iptables -t nat -F OUTRIDER_OUTPUT"
+    assert not model.refused, model.refused
 
 
 class TablesModel:
