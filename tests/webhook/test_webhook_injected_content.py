@@ -543,10 +543,26 @@ def test_the_resource_template_uses_the_base_url_and_its_errors_name_it() -> Non
 
 def test_outrider_config_escapes_non_ascii_and_del_as_json_does() -> None:
     # the env value is the same text whichever JSON writer built it: non-ASCII and DEL \\u-escaped
-    policy = "// caf\u00e9 \x7f\nforbid(principal, action, resource);"
-    text = _env(_proxy(_injected(_safe_pod({ann.POLICY: policy}))))["OUTRIDER_CONFIG"]
-    assert text.isascii() and "\x7f" not in text and "\\u00e9" in text and "\\u007f" in text
-    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    for comment, escaped in (("caf\u00e9", "\\u00e9"), ("\x7f", "\\u007f")):
+        policy = f"// {comment}\nforbid(principal, action, resource);"
+        text = _env(_proxy(_injected(_safe_pod({ann.POLICY: policy}))))["OUTRIDER_CONFIG"]
+        assert text.isascii() and "\x7f" not in text and escaped in text
+        assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+
+
+def test_strict_checks_the_sidecar_against_the_namespaces_own_mcp_policy() -> None:
+    # the operator's policy for this namespace (not the cluster default) is what a genuine sidecar holds
+    config = parse_config(
+        {
+            "mcp_policy": {
+                "default": {"cedar": "permit(principal, action, resource);"},
+                "namespaces": {"ns": {"cedar": FORBID}},
+            }
+        }
+    )
+    first = engine.inject(_safe_pod(), STRICT, config)
+    assert FORBID in _env(_proxy(first.pod))["OUTRIDER_CONFIG"]
+    assert _skipped(engine.inject(json.loads(json.dumps(first.pod)), STRICT, config))
 
 
 def test_the_operators_sidecar_env_reaches_the_proxy() -> None:
