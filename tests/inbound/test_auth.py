@@ -398,6 +398,37 @@ async def test_cached_tokens_expire_with_the_leeway(
     _refused(await verifier.verify(token), "not signed by a key of the trusted issuer")
 
 
+class _At:
+    """`time` stopped at one instant (monotonic left alone)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+async def test_a_cached_token_expires_at_exactly_exp_plus_the_leeway(
+    issuer: Issuer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PyJWT's rule (`exp <= now - leeway` is expired) holds for a cached token too, to the instant
+    from outrider.sidecar.inbound import auth
+
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session, leeway_s=30)
+    exp = int(time.time()) + 300
+    token = issuer.token(key, exp=exp)
+    assert isinstance(await verifier.verify(token), Principal)
+    monkeypatch.setattr(auth, "time", _At(exp + 29.5))
+    assert isinstance(await verifier.verify(token), Principal)
+    monkeypatch.setattr(auth, "time", _At(exp + 30))
+    _refused(await verifier.verify(token), "the access token has expired")
+
+
 async def test_token_cache_evicts_the_least_recently_used(
     issuer: Issuer, session: aiohttp.ClientSession
 ) -> None:
@@ -868,3 +899,26 @@ async def test_jwks_is_bounded_in_keys_and_in_bytes(issuer: Issuer, session: aio
     issuer.padding = ""
     await cache.refresh(force=True)
     assert cache.loaded
+    # exactly 1 MiB is still taken, one byte more is not
+    async with session.get(issuer.url + "/keys") as response:
+        size = len(await response.read())
+    for extra, loaded in ((0, True), (1, False)):
+        issuer.padding = "a" * ((1 << 20) - size + extra)
+        cache = JwksCache(config_for(issuer), session)
+        await cache.refresh(force=True)
+        assert cache.loaded is loaded, cache.last_error
+    assert cache.last_error == f"JWKS {issuer.url}/keys is larger than {1 << 20} bytes"
+
+
+async def test_a_jwks_over_the_key_limit_is_logged_with_what_is_kept(
+    issuer: Issuer, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    issuer.keys.extend(make_key("ES256") for _ in range(2))
+    with caplog.at_level(logging.WARNING, logger="outrider.inbound.auth"):
+        await verifier_for(issuer, session, jwks_max_keys=2)  # exactly the limit: nothing to say
+        assert not caplog.records
+        issuer.keys.append(make_key("ES256"))
+        await verifier_for(issuer, session, jwks_max_keys=2)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"JWKS {issuer.url}/keys lists 3 keys; keeping the first 2 (inbound.jwks_max_keys)"
+    ]
