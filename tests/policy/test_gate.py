@@ -424,3 +424,77 @@ async def test_the_reload_loop_probes_only_a_shared_store_with_limits(
     checks = _Counted(g.holder, "check")
     await _run_loop(g, lambda: checks.calls >= 5)
     assert probes.calls == 0, why
+
+
+# -- found by the fifth mutation session ---------------------------------------------------------
+
+
+def test_a_storage_uri_the_store_cannot_read_fails_start_up() -> None:
+    # never deferred to the first metered call, where the store-error fallback (allow, by default)
+    # would silently let every call through
+    for uri in ("redis://127.0.0.1:notaport", "bogus://x"):
+        with pytest.raises(Exception) as refused:
+            gate(rate_limits={"per_user": "1/minute"}, storage=uri)
+        assert not isinstance(refused.value, AssertionError)
+
+
+async def test_budgets_are_per_server_in_a_shared_store() -> None:
+    # one store (Redis in production) holds the budgets of every MCP server: a per_pod budget is the
+    # server's own (its replicas share it, another server does not)
+    current = [SERVER]
+    g = Gate.from_config(
+        PolicyConfig.from_mapping({"file": None, "rate_limits": {"per_pod": "1/minute"}}), lambda: current[0]
+    )
+    body = parse_body(json.dumps(call(1, "echo")).encode())
+    assert (await g.judge(ALICE, body, "s")).verdicts[0].forward
+    assert not (await g.judge(ALICE, body, "s")).verdicts[0].forward
+    current[0] = Server.from_facts("spiffe://example.org/ns/tools/sa/other", None, "pod-9")
+    assert (await g.judge(ALICE, body, "s")).verdicts[0].forward
+
+
+async def test_a_limited_call_keeps_its_decision_and_names_the_budget() -> None:
+    g = gate(cedar=CEDAR, rate_limits={"per_user": "1/minute"})
+    body = parse_body(json.dumps(call(1, "echo")).encode())
+    await g.judge(ALICE, body, "s")
+    (limited,) = (await g.judge(ALICE, body, "s")).verdicts
+    assert limited.outcome == "limited" and limited.limit_scope == "per_user"
+    assert limited.decision is not None and limited.decision.policies == ("echo",)
+
+
+async def test_an_invalid_message_with_an_id_is_answered_with_that_id() -> None:
+    g = gate(cedar=CEDAR)
+    (invalid,) = (await g.judge(ALICE, parse_body(b'{"jsonrpc": "2.0", "id": 7, "method": 5}'), "s")).verdicts
+    assert invalid.outcome == "invalid" and invalid.error is not None and invalid.error["id"] == 7
+
+
+async def test_every_evaluation_error_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    broken = "permit(principal, action, resource) when { context.arguments.n > 1 };"
+    g = gate(cedar=f"{broken}\n{broken}")
+    with caplog.at_level(logging.INFO, logger="outrider.policy"):
+        await g.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "s")
+    (line,) = [r.getMessage() for r in caplog.records if "evaluation errors" in r.getMessage()]
+    assert line.count("error while evaluating policy") == 2 and "; error while evaluating policy" in line
+
+
+def test_the_schema_is_learned_from_any_answer_of_a_batch() -> None:
+    g = gate(cedar='permit(principal, action == Action::"call_tool", resource == Tool::"nope");')
+    listing = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "result": {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]},
+    }
+    g.filter_objects(ALICE, [1, {"jsonrpc": "2.0", "id": 2, "result": {}}, listing])
+    assert g.schema_problems == (
+        "sidecar config policy.cedar: policy 'policy0' names tool 'nope', which the server does not offer",
+    )
+
+
+def test_readiness_says_a_reload_was_rejected(tmp_path: Path) -> None:
+    narrowing = tmp_path / "policy.yaml"
+    narrowing.write_text("cedar: ''\n")
+    g = gate(cedar="permit(principal, action, resource);", file=str(narrowing))
+    narrowing.write_text("cedar: 'forbid(principal action, resource);'\n")
+    g.holder.check()
+    ready, detail = g.ready()
+    assert ready and g.holder.last_error
+    assert f"; last reload rejected, keeping the last good policy: {g.holder.last_error}" in detail
