@@ -113,8 +113,10 @@ def test_apply_and_cleanup_with_a_recording_runner() -> None:
     def runner(argv: object) -> CompletedProcess[str]:
         args = list(argv)  # type: ignore[call-overload]
         calls.append(args)
-        # Nothing exists yet: every -S/-C fails, every change succeeds.
-        return CompletedProcess(args, 1 if ("-S" in args or "-C" in args) else 0, "", "")
+        # Nothing exists yet: every -S/-C fails, every change succeeds (and nothing else is asked).
+        op = args[4]
+        assert op in ("-S", "-C", "-N", "-A"), args
+        return CompletedProcess(args, 1 if op in ("-S", "-C") else 0, "", "")
 
     changes = apply(CASES["default"], runner)
     assert sorted(changes) == sorted(plan_rules(CASES["default"]))  # the same rules, jumps last
