@@ -309,6 +309,7 @@ def _apply_repair_and_clean_up(run: Callable[..., subprocess.CompletedProcess[st
     assert run([*doubled.split(), "-m", "comment", "--comment", comment]).returncode == 0
     removed = cleanup(CaptureOptions(), run)
     assert any(line.startswith("iptables -t nat -X ") for line in removed)
+    assert removed.count(prerouting.replace(" -A ", " -D ", 1)) == 2  # the doubled jump, said twice
     assert _tables(run) == empty
     assert cleanup(CaptureOptions(), run) == []
 
