@@ -16,9 +16,9 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import RequestReceived
+from spiffe._proto import workload_pb2
 
 from outrider.sidecar.dev.workload_api import DevWorkloadApi
-from outrider.sidecar.identity._proto import workload_pb2
 from outrider.sidecar.identity.grpc_unix import MAX_MESSAGE_BYTES, RpcError, UnixChannel, status_name
 
 APP_ID = "spiffe://example.org/ns/apps/sa/mcp"
