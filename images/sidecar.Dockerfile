@@ -28,11 +28,16 @@ RUN case "$CRYPTOGRAPHY_OPENSSL" in \
         && rm -rf /var/lib/apt/lists/* ;; \
       *) echo "CRYPTOGRAPHY_OPENSSL must be bundled or system, not '$CRYPTOGRAPHY_OPENSSL'" >&2; exit 1 ;; \
     esac
-# the dependencies first, in a layer of their own: a source change then rebuilds in seconds
+# the dependencies first, in a layer of their own: a source change then rebuilds in seconds (a wheel
+# built from cryptography's sdist also installs its test suite as a top-level `tests`: removed)
 COPY images/requirements/sidecar.txt ./requirements.txt
 RUN python -m venv /opt/outrider \
  && if [ "$CRYPTOGRAPHY_OPENSSL" = system ]; then set -- --no-binary cryptography; fi \
- && /opt/outrider/bin/pip install --no-compile "$@" -r requirements.txt
+ && /opt/outrider/bin/pip install --no-compile "$@" -r requirements.txt \
+ && if [ "$CRYPTOGRAPHY_OPENSSL" = system ]; then \
+      site="$(/opt/outrider/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"; \
+      if grep -q '^tests/' "$site"/cryptography-*.dist-info/RECORD; then rm -rf "$site/tests"; fi; \
+    fi
 COPY pyproject.toml ./
 # outrider/ holds the namespace package and symlinks to the two folders below (docs/design.md); the
 # build context holds only the files this image runs (sidecar.Dockerfile.dockerignore)
