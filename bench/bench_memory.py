@@ -12,7 +12,10 @@ telemetry + audit on, exporting OTLP/HTTP to a counting receiver). For each:
 
 The baseline of the same run is a bare interpreter with aiohttp imported and one server listening
 (`stand_ins.py floor`, idle): what any aiohttp process of this stack costs. Prints the load average
-beside the figures; `--json` for machines. Never fails on a figure.
+and the CPU each sidecar used to reach idle beside the figures; `--json` for machines. Never fails
+on a figure. `--pythonpath` runs another tree's sidecar (the "before" of a comparison);
+`--cold-bytecode` runs the sidecars with no cached bytecode at all (a base image without `.pyc`
+files); run it with another virtualenv's Python to measure that virtualenv (docs/capacity.md).
 """
 
 from __future__ import annotations
