@@ -356,12 +356,17 @@ def write_doc(scores: list[Score], minutes: float) -> None:
     ordered = [rows[m] for m in MODULES if m in rows]
     total = sum(r.minutes for r in ordered)
     stamp = time.strftime("%Y-%m-%d", time.gmtime())
+    last = (
+        f"Last run {stamp}: {len(scores)} module(s) in {minutes:.1f} min (`nice -n 10`, "
+        f"{os.environ.get('MUTATION_CHILDREN', '2')} children)."
+    )
+    if not scores:  # --table: only re-judged, the last run stays what it was
+        _, found, said = table.partition(" Last run ")
+        last = "Last run " + said.strip() if found else last
     body = (
         f"\n{HEADER}\n"
         + "\n".join(r.row() for r in ordered)
-        + f"\n\nSum of the rows: {total:.1f} min for {len(ordered)} of {len(MODULES)} modules. Last run "
-        f"{stamp}: {len(scores)} module(s) in {minutes:.1f} min (`nice -n 10`, "
-        f"{os.environ.get('MUTATION_CHILDREN', '2')} children).\n"
+        + f"\n\nSum of the rows: {total:.1f} min for {len(ordered)} of {len(MODULES)} modules. {last}\n"
     )
     text = head + BEGIN + body + END + tail
     if LIST_BEGIN in text and LIST_END in text:

@@ -590,3 +590,13 @@ def test_strict_refuses_an_injected_pod_whose_app_declares_the_sidecars_port() -
     refused = engine.inject(pod, STRICT, WebhookConfig())
     assert not refused.allowed and not refused.patch
     assert "but it records MCP port 8080 but the pod's MCP port is None;" in str(refused.message)
+
+
+def test_every_egress_annotation_error_is_said() -> None:
+    pod = _pod()
+    pod["metadata"]["annotations"] = {"outrider.dev/egress-allow": "ok.example.com, host!!, bad::x"}
+    refused = engine.inject(pod, ENABLED, WebhookConfig())
+    assert not refused.allowed and not refused.patch
+    first, second = str(refused.message).split("; annotation outrider.dev/egress-allow [")
+    assert first.startswith("annotation outrider.dev/egress-allow [1]: egress rule 'host!!'")
+    assert second.startswith("2]: egress rule 'bad::x'")
