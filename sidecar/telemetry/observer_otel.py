@@ -31,6 +31,7 @@ from outrider.sidecar.telemetry.audit import (
     mcp_call_event,
 )
 from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.metric_points import LeanMeter
 from outrider.sidecar.telemetry.observer import (
     CallScope,
     EgressDecision,
@@ -97,7 +98,13 @@ class Tally:
     """
 
     def __init__(
-        self, meter: metrics.Meter, name: str, *, unit: str, description: str, limit: int = 2000
+        self,
+        meter: metrics.Meter | LeanMeter,
+        name: str,
+        *,
+        unit: str,
+        description: str,
+        limit: int = 2000,
     ) -> None:
         self._counts: dict[tuple[tuple[str, semconv.AttributeValue], ...], int] = {}
         self._lock = threading.Lock()
@@ -130,7 +137,7 @@ class OtelObserver:
         config: TelemetryConfig,
         *,
         tracer_provider: trace.TracerProvider,
-        meter_provider: metrics.MeterProvider,
+        meter_provider: metrics.MeterProvider | LeanMeter,
         audit: AuditLog,
         workload: Callable[[], Workload] = Workload,
         flush: Callable[[], object] | None = None,

@@ -1,7 +1,7 @@
-"""OTLP/protobuf `ExportTraceServiceRequest` bytes written straight from span records, in one pass.
+"""OTLP/protobuf export requests written straight from span records and metric points, in one pass.
 
 Pure: the protobuf wire format (varints, length-delimited fields, fixed64) for the few messages a
-trace export needs, field for field what the SDK's encoder builds for the same spans.
+trace or metrics export needs, field for field what the SDK's encoder builds for the same spans.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from outrider.sidecar.telemetry.metric_points import HistogramPoint, MetricData, NumberPoint
 from outrider.sidecar.telemetry.spans import SpanRecord
 
 _VARINT1 = [bytes((i,)) for i in range(128)]
@@ -128,3 +129,74 @@ class TraceRequestEncoder:
         spans = b"".join(_field(b"\x12", span(r)) for r in records)
         scope_spans = _field(b"\x12", self._scope + spans)  # ScopeSpans {scope = 1, spans = 2}
         return _field(b"\x0a", self._resource + scope_spans)  # ResourceSpans {resource = 1, scope_spans = 2}
+
+
+_PACKED_FIXED64: dict[int, struct.Struct] = {}
+_PACKED_DOUBLE: dict[int, struct.Struct] = {}
+
+
+def _packed(cache: dict[int, struct.Struct], code: str, values: Sequence[float]) -> bytes:
+    packer = cache.get(len(values))
+    if packer is None:
+        packer = cache[len(values)] = struct.Struct(f"<{len(values)}{code}")
+    return packer.pack(*values)
+
+
+def number_point(point: NumberPoint) -> bytes:
+    """`NumberDataPoint` (metrics.proto): attributes = 7, start = 2, time = 3, as_double = 4, as_int = 6."""
+    out = attributes(b"\x3a", point.attributes)
+    if point.start_ns:
+        out += b"\x11" + _FIXED64(point.start_ns)
+    out += b"\x19" + _FIXED64(point.time_ns)
+    value = point.value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return out + b"\x31" + _FIXED64(value & _MASK64)  # sfixed64
+    return out + b"\x21" + _DOUBLE(float(value))
+
+
+def histogram_point(point: HistogramPoint) -> bytes:
+    """`HistogramDataPoint`: attributes = 9, start = 2, time = 3, count = 4, sum = 5, bucket_counts = 6,
+    explicit_bounds = 7, min = 11, max = 12 (all set, as the SDK sets them for a cumulative histogram)."""
+    return b"".join(
+        (
+            attributes(b"\x4a", point.attributes),
+            b"\x11" + _FIXED64(point.start_ns),
+            b"\x19" + _FIXED64(point.time_ns),
+            b"\x21" + _FIXED64(point.count),
+            b"\x29" + _DOUBLE(float(point.sum)),
+            _field(b"\x32", _packed(_PACKED_FIXED64, "Q", point.bucket_counts)),
+            _field(b"\x3a", _packed(_PACKED_DOUBLE, "d", point.bounds)) if point.bounds else b"",
+            b"\x59" + _DOUBLE(float(point.min)),
+            b"\x61" + _DOUBLE(float(point.max)),
+        )
+    )
+
+
+_CUMULATIVE = b"\x10\x02"  # aggregation_temporality = AGGREGATION_TEMPORALITY_CUMULATIVE
+
+
+def metric(data: MetricData) -> bytes:
+    """`Metric`: name = 1, description = 2, unit = 3, gauge = 5, sum = 7, histogram = 9."""
+    out = _field(b"\x0a", data.name.encode())
+    if data.description:
+        out += _field(b"\x12", data.description.encode())
+    if data.unit:
+        out += _field(b"\x1a", data.unit.encode())
+    if data.kind == "histogram":
+        points = b"".join(
+            _field(b"\x0a", histogram_point(p)) for p in data.points if isinstance(p, HistogramPoint)
+        )
+        return out + _field(b"\x4a", points + _CUMULATIVE)
+    numbers = b"".join(_field(b"\x0a", number_point(p)) for p in data.points if isinstance(p, NumberPoint))
+    if data.kind == "sum":
+        return out + _field(b"\x3a", numbers + _CUMULATIVE + b"\x18\x01")  # is_monotonic = 3
+    return out + _field(b"\x2a", numbers)
+
+
+class MetricsRequestEncoder(TraceRequestEncoder):
+    """Writes `ExportMetricsServiceRequest` bytes: ResourceMetrics {resource = 1, scope_metrics = 2}."""
+
+    def encode_metrics(self, data: Iterable[MetricData]) -> bytes:
+        metrics = b"".join(_field(b"\x12", metric(m)) for m in data)
+        scope_metrics = _field(b"\x12", self._scope + metrics)  # ScopeMetrics {scope = 1, metrics = 2}
+        return _field(b"\x0a", self._resource + scope_metrics)
