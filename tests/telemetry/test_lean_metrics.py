@@ -1,0 +1,169 @@
+"""The lean metrics path against the OpenTelemetry SDK's: the same OTLP data points and the same /metrics.
+
+Both export over real OTLP/HTTP to a local receiver that decodes the payloads with the official
+`opentelemetry-proto` messages; the same calls are driven through each with the same clock, so the
+durations, and with them every bucket count, sum, min and max, are equal too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import math
+import time
+import types
+from typing import Any
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+
+from outrider.sidecar.telemetry import observer_otel, semconv
+from outrider.sidecar.telemetry.audit import AuditLog
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.metric_export import export_interval_s
+from outrider.sidecar.telemetry.metric_points import CARDINALITY_LIMIT, LeanMeter
+from outrider.sidecar.telemetry.setup import ExportPlan, build_providers, lean_metrics_blocker
+from outrider.sidecar.telemetry.worker import Worker
+
+from .harness import WORKLOAD
+from .otlp_receiver import Received, otlp_http_receiver
+from .test_lean_spans import _drive
+
+
+def _points(received: Received) -> list[dict[str, Any]]:
+    """Every export request as a dict; times checked, then dropped (they are wall-clock readings)."""
+    requests = []
+    for request in received.metrics:
+        d = MessageToDict(request)
+        for rm in d["resourceMetrics"]:
+            for sm in rm["scopeMetrics"]:
+                assert sm["scope"] == {"name": "outrider.sidecar"}
+                for metric in sm["metrics"]:
+                    kind = next(k for k in ("sum", "gauge", "histogram") if k in metric)
+                    for point in metric[kind]["dataPoints"]:
+                        assert int(point.pop("timeUnixNano")) > 1_600_000_000 * 10**9
+                        start = point.pop("startTimeUnixNano", None)
+                        # Gauges have no start; sums and histograms start when their series appeared.
+                        assert (start is None) == (kind == "gauge")
+                        point["attributes"] = sorted(point.get("attributes", []), key=lambda a: a["key"])
+        requests.append(d)
+    return requests
+
+
+async def _run(monkeypatch: pytest.MonkeyPatch, *, lean: bool) -> dict[str, Any]:
+    # One clock for both runs: the call durations (and so the histograms) come out equal.
+    ticks = itertools.count()
+    monkeypatch.setattr(
+        observer_otel,
+        "time",
+        types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.0037, time_ns=time.time_ns),
+    )
+    async with otlp_http_receiver() as (endpoint, received):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # only the flushes below export
+        providers = build_providers(
+            "outrider-proxy",
+            resource_attributes={"k8s.pod.name": "weather-0", "k8s.namespace.name": "tools"},
+            lean_metrics=lean,
+        )
+        assert (providers.meter is not None) == lean and (providers.meter_provider is None) == lean
+        observer = providers.observer(
+            TelemetryConfig(), AuditLog(io.StringIO()), lambda: WORKLOAD, Worker(enabled=False)
+        )
+        _drive(observer)
+        scrapes = [providers.prometheus().decode()]
+        await asyncio.to_thread(providers.force_flush)
+        # The gauge and the identity counter appear only now: after the first export, as the SDK orders them.
+        observer.identity_event("healthy", "spiffe://a/b", "ok")
+        observer.identity_event("rotated", "spiffe://a/b", "ok")
+        _drive(observer)
+        # Past the cardinality limit every new attribute set goes to one overflow point.
+        for i in range(CARDINALITY_LIMIT + 5):
+            observer.operation_duration.record(0.001 * (i % 7), {"gen_ai.tool.name": f"tool-{i}"})
+        observer.exchange_duration.record(-1.0, {"outcome": "issued"})  # refused: negative
+        scrapes.append(providers.prometheus().decode())
+        await asyncio.to_thread(providers.force_flush)
+        observer.identity_event("unhealthy", None, "stream lost")
+        await asyncio.wait_for(asyncio.to_thread(providers.shutdown), timeout=30)
+        assert len(received.metrics) == 3  # two flushes and the shutdown; scrapes export nothing
+        return {"points": _points(received), "scrapes": scrapes, "raw": b"".join(received.raw)}
+
+
+async def test_lean_metrics_equal_the_sdk_metrics_point_for_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    sdk = await _run(monkeypatch, lean=False)
+    lean = await _run(monkeypatch, lean=True)
+    assert lean["points"] == sdk["points"]
+    assert lean["scrapes"] == sdk["scrapes"]  # /metrics byte for byte, sums and buckets included
+    last = lean["points"][-1]["resourceMetrics"][0]
+    names = [m["name"] for m in last["scopeMetrics"][0]["metrics"]]
+    # In the order of their first measurement: the first call's exchange is recorded before its end.
+    assert names[:2] == ["outrider.token_exchange.duration", "mcp.server.operation.duration"]
+    assert {"outrider.mcp.requests", "outrider.identity.healthy", "outrider.egress.decisions"} <= set(names)
+    metrics = {m["name"]: m for m in last["scopeMetrics"][0]["metrics"]}
+    durations = metrics["mcp.server.operation.duration"]["histogram"]
+    assert durations["aggregationTemporality"] == "AGGREGATION_TEMPORALITY_CUMULATIVE"
+    assert durations["dataPoints"][0]["explicitBounds"] == list(semconv.MCP_DURATION_BUCKETS)
+    overflow = [
+        p
+        for p in durations["dataPoints"]
+        if p["attributes"] == [{"key": "otel.metric.overflow", "value": {"boolValue": True}}]
+    ]
+    assert len(overflow) == 1
+    requests = metrics["outrider.mcp.requests"]["sum"]
+    assert (
+        requests["isMonotonic"] and requests["aggregationTemporality"] == "AGGREGATION_TEMPORALITY_CUMULATIVE"
+    )
+    assert metrics["outrider.identity.healthy"]["gauge"]["dataPoints"][0]["asInt"] == "0"
+    assert b"eyJ" not in lean["raw"]
+
+
+def test_the_lean_meter_keeps_the_sdk_for_what_it_does_not_reproduce() -> None:
+    assert lean_metrics_blocker(ExportPlan(metrics="grpc"), {}, None) == "metrics are exported over OTLP/gRPC"
+    assert lean_metrics_blocker(ExportPlan(), {}, None) is None  # /metrics only
+    assert lean_metrics_blocker(ExportPlan(), {"OTEL_METRICS_EXEMPLAR_FILTER": "always_on"}, None)
+    assert lean_metrics_blocker(ExportPlan(), {"OTEL_METRICS_EXEMPLAR_FILTER": "trace_based"}, None) is None
+    assert lean_metrics_blocker(ExportPlan(), {"OTEL_PYTHON_METER_PROVIDER": "x"}, None)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta"},
+        {"OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION": "base2_exponential_bucket_histogram"},
+        {"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc"},
+    ],
+)
+def test_delta_exponential_or_grpc_metrics_go_through_the_sdk(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    providers = build_providers("outrider-proxy")
+    assert providers.meter is None and providers.meter_provider is not None
+    assert providers.lean is not None or "grpc" in env.values()
+    providers.shutdown()
+
+
+def test_export_interval_is_read_as_the_sdk_reads_it() -> None:
+    assert export_interval_s({}) == 60.0
+    assert export_interval_s({"OTEL_METRIC_EXPORT_INTERVAL": "250"}) == 0.25
+    assert export_interval_s({"OTEL_METRIC_EXPORT_INTERVAL": "soon"}) == 60.0
+    assert math.isinf(export_interval_s({"OTEL_METRIC_EXPORT_INTERVAL": "inf"}))
+    with pytest.raises(ValueError, match="OTEL_METRIC_EXPORT_INTERVAL"):
+        export_interval_s({"OTEL_METRIC_EXPORT_INTERVAL": "0"})
+
+
+def test_a_failing_callback_loses_its_own_points_only() -> None:
+    meter = LeanMeter()
+
+    def broken(options: object) -> list[Any]:
+        raise RuntimeError("boom")
+
+    meter.create_observable_counter("broken", callbacks=[broken])
+    histogram = meter.create_histogram("h", "s", "d", explicit_bucket_boundaries_advisory=[1.0])
+    histogram.record(0.5, {"a": "b"})
+    histogram.record(2.0, {"a": "b"})
+    (data,) = meter.collect()
+    assert data.name == "h" and data.points[0].bucket_counts == (1, 1)  # type: ignore[union-attr]
