@@ -271,6 +271,10 @@ def encode(event: Event) -> str:
         return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+# Held lines past this many are written at once: a long batch on the worker still writes regularly.
+MAX_HELD = 64
+
+
 class AuditLog:
     """Writes audit events as JSON lines to a stream (stdout by default) or an appended file.
 
@@ -284,6 +288,7 @@ class AuditLog:
         self._stream = stream
         self._owns = owns_stream
         self._lock = threading.Lock()
+        self._held: list[str] = []  # encoded lines `flush_held` writes
         # Repeated identical denials become one event per interval with a count (0: off).
         self.aggregator = DenialAggregator(aggregate_s)
         self._stop = threading.Event()
@@ -316,16 +321,36 @@ class AuditLog:
     def enabled(self) -> bool:
         return self._stream is not None
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, *, hold: bool = False) -> None:
+        """Write `event` after any held lines; with `hold`, keep its line for `flush_held` instead.
+
+        The telemetry worker holds the lines of one batch of calls and writes them at its end (one
+        system call, not one per line; `MAX_HELD` bounds a batch); everything else writes at once.
+        """
         if self._stream is None:
             return
         with self._lock:
-            self._write(self.aggregator.offer(event, time.monotonic()))
+            events = self.aggregator.offer(event, time.monotonic())
+            if hold and len(self._held) < MAX_HELD:
+                self._held.extend(encode(e) + "\n" for e in events)
+                return
+            self._write(events)
+
+    def flush_held(self) -> None:
+        """Write the lines `write(..., hold=True)` kept."""
+        if self._held:
+            with self._lock:
+                self._write([])
 
     def _write(self, events: list[Event]) -> None:
-        if self._stream is None or not events:
+        if self._stream is None:
             return
-        self._stream.write("".join(encode(e) + "\n" for e in events))
+        lines = self._held
+        lines.extend(encode(e) + "\n" for e in events)
+        if not lines:
+            return
+        self._held = []
+        self._stream.write("".join(lines))
         self._stream.flush()
 
     def _flush_loop(self) -> None:

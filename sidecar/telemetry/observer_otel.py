@@ -148,6 +148,10 @@ class OtelObserver:
         # Span end, metric points and audit lines run here; disabled: on the caller's thread.
         self.worker = worker or Worker(enabled=False)
         self.audit = audit
+        # On the worker, a batch of calls' audit lines is written at the batch's end, in one write.
+        self.hold_audit = self.worker.enabled
+        if self.hold_audit:
+            self.worker.after_batch(audit.flush_held)
         self._workload = workload
         self.tracer = tracer_provider.get_tracer(INSTRUMENTATION)
         meter = meter_provider.get_meter(INSTRUMENTATION)
@@ -245,7 +249,8 @@ class OtelObserver:
         self.audit.write(
             egress_event(
                 EventStamp.at(_wall(end_ns), trace_id, span_id), decision=decision, workload=self.workload()
-            )
+            ),
+            hold=self.hold_audit,
         )
 
     def _egress_span(self, decision: EgressDecision, end_ns: int) -> tuple[str | None, str | None]:
@@ -396,7 +401,8 @@ class _ScopeBase:
                 message=self._message,
                 request=self._request,
                 workload=self._workload,
-            )
+            ),
+            hold=observer.hold_audit,
         )
 
     def finish(
@@ -470,7 +476,8 @@ class _ScopeBase:
                 config=observer.config,
                 token_exchange=exchange,
                 policy=policy,
-            )
+            ),
+            hold=observer.hold_audit,
         )
 
 

@@ -46,10 +46,20 @@ class Worker:
         self._start_lock = threading.Lock()
         self._closed = False
         self._idle = False  # the thread waits for a job with no timeout
+        self._after_batch: list[Job] = []
+
+    def after_batch(self, hook: Job) -> None:
+        """Run `hook` after each batch of jobs (and after a job run on the caller's thread)."""
+        self._after_batch.append(hook)
+
+    def _batch_done(self) -> None:
+        for hook in self._after_batch:
+            _run(hook)
 
     def submit(self, job: Job) -> None:
         if not self.enabled or self._closed or len(self._jobs) >= self._max_backlog:
             _run(job)
+            self._batch_done()
             return
         self._jobs.append(job)
         if self._thread is None:
@@ -83,12 +93,16 @@ class Worker:
                     self._idle = False
 
     def _run_queued(self) -> None:
+        ran = False
         while True:
             try:
                 job = self._jobs.popleft()
             except IndexError:
+                if ran:
+                    self._batch_done()
                 return
             _run(job)
+            ran = True
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every job submitted before this call has run; False on timeout."""
@@ -96,7 +110,12 @@ class Worker:
             self._run_queued()
             return True
         done = threading.Event()
-        self._jobs.append(done.set)
+
+        def barrier() -> None:
+            self._batch_done()  # what the jobs before it held is written before `drain` returns
+            done.set()
+
+        self._jobs.append(barrier)
         self._wake.set()
         return done.wait(timeout)
 
