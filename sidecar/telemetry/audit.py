@@ -11,7 +11,6 @@ import random
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,10 +73,22 @@ class EventStamp:
 
     @classmethod
     def at(cls, when: datetime, trace_id: str | None = None, span_id: str | None = None) -> EventStamp:
-        # A random (version 4) UUID from the process's PRNG: an event id must be unique, not secret,
-        # and uuid4() costs an os.urandom system call per audited call.
-        event_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
-        return cls(event_id=event_id, time=when, trace_id=trace_id, span_id=span_id)
+        return cls(event_id=random_uuid4(), time=when, trace_id=trace_id, span_id=span_id)
+
+
+# The version (4) and variant (RFC 4122) bits of a version 4 UUID, as `uuid.UUID(version=4)` sets them.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def random_uuid4() -> str:
+    """`str(uuid.UUID(int=random.getrandbits(128), version=4))`, without building the UUID object.
+
+    From the process's PRNG: an event id must be unique, not secret, and uuid4() costs an
+    os.urandom system call per audited call.
+    """
+    h = f"{(random.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _time(value: datetime) -> str:

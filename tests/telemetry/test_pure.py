@@ -380,3 +380,18 @@ def test_audit_log_unwritable_path_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(ConfigError, match=r"telemetry\.audit"):
         AuditLog.open(str(blocker / "audit.jsonl"))
+
+
+def test_event_ids_are_the_version_4_uuids_the_uuid_module_makes_of_the_same_bits() -> None:
+    import random
+    import uuid
+
+    from outrider.sidecar.telemetry.audit import random_uuid4
+
+    for seed in range(300):
+        random.seed(seed)
+        bits = random.getrandbits(128)
+        random.seed(seed)
+        made = random_uuid4()
+        assert made == str(uuid.UUID(int=bits, version=4))
+        assert uuid.UUID(made).version == 4 and uuid.UUID(made).variant == uuid.RFC_4122
