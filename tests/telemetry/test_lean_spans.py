@@ -345,7 +345,8 @@ def test_a_custom_sampler_or_grpc_keeps_the_sdk_path(monkeypatch: pytest.MonkeyP
 async def test_every_span_audit_line_and_metric_point_arrives_under_load(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Four threads, 2,000 calls with background recording and small batches: nothing is lost."""
+    """Four threads, 2,000 calls with background recording and small batches: no span, audit line or
+    metric point is lost (on /metrics and in the OTLP metrics export)."""
     calls, threads = 2000, 4
     async with otlp_http_receiver() as (endpoint, received):
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
@@ -399,6 +400,17 @@ async def test_every_span_audit_line_and_metric_point_arrives_under_load(
             m for m in metrics.splitlines() if m.startswith("mcp_server_operation_duration_seconds_count")
         )
         assert durations.endswith(f" {calls}.0")
+        # The OTLP metrics the shutdown exported (lean metrics) count every call too.
+        assert providers.meter is not None and received.metrics
+        exported = {
+            m.name: m
+            for rm in received.metrics[-1].resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+        }
+        assert sum(p.as_int for p in exported["outrider.mcp.requests"].sum.data_points) == calls
+        assert sum(p.count for p in exported["mcp.server.operation.duration"].histogram.data_points) == calls
+        assert sum(p.as_int for p in exported["outrider.token_exchanges"].sum.data_points) == calls
 
 
 def _record(i: int) -> SpanRecord:
