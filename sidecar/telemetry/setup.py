@@ -141,12 +141,14 @@ def lean_metrics_blocker(
     the sidecar's instruments produce by default. Exemplars never occur with the default
     `trace_based` filter: measurements are recorded outside any active span.
     """
-    from outrider.sidecar.telemetry.prometheus import shares_aggregation
-
     if plan.metrics == "grpc":
         return "metrics are exported over OTLP/gRPC"
-    if exporter is not None and not shares_aggregation(exporter):
-        return "metrics are exported with delta temporality or exponential histograms"
+    if exporter is not None:
+        # Imported only here: with metrics on /metrics alone the SDK's metrics are never loaded.
+        from outrider.sidecar.telemetry.prometheus import shares_aggregation
+
+        if not shares_aggregation(exporter):
+            return "metrics are exported with delta temporality or exponential histograms"
     exemplars = env.get("OTEL_METRICS_EXEMPLAR_FILTER", "").strip().lower()
     if exemplars not in _LEAN_EXEMPLAR_FILTERS:
         return f"OTEL_METRICS_EXEMPLAR_FILTER={exemplars}"

@@ -167,3 +167,43 @@ def test_a_failing_callback_loses_its_own_points_only() -> None:
     histogram.record(2.0, {"a": "b"})
     (data,) = meter.collect()
     assert data.name == "h" and data.points[0].bucket_counts == (1, 1)  # type: ignore[union-attr]
+
+
+def test_lean_metrics_do_not_load_the_sdk_metrics_when_only_traces_are_exported() -> None:
+    """A fresh interpreter: spans exported, metrics on /metrics only; the SDK's metrics never load."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import io, json, sys
+from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry.audit import AuditLog
+from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.observer import RequestInfo
+from outrider.sidecar.telemetry.setup import build_providers
+providers = build_providers("outrider-proxy")
+assert providers.plan.traces and not providers.plan.metrics and providers.meter is not None
+observer = providers.observer(TelemetryConfig(), AuditLog(io.StringIO()))
+message = McpMessage(kind="request", method="tools/list", id=1)
+with observer.mcp_call(message, RequestInfo("POST", "stateless")) as s:
+    s.finish(http_status=200, outcome="ok")
+text = providers.prometheus().decode()
+providers.shutdown()
+print(json.dumps({"sdk_metrics": "opentelemetry.sdk.metrics" in sys.modules, "text": text}))
+"""
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces", "PATH": "/usr/bin:/bin"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sdk_metrics"] is False
+    assert 'mcp_server_operation_duration_seconds_count{mcp_method_name="tools/list"' in result["text"]
