@@ -230,8 +230,9 @@ class LeanMeter:
         return gauge
 
     def _register(self, instrument: LeanHistogram | LeanObservable) -> None:
-        with self._lock:
-            self._order.append(instrument)
+        # No lock: a histogram registers while holding its own lock, and `collect` takes the
+        # histograms' locks under the meter's; list.append is atomic, `collect` reads a copy.
+        self._order.append(instrument)
 
     def collect(self) -> list[MetricData]:
         """Every instrument's current points (one collection at a time; measurements go on meanwhile)."""

@@ -207,3 +207,35 @@ print(json.dumps({"sdk_metrics": "opentelemetry.sdk.metrics" in sys.modules, "te
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["sdk_metrics"] is False
     assert 'mcp_server_operation_duration_seconds_count{mcp_method_name="tools/list"' in result["text"]
+
+
+def test_records_from_many_threads_during_collections_are_all_counted() -> None:
+    import threading
+
+    meter = LeanMeter()
+    histogram = meter.create_histogram("h", "s", "d", explicit_bucket_boundaries_advisory=[0.5])
+    stop = threading.Event()
+
+    def collector() -> None:
+        while not stop.is_set():
+            meter.collect()
+            meter.prometheus()
+
+    def recorder(n: int) -> None:
+        for i in range(2500):
+            histogram.record(0.25 if i % 2 else 0.75, {"thread": n, "series": i % 300})
+
+    watcher = threading.Thread(target=collector)
+    watcher.start()
+    threads = [threading.Thread(target=recorder, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stop.set()
+    watcher.join(30)
+    assert not watcher.is_alive() and not any(t.is_alive() for t in threads)
+    (data,) = meter.collect()
+    assert sum(p.count for p in data.points) == 10_000  # type: ignore[union-attr]
+    assert len(data.points) == 1200
+    assert sum(p.bucket_counts[0] for p in data.points) == 5_000  # type: ignore[union-attr]
