@@ -7,7 +7,7 @@ trace or metrics export needs, field for field what the SDK's encoder builds for
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from outrider.sidecar.telemetry.metric_points import HistogramPoint, MetricData, NumberPoint
@@ -125,8 +125,19 @@ class TraceRequestEncoder:
             scope += _field(b"\x12", scope_version.encode())
         self._scope = _field(b"\x0a", scope)
 
-    def encode(self, records: Iterable[SpanRecord]) -> bytes:
-        spans = b"".join(_field(b"\x12", span(r)) for r in records)
+    def encode(
+        self, records: Sequence[SpanRecord], pause: Callable[[], object] | None = None, every: int = 64
+    ) -> bytes:
+        """The request for `records`; `pause` (if given) is called between chunks of `every` spans."""
+        if pause is None or len(records) <= every:
+            spans = b"".join(_field(b"\x12", span(r)) for r in records)
+        else:
+            chunks = []
+            for start in range(0, len(records), every):
+                if start:
+                    pause()
+                chunks.append(b"".join(_field(b"\x12", span(r)) for r in records[start : start + every]))
+            spans = b"".join(chunks)
         scope_spans = _field(b"\x12", self._scope + spans)  # ScopeSpans {scope = 1, spans = 2}
         return _field(b"\x0a", self._resource + scope_spans)  # ResourceSpans {resource = 1, scope_spans = 2}
 

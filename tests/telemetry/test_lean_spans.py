@@ -468,3 +468,28 @@ def test_sampler_plan_bounds() -> None:
     assert always.sampled((1 << 128) - 1, None)
     assert not never.sampled(0, None)
     time.sleep(0)
+
+
+def test_sdk_export_is_named_for_the_switch_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    lean = build_providers("outrider-proxy")
+    assert not lean.sdk_export()  # lean spans and metrics: their threads yield the GIL themselves
+    lean.shutdown()
+    sdk = build_providers("outrider-proxy", lean_spans=False)
+    assert sdk.sdk_export()
+    sdk.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")
+    metrics_sdk = build_providers("outrider-proxy")
+    assert metrics_sdk.lean is not None and metrics_sdk.meter is None and metrics_sdk.sdk_export()
+    metrics_sdk.shutdown()
+
+
+def test_chunked_encoding_pauses_between_chunks_and_writes_the_same_bytes() -> None:
+    from outrider.sidecar.telemetry.otlp_wire import TraceRequestEncoder
+
+    encoder = TraceRequestEncoder({"service.name": "s"}, "outrider.sidecar")
+    records = [_record(i) for i in range(200)]
+    pauses: list[int] = []
+    chunked = encoder.encode(records, pause=lambda: pauses.append(1), every=64)
+    assert chunked == encoder.encode(records)
+    assert len(pauses) == 3  # between 4 chunks (64, 64, 64, 8)

@@ -208,10 +208,13 @@ def test_plan_export(env: dict[str, str], plan: ExportPlan) -> None:
     assert plan_export(env) == plan
 
 
-def test_switch_interval_shortened_only_when_exporting() -> None:
+def test_switch_interval_shortened_only_when_an_sdk_exporter_runs() -> None:
     original = sys.getswitchinterval()
     try:
         assert tune_switch_interval(ExportPlan()) is None
+        assert sys.getswitchinterval() == original
+        # The lean paths' threads hand the GIL back themselves: the interpreter's interval stays.
+        assert tune_switch_interval(ExportPlan(traces="http/protobuf"), sdk_export=False) is None
         assert sys.getswitchinterval() == original
         assert tune_switch_interval(ExportPlan(traces="grpc")) == original
         assert sys.getswitchinterval() == pytest.approx(min(original, EXPORT_SWITCH_INTERVAL_S))

@@ -137,3 +137,19 @@ def test_audit_lines_held_on_the_worker_are_written_per_batch_and_before_drain_r
     audit.write({"type": "identity", "n": 201}, hold=True)
     audit.close()  # what is still held is written on close
     assert json.loads(stream.getvalue().splitlines()[-1])["n"] == 201
+
+
+def test_a_long_batch_hands_the_gil_back_every_few_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from outrider.sidecar.telemetry import worker as worker_module
+
+    handed: list[int] = []
+    monkeypatch.setattr(worker_module, "yield_gil", lambda: handed.append(1))
+    worker = Worker(enabled=True)
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(10) and None)
+    for _ in range(10 * worker_module.YIELD_EVERY):
+        worker.submit(lambda: None)
+    gate.set()
+    assert worker.drain()
+    assert len(handed) >= 10  # once per YIELD_EVERY jobs of the batch
+    worker.close()
