@@ -251,9 +251,9 @@ def http_transport(signal: Signal, env: Mapping[str, str]) -> Any:
 # While an SDK exporter thread encodes a batch in Python, the event loop waits for the GIL up to the
 # interpreter's switch interval (5 ms by default) each time it wakes: a p99 spike on every request
 # that lands during an export. 0.5 ms bounds that wait, at a cost: every thread waiting for the GIL
-# wakes 2,000 times a second and the loop is made to drop it as often (measured through the sidecar:
-# telemetry on/off CPU 1.27x at 0.5 ms against 1.18x at 5 ms). The lean paths' threads hand the GIL
-# back themselves every few hundred microseconds (`YIELD_EVERY`), so they keep the default interval.
+# wakes 2,000 times a second and the loop is made to drop it as often. The lean paths' threads hand
+# the GIL over themselves every few hundred microseconds (`worker.yield_gil`), so they keep the
+# default interval.
 EXPORT_SWITCH_INTERVAL_S = 0.0005
 
 
