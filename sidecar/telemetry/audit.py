@@ -279,7 +279,12 @@ def encode(event: Event) -> str:
         # orjson: the same compact UTF-8 JSON at a tenth of the json module's cost per event.
         return orjson.dumps(event, default=str, option=_ORJSON_OPTIONS).decode()
     except (TypeError, orjson.JSONEncodeError):  # e.g. an integer past 64 bits in recorded arguments
-        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate a caller sent (`"\\ud800"`): escaped, never lost
+            text = json.dumps(event, separators=(",", ":"), ensure_ascii=True, default=str)
+        return text
 
 
 # Held lines past this many are written at once: a long batch on the worker still writes regularly.

@@ -23,6 +23,15 @@ _KV_CACHE: dict[tuple[bytes, str, type, Any], bytes] = {}
 _KV_CACHE_MAX = 4096
 
 
+def utf8(text: str) -> bytes:
+    """UTF-8 for a protobuf string; a lone surrogate (a caller's tool name) becomes "?", as a receiver
+    rejects invalid UTF-8 and one such value must not fail a whole export request."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+
+
 def varint(value: int) -> bytes:
     if value < 128:
         return _VARINT1[value]
@@ -45,7 +54,7 @@ def any_value(value: Any) -> bytes:
     if isinstance(value, bool):
         return b"\x10\x01" if value else b"\x10\x00"
     if isinstance(value, str):
-        return _field(b"\x0a", value.encode())
+        return _field(b"\x0a", utf8(value))
     if isinstance(value, int):
         return b"\x18" + varint(value & _MASK64)
     if isinstance(value, float):
@@ -61,7 +70,7 @@ def any_value(value: Any) -> bytes:
 
 def key_value(key: str, value: Any) -> bytes:
     """`KeyValue`: key = 1, value = 2."""
-    return _field(b"\x0a", key.encode()) + _field(b"\x12", any_value(value))
+    return _field(b"\x0a", utf8(key)) + _field(b"\x12", any_value(value))
 
 
 def attributes(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
@@ -94,17 +103,17 @@ def span(record: SpanRecord) -> bytes:
         b"\x12\x08" + record.span_id.to_bytes(8, "big"),
     ]
     if record.trace_state:
-        parts.append(_field(b"\x1a", record.trace_state.encode()))
+        parts.append(_field(b"\x1a", utf8(record.trace_state)))
     if record.parent_span_id:
         parts.append(b"\x22\x08" + record.parent_span_id.to_bytes(8, "big"))
-    parts.append(_field(b"\x2a", record.name.encode()))
+    parts.append(_field(b"\x2a", utf8(record.name)))
     parts.append(b"\x30" + _VARINT1[record.kind])
     parts.append(b"\x39" + _FIXED64(record.start_ns))
     parts.append(b"\x41" + _FIXED64(record.end_ns))
     parts.append(attributes(b"\x4a", record.attributes))
     status = b""
     if record.status_message:
-        status += _field(b"\x12", record.status_message.encode())
+        status += _field(b"\x12", utf8(record.status_message))
     if record.status_code:
         status += b"\x18" + _VARINT1[record.status_code]
     parts.append(_field(b"\x7a", status))  # the SDK always sends a Status, empty when unset
@@ -120,9 +129,9 @@ class TraceRequestEncoder:
     ) -> None:
         # Resource {attributes = 1}; InstrumentationScope {name = 1, version = 2}: encoded once.
         self._resource = _field(b"\x0a", attributes(b"\x0a", resource))
-        scope = _field(b"\x0a", scope_name.encode())
+        scope = _field(b"\x0a", utf8(scope_name))
         if scope_version:
-            scope += _field(b"\x12", scope_version.encode())
+            scope += _field(b"\x12", utf8(scope_version))
         self._scope = _field(b"\x0a", scope)
 
     def encode(
@@ -188,11 +197,11 @@ _CUMULATIVE = b"\x10\x02"  # aggregation_temporality = AGGREGATION_TEMPORALITY_C
 
 def metric(data: MetricData) -> bytes:
     """`Metric`: name = 1, description = 2, unit = 3, gauge = 5, sum = 7, histogram = 9."""
-    out = _field(b"\x0a", data.name.encode())
+    out = _field(b"\x0a", utf8(data.name))
     if data.description:
-        out += _field(b"\x12", data.description.encode())
+        out += _field(b"\x12", utf8(data.description))
     if data.unit:
-        out += _field(b"\x1a", data.unit.encode())
+        out += _field(b"\x1a", utf8(data.unit))
     if data.kind == "histogram":
         points = b"".join(
             _field(b"\x0a", histogram_point(p)) for p in data.points if isinstance(p, HistogramPoint)

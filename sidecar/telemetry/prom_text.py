@@ -114,4 +114,5 @@ def render(families: Iterable[Family]) -> bytes:
         out.append(f"# HELP {name} {_escape_help(family.documentation)}\n")
         out.append(f"# TYPE {name} {family.kind}\n")
         out.extend(_sample(n, labels, value) for n, labels, value in family.samples)
-    return "".join(out).encode("utf-8")
+    # "replace": a label value with a lone surrogate (a caller's tool name) must not fail every scrape.
+    return "".join(out).encode("utf-8", "replace")

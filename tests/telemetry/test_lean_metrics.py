@@ -239,3 +239,50 @@ def test_records_from_many_threads_during_collections_are_all_counted() -> None:
     assert sum(p.count for p in data.points) == 10_000  # type: ignore[union-attr]
     assert len(data.points) == 1200
     assert sum(p.bucket_counts[0] for p in data.points) == 5_000  # type: ignore[union-attr]
+
+
+async def test_a_lone_surrogate_in_a_tool_name_loses_no_span_line_or_metric(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A caller's `"name": "\\ud800"` must not fail an export request, a batch of audit lines or /metrics."""
+    import json
+
+    from outrider.sidecar.inbound.jsonrpc import parse_body
+    from outrider.sidecar.telemetry.observer import RequestInfo
+
+    body = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"evil\\ud800"}}'
+    evil = parse_body(body).messages[0]
+    assert evil.tool_name == "evil\ud800"
+    async with otlp_http_receiver() as (endpoint, received):
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")
+        providers = build_providers("outrider-proxy")
+        audit = AuditLog.open(str(tmp_path / "audit.log"))  # a UTF-8 file, as in a pod
+        worker = Worker(enabled=True)
+        observer = providers.observer(TelemetryConfig(), audit, lambda: WORKLOAD, worker)
+        for message in (evil, evil.__class__(kind="request", method="tools/call", id=2, tool_name="ok")):
+            with observer.mcp_call(message, RequestInfo("POST", "stateless")) as scope:
+                scope.finish(http_status=200, outcome="ok")
+        worker.close()
+        audit.close()
+        text = providers.prometheus().decode()
+        await asyncio.wait_for(asyncio.to_thread(providers.shutdown), timeout=30)
+    names = sorted(
+        s.name for r in received.traces for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
+    )
+    assert names == ["tools/call evil?", "tools/call ok"]
+    lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text("utf-8").splitlines()]
+    assert [line["mcp"]["tool"] for line in lines] == ["evil\ud800", "ok"]  # escaped on the wire, kept
+    assert 'gen_ai_tool_name="evil?"' in text and 'gen_ai_tool_name="ok"' in text
+    tools = {
+        kv.value.string_value
+        for r in received.metrics
+        for rm in r.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "outrider.mcp.requests"
+        for p in m.sum.data_points
+        for kv in p.attributes
+        if kv.key == "gen_ai.tool.name"
+    }
+    assert tools == {"evil?", "ok"}
