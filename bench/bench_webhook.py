@@ -90,7 +90,7 @@ def serve(target: str, port: int, cert_dir: Path) -> None:
     from aiohttp import web
 
     from outrider.webhook.config import ConfigHolder, parse_config
-    from outrider.webhook.server import build_app
+    from outrider.webhook.server import build_app, settle_heap
     from outrider.webhook.tls import CertStore
 
     store = CertStore()
@@ -106,6 +106,7 @@ def serve(target: str, port: int, cert_dir: Path) -> None:
 
         app = web.Application(client_max_size=2 * 1024 * 1024)
         app.router.add_post("/mutate", noop)
+    settle_heap()  # as `outrider webhook` does once it listens (the floor gets it too: a fair floor)
     web.run_app(app, host="127.0.0.1", port=port, ssl_context=store.context, access_log=None, print=None)
 
 

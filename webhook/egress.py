@@ -20,6 +20,7 @@ from outrider.sidecar.egress.policy import (
     union,
 )
 from outrider.webhook.annotations import EGRESS_ALLOW, EGRESS_MODE_LABEL
+from outrider.webhook.memo import Memo
 
 # EGRESS_ALLOW and EGRESS_MODE_LABEL live with every other outrider.dev/* name (re-exported here).
 __all__ = ["EGRESS_ALLOW", "EGRESS_MODE_LABEL", "EgressPlan", "plan_egress", "plan_egress_cached"]
@@ -177,8 +178,7 @@ def _broad_rule_warnings(layer: RuleSet) -> list[str]:
 # plan_egress is pure and re-parses the same operator policy on every admission (~half of an
 # uncached admission's Python time). The key holds every input plan_egress reads: keep it in step
 # with plan_egress and _init_args when they read more of the pod. Plans are shared: read-only.
-_PLAN_CACHE: dict[tuple[Any, ...], EgressPlan] = {}
-_PLAN_CACHE_SIZE = 512
+_PLAN_CACHE: Memo[tuple[Any, ...], EgressPlan] = Memo(512)
 
 
 def plan_egress_cached(
@@ -209,8 +209,5 @@ def plan_egress_cached(
         return plan_egress(pod, namespace_labels, namespace_policy, cluster_policy)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
-        plan = plan_egress(pod, namespace_labels, namespace_policy, cluster_policy)
-        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = plan
+        plan = _PLAN_CACHE.put(key, plan_egress(pod, namespace_labels, namespace_policy, cluster_policy))
     return plan

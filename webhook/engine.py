@@ -467,8 +467,13 @@ def _port_number(container: Mapping[str, Any], port: Any) -> int | None:
     if isinstance(port, str):
         if port.isdecimal():  # not isdigit: "²" is a digit that int() refuses
             return int(port)
-        for p in _tcp_ports(container):
-            if p.get("name") == port:
+        for p in _list(container.get("ports")):  # the first of `_tcp_ports` by that name
+            if (
+                isinstance(p, dict)
+                and p.get("name") == port
+                and isinstance(p.get("containerPort"), int)
+                and p.get("protocol", "TCP") == "TCP"
+            ):
                 return int(p["containerPort"])
     return None
 

@@ -6,12 +6,21 @@ least recently used entry, so a stream of distinct pods never grows memory or fl
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+_EVERY: weakref.WeakSet[Memo[Any, Any]] = weakref.WeakSet()
+
+
+def clear_all() -> None:
+    """Empty every table (tests compare answers from cold tables with answers from warm ones)."""
+    for memo in list(_EVERY):
+        memo.clear()
 
 
 class Memo(Generic[K, V]):
@@ -22,6 +31,7 @@ class Memo(Generic[K, V]):
             raise ValueError("a Memo holds at least one entry")
         self.size = size
         self._entries: OrderedDict[K, V] = OrderedDict()
+        _EVERY.add(self)
 
     def get(self, key: K) -> V | None:
         found = self._entries.get(key)
