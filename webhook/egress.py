@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from outrider.sidecar.egress.policy import (
     Policy,
     PolicyError,
@@ -96,6 +98,29 @@ def _operator_layer(
     return own, warnings
 
 
+# The operator's layer (RuleSets are frozen) by the policies' canonical JSON and the namespace: a pod
+# with its own egress allowlist gets a new plan, but the operator's policy is parsed once.
+_LAYERS: Memo[tuple[bytes, bytes, str], tuple[RuleSet | None, tuple[str, ...]]] = Memo(256)
+
+
+def _operator_layer_cached(
+    namespace_policy: Mapping[str, Any] | None, cluster_policy: Mapping[str, Any] | None, namespace: str
+) -> tuple[RuleSet | None, list[str]]:
+    try:
+        key = (_canon(namespace_policy), _canon(cluster_policy), namespace)
+    except (TypeError, ValueError):  # odd shapes: parse without the memo
+        return _operator_layer(namespace_policy, cluster_policy, namespace)
+    found = _LAYERS.get(key)
+    if found is None:
+        layer, warnings = _operator_layer(namespace_policy, cluster_policy, namespace)
+        found = _LAYERS.put(key, (layer, tuple(warnings)))
+    return found[0], list(found[1])
+
+
+def _canon(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=repr)
+
+
 def plan_egress(
     pod: Mapping[str, Any],
     namespace_labels: Mapping[str, str],
@@ -108,7 +133,7 @@ def plan_egress(
     mode, mode_warnings = choose_mode(namespace_labels)
     warnings = list(mode_warnings)
     errors: list[str] = []
-    base, base_warnings = _operator_layer(namespace_policy, cluster_policy, namespace)
+    base, base_warnings = _operator_layer_cached(namespace_policy, cluster_policy, namespace)
     warnings.extend(base_warnings)
     layers: list[RuleSet] = []
     if base is None or not base.rules:
@@ -188,11 +213,7 @@ def plan_egress_cached(
     cluster_policy: Mapping[str, Any] | None,
 ) -> EgressPlan:
     """`plan_egress`, memoised on exactly the inputs it reads."""
-    import orjson
-
-    def canon(value: Any) -> bytes:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=repr)
-
+    canon = _canon
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     annotation = (metadata.get("annotations") or {}).get(EGRESS_ALLOW)

@@ -599,6 +599,11 @@ _CONFIG_BASE: Memo[
 # so those three are every input: pods with other plans, audiences or policies share the check.
 _INBOUND_ERRORS: Memo[tuple[str, type, int | None, str | None], tuple[str, str]] = Memo(4096)
 _OTHER_SECTIONS = tuple(s for s in sidecar_settings.SECTIONS if s != "inbound")
+# Sections the engine writes per pod (plan, audience, MCP policy); the others are the operator's
+# `sidecar:` block alone, so their first error is one per config hash.
+_PER_POD_SECTIONS = ("exchange", "egress", "policy")
+_CONFIG_ONLY_SECTIONS = tuple(s for s in _OTHER_SECTIONS if s not in _PER_POD_SECTIONS)
+_CONFIG_ONLY_ERRORS: Memo[str, tuple[str, str]] = Memo(64)
 
 
 def _sidecar_config_json(
@@ -627,7 +632,12 @@ def _sidecar_config_json(
         other = None
         with contextlib.suppress(sidecar_settings.ConfigError):  # reported per pod, by `validate`
             sidecar_settings.check_sections(merged)
-            other = sidecar_settings.first_error(merged, _OTHER_SECTIONS) or ("", "")
+            own = _CONFIG_ONLY_ERRORS.get(config.hash)
+            if own is None:
+                first = sidecar_settings.first_error(merged, _CONFIG_ONLY_SECTIONS)
+                own = _CONFIG_ONLY_ERRORS.put(config.hash, first or ("", ""))
+            errors = [e for e in (own, sidecar_settings.first_error(merged, _PER_POD_SECTIONS)) if e and e[0]]
+            other = min(errors, key=lambda e: sidecar_settings.SECTIONS.index(e[0])) if errors else ("", "")
         base = _CONFIG_BASE.put(base_key, (plan, merged, other))
     value = base[1]
     per_pod_inbound: dict[str, Any] = {}

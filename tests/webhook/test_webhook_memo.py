@@ -217,6 +217,31 @@ def test_the_sidecar_check_follows_each_pods_own_port_and_resource() -> None:
             assert _outcome(inject(copy.deepcopy(pods[key]), ENABLED, config)) == cold[key], key
 
 
+def test_a_bad_sidecar_block_is_refused_with_the_first_error_validate_gives() -> None:
+    """The operator-only sections' first error is kept per config hash, the per-pod ones (exchange,
+    egress, policy) are checked per plan: the refusal is still the first in section order."""
+    import itertools
+    from types import MappingProxyType
+
+    bad = {
+        "identity": {"socket": "tcp://nope"},
+        "exchange": {"cache_size": "many"},
+        "telemetry": {"audit": 7},
+        "shutdown": {"drain_s": "x"},
+    }
+    for count in range(1, len(bad) + 1):
+        for chosen in itertools.combinations(bad, count):
+            block = {name: MappingProxyType(bad[name]) for name in chosen}
+            config = WebhookConfig(sidecar=MappingProxyType(block))
+            pod = copy.deepcopy(BASE_POD)
+            plan = plan_egress(pod, ENABLED, None, config.plain_egress_default_policy)
+            value = engine.sidecar_config(config, 8082, config.default_audience, plan, None)
+            expected = engine._sidecar_refusal(value)
+            assert expected is not None
+            for _ in range(2):  # cold, then from the tables
+                assert inject(copy.deepcopy(pod), ENABLED, config).message == expected, chosen
+
+
 def test_a_refusal_is_the_same_each_time_and_a_fresh_exception() -> None:
     pod = copy.deepcopy(BASE_POD)
     pod["metadata"]["annotations"]["outrider.dev/mcp-port"] = "99999"
