@@ -12,7 +12,10 @@ telemetry + audit on, exporting OTLP/HTTP to a counting receiver). For each:
 
 The baseline of the same run is a bare interpreter with aiohttp imported and one server listening
 (`stand_ins.py floor`, idle): what any aiohttp process of this stack costs. Prints the load average
-beside the figures; `--json` for machines. Never fails on a figure.
+and the CPU each sidecar used to reach idle beside the figures; `--json` for machines. Never fails
+on a figure. `--pythonpath` runs another tree's sidecar (the "before" of a comparison);
+`--cold-bytecode` runs the sidecars with no cached bytecode at all (a base image without `.pyc`
+files); run it with another virtualenv's Python to measure that virtualenv (docs/capacity.md).
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ def pss_mb(pid: int) -> float:
         if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mapped(pid: int) -> list[str]:
@@ -165,6 +174,7 @@ def sidecar_env(
     tmp: Path,
     otlp: int,
     pythonpath: str | None = None,
+    cold_bytecode: bool = False,
 ) -> dict[str, str]:
     config = {
         "admin": {"host": "127.0.0.1", "port": admin},
@@ -181,6 +191,11 @@ def sidecar_env(
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath  # another tree's sidecar (e.g. an export of main: the "before")
+    if cold_bytecode:
+        # No cached bytecode anywhere (how a base image without .pyc files runs): every module,
+        # the standard library's included, is compiled from source at start-up.
+        env["PYTHONPYCACHEPREFIX"] = str(tmp / "empty-pycache")
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(
         {
             "OUTRIDER_CONFIG": json.dumps(config),
@@ -224,6 +239,7 @@ async def one(
         tmp=tmp,
         otlp=ctx["otlp"],
         pythonpath=args.pythonpath,
+        cold_bytecode=args.cold_bytecode,
     )
     outrider = str(Path(sys.executable).with_name("outrider"))
     async with AsyncExitStack() as inner:
@@ -240,6 +256,7 @@ async def one(
             "idle_rss_mb": round(idle, 1),
             "idle_anon_mb": round(status_mb(sidecar.pid, "RssAnon"), 1),
             "idle_pss_mb": round(pss_mb(sidecar.pid), 1),
+            "startup_cpu_s": round(cpu_s(sidecar.pid), 2),
             "native": mapped(sidecar.pid),
             "packages": mapped_packages(sidecar.pid),
             "warm_errors": warm["errors"],
@@ -303,7 +320,8 @@ def render(result: dict[str, Any]) -> str:
         lines += [
             f"telemetry+audit {row['config']:3s}: idle RSS {idle:.1f} MB (target <= {target:.0f}; "
             f"{idle / floor:.2f}x the floor), anon {row['idle_anon_mb']:.1f}, "
-            f"PSS {row['idle_pss_mb']:.1f}  [load {row['load_idle']}]",
+            f"PSS {row['idle_pss_mb']:.1f}; CPU to idle {row['startup_cpu_s']:.2f} s"
+            f"  [load {row['load_idle']}]",
             f"    native libraries mapped: {', '.join(row['native']) or '-'}",
             f"    after {row['sessions']} sessions, {row['calls_ok']} calls ({row['errors']} errors) "
             f"in {row['load_s']} s: RSS {row['after_rss_mb']:.1f} MB (+{row['growth_mb']:.1f} over idle, "
@@ -324,6 +342,11 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--pythonpath", help="run the sidecars from another tree (PYTHONPATH), e.g. an export of main"
+    )
+    parser.add_argument(
+        "--cold-bytecode",
+        action="store_true",
+        help="run the sidecars with no cached bytecode (a base image without .pyc files)",
     )
     args = parser.parse_args()
     result = asyncio.run(run(args))

@@ -19,7 +19,9 @@
 #      OUTRIDER_CACHE (~/.cache/outrider), OUTRIDER_IMAGE_CACHE (base tarballs and buildah's storage,
 #      ~7 GB; default $OUTRIDER_CACHE/image-build), OUTRIDER_IMAGE_DIR (archives + SBOMs, which
 #      `make node` imports at start-up; default $OUTRIDER_CACHE/images), NO_LOAD=1 to skip the
-#      containerd import, SBOM=0 to skip the SBOMs (no Go toolchain for syft).
+#      containerd import, SBOM=0 to skip the SBOMs (no Go toolchain for syft),
+#      CRYPTOGRAPHY_OPENSSL=system to build the sidecar's cryptography on the base's OpenSSL
+#      (default bundled: the wheel; see images/sidecar.Dockerfile and docs/capacity.md).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -398,7 +400,7 @@ build() {
   import_base "${tars[0]}" "$BUILD_BASE_IMAGE"
   import_base "${tars[1]}" "$BASE_IMAGE"
   log "[2/4] images (buildah bud; a cold build installs every dependency from PyPI)"
-  bud images/sidecar.Dockerfile "$SIDECAR_IMAGE"
+  bud images/sidecar.Dockerfile "$SIDECAR_IMAGE" "CRYPTOGRAPHY_OPENSSL=${CRYPTOGRAPHY_OPENSSL:-bundled}"
   bud images/webhook.Dockerfile "$WEBHOOK_IMAGE"
   bud images/mcp-example.Dockerfile "$MCP_IMAGE"
   bud images/testkit.Dockerfile "$TESTKIT_IMAGE" "SIDECAR_IMAGE=$SIDECAR_IMAGE"

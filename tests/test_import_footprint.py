@@ -6,15 +6,33 @@ at `sys.modules` after the imports and start-up steps of one configuration.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # Never in the sidecar unless the configuration asks for them (see the comments below).
-HEAVY = ("grpc", "cedarpy", "limits", "redis", "dns", "prometheus_client", "kubernetes_asyncio", "requests")
+HEAVY = (
+    "grpc",
+    "cedarpy",
+    "limits",
+    "redis",
+    "dns",
+    "prometheus_client",
+    "kubernetes_asyncio",
+    "requests",
+    "google",  # protobuf: the Workload API messages have their own codec (identity/workload_messages.py)
+    "spiffe",
+    "mcp",
+    "pydantic",
+    "jsonschema",
+)
 
 
 def _loaded(code: str, env: dict[str, str] | None = None) -> set[str]:
@@ -79,3 +97,43 @@ def test_tls_files_are_read_as_the_sdk_reads_them() -> None:
         True,
         "/c.pem",
     )
+
+
+def test_the_workload_api_client_runs_without_protobuf() -> None:
+    """Start the identity against the dev Workload API (grpcio serving the generated messages) in a
+    process that never imports protobuf itself: an X.509-SVID, a JWT-SVID and the JWT bundles arrive."""
+    code = """
+import asyncio, sys, tempfile
+from pathlib import Path
+from outrider.sidecar.identity.config import IdentityConfig
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
+
+async def main(sock):
+    identity = WorkloadApiIdentity(IdentityConfig(socket="unix://" + sock))
+    async with identity:
+        assert await identity.wait_ready(20), identity.status
+        assert identity.x509().spiffe_id == "spiffe://example.org/ns/a/sa/b"
+        assert (await identity.jwt_svid("aud-1")).count(".") == 2
+        assert "example.org" in await identity.jwt_bundles()
+    assert "google" not in {m.split(".")[0] for m in sys.modules}, "protobuf was imported"
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+    async def serve_and_check(sock: Path) -> subprocess.CompletedProcess[str]:
+        async with DevWorkloadApi(sock, spiffe_id="spiffe://example.org/ns/a/sa/b"):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                code,
+                str(sock),
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await process.communicate()
+            return subprocess.CompletedProcess([], process.returncode or 0, out.decode(), err.decode())
+
+    with tempfile.TemporaryDirectory(prefix="outrider-footprint-") as tmp:
+        done = asyncio.run(serve_and_check(Path(tmp) / "agent.sock"))
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -14,17 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
-
-# The stubs are loaded without running `spiffe/__init__` (see outrider.sidecar.identity._proto); mypy reads
-# the package's own .pyi for the message types.
-if TYPE_CHECKING:
-    from spiffe._proto import workload_pb2
-else:
-    from outrider.sidecar.identity._proto import workload_pb2
 
 from outrider.sidecar.identity import IdentityUnavailable, X509Material
 from outrider.sidecar.identity import svid as core
+from outrider.sidecar.identity import workload_messages as messages
 from outrider.sidecar.identity.config import IdentityConfig
 from outrider.sidecar.identity.grpc_unix import RpcError, UnixChannel
 from outrider.sidecar.telemetry.observer import NullObserver, Observer
@@ -190,16 +183,20 @@ class WorkloadApiIdentity:
         """The JWT trust bundles (JWKS JSON by trust domain), read once from the Workload API."""
         call = self._require_channel().unary_stream(
             _SERVICE + "FetchJWTBundles",
-            workload_pb2.JWTBundlesRequest().SerializeToString(),
+            messages.EMPTY_REQUEST,
             METADATA,
             self._config.jwt_fetch_timeout_s,
         )
         try:
             async for raw in call:
-                response = workload_pb2.JWTBundlesResponse.FromString(raw)
-                return {core.trust_domain_of(k): bytes(v) for k, v in response.bundles.items()}
+                response = messages.decode_jwt_bundles_response(raw)
+                return {core.trust_domain_of(k): v for k, v in response.bundles.items()}
         except RpcError as exc:
             raise IdentityUnavailable(self._classify(exc)[1]) from None
+        except messages.MessageError as exc:
+            raise IdentityUnavailable(
+                f"the Workload API sent an unreadable JWT bundle answer: {exc}"
+            ) from None
         finally:
             await call.aclose()  # type: ignore[attr-defined]
         raise IdentityUnavailable("the Workload API closed the JWT bundle stream without an answer")
@@ -277,16 +274,16 @@ class WorkloadApiIdentity:
         while True:
             try:
                 async for raw in self._require_channel().unary_stream(
-                    _SERVICE + "FetchX509SVID", workload_pb2.X509SVIDRequest().SerializeToString(), METADATA
+                    _SERVICE + "FetchX509SVID", messages.EMPTY_REQUEST, METADATA
                 ):
-                    self._accept(workload_pb2.X509SVIDResponse.FromString(raw))
+                    self._accept(messages.decode_x509_svid_response(raw))
                     attempt = 0
                 state, detail = self._classify(None, "STREAM_ENDED", "the agent closed the stream")
             except asyncio.CancelledError:
                 raise
             except RpcError as exc:
                 state, detail = self._classify(exc)
-            except core.SvidFormatError as exc:
+            except (core.SvidFormatError, messages.MessageError) as exc:
                 state, detail = core.BAD_RESPONSE, f"the Workload API sent an unusable X.509-SVID: {exc}"
             except Exception as exc:  # never let the identity task die: log (once) and retry
                 state, detail = core.ERROR, f"unexpected {type(exc).__name__} (see the log)"
@@ -299,7 +296,7 @@ class WorkloadApiIdentity:
             )
             attempt += 1
 
-    def _accept(self, response: workload_pb2.X509SVIDResponse) -> None:
+    def _accept(self, response: messages.X509SvidResponse) -> None:
         if not response.svids:
             raise core.SvidFormatError("the response holds no SVID")
         first = response.svids[0]  # the default SVID (SPIFFE Workload API: first is the default)
@@ -308,7 +305,7 @@ class WorkloadApiIdentity:
             first.x509_svid,
             first.x509_svid_key,
             first.bundle,
-            dict(response.federated_bundles),
+            response.federated_bundles,
         )
         serial = core.leaf_serial(material)
         previous = self._material
@@ -345,15 +342,20 @@ class WorkloadApiIdentity:
         try:
             raw = await channel.unary_unary(
                 _SERVICE + "FetchJWTSVID",
-                workload_pb2.JWTSVIDRequest(audience=[audience]).SerializeToString(),
+                messages.encode_jwt_svid_request([audience]),
                 METADATA,
                 self._config.jwt_fetch_timeout_s,
             )
-            response = workload_pb2.JWTSVIDResponse.FromString(raw)
+            response = messages.decode_jwt_svid_response(raw)
         except RpcError as exc:
             state, detail = self._classify(exc)
             self._jwt_fetches[state] += 1
             raise IdentityUnavailable(f"no JWT-SVID for audience {audience!r}: {detail}") from None
+        except messages.MessageError as exc:
+            self._jwt_fetches["bad_response"] += 1
+            raise IdentityUnavailable(
+                f"unreadable JWT-SVID answer for audience {audience!r}: {exc}"
+            ) from None
         if not response.svids:
             self._jwt_fetches["empty"] += 1
             raise IdentityUnavailable(f"the Workload API returned no JWT-SVID for audience {audience!r}")

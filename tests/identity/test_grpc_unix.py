@@ -16,10 +16,13 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import RequestReceived
+from spiffe._proto import workload_pb2
 
 from outrider.sidecar.dev.workload_api import DevWorkloadApi
-from outrider.sidecar.identity._proto import workload_pb2
+from outrider.sidecar.identity import IdentityUnavailable
+from outrider.sidecar.identity.config import IdentityConfig
 from outrider.sidecar.identity.grpc_unix import MAX_MESSAGE_BYTES, RpcError, UnixChannel, status_name
+from outrider.sidecar.identity.workload import WorkloadApiIdentity
 
 APP_ID = "spiffe://example.org/ns/apps/sa/mcp"
 HEADER = (("workload.spiffe.io", "true"),)
@@ -123,6 +126,11 @@ async def raw_server(path: Path, behave: str) -> AsyncIterator[None]:
                         h2.send_data(event.stream_id, struct.pack(">BI", 0, MAX_MESSAGE_BYTES + 1))
                     elif behave == "compressed":
                         h2.send_data(event.stream_id, struct.pack(">BI", 1, 3) + b"abc")
+                    elif behave == "garbage":
+                        # a well-framed gRPC message whose protobuf is cut short: field 1 claims 5 bytes
+                        body = b"\x0a\x05abc"
+                        h2.send_data(event.stream_id, struct.pack(">BI", 0, len(body)) + body)
+                        h2.send_headers(event.stream_id, [("grpc-status", "0")], end_stream=True)
                 writer.write(h2.data_to_send())
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -170,3 +178,26 @@ async def test_no_socket_is_unavailable_and_a_timeout_is_a_deadline(tmp_path: Pa
             assert caught.value.code_name == "DEADLINE_EXCEEDED"
         finally:
             await channel.close()
+
+
+async def test_an_unreadable_workload_api_answer_is_a_bad_response_not_a_crash(tmp_path: Path) -> None:
+    """The agent's bytes are parsed by the sidecar's own codec: a malformed answer makes the
+    identity unready with a reason (X.509) or fails the JWT-SVID request with one, never a traceback."""
+    sock = tmp_path / "raw.sock"
+    async with raw_server(sock, "garbage"):
+        identity = WorkloadApiIdentity(
+            IdentityConfig(socket=f"unix://{sock}", backoff_min_s=0.1, backoff_max_s=0.2)
+        )
+        async with identity:
+            for _ in range(100):
+                if identity.stats().state == "bad_response":
+                    break
+                await asyncio.sleep(0.05)
+            assert not identity.ready
+            assert identity.stats().state == "bad_response"
+            assert "unusable X.509-SVID" in identity.status and "runs past the end" in identity.status
+            with pytest.raises(IdentityUnavailable, match="unreadable JWT-SVID answer for audience 'aud-1'"):
+                await identity.jwt_svid("aud-1")
+            assert identity.stats().jwt_fetches.get("bad_response") == 1
+            with pytest.raises(IdentityUnavailable, match="unreadable JWT bundle answer"):
+                await identity.jwt_bundles()

@@ -19,6 +19,9 @@ class ImagePlan:
     requirements: Path
     # distributions that must not be installed in it (the other image's, the dev and test tools)
     absent: frozenset[str]
+    # installed although its own commands never import them: the test-only image built on top of it
+    # (images/testkit.Dockerfile, which has no pip) runs code that does
+    for_testkit: frozenset[str] = frozenset()
 
 
 DEV_TOOLS = frozenset(
@@ -48,6 +51,9 @@ SIDECAR = ImagePlan(
     entries=("outrider.webhook.cli", "outrider.sidecar.main", "outrider.sidecar.egress.iptables_cli"),
     requirements=ROOT / "images/requirements/sidecar.txt",
     absent=DEV_TOOLS | {"kubernetes-asyncio", "prometheus-client"},
+    # the dev Workload API (sidecar/dev/workload_api.py) serves py-spiffe's generated messages; the
+    # sidecar itself reads them with its own codec (sidecar/identity/workload_messages.py)
+    for_testkit=frozenset({"spiffe"}),
 )
 
 WEBHOOK = ImagePlan(

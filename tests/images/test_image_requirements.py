@@ -56,6 +56,7 @@ def test_the_set_installs_everything_the_commands_import(plan: ImagePlan) -> Non
 def test_every_line_is_needed(plan: ImagePlan) -> None:
     imported = _imported_distributions(plan)
     needed = installed_with(Requirement(d) for d in imported)
+    needed |= plan.for_testkit
     extra = [str(r) for r in requirement_lines(plan.requirements) if canonicalize_name(r.name) not in needed]
     assert not extra, f"the {plan.name} image's commands never import {extra} (nor does anything they import)"
 

@@ -155,6 +155,26 @@ def test_the_sidecar_image_holds_no_webhook_server(archives: dict[str, ImageArch
     assert "usr/sbin/xtables-nft-multi" not in archives["webhook"].files()
 
 
+def test_the_sidecar_image_carries_its_bytecode(archives: dict[str, ImageArchive]) -> None:
+    """Without it every sidecar compiles what it imports at each start: more CPU, a higher start-up
+    peak (docs/capacity.md, "Bytecode in the image")."""
+    files = archives["sidecar"].files()
+    site = _site_packages(files)
+    for module in (
+        "outrider/sidecar/main",
+        "outrider/sidecar/identity/workload_messages",
+        "aiohttp/web",
+        "cryptography/x509/base",
+        "h2/connection",
+    ):
+        folder, name = module.rsplit("/", 1)
+        assert f"{site}{module}.py" in files, module
+        pyc = re.compile(rf"{re.escape(site + folder)}/__pycache__/{name}\.cpython-\d+\.pyc")
+        assert any(pyc.fullmatch(f) for f in files), f"no bytecode for {module} in the sidecar image"
+    stdlib = re.compile(r"usr/(local/)?lib/python3\.\d+/asyncio/__pycache__/base_events\.cpython-\d+\.pyc")
+    assert any(stdlib.fullmatch(f) for f in files), "no bytecode for the standard library in the image"
+
+
 # --- their commands, run under runc as containerd would ----------------------------------------
 
 
