@@ -6,6 +6,7 @@ least recently used entry, so a stream of distinct pods never grows memory or fl
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -36,7 +37,9 @@ class Memo(Generic[K, V]):
     def get(self, key: K) -> V | None:
         found = self._entries.get(key)
         if found is not None:
-            self._entries.move_to_end(key)
+            # evicted by another thread in between: the answer is still correct
+            with contextlib.suppress(KeyError):
+                self._entries.move_to_end(key)
         return found
 
     def put(self, key: K, value: V) -> V:
