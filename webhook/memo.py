@@ -6,7 +6,6 @@ least recently used entry, so a stream of distinct pods never grows memory or fl
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -37,9 +36,10 @@ class Memo(Generic[K, V]):
     def get(self, key: K) -> V | None:
         found = self._entries.get(key)
         if found is not None:
-            # evicted by another thread in between: the answer is still correct
-            with contextlib.suppress(KeyError):
+            try:  # noqa: SIM105 - no context manager object on every hit
                 self._entries.move_to_end(key)
+            except KeyError:  # evicted by another thread in between: the answer is still correct
+                pass
         return found
 
     def put(self, key: K, value: V) -> V:
