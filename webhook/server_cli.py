@@ -27,7 +27,7 @@ from outrider.webhook.config import (
     parse_config_text,
 )
 from outrider.webhook.namespaces import NamespaceFacts
-from outrider.webhook.server import DEFAULT_MAX_BODY, READY_CHECKS, build_app
+from outrider.webhook.server import DEFAULT_MAX_BODY, READY_CHECKS, build_app, settle_heap
 from outrider.webhook.tls import CertError, CertStore
 
 if TYPE_CHECKING:
@@ -235,6 +235,7 @@ async def _start(
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise _StartError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
     log.info("outrider webhook listening on https://%s:%s", args.host, args.port)
+    settle_heap()
     tasks: list[asyncio.Task[Any]] = []
     if args.cert_mode == "files":
         tasks.append(asyncio.create_task(store.watch(args.reload_interval), name="outrider-cert-watch"))
