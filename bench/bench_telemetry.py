@@ -139,7 +139,10 @@ def real_observer(
         )
         return sdk_observer, providers
     providers = build_providers("outrider-proxy", env=env, lean_spans=lean_spans)
-    tune_switch_interval(providers.plan)  # as the telemetry component does in `outrider sidecar`
+    # As the telemetry component does in `outrider sidecar` (a tree from before `sdk_export` always tuned).
+    sdk_export = providers.sdk_export() if hasattr(providers, "sdk_export") else True
+    if sdk_export:
+        tune_switch_interval(providers.plan)
     # The observer the sidecar's telemetry component would choose.
     return providers.observer(config, audit, workload, worker), providers
 

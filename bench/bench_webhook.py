@@ -1,7 +1,8 @@
 """Benchmark `POST /mutate` over TLS keep-alive against a no-op aiohttp TLS handler, same run.
 
 Each server runs in its own process on 127.0.0.1 with certs from `outrider.webhook.certs`; the client sends
-the same realistic AdmissionReview to both (interleaved rounds) and prints p50/p99, req/s and ratios.
+the same realistic AdmissionReview to both (interleaved rounds) and prints p50/p99, req/s, each
+server's CPU time per request (from /proc, robust to other load on the machine) and ratios.
 Usage: python bench/bench_webhook.py [--pods both|identical|unique] [--requests N] [--concurrency C]
        [--rounds R] [--json]
 """
@@ -90,7 +91,7 @@ def serve(target: str, port: int, cert_dir: Path) -> None:
     from aiohttp import web
 
     from outrider.webhook.config import ConfigHolder, parse_config
-    from outrider.webhook.server import build_app
+    from outrider.webhook.server import build_app, settle_heap
     from outrider.webhook.tls import CertStore
 
     store = CertStore()
@@ -106,6 +107,7 @@ def serve(target: str, port: int, cert_dir: Path) -> None:
 
         app = web.Application(client_max_size=2 * 1024 * 1024)
         app.router.add_post("/mutate", noop)
+    settle_heap()  # as `outrider webhook` does once it listens (the floor gets it too: a fair floor)
     web.run_app(app, host="127.0.0.1", port=port, ssl_context=store.context, access_log=None, print=None)
 
 
@@ -168,6 +170,12 @@ async def load(
     return latencies, elapsed
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time a process has used, in seconds (`/proc/PID/schedstat`: nanoseconds on a CPU)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -181,7 +189,7 @@ async def bench(args: argparse.Namespace, unique: bool) -> dict[str, Any]:
     # Unique mode: no body is ever sent twice to the webhook, across rounds included.
     bodies = [review_body(i) for i in range(per_load * args.rounds)] if unique else [review_body()]
     results: dict[str, dict[str, list[float]]] = {
-        t: {"lat": [], "elapsed": [], "count": [], "p50": [], "p99": []} for t in TARGETS
+        t: {"lat": [], "elapsed": [], "count": [], "p50": [], "p99": [], "cpu": []} for t in TARGETS
     }
     with tempfile.TemporaryDirectory(prefix="outrider-bench-") as tmp:
         cert_dir = Path(tmp)
@@ -205,7 +213,11 @@ async def bench(args: argparse.Namespace, unique: bool) -> dict[str, Any]:
                     bodies if not unique else bodies[round_index * per_load : (round_index + 1) * per_load]
                 )
                 for target in order:
+                    pid = procs[TARGETS.index(target)].pid
+                    cpu_before = _cpu_seconds(pid)
                     lat, elapsed = await load(ports[target], context, chunk, args.requests, args.concurrency)
+                    # the server's own CPU per request (warm-up included): what other load cannot skew
+                    results[target]["cpu"].append((_cpu_seconds(pid) - cpu_before) / (args.requests + warmup))
                     results[target]["lat"] += lat
                     results[target]["elapsed"].append(elapsed)
                     results[target]["count"].append(len(lat))
@@ -232,6 +244,7 @@ async def bench(args: argparse.Namespace, unique: bool) -> dict[str, Any]:
             "p99_ms": _percentile(lat, 0.99) * 1000,
             "mean_ms": statistics.fmean(lat) * 1000,
             "rps": sum(results[target]["count"]) / sum(results[target]["elapsed"]),
+            "cpu_us_per_request": statistics.median(results[target]["cpu"]) * 1e6,
         }
 
     # The median of per-round ratios resists load spikes from other work better than pooled figures.
@@ -243,6 +256,7 @@ async def bench(args: argparse.Namespace, unique: bool) -> dict[str, Any]:
     summary["ratio"] = {
         "p50": ratio("p50"),
         "p99": ratio("p99"),
+        "cpu": ratio("cpu"),
         "rps": statistics.median(
             (mc / me) / (nc / ne)
             for mc, me, nc, ne in zip(
@@ -264,16 +278,19 @@ def print_table(s: dict[str, Any]) -> None:
         f"webhook /mutate over TLS keep-alive: {s['rounds']} rounds x {s['requests_per_round']} requests, "
         f"concurrency {s['concurrency']}, AdmissionReview body {s['body_bytes']} bytes, pods {s['pods']}"
     )
-    print(f"{'server':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'req/s':>10}")
+    print(f"{'server':<28}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{'req/s':>10}{'CPU us/req':>12}")
     names = {"noop": "no-op aiohttp TLS handler", "mutate": "outrider /mutate"}
     for target in TARGETS:
         r = s[target]
         print(
             f"{names[target]:<28}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}{r['rps']:>10.0f}"
+            f"{r['cpu_us_per_request']:>12.0f}"
         )
     ratio = s["ratio"]
     label = "ratio (median of rounds)"
-    print(f"{label:<28}{ratio['p50']:>9.2f}x{ratio['p99']:>9.2f}x{'':>10}{ratio['rps']:>9.2f}x")
+    print(
+        f"{label:<28}{ratio['p50']:>9.2f}x{ratio['p99']:>9.2f}x{'':>10}{ratio['rps']:>9.2f}x{ratio['cpu']:>11.2f}x"
+    )
     print(f"target: p50 <= 1.5x, p99 <= 2.0x -> {'met' if s['met'] else 'NOT met'}")
     print(f"machine: {s['cpus']} CPUs, load average {s['load_average_1m']:.2f} at the end of the run")
 

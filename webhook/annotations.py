@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from outrider.webhook.memo import Memo
+
 PREFIX = "outrider.dev/"
 
 # Namespace label: `enabled` injects every pod, `strict` also refuses pods that would escape the
@@ -194,10 +196,43 @@ def resource_not_allowed(value: str, allowed: tuple[str, ...], configured: bool 
     )
 
 
+# Parsed settings (or the refusal) by every value parse_pod reads, each with its type (1, True and
+# "1" read differently): distinct pods of one workload share them, and a policy annotation's Cedar
+# text is compiled once, not per pod.
+_POD_KEYS = (POD_INJECT, MCP_PORT, TOKEN_AUDIENCE, RESOURCE, POLICY)
+_PARSED: Memo[tuple[Any, ...], PodSettings | str] = Memo(1024)
+
+
 def parse_pod(metadata: Mapping[str, Any], allowed_audiences: tuple[str, ...]) -> PodSettings:
     """Validate every `outrider.dev/*` key of a pod; raise `AnnotationError` on the first bad one."""
     labels = _str_map(metadata.get("labels"))
     annotations = _str_map(metadata.get("annotations"))
+    flag = labels.get(POD_INJECT)
+    key = (
+        allowed_audiences,
+        type(flag),
+        flag,
+        STATUS in annotations,
+        *((type(v), v) for v in map(annotations.get, _POD_KEYS)),
+    )
+    try:
+        found = _PARSED.get(key)
+    except TypeError:  # an unhashable value (a YAML list or map): parse it without the memo
+        return _parse_pod(labels, annotations, allowed_audiences)
+    if found is None:
+        try:
+            found = _parse_pod(labels, annotations, allowed_audiences)
+        except AnnotationError as exc:
+            found = str(exc)
+        _PARSED.put(key, found)
+    if isinstance(found, str):
+        raise AnnotationError(found)  # a new exception each time: no traceback shared across pods
+    return found
+
+
+def _parse_pod(
+    labels: Mapping[str, Any], annotations: Mapping[str, Any], allowed_audiences: tuple[str, ...]
+) -> PodSettings:
     from_label = parse_inject_flag(labels.get(POD_INJECT), "label")
     from_annotation = parse_inject_flag(annotations.get(POD_INJECT), "annotation")
     opt_out_source = None

@@ -548,6 +548,11 @@ def load_config_file(path: str | Path) -> WebhookConfig:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read webhook config {path}: {exc.strerror}") from None
+    return parse_config_text(text, path)
+
+
+def parse_config_text(text: str, path: str | Path) -> WebhookConfig:
+    """The config file's text (already read) into a `WebhookConfig`; `path` only names it in errors."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from outrider.sidecar.egress.policy import (
     Policy,
     PolicyError,
@@ -20,6 +22,7 @@ from outrider.sidecar.egress.policy import (
     union,
 )
 from outrider.webhook.annotations import EGRESS_ALLOW, EGRESS_MODE_LABEL
+from outrider.webhook.memo import Memo
 
 # EGRESS_ALLOW and EGRESS_MODE_LABEL live with every other outrider.dev/* name (re-exported here).
 __all__ = ["EGRESS_ALLOW", "EGRESS_MODE_LABEL", "EgressPlan", "plan_egress", "plan_egress_cached"]
@@ -95,6 +98,29 @@ def _operator_layer(
     return own, warnings
 
 
+# The operator's layer (RuleSets are frozen) by the policies' canonical JSON and the namespace: a pod
+# with its own egress allowlist gets a new plan, but the operator's policy is parsed once.
+_LAYERS: Memo[tuple[bytes, bytes, str], tuple[RuleSet | None, tuple[str, ...]]] = Memo(256)
+
+
+def _operator_layer_cached(
+    namespace_policy: Mapping[str, Any] | None, cluster_policy: Mapping[str, Any] | None, namespace: str
+) -> tuple[RuleSet | None, list[str]]:
+    try:
+        key = (_canon(namespace_policy), _canon(cluster_policy), namespace)
+    except (TypeError, ValueError):  # odd shapes: parse without the memo
+        return _operator_layer(namespace_policy, cluster_policy, namespace)
+    found = _LAYERS.get(key)
+    if found is None:
+        layer, warnings = _operator_layer(namespace_policy, cluster_policy, namespace)
+        found = _LAYERS.put(key, (layer, tuple(warnings)))
+    return found[0], list(found[1])
+
+
+def _canon(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=repr)
+
+
 def plan_egress(
     pod: Mapping[str, Any],
     namespace_labels: Mapping[str, str],
@@ -107,7 +133,7 @@ def plan_egress(
     mode, mode_warnings = choose_mode(namespace_labels)
     warnings = list(mode_warnings)
     errors: list[str] = []
-    base, base_warnings = _operator_layer(namespace_policy, cluster_policy, namespace)
+    base, base_warnings = _operator_layer_cached(namespace_policy, cluster_policy, namespace)
     warnings.extend(base_warnings)
     layers: list[RuleSet] = []
     if base is None or not base.rules:
@@ -177,8 +203,7 @@ def _broad_rule_warnings(layer: RuleSet) -> list[str]:
 # plan_egress is pure and re-parses the same operator policy on every admission (~half of an
 # uncached admission's Python time). The key holds every input plan_egress reads: keep it in step
 # with plan_egress and _init_args when they read more of the pod. Plans are shared: read-only.
-_PLAN_CACHE: dict[tuple[Any, ...], EgressPlan] = {}
-_PLAN_CACHE_SIZE = 512
+_PLAN_CACHE: Memo[tuple[Any, ...], EgressPlan] = Memo(512)
 
 
 def plan_egress_cached(
@@ -188,11 +213,7 @@ def plan_egress_cached(
     cluster_policy: Mapping[str, Any] | None,
 ) -> EgressPlan:
     """`plan_egress`, memoised on exactly the inputs it reads."""
-    import orjson
-
-    def canon(value: Any) -> bytes:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS, default=repr)
-
+    canon = _canon
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     annotation = (metadata.get("annotations") or {}).get(EGRESS_ALLOW)
@@ -209,8 +230,5 @@ def plan_egress_cached(
         return plan_egress(pod, namespace_labels, namespace_policy, cluster_policy)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
-        plan = plan_egress(pod, namespace_labels, namespace_policy, cluster_policy)
-        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = plan
+        plan = _PLAN_CACHE.put(key, plan_egress(pod, namespace_labels, namespace_policy, cluster_policy))
     return plan

@@ -23,6 +23,7 @@ from outrider.webhook import strict as strict_rules
 from outrider.webhook.config import WebhookConfig, thaw
 from outrider.webhook.egress import EgressPlan, plan_egress_cached
 from outrider.webhook.mcp_policy import POLICY_CONFIG_MAP, POLICY_DIR, plan_policy
+from outrider.webhook.memo import Memo
 from outrider.webhook.patch import JsonPatch, diff_into, escape
 from outrider.webhook.shape import as_list as _list
 from outrider.webhook.shape import as_map as _map
@@ -466,8 +467,13 @@ def _port_number(container: Mapping[str, Any], port: Any) -> int | None:
     if isinstance(port, str):
         if port.isdecimal():  # not isdigit: "²" is a digit that int() refuses
             return int(port)
-        for p in _tcp_ports(container):
-            if p.get("name") == port:
+        for p in _list(container.get("ports")):  # the first of `_tcp_ports` by that name
+            if (
+                isinstance(p, dict)
+                and p.get("name") == port
+                and isinstance(p.get("containerPort"), int)
+                and p.get("protocol", "TCP") == "TCP"
+            ):
                 return int(p["containerPort"])
     return None
 
@@ -583,12 +589,21 @@ def _sorted_json(value: Any) -> str:
 # resource): cached plans come back as the same object, so most admissions reuse the JSON and its
 # check. The entry holds its plan, so the id() in the key stays its own.
 _ConfigKey = tuple[int, str, int | None, str | None, str, str | None]
-_CONFIG_JSON: dict[_ConfigKey, tuple[EgressPlan, str, str | None]] = {}
+_CONFIG_JSON: Memo[_ConfigKey, tuple[EgressPlan, str, str | None]] = Memo(1024)
 # The merged config without the per-pod `inbound` values, and the first error of its other sections.
-_CONFIG_BASE: dict[
+_CONFIG_BASE: Memo[
     tuple[int, str, None, str | None, str], tuple[EgressPlan, dict[str, Any], tuple[str, str] | None]
-] = {}
+] = Memo(512)
+# The first error of the per-pod `inbound` section (("", "") for none). That section is the config's
+# own `inbound` block (fixed by the config hash) with the pod's MCP port and resource URI merged in,
+# so those three are every input: pods with other plans, audiences or policies share the check.
+_INBOUND_ERRORS: Memo[tuple[str, type, int | None, str | None], tuple[str, str]] = Memo(4096)
 _OTHER_SECTIONS = tuple(s for s in sidecar_settings.SECTIONS if s != "inbound")
+# Sections the engine writes per pod (plan, audience, MCP policy); the others are the operator's
+# `sidecar:` block alone, so their first error is one per config hash.
+_PER_POD_SECTIONS = ("exchange", "egress", "policy")
+_CONFIG_ONLY_SECTIONS = tuple(s for s in _OTHER_SECTIONS if s not in _PER_POD_SECTIONS)
+_CONFIG_ONLY_ERRORS: Memo[str, tuple[str, str]] = Memo(64)
 
 
 def _sidecar_config_json(
@@ -613,14 +628,17 @@ def _sidecar_config_json(
     base_key = (id(plan), config.hash, None, audience, policy_key)
     base = _CONFIG_BASE.get(base_key)
     if base is None or base[0] is not plan:
-        if len(_CONFIG_BASE) >= 512:
-            _CONFIG_BASE.clear()
         merged = sidecar_config(config, None, audience, plan, mcp_policy)
         other = None
         with contextlib.suppress(sidecar_settings.ConfigError):  # reported per pod, by `validate`
             sidecar_settings.check_sections(merged)
-            other = sidecar_settings.first_error(merged, _OTHER_SECTIONS) or ("", "")
-        base = _CONFIG_BASE[base_key] = (plan, merged, other)
+            own = _CONFIG_ONLY_ERRORS.get(config.hash)
+            if own is None:
+                first = sidecar_settings.first_error(merged, _CONFIG_ONLY_SECTIONS)
+                own = _CONFIG_ONLY_ERRORS.put(config.hash, first or ("", ""))
+            errors = [e for e in (own, sidecar_settings.first_error(merged, _PER_POD_SECTIONS)) if e and e[0]]
+            other = min(errors, key=lambda e: sidecar_settings.SECTIONS.index(e[0])) if errors else ("", "")
+        base = _CONFIG_BASE.put(base_key, (plan, merged, other))
     value = base[1]
     per_pod_inbound: dict[str, Any] = {}
     if mcp_port is not None:
@@ -636,21 +654,32 @@ def _sidecar_config_json(
     # orjson spells some floats differently from json (1e-07 vs 1e-7): floats take the json path.
     floats = _floats_in(config.hash, config.plain_sidecar) or _floats_in(plan, plan.policy)
     text = json.dumps(value, sort_keys=True, separators=(",", ":")) if floats else _sorted_json(value)
-    error = _sidecar_refusal(value, base[2])
-    if len(_CONFIG_JSON) >= 512:
-        _CONFIG_JSON.clear()
-    _CONFIG_JSON[key] = (plan, text, error)
+    if base[2] is None:
+        error = _sidecar_refusal(value)
+    else:
+        inbound_key = (config.hash, type(mcp_port), mcp_port, resource_uri)
+        inbound_error = _INBOUND_ERRORS.get(inbound_key)
+        if inbound_error is None:
+            first = sidecar_settings.first_error(value, ("inbound",))
+            inbound_error = _INBOUND_ERRORS.put(inbound_key, first or ("", ""))
+        error = _sidecar_refusal(value, base[2], inbound_error)
+    _CONFIG_JSON.put(key, (plan, text, error))
     if error is not None:
         raise _Refused(error)
     return text
 
 
-def _sidecar_refusal(value: Mapping[str, Any], other: tuple[str, str] | None = None) -> str | None:
+def _sidecar_refusal(
+    value: Mapping[str, Any],
+    other: tuple[str, str] | None = None,
+    inbound: tuple[str, str] | None = None,
+) -> str | None:
     """The sidecar's own start-up error for this OUTRIDER_CONFIG, or None when it would start.
 
     `other`: the first error of every section but `inbound` (("", "") for none), already known from
-    the config shared by many pods; then only `inbound`, the per-pod part, is checked again, and the
-    first error in section order is the one `validate` would give. None: check everything.
+    the config shared by many pods; then only `inbound`, the per-pod part, is checked again (unless
+    `inbound` gives its first error, ("", "") for none), and the first error in section order is the
+    one `validate` would give. None: check everything.
     """
     message: str | None = None
     if other is None:
@@ -659,7 +688,9 @@ def _sidecar_refusal(value: Mapping[str, Any], other: tuple[str, str] | None = N
         except sidecar_settings.ConfigError as exc:
             message = str(exc)
     else:
-        found = [e for e in (other, sidecar_settings.first_error(value, ("inbound",))) if e and e[0]]
+        if inbound is None:
+            inbound = sidecar_settings.first_error(value, ("inbound",))
+        found = [e for e in (other, inbound) if e and e[0]]
         if found:
             message = min(found, key=lambda e: sidecar_settings.SECTIONS.index(e[0]))[1]
     if message is None:
@@ -682,7 +713,7 @@ def _has_float(value: Any) -> bool:
 
 # Whether a config's `sidecar:` block or a plan's policy holds a float, by config hash or plan; the
 # per-pod values merged over them (port, audience, mode) never do. Plans are kept so ids stay theirs.
-_FLOATS: dict[Any, tuple[Any, bool]] = {}
+_FLOATS: Memo[Any, tuple[Any, bool]] = Memo(512)
 
 
 def _floats_in(owner: Any, value: Any) -> bool:
@@ -690,10 +721,8 @@ def _floats_in(owner: Any, value: Any) -> bool:
     found = _FLOATS.get(key)
     if found is not None and found[0] is owner:
         return found[1]
-    if len(_FLOATS) >= 512:
-        _FLOATS.clear()
     result = _has_float(value)
-    _FLOATS[key] = (owner, result)
+    _FLOATS.put(key, (owner, result))
     return result
 
 

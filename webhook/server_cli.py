@@ -19,9 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from outrider.webhook.config import ConfigError, ConfigHolder, WebhookConfig, load_config_file
+from outrider.webhook.config import (
+    ConfigError,
+    ConfigHolder,
+    WebhookConfig,
+    load_config_file,
+    parse_config_text,
+)
 from outrider.webhook.namespaces import NamespaceFacts
-from outrider.webhook.server import DEFAULT_MAX_BODY, READY_CHECKS, build_app
+from outrider.webhook.server import DEFAULT_MAX_BODY, READY_CHECKS, build_app, settle_heap
 from outrider.webhook.tls import CertError, CertStore
 
 if TYPE_CHECKING:
@@ -229,6 +235,7 @@ async def _start(
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise _StartError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
     log.info("outrider webhook listening on https://%s:%s", args.host, args.port)
+    settle_heap()
     tasks: list[asyncio.Task[Any]] = []
     if args.cert_mode == "files":
         tasks.append(asyncio.create_task(store.watch(args.reload_interval), name="outrider-cert-watch"))
@@ -238,17 +245,28 @@ async def _start(
     return tasks
 
 
-async def watch_config_file(path: str, holder: ConfigHolder, interval: float) -> None:
-    """Apply edits of `--config` while serving; a bad edit is logged and the last good config kept."""
+async def watch_config_file(path: str, holder: ConfigHolder, interval: float, settle: float = 0.1) -> None:
+    """Apply edits of `--config` while serving; a bad edit is logged and the last good config kept.
+
+    An edit is applied only once the file reads the same twice, `settle` seconds apart, and the
+    config is parsed from exactly those bytes: a file caught mid-write (truncated, or empty while an
+    editor rewrites it) is never applied, not even for one poll.
+    """
     last = _read_bytes(path)
     while True:
         await asyncio.sleep(interval)
         current = _read_bytes(path)
         if current is None or current == last:
             continue
+        await asyncio.sleep(settle)
+        if _read_bytes(path) != current:
+            continue  # still being written: judged at a later poll
         last = current
         try:
-            config = load_config_file(path)
+            config = parse_config_text(current.decode("utf-8"), path)
+        except UnicodeDecodeError:
+            log.warning("webhook config %s not applied (keeping the previous one): not UTF-8 text", path)
+            continue
         except ConfigError as exc:
             log.warning("webhook config %s not applied (keeping the previous one): %s", path, exc)
             continue

@@ -809,7 +809,7 @@ class InboundProxy:
         if not changed:
             return body
         document = list(parsed.objects) if parsed.batch else parsed.objects[0]
-        return json.dumps(document, separators=(",", ":")).encode()
+        return jsonrpc.dumps(document, body)
 
     async def _forward(
         self, request: web.BaseRequest, body: bytes, headers: CIMultiDict[str], calls: Calls, owner: str

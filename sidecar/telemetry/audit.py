@@ -11,7 +11,6 @@ import random
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,10 +73,22 @@ class EventStamp:
 
     @classmethod
     def at(cls, when: datetime, trace_id: str | None = None, span_id: str | None = None) -> EventStamp:
-        # A random (version 4) UUID from the process's PRNG: an event id must be unique, not secret,
-        # and uuid4() costs an os.urandom system call per audited call.
-        event_id = str(uuid.UUID(int=random.getrandbits(128), version=4))
-        return cls(event_id=event_id, time=when, trace_id=trace_id, span_id=span_id)
+        return cls(event_id=random_uuid4(), time=when, trace_id=trace_id, span_id=span_id)
+
+
+# The version (4) and variant (RFC 4122) bits of a version 4 UUID, as `uuid.UUID(version=4)` sets them.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def random_uuid4() -> str:
+    """`str(uuid.UUID(int=random.getrandbits(128), version=4))`, without building the UUID object.
+
+    From the process's PRNG: an event id must be unique, not secret, and uuid4() costs an
+    os.urandom system call per audited call.
+    """
+    h = f"{(random.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _time(value: datetime) -> str:
@@ -268,7 +279,16 @@ def encode(event: Event) -> str:
         # orjson: the same compact UTF-8 JSON at a tenth of the json module's cost per event.
         return orjson.dumps(event, default=str, option=_ORJSON_OPTIONS).decode()
     except (TypeError, orjson.JSONEncodeError):  # e.g. an integer past 64 bits in recorded arguments
-        return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate a caller sent (`"\\ud800"`): escaped, never lost
+            text = json.dumps(event, separators=(",", ":"), ensure_ascii=True, default=str)
+        return text
+
+
+# Held lines past this many are written at once: a long batch on the worker still writes regularly.
+MAX_HELD = 64
 
 
 class AuditLog:
@@ -284,6 +304,7 @@ class AuditLog:
         self._stream = stream
         self._owns = owns_stream
         self._lock = threading.Lock()
+        self._held: list[str] = []  # encoded lines `flush_held` writes
         # Repeated identical denials become one event per interval with a count (0: off).
         self.aggregator = DenialAggregator(aggregate_s)
         self._stop = threading.Event()
@@ -316,16 +337,36 @@ class AuditLog:
     def enabled(self) -> bool:
         return self._stream is not None
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, *, hold: bool = False) -> None:
+        """Write `event` after any held lines; with `hold`, keep its line for `flush_held` instead.
+
+        The telemetry worker holds the lines of one batch of calls and writes them at its end (one
+        system call, not one per line; `MAX_HELD` bounds a batch); everything else writes at once.
+        """
         if self._stream is None:
             return
         with self._lock:
-            self._write(self.aggregator.offer(event, time.monotonic()))
+            events = self.aggregator.offer(event, time.monotonic())
+            if hold and len(self._held) < MAX_HELD:
+                self._held.extend(encode(e) + "\n" for e in events)
+                return
+            self._write(events)
+
+    def flush_held(self) -> None:
+        """Write the lines `write(..., hold=True)` kept."""
+        if self._held:
+            with self._lock:
+                self._write([])
 
     def _write(self, events: list[Event]) -> None:
-        if self._stream is None or not events:
+        if self._stream is None:
             return
-        self._stream.write("".join(encode(e) + "\n" for e in events))
+        lines = self._held
+        lines.extend(encode(e) + "\n" for e in events)
+        if not lines:
+            return
+        self._held = []
+        self._stream.write("".join(lines))
         self._stream.flush()
 
     def _flush_loop(self) -> None:

@@ -92,7 +92,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
         },
     )
     audit = AuditLog.open(config.audit, aggregate_s=config.audit_aggregate_s)
-    switch_interval = tune_switch_interval(providers.plan)
+    switch_interval = tune_switch_interval(providers.plan, sdk_export=providers.sdk_export())
     worker = Worker(enabled=config.background)
     previous = runtime.observer
     runtime.observer = providers.observer(config, audit, _WorkloadFacts(runtime), worker)

@@ -15,6 +15,7 @@ from outrider.sidecar.inbound.jsonrpc import McpMessage
 from outrider.sidecar.telemetry import semconv
 from outrider.sidecar.telemetry.audit import AuditLog, Workload
 from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.metric_points import LeanMeter
 from outrider.sidecar.telemetry.observer import CallScope, EgressDecision, ExchangeOutcome, RequestInfo
 from outrider.sidecar.telemetry.observer_otel import OtelObserver, _ScopeBase
 from outrider.sidecar.telemetry.spans import (
@@ -37,7 +38,7 @@ class LeanObserver(OtelObserver):
         config: TelemetryConfig,
         *,
         tracer: LeanTracer,
-        meter_provider: metrics.MeterProvider,
+        meter_provider: metrics.MeterProvider | LeanMeter,
         audit: AuditLog,
         workload: Callable[[], Workload] = Workload,
         flush: Callable[[], object] | None = None,

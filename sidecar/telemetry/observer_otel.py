@@ -31,6 +31,7 @@ from outrider.sidecar.telemetry.audit import (
     mcp_call_event,
 )
 from outrider.sidecar.telemetry.config import TelemetryConfig
+from outrider.sidecar.telemetry.metric_points import LeanMeter
 from outrider.sidecar.telemetry.observer import (
     CallScope,
     EgressDecision,
@@ -97,7 +98,13 @@ class Tally:
     """
 
     def __init__(
-        self, meter: metrics.Meter, name: str, *, unit: str, description: str, limit: int = 2000
+        self,
+        meter: metrics.Meter | LeanMeter,
+        name: str,
+        *,
+        unit: str,
+        description: str,
+        limit: int = 2000,
     ) -> None:
         self._counts: dict[tuple[tuple[str, semconv.AttributeValue], ...], int] = {}
         self._lock = threading.Lock()
@@ -130,7 +137,7 @@ class OtelObserver:
         config: TelemetryConfig,
         *,
         tracer_provider: trace.TracerProvider,
-        meter_provider: metrics.MeterProvider,
+        meter_provider: metrics.MeterProvider | LeanMeter,
         audit: AuditLog,
         workload: Callable[[], Workload] = Workload,
         flush: Callable[[], object] | None = None,
@@ -141,6 +148,10 @@ class OtelObserver:
         # Span end, metric points and audit lines run here; disabled: on the caller's thread.
         self.worker = worker or Worker(enabled=False)
         self.audit = audit
+        # On the worker, a batch of calls' audit lines is written at the batch's end, in one write.
+        self.hold_audit = self.worker.enabled
+        if self.hold_audit:
+            self.worker.after_batch(audit.flush_held)
         self._workload = workload
         self.tracer = tracer_provider.get_tracer(INSTRUMENTATION)
         meter = meter_provider.get_meter(INSTRUMENTATION)
@@ -238,7 +249,8 @@ class OtelObserver:
         self.audit.write(
             egress_event(
                 EventStamp.at(_wall(end_ns), trace_id, span_id), decision=decision, workload=self.workload()
-            )
+            ),
+            hold=self.hold_audit,
         )
 
     def _egress_span(self, decision: EgressDecision, end_ns: int) -> tuple[str | None, str | None]:
@@ -389,7 +401,8 @@ class _ScopeBase:
                 message=self._message,
                 request=self._request,
                 workload=self._workload,
-            )
+            ),
+            hold=observer.hold_audit,
         )
 
     def finish(
@@ -463,7 +476,8 @@ class _ScopeBase:
                 config=observer.config,
                 token_exchange=exchange,
                 policy=policy,
-            )
+            ),
+            hold=observer.hold_audit,
         )
 
 

@@ -8,12 +8,42 @@ the standard library it pulls in (wsgiref, http.server, gzip: ~2 MB of RSS in ev
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Kind = Literal["counter", "gauge", "histogram"]
 Labels = tuple[tuple[str, str], ...]
+
+_UNIT_SUFFIX = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
+_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
+
+
+def metric_name(name: str, unit: str | None) -> str:
+    """OTel -> Prometheus name: dots to underscores and the unit as suffix (`..._seconds`)."""
+    base = _INVALID.sub("_", name)
+    suffix = _UNIT_SUFFIX.get(unit or "")
+    if suffix and not base.endswith("_" + suffix):
+        base = f"{base}_{suffix}"
+    return base
+
+
+def label_name(key: str) -> str:
+    return _INVALID.sub("_", key)
+
+
+def labels_of(attributes: Mapping[str, Any] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in (attributes or {}).items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list | tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        out[label_name(key)] = text
+    return out
 
 
 def number(value: float) -> str:
@@ -84,4 +114,5 @@ def render(families: Iterable[Family]) -> bytes:
         out.append(f"# HELP {name} {_escape_help(family.documentation)}\n")
         out.append(f"# TYPE {name} {family.kind}\n")
         out.extend(_sample(n, labels, value) for n, labels, value in family.samples)
-    return "".join(out).encode("utf-8")
+    # "replace": a label value with a lone surrogate (a caller's tool name) must not fail every scrape.
+    return "".join(out).encode("utf-8", "replace")

@@ -5,9 +5,8 @@ A pull-based SDK reader collects on each scrape; `prom_text` writes the text for
 
 from __future__ import annotations
 
-import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
@@ -24,37 +23,11 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation
 
-from outrider.sidecar.telemetry.prom_text import Family, Kind
+from outrider.sidecar.telemetry.prom_text import Family, Kind, label_name, metric_name
+from outrider.sidecar.telemetry.prom_text import labels_of as _labels
 from outrider.sidecar.telemetry.prom_text import render as render_text
 
-_UNIT_SUFFIX = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
-_INVALID = re.compile(r"[^a-zA-Z0-9_:]")
-
-
-def metric_name(name: str, unit: str | None) -> str:
-    """OTel -> Prometheus name: dots to underscores and the unit as suffix (`..._seconds`)."""
-    base = _INVALID.sub("_", name)
-    suffix = _UNIT_SUFFIX.get(unit or "")
-    if suffix and not base.endswith("_" + suffix):
-        base = f"{base}_{suffix}"
-    return base
-
-
-def label_name(key: str) -> str:
-    return _INVALID.sub("_", key)
-
-
-def _labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in (attributes or {}).items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, list | tuple):
-            text = ",".join(str(v) for v in value)
-        else:
-            text = str(value)
-        out[label_name(key)] = text
-    return out
+__all__ = ["ExportingReader", "PrometheusText", "families", "label_name", "metric_name", "render"]
 
 
 def families(metric: Metric) -> Iterator[Family]:

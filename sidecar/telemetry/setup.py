@@ -8,24 +8,26 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from outrider.sidecar.telemetry.audit import AuditLog, Workload
 from outrider.sidecar.telemetry.config import TelemetryConfig
-from outrider.sidecar.telemetry.prometheus import ExportingReader, PrometheusText, shares_aggregation
+from outrider.sidecar.telemetry.metric_export import MetricExport
+from outrider.sidecar.telemetry.metric_points import LeanMeter
 from outrider.sidecar.telemetry.span_export import BatchSettings, SpanBatcher
-from outrider.sidecar.telemetry.spans import LeanTracer, sampler_plan
-from outrider.sidecar.telemetry.worker import Worker
+from outrider.sidecar.telemetry.spans import LeanTracer, SpanRecord, sampler_plan
+from outrider.sidecar.telemetry.worker import Worker, yield_gil
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
+
     from outrider.sidecar.telemetry.observer_otel import OtelObserver
 
 log = logging.getLogger("outrider.telemetry")
@@ -124,6 +126,62 @@ def lean_spans_blocker(plan: ExportPlan, env: Mapping[str, str]) -> str | None:
     return None
 
 
+# With any of these set, metrics go through the SDK (views, exemplars or a provider the lean path lacks).
+_SDK_ONLY_METRIC_SETTINGS = ("OTEL_PYTHON_METER_PROVIDER",)
+_LEAN_EXEMPLAR_FILTERS = ("", "trace_based", "always_off")
+
+
+def lean_metrics_blocker(
+    plan: ExportPlan, env: Mapping[str, str], exporter: MetricExporter | None
+) -> str | None:
+    """Pure apart from reading the exporter's preferences: why metrics need the SDK, or None.
+
+    The lean path (`metric_points.LeanMeter`, OTLP written by `otlp_wire`) covers metrics exported
+    over OTLP/HTTP or on /metrics only, cumulative, with explicit buckets and no exemplars: what
+    the sidecar's instruments produce by default. Exemplars never occur with the default
+    `trace_based` filter: measurements are recorded outside any active span.
+    """
+    if plan.metrics == "grpc":
+        return "metrics are exported over OTLP/gRPC"
+    if exporter is not None:
+        # Imported only here: with metrics on /metrics alone the SDK's metrics are never loaded.
+        from outrider.sidecar.telemetry.prometheus import shares_aggregation
+
+        if not shares_aggregation(exporter):
+            return "metrics are exported with delta temporality or exponential histograms"
+    exemplars = env.get("OTEL_METRICS_EXEMPLAR_FILTER", "").strip().lower()
+    if exemplars not in _LEAN_EXEMPLAR_FILTERS:
+        return f"OTEL_METRICS_EXEMPLAR_FILTER={exemplars}"
+    for name in _SDK_ONLY_METRIC_SETTINGS:
+        if env.get(name):
+            return f"{name} is set"
+    return None
+
+
+def _lean_metric_export(meter: LeanMeter, resource: Resource, exporter: MetricExporter) -> MetricExport:
+    """The periodic export of the lean metrics, posting through the SDK exporter's HTTP client."""
+    from outrider.sidecar.telemetry.observer_otel import INSTRUMENTATION
+    from outrider.sidecar.telemetry.otlp_wire import MetricsRequestEncoder
+
+    client = getattr(exporter, "_client", None)
+    if client is None or not callable(getattr(client, "export", None)):
+        raise LookupError("an OTLP/HTTP metric exporter without the HTTP client this path posts through")
+    limit = int(getattr(exporter, "_max_request_size", 0) or 0)
+
+    def send(data: bytes) -> bool:
+        if 0 < limit < len(data):
+            log.warning(
+                "telemetry: dropping a metrics request of %d bytes (over the exporter's %d byte limit)",
+                len(data),
+                limit,
+            )
+            return False
+        return bool(client.export(data).success)
+
+    encoder = MetricsRequestEncoder(resource.attributes, INSTRUMENTATION)
+    return MetricExport(meter, encoder.encode_metrics, send, lambda: exporter.shutdown())
+
+
 def _lean_tracer(
     resource: Resource, exporting: bool, sampler: object
 ) -> tuple[LeanTracer, SpanBatcher | None]:
@@ -154,7 +212,12 @@ def _lean_tracer(
         return bool(client.export(data).success)
 
     encoder = TraceRequestEncoder(resource.attributes, INSTRUMENTATION)
-    batcher = SpanBatcher(encoder.encode, send, BatchSettings.from_env(), exporter.shutdown)
+
+    def encode(records: Sequence[SpanRecord]) -> bytes:
+        # The GIL is handed back between chunks: a 512-span batch holds it ~0.3 ms at a time, not ~3 ms.
+        return encoder.encode(records, pause=yield_gil)
+
+    batcher = SpanBatcher(encode, send, BatchSettings.from_env(), exporter.shutdown)
     return LeanTracer(plan, batcher.add), batcher
 
 
@@ -185,15 +248,18 @@ def http_transport(signal: Signal, env: Mapping[str, str]) -> Any:
     return Urllib3HTTPTransport(verify=verify, cert=cert)
 
 
-# While an exporter thread encodes a batch in Python, the event loop waits for the GIL up to the
+# While an SDK exporter thread encodes a batch in Python, the event loop waits for the GIL up to the
 # interpreter's switch interval (5 ms by default) each time it wakes: a p99 spike on every request
-# that lands during an export. 0.5 ms bounds that wait at a small cost in throughput.
+# that lands during an export. 0.5 ms bounds that wait, at a cost: every thread waiting for the GIL
+# wakes 2,000 times a second and the loop is made to drop it as often. The lean paths' threads hand
+# the GIL over themselves every few hundred microseconds (`worker.yield_gil`), so they keep the
+# default interval.
 EXPORT_SWITCH_INTERVAL_S = 0.0005
 
 
-def tune_switch_interval(plan: ExportPlan) -> float | None:
-    """Shorten the GIL switch interval when something is exported; returns the old value to restore."""
-    if plan.traces is None and plan.metrics is None:
+def tune_switch_interval(plan: ExportPlan, *, sdk_export: bool = True) -> float | None:
+    """Shorten the GIL switch interval when an SDK exporter runs; returns the old value to restore."""
+    if (plan.traces is None and plan.metrics is None) or not sdk_export:
         return None
     previous = sys.getswitchinterval()
     if previous > EXPORT_SWITCH_INTERVAL_S:
@@ -206,12 +272,15 @@ class TelemetryProviders:
     """The SDK objects one process owns; `shutdown()` flushes spans and metrics before exit."""
 
     tracer_provider: TracerProvider
-    meter_provider: MeterProvider
-    prometheus: PrometheusText
+    meter_provider: MeterProvider | None  # None: metrics on the lean path (`meter`)
+    prometheus: Callable[[], bytes]  # the `/metrics` text of these metrics
     plan: ExportPlan
     # The lean span path (None: spans go through `tracer_provider`) and its exporter, if exporting.
     lean: LeanTracer | None = None
     batcher: SpanBatcher | None = None
+    # The lean metrics path (None: metrics go through `meter_provider`) and its exporter, if exporting.
+    meter: LeanMeter | None = None
+    metric_export: MetricExport | None = None
 
     def observer(
         self,
@@ -224,11 +293,15 @@ class TelemetryProviders:
         from outrider.sidecar.telemetry.observer_lean import LeanObserver
         from outrider.sidecar.telemetry.observer_otel import OtelObserver
 
+        meters: MeterProvider | LeanMeter | None = (
+            self.meter if self.meter is not None else self.meter_provider
+        )
+        assert meters is not None
         if self.lean is not None:
             return LeanObserver(
                 config,
                 tracer=self.lean,
-                meter_provider=self.meter_provider,
+                meter_provider=meters,
                 audit=audit,
                 workload=workload,
                 flush=self.force_flush,
@@ -237,18 +310,25 @@ class TelemetryProviders:
         return OtelObserver(
             config,
             tracer_provider=self.tracer_provider,
-            meter_provider=self.meter_provider,
+            meter_provider=meters,
             audit=audit,
             workload=workload,
             flush=self.force_flush,
             worker=worker,
         )
 
+    def sdk_export(self) -> bool:
+        """Whether an SDK exporter thread (long GIL holds while encoding) exports anything."""
+        return bool((self.plan.traces and self.lean is None) or (self.plan.metrics and self.meter is None))
+
     def force_flush(self) -> None:
         if self.batcher is not None:
             self.batcher.force_flush()
         self.tracer_provider.force_flush(timeout_millis=5000)
-        self.meter_provider.force_flush(timeout_millis=5000)
+        if self.metric_export is not None:
+            self.metric_export.force_flush()
+        if self.meter_provider is not None:
+            self.meter_provider.force_flush(timeout_millis=5000)
 
     def shutdown(self) -> None:
         # Flush before shutting down: the batch processor drops queued spans otherwise.
@@ -258,7 +338,10 @@ class TelemetryProviders:
             self.tracer_provider.force_flush(timeout_millis=5000)
         finally:
             self.tracer_provider.shutdown()
-            self.meter_provider.shutdown(timeout_millis=5000)
+            if self.metric_export is not None:
+                self.metric_export.shutdown()
+            if self.meter_provider is not None:
+                self.meter_provider.shutdown(timeout_millis=5000)
 
 
 def build_providers(
@@ -268,11 +351,13 @@ def build_providers(
     resource_attributes: Mapping[str, str | None] | None = None,
     extra_metric_readers: tuple[MetricReader, ...] = (),
     lean_spans: bool = True,
+    lean_metrics: bool | None = None,
 ) -> TelemetryProviders:
     """Providers for one process: OTLP per the plan and a Prometheus reader; tests add readers.
 
     Spans take the lean path (`lean` set) unless `lean_spans` is False or the environment needs the
-    SDK (`lean_spans_blocker`); metrics always go through the SDK.
+    SDK (`lean_spans_blocker`); metrics likewise (`meter` set) unless `lean_metrics` (default: as
+    `lean_spans`) is False, readers are added, or `lean_metrics_blocker` names a reason.
     """
     env = os.environ if env is None else env
     plan = plan_export(env)
@@ -298,6 +383,46 @@ def build_providers(
             tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(plan.traces)))
 
     exporter = _metric_exporter(plan.metrics) if plan.metrics else None
+    wants_lean = lean_spans if lean_metrics is None else lean_metrics
+    metrics_blocker = (
+        lean_metrics_blocker(plan, env, exporter) if wants_lean else "the SDK path was asked for"
+    )
+    if metrics_blocker is None and extra_metric_readers:
+        metrics_blocker = "extra metric readers were given"
+    meter: LeanMeter | None = None
+    metric_export: MetricExport | None = None
+    meter_provider: MeterProvider | None = None
+    if metrics_blocker is None:
+        meter = LeanMeter()
+        try:
+            if exporter is not None:
+                metric_export = _lean_metric_export(meter, resource, exporter)
+        except LookupError as exc:
+            meter, metrics_blocker = None, str(exc)
+    if meter is not None:
+        prometheus: Callable[[], bytes] = meter.prometheus
+    else:
+        log.info("telemetry: metrics through the OpenTelemetry SDK: %s", metrics_blocker)
+        prometheus, meter_provider = _sdk_meter_provider(resource, exporter, extra_metric_readers)
+    log.info(
+        "telemetry: traces %s, metrics %s",
+        f"exported over OTLP {plan.traces}" if plan.traces else "not exported (no OTEL_* endpoint)",
+        f"exported over OTLP {plan.metrics}" if plan.metrics else "on /metrics only",
+    )
+    return TelemetryProviders(
+        tracer_provider, meter_provider, prometheus, plan, lean, batcher, meter, metric_export
+    )
+
+
+def _sdk_meter_provider(
+    resource: Resource, exporter: MetricExporter | None, extra_metric_readers: tuple[MetricReader, ...]
+) -> tuple[Callable[[], bytes], MeterProvider]:
+    """The SDK's MeterProvider with a Prometheus reader, sharing the OTLP reader when it can."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from outrider.sidecar.telemetry.prometheus import ExportingReader, PrometheusText, shares_aggregation
+
     if exporter is not None and shares_aggregation(exporter):
         # One reader, one aggregation per instrument, for OTLP and /metrics alike.
         prometheus = PrometheusText(ExportingReader(exporter))
@@ -307,10 +432,4 @@ def build_providers(
         readers = [prometheus.reader, *extra_metric_readers]
         if exporter is not None:
             readers.append(PeriodicExportingMetricReader(exporter))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    log.info(
-        "telemetry: traces %s, metrics %s",
-        f"exported over OTLP {plan.traces}" if plan.traces else "not exported (no OTEL_* endpoint)",
-        f"exported over OTLP {plan.metrics}" if plan.metrics else "on /metrics only",
-    )
-    return TelemetryProviders(tracer_provider, meter_provider, prometheus, plan, lean, batcher)
+    return prometheus, MeterProvider(resource=resource, metric_readers=readers)

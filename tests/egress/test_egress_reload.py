@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
+import pytest
 
 from outrider.sidecar.egress.policy import Destination, decide
 from outrider.sidecar.egress.reload import PolicyHolder, spec_policy
@@ -63,3 +66,26 @@ def test_removed_file_falls_back_to_the_spec(tmp_path: Path) -> None:
 def test_malformed_spec_denies_everything() -> None:
     spec, _ = spec_policy({"layers": "nope"})
     assert not decide(spec, Destination(port=443, name="a.test")).allowed
+
+
+def test_file_caught_mid_rewrite_never_lifts_the_narrowing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`>` or an editor truncates the file, then writes it: the empty file read in between would lift
+    the narrowing (empty = no file). It is never taken; the finished file is, at the next poll."""
+    from outrider.sidecar import polled_file
+
+    path = tmp_path / "policy.yaml"
+    holder = holder_for(path)
+    path.write_text("allow: [a.test]\n")
+    assert holder.check() and not ok(holder, "b.test")
+    monkeypatch.setattr(polled_file, "SETTLE_S", 0.5)
+    path.write_text("")  # truncated: the rewrite lands while check() settles
+    writer = threading.Timer(0.1, path.write_text, args=("allow: [a.test, c.test]\n",))
+    writer.start()
+    try:
+        assert holder.check() is False
+    finally:
+        writer.join()
+    assert ok(holder, "a.test") and not ok(holder, "b.test")  # the narrowing held throughout
+    assert holder.check() and not ok(holder, "b.test") and not ok(holder, "c.test")

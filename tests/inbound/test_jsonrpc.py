@@ -202,3 +202,35 @@ def test_fast_loads_keeps_big_integers_and_odd_inputs() -> None:
         b"[" * 1100 + b"]" * 1100,
     ):
         assert _outcome(jsonrpc.loads, data) == _outcome(json.loads, data), data[:30]
+
+
+def _reencoded(data: bytes) -> str:
+    """What the upstream reads after the proxy re-encodes a body it decoded (as `repr` of the values)."""
+    return repr(json.loads(jsonrpc.dumps(jsonrpc.loads(data), data)))
+
+
+@settings(max_examples=300)
+@given(_json_values, st.sampled_from(["utf-8", "utf-16", "utf-32"]), st.booleans())
+def test_reencoding_keeps_every_value_decoded(value: Any, encoding: str, ascii_only: bool) -> None:
+    data = json.dumps(value, ensure_ascii=ascii_only).encode(encoding, "surrogatepass")
+    try:
+        expected = repr(json.loads(data))
+    except (ValueError, RecursionError):
+        return
+    assert _reencoded(data) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[18446744073709551616, -9223372036854775809]",
+        b"[NaN, Infinity, -Infinity]",
+        b"[1e400, -1e400, 1e-400]",
+        b'{"s": "\\ud800 lone", "t": "caf\\u00e9 \\u2603"}',
+        '{"a": "NaN inside a string", "b": "\u00e9"}'.encode(),
+        '{"x": [1, 2.5, true, null]}'.encode("utf-16"),
+        b"[" * 300 + b"]" * 300,
+    ],
+)
+def test_reencoding_keeps_odd_values(data: bytes) -> None:
+    assert _reencoded(data) == repr(json.loads(data))

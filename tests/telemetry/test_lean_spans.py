@@ -345,7 +345,8 @@ def test_a_custom_sampler_or_grpc_keeps_the_sdk_path(monkeypatch: pytest.MonkeyP
 async def test_every_span_audit_line_and_metric_point_arrives_under_load(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Four threads, 2,000 calls with background recording and small batches: nothing is lost."""
+    """Four threads, 2,000 calls with background recording and small batches: no span, audit line or
+    metric point is lost (on /metrics and in the OTLP metrics export)."""
     calls, threads = 2000, 4
     async with otlp_http_receiver() as (endpoint, received):
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
@@ -399,6 +400,17 @@ async def test_every_span_audit_line_and_metric_point_arrives_under_load(
             m for m in metrics.splitlines() if m.startswith("mcp_server_operation_duration_seconds_count")
         )
         assert durations.endswith(f" {calls}.0")
+        # The OTLP metrics the shutdown exported (lean metrics) count every call too.
+        assert providers.meter is not None and received.metrics
+        exported = {
+            m.name: m
+            for rm in received.metrics[-1].resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+        }
+        assert sum(p.as_int for p in exported["outrider.mcp.requests"].sum.data_points) == calls
+        assert sum(p.count for p in exported["mcp.server.operation.duration"].histogram.data_points) == calls
+        assert sum(p.as_int for p in exported["outrider.token_exchanges"].sum.data_points) == calls
 
 
 def _record(i: int) -> SpanRecord:
@@ -456,3 +468,28 @@ def test_sampler_plan_bounds() -> None:
     assert always.sampled((1 << 128) - 1, None)
     assert not never.sampled(0, None)
     time.sleep(0)
+
+
+def test_sdk_export_is_named_for_the_switch_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    lean = build_providers("outrider-proxy")
+    assert not lean.sdk_export()  # lean spans and metrics: their threads yield the GIL themselves
+    lean.shutdown()
+    sdk = build_providers("outrider-proxy", lean_spans=False)
+    assert sdk.sdk_export()
+    sdk.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")
+    metrics_sdk = build_providers("outrider-proxy")
+    assert metrics_sdk.lean is not None and metrics_sdk.meter is None and metrics_sdk.sdk_export()
+    metrics_sdk.shutdown()
+
+
+def test_chunked_encoding_pauses_between_chunks_and_writes_the_same_bytes() -> None:
+    from outrider.sidecar.telemetry.otlp_wire import TraceRequestEncoder
+
+    encoder = TraceRequestEncoder({"service.name": "s"}, "outrider.sidecar")
+    records = [_record(i) for i in range(200)]
+    pauses: list[int] = []
+    chunked = encoder.encode(records, pause=lambda: pauses.append(1), every=64)
+    assert chunked == encoder.encode(records)
+    assert len(pauses) == 3  # between 4 chunks (64, 64, 64, 8)

@@ -156,17 +156,28 @@ def _requests_points(received: Received) -> float:
     return total
 
 
-@pytest.mark.parametrize(("preference", "readers"), [("cumulative", 1), ("delta", 2)])
+@pytest.mark.parametrize(
+    ("preference", "lean", "readers"), [("cumulative", True, 0), ("cumulative", False, 1), ("delta", True, 2)]
+)
 async def test_metrics_and_otlp_share_one_aggregation_when_both_are_cumulative(
-    monkeypatch: pytest.MonkeyPatch, http_receiver: tuple[str, Received], preference: str, readers: int
+    monkeypatch: pytest.MonkeyPatch,
+    http_receiver: tuple[str, Received],
+    preference: str,
+    lean: bool,
+    readers: int,
 ) -> None:
-    """One reader (one aggregation per measurement) feeds OTLP and /metrics; delta needs its own."""
+    """One aggregation per measurement feeds OTLP and /metrics (the lean meter, or one SDK reader);
+    delta needs the SDK and a reader of its own for /metrics."""
     endpoint, received = http_receiver
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", preference)
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # only the flushes below export
-    providers = build_providers("outrider-proxy")
-    assert len(providers.meter_provider._metric_readers) == readers
+    providers = build_providers("outrider-proxy", lean_metrics=lean)
+    if readers:
+        assert providers.meter is None and providers.meter_provider is not None
+        assert len(providers.meter_provider._metric_readers) == readers
+    else:
+        assert providers.meter is not None and providers.meter_provider is None
     observer = providers.observer(TelemetryConfig(), AuditLog(io.StringIO()), lambda: WORKLOAD)
     _drive(observer)
     text = providers.prometheus().decode()
@@ -176,7 +187,7 @@ async def test_metrics_and_otlp_share_one_aggregation_when_both_are_cumulative(
     )
     await asyncio.sleep(0.2)
     assert received.metrics == []  # scrapes exported nothing
-    await asyncio.wait_for(asyncio.to_thread(providers.meter_provider.force_flush), timeout=30)
+    await asyncio.wait_for(asyncio.to_thread(providers.force_flush), timeout=30)
     assert len(received.metrics) == 1
     assert _requests_points(received) == 2  # both calls, whatever /metrics did in between
     scraped = sum(

@@ -208,10 +208,13 @@ def test_plan_export(env: dict[str, str], plan: ExportPlan) -> None:
     assert plan_export(env) == plan
 
 
-def test_switch_interval_shortened_only_when_exporting() -> None:
+def test_switch_interval_shortened_only_when_an_sdk_exporter_runs() -> None:
     original = sys.getswitchinterval()
     try:
         assert tune_switch_interval(ExportPlan()) is None
+        assert sys.getswitchinterval() == original
+        # The lean paths' threads hand the GIL back themselves: the interpreter's interval stays.
+        assert tune_switch_interval(ExportPlan(traces="http/protobuf"), sdk_export=False) is None
         assert sys.getswitchinterval() == original
         assert tune_switch_interval(ExportPlan(traces="grpc")) == original
         assert sys.getswitchinterval() == pytest.approx(min(original, EXPORT_SWITCH_INTERVAL_S))
@@ -380,3 +383,18 @@ def test_audit_log_unwritable_path_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(ConfigError, match=r"telemetry\.audit"):
         AuditLog.open(str(blocker / "audit.jsonl"))
+
+
+def test_event_ids_are_the_version_4_uuids_the_uuid_module_makes_of_the_same_bits() -> None:
+    import random
+    import uuid
+
+    from outrider.sidecar.telemetry.audit import random_uuid4
+
+    for seed in range(300):
+        random.seed(seed)
+        bits = random.getrandbits(128)
+        random.seed(seed)
+        made = random_uuid4()
+        assert made == str(uuid.UUID(int=bits, version=4))
+        assert uuid.UUID(made).version == 4 and uuid.UUID(made).variant == uuid.RFC_4122

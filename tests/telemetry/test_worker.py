@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import threading
+import time
 
 import pytest
 
+from outrider.sidecar.telemetry.audit import AuditLog
 from outrider.sidecar.telemetry.worker import Worker
 
 
@@ -92,4 +96,60 @@ def test_an_idle_worker_sleeps_until_the_next_job() -> None:
     worker.submit(ran.set)  # no drain(): the submit alone must wake the sleeping thread
     assert ran.wait(10)
     assert not worker._idle
+    worker.close()
+
+
+class _CountingStream(io.StringIO):
+    """Counts `write` calls: one per flushed batch of audit lines, not one per line."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_audit_lines_held_on_the_worker_are_written_per_batch_and_before_drain_returns() -> None:
+    stream = _CountingStream()
+    audit = AuditLog(stream)
+    worker = Worker(enabled=True)
+    worker.after_batch(audit.flush_held)
+    gate, after = threading.Event(), threading.Event()
+    worker.submit(lambda: gate.wait(10) and None)  # the next 200 jobs queue up into one batch
+    for i in range(200):
+        worker.submit(lambda i=i: audit.write({"type": "mcp.call", "n": i}, hold=True))
+    drained = threading.Event()
+    drainer = threading.Thread(target=lambda: worker.drain() and drained.set())
+    drainer.start()
+    while len(worker._jobs) < 201:  # the drain's barrier is queued behind the writes
+        time.sleep(0.001)
+    worker.submit(lambda: after.wait(10) and None)  # the worker stops again right after the barrier
+    gate.set()
+    assert drained.wait(10)
+    lines = stream.getvalue().splitlines()  # read while the worker waits: drain alone wrote them
+    after.set()
+    drainer.join()
+    assert [json.loads(line)["n"] for line in lines] == list(range(200))  # all, in order
+    assert stream.writes <= 4  # lines held up to MAX_HELD (64) at a time
+    worker.close()
+    worker.submit(lambda: audit.write({"type": "mcp.call", "n": 200}, hold=True))  # inline after close
+    assert json.loads(stream.getvalue().splitlines()[-1])["n"] == 200
+    audit.write({"type": "identity", "n": 201}, hold=True)
+    audit.close()  # what is still held is written on close
+    assert json.loads(stream.getvalue().splitlines()[-1])["n"] == 201
+
+
+def test_a_long_batch_hands_the_gil_back_every_few_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from outrider.sidecar.telemetry import worker as worker_module
+
+    handed: list[int] = []
+    monkeypatch.setattr(worker_module, "yield_gil", lambda: handed.append(1))
+    worker = Worker(enabled=True)
+    gate = threading.Event()
+    worker.submit(lambda: gate.wait(10) and None)
+    for _ in range(10 * worker_module.YIELD_EVERY):
+        worker.submit(lambda: None)
+    gate.set()
+    assert worker.drain()
+    assert len(handed) >= 10  # once per YIELD_EVERY jobs of the batch
     worker.close()

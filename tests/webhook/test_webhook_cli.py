@@ -464,3 +464,40 @@ def test_webhook_drains_after_sigterm_before_it_stops_answering(tmp_path: Path) 
 def test_webhook_refuses_a_bad_shutdown_delay() -> None:
     bad = _run("webhook", "--tls-cert", "x", "--tls-key", "y", "--shutdown-delay=-1")
     assert bad.returncode == 2 and "--shutdown-delay -1.0" in bad.stderr
+
+
+async def test_config_file_caught_mid_write_is_never_applied(tmp_path: Path) -> None:
+    """An editor that truncates the file, then writes it: the empty (or partial) file read in between
+    must not be served, not even for one poll; the finished edit is applied from the bytes judged."""
+    import asyncio
+
+    from outrider.webhook.config import ConfigHolder, load_config_file
+    from outrider.webhook.server_cli import watch_config_file
+
+    config = tmp_path / "config.yaml"
+    config.write_text("sidecar_image: registry.example/outrider:one\n")
+    holder = ConfigHolder(load_config_file(config))
+    served: list[str] = []
+    replace = holder.replace
+
+    def recording(new: object) -> None:
+        served.append(new.sidecar_image)  # type: ignore[attr-defined]
+        replace(new)  # type: ignore[arg-type]
+
+    holder.replace = recording  # type: ignore[method-assign]
+    watch = asyncio.create_task(watch_config_file(str(config), holder, interval=0.02, settle=0.5))
+    try:
+        await asyncio.sleep(0.1)  # the watch has read the first config
+        config.write_text("")  # truncated: an empty file is a valid config of defaults
+        await asyncio.sleep(0.2)  # polled several times while empty, inside the settle window
+        config.write_text("sidecar_image: registry.example/outrider:two\n")
+        for _ in range(300):
+            if served:
+                break
+            await asyncio.sleep(0.02)
+        config.write_bytes(b"sidecar_image: \xff\xfe\n")  # not UTF-8: refused, the last good one stays
+        await asyncio.sleep(1.0)
+    finally:
+        watch.cancel()
+    assert served == ["registry.example/outrider:two"]
+    assert holder.current.sidecar_image == "registry.example/outrider:two"
