@@ -173,6 +173,7 @@ class JwksCache:
         self._config = config
         self._session = session
         self._keys: list[dict[str, Any]] = []
+        self._listed = 0  # keys the last fetched JWKS listed, before `jwks_max_keys` cut them
         self._fetched_at = 0.0
         self._attempted_at = float("-inf")
         self._inflight: asyncio.Task[None] | None = None
@@ -227,7 +228,7 @@ class JwksCache:
                 raise _FetchError(f"JWKS {self._jwks_uri} has no 'keys' list")
             usable = [k for k in keys if isinstance(k, dict)]
             limit = self._config.jwks_max_keys
-            if len(usable) > limit and len(usable) != len(self._keys):
+            if len(usable) > limit and len(usable) != self._listed:  # once per change, not per refresh
                 log.warning(
                     "JWKS %s lists %d keys; keeping the first %d (inbound.jwks_max_keys)",
                     self._jwks_uri,
@@ -235,6 +236,7 @@ class JwksCache:
                     limit,
                 )
             self._keys = usable[:limit]
+            self._listed = len(usable)
             self._fetched_at = time.monotonic()
             if self.last_error is not None:
                 log.info("JWKS fetched again from %s (%d keys)", self._jwks_uri, len(self._keys))

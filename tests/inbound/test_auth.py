@@ -918,7 +918,12 @@ async def test_a_jwks_over_the_key_limit_is_logged_with_what_is_kept(
         await verifier_for(issuer, session, jwks_max_keys=2)  # exactly the limit: nothing to say
         assert not caplog.records
         issuer.keys.append(make_key("ES256"))
-        await verifier_for(issuer, session, jwks_max_keys=2)
+        cache = JwksCache(config_for(issuer, jwks_max_keys=2), session)
+        await cache.refresh(force=True)
+        await cache.refresh(force=True)  # the same JWKS again: said once, not at every refresh
+        issuer.keys.append(make_key("ES256"))
+        await cache.refresh(force=True)
     assert [r.getMessage() for r in caplog.records] == [
-        f"JWKS {issuer.url}/keys lists 3 keys; keeping the first 2 (inbound.jwks_max_keys)"
+        f"JWKS {issuer.url}/keys lists 3 keys; keeping the first 2 (inbound.jwks_max_keys)",
+        f"JWKS {issuer.url}/keys lists 4 keys; keeping the first 2 (inbound.jwks_max_keys)",
     ]
