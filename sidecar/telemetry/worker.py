@@ -29,9 +29,10 @@ WAKE_INTERVAL_S = 0.01
 IDLE_AFTER_EMPTY_WAKES = 100
 
 
-# Jobs between voluntary hand-overs of the GIL (~35 us each): the event loop never waits long for it,
-# without shortening the interpreter's switch interval for every thread (see `setup`).
-YIELD_EVERY = 8
+# Jobs between voluntary hand-overs of the GIL (~35 us each, ~2 ms of work): the event loop waits less
+# than the interpreter's 5 ms switch interval, which is left alone (see `setup`). Each hand-over is two
+# context switches: every 8 jobs cost ~5 % more CPU per request than 64 (docs/telemetry.md).
+YIELD_EVERY = 64
 
 
 # `time.sleep(0)` releases the GIL but usually takes it straight back before a waiting thread wakes
