@@ -395,14 +395,29 @@ def _survivor_list(rows: list[Score]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    keep = "--keep" in argv
-    if "--table" in argv:  # re-judge the rows in docs/testing.md against the equivalent list
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="scripts/mutation.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"default: all of {', '.join(MODULES)}")
+    parser.add_argument("--keep", action="store_true", help="keep each module's scratch copy")
+    parser.add_argument("--table", action="store_true", help="only re-judge the doc's rows (no run)")
+    args = parser.parse_args(argv)
+    if args.table:  # re-judge the rows in docs/testing.md against the equivalent list
         write_doc([], 0.0)
         return 0
-    wanted = [a for a in argv if not a.startswith("--")] or list(MODULES)
+    keep = args.keep
+    wanted = args.modules or list(MODULES)
     unknown = [m for m in wanted if m not in MODULES]
     if unknown:
         print(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    if not (Path(sys.executable).parent / "mutmut").exists():
+        print(
+            "mutmut is not installed in this environment: run `make mutation` (it installs it)",
+            file=sys.stderr,
+        )
         return 2
     children = int(os.environ.get("MUTATION_CHILDREN", "2"))
     started = time.monotonic()
