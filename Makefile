@@ -70,7 +70,7 @@ test-fast: venv
 # Mutation testing (mutmut 3) of the modules that decide allow/deny; not part of `make test` (it is slow).
 # MODULES="webhook/strict.py sidecar/egress/policy.py" runs some of them; the table goes to docs/testing.md.
 MODULES ?=
-mutation: venv
+mutation: venv sysdeps
 	@$(BIN)/python -c 'import mutmut' 2>/dev/null || $(BIN)/python -m pip install -q 'mutmut>=3.8,<4'
 	nice -n 10 $(BIN)/python scripts/mutation.py $(MODULES)
 

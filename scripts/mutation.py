@@ -394,6 +394,14 @@ def _survivor_list(rows: list[Score]) -> str:
     return out
 
 
+def _root_test_needs() -> str:
+    """Why the `root` tests of a WITH_ROOT module would skip here ("" when they can run)."""
+    if os.geteuid() != 0:
+        return "not root"
+    absent = [tool for tool in ("iptables", "ip6tables", "ip") if shutil.which(tool) is None]
+    return f"{', '.join(absent)} not installed" if absent else ""
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -419,6 +427,15 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    missing = _root_test_needs()
+    for module in (m for m in wanted if m in WITH_ROOT and missing):
+        # its real-namespace test would skip in every mutant: the mutants only it kills would show as
+        # survivors (a fresh machine without iptables did exactly that)
+        print(
+            f"[mutation] warning: {module}'s real-namespace test will skip ({missing}); its row will "
+            "show survivors that test kills. `make mutation` as root installs iptables (make sysdeps).",
+            file=sys.stderr,
+        )
     children = int(os.environ.get("MUTATION_CHILDREN", "2"))
     started = time.monotonic()
     scores: list[Score] = []

@@ -462,18 +462,15 @@ def _free_port_name(wanted: str, taken: set[str]) -> str:
 
 
 def _port_number(container: Mapping[str, Any], port: Any) -> int | None:
+    """The port a probe's `port` reaches, resolved as the kubelet does (`findPortByName`): a name is
+    looked up among the container's ports whatever their protocol, since the probe itself is TCP."""
     if isinstance(port, int):
         return port
     if isinstance(port, str):
         if port.isdecimal():  # not isdigit: "²" is a digit that int() refuses
             return int(port)
-        for p in _list(container.get("ports")):  # the first of `_tcp_ports` by that name
-            if (
-                isinstance(p, dict)
-                and p.get("name") == port
-                and isinstance(p.get("containerPort"), int)
-                and p.get("protocol", "TCP") == "TCP"
-            ):
+        for p in _list(container.get("ports")):
+            if isinstance(p, dict) and p.get("name") == port and isinstance(p.get("containerPort"), int):
                 return int(p["containerPort"])
     return None
 

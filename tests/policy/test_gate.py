@@ -394,8 +394,10 @@ async def test_the_reload_loop_probes_a_shared_store_that_went_away(monkeypatch:
 
 
 async def test_the_reload_loop_probes_no_sooner_than_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An hour between probes: many reload checks, no probe yet (the store is not hammered)."""
-    monkeypatch.setattr(gate_module, "STORE_PROBE_INTERVAL_S", 3600.0)
+    """Half a minute between probes, far longer than the test runs: many reload checks, no probe yet
+    (the store is not hammered). Not an hour: the loop's clock counts from boot, and a machine up for
+    less than that would not tell an elapsed time from a sum of clock readings."""
+    monkeypatch.setattr(gate_module, "STORE_PROBE_INTERVAL_S", 30.0)
     g = gate(
         rate_limits={"per_user": "5/minute"},
         storage=f"redis://127.0.0.1:{free_port()}",

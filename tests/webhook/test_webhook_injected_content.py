@@ -93,6 +93,31 @@ def test_a_probe_on_another_port_is_left_alone() -> None:
     assert _app(pod)["livenessProbe"] == {"httpGet": {"port": "9090"}}
 
 
+def test_a_probe_naming_its_port_is_resolved_as_the_kubelet_does() -> None:
+    # The kubelet looks a probe's named port up among the container's ports by name alone
+    # (findPortByName), whatever the protocol declared there, and probes that number over TCP: a name
+    # that lands on the MCP port goes through the capture and must be rewritten; an unknown name or
+    # another port is left to the kubelet.
+    app = {
+        "ports": [
+            {"containerPort": 8080},
+            {"name": "mcp-udp", "containerPort": 8080, "protocol": "UDP"},
+            {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+        ],
+        "livenessProbe": {"httpGet": {"port": "mcp-udp", "path": "/live"}},
+        "readinessProbe": {"tcpSocket": {"port": "metrics"}},
+        "startupProbe": {"httpGet": {"port": "no-such-port"}},
+    }
+    pod = _injected(_pod(app))
+    probes = json.loads(_env(_proxy(pod))["OUTRIDER_APP_PROBES"])
+    assert probes == {"/app-health/app/livez": {"httpGet": {"path": "/live", "port": 8080, "scheme": "HTTP"}}}
+    assert _app(pod)["livenessProbe"] == {
+        "httpGet": {"path": "/app-health/app/livez", "port": ann.ADMIN_PORT, "scheme": "HTTP"}
+    }
+    assert _app(pod)["readinessProbe"] == {"tcpSocket": {"port": "metrics"}}
+    assert _app(pod)["startupProbe"] == {"httpGet": {"port": "no-such-port"}}
+
+
 def test_the_apps_own_lifecycle_is_kept_beside_the_stop_sleep() -> None:
     post_start = {"exec": {"command": ["/bin/warm-up"]}}
     pod = _injected(_pod({"lifecycle": {"postStart": post_start}}))

@@ -142,6 +142,62 @@ def test_pod_settings_read_every_annotation() -> None:
     assert bare == ann.PodSettings()
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_values_that_compare_equal_across_types_are_read_each_on_its_own(order: int) -> None:
+    # parse_pod remembers its answers by value; YAML hands the webhook True, 1 and 1.0, which are equal
+    # and hash alike in Python but read differently. Whichever pod comes first, neither borrows the
+    # other's answer: a refused value must not ride on an accepted one.
+    label_true = {"labels": {"outrider.dev/inject": True}}
+    label_one = {"labels": {"outrider.dev/inject": 1}}
+    port_int = {"annotations": {"outrider.dev/mcp-port": 8080}}
+    port_float = {"annotations": {"outrider.dev/mcp-port": 8080.0}}
+    for accepted, refused, said in (
+        (label_true, label_one, "label outrider.dev/inject=1 is not valid"),
+        (port_int, port_float, "annotation outrider.dev/mcp-port=8080.0 is not valid"),
+    ):
+        for metadata in (accepted, refused)[::order] * 2:
+            if metadata is accepted:
+                settings = ann.parse_pod(metadata, ())
+                assert (settings.opt_out, settings.mcp_port) == (
+                    False,
+                    8080 if metadata is port_int else None,
+                )
+            else:
+                with pytest.raises(ann.AnnotationError, match=f"^{said}"):
+                    ann.parse_pod(metadata, ())
+
+
+@pytest.mark.parametrize(
+    ("metadata", "said"),
+    [
+        (
+            {"labels": {"outrider.dev/inject": {"on": True}}},
+            "label outrider.dev/inject={'on': True} is not valid",
+        ),
+        (
+            {"annotations": {"outrider.dev/mcp-port": [8080]}},
+            "annotation outrider.dev/mcp-port=[8080] is not valid",
+        ),
+        (
+            {
+                "annotations": {
+                    "outrider.dev/token-audience": "https://a",
+                    "outrider.dev/resource": ["https://a"],
+                }
+            },
+            "annotation outrider.dev/resource=['https://a'] is not valid",
+        ),
+    ],
+)
+def test_a_list_or_map_where_a_value_belongs_is_refused_by_name(metadata: dict[str, Any], said: str) -> None:
+    # YAML lets a manifest put a list or a map where a string belongs; each is refused with the key it
+    # sits under, every time (such values cannot be remembered by value, so they are read afresh)
+    for _ in range(2):
+        with pytest.raises(ann.AnnotationError) as caught:
+            ann.parse_pod(metadata, ("https://a",))
+        assert str(caught.value).startswith(said)
+
+
 def test_unknown_keys_are_only_outrider_ones_sorted() -> None:
     metadata = {
         "annotations": {
@@ -651,6 +707,54 @@ def test_per_pod_refusal_is_the_one_the_whole_check_gives() -> None:
             expected = _sidecar_refusal(value)
             assert _sidecar_refusal(value, other) == expected, chosen
             assert (expected is None) == (count == 0), chosen
+
+
+# An exchange the sidecar refuses without an audience (okta needs one): a per-pod error, since the pod's
+# `outrider.dev/token-audience` supplies it. Loading refuses such a config (the typical pod it checks
+# has no audience); these configs are built in-process to reach the per-pod checks behind that.
+_OKTA = {
+    "token_endpoint": "https://idp.example/token",
+    "profile": "okta",
+    "client_id": "c",
+    "auth": "jwt-svid",
+}
+_REFUSED = "the outrider-proxy sidecar would refuse this pod's configuration (OUTRIDER_CONFIG): "
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_one_pods_config_error_never_refuses_another_pod(order: int) -> None:
+    """The per-pod checks are shared by pods with the same port: a pod whose own annotation makes the
+    config valid is admitted whether a refused pod came first or not, and the refused one stays so."""
+    config = WebhookConfig(
+        sidecar={"exchange": {**_OKTA, "client_id": f"c{order}"}}, token_audiences=("https://api",)
+    )
+    bare = _pod()
+    with_audience = _pod()
+    with_audience["metadata"]["annotations"] = {"outrider.dev/token-audience": "https://api"}
+    for pod in (bare, with_audience, bare, with_audience)[::order]:
+        result = engine.inject(copy.deepcopy(pod), ENABLED, config)
+        if pod is with_audience:
+            assert result.allowed and result.injected, result.message
+        else:
+            assert not result.allowed
+            assert (result.message or "").startswith(_REFUSED + "exchange.audience: required"), result.message
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "first"),
+    [
+        ({"identity": {"socket": "tcp://nope"}, "exchange": _OKTA}, "identity.socket: 'tcp://nope'"),
+        ({"telemetry": {"audit": 7}, "exchange": _OKTA}, "exchange.audience: required"),
+        ({"telemetry": {"audit": 7}}, "telemetry.audit: 7 is not valid"),
+    ],
+)
+def test_a_config_the_sidecar_would_refuse_names_its_first_error(sidecar: dict[str, Any], first: str) -> None:
+    """Errors in the operator's own sections (checked once per config) and in the per-pod ones: the
+    refusal names the one the sidecar itself would stop on (section order), for every pod."""
+    for _ in range(2):  # the second pod is answered from the caches
+        result = engine.inject(_pod(), ENABLED, WebhookConfig(sidecar=sidecar))
+        assert not result.allowed
+        assert (result.message or "").startswith(_REFUSED + first), result.message
 
 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
