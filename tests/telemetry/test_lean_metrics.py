@@ -132,13 +132,18 @@ def test_the_lean_meter_keeps_the_sdk_for_what_it_does_not_reproduce() -> None:
         env = {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": preference}
         assert lean_metrics_blocker(exported, env)
         assert lean_metrics_blocker(ExportPlan(), env) is None  # /metrics only: no exporter to prefer
-    assert lean_metrics_blocker(exported, {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "cumul"}) is None
+    assert (
+        lean_metrics_blocker(exported, {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "cumul"}) is None
+    )
     histograms = "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION"
     assert lean_metrics_blocker(exported, {histograms: "Base2_Exponential_Bucket_Histogram"})
     assert lean_metrics_blocker(exported, {histograms: "explicit_bucket_histogram"}) is None
     # A credential provider hands the SDK exporter a requests session: the SDK keeps the signal.
     provider = {"OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER": "x"}
-    assert lean_metrics_blocker(exported, provider) == "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER is set"
+    assert (
+        lean_metrics_blocker(exported, provider)
+        == "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER is set"
+    )
     assert lean_metrics_blocker(exported, {"OTEL_PYTHON_EXPORTER_OTLP_HTTP_METRICS_CREDENTIAL_PROVIDER": "x"})
     assert lean_metrics_blocker(ExportPlan(), provider) is None
 
