@@ -293,10 +293,14 @@ class OtlpHttpClient:
         return False
 
     def shutdown(self) -> None:
-        """Abandon any backoff in progress and close the connection."""
+        """Abandon any backoff in progress and close the connection (left to an export still
+        sending after a second: it ends within its timeout)."""
         self._stop.set()
-        with self._lock:
-            self._close()
+        if self._lock.acquire(timeout=1.0):
+            try:
+                self._close()
+            finally:
+                self._lock.release()
 
 
 def _header_bytes(value: str) -> bytes:
