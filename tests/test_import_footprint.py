@@ -68,7 +68,7 @@ assert not gate.active
     assert {"cedarpy", "limits"} <= _loaded(with_policy)
 
 
-def test_otlp_http_export_does_not_load_requests_or_grpc() -> None:
+def test_otlp_http_export_does_not_load_requests_grpc_protobuf_or_urllib3() -> None:
     code = """
 from outrider.sidecar.telemetry.setup import build_providers
 providers = build_providers("outrider-proxy")
@@ -78,7 +78,9 @@ providers.shutdown()
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
     loaded = _loaded(code, env)
     assert "opentelemetry" in loaded
-    assert loaded.isdisjoint({"requests", "grpc", "prometheus_client"}), loaded
+    # The lean paths post with their own client: no protobuf, no urllib3 (test_otlp_http.py checks
+    # the SDK's and the exporters' modules one by one).
+    assert loaded.isdisjoint({"requests", "grpc", "prometheus_client", "google", "urllib3"}), loaded
 
 
 def test_tls_files_are_read_as_the_sdk_reads_them() -> None:

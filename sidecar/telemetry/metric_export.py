@@ -1,7 +1,8 @@
 """Exports the lean metrics over OTLP/HTTP on one thread every `OTEL_METRIC_EXPORT_INTERVAL`, as the SDK does.
 
-Collects the `LeanMeter`, writes the request with `otlp_wire` and posts it through the SDK exporter's
-HTTP client (endpoint, headers, TLS files, compression, timeout and retries from `OTEL_EXPORTER_OTLP_*`).
+Collects the `LeanMeter`, writes the request with `otlp_wire` and posts it through
+`otlp_http.OtlpHttpClient` (endpoint, headers, TLS files, compression, timeout and retries from
+`OTEL_EXPORTER_OTLP_*`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""Wires the OpenTelemetry SDK for an `outrider` process: providers, OTLP exporters, Prometheus reader.
+"""Sets up telemetry for an `outrider` process: the lean span and metric paths, or the OpenTelemetry SDK.
 
-Exporters come from the standard `OTEL_*` variables only; with none set nothing leaves the process.
+Exporters come from the standard `OTEL_*` variables only; with none set nothing leaves the process. On
+the lean paths (OTLP over HTTP/protobuf, the default) neither the SDK nor its exporters nor protobuf
+are imported: `otel_env` reads the SDK's settings and `otlp_http` posts the requests `otlp_wire` writes.
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-
+from outrider.sidecar.telemetry import otel_env
 from outrider.sidecar.telemetry.audit import AuditLog, Workload
 from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.metric_export import MetricExport
 from outrider.sidecar.telemetry.metric_points import LeanMeter
+from outrider.sidecar.telemetry.otlp_http import ExporterSettings, OtlpHttpClient
 from outrider.sidecar.telemetry.span_export import BatchSettings, SpanBatcher
-from outrider.sidecar.telemetry.spans import LeanTracer, SpanRecord, sampler_plan
+from outrider.sidecar.telemetry.spans import LeanTracer, SamplerPlan, SpanRecord
 from outrider.sidecar.telemetry.worker import Worker, yield_gil
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
     from outrider.sidecar.telemetry.observer_otel import OtelObserver
 
@@ -107,9 +110,21 @@ _SDK_ONLY_SETTINGS = (
     "OTEL_ATTRIBUTE_COUNT_LIMIT",
     "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT",
     "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT",
-    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
     "OTEL_PYTHON_TRACER_PROVIDER",
 )
+
+
+def _credential_provider(plan: ExportPlan, env: Mapping[str, str], signal: Signal) -> str | None:
+    """A credential provider hands the SDK exporter a `requests` session: only the SDK can use it."""
+    if getattr(plan, signal) is None:
+        return None
+    for name in (
+        f"OTEL_PYTHON_EXPORTER_OTLP_HTTP_{signal.upper()}_CREDENTIAL_PROVIDER",
+        "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+    ):
+        if env.get(name):
+            return f"{name} is set"
+    return None
 
 
 def lean_spans_blocker(plan: ExportPlan, env: Mapping[str, str]) -> str | None:
@@ -123,7 +138,7 @@ def lean_spans_blocker(plan: ExportPlan, env: Mapping[str, str]) -> str | None:
     for name in _SDK_ONLY_SETTINGS:
         if env.get(name):
             return f"{name} is set"
-    return None
+    return _credential_provider(plan, env, "traces")
 
 
 # With any of these set, metrics go through the SDK (views, exemplars or a provider the lean path lacks).
@@ -131,10 +146,8 @@ _SDK_ONLY_METRIC_SETTINGS = ("OTEL_PYTHON_METER_PROVIDER",)
 _LEAN_EXEMPLAR_FILTERS = ("", "trace_based", "always_off")
 
 
-def lean_metrics_blocker(
-    plan: ExportPlan, env: Mapping[str, str], exporter: MetricExporter | None
-) -> str | None:
-    """Pure apart from reading the exporter's preferences: why metrics need the SDK, or None.
+def lean_metrics_blocker(plan: ExportPlan, env: Mapping[str, str]) -> str | None:
+    """Pure apart from warnings: why metrics need the SDK, or None.
 
     The lean path (`metric_points.LeanMeter`, OTLP written by `otlp_wire`) covers metrics exported
     over OTLP/HTTP or on /metrics only, cumulative, with explicit buckets and no exemplars: what
@@ -143,82 +156,50 @@ def lean_metrics_blocker(
     """
     if plan.metrics == "grpc":
         return "metrics are exported over OTLP/gRPC"
-    if exporter is not None:
-        # Imported only here: with metrics on /metrics alone the SDK's metrics are never loaded.
-        from outrider.sidecar.telemetry.prometheus import shares_aggregation
-
-        if not shares_aggregation(exporter):
-            return "metrics are exported with delta temporality or exponential histograms"
+    if plan.metrics is not None:
+        preferences = otel_env.metric_preferences_blocker(env)
+        if preferences is not None:
+            return preferences
     exemplars = env.get("OTEL_METRICS_EXEMPLAR_FILTER", "").strip().lower()
     if exemplars not in _LEAN_EXEMPLAR_FILTERS:
         return f"OTEL_METRICS_EXEMPLAR_FILTER={exemplars}"
     for name in _SDK_ONLY_METRIC_SETTINGS:
         if env.get(name):
             return f"{name} is set"
-    return None
+    return _credential_provider(plan, env, "metrics")
 
 
-def _lean_metric_export(meter: LeanMeter, resource: Resource, exporter: MetricExporter) -> MetricExport:
-    """The periodic export of the lean metrics, posting through the SDK exporter's HTTP client."""
+def _lean_metric_export(
+    meter: LeanMeter, resource: Mapping[str, Any], env: Mapping[str, str]
+) -> MetricExport:
+    """The periodic export of the lean metrics, posted by our own OTLP/HTTP client."""
     from outrider.sidecar.telemetry.observer_otel import INSTRUMENTATION
     from outrider.sidecar.telemetry.otlp_wire import MetricsRequestEncoder
 
-    client = getattr(exporter, "_client", None)
-    if client is None or not callable(getattr(client, "export", None)):
-        raise LookupError("an OTLP/HTTP metric exporter without the HTTP client this path posts through")
-    limit = int(getattr(exporter, "_max_request_size", 0) or 0)
-
-    def send(data: bytes) -> bool:
-        if 0 < limit < len(data):
-            log.warning(
-                "telemetry: dropping a metrics request of %d bytes (over the exporter's %d byte limit)",
-                len(data),
-                limit,
-            )
-            return False
-        return bool(client.export(data).success)
-
-    encoder = MetricsRequestEncoder(resource.attributes, INSTRUMENTATION)
-    return MetricExport(meter, encoder.encode_metrics, send, lambda: exporter.shutdown())
+    client = OtlpHttpClient(ExporterSettings.from_env("metrics", env))
+    encoder = MetricsRequestEncoder(resource, INSTRUMENTATION)
+    return MetricExport(meter, encoder.encode_metrics, client.export, client.shutdown)
 
 
 def _lean_tracer(
-    resource: Resource, exporting: bool, sampler: object
+    resource: Mapping[str, Any], exporting: bool, sampler: SamplerPlan, env: Mapping[str, str]
 ) -> tuple[LeanTracer, SpanBatcher | None]:
-    """The lean tracer and, when exporting, its batcher (posting through the SDK exporter's client)."""
+    """The lean tracer and, when exporting, its batcher (posting with our own OTLP/HTTP client)."""
     from outrider.sidecar.telemetry.observer_otel import INSTRUMENTATION
     from outrider.sidecar.telemetry.otlp_wire import TraceRequestEncoder
 
-    plan = sampler_plan(sampler)
-    if plan is None:
-        raise LookupError("a sampler other than the standard ones")
     if not exporting:
-        return LeanTracer(plan, None), None
-    exporter = _span_exporter("http/protobuf")
-    client = getattr(exporter, "_client", None)
-    if client is None or not callable(getattr(client, "export", None)):
-        raise LookupError("an OTLP/HTTP exporter without the HTTP client this path posts through")
-    limit = int(getattr(exporter, "_max_request_size", 0) or 0)
-
-    def send(data: bytes) -> bool:
-        if 0 < limit < len(data):
-            log.warning(
-                "telemetry: dropping a span batch of %d bytes (over the exporter's %d byte limit); "
-                "lower OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-                len(data),
-                limit,
-            )
-            return False
-        return bool(client.export(data).success)
-
-    encoder = TraceRequestEncoder(resource.attributes, INSTRUMENTATION)
+        return LeanTracer(sampler, None), None
+    settings = BatchSettings.from_env(env)
+    client = OtlpHttpClient(ExporterSettings.from_env("traces", env))
+    encoder = TraceRequestEncoder(resource, INSTRUMENTATION)
 
     def encode(records: Sequence[SpanRecord]) -> bytes:
         # The GIL is handed back between chunks: a 512-span batch holds it ~0.3 ms at a time, not ~3 ms.
         return encoder.encode(records, pause=yield_gil)
 
-    batcher = SpanBatcher(encode, send, BatchSettings.from_env(), exporter.shutdown)
-    return LeanTracer(plan, batcher.add), batcher
+    batcher = SpanBatcher(encode, client.export, settings, client.shutdown)
+    return LeanTracer(sampler, batcher.add), batcher
 
 
 def tls_files(signal: Signal, env: Mapping[str, str]) -> tuple[bool | str, str | tuple[str, str] | None]:
@@ -269,9 +250,9 @@ def tune_switch_interval(plan: ExportPlan, *, sdk_export: bool = True) -> float 
 
 @dataclass
 class TelemetryProviders:
-    """The SDK objects one process owns; `shutdown()` flushes spans and metrics before exit."""
+    """The span and metric paths one process owns; `shutdown()` flushes spans and metrics before exit."""
 
-    tracer_provider: TracerProvider
+    tracer_provider: TracerProvider | None  # None: spans on the lean path (`lean`)
     meter_provider: MeterProvider | None  # None: metrics on the lean path (`meter`)
     prometheus: Callable[[], bytes]  # the `/metrics` text of these metrics
     plan: ExportPlan
@@ -307,6 +288,7 @@ class TelemetryProviders:
                 flush=self.force_flush,
                 worker=worker,
             )
+        assert self.tracer_provider is not None
         return OtelObserver(
             config,
             tracer_provider=self.tracer_provider,
@@ -324,7 +306,8 @@ class TelemetryProviders:
     def force_flush(self) -> None:
         if self.batcher is not None:
             self.batcher.force_flush()
-        self.tracer_provider.force_flush(timeout_millis=5000)
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush(timeout_millis=5000)
         if self.metric_export is not None:
             self.metric_export.force_flush()
         if self.meter_provider is not None:
@@ -335,9 +318,11 @@ class TelemetryProviders:
         try:
             if self.batcher is not None:
                 self.batcher.shutdown()
-            self.tracer_provider.force_flush(timeout_millis=5000)
+            if self.tracer_provider is not None:
+                self.tracer_provider.force_flush(timeout_millis=5000)
         finally:
-            self.tracer_provider.shutdown()
+            if self.tracer_provider is not None:
+                self.tracer_provider.shutdown()
             if self.metric_export is not None:
                 self.metric_export.shutdown()
             if self.meter_provider is not None:
@@ -353,11 +338,12 @@ def build_providers(
     lean_spans: bool = True,
     lean_metrics: bool | None = None,
 ) -> TelemetryProviders:
-    """Providers for one process: OTLP per the plan and a Prometheus reader; tests add readers.
+    """Span and metric paths for one process: OTLP per the plan and `/metrics`; tests add readers.
 
     Spans take the lean path (`lean` set) unless `lean_spans` is False or the environment needs the
     SDK (`lean_spans_blocker`); metrics likewise (`meter` set) unless `lean_metrics` (default: as
-    `lean_spans`) is False, readers are added, or `lean_metrics_blocker` names a reason.
+    `lean_spans`) is False, readers are added, or `lean_metrics_blocker` names a reason. The lean
+    paths read `env` (default `os.environ`); the SDK, where it is used, reads `os.environ` itself.
     """
     env = os.environ if env is None else env
     plan = plan_export(env)
@@ -365,28 +351,23 @@ def build_providers(
         log.warning("telemetry: %s", note)
     attributes = {"service.name": service_name}
     attributes.update({k: v for k, v in (resource_attributes or {}).items() if v})
-    # Resource.create also merges OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME from the environment.
-    resource = Resource.create(attributes)
+    # What Resource.create would hold: OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME merged in.
+    resource: Mapping[str, Any] | None = otel_env.resource_attributes(attributes, env)
+    if resource is None:  # resource detectors only the SDK has
+        resource = otel_env.sdk_resource_attributes(attributes)
 
-    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider: TracerProvider | None = None
     lean: LeanTracer | None = None
     batcher: SpanBatcher | None = None
     blocker = lean_spans_blocker(plan, env) if lean_spans else "the SDK path was asked for"
     if blocker is None:
-        try:
-            lean, batcher = _lean_tracer(resource, plan.traces is not None, tracer_provider.sampler)
-        except LookupError as exc:
-            blocker = str(exc)
-    if blocker is not None:
+        lean, batcher = _lean_tracer(resource, plan.traces is not None, otel_env.sampler_from_env(env), env)
+    else:
         log.info("telemetry: spans through the OpenTelemetry SDK: %s", blocker)
-        if plan.traces:
-            tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(plan.traces)))
+        tracer_provider = _sdk_tracer_provider(resource, plan.traces)
 
-    exporter = _metric_exporter(plan.metrics) if plan.metrics else None
     wants_lean = lean_spans if lean_metrics is None else lean_metrics
-    metrics_blocker = (
-        lean_metrics_blocker(plan, env, exporter) if wants_lean else "the SDK path was asked for"
-    )
+    metrics_blocker = lean_metrics_blocker(plan, env) if wants_lean else "the SDK path was asked for"
     if metrics_blocker is None and extra_metric_readers:
         metrics_blocker = "extra metric readers were given"
     meter: LeanMeter | None = None
@@ -394,16 +375,15 @@ def build_providers(
     meter_provider: MeterProvider | None = None
     if metrics_blocker is None:
         meter = LeanMeter()
-        try:
-            if exporter is not None:
-                metric_export = _lean_metric_export(meter, resource, exporter)
-        except LookupError as exc:
-            meter, metrics_blocker = None, str(exc)
-    if meter is not None:
+        if plan.metrics is not None:
+            metric_export = _lean_metric_export(meter, resource, env)
         prometheus: Callable[[], bytes] = meter.prometheus
     else:
         log.info("telemetry: metrics through the OpenTelemetry SDK: %s", metrics_blocker)
-        prometheus, meter_provider = _sdk_meter_provider(resource, exporter, extra_metric_readers)
+        exporter = _metric_exporter(plan.metrics) if plan.metrics else None
+        prometheus, meter_provider = _sdk_meter_provider(
+            _sdk_resource(resource), exporter, extra_metric_readers
+        )
     log.info(
         "telemetry: traces %s, metrics %s",
         f"exported over OTLP {plan.traces}" if plan.traces else "not exported (no OTEL_* endpoint)",
@@ -412,6 +392,25 @@ def build_providers(
     return TelemetryProviders(
         tracer_provider, meter_provider, prometheus, plan, lean, batcher, meter, metric_export
     )
+
+
+def _sdk_resource(attributes: Mapping[str, Any]) -> Resource:
+    """The SDK's Resource with the attributes the lean paths send: one resource (and one
+    `service.instance.id`) whichever path a signal takes."""
+    from opentelemetry.sdk.resources import Resource
+
+    return Resource(dict(attributes))
+
+
+def _sdk_tracer_provider(resource: Mapping[str, Any], protocol: Protocol | None) -> TracerProvider:
+    """The SDK's TracerProvider (sampler from `OTEL_TRACES_SAMPLER`), with a batch exporter if exporting."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=_sdk_resource(resource))
+    if protocol:
+        provider.add_span_processor(BatchSpanProcessor(_span_exporter(protocol)))
+    return provider
 
 
 def _sdk_meter_provider(

@@ -1,7 +1,7 @@
 """Batches span records and exports them as OTLP/HTTP protobuf on one thread, as the SDK's batch processor.
 
 Honours the same `OTEL_BSP_*` settings (queue size, batch size, schedule delay), drops the oldest
-span when the queue is full and counts it, and sends through the SDK exporter's HTTP client (endpoint,
+span when the queue is full and counts it, and sends through `otlp_http.OtlpHttpClient` (endpoint,
 headers, TLS files, compression, timeout and retries as configured by `OTEL_EXPORTER_OTLP_*`).
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from outrider.sidecar.telemetry.spans import SpanRecord
@@ -29,14 +30,23 @@ class BatchSettings:
     schedule_delay_s: float = 5.0
 
     @classmethod
-    def from_env(cls) -> BatchSettings:
-        """`OTEL_BSP_*`, read and checked by the SDK's own BatchSpanProcessor helpers."""
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor as Bsp
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BatchSettings:
+        """`OTEL_BSP_*`, read and checked as the SDK's BatchSpanProcessor reads and checks them."""
+        from outrider.sidecar.telemetry.otel_env import int_setting
 
-        queue = Bsp._default_max_queue_size()  # type: ignore[no-untyped-call]
-        delay = Bsp._default_schedule_delay_millis()  # type: ignore[no-untyped-call]
-        batch = Bsp._default_max_export_batch_size()  # type: ignore[no-untyped-call]
-        Bsp._validate_arguments(queue, delay, batch)  # type: ignore[no-untyped-call]  # the SDK's errors for bad values
+        env = os.environ if env is None else env
+        queue = int_setting(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+        delay = int_setting(env, "OTEL_BSP_SCHEDULE_DELAY", 5000)
+        batch = int_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+        # The SDK's errors for bad values, word for word.
+        if queue <= 0:
+            raise ValueError("max_queue_size must be a positive integer.")
+        if delay <= 0:
+            raise ValueError("schedule_delay_millis must be positive.")
+        if batch <= 0:
+            raise ValueError("max_export_batch_size must be a positive integer.")
+        if batch > queue:
+            raise ValueError("max_export_batch_size must be less than or equal to max_queue_size.")
         return cls(queue, batch, delay / 1000.0)
 
 

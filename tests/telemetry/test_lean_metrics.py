@@ -119,11 +119,33 @@ async def test_lean_metrics_equal_the_sdk_metrics_point_for_point(monkeypatch: p
 
 
 def test_the_lean_meter_keeps_the_sdk_for_what_it_does_not_reproduce() -> None:
-    assert lean_metrics_blocker(ExportPlan(metrics="grpc"), {}, None) == "metrics are exported over OTLP/gRPC"
-    assert lean_metrics_blocker(ExportPlan(), {}, None) is None  # /metrics only
-    assert lean_metrics_blocker(ExportPlan(), {"OTEL_METRICS_EXEMPLAR_FILTER": "always_on"}, None)
-    assert lean_metrics_blocker(ExportPlan(), {"OTEL_METRICS_EXEMPLAR_FILTER": "trace_based"}, None) is None
-    assert lean_metrics_blocker(ExportPlan(), {"OTEL_PYTHON_METER_PROVIDER": "x"}, None)
+    exported = ExportPlan(metrics="http/protobuf")
+    assert lean_metrics_blocker(ExportPlan(metrics="grpc"), {}) == "metrics are exported over OTLP/gRPC"
+    assert lean_metrics_blocker(ExportPlan(), {}) is None  # /metrics only
+    assert lean_metrics_blocker(exported, {}) is None
+    assert lean_metrics_blocker(ExportPlan(), {"OTEL_METRICS_EXEMPLAR_FILTER": "always_on"})
+    assert lean_metrics_blocker(ExportPlan(), {"OTEL_METRICS_EXEMPLAR_FILTER": "trace_based"}) is None
+    assert lean_metrics_blocker(ExportPlan(), {"OTEL_PYTHON_METER_PROVIDER": "x"})
+    # The exporter's preferences, read as the exporter reads them (case and spaces ignored; an
+    # unknown value means the default, as the exporter falls back to it).
+    for preference in ("delta", " LowMemory "):
+        env = {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": preference}
+        assert lean_metrics_blocker(exported, env)
+        assert lean_metrics_blocker(ExportPlan(), env) is None  # /metrics only: no exporter to prefer
+    assert (
+        lean_metrics_blocker(exported, {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "cumul"}) is None
+    )
+    histograms = "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION"
+    assert lean_metrics_blocker(exported, {histograms: "Base2_Exponential_Bucket_Histogram"})
+    assert lean_metrics_blocker(exported, {histograms: "explicit_bucket_histogram"}) is None
+    # A credential provider hands the SDK exporter a requests session: the SDK keeps the signal.
+    provider = {"OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER": "x"}
+    assert (
+        lean_metrics_blocker(exported, provider)
+        == "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER is set"
+    )
+    assert lean_metrics_blocker(exported, {"OTEL_PYTHON_EXPORTER_OTLP_HTTP_METRICS_CREDENTIAL_PROVIDER": "x"})
+    assert lean_metrics_blocker(ExportPlan(), provider) is None
 
 
 @pytest.mark.parametrize(
