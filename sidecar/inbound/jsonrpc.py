@@ -182,6 +182,16 @@ def parse_response_body(body: bytes) -> tuple[McpMessage, ...]:
     return tuple(parse_message(o) for o in items)
 
 
+def holds_no_error(body: bytes) -> bool:
+    """True when no message of the JSON answer `body` can be an error or an `isError` result.
+
+    Such messages are written with the key `"error"` or `"isError"`, and only a `\\u` escape could
+    spell either otherwise: a body without all three needs no parsing for its messages' outcomes
+    (`parse_response_body` would find successes only, or nothing).
+    """
+    return b'"error"' not in body and b"isError" not in body and b"\\u" not in body
+
+
 def error_object(msg_id: JsonRpcId, code: int, message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}}
 
