@@ -234,3 +234,45 @@ def test_reencoding_keeps_every_value_decoded(value: Any, encoding: str, ascii_o
 )
 def test_reencoding_keeps_odd_values(data: bytes) -> None:
     assert _reencoded(data) == repr(json.loads(data))
+
+
+_ANSWER_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["isError", "error", "code", "x", "é"]) | st.text(max_size=5), inner, max_size=3
+        )
+    ),
+    max_leaves=8,
+)
+_ANSWERS = st.fixed_dictionaries(
+    {"jsonrpc": st.just("2.0"), "id": st.integers(0, 9)},
+    optional={
+        "result": _ANSWER_VALUES | st.fixed_dictionaries({"isError": st.booleans()}),
+        "error": st.fixed_dictionaries({"code": st.integers(-33000, 0), "message": st.text(max_size=5)}),
+    },
+)
+
+
+@given(st.one_of(_ANSWERS, st.lists(_ANSWERS, min_size=1, max_size=3)), st.booleans())
+@settings(max_examples=300)
+def test_a_body_holding_no_error_parses_to_successes_only(answer: Any, ascii_only: bool) -> None:
+    body = json.dumps(answer, ensure_ascii=ascii_only).encode()
+    if jsonrpc.holds_no_error(body):
+        assert not any(m.is_error or m.error_code is not None for m in jsonrpc.parse_response_body(body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"x"}}',
+        b'{"jsonrpc":"2.0","id":1,"result":{"isError":true}}',
+        b'{"jsonrpc":"2.0","id":1,"\\u0065rror":{"code":-32000,"message":"x"}}',
+        b'{"jsonrpc":"2.0","id":1,"result":{"is\\u0045rror":true}}',
+    ],
+)
+def test_an_error_answer_however_spelt_is_parsed(body: bytes) -> None:
+    assert not jsonrpc.holds_no_error(body)
+    (message,) = jsonrpc.parse_response_body(body)
+    assert message.is_error
