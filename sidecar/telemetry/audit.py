@@ -414,7 +414,7 @@ class AuditLog:
         if self._stream is None:
             return
         with self._lock:
-            if not self.aggregator.window_s > 0:  # nothing to fold: no clock, no list
+            if self.aggregator.passes(event):  # nothing to fold or due: no clock, no list
                 if hold and len(self._held) < MAX_HELD:
                     self._held.append(encode_line(event))
                     return
