@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
@@ -304,7 +305,7 @@ class OtelObserver:
 
     def egress(self, decision: EgressDecision) -> None:
         end_ns = time.time_ns()
-        self.worker.submit(lambda: self._record_egress(decision, end_ns))
+        self.worker.submit(partial(self._record_egress, decision, end_ns))
 
     def _record_egress(self, decision: EgressDecision, end_ns: int) -> None:
         trace_id, span_id = self._egress_span(decision, end_ns)
@@ -459,7 +460,7 @@ class _ScopeBase:
                 return
             outcome, end, principal = held  # a second hit for one call: the first goes now
         self._observer.worker.submit(
-            lambda: self._record_exchange(outcome, end, principal, audit=outcome.outcome != "cache_hit")
+            partial(self._record_exchange, outcome, end, principal, audit=outcome.outcome != "cache_hit")
         )
 
     def _record_exchange(
@@ -503,8 +504,11 @@ class _ScopeBase:
         exchange = self.exchange_outcome
         policy = self.policy_outcome
         hit, self._hit = self._hit, None
+        # A partial, not a closure: one object per job instead of a cell per captured name, which
+        # would live on the worker's queue (past a young-generation collection) until it ran.
         self._observer.worker.submit(
-            lambda: self._record(
+            partial(
+                self._record,
                 http_status,
                 outcome,
                 error_type,
