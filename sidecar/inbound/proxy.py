@@ -908,7 +908,14 @@ class InboundProxy:
                 "upstream_reset",
             )
         status = upstream.status
-        if calls.pending and self.records and upstream.headers.get("Content-Type", "").startswith(JSON_CT):
+        if (
+            calls.pending
+            and self.records
+            and not (status < 400 and jsonrpc.holds_no_error(payload))
+            and upstream.headers.get("Content-Type", "").startswith(JSON_CT)
+        ):
+            # Only an answer that may hold errors is parsed: a call answered with a success is
+            # recorded by `finish_all` below as `answered` would record it ("ok", the same status).
             for message in jsonrpc.parse_response_body(payload):
                 calls.answered(message, status)
         headers = downstream_response_headers(upstream.headers, streaming=False)

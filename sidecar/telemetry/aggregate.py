@@ -68,9 +68,14 @@ class DenialAggregator:
         self._open: dict[tuple[Any, ...], _Window] = {}
         self.folded_total = 0
 
+    def passes(self, event: Event) -> bool:
+        """True when `offer(event, now)` gives `[event]` whatever `now`: no window is open and
+        `event` is no denial to fold (the common case, decided without the clock)."""
+        return not self._open and (self.window_s <= 0 or event.get("outcome") != "denied")
+
     def offer(self, event: Event, now: float) -> list[Event]:
         """The events to write now for `event` (none when it was folded into a window)."""
-        out = self.due(now)
+        out = self.due(now) if self._open else []  # no window open (most calls): nothing is due
         key = denial_key(event) if self.window_s > 0 else None
         if key is None:
             out.append(event)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import sys
 import threading
@@ -58,12 +59,16 @@ class Workload:
         return {"spiffe_id": self.spiffe_id, "pod": self.pod, "namespace": self.namespace}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EventStamp:
-    """The per-event facts a pure builder cannot make up: id, time and trace linkage."""
+    """The per-event facts a pure builder cannot make up: id, time and trace linkage.
+
+    `time` is a datetime, or already the event's `time` text (`at_ns`: the telemetry worker formats
+    nanosecond clocks without a datetime per event).
+    """
 
     event_id: str
-    time: datetime
+    time: datetime | str
     trace_id: str | None = None
     span_id: str | None = None
 
@@ -74,6 +79,11 @@ class EventStamp:
     @classmethod
     def at(cls, when: datetime, trace_id: str | None = None, span_id: str | None = None) -> EventStamp:
         return cls(event_id=random_uuid4(), time=when, trace_id=trace_id, span_id=span_id)
+
+    @classmethod
+    def at_ns(cls, time_ns: int, trace_id: str | None = None, span_id: str | None = None) -> EventStamp:
+        """At `time.time_ns()` value `time_ns`, as `at(datetime.fromtimestamp(time_ns / 1e9, UTC))`."""
+        return cls(random_uuid4(), time_text_ns(time_ns), trace_id, span_id)
 
 
 # The version (4) and variant (RFC 4122) bits of a version 4 UUID, as `uuid.UUID(version=4)` sets them.
@@ -91,8 +101,36 @@ def random_uuid4() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _time(value: datetime) -> str:
+def _time(value: datetime | str) -> str:
+    if isinstance(value, str):
+        return value
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# The last whole second `time_text_ns` formatted, and its text: calls come many per second. One
+# tuple, replaced whole, so a thread never reads one second's number with another's text.
+_second: tuple[int, str] = (-(1 << 62), "")
+
+
+def time_text_ns(time_ns: int) -> str:
+    """`_time(datetime.fromtimestamp(time_ns / 1e9, UTC))`, without the datetime.
+
+    Rounded as `fromtimestamp` rounds a float (to the microsecond, half to even), then cut to
+    milliseconds as `isoformat` cuts; the date and time of day are formatted once per second.
+    """
+    global _second
+    fraction, whole = math.modf(time_ns / 1e9)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1.0, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1.0, micros + 1_000_000
+    second = int(whole)
+    cached, text = _second
+    if cached != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = (second, text)
+    return f"{text}.{micros // 1000:03d}Z"
 
 
 def _normalise_key(key: str) -> str:
@@ -191,22 +229,43 @@ def mcp_call_event(
     token_exchange: str | None = None,
     policy: PolicyOutcome | None = None,
 ) -> Event:
-    event = _base(
-        "mcp.call",
-        stamp,
-        outcome=outcome,
-        reason=reason,
-        workload=workload,
-        principal=principal,
-        duration_s=duration_s,
-    )
-    mcp = _mcp(message, request)
-    mcp["http_status"] = http_status
-    mcp["error_type"] = error_type
-    mcp["token_exchange"] = token_exchange
+    # One literal, in `_base` and `_mcp` order: the event every call writes, built without the
+    # intermediate dicts and updates (a test holds it equal to `_base` + `_mcp`).
+    mcp: dict[str, Any] = {
+        "method": message.method or ("response" if message.kind == "response" else "invalid"),
+        "kind": message.kind,
+        "tool": message.tool_name,
+        "prompt": message.prompt_name,
+        "resource": message.resource_uri,
+        "jsonrpc_id": message.id,
+        "protocol_version": request.protocol_version,
+        "session_id": request.session_id,
+        "transport": request.transport,
+        "client_address": request.client_address,
+        "http_status": http_status,
+        "error_type": error_type,
+        "token_exchange": token_exchange,
+    }
     if config.record_arguments and message.arguments is not None:
         mcp["arguments"] = redact_arguments(message.arguments, config.redact_keys)
-    event["mcp"] = mcp
+    event: Event = {
+        "schema": SCHEMA_VERSION,
+        "event_id": stamp.event_id,
+        "time": _time(stamp.time),
+        "type": "mcp.call",
+        "outcome": outcome,
+        "reason": None if reason is None else scrub(reason),
+        "user": None
+        if principal is None
+        else {"kind": principal.kind, "sub": principal.subject, "iss": principal.issuer},
+        "client_id": None if principal is None else principal.client_id,
+        "act": [] if principal is None else list(principal.delegation),
+        "workload": workload.as_json(),
+        "duration_ms": round(duration_s * 1000.0, 3),
+        "trace_id": stamp.trace_id,
+        "span_id": stamp.span_id,
+        "mcp": mcp,
+    }
     if policy is not None:
         event["policy"] = {
             "decision": policy.decision,
@@ -271,6 +330,15 @@ def egress_event(stamp: EventStamp, *, decision: EgressDecision, workload: Workl
 
 
 _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+_ORJSON_LINE = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
+
+
+def encode_line(event: Event) -> str:
+    """`encode(event)` and a newline."""
+    try:
+        return orjson.dumps(event, default=str, option=_ORJSON_LINE).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return encode(event) + "\n"
 
 
 def encode(event: Event) -> str:
@@ -346,9 +414,15 @@ class AuditLog:
         if self._stream is None:
             return
         with self._lock:
+            if self.aggregator.passes(event):  # nothing to fold or due: no clock, no list
+                if hold and len(self._held) < MAX_HELD:
+                    self._held.append(encode_line(event))
+                    return
+                self._write([event])
+                return
             events = self.aggregator.offer(event, time.monotonic())
             if hold and len(self._held) < MAX_HELD:
-                self._held.extend(encode(e) + "\n" for e in events)
+                self._held.extend(encode_line(e) for e in events)
                 return
             self._write(events)
 
@@ -362,7 +436,7 @@ class AuditLog:
         if self._stream is None:
             return
         lines = self._held
-        lines.extend(encode(e) + "\n" for e in events)
+        lines.extend(encode_line(e) for e in events)
         if not lines:
             return
         self._held = []

@@ -92,11 +92,14 @@ class LeanHistogram:
         self._seen = False
 
     def record(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
+        attrs = attributes or {}
+        self.record_series(amount, frozenset(attrs.items()), attrs)
+
+    def record_series(self, amount: float, key: frozenset[tuple[str, Any]], attrs: Mapping[str, Any]) -> None:
+        """`record(amount, attrs)` with `key` already `frozenset(attrs.items())` (a caller's cached key)."""
         if amount < 0:  # as the SDK: a histogram takes non-negative values only
             log.warning("telemetry: negative value dropped from histogram %s", self.name)
             return
-        attrs = attributes or {}
-        key = frozenset(attrs.items())
         with self._lock:
             series = self._series.get(key)
             if series is None:

@@ -121,7 +121,9 @@ class _LeanScope(_ScopeBase):
         self, final: dict[str, semconv.AttributeValue], error: str | None, end: int
     ) -> tuple[str | None, str | None]:
         record = self._span
-        record.attributes = {**record.attributes, **final}
+        # The record's attributes are the scope's own dict, read for the metrics before this: extended
+        # in place (the same keys, in the same order, as a merged copy).
+        record.attributes.update(final)
         if error is not None:
             record.status_code, record.status_message = STATUS_ERROR, error
         self._lean.end(record, end)

@@ -10,8 +10,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -79,15 +79,18 @@ def trace_headers(span: Span) -> dict[str, str]:
     return carrier
 
 
-def _wall(time_ns: int) -> datetime:
-    return datetime.fromtimestamp(time_ns / 1e9, UTC)
-
-
 def _ids(span: Span) -> tuple[str | None, str | None]:
     ctx = span.get_span_context()
     if not ctx.is_valid:
         return None, None
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+TallyKey = tuple[tuple[str, semconv.AttributeValue], ...]
+
+
+def tally_key(attributes: Mapping[str, semconv.AttributeValue]) -> TallyKey:
+    return tuple(sorted(attributes.items()))
 
 
 class Tally:
@@ -106,13 +109,16 @@ class Tally:
         description: str,
         limit: int = 2000,
     ) -> None:
-        self._counts: dict[tuple[tuple[str, semconv.AttributeValue], ...], int] = {}
+        self._counts: dict[TallyKey, int] = {}
         self._lock = threading.Lock()
         self._limit = limit
         meter.create_observable_counter(name, callbacks=[self._observe], unit=unit, description=description)
 
     def add(self, attributes: Mapping[str, semconv.AttributeValue]) -> None:
-        key = tuple(sorted(attributes.items()))
+        self.add_key(tally_key(attributes))
+
+    def add_key(self, key: TallyKey) -> None:
+        """`add` for a key `tally_key` made (callers that see the same attribute sets keep theirs)."""
         with self._lock:
             count = self._counts.get(key)
             if count is None and len(self._counts) >= self._limit:
@@ -124,6 +130,28 @@ class Tally:
         with self._lock:
             items = list(self._counts.items())
         return [Observation(count, dict(key)) for key, count in items]
+
+
+_CALL_METRIC_KEYS_MAX = 1024
+
+
+class _CallMetricKeys(NamedTuple):
+    duration_attributes: dict[str, semconv.AttributeValue]
+    duration_series: frozenset[tuple[str, semconv.AttributeValue]]
+    requests: TallyKey
+
+
+# The exchange counter's keys by outcome (a handful of fixed values).
+_EXCHANGE_KEYS: dict[str, TallyKey] = {}
+
+
+def _exchange_key(outcome: str) -> TallyKey:
+    key = _EXCHANGE_KEYS.get(outcome)
+    if key is None:
+        key = tally_key({"outcome": outcome, "cache_hit": outcome == "cache_hit"})
+        if len(_EXCHANGE_KEYS) < 64:
+            _EXCHANGE_KEYS[outcome] = key
+    return key
 
 
 class OtelObserver:
@@ -194,6 +222,11 @@ class OtelObserver:
             unit="{event}",
             description="Workload identity events: SVID rotations and health changes.",
         )
+        # Per distinct (method, tool, ..., outcome): the duration histogram's attributes and series key
+        # and the request counter's key, made once instead of per call (bounded: tool names come
+        # from callers).
+        self._call_metric_keys: dict[tuple[object, ...], _CallMetricKeys] = {}
+        self._record_series = getattr(self.operation_duration, "record_series", None)
         self._identity_lock = threading.Lock()
         self._identity_healthy: int | None = None
         meter.create_observable_gauge(
@@ -202,6 +235,43 @@ class OtelObserver:
             unit="1",
             description="1 while the sidecar holds a valid SVID and the Workload API stream is healthy.",
         )
+
+    def record_call_metrics(
+        self,
+        duration: float,
+        attributes: Mapping[str, semconv.AttributeValue],
+        final: Mapping[str, semconv.AttributeValue],
+        outcome: str,
+    ) -> None:
+        """The duration histogram and request counter points of one call (`attributes` + `final`)."""
+        key = (
+            attributes.get("mcp.method.name"),
+            attributes.get("gen_ai.tool.name"),
+            attributes.get("gen_ai.prompt.name"),
+            attributes.get("gen_ai.operation.name"),
+            attributes.get("network.transport"),
+            attributes.get("mcp.protocol.version"),
+            final.get("error.type"),
+            final.get("rpc.response.status_code"),
+            outcome,
+        )
+        keys = self._call_metric_keys.get(key)
+        if keys is None:
+            all_attrs = {**attributes, **final}
+            duration_attrs = semconv.duration_metric_attributes(all_attrs)
+            keys = _CallMetricKeys(
+                duration_attrs,
+                frozenset(duration_attrs.items()),
+                tally_key(semconv.request_counter_attributes(all_attrs, outcome)),
+            )
+            if len(self._call_metric_keys) >= _CALL_METRIC_KEYS_MAX:
+                self._call_metric_keys.clear()
+            self._call_metric_keys[key] = keys
+        if self._record_series is not None:
+            self._record_series(duration, keys.duration_series, keys.duration_attributes)
+        else:
+            self.operation_duration.record(duration, keys.duration_attributes)
+        self.requests.add_key(keys.requests)
 
     def force_flush(self) -> None:
         """Record what is queued, then export pending spans and metrics (blocking: use a thread)."""
@@ -235,7 +305,7 @@ class OtelObserver:
 
     def egress(self, decision: EgressDecision) -> None:
         end_ns = time.time_ns()
-        self.worker.submit(lambda: self._record_egress(decision, end_ns))
+        self.worker.submit(partial(self._record_egress, decision, end_ns))
 
     def _record_egress(self, decision: EgressDecision, end_ns: int) -> None:
         trace_id, span_id = self._egress_span(decision, end_ns)
@@ -248,7 +318,7 @@ class OtelObserver:
         )
         self.audit.write(
             egress_event(
-                EventStamp.at(_wall(end_ns), trace_id, span_id), decision=decision, workload=self.workload()
+                EventStamp.at_ns(end_ns, trace_id, span_id), decision=decision, workload=self.workload()
             ),
             hold=self.hold_audit,
         )
@@ -289,6 +359,7 @@ class _ScopeBase:
     # One scope per message on the request path: slots make creating it cheaper.
     __slots__ = (
         "_attributes",
+        "_hit",
         "_message",
         "_observer",
         "_request",
@@ -318,6 +389,8 @@ class _ScopeBase:
         self.exchange_outcome: str | None = None
         self.policy_outcome: PolicyOutcome | None = None
         self.finished = False
+        # A cache-hit exchange waiting to be recorded in the call's own job (see `token_exchange`).
+        self._hit: tuple[ExchangeOutcome, int, Principal | None] | None = None
 
     def __enter__(self) -> _ScopeBase:
         return self
@@ -378,16 +451,23 @@ class _ScopeBase:
         end = time.time_ns()
         principal = self.principal
         # A cache hit still gets its child span (recorded off the request path, on the worker), but
-        # no audit line of its own: no IdP was asked, and the mcp.call line records the hit.
+        # no audit line of its own: no IdP was asked, and the mcp.call line records the hit. Having
+        # nothing to write at once, it is recorded in the call's job, just before the call (the
+        # order a job of its own gave it): one job per call instead of two.
+        if cache_hit and not self.finished:
+            held, self._hit = self._hit, (outcome, end, principal)
+            if held is None:
+                return
+            outcome, end, principal = held  # a second hit for one call: the first goes now
         self._observer.worker.submit(
-            lambda: self._record_exchange(outcome, end, principal, audit=not cache_hit)
+            partial(self._record_exchange, outcome, end, principal, audit=outcome.outcome != "cache_hit")
         )
 
     def _record_exchange(
         self, outcome: ExchangeOutcome, end: int, principal: Principal | None, *, audit: bool = True
     ) -> None:
         observer = self._observer
-        observer.exchanges.add({"outcome": outcome.outcome, "cache_hit": outcome.outcome == "cache_hit"})
+        observer.exchanges.add_key(_exchange_key(outcome.outcome))
         start = end - int(max(outcome.duration_s, 0.0) * 1e9)
         trace_id, span_id = self._exchange_span(outcome, start, end)
         if not audit:
@@ -395,7 +475,7 @@ class _ScopeBase:
         observer.exchange_duration.record(outcome.duration_s, {"outcome": outcome.outcome})
         observer.audit.write(
             exchange_event(
-                EventStamp.at(_wall(end), trace_id, span_id),
+                EventStamp.at_ns(end, trace_id, span_id),
                 outcome=outcome,
                 principal=principal,
                 message=self._message,
@@ -423,9 +503,23 @@ class _ScopeBase:
         principal = self.principal
         exchange = self.exchange_outcome
         policy = self.policy_outcome
+        hit, self._hit = self._hit, None
+        # A partial, not a closure: one object per job instead of a cell per captured name, which
+        # would live on the worker's queue (past a young-generation collection) until it ran.
         self._observer.worker.submit(
-            lambda: self._record(
-                http_status, outcome, error_type, reason, response, duration, end, principal, exchange, policy
+            partial(
+                self._record,
+                http_status,
+                outcome,
+                error_type,
+                reason,
+                response,
+                duration,
+                end,
+                principal,
+                exchange,
+                policy,
+                hit,
             )
         )
 
@@ -441,8 +535,14 @@ class _ScopeBase:
         principal: Principal | None,
         exchange: str | None,
         policy: PolicyOutcome | None = None,
+        hit: tuple[ExchangeOutcome, int, Principal | None] | None = None,
     ) -> None:
         observer = self._observer
+        if hit is not None:
+            try:
+                self._record_exchange(*hit, audit=False)
+            except Exception as exc:  # as a job of its own: its failure never loses the call's record
+                log.error("telemetry: a recording job failed: %s", type(exc).__qualname__)
         error = semconv.error_type(outcome, error_type, response, http_status)
         final = semconv.mcp_response_attributes(
             http_status=http_status, outcome=outcome, error_type_value=error, response=response
@@ -457,13 +557,11 @@ class _ScopeBase:
         if safe_reason:
             final["outrider.reason"] = safe_reason
         status_error = None if outcome in _OK_OUTCOMES else (error or outcome)
+        observer.record_call_metrics(duration, self._attributes, final, outcome)
         trace_id, span_id = self._end_span(final, status_error, end)
-        all_attrs = {**self._attributes, **final}
-        observer.operation_duration.record(duration, semconv.duration_metric_attributes(all_attrs))
-        observer.requests.add(semconv.request_counter_attributes(all_attrs, outcome))
         observer.audit.write(
             mcp_call_event(
-                EventStamp.at(_wall(end), trace_id, span_id),
+                EventStamp.at_ns(end, trace_id, span_id),
                 message=self._message,
                 request=self._request,
                 principal=principal,

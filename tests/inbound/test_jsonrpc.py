@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from outrider.sidecar.inbound import jsonrpc
@@ -234,3 +234,70 @@ def test_reencoding_keeps_every_value_decoded(value: Any, encoding: str, ascii_o
 )
 def test_reencoding_keeps_odd_values(data: bytes) -> None:
     assert _reencoded(data) == repr(json.loads(data))
+
+
+_ANSWER_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["isError", "error", "code", "x", "é"]) | st.text(max_size=5), inner, max_size=3
+        )
+    ),
+    max_leaves=8,
+)
+_ANSWERS = st.fixed_dictionaries(
+    {"jsonrpc": st.just("2.0"), "id": st.integers(0, 9)},
+    optional={
+        "result": _ANSWER_VALUES | st.fixed_dictionaries({"isError": st.booleans()}),
+        "error": st.fixed_dictionaries({"code": st.integers(-33000, 0), "message": st.text(max_size=5)}),
+    },
+)
+
+
+@given(st.one_of(_ANSWERS, st.lists(_ANSWERS, min_size=1, max_size=3)), st.booleans())
+@settings(max_examples=300)
+def test_a_body_holding_no_error_parses_to_successes_only(answer: Any, ascii_only: bool) -> None:
+    body = json.dumps(answer, ensure_ascii=ascii_only).encode()
+    if jsonrpc.holds_no_error(body):
+        assert not any(m.is_error or m.error_code is not None for m in jsonrpc.parse_response_body(body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"x"}}',
+        b'{"jsonrpc":"2.0","id":1,"result":{"isError":true}}',
+        b'{"jsonrpc":"2.0","id":1,"\\u0065rror":{"code":-32000,"message":"x"}}',
+        b'{"jsonrpc":"2.0","id":1,"result":{"is\\u0045rror":true}}',
+        b'{"jsonrpc":"2.0","id":1,"result":{"isError" :\r\n\ttrue}}',
+    ],
+)
+def test_an_error_answer_however_spelt_is_parsed(body: bytes) -> None:
+    assert not jsonrpc.holds_no_error(body)
+    (message,) = jsonrpc.parse_response_body(body)
+    assert message.is_error
+
+
+def test_a_success_answer_with_is_error_false_needs_no_parsing() -> None:
+    assert jsonrpc.holds_no_error(b'{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError": false}}')
+
+
+@given(
+    st.binary(max_size=64)
+    | st.lists(
+        st.sampled_from(
+            [b"1", b"0", b"9", b"e", b"E", b"+", b"-", b"N", b"aN", b"Infinity", b"\x00", b'"', b"x"]
+        ),
+        max_size=40,
+    ).map(b"".join)
+)
+@example(b"1e+100")
+@example(b"2E-308")
+@example(b"[1e400]")
+@example(b"1234567890123456789")
+@example(b"123456789012345678")
+@example(b"e12")
+@settings(max_examples=2000)
+def test_stdlib_only_finds_what_the_regex_finds(source: bytes) -> None:
+    assert jsonrpc.stdlib_only(source) == (jsonrpc._STDLIB_ONLY.search(source) is not None)
