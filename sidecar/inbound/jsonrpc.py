@@ -204,9 +204,16 @@ def holds_no_error(body: bytes) -> bool:
 
     Such messages are written with the key `"error"`, or `"isError"` and `true`, and only a `\\u`
     escape could spell either otherwise: a body without them needs no parsing for its messages'
-    outcomes (`parse_response_body` would find successes only, or nothing).
+    outcomes (`parse_response_body` would find successes only, or nothing). That holds for UTF-8;
+    a UTF-16 or UTF-32 answer (which `loads` decodes too) spells its keys with NUL bytes between
+    the letters, so any NUL byte means parsing.
     """
-    return b'"error"' not in body and b"\\u" not in body and _IS_ERROR_TRUE.search(body) is None
+    return (
+        b"\x00" not in body
+        and b'"error"' not in body
+        and b"\\u" not in body
+        and _IS_ERROR_TRUE.search(body) is None
+    )
 
 
 def error_object(msg_id: JsonRpcId, code: int, message: str) -> dict[str, Any]:

@@ -255,10 +255,21 @@ _ANSWERS = st.fixed_dictionaries(
 )
 
 
-@given(st.one_of(_ANSWERS, st.lists(_ANSWERS, min_size=1, max_size=3)), st.booleans())
+@given(
+    st.one_of(_ANSWERS, st.lists(_ANSWERS, min_size=1, max_size=3)),
+    st.booleans(),
+    st.sampled_from(
+        ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+    ),
+)
 @settings(max_examples=300)
-def test_a_body_holding_no_error_parses_to_successes_only(answer: Any, ascii_only: bool) -> None:
-    body = json.dumps(answer, ensure_ascii=ascii_only).encode()
+@example({"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": "x"}}, True, "utf-16")
+@example({"jsonrpc": "2.0", "id": 1, "result": {"isError": True}}, True, "utf-32-le")
+def test_a_body_holding_no_error_parses_to_successes_only(
+    answer: Any, ascii_only: bool, encoding: str
+) -> None:
+    # every encoding `loads` accepts (RFC 8259 says UTF-8, the standard library also reads UTF-16/32)
+    body = json.dumps(answer, ensure_ascii=ascii_only).encode(encoding)
     if jsonrpc.holds_no_error(body):
         assert not any(m.is_error or m.error_code is not None for m in jsonrpc.parse_response_body(body))
 
