@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -373,8 +374,23 @@ def plot(result: dict[str, Any]) -> list[str]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    raise_fd_limit(4 * max(args.streams) + 1024)
+    """One benchmark run in a scratch directory (sockets, logs, the audit file: ~100 MB), removed
+    afterwards unless `--keep-logs`; kept, and named, when the run fails."""
     tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-capacity-"))
+    try:
+        result = await _run(args, tmp)
+    except BaseException:
+        print(f"[bench] the run failed; its logs are kept in {tmp}", file=sys.stderr)
+        raise
+    if args.keep_logs or os.environ.get("OUTRIDER_BENCH_KEEP_LOGS") == "1":
+        print(f"[bench] logs kept in {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    raise_fd_limit(4 * max(args.streams) + 1024)
     python = sys.executable
     outrider = str(Path(python).with_name("outrider"))
     result: dict[str, Any] = {"load_start": load(), "rates": args.rates}
@@ -590,6 +606,11 @@ def main() -> int:
     )
     parser.add_argument("--profile", metavar="DIR", help="capacity: py-spy raw stacks per path into DIR")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the scratch directory (process logs, audit file); also OUTRIDER_BENCH_KEEP_LOGS=1",
+    )
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2) if args.json else render(result))

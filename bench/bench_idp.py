@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,6 +121,7 @@ async def sidecar(
 
 async def run(calls: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-idp-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # a client secret file: never left behind
     secret_file = tmp / "secret"
     secret_file.write_text(SECRET)
     results: dict[str, Any] = {"calls": calls}

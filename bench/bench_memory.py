@@ -27,7 +27,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -280,7 +279,7 @@ async def one(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-memory-"))
+    tmp = bp.scratch_dir("outrider-bench-memory-")
     python = sys.executable
     async with AsyncExitStack() as stack:
         api = await stack.enter_async_context(DevWorkloadApi(tmp / "agent.sock", spiffe_id=bp.SIDECAR_ID))

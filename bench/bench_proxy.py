@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -37,6 +39,17 @@ SIDECAR_ID = "spiffe://example.org/ns/bench/sa/mcp"
 RESOURCE = "https://mcp.bench.example/mcp"
 DOWNSTREAM = "https://api.bench.example"
 TARGETS = {"p50_added_ms": 1.0, "p99_added_ms": 3.0, "rss_idle_mb": 60.0}
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temp directory for one benchmark run (sockets, process logs, audit files), removed when the
+    process exits unless OUTRIDER_BENCH_KEEP_LOGS=1 (then its path is printed)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("OUTRIDER_BENCH_KEEP_LOGS") == "1":
+        print(f"[bench] logs kept in {tmp}", file=sys.stderr)
+    else:
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return tmp
 
 
 def free_port() -> int:
@@ -224,7 +237,7 @@ def sidecar_env(
 
 
 async def run_one(args: argparse.Namespace, telemetry: str) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-"))
+    tmp = scratch_dir("outrider-bench-")
     async with AsyncExitStack() as stack:
         api = await stack.enter_async_context(DevWorkloadApi(tmp / "agent.sock", spiffe_id=SIDECAR_ID))
         idp = await stack.enter_async_context(

@@ -16,6 +16,7 @@ import gc
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -201,7 +202,7 @@ async def proxy_run(args: argparse.Namespace) -> dict[str, Any]:
     from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles
     from outrider.sidecar.dev.workload_api import DevWorkloadApi
 
-    tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-telemetry-"))
+    tmp = bp.scratch_dir("outrider-bench-telemetry-")
     async with AsyncExitStack() as stack:
         api = await stack.enter_async_context(DevWorkloadApi(tmp / "agent.sock", spiffe_id=bp.SIDECAR_ID))
         idp = await stack.enter_async_context(
@@ -388,7 +389,7 @@ def main() -> int:
     receiver.start()
     try:
         asyncio.run(_wait_port(port))
-        tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-telemetry-"))
+        tmp = Path(tempfile.mkdtemp(prefix="outrider-bench-telemetry-"))  # removed below
         observer, providers = real_observer(
             f"http://127.0.0.1:{port}", tmp / "audit.jsonl", lean_spans=not args.sdk_spans
         )
@@ -420,7 +421,9 @@ def main() -> int:
                 sink.append((time.process_time() - cpu0) / block * 1e6)
         observer.worker.close()
         providers.shutdown()
-        audit_lines = sum(1 for _ in (tmp / "audit.jsonl").open())
+        with (tmp / "audit.jsonl").open() as lines:
+            audit_lines = sum(1 for _ in lines)
+        shutil.rmtree(tmp, ignore_errors=True)
     finally:
         receiver.terminate()
         receiver.join(5)

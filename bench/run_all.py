@@ -657,7 +657,9 @@ def write_doc(
 `make bench` runs every benchmark and rewrites this file; each figure is measured beside a
 baseline **in the same run** on the same machine (so the ratio is what matters, not the absolute
 number). Run a single one with `make bench-webhook`, `make bench-proxy`, `make bench-egress` or
-`make bench-policy` (each takes `--help`; `--json` prints machine-readable results).
+`make bench-policy` (each takes `--help`; `--json` prints machine-readable results). Each run's
+scratch directory (process logs, audit files) is removed when it ends; `OUTRIDER_BENCH_KEEP_LOGS=1`
+keeps it and prints where.
 
 ## Last run: {when}{" (quick mode)" if quick else ""}
 
