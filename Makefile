@@ -59,8 +59,10 @@ spire:
 # tests/cluster through node-e2e, which takes a node it brought up down again).
 test: venv sysdeps lint typecheck
 	@scripts/build-upstream.sh all >/dev/null
-	$(BIN)/pytest -m "not node" $(PYTEST_ARGS)
+	@# the node's packages (containerd, runc, buildah...) before the first suite: tests/images runs the
+	@# built images' entrypoints with runc, and skipped them on a fresh machine when runc came later
 	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
+	$(BIN)/pytest -m "not node" $(PYTEST_ARGS)
 	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 	@scripts/node-e2e.sh
 

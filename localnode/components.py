@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from localnode.config import NodeConfig
 from localnode.procs import ProcSpec
 from localnode.render import ETCD_CLIENT, ETCD_PEER, node_ips, pod_cidrs, service_cidrs
@@ -160,14 +163,28 @@ def spiffe_csi_driver(cfg: NodeConfig, binary: str) -> ProcSpec:
     )
 
 
-def csi_registrar(cfg: NodeConfig, binary: str) -> ProcSpec:
+def csi_registrar(cfg: NodeConfig, binary: str | None) -> ProcSpec:
+    """The CSI node-driver-registrar; without its binary (its source is not on the Go module proxy),
+    `localnode/registrar.py`, which serves the same kubelet plugin-registration protocol."""
+    registry = cfg.kubelet_dir / "plugins_registry"
+    if binary is None:
+        stand_in = Path(__file__).with_name("registrar.py")
+        argv: tuple[str, ...] = (
+            sys.executable,
+            str(stand_in),
+            f"--csi-address={csi_socket(cfg)}",
+            f"--kubelet-registration-path={csi_socket(cfg)}",
+            f"--plugin-registration-path={registry}",
+            "--driver-name=csi.spiffe.io",
+        )
+        return ProcSpec("csi-node-driver-registrar", argv)
     return ProcSpec(
         "csi-node-driver-registrar",
         (
             binary,
             f"--csi-address={csi_socket(cfg)}",
             f"--kubelet-registration-path={csi_socket(cfg)}",
-            f"--plugin-registration-path={cfg.kubelet_dir / 'plugins_registry'}",
+            f"--plugin-registration-path={registry}",
             "--v=2",
         ),
         env=(("KUBE_NODE_NAME", cfg.node_name),),

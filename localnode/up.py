@@ -254,7 +254,10 @@ def up(cfg: NodeConfig) -> int:
     spire_up(cfg, bins)
     Path(components.csi_socket(cfg)).parent.mkdir(parents=True, exist_ok=True)
     start(cfg, components.spiffe_csi_driver(cfg, bins["spiffe-csi-driver"]))
-    start(cfg, components.csi_registrar(cfg, bins["csi-node-driver-registrar"]))
+    registrar = bins.get("csi-node-driver-registrar")
+    if registrar is None:
+        say("csi-node-driver-registrar: not built here, using localnode/registrar.py (the same protocol)")
+    start(cfg, components.csi_registrar(cfg, registrar))
 
     def csi_registered() -> bool:
         drivers = kubectl(

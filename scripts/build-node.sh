@@ -106,9 +106,10 @@ build_registrar() {
   if [[ -x "$out/bin/$name" ]]; then log "$name $REGISTRAR_VERSION cached in $out/bin"; return; fi
   local src="${OUTRIDER_REGISTRAR_SRC:-/work/.mirror/kubernetes-csi+node-driver-registrar/repo}"
   if ! git -C "$src" rev-parse -q --verify "$REGISTRAR_VERSION^{commit}" >/dev/null 2>&1; then
-    log "$name: no git source with tag $REGISTRAR_VERSION at $src;"
-    log "  clone https://github.com/kubernetes-csi/node-driver-registrar there or set OUTRIDER_REGISTRAR_SRC"
-    exit 2
+    log "$name: no git source with tag $REGISTRAR_VERSION at $src (set OUTRIDER_REGISTRAR_SRC to a clone"
+    log "  of https://github.com/kubernetes-csi/node-driver-registrar); the node uses localnode/registrar.py,"
+    log "  which serves the same kubelet plugin-registration protocol"
+    return 0
   fi
   mkdir -p "$out/src" "$out/bin"
   git -C "$src" archive "$REGISTRAR_VERSION" | tar -x -C "$out/src"
@@ -138,7 +139,8 @@ echo "etcd=$("$HERE/build-upstream.sh" controlplane | tail -1 | cut -d: -f2)/etc
 echo "coredns=$CACHE/coredns-$COREDNS_VERSION/bin/coredns"
 echo "spiffe-csi-driver=$CACHE/spiffe-csi-driver-$SPIFFE_CSI_VERSION/bin/spiffe-csi-driver"
 echo "spire-controller-manager=$CACHE/spire-controller-manager-$SCM_VERSION/bin/spire-controller-manager"
-echo "csi-node-driver-registrar=$CACHE/csi-node-driver-registrar-$REGISTRAR_VERSION/bin/csi-node-driver-registrar"
+registrar="$CACHE/csi-node-driver-registrar-$REGISTRAR_VERSION/bin/csi-node-driver-registrar"
+if [[ -x "$registrar" ]]; then echo "csi-node-driver-registrar=$registrar"; fi
 echo "spire-server=$spire_bin/spire-server"
 echo "spire-agent=$spire_bin/spire-agent"
 echo "scm-crds=$(cd "$CACHE/spire-controller-manager-$SCM_VERSION/src" && go list -m -f '{{.Dir}}' github.com/spiffe/spire-controller-manager)/config/crd/bases"
