@@ -178,3 +178,64 @@ def test_pause_archive_is_a_valid_oci_layout(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(layer)) as ltar:
         member = ltar.getmember("pause")
         assert member.mode == 0o755
+
+
+def test_the_registrar_stand_in_speaks_the_kubelet_plugin_registration_protocol(tmp_path: Path) -> None:
+    """What the kubelet's plugin watcher does with `plugins_registry/<driver>-reg.sock`: GetInfo, then
+    NotifyRegistrationStatus; a refused registration stops the stand-in with exit status 1."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+
+    from localnode import registrar
+
+    csi = tmp_path / "csi.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(csi))
+    registry = tmp_path / "plugins_registry"
+    argv = [
+        sys.executable,
+        str(Path(registrar.__file__)),
+        f"--csi-address={csi}",
+        "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.spiffe.io/csi.sock",
+        f"--plugin-registration-path={registry}",
+        "--driver-name=csi.spiffe.io",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        reg = registry / "csi.spiffe.io-reg.sock"
+        for _ in range(100):
+            if reg.is_socket():
+                break
+            time.sleep(0.1)
+        with grpc.insecure_channel(f"unix://{reg}") as channel:
+            get_info = channel.unary_unary(registrar.SERVICE + "GetInfo")
+            notify = channel.unary_unary(registrar.SERVICE + "NotifyRegistrationStatus")
+            info = get_info(b"", timeout=10)
+            assert info == registrar.plugin_info(
+                "csi.spiffe.io", "/var/lib/kubelet/plugins/csi.spiffe.io/csi.sock", ("1.0.0",)
+            )
+            # the fields as the kubelet decodes them (protobuf: tag, length, bytes)
+            assert info.startswith(b"\x0a\x09CSIPlugin\x12\x0dcsi.spiffe.io\x1a")
+            assert info.endswith(b"\x22\x051.0.0")
+            assert notify(b"\x08\x01", timeout=10) == b""  # plugin_registered: true
+            assert proc.poll() is None
+            assert notify(b"\x12\x04nope", timeout=10) == b""  # not registered, error "nope"
+        assert proc.wait(timeout=10) == 1
+        assert "kubelet refused csi.spiffe.io: nope" in (proc.stdout.read() if proc.stdout else "")
+        assert not reg.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        listener.close()
+
+
+def test_registration_status_decoding() -> None:
+    from localnode.registrar import registration_status
+
+    assert registration_status(b"") == (False, "")
+    assert registration_status(b"\x08\x01") == (True, "")
+    assert registration_status(b"\x08\x00\x12\x03bad\x18\x05") == (False, "bad")  # unknown field 3 skipped
