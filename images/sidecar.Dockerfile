@@ -7,16 +7,20 @@
 # Build from the repository root:  docker build -f images/sidecar.Dockerfile -t outrider:dev .
 # Pin the bases by digest in release builds: --build-arg PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:...
 # (BUILD_IMAGE: where the virtualenv is made; the same Python as PYTHON_IMAGE, with venv/pip.)
-# CRYPTOGRAPHY_OPENSSL: `bundled` installs cryptography's wheel, which carries its own OpenSSL linked
-# statically; `system` compiles cryptography here against the base's OpenSSL, the one Python's `ssl`
-# already maps, which makes every sidecar ~6 MB smaller (idle RSS; docs/capacity.md) and leaves
-# OpenSSL's security updates to the base's packages. It needs Debian's Rust toolchain (rustc-web,
-# cargo-web), OpenSSL and Python headers, and crates.io, in the build stage only.
+# CRYPTOGRAPHY_OPENSSL: `system` (the default) compiles cryptography here against the base's OpenSSL,
+# the one Python's `ssl` already maps, which makes every sidecar ~5.5 MB smaller (idle RSS;
+# docs/capacity.md) and leaves OpenSSL's security updates to the base's packages. It needs Debian's
+# Rust toolchain (rustc-web, cargo-web), OpenSSL and Python headers, and crates.io, in the build stage
+# only (~3 minutes more on a cold build). `bundled` installs cryptography's PyPI wheel instead, which
+# carries its own OpenSSL linked statically: for a build machine that cannot reach crates.io.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG BUILD_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${BUILD_IMAGE} AS build
-ARG CRYPTOGRAPHY_OPENSSL=bundled
+ARG CRYPTOGRAPHY_OPENSSL=system
+# with `system`: the cryptography release compiled (its sdist needs crates from crates.io; 46.0.3 is
+# the newest whose crates this project's build machines could fetch, and satisfies `cryptography>=42`)
+ARG CRYPTOGRAPHY_SYSTEM_VERSION=46.0.3
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN case "$CRYPTOGRAPHY_OPENSSL" in \
@@ -32,7 +36,7 @@ RUN case "$CRYPTOGRAPHY_OPENSSL" in \
 # built from cryptography's sdist also installs its test suite as a top-level `tests`: removed)
 COPY images/requirements/sidecar.txt ./requirements.txt
 RUN python -m venv /opt/outrider \
- && if [ "$CRYPTOGRAPHY_OPENSSL" = system ]; then set -- --no-binary cryptography; fi \
+ && if [ "$CRYPTOGRAPHY_OPENSSL" = system ]; then set -- --no-binary cryptography "cryptography==$CRYPTOGRAPHY_SYSTEM_VERSION"; fi \
  && /opt/outrider/bin/pip install --no-compile "$@" -r requirements.txt \
  && if [ "$CRYPTOGRAPHY_OPENSSL" = system ]; then \
       site="$(/opt/outrider/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"; \

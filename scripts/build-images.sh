@@ -20,8 +20,9 @@
 #      ~7 GB; default $OUTRIDER_CACHE/image-build), OUTRIDER_IMAGE_DIR (archives + SBOMs, which
 #      `make node` imports at start-up; default $OUTRIDER_CACHE/images), NO_LOAD=1 to skip the
 #      containerd import, SBOM=0 to skip the SBOMs (no Go toolchain for syft),
-#      CRYPTOGRAPHY_OPENSSL=system to build the sidecar's cryptography on the base's OpenSSL
-#      (default bundled: the wheel; see images/sidecar.Dockerfile and docs/capacity.md).
+#      CRYPTOGRAPHY_OPENSSL=bundled to install cryptography's wheel (its own OpenSSL inside) instead of
+#      compiling it on the base's OpenSSL (default system; see images/sidecar.Dockerfile and
+#      docs/capacity.md).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -400,7 +401,7 @@ build() {
   import_base "${tars[0]}" "$BUILD_BASE_IMAGE"
   import_base "${tars[1]}" "$BASE_IMAGE"
   log "[2/4] images (buildah bud; a cold build installs every dependency from PyPI)"
-  bud images/sidecar.Dockerfile "$SIDECAR_IMAGE" "CRYPTOGRAPHY_OPENSSL=${CRYPTOGRAPHY_OPENSSL:-bundled}"
+  bud images/sidecar.Dockerfile "$SIDECAR_IMAGE" "CRYPTOGRAPHY_OPENSSL=${CRYPTOGRAPHY_OPENSSL:-system}"
   bud images/webhook.Dockerfile "$WEBHOOK_IMAGE"
   bud images/mcp-example.Dockerfile "$MCP_IMAGE"
   bud images/testkit.Dockerfile "$TESTKIT_IMAGE" "SIDECAR_IMAGE=$SIDECAR_IMAGE"
