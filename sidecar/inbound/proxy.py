@@ -312,6 +312,10 @@ class _Unrecorded:
 _UNRECORDED: CallScope = _Unrecorded()
 
 
+# What the calls of a request carry when nothing records them (NullObserver never reads it).
+_UNRECORDED_INFO = RequestInfo(http_method="", transport="")
+
+
 class Calls:
     """The observer scopes of one HTTP request: one per JSON-RPC message, each finished exactly once."""
 
@@ -466,14 +470,7 @@ class InboundProxy:
                     {},
                 )
             )
-        info = RequestInfo(
-            http_method=request.method,
-            transport=classify_transport(request.method, request.path, headers, request.query, self.config),
-            protocol_version=headers.get("MCP-Protocol-Version"),
-            session_id=headers.get("Mcp-Session-Id"),
-            client_address=request.remote,
-            headers={k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None},
-        )
+        info = self._request_info(request) if self.records else _UNRECORDED_INFO
         # Authenticate from the headers alone, before the body: an unauthenticated caller never
         # makes the proxy buffer (or even wait for) a request body.
         credential = presented_token(headers.get("Authorization"))
@@ -515,12 +512,27 @@ class InboundProxy:
                 return self._fail(calls, answer, "denied", "credential_misplaced", _BODY_CREDENTIAL_MESSAGE)
             try:
                 return await self._handle_calls(
-                    request, body, parsed, calls, parse_error, principal, token, owner, info
+                    request, body, parsed, calls, parse_error, principal, token, owner
                 )
             except asyncio.CancelledError:
                 # The client went away (aiohttp cancels the handler): every open call still ends.
                 calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
                 raise
+
+    def _request_info(self, request: web.BaseRequest) -> RequestInfo:
+        """The transport facts the observer records for each call of the request."""
+        headers = request.headers
+        return RequestInfo(
+            http_method=request.method,
+            transport=self._transport(request),
+            protocol_version=headers.get("MCP-Protocol-Version"),
+            session_id=headers.get("Mcp-Session-Id"),
+            client_address=request.remote,
+            headers={k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None},
+        )
+
+    def _transport(self, request: web.BaseRequest) -> str:
+        return classify_transport(request.method, request.path, request.headers, request.query, self.config)
 
     # -- sessions (the decisions live in sessions.py) ------------------------------------------------
 
@@ -528,7 +540,10 @@ class InboundProxy:
         """Whether the caller owns every session the request names; an unbound id is nobody's (404)."""
         if self.sessions is None:
             return True
-        ids = request_session_ids(request.headers.get("Mcp-Session-Id"), request.query.items())
+        header, query = request.headers.get("Mcp-Session-Id"), request.query
+        if header is None and not query:
+            return True  # names no session (request_session_ids would give none)
+        ids = request_session_ids(header, query.items())
         return all(decide(self.sessions.owner(sid), owner) == "owner" for sid in ids)
 
     async def _refuse_session(
@@ -630,7 +645,6 @@ class InboundProxy:
         principal: Principal,
         token: str | None,
         owner: str,
-        info: RequestInfo,
     ) -> web.StreamResponse:
         if parse_error is not None:
             answer = Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {})
@@ -649,7 +663,7 @@ class InboundProxy:
                 return self._fail(calls, answer, "error", "empty_body")
             if parsed is not None:
                 # Judged before the token exchange: a refused call costs no IdP round trip.
-                judgement = await self.gate.judge(principal, parsed, info.transport)
+                judgement = await self.gate.judge(principal, parsed, self._transport(request))
                 refused = self._apply_judgement(request, parsed, judgement, calls, principal)
                 if refused is not None:
                     return refused
