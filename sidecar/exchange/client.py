@@ -67,6 +67,8 @@ Clock = Callable[[], float]
 
 
 class TokenCache:
+    """Issued tokens by `CacheKey`; what `get` returns is marked `cache_hit`."""
+
     def __init__(self, max_size: int, skew: float, clock: Clock = time.time) -> None:
         self._entries: OrderedDict[CacheKey, IssuedToken] = OrderedDict()
         self._max = max_size
@@ -90,7 +92,8 @@ class TokenCache:
     def put(self, key: CacheKey, token: IssuedToken) -> None:
         if token.expires_at - self._skew <= self._clock():
             return  # too short-lived to be worth serving twice
-        self._entries[key] = token
+        # Stored as what every later `get` serves (a cache hit): no copy per hit.
+        self._entries[key] = token if token.cache_hit else replace(token, cache_hit=True)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
@@ -197,7 +200,7 @@ class OAuthTokenExchanger:
         cached = self.cache.get(key)
         if cached is not None:
             self.stats.cache_hits += 1
-            return replace(cached, cache_hit=True)
+            return cached
         task = self._inflight.get(key)
         if task is None or task.done():
             task = asyncio.create_task(self._exchange_and_cache(key, subject_token, audience, scope))

@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -140,7 +140,12 @@ def upstream_request_headers(
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in drop or lower.startswith("x-forwarded-") or not _safe_header(name, value):
+        if lower in drop or lower.startswith("x-forwarded-"):
+            continue
+        if name.isascii() and value.isascii():  # the common case of `_safe_header`, inline
+            if "\r" in value or "\n" in value or "\x00" in value:
+                continue
+        elif not _safe_header(name, value):
             continue
         headers.add(name, value)
     # The SDK answers 421 to any Host but its own loopback one (DNS-rebinding protection).
@@ -168,6 +173,14 @@ def _safe_header(name: str, value: str) -> bool:
     return "\r" not in value and "\n" not in value and "\x00" not in value
 
 
+def _too_big(limit: int) -> Answer:
+    return Answer(
+        413,
+        jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, f"request body exceeds the {limit}-byte limit"),
+        {"Connection": "close"},
+    )
+
+
 def _parse(body: bytes) -> tuple[ParsedBody | None, jsonrpc.BodyError | None]:
     """The body's messages; an unparseable body is recorded as one invalid message (audit sees it)."""
     if not body:
@@ -190,10 +203,14 @@ async def _peek_body(request: web.BaseRequest) -> bytes | None:
         return None
 
 
+_ANSWER_DROPPED = HOP_BY_HOP | {"content-length", "date", "server"}
+
+
 def downstream_response_headers(upstream: Mapping[str, str], *, streaming: bool) -> CIMultiDict[str]:
-    connection = upstream.get("Connection", "")
-    drop = HOP_BY_HOP | {t.strip().lower() for t in connection.split(",") if t.strip()}
-    drop |= {"content-length", "date", "server"}
+    connection = upstream.get("Connection")
+    drop = _ANSWER_DROPPED
+    if connection:
+        drop = drop | {t.strip().lower() for t in connection.split(",") if t.strip()}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         if name.lower() not in drop:
@@ -265,6 +282,40 @@ def _event_end(buffer: bytes) -> int | None:
     return None
 
 
+class _Unrecorded:
+    """The scope of a call nothing records (telemetry and audit off): every report is dropped."""
+
+    def set_principal(self, principal: Principal) -> None:
+        return None
+
+    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
+        return None
+
+    def token_exchange(self, outcome: ExchangeOutcome) -> None:
+        return None
+
+    def policy(self, outcome: PolicyOutcome) -> None:
+        return None
+
+    def finish(
+        self,
+        *,
+        http_status: int,
+        outcome: str,
+        error_type: str | None = None,
+        reason: str | None = None,
+        response: McpMessage | None = None,
+    ) -> None:
+        return None
+
+
+_UNRECORDED: CallScope = _Unrecorded()
+
+
+# What the calls of a request carry when nothing records them (NullObserver never reads it).
+_UNRECORDED_INFO = RequestInfo(http_method="", transport="")
+
+
 class Calls:
     """The observer scopes of one HTTP request: one per JSON-RPC message, each finished exactly once."""
 
@@ -281,8 +332,10 @@ class Calls:
         self._by_id: dict[Any, int] = {}
         if parsed is None:
             return
+        records = not isinstance(observer, NullObserver)
         for index, message in enumerate(parsed.messages):
-            scope = stack.enter_context(observer.mcp_call(message, info))
+            # NullObserver's scope records nothing: one shared no-op scope, no context manager.
+            scope = stack.enter_context(observer.mcp_call(message, info)) if records else _UNRECORDED
             self.scopes.append(scope)
             self._open[index] = (scope, message)
             if message.kind == "request" and message.id is not None:
@@ -374,12 +427,16 @@ class InboundProxy:
         # Requests aiohttp could not parse as HTTP (they never reach `handle`); set by the component.
         self.malformed_count: Callable[[], int] = lambda: 0
 
-    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Every request on 15006: the RFC 9728 metadata (public), else the proxy pipeline."""
+    def dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        """Every request on 15006: the RFC 9728 metadata (public), else the proxy pipeline.
+
+        Returns the chosen handler's coroutine rather than awaiting it: one coroutine frame fewer
+        that every resumption of the request would pass through.
+        """
         path = request.path
         if request.method in ("GET", "HEAD") and (path == WELL_KNOWN or path.startswith(WELL_KNOWN + "/")):
-            return await self.metadata(request)
-        return await self.handle(request)
+            return self.metadata(request)
+        return self.handle(request)
 
     async def metadata(self, request: web.BaseRequest) -> web.Response:
         if not self.config.resource:
@@ -413,14 +470,7 @@ class InboundProxy:
                     {},
                 )
             )
-        info = RequestInfo(
-            http_method=request.method,
-            transport=classify_transport(request.method, request.path, headers, request.query, self.config),
-            protocol_version=headers.get("MCP-Protocol-Version"),
-            session_id=headers.get("Mcp-Session-Id"),
-            client_address=request.remote,
-            headers={k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None},
-        )
+        info = self._request_info(request) if self.records else _UNRECORDED_INFO
         # Authenticate from the headers alone, before the body: an unauthenticated caller never
         # makes the proxy buffer (or even wait for) a request body.
         credential = presented_token(headers.get("Authorization"))
@@ -462,12 +512,27 @@ class InboundProxy:
                 return self._fail(calls, answer, "denied", "credential_misplaced", _BODY_CREDENTIAL_MESSAGE)
             try:
                 return await self._handle_calls(
-                    request, body, parsed, calls, parse_error, principal, token, owner, info
+                    request, body, parsed, calls, parse_error, principal, token, owner
                 )
             except asyncio.CancelledError:
                 # The client went away (aiohttp cancels the handler): every open call still ends.
                 calls.finish_all(http_status=499, outcome="error", error_type="client_disconnected")
                 raise
+
+    def _request_info(self, request: web.BaseRequest) -> RequestInfo:
+        """The transport facts the observer records for each call of the request."""
+        headers = request.headers
+        return RequestInfo(
+            http_method=request.method,
+            transport=self._transport(request),
+            protocol_version=headers.get("MCP-Protocol-Version"),
+            session_id=headers.get("Mcp-Session-Id"),
+            client_address=request.remote,
+            headers={k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None},
+        )
+
+    def _transport(self, request: web.BaseRequest) -> str:
+        return classify_transport(request.method, request.path, request.headers, request.query, self.config)
 
     # -- sessions (the decisions live in sessions.py) ------------------------------------------------
 
@@ -475,7 +540,10 @@ class InboundProxy:
         """Whether the caller owns every session the request names; an unbound id is nobody's (404)."""
         if self.sessions is None:
             return True
-        ids = request_session_ids(request.headers.get("Mcp-Session-Id"), request.query.items())
+        header, query = request.headers.get("Mcp-Session-Id"), request.query
+        if header is None and not query:
+            return True  # names no session (request_session_ids would give none)
+        ids = request_session_ids(header, query.items())
         return all(decide(self.sessions.owner(sid), owner) == "owner" for sid in ids)
 
     async def _refuse_session(
@@ -577,7 +645,6 @@ class InboundProxy:
         principal: Principal,
         token: str | None,
         owner: str,
-        info: RequestInfo,
     ) -> web.StreamResponse:
         if parse_error is not None:
             answer = Answer(400, jsonrpc.error_body(None, parse_error.code, str(parse_error)), {})
@@ -596,14 +663,15 @@ class InboundProxy:
                 return self._fail(calls, answer, "error", "empty_body")
             if parsed is not None:
                 # Judged before the token exchange: a refused call costs no IdP round trip.
-                judgement = await self.gate.judge(principal, parsed, info.transport)
+                judgement = await self.gate.judge(principal, parsed, self._transport(request))
                 refused = self._apply_judgement(request, parsed, judgement, calls, principal)
                 if refused is not None:
                     return refused
+        connection = request.headers.get("Connection")
         out_headers = upstream_request_headers(
             request.headers,
             self.config,
-            request.headers.get("Connection", "").split(","),
+            connection.split(",") if connection else (),
             client=request.remote,
             scheme=request.scheme,
         )
@@ -677,22 +745,19 @@ class InboundProxy:
 
     async def _read_body(self, request: web.BaseRequest) -> bytes | Answer:
         limit = self.config.max_body_bytes
-        too_big = Answer(
-            413,
-            jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, f"request body exceeds the {limit}-byte limit"),
-            {"Connection": "close"},
-        )
         if request.content_length is not None and request.content_length > limit:
-            return too_big
+            return _too_big(limit)
+        content = request.content
         chunks: list[bytes] = []
         size = 0
-        while True:
-            chunk = await request.content.readany()
+        # `at_eof`: the whole body is in (the common case: one chunk), so no read just to learn that.
+        while not content.at_eof():
+            chunk = await content.readany()
             if not chunk:
                 break
             size += len(chunk)
             if size > limit:
-                return too_big
+                return _too_big(limit)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -772,13 +837,14 @@ class InboundProxy:
                 exc.http_status, jsonrpc.error_body(calls.ids(), jsonrpc.UPSTREAM_ERROR, message), challenge
             )
             return self._fail(calls, answer, "error", f"exchange_{exc.outcome}", exc.message)
-        outcome = ExchangeOutcome(
-            outcome="cache_hit" if issued.cache_hit else "issued",
-            audience=issued.audience,
-            duration_s=time.perf_counter() - started,
-        )
-        for scope in calls.each():
-            scope.token_exchange(outcome)
+        if self.records:  # (nothing records the outcome of a successful exchange otherwise)
+            outcome = ExchangeOutcome(
+                outcome="cache_hit" if issued.cache_hit else "issued",
+                audience=issued.audience,
+                duration_s=time.perf_counter() - started,
+            )
+            for scope in calls.each():
+                scope.token_exchange(outcome)
         header = self.config.token_header or "Authorization"
         if header.lower() == "authorization":
             headers["Authorization"] = f"Bearer {issued.access_token}"
@@ -789,7 +855,8 @@ class InboundProxy:
     def _inject_context(
         self, calls: Calls, headers: CIMultiDict[str], parsed: ParsedBody | None, body: bytes
     ) -> bytes:
-        if parsed is None:
+        if parsed is None or not self.records:
+            # Nothing records the call, so nothing puts trace context anywhere: the body goes as sent.
             return body
         changed = False
         plain: dict[str, str] = {}
@@ -816,9 +883,10 @@ class InboundProxy:
     ) -> web.StreamResponse:
         # rel_url, not raw_path: an absolute-form target (`POST http://elsewhere/x`) must not pick the host.
         url = URL(self.base + (request.rel_url.raw_path_qs or "/"), encoded=True)
-        busy = await self.slots.acquire(owner)
-        if busy is not None:
-            return self._busy(calls, busy)
+        if not self.slots.take_free(owner):
+            busy = await self.slots.acquire(owner)
+            if busy is not None:
+                return self._busy(calls, busy)
         try:
             return await self._forward_held(request, url, body, headers, calls, owner)
         finally:
@@ -889,8 +957,13 @@ class InboundProxy:
 
     async def _buffered(self, upstream: aiohttp.ClientResponse, calls: Calls) -> web.StreamResponse:
         try:
-            async with asyncio.timeout(self.config.upstream_timeout_s):
+            if upstream.content.is_eof():
+                # The whole answer came with its headers (the common case): reading it cannot wait,
+                # so no timer is armed (and cancelled) for it.
                 payload = await upstream.read()
+            else:
+                async with asyncio.timeout(self.config.upstream_timeout_s):
+                    payload = await upstream.read()
         except TimeoutError:
             self.upstream_errors_total += 1
             return self._fail(

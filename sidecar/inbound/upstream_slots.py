@@ -31,6 +31,13 @@ class UpstreamSlots:
         self.held += 1
         self.by_owner[owner] = self.by_owner.get(owner, 0) + 1
 
+    def take_free(self, owner: str) -> bool:
+        """Take a slot if one is free now (the common case, without a coroutine); else False."""
+        if self._free_for(owner):
+            self._take(owner)
+            return True
+        return False
+
     async def acquire(self, owner: str) -> str | None:
         """None when a slot is now held (give it back with `release`); else `total` or `caller`: which
         limit had no slot free within `wait_s`."""

@@ -67,6 +67,15 @@ class Upstream:
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
 
+    async def half_answer(self, request: web.Request) -> web.StreamResponse:
+        """A JSON answer whose headers and first bytes arrive, and then nothing more."""
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b'{"jsonrpc":"2.0","id":3,')
+        self.stuck_requests += 1
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
     async def stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -102,6 +111,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app = web.Application()
     app.router.add_post("/mcp", fake.echo)
     app.router.add_post("/stuck", fake.stuck)
+    app.router.add_post("/half", fake.half_answer)
     app.router.add_post("/batch", fake.batch)
     app.router.add_post("/stream", fake.stream)
     app.router.add_get("/sse", fake.legacy_sse)
@@ -208,6 +218,28 @@ async def test_upstream_down_is_502_and_stuck_upstream_is_504(
         assert (await response.json())["error"]["message"] == "the MCP server did not answer in time"
     assert upstream.stuck_requests == 1
     assert observer.calls[-1].outcome["error_type"] == "timeout"
+
+
+async def test_json_answer_stalled_after_its_headers_is_504(
+    upstream: Upstream, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    # A complete answer is read without a timer; one still arriving keeps `upstream_timeout_s`.
+    observer = RecordingObserver()
+    async with (
+        make_sidecar(upstream.port, observer=observer, upstream_timeout_s=0.3) as sidecar,
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.post(
+            sidecar.url + "/half", json=CALL, headers={**ACCEPT, **bearer(idp)}
+        ) as response:
+            assert response.status == 504
+            body = await response.json()
+        assert body["error"]["message"] == "the MCP server did not finish its answer in time"
+        assert body["id"] == 3
+        async with session.post(sidecar.mcp_url(), json=CALL, headers={**ACCEPT, **bearer(idp)}) as response:
+            assert response.status == 200  # and a whole answer still goes through
+    assert upstream.stuck_requests == 1
+    assert observer.calls[0].outcome["error_type"] == "timeout"
 
 
 async def test_sse_is_streamed_unbuffered_and_client_disconnect_closes_upstream(
