@@ -25,6 +25,7 @@ _KV_PER_KEY_MAX = 512
 _KV_CACHED_TYPES = (str, bool, int, tuple)
 # Values unique to one span or point: encoded every time, never cached (they would only churn a table).
 _UNCACHED_KEYS = frozenset({"jsonrpc.request.id"})
+_NEW_KEY: dict[Any, tuple[type, bytes]] = {}  # marks a key not seen yet (never holds anything)
 
 
 def utf8(text: str) -> bytes:
@@ -84,28 +85,45 @@ class _AttributeFields:
 
     def __init__(self, tag: bytes) -> None:
         self._tag = tag
-        # key -> {value: (its type, the encoded field)}: the type is checked, as True == 1 in a dict.
-        self._by_key: dict[str, dict[Any, tuple[type, bytes]]] = {}
+        # key -> {value: (its type, the encoded field)}, or None for a key whose values are not cached
+        # (decided by its first value). The type is checked on a hit: True == 1 == 1.0 as dict keys.
+        self._by_key: dict[str, dict[Any, tuple[type, bytes]] | None] = {}
         self._keys: dict[str, bytes] = {}  # key -> its encoded `KeyValue.key` field, for uncached values
 
     def encode(self, attrs: Mapping[str, Any]) -> bytes:
         by_key = self._by_key
         out = []
         for key, value in attrs.items():
-            kind = type(value)
-            if kind not in _KV_CACHED_TYPES or key in _UNCACHED_KEYS:  # floats (durations), unique ids
+            per_key = by_key.get(key, _NEW_KEY)
+            if per_key is None:  # floats (durations), unique ids
                 out.append(self._uncached(key, value))
                 continue
-            per_key = by_key.get(key)
-            if per_key is None:
-                per_key = by_key[key] = {}
+            if per_key is _NEW_KEY:
+                per_key = self._new_key(key, value)
+                if per_key is None:
+                    out.append(self._uncached(key, value))
+                    continue
             entry = per_key.get(value)
-            if entry is None or entry[0] is not kind:
-                if len(per_key) >= _KV_PER_KEY_MAX:
-                    per_key.clear()
-                entry = per_key[value] = (kind, _field(self._tag, key_value(key, value)))
+            if entry is None or entry[0] is not type(value):
+                entry = self._cache(per_key, key, value)
             out.append(entry[1])
         return b"".join(out)
+
+    def _new_key(self, key: str, value: Any) -> dict[Any, tuple[type, bytes]] | None:
+        if len(self._by_key) >= _KV_PER_KEY_MAX:
+            self._by_key.clear()
+        cached = type(value) in _KV_CACHED_TYPES and key not in _UNCACHED_KEYS
+        per_key: dict[Any, tuple[type, bytes]] | None = {} if cached else None
+        self._by_key[key] = per_key
+        return per_key
+
+    def _cache(self, per_key: dict[Any, tuple[type, bytes]], key: str, value: Any) -> tuple[type, bytes]:
+        if type(value) not in _KV_CACHED_TYPES:  # a float where the first value was not one
+            return (type(value), self._uncached(key, value))
+        if len(per_key) >= _KV_PER_KEY_MAX:
+            per_key.clear()
+        entry = per_key[value] = (type(value), _field(self._tag, key_value(key, value)))
+        return entry
 
     def _uncached(self, key: str, value: Any) -> bytes:
         prefix = self._keys.get(key)
