@@ -18,7 +18,7 @@ from outrider.sidecar.config import parse
 from outrider.sidecar.dev import mcp_server
 from outrider.sidecar.dev.idp import DevIdP
 from outrider.sidecar.dev.workload_api import DevWorkloadApi
-from outrider.sidecar.main import serve
+from outrider.sidecar.main import YOUNG_GC_THRESHOLD, serve
 
 from .conftest import RESOURCE, free_port, sidecar_config, streamable_client
 from .test_e2e import assert_exchanged, tool_json
@@ -41,6 +41,7 @@ async def test_full_sidecar_process(
     config = parse(raw)
     stop = asyncio.Event()
     gc.unfreeze()
+    threshold = gc.get_threshold()
     task = asyncio.create_task(serve(config, stop))
     token = idp.mint("alice", audience=RESOURCE)
     try:
@@ -58,6 +59,8 @@ async def test_full_sidecar_process(
                 raise AssertionError("the sidecar never became ready")
             # Start-up's heap is out of the full collections' scans once the sidecar is ready.
             assert gc.get_freeze_count() > 0
+            # ... and its young generation is collected less often than the interpreter's default.
+            assert gc.get_threshold()[0] == YOUNG_GC_THRESHOLD > threshold[0]
             async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as response:
                 metrics = await response.text()
         assert "outrider_inbound_requests_total" in metrics
@@ -69,6 +72,7 @@ async def test_full_sidecar_process(
         stop.set()
         await asyncio.wait_for(task, 30)
         gc.unfreeze()  # the rest of the test session collects as before
+        gc.set_threshold(*threshold)
     text = audit.read_text()
     assert token not in text and who["authorization"].removeprefix("Bearer ") not in text
     events = [json.loads(line) for line in text.splitlines() if line.strip()]
