@@ -19,8 +19,8 @@ _DOUBLE = struct.Struct("<d").pack
 _MASK64 = (1 << 64) - 1
 
 # Repeated attribute values (method, tool, transport, identities) are encoded once and reused: per
-# field tag, per value type, per key, a bounded table of value -> encoded field (lookups only, no
-# key tuple per attribute). The type is part of the key path: True == 1 as dict keys.
+# field tag, per key, a bounded table of value -> (type, encoded field) (lookups only, no key tuple
+# per attribute; the type checked on a hit, as True == 1 as dict keys).
 _KV_PER_KEY_MAX = 512
 _KV_CACHED_TYPES = (str, bool, int, tuple)
 # Values unique to one span or point: encoded every time, never cached (they would only churn a table).
