@@ -134,6 +134,27 @@ async def closed_loop(url: str, headers: dict[str, str], concurrency: int, secon
         return len(phase.latencies_ms) / (time.perf_counter() - t0)
 
 
+def thread_counters(pid: int) -> dict[str, list[float]]:
+    """Per thread (`main`, else its id: Python does not name OS threads): CPU seconds, voluntary and
+    involuntary context switches (/proc/PID/task)."""
+    out: dict[str, list[float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = "main" if task.name == str(pid) else f"t{task.name}"
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = dict(
+                line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line
+            )
+        except OSError:
+            continue
+        row = out.setdefault(name, [0.0, 0.0, 0.0])
+        row[0] += (int(fields[11]) + int(fields[12])) / tick
+        row[1] += int(status["voluntary_ctxt_switches"])
+        row[2] += int(status["nonvoluntary_ctxt_switches"])
+    return out
+
+
 def load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -200,13 +221,23 @@ async def capacity(
     paths = capacity_paths(args)
     try:
         maxima, busy = {}, {}
+        per_thread: dict[str, dict[str, list[list[float]]]] = {}
         for _ in range(args.capacity_rounds):  # rounds interleave the paths over the machine's minutes
             for path in paths:
                 pin(pids[path], server_cpu)
                 url, headers = urls[path]
                 spy = await profiled(path, pids[path], args)
+                threads0 = thread_counters(pids[path]) if args.threads else {}
                 cpu0, t0 = bp.cpu_seconds(pids[path]), time.perf_counter()
                 rate = await closed_loop(url, headers, args.concurrency, args.capacity_seconds)
+                if args.threads:
+                    requests = rate * (time.perf_counter() - t0)
+                    for name, row in thread_counters(pids[path]).items():
+                        before = threads0.get(name, [0.0, 0.0, 0.0])
+                        per = [(a - b) / requests for a, b in zip(row, before, strict=True)]
+                        per_thread.setdefault(path, {}).setdefault(name, []).append(
+                            [round(per[0] * 1e6, 1), round(per[1], 3), round(per[2], 3)]
+                        )
                 # Under ~90 %: the load generator and upstream (the other CPU) were the limit.
                 used = (bp.cpu_seconds(pids[path]) - cpu0) / (time.perf_counter() - t0)
                 if spy is not None:
@@ -249,6 +280,8 @@ async def capacity(
                 "load_end": load(),
             }
         )
+        if args.threads:
+            out["per_thread"] = per_thread
     finally:
         for pid in pids.values():
             pin(pid, ",".join(str(c) for c in cores))
@@ -560,6 +593,11 @@ def render(r: dict[str, Any]) -> str:
             + ", ".join(f"{k} {v['p99_ms']} ms" for k, v in half.items())
             + f"; sidecar+telemetry/floor = {p99}x (target <= {TARGETS['p99_vs_floor']}x)"
         )
+        for path, threads in cap.get("per_thread", {}).items():
+            lines.append(
+                f"  per thread, {path} (CPU us / voluntary / involuntary switches per request, by round): "
+                + "; ".join(f"{name} {rows}" for name, rows in threads.items())
+            )
     rss = ", ".join(
         f"{p['streams']}"
         + (f" (of {p['wanted']} wanted)" if p.get("wanted", 0) > p["streams"] else "")
@@ -605,6 +643,11 @@ def main() -> int:
         help="capacity: also both sidecars run from another tree (PYTHONPATH), e.g. an export of main",
     )
     parser.add_argument("--profile", metavar="DIR", help="capacity: py-spy raw stacks per path into DIR")
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="capacity: each server thread's CPU and context switches per request (/proc/PID/task)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--keep-logs",

@@ -18,9 +18,14 @@ _FIXED64 = struct.Struct("<Q").pack
 _DOUBLE = struct.Struct("<d").pack
 _MASK64 = (1 << 64) - 1
 
-# Repeated attribute values (method, tool, transport, identities) are encoded once and reused.
-_KV_CACHE: dict[tuple[bytes, str, type, Any], bytes] = {}
-_KV_CACHE_MAX = 4096
+# Repeated attribute values (method, tool, transport, identities) are encoded once and reused: per
+# field tag, per key, a bounded table of value -> (type, encoded field) (lookups only, no key tuple
+# per attribute; the type checked on a hit, as True == 1 as dict keys).
+_KV_PER_KEY_MAX = 512
+_KV_CACHED_TYPES = (str, bool, int, tuple)
+# Values unique to one span or point: encoded every time, never cached (they would only churn a table).
+_UNCACHED_KEYS = frozenset({"jsonrpc.request.id"})
+_NEW_KEY: dict[Any, tuple[type, bytes]] = {}  # marks a key not seen yet (never holds anything)
 
 
 def utf8(text: str) -> bytes:
@@ -73,52 +78,135 @@ def key_value(key: str, value: Any) -> bytes:
     return _field(b"\x0a", utf8(key)) + _field(b"\x12", any_value(value))
 
 
+class _AttributeFields:
+    """Encodes attribute sets as repeated `KeyValue` fields under one tag, with the cache above."""
+
+    __slots__ = ("_by_key", "_keys", "_tag")
+
+    def __init__(self, tag: bytes) -> None:
+        self._tag = tag
+        # key -> {value: (its type, the encoded field)}, or None for a key whose values are not cached
+        # (decided by its first value). The type is checked on a hit: True == 1 == 1.0 as dict keys.
+        self._by_key: dict[str, dict[Any, tuple[type, bytes]] | None] = {}
+        self._keys: dict[str, bytes] = {}  # key -> its encoded `KeyValue.key` field, for uncached values
+
+    def encode(self, attrs: Mapping[str, Any]) -> bytes:
+        by_key = self._by_key
+        out = []
+        for key, value in attrs.items():
+            per_key = by_key.get(key, _NEW_KEY)
+            if per_key is None:  # floats (durations), unique ids
+                out.append(self._uncached(key, value))
+                continue
+            if per_key is _NEW_KEY:
+                per_key = self._new_key(key, value)
+                if per_key is None:
+                    out.append(self._uncached(key, value))
+                    continue
+            entry = per_key.get(value)
+            if entry is None or entry[0] is not type(value):
+                entry = self._cache(per_key, key, value)
+            out.append(entry[1])
+        return b"".join(out)
+
+    def _new_key(self, key: str, value: Any) -> dict[Any, tuple[type, bytes]] | None:
+        if len(self._by_key) >= _KV_PER_KEY_MAX:
+            self._by_key.clear()
+        cached = type(value) in _KV_CACHED_TYPES and key not in _UNCACHED_KEYS
+        per_key: dict[Any, tuple[type, bytes]] | None = {} if cached else None
+        self._by_key[key] = per_key
+        return per_key
+
+    def _cache(self, per_key: dict[Any, tuple[type, bytes]], key: str, value: Any) -> tuple[type, bytes]:
+        if type(value) not in _KV_CACHED_TYPES:  # a float where the first value was not one
+            return (type(value), self._uncached(key, value))
+        if len(per_key) >= _KV_PER_KEY_MAX:
+            per_key.clear()
+        entry = per_key[value] = (type(value), _field(self._tag, key_value(key, value)))
+        return entry
+
+    def _uncached(self, key: str, value: Any) -> bytes:
+        prefix = self._keys.get(key)
+        if prefix is None:
+            if len(self._keys) >= _KV_PER_KEY_MAX:
+                self._keys.clear()
+            prefix = self._keys[key] = _field(b"\x0a", utf8(key))
+        return _field(self._tag, prefix + _field(b"\x12", any_value(value)))
+
+
+# One per field tag (Resource/InstrumentationScope 1, Span 9, NumberDataPoint 7, HistogramDataPoint 9);
+# the span and metric threads may share one: each entry is written whole, and a lost race re-encodes.
+_ATTRIBUTE_FIELDS: dict[bytes, _AttributeFields] = {}
+
+
 def attributes(tag: bytes, attrs: Mapping[str, Any]) -> bytes:
     """Repeated `KeyValue` fields under `tag` (Resource/InstrumentationScope field 1, Span field 9)."""
-    cache = _KV_CACHE
-    out = []
-    for key, value in attrs.items():
-        if isinstance(value, float):  # durations: unique per span, not worth caching
-            out.append(_field(tag, key_value(key, value)))
-            continue
-        cache_key = (tag, key, type(value), value)  # the type too: True == 1 as dict keys
-        encoded = cache.get(cache_key)
-        if encoded is None:
-            if len(cache) >= _KV_CACHE_MAX:
-                cache.clear()
-            encoded = cache[cache_key] = _field(tag, key_value(key, value))
-        out.append(encoded)
-    return b"".join(out)
+    fields = _ATTRIBUTE_FIELDS.get(tag)
+    if fields is None:
+        fields = _ATTRIBUTE_FIELDS.setdefault(tag, _AttributeFields(tag))
+    return fields.encode(attrs)
 
 
 _FLAGS_TAG = b"\x85\x01"  # field 16, wire type 5 (fixed32)
 _HAS_IS_REMOTE = struct.pack("<I", 0x100)
 _HAS_IS_REMOTE_REMOTE = struct.pack("<I", 0x300)
+# An unset status (the SDK always sends a Status, empty when unset), then the flags: most spans end so.
+_UNSET_TAIL = (
+    b"\x7a\x00" + _FLAGS_TAG + _HAS_IS_REMOTE,
+    b"\x7a\x00" + _FLAGS_TAG + _HAS_IS_REMOTE_REMOTE,
+)
+_TIMES = struct.Struct("<BQBQ").pack  # start_time_unix_nano = 7, end_time_unix_nano = 8 (fixed64)
+_SPAN_ATTRIBUTES = _AttributeFields(b"\x4a")
+_ATTRIBUTE_FIELDS[b"\x4a"] = _SPAN_ATTRIBUTES
+# name = 5 and kind = 6 of the span names seen (a few: method and tool), bounded as the attributes are.
+_NAME_KIND: dict[tuple[str, int], bytes] = {}
+
+
+def _name_kind(name: str, kind: int) -> bytes:
+    key = (name, kind)
+    encoded = _NAME_KIND.get(key)
+    if encoded is None:
+        if len(_NAME_KIND) >= _KV_PER_KEY_MAX:
+            _NAME_KIND.clear()
+        encoded = _NAME_KIND[key] = _field(b"\x2a", utf8(name)) + b"\x30" + varint(kind)
+    return encoded
 
 
 def span(record: SpanRecord) -> bytes:
     """`Span` (trace.proto) for one record."""
-    parts = [
-        b"\x0a\x10" + record.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + record.span_id.to_bytes(8, "big"),
-    ]
+    head = b"\x0a\x10" + record.trace_id.to_bytes(16, "big") + b"\x12\x08" + record.span_id.to_bytes(8, "big")
     if record.trace_state:
-        parts.append(_field(b"\x1a", utf8(record.trace_state)))
+        head += _field(b"\x1a", utf8(record.trace_state))
     if record.parent_span_id:
-        parts.append(b"\x22\x08" + record.parent_span_id.to_bytes(8, "big"))
-    parts.append(_field(b"\x2a", utf8(record.name)))
-    parts.append(b"\x30" + _VARINT1[record.kind])
-    parts.append(b"\x39" + _FIXED64(record.start_ns))
-    parts.append(b"\x41" + _FIXED64(record.end_ns))
-    parts.append(attributes(b"\x4a", record.attributes))
-    status = b""
-    if record.status_message:
-        status += _field(b"\x12", utf8(record.status_message))
-    if record.status_code:
-        status += b"\x18" + _VARINT1[record.status_code]
-    parts.append(_field(b"\x7a", status))  # the SDK always sends a Status, empty when unset
-    parts.append(_FLAGS_TAG + (_HAS_IS_REMOTE_REMOTE if record.remote_parent else _HAS_IS_REMOTE))
-    return b"".join(parts)
+        head += b"\x22\x08" + record.parent_span_id.to_bytes(8, "big")
+    if record.status_code or record.status_message:
+        status = b""
+        if record.status_message:
+            status += _field(b"\x12", utf8(record.status_message))
+        if record.status_code:
+            status += b"\x18" + _VARINT1[record.status_code]
+        tail = _field(b"\x7a", status) + _FLAGS_TAG
+        tail += _HAS_IS_REMOTE_REMOTE if record.remote_parent else _HAS_IS_REMOTE
+    else:
+        tail = _UNSET_TAIL[record.remote_parent]
+    return b"".join(
+        (
+            head,
+            _name_kind(record.name, record.kind),
+            _TIMES(0x39, record.start_ns, 0x41, record.end_ns),
+            _SPAN_ATTRIBUTES.encode(record.attributes),
+            tail,
+        )
+    )
+
+
+def span_field(record: SpanRecord) -> bytes:
+    """One record as a `ScopeSpans.spans` field (tag 2, length, `Span`): what `encode_fields` joins.
+
+    Written when the span ends (on the telemetry thread), so the record dies then instead of waiting
+    in the export queue, and the exporter thread only joins bytes and posts them.
+    """
+    return _field(b"\x12", span(record))
 
 
 class TraceRequestEncoder:
@@ -139,15 +227,17 @@ class TraceRequestEncoder:
     ) -> bytes:
         """The request for `records`; `pause` (if given) is called between chunks of `every` spans."""
         if pause is None or len(records) <= every:
-            spans = b"".join(_field(b"\x12", span(r)) for r in records)
-        else:
-            chunks = []
-            for start in range(0, len(records), every):
-                if start:
-                    pause()
-                chunks.append(b"".join(_field(b"\x12", span(r)) for r in records[start : start + every]))
-            spans = b"".join(chunks)
-        scope_spans = _field(b"\x12", self._scope + spans)  # ScopeSpans {scope = 1, spans = 2}
+            return self.encode_fields([span_field(r) for r in records])
+        fields: list[bytes] = []
+        for start in range(0, len(records), every):
+            if start:
+                pause()
+            fields.extend(span_field(r) for r in records[start : start + every])
+        return self.encode_fields(fields)
+
+    def encode_fields(self, fields: Sequence[bytes]) -> bytes:
+        """The request for spans already written by `span_field`."""
+        scope_spans = _field(b"\x12", self._scope + b"".join(fields))  # ScopeSpans {scope = 1, spans = 2}
         return _field(b"\x0a", self._resource + scope_spans)  # ResourceSpans {resource = 1, scope_spans = 2}
 
 

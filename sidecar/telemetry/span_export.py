@@ -14,12 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-from outrider.sidecar.telemetry.spans import SpanRecord
+from typing import Generic, TypeVar
 
 log = logging.getLogger("outrider.telemetry")
 
-Encode = Callable[[Sequence[SpanRecord]], bytes]
+# A queued span: on the lean path its `otlp_wire.span_field` bytes, written when the span ended.
+Item = TypeVar("Item")
 Send = Callable[[bytes], bool]
 
 
@@ -50,17 +50,24 @@ class BatchSettings:
         return cls(queue, batch, delay / 1000.0)
 
 
-class SpanBatcher:
-    """A bounded queue of records and the thread that encodes and posts them in batches."""
+class SpanBatcher(Generic[Item]):
+    """A bounded queue of spans and the thread that makes requests of them and posts them in batches.
+
+    The spans are whatever `encode` takes: on the lean path each span's bytes, written as it ended.
+    """
 
     def __init__(
-        self, encode: Encode, send: Send, settings: BatchSettings, close: Callable[[], None]
+        self,
+        encode: Callable[[Sequence[Item]], bytes],
+        send: Send,
+        settings: BatchSettings,
+        close: Callable[[], None],
     ) -> None:
         self._encode = encode
         self._send = send
         self._close_transport = close
         self.settings = settings
-        self._queue: collections.deque[SpanRecord] = collections.deque(maxlen=settings.max_queue_size)
+        self._queue: collections.deque[Item] = collections.deque(maxlen=settings.max_queue_size)
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -71,7 +78,7 @@ class SpanBatcher:
         self.failed = 0  # records in batches the receiver did not accept
         self._last_drop_log = 0.0
 
-    def add(self, record: SpanRecord) -> None:
+    def add(self, record: Item) -> None:
         if self._shutdown:
             self.dropped += 1
             return
@@ -89,7 +96,9 @@ class SpanBatcher:
         queue.append(record)
         if self._thread is None:
             self._start()
-        if len(queue) >= self.settings.max_export_batch_size:
+        # Once per batch: until the exporter thread runs, later adds find the event already set (a
+        # `set` takes the event's lock and notifies each time).
+        if len(queue) >= self.settings.max_export_batch_size and not self._wake.is_set():
             self._wake.set()
 
     def _start(self) -> None:
