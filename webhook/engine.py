@@ -739,10 +739,6 @@ def _proxy_ports(admin: str, inbound: str) -> list[dict[str, Any]]:
     ]
 
 
-_STATUS_PATH = "/metadata/annotations/" + escape(ann.STATUS)
-_DEFAULT_CONTAINER_PATH = "/metadata/annotations/" + escape(ann.DEFAULT_CONTAINER)
-
-
 def _named(items: Any) -> bool:
     """A list of objects that all have a string name (the patch appends or inserts by position)."""
     if type(items) is not list:
@@ -775,7 +771,8 @@ def _apply(
     The patch is what `webhook.patch.diff(pod, injected)` gives, op for op, without deep-copying or
     walking the pod: the changes are few and known (annotations added, app containers changed in
     place, ours inserted or appended by position, volumes appended); a list of an unusual shape (null,
-    an entry without a string name) goes through the generic diff, as it would in `diff`.
+    an entry without a string name) goes through the generic diff, as it would in `diff`. `inject`
+    has checked that `spec` is a mapping and every container an object with a string name.
     """
     original = pod
     parts = _parts(config)
@@ -952,38 +949,27 @@ def _apply(
         **({"appStopDelaySeconds": stop_delay} if stop_delay else {}),
         "spiffeId": f"spiffe://{config.trust_domain}/ns/{namespace}/sa/{sa}",
     }
-    status_text = _sorted_json(status)
-    annotations = {**old_annotations, ann.STATUS: status_text}
-    default_container = None
+    annotations = {**old_annotations, ann.STATUS: _sorted_json(status)}
     if ann.DEFAULT_CONTAINER not in annotations:
-        default_container = annotations[ann.DEFAULT_CONTAINER] = containers[app_index]["name"]
+        annotations[ann.DEFAULT_CONTAINER] = containers[app_index]["name"]
     metadata["annotations"] = annotations
 
     # The patch: top-level keys in the injected pod's order (`metadata` last when the pod had none).
     ops: JsonPatch = []
     for key in pod:
         if key == "metadata":
-            if key not in original:
-                ops.append({"op": "add", "path": "/metadata", "value": metadata})
-            elif type(old_metadata) is dict and type(old_metadata.get("annotations")) is dict:
-                ops.append({"op": "add", "path": _STATUS_PATH, "value": status_text})
-                if default_container is not None:
-                    ops.append({"op": "add", "path": _DEFAULT_CONTAINER_PATH, "value": default_container})
+            if key in original:
+                diff_into(old_metadata, metadata, "/metadata", ops)  # the annotations added
             else:
-                diff_into(old_metadata, metadata, "/metadata", ops)
-        elif key == "spec" and type(old_spec) is not dict:
-            diff_into(old_spec, spec, "/spec", ops)
+                ops.append({"op": "add", "path": "/metadata", "value": metadata})
         elif key == "spec":
             for spec_key, value in spec.items():
                 if spec_key == "containers":
-                    if _named(spec_containers):
-                        # same entries in place (changed ones copied), then the classic sidecar appended
-                        for i, item in enumerate(spec_containers):
-                            if containers[i] is not item:
-                                diff_into(item, containers[i], f"/spec/containers/{i}", ops)
-                        _add_each("/spec/containers/-", containers[len(spec_containers) :], ops)
-                    else:
-                        diff_into(spec_containers, containers, "/spec/containers", ops)
+                    # same entries in place (changed ones copied), then the classic sidecar appended
+                    for i, item in enumerate(spec_containers):
+                        if containers[i] is not item:
+                            diff_into(item, containers[i], f"/spec/containers/{i}", ops)
+                    _add_each("/spec/containers/-", containers[len(spec_containers) :], ops)
                     continue
                 if spec_key not in spec_ops:
                     continue
