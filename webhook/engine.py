@@ -184,7 +184,7 @@ def inject(
     except _Refused as exc:
         return refuse(str(exc))
 
-    patched = _apply(
+    patched, ops = _apply(
         original,
         config,
         settings,
@@ -197,88 +197,7 @@ def inject(
         resource_uri,
         mcp_policy,
     )
-    return InjectionResult(True, patched, _patch(original, patched), tuple(warnings), injected=True)
-
-
-def _patch(original: Pod, pod: Pod) -> JsonPatch:
-    """`webhook.patch.diff(original, pod)` op for op, walking only what `_apply` changes.
-
-    `_apply` shares every untouched subtree, replaces `metadata` and `spec`, and in `spec` only
-    `containers` (changed entries copied, the sidecar maybe appended), `initContainers` (ours
-    prepended or appended) and `volumes` (ours appended). The lists' shapes are emitted directly
-    (the diff's name matching gives the same ops for them); anything unusual (a null list, an
-    entry without a string name) and the changed containers go through the generic diff.
-    """
-    ops: JsonPatch = []
-    for key, value in pod.items():
-        if key not in original:
-            ops.append({"op": "add", "path": "/" + escape(key), "value": value})
-        elif original[key] is not value:
-            if key == "spec" and type(original[key]) is dict:
-                _patch_spec(original[key], value, ops)
-            else:
-                diff_into(original[key], value, "/" + escape(key), ops)
-    return ops
-
-
-def _named(items: Any) -> bool:
-    if type(items) is not list:
-        return False
-    for item in items:  # noqa: SIM110 - a plain loop: no generator per list on every admission
-        if type(item) is not dict or type(item.get("name")) is not str:
-            return False
-    return True
-
-
-def _patch_spec(old: dict[str, Any], new: dict[str, Any], ops: JsonPatch) -> None:
-    for key, value in new.items():
-        if key not in old:
-            ops.append({"op": "add", "path": "/spec/" + escape(key), "value": value})
-            continue
-        before = old[key]
-        if before is value:
-            continue
-        path = "/spec/" + escape(key)
-        if key == "containers" and _named(before) and _named(value) and len(value) >= len(before):
-            # same entries in place (changed ones copied), then the classic sidecar appended
-            for i, item in enumerate(before):
-                if value[i] is not item:
-                    diff_into(item, value[i], f"{path}/{i}", ops)
-            ops.extend({"op": "add", "path": f"{path}/-", "value": v} for v in value[len(before) :])
-        elif (
-            key in ("volumes", "initContainers")
-            and _named(before)
-            and _named(value)
-            and _appended(before, value)
-        ):
-            ops.extend({"op": "add", "path": f"{path}/-", "value": v} for v in value[len(before) :])
-        elif (
-            key == "initContainers"
-            and before
-            and _named(before)
-            and _named(value)
-            and _prepended(before, value)
-        ):
-            # native layout: ours at the front; the old entries match by name behind them
-            ops.extend(
-                {"op": "add", "path": f"{path}/{i}", "value": v} for i, v in enumerate(value[: -len(before)])
-            )
-        else:
-            diff_into(before, value, path, ops)
-
-
-def _appended(before: list[Any], after: list[Any]) -> bool:
-    n = len(before)
-    return len(after) >= n and all(a is b for a, b in zip(before, after[:n], strict=True))
-
-
-def _prepended(before: list[Any], after: list[Any]) -> bool:
-    n = len(before)
-    if len(after) < n or not all(a is b for a, b in zip(before, after[len(after) - n :], strict=True)):
-        return False
-    # the diff matches old entries by name in order: ours must not share a name with the first old one
-    first = before[0]["name"]
-    return all(v["name"] != first for v in after[: len(after) - n])
+    return InjectionResult(True, patched, ops, tuple(warnings), injected=True)
 
 
 def _verify_injected(
@@ -744,6 +663,96 @@ def _stop_delay(config: WebhookConfig, spec: Mapping[str, Any]) -> int:
     return max(0, min(config.app_stop_delay_seconds, grace - 2))
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """What every pod injected with one config gets alike, built once per config.
+
+    The injected pod and the patch share these objects (as they share the input's untouched
+    subtrees), so neither may be mutated in place; per-pod values get their own objects.
+    """
+
+    config: WebhookConfig
+    command: list[str]
+    sidecar_args: list[str]
+    resources: dict[str, Any]
+    restricted: dict[str, Any]
+    init_security: dict[str, Any]
+    env_head: tuple[dict[str, Any], ...]
+    env_tail: tuple[dict[str, Any], ...]
+    default_ports: list[dict[str, Any]]
+    readiness: dict[str, Any]
+    liveness: dict[str, Any]
+    startup: dict[str, Any]
+
+
+_PARTS: Memo[str, _Parts] = Memo(16)
+
+
+def _parts(config: WebhookConfig) -> _Parts:
+    found = _PARTS.get(config.hash)
+    if found is not None and found.config is config:
+        return found
+
+    def admin_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        handler = {"path": path, "port": ann.ADMIN_PORT, "scheme": "HTTP"}
+        return {"httpGet": handler, "periodSeconds": period, "failureThreshold": failures}
+
+    return _PARTS.put(
+        config.hash,
+        _Parts(
+            config=config,
+            command=["outrider"],
+            sidecar_args=["sidecar"],
+            resources={k: dict(v) for k, v in config.plain_resources.items()},
+            restricted=_restricted(ann.SIDECAR_UID),
+            init_security={
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+                "privileged": False,
+                "readOnlyRootFilesystem": True,
+                "runAsGroup": 0,
+                "runAsNonRoot": False,
+                "runAsUser": 0,
+            },
+            env_head=(
+                {"name": "OUTRIDER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {
+                    "name": "OUTRIDER_POD_NAMESPACE",
+                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                },
+                {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_SOCKET},
+            ),
+            env_tail=tuple({"name": name, "value": value} for name, value in config.sidecar_env),
+            default_ports=_proxy_ports(ADMIN_PORT_NAME, INBOUND_PORT_NAME),
+            readiness=admin_probe("/readyz", 2, 30),
+            liveness=admin_probe("/healthz", 10, 3),
+            # The kubelet starts the app only after a native sidecar's startupProbe passes.
+            startup=admin_probe("/healthz", 1, 120),
+        ),
+    )
+
+
+def _proxy_ports(admin: str, inbound: str) -> list[dict[str, Any]]:
+    return [
+        {"name": admin, "containerPort": ann.ADMIN_PORT, "protocol": "TCP"},
+        {"name": inbound, "containerPort": ann.INBOUND_PORT, "protocol": "TCP"},
+    ]
+
+
+def _named(items: Any) -> bool:
+    """A list of objects that all have a string name (the patch appends or inserts by position)."""
+    if type(items) is not list:
+        return False
+    for item in items:  # noqa: SIM110 - a plain loop: no generator per list on every admission
+        if type(item) is not dict or type(item.get("name")) is not str:
+            return False
+    return True
+
+
+def _add_each(path: str, values: Iterable[Any], ops: JsonPatch) -> None:
+    ops.extend({"op": "add", "path": path, "value": v} for v in values)
+
+
 def _apply(
     pod: Pod,
     config: WebhookConfig,
@@ -756,87 +765,78 @@ def _apply(
     config_json: str,
     resource_uri: str | None,
     mcp_policy: Mapping[str, Any] | None = None,
-) -> Pod:
+) -> tuple[Pod, JsonPatch]:
+    """The injected pod and the RFC 6902 patch from `pod` to it, built together.
+
+    The patch is what `webhook.patch.diff(pod, injected)` gives, op for op, without deep-copying or
+    walking the pod: the changes are few and known (annotations added, app containers changed in
+    place, ours inserted or appended by position, volumes appended); a list of an unusual shape (null,
+    an entry without a string name) goes through the generic diff, as it would in `diff`. `inject`
+    has checked that `spec` is a mapping and every container an object with a string name.
+    """
+    original = pod
+    parts = _parts(config)
     # Copy only what changes (pod, metadata, spec, app containers); everything else is shared.
     pod = dict(pod)
-    metadata = dict(pod["metadata"]) if isinstance(pod.get("metadata"), dict) else {}
+    old_metadata = original.get("metadata")
+    metadata = dict(old_metadata) if isinstance(old_metadata, dict) else {}
     pod["metadata"] = metadata
-    spec = dict(pod["spec"])
+    old_spec: dict[str, Any] = original["spec"]
+    spec = dict(old_spec)
     pod["spec"] = spec
     # Containers are copied only when changed (probes, env), so the diff skips the others by identity.
-    containers: list[dict[str, Any]] = list(spec["containers"])
+    spec_containers: list[dict[str, Any]] = spec["containers"]
+    containers = list(spec_containers)
     spec["containers"] = containers
-    spec_containers = tuple(containers)  # the originals, to tell which ones were already copied
     user_inits = [c for c in _list(spec.get("initContainers")) if isinstance(c, dict)]
-    taken = {str(c.get("name")) for c in _all_containers(spec)}
+    taken: set[str] = set()
+    taken_ports: set[str] = set()
+    for c in (*user_inits, *containers):
+        taken.add(str(c.get("name")))
+        for p in _list(c.get("ports")):
+            if isinstance(p, dict) and p.get("name"):
+                taken_ports.add(str(p.get("name")))
     volumes = _list(spec.get("volumes"))
     taken_volumes = {str(v.get("name")) for v in volumes if isinstance(v, dict)}
-    taken_ports = {
-        str(p.get("name"))
-        for c in _all_containers(spec)
-        for p in _list(c.get("ports"))
-        if isinstance(p, dict) and p.get("name")
-    }
 
     capture = plan.mode == "capture"
     init_name = _free_name(INIT_NAME, taken) if capture else None
     proxy_name = _free_name(PROXY_NAME, taken)
     volume_name = _free_name(SPIFFE_VOLUME_NAME, taken_volumes)
 
-    def resources() -> dict[str, Any]:
-        return {k: dict(v) for k, v in config.plain_resources.items()}
-
     app_probes = _rewrite_probes(containers, mcp_port) if capture and mcp_port is not None else {}
     env: list[dict[str, Any]] = [
-        {"name": "OUTRIDER_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "OUTRIDER_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_SOCKET},
-        {
-            "name": "OUTRIDER_CONFIG",
-            "value": config_json,
-        },
+        *parts.env_head,
+        {"name": "OUTRIDER_CONFIG", "value": config_json},
+        *parts.env_tail,
     ]
-    env += [{"name": name, "value": value} for name, value in config.sidecar_env]
     if app_probes:
-        env.append(
-            {
-                "name": "OUTRIDER_APP_PROBES",
-                "value": _sorted_json(app_probes),
-            }
+        env.append({"name": "OUTRIDER_APP_PROBES", "value": _sorted_json(app_probes)})
+
+    if ADMIN_PORT_NAME in taken_ports or INBOUND_PORT_NAME in taken_ports:
+        ports = _proxy_ports(
+            _free_port_name(ADMIN_PORT_NAME, taken_ports), _free_port_name(INBOUND_PORT_NAME, taken_ports)
         )
-
-    def admin_probe(path: str, **extra: int) -> dict[str, Any]:
-        return {"httpGet": {"path": path, "port": ann.ADMIN_PORT, "scheme": "HTTP"}, **extra}
-
+    else:
+        ports = parts.default_ports
+    mounts: list[dict[str, Any]] = [{"name": volume_name, "mountPath": SPIFFE_MOUNT_PATH, "readOnly": True}]
     proxy: dict[str, Any] = {
         "name": proxy_name,
         "image": config.sidecar_image,
         "imagePullPolicy": config.image_pull_policy,
-        "args": ["sidecar"],
-        "command": ["outrider"],
+        "args": parts.sidecar_args,
+        "command": parts.command,
         "env": env,
-        "ports": [
-            {
-                "name": _free_port_name(ADMIN_PORT_NAME, taken_ports),
-                "containerPort": ann.ADMIN_PORT,
-                "protocol": "TCP",
-            },
-            {
-                "name": _free_port_name(INBOUND_PORT_NAME, taken_ports),
-                "containerPort": ann.INBOUND_PORT,
-                "protocol": "TCP",
-            },
-        ],
-        "readinessProbe": admin_probe("/readyz", periodSeconds=2, failureThreshold=30),
-        "livenessProbe": admin_probe("/healthz", periodSeconds=10, failureThreshold=3),
-        "resources": resources(),
-        "securityContext": _restricted(ann.SIDECAR_UID),
-        "volumeMounts": [{"name": volume_name, "mountPath": SPIFFE_MOUNT_PATH, "readOnly": True}],
+        "ports": ports,
+        "readinessProbe": parts.readiness,
+        "livenessProbe": parts.liveness,
+        "resources": parts.resources,
+        "securityContext": parts.restricted,
+        "volumeMounts": mounts,
     }
     if config.native_sidecar:
         proxy["restartPolicy"] = "Always"
-        # The kubelet starts the app only after a native sidecar's startupProbe passes.
-        proxy["startupProbe"] = admin_probe("/healthz", periodSeconds=1, failureThreshold=120)
+        proxy["startupProbe"] = parts.startup
 
     stop_delay = _stop_delay(config, spec)
     if stop_delay:
@@ -867,17 +867,9 @@ def _apply(
                 "image": config.sidecar_image,
                 "imagePullPolicy": config.image_pull_policy,
                 "args": init_args,
-                "command": ["outrider"],
-                "resources": resources(),
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
-                    "privileged": False,
-                    "readOnlyRootFilesystem": True,
-                    "runAsGroup": 0,
-                    "runAsNonRoot": False,
-                    "runAsUser": 0,
-                },
+                "command": parts.command,
+                "resources": parts.resources,
+                "securityContext": parts.init_security,
             }
         )
     for name, value in plan.app_env:
@@ -890,13 +882,25 @@ def _apply(
                 c = containers[index] = dict(c)
             c["env"] = [*existing, {"name": name, "value": value}]
 
+    # The spec's keys this injection sets, with the ops for each (in the new spec's key order below).
+    spec_ops: dict[str, JsonPatch] = {}
+    old_inits = old_spec.get("initContainers")
     if config.native_sidecar:
         # Capture and proxy come first, so user init containers already run behind the proxy.
-        spec["initContainers"] = [*new_inits, proxy, *user_inits]
+        ours = [*new_inits, proxy]
+        spec["initContainers"] = [*ours, *user_inits]
+        if old_inits and _named(old_inits):
+            # ours in front (indexes 0..n-1); the old entries, all kept, match by name behind them
+            spec_ops["initContainers"] = [
+                {"op": "add", "path": f"/spec/initContainers/{i}", "value": v} for i, v in enumerate(ours)
+            ]
+        else:
+            spec_ops["initContainers"] = []
     else:
         # Classic layout: user init containers keep their network, so outrider-init goes last.
         if new_inits:
             spec["initContainers"] = [*user_inits, *new_inits]
+            spec_ops["initContainers"] = []
         containers.append(proxy)
     new_volumes: list[dict[str, Any]] = [
         {"name": volume_name, "csi": {"driver": config.spiffe_csi_driver, "readOnly": True}}
@@ -907,20 +911,19 @@ def _apply(
         # The namespace may narrow the egress policy at run time with this (optional) ConfigMap.
         policy_volume = _free_name(POLICY_VOLUME_NAME, taken_volumes)
         new_volumes.append({"name": policy_volume, "configMap": {"name": policy_map, "optional": True}})
-        proxy["volumeMounts"].append(
-            {"name": policy_volume, "mountPath": posixpath.dirname(policy_file), "readOnly": True}
-        )
+        mounts.append({"name": policy_volume, "mountPath": posixpath.dirname(policy_file), "readOnly": True})
     if mcp_policy is not None:
         # The namespace may narrow the MCP policy and rate limits at run time with this ConfigMap.
         mcp_volume = _free_name(MCP_POLICY_VOLUME_NAME, taken_volumes)
         new_volumes.append({"name": mcp_volume, "configMap": {"name": POLICY_CONFIG_MAP, "optional": True}})
-        proxy["volumeMounts"].append({"name": mcp_volume, "mountPath": POLICY_DIR, "readOnly": True})
+        mounts.append({"name": mcp_volume, "mountPath": POLICY_DIR, "readOnly": True})
     for mount in config.sidecar_mounts:
         # Operator-chosen Secrets/ConfigMaps for the sidecar's *_file settings: the proxy only.
         mount_volume = _free_name(mount.name, taken_volumes)
         new_volumes.append(mount.volume(mount_volume))
-        proxy["volumeMounts"].append({"name": mount_volume, "mountPath": mount.mount_path, "readOnly": True})
+        mounts.append({"name": mount_volume, "mountPath": mount.mount_path, "readOnly": True})
     spec["volumes"] = [*volumes, *new_volumes]
+    spec_ops["volumes"] = []
     added_pull_secrets: list[str] = []
     if config.image_pull_secrets:
         # The sidecar image may sit in a private registry; the pod's own pull secrets are kept.
@@ -929,8 +932,9 @@ def _apply(
         added_pull_secrets = [n for n in config.image_pull_secrets if n not in have]
         if added_pull_secrets:
             spec["imagePullSecrets"] = [*pull, *({"name": n} for n in added_pull_secrets)]
+            spec_ops["imagePullSecrets"] = []
 
-    annotations = _map(metadata.get("annotations"))
+    old_annotations = _map(metadata.get("annotations"))
     sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     status = {
         "version": __version__,
@@ -945,8 +949,38 @@ def _apply(
         **({"appStopDelaySeconds": stop_delay} if stop_delay else {}),
         "spiffeId": f"spiffe://{config.trust_domain}/ns/{namespace}/sa/{sa}",
     }
-    annotations = {**annotations, ann.STATUS: _sorted_json(status)}
+    annotations = {**old_annotations, ann.STATUS: _sorted_json(status)}
     if ann.DEFAULT_CONTAINER not in annotations:
         annotations[ann.DEFAULT_CONTAINER] = containers[app_index]["name"]
     metadata["annotations"] = annotations
-    return pod
+
+    # The patch: top-level keys in the injected pod's order (`metadata` last when the pod had none).
+    ops: JsonPatch = []
+    for key in pod:
+        if key == "metadata":
+            if key in original:
+                diff_into(old_metadata, metadata, "/metadata", ops)  # the annotations added
+            else:
+                ops.append({"op": "add", "path": "/metadata", "value": metadata})
+        elif key == "spec":
+            for spec_key, value in spec.items():
+                if spec_key == "containers":
+                    # same entries in place (changed ones copied), then the classic sidecar appended
+                    for i, item in enumerate(spec_containers):
+                        if containers[i] is not item:
+                            diff_into(item, containers[i], f"/spec/containers/{i}", ops)
+                    _add_each("/spec/containers/-", containers[len(spec_containers) :], ops)
+                    continue
+                if spec_key not in spec_ops:
+                    continue
+                path = "/spec/" + escape(spec_key)
+                if spec_key not in old_spec:
+                    ops.append({"op": "add", "path": path, "value": value})
+                elif spec_ops[spec_key]:
+                    ops.extend(spec_ops[spec_key])
+                elif _named(old_spec[spec_key]):
+                    # the old entries kept in front, ours appended
+                    _add_each(path + "/-", value[len(old_spec[spec_key]) :], ops)
+                else:
+                    diff_into(old_spec[spec_key], value, path, ops)
+    return pod, ops

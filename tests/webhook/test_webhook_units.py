@@ -818,3 +818,31 @@ def test_strict_refuses_every_loosened_part_of_an_injection(change: Any, said: s
     message = _tamper(change) or ""
     assert said in message, message
     assert "says the pod is injected but" in message
+
+
+@pytest.mark.parametrize(
+    ("taken", "expected"),
+    [
+        ((), ["outrider-admin", "outrider-mcp"]),
+        (("outrider-admin",), ["outrider-admi-1", "outrider-mcp"]),
+        (("outrider-mcp",), ["outrider-admin", "outrider-mcp-1"]),
+        (("outrider-admin", "outrider-mcp"), ["outrider-admi-1", "outrider-mcp-1"]),
+    ],
+)
+def test_proxy_port_names_avoid_the_pods_own(taken: tuple[str, ...], expected: list[str]) -> None:
+    """Either name taken by an app port gets a free one; the other keeps its own (one pod, two layouts)."""
+    ports = [{"name": "mcp", "containerPort": 8080}] + [
+        {"name": name, "containerPort": 9000 + i} for i, name in enumerate(taken)
+    ]
+    for native in (True, False):
+        result = engine.inject(
+            _pod(containers=[{"name": "app", "image": "x", "ports": ports}]),
+            ENABLED,
+            WebhookConfig(native_sidecar=native),
+        )
+        spec = result.pod["spec"]
+        proxy = next(
+            c for c in (*spec.get("initContainers", []), *spec["containers"]) if c["name"] == "outrider-proxy"
+        )
+        assert [p["name"] for p in proxy["ports"]] == expected
+        assert [p["containerPort"] for p in proxy["ports"]] == [15020, 15006]
