@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +56,7 @@ from outrider.sidecar.inbound.upstream_slots import UpstreamSlots
 from outrider.sidecar.policy import gate as policy_gate
 from outrider.sidecar.policy.gate import Gate, Judgement
 from outrider.sidecar.telemetry.observer import (
+    NULL_SCOPE,
     CallScope,
     ExchangeOutcome,
     NullObserver,
@@ -282,36 +283,6 @@ def _event_end(buffer: bytes) -> int | None:
     return None
 
 
-class _Unrecorded:
-    """The scope of a call nothing records (telemetry and audit off): every report is dropped."""
-
-    def set_principal(self, principal: Principal) -> None:
-        return None
-
-    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
-        return None
-
-    def token_exchange(self, outcome: ExchangeOutcome) -> None:
-        return None
-
-    def policy(self, outcome: PolicyOutcome) -> None:
-        return None
-
-    def finish(
-        self,
-        *,
-        http_status: int,
-        outcome: str,
-        error_type: str | None = None,
-        reason: str | None = None,
-        response: McpMessage | None = None,
-    ) -> None:
-        return None
-
-
-_UNRECORDED: CallScope = _Unrecorded()
-
-
 # What the calls of a request carry when nothing records them (NullObserver never reads it).
 _UNRECORDED_INFO = RequestInfo(http_method="", transport="")
 
@@ -335,7 +306,7 @@ class Calls:
         records = not isinstance(observer, NullObserver)
         for index, message in enumerate(parsed.messages):
             # NullObserver's scope records nothing: one shared no-op scope, no context manager.
-            scope = stack.enter_context(observer.mcp_call(message, info)) if records else _UNRECORDED
+            scope = stack.enter_context(observer.mcp_call(message, info)) if records else NULL_SCOPE
             self.scopes.append(scope)
             self._open[index] = (scope, message)
             if message.kind == "request" and message.id is not None:

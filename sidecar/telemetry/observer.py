@@ -133,12 +133,16 @@ class _NullScope:
         return None
 
 
+# The one scope of every call nothing records (its methods keep no state).
+NULL_SCOPE: CallScope = _NullScope()
+
+
 class NullObserver:
     """Records nothing: for tools and tests that do not look at telemetry."""
 
     @contextmanager
     def mcp_call(self, message: McpMessage, request: RequestInfo) -> Iterator[CallScope]:
-        yield _NullScope()
+        yield NULL_SCOPE
 
     def egress(self, decision: EgressDecision) -> None:
         return None
