@@ -9,8 +9,9 @@ telemetry + audit on (OTLP/HTTP to a counting receiver, audit file). Four parts:
    sidecar and sidecar with telemetry, until a path saturates (it delivers under 90 % of the offered
    rate, or errors): p50/p99 per step;
 2. capacity on one core: the floor and the telemetry-on sidecar each pinned to one CPU (`taskset`,
-   the load generator and the upstream on the other), closed loop; then both paced at half the
-   sidecar's maximum: requests/s and p99 against the floor's;
+   the load generator, the upstream, the OTLP receivers and the servers not under test on the
+   other, once those are quiet), closed loop; then both paced at half the sidecar's maximum:
+   requests/s and p99 against the floor's;
 3. RSS against open MCP sessions, each with an open SSE stream (`--streams`: 10, 100, 1,000, 5,000)
    through the telemetry-off sidecar;
 4. accounting: after the telemetry-on sidecar stopped (flushing), the receiver must hold two spans
@@ -164,6 +165,29 @@ def pin(pid: int, cpu: int | str) -> None:
     subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=False, capture_output=True)
 
 
+# The others count as quiet once they use under this share of a CPU together (a telemetry sidecar
+# that just ran a closed loop exports and writes its backlog for a few seconds afterwards).
+QUIET_SHARE = 0.05
+SETTLE_MAX_S = 15.0
+
+
+async def isolate(path: str, pids: dict[str, int], server_cpu: int, client_cpus: str) -> float:
+    """Only `path`'s process on the server's CPU, every other process (the other servers, the OTLP
+    receivers) on the load generator's; then wait until those others are quiet, so that no backlog
+    of a path measured before runs beside this one. Returns the seconds waited."""
+    for name, pid in pids.items():
+        pin(pid, server_cpu if name == path else client_cpus)
+    others = [pid for name, pid in pids.items() if name not in (path, "upstream")]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < SETTLE_MAX_S:
+        before = sum(bp.cpu_seconds(pid) for pid in others)
+        await asyncio.sleep(0.5)
+        if sum(bp.cpu_seconds(pid) for pid in others) - before < QUIET_SHARE * 0.5:
+            break
+    return round(loop.time() - started, 1)
+
+
 def raise_fd_limit(want: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with suppress(ValueError, OSError):
@@ -217,14 +241,16 @@ async def capacity(
     server_cpu, client_cpus = cores[-1], set(cores[:-1])
     os.sched_setaffinity(0, client_cpus)
     pin(pids["upstream"], min(client_cpus))
+    clients = ",".join(str(c) for c in sorted(client_cpus))
     out: dict[str, Any] = {"cpu": server_cpu, "load_start": load()}
+    settled: list[float] = []
     paths = capacity_paths(args)
     try:
         maxima, busy = {}, {}
         per_thread: dict[str, dict[str, list[list[float]]]] = {}
         for _ in range(args.capacity_rounds):  # rounds interleave the paths over the machine's minutes
             for path in paths:
-                pin(pids[path], server_cpu)
+                settled.append(await isolate(path, pids, server_cpu, clients))
                 url, headers = urls[path]
                 spy = await profiled(path, pids[path], args)
                 threads0 = thread_counters(pids[path]) if args.threads else {}
@@ -255,6 +281,7 @@ async def capacity(
         at_half: dict[str, Any] = {}
         half_paths = [p for p in paths if p.startswith(("floor", "sidecar+telemetry"))]
         for path in half_paths:
+            settled.append(await isolate(path, pids, server_cpu, clients))
             url, headers = urls[path]
             at_half[path] = (await paced(url, headers, half, args.seconds)).stats()
         floor_p99, side_p99 = at_half["floor"]["p99_ms"], at_half["sidecar+telemetry"]["p99_ms"]
@@ -277,6 +304,7 @@ async def capacity(
                 "half_rate": round(half, 1),
                 "at_half": at_half,
                 "p99_ratio_at_half": round(side_p99 / floor_p99, 2) if floor_p99 else None,
+                "settle_s": settled,
                 "load_end": load(),
             }
         )
@@ -471,9 +499,11 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "sidecar+telemetry/uvloop": bp.free_port(),
             "sidecar+telemetry@before": bp.free_port(),
         }
+        receivers: dict[str, int] = {}  # their pids, kept off the server's CPU in the capacity part
         for name, receiver in otlp_ports.items():
             log_name = f"otlp-{name.replace('/', '-')}.log"
-            await bm.start([python, STAND_INS, "otlp", "--port", str(receiver)], tmp / log_name, stack)
+            command = [python, STAND_INS, "otlp", "--port", str(receiver)]
+            receivers[f"otlp:{name}"] = (await bm.start(command, tmp / log_name, stack)).pid
         for port in (upstream_port, *otlp_ports.values(), *floor_ports.values()):
             await bm.wait_port(port)
         token = idp.mint("alice", audience=bp.RESOURCE, expires_in=3600)
@@ -534,7 +564,7 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             else []
         )
         result["latency"] = await latency_curves(args, urls) if "latency" in args.parts else {}
-        pids = {name: p.pid for name, p in procs.items()}
+        pids = {**{name: p.pid for name, p in procs.items()}, **receivers}
         result["capacity"] = (
             await capacity(args, urls, pids) if "capacity" in args.parts else {"skipped": "not asked for"}
         )
