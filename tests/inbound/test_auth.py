@@ -200,6 +200,25 @@ async def test_algorithm_confusion_is_refused(issuer: Issuer, session: aiohttp.C
     assert isinstance(result, AuthFailure) and "algorithm is not allowed" in result.description
 
 
+async def test_a_critical_header_extension_nobody_understands_is_refused(
+    issuer: Issuer, session: aiohttp.ClientSession
+) -> None:
+    """RFC 7515 section 4.1.11: a JWS whose `crit` names an extension the verifier does not implement
+    is invalid, however good its signature (PyJWT before 2.12 accepted it: CVE-2026-32597)."""
+    key = make_key("ES256")
+    issuer.keys.append(key)
+    verifier = await verifier_for(issuer, session)
+    now = int(time.time())
+    claims = {"iss": issuer.url, "sub": "alice", "aud": RESOURCE, "exp": now + 300}
+    plain = jwt.encode(claims, key.private, algorithm="ES256", headers={"kid": key.kid})
+    assert isinstance(await verifier.verify(plain), Principal)
+    for crit in (["x-require-mfa"], [], "x-require-mfa", ["b64"]):
+        headers = {"kid": key.kid, "crit": crit, "x-require-mfa": True}
+        critical = jwt.encode(claims, key.private, algorithm="ES256", headers=headers)
+        result = await verifier.verify(critical)
+        assert isinstance(result, AuthFailure) and result.status == 401, crit
+
+
 async def test_unknown_kid_refreshes_once_and_is_rate_limited(
     issuer: Issuer, session: aiohttp.ClientSession
 ) -> None:
