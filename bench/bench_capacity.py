@@ -653,7 +653,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rates", type=float, nargs="+", default=[100, 200, 400, 800, 1600])
+    parser.add_argument("--rates", type=float, nargs="+", default=[100, 200, 400, 800, 1600, 3200])
     parser.add_argument("--seconds", type=float, default=4.0, help="paced seconds per step and path")
     parser.add_argument("--capacity-seconds", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, default=32)
