@@ -514,7 +514,7 @@ class InboundProxy:
         header, query = request.headers.get("Mcp-Session-Id"), request.query
         if header is None and not query:
             return True  # names no session (request_session_ids would give none)
-        ids = request_session_ids(header, query.items())
+        ids = request_session_ids(request.headers.getall("Mcp-Session-Id", ()), query.items())
         return all(decide(self.sessions.owner(sid), owner) == "owner" for sid in ids)
 
     async def _refuse_session(
@@ -526,7 +526,9 @@ class InboundProxy:
             "refused a request for an MCP session this caller did not create (session %s)",
             ",".join(
                 fingerprint(sid)
-                for sid in request_session_ids(request.headers.get("Mcp-Session-Id"), request.query.items())
+                for sid in request_session_ids(
+                    request.headers.getall("Mcp-Session-Id", ()), request.query.items()
+                )
             ),
         )
         parsed = await self._peek_parsed(request) or ParsedBody((McpMessage(kind="invalid"),), (None,), False)

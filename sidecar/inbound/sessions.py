@@ -49,11 +49,13 @@ def decide(bound_owner: str | None, caller: str) -> Decision:
     return "owner" if bound_owner == caller else "foreign"
 
 
-def request_session_ids(header: str | None, query: Iterable[tuple[str, str]]) -> tuple[str, ...]:
-    """Every session id a request names: the `Mcp-Session-Id` header and the legacy `session_id`."""
-    ids: list[str] = []
-    if header is not None:
-        ids.append(header.strip())
+def request_session_ids(headers: Iterable[str], query: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """Every session id a request names: each `Mcp-Session-Id` header and each legacy `session_id`.
+
+    Every header counts, not the first: the proxy forwards them all, and an app (or the framework
+    under it) that reads the last one must not be handed a session its caller does not own.
+    """
+    ids = [header.strip() for header in headers]
     ids.extend(value for name, value in query if name == LEGACY_SESSION_PARAM)
     return tuple(dict.fromkeys(ids))
 

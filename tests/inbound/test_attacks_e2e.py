@@ -1,0 +1,98 @@
+"""Attacks on the running proxy that earlier tests did not try, each over a raw socket so the bytes
+are exactly what an attacker sends: ambiguous session headers, notifications that name a request
+method, and the like. The app behind the sidecar is a real aiohttp server that records what reached it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from outrider.sidecar.dev.idp import DevIdP
+
+from .conftest import RESOURCE, SidecarFactory, free_port
+from .test_fuzz_e2e import raw_request
+
+
+@dataclass
+class SessionApp:
+    """An MCP-shaped app: `initialize` opens a session (`sess-N`); it records every request's headers."""
+
+    port: int = field(default_factory=free_port)
+    seen: list[list[tuple[str, str]]] = field(default_factory=list)
+    bodies: list[Any] = field(default_factory=list)
+    numbers: itertools.count[int] = field(default_factory=itertools.count)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(list(request.headers.items()))
+        body = await request.read()
+        self.bodies.append(json.loads(body) if body else None)
+        headers = {}
+        if b'"initialize"' in body:
+            headers["Mcp-Session-Id"] = f"sess-{next(self.numbers)}"
+        return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {}}, headers=headers)
+
+    def session_headers(self) -> list[list[str]]:
+        return [[v for n, v in headers if n.lower() == "mcp-session-id"] for headers in self.seen]
+
+
+@pytest.fixture
+async def session_app() -> AsyncIterator[SessionApp]:
+    state = SessionApp()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", state.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", state.port).start()
+    yield state
+    await runner.cleanup()
+
+
+def post(token: str, body: Any, extra: bytes = b"") -> tuple[bytes, bytes]:
+    """A POST /mcp as raw bytes: (head, body); `extra` is more header lines, each ending in CRLF."""
+    data = json.dumps(body).encode()
+    head = (
+        b"POST /mcp HTTP/1.1\r\nHost: mcp.example.com\r\nContent-Type: application/json\r\n"
+        b"Accept: application/json, text/event-stream\r\n"
+        + f"Authorization: Bearer {token}\r\nContent-Length: {len(data)}\r\n".encode()
+        + extra
+        + b"\r\n"
+    )
+    return head, data
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+CALL = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "echo", "arguments": {}}}
+
+
+async def test_a_second_session_header_naming_someone_elses_session_is_refused(
+    session_app: SessionApp, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    """Bob owns `sess-1` and sends it first, then Alice's `sess-0`: the proxy used to check only the
+    first header and forward both, so an app reading the last one (or a list) served Alice's session."""
+    alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
+    async with make_sidecar(session_app.port) as sidecar:
+        port = port_of(sidecar.url)
+        assert (await raw_request(port, *post(alice, INITIALIZE))).status == 200
+        assert (await raw_request(port, *post(bob, INITIALIZE))).status == 200
+        assert session_app.session_headers() == [[], []]
+        for pair in (b"sess-1\r\nMcp-Session-Id: sess-0", b"sess-0\r\nMcp-Session-Id: sess-1"):
+            reply = await raw_request(port, *post(bob, CALL, b"Mcp-Session-Id: " + pair + b"\r\n"))
+            assert reply.status == 404, reply
+            assert json.loads(reply.body)["error"]["message"] == "Session not found"
+        assert len(session_app.seen) == 2  # neither reached the app
+        # Bob naming his own session twice is his business: it goes on.
+        twice = b"Mcp-Session-Id: sess-1\r\nMcp-Session-Id: sess-1\r\n"
+        reply = await raw_request(port, *post(bob, CALL, twice))
+        assert reply.status == 200
+        assert session_app.session_headers()[-1] == ["sess-1", "sess-1"]
