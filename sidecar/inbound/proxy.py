@@ -712,6 +712,10 @@ class InboundProxy:
             headers["Retry-After"] = str(judgement.retry_after_s)
         elif outcomes == {"invalid"}:
             status = 400
+        elif not errors:
+            # Only notifications, none let through: there is no JSON-RPC answer to one, so the
+            # caller sees what a server that ignores a notification sends (the audit has the denial).
+            return web.Response(status=202)
         else:
             status = 200
         return self._answer(Answer(status, policy_gate.refusal_body(parsed, judgement), headers))

@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 
 from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.dev.workload_api import DevWorkloadApi
 
-from .conftest import RESOURCE, SidecarFactory, free_port
+from .conftest import RESOURCE, SidecarFactory, free_port, run_sidecar, sidecar_config
 from .test_fuzz_e2e import raw_request
 
 
@@ -96,3 +97,37 @@ async def test_a_second_session_header_naming_someone_elses_session_is_refused(
         reply = await raw_request(port, *post(bob, CALL, twice))
         assert reply.status == 200
         assert session_app.session_headers()[-1] == ["sess-1", "sess-1"]
+
+
+ECHO_ONLY = """
+@id("echo-only")
+permit(principal, action == Action::"call_tool", resource == Tool::"echo");
+"""
+
+
+async def test_a_request_method_sent_as_a_notification_is_judged(
+    session_app: SessionApp, idp: DevIdP, workload_api: DevWorkloadApi
+) -> None:
+    """`tools/call` without an `id` is not MCP (every client notification is `notifications/…`), but a
+    server on a generic JSON-RPC library runs it and drops the answer. It used to pass unjudged: a
+    denied tool, called as a "notification", reached the app. Real notifications still pass."""
+    bob = idp.mint("bob", audience=RESOURCE)
+    raw = sidecar_config(idp, workload_api, session_app.port)
+    raw["policy"] = {"file": None, "cedar": ECHO_ONLY}
+    denied = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "delete_all", "arguments": {}}}
+    allowed = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "echo", "arguments": {}}}
+    custom = {"jsonrpc": "2.0", "method": "admin/shutdown"}
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    async with run_sidecar(raw) as sidecar:
+        port = port_of(sidecar.url)
+        for body in (denied, custom, [denied, custom]):
+            reply = await raw_request(port, *post(bob, body))
+            # No JSON-RPC answer exists for a notification: the caller sees the server ignoring it.
+            assert (reply.status, reply.body) == (202, b""), reply
+        assert session_app.bodies == []
+        assert (await raw_request(port, *post(bob, [denied, initialized]))).status == 200
+        assert session_app.bodies == [initialized]  # the batch's real notification went on alone
+        session_app.bodies.clear()
+        for body in (allowed, initialized):
+            assert (await raw_request(port, *post(bob, body))).status == 200
+        assert session_app.bodies == [allowed, initialized]
