@@ -718,7 +718,8 @@ class InboundProxy:
             return web.Response(status=202)
         else:
             status = 200
-        return self._answer(Answer(status, policy_gate.refusal_body(parsed, judgement), headers))
+        body = policy_gate.refusal_body(parsed, judgement) if errors else b""
+        return self._answer(Answer(status, body, headers))
 
     async def _read_body(self, request: web.BaseRequest) -> bytes | Answer:
         limit = self.config.max_body_bytes

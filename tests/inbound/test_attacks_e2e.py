@@ -131,3 +131,24 @@ async def test_a_request_method_sent_as_a_notification_is_judged(
         for body in (allowed, initialized):
             assert (await raw_request(port, *post(bob, body))).status == 200
         assert session_app.bodies == [allowed, initialized]
+
+
+async def test_a_metered_call_sent_as_a_notification_spends_the_budget(
+    session_app: SessionApp, idp: DevIdP, workload_api: DevWorkloadApi
+) -> None:
+    """With rate limits and no policy, `tools/call` without an `id` was never metered: a caller over
+    their budget went on calling the tool as fast as they liked."""
+    bob = idp.mint("bob", audience=RESOURCE)
+    raw = sidecar_config(idp, workload_api, session_app.port)
+    raw["policy"] = {"file": None, "rate_limits": {"per_user": "2/hour"}}
+    call = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "echo", "arguments": {}}}
+    async with run_sidecar(raw) as sidecar:
+        port = port_of(sidecar.url)
+        replies = [await raw_request(port, *post(bob, call)) for _ in range(5)]
+        assert [r.status for r in replies] == [200, 200, 429, 429, 429]
+        assert replies[-1].body == b"" and replies[-1].headers_have("retry-after", "")
+        assert len(session_app.bodies) == 2
+        # The budget is the same one requests spend: the next real call is limited too.
+        assert (await raw_request(port, *post(bob, CALL))).status == 429
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert (await raw_request(port, *post(bob, initialized))).status == 200
