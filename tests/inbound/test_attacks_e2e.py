@@ -5,6 +5,8 @@ method, and the like. The app behind the sidecar is a real aiohttp server that r
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -152,3 +154,56 @@ async def test_a_metered_call_sent_as_a_notification_spends_the_budget(
         assert (await raw_request(port, *post(bob, CALL))).status == 429
         initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
         assert (await raw_request(port, *post(bob, initialized))).status == 200
+
+
+async def _read_answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, bytes]]:
+    """`count` HTTP/1.1 answers in order from one connection (each framed by Content-Length)."""
+    answers = []
+    async with asyncio.timeout(30):
+        for _ in range(count):
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            answers.append((status, await reader.readexactly(length)))
+    return answers
+
+
+def _subject(authorization: str) -> str:
+    payload = authorization.removeprefix("Bearer ").split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
+
+
+async def test_pipelined_requests_of_different_callers_on_one_connection_are_judged_one_by_one(
+    session_app: SessionApp, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    """One keep-alive connection (as a shared ingress makes) carries Alice, then Bob with her session
+    id, then nobody, then Alice again, written in one go: each is authenticated on its own, and the
+    app's pooled connection never carries one caller's exchanged token on another's request."""
+    alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
+    async with make_sidecar(session_app.port) as sidecar:
+        port = port_of(sidecar.url)
+        assert (await raw_request(port, *post(alice, INITIALIZE))).status == 200
+        session_app.seen.clear()
+        sid = b"Mcp-Session-Id: sess-0\r\n"
+        nobody_head, nobody_body = post(alice, CALL, sid)
+        nobody_head = nobody_head.replace(f"Authorization: Bearer {alice}\r\n".encode(), b"")
+        pipeline = [
+            post(alice, CALL, sid),
+            post(bob, CALL, sid),
+            (nobody_head, nobody_body),
+            post(alice, CALL, sid),
+        ]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"".join(head + body for head, body in pipeline))
+            await writer.drain()
+            answers = await _read_answers(reader, len(pipeline))
+        finally:
+            writer.close()
+        assert [status for status, _ in answers] == [200, 404, 401, 200]
+        forwarded = [dict((n.lower(), v) for n, v in headers) for headers in session_app.seen]
+        assert len(forwarded) == 2
+        assert [_subject(h["authorization"]) for h in forwarded] == ["alice", "alice"]
