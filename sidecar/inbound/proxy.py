@@ -174,6 +174,15 @@ def _safe_header(name: str, value: str) -> bool:
     return "\r" not in value and "\n" not in value and "\x00" not in value
 
 
+# Request bodies aiohttp's parser decodes itself (`Content-Encoding`, one value, any case): what the
+# proxy reads, judges and forwards is then the decoded body, which must not go on labelled encoded.
+_DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
+def _decoded(encoding: str) -> bool:
+    return encoding.isascii() and encoding.lower() in _DECODED_ENCODINGS
+
+
 def _too_big(limit: int) -> Answer:
     return Answer(
         413,
@@ -648,6 +657,8 @@ class InboundProxy:
             client=request.remote,
             scheme=request.scheme,
         )
+        if (encoding := out_headers.get("Content-Encoding")) is not None and _decoded(encoding):
+            del out_headers["Content-Encoding"]  # the body read is the decoded one
         exchanger = (
             self.exchanger.for_issuer(principal.issuer)
             if isinstance(self.exchanger, IssuerExchangers)
@@ -728,15 +739,22 @@ class InboundProxy:
         content = request.content
         chunks: list[bytes] = []
         size = 0
-        # `at_eof`: the whole body is in (the common case: one chunk), so no read just to learn that.
-        while not content.at_eof():
-            chunk = await content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                return _too_big(limit)
-            chunks.append(chunk)
+        try:
+            # `at_eof`: the whole body is in (the common case: one chunk), so no read just to learn that.
+            while not content.at_eof():
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    return _too_big(limit)
+                chunks.append(chunk)
+        except web.RequestPayloadError:
+            # aiohttp decodes gzip/deflate/br/zstd bodies as they arrive; this one did not decode.
+            message = "the request body does not decode as its Content-Encoding says"
+            return Answer(
+                400, jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, message), {"Connection": "close"}
+            )
         return b"".join(chunks)
 
     def _query_credential(self, request: web.BaseRequest) -> AuthFailure | None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import itertools
 import json
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +37,10 @@ class SessionApp:
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(list(request.headers.items()))
         body = await request.read()
-        self.bodies.append(json.loads(body) if body else None)
+        try:
+            self.bodies.append(json.loads(body) if body else None)
+        except ValueError:
+            self.bodies.append(body)
         headers = {}
         if b'"initialize"' in body:
             headers["Mcp-Session-Id"] = f"sess-{next(self.numbers)}"
@@ -207,3 +212,38 @@ async def test_pipelined_requests_of_different_callers_on_one_connection_are_jud
         forwarded = [dict((n.lower(), v) for n, v in headers) for headers in session_app.seen]
         assert len(forwarded) == 2
         assert [_subject(h["authorization"]) for h in forwarded] == ["alice", "alice"]
+
+
+def _encoded_post(token: str, data: bytes, encoding: str) -> tuple[bytes, bytes]:
+    head, _ = post(token, {})
+    head = head.replace(b"Content-Length: 2\r\n", f"Content-Length: {len(data)}\r\n".encode())
+    return head.replace(b"\r\n\r\n", f"\r\nContent-Encoding: {encoding}\r\n\r\n".encode()), data
+
+
+async def test_a_compressed_body_reaches_the_app_decoded_and_a_broken_one_is_a_400(
+    session_app: SessionApp, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    """aiohttp decodes a gzip/deflate body before the proxy reads it. The proxy forwarded the decoded
+    bytes still labelled `Content-Encoding: gzip` (the app failed to decode them), and a body that did
+    not decode raised out of the handler: a 500 of the sidecar's own and a traceback in its log."""
+    bob = idp.mint("bob", audience=RESOURCE)
+    async with make_sidecar(session_app.port) as sidecar:
+        port = port_of(sidecar.url)
+        for encoding, data in (
+            ("gzip", gzip.compress(json.dumps(CALL).encode())),
+            ("GZIP", gzip.compress(json.dumps(CALL).encode())),
+            ("deflate", zlib.compress(json.dumps(CALL).encode())),
+        ):
+            reply = await raw_request(port, *_encoded_post(bob, data, encoding))
+            assert reply.status == 200, reply
+            assert session_app.bodies[-1] == CALL
+            assert not any(n.lower() == "content-encoding" for n, _ in session_app.seen[-1])
+        for broken in (b"not gzip at all", gzip.compress(b"")[:10] + b"\xff" * 40):
+            reply = await raw_request(port, *_encoded_post(bob, broken, "gzip"))
+            assert reply.status == 400, reply
+            assert json.loads(reply.body)["error"]["code"] == -32600
+        assert len(session_app.bodies) == 3
+        # An encoding aiohttp does not decode leaves bytes that are not JSON: refused, never passed on.
+        reply = await raw_request(port, *_encoded_post(bob, b"\x1f\x9d\x90opaque", "compress"))
+        assert reply.status == 400 and json.loads(reply.body)["error"]["code"] == -32700
+        assert len(session_app.bodies) == 3
