@@ -141,7 +141,9 @@ def upstream_request_headers(
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in drop or lower.startswith("x-forwarded-"):
+        # `_`: CGI-style servers (WSGI, PHP) file `Mcp_Session_Id` under the name of `Mcp-Session-Id`,
+        # so such a header would pass every check made on the other spelling (nginx drops them too).
+        if lower in drop or lower.startswith("x-forwarded-") or "_" in lower:
             continue
         if name.isascii() and value.isascii():  # the common case of `_safe_header`, inline
             if "\r" in value or "\n" in value or "\x00" in value:

@@ -10,8 +10,10 @@ import base64
 import gzip
 import itertools
 import json
+import threading
+import wsgiref.simple_server
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,3 +249,65 @@ async def test_a_compressed_body_reaches_the_app_decoded_and_a_broken_one_is_a_4
         reply = await raw_request(port, *_encoded_post(bob, b"\x1f\x9d\x90opaque", "compress"))
         assert reply.status == 400 and json.loads(reply.body)["error"]["code"] == -32700
         assert len(session_app.bodies) == 3
+
+
+class WsgiApp:
+    """A real WSGI server (the standard library's): like PHP and every CGI-style server it files the
+    `Mcp_Session_Id` header under the same name as `Mcp-Session-Id` (HTTP_MCP_SESSION_ID)."""
+
+    def __init__(self) -> None:
+        self.environs: list[dict[str, str]] = []
+        self.numbers = itertools.count()
+        self.server = wsgiref.simple_server.make_server("127.0.0.1", 0, self, handler_class=_QuietWsgiHandler)
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        self.environs.append({k: v for k, v in environ.items() if k.startswith("HTTP_")})
+        headers = [("Content-Type", "application/json")]
+        if b'"initialize"' in body:
+            headers.append(("Mcp-Session-Id", f"sess-{next(self.numbers)}"))
+        start_response("200 OK", headers)
+        return [json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}}).encode()]
+
+
+class _QuietWsgiHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def wsgi_app() -> Iterator[WsgiApp]:
+    app = WsgiApp()
+    app.thread.start()
+    yield app
+    app.server.shutdown()
+    app.server.server_close()
+
+
+async def test_underscore_spellings_of_checked_headers_never_reach_a_cgi_style_app(
+    wsgi_app: WsgiApp, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    """`Mcp_Session_Id`, `X_Forwarded_For` and the exchanged-token header spelt with `_` are other
+    headers to the proxy but the same ones to a WSGI/PHP app: Bob reached Alice's session with
+    `Mcp_Session_Id: sess-0`, and his own client address and downstream token went in ahead of the
+    sidecar's. Headers with `_` in their names are dropped, as nginx and Apache do."""
+    alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
+    async with make_sidecar(wsgi_app.port, token_header="X-Downstream-Token") as sidecar:
+        port = port_of(sidecar.url)
+        assert (await raw_request(port, *post(alice, INITIALIZE))).status == 200
+        smuggled = (
+            b"Mcp_Session_Id: sess-0\r\nX_Forwarded_For: 203.0.113.9\r\n"
+            b"X_Downstream_Token: forged\r\nX_Custom: kept-out\r\n"
+        )
+        reply = await raw_request(port, *post(bob, CALL, smuggled))
+        assert reply.status == 200  # no session named, as far as anyone can tell: the app decides
+        environ = wsgi_app.environs[-1]
+        assert "HTTP_MCP_SESSION_ID" not in environ
+        assert "HTTP_X_CUSTOM" not in environ
+        assert environ["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
+        assert "forged" not in environ["HTTP_X_DOWNSTREAM_TOKEN"]
+        # The dash spellings still work as before.
+        reply = await raw_request(port, *post(alice, CALL, b"Mcp-Session-Id: sess-0\r\n"))
+        assert reply.status == 200 and wsgi_app.environs[-1]["HTTP_MCP_SESSION_ID"] == "sess-0"
