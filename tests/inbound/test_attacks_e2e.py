@@ -96,7 +96,11 @@ async def test_a_second_session_header_naming_someone_elses_session_is_refused(
         assert (await raw_request(port, *post(alice, INITIALIZE))).status == 200
         assert (await raw_request(port, *post(bob, INITIALIZE))).status == 200
         assert session_app.session_headers() == [[], []]
-        for pair in (b"sess-1\r\nMcp-Session-Id: sess-0", b"sess-0\r\nMcp-Session-Id: sess-1"):
+        for pair in (
+            b"sess-1\r\nMcp-Session-Id: sess-0",
+            b"sess-0\r\nMcp-Session-Id: sess-1",
+            b"sess-1, sess-0",
+        ):
             reply = await raw_request(port, *post(bob, CALL, b"Mcp-Session-Id: " + pair + b"\r\n"))
             assert reply.status == 404, reply
             assert json.loads(reply.body)["error"]["message"] == "Session not found"
