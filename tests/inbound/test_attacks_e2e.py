@@ -104,7 +104,12 @@ async def test_a_second_session_header_naming_someone_elses_session_is_refused(
             reply = await raw_request(port, *post(bob, CALL, b"Mcp-Session-Id: " + pair + b"\r\n"))
             assert reply.status == 404, reply
             assert json.loads(reply.body)["error"]["message"] == "Session not found"
-        assert len(session_app.seen) == 2  # neither reached the app
+        # The legacy `session_id` parameter: repeated, or percent-encoded in name and value.
+        for query in (b"?session_id=sess-1&session_id=sess-0", b"?session%5Fid=sess%2D0"):
+            head, body = post(bob, CALL, b"Mcp-Session-Id: sess-1\r\n")
+            reply = await raw_request(port, head.replace(b"POST /mcp ", b"POST /mcp" + query + b" "), body)
+            assert reply.status == 404, (query, reply)
+        assert len(session_app.seen) == 2  # none reached the app
         # Bob naming his own session twice is his business: it goes on.
         twice = b"Mcp-Session-Id: sess-1\r\nMcp-Session-Id: sess-1\r\n"
         reply = await raw_request(port, *post(bob, CALL, twice))
