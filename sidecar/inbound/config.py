@@ -36,7 +36,7 @@ def _int(data: Mapping[str, Any], key: str, default: int, lo: int, hi: int, pref
     value = data.get(key, default)
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: YAML `.inf`, JSON `Infinity`
         raise _error(f"{prefix}.{key}: {value!r} is not an integer ({lo}-{hi})") from None
     if isinstance(value, bool) or not lo <= number <= hi:
         raise _error(f"{prefix}.{key}: {value!r} is out of range ({lo}-{hi})")
