@@ -99,7 +99,7 @@ class SessionsConfig:
     """`inbound.sessions`: binding each MCP session to the principal that created it (docs/inbound.md)."""
 
     enabled: bool = True
-    # Bindings kept at most (least recently used evicted first; about 200 bytes each).
+    # Bindings kept at most (about 200 bytes each); beyond it the caller holding the most loses one.
     max_sessions: int = 10000
     # A session with no request for this long loses its binding (then 404: the client re-initializes).
     idle_timeout_s: float = 43200.0
