@@ -320,3 +320,23 @@ async def test_underscore_spellings_of_checked_headers_never_reach_a_cgi_style_a
         # The dash spellings still work as before.
         reply = await raw_request(port, *post(alice, CALL, b"Mcp-Session-Id: sess-0\r\n"))
         assert reply.status == 200 and wsgi_app.environs[-1]["HTTP_MCP_SESSION_ID"] == "sess-0"
+
+
+async def test_a_batch_of_thousands_of_calls_is_refused_before_anything_judges_it(
+    session_app: SessionApp, idp: DevIdP, workload_api: DevWorkloadApi
+) -> None:
+    """A 1 MB body of 10 000 `tools/call`s (a quarter of `max_body_bytes`) cost the policy gate seconds
+    of Cedar on the event loop that every caller shares. Batches hold at most 100 messages."""
+    bob = idp.mint("bob", audience=RESOURCE)
+    raw = sidecar_config(idp, workload_api, session_app.port)
+    raw["policy"] = {"file": None, "cedar": ECHO_ONLY}
+    calls = [{**CALL, "id": i} for i in range(10_000)]
+    async with run_sidecar(raw) as sidecar:
+        port = port_of(sidecar.url)
+        reply = await raw_request(port, *post(bob, calls))
+        assert reply.status == 400
+        error = json.loads(reply.body)["error"]
+        assert error["code"] == -32600 and "at most 100" in error["message"]
+        assert session_app.bodies == []
+        assert (await raw_request(port, *post(bob, calls[:100]))).status == 200
+        assert len(session_app.bodies) == 1 and len(session_app.bodies[0]) == 100
