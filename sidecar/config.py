@@ -93,7 +93,7 @@ def _known(data: Mapping[str, Any], section: str, keys: tuple[str, ...]) -> None
 def _port(value: Any, key: str) -> int:
     try:
         port = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: YAML `.inf`, JSON `Infinity`
         raise ConfigError(f"{key}: {value!r} is not a port number (1-65535)") from None
     if isinstance(value, bool | float):
         raise ConfigError(f"{key}: {value!r} is not a port number (1-65535)")

@@ -76,3 +76,30 @@ def test_one_error_type_from_a_leaf_module() -> None:
         }
         assert "outrider.sidecar.config" not in imported, path
         assert "outrider.sidecar.config_error" in imported, path
+
+
+NON_FINITE = [float("inf"), float("-inf"), float("nan")]
+INTEGER_KEYS = [
+    ("admin", "port"),
+    ("inbound", "port"),
+    ("inbound", "max_body_bytes"),
+    ("inbound", "token_cache_size"),
+    ("egress", "port"),
+    ("egress", "max_tunnels"),
+    ("exchange", "cache_size"),
+]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize(("section", "key"), INTEGER_KEYS)
+def test_non_finite_numbers_for_integer_keys_are_config_errors(section: str, key: str, value: float) -> None:
+    """YAML `.inf`/`.nan` (the webhook's `sidecar:` block) and JSON `Infinity`/`NaN` (OUTRIDER_CONFIG,
+    which Python's json reads) crashed start-up and `outrider inject` with an OverflowError or
+    ValueError traceback instead of an error naming the key."""
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+        validate({section: {key: value}})
+
+
+def test_infinity_in_outrider_config_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"inbound\.port"):
+        load(env={"OUTRIDER_CONFIG": '{"inbound": {"port": Infinity}}'})

@@ -255,10 +255,15 @@ def _verify_injected(
     expected_env = sidecar_config(
         config, mcp_port, settings.token_audience or config.default_audience, plan, mcp_policy, resource_uri
     )
-    env = {e.get("name"): e.get("value") for e in _list(proxy.get("env")) if isinstance(e, dict)}
+    # A YAML manifest (outrider inject) may hold any type here: `value: 5` is an int, not a string.
+    env = {
+        e["name"]: e.get("value")
+        for e in _list(proxy.get("env"))
+        if isinstance(e, dict) and isinstance(e.get("name"), str)
+    }
     try:
         actual_env = json.loads(env.get("OUTRIDER_CONFIG") or "null")
-    except ValueError:
+    except (ValueError, TypeError):
         actual_env = None
     if (
         proxy.get("image") != config.sidecar_image
@@ -928,7 +933,7 @@ def _apply(
     if config.image_pull_secrets:
         # The sidecar image may sit in a private registry; the pod's own pull secrets are kept.
         pull = _list(spec.get("imagePullSecrets"))
-        have = {s.get("name") for s in pull if isinstance(s, dict)}
+        have = {s.get("name") for s in pull if isinstance(s, dict) and isinstance(s.get("name"), str)}
         added_pull_secrets = [n for n in config.image_pull_secrets if n not in have]
         if added_pull_secrets:
             spec["imagePullSecrets"] = [*pull, *({"name": n} for n in added_pull_secrets)]

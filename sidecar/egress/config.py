@@ -45,7 +45,7 @@ def _number(data: Mapping[str, Any], key: str, default: float, lo: float, hi: fl
     kind = "an integer" if integer else "a number"
     try:
         number = int(value) if integer else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: YAML `.inf`, JSON `Infinity`
         raise _error(f"egress.{key}: {value!r} is not {kind} ({lo}-{hi})") from None
     if isinstance(value, bool) or not lo <= number <= hi:
         raise _error(f"egress.{key}: {value!r} is out of range ({lo}-{hi})")

@@ -5,6 +5,7 @@ Parsed once at start-up into a frozen `ExchangeConfig`; every error names the of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -213,7 +214,7 @@ def _number(data: Mapping[str, Any], key: str, default: float, *, integer: bool 
     value = data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _error(f"exchange.{key}: expected a number, got {value!r}")
-    if integer and int(value) != value:
+    if integer and (not math.isfinite(value) or int(value) != value):
         raise _error(f"exchange.{key}: expected a whole number, got {value!r}")
     return float(value)
 

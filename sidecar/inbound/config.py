@@ -36,7 +36,7 @@ def _int(data: Mapping[str, Any], key: str, default: int, lo: int, hi: int, pref
     value = data.get(key, default)
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: YAML `.inf`, JSON `Infinity`
         raise _error(f"{prefix}.{key}: {value!r} is not an integer ({lo}-{hi})") from None
     if isinstance(value, bool) or not lo <= number <= hi:
         raise _error(f"{prefix}.{key}: {value!r} is out of range ({lo}-{hi})")
@@ -99,7 +99,7 @@ class SessionsConfig:
     """`inbound.sessions`: binding each MCP session to the principal that created it (docs/inbound.md)."""
 
     enabled: bool = True
-    # Bindings kept at most (least recently used evicted first; about 200 bytes each).
+    # Bindings kept at most (about 200 bytes each); beyond it the caller holding the most loses one.
     max_sessions: int = 10000
     # A session with no request for this long loses its binding (then 404: the client re-initializes).
     idle_timeout_s: float = 43200.0

@@ -10,13 +10,14 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 
 import jwt
@@ -104,6 +105,10 @@ def parse_jws(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]
     if not isinstance(header, dict) or not isinstance(claims, dict):
         return None
     return header, claims, f"{parts[0]}.{parts[1]}".encode(), signature
+
+
+def _finite_number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fail(description: str, *, error: str = "invalid_dpop_proof", nonce: str | None = None) -> DpopFailure:
@@ -223,7 +228,7 @@ def check_proof(
     if not valid:
         return _fail("the DPoP proof's signature is invalid")
     exp = claims.get("exp")
-    if exp is not None and (not isinstance(exp, int | float) or isinstance(exp, bool) or exp <= now):
+    if exp is not None and (not _finite_number(exp) or exp <= now):
         return _fail("the DPoP proof has expired")
     jti, htm, htu, iat = claims.get("jti"), claims.get("htm"), claims.get("htu"), claims.get("iat")
     if not isinstance(jti, str) or not jti or len(jti) > 256:
@@ -232,7 +237,9 @@ def check_proof(
         return _fail("the DPoP proof was made for another HTTP method")
     if not isinstance(htu, str) or normalize_htu(htu) != facts.htu:
         return _fail("the DPoP proof was made for another URL")
-    if isinstance(iat, bool) or not isinstance(iat, int | float) or abs(now - iat) > config.iat_window_s:
+    # Finite: `NaN` (which Python's json reads) compares false with everything, so a NaN `iat` would
+    # pass the window and its replay-cache entry would never count: valid and replayable forever.
+    if not _finite_number(iat) or abs(now - iat) > config.iat_window_s:
         return _fail("the DPoP proof's iat is missing or outside the accepted window")
     ath = claims.get("ath")
     if not isinstance(ath, str) or not hmac.compare_digest(ath, access_token_hash(access_token)):

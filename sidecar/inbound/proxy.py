@@ -141,7 +141,9 @@ def upstream_request_headers(
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in drop or lower.startswith("x-forwarded-"):
+        # `_`: CGI-style servers (WSGI, PHP) file `Mcp_Session_Id` under the name of `Mcp-Session-Id`,
+        # so such a header would pass every check made on the other spelling (nginx drops them too).
+        if lower in drop or lower.startswith("x-forwarded-") or "_" in lower:
             continue
         if name.isascii() and value.isascii():  # the common case of `_safe_header`, inline
             if "\r" in value or "\n" in value or "\x00" in value:
@@ -172,6 +174,15 @@ def _safe_header(name: str, value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return "\r" not in value and "\n" not in value and "\x00" not in value
+
+
+# Request bodies aiohttp's parser decodes itself (`Content-Encoding`, one value, any case): what the
+# proxy reads, judges and forwards is then the decoded body, which must not go on labelled encoded.
+_DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
+def _decoded(encoding: str) -> bool:
+    return encoding.isascii() and encoding.lower() in _DECODED_ENCODINGS
 
 
 def _too_big(limit: int) -> Answer:
@@ -514,7 +525,7 @@ class InboundProxy:
         header, query = request.headers.get("Mcp-Session-Id"), request.query
         if header is None and not query:
             return True  # names no session (request_session_ids would give none)
-        ids = request_session_ids(header, query.items())
+        ids = request_session_ids(request.headers.getall("Mcp-Session-Id", ()), query.items())
         return all(decide(self.sessions.owner(sid), owner) == "owner" for sid in ids)
 
     async def _refuse_session(
@@ -526,7 +537,9 @@ class InboundProxy:
             "refused a request for an MCP session this caller did not create (session %s)",
             ",".join(
                 fingerprint(sid)
-                for sid in request_session_ids(request.headers.get("Mcp-Session-Id"), request.query.items())
+                for sid in request_session_ids(
+                    request.headers.getall("Mcp-Session-Id", ()), request.query.items()
+                )
             ),
         )
         parsed = await self._peek_parsed(request) or ParsedBody((McpMessage(kind="invalid"),), (None,), False)
@@ -646,6 +659,8 @@ class InboundProxy:
             client=request.remote,
             scheme=request.scheme,
         )
+        if (encoding := out_headers.get("Content-Encoding")) is not None and _decoded(encoding):
+            del out_headers["Content-Encoding"]  # the body read is the decoded one
         exchanger = (
             self.exchanger.for_issuer(principal.issuer)
             if isinstance(self.exchanger, IssuerExchangers)
@@ -710,9 +725,14 @@ class InboundProxy:
             headers["Retry-After"] = str(judgement.retry_after_s)
         elif outcomes == {"invalid"}:
             status = 400
+        elif not errors:
+            # Only notifications, none let through: there is no JSON-RPC answer to one, so the
+            # caller sees what a server that ignores a notification sends (the audit has the denial).
+            return web.Response(status=202)
         else:
             status = 200
-        return self._answer(Answer(status, policy_gate.refusal_body(parsed, judgement), headers))
+        body = policy_gate.refusal_body(parsed, judgement) if errors else b""
+        return self._answer(Answer(status, body, headers))
 
     async def _read_body(self, request: web.BaseRequest) -> bytes | Answer:
         limit = self.config.max_body_bytes
@@ -721,15 +741,22 @@ class InboundProxy:
         content = request.content
         chunks: list[bytes] = []
         size = 0
-        # `at_eof`: the whole body is in (the common case: one chunk), so no read just to learn that.
-        while not content.at_eof():
-            chunk = await content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                return _too_big(limit)
-            chunks.append(chunk)
+        try:
+            # `at_eof`: the whole body is in (the common case: one chunk), so no read just to learn that.
+            while not content.at_eof():
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    return _too_big(limit)
+                chunks.append(chunk)
+        except web.RequestPayloadError:
+            # aiohttp decodes gzip/deflate/br/zstd bodies as they arrive; this one did not decode.
+            message = "the request body does not decode as its Content-Encoding says"
+            return Answer(
+                400, jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, message), {"Connection": "close"}
+            )
         return b"".join(chunks)
 
     def _query_credential(self, request: web.BaseRequest) -> AuthFailure | None:

@@ -49,11 +49,13 @@ def decide(bound_owner: str | None, caller: str) -> Decision:
     return "owner" if bound_owner == caller else "foreign"
 
 
-def request_session_ids(header: str | None, query: Iterable[tuple[str, str]]) -> tuple[str, ...]:
-    """Every session id a request names: the `Mcp-Session-Id` header and the legacy `session_id`."""
-    ids: list[str] = []
-    if header is not None:
-        ids.append(header.strip())
+def request_session_ids(headers: Iterable[str], query: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """Every session id a request names: each `Mcp-Session-Id` header and each legacy `session_id`.
+
+    Every header counts, not the first: the proxy forwards them all, and an app (or the framework
+    under it) that reads the last one must not be handed a session its caller does not own.
+    """
+    ids = [header.strip() for header in headers]
     ids.extend(value for name, value in query if name == LEGACY_SESSION_PARAM)
     return tuple(dict.fromkeys(ids))
 
@@ -69,7 +71,8 @@ def legacy_endpoint_session(data: str) -> str | None:
 
 
 class SessionTable:
-    """In-memory bindings, least recently used first; bounded in count and idle time.
+    """In-memory bindings, least recently used first; bounded in count and idle time. At the count
+    bound the owner holding the most bindings loses one, so no caller can evict everyone else's.
 
     A binding that is evicted or expires is gone: its session then gets 404 from the sidecar, and an
     MCP client answers a 404 by starting a new session (fail closed, never fail open).
@@ -79,6 +82,10 @@ class SessionTable:
         self._policy = policy
         self._clock = clock
         self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # The same bindings per owner, least recently used first: a full table takes from the owner
+        # holding the most, so one caller opening sessions without end only evicts their own.
+        self._by_owner: dict[str, OrderedDict[str, None]] = {}
+        self._sizes: dict[int, set[str]] = {}  # n -> the owners holding n bindings
         self.evicted_total = 0
         self.expired_total = 0
 
@@ -93,11 +100,12 @@ class SessionTable:
         owner, last = entry
         now = self._clock()
         if now - last > self._policy.idle_timeout_s:
-            del self._owners[session_id]
+            self._drop(session_id)
             self.expired_total += 1
             return None
         self._owners[session_id] = (owner, now)
         self._owners.move_to_end(session_id)
+        self._by_owner[owner].move_to_end(session_id)
         return owner
 
     def bind(self, session_id: str, owner: str) -> bool:
@@ -110,19 +118,51 @@ class SessionTable:
         now = self._clock()
         self._owners[session_id] = (owner, now)
         self._owners.move_to_end(session_id)
+        held = self._by_owner.setdefault(owner, OrderedDict())
+        if session_id not in held:
+            held[session_id] = None
+            self._resize(owner, len(held) - 1, len(held))
+        held.move_to_end(session_id)
         self._prune(now)
         return True
 
     def forget(self, session_id: str) -> None:
-        self._owners.pop(session_id, None)
+        if session_id in self._owners:
+            self._drop(session_id)
+
+    def _drop(self, session_id: str) -> None:
+        owner, _ = self._owners.pop(session_id)
+        held = self._by_owner[owner]
+        del held[session_id]
+        self._resize(owner, len(held) + 1, len(held))
+        if not held:
+            del self._by_owner[owner]
+
+    def _resize(self, owner: str, before: int, after: int) -> None:
+        if before:
+            owners = self._sizes[before]
+            owners.discard(owner)
+            if not owners:
+                del self._sizes[before]
+        if after:
+            self._sizes.setdefault(after, set()).add(owner)
+
+    def _victim(self) -> str:
+        """The least recently used binding of the owner holding the most (ties: least recently used)."""
+        most = self._sizes[max(self._sizes)]
+        if len(most) <= 8:
+            return min((next(iter(self._by_owner[o])) for o in most), key=lambda sid: self._owners[sid][1])
+        # Many owners hold as many (e.g. one each): the globally oldest binding of one of them is near
+        # the front of the table, so looking from there is quicker than looking at each of them.
+        return next(sid for sid, (owner, _) in self._owners.items() if owner in most)
 
     def _prune(self, now: float) -> None:
         while self._owners:
             oldest, (_, last) = next(iter(self._owners.items()))
-            if now - last > self._policy.idle_timeout_s:
-                self.expired_total += 1
-            elif len(self._owners) > self._policy.max_sessions:
-                self.evicted_total += 1
-            else:
-                return
-            del self._owners[oldest]
+            if now - last <= self._policy.idle_timeout_s:
+                break
+            self._drop(oldest)
+            self.expired_total += 1
+        while len(self._owners) > self._policy.max_sessions:
+            self._drop(self._victim())
+            self.evicted_total += 1

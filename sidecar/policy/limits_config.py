@@ -106,7 +106,12 @@ def budgets(limits: RateLimits, message: McpMessage, user: str, pod: str) -> tup
     `pod` is the server's identity (its SPIFFE ID): the same for every replica of a Deployment, so a
     shared store gives the replicas one budget.
     """
-    if limits.empty or message.kind != "request" or message.method not in METERED_METHODS:
+    # A notification counts too: `tools/call` without an `id` is still a call to a generic JSON-RPC server.
+    if (
+        limits.empty
+        or message.kind not in ("request", "notification")
+        or message.method not in METERED_METHODS
+    ):
         return ()
     tool = message.tool_name if message.method == "tools/call" else None
     out: list[Budget] = [Budget("per_pod", i, ("pod", pod)) for i in limits.per_pod]

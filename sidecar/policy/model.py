@@ -183,8 +183,15 @@ def request_for(
 
 
 def judged(message: McpMessage) -> bool:
-    """Whether a message is put to the policy: every request except session plumbing."""
-    return message.kind == "request" and (message.method or "") not in UNJUDGED_METHODS
+    """Whether a message is put to the policy: every request except session plumbing, and every
+    notification that names a request method (an MCP one is `notifications/…`; a server on a
+    generic JSON-RPC library runs `tools/call` without an `id` and only drops the answer)."""
+    method = message.method or ""
+    if method in UNJUDGED_METHODS:
+        return False
+    if message.kind == "notification":
+        return not method.startswith("notifications/")
+    return message.kind == "request"
 
 
 def cedar_string(text: str) -> str:

@@ -36,6 +36,7 @@ class DpopKey:
         jti: str | None = None,
         typ: str = "dpop+jwt",
         jwk: dict[str, Any] | None = None,
+        claims_override: dict[str, Any] | None = None,
     ) -> str:
         claims: dict[str, Any] = {
             "jti": jti or uuid.uuid4().hex,
@@ -47,4 +48,5 @@ class DpopKey:
             claims["ath"] = _b64(hashlib.sha256(access_token.encode()).digest())
         if nonce is not None:
             claims["nonce"] = nonce
+        claims.update(claims_override or {})
         return jwt.encode(claims, self._key, algorithm="ES256", headers={"typ": typ, "jwk": jwk or self.jwk})

@@ -97,6 +97,24 @@ def test_bad_proofs_are_refused(make, why) -> None:  # type: ignore[no-untyped-d
     assert failure is not None and failure.status == 401 and why in failure.description
 
 
+@pytest.mark.parametrize("iat", [float("nan"), float("inf"), float("-inf"), "1700000000", True, None])
+def test_a_proof_whose_iat_is_not_a_finite_number_is_refused_every_time(iat: object) -> None:
+    """`"iat": NaN` (Python's json reads it) compared false with the window, so the proof passed, and
+    its replay-cache entry (kept until NaN) was dropped at the next check: valid and replayable forever."""
+    key = DpopKey()
+    replay = ReplayCache(1000)
+    proof = key.proof("POST", URL, TOKEN, claims_override={"iat": iat})
+    for _ in range(3):
+        failure = _check((proof,), key, replay=replay)
+        assert failure is not None and "iat" in failure.description
+
+
+def test_a_proof_whose_exp_is_nan_is_refused() -> None:
+    key = DpopKey()
+    failure = _check((key.proof("POST", URL, TOKEN, claims_override={"exp": float("nan")}),), key)
+    assert failure is not None and "expired" in failure.description
+
+
 def test_proof_signed_with_the_right_key_but_token_bound_elsewhere() -> None:
     key, other = DpopKey(), DpopKey()
     failure = _check((key.proof("POST", URL, TOKEN),), key, jkt=other.jkt)

@@ -172,9 +172,13 @@ def bodies(draw: st.DrawFn) -> bytes:
 def passes(obj: Any) -> bool:
     """May this message reach the app under POLICY?"""
     message = parse_message(obj)
-    if message.kind in ("notification", "response"):
+    if message.kind == "response":
         return True
-    if message.kind != "request":
+    if message.kind == "notification" and (message.method or "").startswith("notifications/"):
+        return True
+    # A notification naming any other method is judged as that request (a generic JSON-RPC server
+    # runs `tools/call` without an `id`).
+    if message.kind not in ("request", "notification"):
         return False
     if message.method in UNJUDGED:
         return True

@@ -431,3 +431,34 @@ def test_many_sessions_never_grow_the_table_past_its_cap() -> None:
     assert table.owner("session-49999") == "user-" + str(49999 % 7)
     assert table.owner("session-0") is None
     assert table.evicted_total + table.expired_total == 49_000
+
+
+def test_one_caller_opening_sessions_without_end_only_evicts_their_own() -> None:
+    """A full table evicted the least recently used binding whoever held it: one caller with a valid
+    token opening `max_sessions` sessions logged every other caller out of theirs (404). Now the
+    caller holding the most bindings loses their own least recently used one first."""
+    now = [0.0]
+    table = SessionTable(SessionsConfig(max_sessions=100, idle_timeout_s=86400), clock=lambda: now[0])
+    for user in ("alice", "bob", "carol"):
+        now[0] += 1
+        assert table.bind(f"{user}-1", user)
+    for i in range(10_000):
+        now[0] += 1
+        assert table.bind(f"mallory-{i}", "mallory")
+        assert len(table) <= 100
+    assert [table.owner(f"{u}-1") for u in ("alice", "bob", "carol")] == ["alice", "bob", "carol"]
+    assert table.owner("mallory-9999") == "mallory" and table.owner("mallory-9903") == "mallory"
+    assert table.owner("mallory-9902") is None  # her oldest went first
+    assert table.evicted_total == 10_000 - 97
+    # Several callers at the cap: the one with the most loses one, ties by least recent use.
+    for i in range(2, 62):  # bob grows to 49 while mallory shrinks to 49, then bob holds the most
+        now[0] += 1
+        assert table.bind(f"bob-{i}", "bob")
+    assert table.owner("alice-1") == "alice" and table.owner("carol-1") == "carol"
+    assert table.owner("bob-1") is None and table.owner("bob-12") is None and table.owner("bob-13") == "bob"
+    assert table.owner("mallory-9951") is None and table.owner("mallory-9952") == "mallory"
+    # Forgetting and expiring keep the per-caller counts right.
+    for i in range(13, 62):
+        table.forget(f"bob-{i}")
+    now[0] += 86401
+    assert table.bind("dave-1", "dave") and len(table) == 1
