@@ -13,6 +13,10 @@ from typing import Any
 from outrider.sidecar.config_error import ConfigError
 from outrider.sidecar.policy.limits_config import LimitsError, RateLimits
 
+# Values (scalars, lists, records) one call's arguments may hold to be judged: their conversion and
+# Cedar evaluation cost ~5 us per value on the event loop every caller shares (`max_argument_values`).
+MAX_ARGUMENT_VALUES = 10_000
+
 DEFAULT_POLICY_FILE = "/etc/outrider/policy/policy.yaml"
 STORE_ERROR_MODES = ("allow", "deny")
 _KEYS = frozenset(
@@ -24,6 +28,7 @@ _KEYS = frozenset(
         "rate_limits",
         "storage",
         "on_store_error",
+        "max_argument_values",
         "store_timeout_s",
     }
 )
@@ -53,6 +58,15 @@ def _number(data: Mapping[str, Any], key: str, default: float, lo: float, hi: fl
     return number
 
 
+def _whole(data: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _error(f"policy.{key}: {value!r} is not a whole number ({lo}-{hi})")
+    if not lo <= value <= hi:
+        raise _error(f"policy.{key}: {value!r} is out of range ({lo}-{hi})")
+    return value
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     # Cedar layers from the pod spec (written by the webhook from operator config + the annotation).
@@ -68,6 +82,8 @@ class PolicyConfig:
     # default) and says so in /metrics, the audit log and /readyz; "deny" refuses metered calls.
     on_store_error: str = "allow"
     store_timeout_s: float = 0.25
+    # A call whose arguments hold more values than this is denied unjudged (docs/policy.md).
+    max_argument_values: int = MAX_ARGUMENT_VALUES
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PolicyConfig:
@@ -115,4 +131,5 @@ class PolicyConfig:
             storage=storage,
             on_store_error=str(on_error),
             store_timeout_s=_number(data, "store_timeout_s", cls.store_timeout_s, 0.01, 30),
+            max_argument_values=_whole(data, "max_argument_values", cls.max_argument_values, 1, 10_000_000),
         )

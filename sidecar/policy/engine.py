@@ -16,11 +16,12 @@ from typing import Any
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
 from outrider.sidecar.policy.cedar_text import PERMIT_ALL, CedarError, CompiledPolicies, compile_policies
-from outrider.sidecar.policy.config import LayerSource
+from outrider.sidecar.policy.config import MAX_ARGUMENT_VALUES, LayerSource
 from outrider.sidecar.policy.model import (
     LIST_RESULTS,
     Server,
     cedar_string,
+    more_values_than,
     principal_entities,
     principal_uid,
     request_for,
@@ -216,11 +217,38 @@ def _entity_handle(principal: Principal, server: Server, resources: Sequence[dic
 
 
 def decide(
-    policies: Policies, principal: Principal, server: Server, messages: Sequence[McpMessage], transport: str
+    policies: Policies,
+    principal: Principal,
+    server: Server,
+    messages: Sequence[McpMessage],
+    transport: str,
+    max_argument_values: int = MAX_ARGUMENT_VALUES,
 ) -> list[Decision]:
-    """One decision per message (all judged requests evaluated in one batch per group)."""
+    """One decision per message (all judged requests evaluated in one batch per group).
+
+    A message whose arguments hold more than `max_argument_values` values is denied unjudged: its
+    conversion and evaluation would hold the event loop every caller shares for seconds.
+    """
     if not policies.enabled or not messages:
         return [ALLOW_NO_POLICY for _ in messages]
+    too_large = [
+        m.arguments is not None and more_values_than(m.arguments, max_argument_values) for m in messages
+    ]
+    if any(too_large):
+        rest = iter(
+            decide(
+                policies,
+                principal,
+                server,
+                [m for m, large in zip(messages, too_large, strict=True) if not large],
+                transport,
+                max_argument_values,
+            )
+        )
+        refusal = Decision(
+            False, (), f"the arguments hold more than {max_argument_values} values: too many to judge"
+        )
+        return [refusal if large else next(rest) for large in too_large]
     import cedarpy  # here, not at the top: only a sidecar with policies loads it
 
     built = [request_for(m, principal, server, transport) for m in messages]

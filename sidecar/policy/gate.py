@@ -116,7 +116,14 @@ class Gate:
         policies = self.holder.policies
         server = self.server()
         to_judge = [i for i, m in enumerate(messages) if judged(m)]
-        decisions = decide(policies, principal, server, [messages[i] for i in to_judge], transport)
+        decisions = decide(
+            policies,
+            principal,
+            server,
+            [messages[i] for i in to_judge],
+            transport,
+            self.config.max_argument_values,
+        )
         by_index = dict(zip(to_judge, decisions, strict=True))
         verdicts: list[Verdict] = []
         user = f"{principal.kind}:{principal.issuer or ''}:{principal.subject}"

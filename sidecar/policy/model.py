@@ -136,6 +136,25 @@ def cedar_value(value: Any, depth: int = 0) -> Any:
     return None
 
 
+def more_values_than(value: Any, limit: int) -> bool:
+    """Whether a JSON value holds more than `limit` values (every scalar, list and record counts
+    one). A container's items are counted before they are walked, so a huge value costs at most
+    `limit` steps, not its size."""
+    seen = 1
+    stack = [value]
+    while stack and seen <= limit:
+        item = stack.pop()
+        if isinstance(item, dict):
+            seen += len(item)
+            if seen <= limit:
+                stack.extend(item.values())
+        elif isinstance(item, list):
+            seen += len(item)
+            if seen <= limit:
+                stack.extend(item)
+    return seen > limit
+
+
 def action_for(message: McpMessage) -> tuple[str, str, str]:
     """(action, resource type, resource id) of a request; the resource id is "" for the server."""
     method = message.method or ""

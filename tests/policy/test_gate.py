@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from outrider.sidecar.config_error import ConfigError
 from outrider.sidecar.inbound.jsonrpc import parse_body
 from outrider.sidecar.policy import gate as gate_module
 from outrider.sidecar.policy.answers import denied_error, limited_error
@@ -500,3 +501,30 @@ def test_readiness_says_a_reload_was_rejected(tmp_path: Path) -> None:
     ready, detail = g.ready()
     assert ready and g.holder.last_error
     assert f"; last reload rejected, keeping the last good policy: {g.holder.last_error}" in detail
+
+
+async def test_arguments_over_max_argument_values_are_denied_before_cedar_sees_them() -> None:
+    g = gate(cedar=CEDAR, max_argument_values=3)
+    small = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"a": [1]}},
+    }
+    large = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"a": [1, 2]}},
+    }
+    judgement = await g.judge(ALICE, parse_body(json.dumps([small, large]).encode()), "streamable-http")
+    assert [(v.forward, v.outcome) for v in judgement.verdicts] == [(True, "ok"), (False, "denied")]
+    assert judgement.verdicts[1].reason == "the arguments hold more than 3 values: too many to judge"
+    assert judgement.verdicts[1].error == denied_error(2)
+    assert PolicyConfig.from_mapping({"file": None}).max_argument_values == 10_000
+
+
+@pytest.mark.parametrize("value", [0, -1, 10_000_001, True, "100", 1.5, float("inf"), float("nan"), None])
+def test_max_argument_values_must_be_a_whole_number_in_range(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"policy\.max_argument_values"):
+        PolicyConfig.from_mapping({"file": None, "max_argument_values": value})

@@ -11,10 +11,10 @@ from outrider.sidecar.inbound import jsonrpc
 from outrider.sidecar.inbound.jsonrpc import McpMessage, parse_message
 from outrider.sidecar.policy import answers
 from outrider.sidecar.policy.cedar_text import CedarError, compile_policies
-from outrider.sidecar.policy.config import LayerSource, PolicyConfig
+from outrider.sidecar.policy.config import MAX_ARGUMENT_VALUES, LayerSource, PolicyConfig
 from outrider.sidecar.policy.engine import Decision, build, compile_layers, decide, may_use
 from outrider.sidecar.policy.limits_config import RateLimits, budgets
-from outrider.sidecar.policy.model import Server, cedar_string, cedar_value, request_for
+from outrider.sidecar.policy.model import Server, cedar_string, cedar_value, more_values_than, request_for
 from outrider.sidecar.policy.reload import parse_file
 from outrider.sidecar.policy.schema import ServerTools, mismatches
 from outrider.sidecar.telemetry.observer import Principal
@@ -444,3 +444,35 @@ def test_denials_keep_the_evaluation_errors_for_the_log() -> None:
     only_broken = policies((broken, False))
     (nobody,) = decide(only_broken, ALICE, SERVER, [tool_call("echo", n="x")], "s")
     assert (nobody.allowed, nobody.policies, len(nobody.errors)) == (False, (), 1)
+
+
+def test_more_values_than_counts_every_scalar_list_and_record() -> None:
+    assert not more_values_than(5, 1) and more_values_than(5, 0)
+    value = {"a": [1, 2], "b": {"c": "x"}}  # the record, the list, 1, 2, the inner record, "x"
+    assert not more_values_than(value, 6) and more_values_than(value, 5)
+    assert more_values_than([[1]] * 4, 8) and not more_values_than([[1]] * 4, 9)
+    assert more_values_than({"deep": [[[[[[1]]]]]]}, 7) and not more_values_than({"deep": [[[[[[1]]]]]]}, 8)
+
+
+def test_arguments_over_the_limit_are_denied_unjudged_and_the_rest_judged_in_order() -> None:
+    p = policies((CEILING, False))
+    fits = tool_call("echo", rows=[1, 2, 3])  # the arguments record, the list and 3 numbers: 5
+    big = tool_call("echo", rows=[1, 2, 3, 4])  # 6
+    denied_small = tool_call("delete")
+    decisions = decide(p, ALICE, SERVER, [big, fits, denied_small, big], "s", 5)
+    assert [d.allowed for d in decisions] == [False, True, False, False]
+    assert decisions[0] == decisions[3]
+    assert decisions[0].reason == "the arguments hold more than 5 values: too many to judge"
+    assert decisions[0].policies == () and decisions[0].errors == ()
+    assert decisions[1].policies == ("echo",) and decisions[2].reason != decisions[0].reason
+    assert [d.allowed for d in decide(p, ALICE, SERVER, [big], "s", 6)] == [True]
+    # No policy: nothing is judged, so nothing is too large to judge.
+    assert decide(build([]), ALICE, SERVER, [big], "s", 1)[0].allowed
+    # The default bound is the configuration's, and a message with no arguments is never too large.
+    huge = tool_call("echo", rows=list(range(MAX_ARGUMENT_VALUES)))
+    assert not decide(p, ALICE, SERVER, [huge], "s")[0].allowed
+    assert decide(p, ALICE, SERVER, [tool_call("echo", rows=list(range(MAX_ARGUMENT_VALUES - 2)))], "s")[
+        0
+    ].allowed
+    listing = parse_message({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+    assert decide(p, ALICE, SERVER, [listing], "s", 1)[0].allowed
