@@ -462,3 +462,36 @@ def test_one_caller_opening_sessions_without_end_only_evicts_their_own() -> None
         table.forget(f"bob-{i}")
     now[0] += 86401
     assert table.bind("dave-1", "dave") and len(table) == 1
+
+
+def test_a_full_table_of_many_callers_holding_as_many_evicts_the_least_recently_used() -> None:
+    # More than a handful of callers tie for the most bindings (one each here): the victim is found
+    # by walking the table from its least recently used end.
+    now = [0.0]
+    table = SessionTable(SessionsConfig(max_sessions=20, idle_timeout_s=86400), clock=lambda: now[0])
+    for i in range(20):
+        now[0] += 1
+        assert table.bind(f"s-{i}", f"user-{i}")
+    for i in range(20):
+        if i != 7:
+            now[0] += 1
+            assert table.owner(f"s-{i}") == f"user-{i}"  # everyone but user-7 used theirs again
+    now[0] += 1
+    assert table.bind("s-new", "newcomer")
+    assert table.owner("s-7") is None and table.evicted_total == 1
+    now[0] += 1
+    assert table.bind("s-next", "another")  # now s-0, used longest ago of those left, goes
+    assert table.owner("s-0") is None and table.evicted_total == 2
+    assert table.owner("s-new") == "newcomer" and table.owner("s-next") == "another"
+    assert all(table.owner(f"s-{i}") == f"user-{i}" for i in range(1, 20) if i != 7)
+
+
+def test_the_per_caller_counts_index_holds_each_caller_once() -> None:
+    table = SessionTable(SessionsConfig(max_sessions=1000))
+    for i in range(300):
+        assert table.bind(f"a-{i}", "alice")
+    assert table.bind("b-0", "bob")
+    assert {size: sorted(owners) for size, owners in table._sizes.items()} == {300: ["alice"], 1: ["bob"]}
+    for i in range(300):
+        table.forget(f"a-{i}")
+    assert {size: sorted(owners) for size, owners in table._sizes.items()} == {1: ["bob"]}
