@@ -476,3 +476,22 @@ def test_arguments_over_the_limit_are_denied_unjudged_and_the_rest_judged_in_ord
     ].allowed
     listing = parse_message({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
     assert decide(p, ALICE, SERVER, [listing], "s", 1)[0].allowed
+
+
+def test_the_calls_left_to_judge_beside_a_refused_one_keep_the_transport_and_the_limit() -> None:
+    p = policies(
+        (
+            '@id("stateless-only") permit(principal, action, resource) when { context.transport == "s" };',
+            False,
+        )
+    )
+    limit = MAX_ARGUMENT_VALUES + 10
+    over = tool_call("echo", rows=list(range(limit)))  # limit + 2 values
+    above_default = tool_call("echo", rows=list(range(MAX_ARGUMENT_VALUES + 5)))  # under this limit
+    decisions = decide(p, ALICE, SERVER, [over, above_default, tool_call("echo")], "s", limit)
+    assert [d.allowed for d in decisions] == [False, True, True]
+    assert decisions[1].policies == ("stateless-only",)
+    assert [d.allowed for d in decide(p, ALICE, SERVER, [over, tool_call("echo")], "t", limit)] == [
+        False,
+        False,
+    ]
