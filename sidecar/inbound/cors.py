@@ -168,7 +168,7 @@ class CorsPolicy:
         """Make an actual answer's CORS headers the sidecar's own: the app's go, `Vary: Origin` always."""
         for name in [n for n in headers if n[:15].lower() == "access-control-"]:
             headers.popall(name, None)
-        varies = ",".join(headers.getall("Vary", ())).lower()
+        varies = {v.strip() for v in ",".join(headers.getall("Vary", ())).lower().split(",")}
         if "origin" not in varies and "*" not in varies:
             headers.add("Vary", "Origin")
         if origin is not None:
