@@ -369,3 +369,13 @@ async def test_a_browser_reaches_the_real_sdk_server_whose_origin_check_knows_on
                 sidecar.mcp_url(), json=initialize, headers={**headers, "Origin": OTHER}
             ) as answer:
                 assert answer.status == 403 and cors_headers(answer.headers) == {}
+
+
+def test_vary_is_read_as_a_list_of_header_names() -> None:
+    policy = CorsPolicy(CorsConfig.from_mapping(CORS))
+    headers: CIMultiDict[str] = CIMultiDict({"Vary": "Accept-Encoding, X-Origin-Hint"})
+    policy.decorate(None, headers)
+    assert headers.getall("Vary") == ["Accept-Encoding, X-Origin-Hint", "Origin"]
+    already: CIMultiDict[str] = CIMultiDict({"Vary": "accept, ORIGIN"})
+    policy.decorate(ORIGIN, already)
+    assert already.getall("Vary") == ["accept, ORIGIN"] and already["Access-Control-Allow-Origin"] == ORIGIN
