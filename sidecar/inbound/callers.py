@@ -125,6 +125,10 @@ class CallerVerifier:
             "# HELP outrider_dpop_refused_total DPoP proofs refused (missing, invalid, replayed).",
             "# TYPE outrider_dpop_refused_total counter",
             f"outrider_dpop_refused_total {self.dpop.refused}",
+            "# HELP outrider_dpop_replay_evicted_total Proof ids forgotten while still in their iat "
+            "window because the replay cache was full (from the key holding the most).",
+            "# TYPE outrider_dpop_replay_evicted_total counter",
+            f"outrider_dpop_replay_evicted_total {self.dpop.replay.evicted_total}",
         ]
         return ("\n".join(lines) + "\n").encode()
 

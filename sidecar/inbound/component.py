@@ -160,7 +160,7 @@ async def serve(
         # some requests itself (e.g. `Expect` on a target it cannot match), before authentication.
         server, malformed = stack.enter_context(
             # Open SSE streams must not hold shutdown past the pod's grace period.
-            hardened_server(proxy.dispatch, "outrider.inbound.http", handler_cancellation=True)
+            hardened_server(proxy.handler(), "outrider.inbound.http", handler_cancellation=True)
         )
         proxy.malformed_count = malformed
         # On stop the runner closes the listener, closes idle keep-alive connections, and gives

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from outrider.sidecar.config_error import ConfigError
+from outrider.sidecar.inbound.cors import CorsConfig
 from outrider.sidecar.inbound.issuers import (
     DpopConfig,
     IntrospectionConfig,
@@ -89,6 +90,7 @@ _KEYS = frozenset(
         "introspection",
         "dpop",
         "public_url",
+        "cors",
     }
 )
 _SESSION_KEYS = frozenset({"enabled", "max_sessions", "idle_timeout_s"})
@@ -213,6 +215,8 @@ class InboundConfig:
     dpop: DpopConfig = field(default_factory=DpopConfig)
     # The URL callers use to reach this server (DPoP `htu`); default: `resource`.
     public_url: str | None = None
+    # Browser origins allowed to call (CORS); none listed: no CORS headers, preflights refused (401).
+    cors: CorsConfig = field(default_factory=CorsConfig)
 
     @property
     def auth_enabled(self) -> bool:
@@ -335,6 +339,7 @@ class InboundConfig:
             group_claims=string_list(data, "group_claims", "inbound", cls.group_claims),
             role_claims=string_list(data, "role_claims", "inbound", cls.role_claims),
             sessions=SessionsConfig.from_mapping(data.get("sessions") or {}),
+            cors=CorsConfig.from_mapping(data.get("cors") or {}),
         )
         check_trust(config.trusted_issuers)
         return config

@@ -116,26 +116,76 @@ def _fail(description: str, *, error: str = "invalid_dpop_proof", nonce: str | N
 
 
 class ReplayCache:
-    """Proof `jti`s seen within the `iat` window; bounded (the oldest go first when it is full)."""
+    """Proof `jti`s seen within the `iat` window, per proof key (`jkt`); bounded in total.
+
+    Entries leave when their window passes. When the cache is full the key holding the most entries
+    loses its oldest one (ties: the key that reached that count last), so a caller flooding with
+    their own proofs only ever pushes out their own: never the entry that stops someone else's
+    captured proof from being replayed. `evicted_total` counts entries dropped while still valid.
+    """
 
     def __init__(self, max_size: int) -> None:
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # (jkt, jti) -> until, oldest first
+        self._by_key: dict[str, OrderedDict[str, None]] = {}  # jkt -> its jtis, oldest first
+        self._sizes: dict[int, dict[str, None]] = {}  # n -> the keys holding n, in the order they got there
+        self._most = 0
         self._max = max_size
+        self.evicted_total = 0
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def first_use(self, key: str, until: float, now: float) -> bool:
-        """Record `key` until `until`; False when it was already used and is still remembered."""
-        while self._seen:
-            oldest_key, oldest_until = next(iter(self._seen.items()))
-            if oldest_until > now and len(self._seen) < self._max:
+    def first_use(self, jkt: str, jti: str, until: float, now: float) -> bool:
+        """Record `jti` of key `jkt` until `until`; False when it was already used and is still remembered."""
+        seen = self._seen
+        while seen:
+            oldest, oldest_until = next(iter(seen.items()))
+            if oldest_until > now:
                 break
-            del self._seen[oldest_key]
-        if key in self._seen:
+            self._drop(oldest)
+        entry = (jkt, jti)
+        if entry in seen:
             return False
-        self._seen[key] = until
+        seen[entry] = until
+        held = self._by_key.get(jkt)
+        if held is None:
+            held = self._by_key[jkt] = OrderedDict()
+        held[jti] = None
+        self._resize(jkt, len(held) - 1, len(held))
+        if len(seen) > self._max:
+            self._drop(self._victim(jkt))
+            self.evicted_total += 1
         return True
+
+    def _victim(self, newcomer: str) -> tuple[str, str]:
+        """The oldest entry of the key holding the most, never the entry just recorded."""
+        keys = reversed(self._sizes[self._most])
+        jkt = next(keys)
+        if jkt == newcomer and self._most == 1:
+            # Its only entry is the one just recorded: forgetting it would make that proof replayable.
+            jkt = next(keys)  # (there is another: the cache holds more than one entry)
+        return jkt, next(iter(self._by_key[jkt]))
+
+    def _drop(self, entry: tuple[str, str]) -> None:
+        del self._seen[entry]
+        jkt, jti = entry
+        held = self._by_key[jkt]
+        del held[jti]
+        self._resize(jkt, len(held) + 1, len(held))
+        if not held:
+            del self._by_key[jkt]
+
+    def _resize(self, jkt: str, before: int, after: int) -> None:
+        if before:
+            keys = self._sizes[before]
+            del keys[jkt]
+            if not keys:
+                del self._sizes[before]
+        if after:
+            self._sizes.setdefault(after, {})[jkt] = None
+            self._most = max(self._most, after)
+        while self._most and self._most not in self._sizes:
+            self._most -= 1
 
 
 class KeyCache:
@@ -247,7 +297,7 @@ def check_proof(
     if nonces is not None and not nonces.valid(claims.get("nonce"), now):
         return _fail("a fresh DPoP nonce is required", error="use_dpop_nonce", nonce=nonces.current(now))
     # Replay: the same jti for the same key within the window (checked last: only good proofs count).
-    if not replay.first_use(f"{jkt}:{jti}", until=float(iat) + config.iat_window_s, now=now):
+    if not replay.first_use(jkt, jti, until=float(iat) + config.iat_window_s, now=now):
         return _fail("the DPoP proof was already used (replay)")
     return None
 

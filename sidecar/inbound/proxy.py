@@ -41,6 +41,7 @@ from outrider.sidecar.inbound.callers import (
     step_up_challenge,
 )
 from outrider.sidecar.inbound.config import InboundConfig
+from outrider.sidecar.inbound.cors import CorsPolicy
 from outrider.sidecar.inbound.credentials import query_credential, token_elsewhere, token_in_body
 from outrider.sidecar.inbound.jsonrpc import McpMessage, ParsedBody
 from outrider.sidecar.inbound.legacy_streams import LegacySessions, session_of_endpoint
@@ -406,8 +407,14 @@ class InboundProxy:
             config.upstream_wait_s,
         )
         self.session_refusals_total = 0
+        # None unless origins are listed: then `handler()` wraps `dispatch` and `_stream` decorates.
+        self.cors = CorsPolicy(config.cors) if config.cors.enabled else None
         # Requests aiohttp could not parse as HTTP (they never reach `handle`); set by the component.
         self.malformed_count: Callable[[], int] = lambda: 0
+
+    def handler(self) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        """What serves 15006: `dispatch`, behind the CORS policy when one is configured."""
+        return self.dispatch if self.cors is None else self.cors.wrap(self.dispatch)
 
     def dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         """Every request on 15006: the RFC 9728 metadata (public), else the proxy pipeline.
@@ -661,6 +668,8 @@ class InboundProxy:
         )
         if (encoding := out_headers.get("Content-Encoding")) is not None and _decoded(encoding):
             del out_headers["Content-Encoding"]  # the body read is the decoded one
+        if self.cors is not None:
+            self.cors.vouch(request, out_headers)
         exchanger = (
             self.exchanger.for_issuer(principal.issuer)
             if isinstance(self.exchanger, IssuerExchangers)
@@ -1031,6 +1040,8 @@ class InboundProxy:
         # Flush each event as it comes: no compression, no buffering in front of the client.
         response.headers["Cache-Control"] = upstream.headers.get("Cache-Control", "no-cache")
         response.headers["X-Accel-Buffering"] = "no"
+        if self.cors is not None:
+            self.cors.apply(request, response)
         legacy = request.method == "GET" and request.path == self.config.legacy_sse_path
         if calls.principal is not None and self.gate is not None:
             return await self._stream_gated(request, upstream, calls, response, legacy, owner)

@@ -138,9 +138,50 @@ def test_nonce_is_demanded_then_accepted() -> None:
 def test_replay_cache_is_bounded_and_forgets_expired_entries() -> None:
     cache = ReplayCache(1000)
     for i in range(5000):
-        assert cache.first_use(f"k{i}", until=100.0, now=50.0)
-    assert len(cache) <= 1000
-    assert cache.first_use("late", until=300.0, now=200.0) and len(cache) == 1
+        assert cache.first_use(f"key{i % 7}", f"k{i}", until=100.0, now=50.0)
+    assert len(cache) <= 1000 and cache.evicted_total == 4000
+    assert cache.first_use("key0", "late", until=300.0, now=200.0) and len(cache) == 1
+
+
+def test_one_keys_flood_of_its_own_proofs_cannot_push_out_another_keys_proof() -> None:
+    """A caller with a valid token and key sends proof after proof to make the cache forget the
+    `jti` of someone else's captured proof, then replays that proof: still refused."""
+    victim, flooder = DpopKey(), DpopKey()
+    config = DpopConfig(replay_cache_size=1000)
+    guard = DpopGuard(config)
+    url = expected_htu(URL, "/mcp")
+    captured = ProofFacts((victim.proof("POST", URL, TOKEN),), "POST", url)
+    assert guard.check(captured, access_token=TOKEN, jkt=victim.jkt) is None  # the victim's own call
+    for _ in range(config.replay_cache_size + 200):
+        flood = ProofFacts((flooder.proof("POST", URL, TOKEN),), "POST", url)
+        assert guard.check(flood, access_token=TOKEN, jkt=flooder.jkt) is None
+    replayed = guard.check(captured, access_token=TOKEN, jkt=victim.jkt)
+    assert replayed is not None and "already used" in replayed.description
+    assert len(guard.replay) == config.replay_cache_size and guard.replay.evicted_total == 201
+
+
+def test_a_flood_from_many_keys_evicts_the_newest_of_them_never_the_older_entry() -> None:
+    cache = ReplayCache(1000)
+    assert cache.first_use("victim", "captured", until=100.0, now=0.0)
+    for i in range(3000):  # one proof each from fresh keys (each a token the IdP bound to a new key)
+        assert cache.first_use(f"attacker{i}", "j", until=100.0, now=1.0)
+        assert not cache.first_use(f"attacker{i}", "j", until=100.0, now=1.0)  # the new one is kept
+    assert len(cache) == 1000
+    assert not cache.first_use("victim", "captured", until=100.0, now=2.0)
+
+
+def test_the_key_holding_the_most_loses_its_oldest_entry() -> None:
+    cache = ReplayCache(1000)
+    for i in range(400):
+        assert cache.first_use("busy", f"b{i}", until=100.0, now=0.0)
+        assert cache.first_use(f"quiet{i % 300}", f"q{i}", until=100.0, now=0.0)
+    for i in range(300):
+        assert cache.first_use("flood", f"f{i}", until=100.0, now=0.0)
+    # Full at 1000: `busy` (400) lost its oldest first, then the two biggest lose in turn.
+    assert len(cache) == 1000
+    assert cache.first_use("busy", "b0", until=100.0, now=0.0)  # forgotten: the oldest went first
+    assert not cache.first_use("busy", "b399", until=100.0, now=0.0)
+    assert all(not cache.first_use(f"quiet{i % 300}", f"q{i}", until=100.0, now=0.0) for i in range(400))
 
 
 def test_guard_counts() -> None:

@@ -11,10 +11,11 @@ from types import MappingProxyType
 from typing import Any
 
 import jsonpatch
+import pytest
 
 from outrider.webhook import annotations as ann
 from outrider.webhook import engine
-from outrider.webhook.config import WebhookConfig, parse_config
+from outrider.webhook.config import ConfigError, WebhookConfig, parse_config
 
 ENABLED = {"outrider.dev/inject": "enabled"}
 
@@ -625,3 +626,23 @@ def test_every_egress_annotation_error_is_said() -> None:
     first, second = str(refused.message).split("; annotation outrider.dev/egress-allow [")
     assert first.startswith("annotation outrider.dev/egress-allow [1]: egress rule 'host!!'")
     assert second.startswith("2]: egress rule 'bad::x'")
+
+
+# --- browser origins (`inbound.cors`) reach every injected pod from the webhook's `sidecar:` block
+
+
+def test_the_sidecar_block_sets_the_browser_origins_of_every_injected_pod() -> None:
+    config = parse_config(
+        {"sidecar": {"inbound": {"cors": {"allowed_origins": ["https://Inspector.example.com"]}}}}
+    )
+    pod = _injected(_pod(), config)
+    inbound = json.loads(_env(_proxy(pod))["OUTRIDER_CONFIG"])["inbound"]
+    assert inbound["cors"] == {"allowed_origins": ["https://Inspector.example.com"]}
+    assert inbound["mcp_port"] == 8080  # merged beside the per-pod values
+
+
+@pytest.mark.parametrize("origin", ["*", "null", "https://inspector.example.com/"])
+def test_a_wildcard_or_malformed_origin_is_refused_when_the_webhook_config_loads(origin: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config({"sidecar": {"inbound": {"cors": {"allowed_origins": [origin]}}}})
+    assert "inbound.cors.allowed_origins" in str(error.value)
