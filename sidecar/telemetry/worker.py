@@ -235,6 +235,8 @@ class LoopWorker(Worker):
         """Wait until every job submitted before this call has run; False on timeout."""
         if threading.get_ident() == self._loop_thread or self._loop.is_closed() or self._closed:
             with self._runner:
+                if self._loop.is_closed():
+                    self._scheduled = False  # a turn scheduled on it never comes
                 self._run_queued()
             return True
         done = threading.Event()
