@@ -180,7 +180,7 @@ class LoopWorker(Worker):
         interval_s: float = WAKE_INTERVAL_S,
     ) -> None:
         super().__init__(enabled=True, max_backlog=max_backlog, interval_s=interval_s)
-        self._loop = loop
+        self._event_loop = loop
         self._loop_thread = threading.get_ident()
         self._scheduled = False
         self._runner = threading.Lock()
@@ -200,9 +200,9 @@ class LoopWorker(Worker):
         self._scheduled = True
         try:
             if threading.get_ident() == self._loop_thread:
-                self._loop.call_later(self._interval, self._turn)
+                self._event_loop.call_later(self._interval, self._turn)
             else:
-                self._loop.call_soon_threadsafe(self._turn)
+                self._event_loop.call_soon_threadsafe(self._turn)
         except RuntimeError:  # the loop is closed: whoever submits runs the queue
             self._scheduled = False
             with self._runner:
@@ -229,13 +229,13 @@ class LoopWorker(Worker):
         if self._jobs and not self._scheduled:
             # The rest in the next turn: what the loop has ready runs between the two.
             self._scheduled = True
-            self._loop.call_soon(self._turn)
+            self._event_loop.call_soon(self._turn)
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every job submitted before this call has run; False on timeout."""
-        if threading.get_ident() == self._loop_thread or self._loop.is_closed() or self._closed:
+        if threading.get_ident() == self._loop_thread or self._event_loop.is_closed() or self._closed:
             with self._runner:
-                if self._loop.is_closed():
+                if self._event_loop.is_closed():
                     self._scheduled = False  # a turn scheduled on it never comes
                 self._run_queued()
             return True
@@ -247,7 +247,7 @@ class LoopWorker(Worker):
 
         self._jobs.append(barrier)
         try:
-            self._loop.call_soon_threadsafe(self._turn)
+            self._event_loop.call_soon_threadsafe(self._turn)
         except RuntimeError:
             with self._runner:
                 self._run_queued()
