@@ -1,6 +1,7 @@
-"""Runs telemetry bookkeeping (span end, metric points, audit lines) on one background thread, in order.
+"""Runs telemetry bookkeeping (span end, metric points, audit lines) off the request path, in order.
 
-The request path only captures plain facts and enqueues; `drain()` waits until everything queued ran.
+The request path only captures plain facts and enqueues; `LoopWorker` (the sidecar's) runs the jobs in
+batches on the event loop, `Worker` on a thread of its own; `drain()` waits until everything queued ran.
 """
 
 from __future__ import annotations
