@@ -122,7 +122,7 @@ def _settle_heap() -> None:
     700 it crossed the threshold every ~10-40 requests, each time scanning (and promoting) the live
     objects of every request in flight for nothing (~6 us of CPU per request; docs/capacity.md). Real
     cyclic garbage is still collected, after `YOUNG_THRESHOLD` more objects than before at most. With
-    telemetry on, the jobs waiting for the background recording are live too: fewer collections scan
+    telemetry on, the jobs waiting for the telemetry thread are live too: fewer collections scan
     about as much each, and fewer of those objects survive into the older generations.
     """
     gc.freeze()

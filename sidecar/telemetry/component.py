@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from outrider.sidecar.runtime import Runtime
 from outrider.sidecar.telemetry.audit import AuditLog, Workload
-from outrider.sidecar.telemetry.worker import LoopWorker, Worker
+from outrider.sidecar.telemetry.worker import Worker
 
 log = logging.getLogger("outrider.telemetry")
 
@@ -25,7 +25,7 @@ async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
     config = runtime.config.telemetry.with_salt_from_file()
     audit = AuditLog.open(config.audit, aggregate_s=config.audit_aggregate_s)
     previous = runtime.observer
-    worker = _worker(config.background)
+    worker = Worker(enabled=config.background)
     if audit.enabled:
         # Imported only here: with telemetry and audit both off, no OpenTelemetry module is loaded.
         from opentelemetry import metrics, trace
@@ -47,11 +47,6 @@ async def _audit_only(runtime: Runtime) -> AsyncIterator[None]:
         runtime.observer = previous
         await asyncio.to_thread(worker.close)
         audit.close()
-
-
-def _worker(background: bool) -> Worker:
-    """Background recording runs on this event loop, after the answers it records (`LoopWorker`)."""
-    return LoopWorker(asyncio.get_running_loop()) if background else Worker(enabled=False)
 
 
 class _WorkloadFacts:
@@ -98,7 +93,7 @@ async def component(runtime: Runtime) -> AsyncIterator[None]:
     )
     audit = AuditLog.open(config.audit, aggregate_s=config.audit_aggregate_s)
     switch_interval = tune_switch_interval(providers.plan, sdk_export=providers.sdk_export())
-    worker = _worker(config.background)
+    worker = Worker(enabled=config.background)
     previous = runtime.observer
     runtime.observer = providers.observer(config, audit, _WorkloadFacts(runtime), worker)
     runtime.metrics.append(providers.prometheus)

@@ -102,8 +102,8 @@ class TelemetryConfig:
     the audit log always names the user, it is the record security teams read.
     `record_arguments` adds tool arguments to audit events, with `redact_keys` masked.
     `record_resource_uri` adds `mcp.resource.uri` to spans (opt-in: URIs may be sensitive).
-    `background` records (span end, metric points, audit lines) later, in batches on the event loop
-    (`worker.LoopWorker`), instead of on the request path; the request only captures the facts.
+    `background` records (span end, metric points, audit lines) on a telemetry thread instead of the
+    request path; the request only captures the facts.
     """
 
     service_name: str = "outrider-proxy"

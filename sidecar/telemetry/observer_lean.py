@@ -61,8 +61,8 @@ class LeanObserver(OtelObserver):
         carrier = message.trace_context or request.headers
         parent = extract_parent(carrier) if carrier else None
         workload = self.workload()
-        # The span's attributes are made in the background recording, when the call is recorded
-        # (nothing reads them before: the lean tracer's sampler does not): the request path only starts it.
+        # The span's attributes are made on the telemetry thread when the call is recorded (nothing
+        # reads them before: the lean tracer's sampler does not): the request path only starts it.
         record = self.lean.start(semconv.mcp_span_name(message, self.config), KIND_SERVER, {}, parent=parent)
         # The scope is its own context manager: no generator-based wrapper per call.
         return _LeanScope(self, message, request, record, workload)

@@ -203,7 +203,7 @@ def span(record: SpanRecord) -> bytes:
 def span_field(record: SpanRecord) -> bytes:
     """One record as a `ScopeSpans.spans` field (tag 2, length, `Span`): what `encode_fields` joins.
 
-    Written when the span ends (in the background recording), so the record dies then instead of waiting
+    Written when the span ends (on the telemetry thread), so the record dies then instead of waiting
     in the export queue, and the exporter thread only joins bytes and posts them.
     """
     return _field(b"\x12", span(record))

@@ -193,7 +193,7 @@ def _lean_tracer(
     settings = BatchSettings.from_env(env)
     client = OtlpHttpClient(ExporterSettings.from_env("traces", env))
     encoder = TraceRequestEncoder(resource, INSTRUMENTATION)
-    # Each span is written as it ends (in the background recording, where its record is still in cache);
+    # Each span is written as it ends (on the telemetry thread, where its record is still in cache);
     # the batcher queues the bytes, and its thread only joins a batch and posts it.
     batcher = SpanBatcher(encoder.encode_fields, client.export, settings, client.shutdown)
     add = batcher.add

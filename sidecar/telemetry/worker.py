@@ -1,12 +1,10 @@
-"""Runs telemetry bookkeeping (span end, metric points, audit lines) off the request path, in order.
+"""Runs telemetry bookkeeping (span end, metric points, audit lines) on one background thread, in order.
 
-The request path only captures plain facts and enqueues; `LoopWorker` (the sidecar's) runs the jobs in
-batches on the event loop, `Worker` on a thread of its own; `drain()` waits until everything queued ran.
+The request path only captures plain facts and enqueues; `drain()` waits until everything queued ran.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
@@ -156,106 +154,3 @@ def _run(job: Job) -> None:
         # A telemetry bug must never take the data path (or the worker) down. Only the type is
         # logged: a message could quote request data.
         log.error("telemetry: a recording job failed: %s", type(exc).__qualname__)
-
-
-# Jobs per turn on the event loop: ~0.5 ms of recording, then the loop's ready I/O goes first.
-LOOP_BATCH = 24
-
-
-class LoopWorker(Worker):
-    """Runs the jobs on the event loop it was made on, in batches, a little after they were submitted.
-
-    The recording is Python that holds the GIL either way: a thread of its own only adds the GIL's
-    hand-overs, its wake-ups and their context switches to every batch (docs/capacity.md, fifth
-    round). Jobs submitted on the loop wait `interval_s` (batching, as the thread did) and run in
-    turns of `LOOP_BATCH`, after the answer they record was written; jobs from other threads (identity
-    callbacks) are handed to the loop. `drain` and `close` from another thread wait for the loop or,
-    once it is gone, run what is queued themselves; one runner at a time, in submission order.
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        max_backlog: int = MAX_BACKLOG,
-        interval_s: float = WAKE_INTERVAL_S,
-    ) -> None:
-        super().__init__(enabled=True, max_backlog=max_backlog, interval_s=interval_s)
-        self._event_loop = loop
-        self._loop_thread = threading.get_ident()
-        self._scheduled = False
-        self._runner = threading.Lock()
-
-    def submit(self, job: Job) -> None:
-        if self._closed or len(self._jobs) >= self._max_backlog:
-            with self._runner:  # after what is queued: the order is kept
-                self._run_queued()
-                _run(job)
-                self._batch_done()
-            return
-        self._jobs.append(job)
-        if not self._scheduled:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        self._scheduled = True
-        try:
-            if threading.get_ident() == self._loop_thread:
-                self._event_loop.call_later(self._interval, self._turn)
-            else:
-                self._event_loop.call_soon_threadsafe(self._turn)
-        except RuntimeError:  # the loop is closed: whoever submits runs the queue
-            self._scheduled = False
-            with self._runner:
-                self._run_queued()
-
-    def _turn(self) -> None:
-        self._scheduled = False
-        if not self._runner.acquire(blocking=False):  # `close` on another thread runs the queue
-            return
-        try:
-            jobs = self._jobs
-            ran = 0
-            while ran < LOOP_BATCH:
-                try:
-                    job = jobs.popleft()
-                except IndexError:
-                    break
-                _run(job)
-                ran += 1
-            if ran:
-                self._batch_done()
-        finally:
-            self._runner.release()
-        if self._jobs and not self._scheduled:
-            # The rest in the next turn: what the loop has ready runs between the two.
-            self._scheduled = True
-            self._event_loop.call_soon(self._turn)
-
-    def drain(self, timeout: float = 10.0) -> bool:
-        """Wait until every job submitted before this call has run; False on timeout."""
-        if threading.get_ident() == self._loop_thread or self._event_loop.is_closed() or self._closed:
-            with self._runner:
-                if self._event_loop.is_closed():
-                    self._scheduled = False  # a turn scheduled on it never comes
-                self._run_queued()
-            return True
-        done = threading.Event()
-
-        def barrier() -> None:
-            self._batch_done()
-            done.set()
-
-        self._jobs.append(barrier)
-        try:
-            self._event_loop.call_soon_threadsafe(self._turn)
-        except RuntimeError:
-            with self._runner:
-                self._run_queued()
-        return done.wait(timeout)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Run what is queued (on the caller's thread), then later jobs run on the submitter's."""
-        self._closed = True
-        with self._runner:
-            self._run_queued()

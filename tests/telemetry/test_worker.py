@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from outrider.sidecar.telemetry.audit import AuditLog
-from outrider.sidecar.telemetry.worker import LoopWorker, Worker
+from outrider.sidecar.telemetry.worker import Worker
 
 
 def test_jobs_run_in_order_off_the_caller_thread() -> None:
@@ -154,115 +153,3 @@ def test_a_long_batch_hands_the_gil_back_every_few_jobs(monkeypatch: pytest.Monk
     assert worker.drain()
     assert len(handed) >= 10  # once per YIELD_EVERY jobs of the batch
     worker.close()
-
-
-# -- LoopWorker: the same recording on the event loop, no thread of its own -------------------------
-
-
-def test_loop_worker_runs_jobs_on_the_loop_in_order_after_the_submitter_returns() -> None:
-    async def main() -> None:
-        worker = LoopWorker(asyncio.get_running_loop(), interval_s=0.001)
-        seen: list[tuple[int, int]] = []
-        for i in range(100):
-            worker.submit(lambda i=i: seen.append((i, threading.get_ident())))
-        assert seen == []  # nothing on the request path
-        for _ in range(1000):
-            if len(seen) == 100:
-                break
-            await asyncio.sleep(0.005)
-        assert [i for i, _ in seen] == list(range(100))
-        assert {ident for _, ident in seen} == {threading.get_ident()}
-        assert threading.active_count() == before_threads
-        worker.close()
-
-    before_threads = threading.active_count()
-    asyncio.run(main())
-
-
-def test_loop_worker_lets_the_loop_run_between_turns() -> None:
-    from outrider.sidecar.telemetry import worker as worker_module
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        worker = LoopWorker(loop, interval_s=0.001)
-        order: list[str] = []
-
-        # The first job readies a loop callback: it runs after a turn of LOOP_BATCH jobs, not after all.
-        def first() -> None:
-            order.append("job")
-            loop.call_soon(lambda: order.append("loop"))
-
-        worker.submit(first)
-        for _ in range(3 * worker_module.LOOP_BATCH - 1):
-            worker.submit(lambda: order.append("job"))
-        await asyncio.to_thread(worker.drain)
-        assert order.count("job") == 3 * worker_module.LOOP_BATCH
-        # (24 or 48: the drain's own turn may be ready beside the timer's)
-        assert order.index("loop") < 3 * worker_module.LOOP_BATCH - 1
-        worker.close()
-
-    asyncio.run(main())
-
-
-def test_loop_worker_drain_from_another_thread_waits_for_the_loop_and_flushes_held_audit() -> None:
-    async def main() -> None:
-        stream = _CountingStream()
-        audit = AuditLog(stream)
-        worker = LoopWorker(asyncio.get_running_loop(), interval_s=10.0)  # only drain runs them
-        worker.after_batch(audit.flush_held)
-        for i in range(100):
-            worker.submit(lambda i=i: audit.write({"type": "mcp.call", "n": i}, hold=True))
-        assert stream.getvalue() == ""
-        assert await asyncio.to_thread(worker.drain)
-        assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == list(range(100))
-        worker.close()
-
-    asyncio.run(main())
-
-
-def test_loop_worker_takes_jobs_from_other_threads() -> None:
-    async def main() -> None:
-        worker = LoopWorker(asyncio.get_running_loop(), interval_s=10.0)
-        ran: list[int] = []
-        done = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        thread = threading.Thread(
-            target=lambda: worker.submit(
-                lambda: (ran.append(threading.get_ident()), loop.call_soon(done.set))
-            )
-        )
-        thread.start()
-        thread.join()
-        await asyncio.wait_for(done.wait(), 10)  # handed to the loop at once, not after interval_s
-        assert ran == [threading.get_ident()]
-        worker.close()
-
-    asyncio.run(main())
-
-
-def test_loop_worker_close_runs_what_is_queued_then_runs_inline() -> None:
-    async def main() -> list[int]:
-        worker = LoopWorker(asyncio.get_running_loop(), interval_s=10.0)
-        seen: list[int] = []
-        for i in range(10):
-            worker.submit(lambda i=i: seen.append(i))
-        await asyncio.to_thread(worker.close)
-        assert seen == list(range(10))
-        worker.submit(lambda: seen.append(99))
-        assert seen[-1] == 99
-        worker.submit(lambda: seen.append(100))
-        return seen
-
-    assert asyncio.run(main())[-2:] == [99, 100]
-
-
-def test_loop_worker_runs_the_queue_itself_once_its_loop_is_closed() -> None:
-    loop = asyncio.new_event_loop()
-    worker = LoopWorker(loop, interval_s=10.0)
-    seen: list[int] = []
-    worker.submit(lambda: seen.append(1))
-    loop.close()
-    assert worker.drain()
-    assert seen == [1]
-    worker.submit(lambda: seen.append(2))  # scheduling fails: the submitter runs it
-    assert seen == [1, 2]
