@@ -868,16 +868,9 @@ class InboundProxy:
         changed = False
         plain: dict[str, str] = {}
         for scope, obj in zip(calls.scopes, parsed.objects, strict=True):
-            params = obj.get("params") if isinstance(obj, dict) else None
-            before = (
-                dict(params["_meta"])
-                if isinstance(params, dict) and isinstance(params.get("_meta"), dict)
-                else None
-            )
-            scope.inject_context(plain, obj if isinstance(obj, dict) else None)
-            params = obj.get("params") if isinstance(obj, dict) else None
-            after = params.get("_meta") if isinstance(params, dict) else None
-            changed = changed or after != before
+            # The scope says whether it changed the message: no copy of `_meta` to compare against.
+            if scope.inject_context(plain, obj if isinstance(obj, dict) else None):
+                changed = True
         for name, value in plain.items():
             headers[name] = value
         if not changed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import random
 import sys
 import threading
@@ -335,10 +336,15 @@ _ORJSON_LINE = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 
 def encode_line(event: Event) -> str:
     """`encode(event)` and a newline."""
+    return encode_line_bytes(event).decode()
+
+
+def encode_line_bytes(event: Event) -> bytes:
+    """`encode(event)` and a newline, as UTF-8 (what `AuditLog` holds and writes)."""
     try:
-        return orjson.dumps(event, default=str, option=_ORJSON_LINE).decode()
+        return orjson.dumps(event, default=str, option=_ORJSON_LINE)
     except (TypeError, orjson.JSONEncodeError):
-        return encode(event) + "\n"
+        return (encode(event) + "\n").encode()
 
 
 def encode(event: Event) -> str:
@@ -353,6 +359,18 @@ def encode(event: Event) -> str:
         except UnicodeEncodeError:  # a lone surrogate a caller sent (`"\\ud800"`): escaped, never lost
             text = json.dumps(event, separators=(",", ":"), ensure_ascii=True, default=str)
         return text
+
+
+def _utf8_buffer(stream: IO[str] | None) -> IO[bytes] | None:
+    """The binary stream under a UTF-8 text stream with no newline translation, else None."""
+    buffer = getattr(stream, "buffer", None)
+    encoding = getattr(stream, "encoding", None) or ""
+    if buffer is None or encoding.lower().replace("-", "").replace("_", "") != "utf8":
+        return None
+    if os.linesep != "\n":
+        return None
+    result: IO[bytes] = buffer
+    return result
 
 
 # Held lines past this many are written at once: a long batch on the worker still writes regularly.
@@ -372,7 +390,10 @@ class AuditLog:
         self._stream = stream
         self._owns = owns_stream
         self._lock = threading.Lock()
-        self._held: list[str] = []  # encoded lines `flush_held` writes
+        self._held: list[bytes] = []  # encoded lines `flush_held` writes
+        # A UTF-8 text stream over a binary one (stdout, the appended file): the lines, already UTF-8
+        # from orjson, go to the binary layer as they are instead of being decoded and re-encoded.
+        self._binary: IO[bytes] | None = _utf8_buffer(stream)
         # Repeated identical denials become one event per interval with a count (0: off).
         self.aggregator = DenialAggregator(aggregate_s)
         self._stop = threading.Event()
@@ -416,13 +437,13 @@ class AuditLog:
         with self._lock:
             if self.aggregator.passes(event):  # nothing to fold or due: no clock, no list
                 if hold and len(self._held) < MAX_HELD:
-                    self._held.append(encode_line(event))
+                    self._held.append(encode_line_bytes(event))
                     return
                 self._write([event])
                 return
             events = self.aggregator.offer(event, time.monotonic())
             if hold and len(self._held) < MAX_HELD:
-                self._held.extend(encode_line(e) for e in events)
+                self._held.extend(encode_line_bytes(e) for e in events)
                 return
             self._write(events)
 
@@ -436,12 +457,19 @@ class AuditLog:
         if self._stream is None:
             return
         lines = self._held
-        lines.extend(encode_line(e) for e in events)
+        lines.extend(encode_line_bytes(e) for e in events)
         if not lines:
             return
         self._held = []
-        self._stream.write("".join(lines))
-        self._stream.flush()
+        data = b"".join(lines)
+        binary = self._binary
+        if binary is None:
+            self._stream.write(data.decode())
+            self._stream.flush()
+            return
+        self._stream.flush()  # text someone else wrote to the stream (stdout) goes first
+        binary.write(data)
+        binary.flush()
 
     def _flush_loop(self) -> None:
         interval = max(self.aggregator.window_s / 4, 0.05)
@@ -456,3 +484,4 @@ class AuditLog:
             if self._owns and self._stream is not None:
                 self._stream.close()
             self._stream = None
+            self._binary = None

@@ -79,8 +79,11 @@ class CallScope(Protocol):
 
     def set_principal(self, principal: Principal) -> None: ...
 
-    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
-        """Put W3C trace context into the upstream headers and the message's `params._meta`."""
+    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> bool:
+        """Put W3C trace context into the upstream headers and the message's `params._meta`.
+
+        True when `message` changed (the body must be re-encoded); False when it holds what it held.
+        """
 
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
         """Record the token exchange made for this call (child span, metric, audit event)."""
@@ -112,8 +115,8 @@ class _NullScope:
     def set_principal(self, principal: Principal) -> None:
         return None
 
-    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
-        return None
+    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> bool:
+        return False
 
     def token_exchange(self, outcome: ExchangeOutcome) -> None:
         return None

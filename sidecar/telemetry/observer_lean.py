@@ -61,14 +61,11 @@ class LeanObserver(OtelObserver):
         carrier = message.trace_context or request.headers
         parent = extract_parent(carrier) if carrier else None
         workload = self.workload()
-        attributes = semconv.mcp_request_attributes(
-            message, request, self.config, workload_id=workload.spiffe_id
-        )
-        record = self.lean.start(
-            semconv.mcp_span_name(message, self.config), KIND_SERVER, attributes, parent=parent
-        )
+        # The span's attributes are made on the telemetry thread when the call is recorded (nothing
+        # reads them before: the lean tracer's sampler does not): the request path only starts it.
+        record = self.lean.start(semconv.mcp_span_name(message, self.config), KIND_SERVER, {}, parent=parent)
         # The scope is its own context manager: no generator-based wrapper per call.
-        return _LeanScope(self, message, request, record, attributes, workload)
+        return _LeanScope(self, message, request, record, workload)
 
     def _egress_span(self, decision: EgressDecision, end_ns: int) -> tuple[str | None, str | None]:
         record = self.lean.start(
@@ -94,10 +91,9 @@ class _LeanScope(_ScopeBase):
         message: McpMessage,
         request: RequestInfo,
         record: SpanRecord,
-        attributes: dict[str, semconv.AttributeValue],
         workload: Workload,
     ) -> None:
-        super().__init__(observer, message, request, attributes, workload)
+        super().__init__(observer, message, request, None, workload)
         self._lean = observer.lean
         self._span = record
 
@@ -121,9 +117,11 @@ class _LeanScope(_ScopeBase):
         self, final: dict[str, semconv.AttributeValue], error: str | None, end: int
     ) -> tuple[str | None, str | None]:
         record = self._span
-        # The record's attributes are the scope's own dict, read for the metrics before this: extended
-        # in place (the same keys, in the same order, as a merged copy).
-        record.attributes.update(final)
+        # The scope's request attributes, made and read for the metrics before this: extended in place
+        # (the same keys, in the same order, as a merged copy).
+        attributes = self._request_attributes()
+        attributes.update(final)
+        record.attributes = attributes
         if error is not None:
             record.status_code, record.status_message = STATUS_ERROR, error
         self._lean.end(record, end)

@@ -376,7 +376,7 @@ class _ScopeBase:
         observer: OtelObserver,
         message: McpMessage,
         request: RequestInfo,
-        attributes: dict[str, semconv.AttributeValue],
+        attributes: dict[str, semconv.AttributeValue] | None,
         workload: Workload,
     ) -> None:
         self._observer = observer
@@ -410,6 +410,18 @@ class _ScopeBase:
         else:
             self.finish(http_status=0, outcome="error", error_type="unfinished", reason="no answer recorded")
 
+    def _request_attributes(self) -> dict[str, semconv.AttributeValue]:
+        """The span attributes known when the message arrived; made on first use (None at start)."""
+        attributes = self._attributes
+        if attributes is None:
+            attributes = self._attributes = semconv.mcp_request_attributes(
+                self._message,
+                self._request,
+                self._observer.config,
+                workload_id=self._workload.spiffe_id,
+            )
+        return attributes
+
     def _trace_headers(self) -> dict[str, str]:
         raise NotImplementedError
 
@@ -427,20 +439,27 @@ class _ScopeBase:
         # Only remembered here: the span attributes are set when the call is recorded.
         self.principal = principal
 
-    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> None:
+    def inject_context(self, headers: MutableMapping[str, str], message: dict[str, Any] | None) -> bool:
         carrier = self._trace_headers()
         headers.update(carrier)
         # MCP conventions: requests and notifications also carry the context in params._meta.
-        if message is not None and isinstance(message.get("method"), str) and carrier:
-            params = message.get("params")
-            if params is None:
-                params = message["params"] = {}
-            if isinstance(params, dict):
-                meta = params.get("_meta")
-                if meta is None:
-                    meta = params["_meta"] = {}
-                if isinstance(meta, dict):
-                    meta.update(carrier)
+        if message is None or not carrier or not isinstance(message.get("method"), str):
+            return False
+        params = message.get("params")
+        if params is None:
+            params = message["params"] = {}
+        elif not isinstance(params, dict):
+            return False
+        meta = params.get("_meta")
+        if meta is None:
+            params["_meta"] = carrier
+            return True
+        if not isinstance(meta, dict):
+            return False
+        # Said here instead of by the caller copying and comparing `_meta` around the call.
+        changed = any(meta.get(name) != value for name, value in carrier.items())
+        meta.update(carrier)
+        return changed
 
     def policy(self, outcome: PolicyOutcome) -> None:
         self.policy_outcome = outcome
@@ -557,7 +576,7 @@ class _ScopeBase:
         if safe_reason:
             final["outrider.reason"] = safe_reason
         status_error = None if outcome in _OK_OUTCOMES else (error or outcome)
-        observer.record_call_metrics(duration, self._attributes, final, outcome)
+        observer.record_call_metrics(duration, self._request_attributes(), final, outcome)
         trace_id, span_id = self._end_span(final, status_error, end)
         observer.audit.write(
             mcp_call_event(

@@ -184,9 +184,10 @@ class RecordingObserver:
 
             def inject_context(
                 self, headers: MutableMapping[str, str], message: dict[str, Any] | None
-            ) -> None:
+            ) -> bool:
                 record.injected = True
                 headers["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                return False
 
             def token_exchange(self, outcome: Any) -> None:
                 record.exchanges.append(outcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -258,6 +259,35 @@ def test_inject_context_adds_params_to_notifications_but_not_responses(harness: 
         scope.finish(http_status=202, outcome="ok")
     assert set(note["params"]["_meta"]) == {"traceparent"}
     assert reply == {"jsonrpc": "2.0", "id": 1, "result": {}}
+
+
+def test_inject_context_says_whether_it_changed_the_message(harness: Harness) -> None:
+    """The proxy re-encodes a body only when this says True: no copy of `_meta` to compare per call."""
+    message = McpMessage(kind="request", method="tools/call", id=1, tool_name="echo")
+    with harness.observer.mcp_call(message, REQUEST) as scope:
+        fresh: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x"}}
+        assert scope.inject_context({}, fresh) is True
+        assert scope.inject_context({}, fresh) is False  # the same context again: nothing changed
+        bare: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+        assert scope.inject_context({}, bare) is True
+        assert set(bare["params"]["_meta"]) == {"traceparent"}
+        stale = "00-11111111111111111111111111111111-2222222222222222-01"
+        held: dict[str, Any] = {
+            "method": "tools/call",
+            "params": {"_meta": {"progressToken": 3, "traceparent": stale}},
+        }
+        assert scope.inject_context({}, held) is True
+        assert held["params"]["_meta"]["progressToken"] == 3
+        assert held["params"]["_meta"]["traceparent"] == fresh["params"]["_meta"]["traceparent"]
+        listed: dict[str, Any] = {"method": "tools/call", "params": [1, 2]}
+        odd: dict[str, Any] = {"method": "tools/call", "params": {"_meta": "not an object"}}
+        reply: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "result": {}}
+        for untouched in (listed, odd, reply):
+            before = json.dumps(untouched)
+            assert scope.inject_context({}, untouched) is False
+            assert json.dumps(untouched) == before
+        assert scope.inject_context({}, None) is False
+        scope.finish(http_status=200, outcome="ok")
 
 
 def test_unauthenticated_call_401(harness: Harness) -> None:

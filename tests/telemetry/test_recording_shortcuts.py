@@ -1,7 +1,8 @@
 """The recording path's shortcuts give what the plain computations give.
 
 The audit time text without a datetime, the `mcp.call` event in one literal, metric keys made once per
-attribute set, and a cache-hit exchange recorded in its call's worker job.
+attribute set, a cache-hit exchange recorded in its call's worker job, and audit lines written to the
+stream's binary layer.
 """
 
 from __future__ import annotations
@@ -249,3 +250,44 @@ def test_call_metrics_per_attribute_set_through_a_small_key_cache(monkeypatch: p
     assert len(expected_durations) == len(calls)
     assert _series(meter, "mcp.server.operation.duration") == expected_durations
     assert _series(meter, "outrider.mcp.requests") == expected_requests
+
+
+class _TextCalls(io.TextIOWrapper):
+    """A UTF-8 text stream over bytes that counts what reaches its text layer."""
+
+    text_writes = 0
+
+    def write(self, text: str) -> int:
+        self.text_writes += 1
+        return super().write(text)
+
+
+def test_audit_lines_go_to_the_binary_layer_with_the_text_paths_bytes_and_order() -> None:
+    """orjson's UTF-8 is written as is (no decode and re-encode), after text others wrote to the stream."""
+    events: list[dict[str, Any]] = [
+        {"type": "mcp.call", "n": 1, "tool": "météo"},
+        {"type": "mcp.call", "n": 2, "big": 1 << 70},  # orjson refuses it: the json module's line
+        {"type": "mcp.call", "n": 3, "odd": "\ud800"},  # a lone surrogate: escaped, never lost
+    ]
+    raw = io.BytesIO()
+    stream = _TextCalls(raw, encoding="utf-8", write_through=False)
+    stream.write("someone else's text first\n")
+    log = AuditLog(stream)
+    log.write(events[0])
+    for event in events[1:]:
+        log.write(event, hold=True)
+    log.flush_held()
+    assert stream.text_writes == 1  # only the other writer's
+    expected = "someone else's text first\n" + "".join(audit.encode_line(e) for e in events)
+    assert raw.getvalue() == expected.encode()
+
+    text = io.StringIO()  # no binary layer: text, the same lines
+    other = AuditLog(text)
+    for event in events:
+        other.write(event)
+    assert text.getvalue() == "".join(audit.encode_line(e) for e in events)
+
+    latin = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")  # not UTF-8: through the text layer
+    AuditLog(latin).write({"type": "x", "s": "é"})
+    latin.flush()
+    assert latin.buffer.getvalue() == '{"type":"x","s":"é"}\n'.encode("latin-1")  # type: ignore[attr-defined]
