@@ -11,6 +11,7 @@ from typing import Any
 
 JsonPatch = list[dict[str, Any]]
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_MISSING: Any = object()  # a key's absence (None is a value a key can hold)
 
 
 def escape(key: str) -> str:
@@ -69,14 +70,20 @@ def _is_list(value: Any) -> bool:
 
 
 def _diff_map(old: Mapping[str, Any], new: Mapping[str, Any], path: str, ops: JsonPatch) -> None:
-    for key in old:
-        if key not in new:
-            ops.append({"op": "remove", "path": f"{path}/{escape(key)}"})
+    # The engine only adds and replaces keys: one C-level subset test instead of a loop per key.
+    if not old.keys() <= new.keys():
+        for key in old:
+            if key not in new:
+                ops.append({"op": "remove", "path": f"{path}/{escape(key)}"})
+    missing = _MISSING
     for key, value in new.items():
-        if key not in old:
+        before = old.get(key, missing)
+        if before is value:
+            continue
+        if before is missing:
             ops.append({"op": "add", "path": f"{path}/{escape(key)}", "value": value})
-        elif old[key] is not value:
-            _diff(old[key], value, f"{path}/{escape(key)}", ops)
+        else:
+            _diff(before, value, f"{path}/{escape(key)}", ops)
 
 
 def _name(item: Any) -> Any:

@@ -640,6 +640,76 @@ def test_answer_cache_key_is_exact() -> None:
     assert key(a, "u1") != key(b, "u2")
 
 
+def test_answer_cache_key_follows_every_fact_besides_the_pod() -> None:
+    from types import MappingProxyType
+
+    from outrider.webhook.server import AnswerCache
+
+    pod = _pod()
+    body = json.dumps({"request": {"uid": "u1", "object": pod}}, separators=(",", ":")).encode()
+
+    def key(**changed: Any) -> bytes:
+        facts: dict[str, Any] = {
+            "config_hash": "h",
+            "namespace": "ns",
+            "labels": ENABLED,
+            "policy": None,
+            "namespace_annotations": {},
+        }
+        facts.update(changed)
+        return AnswerCache.key(
+            facts["config_hash"],
+            facts["namespace"],
+            facts["labels"],
+            facts["policy"],
+            pod,
+            body,
+            "u1",
+            facts["namespace_annotations"],
+        )
+
+    base = key()
+    variants = [
+        key(config_hash="h2"),
+        key(namespace="ns2"),
+        key(labels={**ENABLED, "team": "a"}),
+        key(policy={"allow": ["x.example:443"]}),
+        key(policy={}),
+        key(namespace_annotations={"sidecar.istio.io/inject": "false"}),
+        # what orjson refuses (a non-string key, a Mapping that is not a dict) is still told apart
+        key(labels={**ENABLED, 1: "a"}),
+        key(policy={"allow": [2**70]}),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    assert key(labels={"team": "a", **ENABLED}) == key(labels={**ENABLED, "team": "a"})  # key order
+    assert key(labels=MappingProxyType(dict(ENABLED))) == key(labels=MappingProxyType(dict(ENABLED)))
+    assert key(namespace_annotations=None) == base
+
+
+@pytest.mark.parametrize(
+    "uid", ["705ab4f5-6393-11e8-b7cc-42010a800002", 'a"b\\c', "caf\u00e9", "tab\there", "del\x7f"]
+)
+def test_answer_cache_key_finds_the_uid_as_json_spells_it(uid: str) -> None:
+    from outrider.webhook.server import AnswerCache
+
+    pod, other = _pod(), _pod()
+    other["spec"]["containers"][0]["image"] = "y"
+
+    def key(obj: Any, request_uid: str) -> bytes:
+        body = json.dumps({"request": {"uid": request_uid, "object": obj}}, separators=(",", ":")).encode()
+        return AnswerCache.key("h", "ns", ENABLED, None, obj, body, request_uid)
+
+    assert key(pod, uid) == key(copy.deepcopy(pod), uid + "2")  # another request, same pod
+    assert key(pod, uid) != key(other, uid)
+    # the uid's JSON spelling is found in the body (the cheap path), however the uid is spelt
+    marker = b'"uid":' + json.dumps(uid).encode()
+    body = json.dumps({"request": {"uid": uid, "object": pod}}, separators=(",", ":")).encode()
+    assert body.count(marker) == 1
+    from outrider.webhook.server import _quoted
+
+    assert _quoted(uid) == json.dumps(uid).encode()
+
+
 def test_cached_egress_plan_equals_a_fresh_plan_for_every_fixture() -> None:
     from webhook_support import load_fixture, pod_template, templated_fixture_names
 
