@@ -115,6 +115,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         f"{W}test_webhook_resource_and_checks.py",
         f"{W}test_webhook_injected_content.py",
         f"{W}test_webhook_golden.py",
+        f"{W}test_webhook_odd_types.py",
     ),
 }
 

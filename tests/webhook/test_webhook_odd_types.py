@@ -19,6 +19,7 @@ import pytest
 import yaml
 from webhook_support import BASE_CONFIG, GOLDEN_DIR, load_fixture, pod_template, templated_fixture_names
 
+from outrider.webhook.config import parse_config
 from outrider.webhook.engine import inject
 
 ODD_VALUES: list[Any] = [None, "1", 1, -1, 0, 1.5, True, False, [], {}, "", [None], [{}], {"name": 1}, ["a"]]
@@ -105,3 +106,26 @@ spec:
     assert result.returncode == 0
     spec = yaml.safe_load(result.stdout)["spec"]
     assert spec["imagePullSecrets"] == [{"name": ["regcred"]}, {"name": "regcred"}]
+
+
+@pytest.mark.parametrize("entry", ["OUTRIDER_CONFIG", {}, {"value": "x"}, {"name": 5, "value": "x"}, None])
+def test_an_injected_pods_odd_env_entries_never_make_the_strict_recheck_raise(entry: Any) -> None:
+    """In process, so mutation testing sees it: entries that are not a named variable are skipped."""
+    doc, labels, config = load_fixture("already-injected-strict")
+    spec = doc["spec"]
+    proxy = next(c for c in [*spec["initContainers"], *spec["containers"]] if c["name"] == "outrider-proxy")
+    proxy["env"].insert(0, entry)
+    result = inject(copy.deepcopy(doc), labels, config)
+    assert result.allowed or result.message
+    assert inject(copy.deepcopy(doc), labels, config) == result
+
+
+@pytest.mark.parametrize("entry", ["regcred", None, 5, ["regcred"], {"name": ["regcred"]}])
+def test_odd_pull_secret_entries_are_kept_and_ours_added(entry: Any) -> None:
+    config = parse_config({**BASE_CONFIG, "image_pull_secrets": ["regcred"]})
+    spec = {"imagePullSecrets": [entry], "containers": [{"name": "app", "image": "x"}]}
+    pod = {"metadata": {"name": "p"}, "spec": spec}
+    result = inject(copy.deepcopy(pod), {"outrider.dev/inject": "enabled"}, config)
+    assert result.allowed, result.message
+    assert result.pod["spec"]["imagePullSecrets"] == [entry, {"name": "regcred"}]
+    assert jsonpatch.apply_patch(pod, result.patch) == result.pod
