@@ -11,7 +11,8 @@ telemetry + audit on (OTLP/HTTP to a counting receiver, audit file). Four parts:
 2. capacity on one core: the floor and the telemetry-on sidecar each pinned to one CPU (`taskset`,
    the load generator, the upstream, the OTLP receivers and the servers not under test on the
    other, once those are quiet), closed loop; then both paced at half the sidecar's maximum:
-   requests/s and p99 against the floor's;
+   requests/s and p99 against the floor's (run first after the RSS curve: servers that went through
+   the latency curves' overload steps keep a grown heap and cost more per request afterwards);
 3. RSS against open MCP sessions, each with an open SSE stream (`--streams`: 10, 100, 1,000, 5,000)
    through the telemetry-off sidecar;
 4. accounting: after the telemetry-on sidecar stopped (flushing), the receiver must hold two spans
@@ -563,11 +564,14 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if "rss" in args.parts
             else []
         )
-        result["latency"] = await latency_curves(args, urls) if "latency" in args.parts else {}
+        # Capacity before the latency curves, for the same reason: a server that went through their
+        # overload steps keeps a grown heap and spent 10-15 us more per request afterwards, while the
+        # `--before` sidecars (not in the curves) did not, which biased the comparison against `main`.
         pids = {**{name: p.pid for name, p in procs.items()}, **receivers}
         result["capacity"] = (
             await capacity(args, urls, pids) if "capacity" in args.parts else {"skipped": "not asked for"}
         )
+        result["latency"] = await latency_curves(args, urls) if "latency" in args.parts else {}
         # Accounting: what the telemetry-on sidecar was sent, against what it exported on the way out.
         on = procs["sidecar+telemetry"]
         on.send_signal(signal.SIGTERM)
