@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from aiohttp import web
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -41,6 +42,22 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@asynccontextmanager
+async def serve_everything(
+    handle: Callable[[web.Request], Any], port: int, *, client_max_size: int = 1 << 30
+) -> AsyncIterator[None]:
+    """An aiohttp app on 127.0.0.1:`port` whose one handler takes every method and path."""
+    app = web.Application(client_max_size=client_max_size)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture

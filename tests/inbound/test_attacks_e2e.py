@@ -23,7 +23,7 @@ from aiohttp import web
 from outrider.sidecar.dev.idp import DevIdP
 from outrider.sidecar.dev.workload_api import DevWorkloadApi
 
-from .conftest import RESOURCE, SidecarFactory, free_port, run_sidecar, sidecar_config
+from .conftest import RESOURCE, SidecarFactory, free_port, run_sidecar, serve_everything, sidecar_config
 from .test_fuzz_e2e import raw_request
 
 
@@ -55,13 +55,8 @@ class SessionApp:
 @pytest.fixture
 async def session_app() -> AsyncIterator[SessionApp]:
     state = SessionApp()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", state.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", state.port).start()
-    yield state
-    await runner.cleanup()
+    async with serve_everything(state.handle, state.port, client_max_size=1024**2):
+        yield state
 
 
 def post(token: str, body: Any, extra: bytes = b"") -> tuple[bytes, bytes]:

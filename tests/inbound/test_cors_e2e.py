@@ -21,7 +21,7 @@ from outrider.sidecar.dev.idp import DevIdP
 from outrider.sidecar.inbound.config import InboundConfig
 from outrider.sidecar.inbound.cors import CorsConfig, CorsPolicy
 
-from .conftest import RESOURCE, SidecarFactory, free_port
+from .conftest import RESOURCE, SidecarFactory, free_port, serve_everything
 
 ORIGIN = "https://inspector.example.com"
 OTHER = "https://evil.example.net"
@@ -56,13 +56,8 @@ class CorsApp:
 @pytest.fixture
 async def cors_app() -> AsyncIterator[CorsApp]:
     state = CorsApp()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", state.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", state.port).start()
-    yield state
-    await runner.cleanup()
+    async with serve_everything(state.handle, state.port, client_max_size=1024**2):
+        yield state
 
 
 def preflight_headers(origin: str, *, method: str = "POST", headers: str | None = None) -> dict[str, str]:

@@ -26,7 +26,15 @@ from outrider.sidecar.dev.idp import DevIdP
 from outrider.sidecar.dev.workload_api import DevWorkloadApi
 from outrider.sidecar.runtime import Runtime
 
-from .conftest import RESOURCE, RecordingObserver, SidecarFactory, free_port, run_sidecar, sidecar_config
+from .conftest import (
+    RESOURCE,
+    RecordingObserver,
+    SidecarFactory,
+    free_port,
+    run_sidecar,
+    serve_everything,
+    sidecar_config,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,13 +55,8 @@ class EchoApp:
 @pytest.fixture
 async def echo_app() -> AsyncIterator[EchoApp]:
     app_state = EchoApp()
-    app = web.Application(client_max_size=1 << 30)
-    app.router.add_route("*", "/{tail:.*}", app_state.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", app_state.port).start()
-    yield app_state
-    await runner.cleanup()
+    async with serve_everything(app_state.handle, app_state.port):
+        yield app_state
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from outrider.sidecar.dev.idp import DevIdP
 from outrider.sidecar.dev.workload_api import DevWorkloadApi
 from outrider.sidecar.inbound.jsonrpc import parse_message
 
-from .conftest import free_port, run_sidecar, sidecar_config
+from .conftest import free_port, run_sidecar, serve_everything, sidecar_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -45,13 +45,8 @@ class RecordingApp:
 @pytest.fixture
 async def app() -> AsyncIterator[RecordingApp]:
     state = RecordingApp()
-    application = web.Application(client_max_size=1 << 30)
-    application.router.add_route("*", "/{tail:.*}", state.handle)
-    runner = web.AppRunner(application)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", state.port).start()
-    yield state
-    await runner.cleanup()
+    async with serve_everything(state.handle, state.port):
+        yield state
 
 
 class Shared:
