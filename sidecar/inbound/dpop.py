@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import jwt
 
 from outrider.sidecar.inbound.auth import AuthFailure
+from outrider.sidecar.inbound.holders import HolderCounts
 from outrider.sidecar.inbound.issuers import DpopConfig
 
 # RFC 7638 §3.2: the required members of each key type, in the order the thumbprint hashes them.
@@ -127,8 +128,7 @@ class ReplayCache:
     def __init__(self, max_size: int) -> None:
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # (jkt, jti) -> until, oldest first
         self._by_key: dict[str, OrderedDict[str, None]] = {}  # jkt -> its jtis, oldest first
-        self._sizes: dict[int, dict[str, None]] = {}  # n -> the keys holding n, in the order they got there
-        self._most = 0
+        self._holders = HolderCounts()
         self._max = max_size
         self.evicted_total = 0
 
@@ -151,7 +151,7 @@ class ReplayCache:
         if held is None:
             held = self._by_key[jkt] = OrderedDict()
         held[jti] = None
-        self._resize(jkt, len(held) - 1, len(held))
+        self._holders.moved(jkt, len(held) - 1, len(held))
         if len(seen) > self._max:
             self._drop(self._victim(jkt))
             self.evicted_total += 1
@@ -159,9 +159,9 @@ class ReplayCache:
 
     def _victim(self, newcomer: str) -> tuple[str, str]:
         """The oldest entry of the key holding the most, never the entry just recorded."""
-        keys = reversed(self._sizes[self._most])
+        keys = reversed(self._holders.holding_most())
         jkt = next(keys)
-        if jkt == newcomer and self._most == 1:
+        if jkt == newcomer and self._holders.most == 1:
             # Its only entry is the one just recorded: forgetting it would make that proof replayable.
             jkt = next(keys)  # (there is another: the cache holds more than one entry)
         return jkt, next(iter(self._by_key[jkt]))
@@ -171,21 +171,9 @@ class ReplayCache:
         jkt, jti = entry
         held = self._by_key[jkt]
         del held[jti]
-        self._resize(jkt, len(held) + 1, len(held))
+        self._holders.moved(jkt, len(held) + 1, len(held))
         if not held:
             del self._by_key[jkt]
-
-    def _resize(self, jkt: str, before: int, after: int) -> None:
-        if before:
-            keys = self._sizes[before]
-            del keys[jkt]
-            if not keys:
-                del self._sizes[before]
-        if after:
-            self._sizes.setdefault(after, {})[jkt] = None
-            self._most = max(self._most, after)
-        while self._most and self._most not in self._sizes:
-            self._most -= 1
 
 
 class KeyCache:

@@ -14,6 +14,7 @@ from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from outrider.sidecar.inbound.config import SessionsConfig
+from outrider.sidecar.inbound.holders import HolderCounts
 from outrider.sidecar.telemetry.observer import Principal
 
 # MCP: a session id is visible ASCII (0x21-0x7E). Longer ids are never bound, so never accepted.
@@ -85,7 +86,7 @@ class SessionTable:
         # The same bindings per owner, least recently used first: a full table takes from the owner
         # holding the most, so one caller opening sessions without end only evicts their own.
         self._by_owner: dict[str, OrderedDict[str, None]] = {}
-        self._sizes: dict[int, set[str]] = {}  # n -> the owners holding n bindings
+        self._holders = HolderCounts()
         self.evicted_total = 0
         self.expired_total = 0
 
@@ -121,7 +122,7 @@ class SessionTable:
         held = self._by_owner.setdefault(owner, OrderedDict())
         if session_id not in held:
             held[session_id] = None
-            self._resize(owner, len(held) - 1, len(held))
+            self._holders.moved(owner, len(held) - 1, len(held))
         held.move_to_end(session_id)
         self._prune(now)
         return True
@@ -134,22 +135,13 @@ class SessionTable:
         owner, _ = self._owners.pop(session_id)
         held = self._by_owner[owner]
         del held[session_id]
-        self._resize(owner, len(held) + 1, len(held))
+        self._holders.moved(owner, len(held) + 1, len(held))
         if not held:
             del self._by_owner[owner]
 
-    def _resize(self, owner: str, before: int, after: int) -> None:
-        if before:
-            owners = self._sizes[before]
-            owners.discard(owner)
-            if not owners:
-                del self._sizes[before]
-        if after:
-            self._sizes.setdefault(after, set()).add(owner)
-
     def _victim(self) -> str:
         """The least recently used binding of the owner holding the most (ties: least recently used)."""
-        most = self._sizes[max(self._sizes)]
+        most = self._holders.holding_most()
         if len(most) <= 8:
             return min((next(iter(self._by_owner[o])) for o in most), key=lambda sid: self._owners[sid][1])
         # Many owners hold as many (e.g. one each): the globally oldest binding of one of them is near

@@ -491,7 +491,7 @@ def test_the_per_caller_counts_index_holds_each_caller_once() -> None:
     for i in range(300):
         assert table.bind(f"a-{i}", "alice")
     assert table.bind("b-0", "bob")
-    assert {size: sorted(owners) for size, owners in table._sizes.items()} == {300: ["alice"], 1: ["bob"]}
+    assert table._holders.counts() == {300: ["alice"], 1: ["bob"]} and table._holders.most == 300
     for i in range(300):
         table.forget(f"a-{i}")
-    assert {size: sorted(owners) for size, owners in table._sizes.items()} == {1: ["bob"]}
+    assert table._holders.counts() == {1: ["bob"]} and table._holders.most == 1
