@@ -86,7 +86,11 @@ MODULES: dict[str, tuple[str, ...]] = {
     ),
     "sidecar/inbound/auth.py": (f"{I}test_auth.py",),
     "sidecar/inbound/sessions.py": (f"{I}test_sessions_e2e.py",),
-    "sidecar/inbound/holders.py": (f"{I}test_holders.py", f"{I}test_sessions_e2e.py", "tests/idp/test_dpop.py"),
+    "sidecar/inbound/holders.py": (
+        f"{I}test_holders.py",
+        f"{I}test_sessions_e2e.py",
+        "tests/idp/test_dpop.py",
+    ),
     "sidecar/exchange/oauth.py": (
         f"{X}test_oauth_core.py",
         f"{X}test_exchange.py",
