@@ -112,30 +112,34 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def running(
-    port: int = 0, mode: Mode = "streamable", *, log_level: str = "warning"
+    port: int = 0,
+    mode: Mode = "streamable",
+    *,
+    log_level: str = "warning",
+    server: MCPServer | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """Serve on 127.0.0.1 in this event loop (uvicorn) until the block exits."""
+    """Serve `server` (default: `build_server()`) on 127.0.0.1 in this event loop (uvicorn) until the
+    block exits."""
     import uvicorn
 
     port = port or free_port()
-    config = uvicorn.Config(
-        asgi_app(build_server(), mode), host="127.0.0.1", port=port, log_level=log_level, lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    app = asgi_app(server or build_server(), mode)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="on")
+    uv = uvicorn.Server(config)
+    task = asyncio.create_task(uv.serve())
     try:
-        while not server.started:
+        while not uv.started:
             if task.done():
                 task.result()
                 raise RuntimeError("the dev MCP server stopped during start-up")
             await asyncio.sleep(0.01)
         yield RunningServer(port, mode)
     finally:
-        server.should_exit = True
+        uv.should_exit = True
         try:
             await asyncio.wait_for(task, 5)
         except TimeoutError:
-            server.force_exit = True
+            uv.force_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,8 +37,9 @@ Visibility = Callable[[str, Sequence[str]], list[bool]]
 
 
 def filter_list_result(obj: Any, visible: Visibility) -> tuple[Any, int]:
-    """A response whose result is a tools/prompts/resources list, with the items the caller may not use
-    removed; (the object, how many items were removed). Anything else comes back unchanged."""
+    """A response whose result lists tools, prompts, resources or resource templates, with the items
+    the caller may not use removed; (the object, how many items were removed). Anything else comes
+    back unchanged."""
     if not isinstance(obj, dict) or not isinstance(obj.get("result"), dict):
         return obj, 0
     result = obj["result"]
@@ -65,4 +66,7 @@ def _name(item: Any, key: str) -> str:
 
 def may_hold_list(payload: bytes) -> bool:
     """Cheap pre-check before decoding an answer: only list results are ever rewritten."""
-    return b'"tools"' in payload or b'"prompts"' in payload or b'"resources"' in payload
+    return any(marker in payload for marker in _LIST_MARKERS)
+
+
+_LIST_MARKERS = tuple(f'"{key}"'.encode() for key in LIST_RESULTS)

@@ -31,10 +31,15 @@ OTHER_ACTION = "other"
 # permits only some tools does not also have to spell out how to start a session.
 UNJUDGED_METHODS = frozenset({"initialize", "server/discover", "ping"})
 # List results filtered per caller: result key -> (action that must be possible, entity type, id key).
+# A resource template is judged as reading the resource its template text names
+# (`Resource::"file:///{path}"`): Cedar cannot expand a URI template, so a policy that permits only
+# named URIs hides the template, and one that permits every resource (or the template by its text)
+# shows it; reading through the template is judged on the concrete URI as any read is.
 LIST_RESULTS: Mapping[str, tuple[str, str, str]] = {
     "tools": ("call_tool", "Tool", "name"),
     "prompts": ("get_prompt", "Prompt", "name"),
     "resources": ("read_resource", "Resource", "uri"),
+    "resourceTemplates": ("read_resource", "Resource", "uriTemplate"),
 }
 # Cedar's JSON reads these record keys as entity references or extension calls: a caller must not be
 # able to smuggle one in through tool arguments, so such keys are left out of the context.

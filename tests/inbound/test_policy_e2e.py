@@ -112,6 +112,70 @@ async def test_alice_may_echo_not_delete_bob_may_and_lists_differ(
     assert sidecar.proxy.gate is not None and sidecar.proxy.gate.stats.filtered_items >= 2
 
 
+NOTES = """
+@id("lists")
+permit(principal, action == Action::"list_resources", resource);
+
+@id("public-notes")
+permit(principal, action == Action::"read_resource", resource)
+when { resource == Resource::"notes://public/{name}" || resource == Resource::"notes://public/readme" };
+
+@id("admins-everything")
+permit(principal in Group::"admins", action, resource);
+"""
+
+
+def notes_server() -> Any:
+    """The dev server plus two resources and two resource templates (one public, one private each)."""
+    server = mcp_server.build_server()
+
+    @server.resource("notes://public/{name}")
+    def public_note(name: str) -> str:
+        return f"public note {name}"
+
+    @server.resource("notes://private/{name}")
+    def private_note(name: str) -> str:
+        return f"private note {name}"
+
+    @server.resource("notes://public/readme")
+    def public_readme() -> str:
+        return "public readme"
+
+    @server.resource("notes://private/readme")
+    def private_readme() -> str:
+        return "private readme"
+
+    return server
+
+
+@pytest.mark.parametrize("mode", ["json", "streamable"])
+async def test_resource_templates_are_filtered_like_the_resources_they_read(
+    mode: mcp_server.Mode, idp: DevIdP, workload_api: DevWorkloadApi
+) -> None:
+    """A template is judged as `read_resource` on `Resource::"<uriTemplate>"`: alice, who may read
+    public notes only, is shown the public template only; bob (admins) is shown both. The answer of
+    `resources/templates/list` used to pass through unfiltered."""
+    alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
+    async with (
+        mcp_server.running(0, mode, server=notes_server()) as app,
+        policy_sidecar(idp, workload_api, app.port, policy={"cedar": NOTES}) as sidecar,
+    ):
+        async with client_for(sidecar.mcp_url(), alice) as client:
+            templates = (await client.list_resource_templates()).resource_templates
+            assert [t.uri_template for t in templates] == ["notes://public/{name}"]
+            assert [str(r.uri) for r in (await client.list_resources()).resources] == [
+                "notes://public/readme"
+            ]
+            await assert_denied(client.read_resource("notes://private/plan"))
+        async with client_for(sidecar.mcp_url(), bob) as client:
+            templates = (await client.list_resource_templates()).resource_templates
+            assert sorted(t.uri_template for t in templates) == [
+                "notes://private/{name}",
+                "notes://public/{name}",
+            ]
+    assert sidecar.proxy.gate is not None and sidecar.proxy.gate.stats.filtered_items >= 2
+
+
 @pytest.mark.parametrize("mcp_app", ["stateless"], indirect=True)
 async def test_stateless_revision_is_judged(
     mcp_app: mcp_server.RunningServer, idp: DevIdP, workload_api: DevWorkloadApi

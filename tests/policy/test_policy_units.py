@@ -158,6 +158,31 @@ def test_list_filtering_uses_partial_evaluation() -> None:
     assert filtered["result"]["tools"] == [{"name": "echo"}] and removed == 2
 
 
+def test_resource_templates_are_judged_as_reading_their_template_text() -> None:
+    reader = (
+        '@id("docs") permit(principal, action == Action::"read_resource", resource)'
+        ' when { resource == Resource::"file:///docs/{path}" };'
+    )
+    p = policies((CEILING + reader, False))
+    answer = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {
+            "resourceTemplates": [
+                {"uriTemplate": "file:///docs/{path}"},
+                {"uriTemplate": "file:///etc/{path}"},
+            ]
+        },
+    }
+    payload = json.dumps(answer).encode()
+    assert answers.may_hold_list(payload)
+    filtered, removed = answers.filter_list_result(answer, lambda k, n: may_use(p, ALICE, SERVER, k, n))
+    assert (
+        filtered["result"]["resourceTemplates"] == [{"uriTemplate": "file:///docs/{path}"}] and removed == 1
+    )
+    assert may_use(p, BOB, SERVER, "resourceTemplates", ["file:///etc/{path}"]) == [True]
+
+
 def test_schema_mismatches() -> None:
     compiled = compile_policies(
         '@id("a") forbid(principal, action, resource == Tool::"delet");\n'
