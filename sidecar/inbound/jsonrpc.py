@@ -251,24 +251,36 @@ def routing_header_mismatch(headers: Mapping[str, str], parsed: ParsedBody) -> s
     """Why `Mcp-Method` / `Mcp-Name` disagree with the body (stateless revision), or None when they agree.
 
     Headers are only checked when present: older revisions do not send them, and the app re-checks
-    presence itself. A proxy that routed on a lying header would police the wrong call.
+    presence itself. A proxy that routed on a lying header would police the wrong call. Every value
+    of a repeated header is checked: a router or app that reads the last (or all) must not see a call
+    other than the one judged.
     """
-    method_header = headers.get("Mcp-Method")
-    name_header = headers.get("Mcp-Name")
-    if method_header is None and name_header is None:
+    method_headers = header_values(headers, "Mcp-Method")
+    name_headers = header_values(headers, "Mcp-Name")
+    if not method_headers and not name_headers:
         return None
     if parsed.batch:
         return "Mcp-Method/Mcp-Name headers cannot describe a JSON-RPC batch"
     message, obj = parsed.messages[0], parsed.objects[0]
-    if method_header is not None and method_header != message.method:
+    if any(value != message.method for value in method_headers):
         return "Mcp-Method header does not match the request body's method"
     key = NAME_BEARING_METHODS.get(message.method or "")
-    if key is not None and name_header is not None:
+    if key is not None and name_headers:
         params = obj.get("params") if isinstance(obj, dict) else None
         body_value = params.get(key) if isinstance(params, dict) else None
-        if decode_header_value(name_header) != body_value:
+        if any(decode_header_value(value) != body_value for value in name_headers):
             return f"Mcp-Name header does not match the request body's {key!r} parameter"
     return None
+
+
+def header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every value of a header: a multidict (aiohttp's request headers) holds each repeat, a plain
+    mapping one at most."""
+    getall = getattr(headers, "getall", None)
+    if callable(getall):
+        return list(getall(name, ()))
+    value = headers.get(name)
+    return [] if value is None else [value]
 
 
 @dataclass(frozen=True)

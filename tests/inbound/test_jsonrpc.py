@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from outrider.sidecar.inbound import jsonrpc
 from outrider.sidecar.inbound.config import InboundConfig
@@ -112,6 +113,15 @@ CALL = jsonrpc.parse_body(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","param
 def test_routing_headers_must_agree_with_the_body(headers: dict[str, str], problem: str | None) -> None:
     why = jsonrpc.routing_header_mismatch(headers, CALL)
     assert (why is None) if problem is None else (why is not None and problem in why)
+
+
+def test_every_value_of_a_repeated_routing_header_must_agree() -> None:
+    agreeing = CIMultiDict([("Mcp-Method", "tools/call"), ("mcp-method", "tools/call"), ("Mcp-Name", "café")])
+    assert jsonrpc.routing_header_mismatch(agreeing, CALL) is None
+    second_method = CIMultiDict([("Mcp-Method", "tools/call"), ("Mcp-Method", "tools/list")])
+    assert "Mcp-Method" in (jsonrpc.routing_header_mismatch(second_method, CALL) or "")
+    second_name = CIMultiDict([("Mcp-Name", "=?base64?Y2Fmw6k=?="), ("Mcp-Name", "other")])
+    assert "Mcp-Name" in (jsonrpc.routing_header_mismatch(second_name, CALL) or "")
 
 
 def test_sse_parser_handles_any_chunking_and_line_endings() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from outrider.sidecar.dev.idp import DevIdP
 
@@ -167,6 +168,35 @@ async def test_routing_headers_must_match_the_body(
         # A base64-encoded Mcp-Name that matches is fine.
         headers = {**ACCEPT, **bearer(idp), "Mcp-Method": "tools/call", "Mcp-Name": "=?base64?ZWNobw==?="}
         async with session.post(sidecar.mcp_url(), json=CALL, headers=headers) as response:
+            assert response.status == 200
+    assert len(upstream.seen_headers) == 1
+
+
+async def test_every_repeated_routing_header_must_match_the_body(
+    upstream: Upstream, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    """A second `Mcp-Method`/`Mcp-Name` used to go unchecked: the first agreed with the body, the
+    second named another call, and a router or app that reads the last value saw that one."""
+    base = [*ACCEPT.items(), *bearer(idp).items(), ("MCP-Protocol-Version", "2026-07-28")]
+    lying = [
+        [("Mcp-Method", "tools/call"), ("Mcp-Method", "tools/list")],
+        [("Mcp-Method", "tools/call"), ("Mcp-Name", "echo"), ("Mcp-Name", "whoami")],
+        [("Mcp-Method", "tools/call"), ("Mcp-Name", "echo"), ("Mcp-Name", "=?base64?d2hvYW1p?=")],
+    ]
+    async with make_sidecar(upstream.port) as sidecar, aiohttp.ClientSession() as session:
+        for extra in lying:
+            headers = CIMultiDict([*base, *extra])
+            async with session.post(sidecar.mcp_url(), json=CALL, headers=headers) as response:
+                assert response.status == 400, extra
+                body = await response.json()
+                assert body["error"]["code"] == -32020 and body["id"] == 3
+                assert "header does not match" in body["error"]["message"]
+        assert upstream.seen_headers == []  # none of them reached the app
+        # Repeated values that all agree (one of them base64-encoded) are fine.
+        agreeing = [("Mcp-Method", "tools/call"), ("Mcp-Name", "echo"), ("Mcp-Name", "=?base64?ZWNobw==?=")]
+        async with session.post(
+            sidecar.mcp_url(), json=CALL, headers=CIMultiDict([*base, *agreeing])
+        ) as response:
             assert response.status == 200
     assert len(upstream.seen_headers) == 1
 
