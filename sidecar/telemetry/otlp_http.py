@@ -184,7 +184,8 @@ class OtlpHttpClient:
 
     Retries (exponential backoff 1, 2, 4 ... s with 20 % jitter, or the server's `Retry-After`) on
     429, 502, 503, 504 and on connection errors, within the timeout; a connection error is retried
-    once at once first (a pooled connection the server closed). Used by one export thread at a time.
+    once at once first (a pooled connection the server closed). Only 2xx accepts; any other answer
+    (a 3xx redirect too) fails the export. Used by one export thread at a time.
     """
 
     def __init__(self, settings: ExporterSettings) -> None:
@@ -243,7 +244,10 @@ class OtlpHttpClient:
             connection.close()
 
     def export(self, data: bytes) -> bool:
-        """Post one encoded request; True when the receiver accepted it (2xx/3xx, as the SDK counts)."""
+        """Post one encoded request; True when the receiver accepted it (2xx only: OTLP's success is
+        200). Other answers fail; 429, 502, 503, 504 and lost connections are retried first. A
+        redirect is neither followed nor retried: nothing was delivered (the SDK's client counts
+        200-399 as success, which here would report lost data as sent)."""
         signal = self.settings.signal
         if len(data) > MAX_REQUEST_BYTES:
             log.warning(
@@ -264,11 +268,15 @@ class OtlpHttpClient:
                 attempt = self._post(body, deadline - time.monotonic())
                 if attempt.status is None and deadline > time.monotonic():
                     attempt = self._post(body, deadline - time.monotonic())  # once more, straight away
-                if attempt.status is not None and 200 <= attempt.status < 400:
+                if attempt.status is not None and 200 <= attempt.status < 300:
                     return True
                 if attempt.status is not None and attempt.status not in _RETRYABLE:
                     log.error(
-                        "telemetry: failed to export %s: HTTP %s %s", signal, attempt.status, attempt.reason
+                        "telemetry: failed to export %s: HTTP %s %s%s",
+                        signal,
+                        attempt.status,
+                        attempt.reason,
+                        _redirect_hint(attempt.status, signal),
                     )
                     return False
                 delay = retry_after_s(attempt.retry_after)
@@ -316,6 +324,16 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.args:
         return f"{type(exc).__name__}: {exc}"
     return type(exc).__name__
+
+
+def _redirect_hint(status: int, signal: Signal) -> str:
+    # The Location is not logged: it may carry credentials (user:password@, a token in the query).
+    if not 300 <= status < 400:
+        return ""
+    return (
+        f" (a redirect, not followed: point OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT at the receiver itself)"
+    )
 
 
 def _outcome(attempt: _Attempt) -> str:

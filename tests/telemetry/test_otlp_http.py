@@ -344,6 +344,25 @@ async def test_retryable_statuses_are_retried_and_others_are_not(caplog: pytest.
     assert SECRET not in caplog.text
 
 
+@pytest.mark.parametrize("status", [301, 307])
+async def test_a_redirect_is_a_failure_not_followed_nor_retried(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only 2xx accepts (the OTLP spec: success is 200); a redirect used to count as accepted, so the
+    data was lost while the exporter reported it sent. Not in the retryable set, so not retried, and
+    not followed: the operator is told to fix the endpoint."""
+    caplog.set_level(logging.DEBUG)
+    async with receiver() as (url, seen):
+        seen.replies = [(status, {"Location": f"{url}/elsewhere/v1/traces?token={SECRET}"})]
+        assert not await _export({"OTEL_EXPORTER_OTLP_ENDPOINT": url})
+        assert seen.paths == ["/v1/traces"]  # one request; the Location was not followed
+        assert await _export({"OTEL_EXPORTER_OTLP_ENDPOINT": url})  # the next 200 is accepted
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 1 and f"HTTP {status}" in failures[0].getMessage()
+    assert "redirect" in failures[0].getMessage()
+    assert SECRET not in caplog.text
+
+
 async def test_an_unreachable_receiver_fails_within_the_timeout() -> None:
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
