@@ -18,7 +18,7 @@ from outrider.sidecar.inbound.jsonrpc import ParsedBody
 from outrider.sidecar.policy import answers
 from outrider.sidecar.policy.config import PolicyConfig
 from outrider.sidecar.policy.engine import Decision, decide, may_use
-from outrider.sidecar.policy.limits_config import budgets
+from outrider.sidecar.policy.limits_config import budgets, user_key
 from outrider.sidecar.policy.model import Server, judged
 from outrider.sidecar.policy.ratelimit import RateLimiter, open_storage
 from outrider.sidecar.policy.reload import PolicyHolder
@@ -126,7 +126,7 @@ class Gate:
         )
         by_index = dict(zip(to_judge, decisions, strict=True))
         verdicts: list[Verdict] = []
-        user = f"{principal.kind}:{principal.issuer or ''}:{principal.subject}"
+        user = user_key(principal.kind, principal.issuer, principal.subject)
         for index, message in enumerate(messages):
             if message.kind == "invalid":
                 self.stats.invalid += 1

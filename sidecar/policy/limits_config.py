@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
 
@@ -100,11 +101,26 @@ class Budget:
     key: tuple[str, ...]
 
 
+def user_key(kind: str, issuer: str | None, subject: str) -> str:
+    """One caller's budget identifier: kind, issuer and subject, each percent-encoded, joined by ':'.
+
+    Encoded so that no part can hold the ':' between them nor the '/' that `limits` puts between the
+    parts of a storage key: ("https://a:1", "x") and ("https://a", "1:x") are two callers, and so are
+    subject "x/y" calling tool "z" and subject "x" calling tool "y/z".
+    """
+    return ":".join(_part(text) for text in (kind, issuer or "", subject))
+
+
+def _part(text: str) -> str:
+    return quote(text, safe="")
+
+
 def budgets(limits: RateLimits, message: McpMessage, user: str, pod: str) -> tuple[Budget, ...]:
     """The budgets one request spends, pod-wide first (a refusal names the widest one it hit).
 
     `pod` is the server's identity (its SPIFFE ID): the same for every replica of a Deployment, so a
-    shared store gives the replicas one budget.
+    shared store gives the replicas one budget. `user` comes from `user_key`; the pod and tool names
+    are percent-encoded here, so no identifier holds the '/' `limits` joins them with.
     """
     # A notification counts too: `tools/call` without an `id` is still a call to a generic JSON-RPC server.
     if (
@@ -114,12 +130,15 @@ def budgets(limits: RateLimits, message: McpMessage, user: str, pod: str) -> tup
     ):
         return ()
     tool = message.tool_name if message.method == "tools/call" else None
+    pod = _part(pod)
     out: list[Budget] = [Budget("per_pod", i, ("pod", pod)) for i in limits.per_pod]
     if tool is not None:
         for name in (tool, ANY_TOOL):
             for item in limits.per_tool.get(name, ()):
-                out.append(Budget("per_tool", item, ("tool", pod, tool, name)))
+                out.append(Budget("per_tool", item, ("tool", pod, _part(tool), _part(name))))
     out.extend(Budget("per_user", i, ("user", pod, user)) for i in limits.per_user)
     if tool is not None:
-        out.extend(Budget("per_user_tool", i, ("user_tool", pod, user, tool)) for i in limits.per_user_tool)
+        out.extend(
+            Budget("per_user_tool", i, ("user_tool", pod, user, _part(tool))) for i in limits.per_user_tool
+        )
     return tuple(out)

@@ -136,6 +136,27 @@ def test_list_answers_are_filtered_and_counted() -> None:
     assert "outrider_policy_list_items_filtered_total 2\n" in g.metrics_text().decode()
 
 
+async def test_crafted_issuers_subjects_and_tool_names_never_share_a_budget() -> None:
+    """The user's budget key joined kind, issuer and subject with ':' and `limits` joins the parts
+    of a key with '/', so ("https://a:1", "x") and ("https://a", "1:x") drew from one budget, as did
+    subject "x/y" calling tool "z" and subject "x" calling tool "y/z"."""
+
+    async def first_call(g: Gate, who: Principal, tool: str) -> str:
+        judgement = await g.judge(who, parse_body(json.dumps(call(1, tool)).encode()), "s")
+        return judgement.verdicts[0].outcome
+
+    g = gate(rate_limits={"per_user": "1/minute"})
+    for who in (Principal("oidc", "x", "https://a:1"), Principal("oidc", "1:x", "https://a")):
+        assert await first_call(g, who, "echo") == "ok", who
+    assert await first_call(g, Principal("oidc", "x", "https://a:1"), "echo") == "limited"
+    g = gate(rate_limits={"per_user_tool": "1/minute"})
+    for who, tool in (
+        (Principal("oidc", "x/y", "https://a"), "z"),
+        (Principal("oidc", "x", "https://a"), "y/z"),
+    ):
+        assert await first_call(g, who, tool) == "ok", (who, tool)
+
+
 async def test_budgets_are_per_user_and_every_refusal_is_counted() -> None:
     g = gate(cedar=CEDAR, rate_limits={"per_user": "1/minute"})
     other_issuer = Principal("oidc", "alice", "https://other-idp")

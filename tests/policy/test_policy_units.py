@@ -13,7 +13,7 @@ from outrider.sidecar.policy import answers
 from outrider.sidecar.policy.cedar_text import CedarError, compile_policies
 from outrider.sidecar.policy.config import MAX_ARGUMENT_VALUES, LayerSource, PolicyConfig
 from outrider.sidecar.policy.engine import Decision, build, compile_layers, decide, may_use
-from outrider.sidecar.policy.limits_config import RateLimits, budgets
+from outrider.sidecar.policy.limits_config import RateLimits, budgets, user_key
 from outrider.sidecar.policy.model import Server, cedar_string, cedar_value, more_values_than, request_for
 from outrider.sidecar.policy.reload import parse_file
 from outrider.sidecar.policy.schema import ServerTools, mismatches
@@ -212,6 +212,16 @@ def test_rate_limit_layers_and_budgets() -> None:
     assert (
         budgets(narrowed, parse_message({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}), "a", "p") == ()
     )
+    # No part of a key holds '/' (what `limits` joins them with) and the user's parts cannot blur.
+    user = user_key("oidc", "https://a:1", "x/y")
+    assert user != user_key("oidc", "https://a", "1:x/y") and user == "oidc:https%3A%2F%2Fa%3A1:x%2Fy"
+    assert user_key("spiffe", None, "spiffe://td/w") == "spiffe::spiffe%3A%2F%2Ftd%2Fw"
+    crafted = budgets(narrowed, tool_call("y/z"), user, "spiffe://td/ns/a/sa/b")
+    assert [b.key for b in crafted] == [
+        ("tool", "spiffe%3A%2F%2Ftd%2Fns%2Fa%2Fsa%2Fb", "y%2Fz", "%2A"),
+        ("user", "spiffe%3A%2F%2Ftd%2Fns%2Fa%2Fsa%2Fb", user),
+        ("user_tool", "spiffe%3A%2F%2Ftd%2Fns%2Fa%2Fsa%2Fb", user, "y%2Fz"),
+    ]
     with pytest.raises(ValueError, match="not a rate"):
         RateLimits.from_mapping({"per_user": "ten a minute"}, "x")
     with pytest.raises(ValueError, match="unknown key"):
