@@ -134,6 +134,8 @@ class CorsPolicy:
         self.origins = frozenset(config.allowed_origins)
         self.headers = DEFAULT_ALLOWED_HEADERS | frozenset(config.allowed_headers)
         self.max_age = str(config.max_age_s)
+        # Preflights answered here (they never reach the proxy pipeline that counts MCP requests).
+        self.preflights_total = 0
 
     def allowed_origin(self, request_headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
         """The request's `Origin` when it is one of the listed ones (else None), as the browser sent it.
@@ -199,6 +201,7 @@ class CorsPolicy:
                 and request.method == "OPTIONS"
                 and "Access-Control-Request-Method" in request.headers
             ):
+                self.preflights_total += 1
                 requested = ",".join(request.headers.getall("Access-Control-Request-Headers", ()))
                 return web.Response(status=204, headers=self.preflight(origin, requested))
             response = await handler(request)

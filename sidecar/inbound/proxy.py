@@ -1240,9 +1240,13 @@ class InboundProxy:
     def metrics_text(self) -> bytes:
         # (the policy gate's own counters are published by the component)
         return (
-            "# HELP outrider_inbound_requests_total HTTP requests received on the inbound MCP port.\n"
+            "# HELP outrider_inbound_requests_total HTTP requests received on the inbound MCP port: "
+            "kind mcp went through the proxy pipeline, cors_preflight were CORS preflights the sidecar "
+            "answered itself.\n"
             "# TYPE outrider_inbound_requests_total counter\n"
-            f"outrider_inbound_requests_total {self.requests_total}\n"
+            f'outrider_inbound_requests_total{{kind="mcp"}} {self.requests_total}\n'
+            f'outrider_inbound_requests_total{{kind="cors_preflight"}} '
+            f"{self.cors.preflights_total if self.cors is not None else 0}\n"
             "# HELP outrider_inbound_denied_total Requests refused by caller authentication.\n"
             "# TYPE outrider_inbound_denied_total counter\n"
             f"outrider_inbound_denied_total {self.denied_total}\n"

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from outrider.sidecar.config import ConfigError
 from outrider.sidecar.dev.idp import DevIdP
@@ -103,7 +104,12 @@ async def test_an_allowed_origins_preflight_is_answered_by_the_sidecar_without_a
             assert answer.status == 204
             assert answer.headers["Access-Control-Allow-Origin"] == "http://localhost:6274"
     assert cors_app.seen == [], "a preflight reached the app unauthenticated"
-    assert sidecar.proxy.requests_total == 0
+    # Counted apart from the MCP requests (they used to go uncounted: the pipeline never saw them).
+    metrics = sidecar.proxy.metrics_text().decode()
+    assert 'outrider_inbound_requests_total{kind="cors_preflight"} 2\n' in metrics
+    assert 'outrider_inbound_requests_total{kind="mcp"} 0\n' in metrics
+    (family,) = [f for f in text_string_to_metric_families(metrics) if f.name == "outrider_inbound_requests"]
+    assert {s.labels["kind"]: s.value for s in family.samples} == {"mcp": 0, "cors_preflight": 2}
 
 
 async def test_a_preflight_from_an_origin_not_listed_is_refused_as_without_cors(
@@ -122,6 +128,10 @@ async def test_a_preflight_from_an_origin_not_listed_is_refused_as_without_cors(
                 assert "Access-Control-Allow-Origin" not in answer.headers, origin
                 assert cors_headers(answer.headers) == {}, origin
     assert cors_app.seen == []
+    # Refused by the MCP pipeline, as without CORS: counted there, not as answered preflights.
+    metrics = sidecar.proxy.metrics_text().decode()
+    assert 'outrider_inbound_requests_total{kind="cors_preflight"} 0\n' in metrics
+    assert 'outrider_inbound_requests_total{kind="mcp"} 5\n' in metrics
 
 
 async def test_without_cors_configured_nothing_changes(
