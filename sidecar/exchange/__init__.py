@@ -64,11 +64,14 @@ class TokenExchanger(Protocol):
         audience: str | None = None,
         scope: str | None = None,
         issuer: str | None = None,
+        subject_hash: str | None = None,
     ) -> IssuedToken:
         """Exchange the caller's token for one meant for `audience` (config default when None).
 
         `issuer` is the trusted issuer that vouched for the caller's token: an exchanger serving
-        several issuers exchanges it at that issuer's IdP only.
+        several issuers exchanges it at that issuer's IdP only. `subject_hash` is the token's
+        SHA-256 (hex) when the caller computed it already: it keys the cache of issued tokens, so it
+        must be this token's (the proxy takes it from `Presented`, which computes it from the token).
         """
 
 
@@ -88,5 +91,6 @@ class RefusingExchanger:
         audience: str | None = None,
         scope: str | None = None,
         issuer: str | None = None,
+        subject_hash: str | None = None,
     ) -> IssuedToken:
         raise ExchangeError(self.reason, outcome="idp_error", http_status=502)

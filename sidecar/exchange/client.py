@@ -188,6 +188,7 @@ class OAuthTokenExchanger:
         audience: str | None = None,
         scope: str | None = None,
         issuer: str | None = None,
+        subject_hash: str | None = None,
     ) -> IssuedToken:
         self.stats.requests += 1
         audience = audience or self.config.audience
@@ -196,7 +197,7 @@ class OAuthTokenExchanger:
             raise self._count(
                 ExchangeError("no caller token to exchange", outcome="invalid_request", http_status=401)
             )
-        key = cache_key(subject_token, audience, scope, self.config.resource)
+        key = cache_key(subject_token, audience, scope, self.config.resource, subject_hash=subject_hash)
         cached = self.cache.get(key)
         if cached is not None:
             self.stats.cache_hits += 1

@@ -42,8 +42,17 @@ class CacheKey:
     resource: str | None
 
 
-def cache_key(subject_token: str, audience: str | None, scope: str | None, resource: str | None) -> CacheKey:
-    digest = hashlib.sha256(subject_token.encode()).hexdigest()
+def cache_key(
+    subject_token: str,
+    audience: str | None,
+    scope: str | None,
+    resource: str | None,
+    *,
+    subject_hash: str | None = None,
+) -> CacheKey:
+    """`subject_hash`: the token's SHA-256 (hex) when the caller holds it already (the inbound
+    authenticator computes it for its own cache); it must be this token's, as it picks the entry."""
+    digest = subject_hash or hashlib.sha256(subject_token.encode()).hexdigest()
     return CacheKey(digest, audience, scope, resource)
 
 

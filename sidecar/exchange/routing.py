@@ -34,6 +34,9 @@ class IssuerExchangers:
         audience: str | None = None,
         scope: str | None = None,
         issuer: str | None = None,
+        subject_hash: str | None = None,
     ) -> IssuedToken:
         exchanger = self.for_issuer(issuer) or _NO_EXCHANGE
-        return await exchanger.exchange(subject_token, audience=audience, scope=scope, issuer=issuer)
+        return await exchanger.exchange(
+            subject_token, audience=audience, scope=scope, issuer=issuer, subject_hash=subject_hash
+        )

@@ -11,7 +11,7 @@ import json
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -38,13 +38,21 @@ _JWS = re.compile(r"[A-Za-z0-9_-]+\.([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*")
 
 @dataclass(frozen=True)
 class Presented:
-    """The credential of one request, as sent: scheme, token and any DPoP proofs."""
+    """The credential of one request, as sent: scheme, token and any DPoP proofs.
+
+    `fingerprint` is the token's SHA-256, computed here once from the token itself and shared by the
+    caches keyed on it (verified tokens, the exchange's issued tokens): it cannot belong to another.
+    """
 
     scheme: str  # "bearer" | "dpop"
-    token: str
+    token: str = field(repr=False)
     proofs: tuple[str, ...]
     method: str
     path: str
+    fingerprint: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", token_fingerprint(self.token))
 
 
 def presented_token(authorization: str | None) -> tuple[str, str] | None:
@@ -141,7 +149,7 @@ class CallerVerifier:
         return await self.authenticate(Presented("bearer", token, (), "POST", "/"))
 
     async def authenticate(self, presented: Presented) -> Principal | AuthFailure:
-        fingerprint = token_fingerprint(presented.token)
+        fingerprint = presented.fingerprint
         route = self._routes.get(fingerprint)
         if route is not None:
             # A token verified before: its issuer and binding are facts of the token itself, so the

@@ -463,8 +463,13 @@ class InboundProxy:
         # Authenticate from the headers alone, before the body: an unauthenticated caller never
         # makes the proxy buffer (or even wait for) a request body.
         credential = presented_token(headers.get("Authorization"))
-        token = credential[1] if credential else None
-        principal = self._query_credential(request) or await self._authenticate(request, credential)
+        presented = (
+            None
+            if credential is None
+            else Presented(*credential, tuple(headers.getall("DPoP", ())), request.method, request.path)
+        )
+        token = presented.token if presented is not None else None
+        principal = self._query_credential(request) or await self._authenticate(request, presented)
         if not isinstance(principal, AuthFailure) and token is not None:
             # Only a verified token is looked for elsewhere (a junk short one would match anything).
             principal = self._token_elsewhere(request, token) or principal
@@ -501,7 +506,7 @@ class InboundProxy:
                 return self._fail(calls, answer, "denied", "credential_misplaced", _BODY_CREDENTIAL_MESSAGE)
             try:
                 return await self._handle_calls(
-                    request, body, parsed, calls, parse_error, principal, token, owner
+                    request, body, parsed, calls, parse_error, principal, presented, owner
                 )
             except asyncio.CancelledError:
                 # The client went away (aiohttp cancels the handler): every open call still ends.
@@ -634,7 +639,7 @@ class InboundProxy:
         calls: Calls,
         parse_error: jsonrpc.BodyError | None,
         principal: Principal,
-        token: str | None,
+        presented: Presented | None,
         owner: str,
     ) -> web.StreamResponse:
         if parse_error is not None:
@@ -675,8 +680,8 @@ class InboundProxy:
             if isinstance(self.exchanger, IssuerExchangers)
             else self.exchanger
         )
-        if token is not None and principal.kind == "oidc" and exchanger is not None:
-            failure = await self._exchange(exchanger, token, calls, out_headers)
+        if presented is not None and principal.kind == "oidc" and exchanger is not None:
+            failure = await self._exchange(exchanger, presented, calls, out_headers)
             if failure is not None:
                 return failure
         body = self._inject_context(calls, out_headers, parsed, body)
@@ -792,22 +797,19 @@ class InboundProxy:
         )
 
     async def _authenticate(
-        self, request: web.BaseRequest, credential: tuple[str, str] | None
+        self, request: web.BaseRequest, presented: Presented | None
     ) -> Principal | AuthFailure:
         if len(request.headers.getall("Authorization", ())) > 1:
             # Which one would the app believe? Refuse rather than guess (RFC 9110: not a list header).
             return AuthFailure(401, "invalid_request", "more than one Authorization header")
-        if credential is not None:
-            scheme, token = credential
+        if presented is not None:
             if self.verifier is None:
                 return AuthFailure(401, "invalid_token", "bearer tokens are not accepted by this server")
             if isinstance(self.verifier, CallerVerifier):
-                proofs = tuple(request.headers.getall("DPoP", ()))
-                presented = Presented(scheme, token, proofs, request.method, request.path)
                 return await self.verifier.authenticate(presented)
-            if scheme != "bearer":
+            if presented.scheme != "bearer":
                 return AuthFailure(401, "invalid_request", "this server does not accept DPoP tokens")
-            return await self.verifier.verify(token)
+            return await self.verifier.verify(presented.token, fingerprint=presented.fingerprint)
         if request.headers.get("Authorization"):
             return AuthFailure(401, "invalid_request", "the Authorization header is not a Bearer token")
         if self.config.mtls.enabled and request.transport is not None:
@@ -823,11 +825,12 @@ class InboundProxy:
         return AuthFailure(401, None, "authentication required")
 
     async def _exchange(
-        self, exchanger: TokenExchanger, token: str, calls: Calls, headers: CIMultiDict[str]
+        self, exchanger: TokenExchanger, presented: Presented, calls: Calls, headers: CIMultiDict[str]
     ) -> web.StreamResponse | None:
         started = time.perf_counter()
         try:
-            issued = await exchanger.exchange(token)
+            # The digest authentication computed: the token is hashed once per request.
+            issued = await exchanger.exchange(presented.token, subject_hash=presented.fingerprint)
         except ExchangeError as exc:
             outcome = ExchangeOutcome(
                 outcome=exc.outcome,

@@ -4,6 +4,7 @@ HTTP status, outcome) for each kind of token-endpoint answer, and that no creden
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from outrider.sidecar.exchange import ExchangeError
 from outrider.sidecar.exchange.oauth import (
     basic_authorization,
+    cache_key,
     carries_credential,
     classify_error,
     parse_success,
@@ -237,3 +239,15 @@ def test_request_headers_and_short_lived_answers() -> None:
     assert authenticated({}, ClientCredential(client_id="svc")).headers == {"Accept": "application/json"}
     one_second = parse_success(_answer(expires_in=1), requested_token_type=None, audience=None, now=7.0)
     assert (one_second.expires_at, one_second.audience) == (8.0, "")
+
+
+def test_the_cache_key_is_the_tokens_sha256_whoever_computed_it() -> None:
+    """The proxy passes the digest its authenticator computed (one hash per request): the entry is the
+    one the token alone picks, and the token itself is never part of the key."""
+    digest = hashlib.sha256(JWT.encode()).hexdigest()
+    own = cache_key(JWT, "https://api", "read", "https://mcp")
+    assert own.subject_hash == digest and JWT not in repr(own)
+    assert cache_key(JWT, "https://api", "read", "https://mcp", subject_hash=digest) == own
+    assert (own.audience, own.scope, own.resource) == ("https://api", "read", "https://mcp")
+    # Taken as given (not hashed again): a caller that passes it must pass this token's.
+    assert cache_key("other", None, None, None, subject_hash=digest).subject_hash == digest

@@ -6,6 +6,7 @@ exchanged with RFC 8693 by the real exchange client.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -65,6 +66,31 @@ async def test_streamable_http_lists_and_calls_tools_with_exchanged_token(
         fetched = tool_json(await client.call_tool("fetch", {"url": idp.url + "/jwks"}))
         assert fetched["status"] == 200 and idp.kid in fetched["body"]
     assert sidecar.proxy.requests_total >= 3
+
+
+@pytest.mark.parametrize("mcp_app", ["json"], indirect=True)
+async def test_the_caller_token_is_hashed_once_per_request(
+    mcp_app: mcp_server.RunningServer,
+    make_sidecar: SidecarFactory,
+    idp: DevIdP,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The verified-token cache and the exchange cache both key on the token's SHA-256: one digest per
+    request serves both (the exchange cache key used to hash the token a second time)."""
+    token = idp.mint("alice", audience=RESOURCE)
+    hashed: list[bytes] = []
+    sha256 = hashlib.sha256
+
+    def counting(data: bytes = b"", **kwargs: Any) -> Any:
+        hashed.append(bytes(data))
+        return sha256(data, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    async with make_sidecar(mcp_app.port) as sidecar, streamable_client(sidecar.mcp_url(), token) as client:
+        assert_exchanged(tool_json(await client.call_tool("whoami", {})), token, idp)
+        assert_exchanged(tool_json(await client.call_tool("whoami", {})), token, idp)
+    assert sidecar.proxy.requests_total >= 3
+    assert hashed.count(token.encode()) == sidecar.proxy.requests_total
 
 
 @pytest.mark.parametrize("mcp_app", ["stateless"], indirect=True)
