@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 from opentelemetry import metrics, trace
 
@@ -59,6 +60,9 @@ class LeanObserver(OtelObserver):
             worker=worker,
         )
         self.lean = tracer
+        # Per distinct request facts: the server span's request attributes but the JSON-RPC id,
+        # encoded (the method's field, then the rest), and as the dict the metric points read.
+        self.request_blocks: dict[tuple[object, ...], _RequestBlocks] = {}
 
     def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
         # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
@@ -85,10 +89,20 @@ class LeanObserver(OtelObserver):
         return record.ids()
 
 
+_REQUEST_BLOCKS_MAX = 1024
+_REQUEST_ID = "jsonrpc.request.id"
+
+
+class _RequestBlocks(NamedTuple):
+    method_field: bytes  # `mcp.method.name`, the first attribute
+    rest_fields: bytes  # the attributes after `jsonrpc.request.id`
+    attributes: dict[str, semconv.AttributeValue]  # all but `jsonrpc.request.id` (never mutated)
+
+
 class _LeanScope(_ScopeBase):
     """One MCP message as a span record."""
 
-    __slots__ = ("_lean", "_span")
+    __slots__ = ("_blocks", "_lean", "_span")
 
     def __init__(
         self,
@@ -101,6 +115,49 @@ class _LeanScope(_ScopeBase):
         super().__init__(observer, message, request, None, workload)
         self._lean = observer.lean
         self._span = record
+        self._blocks: _RequestBlocks | None = None
+
+    def _request_blocks(self) -> _RequestBlocks:
+        """The request attributes that repeat across calls, made and encoded once per distinct facts."""
+        blocks = self._blocks
+        if blocks is not None:
+            return blocks
+        message, request = self._message, self._request
+        key = (
+            message.method,
+            message.kind,
+            message.id is None,
+            message.tool_name,
+            message.prompt_name,
+            message.resource_uri,
+            request.protocol_version,
+            request.session_id,
+            request.client_address,
+            self._workload.spiffe_id,
+        )
+        observer = self._observer
+        assert isinstance(observer, LeanObserver)
+        table = observer.request_blocks
+        blocks = table.get(key)
+        if blocks is None:
+            attributes = dict(self._request_attributes())
+            method = {"mcp.method.name": attributes.pop("mcp.method.name")}
+            attributes.pop(_REQUEST_ID, None)
+            blocks = _RequestBlocks(
+                otlp_wire.span_attribute_fields(method),
+                otlp_wire.span_attribute_fields(attributes),
+                {**method, **attributes},
+            )
+            if len(table) >= _REQUEST_BLOCKS_MAX:
+                table.clear()
+            table[key] = blocks
+        self._blocks = blocks
+        return blocks
+
+    def _metric_attributes(self) -> dict[str, semconv.AttributeValue]:
+        return (
+            self._request_blocks().attributes if self._lean.emit is not None else self._request_attributes()
+        )
 
     def _trace_headers(self) -> dict[str, str]:
         return self._span.trace_headers()
@@ -154,6 +211,41 @@ class _LeanScope(_ScopeBase):
         self, final: dict[str, semconv.AttributeValue], error: str | None, end: int
     ) -> tuple[str | None, str | None]:
         record = self._span
+        lean = self._lean
+        if lean.emit is not None:
+            # Written from the request's cached blocks, the JSON-RPC id and the final attributes: no
+            # attribute dict for the span (the same bytes, a test).
+            if error is not None:
+                record.status_code, record.status_message = STATUS_ERROR, error
+            record.end_ns = end
+            if record.sampled:
+                blocks = self._request_blocks()
+                request_id = self._message.id
+                fields = b"".join(
+                    (
+                        blocks.method_field,
+                        b""
+                        if request_id is None
+                        else otlp_wire.span_attribute_fields({_REQUEST_ID: str(request_id)}),
+                        blocks.rest_fields,
+                        otlp_wire.span_attribute_fields(final),
+                    )
+                )
+                span = otlp_wire.span_of(
+                    record.trace_id,
+                    record.span_id,
+                    record.parent_span_id,
+                    record.trace_state,
+                    otlp_wire.name_kind(record.name, record.kind),
+                    record.start_ns,
+                    end,
+                    fields,
+                    record.status_code,
+                    record.status_message,
+                    record.remote_parent,
+                )
+                lean.emit(otlp_wire.field_of(span))
+            return record.ids()
         # The scope's request attributes, made and read for the metrics before this: extended in place
         # (the same keys, in the same order, as a merged copy).
         attributes = self._request_attributes()

@@ -426,6 +426,10 @@ class _ScopeBase:
             )
         return attributes
 
+    def _metric_attributes(self) -> Mapping[str, semconv.AttributeValue]:
+        """The request attributes the call's metric points read (all but `jsonrpc.request.id` needed)."""
+        return self._request_attributes()
+
     def _trace_headers(self) -> dict[str, str]:
         raise NotImplementedError
 
@@ -584,7 +588,7 @@ class _ScopeBase:
         if safe_reason:
             final["outrider.reason"] = safe_reason
         status_error = None if outcome in _OK_OUTCOMES else (error or outcome)
-        observer.record_call_metrics(duration, self._request_attributes(), final, outcome)
+        observer.record_call_metrics(duration, self._metric_attributes(), final, outcome)
         trace_id, span_id = self._end_span(final, status_error, end)
         audit = observer.audit
         if not audit.enabled:

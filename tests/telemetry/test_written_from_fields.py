@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
-from outrider.sidecar.telemetry import audit, otlp_wire
+from outrider.sidecar.telemetry import audit, observer_lean, otlp_wire
 from outrider.sidecar.telemetry.audit import (
     AuditLog,
     CallLines,
@@ -310,11 +311,10 @@ def _drive(observer: LeanObserver) -> None:
                 scope.finish(**finish)
 
 
-@pytest.mark.parametrize("record_arguments", [False, True])
-def test_whole_calls_write_the_general_paths_bytes(
-    record_arguments: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Spans and audit lines of whole calls, written from fields and the general way, are the same bytes."""
+def _both_ways(
+    monkeypatch: pytest.MonkeyPatch, drive: Callable[[LeanObserver], None], config: TelemetryConfig
+) -> tuple[list[bytes], bytes]:
+    """The span and audit bytes of `drive`, from fields and the general way (asserted equal)."""
     written = []
     for shortcuts in (True, False):
         random.seed(1234)  # the span ids and audit event ids come from `random`
@@ -329,20 +329,55 @@ def test_whole_calls_write_the_general_paths_bytes(
         tracer = LeanTracer(ALWAYS_ON, lambda r, spans=spans: spans.append(otlp_wire.span_field(r)))
         if shortcuts:
             tracer.emit = spans.append
+        meter = LeanMeter()
         observer = LeanObserver(
-            TelemetryConfig(record_arguments=record_arguments),
+            config,
             tracer=tracer,
-            meter_provider=LeanMeter(),
+            meter_provider=meter,
             audit=AuditLog(stream),
             workload=lambda: WORKLOAD,
             worker=Worker(enabled=False),
         )
         if not shortcuts:
             observer.call_lines = _NoLines()
-        _drive(observer)
+        drive(observer)
         stream.flush()
-        written.append((spans, raw.getvalue()))
+        points = [(m.name, sorted(str(p) for p in m.points)) for m in meter.collect()]
+        written.append((spans, raw.getvalue(), points))
     assert written[0] == written[1]
-    spans, lines = written[0]
+    return written[0][0], written[0][1]
+
+
+@pytest.mark.parametrize("record_arguments", [False, True])
+def test_whole_calls_write_the_general_paths_bytes(
+    record_arguments: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spans, audit lines and metric points of whole calls are the same written from fields and the
+    general way."""
+    spans, lines = _both_ways(monkeypatch, _drive, TelemetryConfig(record_arguments=record_arguments))
     assert len(spans) == 2 * (8 + 6)  # every call's span, every exchange's
     assert lines.count(b'"type":"mcp.call"') == 16
+
+
+def test_request_blocks_are_per_distinct_facts_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(observer_lean, "_REQUEST_BLOCKS_MAX", 2)  # cleared again and again
+
+    def drive(observer: LeanObserver) -> None:
+        for n in range(12):
+            message = McpMessage(
+                kind="request" if n % 4 else "notification",
+                method="tools/call" if n % 3 else "resources/read",
+                id=None if n % 4 == 0 else n,
+                tool_name=f"tool-{n % 3}" if n % 3 else None,
+                resource_uri=None if n % 3 else f"file:///{n}",
+            )
+            request = RequestInfo(
+                "POST", "streamable-http", "2025-06-18", f"s-{n % 2}", f"10.0.0.{n % 5}:{n}"
+            )
+            with observer.mcp_call(message, request) as scope:
+                scope.set_principal(ALICE)
+                scope.finish(http_status=200, outcome="ok")
+        assert len(observer.request_blocks) <= 2
+
+    spans, lines = _both_ways(monkeypatch, drive, TelemetryConfig(record_resource_uri=True))
+    assert len(spans) == 12 and lines.count(b"\n") == 12
