@@ -73,6 +73,10 @@ class DenialAggregator:
         `event` is no denial to fold (the common case, decided without the clock)."""
         return not self._open and (self.window_s <= 0 or event.get("outcome") != "denied")
 
+    def passes_outcome(self, outcome: str) -> bool:
+        """`passes` for an event whose `outcome` is `outcome`."""
+        return not self._open and (self.window_s <= 0 or outcome != "denied")
+
     def offer(self, event: Event, now: float) -> list[Event]:
         """The events to write now for `event` (none when it was folded into a window)."""
         out = self.due(now) if self._open else []  # no window open (most calls): nothing is due

@@ -277,6 +277,182 @@ def mcp_call_event(
     return event
 
 
+# The `mcp.call` line from cached blocks (`CallLines`): what a call's line shares with the calls
+# before it (who, where, which tool and how it ended) is encoded once per distinct value and reused.
+_LINE_HEAD = b'{"schema":"' + SCHEMA_VERSION.encode() + b'","event_id":"'
+_LINE_BLOCKS_MAX = 1024
+
+
+class CallLines:
+    """Writes `encode_line_bytes(mcp_call_event(...))` from blocks cached per distinct value.
+
+    An `mcp.call` line is the same bytes as the event's, in the same order, with three blocks that
+    repeat across calls encoded once by orjson (as the whole event would encode them): who and how
+    (`outcome` to `workload`, keyed by the principal and workload objects, which the authenticator's
+    cache and the identity component keep, and the outcome and reason), the message's names
+    (`method` to `resource`) and the transport and answer (`protocol_version` to `token_exchange`).
+    The values unique to a call (event id, time, duration, trace and span id, JSON-RPC id, the
+    policy's verdict) are written per call. None where only the event can be written: recorded
+    arguments, or a value orjson refuses (the event path then falls back as it always did).
+    """
+
+    __slots__ = ("_answers", "_names", "_who")
+
+    def __init__(self) -> None:
+        self._who: dict[tuple[Any, ...], tuple[Principal | None, Workload, bytes]] = {}
+        self._names: dict[tuple[Any, ...], bytes] = {}
+        self._answers: dict[tuple[Any, ...], bytes] = {}
+
+    def line(
+        self,
+        event_id: str,
+        time_text: str,
+        trace_id: str | None,
+        span_id: str | None,
+        *,
+        message: McpMessage,
+        request: RequestInfo,
+        principal: Principal | None,
+        workload: Workload,
+        outcome: str,
+        reason: str | None,
+        http_status: int,
+        error_type: str | None,
+        duration_s: float,
+        token_exchange: str | None,
+        policy: PolicyOutcome | None,
+    ) -> bytes | None:
+        try:
+            who = self._who_block(principal, workload, outcome, reason)
+            names = self._names_block(message)
+            answers = self._answers_block(request, http_status, error_type, token_exchange)
+            duration = orjson.dumps(round(duration_s * 1000.0, 3))
+            jsonrpc_id = orjson.dumps(message.id, default=str, option=_ORJSON_OPTIONS)
+            tail = (
+                b"}}\n"
+                if policy is None
+                else b'},"policy":'
+                + orjson.dumps(
+                    {
+                        "decision": policy.decision,
+                        "policies": list(policy.policies),
+                        "rate_limit": policy.rate_limit,
+                        "retry_after_s": policy.retry_after_s,
+                    },
+                    default=str,
+                    option=_ORJSON_OPTIONS,
+                )
+                + b"}\n"
+            )
+        except (TypeError, orjson.JSONEncodeError):
+            return None
+        # The ids are hex (`format(id, "x")`): written as they are, as orjson would write them.
+        trace = "null" if trace_id is None else f'"{trace_id}"'
+        span = "null" if span_id is None else f'"{span_id}"'
+        ids = f',"trace_id":{trace},"span_id":{span},"mcp":{{'
+        return b"".join(
+            (
+                _LINE_HEAD,
+                f'{event_id}","time":"{time_text}","type":"mcp.call",'.encode(),
+                who,
+                duration,
+                ids.encode(),
+                names,
+                jsonrpc_id,
+                answers,
+                tail,
+            )
+        )
+
+    def _who_block(
+        self, principal: Principal | None, workload: Workload, outcome: str, reason: str | None
+    ) -> bytes:
+        key = (id(principal), id(workload), outcome, reason)
+        entry = self._who.get(key)
+        if entry is not None and entry[0] is principal and entry[1] is workload:
+            return entry[2]
+        block = (
+            orjson.dumps(
+                {
+                    "outcome": outcome,
+                    "reason": None if reason is None else scrub(reason),
+                    "user": None
+                    if principal is None
+                    else {"kind": principal.kind, "sub": principal.subject, "iss": principal.issuer},
+                    "client_id": None if principal is None else principal.client_id,
+                    "act": [] if principal is None else list(principal.delegation),
+                    "workload": workload.as_json(),
+                },
+                default=str,
+                option=_ORJSON_OPTIONS,
+            )[1:-1]
+            + b',"duration_ms":'
+        )
+        if len(self._who) >= _LINE_BLOCKS_MAX:
+            self._who.clear()
+        # The objects are kept beside the block: an id is only theirs while they live.
+        self._who[key] = (principal, workload, block)
+        return block
+
+    def _names_block(self, message: McpMessage) -> bytes:
+        key = (message.method, message.kind, message.tool_name, message.prompt_name, message.resource_uri)
+        block = self._names.get(key)
+        if block is None:
+            block = (
+                orjson.dumps(
+                    {
+                        "method": message.method or ("response" if message.kind == "response" else "invalid"),
+                        "kind": message.kind,
+                        "tool": message.tool_name,
+                        "prompt": message.prompt_name,
+                        "resource": message.resource_uri,
+                    },
+                    default=str,
+                    option=_ORJSON_OPTIONS,
+                )[1:-1]
+                + b',"jsonrpc_id":'
+            )
+            if len(self._names) >= _LINE_BLOCKS_MAX:
+                self._names.clear()
+            self._names[key] = block
+        return block
+
+    def _answers_block(
+        self, request: RequestInfo, http_status: int, error_type: str | None, token_exchange: str | None
+    ) -> bytes:
+        key = (
+            request.protocol_version,
+            request.session_id,
+            request.transport,
+            request.client_address,
+            http_status,
+            error_type,
+            token_exchange,
+        )
+        block = self._answers.get(key)
+        if block is None:
+            block = (
+                b","
+                + orjson.dumps(
+                    {
+                        "protocol_version": request.protocol_version,
+                        "session_id": request.session_id,
+                        "transport": request.transport,
+                        "client_address": request.client_address,
+                        "http_status": http_status,
+                        "error_type": error_type,
+                        "token_exchange": token_exchange,
+                    },
+                    default=str,
+                    option=_ORJSON_OPTIONS,
+                )[1:-1]
+            )
+            if len(self._answers) >= _LINE_BLOCKS_MAX:
+                self._answers.clear()
+            self._answers[key] = block
+        return block
+
+
 def exchange_event(
     stamp: EventStamp,
     *,
@@ -446,6 +622,21 @@ class AuditLog:
                 self._held.extend(encode_line_bytes(e) for e in events)
                 return
             self._write(events)
+
+    def write_line(self, line: bytes, outcome: str, *, hold: bool = False) -> bool:
+        """`write(event, hold=hold)` for an event already encoded as `line` (with its newline) whose
+        `outcome` is `outcome`; False, with nothing written, when the denial aggregator must see the
+        event itself (a window is open, or a denial it would fold)."""
+        if self._stream is None:
+            return True
+        with self._lock:
+            if not self.aggregator.passes_outcome(outcome):
+                return False
+            held = self._held
+            held.append(line)
+            if not hold or len(held) > MAX_HELD:
+                self._write([])
+            return True
 
     def flush_held(self) -> None:
         """Write the lines `write(..., hold=True)` kept."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 from opentelemetry import metrics, trace
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
-from outrider.sidecar.telemetry import semconv
+from outrider.sidecar.telemetry import otlp_wire, semconv
 from outrider.sidecar.telemetry.audit import AuditLog, Workload
 from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.metric_points import LeanMeter
@@ -23,11 +24,16 @@ from outrider.sidecar.telemetry.spans import (
     KIND_INTERNAL,
     KIND_SERVER,
     STATUS_ERROR,
+    STATUS_UNSET,
     LeanTracer,
     SpanRecord,
     extract_parent,
+    new_span_id,
 )
 from outrider.sidecar.telemetry.worker import Worker
+
+EXCHANGE_SPAN_NAME = "outrider.token_exchange"
+_EXCHANGE_NAME_KIND = otlp_wire.name_kind(EXCHANGE_SPAN_NAME, KIND_CLIENT)
 
 
 class LeanObserver(OtelObserver):
@@ -54,6 +60,9 @@ class LeanObserver(OtelObserver):
             worker=worker,
         )
         self.lean = tracer
+        # Per distinct request facts: the server span's request attributes but the JSON-RPC id,
+        # encoded (the method's field, then the rest), and as the dict the metric points read.
+        self.request_blocks: dict[tuple[object, ...], _RequestBlocks] = {}
 
     def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
         # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
@@ -80,10 +89,20 @@ class LeanObserver(OtelObserver):
         return record.ids()
 
 
+_REQUEST_BLOCKS_MAX = 1024
+_REQUEST_ID = "jsonrpc.request.id"
+
+
+class _RequestBlocks(NamedTuple):
+    method_field: bytes  # `mcp.method.name`, the first attribute
+    rest_fields: bytes  # the attributes after `jsonrpc.request.id`
+    attributes: dict[str, semconv.AttributeValue]  # all but `jsonrpc.request.id` (never mutated)
+
+
 class _LeanScope(_ScopeBase):
     """One MCP message as a span record."""
 
-    __slots__ = ("_lean", "_span")
+    __slots__ = ("_blocks", "_lean", "_span")
 
     def __init__(
         self,
@@ -96,27 +115,137 @@ class _LeanScope(_ScopeBase):
         super().__init__(observer, message, request, None, workload)
         self._lean = observer.lean
         self._span = record
+        self._blocks: _RequestBlocks | None = None
+
+    def _request_blocks(self) -> _RequestBlocks:
+        """The request attributes that repeat across calls, made and encoded once per distinct facts."""
+        blocks = self._blocks
+        if blocks is not None:
+            return blocks
+        message, request = self._message, self._request
+        key = (
+            message.method,
+            message.kind,
+            message.id is None,
+            message.tool_name,
+            message.prompt_name,
+            message.resource_uri,
+            request.protocol_version,
+            request.session_id,
+            request.client_address,
+            self._workload.spiffe_id,
+        )
+        observer = self._observer
+        assert isinstance(observer, LeanObserver)
+        table = observer.request_blocks
+        blocks = table.get(key)
+        if blocks is None:
+            attributes = dict(self._request_attributes())
+            method = {"mcp.method.name": attributes.pop("mcp.method.name")}
+            attributes.pop(_REQUEST_ID, None)
+            blocks = _RequestBlocks(
+                otlp_wire.span_attribute_fields(method),
+                otlp_wire.span_attribute_fields(attributes),
+                {**method, **attributes},
+            )
+            if len(table) >= _REQUEST_BLOCKS_MAX:
+                table.clear()
+            table[key] = blocks
+        self._blocks = blocks
+        return blocks
+
+    def _metric_attributes(self) -> dict[str, semconv.AttributeValue]:
+        return (
+            self._request_blocks().attributes if self._lean.emit is not None else self._request_attributes()
+        )
 
     def _trace_headers(self) -> dict[str, str]:
         return self._span.trace_headers()
 
-    def _exchange_span(self, outcome: ExchangeOutcome, start: int, end: int) -> tuple[str | None, str | None]:
-        record = self._lean.child(
-            self._span,
-            "outrider.token_exchange",
+    def _exchange_span(
+        self, outcome: ExchangeOutcome, start: int, end: int, ids: bool = True
+    ) -> tuple[str | None, str | None]:
+        lean = self._lean
+        parent = self._span
+        failed = outcome.outcome not in semconv.EXCHANGE_OK
+        if lean.emit is not None and type(outcome.duration_s) is float:
+            # Written from its fields: no record, no attribute dict (the same bytes, a test).
+            span_id = new_span_id()
+            if lean.child_sampled(parent):
+                attributes = otlp_wire.exchange_attribute_fields(
+                    outcome.outcome,
+                    outcome.audience,
+                    outcome.idp_status,
+                    semconv.scrub(outcome.reason),
+                    outcome.outcome if failed else None,
+                    outcome.duration_s,
+                )
+                span = otlp_wire.span_of(
+                    parent.trace_id,
+                    span_id,
+                    parent.span_id,
+                    parent.trace_state,
+                    _EXCHANGE_NAME_KIND,
+                    start,
+                    end,
+                    attributes,
+                    STATUS_ERROR if failed else STATUS_UNSET,
+                    outcome.outcome if failed else "",
+                    False,
+                )
+                lean.emit(otlp_wire.field_of(span))
+            return (format(parent.trace_id, "032x"), format(span_id, "016x")) if ids else (None, None)
+        record = lean.child(
+            parent,
+            EXCHANGE_SPAN_NAME,
             KIND_CLIENT,
             semconv.exchange_span_attributes(outcome),
             start,
         )
-        if outcome.outcome not in semconv.EXCHANGE_OK:
+        if failed:
             record.status_code, record.status_message = STATUS_ERROR, outcome.outcome
-        self._lean.end(record, end)
-        return record.ids()
+        lean.end(record, end)
+        return record.ids() if ids else (None, None)
 
     def _end_span(
         self, final: dict[str, semconv.AttributeValue], error: str | None, end: int
     ) -> tuple[str | None, str | None]:
         record = self._span
+        lean = self._lean
+        if lean.emit is not None:
+            # Written from the request's cached blocks, the JSON-RPC id and the final attributes: no
+            # attribute dict for the span (the same bytes, a test).
+            if error is not None:
+                record.status_code, record.status_message = STATUS_ERROR, error
+            record.end_ns = end
+            if record.sampled:
+                blocks = self._request_blocks()
+                request_id = self._message.id
+                fields = b"".join(
+                    (
+                        blocks.method_field,
+                        b""
+                        if request_id is None
+                        else otlp_wire.span_attribute_fields({_REQUEST_ID: str(request_id)}),
+                        blocks.rest_fields,
+                        otlp_wire.span_attribute_fields(final),
+                    )
+                )
+                span = otlp_wire.span_of(
+                    record.trace_id,
+                    record.span_id,
+                    record.parent_span_id,
+                    record.trace_state,
+                    otlp_wire.name_kind(record.name, record.kind),
+                    record.start_ns,
+                    end,
+                    fields,
+                    record.status_code,
+                    record.status_message,
+                    record.remote_parent,
+                )
+                lean.emit(otlp_wire.field_of(span))
+            return record.ids()
         # The scope's request attributes, made and read for the metrics before this: extended in place
         # (the same keys, in the same order, as a merged copy).
         attributes = self._request_attributes()

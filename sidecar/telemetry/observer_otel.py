@@ -24,11 +24,14 @@ from outrider.sidecar.inbound.jsonrpc import McpMessage
 from outrider.sidecar.telemetry import semconv
 from outrider.sidecar.telemetry.audit import (
     AuditLog,
+    CallLines,
     EventStamp,
     Workload,
     egress_event,
     exchange_event,
     mcp_call_event,
+    random_uuid4,
+    time_text_ns,
 )
 from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.metric_points import LeanMeter
@@ -176,6 +179,7 @@ class OtelObserver:
         # Span end, metric points and audit lines run here; disabled: on the caller's thread.
         self.worker = worker or Worker(enabled=False)
         self.audit = audit
+        self.call_lines = CallLines()  # `mcp.call` lines from cached blocks (the telemetry thread's)
         # On the worker, a batch of calls' audit lines is written at the batch's end, in one write.
         self.hold_audit = self.worker.enabled
         if self.hold_audit:
@@ -422,11 +426,18 @@ class _ScopeBase:
             )
         return attributes
 
+    def _metric_attributes(self) -> Mapping[str, semconv.AttributeValue]:
+        """The request attributes the call's metric points read (all but `jsonrpc.request.id` needed)."""
+        return self._request_attributes()
+
     def _trace_headers(self) -> dict[str, str]:
         raise NotImplementedError
 
-    def _exchange_span(self, outcome: ExchangeOutcome, start: int, end: int) -> tuple[str | None, str | None]:
-        """Record the exchange's child span; returns its trace and span id for the audit line."""
+    def _exchange_span(
+        self, outcome: ExchangeOutcome, start: int, end: int, ids: bool = True
+    ) -> tuple[str | None, str | None]:
+        """Record the exchange's child span; returns its trace and span id for the audit line (with
+        `ids`; else None, None)."""
         raise NotImplementedError
 
     def _end_span(
@@ -488,7 +499,8 @@ class _ScopeBase:
         observer = self._observer
         observer.exchanges.add_key(_exchange_key(outcome.outcome))
         start = end - int(max(outcome.duration_s, 0.0) * 1e9)
-        trace_id, span_id = self._exchange_span(outcome, start, end)
+        # The ids only for the audit line: a cache hit's span has none to link (no hex formatting).
+        trace_id, span_id = self._exchange_span(outcome, start, end, audit)
         if not audit:
             return
         observer.exchange_duration.record(outcome.duration_s, {"outcome": outcome.outcome})
@@ -576,11 +588,20 @@ class _ScopeBase:
         if safe_reason:
             final["outrider.reason"] = safe_reason
         status_error = None if outcome in _OK_OUTCOMES else (error or outcome)
-        observer.record_call_metrics(duration, self._request_attributes(), final, outcome)
+        observer.record_call_metrics(duration, self._metric_attributes(), final, outcome)
         trace_id, span_id = self._end_span(final, status_error, end)
-        observer.audit.write(
-            mcp_call_event(
-                EventStamp.at_ns(end, trace_id, span_id),
+        audit = observer.audit
+        if not audit.enabled:
+            return
+        event_id, time_text = random_uuid4(), time_text_ns(end)
+        config = observer.config
+        if not config.record_arguments or self._message.arguments is None:
+            # The line from cached blocks, the same bytes as the event's (`CallLines`).
+            line = observer.call_lines.line(
+                event_id,
+                time_text,
+                trace_id,
+                span_id,
                 message=self._message,
                 request=self._request,
                 principal=principal,
@@ -590,7 +611,24 @@ class _ScopeBase:
                 http_status=http_status,
                 error_type=error,
                 duration_s=duration,
-                config=observer.config,
+                token_exchange=exchange,
+                policy=policy,
+            )
+            if line is not None and audit.write_line(line, outcome, hold=observer.hold_audit):
+                return
+        audit.write(
+            mcp_call_event(
+                EventStamp(event_id, time_text, trace_id, span_id),
+                message=self._message,
+                request=self._request,
+                principal=principal,
+                workload=self._workload,
+                outcome=outcome,
+                reason=reason,
+                http_status=http_status,
+                error_type=error,
+                duration_s=duration,
+                config=config,
                 token_exchange=exchange,
                 policy=policy,
             ),
@@ -618,7 +656,9 @@ class _OtelScope(_ScopeBase):
     def _trace_headers(self) -> dict[str, str]:
         return trace_headers(self._span)
 
-    def _exchange_span(self, outcome: ExchangeOutcome, start: int, end: int) -> tuple[str | None, str | None]:
+    def _exchange_span(
+        self, outcome: ExchangeOutcome, start: int, end: int, ids: bool = True
+    ) -> tuple[str | None, str | None]:
         span = self._observer.tracer.start_span(
             "outrider.token_exchange",
             context=trace.set_span_in_context(self._span, otel_context.Context()),
@@ -629,7 +669,7 @@ class _OtelScope(_ScopeBase):
         if outcome.outcome not in semconv.EXCHANGE_OK:
             span.set_status(Status(StatusCode.ERROR, outcome.outcome))
         span.end(end_time=end)
-        return _ids(span)
+        return _ids(span) if ids else (None, None)
 
     def _end_span(
         self, final: dict[str, semconv.AttributeValue], error: str | None, end: int

@@ -162,7 +162,8 @@ _ATTRIBUTE_FIELDS[b"\x4a"] = _SPAN_ATTRIBUTES
 _NAME_KIND: dict[tuple[str, int], bytes] = {}
 
 
-def _name_kind(name: str, kind: int) -> bytes:
+def name_kind(name: str, kind: int) -> bytes:
+    """A span's name (5) and kind (6) fields, cached per name and kind."""
     key = (name, kind)
     encoded = _NAME_KIND.get(key)
     if encoded is None:
@@ -172,32 +173,110 @@ def _name_kind(name: str, kind: int) -> bytes:
     return encoded
 
 
+def span_attribute_fields(attrs: Mapping[str, Any]) -> bytes:
+    """A span's attributes (field 9) as `span` writes them: fields of attribute sets can be joined."""
+    return _SPAN_ATTRIBUTES.encode(attrs)
+
+
 def span(record: SpanRecord) -> bytes:
     """`Span` (trace.proto) for one record."""
-    head = b"\x0a\x10" + record.trace_id.to_bytes(16, "big") + b"\x12\x08" + record.span_id.to_bytes(8, "big")
-    if record.trace_state:
-        head += _field(b"\x1a", utf8(record.trace_state))
-    if record.parent_span_id:
-        head += b"\x22\x08" + record.parent_span_id.to_bytes(8, "big")
-    if record.status_code or record.status_message:
-        status = b""
-        if record.status_message:
-            status += _field(b"\x12", utf8(record.status_message))
-        if record.status_code:
-            status += b"\x18" + _VARINT1[record.status_code]
-        tail = _field(b"\x7a", status) + _FLAGS_TAG
-        tail += _HAS_IS_REMOTE_REMOTE if record.remote_parent else _HAS_IS_REMOTE
-    else:
-        tail = _UNSET_TAIL[record.remote_parent]
-    return b"".join(
-        (
-            head,
-            _name_kind(record.name, record.kind),
-            _TIMES(0x39, record.start_ns, 0x41, record.end_ns),
-            _SPAN_ATTRIBUTES.encode(record.attributes),
-            tail,
-        )
+    return span_of(
+        record.trace_id,
+        record.span_id,
+        record.parent_span_id,
+        record.trace_state,
+        name_kind(record.name, record.kind),
+        record.start_ns,
+        record.end_ns,
+        _SPAN_ATTRIBUTES.encode(record.attributes),
+        record.status_code,
+        record.status_message,
+        record.remote_parent,
     )
+
+
+def span_of(
+    trace_id: int,
+    span_id: int,
+    parent_span_id: int,
+    trace_state: str,
+    name_kind: bytes,
+    start_ns: int,
+    end_ns: int,
+    attribute_fields: bytes,
+    status_code: int,
+    status_message: str,
+    remote_parent: bool,
+) -> bytes:
+    """`Span` from its fields, the attributes already written (`span` for a record)."""
+    head = b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08" + span_id.to_bytes(8, "big")
+    if trace_state:
+        head += _field(b"\x1a", utf8(trace_state))
+    if parent_span_id:
+        head += b"\x22\x08" + parent_span_id.to_bytes(8, "big")
+    if status_code or status_message:
+        status = b""
+        if status_message:
+            status += _field(b"\x12", utf8(status_message))
+        if status_code:
+            status += b"\x18" + _VARINT1[status_code]
+        tail = _field(b"\x7a", status) + _FLAGS_TAG
+        tail += _HAS_IS_REMOTE_REMOTE if remote_parent else _HAS_IS_REMOTE
+    else:
+        tail = _UNSET_TAIL[remote_parent]
+    return b"".join((head, name_kind, _TIMES(0x39, start_ns, 0x41, end_ns), attribute_fields, tail))
+
+
+# The token exchange's child span's attributes, written without an attribute dict: the fields around
+# the duration (the one value unique to a span) once per distinct outcome, audience, IdP status and
+# reason.
+_EXCHANGE_DURATION_KEY = "outrider.token_exchange.duration_s"
+_EXCHANGE_DURATION_KV = _field(b"\x0a", utf8(_EXCHANGE_DURATION_KEY))
+# Span.attributes (9) { KeyValue.key, KeyValue.value (2) { AnyValue.double_value (4): fixed64 } }
+_EXCHANGE_DURATION_HEAD = (
+    b"\x4a" + _VARINT1[len(_EXCHANGE_DURATION_KV) + 11] + _EXCHANGE_DURATION_KV + b"\x12\x09\x21"
+)
+_EXCHANGE_FIELDS: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+
+
+def exchange_attribute_fields(
+    outcome: str,
+    audience: str | None,
+    idp_status: int | None,
+    reason: str | None,
+    error_type: str | None,
+    duration_s: float,
+) -> bytes:
+    """The span attribute fields of `semconv.exchange_span_attributes` for a float `duration_s`.
+
+    `reason` already scrubbed and `error_type` set for a failed exchange, as that function does.
+    """
+    key = (outcome, audience, idp_status, reason, error_type)
+    fields = _EXCHANGE_FIELDS.get(key)
+    if fields is None:
+        after: dict[str, Any] = {}
+        if audience:
+            after["outrider.token_exchange.audience"] = audience
+        if idp_status is not None:
+            after["http.response.status_code"] = idp_status
+        if reason:
+            after["outrider.reason"] = reason
+        if error_type:
+            after["error.type"] = error_type
+        before = {
+            "outrider.token_exchange.outcome": outcome,
+            "outrider.token_exchange.cache_hit": outcome == "cache_hit",
+        }
+        fields = (_SPAN_ATTRIBUTES.encode(before), _SPAN_ATTRIBUTES.encode(after))
+        if len(_EXCHANGE_FIELDS) >= _KV_PER_KEY_MAX:
+            _EXCHANGE_FIELDS.clear()
+        _EXCHANGE_FIELDS[key] = fields
+    return fields[0] + _EXCHANGE_DURATION_HEAD + _DOUBLE(duration_s) + fields[1]
+
+
+def field_of(span_bytes: bytes) -> bytes:
+    """A `Span` as a `ScopeSpans.spans` field (what `span_field` makes of a record)."""
+    return _field(b"\x12", span_bytes)
 
 
 def span_field(record: SpanRecord) -> bytes:

@@ -201,7 +201,7 @@ def _lean_tracer(
     def sink(record: SpanRecord) -> None:
         add(span_field(record))
 
-    return LeanTracer(sampler, sink), batcher
+    return LeanTracer(sampler, sink, add), batcher
 
 
 def tls_files(signal: Signal, env: Mapping[str, str]) -> tuple[bool | str, str | tuple[str, str] | None]:

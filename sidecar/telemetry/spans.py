@@ -199,9 +199,21 @@ def sampler_plan(sampler: object) -> SamplerPlan | None:
 class LeanTracer:
     """Starts and ends span records; ended sampled records go to `sink` (the exporter), if any."""
 
-    def __init__(self, sampler: SamplerPlan, sink: Callable[[SpanRecord], None] | None) -> None:
+    def __init__(
+        self,
+        sampler: SamplerPlan,
+        sink: Callable[[SpanRecord], None] | None,
+        emit: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.sampler = sampler
         self.sink = sink
+        # Where a span written without a record goes (`otlp_wire.field_of` bytes): the exporter's
+        # queue, when `sink` is `otlp_wire.span_field` into it. None: spans end as records only.
+        self.emit = emit
+
+    def child_sampled(self, parent: SpanRecord) -> bool:
+        """Whether a child of `parent` is sampled (as `child` decides)."""
+        return parent.sampled if self.sampler.parent_based else self.sampler.sampled(parent.trace_id, None)
 
     def start(
         self,
@@ -235,7 +247,7 @@ class LeanTracer:
         self, parent: SpanRecord, name: str, kind: int, attributes: dict[str, AttributeValue], start_ns: int
     ) -> SpanRecord:
         """A span under a local parent: same trace and trace state, sampled as the parent is."""
-        sampled = parent.sampled if self.sampler.parent_based else self.sampler.sampled(parent.trace_id, None)
+        sampled = self.child_sampled(parent)
         return SpanRecord(
             name,
             kind,
