@@ -878,6 +878,8 @@ def test_per_pod_section_errors_are_shared_only_by_equal_inputs(order: int) -> N
         sidecar={"exchange": {**_OKTA, "client_id": "shared"}}, token_audiences=("https://api",)
     )
     plain = WebhookConfig()
+    # the operator's own `inbound` port is bad, but every pod brings its own: no pod is refused for it
+    port_zero = WebhookConfig(sidecar={"inbound": {"mcp_port": 0}})
     cases: list[tuple[WebhookConfig, str | None, str, dict[str, Any] | None, Any]] = [
         (okta, None, "capture", None, {"layers": []}),
         (okta, "https://api", "capture", None, {"layers": []}),
@@ -887,6 +889,8 @@ def test_per_pod_section_errors_are_shared_only_by_equal_inputs(order: int) -> N
         (plain, None, "capture", {}, {"layers": []}),
         (plain, None, "explicit", None, ["not", "a", "mapping"]),
         (plain, None, "explicit", None, _FrozenMap({"layers": []})),  # not a dict, but a mapping
+        (port_zero, None, "capture", None, _FrozenMap({"layers": []})),
+        (port_zero, None, "capture", None, {"layers": []}),
         (plain, None, "capture", None, ("a", "tuple")),
         (plain, None, "capture", None, {"layers": [{"allow": ["a.example"]}]}),
     ]
