@@ -561,3 +561,59 @@ def test_ip_literal_edges_and_mapping_rule_defaults() -> None:
         with pytest.raises(ValueError) as caught:
             parse_rule(bad)
         assert str(caught.value) == message
+
+
+def _ip_oracle(raw: str) -> object:
+    """What `parse_ip` means, spelt with `ipaddress` alone (no fast path for names)."""
+    text = raw.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "10.0.0.1",
+        " 10.0.0.1 ",
+        "[10.0.0.1]",
+        "10.0.0.1%eth0",
+        "1.2.3",
+        "1.2.3.4.5",
+        "01.2.3.4",
+        "256.1.1.1",
+        "1..2.3",
+        "....",
+        "1234",
+        "",
+        "[]",
+        "%",
+        "\u0661.\u0662.\u0663.\u0664",  # Arabic-Indic digits: isdigit() says yes, ipaddress says no
+        "\uff11.\uff12.\uff13.\uff14",  # full-width digits
+        "\u00b21.2.3.4",
+        "::",
+        "::1",
+        "[::ffff:10.1.2.3]",
+        "fe80::1%eth0",
+        "1:2",
+        "a.example.com",
+        "10.0.0.1a",
+        "a10.0.0.1",
+        "10.0.0.1/8",
+    ],
+)
+def test_parse_ip_matches_ipaddress_on_every_shape(raw: str) -> None:
+    # parse_ip skips ipaddress for text that can be neither form; the answer must be what it would say.
+    assert parse_ip(raw) == _ip_oracle(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789.:abcdef[]%x \u0661\u00b2", max_size=20))
+def test_parse_ip_matches_ipaddress_on_generated_text(raw: str) -> None:
+    assert parse_ip(raw) == _ip_oracle(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import jsonpatch
@@ -825,6 +826,117 @@ def test_a_config_the_sidecar_would_refuse_names_its_first_error(sidecar: dict[s
         result = engine.inject(_pod(), ENABLED, WebhookConfig(sidecar=sidecar))
         assert not result.allowed
         assert (result.message or "").startswith(_REFUSED + first), result.message
+
+
+class _List(list):  # type: ignore[type-arg]
+    pass
+
+
+class _Float(float):
+    pass
+
+
+class _FrozenMap(Mapping[str, Any]):
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _reference_refusal(
+    config: WebhookConfig, audience: str | None, plan: EgressPlan, mcp_policy: dict[str, Any] | None
+) -> str | None:
+    """The refusal from the whole check of the whole merged config (no caches)."""
+    return engine._sidecar_refusal(engine.sidecar_config(config, 8080, audience, plan, mcp_policy))
+
+
+def _answer(
+    config: WebhookConfig, audience: str | None, plan: EgressPlan, mcp_policy: dict[str, Any] | None
+) -> str | None:
+    try:
+        engine._sidecar_config_json(config, 8080, audience, plan, mcp_policy)
+    except engine._Refused as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_per_pod_section_errors_are_shared_only_by_equal_inputs(order: int) -> None:
+    """Pods with their own allowlist (a new plan each) share the per-pod sections' first error by
+    config, audience, MCP policy and egress mode: each of those that differs gets its own answer,
+    whichever came first, and every answer is the whole check's."""
+    from outrider.webhook import memo
+
+    okta = WebhookConfig(
+        sidecar={"exchange": {**_OKTA, "client_id": "shared"}}, token_audiences=("https://api",)
+    )
+    plain = WebhookConfig()
+    # the operator's own `inbound` port is bad, but every pod brings its own: no pod is refused for it
+    port_zero = WebhookConfig(sidecar={"inbound": {"mcp_port": 0}})
+    cases: list[tuple[WebhookConfig, str | None, str, dict[str, Any] | None, Any]] = [
+        (okta, None, "capture", None, {"layers": []}),
+        (okta, "https://api", "capture", None, {"layers": []}),
+        (plain, None, "capture", None, {"layers": []}),
+        (plain, None, "capture", {"storage": "nowhere"}, {"layers": []}),
+        (plain, None, "explicit", {"storage": "nowhere"}, {"layers": []}),
+        (plain, None, "capture", {}, {"layers": []}),
+        (plain, None, "explicit", None, ["not", "a", "mapping"]),
+        (plain, None, "explicit", None, _FrozenMap({"layers": []})),  # not a dict, but a mapping
+        (port_zero, None, "capture", None, _FrozenMap({"layers": []})),
+        (port_zero, None, "capture", None, {"layers": []}),
+        (plain, None, "capture", None, ("a", "tuple")),
+        (plain, None, "capture", None, {"layers": [{"allow": ["a.example"]}]}),
+    ]
+    memo.clear_all()
+    seen = set()
+    for config, audience, mode, mcp_policy, policy in (cases + cases)[::order]:
+        plan = EgressPlan(mode=mode, policy=policy)  # a new plan per pod, as an own allowlist gives
+        expected = _reference_refusal(config, audience, plan, mcp_policy)
+        assert _answer(config, audience, plan, mcp_policy) == expected, (audience, mode, mcp_policy, policy)
+        seen.add(None if expected is None else expected.split(": ", 2)[1].split(":")[0])
+    # every section the cache could confuse refuses somewhere, and some pods are admitted
+    assert seen == {None, "exchange.audience", "egress.policy", "policy.storage"}, seen
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.lists(inner, max_size=4).map(tuple)
+            | st.dictionaries(st.text(max_size=2), inner, max_size=4)
+            | st.dictionaries(st.text(max_size=2), inner, max_size=4).map(_FrozenMap)
+        ),
+        max_leaves=12,
+    )
+)
+def test_has_float_finds_a_float_anywhere(value: Any) -> None:
+    def reference(item: Any) -> bool:
+        if type(item) is float:
+            return True
+        if isinstance(item, Mapping):
+            return any(reference(v) for v in item.values())
+        if isinstance(item, list | tuple):
+            return any(reference(v) for v in item)
+        return False
+
+    assert engine._has_float(value) is reference(value)
+
+
+def test_has_float_walks_past_leaves_and_into_odd_containers() -> None:
+    assert engine._has_float([1.5, "a"]) and engine._has_float([1.5, 1]) and engine._has_float([1.5, None])
+    assert engine._has_float(["a", {"k": (1, [2, 0.5])}])
+    assert engine._has_float(_FrozenMap({"k": 0.5})) and engine._has_float(_List([0.5]))
+    assert not engine._has_float(_FrozenMap({"k": [1, "x", True, None]}))
+    assert not engine._has_float(_Float(0.5))  # the float check is by exact type, as orjson spells subclasses
+    assert not engine._has_float({"a": [1, "x"], "b": (True, None)}) and not engine._has_float(2)
 
 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
