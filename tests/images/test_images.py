@@ -1,8 +1,9 @@
 """The built production images: what is in them, what is not, that their commands run, and their SBOMs.
 
-Builds the images as `make images` does (scripts/build-images.sh; warm caches make that seconds,
-a cold machine several minutes), never loads them into a containerd (NO_LOAD=1), then reads each
-docker-archive's layers and runs the image's own entrypoint under runc, the runtime containerd uses.
+Builds the images as `make images` does (scripts/build-images.sh; warm caches make that seconds, a
+cold machine 15-30 minutes; `make test` builds them before the suite), never loads them into a
+containerd (NO_LOAD=1), then reads each docker-archive's layers and runs the image's own entrypoint
+under runc, the runtime containerd uses.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from tests.images.imagefs import ImageArchive, run_in_image
 from tests.images.imports import closure, installed_with, owner, requirement_lines
 from tests.images.plan import PLANS, ROOT, SIDECAR, WEBHOOK, ImagePlan
 
-pytestmark = [pytest.mark.images, pytest.mark.root, pytest.mark.slow]
+# The first test's setup builds the images when `make test` has not (a cold machine: 15-30 min of
+# debootstrap and buildah; the 600 s default timed out there): a timeout that covers that build.
+pytestmark = [pytest.mark.images, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 SITE = re.compile(r"^opt/outrider/lib/python3\.\d+/site-packages/")
 
