@@ -211,3 +211,26 @@ async def test_hostile_json_rpc_is_judged_or_refused_never_passed_through(
         assert b"\xff" not in received
     if app.bodies and b'"tools"' in answer:
         assert b'"rm"' not in answer  # the list answer is filtered for the caller
+
+
+async def test_a_lone_surrogate_in_a_called_name_is_denied_and_the_rest_of_the_batch_judged(
+    app: RecordingApp, shared: Shared
+) -> None:
+    """`"\\ud800"` is valid JSON that Python decodes to a lone surrogate and Cedar cannot hold: it
+    made the gate raise (HTTP 500 for the whole batch, a traceback in the log)."""
+    url = await shared.get(app.port)
+    echo = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}'
+    odd = [
+        b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"ech\\ud800"}}',
+        b'{"jsonrpc":"2.0","id":2,"method":"resources/read","params":{"uri":"file:///\\udfff"}}',
+    ]
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    async with aiohttp.ClientSession() as http:
+        for body in odd:
+            app.bodies.clear()
+            async with http.post(url, data=b"[" + echo + b"," + body + b"]", headers=headers) as response:
+                assert response.status == 200
+                answer = await response.json()
+            denied = {"code": -32003, "message": "denied by policy"}
+            assert {"jsonrpc": "2.0", "id": 2, "error": denied} in answer
+            assert [json.loads(b) for b in app.bodies] == [json.loads(echo)]  # only the echo went on
