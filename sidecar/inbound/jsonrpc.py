@@ -19,6 +19,7 @@ JsonRpcId = str | int | None
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 HEADER_MISMATCH = -32020  # the stateless revision's code for Mcp-Method/Mcp-Name disagreeing with the body
 UNAUTHORIZED = -32001
