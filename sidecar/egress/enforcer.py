@@ -675,7 +675,8 @@ class Enforcer:
         judge_sni: bool = False,
     ) -> None:
         """Relay both ways; with `judge_sni`, the client's first bytes are held until a TLS
-        ClientHello in them is judged (the server's bytes flow meanwhile: it may speak first)."""
+        ClientHello in them is judged (the server's bytes flow meanwhile: it may speak first), and
+        plaintext HTTP is relayed request by request, each judged by its Host."""
         loop = asyncio.get_running_loop()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
@@ -688,16 +689,24 @@ class Enforcer:
             down = asyncio.create_task(self._pump(upstream, client, "down", activity))
             try:
                 judged = await self._tunnel_hello(client, first, dest, mode) if judge_sni else first
-                if judged:
+                plaintext = judge_sni and judged is not None and sniff.sniff(judged).kind == sniff.HTTP
+                if judged and not plaintext:
                     await loop.sock_sendall(upstream, judged)
                     self.stats.bytes_up += len(judged)
             except BaseException:
                 down.cancel()
                 await asyncio.gather(down, return_exceptions=True)
                 raise
-            if judged is None:
+            if judged is None or plaintext:
                 down.cancel()
                 await asyncio.gather(down, return_exceptions=True)
+            if judged is None:
+                return
+            if plaintext:
+                # Plaintext HTTP in the tunnel: every request is judged by its Host, as on a captured
+                # connection (a shared front end routes by Host). An HTTP server never speaks first,
+                # so the pump just stopped had nothing to pass on.
+                await self._relay_http(client, upstream, judged, _HttpConn(dest, mode, explicit=False))
                 return
             up = asyncio.create_task(self._pump(client, upstream, "up", activity))
             idle = self.config.idle_timeout_s

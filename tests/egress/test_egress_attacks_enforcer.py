@@ -394,3 +394,38 @@ async def test_a_connect_tunnel_carries_tls_only_for_an_allowed_name(make_proxy:
         (f"127.0.0.1:{port}", evil),
     ]:
         assert await through(authority, first) == first
+
+
+async def test_plaintext_http_in_a_connect_tunnel_is_judged_request_by_request(make_proxy: Factory) -> None:
+    """`CONNECT svc.test:80` then `GET /` with `Host: evil.test` (at once, or after an allowed request on
+    the same tunnel): a front end that routes by Host would serve another tenant. Judged as on a
+    captured connection; it went through before."""
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"127.0.0.1/32:{p}"])
+    port = proxy.echo.port
+
+    async def through(*requests: bytes) -> bytes:
+        reader, writer, head = await connect(proxy, f"svc.test:{port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(b"".join(requests))
+        await writer.drain()
+        answer = b""
+        try:
+            while data := await asyncio.wait_for(reader.read(65536), 5):
+                answer += data
+                if len(answer) >= sum(map(len, requests)) or b"outrider egress" in answer:
+                    break
+            return answer
+        finally:
+            writer.close()
+
+    good = f"GET / HTTP/1.1\r\nHost: svc.test:{port}\r\n\r\n".encode()
+    evil = f"GET / HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n".encode()
+    # evil.test resolves to the tunnel's own (CIDR-allowed) address here, so it is "allowed but another
+    # host": the tunnel closes unanswered (a name the policy denies gets a 403 first).
+    assert await through(evil) == b""
+    assert await through(good, evil) == good  # the echo of the first request, then closed
+    assert await through(good) == good
+    assert proxy.echo.received and all(b"evil.test" not in r for r in proxy.echo.received)
+    refused = [d for d in proxy.recorder.decisions if not d.allowed]
+    assert [(d.name, d.protocol, d.mode) for d in refused] == [("evil.test", "http", "explicit")] * 2
+    assert refused[0].reason == "evil.test on a connection opened for another host"
