@@ -362,8 +362,8 @@ class SseIds:
             whole = whole[min(i for i in (whole.find(b"\n"), whole.find(b"\r")) if i >= 0) + 1 :]
         if len(self._tail) > self._max:
             self._tail, self._skipping = b"", True
-        if b"id" not in whole:
-            return []
+        if not (whole.startswith(b"id") or b"\nid" in whole or b"\rid" in whole):
+            return []  # no line starts with "id" (JSON-RPC's `"id":` inside data lines does not count)
         ids: list[str] = []
         for line in whole.splitlines():
             if line == b"id" or line.startswith(b"id:"):
