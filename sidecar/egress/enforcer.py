@@ -352,7 +352,11 @@ class Enforcer:
             return
         if protocol == "connect":
             await self._send(client, b"HTTP/1.1 200 Connection Established\r\n\r\n")
-            await self._relay(client, upstream, rest, dest, "explicit", protocol)
+            # A tunnel to a name carries TLS for an allowed name only, as a captured connection does:
+            # the allowed name's front end (a CDN, a cloud load balancer) routes by SNI to its other
+            # tenants. A literal was allowed by a CIDR rule: whatever it serves is allowed.
+            judged = dest.name is not None
+            await self._relay(client, upstream, rest, dest, "explicit", protocol, judge_sni=judged)
             return
         await self._relay_http(client, upstream, head_bytes, _HttpConn(dest, "explicit", explicit=True))
 
@@ -667,7 +671,12 @@ class Enforcer:
         dest: Destination,
         mode: str,
         protocol: str,
+        *,
+        judge_sni: bool = False,
     ) -> None:
+        """Relay both ways; with `judge_sni`, the client's first bytes are held until a TLS
+        ClientHello in them is judged (the server's bytes flow meanwhile: it may speak first), and
+        plaintext HTTP is relayed request by request, each judged by its Host."""
         loop = asyncio.get_running_loop()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
@@ -676,12 +685,30 @@ class Enforcer:
                 peer = unmapped(ipaddress.ip_address(str(upstream.getpeername()[0]).split("%")[0]))
                 self._open[task] = (Destination(port=dest.port, name=dest.name, ip=peer), mode, protocol)
         try:
-            if first:
-                await loop.sock_sendall(upstream, first)
-                self.stats.bytes_up += len(first)
             activity = _Activity(loop.time())
-            up = asyncio.create_task(self._pump(client, upstream, "up", activity))
             down = asyncio.create_task(self._pump(upstream, client, "down", activity))
+            try:
+                judged = await self._tunnel_hello(client, first, dest, mode) if judge_sni else first
+                plaintext = judge_sni and judged is not None and sniff.sniff(judged).kind == sniff.HTTP
+                if judged and not plaintext:
+                    await loop.sock_sendall(upstream, judged)
+                    self.stats.bytes_up += len(judged)
+            except BaseException:
+                down.cancel()
+                await asyncio.gather(down, return_exceptions=True)
+                raise
+            if judged is None or plaintext:
+                down.cancel()
+                await asyncio.gather(down, return_exceptions=True)
+            if judged is None:
+                return
+            if plaintext:
+                # Plaintext HTTP in the tunnel: every request is judged by its Host, as on a captured
+                # connection (a shared front end routes by Host). An HTTP server never speaks first,
+                # so the pump just stopped had nothing to pass on.
+                await self._relay_http(client, upstream, judged, _HttpConn(dest, mode, explicit=False))
+                return
+            up = asyncio.create_task(self._pump(client, upstream, "up", activity))
             idle = self.config.idle_timeout_s
             try:
                 # Either side failing (reset) ends both; a clean EOF only half-closes its direction;
@@ -706,6 +733,54 @@ class Enforcer:
             if task is not None:
                 self._open.pop(task, None)
             upstream.close()
+
+    async def _tunnel_hello(
+        self, client: socket.socket, first: bytes, dest: Destination, mode: str
+    ) -> bytes | None:
+        """The client's first bytes in a CONNECT tunnel to `dest.name`, or None when they are a TLS
+        ClientHello for a name the policy does not allow at this port (or one that cannot be judged).
+
+        Bytes that are not TLS (a server-first protocol, SSH, plaintext) go on as before.
+        """
+        if sniff.sniff(first).kind == sniff.NEED_MORE:
+            first += await self._read_until(
+                client, lambda data: sniff.sniff(first + data).kind != sniff.NEED_MORE
+            )
+        found = sniff.sniff(first)
+        if found.kind == sniff.NEED_MORE and first[:1] == b"\x16":
+            reason = "the TLS ClientHello did not arrive complete before the timeout"
+        elif found.kind != sniff.TLS or (found.name is None and not found.detail):
+            return first  # not TLS, or TLS without SNI: nothing to route by but the tunnel's own IPs
+        elif found.name is None:
+            reason = found.detail
+        else:
+            named = destination_for(found.name, dest.port)
+            if named.name is not None and named.name == dest.name:
+                return first
+            verdict = (
+                decide(self.holder.current, named) if (named.name or named.ip) else _bad_name(found.name)
+            )
+            if verdict.allowed:
+                return first
+            self._emit(
+                Verdict(
+                    False,
+                    None,
+                    verdict.source,
+                    f"TLS server name in a tunnel to {dest.name}: {verdict.reason}",
+                ),
+                mode=mode,
+                protocol=sniff.TLS,
+                dest=Destination(port=dest.port, name=_safe_name(found.name), ip=dest.ip),
+            )
+            return None
+        self._emit(
+            Verdict(False, None, None, f"tunnel to {dest.name}: {reason}"),
+            mode=mode,
+            protocol=sniff.TLS,
+            dest=dest,
+        )
+        return None
 
     async def _pump(
         self,

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -105,6 +106,9 @@ def carries_credential(text: str, secrets: tuple[str, ...]) -> bool:
     return any(secret and secret in text for secret in secrets) or _JWT_LIKE.search(text) is not None
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def parse_success(
     body: bytes,
     *,
@@ -147,6 +151,11 @@ def parse_success(
         expires_at = now
     elif isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
         raise malformed("expires_in is not a positive number")
+    elif not expires_in < _FLOAT_MAX:
+        # JSON's NaN and Infinity (and 1e400) decode to non-finite floats, which would keep the token
+        # cached for ever (a NaN expiry compares as never reached); an integer past the float range
+        # made float() raise OverflowError: a 500 for the caller instead of this 502.
+        raise malformed("expires_in is not a finite number")
     else:
         expires_at = now + float(expires_in)
     return IssuedToken(

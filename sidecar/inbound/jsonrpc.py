@@ -19,6 +19,7 @@ JsonRpcId = str | int | None
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 HEADER_MISMATCH = -32020  # the stateless revision's code for Mcp-Method/Mcp-Name disagreeing with the body
 UNAUTHORIZED = -32001
@@ -334,6 +335,41 @@ class SseParser:
                 self._event = value
             elif name == "id":
                 self._id = value
+
+
+class SseIds:
+    """The `id:` values of a raw text/event-stream fed in any split (to bind them, not to relay).
+
+    Only whole lines count: a line longer than `max_line` is skipped to its end, so a fragment in
+    the middle of a long `data:` line is never read as an `id:` line.
+    """
+
+    def __init__(self, max_line: int = 1024) -> None:
+        self._tail = b""
+        self._skipping = False  # inside a line longer than max_line: drop it up to its end
+        self._max = max_line
+
+    def feed(self, chunk: bytes) -> list[str]:
+        data = self._tail + chunk if self._tail else chunk
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if cut < 0:
+            self._tail = b"" if self._skipping or len(data) > self._max else data
+            self._skipping = self._skipping or len(data) > self._max
+            return []
+        whole, self._tail = data[: cut + 1], data[cut + 1 :]
+        if self._skipping:
+            self._skipping = False
+            whole = whole[min(i for i in (whole.find(b"\n"), whole.find(b"\r")) if i >= 0) + 1 :]
+        if len(self._tail) > self._max:
+            self._tail, self._skipping = b"", True
+        if not (whole.startswith(b"id") or b"\nid" in whole or b"\rid" in whole):
+            return []  # no line starts with "id" (JSON-RPC's `"id":` inside data lines does not count)
+        ids: list[str] = []
+        for line in whole.splitlines():
+            if line == b"id" or line.startswith(b"id:"):
+                value = line[3:]
+                ids.append((value[1:] if value.startswith(b" ") else value).decode("utf-8", "replace"))
+        return ids
 
 
 def _line_end(buffer: bytes) -> tuple[int, int] | None:

@@ -401,6 +401,9 @@ class InboundProxy:
         self.denied_total = 0
         self.upstream_errors_total = 0
         self.sessions = SessionTable(config.sessions) if config.sessions.enabled else None
+        # SSE event ids relayed to each caller: a `Last-Event-ID` resumes a stream, and the SDK's
+        # event store replays any session's stream by its event id alone.
+        self.event_ids = SessionTable(config.sessions) if config.sessions.enabled else None
         self.slots = UpstreamSlots(
             config.upstream_max_connections,
             config.upstream_max_connections_per_caller,
@@ -535,6 +538,10 @@ class InboundProxy:
         if self.sessions is None:
             return True
         header, query = request.headers.get("Mcp-Session-Id"), request.query
+        if self.event_ids is not None and "Last-Event-ID" in request.headers:
+            resumed = request.headers.getall("Last-Event-ID", ())
+            if not all(decide(self.event_ids.owner(e.strip()), owner) == "owner" for e in resumed):
+                return False  # an event id this sidecar never relayed to the caller
         if header is None and not query:
             return True  # names no session (request_session_ids would give none)
         ids = request_session_ids(request.headers.getall("Mcp-Session-Id", ()), query.items())
@@ -546,7 +553,8 @@ class InboundProxy:
         """404 exactly as the MCP server answers an unknown session, and a denied audit record."""
         self.session_refusals_total += 1
         log.warning(
-            "refused a request for an MCP session this caller did not create (session %s)",
+            "refused a request for an MCP session this caller did not create, or for an SSE "
+            "event id it was not sent (session %s)",
             ",".join(
                 fingerprint(sid)
                 for sid in request_session_ids(
@@ -598,6 +606,12 @@ class InboundProxy:
                 "or belongs to another caller: it will be refused",
                 fingerprint(answered),
             )
+
+    def _bind_event_ids(self, event_ids: list[str], owner: str) -> None:
+        """Bind the SSE event ids relayed to `owner`, so only they may resume after them."""
+        if self.event_ids is not None:
+            for event_id in event_ids:
+                self.event_ids.bind(event_id.strip(), owner)
 
     async def _peek_parsed(self, request: web.BaseRequest) -> ParsedBody | None:
         if not request.body_exists:
@@ -1042,6 +1056,7 @@ class InboundProxy:
         if calls.principal is not None and self.gate is not None:
             return await self._stream_gated(request, upstream, calls, response, legacy, owner)
         watcher = jsonrpc.SseParser() if calls.pending and self.records else None
+        ids = jsonrpc.SseIds() if self.event_ids is not None else None
         head: bytes | None = b""
         legacy_session: str | None = None
         try:
@@ -1072,6 +1087,8 @@ class InboundProxy:
                 if watcher is not None:
                     for event in watcher.feed(chunk):
                         self._watch_event(event, calls, upstream.status)
+                if ids is not None:
+                    self._bind_event_ids(ids.feed(chunk), owner)
                 await response.write(chunk)
             if calls.pending:
                 calls.finish_all(
@@ -1112,6 +1129,7 @@ class InboundProxy:
         assert self.gate is not None and calls.principal is not None
         principal = calls.principal
         watcher = jsonrpc.SseParser() if calls.pending else None
+        ids = jsonrpc.SseIds() if self.event_ids is not None else None
         framer = jsonrpc.SseFramer()
         inbox: asyncio.Queue[bytes] | None = None
         session: str | None = None
@@ -1125,6 +1143,8 @@ class InboundProxy:
             if watcher is not None:
                 for event in watcher.feed(raw):
                     self._watch_event(event, calls, status)
+            if ids is not None:
+                self._bind_event_ids(ids.feed(raw), owner)
             await response.write(raw)
 
         try:

@@ -20,6 +20,7 @@ from outrider.sidecar.policy.config import MAX_ARGUMENT_VALUES, LayerSource
 from outrider.sidecar.policy.model import (
     LIST_RESULTS,
     Server,
+    action_for,
     cedar_string,
     more_values_than,
     principal_entities,
@@ -227,32 +228,33 @@ def decide(
     """One decision per message (all judged requests evaluated in one batch per group).
 
     A message whose arguments hold more than `max_argument_values` values is denied unjudged: its
-    conversion and evaluation would hold the event loop every caller shares for seconds.
+    conversion and evaluation would hold the event loop every caller shares for seconds. So is one
+    whose tool, prompt or resource is not valid Unicode (a lone surrogate), which Cedar cannot hold.
     """
     if not policies.enabled or not messages:
         return [ALLOW_NO_POLICY for _ in messages]
-    too_large = [
-        m.arguments is not None and more_values_than(m.arguments, max_argument_values) for m in messages
-    ]
-    if any(too_large):
+    refusals = [_unjudgeable(m, max_argument_values) for m in messages]
+    if any(refusals):
         rest = iter(
             decide(
                 policies,
                 principal,
                 server,
-                [m for m, large in zip(messages, too_large, strict=True) if not large],
+                [m for m, refusal in zip(messages, refusals, strict=True) if refusal is None],
                 transport,
                 max_argument_values,
             )
         )
-        refusal = Decision(
-            False, (), f"the arguments hold more than {max_argument_values} values: too many to judge"
-        )
-        return [refusal if large else next(rest) for large in too_large]
+        return [refusal or next(rest) for refusal in refusals]
     import cedarpy  # here, not at the top: only a sidecar with policies loads it
 
     built = [request_for(m, principal, server, transport) for m in messages]
-    entities = _entity_handle(principal, server, [r for _, r in built])
+    try:
+        entities = _entity_handle(principal, server, [r for _, r in built])
+    except ValueError:
+        # Cedar takes only valid Unicode: a principal whose claims hold a lone surrogate (JSON
+        # `\ud800`, which Python's decoder accepts) cannot be judged, so none of its calls is allowed.
+        return [UNJUDGEABLE_PRINCIPAL for _ in messages]
     requests = [r for r, _ in built]
     # The slice key is the request's own resource (the server itself for server-level methods): a
     # policy scoped `resource == McpServer::"…"` must stay in the slice of a `tools/list`.
@@ -273,6 +275,38 @@ def decide(
     for index in range(len(messages)):
         decisions.append(_combine(policies.groups, [v[index] for v in verdicts]))
     return decisions
+
+
+UNJUDGEABLE_PRINCIPAL = Decision(
+    False, (), "the caller's token names it with text that is not valid Unicode: it cannot be judged"
+)
+_NOT_UNICODE = Decision(
+    False, (), "the call names its tool, prompt or resource with text that is not valid Unicode"
+)
+
+
+def valid_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate: JSON can spell one (`\\ud800`), Cedar cannot hold it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unjudgeable(message: McpMessage, max_argument_values: int) -> Decision | None:
+    """The refusal of a message Cedar cannot be asked about, or None: its arguments are too many to
+    convert and evaluate on the event loop every caller shares, or its resource id is not Unicode
+    (Cedar would refuse the whole entity set, every other call of the batch with it)."""
+    if message.arguments is not None and more_values_than(message.arguments, max_argument_values):
+        return Decision(
+            False, (), f"the arguments hold more than {max_argument_values} values: too many to judge"
+        )
+    if not valid_unicode(action_for(message)[2]):
+        return _NOT_UNICODE
+    return None
 
 
 _ERROR_POLICY = re.compile(r"policy `([^`]+)`")
@@ -320,6 +354,11 @@ def may_use(
     who = uid_text(principal_uid(principal))
     visible: list[bool] = []
     for name in names:
+        if not valid_unicode(name):
+            # Cedar cannot hold it and partial evaluation of it ends in no Deny: hidden, as a call
+            # naming it is refused.
+            visible.append(False)
+            continue
         uid = {"type": entity_type, "id": name}
         resource = {"uid": uid, "attrs": {}, "parents": [server.uid]}
         request = {

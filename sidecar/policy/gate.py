@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from outrider.sidecar.inbound import jsonrpc
-from outrider.sidecar.inbound.jsonrpc import ParsedBody
+from outrider.sidecar.inbound.jsonrpc import McpMessage, ParsedBody
 from outrider.sidecar.policy import answers
 from outrider.sidecar.policy.config import PolicyConfig
 from outrider.sidecar.policy.engine import Decision, decide, may_use
@@ -39,19 +39,46 @@ class Verdict:
     retry_after_s: int = 0
     limit_scope: str | None = None
     store_error: bool = False
+    detail: str | None = None  # why an "invalid" message was refused, when it is a JSON-RPC message
 
     @property
     def reason(self) -> str:
         if self.outcome == "limited":
             return f"rate limit {self.limit_scope} exceeded; retry after {self.retry_after_s} s"
         if self.outcome == "invalid":
-            return "not a JSON-RPC message; refused unjudged"
+            return self.detail or "not a JSON-RPC message; refused unjudged"
         if self.decision is not None:
             return self.decision.reason
         return ""
 
 
 PASS = Verdict(True)
+# Methods that act on one named tool, prompt or resource: the param naming it, and the fact read.
+_NAMED_PARAM = {
+    "tools/call": "params.name",
+    "prompts/get": "params.name",
+    "resources/read": "params.uri",
+    "resources/subscribe": "params.uri",
+    "resources/unsubscribe": "params.uri",
+}
+
+
+def unnamed(message: McpMessage) -> str | None:
+    """Why a call of a named tool, prompt or resource names none as a string, or None when it does.
+
+    Judged as the empty name, `{"name": ["delete"]}` passed a policy that forbids `delete` (and a
+    per-tool budget); a server that coerces the value (JavaScript turns `["delete"]` into the key
+    `"delete"`) would then run the forbidden tool. The `mcp` SDK refuses such params itself.
+    """
+    param = _NAMED_PARAM.get(message.method or "")
+    if param is None or message.kind not in ("request", "notification"):
+        return None
+    named = {"tools/call": message.tool_name, "prompts/get": message.prompt_name}.get(
+        message.method or "", message.resource_uri
+    )
+    if named is not None:
+        return None
+    return f"{message.method} needs {param} as a string"
 
 
 @dataclass(frozen=True)
@@ -134,6 +161,12 @@ class Gate:
                     message.id, jsonrpc.INVALID_REQUEST, "not a JSON-RPC 2.0 message"
                 )
                 verdicts.append(Verdict(False, "invalid", error))
+                continue
+            problem = unnamed(message)
+            if problem is not None:
+                self.stats.invalid += 1
+                error = jsonrpc.error_object(message.id, jsonrpc.INVALID_PARAMS, problem)
+                verdicts.append(Verdict(False, "invalid", error, detail=problem))
                 continue
             decision = by_index.get(index)
             if decision is not None and not decision.allowed:

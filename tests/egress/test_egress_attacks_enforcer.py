@@ -22,7 +22,9 @@ from outrider.sidecar.egress.enforcer import Enforcer, listen_sockets
 from outrider.sidecar.egress.policy import IPAddress
 from outrider.sidecar.egress.reload import PolicyHolder, spec_policy
 
+from .test_egress_attacks_parsing import hello, sni_extension
 from .test_egress_enforcer import Recorder
+from .test_egress_sniff import client_hello
 
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 
@@ -341,3 +343,89 @@ async def test_random_keep_alive_streams_never_carry_another_host_upstream(make_
         assert upstream.count(b" HTTP/1.1\r\nHost: svc.test") == allowed, (round_, upstream[:400])
         assert b"/after" not in upstream and b"evil.test:%d/x" % port not in upstream
         assert not upstream.startswith(b"GET http") and answer == upstream  # echoed = what went up
+
+
+async def test_a_connect_tunnel_carries_tls_only_for_an_allowed_name(make_proxy: Factory) -> None:
+    """`CONNECT svc.test:443` then a ClientHello for `evil.test`: the tunnel's IP belongs to the allowed
+    name, but its front end (a CDN, a cloud load balancer) routes by SNI to its other tenants. A
+    captured connection is judged by its SNI; a tunnel passed any TLS on (docs/egress.md said by
+    design). Now the ClientHello is judged as a captured one is; other bytes go on as before."""
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"other.test:{p}", f"127.0.0.1/32:{p}"])
+    port = proxy.echo.port
+
+    async def through(authority: str, first: bytes) -> bytes:
+        reader, writer, head = await connect(proxy, authority)
+        assert head.startswith(b"HTTP/1.1 200")
+        # in two writes: the proxy waits for the whole ClientHello before it judges it
+        writer.write(first[:20])
+        await writer.drain()
+        writer.write(first[20:])
+        await writer.drain()
+        echoed = b""
+        try:
+            while len(echoed) < len(first) and (data := await asyncio.wait_for(reader.read(65536), 5)):
+                echoed += data
+            return echoed
+        finally:
+            writer.close()
+
+    evil = client_hello("evil.test")
+    assert await through(f"svc.test:{port}", evil) == b""  # closed, nothing sent upstream
+    assert (
+        await through(f"svc.test:{port}", hello(sni_extension(b"svc.test"), sni_extension(b"evil.test")))
+        == b""
+    )
+    assert proxy.echo.received == []
+    refused = [d for d in proxy.recorder.decisions if not d.allowed]
+    assert [(d.name, d.protocol, d.mode) for d in refused] == [
+        ("evil.test", "tls", "explicit"),
+        ("svc.test", "tls", "explicit"),
+    ]
+    assert refused[0].reason.startswith("TLS server name in a tunnel to svc.test: ")
+    assert (
+        refused[1].reason == "tunnel to svc.test: malformed ClientHello: more than one server_name extension"
+    )
+    # The tunnel's own name, another allowed name, no SNI, plain bytes, an allowed IP literal: echoed.
+    for authority, first in [
+        (f"svc.test:{port}", client_hello("SVC.test.")),
+        (f"svc.test:{port}", client_hello("other.test")),
+        (f"svc.test:{port}", client_hello(None)),
+        (f"svc.test:{port}", b"SSH-2.0-OpenSSH_9.6\r\n" * 3),
+        (f"127.0.0.1:{port}", evil),
+    ]:
+        assert await through(authority, first) == first
+
+
+async def test_plaintext_http_in_a_connect_tunnel_is_judged_request_by_request(make_proxy: Factory) -> None:
+    """`CONNECT svc.test:80` then `GET /` with `Host: evil.test` (at once, or after an allowed request on
+    the same tunnel): a front end that routes by Host would serve another tenant. Judged as on a
+    captured connection; it went through before."""
+    proxy = await make_proxy(lambda p: [f"svc.test:{p}", f"127.0.0.1/32:{p}"])
+    port = proxy.echo.port
+
+    async def through(*requests: bytes) -> bytes:
+        reader, writer, head = await connect(proxy, f"svc.test:{port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(b"".join(requests))
+        await writer.drain()
+        answer = b""
+        try:
+            while data := await asyncio.wait_for(reader.read(65536), 5):
+                answer += data
+                if len(answer) >= sum(map(len, requests)) or b"outrider egress" in answer:
+                    break
+            return answer
+        finally:
+            writer.close()
+
+    good = f"GET / HTTP/1.1\r\nHost: svc.test:{port}\r\n\r\n".encode()
+    evil = f"GET / HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n".encode()
+    # evil.test resolves to the tunnel's own (CIDR-allowed) address here, so it is "allowed but another
+    # host": the tunnel closes unanswered (a name the policy denies gets a 403 first).
+    assert await through(evil) == b""
+    assert await through(good, evil) == good  # the echo of the first request, then closed
+    assert await through(good) == good
+    assert proxy.echo.received and all(b"evil.test" not in r for r in proxy.echo.received)
+    refused = [d for d in proxy.recorder.decisions if not d.allowed]
+    assert [(d.name, d.protocol, d.mode) for d in refused] == [("evil.test", "http", "explicit")] * 2
+    assert refused[0].reason == "evil.test on a connection opened for another host"

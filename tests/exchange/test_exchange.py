@@ -393,6 +393,11 @@ async def test_svid_signed_by_foreign_trust_domain_is_invalid_client(idp, sessio
         b'{"access_token": "eyJabc.def.ghi", "token_type": "Bearer", "expires_in": 60,'
         b' "issued_token_type": "urn:ietf:params:oauth:token-type:id_token"}',
         b'{"access_token": "' + b"x" * 300_000 + b'"}',
+        # an expiry past the float range (OverflowError before: not an ExchangeError) or not a number
+        b'{"access_token": "eyJabc.def.ghi", "token_type": "Bearer", "expires_in": 1' + b"0" * 400 + b","
+        b' "issued_token_type": "urn:ietf:params:oauth:token-type:access_token"}',
+        b'{"access_token": "eyJabc.def.ghi", "token_type": "Bearer", "expires_in": NaN,'
+        b' "issued_token_type": "urn:ietf:params:oauth:token-type:access_token"}',
     ],
 )
 async def test_malformed_answers_are_502(idp, identity, session, body):

@@ -54,6 +54,14 @@ def _refusal(body: bytes, **kwargs: Any) -> ExchangeError:
         (_answer(expires_in=0), "expires_in is not a positive number"),
         (_answer(expires_in=True), "expires_in is not a positive number"),
         (_answer(expires_in="60"), "expires_in is not a positive number"),
+        # JSON's NaN/Infinity and 1e400 decode to non-finite floats (a NaN expiry never compared as
+        # reached: cached for ever); an integer past the float range made float() raise (a 500).
+        (_answer(expires_in=float("nan")), "expires_in is not a finite number"),
+        (_answer(expires_in=float("inf")), "expires_in is not a finite number"),
+        (_answer(expires_in=-float("inf")), "expires_in is not a positive number"),
+        (_answer(expires_in=10**400), "expires_in is not a finite number"),
+        (_answer(expires_in=1.7976931348623157e308), "expires_in is not a finite number"),
+        (_answer().replace(b"}", b', "expires_in": 1e400}'), "expires_in is not a finite number"),
     ],
 )
 def test_malformed_answers_in_full(body: bytes, why: str) -> None:
@@ -64,6 +72,15 @@ def test_malformed_answers_in_full(body: bytes, why: str) -> None:
         502,
         200,
     )
+
+
+def test_the_largest_finite_expiry_is_kept() -> None:
+    huge = parse_success(_answer(expires_in=1e308), requested_token_type=None, audience=None, now=100.0)
+    assert huge.expires_at == 1e308 + 100.0
+    near = 2**1023  # an integer inside the float range
+    assert parse_success(
+        _answer(expires_in=near), requested_token_type=None, audience=None, now=0.0
+    ).expires_at == float(near)
 
 
 def test_an_unexpected_issued_type_is_named_unless_it_could_carry_a_credential() -> None:

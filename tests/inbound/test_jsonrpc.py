@@ -322,3 +322,19 @@ def test_a_success_answer_with_is_error_false_needs_no_parsing() -> None:
 @settings(max_examples=2000)
 def test_stdlib_only_finds_what_the_regex_finds(source: bytes) -> None:
     assert jsonrpc.stdlib_only(source) == (jsonrpc._STDLIB_ONLY.search(source) is not None)
+
+
+def test_sse_ids_are_read_from_whole_lines_in_any_split() -> None:
+    """The event ids the proxy binds to a caller (`Last-Event-ID` may only name those): `id:` lines in
+    any chunking and line ending; never a fragment of a long `data:` line that happens to read `id:`."""
+    stream = (
+        b"id: 1\r\ndata: x\r\n\r\nid:2\ndata: " + b"a" * 3000 + b"id: 666\n\n"
+        b"data: " + b"b" * 1019 + b"\nid: 3\rdata:y\r\rid\n\nid:  4 \n"
+    )
+    for size in (1, 2, 3, 7, 64, 1023, 1024, 1025, len(stream)):
+        ids = jsonrpc.SseIds()
+        found = [i for at in range(0, len(stream), size) for i in ids.feed(stream[at : at + size])]
+        assert found == ["1", "2", "3", "", " 4 "], size
+    ids = jsonrpc.SseIds(max_line=8)
+    assert ids.feed(b"data: 12345678") == [] and ids.feed(b"id: 9\nid: 10\n") == ["10"]
+    assert jsonrpc.SseIds().feed(b"data: no id here\n\n") == []

@@ -211,3 +211,52 @@ async def test_hostile_json_rpc_is_judged_or_refused_never_passed_through(
         assert b"\xff" not in received
     if app.bodies and b'"tools"' in answer:
         assert b'"rm"' not in answer  # the list answer is filtered for the caller
+
+
+async def test_a_lone_surrogate_in_a_called_name_is_denied_and_the_rest_of_the_batch_judged(
+    app: RecordingApp, shared: Shared
+) -> None:
+    """`"\\ud800"` is valid JSON that Python decodes to a lone surrogate and Cedar cannot hold: it
+    made the gate raise (HTTP 500 for the whole batch, a traceback in the log)."""
+    url = await shared.get(app.port)
+    echo = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo"}}'
+    odd = [
+        b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"ech\\ud800"}}',
+        b'{"jsonrpc":"2.0","id":2,"method":"resources/read","params":{"uri":"file:///\\udfff"}}',
+    ]
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    async with aiohttp.ClientSession() as http:
+        for body in odd:
+            app.bodies.clear()
+            async with http.post(url, data=b"[" + echo + b"," + body + b"]", headers=headers) as response:
+                assert response.status == 200
+                answer = await response.json()
+            denied = {"code": -32003, "message": "denied by policy"}
+            assert {"jsonrpc": "2.0", "id": 2, "error": denied} in answer
+            assert [json.loads(b) for b in app.bodies] == [json.loads(echo)]  # only the echo went on
+
+
+async def test_a_tool_name_that_is_not_a_string_never_slips_past_a_forbid(
+    app: RecordingApp, idp: DevIdP, workload_api: DevWorkloadApi
+) -> None:
+    """A deny-list policy judged `{"name": ["rm"]}` as the empty name and let it through; a server
+    that coerces the value (JavaScript reads `["rm"]` as the key "rm") would run the forbidden tool."""
+    raw = sidecar_config(idp, workload_api, app.port, allow_unauthenticated=True)
+    forbid_rm = 'permit(principal, action, resource);\nforbid(principal, action, resource == Tool::"rm");'
+    raw["policy"] = {"cedar": forbid_rm, "file": None}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    async with run_sidecar(raw) as sidecar, aiohttp.ClientSession() as http:
+        for name in (["rm"], {"0": "rm"}, 0, None):
+            body = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": name}}
+            async with http.post(sidecar.mcp_url(), json=body, headers=headers) as response:
+                assert response.status == 400
+                assert await response.json() == {
+                    "jsonrpc": "2.0",
+                    "id": 7,
+                    "error": {"code": -32602, "message": "tools/call needs params.name as a string"},
+                }
+        assert app.bodies == []
+        good = {"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"name": "echo"}}
+        async with http.post(sidecar.mcp_url(), json=good, headers=headers) as response:
+            assert response.status == 200
+        assert [json.loads(b) for b in app.bodies] == [good]

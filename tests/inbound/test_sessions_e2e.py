@@ -16,9 +16,11 @@ from urllib.parse import urlsplit
 
 import httpx2
 import pytest
+import uvicorn
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.streamable_http import EventMessage, EventStore
 from mcp.types import TextContent
 
 from outrider.sidecar.config import ConfigError, parse
@@ -495,3 +497,103 @@ def test_the_per_caller_counts_index_holds_each_caller_once() -> None:
     for i in range(300):
         table.forget(f"a-{i}")
     assert table._holders.counts() == {1: ["bob"]} and table._holders.most == 1
+
+
+class CountingEventStore(EventStore):
+    """An event store with sequential ids, as a Redis-stream or database-backed one has: the SDK's
+    `EventStore` replays a stream by an event id alone, whichever session the stream belongs to."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, Any]] = []  # (event id, stream id, message or None)
+
+    async def store_event(self, stream_id: str, message: Any) -> str:
+        self.events.append((str(len(self.events) + 1), stream_id, message))
+        return self.events[-1][0]
+
+    async def replay_events_after(self, last_event_id: str, send_callback: Any) -> str | None:
+        at = next((i for i, e in enumerate(self.events) if e[0] == last_event_id), None)
+        if at is None:
+            return None
+        stream = self.events[at][1]
+        for event_id, stream_id, message in self.events[at + 1 :]:
+            if stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream
+
+
+async def resume(url: str, token: str, sid: str, last_event_id: str) -> tuple[int, str]:
+    """GET the session's stream with `Last-Event-ID`; the status and what arrives within 3 s."""
+    headers = JSON_SSE | {
+        "Authorization": f"Bearer {token}",
+        "MCP-Protocol-Version": "2025-11-25",
+        "Mcp-Session-Id": sid,
+        "Last-Event-ID": last_event_id,
+    }
+    text = ""
+    async with httpx2.AsyncClient(timeout=10) as http, http.stream("GET", url, headers=headers) as resp:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                async for chunk in resp.aiter_text():
+                    text += chunk
+                    if "secret" in text:
+                        break
+        return resp.status_code, text
+
+
+async def test_a_last_event_id_resumes_only_a_stream_relayed_to_the_same_caller(
+    idp: DevIdP, workload_api: DevWorkloadApi
+) -> None:
+    """Bob, in his own session, sent `Last-Event-ID` naming an event of Alice's stream and the SDK
+    replayed Alice's tool result to him: session binding did not cover the event ids."""
+    store = CountingEventStore()
+    app = mcp_server.build_server().streamable_http_app(host="127.0.0.1", event_store=store)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 (uvicorn's flag; it offers no event to wait on)
+        await asyncio.sleep(0.01)
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
+    }
+    call = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "alice-secret"}},
+    }
+    try:
+        async with run_sidecar(sidecar_config(idp, workload_api, port)) as sidecar:
+            url = sidecar.mcp_url()
+            alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
+            sessions = {}
+            for who, token in (("alice", alice), ("bob", bob)):
+                async with httpx2.AsyncClient(timeout=10) as http:
+                    headers = JSON_SSE | {"Authorization": f"Bearer {token}"}
+                    opened = await http.post(url, json=init, headers=headers)
+                    sessions[who] = opened.headers["mcp-session-id"]
+                    headers |= {"Mcp-Session-Id": sessions[who], "MCP-Protocol-Version": "2025-11-25"}
+                    await http.post(
+                        url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers
+                    )
+                    if who == "alice":
+                        answered = await http.post(url, json=call, headers=headers)
+                        assert "alice-secret" in answered.text
+            # The priming event of Alice's tools/call stream: resuming after it replays her result.
+            primed = next(
+                event_id for event_id, stream, message in store.events if stream == "2" and message is None
+            )
+            status, text = await resume(url, bob, sessions["bob"], primed)
+            assert status == 404 and "alice-secret" not in text
+            assert (await resume(url, bob, sessions["bob"], "no-such-event"))[0] == 404
+            status, text = await resume(url, alice, sessions["alice"], primed)
+            assert status == 200 and "alice-secret" in text  # her own stream still resumes
+    finally:
+        server.should_exit = True
+        await task

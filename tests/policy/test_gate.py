@@ -549,3 +549,52 @@ async def test_arguments_over_max_argument_values_are_denied_before_cedar_sees_t
 def test_max_argument_values_must_be_a_whole_number_in_range(value: object) -> None:
     with pytest.raises(ConfigError, match=r"policy\.max_argument_values"):
         PolicyConfig.from_mapping({"file": None, "max_argument_values": value})
+
+
+async def test_a_named_call_whose_name_is_not_a_string_is_refused_before_policy_and_budgets() -> None:
+    """Judged as the empty name, `{"name": ["rm"]}` passed a policy forbidding `rm` (and skipped its
+    per-tool budget); a server that coerces the value (JavaScript reads `["rm"]` as the key "rm") ran it."""
+    g = gate(
+        cedar='permit(principal, action, resource);\nforbid(principal, action, resource == Tool::"rm");',
+        rate_limits={"per_tool": {"*": "1000/minute"}},
+    )
+
+    def message(msg_id: int | None, method: str, params: object) -> dict[str, object]:
+        found: dict[str, object] = {"jsonrpc": "2.0", "method": method, "params": params}
+        return found if msg_id is None else {**found, "id": msg_id}
+
+    body = [
+        message(1, "tools/call", {"name": ["rm"]}),
+        message(2, "tools/call", ["rm", {}]),
+        message(3, "prompts/get", {"name": 7}),
+        message(4, "resources/read", {"name": "file:///x"}),
+        message(5, "resources/subscribe", {"uri": {"href": "file:///x"}}),
+        message(6, "resources/unsubscribe", {}),
+        message(None, "tools/call", {"name": None}),
+        message(8, "tools/call", {"name": "echo"}),
+        message(9, "tools/call", {"name": ""}),
+        message(10, "prompts/get", {"name": "p"}),
+        message(11, "resources/read", {"uri": "file:///x"}),
+        message(12, "tools/list", []),
+    ]
+    parsed = parse_body(json.dumps(body).encode())
+    judgement = await g.judge(ALICE, parsed, "streamable-http")
+    assert [v.forward for v in judgement.verdicts] == [False] * 7 + [True] * 5
+    needs = [
+        "tools/call needs params.name as a string",
+        "tools/call needs params.name as a string",
+        "prompts/get needs params.name as a string",
+        "resources/read needs params.uri as a string",
+        "resources/subscribe needs params.uri as a string",
+        "resources/unsubscribe needs params.uri as a string",
+        "tools/call needs params.name as a string",
+    ]
+    refused = judgement.verdicts[:7]
+    assert [v.reason for v in refused] == needs and {v.outcome for v in refused} == {"invalid"}
+    assert [v.error for v in refused] == [
+        {"jsonrpc": "2.0", "id": i, "error": {"code": -32602, "message": why}}
+        for i, why in zip([1, 2, 3, 4, 5, 6, None], needs, strict=True)
+    ]
+    assert g.stats.invalid == 7 and g.stats.allowed == 5 and g.stats.denied == 0
+    # The notification gets no answer; the six requests do.
+    assert len(refused_errors(parsed, judgement)) == 6

@@ -530,3 +530,33 @@ def test_the_calls_left_to_judge_beside_a_refused_one_keep_the_transport_and_the
         False,
         False,
     ]
+
+
+def test_a_lone_surrogate_in_a_name_or_the_principal_is_denied_not_an_exception() -> None:
+    """JSON can spell a lone surrogate (`"\\ud800"`) and Python's decoder keeps it; Cedar cannot hold
+    one and refused the whole entity set with a ValueError (a 500 for every call of the batch)."""
+    p = policies((CEILING, False))
+    odd = [
+        tool_call("ech\ud800"),
+        parse_message(
+            {"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "file:///\udc00"}}
+        ),
+        parse_message({"jsonrpc": "2.0", "id": 3, "method": "prompts/get", "params": {"name": "\ud83d"}}),
+    ]
+    decisions = decide(p, BOB, SERVER, [tool_call("echo"), *odd, tool_call("delete")], "s")
+    assert [d.allowed for d in decisions] == [True, False, False, False, True]
+    reason = "the call names its tool, prompt or resource with text that is not valid Unicode"
+    assert {(d.reason, d.policies, d.errors) for d in decisions[1:4]} == {(reason, (), ())}
+    assert decisions[4].policies == ("admins",)
+    # A JSON surrogate pair decodes to one valid character (U+1F600), judged as any name.
+    (pair,) = jsonrpc.parse_body(
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\\ud83d\\ude00"}}'
+    ).messages
+    assert pair.tool_name == "\U0001f600" and decide(p, BOB, SERVER, [pair], "s")[0].allowed
+    assert decide(p, ALICE, SERVER, [pair], "s")[0].reason.startswith("no policy")
+    odd_caller = Principal("oidc", "al\udc00ce", "https://idp")
+    refused = decide(p, odd_caller, SERVER, [tool_call("echo"), tool_call("delete")], "s")
+    assert [(d.allowed, d.reason) for d in refused] == [
+        (False, "the caller's token names it with text that is not valid Unicode: it cannot be judged")
+    ] * 2
+    assert may_use(p, BOB, SERVER, "tools", ["echo", "ech\ud800", "é"]) == [True, False, True]
