@@ -41,7 +41,7 @@ import bench_proxy as bp  # noqa: E402
 from outrider.sidecar.dev.idp import ClientRegistration, DevIdP, StaticJwtBundles  # noqa: E402
 from outrider.sidecar.dev.workload_api import DevWorkloadApi  # noqa: E402
 
-ONS = (False, True)
+ONS = (False, True)  # telemetry off, then on, for each tree
 SIDECAR = "import sys; sys.argv[0] = 'outrider'; from outrider.webhook.cli import main; sys.exit(main())"
 
 
