@@ -156,10 +156,13 @@ _NINETEEN_DIGITS = b"0" * 19
 def stdlib_only(source: bytes) -> bool:
     """Whether `_STDLIB_ONLY` occurs in `source`, without its regex scan (~20 ns a byte; this is
     a C translation and substring searches: 2.5x faster on a 100-byte call, 15x on 8 KB)."""
-    if b"NaN" in source or b"Infinity" in source or b"\x00" in source:
+    # `find`, not `in`: CPython 3.11's `bytes in bytes` first tries the needle as an integer and
+    # formats and clears a TypeError each time (~2.5x the cost of `find`; ~1,600 instructions).
+    find = source.find
+    if find(b"NaN") != -1 or find(b"Infinity") != -1 or find(b"\x00") != -1:
         return True
-    folded = source.translate(_FOLD)
-    return _NINETEEN_DIGITS in folded or b"e000" in folded or b"e+000" in folded
+    folded = source.translate(_FOLD).find
+    return folded(_NINETEEN_DIGITS) != -1 or folded(b"e000") != -1 or folded(b"e+000") != -1
 
 
 def dumps(document: Any, source: bytes) -> bytes:
@@ -217,10 +220,11 @@ def holds_no_error(body: bytes) -> bool:
     a UTF-16 or UTF-32 answer (which `loads` decodes too) spells its keys with NUL bytes between
     the letters, so any NUL byte means parsing.
     """
+    find = body.find  # not `in`: see `stdlib_only`
     return (
-        b"\x00" not in body
-        and b'"error"' not in body
-        and b"\\u" not in body
+        find(b"\x00") == -1
+        and find(b'"error"') == -1
+        and find(b"\\u") == -1
         and _IS_ERROR_TRUE.search(body) is None
     )
 

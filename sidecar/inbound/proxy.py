@@ -12,8 +12,9 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -295,16 +296,23 @@ def _event_end(buffer: bytes) -> int | None:
     return None
 
 
+_REQUEST_INFOS_MAX = 1024
+# `RequestInfo`'s fields but the trace headers: method, transport, protocol version, session, client.
+_RequestFacts = tuple[str, str, str | None, str | None, str | None]
+
 # What the calls of a request carry when nothing records them (NullObserver never reads it).
 _UNRECORDED_INFO = RequestInfo(http_method="", transport="")
 
 
 class Calls:
-    """The observer scopes of one HTTP request: one per JSON-RPC message, each finished exactly once."""
+    """The observer scopes of one HTTP request: one per JSON-RPC message, each finished exactly once.
 
-    def __init__(
-        self, observer: Observer, parsed: ParsedBody | None, info: RequestInfo, stack: ExitStack
-    ) -> None:
+    A context manager: leaving it exits every message's scope, last first, as an `ExitStack` of them
+    would (a scope records a call left unanswered, with the exception that left it), without the
+    stack's cost per request (~1-2 us for one message).
+    """
+
+    def __init__(self, observer: Observer, parsed: ParsedBody | None, info: RequestInfo) -> None:
         self.parsed = parsed
         # Set when the policy gate is active: whose answers to filter, and the errors for refused
         # requests that must join the answer of the ones that were forwarded.
@@ -313,16 +321,46 @@ class Calls:
         self.scopes: list[CallScope] = []
         self._open: dict[int, tuple[CallScope, McpMessage]] = {}
         self._by_id: dict[Any, int] = {}
+        self._entered: list[AbstractContextManager[CallScope]] = []  # the scopes' managers, to exit
         if parsed is None:
             return
         records = not isinstance(observer, NullObserver)
-        for index, message in enumerate(parsed.messages):
-            # NullObserver's scope records nothing: one shared no-op scope, no context manager.
-            scope = stack.enter_context(observer.mcp_call(message, info)) if records else NULL_SCOPE
-            self.scopes.append(scope)
-            self._open[index] = (scope, message)
-            if message.kind == "request" and message.id is not None:
-                self._by_id[message.id] = index
+        try:
+            for index, message in enumerate(parsed.messages):
+                # NullObserver's scope records nothing: one shared no-op scope, no context manager.
+                if records:
+                    manager = observer.mcp_call(message, info)
+                    scope = manager.__enter__()
+                    self._entered.append(manager)
+                else:
+                    scope = NULL_SCOPE
+                self.scopes.append(scope)
+                self._open[index] = (scope, message)
+                if message.kind == "request" and message.id is not None:
+                    self._by_id[message.id] = index
+        except BaseException as exc:  # the scopes opened so far still end (`with` never entered)
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    def __enter__(self) -> Calls:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Exit every scope, last first; one that raises does not keep the others from exiting.
+
+        Never suppresses the exception (no scope does).
+        """
+        entered, self._entered = self._entered, []
+        raised: BaseException | None = None
+        for manager in reversed(entered):
+            try:
+                manager.__exit__(kind, exc, tb)
+            except BaseException as error:
+                raised = error
+        if raised is not None:
+            raise raised
 
     @property
     def pending(self) -> bool:
@@ -393,6 +431,9 @@ class InboundProxy:
         self.observer = observer
         # Nothing records the answers' facts: JSON answers and SSE events are not parsed for them.
         self.records = not isinstance(observer, NullObserver)
+        # `RequestInfo`s without trace headers by their facts (`_request_info`; bounded: session ids
+        # and client addresses come from callers).
+        self._request_infos: dict[_RequestFacts, RequestInfo] = {}
         self.verifier = verifier
         self.exchanger = exchanger
         self.upstream = upstream
@@ -491,8 +532,7 @@ class InboundProxy:
                 return self._answer(read)
             body = read
         parsed, parse_error = _parse(body)
-        with ExitStack() as stack:
-            calls = Calls(self.observer, parsed, info, stack)
+        with Calls(self.observer, parsed, info) as calls:
             for scope in calls.each():
                 scope.set_principal(principal)
             if token is not None and token_in_body(token, body):
@@ -517,16 +557,29 @@ class InboundProxy:
                 raise
 
     def _request_info(self, request: web.BaseRequest) -> RequestInfo:
-        """The transport facts the observer records for each call of the request."""
+        """The transport facts the observer records for each call of the request.
+
+        One (frozen) `RequestInfo` per distinct facts when the request carries no trace headers:
+        building one costs ~1.5 us, a lookup a tenth of that.
+        """
         headers = request.headers
-        return RequestInfo(
-            http_method=request.method,
-            transport=self._transport(request),
-            protocol_version=headers.get("MCP-Protocol-Version"),
-            session_id=headers.get("Mcp-Session-Id"),
-            client_address=request.remote,
-            headers={k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None},
+        trace = {k: v for k in TRACE_HEADERS if (v := headers.get(k)) is not None}
+        facts: _RequestFacts = (
+            request.method,
+            self._transport(request),
+            headers.get("MCP-Protocol-Version"),
+            headers.get("Mcp-Session-Id"),
+            request.remote,
         )
+        if trace:
+            return RequestInfo(*facts, headers=trace)
+        infos = self._request_infos
+        info = infos.get(facts)
+        if info is None:
+            if len(infos) >= _REQUEST_INFOS_MAX:
+                infos.clear()
+            info = infos[facts] = RequestInfo(*facts)
+        return info
 
     def _transport(self, request: web.BaseRequest) -> str:
         return classify_transport(request.method, request.path, request.headers, request.query, self.config)
@@ -563,8 +616,7 @@ class InboundProxy:
             ),
         )
         parsed = await self._peek_parsed(request) or ParsedBody((McpMessage(kind="invalid"),), (None,), False)
-        with ExitStack() as stack:
-            calls = Calls(self.observer, parsed, info, stack)
+        with Calls(self.observer, parsed, info) as calls:
             for scope in calls.each():
                 scope.set_principal(principal)
             calls.finish_all(
@@ -629,8 +681,7 @@ class InboundProxy:
             if parsed is None:
                 # The body was not read (too big, chunked or slow): audit still sees the refusal.
                 parsed = ParsedBody((McpMessage(kind="invalid"),), (None,), False)
-        with ExitStack() as stack:
-            calls = Calls(self.observer, parsed, info, stack)
+        with Calls(self.observer, parsed, info) as calls:
             answer = Answer(
                 failure.status,
                 jsonrpc.error_body(

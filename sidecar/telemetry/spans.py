@@ -29,6 +29,7 @@ _TRACEPARENT = _PROPAGATOR._TRACEPARENT_HEADER_FORMAT_RE
 _TRACEPARENT_MAX = _PROPAGATOR._TRACEPARENT_MAXIMUM_LENGTH
 _TRACESTATE_MAX: int = getattr(tracecontext, "_TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH", 8192)
 _ID64 = (1 << 64) - 1
+_ID128 = (1 << 128) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,8 @@ class SpanRecord:
 
     def trace_headers(self) -> dict[str, str]:
         """W3C `traceparent` (and `tracestate`) naming this span as the parent."""
-        carrier = {"traceparent": f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.trace_flags:02x}"}
+        # (The flags are 0-3: one hex digit after a 0.)
+        carrier = {"traceparent": f"00-{self.trace_id:032x}-{self.span_id:016x}-0{self.trace_flags}"}
         if self.trace_state:
             carrier["tracestate"] = self.trace_state
         return carrier
@@ -148,6 +150,19 @@ def new_span_id() -> int:
     while not span_id:
         span_id = random.getrandbits(64)
     return span_id
+
+
+def new_ids() -> tuple[int, int]:
+    """A new trace id and span id, as `new_trace_id()` then `new_span_id()` draw them, in one call.
+
+    `getrandbits` fills its result from the generator's 32-bit words lowest first, so the low 128
+    bits of one 192-bit draw are the 128-bit draw and the high 64 the 64-bit draw that follows it.
+    """
+    bits = random.getrandbits(192)
+    trace_id, span_id = bits & _ID128, bits >> 128
+    if not trace_id:  # (one draw in 2**128: drawn again, as `new_trace_id` would)
+        trace_id = new_trace_id()
+    return trace_id, span_id or new_span_id()
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,15 +240,16 @@ class LeanTracer:
         start_ns: int | None = None,
     ) -> SpanRecord:
         if parent is None:
-            trace_id, parent_id, trace_state, random_id = new_trace_id(), 0, "", True
+            trace_id, span_id = new_ids()
+            parent_id, trace_state, random_id = 0, "", True
         else:
             trace_id, parent_id, trace_state = parent.trace_id, parent.span_id, parent.trace_state
-            random_id = parent.random_trace_id
+            span_id, random_id = new_span_id(), parent.random_trace_id
         return SpanRecord(
             name,
             kind,
             trace_id,
-            new_span_id(),
+            span_id,
             parent_id,
             parent is not None,
             trace_state,

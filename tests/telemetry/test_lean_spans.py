@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.telemetry import spans
 from outrider.sidecar.telemetry.audit import AuditLog
 from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.observer import (
@@ -493,3 +494,17 @@ def test_chunked_encoding_pauses_between_chunks_and_writes_the_same_bytes() -> N
     chunked = encoder.encode(records, pause=lambda: pauses.append(1), every=64)
     assert chunked == encoder.encode(records)
     assert len(pauses) == 3  # between 4 chunks (64, 64, 64, 8)
+
+
+def test_a_root_spans_ids_come_from_one_draw_as_from_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`new_ids` gives what `new_trace_id` then `new_span_id` gave (the SDK's order of draws)."""
+    for seed in range(64):
+        random.seed(seed)
+        expected = (spans.new_trace_id(), spans.new_span_id())
+        random.seed(seed)
+        assert spans.new_ids() == expected
+    # A zero id (one draw in 2**128 or 2**64) is drawn again.
+    for draws, ids in (([7 << 128, 9], (9, 7)), ([5, 0, 11], (5, 11))):
+        values = iter(draws)
+        monkeypatch.setattr(random, "getrandbits", lambda k, values=values: next(values))
+        assert spans.new_ids() == ids

@@ -100,7 +100,7 @@ def _event_line(
     return encode_line_bytes(mcp_call_event(stamp, workload=WORKLOAD, config=TelemetryConfig(), **call))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)  # no timing assert: a loaded machine took 281 ms once
 @given(st.lists(_CALLS, min_size=1, max_size=4), st.data())
 def test_call_lines_are_the_event_lines(calls: list[dict[str, Any]], data: st.DataObject) -> None:
     lines = CallLines()
