@@ -260,8 +260,10 @@ def parse_policy(value: Any) -> str | None:
         raise AnnotationError(str(exc)) from None
 
 
+_KNOWN = frozenset({POD_INJECT, STATUS, MCP_PORT, TOKEN_AUDIENCE, EGRESS_ALLOW, RESOURCE, POLICY})
+
+
 def unknown_keys(metadata: Mapping[str, Any]) -> list[str]:
     """`outrider.dev/*` annotations this version does not know (warned about: likely a typo)."""
-    known = {POD_INJECT, STATUS, MCP_PORT, TOKEN_AUDIENCE, EGRESS_ALLOW, RESOURCE, POLICY}
     annotations = _str_map(metadata.get("annotations"))
-    return sorted(k for k in annotations if isinstance(k, str) and k.startswith(PREFIX) and k not in known)
+    return sorted(k for k in annotations if isinstance(k, str) and k.startswith(PREFIX) and k not in _KNOWN)

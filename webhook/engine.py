@@ -307,14 +307,18 @@ def _escapes(
 
 
 def _check_port_clash(spec: Mapping[str, Any]) -> None:
-    for c in _all_containers(spec):
-        for p in _list(c.get("ports")):
-            if isinstance(p, dict) and p.get("containerPort") in ann.SIDECAR_PORTS:
-                raise _Refused(
-                    f"container {c.get('name')} declares containerPort {p.get('containerPort')}, which "
-                    f"the outrider-proxy sidecar uses ({', '.join(map(str, ann.SIDECAR_PORTS))}); "
-                    "move it to another port"
-                )
+    # `_all_containers` spelt out: no generator per admission
+    for key in ("initContainers", "containers"):
+        for c in _list(spec.get(key)):
+            if not isinstance(c, dict):
+                continue
+            for p in _list(c.get("ports")):
+                if isinstance(p, dict) and p.get("containerPort") in ann.SIDECAR_PORTS:
+                    raise _Refused(
+                        f"container {c.get('name')} declares containerPort {p.get('containerPort')}, "
+                        f"which the outrider-proxy sidecar uses ({', '.join(map(str, ann.SIDECAR_PORTS))}); "
+                        "move it to another port"
+                    )
 
 
 def _tcp_ports(container: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -995,10 +999,15 @@ def _apply(
     ops: JsonPatch = []
     for key in pod:
         if key == "metadata":
-            if key in original:
-                diff_into(old_metadata, metadata, "/metadata", ops)  # the annotations added
-            else:
+            if key not in original:
                 ops.append({"op": "add", "path": "/metadata", "value": metadata})
+            elif type(old_metadata) is not dict:
+                diff_into(old_metadata, metadata, "/metadata", ops)
+            elif "annotations" in old_metadata:
+                # a copy of the old metadata with only its annotations replaced: what `diff` finds there
+                diff_into(old_metadata["annotations"], annotations, "/metadata/annotations", ops)
+            else:
+                ops.append({"op": "add", "path": "/metadata/annotations", "value": annotations})
         elif key == "spec":
             for spec_key, value in spec.items():
                 if spec_key == "containers":

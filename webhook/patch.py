@@ -76,12 +76,15 @@ def _diff_map(old: Mapping[str, Any], new: Mapping[str, Any], path: str, ops: Js
             if key not in new:
                 ops.append({"op": "remove", "path": f"{path}/{escape(key)}"})
     missing = _MISSING
+    get = old.get
     for key, value in new.items():
-        before = old.get(key, missing)
+        before = get(key, missing)
         if before is value:
             continue
         if before is missing:
             ops.append({"op": "add", "path": f"{path}/{escape(key)}", "value": value})
+        elif type(before) is dict and type(value) is dict:
+            _diff_map(before, value, f"{path}/{escape(key)}", ops)  # `_diff`'s first case, one call less
         else:
             _diff(before, value, f"{path}/{escape(key)}", ops)
 

@@ -37,7 +37,8 @@ def capability(value: Any) -> str:
 
 
 def _caps(sc: Mapping[str, Any], key: str) -> set[str]:
-    return {capability(c) for c in _list(_map(sc.get("capabilities")).get(key))}
+    listed = _list(_map(sc.get("capabilities")).get(key))
+    return {capability(c) for c in listed} if listed else set()
 
 
 def container_problems(
@@ -140,12 +141,7 @@ def problems(
     ours = set(skip)
     pod_sc = _map(spec.get("securityContext"))
     found = pod_problems(spec, strict)
-    # The Workload API hands the pod's SVID to whoever can reach the socket: only the sidecar may.
-    spiffe_volumes = {
-        name_of(v)
-        for v in _list(spec.get("volumes"))
-        if isinstance(v, dict) and _map(v.get("csi")).get("driver") == spiffe_driver
-    }
+    spiffe_volumes: set[Any] | None = None  # read in strict namespaces only, when first needed
     for key in CONTAINER_KEYS:
         for i, c in enumerate(_list(spec.get(key))):
             name = name_of(c)
@@ -160,8 +156,20 @@ def problems(
                     f"{where}.name starts with {OUR_PREFIX!r}, which operators read as an Outrider "
                     "container; rename it"
                 )
+            if spiffe_volumes is None:
+                spiffe_volumes = _spiffe_volumes(spec, spiffe_driver)
             found += _spiffe_mounts(c, where, spiffe_volumes)
     return found
+
+
+def _spiffe_volumes(spec: Mapping[str, Any], spiffe_driver: str) -> set[Any]:
+    """The pod's SPIFFE Workload API volumes: whoever reaches the socket gets the pod's SVID, so
+    only the sidecar may mount them."""
+    return {
+        name_of(v)
+        for v in _list(spec.get("volumes"))
+        if isinstance(v, dict) and _map(v.get("csi")).get("driver") == spiffe_driver
+    }
 
 
 def _spiffe_mounts(container: Mapping[str, Any], where: str, volumes: set[Any]) -> list[str]:

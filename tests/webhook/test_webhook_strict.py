@@ -268,6 +268,20 @@ def test_our_ports_are_refused_everywhere(port: int) -> None:
         assert not result.allowed and f"containerPort {port}" in (result.message or "")
 
 
+@pytest.mark.parametrize("port", [15001, 15006, 15020])
+def test_our_ports_are_refused_in_init_containers_too(port: int) -> None:
+    # An init container shares the pod's network namespace: its listener would take the sidecar's port.
+    # Entries that are not objects are passed over, not a reason to stop looking.
+    pod = safe_pod()
+    warm_up = {**copy.deepcopy(pod["spec"]["initContainers"][0]), "name": "warm-up"}
+    warm_up["ports"] = [{"containerPort": port}]
+    pod["spec"]["initContainers"] = [None, warm_up, *pod["spec"]["initContainers"]]
+    for labels in (STRICT, ENABLED):
+        result = engine.inject(pod, labels, WebhookConfig())
+        assert not result.allowed
+        assert f"container warm-up declares containerPort {port}" in (result.message or "")
+
+
 @pytest.mark.parametrize("name", ["outrider-proxy", "outrider-init"])
 def test_enabled_namespaces_rename_ours_around_user_containers(name: str) -> None:
     pod = safe_pod()
