@@ -41,7 +41,8 @@ class Presented:
     """The credential of one request, as sent: scheme, token and any DPoP proofs.
 
     `fingerprint` is the token's SHA-256, computed here once from the token itself and shared by the
-    caches keyed on it (verified tokens, the exchange's issued tokens): it cannot belong to another.
+    caches keyed on it (verified tokens, introspection answers, the exchange's issued tokens): it
+    cannot belong to another.
     """
 
     scheme: str  # "bearer" | "dpop"
@@ -182,12 +183,12 @@ class CallerVerifier:
                     while len(self._routes) > self.config.token_cache_size:
                         self._routes.popitem(last=False)
             elif trusted.introspector is not None:
-                answer = await trusted.introspector.introspect(presented.token)
+                answer = await trusted.introspector.introspect(presented.token, fingerprint=fingerprint)
                 result, jkt = self._introspected(answer)
             else:  # pragma: no cover - every issuer has keys or introspection
                 return AuthFailure(401, "invalid_token", "this issuer's tokens cannot be checked")
         elif self.opaque is not None and self.opaque.introspector is not None:
-            answer = await self.opaque.introspector.introspect(presented.token)
+            answer = await self.opaque.introspector.introspect(presented.token, fingerprint=fingerprint)
             result, jkt = self._introspected(answer)
         else:
             return AuthFailure(401, "invalid_token", "the access token is not a JWT")

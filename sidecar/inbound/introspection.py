@@ -148,8 +148,9 @@ class Introspector:
     def __len__(self) -> int:
         return len(self._cache)
 
-    async def introspect(self, token: str) -> Introspected | AuthFailure:
-        key = token_fingerprint(token)
+    async def introspect(self, token: str, *, fingerprint: str | None = None) -> Introspected | AuthFailure:
+        """`fingerprint`: `token_fingerprint(token)` when the caller already computed it (`Presented`)."""
+        key = fingerprint or token_fingerprint(token)
         now = self._clock()
         cached = self._cache.get(key)
         if cached is not None:

@@ -439,6 +439,7 @@ class InboundProxy:
         self.upstream = upstream
         self.base = f"http://127.0.0.1:{config.mcp_port}"
         self.requests_total = 0
+        self.metadata_requests_total = 0
         self.denied_total = 0
         self.upstream_errors_total = 0
         self.sessions = SessionTable(config.sessions) if config.sessions.enabled else None
@@ -472,6 +473,7 @@ class InboundProxy:
         return self.handle(request)
 
     async def metadata(self, request: web.BaseRequest) -> web.Response:
+        self.metadata_requests_total += 1
         if not self.config.resource:
             return web.json_response(
                 {"error": "this MCP server has no OAuth resource configured"}, status=404
@@ -1316,11 +1318,12 @@ class InboundProxy:
         return (
             "# HELP outrider_inbound_requests_total HTTP requests received on the inbound MCP port: "
             "kind mcp went through the proxy pipeline, cors_preflight were CORS preflights the sidecar "
-            "answered itself.\n"
+            "answered itself, resource_metadata were GET/HEAD of /.well-known/oauth-protected-resource.\n"
             "# TYPE outrider_inbound_requests_total counter\n"
             f'outrider_inbound_requests_total{{kind="mcp"}} {self.requests_total}\n'
             f'outrider_inbound_requests_total{{kind="cors_preflight"}} '
             f"{self.cors.preflights_total if self.cors is not None else 0}\n"
+            f'outrider_inbound_requests_total{{kind="resource_metadata"}} {self.metadata_requests_total}\n'
             "# HELP outrider_inbound_denied_total Requests refused by caller authentication.\n"
             "# TYPE outrider_inbound_denied_total counter\n"
             f"outrider_inbound_denied_total {self.denied_total}\n"

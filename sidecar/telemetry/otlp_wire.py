@@ -2,6 +2,9 @@
 
 Pure: the protobuf wire format (varints, length-delimited fields, fixed64) for the few messages a
 trace or metrics export needs, field for field what the SDK's encoder builds for the same spans.
+Byte for byte what protobuf writes: a proto3 scalar without `optional` (times, counts, kind, name)
+is left out when it holds its default (0, ""); `oneof` and `optional` fields are written whatever
+they hold.
 """
 
 from __future__ import annotations
@@ -169,7 +172,9 @@ def name_kind(name: str, kind: int) -> bytes:
     if encoded is None:
         if len(_NAME_KIND) >= _KV_PER_KEY_MAX:
             _NAME_KIND.clear()
-        encoded = _NAME_KIND[key] = _field(b"\x2a", utf8(name)) + b"\x30" + varint(kind)
+        encoded = _NAME_KIND[key] = (_field(b"\x2a", utf8(name)) if name else b"") + (
+            b"\x30" + varint(kind) if kind else b""
+        )
     return encoded
 
 
@@ -224,7 +229,13 @@ def span_of(
         tail += _HAS_IS_REMOTE_REMOTE if remote_parent else _HAS_IS_REMOTE
     else:
         tail = _UNSET_TAIL[remote_parent]
-    return b"".join((head, name_kind, _TIMES(0x39, start_ns, 0x41, end_ns), attribute_fields, tail))
+    if start_ns and end_ns:
+        times = _TIMES(0x39, start_ns, 0x41, end_ns)
+    else:  # a time of 0 is left out, as protobuf leaves out a default
+        times = (b"\x39" + _FIXED64(start_ns) if start_ns else b"") + (
+            b"\x41" + _FIXED64(end_ns) if end_ns else b""
+        )
+    return b"".join((head, name_kind, times, attribute_fields, tail))
 
 
 # The token exchange's child span's attributes, written without an attribute dict: the fields around
@@ -332,29 +343,35 @@ def _packed(cache: dict[int, struct.Struct], code: str, values: Sequence[float])
 
 
 def number_point(point: NumberPoint) -> bytes:
-    """`NumberDataPoint` (metrics.proto): attributes = 7, start = 2, time = 3, as_double = 4, as_int = 6."""
-    out = attributes(b"\x3a", point.attributes)
-    if point.start_ns:
-        out += b"\x11" + _FIXED64(point.start_ns)
-    out += b"\x19" + _FIXED64(point.time_ns)
-    value = point.value
+    """`NumberDataPoint` (metrics.proto): start = 2, time = 3, as_double = 4, as_int = 6, attributes = 7
+    (in field order, as protobuf writes them)."""
+    out = b"\x11" + _FIXED64(point.start_ns) if point.start_ns else b""
+    if point.time_ns:
+        out += b"\x19" + _FIXED64(point.time_ns)
+    value = point.value  # `oneof value`: written even when 0
     if isinstance(value, int) and not isinstance(value, bool):
-        return out + b"\x31" + _FIXED64(value & _MASK64)  # sfixed64
-    return out + b"\x21" + _DOUBLE(float(value))
+        out += b"\x31" + _FIXED64(value & _MASK64)  # sfixed64
+    else:
+        out += b"\x21" + _DOUBLE(float(value))
+    return out + attributes(b"\x3a", point.attributes)
 
 
 def histogram_point(point: HistogramPoint) -> bytes:
-    """`HistogramDataPoint`: attributes = 9, start = 2, time = 3, count = 4, sum = 5, bucket_counts = 6,
-    explicit_bounds = 7, min = 11, max = 12 (all set, as the SDK sets them for a cumulative histogram)."""
+    """`HistogramDataPoint`: start = 2, time = 3, count = 4, sum = 5, bucket_counts = 6,
+    explicit_bounds = 7, attributes = 9, min = 11, max = 12, in field order. `sum`, `min` and `max`
+    are `optional` (written, as the SDK sets them for a cumulative histogram); the times and the count
+    are left out when 0."""
     return b"".join(
         (
-            attributes(b"\x4a", point.attributes),
-            b"\x11" + _FIXED64(point.start_ns),
-            b"\x19" + _FIXED64(point.time_ns),
-            b"\x21" + _FIXED64(point.count),
+            b"\x11" + _FIXED64(point.start_ns) if point.start_ns else b"",
+            b"\x19" + _FIXED64(point.time_ns) if point.time_ns else b"",
+            b"\x21" + _FIXED64(point.count) if point.count else b"",
             b"\x29" + _DOUBLE(float(point.sum)),
-            _field(b"\x32", _packed(_PACKED_FIXED64, "Q", point.bucket_counts)),
+            _field(b"\x32", _packed(_PACKED_FIXED64, "Q", point.bucket_counts))
+            if point.bucket_counts
+            else b"",
             _field(b"\x3a", _packed(_PACKED_DOUBLE, "d", point.bounds)) if point.bounds else b"",
+            attributes(b"\x4a", point.attributes),
             b"\x59" + _DOUBLE(float(point.min)),
             b"\x61" + _DOUBLE(float(point.max)),
         )
@@ -366,7 +383,7 @@ _CUMULATIVE = b"\x10\x02"  # aggregation_temporality = AGGREGATION_TEMPORALITY_C
 
 def metric(data: MetricData) -> bytes:
     """`Metric`: name = 1, description = 2, unit = 3, gauge = 5, sum = 7, histogram = 9."""
-    out = _field(b"\x0a", utf8(data.name))
+    out = _field(b"\x0a", utf8(data.name)) if data.name else b""
     if data.description:
         out += _field(b"\x12", utf8(data.description))
     if data.unit:

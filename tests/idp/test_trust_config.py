@@ -150,3 +150,58 @@ async def test_a_jwt_of_another_issuer_is_never_introspected() -> None:
         assert not isinstance(result, Introspected) and result.status == 401  # type: ignore[union-attr]
         assert "untrusted issuer" in result.description  # type: ignore[union-attr]
         assert introspector is not None and introspector.calls == 0
+
+
+async def test_an_opaque_token_is_hashed_once_and_its_answer_cached_by_that_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The token's SHA-256 is computed once per request (`Presented.fingerprint`) and keys the
+    introspection cache too: a second digest of the same token per request is wasted work."""
+    import aiohttp
+    from aiohttp import web
+
+    from outrider.sidecar.inbound import callers, introspection
+    from outrider.sidecar.inbound.callers import Presented, build_caller_verifier
+
+    asked: list[str] = []
+
+    async def introspect(request: web.Request) -> web.Response:
+        form = await request.post()
+        asked.append(str(form["token"]))
+        return web.json_response(
+            {"active": True, "iss": A, "sub": "alice", "aud": RESOURCE, "exp": 4_000_000_000}
+        )
+
+    app = web.Application()
+    app.router.add_post("/introspect", introspect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    hashed: list[str] = []
+    real = callers.token_fingerprint
+
+    def counting(token: str) -> str:
+        hashed.append(token)
+        return real(token)
+
+    monkeypatch.setattr(callers, "token_fingerprint", counting)
+    monkeypatch.setattr(introspection, "token_fingerprint", counting)
+    config = _config(
+        issuer=A, introspection={"endpoint": f"http://127.0.0.1:{port}/introspect", "auth": "none"}
+    )
+    token = "an-opaque-token-0123456789"
+    try:
+        async with aiohttp.ClientSession() as session:
+            verifier = build_caller_verifier(config, session, None)
+            for _ in range(2):
+                principal = await verifier.authenticate(Presented("bearer", token, (), "POST", "/mcp"))
+                assert not isinstance(principal, introspection.AuthFailure), principal
+                assert principal.subject == "alice"
+            introspector = verifier.opaque.introspector if verifier.opaque else None
+            assert introspector is not None and (introspector.calls, introspector.cache_hits) == (1, 1)
+    finally:
+        await runner.cleanup()
+    assert asked == [token]
+    assert hashed == [token, token]  # once per request, by `Presented`

@@ -10,6 +10,7 @@ import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.parser import text_string_to_metric_families
 
 from outrider.sidecar.dev import mcp_server
 from outrider.sidecar.dev.idp import DevIdP
@@ -128,6 +129,19 @@ async def test_protected_resource_metadata_is_served(
             assert document["resource"] == RESOURCE
             assert document["authorization_servers"] == [idp.issuer]
             assert "none" not in document["resource_signing_alg_values_supported"]
+        async with session.head(sidecar.url + "/.well-known/oauth-protected-resource/mcp") as response:
+            assert response.status == 200
+        # Counted apart from the MCP requests (they used to go uncounted: the pipeline never saw them);
+        # a POST there is not a metadata request: the pipeline refuses it (401) and counts it as mcp.
+        async with session.post(sidecar.url + "/.well-known/oauth-protected-resource", json=CALL) as response:
+            assert response.status == 401
+        metrics = sidecar.proxy.metrics_text().decode()
+    (family,) = [f for f in text_string_to_metric_families(metrics) if f.name == "outrider_inbound_requests"]
+    assert {s.labels["kind"]: s.value for s in family.samples} == {
+        "mcp": 1,
+        "cors_preflight": 0,
+        "resource_metadata": 3,
+    }
 
 
 @pytest.mark.parametrize("mcp_app", ["json"], indirect=True)

@@ -109,7 +109,11 @@ async def test_an_allowed_origins_preflight_is_answered_by_the_sidecar_without_a
     assert 'outrider_inbound_requests_total{kind="cors_preflight"} 2\n' in metrics
     assert 'outrider_inbound_requests_total{kind="mcp"} 0\n' in metrics
     (family,) = [f for f in text_string_to_metric_families(metrics) if f.name == "outrider_inbound_requests"]
-    assert {s.labels["kind"]: s.value for s in family.samples} == {"mcp": 0, "cors_preflight": 2}
+    assert {s.labels["kind"]: s.value for s in family.samples} == {
+        "mcp": 0,
+        "cors_preflight": 2,
+        "resource_metadata": 0,
+    }
 
 
 async def test_a_preflight_from_an_origin_not_listed_is_refused_as_without_cors(

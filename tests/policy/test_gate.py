@@ -9,8 +9,10 @@ import contextlib
 import json
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -598,3 +600,117 @@ async def test_a_named_call_whose_name_is_not_a_string_is_refused_before_policy_
     assert g.stats.invalid == 7 and g.stats.allowed == 5 and g.stats.denied == 0
     # The notification gets no answer; the six requests do.
     assert len(refused_errors(parsed, judgement)) == 6
+
+
+def call_with_values(msg_id: int, values: int) -> dict[str, object]:
+    """A tools/call whose arguments hold `values` values (one record of that many numbers)."""
+    arguments = {f"k{i}": i for i in range(values)}
+    return {
+        "jsonrpc": "2.0",
+        "id": msg_id,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": arguments},
+    }
+
+
+class Evaluations:
+    """The real `decide`, recording which thread ran each body and how many ran at once; a body holding
+    a call with id `hold` waits (on its thread) until `release` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold: int | None = None) -> None:
+        self.threads: dict[object, str] = {}
+        self.release = threading.Event()
+        self.held: list[bool] = []
+        self.hold = hold
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+        self._real = gate_module.decide
+        monkeypatch.setattr(gate_module, "decide", self)
+
+    def __call__(self, *args: Any) -> Any:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            messages = args[3]
+            for m in messages:
+                self.threads[m.id] = threading.current_thread().name
+            if self.hold in [m.id for m in messages]:
+                # Not a time limit: the wait ends at once when the loop answers the small call; the
+                # timeout only keeps a regression (the loop blocked in here) from hanging the suite.
+                self.held.append(self.release.wait(timeout=10))
+            return self._real(*args)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_a_small_call_is_answered_while_a_large_evaluation_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g = gate(cedar=CEDAR)
+    evaluations = Evaluations(monkeypatch, hold=2)
+    large = asyncio.create_task(
+        g.judge(ALICE, parse_body(json.dumps(call_with_values(2, 500)).encode()), "http")
+    )
+    await asyncio.sleep(0)  # the large body reaches its evaluation first
+    small = await g.judge(ALICE, parse_body(json.dumps(call(1, "echo")).encode()), "http")
+    evaluations.release.set()
+    judged_large = await large
+    # The large evaluation was still held (on its thread) when the small call was answered.
+    assert evaluations.held == [True]
+    assert evaluations.threads[1] == threading.current_thread().name
+    assert evaluations.threads[2].startswith("outrider-policy")
+    # Same decisions as inline.
+    for judgement in (small, judged_large):
+        (verdict,) = judgement.verdicts
+        assert verdict.forward and verdict.decision is not None and verdict.decision.policies == ("echo",)
+
+
+async def test_only_bodies_over_the_inline_size_leave_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluations = Evaluations(monkeypatch)
+    g = gate(cedar=CEDAR)
+    here = threading.current_thread().name
+    # The count: the list of calls (1), one per call, then the arguments' values.
+    assert gate_module.INLINE_VALUES == 100
+    await g.judge(ALICE, parse_body(json.dumps(call_with_values(1, 98)).encode()), "http")
+    await g.judge(ALICE, parse_body(json.dumps(call_with_values(2, 99)).encode()), "http")
+    # A batch counts as a whole: 49 calls of one value each are 1 + 49 + 49 = 99, 50 are 101.
+    batch = [call_with_values(i, 1) for i in range(10, 59)]
+    await g.judge(ALICE, parse_body(json.dumps(batch).encode()), "http")
+    batch = [call_with_values(i, 1) for i in range(100, 150)]
+    await g.judge(ALICE, parse_body(json.dumps(batch).encode()), "http")
+    assert evaluations.threads[1] == here and evaluations.threads[2].startswith("outrider-policy")
+    assert evaluations.threads[10] == here and evaluations.threads[100].startswith("outrider-policy")
+    # Without policies nothing is evaluated, so nothing leaves the loop whatever its size.
+    limits_only = gate(rate_limits={"per_user": "100/minute"})
+    await limits_only.judge(ALICE, parse_body(json.dumps(call_with_values(3, 500)).encode()), "http")
+    assert evaluations.threads[3] == here
+
+
+async def test_large_evaluations_take_one_worker_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluations = Evaluations(monkeypatch, hold=0)
+    g = gate(cedar=CEDAR)
+    bodies = [parse_body(json.dumps(call_with_values(i, 300)).encode()) for i in range(4)]
+    tasks = [asyncio.create_task(g.judge(ALICE, b, "http")) for b in bodies]
+    await asyncio.sleep(0)  # all four submitted while the first is held: a second worker would start
+    evaluations.release.set()
+    judgements = await asyncio.gather(*tasks)
+    assert all(j.verdicts[0].forward for j in judgements)
+    assert evaluations.held == [True]
+    assert evaluations.most == 1
+    assert len({evaluations.threads[i] for i in range(4)}) == 1
+
+
+async def test_a_large_body_is_judged_with_its_transport_and_the_configured_limit() -> None:
+    # The worker thread gets every input the inline evaluation does: the transport (in the context)
+    # and `max_argument_values` (not the default).
+    cedar = CEDAR + '@id("no-sse") forbid(principal, action, resource) when { context.transport == "sse" };'
+    g = gate(cedar=cedar, max_argument_values=300)
+    fits, too_many = (parse_body(json.dumps(call_with_values(1, n)).encode()) for n in (250, 301))
+    assert (await g.judge(ALICE, fits, "streamable-http")).verdicts[0].forward
+    refused = (await g.judge(ALICE, fits, "sse")).verdicts[0]
+    assert not refused.forward and refused.decision is not None and refused.decision.policies == ("no-sse",)
+    large = (await g.judge(ALICE, too_many, "streamable-http")).verdicts[0]
+    assert large.reason == "the arguments hold more than 300 values: too many to judge"
