@@ -66,6 +66,11 @@ test: venv sysdeps lint typecheck
 	@# here, with their progress shown, not inside tests/images' fixture under a test's 600 s timeout
 	@# (a fresh machine timed out there); without root the image tests skip and nothing is built
 	@if [ "$$(id -u)" = 0 ]; then NO_LOAD=1 scripts/build-images.sh build; fi
+	@# the one-node cluster's own parts (kubelet, kube-controller-manager, kube-scheduler, kube-proxy, kubectl,
+	@# CoreDNS, the SPIFFE CSI driver, spire-controller-manager: ~25 min of Go on a fresh machine) likewise,
+	@# not inside tests/node's session fixture under the first test's 600 s timeout (a fresh machine timed
+	@# out there: 12 errors); without root the node tests skip and nothing is built
+	@if [ "$$(id -u)" = 0 ]; then scripts/build-node.sh >/dev/null; fi
 	$(BIN)/pytest -m "not node" $(PYTEST_ARGS)
 	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 	@scripts/node-e2e.sh
@@ -128,6 +133,7 @@ node-down: venv
 
 node-test: venv
 	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
+	@if [ "$$(id -u)" = 0 ]; then scripts/build-node.sh >/dev/null; fi
 	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 
 kind-e2e: venv

@@ -239,3 +239,39 @@ def test_registration_status_decoding() -> None:
     assert registration_status(b"") == (False, "")
     assert registration_status(b"\x08\x01") == (True, "")
     assert registration_status(b"\x08\x00\x12\x03bad\x18\x05") == (False, "bad")  # unknown field 3 skipped
+
+
+def test_missing_node_parts_names_what_localnode_up_would_build_first(tmp_path: Path) -> None:
+    """A cold cache gives the first node test a long timeout (tests/node/conftest.py): which parts count."""
+    from tests.node.conftest import K8S_VERSION, missing_node_parts
+
+    cfg = NodeConfig(state_dir=Path("/srv/node"), cache_dir=tmp_path, ipv6=False)
+    everything = [
+        "kubelet",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kube-proxy",
+        "kubectl",
+        "coredns",
+        "spiffe-csi-driver",
+        "spire-controller-manager",
+        "images",
+    ]
+    assert missing_node_parts(cfg) == everything
+    k8s = tmp_path / f"kubernetes-{K8S_VERSION}" / "bin"
+    k8s.mkdir(parents=True)
+    for name in everything[:5]:
+        (k8s / name).write_bytes(b"")
+    for rel in (
+        "coredns-v9/bin/coredns",
+        "spiffe-csi-driver-v9/bin/spiffe-csi-driver",
+        "spire-controller-manager-v9/bin/spire-controller-manager",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert missing_node_parts(cfg) == ["images"]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "x.docker.tar").write_bytes(b"")
+    assert missing_node_parts(cfg) == []
+    (k8s / "kubectl").unlink()
+    assert missing_node_parts(cfg) == ["kubectl"]
