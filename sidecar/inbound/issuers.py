@@ -167,11 +167,21 @@ class IssuerConfig:
     jwks_uri: str | None = None
     algorithms: tuple[str, ...] | None = None  # default: inbound.algorithms
     required_scopes: tuple[str, ...] | None = None  # default: inbound.required_scopes
+    require_access_token_typ: bool | None = None  # default: inbound.require_access_token_typ
     introspection: IntrospectionConfig | None = None
     exchange: ExchangeConfig | None = None
 
     _KEYS = frozenset(
-        {"issuer", "audience", "jwks_uri", "algorithms", "required_scopes", "introspection", "exchange"}
+        {
+            "issuer",
+            "audience",
+            "jwks_uri",
+            "algorithms",
+            "required_scopes",
+            "require_access_token_typ",
+            "introspection",
+            "exchange",
+        }
     )
 
     @classmethod
@@ -203,6 +213,11 @@ class IssuerConfig:
             jwks_uri=_url(data, "jwks_uri", where),
             algorithms=algorithms,
             required_scopes=string_list(data, "required_scopes", where, ()) or None,
+            require_access_token_typ=(
+                _flag(data, "require_access_token_typ", where, False)
+                if "require_access_token_typ" in data
+                else None
+            ),
             introspection=(
                 IntrospectionConfig.from_mapping(introspection_raw, f"{where}.introspection")
                 if introspection_raw is not None

@@ -73,6 +73,11 @@ def test_issuers_each_with_their_own_exchange() -> None:
         ({"dpop": {"algorithms": ["HS256"]}}, "inbound.dpop.algorithms"),
         ({"dpop": {"iat_window_s": "60"}}, "inbound.dpop.iat_window_s"),
         ({"introspection": {"endpoint": A + "/i"}}, "needs inbound.issuer"),
+        ({"issuer": A, "require_access_token_typ": "yes"}, "inbound.require_access_token_typ"),
+        (
+            {"issuers": [{"issuer": A, "require_access_token_typ": 1}]},
+            r"inbound.issuers\[0\].require_access_token_typ",
+        ),
     ],
 )
 def test_config_errors_name_the_key(extra: dict[str, Any], message: str) -> None:
@@ -150,3 +155,23 @@ async def test_a_jwt_of_another_issuer_is_never_introspected() -> None:
         assert not isinstance(result, Introspected) and result.status == 401  # type: ignore[union-attr]
         assert "untrusted issuer" in result.description  # type: ignore[union-attr]
         assert introspector is not None and introspector.calls == 0
+
+
+async def test_require_access_token_typ_is_per_issuer_with_the_inbound_default() -> None:
+    import aiohttp
+
+    from outrider.sidecar.inbound.callers import build_caller_verifier
+
+    config = _config(
+        issuer=A,
+        require_access_token_typ=True,
+        issuers=[
+            {"issuer": B, "require_access_token_typ": False},
+            {"issuer": "https://keycloak.example/realms/r"},
+        ],
+    )
+    async with aiohttp.ClientSession() as session:
+        judges = build_caller_verifier(config, session, None)
+        verifiers = [t.verifier for t in judges.issuers.values()]
+    scoped = [v._config.require_access_token_typ for v in verifiers if v is not None]
+    assert scoped == [True, False, True]
