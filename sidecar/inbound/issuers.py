@@ -107,6 +107,9 @@ class IntrospectionConfig:
     timeout_s: float = 5.0
     opaque_tokens: bool = True  # non-JWT tokens are introspected here
     ca_file: str | None = None
+    # Refuse an answer without `aud`: RFC 7662 makes it optional, and an IdP that leaves it out of
+    # answers would have every token it issues, for any resource, accepted here.
+    require_audience: bool = False
 
     _KEYS = frozenset(
         {
@@ -122,6 +125,7 @@ class IntrospectionConfig:
             "timeout_s",
             "opaque_tokens",
             "ca_file",
+            "require_audience",
         }
     )
 
@@ -152,6 +156,7 @@ class IntrospectionConfig:
             timeout_s=_number(data, "timeout_s", where, cls.timeout_s, 0.01, 120),
             opaque_tokens=_flag(data, "opaque_tokens", where, cls.opaque_tokens),
             ca_file=_str(data, "ca_file", where),
+            require_audience=_flag(data, "require_audience", where, cls.require_audience),
         )
         if config.auth == "client-secret" and not (config.client_id and config.client_secret_file):
             raise _error(f"{where}: auth client-secret needs client_id and client_secret_file")
