@@ -395,8 +395,10 @@ class DevIdP:
         client_id: str | None = None,
         act: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
+        typ: str | None = "at+jwt",
     ) -> str:
-        """Sign an access token as this IdP. `expires_in` may be negative (an expired token)."""
+        """Sign an access token as this IdP. `expires_in` may be negative (an expired token); `typ`
+        is the header's (None: none, as many IdPs send; "JWT" with ID-token claims: an ID token)."""
         now = time.time()
         ttl = self.token_ttl if expires_in is None else expires_in
         claims: dict[str, Any] = {
@@ -424,7 +426,8 @@ class DevIdP:
             claims["act"] = dict(act)
         if extra:
             claims.update(extra)
-        return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.kid, "typ": "at+jwt"})
+        headers = {"kid": self.kid, "typ": typ}  # PyJWT leaves out a typ of None
+        return jwt.encode(claims, self._key, algorithm="ES256", headers=headers)
 
     def verify(self, token: str, *, audience: str | None = None) -> dict[str, Any]:
         """Check a token this IdP issued (signature, issuer, expiry; audience when given)."""

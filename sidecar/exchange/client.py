@@ -69,10 +69,11 @@ Clock = Callable[[], float]
 class TokenCache:
     """Issued tokens by `CacheKey`; what `get` returns is marked `cache_hit`."""
 
-    def __init__(self, max_size: int, skew: float, clock: Clock = time.time) -> None:
+    def __init__(self, max_size: int, skew: float, clock: Clock = time.time, max_ttl: float = 3600.0) -> None:
         self._entries: OrderedDict[CacheKey, IssuedToken] = OrderedDict()
         self._max = max_size
         self._skew = skew
+        self._max_ttl = max_ttl
         self._clock = clock
         self.evictions = 0
 
@@ -90,10 +91,13 @@ class TokenCache:
         return entry
 
     def put(self, key: CacheKey, token: IssuedToken) -> None:
-        if token.expires_at - self._skew <= self._clock():
+        now = self._clock()
+        if token.expires_at - self._skew <= now:
             return  # too short-lived to be worth serving twice
-        # Stored as what every later `get` serves (a cache hit): no copy per hit.
-        self._entries[key] = token if token.cache_hit else replace(token, cache_hit=True)
+        # Stored as what every later `get` serves (a cache hit): no copy per hit. Served no longer
+        # than `max_ttl`, whatever lifetime the IdP claimed.
+        expires_at = min(token.expires_at, now + self._max_ttl)
+        self._entries[key] = replace(token, cache_hit=True, expires_at=expires_at)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
@@ -162,7 +166,9 @@ class OAuthTokenExchanger:
         self._identity = identity
         self._session = session
         self._clock = clock
-        self.cache = TokenCache(config.cache_size, config.cache_skew_seconds, clock)
+        self.cache = TokenCache(
+            config.cache_size, config.cache_skew_seconds, clock, config.cache_max_ttl_seconds
+        )
         self.stats = ExchangeStats()
         self._inflight: dict[CacheKey, asyncio.Task[IssuedToken]] = {}
         self._last_failure: str | None = None

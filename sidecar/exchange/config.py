@@ -46,6 +46,7 @@ _KEYS = frozenset(
         "connect_timeout_seconds",
         "cache_size",
         "cache_skew_seconds",
+        "cache_max_ttl_seconds",
         "ca_file",
     }
 )
@@ -86,6 +87,9 @@ class ExchangeConfig:
     connect_timeout_seconds: float = 2.0
     cache_size: int = 1024
     cache_skew_seconds: float = 30.0
+    # Longest an issued token is served from the cache, whatever its `expires_in` says: an IdP
+    # answering `expires_in: 1e308` must not pin a token (and the grant behind it) for ever.
+    cache_max_ttl_seconds: float = 3600.0
     ca_file: str | None = None  # CA bundle to verify the token endpoint's TLS (system CAs when unset)
 
     @classmethod
@@ -123,8 +127,14 @@ class ExchangeConfig:
             connect_timeout_seconds=_positive(data, "connect_timeout_seconds", cls.connect_timeout_seconds),
             cache_size=int(_positive(data, "cache_size", cls.cache_size, integer=True)),
             cache_skew_seconds=_non_negative(data, "cache_skew_seconds", cls.cache_skew_seconds),
+            cache_max_ttl_seconds=_positive(data, "cache_max_ttl_seconds", cls.cache_max_ttl_seconds),
             ca_file=_opt_str(data, "ca_file"),
         )
+        if config.cache_max_ttl_seconds <= config.cache_skew_seconds:
+            raise _error(
+                f"exchange.cache_max_ttl_seconds: {config.cache_max_ttl_seconds:g} must be greater than "
+                f"cache_skew_seconds ({config.cache_skew_seconds:g}), or no issued token is ever reused"
+            )
         if config.enabled:
             config.check()
         return config

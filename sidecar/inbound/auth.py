@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import jwt
 
-from outrider.sidecar.inbound.claims import claim_problem
+from outrider.sidecar.inbound.claims import claim_problem, not_an_access_token
 from outrider.sidecar.inbound.config import InboundConfig
 from outrider.sidecar.telemetry.observer import Principal
 
@@ -332,7 +332,9 @@ class TokenVerifier:
             return AuthFailure(401, "invalid_token", "the access token is malformed")
         if not isinstance(unverified, dict):
             return AuthFailure(401, "invalid_token", "the access token's payload is not a JSON object")
-        problem = claim_problem(unverified)
+        problem = claim_problem(unverified) or not_an_access_token(
+            header, unverified, self._config.require_access_token_typ
+        )
         if problem is not None:
             return AuthFailure(401, "invalid_token", problem)
         kid = header.get("kid")

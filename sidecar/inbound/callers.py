@@ -270,6 +270,9 @@ def build_caller_verifier(
             required_scopes=entry.required_scopes
             if entry.required_scopes is not None
             else config.required_scopes,
+            require_access_token_typ=entry.require_access_token_typ
+            if entry.require_access_token_typ is not None
+            else config.require_access_token_typ,
             issuers=(),
         )
         jwks = verifier = None

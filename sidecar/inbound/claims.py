@@ -34,3 +34,33 @@ def is_numeric_date(value: Any) -> bool:
     if isinstance(value, float) and not math.isfinite(value):
         return False
     return 0 <= value <= MAX_NUMERIC_DATE
+
+
+# RFC 9068 §2.1: the header `typ` of a JWT access token (media types compare case-insensitively).
+ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+# Claims only an OpenID Connect ID token carries (OIDC Core §3.1.3.6, §3.3.2.11): the hashes of the
+# access token and code issued beside it. `nonce` is not among them: Keycloak put it in access
+# tokens too until 2024 (keycloak/keycloak#26893).
+ID_TOKEN_CLAIMS = ("at_hash", "c_hash")
+
+
+def not_an_access_token(
+    header: Mapping[str, Any], claims: Mapping[str, Any], require_typ: bool
+) -> str | None:
+    """Why a JWT is not an access token (an ID token of the same issuer, whose `aud` is a client id
+    that may equal the resource), or None. A header `typ` of `at+jwt` settles it; without one the
+    token is refused only when it says it is an ID token: Keycloak's payload `typ` "ID" (its access
+    tokens say "Bearer"), or an ID-token-only claim. `require_typ` refuses every token without the
+    RFC 9068 `typ`, for issuers that always set it."""
+    typ = header.get("typ")
+    if isinstance(typ, str) and typ.lower() in ACCESS_TOKEN_TYPES:
+        return None
+    if require_typ:
+        return "the token is not an RFC 9068 access token (its header 'typ' is not 'at+jwt')"
+    kind = claims.get("typ")
+    if isinstance(kind, str) and kind.lower() == "id":
+        return "the token is an ID token, not an access token (its 'typ' claim is 'ID')"
+    for name in ID_TOKEN_CLAIMS:
+        if name in claims:
+            return f"the token is an ID token, not an access token (it carries {name!r})"
+    return None

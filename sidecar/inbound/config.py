@@ -68,6 +68,7 @@ _KEYS = frozenset(
         "algorithms",
         "leeway_s",
         "required_scopes",
+        "require_access_token_typ",
         "authorization_servers",
         "jwks_refresh_interval_s",
         "jwks_min_refresh_interval_s",
@@ -180,6 +181,9 @@ class InboundConfig:
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     leeway_s: float = 30.0
     required_scopes: tuple[str, ...] = ()
+    # Refuse a JWT whose header lacks `typ: at+jwt` (RFC 9068): for issuers that always set it.
+    # Without it an ID token is still refused when it says so (see claims.not_an_access_token).
+    require_access_token_typ: bool = False
     # For RFC 9728 metadata; defaults to [issuer].
     authorization_servers: tuple[str, ...] = ()
     jwks_refresh_interval_s: float = 600.0
@@ -292,6 +296,9 @@ class InboundConfig:
         legacy = data.get("legacy_sse_path", cls.legacy_sse_path)
         if not isinstance(legacy, str) or not legacy.startswith("/"):
             raise _error(f"inbound.legacy_sse_path: {legacy!r} must be a path starting with /")
+        require_typ = data.get("require_access_token_typ", False)
+        if not isinstance(require_typ, bool):
+            raise _error(f"inbound.require_access_token_typ: {require_typ!r} must be true or false")
         anonymous = data.get("allow_unauthenticated", False)
         if not isinstance(anonymous, bool):
             raise _error(f"inbound.allow_unauthenticated: {anonymous!r} must be true or false")
@@ -318,6 +325,7 @@ class InboundConfig:
             algorithms=algorithms,
             leeway_s=_float(data, "leeway_s", cls.leeway_s, 0, 300),
             required_scopes=string_list(data, "required_scopes", "inbound", ()),
+            require_access_token_typ=require_typ,
             authorization_servers=servers,
             jwks_refresh_interval_s=_float(
                 data, "jwks_refresh_interval_s", cls.jwks_refresh_interval_s, 10, 86400

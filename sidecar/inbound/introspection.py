@@ -59,8 +59,10 @@ def judge(
     cache_ttl_s: float,
     group_claims: tuple[str, ...] = (),
     role_claims: tuple[str, ...] = (),
+    require_audience: bool = False,
 ) -> Introspected | AuthFailure:
-    """Decide on an RFC 7662 §2.2 answer; only a JSON `true` counts as active."""
+    """Decide on an RFC 7662 §2.2 answer; only a JSON `true` counts as active. `aud` is checked when
+    the answer has one, and an answer without one is refused when `require_audience` is set."""
     if document.get("active") is not True:
         return AuthFailure(401, "invalid_token", "the access token is not active (expired or revoked)")
     exp = document.get("exp")
@@ -74,6 +76,8 @@ def judge(
     iss = document.get("iss")
     if iss is not None and iss != issuer:
         return AuthFailure(401, "invalid_token", "the access token was issued by another issuer")
+    if audience is not None and require_audience and "aud" not in document:
+        return AuthFailure(401, "invalid_token", "the introspection answer names no audience ('aud')")
     if audience is not None and "aud" in document and audience not in _audiences(document.get("aud")):
         return AuthFailure(401, "invalid_token", "the access token is not meant for this resource")
     subject = document.get("sub") or document.get("username")
@@ -245,6 +249,7 @@ class Introspector:
             cache_ttl_s=self.config.cache_ttl_s,
             group_claims=self._group_claims,
             role_claims=self._role_claims,
+            require_audience=self.config.require_audience,
         )
 
     def _unavailable(self, why: str) -> AuthFailure:

@@ -107,6 +107,9 @@ class IntrospectionConfig:
     timeout_s: float = 5.0
     opaque_tokens: bool = True  # non-JWT tokens are introspected here
     ca_file: str | None = None
+    # Refuse an answer without `aud`: RFC 7662 makes it optional, and an IdP that leaves it out of
+    # answers would have every token it issues, for any resource, accepted here.
+    require_audience: bool = False
 
     _KEYS = frozenset(
         {
@@ -122,6 +125,7 @@ class IntrospectionConfig:
             "timeout_s",
             "opaque_tokens",
             "ca_file",
+            "require_audience",
         }
     )
 
@@ -152,6 +156,7 @@ class IntrospectionConfig:
             timeout_s=_number(data, "timeout_s", where, cls.timeout_s, 0.01, 120),
             opaque_tokens=_flag(data, "opaque_tokens", where, cls.opaque_tokens),
             ca_file=_str(data, "ca_file", where),
+            require_audience=_flag(data, "require_audience", where, cls.require_audience),
         )
         if config.auth == "client-secret" and not (config.client_id and config.client_secret_file):
             raise _error(f"{where}: auth client-secret needs client_id and client_secret_file")
@@ -167,11 +172,21 @@ class IssuerConfig:
     jwks_uri: str | None = None
     algorithms: tuple[str, ...] | None = None  # default: inbound.algorithms
     required_scopes: tuple[str, ...] | None = None  # default: inbound.required_scopes
+    require_access_token_typ: bool | None = None  # default: inbound.require_access_token_typ
     introspection: IntrospectionConfig | None = None
     exchange: ExchangeConfig | None = None
 
     _KEYS = frozenset(
-        {"issuer", "audience", "jwks_uri", "algorithms", "required_scopes", "introspection", "exchange"}
+        {
+            "issuer",
+            "audience",
+            "jwks_uri",
+            "algorithms",
+            "required_scopes",
+            "require_access_token_typ",
+            "introspection",
+            "exchange",
+        }
     )
 
     @classmethod
@@ -203,6 +218,11 @@ class IssuerConfig:
             jwks_uri=_url(data, "jwks_uri", where),
             algorithms=algorithms,
             required_scopes=string_list(data, "required_scopes", where, ()) or None,
+            require_access_token_typ=(
+                _flag(data, "require_access_token_typ", where, False)
+                if "require_access_token_typ" in data
+                else None
+            ),
             introspection=(
                 IntrospectionConfig.from_mapping(introspection_raw, f"{where}.introspection")
                 if introspection_raw is not None

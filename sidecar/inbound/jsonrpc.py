@@ -35,6 +35,7 @@ NAME_BEARING_METHODS: Mapping[str, str] = {
 # that all callers share: 10 000 calls in a 1 MB body cost seconds. MCP clients send one message
 # (batches left the protocol in 2025-06-18); this is far above any that still batch.
 MAX_BATCH_MESSAGES = 100
+COMPLETE = "completion/complete"
 _RESOURCE_METHODS = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 
 
@@ -48,6 +49,9 @@ class McpMessage:
     tool_name: str | None = None  # params.name for tools/call
     prompt_name: str | None = None  # params.name for prompts/get
     resource_uri: str | None = None  # params.uri for resources/read, subscribe, ...
+    # completion/complete: what params.ref names, ("Prompt", name) or ("Resource", uri); None when
+    # the ref is not one of the two shapes the MCP schema gives (or for any other method)
+    completion_ref: tuple[str, str] | None = None
     arguments: dict[str, object] | None = None  # params.arguments (never logged unless configured)
     is_error: bool = False  # response: JSON-RPC error, or result.isError for tool results
     error_code: int | None = None
@@ -88,6 +92,20 @@ def _trace_context(meta: Any) -> Mapping[str, str] | None:
     return {k: meta[k] for k in ("traceparent", "tracestate") if isinstance(meta.get(k), str)}
 
 
+def _completion_ref(ref: Any) -> tuple[str, str] | None:
+    """What a `completion/complete` ref names: a prompt (`{"type": "ref/prompt", "name": …}`) or a
+    resource template (`{"type": "ref/resource", "uri": …}`). A ref carrying the other kind's key
+    too is not one: a lenient server may read that key and complete for what it names instead."""
+    if not isinstance(ref, dict):
+        return None
+    kind = ref.get("type")
+    if kind == "ref/prompt" and "uri" not in ref and isinstance(ref.get("name"), str):
+        return ("Prompt", ref["name"])
+    if kind == "ref/resource" and "name" not in ref and isinstance(ref.get("uri"), str):
+        return ("Resource", ref["uri"])
+    return None
+
+
 def parse_message(obj: Any) -> McpMessage:
     """The facts of one decoded JSON-RPC value; anything malformed is `kind="invalid"`, never an error."""
     if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
@@ -107,6 +125,7 @@ def parse_message(obj: Any) -> McpMessage:
             tool_name=name if method == "tools/call" else None,
             prompt_name=name if method == "prompts/get" else None,
             resource_uri=_str(params.get("uri")) if method in _RESOURCE_METHODS else None,
+            completion_ref=_completion_ref(params.get("ref")) if method == COMPLETE else None,
             arguments=arguments if isinstance(arguments, dict) else None,
             trace_context=_trace_context(params.get("_meta")),
         )

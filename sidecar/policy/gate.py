@@ -68,6 +68,10 @@ _NAMED_PARAM = {
     "resources/subscribe": "params.uri",
     "resources/unsubscribe": "params.uri",
 }
+_BAD_REF = (
+    'completion/complete needs params.ref as {"type": "ref/prompt", "name": <string>} '
+    'or {"type": "ref/resource", "uri": <string>}'
+)
 
 
 def unnamed(message: McpMessage) -> str | None:
@@ -77,8 +81,14 @@ def unnamed(message: McpMessage) -> str | None:
     per-tool budget); a server that coerces the value (JavaScript turns `["delete"]` into the key
     `"delete"`) would then run the forbidden tool. The `mcp` SDK refuses such params itself.
     """
+    if message.kind not in ("request", "notification"):
+        return None
+    if message.method == jsonrpc.COMPLETE:
+        # Judged as the prompt or resource template it completes for (a caller forbidden a prompt
+        # must not learn its arguments' values): a ref of no known shape names nothing to judge.
+        return None if message.completion_ref is not None else _BAD_REF
     param = _NAMED_PARAM.get(message.method or "")
-    if param is None or message.kind not in ("request", "notification"):
+    if param is None:
         return None
     named = {"tools/call": message.tool_name, "prompts/get": message.prompt_name}.get(
         message.method or "", message.resource_uri

@@ -25,7 +25,7 @@ METHOD_ACTIONS: Mapping[str, tuple[str, str]] = {
     "resources/list": ("list_resources", "McpServer"),
     "resources/templates/list": ("list_resources", "McpServer"),
 }
-# Any other request method (completion/complete, logging/setLevel, tasks/..., a future method).
+# Any other request method (logging/setLevel, tasks/..., a future method).
 OTHER_ACTION = "other"
 # Session plumbing that grants no access to tools or data: never judged, so that a policy set that
 # permits only some tools does not also have to spell out how to start a session.
@@ -163,6 +163,11 @@ def more_values_than(value: Any, limit: int) -> bool:
 def action_for(message: McpMessage) -> tuple[str, str, str]:
     """(action, resource type, resource id) of a request; the resource id is "" for the server."""
     method = message.method or ""
+    if message.completion_ref is not None:
+        # completion/complete reveals a prompt's or a resource template's argument values: judged
+        # as getting that prompt or reading that resource (a template by its text, as in lists).
+        kind, named = message.completion_ref
+        return ("get_prompt" if kind == "Prompt" else "read_resource"), kind, named
     action, kind = METHOD_ACTIONS.get(method, (OTHER_ACTION, "McpServer"))
     if kind == "Tool":
         return action, kind, message.tool_name or ""

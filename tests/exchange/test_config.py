@@ -52,6 +52,9 @@ def test_full_config_via_sidecar_parse():
         ({**BASE, "actor_token": "yes"}, "exchange.actor_token"),
         ({**BASE, "tokne_endpoint": "x"}, "tokne_endpoint"),
         ({**BASE, "enabled": True, "token_endpoint": None}, "exchange.token_endpoint"),
+        ({**BASE, "cache_max_ttl_seconds": 0}, "exchange.cache_max_ttl_seconds"),
+        ({**BASE, "cache_max_ttl_seconds": "1h"}, "exchange.cache_max_ttl_seconds"),
+        ({**BASE, "cache_max_ttl_seconds": 30}, "greater than cache_skew_seconds (30)"),
     ],
 )
 def test_errors_name_the_key(data, key):

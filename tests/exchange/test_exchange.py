@@ -218,6 +218,26 @@ async def test_cache_hit_then_expiry(idp, identity, session):
     assert ex.stats.cache_hits == 2
 
 
+async def test_a_huge_expires_in_is_cached_no_longer_than_the_max_ttl(idp, identity, session):
+    """The IdP answers `expires_in` 1e308 (a finite number, so valid): cached by it, the issued
+    token (and the grant behind it) was served for ever, past any revocation at the IdP."""
+    idp.token_ttl = 1e308
+    user_token = await password_token(session, idp)
+    for overrides, max_ttl in (({}, 3600), ({"cache_max_ttl_seconds": 600}, 600)):
+        clock = FakeClock()
+        ex = OAuthTokenExchanger(
+            config_for(idp, cache_skew_seconds=30, **overrides), identity, session, clock=clock
+        )
+        before = idp.stats.exchange_requests
+        first = await ex.exchange(user_token)
+        clock.now += max_ttl - 31  # just inside the cap less the skew: still served from the cache
+        assert (await ex.exchange(user_token)).cache_hit
+        clock.now += 2  # past it: exchanged again
+        renewed = await ex.exchange(user_token)
+        assert not renewed.cache_hit and renewed.access_token != first.access_token
+        assert idp.stats.exchange_requests == before + 2
+
+
 async def test_cache_is_bounded_lru(idp, identity, session):
     ex = exchanger(idp, identity, session, cache_size=2)
     tokens = [idp.mint(f"user{i}", audience="https://mcp.example.com/mcp") for i in range(3)]

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from outrider.sidecar.config import ConfigError
+from outrider.sidecar.inbound.auth import AuthFailure
 from outrider.sidecar.inbound.config import InboundConfig
 from outrider.sidecar.inbound.introspection import Introspected, judge
 
@@ -73,6 +74,11 @@ def test_issuers_each_with_their_own_exchange() -> None:
         ({"dpop": {"algorithms": ["HS256"]}}, "inbound.dpop.algorithms"),
         ({"dpop": {"iat_window_s": "60"}}, "inbound.dpop.iat_window_s"),
         ({"introspection": {"endpoint": A + "/i"}}, "needs inbound.issuer"),
+        ({"issuer": A, "require_access_token_typ": "yes"}, "inbound.require_access_token_typ"),
+        (
+            {"issuers": [{"issuer": A, "require_access_token_typ": 1}]},
+            r"inbound.issuers\[0\].require_access_token_typ",
+        ),
     ],
 )
 def test_config_errors_name_the_key(extra: dict[str, Any], message: str) -> None:
@@ -89,6 +95,7 @@ def _judge(document: dict[str, Any], **kw: Any) -> Any:
         now=1000.0,
         leeway_s=0.0,
         cache_ttl_s=30.0,
+        require_audience=kw.get("require_audience", False),
     )
 
 
@@ -205,3 +212,78 @@ async def test_an_opaque_token_is_hashed_once_and_its_answer_cached_by_that_dige
         await runner.cleanup()
     assert asked == [token]
     assert hashed == [token, token]  # once per request, by `Presented`
+
+
+async def test_require_access_token_typ_is_per_issuer_with_the_inbound_default() -> None:
+    import aiohttp
+
+    from outrider.sidecar.inbound.callers import build_caller_verifier
+
+    config = _config(
+        issuer=A,
+        require_access_token_typ=True,
+        issuers=[
+            {"issuer": B, "require_access_token_typ": False},
+            {"issuer": "https://keycloak.example/realms/r"},
+        ],
+    )
+    async with aiohttp.ClientSession() as session:
+        judges = build_caller_verifier(config, session, None)
+        verifiers = [t.verifier for t in judges.issuers.values()]
+    scoped = [v._config.require_access_token_typ for v in verifiers if v is not None]
+    assert scoped == [True, False, True]
+
+
+def test_introspection_require_audience_refuses_an_answer_without_aud() -> None:
+    """RFC 7662 makes `aud` optional: checked only when present, an IdP whose answers leave it out
+    had every token it issued, for any resource, accepted here."""
+    answer = {"active": True, "sub": "alice", "iss": B}
+    assert isinstance(_judge(answer), Introspected)
+    result = _judge(answer, require_audience=True)
+    assert not isinstance(result, Introspected) and result.status == 401
+    assert result.description == "the introspection answer names no audience ('aud')"
+    assert isinstance(_judge({**answer, "aud": ["x", "api://mcp"]}, require_audience=True), Introspected)
+    wrong = _judge({**answer, "aud": "api://other"}, require_audience=True)
+    assert not isinstance(wrong, Introspected) and "not meant for this resource" in wrong.description
+
+
+async def test_introspection_require_audience_over_a_real_endpoint() -> None:
+    """The option reaches the introspector: a real endpoint answering without `aud`."""
+    import aiohttp
+    from aiohttp import web
+
+    from outrider.sidecar.inbound.callers import Presented, build_caller_verifier
+
+    async def introspect(request: web.Request) -> web.Response:
+        return web.json_response({"active": True, "sub": "alice", "iss": B, "exp": 4102444800})
+
+    app = web.Application()
+    app.router.add_post("/introspect", introspect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        results = []
+        for required in (False, True):
+            introspection = {"endpoint": f"http://127.0.0.1:{port}/introspect", "auth": "none"}
+            config = _config(
+                issuers=[
+                    {
+                        "issuer": B,
+                        "audience": "api://mcp",
+                        "introspection": {**introspection, "require_audience": required},
+                    }
+                ]
+            )
+            async with aiohttp.ClientSession() as session:
+                verifier = build_caller_verifier(config, session, None)
+                results.append(
+                    await verifier.authenticate(Presented("bearer", "opaque-1", (), "POST", "/mcp"))
+                )
+    finally:
+        await runner.cleanup()
+    accepted, refused = results
+    assert not isinstance(accepted, AuthFailure), accepted
+    assert isinstance(refused, AuthFailure) and "names no audience" in refused.description

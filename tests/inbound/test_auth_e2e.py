@@ -157,3 +157,46 @@ async def test_insufficient_scope_is_403(
         assert 'scope="mcp:tools"' in headers["WWW-Authenticate"]
         status, _, body = await post(sidecar.mcp_url(), idp.mint("alice", audience=RESOURCE), INITIALIZE)
         assert status == 200, body
+
+
+@pytest.mark.parametrize("mcp_app", ["json"], indirect=True)
+async def test_an_id_token_for_the_resource_is_not_an_access_token(
+    mcp_app: mcp_server.RunningServer, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    """Signed by the trusted issuer with `aud` equal to the resource (a client id may be both), an
+    ID token passed as an access token. Real tokens of the real IdP, on a real socket."""
+    refused = {
+        "keycloak_id_token": (idp.mint("alice", typ="JWT", extra={"typ": "ID"}), "its 'typ' claim is 'ID'"),
+        "at_hash": (idp.mint("alice", typ="JWT", extra={"nonce": "n", "at_hash": "x"}), "'at_hash'"),
+        "c_hash": (idp.mint("alice", typ=None, extra={"c_hash": "x"}), "'c_hash'"),
+    }
+    accepted = {
+        "rfc9068": idp.mint("alice"),
+        "rfc9068_media_type": idp.mint("alice", typ="application/AT+JWT", extra={"at_hash": "x"}),
+        "no_typ": idp.mint("alice", typ=None),
+        "keycloak_access_token": idp.mint("alice", typ="JWT", extra={"typ": "Bearer", "nonce": "n"}),
+    }
+    async with make_sidecar(mcp_app.port) as sidecar:
+        for case, (token, why) in refused.items():
+            status, headers, body = await post(sidecar.mcp_url(), token, INITIALIZE)
+            assert status == 401, case
+            challenge = headers["WWW-Authenticate"]
+            assert 'error="invalid_token"' in challenge and why in challenge, (case, challenge)
+            assert "ID token" in challenge and token not in challenge + json.dumps(body)
+        for case, token in accepted.items():
+            status, _, body = await post(sidecar.mcp_url(), token, INITIALIZE)
+            assert status == 200, (case, body)
+
+
+@pytest.mark.parametrize("mcp_app", ["json"], indirect=True)
+async def test_require_access_token_typ_refuses_every_token_without_it(
+    mcp_app: mcp_server.RunningServer, make_sidecar: SidecarFactory, idp: DevIdP
+) -> None:
+    async with make_sidecar(mcp_app.port, require_access_token_typ=True) as sidecar:
+        for typ in (None, "JWT"):
+            status, headers, _ = await post(sidecar.mcp_url(), idp.mint("alice", typ=typ), INITIALIZE)
+            assert status == 401, typ
+            assert "not an RFC 9068 access token" in headers["WWW-Authenticate"]
+        for typ in ("at+jwt", "application/at+jwt", "AT+JWT"):
+            status, _, body = await post(sidecar.mcp_url(), idp.mint("alice", typ=typ), INITIALIZE)
+            assert status == 200, (typ, body)

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from mcp.shared.exceptions import MCPError as McpError
-from mcp_types import TextContent
+from mcp_types import Completion, PromptReference, ResourceTemplateReference, TextContent
 
 from outrider.sidecar.dev import mcp_server
 from outrider.sidecar.dev.idp import DevIdP
@@ -174,6 +174,61 @@ async def test_resource_templates_are_filtered_like_the_resources_they_read(
                 "notes://public/{name}",
             ]
     assert sidecar.proxy.gate is not None and sidecar.proxy.gate.stats.filtered_items >= 2
+
+
+COMPLETING = """
+@id("plumbing")
+permit(principal, action == Action::"other", resource);
+
+@id("greet-and-public-notes")
+permit(principal, action, resource)
+when { resource == Prompt::"greet" || resource == Resource::"notes://public/{name}" };
+
+@id("admins-everything")
+permit(principal in Group::"admins", action, resource);
+"""
+
+
+async def test_completions_are_judged_as_the_prompt_or_template_they_complete(
+    idp: DevIdP, workload_api: DevWorkloadApi
+) -> None:
+    """`completion/complete` was judged as `Action::"other"` on the server: alice, forbidden the
+    prompt `secret` and the private notes, still got their arguments' values. Real SDK both ends."""
+    server = notes_server()
+
+    @server.prompt()
+    def greet(name: str) -> str:
+        return f"hello {name}"
+
+    @server.prompt()
+    def secret(code: str) -> str:
+        return f"the code is {code}"
+
+    @server.completion()
+    async def complete(ref: Any, argument: Any, context: Any) -> Completion:
+        return Completion(values=[f"{argument.name}-value"], total=1, has_more=False)
+
+    alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
+    refs: list[Any] = [
+        PromptReference(type="ref/prompt", name="secret"),
+        ResourceTemplateReference(type="ref/resource", uri="notes://private/{name}"),
+    ]
+    async with (
+        mcp_server.running(0, "streamable", server=server) as app,
+        policy_sidecar(idp, workload_api, app.port, policy={"cedar": COMPLETING}) as sidecar,
+    ):
+        async with client_for(sidecar.mcp_url(), alice) as client:
+            greet_ref = PromptReference(type="ref/prompt", name="greet")
+            done = await client.complete(greet_ref, {"name": "name", "value": ""})
+            assert done.completion.values == ["name-value"]
+            public = ResourceTemplateReference(type="ref/resource", uri="notes://public/{name}")
+            assert (await client.complete(public, {"name": "name", "value": ""})).completion.values
+            for ref in refs:
+                await assert_denied(client.complete(ref, {"name": "code", "value": ""}))
+            await assert_denied(client.get_prompt("secret", {"code": "1"}))
+        async with client_for(sidecar.mcp_url(), bob) as client:
+            for ref in refs:
+                assert (await client.complete(ref, {"name": "code", "value": ""})).completion.values
 
 
 @pytest.mark.parametrize("mcp_app", ["stateless"], indirect=True)

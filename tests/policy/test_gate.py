@@ -714,3 +714,63 @@ async def test_a_large_body_is_judged_with_its_transport_and_the_configured_limi
     assert not refused.forward and refused.decision is not None and refused.decision.policies == ("no-sse",)
     large = (await g.judge(ALICE, too_many, "streamable-http")).verdicts[0]
     assert large.reason == "the arguments hold more than 300 values: too many to judge"
+
+
+async def test_completion_is_judged_as_the_prompt_or_resource_its_ref_names() -> None:
+    """Judged as `Action::"other"` on the server, `completion/complete` told a caller forbidden the
+    prompt `secret` (or the template `file:///private/{path}`) the values of its arguments."""
+    g = gate(
+        cedar="permit(principal, action, resource);\n"
+        'forbid(principal, action == Action::"get_prompt", resource == Prompt::"secret");\n'
+        'forbid(principal, action == Action::"read_resource", resource == Resource::"file:///private/{path}");'
+    )
+
+    def complete(msg_id: int, ref: object) -> dict[str, object]:
+        params = {"ref": ref, "argument": {"name": "a", "value": ""}}
+        return {"jsonrpc": "2.0", "id": msg_id, "method": "completion/complete", "params": params}
+
+    body = [
+        complete(1, {"type": "ref/prompt", "name": "secret"}),
+        complete(2, {"type": "ref/resource", "uri": "file:///private/{path}"}),
+        {"jsonrpc": "2.0", "id": 3, "method": "prompts/get", "params": {"name": "secret"}},
+        complete(4, {"type": "ref/prompt", "name": "greet"}),
+        complete(5, {"type": "ref/resource", "uri": "file:///public/{path}"}),
+    ]
+    judgement = await g.judge(ALICE, parse_body(json.dumps(body).encode()), "streamable-http")
+    outcomes = [(v.forward, v.outcome) for v in judgement.verdicts]
+    assert outcomes == [(False, "denied")] * 3 + [(True, "ok")] * 2
+    # The same answer a forbidden prompts/get gets, and the same reason.
+    assert [v.error for v in judgement.verdicts[:3]] == [denied_error(1), denied_error(2), denied_error(3)]
+    assert {v.reason for v in judgement.verdicts[:3]} == {"forbidden by policy"}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"ref": "ref/prompt"},
+        {"ref": ["ref/prompt", "secret"]},
+        {"ref": {"type": "ref/prompt", "name": ["secret"]}},
+        {"ref": {"type": "ref/prompt"}},
+        {"ref": {"type": "ref/resource", "uri": {"href": "file:///x"}}},
+        {"ref": {"type": "ref/resource", "name": "secret"}},
+        # Both keys: a lenient server may complete for the one the policy did not see.
+        {"ref": {"type": "ref/prompt", "name": "greet", "uri": "file:///private/{path}"}},
+        {"ref": {"type": "ref/resource", "uri": "file:///x", "name": "secret"}},
+        {"ref": {"type": "ref/tool", "name": "secret"}},
+        {"ref": {"name": "secret"}},
+        [],
+    ],
+)
+async def test_a_completion_whose_ref_names_nothing_judgeable_is_invalid_params(params: object) -> None:
+    g = gate(cedar="permit(principal, action, resource);")
+    body = {"jsonrpc": "2.0", "id": 7, "method": "completion/complete", "params": params}
+    judgement = await g.judge(ALICE, parse_body(json.dumps(body).encode()), "streamable-http")
+    (verdict,) = judgement.verdicts
+    why = (
+        'completion/complete needs params.ref as {"type": "ref/prompt", "name": <string>} '
+        'or {"type": "ref/resource", "uri": <string>}'
+    )
+    assert verdict.outcome == "invalid" and verdict.reason == why
+    assert verdict.error == {"jsonrpc": "2.0", "id": 7, "error": {"code": -32602, "message": why}}
+    assert g.stats.invalid == 1 and g.stats.allowed == 0
