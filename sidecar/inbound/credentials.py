@@ -57,4 +57,6 @@ def token_elsewhere(
 
 
 def token_in_body(token: str, body: bytes) -> bool:
-    return bool(body) and token.encode("ascii") in body
+    # `find`, not `in`: CPython 3.11's bytes `in` first tries the needle as an integer and formats
+    # and clears a TypeError (~1,700 instructions per request); the answer is the same.
+    return bool(body) and body.find(token.encode("ascii")) >= 0
