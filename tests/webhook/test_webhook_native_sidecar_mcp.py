@@ -14,7 +14,7 @@ import jsonpatch
 import pytest
 
 from outrider.webhook import annotations as ann
-from outrider.webhook import engine
+from outrider.webhook import engine, patch
 from outrider.webhook.config import WebhookConfig, parse_config
 
 ENABLED = {"outrider.dev/inject": "enabled"}
@@ -60,6 +60,7 @@ def _injected(pod: dict[str, Any], config: WebhookConfig | None = None) -> tuple
     assert result.allowed and result.injected, result
     patched = jsonpatch.apply_patch(pod, result.patch)
     assert patched == result.pod  # the patch, applied in order, gives exactly the pod the engine built
+    assert result.patch == patch.diff(pod, result.pod)  # and is the generic diff, op for op
     return patched, result
 
 
