@@ -852,9 +852,10 @@ def _apply(
     """The injected pod and the RFC 6902 patch from `pod` to it, built together.
 
     The patch is what `webhook.patch.diff(pod, injected)` gives, op for op, without deep-copying or
-    walking the pod: the changes are few and known (annotations added, app containers changed in
-    place, ours inserted or appended by position, volumes appended); a list of an unusual shape (null,
-    an entry without a string name) goes through the generic diff, as it would in `diff`. `inject`
+    walking the pod: the changes are few and known (annotations added, app containers and native
+    sidecars changed in place, ours inserted or appended by position, volumes appended); a list of an
+    unusual shape (null, an entry without a string name) goes through the generic diff, as it would in
+    `diff`. `inject`
     has checked that `spec` is a mapping and every container an object with a string name.
     """
     original = pod
