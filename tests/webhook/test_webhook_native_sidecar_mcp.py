@@ -189,3 +189,21 @@ def test_a_probe_with_its_own_host_is_left_alone(handler: dict[str, Any]) -> Non
     assert _app_probes(out) == {
         "/app-health/app/livez": {"httpGet": {"path": "/live", "port": 8080, "scheme": "HTTP"}}
     }
+
+
+def test_only_named_native_sidecars_among_init_containers_have_their_probes_rewritten() -> None:
+    # The API server refuses probes on a run-to-completion init container and an unnamed container,
+    # but only after mutating admission: the engine sees them, leaves them alone and does not fail.
+    probe = {"httpGet": {"path": "/ready", "port": 8080}}
+    pod = _pod()
+    pod["spec"]["initContainers"] = [
+        {"name": "migrate", "image": "migrate", "readinessProbe": dict(probe)},
+        {"image": "unnamed", "restartPolicy": "Always", "readinessProbe": dict(probe)},
+    ]
+    pod["spec"]["containers"][0]["ports"] = [{"containerPort": 8080}]
+    result = engine.inject(pod, ENABLED, WebhookConfig())
+    assert result.injected, result
+    inits = result.pod["spec"]["initContainers"]
+    assert inits[2:] == pod["spec"]["initContainers"]
+    assert not any(op["path"].startswith("/spec/initContainers/2") for op in result.patch)
+    assert not any(op["path"].startswith("/spec/initContainers/3") for op in result.patch)
