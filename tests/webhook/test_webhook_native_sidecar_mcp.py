@@ -207,3 +207,23 @@ def test_only_named_native_sidecars_among_init_containers_have_their_probes_rewr
     assert inits[2:] == pod["spec"]["initContainers"]
     assert not any(op["path"].startswith("/spec/initContainers/2") for op in result.patch)
     assert not any(op["path"].startswith("/spec/initContainers/3") for op in result.patch)
+
+
+@pytest.mark.parametrize("annotation", [None, "mcp"], ids=["found", "by-name"])
+def test_the_app_container_serving_the_port_is_the_default_container(annotation: str | None) -> None:
+    # found or named in the second app container: that one, not the first, gets the annotation
+    # (and the preStop sleep); with the port in a native sidecar the first app container gets them
+    pod = _pod({ann.MCP_PORT: annotation} if annotation else None)
+    pod["spec"]["containers"] = [
+        {"name": "helper", "image": "helper"},
+        {"name": "server", "image": "server", "ports": [{"name": "mcp", "containerPort": 8081}]},
+    ]
+    out, _ = _injected(pod)
+    assert out["metadata"]["annotations"][ann.DEFAULT_CONTAINER] == "server"
+    assert "lifecycle" not in _container(out, "helper")
+    assert _container(out, "server")["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    del pod["spec"]["containers"][1]["ports"]
+    out, _ = _injected(pod)
+    assert json.loads(out["metadata"]["annotations"][ann.STATUS])["mcpPort"] == 8080
+    assert out["metadata"]["annotations"][ann.DEFAULT_CONTAINER] == "helper"
+    assert _container(out, "helper")["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
