@@ -119,6 +119,7 @@ MODULES: dict[str, tuple[str, ...]] = {
         f"{W}test_webhook_patch_paths.py",
         f"{W}test_webhook_resource_and_checks.py",
         f"{W}test_webhook_injected_content.py",
+        f"{W}test_webhook_native_sidecar_mcp.py",
         f"{W}test_webhook_golden.py",
         f"{W}test_webhook_odd_types.py",
     ),

@@ -33,7 +33,8 @@ POD_INJECT_VALUES = ("true", "false")
 STATUS = "outrider.dev/status"
 
 # Pod annotation: the MCP server's port, a number (1-65535) or the name of an app containerPort.
-# Default: the first TCP containerPort of the first app container.
+# Default: the first TCP containerPort of the first app container, else of the first native sidecar
+# (an init container with restartPolicy Always).
 MCP_PORT = "outrider.dev/mcp-port"
 
 # Pod annotation: the downstream audience the sidecar exchanges caller tokens for. Must be one of

@@ -232,7 +232,13 @@ def _verify_injected(
     if escapes:
         return escapes[0]
     # The MCP port decides what inbound traffic is captured: it must be the one the pod declares.
-    app_spec = {**spec, "containers": [c for c in spec["containers"] if strict_rules.name_of(c) not in ours]}
+    app_spec = {
+        **spec,
+        "containers": [c for c in spec["containers"] if strict_rules.name_of(c) not in ours],
+        "initContainers": [
+            c for c in _list(spec.get("initContainers")) if strict_rules.name_of(c) not in ours
+        ],
+    }
     try:
         mcp_port, _ = _find_mcp_port(app_spec, settings.mcp_port, [])
     except _Refused as exc:
@@ -331,17 +337,33 @@ def _tcp_ports(container: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _restartable_inits(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The native sidecars among the init containers (restartPolicy Always, Kubernetes >= 1.29): they
+    run beside the app containers for the pod's life, so one may be the MCP server."""
+    return [
+        c
+        for c in _list(spec.get("initContainers"))
+        if isinstance(c, dict) and c.get("restartPolicy") == "Always" and isinstance(c.get("name"), str)
+    ]
+
+
 def _find_mcp_port(
     spec: Mapping[str, Any], wanted: int | str | None, warnings: list[str]
 ) -> tuple[int | None, int]:
-    """The MCP port number and the index of the app container that serves it."""
+    """The MCP port number and the index of the app container that serves it.
+
+    App containers are searched first, then native sidecars (restartable init containers); a port a
+    native sidecar serves gives index 0 (the first app container keeps the preStop sleep and the
+    default-container annotation). Run-to-completion init containers never serve it.
+    """
     containers = spec["containers"]
+    serving = [*containers, *_restartable_inits(spec)]
     if isinstance(wanted, str):
-        for i, c in enumerate(containers):
+        for i, c in enumerate(serving):
             for p in _tcp_ports(c):
                 if p.get("name") == wanted:
-                    return int(p["containerPort"]), i
-        names = sorted({str(p["name"]) for c in containers for p in _tcp_ports(c) if p.get("name")})
+                    return int(p["containerPort"]), i if i < len(containers) else 0
+        names = sorted({str(p["name"]) for c in serving for p in _tcp_ports(c) if p.get("name")})
         raise _Refused(
             f"annotation {ann.MCP_PORT}={wanted!r} names no TCP containerPort of an app container; "
             f"allowed: a port number or one of {names or 'the containers declare no named ports'}"
@@ -351,12 +373,12 @@ def _find_mcp_port(
             if any(p["containerPort"] == wanted for p in _tcp_ports(c)):
                 return wanted, i
         return wanted, 0
-    for i, c in enumerate(containers):
+    for i, c in enumerate(serving):
         ports = _tcp_ports(c)
         if ports:
             if ports[0]["containerPort"] in ann.SIDECAR_PORTS:
                 break
-            return int(ports[0]["containerPort"]), i
+            return int(ports[0]["containerPort"]), i if i < len(containers) else 0
     warnings.append(
         f"no MCP port found (no {ann.MCP_PORT} annotation and no TCP containerPort); inbound MCP "
         f"traffic is not proxied; set {ann.MCP_PORT}"
@@ -403,10 +425,18 @@ def _port_number(container: Mapping[str, Any], port: Any) -> int | None:
     return None
 
 
-def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str, Any]:
-    """Point kubelet probes on the MCP port at the admin port; return the originals by path."""
+def _rewrite_probes(
+    containers: list[dict[str, Any]], mcp_port: int, native_only: bool = False
+) -> dict[str, Any]:
+    """Point kubelet probes on the MCP port at the admin port; return the originals by path.
+
+    `native_only`: `containers` are init containers, of which only native sidecars (restartPolicy
+    Always) serve traffic; run-to-completion ones keep their probes (the kubelet never runs them).
+    """
     originals: dict[str, Any] = {}
     for index, c in enumerate(containers):
+        if native_only and (c.get("restartPolicy") != "Always" or not isinstance(c.get("name"), str)):
+            continue
         copied = False
         for kind, suffix in PROBE_KINDS.items():
             probe = c.get(kind)
@@ -418,6 +448,11 @@ def _rewrite_probes(containers: list[dict[str, Any]], mcp_port: int) -> dict[str
             if handler_key is None:
                 continue  # exec and grpc probes do not pass through the capture
             handler = probe[handler_key]
+            if handler.get("host"):
+                # The kubelet connects to that address, not to this pod's IP: the capture (rules in
+                # the pod's network namespace) never sees the probe, and a replay against 127.0.0.1
+                # would check another server than the one written.
+                continue
             port = _port_number(c, handler.get("port"))
             if port != mcp_port:
                 continue
@@ -794,6 +829,13 @@ def _add_each(path: str, values: Iterable[Any], ops: JsonPatch) -> None:
     ops.extend({"op": "add", "path": path, "value": v} for v in values)
 
 
+def _diff_changed(old: list[dict[str, Any]], new: list[dict[str, Any]], shift: int, ops: JsonPatch) -> None:
+    """Patch the entries of `new` that are not `old`'s (copied when changed), at index + `shift`."""
+    for i, item in enumerate(old):
+        if new[i] is not item:
+            diff_into(item, new[i], f"/spec/initContainers/{i + shift}", ops)
+
+
 def _apply(
     pod: Pod,
     config: WebhookConfig,
@@ -810,9 +852,10 @@ def _apply(
     """The injected pod and the RFC 6902 patch from `pod` to it, built together.
 
     The patch is what `webhook.patch.diff(pod, injected)` gives, op for op, without deep-copying or
-    walking the pod: the changes are few and known (annotations added, app containers changed in
-    place, ours inserted or appended by position, volumes appended); a list of an unusual shape (null,
-    an entry without a string name) goes through the generic diff, as it would in `diff`. `inject`
+    walking the pod: the changes are few and known (annotations added, app containers and native
+    sidecars changed in place, ours inserted or appended by position, volumes appended); a list of an
+    unusual shape (null, an entry without a string name) goes through the generic diff, as it would in
+    `diff`. `inject`
     has checked that `spec` is a mapping and every container an object with a string name.
     """
     original = pod
@@ -845,7 +888,12 @@ def _apply(
     proxy_name = _free_name(PROXY_NAME, taken)
     volume_name = _free_name(SPIFFE_VOLUME_NAME, taken_volumes)
 
-    app_probes = _rewrite_probes(containers, mcp_port) if capture and mcp_port is not None else {}
+    # Init containers are copied only when changed too (a native sidecar's probes on the MCP port).
+    inits = list(user_inits)
+    app_probes: dict[str, Any] = {}
+    if capture and mcp_port is not None:
+        app_probes = _rewrite_probes(containers, mcp_port)
+        app_probes.update(_rewrite_probes(inits, mcp_port, native_only=True))
     env: list[dict[str, Any]] = [
         *parts.env_head,
         {"name": "OUTRIDER_CONFIG", "value": config_json},
@@ -929,19 +977,25 @@ def _apply(
     if config.native_sidecar:
         # Capture and proxy come first, so user init containers already run behind the proxy.
         ours = [*new_inits, proxy]
-        spec["initContainers"] = [*ours, *user_inits]
+        spec["initContainers"] = [*ours, *inits]
         if old_inits and _named(old_inits):
-            # ours in front (indexes 0..n-1); the old entries, all kept, match by name behind them
+            # ours in front (indexes 0..n-1); the old entries, all kept, match by name behind them,
+            # so a changed one (probes) is patched at its shifted index after the inserts
             spec_ops["initContainers"] = [
                 {"op": "add", "path": f"/spec/initContainers/{i}", "value": v} for i, v in enumerate(ours)
             ]
+            _diff_changed(old_inits, inits, len(ours), spec_ops["initContainers"])
         else:
             spec_ops["initContainers"] = []
     else:
         # Classic layout: user init containers keep their network, so outrider-init goes last.
         if new_inits:
-            spec["initContainers"] = [*user_inits, *new_inits]
+            spec["initContainers"] = [*inits, *new_inits]
             spec_ops["initContainers"] = []
+            if old_inits and _named(old_inits):
+                # the old entries in place (a changed one patched there), ours appended
+                _diff_changed(old_inits, inits, 0, spec_ops["initContainers"])
+                _add_each("/spec/initContainers/-", new_inits, spec_ops["initContainers"])
         containers.append(proxy)
     new_volumes: list[dict[str, Any]] = [
         {"name": volume_name, "csi": {"driver": config.spiffe_csi_driver, "readOnly": True}}

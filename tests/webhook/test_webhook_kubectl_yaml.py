@@ -399,6 +399,10 @@ def strip_injected(output: dict[str, Any], original: dict[str, Any]) -> dict[str
             s for s in spec.get("imagePullSecrets") or [] if s.get("name") not in pulls
         ]
         _as_before(spec, "imagePullSecrets", before["spec"])
+        for init in spec.get("initContainers") or []:  # a native sidecar may serve the MCP port
+            for kind in PROBE_KINDS:
+                if (init.get(kind) or {}).get("httpGet", {}).get("port") == 15020:
+                    init.pop(kind)
         for container, old in zip(spec["containers"], before["spec"]["containers"], strict=True):
             names = {e.get("name") for e in old.get("env") or []}
             if container.get("env") != old.get("env") and isinstance(container.get("env"), list):
@@ -479,11 +483,12 @@ def _without_rewritten_probes(original: dict[str, Any], output: dict[str, Any]) 
             continue  # not injected by this run
         status = json.loads(annotations[STATUS])
         ours = {*status["initContainers"], *status["containers"]}
-        app = [c for c in after["spec"].get("containers") or [] if c["name"] not in ours]
-        for container, new in zip(template["spec"].get("containers") or [], app, strict=False):
-            for kind in PROBE_KINDS:
-                if (new.get(kind) or {}).get("httpGet", {}).get("port") == 15020 and kind in container:
-                    container.pop(kind)
+        for key in ("containers", "initContainers"):  # app containers and native sidecars
+            app = [c for c in after["spec"].get(key) or [] if c["name"] not in ours]
+            for container, new in zip(template["spec"].get(key) or [], app, strict=False):
+                for kind in PROBE_KINDS:
+                    if (new.get(kind) or {}).get("httpGet", {}).get("port") == 15020 and kind in container:
+                        container.pop(kind)
     return orig
 
 
