@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -159,6 +161,25 @@ async def test_a_jwt_of_another_issuer_is_never_introspected() -> None:
         assert introspector is not None and introspector.calls == 0
 
 
+@contextlib.asynccontextmanager
+async def introspection_endpoint(
+    answer: Callable[[Any], Awaitable[Any]],
+) -> AsyncIterator[str]:
+    """A real introspection endpoint on a local socket, answering with `answer`; yields its URL."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/introspect", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/introspect"
+    finally:
+        await runner.cleanup()
+
+
 async def test_an_opaque_token_is_hashed_once_and_its_answer_cached_by_that_digest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -179,13 +200,6 @@ async def test_an_opaque_token_is_hashed_once_and_its_answer_cached_by_that_dige
             {"active": True, "iss": A, "sub": "alice", "aud": RESOURCE, "exp": 4_000_000_000}
         )
 
-    app = web.Application()
-    app.router.add_post("/introspect", introspect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     hashed: list[str] = []
     real = callers.token_fingerprint
 
@@ -195,21 +209,16 @@ async def test_an_opaque_token_is_hashed_once_and_its_answer_cached_by_that_dige
 
     monkeypatch.setattr(callers, "token_fingerprint", counting)
     monkeypatch.setattr(introspection, "token_fingerprint", counting)
-    config = _config(
-        issuer=A, introspection={"endpoint": f"http://127.0.0.1:{port}/introspect", "auth": "none"}
-    )
     token = "an-opaque-token-0123456789"
-    try:
-        async with aiohttp.ClientSession() as session:
-            verifier = build_caller_verifier(config, session, None)
-            for _ in range(2):
-                principal = await verifier.authenticate(Presented("bearer", token, (), "POST", "/mcp"))
-                assert not isinstance(principal, introspection.AuthFailure), principal
-                assert principal.subject == "alice"
-            introspector = verifier.opaque.introspector if verifier.opaque else None
-            assert introspector is not None and (introspector.calls, introspector.cache_hits) == (1, 1)
-    finally:
-        await runner.cleanup()
+    async with introspection_endpoint(introspect) as url, aiohttp.ClientSession() as session:
+        config = _config(issuer=A, introspection={"endpoint": url, "auth": "none"})
+        verifier = build_caller_verifier(config, session, None)
+        for _ in range(2):
+            principal = await verifier.authenticate(Presented("bearer", token, (), "POST", "/mcp"))
+            assert not isinstance(principal, introspection.AuthFailure), principal
+            assert principal.subject == "alice"
+        introspector = verifier.opaque.introspector if verifier.opaque else None
+        assert introspector is not None and (introspector.calls, introspector.cache_hits) == (1, 1)
     assert asked == [token]
     assert hashed == [token, token]  # once per request, by `Presented`
 
@@ -257,17 +266,10 @@ async def test_introspection_require_audience_over_a_real_endpoint() -> None:
     async def introspect(request: web.Request) -> web.Response:
         return web.json_response({"active": True, "sub": "alice", "iss": B, "exp": 4102444800})
 
-    app = web.Application()
-    app.router.add_post("/introspect", introspect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        results = []
+    results = []
+    async with introspection_endpoint(introspect) as url:
         for required in (False, True):
-            introspection = {"endpoint": f"http://127.0.0.1:{port}/introspect", "auth": "none"}
+            introspection = {"endpoint": url, "auth": "none"}
             config = _config(
                 issuers=[
                     {
@@ -282,8 +284,6 @@ async def test_introspection_require_audience_over_a_real_endpoint() -> None:
                 results.append(
                     await verifier.authenticate(Presented("bearer", "opaque-1", (), "POST", "/mcp"))
                 )
-    finally:
-        await runner.cleanup()
     accepted, refused = results
     assert not isinstance(accepted, AuthFailure), accepted
     assert isinstance(refused, AuthFailure) and "names no audience" in refused.description
