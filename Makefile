@@ -58,19 +58,13 @@ spire:
 # The whole suite, then Outrider as real pods on the real one-node cluster (tests/node, then
 # tests/cluster through node-e2e, which takes a node it brought up down again).
 test: venv sysdeps lint typecheck
-	@scripts/build-upstream.sh all >/dev/null
-	@# the node's packages (containerd, runc, buildah...) before the first suite: tests/images runs the
-	@# built images' entrypoints with runc, and skipped them on a fresh machine when runc came later
-	@OUTRIDER_NODE_DEPS=1 scripts/ensure-sysdeps.sh
-	@# the images (debootstrap + buildah: 15-30 min on a fresh machine, seconds once cached) are built
-	@# here, with their progress shown, not inside tests/images' fixture under a test's 600 s timeout
-	@# (a fresh machine timed out there); without root the image tests skip and nothing is built
-	@if [ "$$(id -u)" = 0 ]; then NO_LOAD=1 scripts/build-images.sh build; fi
-	@# the one-node cluster's own parts (kubelet, kube-controller-manager, kube-scheduler, kube-proxy, kubectl,
-	@# CoreDNS, the SPIFFE CSI driver, spire-controller-manager: ~25 min of Go on a fresh machine) likewise,
-	@# not inside tests/node's session fixture under the first test's 600 s timeout (a fresh machine timed
-	@# out there: 12 errors); without root the node tests skip and nothing is built
-	@if [ "$$(id -u)" = 0 ]; then scripts/build-node.sh >/dev/null; fi
+	@# Everything the suites run is built first, with its progress shown, never inside a test's fixture under
+	@# a 600 s timeout (a fresh machine timed out there twice): the upstream parts, the images (tests/images
+	@# runs their entrypoints with runc) and the one-node cluster's own parts (kubelet, CoreDNS, the SPIFFE
+	@# CSI driver, spire-controller-manager...). scripts/prebuild.sh fetches what is network- or disk-bound
+	@# (node packages, image bases, Go modules, Keycloak) while Go compiles. Without root only the upstream
+	@# parts are built and the image and node tests skip.
+	@scripts/prebuild.sh
 	$(BIN)/pytest -m "not node" $(PYTEST_ARGS)
 	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
 	@scripts/node-e2e.sh

@@ -13,8 +13,8 @@
 #               anchore's syft, built by scripts/build-upstream.sh syft): <archive>.cdx.json, .spdx.json
 #   4. load   : `ctr -n k8s.io images import` into the node's containerd, only when a containerd
 #               answers on CONTAINERD_ADDRESS (otherwise the images are built and kept)
-# Usage: scripts/build-images.sh [build|push|names|load|archives|prune]  (prune: drop build layers
-#        nothing uses any more; build does it itself)
+# Usage: scripts/build-images.sh [build|push|names|load|archives|prune|bases]  (prune: drop build layers
+#        nothing uses any more; build does it itself; bases: only the base tarballs of step 1)
 # Env: IMAGE_REPO (localhost/outrider-dev), IMAGE_TAG (project version), CONTAINERD_ADDRESS,
 #      OUTRIDER_CACHE (~/.cache/outrider), OUTRIDER_IMAGE_CACHE (base tarballs and buildah's storage,
 #      ~7 GB; default $OUTRIDER_CACHE/image-build), OUTRIDER_IMAGE_DIR (archives + SBOMs, which
@@ -433,5 +433,7 @@ case "${1:-build}" in
   archives) archives ;;
   load) load "${ALL_IMAGES[@]}" ;;
   prune) mkdir -p "$WORK"; exec 9>"$WORK/.lock"; flock 9; prune ;;
-  *) die "usage: $0 [build|push|names|archives|load|prune]" ;;
+  # only step 1's debootstrap (network and disk): scripts/prebuild.sh runs it while Go compiles
+  bases) need_tools; mkdir -p "$WORK"; exec 9>"$WORK/.lock"; flock 9; build_base_tars >/dev/null ;;
+  *) die "usage: $0 [build|push|names|archives|load|prune|bases]" ;;
 esac

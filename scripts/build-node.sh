@@ -5,6 +5,7 @@
 # CoreDNS, the SPIFFE CSI driver, the CSI node-driver-registrar and spire-controller-manager.
 #
 #   scripts/build-node.sh            # build what is missing; prints one NAME=PATH line per binary
+#   scripts/build-node.sh fetch      # only resolve/download the add-ons' modules (scripts/prebuild.sh)
 #
 # A second run with the cache present costs ~0 s. Build times go to $CACHE/build-times.log.
 set -euo pipefail
@@ -18,6 +19,7 @@ CACHE="${OUTRIDER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/outrider}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 export GOFLAGS="-mod=mod"
 export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+export GOGC="${GOGC:-400}"  # as scripts/build-upstream.sh: ~10 % less compiler CPU
 
 log() { printf '[build-node] %s\n' "$*" >&2; }
 need() { command -v "$1" >/dev/null || { log "$1 is required and was not found on PATH ($2)"; exit 2; }; }
@@ -85,16 +87,30 @@ build_pause() {
   strip "$out"
 }
 
+# resolve_tool NAME VERSION MODULE PACKAGE: its work dir's go.mod and modules, once (a second caller,
+# the fetch lane of scripts/prebuild.sh or the build, waits for the first)
+resolve_tool() {
+  local name="$1" version="$2" module="$3" pkg="$4"
+  local src="$CACHE/$name-$version/src"
+  mkdir -p "$src"
+  (
+    flock 9
+    [[ -f "$src/.resolved" ]] && exit 0
+    printf 'module outrider.local/%s\n\ngo 1.24\n' "$name" > "$src/go.mod"
+    log "$name $version: resolving $module"
+    (cd "$src" && go get "$module@$version" "$pkg@$version" >go-get.log 2>&1) || { cat "$src/go-get.log" >&2; exit 1; }
+    touch "$src/.resolved"
+  ) 9>"$src/.lock"
+}
+
 # go_tool NAME VERSION MODULE PACKAGE: a plain `go build` of one upstream module at one tag
 go_tool() {
   local name="$1" version="$2" module="$3" pkg="$4"
   local out="$CACHE/$name-$version"
   if [[ -x "$out/bin/$name" ]]; then log "$name $version cached in $out/bin"; return; fi
   need go "https://go.dev/dl"
-  mkdir -p "$out/src" "$out/bin"
-  printf 'module outrider.local/%s\n\ngo 1.24\n' "$name" > "$out/src/go.mod"
-  log "$name $version: resolving $module"
-  (cd "$out/src" && go get "$module@$version" "$pkg@$version" >go-get.log 2>&1) || { cat "$out/src/go-get.log" >&2; exit 1; }
+  mkdir -p "$out/bin"
+  resolve_tool "$@"
   log "$name: compiling (first time only)"
   timed "$name" bash -c "cd '$out/src' && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o '$out/bin/$name' '$pkg'"
 }
@@ -117,19 +133,34 @@ build_registrar() {
   timed "$name" bash -c "cd '$out/src' && CGO_ENABLED=0 GOFLAGS=-mod=vendor go build -trimpath -ldflags '-s -w -X main.version=$REGISTRAR_VERSION' -o '$out/bin/$name' ./cmd/$name"
 }
 
+ADDONS=(
+  "coredns $COREDNS_VERSION github.com/coredns/coredns github.com/coredns/coredns"
+  "spiffe-csi-driver $SPIFFE_CSI_VERSION github.com/spiffe/spiffe-csi github.com/spiffe/spiffe-csi/cmd/spiffe-csi-driver"
+  "spire-controller-manager $SCM_VERSION github.com/spiffe/spire-controller-manager github.com/spiffe/spire-controller-manager/cmd"
+)
+
 build_addons() {
-  go_tool coredns "$COREDNS_VERSION" github.com/coredns/coredns github.com/coredns/coredns
-  go_tool spiffe-csi-driver "$SPIFFE_CSI_VERSION" github.com/spiffe/spiffe-csi github.com/spiffe/spiffe-csi/cmd/spiffe-csi-driver
-  go_tool spire-controller-manager "$SCM_VERSION" github.com/spiffe/spire-controller-manager github.com/spiffe/spire-controller-manager/cmd
+  local a
+  for a in "${ADDONS[@]}"; do go_tool $a; done  # word-split on purpose: NAME VERSION MODULE PACKAGE
   build_registrar
+}
+
+fetch_addons() {
+  local a name version
+  need go "https://go.dev/dl"
+  for a in "${ADDONS[@]}"; do
+    read -r name version _ <<<"$a"
+    [[ -x "$CACHE/$name-$version/bin/$name" ]] || resolve_tool $a
+  done
 }
 
 mkdir -p "$CACHE"
 case "${1:-all}" in
   addons) build_addons; exit 0 ;;
+  fetch) fetch_addons; exit 0 ;;
   kube) build_kube; build_pause; exit 0 ;;
   all) build_addons; build_kube; build_pause ;;
-  *) log "usage: $0 [all|addons|kube]"; exit 2 ;;
+  *) log "usage: $0 [all|addons|kube|fetch]"; exit 2 ;;
 esac
 wait_other_builds
 spire_bin="$("$HERE/build-upstream.sh" spire | tail -1)"
