@@ -17,8 +17,15 @@ from outrider.sidecar.telemetry import otlp_wire, semconv
 from outrider.sidecar.telemetry.audit import AuditLog, Workload
 from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.metric_points import LeanMeter
-from outrider.sidecar.telemetry.observer import CallScope, EgressDecision, ExchangeOutcome, RequestInfo
-from outrider.sidecar.telemetry.observer_otel import OtelObserver, _ScopeBase
+from outrider.sidecar.telemetry.observer import (
+    CallScope,
+    EgressDecision,
+    ExchangeOutcome,
+    PolicyOutcome,
+    Principal,
+    RequestInfo,
+)
+from outrider.sidecar.telemetry.observer_otel import FinalFacts, OtelObserver, _CallMetricKeys, _ScopeBase
 from outrider.sidecar.telemetry.spans import (
     KIND_CLIENT,
     KIND_INTERNAL,
@@ -63,6 +70,9 @@ class LeanObserver(OtelObserver):
         # Per distinct request facts: the server span's request attributes but the JSON-RPC id,
         # encoded (the method's field, then the rest), and as the dict the metric points read.
         self.request_blocks: dict[tuple[object, ...], _RequestBlocks] = {}
+        # Per distinct answer (status, outcome, error, principal, cached exchange): the final attributes,
+        # their encoded fields and, per request blocks, the call's metric keys (`_FinalEntry`).
+        self.final_entries: dict[tuple[object, ...], _FinalEntry] = {}
 
     def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
         # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
@@ -99,10 +109,21 @@ class _RequestBlocks(NamedTuple):
     attributes: dict[str, semconv.AttributeValue]  # all but `jsonrpc.request.id` (never mutated)
 
 
+_FINAL_ENTRIES_MAX = 1024
+_METRIC_KEYS_PER_ENTRY_MAX = 64
+
+
+class _FinalEntry(NamedTuple):
+    principal: Principal | None  # the key holds its id: kept so the id stays its own
+    facts: FinalFacts  # (its attributes never mutated)
+    fields: bytes  # the attributes as span attribute fields
+    metric_keys: dict[int, tuple[_RequestBlocks, _CallMetricKeys]]  # by id of the request blocks
+
+
 class _LeanScope(_ScopeBase):
     """One MCP message as a span record."""
 
-    __slots__ = ("_blocks", "_lean", "_span")
+    __slots__ = ("_blocks", "_final", "_lean", "_span")
 
     def __init__(
         self,
@@ -116,6 +137,7 @@ class _LeanScope(_ScopeBase):
         self._lean = observer.lean
         self._span = record
         self._blocks: _RequestBlocks | None = None
+        self._final: _FinalEntry | None = None
 
     def _request_blocks(self) -> _RequestBlocks:
         """The request attributes that repeat across calls, made and encoded once per distinct facts."""
@@ -153,6 +175,60 @@ class _LeanScope(_ScopeBase):
             table[key] = blocks
         self._blocks = blocks
         return blocks
+
+    def _final_facts(
+        self,
+        http_status: int,
+        outcome: str,
+        error_type: str | None,
+        reason: str | None,
+        response: McpMessage | None,
+        principal: Principal | None,
+        exchange: str | None,
+        policy: PolicyOutcome | None,
+    ) -> FinalFacts:
+        """The answer's facts, made and encoded once per distinct answer when spans are written from
+        fields. Not kept: answers with a reason (free text from other components) or a policy verdict."""
+        args = (http_status, outcome, error_type, reason, response, principal, exchange, policy)
+        if self._lean.emit is None or reason is not None or policy is not None:
+            return super()._final_facts(*args)
+        key = (
+            http_status,
+            outcome,
+            error_type,
+            None if response is None else response.error_code,
+            id(principal),
+            exchange,
+        )
+        observer = self._observer
+        assert isinstance(observer, LeanObserver)
+        table = observer.final_entries
+        entry = table.get(key)
+        if entry is None or entry.principal is not principal:
+            facts = super()._final_facts(*args)
+            entry = _FinalEntry(principal, facts, otlp_wire.span_attribute_fields(facts.attributes), {})
+            if len(table) >= _FINAL_ENTRIES_MAX:
+                table.clear()
+            table[key] = entry
+        self._final = entry
+        return entry.facts
+
+    def _record_metrics(self, duration: float, facts: FinalFacts, outcome: str) -> None:
+        entry = self._final
+        if entry is None or entry.facts is not facts:
+            super()._record_metrics(duration, facts, outcome)
+            return
+        blocks = self._request_blocks()
+        held = entry.metric_keys.get(id(blocks))
+        observer = self._observer
+        if held is None or held[0] is not blocks:
+            keys = observer.call_metric_keys(blocks.attributes, facts.attributes, outcome)
+            if len(entry.metric_keys) >= _METRIC_KEYS_PER_ENTRY_MAX:
+                entry.metric_keys.clear()
+            entry.metric_keys[id(blocks)] = (blocks, keys)
+        else:
+            keys = held[1]
+        observer.record_metric_keys(duration, keys)
 
     def _metric_attributes(self) -> dict[str, semconv.AttributeValue]:
         return (
@@ -221,14 +297,15 @@ class _LeanScope(_ScopeBase):
             if record.sampled:
                 blocks = self._request_blocks()
                 request_id = self._message.id
+                entry = self._final
                 fields = b"".join(
                     (
                         blocks.method_field,
-                        b""
-                        if request_id is None
-                        else otlp_wire.span_attribute_fields({_REQUEST_ID: str(request_id)}),
+                        b"" if request_id is None else otlp_wire.request_id_field(str(request_id)),
                         blocks.rest_fields,
-                        otlp_wire.span_attribute_fields(final),
+                        entry.fields
+                        if entry is not None and entry.facts.attributes is final
+                        else otlp_wire.span_attribute_fields(final),
                     )
                 )
                 span = otlp_wire.span_of(

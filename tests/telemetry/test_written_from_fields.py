@@ -381,3 +381,69 @@ def test_request_blocks_are_per_distinct_facts_and_bounded(monkeypatch: pytest.M
 
     spans, lines = _both_ways(monkeypatch, drive, TelemetryConfig(record_resource_uri=True))
     assert len(spans) == 12 and lines.count(b"\n") == 12
+
+
+@pytest.mark.parametrize("hash_user", [False, True])
+def test_final_entries_are_per_distinct_answer_and_principal_and_bounded(
+    hash_user: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer's attributes, their fields and the metric keys are made once per distinct answer
+    and principal *object* (an equal principal made anew, or a new one at a recycled address, gets
+    its own), and the same bytes and points come out with the tables cleared again and again."""
+    monkeypatch.setattr(observer_lean, "_FINAL_ENTRIES_MAX", 2)
+    monkeypatch.setattr(observer_lean, "_METRIC_KEYS_PER_ENTRY_MAX", 1)
+    error = McpMessage(kind="response", id=1, is_error=True, error_code=-32601)
+
+    def drive(observer: LeanObserver) -> None:
+        for n in range(24):
+            principal = (
+                None
+                if n % 5 == 0
+                else Principal(
+                    kind="oidc" if n % 2 else "spiffe", subject=f"user-{n % 3}", issuer="https://i"
+                )
+            )
+            message = McpMessage(kind="request", method="tools/call", id=n, tool_name=f"tool-{n % 2}")
+            with observer.mcp_call(message, REQUEST) as scope:
+                if principal is not None:
+                    scope.set_principal(principal)
+                if n % 4 == 1:
+                    scope.token_exchange(_OUTCOMES[0])
+                finish: dict[str, Any] = [
+                    {"http_status": 200, "outcome": "ok"},
+                    {"http_status": 200, "outcome": "error", "response": error},
+                    {"http_status": 401, "outcome": "unauthenticated", "error_type": "invalid_token"},
+                ][n % 3]
+                scope.finish(**finish)
+            del principal  # its address may come back for the next one
+        assert len(observer.final_entries) <= 2
+
+    config = TelemetryConfig(hash_user=hash_user, hash_salt="s" if hash_user else "")
+    spans, lines = _both_ways(monkeypatch, drive, config)
+    assert len(spans) == 24 + 6 and lines.count(b"\n") == 24
+
+
+def test_repeated_answers_share_one_final_entry() -> None:
+    tracer = LeanTracer(ALWAYS_ON, lambda r: None, lambda b: None)
+    observer = LeanObserver(
+        TelemetryConfig(),
+        tracer=tracer,
+        meter_provider=LeanMeter(),
+        audit=AuditLog(None),
+        workload=lambda: WORKLOAD,
+        worker=Worker(enabled=False),
+    )
+    for n in range(5):
+        with observer.mcp_call(
+            McpMessage(kind="request", method="tools/call", id=n, tool_name="echo"), REQUEST
+        ) as scope:
+            scope.set_principal(ALICE)
+            scope.token_exchange(_OUTCOMES[0])
+            scope.finish(http_status=200, outcome="ok")
+    (entry,) = observer.final_entries.values()
+    assert entry.principal is ALICE and len(entry.metric_keys) == 1
+    # A reason (free text) or a policy verdict is never kept.
+    with observer.mcp_call(CALL, REQUEST) as scope:
+        scope.policy(PolicyOutcome("allow", ("p",)))
+        scope.finish(http_status=200, outcome="ok", reason="upstream said so")
+    assert len(observer.final_entries) == 1
