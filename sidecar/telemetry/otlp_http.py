@@ -308,7 +308,10 @@ def read_response(sock: socket.socket) -> Response:
             break
         # 1xx (100 Continue): an interim answer, skipped as `http.client` skips it
     connection = fields.get(b"connection", b"").lower()
-    will_close = b"close" in connection or (version == b"HTTP/1.0" and b"keep-alive" not in connection)
+    # (`find`, not `in`: CPython 3.11's bytes `in` formats and drops a TypeError first.)
+    will_close = connection.find(b"close") >= 0 or (
+        version == b"HTTP/1.0" and connection.find(b"keep-alive") < 0
+    )
     if fields.get(b"transfer-encoding", b"").lower().endswith(b"chunked"):
         while True:
             size_text = reader.line().partition(b";")[0].strip()
