@@ -98,7 +98,7 @@ def random_uuid4() -> str:
     From the process's PRNG: an event id must be unique, not secret, and uuid4() costs an
     os.urandom system call per audited call.
     """
-    h = f"{(random.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET:032x}"
+    h = "%032x" % ((random.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)  # (cheaper than a format spec)
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 

@@ -270,7 +270,8 @@ class _LeanScope(_ScopeBase):
                     False,
                 )
                 lean.emit(otlp_wire.field_of(span))
-            return (format(parent.trace_id, "032x"), format(span_id, "016x")) if ids else (None, None)
+            # (`%`, not a format spec: see `SpanRecord.trace_headers`.)
+            return ("%032x" % parent.trace_id, "%016x" % span_id) if ids else (None, None)  # noqa: UP031
         record = lean.child(
             parent,
             EXCHANGE_SPAN_NAME,
