@@ -915,10 +915,8 @@ class InboundProxy:
             )
             return self._fail(calls, answer, "error", f"exchange_{exc.outcome}", exc.message)
         if self.records:  # (nothing records the outcome of a successful exchange otherwise)
-            outcome = ExchangeOutcome(
-                outcome="cache_hit" if issued.cache_hit else "issued",
-                audience=issued.audience,
-                duration_s=time.perf_counter() - started,
+            outcome = ExchangeOutcome.succeeded(
+                "cache_hit" if issued.cache_hit else "issued", issued.audience, time.perf_counter() - started
             )
             for scope in calls.each():
                 scope.token_exchange(outcome)
