@@ -73,6 +73,8 @@ class LeanObserver(OtelObserver):
         # Per distinct answer (status, outcome, error, principal, cached exchange): the final attributes,
         # their encoded fields and, per request blocks, the call's metric keys (`_FinalEntry`).
         self.final_entries: dict[tuple[object, ...], _FinalEntry] = {}
+        # The server span's name per distinct method and target (bounded: tool names come from callers).
+        self.span_names: dict[tuple[str | None, ...], str] = {}
 
     def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
         # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
@@ -82,7 +84,21 @@ class LeanObserver(OtelObserver):
         workload = self.workload()
         # The span's attributes are made on the telemetry thread when the call is recorded (nothing
         # reads them before: the lean tracer's sampler does not): the request path only starts it.
-        record = self.lean.start(semconv.mcp_span_name(message, self.config), KIND_SERVER, {}, parent=parent)
+        names = self.span_names
+        name_key = (
+            message.method,
+            message.kind,
+            message.tool_name,
+            message.prompt_name,
+            message.resource_uri,
+        )
+        name = names.get(name_key)
+        if name is None:
+            name = semconv.mcp_span_name(message, self.config)
+            if len(names) >= _SPAN_NAMES_MAX:
+                names.clear()
+            names[name_key] = name
+        record = self.lean.start(name, KIND_SERVER, {}, parent=parent)
         # The scope is its own context manager: no generator-based wrapper per call.
         return _LeanScope(self, message, request, record, workload)
 
@@ -100,6 +116,7 @@ class LeanObserver(OtelObserver):
 
 
 _REQUEST_BLOCKS_MAX = 1024
+_SPAN_NAMES_MAX = 1024
 _REQUEST_ID = "jsonrpc.request.id"
 
 

@@ -241,12 +241,15 @@ class LeanTracer:
         parent: ParentContext | None = None,
         start_ns: int | None = None,
     ) -> SpanRecord:
+        sampler = self.sampler
         if parent is None:
             trace_id, span_id = new_ids()
             parent_id, trace_state, random_id = 0, "", True
+            sampled = (trace_id & _ID64) < sampler.bound  # `sampler.sampled(trace_id, None)`, inlined
         else:
             trace_id, parent_id, trace_state = parent.trace_id, parent.span_id, parent.trace_state
             span_id, random_id = new_span_id(), parent.random_trace_id
+            sampled = sampler.sampled(trace_id, parent)
         return SpanRecord(
             name,
             kind,
@@ -255,7 +258,7 @@ class LeanTracer:
             parent_id,
             parent is not None,
             trace_state,
-            self.sampler.sampled(trace_id, parent),
+            sampled,
             time.time_ns() if start_ns is None else start_ns,
             attributes,
             random_id,

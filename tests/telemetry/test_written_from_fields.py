@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
-from outrider.sidecar.telemetry import audit, observer_lean, otlp_wire
+from outrider.sidecar.telemetry import audit, observer_lean, otlp_wire, semconv
 from outrider.sidecar.telemetry.audit import (
     AuditLog,
     CallLines,
@@ -447,3 +447,33 @@ def test_repeated_answers_share_one_final_entry() -> None:
         scope.policy(PolicyOutcome("allow", ("p",)))
         scope.finish(http_status=200, outcome="ok", reason="upstream said so")
     assert len(observer.final_entries) == 1
+
+
+@pytest.mark.parametrize("record_resource_uri", [False, True])
+def test_server_span_names_are_kept_per_method_and_target_and_bounded(
+    record_resource_uri: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observer_lean, "_SPAN_NAMES_MAX", 2)
+    config = TelemetryConfig(record_resource_uri=record_resource_uri)
+    observer = LeanObserver(
+        config,
+        tracer=LeanTracer(ALWAYS_ON, None),
+        meter_provider=LeanMeter(),
+        audit=AuditLog(None),
+        workload=lambda: WORKLOAD,
+        worker=Worker(enabled=False),
+    )
+    messages = [
+        McpMessage(kind="request", method="tools/call", id=1, tool_name="echo"),
+        McpMessage(kind="request", method="tools/call", id=2, tool_name="other"),
+        McpMessage(kind="request", method="prompts/get", id=3, prompt_name="echo"),
+        McpMessage(kind="request", method="resources/read", id=4, resource_uri="file:///a"),
+        McpMessage(kind="notification", method="notifications/initialized"),
+        McpMessage(kind="response", id=5),
+        McpMessage(kind="invalid"),
+    ]
+    for message in messages * 3:
+        with observer.mcp_call(message, REQUEST) as scope:
+            assert scope._span.name == semconv.mcp_span_name(message, config)
+            scope.finish(http_status=200, outcome="ok")
+        assert 0 < len(observer.span_names) <= 2
