@@ -14,7 +14,7 @@ from opentelemetry import metrics, trace
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
 from outrider.sidecar.telemetry import otlp_wire, semconv
-from outrider.sidecar.telemetry.audit import AuditLog, Workload
+from outrider.sidecar.telemetry.audit import AuditLog, LineBlocks, Workload
 from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.metric_points import LeanMeter
 from outrider.sidecar.telemetry.observer import (
@@ -127,20 +127,34 @@ class _RequestBlocks(NamedTuple):
 
 
 _FINAL_ENTRIES_MAX = 1024
-_METRIC_KEYS_PER_ENTRY_MAX = 64
+_ANSWERED_PER_ENTRY_MAX = 64
+
+
+class _Answered:
+    """What a call with these request blocks and this answer records the same as the last one did:
+    its metric keys and, once made, its audit line's blocks (for this workload object and transport)."""
+
+    __slots__ = ("blocks", "line", "metric_keys", "transport", "workload")
+
+    def __init__(self, blocks: _RequestBlocks, metric_keys: _CallMetricKeys) -> None:
+        self.blocks = blocks  # kept: the table holds its id
+        self.metric_keys = metric_keys
+        self.line: LineBlocks | None = None
+        self.workload: Workload | None = None
+        self.transport: str | None = None
 
 
 class _FinalEntry(NamedTuple):
     principal: Principal | None  # the key holds its id: kept so the id stays its own
     facts: FinalFacts  # (its attributes never mutated)
     fields: bytes  # the attributes as span attribute fields
-    metric_keys: dict[int, tuple[_RequestBlocks, _CallMetricKeys]]  # by id of the request blocks
+    answered: dict[int, _Answered]  # by id of the request blocks
 
 
 class _LeanScope(_ScopeBase):
     """One MCP message as a span record."""
 
-    __slots__ = ("_blocks", "_final", "_lean", "_span")
+    __slots__ = ("_answered", "_blocks", "_final", "_lean", "_span")
 
     def __init__(
         self,
@@ -155,6 +169,7 @@ class _LeanScope(_ScopeBase):
         self._span = record
         self._blocks: _RequestBlocks | None = None
         self._final: _FinalEntry | None = None
+        self._answered: _Answered | None = None  # set with the metric points when `_final` is
 
     def _request_blocks(self) -> _RequestBlocks:
         """The request attributes that repeat across calls, made and encoded once per distinct facts."""
@@ -236,16 +251,37 @@ class _LeanScope(_ScopeBase):
             super()._record_metrics(duration, facts, outcome)
             return
         blocks = self._request_blocks()
-        held = entry.metric_keys.get(id(blocks))
+        answered = entry.answered.get(id(blocks))
         observer = self._observer
-        if held is None or held[0] is not blocks:
+        if answered is None or answered.blocks is not blocks:
             keys = observer.call_metric_keys(blocks.attributes, facts.attributes, outcome)
-            if len(entry.metric_keys) >= _METRIC_KEYS_PER_ENTRY_MAX:
-                entry.metric_keys.clear()
-            entry.metric_keys[id(blocks)] = (blocks, keys)
-        else:
-            keys = held[1]
-        observer.record_metric_keys(duration, keys)
+            answered = _Answered(blocks, keys)
+            if len(entry.answered) >= _ANSWERED_PER_ENTRY_MAX:
+                entry.answered.clear()
+            entry.answered[id(blocks)] = answered
+        self._answered = answered
+        observer.record_metric_keys(duration, answered.metric_keys)
+
+    def _line_blocks(
+        self,
+        principal: Principal | None,
+        outcome: str,
+        reason: str | None,
+        http_status: int,
+        error_type: str | None,
+        exchange: str | None,
+    ) -> LineBlocks | None:
+        """The line's blocks kept with the answer and request blocks (`_Answered`): every fact they
+        hold is in those keys but the workload object and the transport, checked here."""
+        answered = self._answered
+        args = (principal, outcome, reason, http_status, error_type, exchange)
+        if answered is None:
+            return super()._line_blocks(*args)
+        line, workload, transport = answered.line, self._workload, self._request.transport
+        if line is None or answered.workload is not workload or answered.transport != transport:
+            line = super()._line_blocks(*args)
+            answered.line, answered.workload, answered.transport = line, workload, transport
+        return line
 
     def _metric_attributes(self) -> dict[str, semconv.AttributeValue]:
         return (

@@ -26,7 +26,9 @@ from outrider.sidecar.telemetry.audit import (
     AuditLog,
     CallLines,
     EventStamp,
+    LineBlocks,
     Workload,
+    assemble_line,
     egress_event,
     exchange_event,
     mcp_call_event,
@@ -506,6 +508,28 @@ class _ScopeBase:
     def _record_metrics(self, duration: float, facts: FinalFacts, outcome: str) -> None:
         self._observer.record_call_metrics(duration, self._metric_attributes(), facts.attributes, outcome)
 
+    def _line_blocks(
+        self,
+        principal: Principal | None,
+        outcome: str,
+        reason: str | None,
+        http_status: int,
+        error_type: str | None,
+        exchange: str | None,
+    ) -> LineBlocks | None:
+        """The blocks of the call's `mcp.call` line that repeat across calls (`CallLines.blocks`)."""
+        return self._observer.call_lines.blocks(
+            self._message,
+            self._request,
+            principal,
+            self._workload,
+            outcome,
+            reason,
+            http_status,
+            error_type,
+            exchange,
+        )
+
     def _trace_headers(self) -> dict[str, str]:
         raise NotImplementedError
 
@@ -663,22 +687,13 @@ class _ScopeBase:
         config = observer.config
         if not config.record_arguments or self._message.arguments is None:
             # The line from cached blocks, the same bytes as the event's (`CallLines`).
-            line = observer.call_lines.line(
-                event_id,
-                time_text,
-                trace_id,
-                span_id,
-                message=self._message,
-                request=self._request,
-                principal=principal,
-                workload=self._workload,
-                outcome=outcome,
-                reason=reason,
-                http_status=http_status,
-                error_type=error,
-                duration_s=duration,
-                token_exchange=exchange,
-                policy=policy,
+            blocks = self._line_blocks(principal, outcome, reason, http_status, error, exchange)
+            line = (
+                None
+                if blocks is None
+                else assemble_line(
+                    event_id, time_text, trace_id, span_id, blocks, duration, self._message.id, policy
+                )
             )
             if line is not None and audit.write_line(line, outcome, hold=observer.hold_audit):
                 return

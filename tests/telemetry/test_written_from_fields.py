@@ -39,6 +39,7 @@ from .harness import WORKLOAD
 ALICE = Principal(kind="oidc", subject="alice", issuer="https://idp.test", client_id="cli", delegation=("a",))
 REQUEST = RequestInfo("POST", "streamable-http", "2025-06-18", "s-1", "10.0.0.9:5000")
 CALL = McpMessage(kind="request", method="tools/call", id=7, tool_name="echo")
+STATELESS = RequestInfo("POST", "stateless", "2025-06-18", "s-1", "10.0.0.9:5000")
 
 # Text with what JSON escapes (quotes, backslashes, controls), non-ASCII and lone surrogates
 # (orjson refuses those: the line falls back to the event path).
@@ -264,6 +265,9 @@ class _NoLines(CallLines):
     def line(self, *args: Any, **kwargs: Any) -> None:
         return None
 
+    def blocks(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
 
 def _drive(observer: LeanObserver) -> None:
     """Calls of every shape the scope records: hits, issued and failed exchanges, policy, errors."""
@@ -312,7 +316,10 @@ def _drive(observer: LeanObserver) -> None:
 
 
 def _both_ways(
-    monkeypatch: pytest.MonkeyPatch, drive: Callable[[LeanObserver], None], config: TelemetryConfig
+    monkeypatch: pytest.MonkeyPatch,
+    drive: Callable[[LeanObserver], None],
+    config: TelemetryConfig,
+    workloads: Callable[[], Callable[[], Workload]] = lambda: lambda: WORKLOAD,
 ) -> tuple[list[bytes], bytes]:
     """The span and audit bytes of `drive`, from fields and the general way (asserted equal)."""
     written = []
@@ -335,7 +342,7 @@ def _both_ways(
             tracer=tracer,
             meter_provider=meter,
             audit=AuditLog(stream),
-            workload=lambda: WORKLOAD,
+            workload=workloads(),
             worker=Worker(enabled=False),
         )
         if not shortcuts:
@@ -391,7 +398,7 @@ def test_final_entries_are_per_distinct_answer_and_principal_and_bounded(
     and principal *object* (an equal principal made anew, or a new one at a recycled address, gets
     its own), and the same bytes and points come out with the tables cleared again and again."""
     monkeypatch.setattr(observer_lean, "_FINAL_ENTRIES_MAX", 2)
-    monkeypatch.setattr(observer_lean, "_METRIC_KEYS_PER_ENTRY_MAX", 1)
+    monkeypatch.setattr(observer_lean, "_ANSWERED_PER_ENTRY_MAX", 1)
     error = McpMessage(kind="response", id=1, is_error=True, error_code=-32601)
 
     def drive(observer: LeanObserver) -> None:
@@ -404,7 +411,9 @@ def test_final_entries_are_per_distinct_answer_and_principal_and_bounded(
                 )
             )
             message = McpMessage(kind="request", method="tools/call", id=n, tool_name=f"tool-{n % 2}")
-            with observer.mcp_call(message, REQUEST) as scope:
+            # The same request blocks (the transport is not among their facts), another line block.
+            request = REQUEST if n % 7 < 4 else STATELESS
+            with observer.mcp_call(message, request) as scope:
                 if principal is not None:
                     scope.set_principal(principal)
                 if n % 4 == 1:
@@ -418,9 +427,19 @@ def test_final_entries_are_per_distinct_answer_and_principal_and_bounded(
             del principal  # its address may come back for the next one
         assert len(observer.final_entries) <= 2
 
+    def workloads() -> Callable[[], Workload]:
+        # Equal workloads as distinct objects (as the identity component makes a new one on rotation),
+        # and one with another SPIFFE ID: each line names the one its call saw.
+        made = iter(
+            [Workload(WORKLOAD.spiffe_id, WORKLOAD.pod, WORKLOAD.namespace) for _ in range(12)]
+            + [Workload("spiffe://other.test/x", WORKLOAD.pod, WORKLOAD.namespace)] * 12
+        )
+        return lambda: next(made)
+
     config = TelemetryConfig(hash_user=hash_user, hash_salt="s" if hash_user else "")
-    spans, lines = _both_ways(monkeypatch, drive, config)
+    spans, lines = _both_ways(monkeypatch, drive, config, workloads)
     assert len(spans) == 24 + 6 and lines.count(b"\n") == 24
+    assert lines.count(b'"transport":"stateless"') == 9 and lines.count(b"spiffe://other.test/x") == 12
 
 
 def test_repeated_answers_share_one_final_entry() -> None:
@@ -429,7 +448,7 @@ def test_repeated_answers_share_one_final_entry() -> None:
         TelemetryConfig(),
         tracer=tracer,
         meter_provider=LeanMeter(),
-        audit=AuditLog(None),
+        audit=AuditLog(io.StringIO()),
         workload=lambda: WORKLOAD,
         worker=Worker(enabled=False),
     )
@@ -441,7 +460,9 @@ def test_repeated_answers_share_one_final_entry() -> None:
             scope.token_exchange(_OUTCOMES[0])
             scope.finish(http_status=200, outcome="ok")
     (entry,) = observer.final_entries.values()
-    assert entry.principal is ALICE and len(entry.metric_keys) == 1
+    assert entry.principal is ALICE and len(entry.answered) == 1
+    (answered,) = entry.answered.values()
+    assert answered.line is not None and answered.workload is WORKLOAD  # the audit line's blocks too
     # A reason (free text) or a policy verdict is never kept.
     with observer.mcp_call(CALL, REQUEST) as scope:
         scope.policy(PolicyOutcome("allow", ("p",)))
@@ -477,3 +498,27 @@ def test_server_span_names_are_kept_per_method_and_target_and_bounded(
             assert scope._span.name == semconv.mcp_span_name(message, config)
             scope.finish(http_status=200, outcome="ok")
         assert 0 < len(observer.span_names) <= 2
+
+
+def test_kept_line_blocks_follow_the_transport_and_the_workload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same answer and request blocks with another transport (not a request-block fact) or
+    another workload object (a pod name the identity component changed) write their own lines."""
+
+    def workloads() -> Callable[[], Workload]:
+        # Four calls per object: pod-a, an equal pod-a made anew, pod-b.
+        objects = [
+            Workload(WORKLOAD.spiffe_id, pod, WORKLOAD.namespace) for pod in ("pod-a", "pod-a", "pod-b")
+        ]
+        made = (objects[(n // 4) % 3] for n in range(10**6))
+        return lambda: next(made)
+
+    def drive(observer: LeanObserver) -> None:
+        for n in range(12):
+            message = McpMessage(kind="request", method="tools/call", id=n, tool_name="echo")
+            with observer.mcp_call(message, STATELESS if n % 4 == 1 else REQUEST) as scope:
+                scope.set_principal(ALICE)
+                scope.finish(http_status=200, outcome="ok")
+        assert len(observer.final_entries) <= 1  # (none on the general path)
+
+    _spans, lines = _both_ways(monkeypatch, drive, TelemetryConfig(), workloads)
+    assert lines.count(b'"transport":"stateless"') == 3 and lines.count(b'"pod":"pod-b"') == 4
