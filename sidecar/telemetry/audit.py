@@ -691,7 +691,8 @@ class AuditLog:
         if self._stream is None:
             return
         lines = self._held
-        lines.extend(encode_line_bytes(e) for e in events)
+        if events:
+            lines.extend(encode_line_bytes(e) for e in events)
         if not lines:
             return
         self._held = []

@@ -133,17 +133,20 @@ class Worker:
 
     def _run_queued(self) -> None:
         ran = 0
-        while True:
+        jobs = self._jobs
+        # `while jobs` first: an empty deque's `popleft` raises (an exception per batch); the
+        # IndexError is still caught for a second consumer (a `close` whose join timed out).
+        while jobs:
             try:
-                job = self._jobs.popleft()
+                job = jobs.popleft()
             except IndexError:
-                if ran:
-                    self._batch_done()
-                return
+                break
             _run(job)
             ran += 1
             if ran % YIELD_EVERY == 0:
                 yield_gil()
+        if ran:
+            self._batch_done()
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every job submitted before this call has run; False on timeout."""
