@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger("outrider.telemetry")
@@ -173,8 +173,7 @@ def retry_after_s(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-@dataclass(frozen=True)
-class _Attempt:
+class _Attempt(NamedTuple):  # (a tuple: a frozen dataclass costs twice as much to make, per post)
     status: int | None  # None: no response (the connection failed)
     reason: str
     retry_after: str | None = None
@@ -184,8 +183,7 @@ class BadResponse(ValueError):
     """The receiver's answer is not HTTP/1.x as this client reads it (or the connection closed early)."""
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     status: int
     reason: str
     retry_after: str | None
@@ -439,7 +437,6 @@ class OtlpHttpClient:
         with self._lock:
             deadline = time.monotonic() + self.settings.timeout_s
             for retry in range(_MAX_RETRIES):
-                backoff = 2**retry * random.uniform(1 - _JITTER, 1 + _JITTER)
                 attempt = self._post(body, deadline - time.monotonic())
                 if attempt.status is None and deadline > time.monotonic():
                     attempt = self._post(body, deadline - time.monotonic())  # once more, straight away
@@ -455,8 +452,7 @@ class OtlpHttpClient:
                     )
                     return False
                 delay = retry_after_s(attempt.retry_after)
-                if delay is not None:
-                    backoff = delay
+                backoff = 2**retry * random.uniform(1 - _JITTER, 1 + _JITTER) if delay is None else delay
                 if retry + 1 == _MAX_RETRIES or backoff > deadline - time.monotonic() or self._stop.is_set():
                     log.error(
                         "telemetry: failed to export %s (%s): timeout, retries or shutdown",
