@@ -192,7 +192,23 @@ _REQUEST_ID_KEY = _field(b"\x0a", b"jsonrpc.request.id")
 
 def request_id_field(request_id: str) -> bytes:
     """`span_attribute_fields({"jsonrpc.request.id": request_id})`, without the dict and the loop."""
-    return _field(b"\x4a", _REQUEST_ID_KEY + _field(b"\x12", _field(b"\x0a", utf8(request_id))))
+    value = utf8(request_id)
+    n = len(value)
+    if n < 100:  # (every length inside is then one byte: written at once, no `_field` calls)
+        # Span.attributes (9) { KeyValue.key, KeyValue.value (2) { AnyValue.string_value (1) } }
+        return b"".join(
+            (
+                b"\x4a",
+                _VARINT1[n + 24],
+                _REQUEST_ID_KEY,
+                b"\x12",
+                _VARINT1[n + 2],
+                b"\x0a",
+                _VARINT1[n],
+                value,
+            )
+        )
+    return _field(b"\x4a", _REQUEST_ID_KEY + _field(b"\x12", _field(b"\x0a", value)))
 
 
 def span(record: SpanRecord) -> bytes:
