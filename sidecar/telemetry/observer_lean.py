@@ -124,6 +124,7 @@ class _RequestBlocks(NamedTuple):
     method_field: bytes  # `mcp.method.name`, the first attribute
     rest_fields: bytes  # the attributes after `jsonrpc.request.id`
     attributes: dict[str, semconv.AttributeValue]  # all but `jsonrpc.request.id` (never mutated)
+    name_kind: bytes  # the server span's name and kind fields (its name follows from the same facts)
 
 
 _FINAL_ENTRIES_MAX = 1024
@@ -201,6 +202,7 @@ class _LeanScope(_ScopeBase):
                 otlp_wire.span_attribute_fields(method),
                 otlp_wire.span_attribute_fields(attributes),
                 {**method, **attributes},
+                otlp_wire.name_kind(self._span.name, self._span.kind),
             )
             if len(table) >= _REQUEST_BLOCKS_MAX:
                 table.clear()
@@ -367,7 +369,7 @@ class _LeanScope(_ScopeBase):
                     record.span_id,
                     record.parent_span_id,
                     record.trace_state,
-                    otlp_wire.name_kind(record.name, record.kind),
+                    blocks.name_kind,
                     record.start_ns,
                     end,
                     fields,
