@@ -135,14 +135,14 @@ class _Answered:
     """What a call with these request blocks and this answer records the same as the last one did:
     its metric keys and, once made, its audit line's blocks (for this workload object and transport)."""
 
-    __slots__ = ("blocks", "line", "metric_keys", "transport", "workload")
+    __slots__ = ("blocks", "line", "metric_keys")
 
     def __init__(self, blocks: _RequestBlocks, metric_keys: _CallMetricKeys) -> None:
         self.blocks = blocks  # kept: the table holds its id
         self.metric_keys = metric_keys
-        self.line: LineBlocks | None = None
-        self.workload: Workload | None = None
-        self.transport: str | None = None
+        # (workload object, transport, the line's blocks): replaced whole, so a job run on the
+        # caller's thread (a full backlog) never reads one call's blocks with another's facts.
+        self.line: tuple[Workload, str, LineBlocks | None] | None = None
 
 
 class _FinalEntry(NamedTuple):
@@ -279,11 +279,12 @@ class _LeanScope(_ScopeBase):
         args = (principal, outcome, reason, http_status, error_type, exchange)
         if answered is None:
             return super()._line_blocks(*args)
-        line, workload, transport = answered.line, self._workload, self._request.transport
-        if line is None or answered.workload is not workload or answered.transport != transport:
+        kept, workload, transport = answered.line, self._workload, self._request.transport
+        if kept is None or kept[0] is not workload or kept[1] != transport or kept[2] is None:
             line = super()._line_blocks(*args)
-            answered.line, answered.workload, answered.transport = line, workload, transport
-        return line
+            answered.line = (workload, transport, line)
+            return line
+        return kept[2]
 
     def _metric_attributes(self) -> dict[str, semconv.AttributeValue]:
         return (

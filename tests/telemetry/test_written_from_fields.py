@@ -462,7 +462,7 @@ def test_repeated_answers_share_one_final_entry() -> None:
     (entry,) = observer.final_entries.values()
     assert entry.principal is ALICE and len(entry.answered) == 1
     (answered,) = entry.answered.values()
-    assert answered.line is not None and answered.workload is WORKLOAD  # the audit line's blocks too
+    assert answered.line is not None and answered.line[0] is WORKLOAD  # the audit line's blocks too
     # A reason (free text) or a policy verdict is never kept.
     with observer.mcp_call(CALL, REQUEST) as scope:
         scope.policy(PolicyOutcome("allow", ("p",)))
