@@ -915,10 +915,8 @@ class InboundProxy:
             )
             return self._fail(calls, answer, "error", f"exchange_{exc.outcome}", exc.message)
         if self.records:  # (nothing records the outcome of a successful exchange otherwise)
-            outcome = ExchangeOutcome(
-                outcome="cache_hit" if issued.cache_hit else "issued",
-                audience=issued.audience,
-                duration_s=time.perf_counter() - started,
+            outcome = ExchangeOutcome.succeeded(
+                "cache_hit" if issued.cache_hit else "issued", issued.audience, time.perf_counter() - started
             )
             for scope in calls.each():
                 scope.token_exchange(outcome)
@@ -992,7 +990,11 @@ class InboundProxy:
     ) -> web.StreamResponse:
         try:
             async with asyncio.timeout(self.config.upstream_timeout_s):
-                upstream = await self.upstream.request(
+                # The coroutine `ClientSession.request` wraps: its wrapper is a subscripted generic
+                # (`_RequestContextManager`), whose call runs typing's Python code and sets and drops
+                # an AttributeError (`__orig_class__` on a slotted object) per request, for an
+                # `async with` the proxy does not use.
+                upstream = await self.upstream._request(
                     request.method, url, headers=headers, data=body if body else None, allow_redirects=False
                 )
         except TimeoutError:
@@ -1023,7 +1025,11 @@ class InboundProxy:
                 return await self._stream(request, upstream, calls, owner)
             return await self._buffered(upstream, calls)
         finally:
-            upstream.close()
+            # An answer read to its end has released its connection already (`closed`); closing it
+            # again would only mark its drained content as cut (through asyncio.isfuture, which
+            # sets and drops an AttributeError for aiohttp's StreamReader).
+            if not upstream.closed:
+                upstream.close()
 
     async def _buffered(self, upstream: aiohttp.ClientResponse, calls: Calls) -> web.StreamResponse:
         try:

@@ -50,6 +50,17 @@ class ExchangeOutcome:
     idp_status: int | None = None
     duration_s: float = 0.0
 
+    @classmethod
+    def succeeded(cls, outcome: str, audience: str | None, duration_s: float) -> ExchangeOutcome:
+        """`cls(outcome, audience, duration_s=duration_s)` (no reason, no IdP status), made with one
+        call: a frozen dataclass's `__init__` sets each field through `object.__setattr__`, twice
+        the instructions, and the proxy makes one per call (a cache hit's outcome)."""
+        made = object.__new__(cls)
+        made.__dict__.update(
+            outcome=outcome, audience=audience, reason=None, idp_status=None, duration_s=duration_s
+        )
+        return made
+
 
 @dataclass(frozen=True)
 class EgressDecision:

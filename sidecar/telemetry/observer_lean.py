@@ -14,11 +14,18 @@ from opentelemetry import metrics, trace
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
 from outrider.sidecar.telemetry import otlp_wire, semconv
-from outrider.sidecar.telemetry.audit import AuditLog, Workload
+from outrider.sidecar.telemetry.audit import AuditLog, LineBlocks, Workload
 from outrider.sidecar.telemetry.config import TelemetryConfig
 from outrider.sidecar.telemetry.metric_points import LeanMeter
-from outrider.sidecar.telemetry.observer import CallScope, EgressDecision, ExchangeOutcome, RequestInfo
-from outrider.sidecar.telemetry.observer_otel import OtelObserver, _ScopeBase
+from outrider.sidecar.telemetry.observer import (
+    CallScope,
+    EgressDecision,
+    ExchangeOutcome,
+    PolicyOutcome,
+    Principal,
+    RequestInfo,
+)
+from outrider.sidecar.telemetry.observer_otel import FinalFacts, OtelObserver, _CallMetricKeys, _ScopeBase
 from outrider.sidecar.telemetry.spans import (
     KIND_CLIENT,
     KIND_INTERNAL,
@@ -63,6 +70,11 @@ class LeanObserver(OtelObserver):
         # Per distinct request facts: the server span's request attributes but the JSON-RPC id,
         # encoded (the method's field, then the rest), and as the dict the metric points read.
         self.request_blocks: dict[tuple[object, ...], _RequestBlocks] = {}
+        # Per distinct answer (status, outcome, error, principal, cached exchange): the final attributes,
+        # their encoded fields and, per request blocks, the call's metric keys (`_FinalEntry`).
+        self.final_entries: dict[tuple[object, ...], _FinalEntry] = {}
+        # The server span's name per distinct method and target (bounded: tool names come from callers).
+        self.span_names: dict[tuple[str | None, ...], str] = {}
 
     def mcp_call(self, message: McpMessage, request: RequestInfo) -> AbstractContextManager[CallScope]:
         # MCP conventions: the context in params._meta is the caller's MCP span and wins over the
@@ -72,7 +84,21 @@ class LeanObserver(OtelObserver):
         workload = self.workload()
         # The span's attributes are made on the telemetry thread when the call is recorded (nothing
         # reads them before: the lean tracer's sampler does not): the request path only starts it.
-        record = self.lean.start(semconv.mcp_span_name(message, self.config), KIND_SERVER, {}, parent=parent)
+        names = self.span_names
+        name_key = (
+            message.method,
+            message.kind,
+            message.tool_name,
+            message.prompt_name,
+            message.resource_uri,
+        )
+        name = names.get(name_key)
+        if name is None:
+            name = semconv.mcp_span_name(message, self.config)
+            if len(names) >= _SPAN_NAMES_MAX:
+                names.clear()
+            names[name_key] = name
+        record = self.lean.start(name, KIND_SERVER, {}, parent=parent)
         # The scope is its own context manager: no generator-based wrapper per call.
         return _LeanScope(self, message, request, record, workload)
 
@@ -90,6 +116,7 @@ class LeanObserver(OtelObserver):
 
 
 _REQUEST_BLOCKS_MAX = 1024
+_SPAN_NAMES_MAX = 1024
 _REQUEST_ID = "jsonrpc.request.id"
 
 
@@ -97,12 +124,38 @@ class _RequestBlocks(NamedTuple):
     method_field: bytes  # `mcp.method.name`, the first attribute
     rest_fields: bytes  # the attributes after `jsonrpc.request.id`
     attributes: dict[str, semconv.AttributeValue]  # all but `jsonrpc.request.id` (never mutated)
+    name_kind: bytes  # the server span's name and kind fields (its name follows from the same facts)
+
+
+_FINAL_ENTRIES_MAX = 1024
+_ANSWERED_PER_ENTRY_MAX = 64
+
+
+class _Answered:
+    """What a call with these request blocks and this answer records the same as the last one did:
+    its metric keys and, once made, its audit line's blocks (for this workload object and transport)."""
+
+    __slots__ = ("blocks", "line", "metric_keys")
+
+    def __init__(self, blocks: _RequestBlocks, metric_keys: _CallMetricKeys) -> None:
+        self.blocks = blocks  # kept: the table holds its id
+        self.metric_keys = metric_keys
+        # (workload object, transport, the line's blocks): replaced whole, so a job run on the
+        # caller's thread (a full backlog) never reads one call's blocks with another's facts.
+        self.line: tuple[Workload, str, LineBlocks | None] | None = None
+
+
+class _FinalEntry(NamedTuple):
+    principal: Principal | None  # the key holds its id: kept so the id stays its own
+    facts: FinalFacts  # (its attributes never mutated)
+    fields: bytes  # the attributes as span attribute fields
+    answered: dict[int, _Answered]  # by id of the request blocks
 
 
 class _LeanScope(_ScopeBase):
     """One MCP message as a span record."""
 
-    __slots__ = ("_blocks", "_lean", "_span")
+    __slots__ = ("_answered", "_blocks", "_final", "_lean", "_span")
 
     def __init__(
         self,
@@ -116,6 +169,8 @@ class _LeanScope(_ScopeBase):
         self._lean = observer.lean
         self._span = record
         self._blocks: _RequestBlocks | None = None
+        self._final: _FinalEntry | None = None
+        self._answered: _Answered | None = None  # set with the metric points when `_final` is
 
     def _request_blocks(self) -> _RequestBlocks:
         """The request attributes that repeat across calls, made and encoded once per distinct facts."""
@@ -147,12 +202,89 @@ class _LeanScope(_ScopeBase):
                 otlp_wire.span_attribute_fields(method),
                 otlp_wire.span_attribute_fields(attributes),
                 {**method, **attributes},
+                otlp_wire.name_kind(self._span.name, self._span.kind),
             )
             if len(table) >= _REQUEST_BLOCKS_MAX:
                 table.clear()
             table[key] = blocks
         self._blocks = blocks
         return blocks
+
+    def _final_facts(
+        self,
+        http_status: int,
+        outcome: str,
+        error_type: str | None,
+        reason: str | None,
+        response: McpMessage | None,
+        principal: Principal | None,
+        exchange: str | None,
+        policy: PolicyOutcome | None,
+    ) -> FinalFacts:
+        """The answer's facts, made and encoded once per distinct answer when spans are written from
+        fields. Not kept: answers with a reason (free text from other components) or a policy verdict."""
+        args = (http_status, outcome, error_type, reason, response, principal, exchange, policy)
+        if self._lean.emit is None or reason is not None or policy is not None:
+            return super()._final_facts(*args)
+        key = (
+            http_status,
+            outcome,
+            error_type,
+            None if response is None else response.error_code,
+            id(principal),
+            exchange,
+        )
+        observer = self._observer
+        assert isinstance(observer, LeanObserver)
+        table = observer.final_entries
+        entry = table.get(key)
+        if entry is None or entry.principal is not principal:
+            facts = super()._final_facts(*args)
+            entry = _FinalEntry(principal, facts, otlp_wire.span_attribute_fields(facts.attributes), {})
+            if len(table) >= _FINAL_ENTRIES_MAX:
+                table.clear()
+            table[key] = entry
+        self._final = entry
+        return entry.facts
+
+    def _record_metrics(self, duration: float, facts: FinalFacts, outcome: str) -> None:
+        entry = self._final
+        if entry is None or entry.facts is not facts:
+            super()._record_metrics(duration, facts, outcome)
+            return
+        blocks = self._request_blocks()
+        answered = entry.answered.get(id(blocks))
+        observer = self._observer
+        if answered is None or answered.blocks is not blocks:
+            keys = observer.call_metric_keys(blocks.attributes, facts.attributes, outcome)
+            answered = _Answered(blocks, keys)
+            if len(entry.answered) >= _ANSWERED_PER_ENTRY_MAX:
+                entry.answered.clear()
+            entry.answered[id(blocks)] = answered
+        self._answered = answered
+        observer.record_metric_keys(duration, answered.metric_keys)
+
+    def _line_blocks(
+        self,
+        principal: Principal | None,
+        outcome: str,
+        reason: str | None,
+        http_status: int,
+        error_type: str | None,
+        exchange: str | None,
+    ) -> LineBlocks | None:
+        """The line's blocks kept with the answer and request blocks (`_Answered`): every fact they
+        hold is in those keys but the workload object and the transport, checked here."""
+        answered = self._answered
+        args = (principal, outcome, reason, http_status, error_type, exchange)
+        if answered is None:
+            return super()._line_blocks(*args)
+        kept, workload, transport = answered.line, self._workload, self._request.transport
+        if kept is None or kept[0] is not workload or kept[1] != transport or kept[2] is None:
+            line = super()._line_blocks(*args)
+            answered.line = (workload, transport, line)
+            return line
+        return kept[2]
 
     def _metric_attributes(self) -> dict[str, semconv.AttributeValue]:
         return (
@@ -194,7 +326,8 @@ class _LeanScope(_ScopeBase):
                     False,
                 )
                 lean.emit(otlp_wire.field_of(span))
-            return (format(parent.trace_id, "032x"), format(span_id, "016x")) if ids else (None, None)
+            # (`%`, not a format spec: see `SpanRecord.trace_headers`.)
+            return ("%032x" % parent.trace_id, "%016x" % span_id) if ids else (None, None)  # noqa: UP031
         record = lean.child(
             parent,
             EXCHANGE_SPAN_NAME,
@@ -221,14 +354,15 @@ class _LeanScope(_ScopeBase):
             if record.sampled:
                 blocks = self._request_blocks()
                 request_id = self._message.id
+                entry = self._final
                 fields = b"".join(
                     (
                         blocks.method_field,
-                        b""
-                        if request_id is None
-                        else otlp_wire.span_attribute_fields({_REQUEST_ID: str(request_id)}),
+                        b"" if request_id is None else otlp_wire.request_id_field(str(request_id)),
                         blocks.rest_fields,
-                        otlp_wire.span_attribute_fields(final),
+                        entry.fields
+                        if entry is not None and entry.facts.attributes is final
+                        else otlp_wire.span_attribute_fields(final),
                     )
                 )
                 span = otlp_wire.span_of(
@@ -236,7 +370,7 @@ class _LeanScope(_ScopeBase):
                     record.span_id,
                     record.parent_span_id,
                     record.trace_state,
-                    otlp_wire.name_kind(record.name, record.kind),
+                    blocks.name_kind,
                     record.start_ns,
                     end,
                     fields,

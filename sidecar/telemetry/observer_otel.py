@@ -26,7 +26,9 @@ from outrider.sidecar.telemetry.audit import (
     AuditLog,
     CallLines,
     EventStamp,
+    LineBlocks,
     Workload,
+    assemble_line,
     egress_event,
     exchange_event,
     mcp_call_event,
@@ -248,6 +250,15 @@ class OtelObserver:
         outcome: str,
     ) -> None:
         """The duration histogram and request counter points of one call (`attributes` + `final`)."""
+        self.record_metric_keys(duration, self.call_metric_keys(attributes, final, outcome))
+
+    def call_metric_keys(
+        self,
+        attributes: Mapping[str, semconv.AttributeValue],
+        final: Mapping[str, semconv.AttributeValue],
+        outcome: str,
+    ) -> _CallMetricKeys:
+        """The call's metric attributes and series (`attributes` + `final`), made once per distinct set."""
         key = (
             attributes.get("mcp.method.name"),
             attributes.get("gen_ai.tool.name"),
@@ -271,6 +282,10 @@ class OtelObserver:
             if len(self._call_metric_keys) >= _CALL_METRIC_KEYS_MAX:
                 self._call_metric_keys.clear()
             self._call_metric_keys[key] = keys
+        return keys
+
+    def record_metric_keys(self, duration: float, keys: _CallMetricKeys) -> None:
+        """The duration histogram and request counter points of one call."""
         if self._record_series is not None:
             self._record_series(duration, keys.duration_series, keys.duration_attributes)
         else:
@@ -354,6 +369,42 @@ class OtelObserver:
         return [] if value is None else [Observation(value)]
 
 
+class FinalFacts(NamedTuple):
+    """The attributes a call's answer adds to its span, its `error.type` and its span's ERROR status."""
+
+    attributes: dict[str, semconv.AttributeValue]  # read only: the lean path shares one per distinct answer
+    error_type: str | None
+    status_error: str | None  # the span's ERROR status message; None: the status stays unset
+
+
+def final_facts(
+    config: TelemetryConfig,
+    http_status: int,
+    outcome: str,
+    error_type: str | None,
+    reason: str | None,
+    response: McpMessage | None,
+    principal: Principal | None,
+    exchange: str | None,
+    policy: PolicyOutcome | None,
+) -> FinalFacts:
+    """Pure: the final attributes, `error.type` and ERROR status of a call that ended so."""
+    error = semconv.error_type(outcome, error_type, response, http_status)
+    final = semconv.mcp_response_attributes(
+        http_status=http_status, outcome=outcome, error_type_value=error, response=response
+    )
+    if principal is not None:
+        final.update(semconv.principal_attributes(principal, config))
+    if exchange == "cache_hit":
+        final["outrider.token_exchange.outcome"] = "cache_hit"
+    if policy is not None:
+        final.update(semconv.policy_attributes(policy))
+    safe_reason = semconv.scrub(reason)
+    if safe_reason:
+        final["outrider.reason"] = safe_reason
+    return FinalFacts(final, error, None if outcome in _OK_OUTCOMES else (error or outcome))
+
+
 class _ScopeBase:
     """One MCP message: facts gathered on the request path, recorded on the worker when finished.
 
@@ -429,6 +480,55 @@ class _ScopeBase:
     def _metric_attributes(self) -> Mapping[str, semconv.AttributeValue]:
         """The request attributes the call's metric points read (all but `jsonrpc.request.id` needed)."""
         return self._request_attributes()
+
+    def _final_facts(
+        self,
+        http_status: int,
+        outcome: str,
+        error_type: str | None,
+        reason: str | None,
+        response: McpMessage | None,
+        principal: Principal | None,
+        exchange: str | None,
+        policy: PolicyOutcome | None,
+    ) -> FinalFacts:
+        """What the call's answer adds to its span (and metric points)."""
+        return final_facts(
+            self._observer.config,
+            http_status,
+            outcome,
+            error_type,
+            reason,
+            response,
+            principal,
+            exchange,
+            policy,
+        )
+
+    def _record_metrics(self, duration: float, facts: FinalFacts, outcome: str) -> None:
+        self._observer.record_call_metrics(duration, self._metric_attributes(), facts.attributes, outcome)
+
+    def _line_blocks(
+        self,
+        principal: Principal | None,
+        outcome: str,
+        reason: str | None,
+        http_status: int,
+        error_type: str | None,
+        exchange: str | None,
+    ) -> LineBlocks | None:
+        """The blocks of the call's `mcp.call` line that repeat across calls (`CallLines.blocks`)."""
+        return self._observer.call_lines.blocks(
+            self._message,
+            self._request,
+            principal,
+            self._workload,
+            outcome,
+            reason,
+            http_status,
+            error_type,
+            exchange,
+        )
 
     def _trace_headers(self) -> dict[str, str]:
         raise NotImplementedError
@@ -574,22 +674,12 @@ class _ScopeBase:
                 self._record_exchange(*hit, audit=False)
             except Exception as exc:  # as a job of its own: its failure never loses the call's record
                 log.error("telemetry: a recording job failed: %s", type(exc).__qualname__)
-        error = semconv.error_type(outcome, error_type, response, http_status)
-        final = semconv.mcp_response_attributes(
-            http_status=http_status, outcome=outcome, error_type_value=error, response=response
+        facts = self._final_facts(
+            http_status, outcome, error_type, reason, response, principal, exchange, policy
         )
-        if principal is not None:
-            final.update(semconv.principal_attributes(principal, observer.config))
-        if exchange == "cache_hit":
-            final["outrider.token_exchange.outcome"] = "cache_hit"
-        if policy is not None:
-            final.update(semconv.policy_attributes(policy))
-        safe_reason = semconv.scrub(reason)
-        if safe_reason:
-            final["outrider.reason"] = safe_reason
-        status_error = None if outcome in _OK_OUTCOMES else (error or outcome)
-        observer.record_call_metrics(duration, self._metric_attributes(), final, outcome)
-        trace_id, span_id = self._end_span(final, status_error, end)
+        error = facts.error_type
+        self._record_metrics(duration, facts, outcome)
+        trace_id, span_id = self._end_span(facts.attributes, facts.status_error, end)
         audit = observer.audit
         if not audit.enabled:
             return
@@ -597,22 +687,13 @@ class _ScopeBase:
         config = observer.config
         if not config.record_arguments or self._message.arguments is None:
             # The line from cached blocks, the same bytes as the event's (`CallLines`).
-            line = observer.call_lines.line(
-                event_id,
-                time_text,
-                trace_id,
-                span_id,
-                message=self._message,
-                request=self._request,
-                principal=principal,
-                workload=self._workload,
-                outcome=outcome,
-                reason=reason,
-                http_status=http_status,
-                error_type=error,
-                duration_s=duration,
-                token_exchange=exchange,
-                policy=policy,
+            blocks = self._line_blocks(principal, outcome, reason, http_status, error, exchange)
+            line = (
+                None
+                if blocks is None
+                else assemble_line(
+                    event_id, time_text, trace_id, span_id, blocks, duration, self._message.id, policy
+                )
             )
             if line is not None and audit.write_line(line, outcome, hold=observer.hold_audit):
                 return

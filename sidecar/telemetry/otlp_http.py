@@ -1,16 +1,17 @@
 """Posts encoded OTLP/HTTP protobuf requests with the standard library, configured by `OTEL_EXPORTER_OTLP_*`.
 
 `ExporterSettings.from_env` reads the settings as the SDK's OTLP/HTTP exporter reads them (pure);
-`OtlpHttpClient` sends, retries and backs off as the SDK's client does, on `http.client` and `ssl`.
+`OtlpHttpClient` sends, retries and backs off as the SDK's client does, on `socket` and `ssl`: one
+HTTP/1.1 POST at a time on a kept-alive connection, the request head written once per client.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import math
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger("outrider.telemetry")
@@ -172,11 +173,175 @@ def retry_after_s(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-@dataclass(frozen=True)
-class _Attempt:
+class _Attempt(NamedTuple):  # (a tuple: a frozen dataclass costs twice as much to make, per post)
     status: int | None  # None: no response (the connection failed)
     reason: str
     retry_after: str | None = None
+
+
+class BadResponse(ValueError):
+    """The receiver's answer is not HTTP/1.x as this client reads it (or the connection closed early)."""
+
+
+class Response(NamedTuple):
+    status: int
+    reason: str
+    retry_after: str | None
+    will_close: bool  # the connection cannot carry another request
+
+
+# Limits as `http.client` keeps them: a line of 64 KiB, 100 header fields.
+_MAX_LINE = 65536
+_MAX_HEADERS = 100
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+# What `http.client` refuses to send: a name that is not a token, a value with a bare line break.
+_TOKEN = re.compile(r"[^:\s][^:\r\n]*")
+_BROKEN_VALUE = re.compile(r"\n(?![ \t])|\r(?![ \t\n])")
+
+
+def request_head(
+    path: str, host: str, port: int | None, https: bool, headers: Mapping[str, str]
+) -> tuple[bytes, bytes] | None:
+    """Pure: a POST's head around its `Content-Length` value, as `http.client` writes it: the request
+    line, Host (with the port unless it is the scheme's) and Accept-Encoding: identity unless
+    `headers` has them, Content-Length, then `headers` in order. None for what `http.client` would
+    refuse to send (a path with control characters, spaces or non-ASCII, a header name that is not
+    a token, a value with a bare line break). A Content-Length or Transfer-Encoding in `headers` is
+    left out: the body's own length is sent."""
+    if _CONTROL.search(path) or not path.isascii():
+        return None
+    for name, value in headers.items():
+        if not name.isascii() or not _TOKEN.fullmatch(name) or _BROKEN_VALUE.search(value):
+            return None
+    names = {name.lower() for name in headers}
+    lines = [b"POST " + path.encode("ascii") + b" HTTP/1.1"]
+    if "host" not in names:
+        try:
+            host_text = host.encode("ascii")
+        except UnicodeEncodeError:
+            host_text = host.encode("idna")
+        if b":" in host_text:
+            host_text = b"[" + host_text + b"]"
+        if port is not None and port != (443 if https else 80):
+            host_text += b":%d" % port
+        lines.append(b"Host: " + host_text)
+    if "accept-encoding" not in names:
+        lines.append(b"Accept-Encoding: identity")
+    after = [
+        name.encode("ascii") + b": " + _header_bytes(value)
+        for name, value in headers.items()
+        if name.lower() not in ("content-length", "transfer-encoding")
+    ]
+    return b"\r\n".join(lines) + b"\r\nContent-Length: ", b"".join(
+        b"\r\n" + line for line in after
+    ) + b"\r\n\r\n"
+
+
+class _Reader:
+    """Reads one response from a socket, in as few `recv`s as the receiver's writes allow."""
+
+    __slots__ = ("_buffer", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+
+    def _more(self) -> None:
+        data = self._sock.recv(65536)
+        if not data:
+            raise BadResponse("the receiver closed the connection")
+        self._buffer += data
+
+    def line(self) -> bytes:
+        """The next line without its end (CRLF, or a bare LF as `http.client` also accepts)."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self._buffer) > _MAX_LINE:
+                raise BadResponse("a response line is too long")
+            self._more()
+
+    def exactly(self, count: int) -> None:
+        """Read and drop `count` bytes."""
+        while len(self._buffer) < count:
+            count -= len(self._buffer)
+            self._buffer = b""
+            self._more()
+        self._buffer = self._buffer[count:]
+
+    def until_closed(self) -> None:
+        self._buffer = b""
+        while self._sock.recv(65536):
+            pass
+
+    def left(self) -> bool:
+        return bool(self._buffer)
+
+
+def read_response(sock: socket.socket) -> Response:
+    """Read one answer to a POST (its body read and dropped, so the connection can be reused)."""
+    reader = _Reader(sock)
+    while True:
+        status_line = reader.line()
+        version, _, rest = status_line.partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+            raise BadResponse("not an HTTP/1.x status line")
+        status = int(code)
+        fields: dict[bytes, bytes] = {}
+        for _ in range(_MAX_HEADERS + 1):
+            line = reader.line()
+            if not line:
+                break
+            name, colon, value = line.partition(b":")
+            if colon:
+                fields[name.strip().lower()] = value.strip()
+        else:
+            raise BadResponse("more than 100 header fields")
+        if status < 100:
+            raise BadResponse("a status under 100")
+        if status >= 200:
+            break
+        # 1xx (100 Continue): an interim answer, skipped as `http.client` skips it
+    connection = fields.get(b"connection", b"").lower()
+    # (`find`, not `in`: CPython 3.11's bytes `in` formats and drops a TypeError first.)
+    will_close = connection.find(b"close") >= 0 or (
+        version == b"HTTP/1.0" and connection.find(b"keep-alive") < 0
+    )
+    if fields.get(b"transfer-encoding", b"").lower().endswith(b"chunked"):
+        while True:
+            size_text = reader.line().partition(b";")[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise BadResponse("a chunk size is not hexadecimal") from None
+            if size == 0:
+                while reader.line():  # trailers, then the empty line
+                    pass
+                break
+            reader.exactly(size + 2)
+    elif b"content-length" in fields:
+        try:
+            length = int(fields[b"content-length"])
+        except ValueError:
+            raise BadResponse("Content-Length is not a number") from None
+        if length < 0:
+            raise BadResponse("Content-Length is negative")
+        reader.exactly(length)
+    elif status not in (204, 304):
+        reader.until_closed()  # no length: the body ends with the connection
+        will_close = True
+    if reader.left():  # bytes nobody asked for: do not read the next answer from them
+        will_close = True
+    retry_after = fields.get(b"retry-after")
+    return Response(
+        status,
+        reason.decode("latin-1").strip(),
+        None if retry_after is None else retry_after.decode("latin-1"),
+        will_close,
+    )
 
 
 class OtlpHttpClient:
@@ -193,8 +358,8 @@ class OtlpHttpClient:
         url = urlsplit(settings.endpoint)
         self._https = url.scheme == "https"
         self._host = url.hostname or ""
-        self._port = url.port
-        self._path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        self._port = url.port or (443 if self._https else 80)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         self.usable = url.scheme in ("http", "https") and bool(self._host)
         if not self.usable:
             # The endpoint may carry credentials (user:password@): name the variable, not the value.
@@ -204,44 +369,52 @@ class OtlpHttpClient:
                 settings.signal,
                 settings.signal.upper(),
             )
-        self._headers = {k: _header_bytes(v) for k, v in settings.headers.items()}
-        self._connection: http.client.HTTPConnection | None = None
+        # Everything before the body's length, written once: the request line and the headers
+        # `http.client` would send (Host, Accept-Encoding: identity, then the settings' own).
+        self._head = request_head(path, self._host, url.port, self._https, settings.headers)
+        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        if self._https:
-            context = ssl.create_default_context(cafile=self.settings.certificate)
-            if self.settings.client_certificate:
-                context.load_cert_chain(self.settings.client_certificate, self.settings.client_key)
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=context)
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+    def _connect(self, timeout: float) -> socket.socket:
+        sock = socket.create_connection((self._host, self._port), timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # head and body go in one send
+            if self._https:
+                context = ssl.create_default_context(cafile=self.settings.certificate)
+                if self.settings.client_certificate:
+                    context.load_cert_chain(self.settings.client_certificate, self.settings.client_key)
+                sock = context.wrap_socket(sock, server_hostname=self._host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _post(self, body: bytes, timeout: float) -> _Attempt:
         timeout = max(timeout, 0.001)
-        connection = self._connection
+        sock = self._sock
         try:
-            if connection is None:
+            if self._head is None:
+                raise ValueError("the endpoint's path or a header cannot be sent")
+            if sock is None:
                 # A new connection reads the TLS files again (rotated certificates are picked up).
-                connection = self._connection = self._connect(timeout)
+                sock = self._sock = self._connect(timeout)
             else:
-                connection.timeout = timeout
-                if connection.sock is not None:
-                    connection.sock.settimeout(timeout)
-            connection.request("POST", self._path, body, self._headers)
-            response = connection.getresponse()
-            response.read()  # drained, so the connection can be reused
+                sock.settimeout(timeout)
+            head, after = self._head
+            sock.sendall(b"%b%d%b%b" % (head, len(body), after, body))
+            response = read_response(sock)
             if response.will_close:
                 self._close()
-            return _Attempt(response.status, response.reason, response.getheader("retry-after"))
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return _Attempt(response.status, response.reason, response.retry_after)
+        except (OSError, ValueError) as exc:
             self._close()
             return _Attempt(None, _describe(exc))
 
     def _close(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
     def export(self, data: bytes) -> bool:
         """Post one encoded request; True when the receiver accepted it (2xx only: OTLP's success is
@@ -264,7 +437,6 @@ class OtlpHttpClient:
         with self._lock:
             deadline = time.monotonic() + self.settings.timeout_s
             for retry in range(_MAX_RETRIES):
-                backoff = 2**retry * random.uniform(1 - _JITTER, 1 + _JITTER)
                 attempt = self._post(body, deadline - time.monotonic())
                 if attempt.status is None and deadline > time.monotonic():
                     attempt = self._post(body, deadline - time.monotonic())  # once more, straight away
@@ -280,8 +452,7 @@ class OtlpHttpClient:
                     )
                     return False
                 delay = retry_after_s(attempt.retry_after)
-                if delay is not None:
-                    backoff = delay
+                backoff = 2**retry * random.uniform(1 - _JITTER, 1 + _JITTER) if delay is None else delay
                 if retry + 1 == _MAX_RETRIES or backoff > deadline - time.monotonic() or self._stop.is_set():
                     log.error(
                         "telemetry: failed to export %s (%s): timeout, retries or shutdown",

@@ -54,7 +54,11 @@ def varint(value: int) -> bytes:
 def _field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: tag, length, payload."""
     n = len(payload)
-    return tag + (_VARINT1[n] if n < 128 else varint(n)) + payload
+    if n < 128:
+        return tag + _VARINT1[n] + payload
+    if n < 16384:  # two bytes (a span's length): no call to `varint`
+        return tag + bytes(((n & 0x7F) | 0x80, n >> 7)) + payload
+    return tag + varint(n) + payload
 
 
 def any_value(value: Any) -> bytes:
@@ -181,6 +185,30 @@ def name_kind(name: str, kind: int) -> bytes:
 def span_attribute_fields(attrs: Mapping[str, Any]) -> bytes:
     """A span's attributes (field 9) as `span` writes them: fields of attribute sets can be joined."""
     return _SPAN_ATTRIBUTES.encode(attrs)
+
+
+_REQUEST_ID_KEY = _field(b"\x0a", b"jsonrpc.request.id")
+
+
+def request_id_field(request_id: str) -> bytes:
+    """`span_attribute_fields({"jsonrpc.request.id": request_id})`, without the dict and the loop."""
+    value = utf8(request_id)
+    n = len(value)
+    if n < 100:  # (every length inside is then one byte: written at once, no `_field` calls)
+        # Span.attributes (9) { KeyValue.key, KeyValue.value (2) { AnyValue.string_value (1) } }
+        return b"".join(
+            (
+                b"\x4a",
+                _VARINT1[n + 24],
+                _REQUEST_ID_KEY,
+                b"\x12",
+                _VARINT1[n + 2],
+                b"\x0a",
+                _VARINT1[n],
+                value,
+            )
+        )
+    return _field(b"\x4a", _REQUEST_ID_KEY + _field(b"\x12", _field(b"\x0a", value)))
 
 
 def span(record: SpanRecord) -> bytes:

@@ -96,14 +96,16 @@ class SpanRecord:
 
     def trace_headers(self) -> dict[str, str]:
         """W3C `traceparent` (and `tracestate`) naming this span as the parent."""
-        # (The flags are 0-3: one hex digit after a 0.)
-        carrier = {"traceparent": f"00-{self.trace_id:032x}-{self.span_id:016x}-0{self.trace_flags}"}
+        # (The flags are 0-3: one hex digit after a 0. `%` writes an int in hex with ~1,000 fewer
+        # instructions than a format spec on CPython 3.11: `_PyLong_FormatAdvancedWriter`.)
+        traceparent = "00-%032x-%016x-0%d" % (self.trace_id, self.span_id, self.trace_flags)  # noqa: UP031
+        carrier = {"traceparent": traceparent}
         if self.trace_state:
             carrier["tracestate"] = self.trace_state
         return carrier
 
     def ids(self) -> tuple[str, str]:
-        return format(self.trace_id, "032x"), format(self.span_id, "016x")
+        return "%032x" % self.trace_id, "%016x" % self.span_id  # noqa: UP031 (see trace_headers)
 
 
 def _header(carrier: Mapping[str, str], key: str) -> str | None:
@@ -239,12 +241,15 @@ class LeanTracer:
         parent: ParentContext | None = None,
         start_ns: int | None = None,
     ) -> SpanRecord:
+        sampler = self.sampler
         if parent is None:
             trace_id, span_id = new_ids()
             parent_id, trace_state, random_id = 0, "", True
+            sampled = (trace_id & _ID64) < sampler.bound  # `sampler.sampled(trace_id, None)`, inlined
         else:
             trace_id, parent_id, trace_state = parent.trace_id, parent.span_id, parent.trace_state
             span_id, random_id = new_span_id(), parent.random_trace_id
+            sampled = sampler.sampled(trace_id, parent)
         return SpanRecord(
             name,
             kind,
@@ -253,7 +258,7 @@ class LeanTracer:
             parent_id,
             parent is not None,
             trace_state,
-            self.sampler.sampled(trace_id, parent),
+            sampled,
             time.time_ns() if start_ns is None else start_ns,
             attributes,
             random_id,

@@ -6,6 +6,7 @@ The request path only captures plain facts and enqueues; `drain()` waits until e
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -45,6 +46,28 @@ def yield_gil() -> None:
     time.sleep(_YIELD_S)
 
 
+class Signal:
+    """`threading.Event` for one waiting thread, on a bare lock: `wait` clears it as it returns.
+
+    An Event's `wait` runs a Condition's Python code and allocates a lock per call; here a wait is
+    one C call (`Lock.acquire` with a timeout), which the worker makes on every wake-up.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held: not set
+
+    def set(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already set
+            self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set (and cleared again), False when `timeout` seconds passed first."""
+        return self._lock.acquire(timeout=-1 if timeout is None else timeout)
+
+
 class Worker:
     """A single daemon thread that runs submitted jobs in submission order, in batches.
 
@@ -56,7 +79,7 @@ class Worker:
     ) -> None:
         self.enabled = enabled
         self._jobs: collections.deque[Job] = collections.deque()  # append/popleft are thread-safe
-        self._wake = threading.Event()
+        self._wake = Signal()
         self._interval = interval_s
         self._max_backlog = max_backlog
         self._thread: threading.Thread | None = None
@@ -94,8 +117,7 @@ class Worker:
     def _loop(self) -> None:
         empty = 0
         while True:
-            self._wake.wait(None if self._idle else self._interval)
-            self._wake.clear()
+            self._wake.wait(None if self._idle else self._interval)  # (and cleared)
             if self._jobs:
                 empty, self._idle = 0, False
             else:
@@ -111,17 +133,20 @@ class Worker:
 
     def _run_queued(self) -> None:
         ran = 0
-        while True:
+        jobs = self._jobs
+        # `while jobs` first: an empty deque's `popleft` raises (an exception per batch); the
+        # IndexError is still caught for a second consumer (a `close` whose join timed out).
+        while jobs:
             try:
-                job = self._jobs.popleft()
+                job = jobs.popleft()
             except IndexError:
-                if ran:
-                    self._batch_done()
-                return
+                break
             _run(job)
             ran += 1
             if ran % YIELD_EVERY == 0:
                 yield_gil()
+        if ran:
+            self._batch_done()
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every job submitted before this call has run; False on timeout."""

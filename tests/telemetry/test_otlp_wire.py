@@ -24,6 +24,7 @@ from outrider.sidecar.telemetry.otlp_wire import (
     histogram_point,
     metric,
     number_point,
+    request_id_field,
     span,
     span_field,
 )
@@ -287,3 +288,15 @@ def test_a_point_at_time_0_holds_no_time_field_and_a_zero_value_is_still_written
     empty = HistogramPoint({}, 0, 0, 0, 0.0, (), (), 0.0, 0.0)
     # Only the `optional` sum (5), min (11) and max (12), each a double 0.0.
     assert histogram_point(empty) == b"\x29" + bytes(8) + b"\x59" + bytes(8) + b"\x61" + bytes(8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_the_request_id_field_is_the_attribute_protobuf_writes(request_id: str) -> None:
+    """Short ids are written at once (every length one byte), long ones field by field: both as
+    protobuf writes `KeyValue("jsonrpc.request.id", request_id)` under `Span.attributes`."""
+    value = request_id.encode("utf-8", "replace")  # (a lone surrogate is sent as "?", as `utf8` does)
+    expected = Span(
+        attributes=[KeyValue(key="jsonrpc.request.id", value=AnyValue(string_value=value.decode()))]
+    ).SerializeToString()
+    assert request_id_field(request_id) == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from datetime import UTC, datetime
@@ -398,3 +399,18 @@ def test_event_ids_are_the_version_4_uuids_the_uuid_module_makes_of_the_same_bit
         made = random_uuid4()
         assert made == str(uuid.UUID(int=bits, version=4))
         assert uuid.UUID(made).version == 4 and uuid.UUID(made).variant == uuid.RFC_4122
+
+
+@pytest.mark.parametrize("outcome", ["cache_hit", "issued"])
+@pytest.mark.parametrize("audience", [None, "https://api"])
+def test_a_succeeded_exchange_outcome_is_the_dataclass_the_constructor_makes(
+    outcome: str, audience: str | None
+) -> None:
+    made = ExchangeOutcome.succeeded(outcome, audience, 0.25)
+    expected = ExchangeOutcome(outcome, audience, duration_s=0.25)
+    assert made == expected and hash(made) == hash(expected) and repr(made) == repr(expected)
+    assert type(made) is ExchangeOutcome
+    # Every field set (a field added later must be added to `succeeded` too), and still frozen.
+    assert vars(made).keys() == {f.name for f in dataclasses.fields(ExchangeOutcome)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.outcome = "issued"  # type: ignore[misc]

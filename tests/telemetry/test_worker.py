@@ -11,7 +11,7 @@ import time
 import pytest
 
 from outrider.sidecar.telemetry.audit import AuditLog
-from outrider.sidecar.telemetry.worker import Worker
+from outrider.sidecar.telemetry.worker import Signal, Worker
 
 
 def test_jobs_run_in_order_off_the_caller_thread() -> None:
@@ -153,3 +153,18 @@ def test_a_long_batch_hands_the_gil_back_every_few_jobs(monkeypatch: pytest.Monk
     assert worker.drain()
     assert len(handed) >= 10  # once per YIELD_EVERY jobs of the batch
     worker.close()
+
+
+def test_a_signal_wakes_its_waiter_once_per_set_and_times_out_otherwise() -> None:
+    signal = Signal()
+    assert not signal.wait(0.001)  # not set: the timeout passes
+    signal.set()
+    signal.set()  # setting a set signal is a no-op, as for an Event
+    assert signal.wait(0.001)
+    assert not signal.wait(0.001)  # the wait cleared it
+    woken: list[bool] = []
+    waiter = threading.Thread(target=lambda: woken.append(signal.wait(None)))
+    waiter.start()
+    signal.set()  # from another thread, as `submit` wakes the worker
+    waiter.join(10)
+    assert woken == [True]

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outrider.sidecar.inbound.jsonrpc import McpMessage
-from outrider.sidecar.telemetry import audit, observer_lean, otlp_wire
+from outrider.sidecar.telemetry import audit, observer_lean, otlp_wire, semconv
 from outrider.sidecar.telemetry.audit import (
     AuditLog,
     CallLines,
@@ -39,6 +39,7 @@ from .harness import WORKLOAD
 ALICE = Principal(kind="oidc", subject="alice", issuer="https://idp.test", client_id="cli", delegation=("a",))
 REQUEST = RequestInfo("POST", "streamable-http", "2025-06-18", "s-1", "10.0.0.9:5000")
 CALL = McpMessage(kind="request", method="tools/call", id=7, tool_name="echo")
+STATELESS = RequestInfo("POST", "stateless", "2025-06-18", "s-1", "10.0.0.9:5000")
 
 # Text with what JSON escapes (quotes, backslashes, controls), non-ASCII and lone surrogates
 # (orjson refuses those: the line falls back to the event path).
@@ -264,6 +265,9 @@ class _NoLines(CallLines):
     def line(self, *args: Any, **kwargs: Any) -> None:
         return None
 
+    def blocks(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
 
 def _drive(observer: LeanObserver) -> None:
     """Calls of every shape the scope records: hits, issued and failed exchanges, policy, errors."""
@@ -312,7 +316,10 @@ def _drive(observer: LeanObserver) -> None:
 
 
 def _both_ways(
-    monkeypatch: pytest.MonkeyPatch, drive: Callable[[LeanObserver], None], config: TelemetryConfig
+    monkeypatch: pytest.MonkeyPatch,
+    drive: Callable[[LeanObserver], None],
+    config: TelemetryConfig,
+    workloads: Callable[[], Callable[[], Workload]] = lambda: lambda: WORKLOAD,
 ) -> tuple[list[bytes], bytes]:
     """The span and audit bytes of `drive`, from fields and the general way (asserted equal)."""
     written = []
@@ -335,7 +342,7 @@ def _both_ways(
             tracer=tracer,
             meter_provider=meter,
             audit=AuditLog(stream),
-            workload=lambda: WORKLOAD,
+            workload=workloads(),
             worker=Worker(enabled=False),
         )
         if not shortcuts:
@@ -381,3 +388,137 @@ def test_request_blocks_are_per_distinct_facts_and_bounded(monkeypatch: pytest.M
 
     spans, lines = _both_ways(monkeypatch, drive, TelemetryConfig(record_resource_uri=True))
     assert len(spans) == 12 and lines.count(b"\n") == 12
+
+
+@pytest.mark.parametrize("hash_user", [False, True])
+def test_final_entries_are_per_distinct_answer_and_principal_and_bounded(
+    hash_user: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer's attributes, their fields and the metric keys are made once per distinct answer
+    and principal *object* (an equal principal made anew, or a new one at a recycled address, gets
+    its own), and the same bytes and points come out with the tables cleared again and again."""
+    monkeypatch.setattr(observer_lean, "_FINAL_ENTRIES_MAX", 2)
+    monkeypatch.setattr(observer_lean, "_ANSWERED_PER_ENTRY_MAX", 1)
+    error = McpMessage(kind="response", id=1, is_error=True, error_code=-32601)
+
+    def drive(observer: LeanObserver) -> None:
+        for n in range(24):
+            principal = (
+                None
+                if n % 5 == 0
+                else Principal(
+                    kind="oidc" if n % 2 else "spiffe", subject=f"user-{n % 3}", issuer="https://i"
+                )
+            )
+            message = McpMessage(kind="request", method="tools/call", id=n, tool_name=f"tool-{n % 2}")
+            # The same request blocks (the transport is not among their facts), another line block.
+            request = REQUEST if n % 7 < 4 else STATELESS
+            with observer.mcp_call(message, request) as scope:
+                if principal is not None:
+                    scope.set_principal(principal)
+                if n % 4 == 1:
+                    scope.token_exchange(_OUTCOMES[0])
+                finish: dict[str, Any] = [
+                    {"http_status": 200, "outcome": "ok"},
+                    {"http_status": 200, "outcome": "error", "response": error},
+                    {"http_status": 401, "outcome": "unauthenticated", "error_type": "invalid_token"},
+                ][n % 3]
+                scope.finish(**finish)
+            del principal  # its address may come back for the next one
+        assert len(observer.final_entries) <= 2
+
+    def workloads() -> Callable[[], Workload]:
+        # Equal workloads as distinct objects (as the identity component makes a new one on rotation),
+        # and one with another SPIFFE ID: each line names the one its call saw.
+        made = iter(
+            [Workload(WORKLOAD.spiffe_id, WORKLOAD.pod, WORKLOAD.namespace) for _ in range(12)]
+            + [Workload("spiffe://other.test/x", WORKLOAD.pod, WORKLOAD.namespace)] * 12
+        )
+        return lambda: next(made)
+
+    config = TelemetryConfig(hash_user=hash_user, hash_salt="s" if hash_user else "")
+    spans, lines = _both_ways(monkeypatch, drive, config, workloads)
+    assert len(spans) == 24 + 6 and lines.count(b"\n") == 24
+    assert lines.count(b'"transport":"stateless"') == 9 and lines.count(b"spiffe://other.test/x") == 12
+
+
+def test_repeated_answers_share_one_final_entry() -> None:
+    tracer = LeanTracer(ALWAYS_ON, lambda r: None, lambda b: None)
+    observer = LeanObserver(
+        TelemetryConfig(),
+        tracer=tracer,
+        meter_provider=LeanMeter(),
+        audit=AuditLog(io.StringIO()),
+        workload=lambda: WORKLOAD,
+        worker=Worker(enabled=False),
+    )
+    for n in range(5):
+        with observer.mcp_call(
+            McpMessage(kind="request", method="tools/call", id=n, tool_name="echo"), REQUEST
+        ) as scope:
+            scope.set_principal(ALICE)
+            scope.token_exchange(_OUTCOMES[0])
+            scope.finish(http_status=200, outcome="ok")
+    (entry,) = observer.final_entries.values()
+    assert entry.principal is ALICE and len(entry.answered) == 1
+    (answered,) = entry.answered.values()
+    assert answered.line is not None and answered.line[0] is WORKLOAD  # the audit line's blocks too
+    # A reason (free text) or a policy verdict is never kept.
+    with observer.mcp_call(CALL, REQUEST) as scope:
+        scope.policy(PolicyOutcome("allow", ("p",)))
+        scope.finish(http_status=200, outcome="ok", reason="upstream said so")
+    assert len(observer.final_entries) == 1
+
+
+@pytest.mark.parametrize("record_resource_uri", [False, True])
+def test_server_span_names_are_kept_per_method_and_target_and_bounded(
+    record_resource_uri: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observer_lean, "_SPAN_NAMES_MAX", 2)
+    config = TelemetryConfig(record_resource_uri=record_resource_uri)
+    observer = LeanObserver(
+        config,
+        tracer=LeanTracer(ALWAYS_ON, None),
+        meter_provider=LeanMeter(),
+        audit=AuditLog(None),
+        workload=lambda: WORKLOAD,
+        worker=Worker(enabled=False),
+    )
+    messages = [
+        McpMessage(kind="request", method="tools/call", id=1, tool_name="echo"),
+        McpMessage(kind="request", method="tools/call", id=2, tool_name="other"),
+        McpMessage(kind="request", method="prompts/get", id=3, prompt_name="echo"),
+        McpMessage(kind="request", method="resources/read", id=4, resource_uri="file:///a"),
+        McpMessage(kind="notification", method="notifications/initialized"),
+        McpMessage(kind="response", id=5),
+        McpMessage(kind="invalid"),
+    ]
+    for message in messages * 3:
+        with observer.mcp_call(message, REQUEST) as scope:
+            assert scope._span.name == semconv.mcp_span_name(message, config)
+            scope.finish(http_status=200, outcome="ok")
+        assert 0 < len(observer.span_names) <= 2
+
+
+def test_kept_line_blocks_follow_the_transport_and_the_workload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same answer and request blocks with another transport (not a request-block fact) or
+    another workload object (a pod name the identity component changed) write their own lines."""
+
+    def workloads() -> Callable[[], Workload]:
+        # Four calls per object: pod-a, an equal pod-a made anew, pod-b.
+        objects = [
+            Workload(WORKLOAD.spiffe_id, pod, WORKLOAD.namespace) for pod in ("pod-a", "pod-a", "pod-b")
+        ]
+        made = (objects[(n // 4) % 3] for n in range(10**6))
+        return lambda: next(made)
+
+    def drive(observer: LeanObserver) -> None:
+        for n in range(12):
+            message = McpMessage(kind="request", method="tools/call", id=n, tool_name="echo")
+            with observer.mcp_call(message, STATELESS if n % 4 == 1 else REQUEST) as scope:
+                scope.set_principal(ALICE)
+                scope.finish(http_status=200, outcome="ok")
+        assert len(observer.final_entries) <= 1  # (none on the general path)
+
+    _spans, lines = _both_ways(monkeypatch, drive, TelemetryConfig(), workloads)
+    assert lines.count(b'"transport":"stateless"') == 3 and lines.count(b'"pod":"pod-b"') == 4
