@@ -412,6 +412,15 @@ class Calls:
         self._by_id.clear()
 
 
+def upstream_sender(session: aiohttp.ClientSession) -> Callable[..., Awaitable[aiohttp.ClientResponse]]:
+    """The coroutine `ClientSession.request` wraps (`_request`): the wrapper is a subscripted generic
+    whose call runs typing's Python code and drops an AttributeError per request, for an `async with`
+    the proxy does not use. It is aiohttp's private name, so the public method (awaitable too) stands
+    in should a release rename it."""
+    private = getattr(session, "_request", None)
+    return private if callable(private) else session.request
+
+
 class InboundProxy:
     """The request handler; state is per instance (config, verifier, exchanger, upstream session)."""
 
@@ -437,6 +446,7 @@ class InboundProxy:
         self.verifier = verifier
         self.exchanger = exchanger
         self.upstream = upstream
+        self._send_upstream = upstream_sender(upstream)
         self.base = f"http://127.0.0.1:{config.mcp_port}"
         self.requests_total = 0
         self.metadata_requests_total = 0
@@ -994,7 +1004,7 @@ class InboundProxy:
                 # (`_RequestContextManager`), whose call runs typing's Python code and sets and drops
                 # an AttributeError (`__orig_class__` on a slotted object) per request, for an
                 # `async with` the proxy does not use.
-                upstream = await self.upstream._request(
+                upstream = await self._send_upstream(
                     request.method, url, headers=headers, data=body if body else None, allow_redirects=False
                 )
         except TimeoutError:

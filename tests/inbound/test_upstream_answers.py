@@ -13,6 +13,7 @@ import pytest
 
 from outrider.sidecar.dev import mcp_server
 from outrider.sidecar.dev.idp import DevIdP
+from outrider.sidecar.inbound.proxy import upstream_sender
 
 from .conftest import RESOURCE, SidecarFactory
 
@@ -72,3 +73,26 @@ async def test_answers_are_asked_for_without_the_context_wrapper_and_not_closed_
             assert answered.status_code == 200 and f"hi {i}" in answered.text
     assert True not in closes
     assert not [u for u in wrapped if f":{mcp_app.port}/" in u]  # (the IdP's and JWKS's may be)
+
+
+async def test_the_public_request_stands_in_when_aiohttp_has_no_private_request_coroutine() -> None:
+    """`ClientSession._request` is aiohttp's private name: with it the proxy awaits it; should a
+    release drop or rename it, the public `request` (awaitable too) is what the proxy calls."""
+    async with aiohttp.ClientSession() as session:
+        assert upstream_sender(session) == session._request
+
+    class NoPrivate:  # an aiohttp without `_request`
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        async def request(self, method: str, url: str, **kwargs: Any) -> str:
+            self.asked.append(f"{method} {url}")
+            return "answer"
+
+    class NotCallable(NoPrivate):
+        _request = None
+
+    for stand_in in (NoPrivate(), NotCallable()):
+        send = upstream_sender(stand_in)  # type: ignore[arg-type]
+        assert await send("POST", "http://127.0.0.1:1/mcp") == "answer"
+        assert stand_in.asked == ["POST http://127.0.0.1:1/mcp"]
