@@ -40,7 +40,8 @@ from callgrind_webhook_parts import fast_bodies  # noqa: E402
 GROUPS = {
     "TLS read (SSL_read_ex)": ("SSL_read_ex", "SSL_read"),
     "TLS write (SSL_write_ex)": ("SSL_write_ex", "SSL_write"),
-    "orjson": ("orjson::deserialize", "orjson::serialize", "loads", "dumps"),
+    "orjson.loads": ("orjson:loads",),
+    "orjson.dumps": ("orjson:dumps",),
     "SHA-256": ("SHA256_Update", "sha256_block_data_order", "EVP_DigestUpdate"),
 }
 
@@ -100,6 +101,8 @@ def group_split(rows: list[tuple[int, str]], requests: int) -> dict[str, float]:
         best = 0
         for count, where in rows:
             function = where.split(":", 1)[1].split(" ")[0] if ":" in where else where
+            if "orjson" in where:
+                function = "orjson:" + function  # its entry points are named loads/dumps alone
             if any(function == n or function.startswith(n + "'") for n in names):
                 best = max(best, count)  # the outermost entry point of the group
         split[group] = best / requests
