@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import jsonpatch
@@ -622,7 +622,7 @@ def test_fuzz_engine_never_crashes_and_patches_apply(pod: dict[str, Any], strict
 def test_answer_cache_key_is_exact() -> None:
     from outrider.webhook.server import AnswerCache
 
-    def key(obj: Any, uid: str, labels: dict[str, str] = ENABLED) -> bytes:
+    def key(obj: Any, uid: str, labels: dict[str, str] = ENABLED) -> Hashable:
         body = json.dumps({"request": {"uid": uid, "object": obj}}, separators=(",", ":")).encode()
         return AnswerCache.key("h", "ns", labels, None, obj, body, uid)
 
@@ -649,7 +649,7 @@ def test_answer_cache_key_follows_every_fact_besides_the_pod() -> None:
     pod = _pod()
     body = json.dumps({"request": {"uid": "u1", "object": pod}}, separators=(",", ":")).encode()
 
-    def key(**changed: Any) -> bytes:
+    def key(**changed: Any) -> Hashable:
         facts: dict[str, Any] = {
             "config_hash": "h",
             "namespace": "ns",
@@ -687,6 +687,35 @@ def test_answer_cache_key_follows_every_fact_besides_the_pod() -> None:
     assert key(namespace_annotations=None) == base
 
 
+def test_answer_cache_key_of_a_usual_body_is_the_body_itself_not_a_digest() -> None:
+    """A body up to EXACT_BODY_LIMIT is its own key (minus the request's uid): no digest that two
+    pods could share, and Python's bytes hash over it is ~3x cheaper than SHA-256. A larger body is
+    keyed by a digest; the two kinds never meet."""
+    from outrider.webhook.server import AnswerCache, _facts
+
+    def body(obj: Any, uid: str) -> bytes:
+        return json.dumps({"request": {"uid": uid, "object": obj}}, separators=(",", ":")).encode()
+
+    pod = _pod()
+    small = body(pod, "u1")
+    assert len(small) <= AnswerCache.EXACT_BODY_LIMIT
+    key = AnswerCache.key("h", "ns", ENABLED, None, pod, small, "u1")
+    assert key == (_facts("h", "ns", ENABLED, None, None), small.replace(b'"uid":"u1"', b""))
+    assert key == AnswerCache.key("h", "ns", ENABLED, None, pod, body(pod, "u2"), "u2")
+    big = _pod()
+    big["metadata"]["annotations"] = {"note": "x" * AnswerCache.EXACT_BODY_LIMIT}
+    big_key = AnswerCache.key("h", "ns", ENABLED, None, big, body(big, "u1"), "u1")
+    assert isinstance(big_key, bytes) and len(big_key) == 32
+    assert big_key == AnswerCache.key("h", "ns", ENABLED, None, big, body(big, "u2"), "u2")
+    other = copy.deepcopy(big)
+    other["metadata"]["annotations"]["note"] += "y"
+    assert big_key != AnswerCache.key("h", "ns", ENABLED, None, other, body(other, "u1"), "u1")
+    cache = AnswerCache(4)
+    cache.put(key, ("injected", b"{}"))
+    cache.put(big_key, ("skipped", b"{}"))
+    assert cache.get(key) == ("injected", b"{}") and cache.get(big_key) == ("skipped", b"{}")
+
+
 @pytest.mark.parametrize(
     "uid", ["705ab4f5-6393-11e8-b7cc-42010a800002", 'a"b\\c', "caf\u00e9", "tab\there", "del\x7f"]
 )
@@ -696,7 +725,7 @@ def test_answer_cache_key_finds_the_uid_as_json_spells_it(uid: str) -> None:
     pod, other = _pod(), _pod()
     other["spec"]["containers"][0]["image"] = "y"
 
-    def key(obj: Any, request_uid: str) -> bytes:
+    def key(obj: Any, request_uid: str) -> Hashable:
         body = json.dumps({"request": {"uid": request_uid, "object": obj}}, separators=(",", ":")).encode()
         return AnswerCache.key("h", "ns", ENABLED, None, obj, body, request_uid)
 
