@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from outrider.sidecar.inbound.jsonrpc import McpMessage
+from outrider.sidecar.inbound.jsonrpc import COMPLETE, McpMessage
 
 SCOPES = ("per_pod", "per_tool", "per_user", "per_user_tool")
 ANY_TOOL = "*"
-# The methods that spend budget: the ones that reach a tool, a prompt or a resource.
+# The methods that spend budget: the ones that reach a tool, a prompt or a resource. A
+# `completion/complete` spends too, as the `prompts/get` or `resources/read` of what its ref names.
 METERED_METHODS = frozenset({"tools/call", "prompts/get", "resources/read"})
 
 if TYPE_CHECKING:  # `limits` itself is imported only by a configuration that sets a rate limit
@@ -123,10 +124,14 @@ def budgets(limits: RateLimits, message: McpMessage, user: str, pod: str) -> tup
     are percent-encoded here, so no identifier holds the '/' `limits` joins them with.
     """
     # A notification counts too: `tools/call` without an `id` is still a call to a generic JSON-RPC server.
+    # A completion draws from the budgets of the prompt or resource template it completes, under the
+    # same keys (policy judges it as getting that prompt): a caller out of budget for a prompt must
+    # not go on learning its argument values through completions, unmetered.
+    completes = message.method == COMPLETE and message.completion_ref is not None
     if (
         limits.empty
         or message.kind not in ("request", "notification")
-        or message.method not in METERED_METHODS
+        or (message.method not in METERED_METHODS and not completes)
     ):
         return ()
     tool = message.tool_name if message.method == "tools/call" else None

@@ -774,3 +774,34 @@ async def test_a_completion_whose_ref_names_nothing_judgeable_is_invalid_params(
     assert verdict.outcome == "invalid" and verdict.reason == why
     assert verdict.error == {"jsonrpc": "2.0", "id": 7, "error": {"code": -32602, "message": why}}
     assert g.stats.invalid == 1 and g.stats.allowed == 0
+
+
+async def test_a_completion_spends_the_budget_of_the_prompt_or_resource_it_completes() -> None:
+    """`completion/complete` spent no budget: a caller out of budget for prompts (its `per_user`
+    budget used up on `prompts/get`) went on asking for completions of the same prompt unmetered,
+    learning its argument values as fast as it could send. A completion now draws from the budgets
+    the `prompts/get` (or `resources/read`) of what its ref names draws from, under the same keys."""
+    g = gate(rate_limits={"per_user": "2/minute"})
+
+    def complete(msg_id: int, ref: dict[str, str]) -> dict[str, object]:
+        params = {"ref": ref, "argument": {"name": "a", "value": ""}}
+        return {"jsonrpc": "2.0", "id": msg_id, "method": "completion/complete", "params": params}
+
+    async def outcome(body: object, who: Principal = ALICE) -> str:
+        (verdict,) = (await g.judge(who, parse_body(json.dumps(body).encode()), "streamable-http")).verdicts
+        return verdict.outcome
+
+    prompt = {"type": "ref/prompt", "name": "x"}
+    get = {"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "x"}}
+    assert [await outcome(get), await outcome(get)] == ["ok", "ok"]
+    # Out of budget for the prompt: its completions are refused too, and so is a template's.
+    assert await outcome(complete(2, prompt)) == "limited"
+    assert await outcome(complete(3, {"type": "ref/resource", "uri": "file:///{p}"})) == "limited"
+    # Completions draw from the same budget the other way round: bob's two completions leave him
+    # no prompts/get; carol's own budget is untouched by theirs.
+    bob = Principal("oidc", "bob", "https://idp")
+    assert [await outcome(complete(4, prompt), bob), await outcome(complete(5, prompt), bob)] == ["ok"] * 2
+    assert await outcome(get, bob) == "limited"
+    carol = Principal("oidc", "carol", "https://idp")
+    assert await outcome(get, carol) == "ok"
+    assert g.stats.limited == 3 and g.stats.allowed == 5

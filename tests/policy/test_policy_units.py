@@ -560,3 +560,21 @@ def test_a_lone_surrogate_in_a_name_or_the_principal_is_denied_not_an_exception(
         (False, "the caller's token names it with text that is not valid Unicode: it cannot be judged")
     ] * 2
     assert may_use(p, BOB, SERVER, "tools", ["echo", "ech\ud800", "é"]) == [True, False, True]
+
+
+def test_a_completion_spends_what_getting_its_prompt_or_reading_its_template_spends() -> None:
+    limits = RateLimits.from_mapping(
+        {"per_user": "9/minute", "per_pod": "9/minute", "per_tool": "9/minute", "per_user_tool": "9/minute"},
+        "spec",
+    )
+
+    def message(method: str, params: dict[str, Any]) -> McpMessage:
+        return parse_message({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+
+    get = budgets(limits, message("prompts/get", {"name": "x"}), "alice", "pod")
+    for ref in ({"type": "ref/prompt", "name": "x"}, {"type": "ref/resource", "uri": "file:///{p}"}):
+        spent = budgets(limits, message("completion/complete", {"ref": ref}), "alice", "pod")
+        # The same budgets under the same keys (per_tool and per_user_tool name tools only).
+        assert spent == get and [b.scope for b in spent] == ["per_pod", "per_user"]
+    # A ref of no known shape names nothing (refused as invalid before the budgets are asked).
+    assert budgets(limits, message("completion/complete", {"ref": {"type": "ref/tool"}}), "a", "p") == ()
