@@ -514,12 +514,24 @@ class Enforcer:
             return self._refuse_request(
                 conn, host, f"another port ({target_port}) on this proxy connection", 0
             )
-        dest = destination_for(host, port, conn.dest.ip)
-        if dest.name is None and dest.ip is None:
-            return self._refuse_request(conn, host, f"{host!r} is not a valid host name")
-        if dest.name is not None and dest.name == conn.dest.name:
-            return _FORWARD
-        if dest.name is None and dest.ip == conn.dest.ip:
+        named = destination_for(host, port)
+        if named.name is None:
+            # An IP literal, or a name that is no host name: judged by address (CIDR rules only), as a
+            # connection's first request is. It once went up unjudged whenever the connection's own
+            # address stood in for it: `Host: <the allowed name's IP>`, `shared..test` or
+            # `evil.test%00` reached a shared front end that routes by Host.
+            address = named.ip if named.ip is not None else conn.dest.ip
+            verdict = decide(self.holder.current, Destination(port=port, ip=address))
+            if not verdict.allowed:
+                if named.ip is None:
+                    return self._refuse_request(conn, host, f"{host!r} is not a valid host name")
+                self._emit(verdict, mode=conn.mode, protocol=sniff.HTTP, dest=named)
+                return _Next("refuse", 403, f"denied {host}:{port}: {verdict.reason}")
+            if address == conn.dest.ip:
+                return _FORWARD
+            return self._refuse_request(conn, host, f"{host} on a connection opened for another host", 0)
+        dest = Destination(port=port, name=named.name, ip=conn.dest.ip)
+        if dest.name == conn.dest.name:
             return _FORWARD
         verdict = decide(self.holder.current, dest)
         if not verdict.allowed:
