@@ -198,23 +198,34 @@ class RequestParser:
                 raise FramingError("chunk data longer than its size")
             self._state = _CHUNK_SIZE
         elif self._state == _CHUNK_SIZE:
-            size, _, _ = line.partition(b";")
-            ext = line[len(size) :]
-            size = size.rstrip(b" \t")
-            if not _HEX.fullmatch(size) or not _CHUNK_EXT.fullmatch(ext):
-                raise FramingError("malformed chunk size line")
-            self._remaining = int(size, 16)
+            self._remaining = chunk_size(line)
             self._state = _CHUNK_DATA if self._remaining else _TRAILERS
         elif self._state == _TRAILERS:
             if not line:
                 self._state = _HEAD
             else:
-                name, sep, value = line.partition(b":")
-                if line[:1] in (b" ", b"\t") or not sep or not _TOKEN.fullmatch(name):
-                    raise FramingError("malformed trailer line")
-                if not _FIELD_VALUE.fullmatch(value.strip(b" \t")):
-                    raise FramingError("control character in a trailer")
+                check_trailer(line)
         return memoryview(rest)
+
+
+def chunk_size(line: bytes) -> int:
+    """The size a chunk-size line (without its CRLF) announces; FramingError unless it is strict hex
+    (at most 15 digits) followed by well-formed extensions."""
+    size, _, _ = line.partition(b";")
+    ext = line[len(size) :]
+    size = size.rstrip(b" \t")
+    if not _HEX.fullmatch(size) or not _CHUNK_EXT.fullmatch(ext):
+        raise FramingError("malformed chunk size line")
+    return int(size, 16)
+
+
+def check_trailer(line: bytes) -> None:
+    """FramingError unless `line` (without its CRLF) is one well-formed trailer field."""
+    name, sep, value = line.partition(b":")
+    if line[:1] in (b" ", b"\t") or not sep or not _TOKEN.fullmatch(name):
+        raise FramingError("malformed trailer line")
+    if not _FIELD_VALUE.fullmatch(value.strip(b" \t")):
+        raise FramingError("control character in a trailer")
 
 
 def _merge(items: list[Head | bytes]) -> list[Head | bytes]:
