@@ -441,17 +441,14 @@ class SseFramer:
         return events
 
 
-def rewrite_event(raw: bytes, rewrite: Callable[[str], str | None]) -> bytes:
-    """`raw` (one whole event) with its data replaced by `rewrite(data)`, when that is not None.
-
-    Only `message` events (or unnamed ones) carry JSON-RPC; the other lines are kept in order.
-    """
+def event_message_data(raw: bytes) -> str | None:
+    """The data of one whole SSE event when it is a `message` event (or an unnamed one, which carries
+    JSON-RPC too) with data, else None."""
     if b"data" not in raw:
-        return raw
-    lines = raw.decode("utf-8", "replace").splitlines()
+        return None
     data: list[str] = []
     event_name: str | None = None
-    for line in lines:
+    for line in raw.decode("utf-8", "replace").splitlines():
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
@@ -459,10 +456,22 @@ def rewrite_event(raw: bytes, rewrite: Callable[[str], str | None]) -> bytes:
         elif name == "event":
             event_name = value
     if not data or event_name not in (None, "message"):
+        return None
+    return "\n".join(data)
+
+
+def rewrite_event(raw: bytes, rewrite: Callable[[str], str | None]) -> bytes:
+    """`raw` (one whole event) with its data replaced by `rewrite(data)`, when that is not None.
+
+    Only `message` events (or unnamed ones) carry JSON-RPC; the other lines are kept in order.
+    """
+    data = event_message_data(raw)
+    if data is None:
         return raw
-    new = rewrite("\n".join(data))
+    new = rewrite(data)
     if new is None:
         return raw
+    lines = raw.decode("utf-8", "replace").splitlines()
     out: list[str] = []
     placed = False
     for line in lines:

@@ -805,3 +805,52 @@ async def test_a_completion_spends_the_budget_of_the_prompt_or_resource_it_compl
     carol = Principal("oidc", "carol", "https://idp")
     assert await outcome(get, carol) == "ok"
     assert g.stats.limited == 3 and g.stats.allowed == 5
+
+
+def tools_answer(*names: str, msg_id: int = 1, pad: int = 0) -> dict[str, object]:
+    tools = [{"name": n, "description": "d" * pad} for n in names]
+    return {"jsonrpc": "2.0", "id": msg_id, "result": {"tools": tools}}
+
+
+async def test_only_lists_over_the_inline_size_are_filtered_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`filter_answer` (what the proxy awaits) filters as `filter_payload` does, on the loop for a short
+    list and on the worker for a long one (items counted over a whole batch) or a large answer."""
+    threads: list[tuple[int, str]] = []
+    real = gate_module.may_use
+
+    def recording(policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        threads.append((len(names), threading.current_thread().name))
+        return real(policies, principal, server, kind, names)
+
+    monkeypatch.setattr(gate_module, "may_use", recording)
+    g = gate(cedar=CEDAR)
+    here = threading.current_thread().name
+    assert gate_module.INLINE_LIST_ITEMS == 8 and gate_module.INLINE_LIST_BYTES == 65536
+    eight = tools_answer("echo", *(f"t{i}" for i in range(7)))
+    nine = tools_answer("echo", *(f"t{i}" for i in range(8)))
+    batch = [tools_answer("echo", "rm", msg_id=1), tools_answer(*(f"u{i}" for i in range(7)), msg_id=2)]
+    large = tools_answer("echo", "rm", pad=70000)
+    where: list[list[tuple[int, str]]] = []
+    for case in (eight, nine, batch, large):
+        raw = json.dumps(case).encode()
+        threads.clear()
+        answered = await g.filter_answer(ALICE, raw)
+        where.append(list(threads))
+        # The same bytes as the inline filter gives.
+        assert answered == g.filter_payload(ALICE, raw)
+    worker = [[(n, t.startswith("outrider-policy")) for n, t in calls] for calls in where]
+    assert where[0] == [(8, here)]
+    assert worker[1:] == [[(9, True)], [(2, True), (7, True)], [(2, True)]]
+    # Unchanged answers come back as the very same bytes; undecodable ones are left alone.
+    kept = json.dumps(tools_answer("echo")).encode()
+    assert await g.filter_answer(ALICE, kept) is kept
+    assert await g.filter_answer(ALICE, b'{"tools": [') == b'{"tools": ['
+    # Both paths count what they hide: 7 + 8 + 8 + 1 by each of the two filters.
+    assert g.stats.filtered_items == 2 * (7 + 8 + (1 + 7) + 1)
+    # Without policies nothing is filtered, so nothing leaves the loop whatever its size.
+    threads.clear()
+    raw = json.dumps(nine).encode()
+    assert await gate(rate_limits={"per_user": "1/second"}).filter_answer(ALICE, raw) is raw
+    assert threads == []
