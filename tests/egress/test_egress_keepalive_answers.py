@@ -220,3 +220,36 @@ async def test_a_bad_answer_head_gets_a_502_in_its_place(
     assert got.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and reason.encode() in got
     assert answer not in got
     assert reason in proxy.recorder.decisions[-1].reason
+
+
+async def test_no_refusal_in_place_of_an_answer_the_upstream_never_sent(make_proxy: Factory) -> None:
+    """The upstream answers the first of two requests and closes: the refusal of a third must not
+    follow, or the client reads it as the second one's answer. It used to (the refusal went out once
+    the upstream had closed, whatever it had answered); now the connection just closes."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    both = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")  # both requests read (a close with unread bytes resets)
+        both.set()
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await make_proxy(lambda _: [f"svc.test:{port}", f"127.0.0.1/32:{port}"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        request("GET", "svc.test", port, "/1")
+        + request("GET", "svc.test", port, "/2")
+        + request("GET", "127.0.0.2", port)
+    )
+    await writer.drain()
+    try:
+        assert await asyncio.wait_for(reader.read(), 10) == answer
+    finally:
+        writer.close()
+        server.close()
+    assert both.is_set()
