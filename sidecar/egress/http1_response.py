@@ -107,10 +107,17 @@ class ResponseFramer:
         self._state = _HEAD
 
     def _head(self, view: memoryview, out: list[bytes]) -> memoryview:
+        self._buffer += view
+        while self._buffer.startswith(b"\r\n"):
+            # An empty line before a status line (some servers end a body with one CRLF too many)
+            # carries no answer: passed on as it came, as a relay does.
+            out.append(b"\r\n")
+            del self._buffer[:2]
+        if len(self._buffer) == 0 or self._buffer == b"\r":
+            return memoryview(b"")
         if not self._asked:
             self.error_at_boundary = True
             raise FramingError("the upstream sent an answer to no request")
-        self._buffer += view
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > self._max_head:

@@ -185,7 +185,57 @@ def test_adversarial_answers_stop_the_stream_with_a_clear_error_in_any_split(
             assert passed == b""
 
 
+def test_empty_lines_between_answers_pass_and_answer_nothing() -> None:
+    framer = ResponseFramer()
+    framer.expect("GET")
+    framer.expect("GET")
+    wire = b"HTTP/1.1 204 No Content\r\n\r\n\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n\r\n"
+    # Byte by byte too: a CR alone is held until its LF shows it is an empty line.
+    assert b"".join(framer.feed(wire[i : i + 1]) for i in range(len(wire))) == wire
+    assert framer.answered == 2 and framer.error is None
+    assert framer.feed(b"\r\nH") == b"\r\n" and framer.error == "the upstream sent an answer to no request"
+
+
 def test_an_answer_to_nothing_asked_is_refused_before_any_byte_passes() -> None:
     framer = ResponseFramer()
     assert framer.feed(b"H") == b"" and framer.error == "the upstream sent an answer to no request"
     assert framer.error_at_boundary
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(["GET", "HEAD", "POST"]), min_size=1, max_size=4),
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from(
+                [
+                    OK,
+                    CHUNKED,
+                    b"Content-Length: 3\r\n",
+                    b"\r\n",
+                    b"5;x\r\n",
+                    b"0\r\n",
+                    b"HTTP/1.1 100 C\r\n\r\n",
+                ]
+            ),
+        ),
+        max_size=12,
+    ),
+    st.lists(st.integers(0, 400), max_size=8),
+)
+def test_any_bytes_in_any_split_pass_a_prefix_and_never_raise(
+    methods: list[str], pieces: list[bytes], cuts: list[int]
+) -> None:
+    """Whatever an upstream sends: `feed` returns (no exception, no wait for bytes it already has),
+    passes on a prefix of what it was fed, and counts at most one answer per request."""
+    data = b"".join(pieces)
+    framer = ResponseFramer()
+    for method in methods:
+        framer.expect(method)
+    passed = run(framer, data, cuts)
+    assert data.startswith(passed)
+    assert 0 <= framer.answered <= len(methods) and framer.answered + framer.unanswered == len(methods)
+    if framer.error is None and not framer.until_eof:
+        # Everything not passed on is a held head or chunk line, never more than a line's worth.
+        assert len(data) - len(passed) <= 65536 + 8192
