@@ -647,7 +647,7 @@ class Enforcer:
         """Server -> client, unchanged, counting the answers relayed; ends at EOF or a framing error. Large
         bodies of known length, and a close-delimited one, move in the kernel as a tunnel's bytes do."""
         loop = asyncio.get_running_loop()
-        buffer = bytearray(min(self.config.buffer_bytes, 262144))
+        buffer = bytearray(min(self.config.buffer_bytes, _SPLICE_BODY_MIN))
         view = memoryview(buffer)
         total = 0
         try:
@@ -678,6 +678,8 @@ class Enforcer:
                 relayed.update(framer.answered)
                 if framer.error is not None:
                     return
+                if n >= _PARSE_YIELD_BYTES:
+                    await asyncio.sleep(0)  # as on the way up: framing costs Python time per line
         finally:
             self.stats.bytes_down += total
 
@@ -708,7 +710,8 @@ class Enforcer:
         go up, so its answer can never arrive unannounced); returns why it stopped."""
         loop = asyncio.get_running_loop()
         parser = http1.RequestParser(self.config.peek_bytes)
-        buffer = bytearray(min(self.config.buffer_bytes, 262144))
+        # Reads of at most 64 KiB: all of a read is parsed in one go (larger bodies are spliced).
+        buffer = bytearray(min(self.config.buffer_bytes, _SPLICE_BODY_MIN))
         data = first
         while True:
             if data:
@@ -735,6 +738,11 @@ class Enforcer:
                     activity.last = loop.time()
                 if stop is not None:
                     return stop
+                if len(data) >= _PARSE_YIELD_BYTES:
+                    # Parsing costs Python time per line (a body of tiny chunks: ~1 us a byte), and a
+                    # read that finds data waiting never suspends: let the other connections have a
+                    # turn, as the splicing relays do.
+                    await asyncio.sleep(0)
             if parser.body_pending >= _SPLICE_BODY_MIN and _HAVE_SPLICE:
                 # A large body of a judged request: move it in the kernel, as the answers are.
                 moved = await self._splice_exact(client, upstream, parser.body_pending, activity)
@@ -1015,6 +1023,7 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _DEFAULT_PIPE = 65536
 _SPLICE_BODY_MIN = 65536  # request bodies at least this large go client -> server by splice
+_PARSE_YIELD_BYTES = 16384  # a parsed read at least this large yields to the loop once
 # A relay that always finds data waiting and room to write never awaits anything that suspends: it
 # would hold the event loop for as long as the transfer lasts (every other tunnel stalls, and new
 # connections wait a whole round of every tunnel per step). Each relay yields after moving this much:

@@ -35,7 +35,8 @@ class ResponseFramer:
         self._max_head = max_head_bytes
         self._asked: deque[str] = deque()  # methods of forwarded requests not yet answered
         self._state = _HEAD
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # bytes of a head or line not complete yet
+        self._scan = 0  # how far into `_buffer` a head's end was already looked for
         self._remaining = 0
         self.asked = 0  # requests forwarded
         self.answered = 0  # final answers complete (their last byte returned by `feed`)
@@ -78,69 +79,84 @@ class ResponseFramer:
             self._state = _FAILED
 
     def feed(self, data: bytes | memoryview) -> bytes:
-        """The bytes to pass on to the client, in order (a held head once it is complete and sound)."""
-        out: list[bytes] = []
-        view = memoryview(data)
+        """The bytes to pass on to the client, in order (a held head once it is complete and sound).
+
+        What is passed on is always a prefix of what was fed: one pass by index, each byte looked at
+        a bounded number of times (no copy of "the rest" per line, which made tiny chunks quadratic).
+        """
+        if self._state == _FAILED:
+            return b""
+        self._buffer += data
+        buf = self._buffer
+        size = len(buf)
+        pos = 0
         try:
-            while view and self._state != _FAILED:
-                if self._state == _UNTIL_EOF:
-                    out.append(bytes(view))
-                    break
-                if self._state in (_LENGTH, _CHUNK_DATA):
-                    n = min(self._remaining, len(view))
-                    out.append(bytes(view[:n]))
-                    view = view[n:]
+            while pos < size and self._state != _FAILED:
+                state = self._state
+                if state == _UNTIL_EOF:
+                    pos = size
+                elif state in (_LENGTH, _CHUNK_DATA):
+                    n = min(self._remaining, size - pos)
+                    pos += n
                     self.skip_body(n)
-                elif self._state == _HEAD:
-                    view = self._head(view, out)
+                elif state == _HEAD:
+                    if buf.startswith(b"\r\n", pos):
+                        # An empty line before a status line (some servers end a body with one CRLF
+                        # too many) carries no answer: passed on as it came, as a relay does.
+                        pos += 2
+                        continue
+                    if size - pos == 1 and buf[pos] == 0x0D:
+                        break  # a CR alone: its LF decides
+                    end = self._head(buf, pos)
+                    if end < 0:
+                        break
+                    pos = end
                 else:
-                    view = self._chunk_line(view, out)
+                    end = self._chunk_line(buf, pos)
+                    if end < 0:
+                        break
+                    pos = end
         except FramingError as exc:
             self.error = str(exc)
             self._state = _FAILED
-            self._buffer.clear()
-        return b"".join(out)
+        passed = bytes(buf[:pos])
+        if self._state == _FAILED:
+            buf.clear()
+        else:
+            del buf[:pos]
+            self._scan = max(0, self._scan - pos)
+        return passed
 
     def _complete(self) -> None:
         self._asked.popleft()
         self.answered += 1
         self._state = _HEAD
 
-    def _head(self, view: memoryview, out: list[bytes]) -> memoryview:
-        self._buffer += view
-        while self._buffer.startswith(b"\r\n"):
-            # An empty line before a status line (some servers end a body with one CRLF too many)
-            # carries no answer: passed on as it came, as a relay does.
-            out.append(b"\r\n")
-            del self._buffer[:2]
-        if len(self._buffer) == 0 or self._buffer == b"\r":
-            return memoryview(b"")
-        if not self._asked:
-            self.error_at_boundary = True
-            raise FramingError("the upstream sent an answer to no request")
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > self._max_head:
-                self.error_at_boundary = True
-                raise FramingError("response head too large")
-            if b"HTTP/1."[: len(self._buffer)] != bytes(self._buffer[:7]):
-                self.error_at_boundary = True
-                raise FramingError("not an HTTP/1.x response")
-            return memoryview(b"")
-        raw = bytes(self._buffer[: end + 4])
-        rest = memoryview(bytes(self._buffer[end + 4 :]))
-        self._buffer.clear()
+    def _head(self, buf: bytearray, pos: int) -> int:
+        """The index just past the answer head at `pos` (checked, its framing taken), or -1 while it
+        is incomplete."""
         self.error_at_boundary = True
-        if end + 4 > self._max_head:
+        if not self._asked:
+            raise FramingError("the upstream sent an answer to no request")
+        end = buf.find(b"\r\n\r\n", max(pos, self._scan - 3), pos + self._max_head + 1)
+        if end < 0:
+            self._scan = len(buf)
+            if len(buf) - pos > self._max_head:
+                raise FramingError("response head too large")
+            if b"HTTP/1."[: len(buf) - pos] != bytes(buf[pos : pos + 7]):
+                raise FramingError("not an HTTP/1.x response")
+            self.error_at_boundary = False
+            return -1
+        self._scan = 0
+        if end + 4 - pos > self._max_head:
             raise FramingError("response head too large")
-        status, framing, length = _framing(raw, self._asked[0])
+        status, framing, length = _framing(bytes(buf[pos : end + 4]), self._asked[0])
         if status == 101:
             # Upgrades are refused on the way up: after a 101 the bytes would no longer be HTTP.
             raise FramingError("101 Switching Protocols to a request that asked for no upgrade")
         self.error_at_boundary = False
-        out.append(raw)
         if status < 200:
-            return rest  # interim (100 Continue, 103 Early Hints): the final answer follows
+            return end + 4  # interim (100 Continue, 103 Early Hints): the final answer follows
         if framing == "chunked":
             self._state = _CHUNK_SIZE
         elif framing == "eof":
@@ -149,25 +165,22 @@ class ResponseFramer:
             self._state, self._remaining = _LENGTH, length
         else:
             self._complete()
-        return rest
+        return end + 4
 
-    def _chunk_line(self, view: memoryview, out: list[bytes]) -> memoryview:
-        """Chunk-size lines, the CRLF after each chunk's data, trailers."""
-        self._buffer += view
-        end = self._buffer.find(b"\r\n")
+    def _chunk_line(self, buf: bytearray, pos: int) -> int:
+        """The index just past a chunk-size line, the CRLF after a chunk's data or a trailer at `pos`,
+        or -1 while it is incomplete."""
+        end = buf.find(b"\r\n", pos, pos + MAX_LINE + 2)
         if end < 0:
-            if len(self._buffer) > MAX_LINE:
+            held = len(buf) - pos
+            if held > MAX_LINE:
                 raise FramingError("chunk line too long")
-            if self._state == _CHUNK_END and (len(self._buffer) >= 2 or self._buffer[:1] != b"\r"):
+            if self._state == _CHUNK_END and (held >= 2 or buf[pos] != 0x0D):
                 raise FramingError(_NO_CHUNK_END)
-            if b"\n" in self._buffer:
+            if b"\n" in buf[pos:]:
                 raise FramingError("bare LF in chunked framing")
-            return memoryview(b"")
-        if end > MAX_LINE:
-            raise FramingError("chunk line too long")
-        line = bytes(self._buffer[:end])
-        rest = memoryview(bytes(self._buffer[end + 2 :]))
-        self._buffer.clear()
+            return -1
+        line = bytes(buf[pos:end])
         if b"\n" in line or b"\r" in line:
             raise FramingError("bare CR or LF in chunked framing")
         if self._state == _CHUNK_END:
@@ -179,10 +192,9 @@ class ResponseFramer:
             self._state = _CHUNK_DATA if self._remaining else _TRAILERS
         elif line:
             check_trailer(line)
-        out.append(line + b"\r\n")
-        if self._state == _TRAILERS and not line:
+        else:
             self._complete()
-        return rest
+        return end + 2
 
 
 def _framing(raw: bytes, method: str) -> tuple[int, str, int]:

@@ -239,3 +239,21 @@ def test_any_bytes_in_any_split_pass_a_prefix_and_never_raise(
     if framer.error is None and not framer.until_eof:
         # Everything not passed on is a held head or chunk line, never more than a line's worth.
         assert len(data) - len(passed) <= 65536 + 8192
+
+
+def test_an_answer_of_tiny_chunks_is_framed_in_one_pass() -> None:
+    """As the request parser: no copy of the rest of the read per chunk line (quadratic time), and
+    memory a small multiple of the input (tracemalloc's peak: deterministic, not a time)."""
+    import tracemalloc
+
+    wire = CHUNKED + b"1\r\nx\r\n" * 16000 + b"0\r\n\r\n"
+    framer = ResponseFramer()
+    framer.expect("GET")
+    tracemalloc.start()
+    try:
+        passed = framer.feed(wire)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert passed == wire and framer.answered == 1
+    assert peak < 5 * len(wire), peak
