@@ -590,26 +590,24 @@ class Enforcer:
             if up in ended and not up.cancelled() and up.exception() is None:
                 outcome = up.result()
                 if outcome.action == "eof":
-                    # The client is done sending: the answers flow until the upstream closes.
+                    # The client is done sending (the upstream is told so too, as a relay does).
                     with contextlib.suppress(OSError):
                         upstream.shutdown(socket.SHUT_WR)
-                    await self._wait_idle({down}, activity)
-                else:
-                    # Every earlier request's answer first, in order, then ours at once: the upstream
-                    # need not close (a kept-alive one would only after its own idle timeout).
-                    waiter = asyncio.create_task(relayed.reach(framer.asked))
-                    try:
-                        await self._wait_idle({waiter, down}, activity)
-                    finally:
-                        waiter.cancel()
-                    if relayed.count >= framer.asked and framer.error is None:
-                        down.cancel()
-                        await asyncio.gather(down, return_exceptions=True)
-                        if outcome.action == "refuse":
-                            await self._answer(
-                                client, _http_response(outcome.status, f"outrider egress: {outcome.reason}")
-                            )
-                            return
+                # Every earlier request's answer first, in order, then ours (or the close) at once: the
+                # upstream need not close (a kept-alive one would only after its own idle timeout).
+                waiter = asyncio.create_task(relayed.reach(framer.asked))
+                try:
+                    await self._wait_idle({waiter, down}, activity)
+                finally:
+                    waiter.cancel()
+                if relayed.count >= framer.asked and framer.error is None:
+                    down.cancel()
+                    await asyncio.gather(down, return_exceptions=True)
+                    if outcome.action == "refuse":
+                        await self._answer(
+                            client, _http_response(outcome.status, f"outrider egress: {outcome.reason}")
+                        )
+                        return
             if down.done() and framer.error is not None:
                 await self._bad_answer(client, conn, framer)
                 return

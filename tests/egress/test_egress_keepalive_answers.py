@@ -253,3 +253,25 @@ async def test_no_refusal_in_place_of_an_answer_the_upstream_never_sent(make_pro
         writer.close()
         server.close()
     assert both.is_set()
+
+
+async def test_a_client_that_is_done_gets_its_close_right_after_the_last_answer(
+    make_proxy: Factory, scripted: Callable[..., asyncio.Future[Scripted]]
+) -> None:
+    """The client half-closes after its requests; the kept-alive upstream does not close on that. The
+    client's EOF used to wait for the upstream's close (or `idle_timeout_s`); it now follows the last
+    answer."""
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", b"HTTP/1.1 204 No Content\r\n\r\n"]
+    script = await scripted(answers)
+    proxy = await proxy_for(make_proxy, script)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        request("GET", "svc.test", script.port, "/1") + request("GET", "svc.test", script.port, "/2")
+    )
+    writer.write_eof()
+    try:
+        assert await asyncio.wait_for(reader.read(), 10) == b"".join(answers)
+    finally:
+        script.release.set()
+        writer.close()
+    assert not script.closed_by_upstream
