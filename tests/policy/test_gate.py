@@ -854,3 +854,32 @@ async def test_only_lists_over_the_inline_size_are_filtered_off_the_loop(
     raw = json.dumps(nine).encode()
     assert await gate(rate_limits={"per_user": "1/second"}).filter_answer(ALICE, raw) is raw
     assert threads == []
+
+
+async def test_the_list_size_limits_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer of exactly INLINE_LIST_BYTES is filtered inline, one byte more on the worker; an
+    unchanged large answer comes back as the very same bytes from there too."""
+    threads: list[str] = []
+    real = gate_module.may_use
+
+    def recording(policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        threads.append(threading.current_thread().name)
+        return real(policies, principal, server, kind, names)
+
+    monkeypatch.setattr(gate_module, "may_use", recording)
+    g = gate(cedar=CEDAR)
+
+    def answer(pad: int) -> bytes:
+        tools = [{"name": "echo", "description": "d" * pad}, {"name": "rm"}]
+        return json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": tools}}).encode()
+
+    base = len(answer(0))
+    for extra, off_loop in ((0, False), (1, True)):
+        raw = answer(gate_module.INLINE_LIST_BYTES - base + extra)
+        assert len(raw) == gate_module.INLINE_LIST_BYTES + extra
+        threads.clear()
+        filtered = json.loads(await g.filter_answer(ALICE, raw))
+        assert [t["name"] for t in filtered["result"]["tools"]] == ["echo"]
+        assert threads[0].startswith("outrider-policy") is off_loop
+    kept = json.dumps(tools_answer("echo", pad=gate_module.INLINE_LIST_BYTES)).encode()
+    assert await g.filter_answer(ALICE, kept) is kept
