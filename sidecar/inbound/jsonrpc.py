@@ -423,20 +423,34 @@ class SseFramer:
     """
 
     def __init__(self, max_event_bytes: int = 16 << 20) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        # Where the next search for an event's end starts: what came before it holds none. Searching
+        # the whole held event again at every chunk made a large event (a long tools/list) arriving
+        # in many chunks quadratic.
+        self._resume = 0
         self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self._buffer += chunk
+        buf = self._buffer
+        buf += chunk
         events: list[bytes] = []
         start = 0
-        for match in _EVENT_END.finditer(self._buffer):
-            if match.end() == len(self._buffer) and self._buffer.endswith(b"\r"):
+        resume = -1
+        for match in _EVENT_END.finditer(buf, self._resume):
+            if match.end() == len(buf) and buf.endswith(b"\r"):
+                resume = match.start()
                 break
-            events.append(self._buffer[start : match.end()])
+            events.append(bytes(buf[start : match.end()]))
             start = match.end()
-        self._buffer = self._buffer[start:]
-        if len(self._buffer) > self._max:
+        if resume < 0:
+            # Searched to the end: the next search starts at the run of line ends the buffer ends in
+            # (a terminator may continue it), never inside it, where it could pair differently.
+            resume = len(buf)
+            while resume > start and buf[resume - 1] in (0x0A, 0x0D):
+                resume -= 1
+        del buf[:start]
+        self._resume = resume - start
+        if len(buf) > self._max:
             raise SseTooLarge(f"an SSE event exceeded {self._max} bytes")
         return events
 

@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outrider.sidecar.inbound import jsonrpc
 from outrider.sidecar.inbound.jsonrpc import McpMessage, parse_message
@@ -578,3 +580,59 @@ def test_a_completion_spends_what_getting_its_prompt_or_reading_its_template_spe
         assert spent == get and [b.scope for b in spent] == ["per_pod", "per_user"]
     # A ref of no known shape names nothing (refused as invalid before the budgets are asked).
     assert budgets(limits, message("completion/complete", {"ref": {"type": "ref/tool"}}), "a", "p") == ()
+
+
+def _reference_events(stream: bytes, cuts: list[int]) -> list[bytes]:
+    """The SSE framer as it was before it resumed its search (searching everything held each time)."""
+    buffer = b""
+    events: list[bytes] = []
+    previous = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        buffer += stream[previous:cut]
+        previous = cut
+        start = 0
+        for match in jsonrpc._EVENT_END.finditer(buffer):
+            if match.end() == len(buffer) and buffer.endswith(b"\r"):
+                break
+            events.append(buffer[start : match.end()])
+            start = match.end()
+        buffer = buffer[start:]
+    return events
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"data: x", b"id: 1", b":c", b"a"]), max_size=30),
+    st.lists(st.integers(0, 80), max_size=10),
+)
+def test_the_sse_framer_cuts_events_as_before_in_any_split(pieces: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(pieces)
+    framer = jsonrpc.SseFramer()
+    events: list[bytes] = []
+    previous = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        events += framer.feed(stream[previous:cut])
+        previous = cut
+    assert events == _reference_events(stream, cuts)
+
+
+def test_a_large_event_in_many_chunks_is_searched_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk of a large SSE event (a long tools/list answer) used to search everything held
+    again: 1 MB in 1 KB chunks searched ~512 MB. The search now resumes where it stopped (counted:
+    the bytes each search was given, not a time)."""
+    searched: list[int] = []
+    real = jsonrpc._EVENT_END
+
+    class Counting:
+        def finditer(self, string: Any, pos: int = 0) -> Any:
+            searched.append(len(string) - pos)
+            return real.finditer(string, pos)
+
+    monkeypatch.setattr(jsonrpc, "_EVENT_END", Counting())
+    framer = jsonrpc.SseFramer()
+    event = b"event: message\ndata: " + b"x" * (1 << 20) + b"\n\n"
+    events: list[bytes] = []
+    for at in range(0, len(event), 1024):
+        events += framer.feed(event[at : at + 1024])
+    assert events == [event]
+    assert sum(searched) < 2 * len(event), sum(searched)
