@@ -322,7 +322,10 @@ class SseParser:
     """
 
     def __init__(self, max_event_bytes: int = 1 << 20) -> None:
-        self._buffer = b""
+        # Held bytes of a line not ended yet, cut in place: slicing off "the rest" at every line (and
+        # searching all of it for both line ends) made a chunk of many lines quadratic.
+        self._buffer = bytearray()
+        self._scan = 0  # how far into `_buffer` no line end was found
         self._data: list[str] = []
         self._size = 0
         self._event: str | None = None
@@ -331,16 +334,24 @@ class SseParser:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         events: list[SseEvent] = []
-        self._buffer += chunk
+        buf = self._buffer
+        buf += chunk
+        pos = 0
         while True:
-            cut = _line_end(self._buffer)
+            cut = _line_end(buf, max(pos, self._scan))
             if cut is None:
-                if len(self._buffer) > self._max:
-                    self._buffer, self._data, self._size = b"", [], self._max + 1
+                # A lone CR at the end may be the first half of CRLF: searched again next time.
+                self._scan = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+                del buf[:pos]
+                self._scan -= pos
+                if len(buf) > self._max:
+                    buf.clear()
+                    self._scan, self._data, self._size = 0, [], self._max + 1
                 return events
             line_end, next_start = cut
-            line = self._buffer[:line_end].decode("utf-8", "replace")
-            self._buffer = self._buffer[next_start:]
+            line = buf[pos:line_end].decode("utf-8", "replace")
+            pos = next_start
+            self._scan = 0
             if not line:
                 if (self._data or self._event) and self._size <= self._max:
                     events.append(SseEvent(self._event, "\n".join(self._data), self._id))
@@ -395,17 +406,20 @@ class SseIds:
         return ids
 
 
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """(end of the first line, start of the next) for \\n, \\r\\n or \\r line ends."""
-    lf = buffer.find(b"\n")
-    cr = buffer.find(b"\r")
-    if cr == -1 and lf == -1:
+_LINE_BREAK = re.compile(rb"[\r\n]")
+
+
+def _line_end(buffer: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
+    """(end of the first line from `start`, start of the next) for \\n, \\r\\n or \\r line ends."""
+    found = _LINE_BREAK.search(buffer, start)
+    if found is None:
         return None
-    if cr != -1 and (lf == -1 or cr < lf):
-        if cr + 1 == len(buffer):
-            return None  # might be the first half of \r\n
-        return (cr, cr + 2) if buffer[cr + 1 : cr + 2] == b"\n" else (cr, cr + 1)
-    return lf, lf + 1
+    at = found.start()
+    if buffer[at] == 0x0A:
+        return at, at + 1
+    if at + 1 == len(buffer):
+        return None  # might be the first half of \r\n
+    return (at, at + 2) if buffer[at + 1] == 0x0A else (at, at + 1)
 
 
 class SseTooLarge(ValueError):
