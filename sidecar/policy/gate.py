@@ -39,6 +39,7 @@ INLINE_VALUES = 100
 # INLINE_LIST_BYTES is decoded, filtered and encoded there too, without being counted first.
 INLINE_LIST_ITEMS = 8
 INLINE_LIST_BYTES = 65536
+_MAX_LISTED = 64  # long lists' visibility kept per caller (cleared whole when full)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class Gate:
     schema_problems: tuple[str, ...] = ()
     _schema_seen: object = None
     _evaluator: ThreadPoolExecutor | None = field(default=None, repr=False)
+    # (principal, server, kind, names) -> (the policies judged with, visibility) for long lists
+    _listed: dict[tuple[Any, ...], tuple[Any, tuple[bool, ...]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: PolicyConfig, server: Callable[[], Server]) -> Gate:
@@ -234,7 +237,21 @@ class Gate:
         server = self.server()
 
         def visible(kind: str, names: Sequence[str]) -> list[bool]:
-            return may_use(policies, principal, server, kind, names)
+            if len(names) <= INLINE_LIST_ITEMS:
+                return may_use(policies, principal, server, kind, names)
+            # A long list costs one Cedar partial evaluation per item on the one worker: the same
+            # caller asking for the same list again (a client re-listing, or one keeping the worker
+            # busy on purpose) is answered from the last result, for as long as the policies are
+            # the same object (a reload swaps them whole).
+            key = (principal, server, kind, tuple(names))
+            held = self._listed.get(key)
+            if held is not None and held[0] is policies:
+                return list(held[1])
+            shown = may_use(policies, principal, server, kind, names)
+            if len(self._listed) >= _MAX_LISTED:
+                self._listed.clear()
+            self._listed[key] = (policies, tuple(shown))
+            return shown
 
         return visible
 

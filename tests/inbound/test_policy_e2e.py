@@ -528,15 +528,15 @@ async def test_a_small_call_is_answered_while_a_large_list_is_filtered(
     server = mcp_server.build_server()
     for i in range(2000):
         server.add_tool(lambda: "x", name=f"bulk-{i}", description="a bulk tool")
-    alice = idp.mint("alice", audience=RESOURCE)
+    alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
     async with (
         mcp_server.running(0, mode, server=server) as app,
         policy_sidecar(idp, workload_api, app.port, policy={"cedar": OPERATOR}) as sidecar,
         client_for(sidecar.mcp_url(), alice) as lister,
-        client_for(sidecar.mcp_url(), alice) as caller,
+        client_for(sidecar.mcp_url(), bob) as caller,
     ):
         # The SDK client lists the tools before its first call (to check results against their output
-        # schemas): that list is filtered before the hold is armed.
+        # schemas): that list (bob's) is filtered before the hold is armed.
         assert text_of(await caller.call_tool("echo", {"text": "first"})) == "first"
         held.armed = True
         listing = asyncio.create_task(lister.list_tools())

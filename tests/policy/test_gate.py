@@ -883,3 +883,36 @@ async def test_the_list_size_limits_are_exact(monkeypatch: pytest.MonkeyPatch) -
         assert threads[0].startswith("outrider-policy") is off_loop
     kept = json.dumps(tools_answer("echo", pad=gate_module.INLINE_LIST_BYTES)).encode()
     assert await g.filter_answer(ALICE, kept) is kept
+
+
+def test_a_long_list_is_judged_once_per_caller_and_policy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each tools/list of a long list cost a Cedar partial evaluation per item on the one worker, so a
+    caller asking again and again kept it busy (every large evaluation of other callers queued
+    behind). The visibility of a long list is kept per caller until the policies change."""
+    calls: list[tuple[str, int]] = []
+    real = gate_module.may_use
+
+    def counting(policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        calls.append((principal.subject, len(names)))
+        return real(policies, principal, server, kind, names)
+
+    monkeypatch.setattr(gate_module, "may_use", counting)
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("cedar: ''\n")
+    g = gate(cedar=CEDAR, file=str(policy_file))
+    long = json.dumps(tools_answer("echo", *(f"t{i}" for i in range(20)))).encode()
+    short = json.dumps(tools_answer("echo", "rm")).encode()
+    first = g.filter_payload(ALICE, long)
+    assert g.filter_payload(ALICE, long) == first and calls == [("alice", 21)]
+    bob = Principal("oidc", "bob", "https://idp")
+    g.filter_payload(bob, long)
+    g.filter_payload(ALICE, short)
+    g.filter_payload(ALICE, short)
+    assert calls == [("alice", 21), ("bob", 21), ("alice", 2), ("alice", 2)]  # short lists: not kept
+    # A reload that changes the policies judges again, and its answer counts.
+    policy_file.write_text("cedar: 'forbid(principal, action, resource == Tool::\"echo\");'\n")
+    assert g.holder.check()
+    assert json.loads(g.filter_payload(ALICE, long))["result"]["tools"] == []
+    assert calls[-1] == ("alice", 21) and len(calls) == 5
