@@ -7,6 +7,7 @@ Thin: it holds the reloadable policy and the rate limiter and applies the pure m
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -243,7 +244,7 @@ class Gate:
             # caller asking for the same list again (a client re-listing, or one keeping the worker
             # busy on purpose) is answered from the last result, for as long as the policies are
             # the same object (a reload swaps them whole).
-            key = (principal, server, kind, tuple(names))
+            key = (principal, server, kind, _names_digest(names))
             held = self._listed.get(key)
             if held is not None and held[0] is policies:
                 return list(held[1])
@@ -406,6 +407,17 @@ class Gate:
 
 
 _UNDECODABLE = object()
+
+
+def _names_digest(names: Sequence[str]) -> bytes:
+    """A list's names as a fixed-size key (each length-prefixed, so no two lists share one): keeping
+    the names themselves would hold every long list a caller was shown."""
+    digest = hashlib.sha256()
+    for name in names:
+        encoded = name.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "big"))
+        digest.update(encoded)
+    return digest.digest()
 
 
 def _decode(payload: bytes) -> Any:

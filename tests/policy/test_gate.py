@@ -916,3 +916,12 @@ def test_a_long_list_is_judged_once_per_caller_and_policy(
     assert g.holder.check()
     assert json.loads(g.filter_payload(ALICE, long))["result"]["tools"] == []
     assert calls[-1] == ("alice", 21) and len(calls) == 5
+
+
+def test_kept_visibility_belongs_to_exactly_one_list() -> None:
+    g = gate(cedar=CEDAR)
+    others = [f"t{i}" for i in range(9)]
+    for names in (["echo", *others], [*others, "echo"], ["ec", "ho", *others[1:]], ["ec\x00ho", *others]):
+        raw = json.dumps(tools_answer(*names)).encode()
+        shown = [t["name"] for t in json.loads(g.filter_payload(ALICE, raw))["result"]["tools"]]
+        assert shown == (["echo"] if "echo" in names else []), names
