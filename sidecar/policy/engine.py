@@ -373,7 +373,9 @@ def may_use(
         shown = True
         for group in policies.groups:
             result = cedarpy.is_authorized_partial(request, group.slice(action, entity_type, name), entities)
-            if result.decision == cedarpy.Decision.Deny:
+            # An evaluation error hides the item, as a forbid that cannot be evaluated denies the call:
+            # a request Cedar could not read used to end in no decision, and so in "shown".
+            if result.decision == cedarpy.Decision.Deny or result.diagnostics.errors:
                 shown = False
                 break
         visible.append(shown)

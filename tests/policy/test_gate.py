@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import pytest
 
 from outrider.sidecar.config_error import ConfigError
 from outrider.sidecar.inbound.jsonrpc import parse_body
+from outrider.sidecar.policy import engine as engine_module
 from outrider.sidecar.policy import gate as gate_module
 from outrider.sidecar.policy.answers import denied_error, limited_error
 from outrider.sidecar.policy.config import PolicyConfig
@@ -925,3 +927,29 @@ def test_kept_visibility_belongs_to_exactly_one_list() -> None:
         raw = json.dumps(tools_answer(*names)).encode()
         shown = [t["name"] for t in json.loads(g.filter_payload(ALICE, raw))["result"]["tools"]]
         assert shown == (["echo"] if "echo" in names else []), names
+
+
+@pytest.mark.parametrize("who", ["alice", "josé", "o'brien", "tab\there", "ec\0ho"])
+def test_lists_are_filtered_whatever_the_names_and_the_caller_are_spelt_with(who: str) -> None:
+    """A caller whose subject held a non-ASCII letter, an apostrophe or a control character saw every
+    tool in lists (the textual principal did not parse, so nothing was denied); so did every caller
+    for a tool named that way. Only `echo` is permitted here."""
+    g = gate(cedar=CEDAR)
+    names = ["echo", "résumé-export", "o'clock", "tab\there", "ec\0ho", "😀", "\u0301x", "rm"]
+    raw = json.dumps(tools_answer(*names)).encode()
+    caller = Principal("oidc", who, "https://idp")
+    shown = [t["name"] for t in json.loads(g.filter_payload(caller, raw))["result"]["tools"]]
+    assert shown == ["echo"]
+
+
+def test_an_item_partial_evaluation_cannot_read_is_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever else makes Cedar refuse a list item's request (a UID it cannot parse), the item is
+    hidden: no decision is not a permission."""
+    from outrider.sidecar.policy import model
+
+    g = gate(cedar="permit(principal, action, resource);")
+    monkeypatch.setattr(model, "_PLAIN", re.compile(r"[ -~]*"))  # writes `a"b` unescaped: unparsable
+    monkeypatch.setattr(engine_module, "cedar_string", model.cedar_string)
+    raw = json.dumps(tools_answer("echo", 'a"b', "rm")).encode()
+    shown = [t["name"] for t in json.loads(g.filter_payload(ALICE, raw))["result"]["tools"]]
+    assert shown == ["echo", "rm"]
