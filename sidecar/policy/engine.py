@@ -350,6 +350,10 @@ def may_use(
     import cedarpy  # here, not at the top: only a sidecar with policies loads it
 
     action, entity_type, _ = next(v for k, v in LIST_RESULTS.items() if k == kind)
+    if not valid_unicode(principal_uid(principal)["id"]):
+        # Cedar cannot hold the caller's name (a lone surrogate in the token): none of its calls is
+        # allowed (UNJUDGEABLE_PRINCIPAL), so nothing is shown.
+        return [False for _ in names]
     base = _entities(principal, server, ())
     who = uid_text(principal_uid(principal))
     visible: list[bool] = []

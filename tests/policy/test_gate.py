@@ -953,3 +953,13 @@ def test_an_item_partial_evaluation_cannot_read_is_hidden(monkeypatch: pytest.Mo
     raw = json.dumps(tools_answer("echo", 'a"b', "rm")).encode()
     shown = [t["name"] for t in json.loads(g.filter_payload(ALICE, raw))["result"]["tools"]]
     assert shown == ["echo", "rm"]
+
+
+def test_a_caller_cedar_cannot_name_is_shown_nothing() -> None:
+    """A token whose subject holds a lone surrogate (JSON `\\ud800`): its calls are all refused, and
+    its list answers used to raise out of the filter (Cedar refused the textual UID) or, before
+    that, show everything."""
+    g = gate(cedar=CEDAR)
+    raw = json.dumps(tools_answer("echo", "rm")).encode()
+    caller = Principal("oidc", "x\ud800", "https://idp")
+    assert json.loads(g.filter_payload(caller, raw))["result"]["tools"] == []
