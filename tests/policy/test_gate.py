@@ -963,3 +963,27 @@ def test_a_caller_cedar_cannot_name_is_shown_nothing() -> None:
     raw = json.dumps(tools_answer("echo", "rm")).encode()
     caller = Principal("oidc", "x\ud800", "https://idp")
     assert json.loads(g.filter_payload(caller, raw))["result"]["tools"] == []
+
+
+def test_kept_lists_are_bounded_and_hold_any_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = gate_module.may_use
+
+    def counting(policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        calls.append(principal.subject)
+        return real(policies, principal, server, kind, names)
+
+    monkeypatch.setattr(gate_module, "may_use", counting)
+    g = gate(cedar=CEDAR)
+    # A lone surrogate among the names (JSON can spell one): kept like any other list, and hidden.
+    raw = json.dumps(tools_answer("echo", "x\ud800", *(f"t{i}" for i in range(9)))).encode()
+    for subject in [f"u{i}" for i in range(gate_module._MAX_LISTED)] + ["u0"]:
+        shown = json.loads(g.filter_payload(Principal("oidc", subject, "https://idp"), raw))["result"][
+            "tools"
+        ]
+        assert [t["name"] for t in shown] == ["echo"]
+    assert len(calls) == gate_module._MAX_LISTED and len(g._listed) == gate_module._MAX_LISTED  # u0 kept
+    g.filter_payload(Principal("oidc", "one-more", "https://idp"), raw)
+    assert len(g._listed) == 1  # full: cleared whole, then the new one kept
+    g.filter_payload(Principal("oidc", "u0", "https://idp"), raw)
+    assert calls[-2:] == ["one-more", "u0"]
