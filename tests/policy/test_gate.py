@@ -987,3 +987,25 @@ def test_kept_lists_are_bounded_and_hold_any_name(monkeypatch: pytest.MonkeyPatc
     assert len(g._listed) == 1  # full: cleared whole, then the new one kept
     g.filter_payload(Principal("oidc", "u0", "https://idp"), raw)
     assert calls[-2:] == ["one-more", "u0"]
+
+
+async def test_a_caller_out_of_budget_for_a_prompt_cannot_complete_its_arguments() -> None:
+    """`per_user_prompt` (and `per_prompt`): a prompt's own budget, which `prompts/get` and the
+    completions of its arguments both spend; other prompts and other callers keep theirs."""
+    g = gate(rate_limits={"per_user_prompt": "2/minute"})
+
+    async def outcome(body: object, who: Principal = ALICE) -> str:
+        (verdict,) = (await g.judge(who, parse_body(json.dumps(body).encode()), "streamable-http")).verdicts
+        return verdict.outcome
+
+    def complete(name: str) -> dict[str, object]:
+        params = {"ref": {"type": "ref/prompt", "name": name}, "argument": {"name": "a", "value": ""}}
+        return {"jsonrpc": "2.0", "id": 1, "method": "completion/complete", "params": params}
+
+    get = {"jsonrpc": "2.0", "id": 2, "method": "prompts/get", "params": {"name": "x"}}
+    assert [await outcome(get), await outcome(complete("x"))] == ["ok", "ok"]
+    assert [await outcome(complete("x")), await outcome(get)] == ["limited", "limited"]
+    assert await outcome(complete("y")) == "ok"
+    assert await outcome(complete("x"), Principal("oidc", "bob", "https://idp")) == "ok"
+    limited = (await g.judge(ALICE, parse_body(json.dumps(get).encode()), "http")).verdicts[0]
+    assert limited.limit_scope == "per_user_prompt"

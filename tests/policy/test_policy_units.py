@@ -745,3 +745,37 @@ def test_cedar_strings_are_written_as_cedar_writes_them(text: str) -> None:
     form (`Tool::"\\u{e9}"` for `é`): the request then ended in no decision, which the list filter
     read as "shown". Written as Cedar writes them, they are judged."""
     assert cedar_string(text) == _cedar_rendering(text)
+
+
+def test_prompt_budgets_are_spent_by_getting_a_prompt_and_completing_its_arguments() -> None:
+    limits = RateLimits.from_mapping(
+        {
+            "per_prompt": {"x": "5/minute", "*": "9/minute"},
+            "per_user_prompt": "3/minute",
+            "per_tool": "9/minute",
+        },
+        "spec",
+    ).narrowed(RateLimits.from_mapping({"per_prompt": {"x": "4/minute"}}, "file"))
+
+    def message(method: str, params: dict[str, Any]) -> McpMessage:
+        return parse_message({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+
+    get = budgets(limits, message("prompts/get", {"name": "x"}), "alice", "pod")
+    complete = budgets(
+        limits, message("completion/complete", {"ref": {"type": "ref/prompt", "name": "x"}}), "alice", "pod"
+    )
+    assert get == complete
+    assert [(b.scope, b.key) for b in get] == [
+        ("per_prompt", ("prompt", "pod", "x", "x")),
+        ("per_prompt", ("prompt", "pod", "x", "x")),
+        ("per_prompt", ("prompt", "pod", "x", "%2A")),
+        ("per_user_prompt", ("user_prompt", "pod", "alice", "x")),
+    ]
+    # A tool of the same name draws from its own budgets; a template's completion from no prompt's.
+    tool = budgets(limits, tool_call("x"), "alice", "pod")
+    assert [b.key[0] for b in tool] == ["tool"]
+    template = {"ref": {"type": "ref/resource", "uri": "x"}}
+    assert budgets(limits, message("completion/complete", template), "alice", "pod") == ()
+    with pytest.raises(ValueError, match=r"per_prompt: must map prompt names \(or '\*'\) to rates"):
+        RateLimits.from_mapping({"per_prompt": 5}, "x")
+    assert not RateLimits.from_mapping({"per_user_prompt": "1/second"}, "x").empty
