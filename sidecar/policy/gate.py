@@ -249,7 +249,8 @@ class Gate:
             if held is not None and held[0] is policies:
                 return list(held[1])
             shown = may_use(policies, principal, server, kind, names)
-            if len(self._listed) >= _MAX_LISTED:
+            if len(self._listed) >= _MAX_LISTED or any(p is not policies for p, _ in self._listed.values()):
+                # Full, or kept under policies since replaced (which it would keep alive): start afresh.
                 self._listed.clear()
             self._listed[key] = (policies, tuple(shown))
             return shown

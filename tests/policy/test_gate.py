@@ -918,6 +918,8 @@ def test_a_long_list_is_judged_once_per_caller_and_policy(
     assert g.holder.check()
     assert json.loads(g.filter_payload(ALICE, long))["result"]["tools"] == []
     assert calls[-1] == ("alice", 21) and len(calls) == 5
+    # Nothing kept under the replaced policies stays (it would keep them alive).
+    assert [held[0] for held in g._listed.values()] == [g.holder.policies]
 
 
 def test_kept_visibility_belongs_to_exactly_one_list() -> None:
