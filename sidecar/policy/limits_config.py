@@ -171,7 +171,7 @@ def budgets(limits: RateLimits, message: McpMessage, user: str, pod: str) -> tup
         ("per_prompt", "prompt", prompt, limits.per_prompt),
     ):
         if named is not None:
-            for name in (named, ANY_TOOL):
+            for name in dict.fromkeys((named, ANY_TOOL)):  # once for a tool or prompt named "*"
                 for item in by_name.get(name, ()):
                     out.append(Budget(scope, item, (kind, pod, _part(named), _part(name))))
     out.extend(Budget("per_user", i, ("user", pod, user)) for i in limits.per_user)

@@ -779,3 +779,10 @@ def test_prompt_budgets_are_spent_by_getting_a_prompt_and_completing_its_argumen
     with pytest.raises(ValueError, match=r"per_prompt: must map prompt names \(or '\*'\) to rates"):
         RateLimits.from_mapping({"per_prompt": 5}, "x")
     assert not RateLimits.from_mapping({"per_user_prompt": "1/second"}, "x").empty
+
+
+def test_a_tool_or_prompt_named_star_spends_the_star_budget_once() -> None:
+    limits = RateLimits.from_mapping({"per_tool": "9/minute", "per_prompt": "9/minute"}, "spec")
+    get = parse_message({"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "*"}})
+    assert len(budgets(limits, tool_call("*"), "alice", "pod")) == 1
+    assert len(budgets(limits, get, "alice", "pod")) == 1
