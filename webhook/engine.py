@@ -162,7 +162,7 @@ def inject(
             raise _Refused(strict_rules.refusal(escapes))
         warnings.extend(escapes)
         _check_port_clash(spec)
-        mcp_port, app_index = _find_mcp_port(spec, settings.mcp_port, warnings)
+        mcp_port, app_index, server = _find_mcp_port(spec, settings.mcp_port, warnings)
         try:
             plan = plan_egress_cached(
                 original, namespace_labels, namespace_policy, config.plain_egress_default_policy
@@ -191,6 +191,7 @@ def inject(
         plan,
         mcp_port,
         app_index,
+        server,
         pod_ns,
         warnings,
         config_json,
@@ -240,7 +241,7 @@ def _verify_injected(
         ],
     }
     try:
-        mcp_port, _ = _find_mcp_port(app_spec, settings.mcp_port, [])
+        mcp_port, _, _ = _find_mcp_port(app_spec, settings.mcp_port, [])
     except _Refused as exc:
         return str(exc)
     if status.get("mcpPort") != mcp_port:
@@ -349,41 +350,49 @@ def _restartable_inits(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _find_mcp_port(
     spec: Mapping[str, Any], wanted: int | str | None, warnings: list[str]
-) -> tuple[int | None, int]:
-    """The MCP port number and the index of the app container that serves it.
+) -> tuple[int | None, int, str | None]:
+    """The MCP port number, the index of the app container that keeps the preStop sleep, and the name
+    of the container that serves the port (None when none declares it).
 
     App containers are searched first, then native sidecars (restartable init containers); a port a
-    native sidecar serves gives index 0 (the first app container keeps the preStop sleep and the
-    default-container annotation). Run-to-completion init containers never serve it.
+    native sidecar serves gives index 0 (the first app container keeps the preStop sleep: a native
+    sidecar outlives the app containers anyway) and that sidecar's name, which becomes the
+    default-container annotation (`kubectl` looks it up among the init containers too). Run-to-
+    completion init containers never serve it.
     """
     containers = spec["containers"]
     serving = [*containers, *_restartable_inits(spec)]
+
+    def found(port: int, i: int) -> tuple[int, int, str | None]:
+        name = serving[i].get("name")
+        return port, i if i < len(containers) else 0, name if isinstance(name, str) else None
+
     if isinstance(wanted, str):
         for i, c in enumerate(serving):
             for p in _tcp_ports(c):
                 if p.get("name") == wanted:
-                    return int(p["containerPort"]), i if i < len(containers) else 0
+                    return found(int(p["containerPort"]), i)
         names = sorted({str(p["name"]) for c in serving for p in _tcp_ports(c) if p.get("name")})
         raise _Refused(
             f"annotation {ann.MCP_PORT}={wanted!r} names no TCP containerPort of an app container; "
             f"allowed: a port number or one of {names or 'the containers declare no named ports'}"
         )
     if isinstance(wanted, int):
-        for i, c in enumerate(containers):
+        for i, c in enumerate(serving):
             if any(p["containerPort"] == wanted for p in _tcp_ports(c)):
-                return wanted, i
-        return wanted, 0
+                return found(wanted, i)
+        return wanted, 0, None
     for i, c in enumerate(serving):
         ports = _tcp_ports(c)
         if ports:
             if ports[0]["containerPort"] in ann.SIDECAR_PORTS:
                 break
-            return int(ports[0]["containerPort"]), i if i < len(containers) else 0
+            return found(int(ports[0]["containerPort"]), i)
     warnings.append(
         f"no MCP port found (no {ann.MCP_PORT} annotation and no TCP containerPort); inbound MCP "
         f"traffic is not proxied; set {ann.MCP_PORT}"
     )
-    return None, 0
+    return None, 0, None
 
 
 def _free_name(wanted: str, taken: set[str]) -> str:
@@ -843,6 +852,7 @@ def _apply(
     plan: EgressPlan,
     mcp_port: int | None,
     app_index: int,
+    server: str | None,
     namespace: str,
     warnings: list[str],
     config_json: str,
@@ -1046,7 +1056,8 @@ def _apply(
     }
     annotations = {**old_annotations, ann.STATUS: _sorted_json(status)}
     if ann.DEFAULT_CONTAINER not in annotations:
-        annotations[ann.DEFAULT_CONTAINER] = containers[app_index]["name"]
+        # The MCP server the pod exists for (a native sidecar's name too), else the first app container.
+        annotations[ann.DEFAULT_CONTAINER] = server or containers[app_index]["name"]
     metadata["annotations"] = annotations
 
     # The patch: top-level keys in the injected pod's order (`metadata` last when the pod had none).

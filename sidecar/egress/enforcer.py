@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from outrider.sidecar.egress import http1, sniff
+from outrider.sidecar.egress import http1, http1_response, sniff
 from outrider.sidecar.egress.config import EgressConfig
 from outrider.sidecar.egress.policy import (
     Destination,
@@ -113,6 +113,24 @@ class Stats:
 @dataclass
 class _Activity:
     last: float  # loop time of the last byte relayed in either direction
+
+
+class _Relayed:
+    """How many answers of a plaintext HTTP connection have been relayed to the client in full."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    def update(self, count: int) -> None:
+        if count != self.count:
+            self.count = count
+            self._changed.set()
+
+    async def reach(self, count: int) -> None:
+        while self.count < count:
+            self._changed.clear()
+            await self._changed.wait()
 
 
 @dataclass(frozen=True)
@@ -514,12 +532,24 @@ class Enforcer:
             return self._refuse_request(
                 conn, host, f"another port ({target_port}) on this proxy connection", 0
             )
-        dest = destination_for(host, port, conn.dest.ip)
-        if dest.name is None and dest.ip is None:
-            return self._refuse_request(conn, host, f"{host!r} is not a valid host name")
-        if dest.name is not None and dest.name == conn.dest.name:
-            return _FORWARD
-        if dest.name is None and dest.ip == conn.dest.ip:
+        named = destination_for(host, port)
+        if named.name is None:
+            # An IP literal, or a name that is no host name: judged by address (CIDR rules only), as a
+            # connection's first request is. It once went up unjudged whenever the connection's own
+            # address stood in for it: `Host: <the allowed name's IP>`, `shared..test` or
+            # `evil.test%00` reached a shared front end that routes by Host.
+            address = named.ip if named.ip is not None else conn.dest.ip
+            verdict = decide(self.holder.current, Destination(port=port, ip=address))
+            if not verdict.allowed:
+                if named.ip is None:
+                    return self._refuse_request(conn, host, f"{host!r} is not a valid host name")
+                self._emit(verdict, mode=conn.mode, protocol=sniff.HTTP, dest=named)
+                return _Next("refuse", 403, f"denied {host}:{port}: {verdict.reason}")
+            if address == conn.dest.ip:
+                return _FORWARD
+            return self._refuse_request(conn, host, f"{host} on a connection opened for another host", 0)
+        dest = Destination(port=port, name=named.name, ip=conn.dest.ip)
+        if dest.name == conn.dest.name:
             return _FORWARD
         verdict = decide(self.holder.current, dest)
         if not verdict.allowed:
@@ -539,9 +569,9 @@ class Enforcer:
     async def _relay_http(
         self, client: socket.socket, upstream: socket.socket, first: bytes, conn: _HttpConn
     ) -> None:
-        """Relay a plaintext HTTP connection; client->server is parsed request by request (the server's
-        answers are spliced through untouched). The first refused request is answered after every earlier
-        answer (the upstream is half-closed and drained first), then the connection closes."""
+        """Relay a plaintext HTTP connection; client->server is parsed request by request, and the server's
+        answers are framed (not changed) to count them. The first refused request is answered as soon as
+        every earlier request's answer has been relayed, in order; then the connection closes."""
         loop = asyncio.get_running_loop()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
@@ -551,21 +581,36 @@ class Enforcer:
                 conn = _HttpConn(Destination(conn.dest.port, conn.dest.name, peer), conn.mode, conn.explicit)
                 self._open[task] = (conn.dest, conn.mode, sniff.HTTP)
         activity = _Activity(loop.time())
-        down = asyncio.create_task(self._pump(upstream, client, "down", activity, half_close=False))
-        up = asyncio.create_task(self._requests(client, upstream, first, conn, activity))
+        framer = http1_response.ResponseFramer()
+        relayed = _Relayed()
+        down = asyncio.create_task(self._answers(upstream, client, framer, relayed, activity))
+        up = asyncio.create_task(self._requests(client, upstream, first, conn, activity, framer))
         try:
             ended = await self._wait_idle({up, down}, activity)
             if up in ended and not up.cancelled() and up.exception() is None:
                 outcome = up.result()
-                with contextlib.suppress(OSError):
-                    upstream.shutdown(socket.SHUT_WR)
-                # Earlier requests' answers still flow (in order) before anything of ours.
-                await self._wait_idle({down}, activity)
-                if outcome.action == "refuse" and down.done():
-                    await self._answer(
-                        client, _http_response(outcome.status, f"outrider egress: {outcome.reason}")
-                    )
-                    return
+                if outcome.action == "eof":
+                    # The client is done sending (the upstream is told so too, as a relay does).
+                    with contextlib.suppress(OSError):
+                        upstream.shutdown(socket.SHUT_WR)
+                # Every earlier request's answer first, in order, then ours (or the close) at once: the
+                # upstream need not close (a kept-alive one would only after its own idle timeout).
+                waiter = asyncio.create_task(relayed.reach(framer.asked))
+                try:
+                    await self._wait_idle({waiter, down}, activity)
+                finally:
+                    waiter.cancel()
+                if relayed.count >= framer.asked and framer.error is None:
+                    down.cancel()
+                    await asyncio.gather(down, return_exceptions=True)
+                    if outcome.action == "refuse":
+                        await self._answer(
+                            client, _http_response(outcome.status, f"outrider egress: {outcome.reason}")
+                        )
+                        return
+            if down.done() and framer.error is not None:
+                await self._bad_answer(client, conn, framer)
+                return
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_WR)
         finally:
@@ -575,6 +620,66 @@ class Enforcer:
             if task is not None:
                 self._open.pop(task, None)
             upstream.close()
+
+    async def _bad_answer(
+        self, client: socket.socket, conn: _HttpConn, framer: http1_response.ResponseFramer
+    ) -> None:
+        """The upstream's answers could not be framed: audit it, answer 502 when nothing of the bad answer
+        reached the client and a request is waiting for it, else just close (the client sees the cut)."""
+        reason = f"bad HTTP response framing from the upstream: {framer.error}"
+        self._emit(Verdict(False, None, None, reason), mode=conn.mode, protocol=sniff.HTTP, dest=conn.dest)
+        if framer.error_at_boundary and framer.unanswered:
+            await self._answer(client, _http_response(502, f"outrider egress: {reason}"))
+            return
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_WR)
+
+    async def _answers(
+        self,
+        upstream: socket.socket,
+        client: socket.socket,
+        framer: http1_response.ResponseFramer,
+        relayed: _Relayed,
+        activity: _Activity,
+    ) -> None:
+        """Server -> client, unchanged, counting the answers relayed; ends at EOF or a framing error. Large
+        bodies of known length, and a close-delimited one, move in the kernel as a tunnel's bytes do."""
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(min(self.config.buffer_bytes, _SPLICE_BODY_MIN))
+        view = memoryview(buffer)
+        total = 0
+        try:
+            while True:
+                if _HAVE_SPLICE and (framer.until_eof or framer.body_pending >= _SPLICE_BODY_MIN):
+                    if framer.until_eof:
+                        total += await self._splice(upstream, client, activity)
+                        framer.eof()
+                        relayed.update(framer.answered)
+                        return
+                    moved = await self._splice_exact(upstream, client, framer.body_pending, activity)
+                    total += moved
+                    if moved == 0:
+                        return
+                    framer.skip_body(moved)
+                    relayed.update(framer.answered)
+                    continue
+                n = await loop.sock_recv_into(upstream, buffer)
+                if n == 0:
+                    framer.eof()
+                    relayed.update(framer.answered)
+                    return
+                activity.last = loop.time()
+                out = framer.feed(view[:n])
+                if out:
+                    await loop.sock_sendall(client, out)
+                    total += len(out)
+                relayed.update(framer.answered)
+                if framer.error is not None:
+                    return
+                if n >= _PARSE_YIELD_BYTES:
+                    await asyncio.sleep(0)  # as on the way up: framing costs Python time per line
+        finally:
+            self.stats.bytes_down += total
 
     async def _wait_idle(self, tasks: set[asyncio.Task[Any]], activity: _Activity) -> set[asyncio.Task[Any]]:
         """Wait for the first of `tasks` to end, or for `idle_timeout_s` without a byte either way."""
@@ -597,11 +702,14 @@ class Enforcer:
         first: bytes,
         conn: _HttpConn,
         activity: _Activity,
+        framer: http1_response.ResponseFramer,
     ) -> _Next:
-        """Client -> server, one judged request at a time; returns why it stopped."""
+        """Client -> server, one judged request at a time (each announced to `framer` before its bytes
+        go up, so its answer can never arrive unannounced); returns why it stopped."""
         loop = asyncio.get_running_loop()
         parser = http1.RequestParser(self.config.peek_bytes)
-        buffer = bytearray(min(self.config.buffer_bytes, 262144))
+        # Reads of at most 64 KiB: all of a read is parsed in one go (larger bodies are spliced).
+        buffer = bytearray(min(self.config.buffer_bytes, _SPLICE_BODY_MIN))
         data = first
         while True:
             if data:
@@ -617,6 +725,7 @@ class Enforcer:
                         if verdict.action != "forward":
                             stop = verdict
                             break
+                        framer.expect(item.request.method)
                         out.append(_origin_form(item.request) if conn.explicit else item.raw)
                     else:
                         out.append(item)
@@ -627,6 +736,11 @@ class Enforcer:
                     activity.last = loop.time()
                 if stop is not None:
                     return stop
+                if len(data) >= _PARSE_YIELD_BYTES:
+                    # Parsing costs Python time per line (a body of tiny chunks: ~1 us a byte), and a
+                    # read that finds data waiting never suspends: let the other connections have a
+                    # turn, as the splicing relays do.
+                    await asyncio.sleep(0)
             if parser.body_pending >= _SPLICE_BODY_MIN and _HAVE_SPLICE:
                 # A large body of a judged request: move it in the kernel, as the answers are.
                 moved = await self._splice_exact(client, upstream, parser.body_pending, activity)
@@ -907,6 +1021,7 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _DEFAULT_PIPE = 65536
 _SPLICE_BODY_MIN = 65536  # request bodies at least this large go client -> server by splice
+_PARSE_YIELD_BYTES = 16384  # a parsed read at least this large yields to the loop once
 # A relay that always finds data waiting and room to write never awaits anything that suspends: it
 # would hold the event loop for as long as the transfer lasts (every other tunnel stalls, and new
 # connections wait a whole round of every tunnel per step). Each relay yields after moving this much:

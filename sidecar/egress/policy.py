@@ -187,13 +187,32 @@ def unmapped(ip: IPAddress) -> IPAddress:
     return ip
 
 
+# Cloud metadata and host-agent endpoints outside link-local, which hand out credentials as readily as
+# 169.254.169.254: AWS IMDS and the EKS Pod Identity agent over IPv6 (fd00:ec2::254, ::23, in AWS's
+# own fd00:ec2::/64), Google Cloud's and Oracle Cloud's metadata over IPv6, Alibaba Cloud's metadata
+# (in 100.64.0.0/10) and Azure's WireServer.
+CLOUD_METADATA = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "fd00:ec2::/64",
+        "fd20:ce::254/128",
+        "fd00:c1::a9fe:a9fe/128",
+        "100.100.100.200/32",
+        "168.63.129.16/32",
+    )
+)
+
+
 def is_special(ip: IPAddress) -> bool:
     """Addresses a *name* may not lead to unless a CIDR rule allows them explicitly: loopback (the
     pod itself, the sidecar's own ports), link-local (cloud metadata at 169.254.169.254, fe80::),
-    unspecified (0.0.0.0 connects to the pod itself) and multicast."""
+    the clouds' other metadata endpoints (`CLOUD_METADATA`), unspecified (0.0.0.0 connects to the pod
+    itself) and multicast."""
     ip = unmapped(ip)
     this_network = ip.version == 4 and ip.packed[0] == 0  # 0.0.0.0/8: "this host on this network"
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or this_network
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast or this_network:
+        return True
+    return any(ip in network for network in CLOUD_METADATA)
 
 
 def address_allowed(policy: Policy, ip: IPAddress, port: int) -> bool:

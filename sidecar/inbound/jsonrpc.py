@@ -322,7 +322,10 @@ class SseParser:
     """
 
     def __init__(self, max_event_bytes: int = 1 << 20) -> None:
-        self._buffer = b""
+        # Held bytes of a line not ended yet, cut in place: slicing off "the rest" at every line (and
+        # searching all of it for both line ends) made a chunk of many lines quadratic.
+        self._buffer = bytearray()
+        self._scan = 0  # how far into `_buffer` no line end was found
         self._data: list[str] = []
         self._size = 0
         self._event: str | None = None
@@ -331,16 +334,24 @@ class SseParser:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         events: list[SseEvent] = []
-        self._buffer += chunk
+        buf = self._buffer
+        buf += chunk
+        pos = 0
         while True:
-            cut = _line_end(self._buffer)
+            cut = _line_end(buf, max(pos, self._scan))
             if cut is None:
-                if len(self._buffer) > self._max:
-                    self._buffer, self._data, self._size = b"", [], self._max + 1
+                # A lone CR at the end may be the first half of CRLF: searched again next time.
+                self._scan = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+                del buf[:pos]
+                self._scan -= pos
+                if len(buf) > self._max:
+                    buf.clear()
+                    self._scan, self._data, self._size = 0, [], self._max + 1
                 return events
             line_end, next_start = cut
-            line = self._buffer[:line_end].decode("utf-8", "replace")
-            self._buffer = self._buffer[next_start:]
+            line = buf[pos:line_end].decode("utf-8", "replace")
+            pos = next_start
+            self._scan = 0
             if not line:
                 if (self._data or self._event) and self._size <= self._max:
                     events.append(SseEvent(self._event, "\n".join(self._data), self._id))
@@ -395,17 +406,20 @@ class SseIds:
         return ids
 
 
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """(end of the first line, start of the next) for \\n, \\r\\n or \\r line ends."""
-    lf = buffer.find(b"\n")
-    cr = buffer.find(b"\r")
-    if cr == -1 and lf == -1:
+_LINE_BREAK = re.compile(rb"[\r\n]")
+
+
+def _line_end(buffer: bytes | bytearray, start: int = 0) -> tuple[int, int] | None:
+    """(end of the first line from `start`, start of the next) for \\n, \\r\\n or \\r line ends."""
+    found = _LINE_BREAK.search(buffer, start)
+    if found is None:
         return None
-    if cr != -1 and (lf == -1 or cr < lf):
-        if cr + 1 == len(buffer):
-            return None  # might be the first half of \r\n
-        return (cr, cr + 2) if buffer[cr + 1 : cr + 2] == b"\n" else (cr, cr + 1)
-    return lf, lf + 1
+    at = found.start()
+    if buffer[at] == 0x0A:
+        return at, at + 1
+    if at + 1 == len(buffer):
+        return None  # might be the first half of \r\n
+    return (at, at + 2) if buffer[at + 1] == 0x0A else (at, at + 1)
 
 
 class SseTooLarge(ValueError):
@@ -423,35 +437,46 @@ class SseFramer:
     """
 
     def __init__(self, max_event_bytes: int = 16 << 20) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        # Where the next search for an event's end starts: what came before it holds none. Searching
+        # the whole held event again at every chunk made a large event (a long tools/list) arriving
+        # in many chunks quadratic.
+        self._resume = 0
         self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self._buffer += chunk
+        buf = self._buffer
+        buf += chunk
         events: list[bytes] = []
         start = 0
-        for match in _EVENT_END.finditer(self._buffer):
-            if match.end() == len(self._buffer) and self._buffer.endswith(b"\r"):
+        resume = -1
+        for match in _EVENT_END.finditer(buf, self._resume):
+            if match.end() == len(buf) and buf.endswith(b"\r"):
+                resume = match.start()
                 break
-            events.append(self._buffer[start : match.end()])
+            events.append(bytes(buf[start : match.end()]))
             start = match.end()
-        self._buffer = self._buffer[start:]
-        if len(self._buffer) > self._max:
+        if resume < 0:
+            # Searched to the end: the next search starts at the run of line ends the buffer ends in
+            # (a terminator may continue it), never inside it, where it could pair differently.
+            resume = len(buf)
+            while resume > start and buf[resume - 1] in (0x0A, 0x0D):
+                resume -= 1
+        del buf[:start]
+        self._resume = resume - start
+        if len(buf) > self._max:
             raise SseTooLarge(f"an SSE event exceeded {self._max} bytes")
         return events
 
 
-def rewrite_event(raw: bytes, rewrite: Callable[[str], str | None]) -> bytes:
-    """`raw` (one whole event) with its data replaced by `rewrite(data)`, when that is not None.
-
-    Only `message` events (or unnamed ones) carry JSON-RPC; the other lines are kept in order.
-    """
+def event_message_data(raw: bytes) -> str | None:
+    """The data of one whole SSE event when it is a `message` event (or an unnamed one, which carries
+    JSON-RPC too) with data, else None."""
     if b"data" not in raw:
-        return raw
-    lines = raw.decode("utf-8", "replace").splitlines()
+        return None
     data: list[str] = []
     event_name: str | None = None
-    for line in lines:
+    for line in raw.decode("utf-8", "replace").splitlines():
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
@@ -459,10 +484,22 @@ def rewrite_event(raw: bytes, rewrite: Callable[[str], str | None]) -> bytes:
         elif name == "event":
             event_name = value
     if not data or event_name not in (None, "message"):
+        return None
+    return "\n".join(data)
+
+
+def rewrite_event(raw: bytes, rewrite: Callable[[str], str | None]) -> bytes:
+    """`raw` (one whole event) with its data replaced by `rewrite(data)`, when that is not None.
+
+    Only `message` events (or unnamed ones) carry JSON-RPC; the other lines are kept in order.
+    """
+    data = event_message_data(raw)
+    if data is None:
         return raw
-    new = rewrite("\n".join(data))
+    new = rewrite(data)
     if new is None:
         return raw
+    lines = raw.decode("utf-8", "replace").splitlines()
     out: list[str] = []
     placed = False
     for line in lines:

@@ -1079,6 +1079,8 @@ class InboundProxy:
                 calls.answered(message, status)
         headers = downstream_response_headers(upstream.headers, streaming=False)
         if calls.principal is not None and self.gate is not None:
+            if headers.get("Content-Type", "").startswith(JSON_CT):
+                payload = await self.gate.filter_answer(calls.principal, payload)
             payload, status = self._gated_payload(payload, status, calls, headers)
         outcome = "ok" if status < 400 else "error"
         calls.finish_all(
@@ -1089,11 +1091,9 @@ class InboundProxy:
     def _gated_payload(
         self, payload: bytes, status: int, calls: Calls, headers: CIMultiDict[str]
     ) -> tuple[bytes, int]:
-        """A JSON answer with list results filtered for the caller and refused batch members' errors."""
+        """A JSON answer (list results already filtered for the caller) with refused batch members' errors."""
         assert self.gate is not None and calls.principal is not None
         is_json = headers.get("Content-Type", "").startswith(JSON_CT)
-        if is_json:
-            payload = self.gate.filter_payload(calls.principal, payload)
         if not calls.extra:
             return payload, status
         answers: list[Any] = []
@@ -1263,7 +1263,7 @@ class InboundProxy:
                         session = session_of_endpoint(raw)
                         if session is not None:
                             inbox = self.legacy_streams.open(session, principal)
-                    await send(jsonrpc.rewrite_event(raw, lambda d: self.gate_filter(principal, d)))
+                    await send(await self.gate_filter(principal, raw))
             if calls.pending:
                 calls.finish_all(
                     http_status=status,
@@ -1289,12 +1289,17 @@ class InboundProxy:
                 self.sessions.forget(legacy_session)
         return response
 
-    def gate_filter(self, principal: Principal, data: str) -> str | None:
-        """New `data` for an SSE event whose JSON holds list results, or None to keep it as it is."""
+    async def gate_filter(self, principal: Principal, raw: bytes) -> bytes:
+        """One whole SSE event, its JSON's list results filtered for `principal` (`raw` when unchanged)."""
         assert self.gate is not None
+        data = jsonrpc.event_message_data(raw)
+        if data is None:
+            return raw
         encoded = data.encode()
-        filtered = self.gate.filter_payload(principal, encoded)
-        return None if filtered is encoded else filtered.decode()
+        filtered = await self.gate.filter_answer(principal, encoded)
+        if filtered is encoded:
+            return raw
+        return jsonrpc.rewrite_event(raw, lambda _: filtered.decode())
 
     def _bind_legacy(self, event: bytes, owner: str) -> str | None:
         """Bind the `session_id` the legacy `endpoint` event announces to the caller who opened the stream."""

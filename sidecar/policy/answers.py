@@ -59,6 +59,19 @@ def filter_list_result(obj: Any, visible: Visibility) -> tuple[Any, int]:
     return {**obj, "result": result}, removed
 
 
+def listed_items(objects: Sequence[Any]) -> int:
+    """How many items the list results among `objects` (decoded JSON-RPC answers) name together."""
+    count = 0
+    for obj in objects:
+        result = obj.get("result") if isinstance(obj, dict) else None
+        if isinstance(result, dict):
+            for key in LIST_RESULTS:
+                items = result.get(key)
+                if isinstance(items, list):
+                    count += len(items)
+    return count
+
+
 def _name(item: Any, key: str) -> str:
     value = item.get(key) if isinstance(item, dict) else None
     return value if isinstance(value, str) else ""

@@ -350,6 +350,10 @@ def may_use(
     import cedarpy  # here, not at the top: only a sidecar with policies loads it
 
     action, entity_type, _ = next(v for k, v in LIST_RESULTS.items() if k == kind)
+    if not valid_unicode(principal_uid(principal)["id"]):
+        # Cedar cannot hold the caller's name (a lone surrogate in the token): none of its calls is
+        # allowed (UNJUDGEABLE_PRINCIPAL), so nothing is shown.
+        return [False for _ in names]
     base = _entities(principal, server, ())
     who = uid_text(principal_uid(principal))
     visible: list[bool] = []
@@ -373,7 +377,9 @@ def may_use(
         shown = True
         for group in policies.groups:
             result = cedarpy.is_authorized_partial(request, group.slice(action, entity_type, name), entities)
-            if result.decision == cedarpy.Decision.Deny:
+            # An evaluation error hides the item, as a forbid that cannot be evaluated denies the call:
+            # a request Cedar could not read used to end in no decision, and so in "shown".
+            if result.decision == cedarpy.Decision.Deny or result.diagnostics.errors:
                 shown = False
                 break
         visible.append(shown)

@@ -7,6 +7,7 @@ Thin: it holds the reloadable policy and the rate limiter and applies the pure m
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -33,6 +34,13 @@ log = logging.getLogger("outrider.policy")
 # values hold the event loop ~0.5 ms, while a hand-over to a thread costs ~50-100 us, more than a
 # small call's whole evaluation. Up to `max_argument_values` (~46 ms at 10,000) then runs off the loop.
 INLINE_VALUES = 100
+# A list answer naming more items than this (tools, prompts, resources, templates) is filtered on the
+# same worker: each item is one Cedar partial evaluation (~70-100 us), so a server offering thousands
+# of tools held every other caller for a quarter of a second or more. A JSON answer larger than
+# INLINE_LIST_BYTES is decoded, filtered and encoded there too, without being counted first.
+INLINE_LIST_ITEMS = 8
+INLINE_LIST_BYTES = 65536
+_MAX_LISTED = 64  # long lists' visibility kept per caller (cleared whole when full)
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,8 @@ class Gate:
     schema_problems: tuple[str, ...] = ()
     _schema_seen: object = None
     _evaluator: ThreadPoolExecutor | None = field(default=None, repr=False)
+    # (principal, server, kind, names) -> (the policies judged with, visibility) for long lists
+    _listed: dict[tuple[Any, ...], tuple[Any, tuple[bool, ...]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: PolicyConfig, server: Callable[[], Server]) -> Gate:
@@ -164,13 +174,10 @@ class Gate:
         calls = [messages[i] for i in to_judge]
         limit = self.config.max_argument_values
         if policies.enabled and more_values_than([m.arguments for m in calls], INLINE_VALUES):
-            # One worker: large evaluations queue behind each other instead of taking every core,
-            # and small calls keep being judged on the loop meanwhile. Decisions are the same.
-            if self._evaluator is None:
-                self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="outrider-policy")
+            # On the worker (see `_worker`); the decisions are the same.
             loop = asyncio.get_running_loop()
             decisions = await loop.run_in_executor(
-                self._evaluator, decide, policies, principal, server, calls, transport, limit
+                self._worker(), decide, policies, principal, server, calls, transport, limit
             )
         else:
             decisions = decide(policies, principal, server, calls, transport, limit)
@@ -231,7 +238,22 @@ class Gate:
         server = self.server()
 
         def visible(kind: str, names: Sequence[str]) -> list[bool]:
-            return may_use(policies, principal, server, kind, names)
+            if len(names) <= INLINE_LIST_ITEMS:
+                return may_use(policies, principal, server, kind, names)
+            # A long list costs one Cedar partial evaluation per item on the one worker: the same
+            # caller asking for the same list again (a client re-listing, or one keeping the worker
+            # busy on purpose) is answered from the last result, for as long as the policies are
+            # the same object (a reload swaps them whole).
+            key = (principal, server, kind, _names_digest(names))
+            held = self._listed.get(key)
+            if held is not None and held[0] is policies:
+                return list(held[1])
+            shown = may_use(policies, principal, server, kind, names)
+            if len(self._listed) >= _MAX_LISTED or any(p is not policies for p, _ in self._listed.values()):
+                # Full, or kept under policies since replaced (which it would keep alive): start afresh.
+                self._listed.clear()
+            self._listed[key] = (policies, tuple(shown))
+            return shown
 
         return visible
 
@@ -240,15 +262,58 @@ class Gate:
         self._learn_schema(items)
         if not self.holder.policies.enabled:
             return decoded, 0
+        filtered, removed = self._filtered(principal, decoded)
+        self.stats.filtered_items += removed
+        return filtered, removed
+
+    def _filtered(self, principal: Principal, decoded: Any) -> tuple[Any, int]:
+        """`decoded` with the items `principal` may not use removed, and how many; no state is touched
+        (it may run on the worker thread)."""
         visible = self._visible(principal)
+        items = decoded if isinstance(decoded, list) else [decoded]
         out = []
         removed = 0
         for item in items:
             kept, count = answers.filter_list_result(item, visible)
             out.append(kept)
             removed += count
-        self.stats.filtered_items += removed
         return (out if isinstance(decoded, list) else out[0]), removed
+
+    async def filter_answer(self, principal: Principal, payload: bytes) -> bytes:
+        """`filter_payload` for the event loop: a list of more than INLINE_LIST_ITEMS items (or an
+        answer over INLINE_LIST_BYTES) is filtered on the gate's one worker thread, so small calls
+        keep being answered meanwhile. The same bytes come back as `filter_payload` would give."""
+        if not answers.may_hold_list(payload) or not self.holder.policies.enabled:
+            return self.filter_payload(principal, payload)
+        loop = asyncio.get_running_loop()
+        if len(payload) > INLINE_LIST_BYTES:
+            decoded = await loop.run_in_executor(self._worker(), _decode, payload)
+        else:
+            decoded = _decode(payload)
+        if decoded is _UNDECODABLE:
+            return payload
+        items = decoded if isinstance(decoded, list) else [decoded]
+        self._learn_schema(items)
+        if len(payload) <= INLINE_LIST_BYTES and answers.listed_items(items) <= INLINE_LIST_ITEMS:
+            filtered, removed = self._filtered(principal, decoded)
+            encoded = _encode(filtered) if removed else payload
+        else:
+            filtered, removed, encoded = await loop.run_in_executor(
+                self._worker(), self._filtered_encoded, principal, decoded, payload
+            )
+        self.stats.filtered_items += removed
+        return encoded
+
+    def _filtered_encoded(self, principal: Principal, decoded: Any, payload: bytes) -> tuple[Any, int, bytes]:
+        filtered, removed = self._filtered(principal, decoded)
+        return filtered, removed, _encode(filtered) if removed else payload
+
+    def _worker(self) -> ThreadPoolExecutor:
+        # One worker for evaluations and large lists alike: large work queues behind itself instead of
+        # taking every core, and small calls keep being judged on the loop meanwhile.
+        if self._evaluator is None:
+            self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="outrider-policy")
+        return self._evaluator
 
     def filter_payload(self, principal: Principal, payload: bytes) -> bytes:
         """A JSON answer with list results filtered for `principal` (unchanged bytes when nothing is)."""
@@ -261,7 +326,7 @@ class Gate:
         filtered, removed = self.filter_objects(principal, decoded)
         if not removed:
             return payload
-        return json.dumps(filtered, separators=(",", ":")).encode()
+        return _encode(filtered)
 
     def _learn_schema(self, items: Sequence[Any]) -> None:
         for item in items:
@@ -340,6 +405,31 @@ class Gate:
             f"outrider_ratelimit_allowed_store_down_total {s.allowed_store_down}",
         ]
         return ("\n".join(lines) + "\n").encode()
+
+
+_UNDECODABLE = object()
+
+
+def _names_digest(names: Sequence[str]) -> bytes:
+    """A list's names as a fixed-size key (each length-prefixed, so no two lists share one): keeping
+    the names themselves would hold every long list a caller was shown."""
+    digest = hashlib.sha256()
+    for name in names:
+        encoded = name.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "big"))
+        digest.update(encoded)
+    return digest.digest()
+
+
+def _decode(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _UNDECODABLE
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 STORE_PROBE_INTERVAL_S = 5.0

@@ -6,6 +6,9 @@ entities out. The entity types and actions are declared in `outrider.cedarschema
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -223,18 +226,34 @@ def judged(message: McpMessage) -> bool:
     return message.kind == "request"
 
 
+# Text Cedar writes unchanged in a string literal: printable ASCII but `"`, `'` and `\\`.
+_PLAIN = re.compile(r"[ !#-&(-\[\]-~]*")
+
+
 def cedar_string(text: str) -> str:
-    """A Cedar string literal for `text` (for the textual entity ids partial evaluation takes)."""
-    out = ['"']
-    for ch in text:
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif " " <= ch <= "~":
-            out.append(ch)
-        else:
-            out.append(f"\\u{{{ord(ch):x}}}")
-    out.append('"')
-    return "".join(out)
+    """A Cedar string literal for `text`, exactly as Cedar itself writes it (for the textual entity
+    UIDs partial evaluation takes, which must be in Cedar's normalised form: `"\\u{e9}"` for `é`
+    is refused, and a refused UID ended in no decision, which the list filter read as "shown").
+
+    Plain ASCII is written here; anything else as Cedar renders it (Rust's `escape_debug`, whose
+    idea of a printable character is its own), once per distinct text.
+    """
+    if _PLAIN.fullmatch(text):
+        return f'"{text}"'
+    return _rendered(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rendered(text: str) -> str:
+    import cedarpy  # here, not at the top: only a sidecar with policies loads it
+
+    scope = {"op": "==", "entity": {"type": "T", "id": text}}
+    policy = {"effect": "permit", "principal": scope, "action": {"op": "All"}, "resource": {"op": "All"}}
+    document = {"staticPolicies": {"p": {**policy, "conditions": []}}, "templates": {}, "templateLinks": []}
+    written = cedarpy.policies_from_json_str(json.dumps(document))
+    # `permit(principal == T::"<text>", action, resource);`: the text's own `, action, resource`
+    # would be inside the literal, so the last one ends it.
+    return written[written.index("T::") + 3 : written.rindex(", action, resource")]
 
 
 def uid_text(uid: Mapping[str, str]) -> str:

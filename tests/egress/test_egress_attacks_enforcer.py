@@ -22,6 +22,7 @@ from outrider.sidecar.egress.enforcer import Enforcer, listen_sockets
 from outrider.sidecar.egress.policy import IPAddress
 from outrider.sidecar.egress.reload import PolicyHolder, spec_policy
 
+from . import http_echo
 from .test_egress_attacks_parsing import hello, sni_extension
 from .test_egress_enforcer import Recorder
 from .test_egress_sniff import client_hello
@@ -62,11 +63,7 @@ async def make_proxy() -> AsyncIterator[Factory]:
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             echo.accepted += 1
-            while data := await reader.read(65536):
-                echo.received.append(data)
-                writer.write(data)
-                await writer.drain()
-            writer.close()
+            await http_echo.echo(reader, writer, echo.received)
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         echo.port = server.sockets[0].getsockname()[1]
@@ -240,7 +237,7 @@ async def test_pipelined_request_for_another_host_stays_on_the_pinned_upstream(m
         f"GET http://evil.test:{port}/b HTTP/1.1\r\nHost: evil.test:{port}\r\n\r\n".encode()
     )
     writer.write_eof()
-    echoed = await asyncio.wait_for(reader.read(), 5)
+    (echoed,) = http_echo.answer_bodies(await asyncio.wait_for(reader.read(), 5))
     # Every request is judged: the second names another host, so it is never sent on this connection
     # (the client reconnects; a new connection is judged on its own). Only svc.test's upstream was dialled.
     assert echoed.startswith(b"GET /a HTTP/1.1\r\n") and b"evil.test" not in echoed
@@ -342,7 +339,8 @@ async def test_random_keep_alive_streams_never_carry_another_host_upstream(make_
         upstream = b"".join(proxy.echo.received)
         assert upstream.count(b" HTTP/1.1\r\nHost: svc.test") == allowed, (round_, upstream[:400])
         assert b"/after" not in upstream and b"evil.test:%d/x" % port not in upstream
-        assert not upstream.startswith(b"GET http") and answer == upstream  # echoed = what went up
+        # Echoed = what went up, answer by answer.
+        assert not upstream.startswith(b"GET http") and b"".join(http_echo.answer_bodies(answer)) == upstream
 
 
 async def test_a_connect_tunnel_carries_tls_only_for_an_allowed_name(make_proxy: Factory) -> None:
@@ -412,9 +410,10 @@ async def test_plaintext_http_in_a_connect_tunnel_is_judged_request_by_request(m
         try:
             while data := await asyncio.wait_for(reader.read(65536), 5):
                 answer += data
-                if len(answer) >= sum(map(len, requests)) or b"outrider egress" in answer:
+                echoed = http_echo.answer_bodies(answer)
+                if sum(map(len, echoed)) >= sum(map(len, requests)) or b"outrider egress" in answer:
                     break
-            return answer
+            return b"".join(http_echo.answer_bodies(answer))
         finally:
             writer.close()
 

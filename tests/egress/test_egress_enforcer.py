@@ -22,6 +22,8 @@ from outrider.sidecar.egress.policy import IPAddress
 from outrider.sidecar.egress.reload import PolicyHolder, spec_policy
 from outrider.sidecar.telemetry.observer import EgressDecision, NullObserver
 
+from . import http_echo
+
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
 
 
@@ -49,12 +51,7 @@ class Running:
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.write_eof()
-    await writer.drain()
-    writer.close()
+    await http_echo.echo(reader, writer, [])
 
 
 async def _blob(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -180,7 +177,8 @@ async def test_absolute_uri_is_rewritten_for_the_origin(running: Running) -> Non
         + b"Proxy-Authorization: Basic Zm9v\r\nProxy-Connection: keep-alive\r\n\r\n"
     )
     writer.write_eof()
-    echoed = await asyncio.wait_for(reader.read(), 5)  # the echo server returns what the origin got
+    answer = await asyncio.wait_for(reader.read(), 5)
+    (echoed,) = http_echo.answer_bodies(answer)  # the echo server returns what the origin got
     assert echoed.startswith(b"GET /x?y=1 HTTP/1.1\r\n")
     # The Host the origin sees is the judged URI authority, never the client's disagreeing one.
     assert f"Host: svc.test:{port}\r\n".encode() in echoed and b"denied.test" not in echoed

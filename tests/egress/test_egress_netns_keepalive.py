@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -196,6 +197,25 @@ def test_protocol_upgrades_on_plaintext_http_are_refused(capture: Lab, upgrade: 
     assert [a["status"] for a in answer["answers"]] == [200, 403], answer
     assert "upgrade" in answer["answers"][1]["body"]
     assert [h["target"] for h in served(capture, f"/up-{upgrade}")] == [f"/up-{upgrade}-1"]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        f"{ALLOWED_V4}:{KEEPALIVE_PORT}",  # the allowed name's own address: an IP literal needs a CIDR rule
+        f"shared..test:{KEEPALIVE_PORT}",
+        f"shared.test%00:{KEEPALIVE_PORT}",
+        # An ideographic full stop (UTS #46 maps it to "."), as UTF-8 on the wire.
+        "shared.test\u3002".encode().decode("latin-1") + f":{KEEPALIVE_PORT}",
+    ],
+)
+def test_a_host_the_policy_cannot_judge_by_name_is_refused_not_forwarded(capture: Lab, host: str) -> None:
+    """After an allowed request, a Host that is an IP literal or no host name at all was forwarded
+    unjudged (the connection's own address stood in for it): the shared front end served it."""
+    marker = f"/unjudged-{zlib.crc32(host.encode('latin-1'))}"
+    answer = talk(capture, "sequential", [get(ALLOWED, marker + "-1"), get(host, marker + "-2")])
+    assert [a["status"] for a in answer["answers"]] == [200, 403], answer
+    assert [h["target"] for h in served(capture, marker)] == [marker + "-1"]
 
 
 def test_the_refusal_is_audited(capture: Lab) -> None:

@@ -617,3 +617,33 @@ def test_parse_ip_matches_ipaddress_on_every_shape(raw: str) -> None:
 @given(st.text(alphabet="0123456789.:abcdef[]%x \u0661\u00b2", max_size=20))
 def test_parse_ip_matches_ipaddress_on_generated_text(raw: str) -> None:
     assert parse_ip(raw) == _ip_oracle(raw)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "fd00:ec2::254",  # AWS instance metadata over IPv6
+        "fd00:ec2::23",  # AWS EKS Pod Identity agent over IPv6
+        "fd20:ce::254",  # Google Cloud metadata over IPv6
+        "fd00:c1::a9fe:a9fe",  # Oracle Cloud metadata over IPv6
+        "100.100.100.200",  # Alibaba Cloud metadata (in 100.64.0.0/10, not link-local)
+        "168.63.129.16",  # Azure WireServer (goal state, extension settings)
+        "::ffff:100.100.100.200",
+    ],
+)
+def test_cloud_metadata_outside_link_local_needs_a_cidr_rule_too(address: str) -> None:
+    """Only link-local metadata (169.254.169.254) was special: a name under a wildcard rule whose DNS
+    an attacker controls could lead to the clouds' other metadata endpoints (IPv6 ULAs, Alibaba's
+    100.100.100.200, Azure's WireServer), which hand out credentials as readily."""
+    from outrider.sidecar.egress.policy import is_special, name_addresses, unmapped
+
+    ip = ipaddress.ip_address(address)
+    assert is_special(ip)
+    assert name_addresses(policy("*.example.com:80"), "api.example.com", [ip], 80) == []
+    # A CIDR rule still allows it explicitly, as it does 169.254.169.254.
+    plain = unmapped(ip)
+    explicit = policy({"cidr": f"{plain}/{plain.max_prefixlen}", "ports": [80]}, "*.example.com:80")
+    assert name_addresses(explicit, "api.example.com", [ip], 80) == [plain]
+    # Neighbours stay ordinary addresses.
+    assert not is_special(ipaddress.ip_address("100.100.100.201"))
+    assert not is_special(ipaddress.ip_address("fd00:ec3::254"))

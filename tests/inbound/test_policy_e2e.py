@@ -7,6 +7,7 @@ client, and, for shared budgets, a real `redis-server`.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -486,3 +487,64 @@ async def test_two_sidecars_share_one_redis_budget_and_store_loss_follows_config
         c for c in observer.by_method("tools/call") if c.policy and c.policy.decision == "rate_limited"
     ]
     assert limited and all(c.outcome["http_status"] == 429 for c in limited)
+
+
+class HeldFiltering:
+    """`may_use` (the per-item list filter) wrapped: once armed, the first call for more than the inline
+    number of items records its thread, says it has started, and waits for `release` before filtering."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from outrider.sidecar.policy import gate as gate_module
+
+        self.limit = gate_module.INLINE_LIST_ITEMS
+        self.real = gate_module.may_use
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.held: list[bool] = []
+        self.threads: list[str] = []
+        self.armed = False
+        monkeypatch.setattr(gate_module, "may_use", self)
+
+    def __call__(self, policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        if self.armed and len(names) > self.limit:
+            self.armed = False
+            self.threads.append(threading.current_thread().name)
+            self.started.set()
+            # Not a time limit: the wait ends as soon as the test has its small answer; the timeout
+            # only keeps a regression (this wait holding the event loop) from hanging the suite.
+            self.held.append(self.release.wait(timeout=10))
+        return list(self.real(policies, principal, server, kind, names))
+
+
+@pytest.mark.parametrize("mode", ["json", "streamable"])
+async def test_a_small_call_is_answered_while_a_large_list_is_filtered(
+    mode: mcp_server.Mode, idp: DevIdP, workload_api: DevWorkloadApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filtering a `tools/list` answer costs one Cedar partial evaluation per tool, and it ran on the
+    event loop: a server offering 2,000 tools held every other caller for the whole filtering. Now a
+    large list is filtered on the gate's worker thread; while it is held there, another caller's
+    `tools/call` is answered. JSON answers and SSE events (streamable) alike."""
+    held = HeldFiltering(monkeypatch)
+    server = mcp_server.build_server()
+    for i in range(2000):
+        server.add_tool(lambda: "x", name=f"bulk-{i}", description="a bulk tool")
+    alice, bob = idp.mint("alice", audience=RESOURCE), idp.mint("bob", audience=RESOURCE)
+    async with (
+        mcp_server.running(0, mode, server=server) as app,
+        policy_sidecar(idp, workload_api, app.port, policy={"cedar": OPERATOR}) as sidecar,
+        client_for(sidecar.mcp_url(), alice) as lister,
+        client_for(sidecar.mcp_url(), bob) as caller,
+    ):
+        # The SDK client lists the tools before its first call (to check results against their output
+        # schemas): that list (bob's) is filtered before the hold is armed.
+        assert text_of(await caller.call_tool("echo", {"text": "first"})) == "first"
+        held.armed = True
+        listing = asyncio.create_task(lister.list_tools())
+        assert await asyncio.to_thread(held.started.wait, 10)
+        # The list is being filtered (and held): the other call is answered meanwhile.
+        assert text_of(await caller.call_tool("echo", {"text": "meanwhile"})) == "meanwhile"
+        held.release.set()
+        listed = {t.name for t in (await listing).tools}
+    assert held.held == [True] and held.threads[0].startswith("outrider-policy")
+    # The same filtering as inline: alice may use echo, fetch and whoami only.
+    assert listed == {"echo", "fetch", "whoami"}

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import pytest
 
 from outrider.sidecar.config_error import ConfigError
 from outrider.sidecar.inbound.jsonrpc import parse_body
+from outrider.sidecar.policy import engine as engine_module
 from outrider.sidecar.policy import gate as gate_module
 from outrider.sidecar.policy.answers import denied_error, limited_error
 from outrider.sidecar.policy.config import PolicyConfig
@@ -774,3 +776,238 @@ async def test_a_completion_whose_ref_names_nothing_judgeable_is_invalid_params(
     assert verdict.outcome == "invalid" and verdict.reason == why
     assert verdict.error == {"jsonrpc": "2.0", "id": 7, "error": {"code": -32602, "message": why}}
     assert g.stats.invalid == 1 and g.stats.allowed == 0
+
+
+async def test_a_completion_spends_the_budget_of_the_prompt_or_resource_it_completes() -> None:
+    """`completion/complete` spent no budget: a caller out of budget for prompts (its `per_user`
+    budget used up on `prompts/get`) went on asking for completions of the same prompt unmetered,
+    learning its argument values as fast as it could send. A completion now draws from the budgets
+    the `prompts/get` (or `resources/read`) of what its ref names draws from, under the same keys."""
+    g = gate(rate_limits={"per_user": "2/minute"})
+
+    def complete(msg_id: int, ref: dict[str, str]) -> dict[str, object]:
+        params = {"ref": ref, "argument": {"name": "a", "value": ""}}
+        return {"jsonrpc": "2.0", "id": msg_id, "method": "completion/complete", "params": params}
+
+    async def outcome(body: object, who: Principal = ALICE) -> str:
+        (verdict,) = (await g.judge(who, parse_body(json.dumps(body).encode()), "streamable-http")).verdicts
+        return verdict.outcome
+
+    prompt = {"type": "ref/prompt", "name": "x"}
+    get = {"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "x"}}
+    assert [await outcome(get), await outcome(get)] == ["ok", "ok"]
+    # Out of budget for the prompt: its completions are refused too, and so is a template's.
+    assert await outcome(complete(2, prompt)) == "limited"
+    assert await outcome(complete(3, {"type": "ref/resource", "uri": "file:///{p}"})) == "limited"
+    # Completions draw from the same budget the other way round: bob's two completions leave him
+    # no prompts/get; carol's own budget is untouched by theirs.
+    bob = Principal("oidc", "bob", "https://idp")
+    assert [await outcome(complete(4, prompt), bob), await outcome(complete(5, prompt), bob)] == ["ok"] * 2
+    assert await outcome(get, bob) == "limited"
+    carol = Principal("oidc", "carol", "https://idp")
+    assert await outcome(get, carol) == "ok"
+    assert g.stats.limited == 3 and g.stats.allowed == 5
+
+
+def tools_answer(*names: str, msg_id: int = 1, pad: int = 0) -> dict[str, object]:
+    tools = [{"name": n, "description": "d" * pad} for n in names]
+    return {"jsonrpc": "2.0", "id": msg_id, "result": {"tools": tools}}
+
+
+async def test_only_lists_over_the_inline_size_are_filtered_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`filter_answer` (what the proxy awaits) filters as `filter_payload` does, on the loop for a short
+    list and on the worker for a long one (items counted over a whole batch) or a large answer."""
+    threads: list[tuple[int, str]] = []
+    real = gate_module.may_use
+
+    def recording(policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        threads.append((len(names), threading.current_thread().name))
+        return real(policies, principal, server, kind, names)
+
+    monkeypatch.setattr(gate_module, "may_use", recording)
+    g = gate(cedar=CEDAR)
+    here = threading.current_thread().name
+    assert gate_module.INLINE_LIST_ITEMS == 8 and gate_module.INLINE_LIST_BYTES == 65536
+    eight = tools_answer("echo", *(f"t{i}" for i in range(7)))
+    nine = tools_answer("echo", *(f"t{i}" for i in range(8)))
+    batch = [tools_answer("echo", "rm", msg_id=1), tools_answer(*(f"u{i}" for i in range(7)), msg_id=2)]
+    large = tools_answer("echo", "rm", pad=70000)
+    where: list[list[tuple[int, str]]] = []
+    for case in (eight, nine, batch, large):
+        raw = json.dumps(case).encode()
+        threads.clear()
+        answered = await g.filter_answer(ALICE, raw)
+        where.append(list(threads))
+        # The same bytes as the inline filter gives.
+        assert answered == g.filter_payload(ALICE, raw)
+    worker = [[(n, t.startswith("outrider-policy")) for n, t in calls] for calls in where]
+    assert where[0] == [(8, here)]
+    assert worker[1:] == [[(9, True)], [(2, True), (7, True)], [(2, True)]]
+    # Unchanged answers come back as the very same bytes; undecodable ones are left alone.
+    kept = json.dumps(tools_answer("echo")).encode()
+    assert await g.filter_answer(ALICE, kept) is kept
+    assert await g.filter_answer(ALICE, b'{"tools": [') == b'{"tools": ['
+    # Both paths count what they hide: 7 + 8 + 8 + 1 by each of the two filters.
+    assert g.stats.filtered_items == 2 * (7 + 8 + (1 + 7) + 1)
+    # Without policies nothing is filtered, so nothing leaves the loop whatever its size.
+    threads.clear()
+    raw = json.dumps(nine).encode()
+    assert await gate(rate_limits={"per_user": "1/second"}).filter_answer(ALICE, raw) is raw
+    assert threads == []
+
+
+async def test_the_list_size_limits_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer of exactly INLINE_LIST_BYTES is filtered inline, one byte more on the worker; an
+    unchanged large answer comes back as the very same bytes from there too."""
+    threads: list[str] = []
+    real = gate_module.may_use
+
+    def recording(policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        threads.append(threading.current_thread().name)
+        return real(policies, principal, server, kind, names)
+
+    monkeypatch.setattr(gate_module, "may_use", recording)
+    g = gate(cedar=CEDAR)
+
+    def answer(pad: int) -> bytes:
+        tools = [{"name": "echo", "description": "d" * pad}, {"name": "rm"}]
+        return json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": tools}}).encode()
+
+    base = len(answer(0))
+    for extra, off_loop in ((0, False), (1, True)):
+        raw = answer(gate_module.INLINE_LIST_BYTES - base + extra)
+        assert len(raw) == gate_module.INLINE_LIST_BYTES + extra
+        threads.clear()
+        filtered = json.loads(await g.filter_answer(ALICE, raw))
+        assert [t["name"] for t in filtered["result"]["tools"]] == ["echo"]
+        assert threads[0].startswith("outrider-policy") is off_loop
+    kept = json.dumps(tools_answer("echo", pad=gate_module.INLINE_LIST_BYTES)).encode()
+    assert await g.filter_answer(ALICE, kept) is kept
+
+
+def test_a_long_list_is_judged_once_per_caller_and_policy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each tools/list of a long list cost a Cedar partial evaluation per item on the one worker, so a
+    caller asking again and again kept it busy (every large evaluation of other callers queued
+    behind). The visibility of a long list is kept per caller until the policies change."""
+    calls: list[tuple[str, int]] = []
+    real = gate_module.may_use
+
+    def counting(policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        calls.append((principal.subject, len(names)))
+        return real(policies, principal, server, kind, names)
+
+    monkeypatch.setattr(gate_module, "may_use", counting)
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text("cedar: ''\n")
+    g = gate(cedar=CEDAR, file=str(policy_file))
+    long = json.dumps(tools_answer("echo", *(f"t{i}" for i in range(20)))).encode()
+    short = json.dumps(tools_answer("echo", *(f"t{i}" for i in range(7)))).encode()  # INLINE_LIST_ITEMS
+    first = g.filter_payload(ALICE, long)
+    assert g.filter_payload(ALICE, long) == first and calls == [("alice", 21)]
+    bob = Principal("oidc", "bob", "https://idp")
+    g.filter_payload(bob, long)
+    g.filter_payload(ALICE, short)
+    g.filter_payload(ALICE, short)
+    assert calls == [("alice", 21), ("bob", 21), ("alice", 8), ("alice", 8)]  # short lists: not kept
+    # A reload that changes the policies judges again, and its answer counts.
+    policy_file.write_text("cedar: 'forbid(principal, action, resource == Tool::\"echo\");'\n")
+    assert g.holder.check()
+    assert json.loads(g.filter_payload(ALICE, long))["result"]["tools"] == []
+    assert calls[-1] == ("alice", 21) and len(calls) == 5
+    # Nothing kept under the replaced policies stays (it would keep them alive).
+    assert [held[0] for held in g._listed.values()] == [g.holder.policies]
+
+
+def test_kept_visibility_belongs_to_exactly_one_list() -> None:
+    g = gate(cedar=CEDAR)
+    others = [f"t{i}" for i in range(9)]
+    for names in (["echo", *others], [*others, "echo"], ["ec", "ho", *others[1:]], ["ec\x00ho", *others]):
+        raw = json.dumps(tools_answer(*names)).encode()
+        shown = [t["name"] for t in json.loads(g.filter_payload(ALICE, raw))["result"]["tools"]]
+        assert shown == (["echo"] if "echo" in names else []), names
+
+
+@pytest.mark.parametrize("who", ["alice", "josé", "o'brien", "tab\there", "ec\0ho"])
+def test_lists_are_filtered_whatever_the_names_and_the_caller_are_spelt_with(who: str) -> None:
+    """A caller whose subject held a non-ASCII letter, an apostrophe or a control character saw every
+    tool in lists (the textual principal did not parse, so nothing was denied); so did every caller
+    for a tool named that way. Only `echo` is permitted here."""
+    g = gate(cedar=CEDAR)
+    names = ["echo", "résumé-export", "o'clock", "tab\there", "ec\0ho", "😀", "\u0301x", "rm"]
+    raw = json.dumps(tools_answer(*names)).encode()
+    caller = Principal("oidc", who, "https://idp")
+    shown = [t["name"] for t in json.loads(g.filter_payload(caller, raw))["result"]["tools"]]
+    assert shown == ["echo"]
+
+
+def test_an_item_partial_evaluation_cannot_read_is_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever else makes Cedar refuse a list item's request (a UID it cannot parse), the item is
+    hidden: no decision is not a permission."""
+    from outrider.sidecar.policy import model
+
+    g = gate(cedar="permit(principal, action, resource);")
+    monkeypatch.setattr(model, "_PLAIN", re.compile(r"[ -~]*"))  # writes `a"b` unescaped: unparsable
+    monkeypatch.setattr(engine_module, "cedar_string", model.cedar_string)
+    raw = json.dumps(tools_answer("echo", 'a"b', "rm")).encode()
+    shown = [t["name"] for t in json.loads(g.filter_payload(ALICE, raw))["result"]["tools"]]
+    assert shown == ["echo", "rm"]
+
+
+def test_a_caller_cedar_cannot_name_is_shown_nothing() -> None:
+    """A token whose subject holds a lone surrogate (JSON `\\ud800`): its calls are all refused, and
+    its list answers used to raise out of the filter (Cedar refused the textual UID) or, before
+    that, show everything."""
+    g = gate(cedar=CEDAR)
+    raw = json.dumps(tools_answer("echo", "rm")).encode()
+    caller = Principal("oidc", "x\ud800", "https://idp")
+    assert json.loads(g.filter_payload(caller, raw))["result"]["tools"] == []
+
+
+def test_kept_lists_are_bounded_and_hold_any_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = gate_module.may_use
+
+    def counting(policies: Any, principal: Any, server: Any, kind: str, names: Any) -> list[bool]:
+        calls.append(principal.subject)
+        return real(policies, principal, server, kind, names)
+
+    monkeypatch.setattr(gate_module, "may_use", counting)
+    g = gate(cedar=CEDAR)
+    # A lone surrogate among the names (JSON can spell one): kept like any other list, and hidden.
+    raw = json.dumps(tools_answer("echo", "x\ud800", *(f"t{i}" for i in range(9)))).encode()
+    for subject in [f"u{i}" for i in range(gate_module._MAX_LISTED)] + ["u0"]:
+        shown = json.loads(g.filter_payload(Principal("oidc", subject, "https://idp"), raw))["result"][
+            "tools"
+        ]
+        assert [t["name"] for t in shown] == ["echo"]
+    assert len(calls) == gate_module._MAX_LISTED and len(g._listed) == gate_module._MAX_LISTED  # u0 kept
+    g.filter_payload(Principal("oidc", "one-more", "https://idp"), raw)
+    assert len(g._listed) == 1  # full: cleared whole, then the new one kept
+    g.filter_payload(Principal("oidc", "u0", "https://idp"), raw)
+    assert calls[-2:] == ["one-more", "u0"]
+
+
+async def test_a_caller_out_of_budget_for_a_prompt_cannot_complete_its_arguments() -> None:
+    """`per_user_prompt` (and `per_prompt`): a prompt's own budget, which `prompts/get` and the
+    completions of its arguments both spend; other prompts and other callers keep theirs."""
+    g = gate(rate_limits={"per_user_prompt": "2/minute"})
+
+    async def outcome(body: object, who: Principal = ALICE) -> str:
+        (verdict,) = (await g.judge(who, parse_body(json.dumps(body).encode()), "streamable-http")).verdicts
+        return verdict.outcome
+
+    def complete(name: str) -> dict[str, object]:
+        params = {"ref": {"type": "ref/prompt", "name": name}, "argument": {"name": "a", "value": ""}}
+        return {"jsonrpc": "2.0", "id": 1, "method": "completion/complete", "params": params}
+
+    get = {"jsonrpc": "2.0", "id": 2, "method": "prompts/get", "params": {"name": "x"}}
+    assert [await outcome(get), await outcome(complete("x"))] == ["ok", "ok"]
+    assert [await outcome(complete("x")), await outcome(get)] == ["limited", "limited"]
+    assert await outcome(complete("y")) == "ok"
+    assert await outcome(complete("x"), Principal("oidc", "bob", "https://idp")) == "ok"
+    limited = (await g.judge(ALICE, parse_body(json.dumps(get).encode()), "http")).verdicts[0]
+    assert limited.limit_scope == "per_user_prompt"

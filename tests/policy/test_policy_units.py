@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outrider.sidecar.inbound import jsonrpc
 from outrider.sidecar.inbound.jsonrpc import McpMessage, parse_message
@@ -137,7 +139,7 @@ def test_request_model() -> None:
     )
     assert listing["resource"] == SERVER.uid and none is None
     assert SERVER.service_account == "issues" and SERVER.namespace == "tools"
-    assert cedar_string('a"b\\c\n') == '"a\\"b\\\\c\\u{a}"'
+    assert cedar_string('a"b\\c\n') == '"a\\"b\\\\c\\n"'
 
 
 def test_list_filtering_uses_partial_evaluation() -> None:
@@ -560,3 +562,227 @@ def test_a_lone_surrogate_in_a_name_or_the_principal_is_denied_not_an_exception(
         (False, "the caller's token names it with text that is not valid Unicode: it cannot be judged")
     ] * 2
     assert may_use(p, BOB, SERVER, "tools", ["echo", "ech\ud800", "é"]) == [True, False, True]
+
+
+def test_a_completion_spends_what_getting_its_prompt_or_reading_its_template_spends() -> None:
+    limits = RateLimits.from_mapping(
+        {"per_user": "9/minute", "per_pod": "9/minute", "per_tool": "9/minute", "per_user_tool": "9/minute"},
+        "spec",
+    )
+
+    def message(method: str, params: dict[str, Any]) -> McpMessage:
+        return parse_message({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+
+    get = budgets(limits, message("prompts/get", {"name": "x"}), "alice", "pod")
+    for ref in ({"type": "ref/prompt", "name": "x"}, {"type": "ref/resource", "uri": "file:///{p}"}):
+        spent = budgets(limits, message("completion/complete", {"ref": ref}), "alice", "pod")
+        # The same budgets under the same keys (per_tool and per_user_tool name tools only).
+        assert spent == get and [b.scope for b in spent] == ["per_pod", "per_user"]
+    # A ref of no known shape names nothing (refused as invalid before the budgets are asked).
+    assert budgets(limits, message("completion/complete", {"ref": {"type": "ref/tool"}}), "a", "p") == ()
+
+
+def _reference_events(stream: bytes, cuts: list[int]) -> list[bytes]:
+    """The SSE framer as it was before it resumed its search (searching everything held each time)."""
+    buffer = b""
+    events: list[bytes] = []
+    previous = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        buffer += stream[previous:cut]
+        previous = cut
+        start = 0
+        for match in jsonrpc._EVENT_END.finditer(buffer):
+            if match.end() == len(buffer) and buffer.endswith(b"\r"):
+                break
+            events.append(buffer[start : match.end()])
+            start = match.end()
+        buffer = buffer[start:]
+    return events
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"data: x", b"id: 1", b":c", b"a"]), max_size=30),
+    st.lists(st.integers(0, 80), max_size=10),
+)
+def test_the_sse_framer_cuts_events_as_before_in_any_split(pieces: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(pieces)
+    framer = jsonrpc.SseFramer()
+    events: list[bytes] = []
+    previous = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        events += framer.feed(stream[previous:cut])
+        previous = cut
+    assert events == _reference_events(stream, cuts)
+
+
+def test_a_large_event_in_many_chunks_is_searched_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk of a large SSE event (a long tools/list answer) used to search everything held
+    again: 1 MB in 1 KB chunks searched ~512 MB. The search now resumes where it stopped (counted:
+    the bytes each search was given, not a time)."""
+    searched: list[int] = []
+    real = jsonrpc._EVENT_END
+
+    class Counting:
+        def finditer(self, string: Any, pos: int = 0) -> Any:
+            searched.append(len(string) - pos)
+            return real.finditer(string, pos)
+
+    monkeypatch.setattr(jsonrpc, "_EVENT_END", Counting())
+    framer = jsonrpc.SseFramer()
+    event = b"event: message\ndata: " + b"x" * (1 << 20) + b"\n\n"
+    events: list[bytes] = []
+    for at in range(0, len(event), 1024):
+        events += framer.feed(event[at : at + 1024])
+    assert events == [event]
+    assert sum(searched) < 2 * len(event), sum(searched)
+
+
+class _ReferenceSseParser:
+    """The SSE parser as it was before it cut lines in place (to compare events with)."""
+
+    def __init__(self, max_event_bytes: int = 1 << 20) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._size = 0
+        self._event: str | None = None
+        self._id: str | None = None
+        self._max = max_event_bytes
+
+    def feed(self, chunk: bytes) -> list[jsonrpc.SseEvent]:
+        events: list[jsonrpc.SseEvent] = []
+        self._buffer += chunk
+        while True:
+            lf, cr = self._buffer.find(b"\n"), self._buffer.find(b"\r")
+            cr_first = cr != -1 and (lf == -1 or cr < lf)
+            if (cr == -1 and lf == -1) or (cr_first and cr + 1 == len(self._buffer)):
+                if len(self._buffer) > self._max:
+                    self._buffer, self._data, self._size = b"", [], self._max + 1
+                return events
+            if cr_first:
+                line_end, next_start = (
+                    (cr, cr + 2) if self._buffer[cr + 1 : cr + 2] == b"\n" else (cr, cr + 1)
+                )
+            else:
+                line_end, next_start = lf, lf + 1
+            line = self._buffer[:line_end].decode("utf-8", "replace")
+            self._buffer = self._buffer[next_start:]
+            if not line:
+                if (self._data or self._event) and self._size <= self._max:
+                    events.append(jsonrpc.SseEvent(self._event, "\n".join(self._data), self._id))
+                self._data, self._size, self._event = [], 0, None
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                self._size += len(value)
+                if self._size <= self._max:
+                    self._data.append(value)
+            elif name == "event":
+                self._event = value
+            elif name == "id":
+                self._id = value
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [b"\r", b"\n", b"\r\n", b"data: x", b"data:yy", b"id: 1", b"event: m", b":c", b"a" * 40]
+        ),
+        max_size=30,
+    ),
+    st.lists(st.integers(0, 200), max_size=10),
+)
+def test_the_sse_parser_reads_events_as_before_in_any_split(pieces: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(pieces)
+    parser, reference = jsonrpc.SseParser(max_event_bytes=64), _ReferenceSseParser(max_event_bytes=64)
+    got: list[jsonrpc.SseEvent] = []
+    expected: list[jsonrpc.SseEvent] = []
+    previous = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        got += parser.feed(stream[previous:cut])
+        expected += reference.feed(stream[previous:cut])
+        previous = cut
+    assert got == expected
+
+
+def test_a_chunk_of_many_lines_is_not_copied_per_line() -> None:
+    """The SSE watcher re-made its held bytes at every line (slicing off the rest): one chunk of
+    10,000 short lines copied ~half a gigabyte. Counted: the sizes of the held buffers it made."""
+    made: list[int] = []
+
+    class Counting(jsonrpc.SseParser):
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "_buffer":
+                made.append(len(value))
+            super().__setattr__(name, value)
+
+    chunk = b"".join(b"data: %d\n\n" % i for i in range(10000))
+    events = Counting().feed(chunk)
+    assert len(events) == 10000 and events[-1].data == "9999"
+    assert sum(made) < 2 * len(chunk), sum(made)
+
+
+def _cedar_rendering(text: str) -> str:
+    """How Cedar itself writes `text` as an entity id (its normalised form, which partial
+    evaluation requires of a textual entity UID)."""
+    import cedarpy
+
+    scope = {"op": "==", "entity": {"type": "User", "id": text}}
+    policy = {"effect": "permit", "principal": scope, "action": {"op": "All"}, "resource": {"op": "All"}}
+    document = {"staticPolicies": {"p": {**policy, "conditions": []}}, "templates": {}, "templateLinks": []}
+    rendered = cedarpy.policies_from_json_str(json.dumps(document))
+    return rendered[rendered.index("User::") + len("User::") : rendered.rindex(", action, resource")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=12) | st.sampled_from(["josé", "o'brien", "ec\0ho", "\u0301x", "\u00a0", "e\u0301"]))
+def test_cedar_strings_are_written_as_cedar_writes_them(text: str) -> None:
+    """Partial evaluation takes textual entity UIDs and refuses any not in Cedar's own normalised
+    form (`Tool::"\\u{e9}"` for `é`): the request then ended in no decision, which the list filter
+    read as "shown". Written as Cedar writes them, they are judged."""
+    assert cedar_string(text) == _cedar_rendering(text)
+
+
+def test_prompt_budgets_are_spent_by_getting_a_prompt_and_completing_its_arguments() -> None:
+    limits = RateLimits.from_mapping(
+        {
+            "per_prompt": {"x": "5/minute", "*": "9/minute"},
+            "per_user_prompt": "3/minute",
+            "per_tool": "9/minute",
+        },
+        "spec",
+    ).narrowed(RateLimits.from_mapping({"per_prompt": {"x": "4/minute"}}, "file"))
+
+    def message(method: str, params: dict[str, Any]) -> McpMessage:
+        return parse_message({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+
+    get = budgets(limits, message("prompts/get", {"name": "x"}), "alice", "pod")
+    complete = budgets(
+        limits, message("completion/complete", {"ref": {"type": "ref/prompt", "name": "x"}}), "alice", "pod"
+    )
+    assert get == complete
+    assert [(b.scope, b.key) for b in get] == [
+        ("per_prompt", ("prompt", "pod", "x", "x")),
+        ("per_prompt", ("prompt", "pod", "x", "x")),
+        ("per_prompt", ("prompt", "pod", "x", "%2A")),
+        ("per_user_prompt", ("user_prompt", "pod", "alice", "x")),
+    ]
+    # A tool of the same name draws from its own budgets; a template's completion from no prompt's.
+    tool = budgets(limits, tool_call("x"), "alice", "pod")
+    assert [b.key[0] for b in tool] == ["tool"]
+    template = {"ref": {"type": "ref/resource", "uri": "x"}}
+    assert budgets(limits, message("completion/complete", template), "alice", "pod") == ()
+    with pytest.raises(ValueError, match=r"per_prompt: must map prompt names \(or '\*'\) to rates"):
+        RateLimits.from_mapping({"per_prompt": 5}, "x")
+    assert not RateLimits.from_mapping({"per_user_prompt": "1/second"}, "x").empty
+
+
+def test_a_tool_or_prompt_named_star_spends_the_star_budget_once() -> None:
+    limits = RateLimits.from_mapping({"per_tool": "9/minute", "per_prompt": "9/minute"}, "spec")
+    get = parse_message({"jsonrpc": "2.0", "id": 1, "method": "prompts/get", "params": {"name": "*"}})
+    assert len(budgets(limits, tool_call("*"), "alice", "pod")) == 1
+    assert len(budgets(limits, get, "alice", "pod")) == 1

@@ -173,4 +173,11 @@ def test_injected_sidecar_invariants(name: str) -> None:
     default = pod_template(result.document)["metadata"]["annotations"][
         "kubectl.kubernetes.io/default-container"
     ]
-    assert default in {c["name"] for c in spec["containers"]} and default != proxy["name"]
+    # An app container, or the pod's own native sidecar that serves the MCP port; never one of ours.
+    user_sidecars = {
+        c["name"]
+        for c in spec.get("initContainers", [])
+        if c.get("restartPolicy") == "Always" and c["name"] not in status["initContainers"]
+    }
+    assert default in {c["name"] for c in spec["containers"]} | user_sidecars
+    assert default != proxy["name"] and default not in status["initContainers"]

@@ -212,7 +212,8 @@ def test_only_named_native_sidecars_among_init_containers_have_their_probes_rewr
 @pytest.mark.parametrize("annotation", [None, "mcp"], ids=["found", "by-name"])
 def test_the_app_container_serving_the_port_is_the_default_container(annotation: str | None) -> None:
     # found or named in the second app container: that one, not the first, gets the annotation
-    # (and the preStop sleep); with the port in a native sidecar the first app container gets them
+    # (and the preStop sleep); with the port in a native sidecar, that sidecar gets the annotation
+    # and the first app container the preStop sleep
     pod = _pod({ann.MCP_PORT: annotation} if annotation else None)
     pod["spec"]["containers"] = [
         {"name": "helper", "image": "helper"},
@@ -225,5 +226,32 @@ def test_the_app_container_serving_the_port_is_the_default_container(annotation:
     del pod["spec"]["containers"][1]["ports"]
     out, _ = _injected(pod)
     assert json.loads(out["metadata"]["annotations"][ann.STATUS])["mcpPort"] == 8080
-    assert out["metadata"]["annotations"][ann.DEFAULT_CONTAINER] == "helper"
+    assert out["metadata"]["annotations"][ann.DEFAULT_CONTAINER] == "mcp"
     assert _container(out, "helper")["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "app_ports", "default"),
+    [
+        (None, False, "mcp"),  # found: the only TCP port is the native sidecar's
+        ({ann.MCP_PORT: "mcp"}, True, "mcp"),  # named, while the app container has a port of its own
+        ({ann.MCP_PORT: "8080"}, True, "mcp"),  # its number
+        ({ann.MCP_PORT: "9090"}, True, "app"),  # the app container's own port
+        ({ann.MCP_PORT: "7000"}, False, "app"),  # a number nobody declares: the first app container
+        # The pod's own choice is never overridden, whichever container it names.
+        ({ann.MCP_PORT: "mcp", ann.DEFAULT_CONTAINER: "app"}, False, "app"),
+        ({ann.DEFAULT_CONTAINER: "migrate"}, False, "migrate"),
+    ],
+)
+def test_a_native_sidecar_serving_the_mcp_port_is_the_default_container(
+    annotations: dict[str, str] | None, app_ports: bool, default: str
+) -> None:
+    """`kubectl logs/exec` without `-c` went to the first app container (`app`, here an indexer
+    beside the server) even when the MCP server the pod exists for is a native sidecar; kubectl
+    looks the annotation's name up among the init containers too, so it now names the server, as it
+    does an app container that serves the port."""
+    out, _ = _injected(_pod(annotations, app_ports))
+    assert out["metadata"]["annotations"][ann.DEFAULT_CONTAINER] == default
+    # The preStop sleep stays on the first app container: the native sidecar outlives it anyway.
+    assert _container(out, "app")["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    assert "lifecycle" not in _container(out, "mcp")
