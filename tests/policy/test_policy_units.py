@@ -142,6 +142,17 @@ def test_request_model() -> None:
     assert cedar_string('a"b\\c\n') == '"a\\"b\\\\c\\n"'
 
 
+
+def test_a_caller_cedar_cannot_name_sees_no_listed_item() -> None:
+    """A subject with a lone surrogate cannot be written as a Cedar UID: all of its calls are refused,
+    so may_use hides every item (even under a policy that permits everyone everything)."""
+    p = policies((CEILING, False))
+    assert may_use(p, BOB, SERVER, "tools", ["echo", "fetch"]) == [True, True]
+    caller = Principal("oidc", "x\ud800", "https://idp")
+    assert may_use(p, caller, SERVER, "tools", ["echo", "fetch"]) == [False, False]
+    assert may_use(p, caller, SERVER, "prompts", ["greet"]) == [False]
+
+
 def test_list_filtering_uses_partial_evaluation() -> None:
     conditional = (
         'permit(principal, action == Action::"call_tool", resource == Tool::"fetch")'
