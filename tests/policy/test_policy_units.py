@@ -142,7 +142,6 @@ def test_request_model() -> None:
     assert cedar_string('a"b\\c\n') == '"a\\"b\\\\c\\n"'
 
 
-
 def test_a_caller_cedar_cannot_name_sees_no_listed_item() -> None:
     """A subject with a lone surrogate cannot be written as a Cedar UID: all of its calls are refused,
     so may_use hides every item (even under a policy that permits everyone everything)."""
