@@ -44,6 +44,7 @@ fetch_lane() {
   else
     echo "[fetch] Keycloak: skipped (needs mvn and $PY; its tests fetch it themselves)"
   fi
+  echo "[fetch-lane] finished"
 }
 
 # setsid: its own process group, so that a failing compile lane stops it (apt-get, debootstrap, go) too
@@ -54,7 +55,8 @@ log "fetching in the background (node packages, image bases, Go modules, Keycloa
 
 scripts/build-upstream.sh all >/dev/null
 
-if kill -0 "$fetch_pid" 2>/dev/null; then log "waiting for the background fetches ($fetch_log)"; fi
+# (a finished lane stays a zombie until waited for, so its last line says whether it is still at work)
+if ! grep -q '^\[fetch-lane\] finished' "$fetch_log"; then log "waiting for the background fetches ($fetch_log)"; fi
 wait "$fetch_pid" || true
 trap - EXIT
 grep '^\[fetch\]' "$fetch_log" | sed 's/^\[fetch\]/[prebuild] fetched:/' >&2 || true
